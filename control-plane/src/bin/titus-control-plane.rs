@@ -1,0 +1,119 @@
+//! `titus-control-plane`: parses flags and the config file, then runs one replica until SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use titus_control_plane::config::{parse_member, Config, MemberConfig, RaftTuning};
+
+#[derive(Parser, Debug)]
+#[command(name = "titus-control-plane", version, about = "One replica of the Titus control plane")]
+struct Args {
+    /// TOML config file (template: deploy/control-plane.toml). Flags override its settings.
+    #[arg(long, env = "TITUS_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<u64>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
+    /// An initial member as ID=PEER_ADDR/API_ADDR; repeat for each member.
+    #[arg(long = "member", value_parser = parse_member)]
+    members: Vec<MemberConfig>,
+    #[arg(long)]
+    request_timeout_ms: Option<u64>,
+    #[arg(long)]
+    snapshot_after_entries: Option<u64>,
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn config_from(args: Args) -> Result<Config, String> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config {
+            node_id: args.node_id.ok_or("--node-id is required without --config")?,
+            data_dir: args.data_dir.clone().ok_or("--data-dir is required without --config")?,
+            peer_listen: args.peer_listen.ok_or("--peer-listen is required without --config")?,
+            api_listen: args.api_listen.ok_or("--api-listen is required without --config")?,
+            initial_members: Vec::new(),
+            raft: RaftTuning::default(),
+            request_timeout_ms: 5_000,
+            log_format: "plain".into(),
+        },
+    };
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.peer_listen {
+        config.peer_listen = v;
+    }
+    if let Some(v) = args.api_listen {
+        config.api_listen = v;
+    }
+    if !args.members.is_empty() {
+        config.initial_members = args.members;
+    }
+    if let Some(v) = args.request_timeout_ms {
+        config.request_timeout_ms = v;
+    }
+    if let Some(v) = args.snapshot_after_entries {
+        config.raft.snapshot_after_entries = v;
+    }
+    if let Some(v) = args.log_format {
+        config.log_format = v;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match config_from(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("titus-control-plane: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config.log_format);
+    match titus_control_plane::node::run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("titus-control-plane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

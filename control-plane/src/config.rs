@@ -1,0 +1,199 @@
+//! The replica's configuration: one typed struct, read from a TOML file and/or flags, validated
+//! before anything starts. `deploy/control-plane.toml` is the commented template.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::raft_types::NodeId;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    /// This replica's id in the Raft group; unique in the cluster, never reused for another data dir.
+    pub node_id: NodeId,
+    /// Where RocksDB keeps the log, vote, state and snapshots.
+    pub data_dir: PathBuf,
+    /// Raft RPCs between replicas.
+    pub peer_listen: SocketAddr,
+    /// Clients and agents.
+    pub api_listen: SocketAddr,
+    /// The cluster's first members. The lowest id among them initializes the cluster once, when
+    /// it and every reachable member are empty. Empty for a replica that will be added later.
+    #[serde(default)]
+    pub initial_members: Vec<MemberConfig>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// Upper bound on how long any request waits for commit, an election or a read index.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// `plain` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: NodeId,
+    /// Address other replicas use to reach this member's peer port.
+    pub peer_addr: String,
+    /// Address clients and agents use to reach this member's api port.
+    pub api_addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log behind it) after this many entries.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind the newest snapshot, so a briefly lagging follower catches up
+    /// from the log rather than a snapshot.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_after_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+        }
+    }
+}
+
+fn default_request_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_log_format() -> String {
+    "plain".into()
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks everything that can be checked without touching the disk or the network.
+    pub fn validate(&self) -> Result<()> {
+        if self.node_id == 0 {
+            return Err(Error::Config("node-id: must be > 0 (0 means \"no leader\" in the API)".into()));
+        }
+        if self.peer_listen == self.api_listen {
+            return Err(Error::Config(format!("peer-listen and api-listen are both {}: they must differ", self.peer_listen)));
+        }
+        let mut ids = BTreeSet::new();
+        for (i, m) in self.initial_members.iter().enumerate() {
+            if m.id == 0 {
+                return Err(Error::Config(format!("initial-members[{i}].id: must be > 0")));
+            }
+            if !ids.insert(m.id) {
+                return Err(Error::Config(format!("initial-members[{i}].id: {} appears twice", m.id)));
+            }
+            for (field, addr) in [("peer-addr", &m.peer_addr), ("api-addr", &m.api_addr)] {
+                if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+                    return Err(Error::Config(format!("initial-members[{i}].{field}: {addr:?} is not host:port")));
+                }
+            }
+        }
+        if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {
+            return Err(Error::Config(format!("initial-members: does not list this replica's node-id {}", self.node_id)));
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
+            return Err(Error::Config("raft.election-timeout-min-ms: must be greater than raft.heartbeat-interval-ms (> 0)".into()));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(Error::Config("raft.election-timeout-max-ms: must be greater than raft.election-timeout-min-ms".into()));
+        }
+        if r.snapshot_after_entries == 0 {
+            return Err(Error::Config("raft.snapshot-after-entries: must be > 0".into()));
+        }
+        if self.request_timeout_ms < r.election_timeout_max_ms {
+            return Err(Error::Config("request-timeout-ms: must be at least raft.election-timeout-max-ms, or no request survives an election".into()));
+        }
+        if !matches!(self.log_format.as_str(), "plain" | "json") {
+            return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
+        }
+        Ok(())
+    }
+
+    pub fn openraft_config(&self) -> Result<openraft::Config> {
+        let r = &self.raft;
+        let config = openraft::Config {
+            cluster_name: "titus".into(),
+            heartbeat_interval: r.heartbeat_interval_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| Error::Config(format!("raft: {e}")))
+    }
+}
+
+/// Parses `ID=PEER_ADDR/API_ADDR`, the flag form of one initial member.
+pub fn parse_member(s: &str) -> std::result::Result<MemberConfig, String> {
+    let (id, addrs) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
+    let (peer, api) = addrs.split_once('/').ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
+    let id = id.trim().parse().map_err(|e| format!("{s:?}: id: {e}"))?;
+    Ok(MemberConfig { id, peer_addr: peer.trim().to_string(), api_addr: api.trim().to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            node_id: 1,
+            data_dir: "/tmp/x".into(),
+            peer_listen: "127.0.0.1:7001".parse().unwrap(),
+            api_listen: "127.0.0.1:8001".parse().unwrap(),
+            initial_members: vec![parse_member("1=127.0.0.1:7001/127.0.0.1:8001").unwrap()],
+            raft: RaftTuning::default(),
+            request_timeout_ms: 5000,
+            log_format: "plain".into(),
+        }
+    }
+
+    #[test]
+    fn template_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/control-plane.toml");
+        let c = Config::from_file(&path).unwrap();
+        c.validate().unwrap();
+        c.openraft_config().unwrap();
+    }
+
+    #[test]
+    fn bad_configs_name_the_setting() {
+        let mut c = config();
+        c.node_id = 2;
+        assert!(c.validate().unwrap_err().to_string().contains("initial-members"));
+        let mut c = config();
+        c.api_listen = c.peer_listen;
+        assert!(c.validate().unwrap_err().to_string().contains("api-listen"));
+        let mut c = config();
+        c.raft.election_timeout_max_ms = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("election-timeout"));
+        assert!(toml::from_str::<Config>("node-id = 1\nbogus = 2").unwrap_err().to_string().contains("bogus"));
+        assert!(parse_member("1=a:1").is_err());
+    }
+}

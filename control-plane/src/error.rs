@@ -1,0 +1,99 @@
+//! The control plane's one error type and its one conversion to the wire (`tonic::Status`).
+
+use crate::command::{Rejection, RejectionKind};
+use crate::model::FieldViolation;
+use crate::raft_types::NodeId;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Metadata key carrying the leader's api address on NOT_LEADER-style answers, so a client or agent
+/// can go straight there.
+pub const LEADER_HINT_METADATA: &str = "titus-leader";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}", join_violations(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("{}: {}", .0.field, .0.message)]
+    Rejected(Rejection),
+    #[error("replica {node_id} is not the leader{}", leader_suffix(.leader_id, .leader_api_addr))]
+    NotLeader { node_id: NodeId, leader_id: Option<NodeId>, leader_api_addr: Option<String> },
+    #[error("replica {node_id} knows no leader: the cluster is electing one or has lost its majority")]
+    NoLeader { node_id: NodeId },
+    #[error("not committed within {timeout_ms} ms ({what}); the outcome is unknown — is a majority of replicas reachable?")]
+    Timeout { what: String, timeout_ms: u64 },
+    #[error("peer {peer}: {message}")]
+    Peer { peer: String, message: String },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+fn join_violations(v: &[FieldViolation]) -> String {
+    v.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ")
+}
+
+fn leader_suffix(id: &Option<NodeId>, addr: &Option<String>) -> String {
+    match (id, addr) {
+        (Some(id), Some(addr)) => format!("; the leader is replica {id} at {addr}"),
+        (Some(id), None) => format!("; the leader is replica {id}"),
+        _ => String::new(),
+    }
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Code;
+        let message = e.to_string();
+        let code = match &e {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Rejected(r) => match r.kind {
+                RejectionKind::NotFound => Code::NotFound,
+                RejectionKind::AlreadyExists => Code::AlreadyExists,
+                RejectionKind::FailedPrecondition => Code::FailedPrecondition,
+            },
+            Error::NotLeader { .. } | Error::NoLeader { .. } | Error::Timeout { .. } | Error::Peer { .. } => Code::Unavailable,
+            Error::Raft(_) | Error::Storage(_) | Error::Config(_) => Code::Internal,
+        };
+        let mut status = tonic::Status::new(code, message);
+        if let Error::NotLeader { leader_api_addr: Some(addr), .. } = &e {
+            if let Ok(v) = addr.parse() {
+                status.metadata_mut().insert(LEADER_HINT_METADATA, v);
+            }
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_every_field() {
+        let e = Error::InvalidArgument(vec![
+            FieldViolation::new("group.name", "must not be empty"),
+            FieldViolation::new("group.instance_count", "must be > 0"),
+        ]);
+        let s = tonic::Status::from(e);
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.message(), "group.name: must not be empty; group.instance_count: must be > 0");
+    }
+
+    #[test]
+    fn not_leader_carries_the_hint() {
+        let s = tonic::Status::from(Error::NotLeader { node_id: 2, leader_id: Some(1), leader_api_addr: Some("127.0.0.1:7101".into()) });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.metadata().get(LEADER_HINT_METADATA).unwrap(), "127.0.0.1:7101");
+        assert!(s.message().contains("leader is replica 1 at 127.0.0.1:7101"), "{}", s.message());
+    }
+}

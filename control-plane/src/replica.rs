@@ -1,0 +1,160 @@
+//! The write and read paths every API call goes through, on whichever replica the caller reached.
+//!
+//! A write is proposed locally when this replica leads and forwarded to the leader otherwise, so a
+//! client never needs to know who leads. A linearizable read first obtains a read index — from the
+//! local Raft when leading, from the leader otherwise — and waits until this replica has applied up
+//! to it. Every path is bounded by the request deadline.
+
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+
+use crate::command::{Command, CommandResponse};
+use crate::error::{Error, Result};
+use crate::network::{ForwardError, PeerCallError, PeerChannels};
+use crate::raft_types::{Node, NodeId, Raft};
+use crate::store::StateReader;
+
+pub struct Replica {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: StateReader,
+    pub peers: PeerChannels,
+    /// Upper bound of any request's wait for commit, leader election or read index.
+    pub request_timeout: Duration,
+}
+
+/// The next thing to try when this replica could not serve a request itself.
+enum Route {
+    Leader(Node),
+    WaitForLeader,
+}
+
+impl Replica {
+    fn deadline(&self, client_deadline: Option<Duration>) -> Instant {
+        Instant::now() + client_deadline.map_or(self.request_timeout, |d| d.min(self.request_timeout))
+    }
+
+    fn route(&self, leader_id: Option<NodeId>, leader: Option<Node>) -> Route {
+        match (leader_id, leader) {
+            (Some(id), Some(node)) if id != self.id => Route::Leader(node),
+            _ => Route::WaitForLeader,
+        }
+    }
+
+    /// Waits (at most until `deadline`) for the cluster to know a leader again.
+    async fn wait_for_leader(&self, deadline: Instant) -> Result<()> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut rx = self.raft.metrics();
+        let wait = async {
+            // A short pause first: the leader we just saw may be being replaced.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            loop {
+                if rx.borrow_and_update().current_leader.is_some() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(remaining, wait).await.map_err(|_| Error::NoLeader { node_id: self.id })
+    }
+
+    /// Commits `command` through Raft and returns what applying it produced.
+    pub async fn propose(&self, command: Command, client_deadline: Option<Duration>) -> Result<CommandResponse> {
+        let deadline = self.deadline(client_deadline);
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let what = command.kind();
+        tokio::time::timeout_at(deadline.into(), self.propose_until(command, deadline))
+            .await
+            .map_err(|_| Error::Timeout { what: what.to_string(), timeout_ms })?
+    }
+
+    async fn propose_until(&self, command: Command, deadline: Instant) -> Result<CommandResponse> {
+        loop {
+            let route = match self.raft.client_write(command.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => self.route(f.leader_id, f.leader_node),
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            };
+            match route {
+                Route::WaitForLeader => self.wait_for_leader(deadline).await?,
+                Route::Leader(leader) => {
+                    let ttl = deadline.saturating_duration_since(Instant::now());
+                    match self.peers.forward_propose(&leader, &command, ttl).await {
+                        Ok(Ok(response)) => return Ok(response),
+                        // The leader refused before proposing: safe to try again.
+                        Ok(Err(ForwardError::NotLeader { .. })) => self.wait_for_leader(deadline).await?,
+                        Ok(Err(ForwardError::Other(m))) => return Err(Error::Raft(m)),
+                        // Unknown outcome: the write may have been committed. Say so and let the
+                        // client retry with its idempotency token.
+                        Err(PeerCallError::Unreachable(m) | PeerCallError::Other(m)) => {
+                            return Err(Error::Peer { peer: leader.peer_addr, message: m })
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns once every write committed before this call is applied on this replica.
+    pub async fn read_barrier(&self, client_deadline: Option<Duration>) -> Result<()> {
+        let deadline = self.deadline(client_deadline);
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        tokio::time::timeout_at(deadline.into(), self.read_barrier_until(deadline))
+            .await
+            .map_err(|_| Error::Timeout { what: "read index".into(), timeout_ms })?
+    }
+
+    async fn read_barrier_until(&self, deadline: Instant) -> Result<()> {
+        loop {
+            let route = match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => self.route(f.leader_id, f.leader_node),
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                    tracing::debug!(error = %e, "read index: no quorum yet");
+                    Route::WaitForLeader
+                }
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            };
+            match route {
+                Route::WaitForLeader => self.wait_for_leader(deadline).await?,
+                Route::Leader(leader) => {
+                    let ttl = deadline.saturating_duration_since(Instant::now());
+                    match self.peers.forward_read_index(&leader, ttl).await {
+                        Ok(Ok(read_index)) => {
+                            let Some(index) = read_index.map(|l| l.index) else { return Ok(()) };
+                            let remaining = deadline.saturating_duration_since(Instant::now());
+                            self.raft
+                                .wait(Some(remaining))
+                                .applied_index_at_least(Some(index), "read index")
+                                .await
+                                .map_err(|_| Error::Timeout { what: "applying up to the read index".into(), timeout_ms: remaining.as_millis() as u64 })?;
+                            return Ok(());
+                        }
+                        Ok(Err(ForwardError::NotLeader { .. })) => self.wait_for_leader(deadline).await?,
+                        Ok(Err(ForwardError::Other(m))) => return Err(Error::Raft(m)),
+                        Err(e) => return Err(Error::Peer { peer: leader.peer_addr, message: e.to_string() }),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The leader's id and api address as this replica knows them.
+    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let m = self.raft.metrics().borrow().clone();
+        let addr = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.api_addr.clone()));
+        (m.current_leader, addr)
+    }
+
+    /// An error that sends the caller to the leader (membership changes run on the leader only).
+    pub fn not_leader(&self) -> Error {
+        let (leader_id, leader_api_addr) = self.leader();
+        match leader_id {
+            Some(_) => Error::NotLeader { node_id: self.id, leader_id, leader_api_addr },
+            None => Error::NoLeader { node_id: self.id },
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Column family names: the one place that says where each kind of record lives in RocksDB.
+
+/// Raft log entries, keyed by big-endian log index so iteration is in log order.
+pub const RAFT_LOG: &str = "raft_log";
+/// Raft's own durable metadata: vote, last purged log id, committed log id, this replica's node id.
+pub const RAFT_META: &str = "raft_meta";
+/// State machine metadata: last applied log id, last membership, cluster id.
+pub const SM_META: &str = "sm_meta";
+/// The newest snapshot (metadata and data), so it survives a restart and can be sent to a follower.
+pub const SNAPSHOT: &str = "snapshot";
+/// Capacity groups, keyed by name.
+pub const CAPACITY_GROUPS: &str = "capacity_groups";
+/// Idempotency tokens of mutating calls, keyed by token, valued by the result to return on a retry.
+pub const IDEMPOTENCY_TOKENS: &str = "idempotency_tokens";
+
+/// Column families that hold replicated state. A snapshot carries exactly these, and installing one
+/// replaces them whole; adding an entity means adding its column family here.
+pub const STATE: &[&str] = &[CAPACITY_GROUPS, IDEMPOTENCY_TOKENS];
+
+/// Every column family the store opens.
+pub const ALL: &[&str] = &[RAFT_LOG, RAFT_META, SM_META, SNAPSHOT, CAPACITY_GROUPS, IDEMPOTENCY_TOKENS];
+
+/// Keys inside [`RAFT_META`].
+pub mod raft_meta {
+    pub const VOTE: &[u8] = b"vote";
+    pub const LAST_PURGED: &[u8] = b"last_purged";
+    pub const COMMITTED: &[u8] = b"committed";
+    pub const NODE_ID: &[u8] = b"node_id";
+}
+
+/// Keys inside [`SM_META`].
+pub mod sm_meta {
+    pub const LAST_APPLIED: &[u8] = b"last_applied";
+    pub const MEMBERSHIP: &[u8] = b"membership";
+    pub const CLUSTER_ID: &[u8] = b"cluster_id";
+}
+
+/// Keys inside [`SNAPSHOT`].
+pub mod snapshot {
+    pub const META: &[u8] = b"meta";
+    pub const DATA: &[u8] = b"data";
+}

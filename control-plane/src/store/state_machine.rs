@@ -1,0 +1,283 @@
+//! The replicated state machine: applies committed [`Command`]s to RocksDB column families, builds
+//! and installs snapshots.
+//!
+//! Every entry is applied as one `WriteBatch` that also records the new last-applied log id, so the
+//! state and the log position it reflects can never disagree after a crash. These writes are not
+//! synced on their own: an entry whose effect is lost in a crash is still in the (synced) log and is
+//! applied again. A snapshot is written synced before the log behind it may be purged; since all
+//! column families share one WAL, that sync also makes every earlier apply durable.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::{IteratorMode, WriteBatch, DB};
+
+use super::snapshot_data::{decode_snapshot_data, encode_snapshot_data};
+use super::{blocking, cf_handle, sync_write_options, StateReader, StoreResult};
+use crate::codec;
+use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::model::CapacityGroup;
+use crate::raft_types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::store::cf;
+
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<DB>,
+    /// Shares the cluster-id cache with readers, so applying `SetClusterId` is seen at once.
+    reader: StateReader,
+}
+
+impl StateMachine {
+    pub(super) fn new(db: Arc<DB>, reader: StateReader) -> Self {
+        StateMachine { db, reader }
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StoreResult<Option<T>> {
+        let cf = cf_handle(&self.db, cf::SM_META)?;
+        let bytes = self.db.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        bytes.map(|b| codec::decode(&b).map_err(|e| StorageIOError::read_state_machine(&e).into())).transpose()
+    }
+
+    /// Applies one command into `batch`. Reads see every earlier entry (each was written already).
+    fn apply_command(&self, batch: &mut WriteBatch, command: Command) -> StoreResult<CommandResponse> {
+        let groups = cf_handle(&self.db, cf::CAPACITY_GROUPS)?;
+        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        let put_group = |batch: &mut WriteBatch, g: &CapacityGroup| -> StoreResult<()> {
+            batch.put_cf(groups, g.name.as_bytes(), codec::encode(g).map_err(|e| err(&e))?);
+            Ok(())
+        };
+        Ok(match command {
+            Command::SetClusterId { cluster_id } => {
+                if self.reader.cluster_id().is_none() {
+                    let meta = cf_handle(&self.db, cf::SM_META)?;
+                    batch.put_cf(meta, cf::sm_meta::CLUSTER_ID, codec::encode(&cluster_id).map_err(|e| err(&e))?);
+                }
+                CommandResponse::Done
+            }
+            Command::CreateCapacityGroup { group, idempotency_token } => {
+                let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
+                if let Some(token) = &idempotency_token {
+                    if let Some(name) = self.db.get_cf(tokens, token.as_bytes()).map_err(|e| err(&e))? {
+                        let name = String::from_utf8_lossy(&name).into_owned();
+                        return Ok(match self.reader.capacity_group(&name).map_err(|e| err(&e))? {
+                            Some(existing) => CommandResponse::CapacityGroup(existing),
+                            None => CommandResponse::Rejected(Rejection::new(
+                                RejectionKind::FailedPrecondition,
+                                "idempotency_token",
+                                format!("token was used to create capacity group {name:?}, which has since been deleted"),
+                            )),
+                        });
+                    }
+                }
+                if self.db.get_pinned_cf(groups, group.name.as_bytes()).map_err(|e| err(&e))?.is_some() {
+                    CommandResponse::Rejected(Rejection::new(
+                        RejectionKind::AlreadyExists,
+                        "group.name",
+                        format!("capacity group {:?} already exists", group.name),
+                    ))
+                } else {
+                    put_group(batch, &group)?;
+                    if let Some(token) = &idempotency_token {
+                        batch.put_cf(tokens, token.as_bytes(), group.name.as_bytes());
+                    }
+                    CommandResponse::CapacityGroup(group)
+                }
+            }
+            Command::UpdateCapacityGroup { mut group } => match self.reader.capacity_group(&group.name).map_err(|e| err(&e))? {
+                None => CommandResponse::Rejected(Rejection::new(
+                    RejectionKind::NotFound,
+                    "group.name",
+                    format!("capacity group {:?} does not exist", group.name),
+                )),
+                Some(existing) => {
+                    group.create_time_ms = existing.create_time_ms;
+                    put_group(batch, &group)?;
+                    CommandResponse::CapacityGroup(group)
+                }
+            },
+            Command::DeleteCapacityGroup { name } => {
+                if self.db.get_pinned_cf(groups, name.as_bytes()).map_err(|e| err(&e))?.is_none() {
+                    CommandResponse::Rejected(Rejection::new(
+                        RejectionKind::NotFound,
+                        "name",
+                        format!("capacity group {name:?} does not exist"),
+                    ))
+                } else {
+                    batch.delete_cf(groups, name.as_bytes());
+                    CommandResponse::Done
+                }
+            }
+        })
+    }
+
+    /// Reads the newest stored snapshot.
+    fn stored_snapshot(&self) -> StoreResult<Option<(SnapshotMeta, Vec<u8>)>> {
+        let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
+        let meta = self.db.get_cf(cf, cf::snapshot::META).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let data = self.db.get_cf(cf, cf::snapshot::DATA).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        match (meta, data) {
+            (Some(meta), Some(data)) => {
+                let meta: SnapshotMeta = codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+                Ok(Some((meta, data)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn put_snapshot(&self, batch: &mut WriteBatch, meta: &SnapshotMeta, data: &[u8]) -> StoreResult<()> {
+        let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
+        let meta_bytes = codec::encode(meta).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        batch.put_cf(cf, cf::snapshot::META, meta_bytes);
+        batch.put_cf(cf, cf::snapshot::DATA, data);
+        Ok(())
+    }
+}
+
+/// Wraps an error message so it can be carried by openraft's `AnyError`.
+#[derive(Debug)]
+struct AnyErr(String);
+impl std::fmt::Display for AnyErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for AnyErr {}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StoreResult<Snapshot> {
+        // A RocksDB snapshot gives a consistent view while apply goes on concurrently.
+        let view = self.db.snapshot();
+        let read = |key: &[u8]| -> StoreResult<Option<Vec<u8>>> {
+            let cf = cf_handle(&self.db, cf::SM_META)?;
+            view.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e).into())
+        };
+        let last_applied: Option<LogId> = read(cf::sm_meta::LAST_APPLIED)?
+            .map(|b| codec::decode(&b))
+            .transpose()
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let membership: StoredMembership = read(cf::sm_meta::MEMBERSHIP)?
+            .map(|b| codec::decode(&b))
+            .transpose()
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .unwrap_or_default();
+
+        let mut families = Vec::new();
+        for name in cf::STATE.iter().copied().chain([cf::SM_META]) {
+            let cf = cf_handle(&self.db, name)?;
+            let mut records = Vec::new();
+            for item in view.iterator_cf(cf, IteratorMode::Start) {
+                let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+                records.push((k.into_vec(), v.into_vec()));
+            }
+            families.push((name.to_string(), records));
+        }
+        let data = encode_snapshot_data(&families);
+        drop(view);
+
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let snapshot_id = match last_applied {
+            Some(id) => format!("{}-{}-{nanos}", id.leader_id.term, id.index),
+            None => format!("0-0-{nanos}"),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+
+        let mut batch = WriteBatch::default();
+        self.put_snapshot(&mut batch, &meta, &data)?;
+        // The snapshot must be durable before openraft purges the log it replaces.
+        blocking(|| self.db.write_opt(batch, &sync_write_options()))
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> StoreResult<(Option<LogId>, StoredMembership)> {
+        let last_applied = self.get_meta(cf::sm_meta::LAST_APPLIED)?;
+        let membership = self.get_meta(cf::sm_meta::MEMBERSHIP)?.unwrap_or_default();
+        Ok((last_applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<CommandResponse>>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+    {
+        let meta = cf_handle(&self.db, cf::SM_META)?;
+        let mut responses = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            let mut batch = WriteBatch::default();
+            let mut new_cluster_id = None;
+            let response = match entry.payload {
+                EntryPayload::Blank => CommandResponse::Done,
+                EntryPayload::Normal(command) => {
+                    if let Command::SetClusterId { cluster_id } = &command {
+                        new_cluster_id = Some(cluster_id.clone());
+                    }
+                    self.apply_command(&mut batch, command)?
+                }
+                EntryPayload::Membership(membership) => {
+                    let stored = StoredMembership::new(Some(log_id), membership);
+                    batch.put_cf(meta, cf::sm_meta::MEMBERSHIP, codec::encode(&stored).map_err(|e| StorageIOError::apply(log_id, &e))?);
+                    CommandResponse::Done
+                }
+            };
+            batch.put_cf(meta, cf::sm_meta::LAST_APPLIED, codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?);
+            self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
+            if let Some(id) = new_cluster_id {
+                self.reader.remember_cluster_id(id);
+            }
+            responses.push(response);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StoreResult<()> {
+        let data = snapshot.into_inner();
+        let families = decode_snapshot_data(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let wr = |e: &dyn std::error::Error| StorageIOError::<u64>::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()));
+
+        // Replace the state whole, in one synced batch: a crash leaves either the old state or the new.
+        let mut batch = WriteBatch::default();
+        for name in cf::STATE.iter().copied().chain([cf::SM_META]) {
+            let cf = cf_handle(&self.db, name)?;
+            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+                let (k, _) = item.map_err(|e| wr(&e))?;
+                batch.delete_cf(cf, k);
+            }
+        }
+        for (name, records) in &families {
+            if !cf::STATE.contains(&name.as_str()) && name != cf::SM_META {
+                return Err(wr(&AnyErr(format!("snapshot carries unknown column family {name:?}"))).into());
+            }
+            let cf = cf_handle(&self.db, name)?;
+            for (k, v) in records {
+                batch.put_cf(cf, k, v);
+            }
+        }
+        let sm_meta = cf_handle(&self.db, cf::SM_META)?;
+        batch.put_cf(sm_meta, cf::sm_meta::LAST_APPLIED, codec::encode(&meta.last_log_id).map_err(|e| wr(&e))?);
+        batch.put_cf(sm_meta, cf::sm_meta::MEMBERSHIP, codec::encode(&meta.last_membership).map_err(|e| wr(&e))?);
+        self.put_snapshot(&mut batch, meta, &data)?;
+        blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| wr(&e))?;
+        self.reader.reload_cluster_id().map_err(|e| wr(&e))?;
+        tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot>> {
+        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}

@@ -1,0 +1,198 @@
+//! Cluster tests: real replica processes, real RocksDB, real gRPC on loopback.
+//! Numbered by area: t10 bootstrap and restart, t20 replication and failover, t30 snapshots and
+//! membership, t40 quorum loss, t50 bad input.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{group, wait_until, Cluster};
+use titus_client::{ClientOptions, Error, MemberRole, ReadConsistency};
+
+const ELECTION: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_three_replicas_bootstrap_once_and_survive_a_full_restart() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let status = c.status_of(leader).await.expect("leader status");
+    let cluster_id = status.cluster_id.clone();
+    assert_eq!(status.members.len(), 3);
+    for id in 1..=3 {
+        assert_eq!(c.status_of(id).await.unwrap().cluster_id, cluster_id, "replica {id} has another cluster id");
+    }
+
+    let client = c.client();
+    for i in 0..20 {
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create");
+    }
+
+    // Every replica stopped gracefully at once, then started again.
+    for id in 1..=3 {
+        assert!(c.terminate(id).success(), "replica {id} did not exit cleanly on SIGTERM");
+    }
+    for id in 1..=3 {
+        c.start_replica(id);
+    }
+    let leader = c.wait_for_leader(ELECTION).await;
+    let status = c.status_of(leader).await.unwrap();
+    assert_eq!(status.cluster_id, cluster_id, "a restart must never re-initialize the cluster");
+    let names: BTreeSet<String> = c.client().list_capacity_groups(ReadConsistency::Linearizable).await.unwrap().into_iter().map(|g| g.name).collect();
+    assert_eq!(names, (0..20).map(|i| format!("g{i}")).collect::<BTreeSet<_>>());
+
+    // And after a kill -9 of all of them: nothing acknowledged is lost.
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    for id in 1..=3 {
+        c.start_replica(id);
+    }
+    c.wait_for_leader(ELECTION).await;
+    let after = c.client().list_capacity_groups(ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(after.len(), 20);
+    assert_eq!(c.status_of(1).await.unwrap().cluster_id, cluster_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_write_via_follower_is_read_everywhere_and_survives_leader_kill() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+
+    // A client that knows only a follower: the write is forwarded to the leader.
+    let created = c.client_of(follower).create_capacity_group(group("via-follower")).await.expect("write through a follower");
+    assert!(created.create_time_ms > 0);
+    for id in 1..=3 {
+        let g = c.client_of(id).get_capacity_group("via-follower", ReadConsistency::Linearizable).await.unwrap_or_else(|e| panic!("replica {id}: {e}"));
+        assert_eq!(g, created, "replica {id} returned a different record");
+    }
+
+    let client = c.client();
+    let mut acked = vec!["via-follower".to_string()];
+    for i in 0..30 {
+        let name = format!("before-kill-{i}");
+        client.create_capacity_group(group(&name)).await.expect("create");
+        acked.push(name);
+    }
+
+    c.kill(leader);
+    let start = Instant::now();
+    let new_leader = c.wait_for_leader(ELECTION).await;
+    assert_ne!(new_leader, leader);
+    eprintln!("new leader {new_leader} after {:?}", start.elapsed());
+    for i in 0..10 {
+        let name = format!("after-kill-{i}");
+        client.create_capacity_group(group(&name)).await.expect("write after failover");
+        acked.push(name);
+    }
+    let names: BTreeSet<String> = client.list_capacity_groups(ReadConsistency::Linearizable).await.unwrap().into_iter().map(|g| g.name).collect();
+    for name in &acked {
+        assert!(names.contains(name), "acknowledged write {name} lost after leader kill");
+    }
+
+    // The killed replica comes back and catches up.
+    c.start_replica(leader);
+    let target = c.status_of(new_leader).await.unwrap().last_applied_index;
+    c.wait_applied(leader, target, ELECTION).await;
+    let on_restarted = c.client_of(leader).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+    assert_eq!(on_restarted.len(), acked.len(), "restarted replica did not catch up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_replaced_replica_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start(3, &["--snapshot-after-entries", "50"]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let victim = (1..=3).rev().find(|id| *id != leader).unwrap();
+    let client = c.client();
+    for i in 0..150 {
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create");
+    }
+    // The log behind a snapshot is purged: a fresh replica cannot catch up from the log alone.
+    let status = wait_until(ELECTION, "a snapshot on the leader", || async { c.status_of(leader).await.filter(|s| s.snapshot_index >= 100) }).await;
+    assert!(status.snapshot_index >= 100, "{status:?}");
+
+    // The replica dies and its disk is lost; replace it with a new replica.
+    c.kill(victim);
+    c.wipe(victim);
+    let removed = client.remove_member(victim).await.expect("remove dead replica");
+    assert!(removed.members.iter().all(|m| m.node_id != victim));
+    let (peer, api) = c.spawn_joiner(9);
+    let added = client.add_member(9, &peer, &api).await.expect("add replacement");
+    assert_eq!(common::role_of(&added, 9), Some(MemberRole::Follower), "{added:?}");
+
+    let target = c.status_of(leader).await.unwrap().last_applied_index;
+    let joined = c.wait_applied(9, target, ELECTION).await;
+    assert!(joined.snapshot_index > 0, "the new replica should have installed a snapshot: {joined:?}");
+    let groups = c.client_of(9).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+    assert_eq!(groups.len(), 150);
+    assert_eq!(joined.cluster_id, c.status_of(leader).await.unwrap().cluster_id);
+
+    // The new member counts toward the quorum: with the old leader gone, writes still commit.
+    c.kill(leader);
+    c.wait_for_leader(ELECTION).await;
+    c.client().create_capacity_group(group("after-replacement")).await.expect("write with the replacement in the quorum");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_five_replicas_tolerate_two_losses_and_fail_fast_without_quorum() {
+    let mut c = Cluster::start(5, &["--request-timeout-ms", "2000"]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let client = c.client();
+    client.create_capacity_group(group("five")).await.expect("create");
+
+    // Two down, one of them the leader: the other three keep accepting writes.
+    let followers: Vec<u64> = (1..=5).filter(|id| *id != leader).collect();
+    c.kill(leader);
+    c.kill(followers[0]);
+    c.wait_for_leader(ELECTION).await;
+    for i in 0..5 {
+        client.create_capacity_group(group(&format!("two-down-{i}"))).await.expect("write with two replicas down");
+    }
+
+    // Three down: no majority. A write fails with UNAVAILABLE within its deadline, never hangs.
+    c.kill(followers[1]);
+    let deadline = Duration::from_secs(6);
+    let short = c.client_with(ClientOptions { deadline, attempt_timeout: Duration::from_secs(3), ..ClientOptions::default() });
+    let start = Instant::now();
+    let err = short.create_capacity_group(group("no-quorum")).await.expect_err("a write without quorum must fail");
+    let took = start.elapsed();
+    assert!(matches!(err, Error::Unavailable { .. }), "expected UNAVAILABLE, got {err}");
+    assert!(took < deadline + Duration::from_secs(2), "took {took:?}, beyond its {deadline:?} deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_bad_input_names_the_field_and_duplicates_are_refused() {
+    let c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let client = c.client();
+
+    let mut bad = group("");
+    bad.0.instance_count = 0;
+    bad.0.resources_per_instance.as_mut().unwrap().cpu = -1.0;
+    bad.0.resources_per_instance.as_mut().unwrap().memory_mb = 0;
+    let err = client.create_capacity_group(bad).await.expect_err("invalid group accepted");
+    let fields: Vec<&str> = err.violations().iter().map(|v| v.field.as_str()).collect();
+    assert_eq!(fields, ["group.name", "group.resources_per_instance.cpu", "group.resources_per_instance.memory_mb", "group.instance_count"], "{err}");
+
+    let err = client.create_capacity_group(group("bad name!")).await.expect_err("bad name accepted");
+    assert_eq!(err.violations()[0].field, "group.name");
+
+    client.create_capacity_group(group("dup")).await.expect("first create");
+    let err = client.create_capacity_group(group("dup")).await.expect_err("duplicate accepted");
+    assert!(matches!(&err, Error::AlreadyExists(m) if m.contains("group.name")), "{err}");
+
+    let err = client.get_capacity_group("missing", ReadConsistency::Linearizable).await.expect_err("missing group found");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    let err = client.update_capacity_group(group("missing")).await.expect_err("update of a missing group");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+    // Update keeps the create time; delete removes; a second delete is NOT_FOUND.
+    let before = client.get_capacity_group("dup", ReadConsistency::Linearizable).await.unwrap();
+    let mut bigger = group("dup");
+    bigger.0.instance_count = 42;
+    let after = client.update_capacity_group(bigger).await.unwrap();
+    assert_eq!((after.instance_count, after.create_time_ms), (42, before.create_time_ms));
+    client.delete_capacity_group("dup").await.unwrap();
+    assert!(matches!(client.delete_capacity_group("dup").await, Err(Error::NotFound(_))));
+}

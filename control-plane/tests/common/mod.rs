@@ -1,0 +1,240 @@
+//! Test harness: real `titus-control-plane` processes on loopback, each with its own RocksDB data
+//! dir, talked to through the real SDK over gRPC. Waits are on conditions, never fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use titus_client::{CapacityGroupSpec, Client, ClientOptions, ClusterStatus, MemberRole, Tier};
+
+pub struct Replica {
+    pub id: u64,
+    pub peer_addr: String,
+    pub api_addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    process: Option<Child>,
+}
+
+pub struct Cluster {
+    pub replicas: Vec<Replica>,
+    /// `--member` flags shared by the initial replicas.
+    members: Vec<String>,
+    extra_args: Vec<String>,
+    dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+impl Cluster {
+    /// Starts `n` replicas that bootstrap one cluster. `extra_args` go to every replica.
+    pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
+        let dir = TempDir::new().expect("temp dir");
+        let replicas: Vec<Replica> = (1..=n).map(|id| Cluster::new_replica(&dir, id)).collect();
+        let members = replicas.iter().map(|r| format!("{}={}/{}", r.id, r.peer_addr, r.api_addr)).collect();
+        let mut c = Cluster { replicas, members, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), dir };
+        // Start in reverse order: the initializer (lowest id) comes last, as "any order" requires.
+        for id in (1..=n).rev() {
+            c.start_replica(id);
+        }
+        c
+    }
+
+    fn new_replica(dir: &TempDir, id: u64) -> Replica {
+        Replica {
+            id,
+            peer_addr: format!("127.0.0.1:{}", free_port()),
+            api_addr: format!("127.0.0.1:{}", free_port()),
+            data_dir: dir.path().join(format!("data-{id}")),
+            log: dir.path().join(format!("replica-{id}.log")),
+            process: None,
+        }
+    }
+
+    pub fn replica(&self, id: u64) -> &Replica {
+        self.replicas.iter().find(|r| r.id == id).expect("no such replica")
+    }
+
+    fn replica_mut(&mut self, id: u64) -> &mut Replica {
+        self.replicas.iter_mut().find(|r| r.id == id).expect("no such replica")
+    }
+
+    /// Starts (or restarts) replica `id` as a process.
+    pub fn start_replica(&mut self, id: u64) {
+        let members = self.members.clone();
+        let extra = self.extra_args.clone();
+        let r = self.replica_mut(id);
+        assert!(r.process.is_none(), "replica {id} is already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"));
+        cmd.arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&r.data_dir)
+            .arg("--peer-listen")
+            .arg(&r.peer_addr)
+            .arg("--api-listen")
+            .arg(&r.api_addr)
+            .args(members.iter().flat_map(|m| ["--member".to_string(), m.clone()]))
+            .args(&extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        r.process = Some(cmd.spawn().expect("spawn titus-control-plane"));
+    }
+
+    /// Adds a new replica process that is not an initial member (it joins via AddMember).
+    pub fn spawn_joiner(&mut self, id: u64) -> (String, String) {
+        let r = Cluster::new_replica(&self.dir, id);
+        let addrs = (r.peer_addr.clone(), r.api_addr.clone());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"));
+        cmd.args(["--node-id", &id.to_string(), "--peer-listen", &r.peer_addr, "--api-listen", &r.api_addr])
+            .arg("--data-dir")
+            .arg(&r.data_dir)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut r = r;
+        r.process = Some(cmd.spawn().expect("spawn joiner"));
+        self.replicas.push(r);
+        addrs
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut p) = self.replica_mut(id).process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit status.
+    pub fn terminate(&mut self, id: u64) -> std::process::ExitStatus {
+        let mut p = self.replica_mut(id).process.take().expect("replica is running");
+        let pid = p.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = p.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "replica {id} did not exit within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wipe(&mut self, id: u64) {
+        let r = self.replica(id);
+        assert!(r.process.is_none(), "stop replica {id} before wiping it");
+        std::fs::remove_dir_all(&r.data_dir).expect("wipe data dir");
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.replicas.iter().filter(|r| r.process.is_some()).map(|r| r.id).collect()
+    }
+
+    /// A client seeded with every replica's api address.
+    pub fn client(&self) -> Client {
+        Client::connect(self.replicas.iter().map(|r| r.api_addr.as_str())).expect("client")
+    }
+
+    /// A client that only knows replica `id`.
+    pub fn client_of(&self, id: u64) -> Client {
+        Client::connect([self.replica(id).api_addr.as_str()]).expect("client")
+    }
+
+    pub fn client_with(&self, options: ClientOptions) -> Client {
+        Client::with_options(self.replicas.iter().map(|r| r.api_addr.as_str()), options).expect("client")
+    }
+
+    pub async fn status_of(&self, id: u64) -> Option<ClusterStatus> {
+        self.client_of(id).cluster_status_of(&self.replica(id).api_addr).await.ok()
+    }
+
+    /// Waits until every running replica agrees on one leader among the running ones and knows
+    /// the cluster id; returns the leader's id.
+    pub async fn wait_for_leader(&self, within: Duration) -> u64 {
+        let running = self.running();
+        wait_until(within, &format!("a leader agreed by replicas {running:?}"), || async {
+            let mut leader = None;
+            for id in &running {
+                let s = self.status_of(*id).await?;
+                if s.leader_id == 0 || !running.contains(&s.leader_id) || s.cluster_id.is_empty() {
+                    return None;
+                }
+                if *leader.get_or_insert(s.leader_id) != s.leader_id {
+                    return None;
+                }
+            }
+            leader
+        })
+        .await
+    }
+
+    /// Waits until replica `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64, within: Duration) -> ClusterStatus {
+        wait_until(within, &format!("replica {id} applied index {index}"), || async {
+            self.status_of(id).await.filter(|s| s.last_applied_index >= index)
+        })
+        .await
+    }
+
+    pub fn dump_logs(&self) {
+        for r in &self.replicas {
+            if let Ok(text) = std::fs::read_to_string(&r.log) {
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("----- replica {} log (last 40 lines) -----", r.id);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for r in &mut self.replicas {
+            if let Some(mut p) = r.process.take() {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+        }
+    }
+}
+
+/// Polls `probe` until it yields a value; panics with `what` after `within`.
+pub async fn wait_until<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn group(name: &str) -> CapacityGroupSpec {
+    CapacityGroupSpec::new(name, Tier::Flex, 1.0, 1024, 2048, 128, 3)
+}
+
+pub fn role_of(s: &ClusterStatus, id: u64) -> Option<MemberRole> {
+    s.members.iter().find(|m| m.node_id == id).and_then(|m| MemberRole::try_from(m.role).ok())
+}

@@ -1,0 +1,1 @@
+//! titus-jepsen: black-box correctness suite against real binaries. Built in the Jepsen issue.
