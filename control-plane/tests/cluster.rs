@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{group, wait_until, Cluster};
+use titus_client::proto::capacity_group_service_client::CapacityGroupServiceClient;
+use titus_client::proto::CreateCapacityGroupRequest;
 use titus_client::{ClientOptions, Error, MemberRole, ReadConsistency};
 
 const ELECTION: Duration = Duration::from_secs(20);
@@ -186,6 +188,15 @@ async fn t50_bad_input_names_the_field_and_duplicates_are_refused() {
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     let err = client.update_capacity_group(group("missing")).await.expect_err("update of a missing group");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
+
+    // A retried create with the same idempotency token returns the first result, not ALREADY_EXISTS.
+    let mut raw = CapacityGroupServiceClient::connect(format!("http://{}", c.replica(2).api_addr)).await.unwrap();
+    let req = CreateCapacityGroupRequest { group: Some(group("idem").0), idempotency_token: "token-1".into() };
+    let first = raw.create_capacity_group(req.clone()).await.expect("first create").into_inner();
+    let retried = raw.create_capacity_group(req).await.expect("retried create").into_inner();
+    assert_eq!(first, retried);
+    let other_token = CreateCapacityGroupRequest { group: Some(group("idem").0), idempotency_token: "token-2".into() };
+    assert_eq!(raw.create_capacity_group(other_token).await.unwrap_err().code(), tonic::Code::AlreadyExists);
 
     // Update keeps the create time; delete removes; a second delete is NOT_FOUND.
     let before = client.get_capacity_group("dup", ReadConsistency::Linearizable).await.unwrap();

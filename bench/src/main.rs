@@ -1,0 +1,428 @@
+//! `titus-bench`: starts a 3-replica Titus cluster on loopback (fsync on, as always) and, in the same
+//! run, a 3-member etcd cluster, puts the same load on both and prints each figure side by side:
+//! durable replicated writes/s with p50/p99 latency at several client counts, and leader failover
+//! time (kill -9 of the leader → first write acknowledged by the new leader) over repeated kills.
+//!
+//! Black box: it runs the `titus-control-plane` binary built next to it and Debian's `etcd`, and
+//! talks to both over gRPC only. Every loop is bounded in time and every process it starts is killed
+//! when it ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use titus_client::{CapacityGroupSpec, Client, ClientOptions, Tier};
+use tonic::transport::{Channel, Endpoint};
+
+mod etcdpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+#[derive(Parser)]
+#[command(about = "Titus vs etcd: durable replicated writes and leader failover, 3 replicas on loopback")]
+struct Args {
+    /// Concurrent clients per level.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
+    clients: Vec<usize>,
+    /// Seconds of load per level.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Leader kills for the failover figure.
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
+    /// titus-control-plane binary; default: next to this one.
+    #[arg(long)]
+    titus_bin: Option<PathBuf>,
+    /// etcd binary; the comparison is skipped when it is missing.
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: String,
+    /// Skip etcd even when it is installed.
+    #[arg(long)]
+    no_etcd: bool,
+}
+
+/// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
+const VALUE_BYTES: usize = 256;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+struct Proc {
+    args: Vec<String>,
+    bin: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.bin).args(&self.args).stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", self.bin))?;
+        self.child = Some(child);
+        Ok(())
+    }
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A replicated store under test.
+trait System {
+    fn name(&self) -> &'static str;
+    fn write(&self, client: usize, seq: u64) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Index of the current leader among the replicas, if the running ones agree on one.
+    fn leader(&self) -> impl std::future::Future<Output = Option<usize>> + Send;
+    fn procs(&mut self) -> &mut Vec<Proc>;
+}
+
+// ----- Titus -----
+
+struct Titus {
+    procs: Vec<Proc>,
+    clients: Vec<Client>,
+    apis: Vec<String>,
+}
+
+impl Titus {
+    async fn start(bin: &Path, dir: &Path) -> Result<Titus> {
+        let ids = [1u64, 2, 3];
+        let peers: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let apis: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut procs = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let mut args = vec![
+                "--node-id".to_string(),
+                id.to_string(),
+                "--data-dir".into(),
+                dir.join(format!("titus-{id}")).display().to_string(),
+                "--peer-listen".into(),
+                peers[i].clone(),
+                "--api-listen".into(),
+                apis[i].clone(),
+            ];
+            for (j, m) in ids.iter().enumerate() {
+                args.push("--member".into());
+                args.push(format!("{m}={}/{}", peers[j], apis[j]));
+            }
+            let mut p = Proc { args, bin: bin.display().to_string(), log: dir.join(format!("titus-{id}.log")), child: None };
+            p.start()?;
+            procs.push(p);
+        }
+        let options = ClientOptions { initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(100), attempt_timeout: Duration::from_secs(2), ..ClientOptions::default() };
+        let clients = (0..8).map(|_| Client::with_options(apis.iter(), options.clone())).collect::<Result<Vec<_>, _>>()?;
+        Ok(Titus { procs, clients, apis })
+    }
+}
+
+impl System for Titus {
+    fn name(&self) -> &'static str {
+        "titus"
+    }
+
+    async fn write(&self, client: usize, seq: u64) -> Result<()> {
+        let spec = CapacityGroupSpec::new(&format!("bench-{seq}-{}", uuid::Uuid::new_v4().simple()), Tier::Flex, 1.0, 1024, 2048, 128, 3);
+        self.clients[client % self.clients.len()].create_capacity_group(spec).await?;
+        Ok(())
+    }
+
+    async fn leader(&self) -> Option<usize> {
+        let mut leader = None;
+        for (i, p) in self.procs.iter().enumerate() {
+            if p.child.is_none() {
+                continue;
+            }
+            let s = self.clients[0].cluster_status_of(&self.apis[i]).await.ok()?;
+            if s.leader_id == 0 || s.cluster_id.is_empty() || *leader.get_or_insert(s.leader_id) != s.leader_id {
+                return None;
+            }
+        }
+        let idx = leader? as usize - 1;
+        self.procs[idx].child.is_some().then_some(idx)
+    }
+
+    fn procs(&mut self) -> &mut Vec<Proc> {
+        &mut self.procs
+    }
+}
+
+// ----- etcd -----
+
+struct Etcd {
+    procs: Vec<Proc>,
+    endpoints: Vec<Channel>,
+    next: AtomicU64,
+    value: Vec<u8>,
+}
+
+impl Etcd {
+    fn start(bin: &str, dir: &Path) -> Result<Etcd> {
+        let peer_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let initial = (0..3).map(|i| format!("e{i}=http://127.0.0.1:{}", peer_ports[i])).collect::<Vec<_>>().join(",");
+        let mut procs = Vec::new();
+        for i in 0..3 {
+            let args = vec![
+                format!("--name=e{i}"),
+                format!("--data-dir={}", dir.join(format!("etcd-{i}")).display()),
+                format!("--listen-peer-urls=http://127.0.0.1:{}", peer_ports[i]),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", peer_ports[i]),
+                format!("--listen-client-urls=http://127.0.0.1:{}", client_ports[i]),
+                format!("--advertise-client-urls=http://127.0.0.1:{}", client_ports[i]),
+                format!("--initial-cluster={initial}"),
+                "--initial-cluster-state=new".into(),
+                "--initial-cluster-token=titus-bench".into(),
+                // The same Raft timing as Titus's defaults: 100 ms heartbeat, 500 ms election base.
+                "--heartbeat-interval=100".into(),
+                "--election-timeout=500".into(),
+            ];
+            let mut p = Proc { args, bin: bin.to_string(), log: dir.join(format!("etcd-{i}.log")), child: None };
+            p.start()?;
+            procs.push(p);
+        }
+        let endpoints = client_ports
+            .iter()
+            .map(|port| Ok(Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Etcd { procs, endpoints, next: AtomicU64::new(0), value: vec![b'x'; VALUE_BYTES] })
+    }
+}
+
+impl System for Etcd {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    /// Put with failover across members, the way etcd's own client retries: rotate on error.
+    async fn write(&self, client: usize, seq: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let key = format!("/bench/{seq}-{}", uuid::Uuid::new_v4().simple()).into_bytes();
+        let mut member = client % self.endpoints.len();
+        loop {
+            if self.procs[member].child.is_some() {
+                let mut kv = etcdpb::kv_client::KvClient::new(self.endpoints[member].clone());
+                let req = etcdpb::PutRequest { key: key.clone(), value: self.value.clone() };
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.put(req)).await {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd put failed for 30 s");
+            }
+            member = (self.next.fetch_add(1, Ordering::Relaxed) as usize) % self.endpoints.len();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn leader(&self) -> Option<usize> {
+        let mut leader = None;
+        let mut ids = vec![0u64; self.endpoints.len()];
+        for (i, ch) in self.endpoints.iter().enumerate() {
+            if self.procs[i].child.is_none() {
+                continue;
+            }
+            let mut m = etcdpb::maintenance_client::MaintenanceClient::new(ch.clone());
+            let s = tokio::time::timeout(Duration::from_secs(1), m.status(etcdpb::StatusRequest {})).await.ok()?.ok()?.into_inner();
+            ids[i] = s.header.map(|h| h.member_id).unwrap_or(0);
+            if s.leader == 0 || *leader.get_or_insert(s.leader) != s.leader {
+                return None;
+            }
+        }
+        let leader = leader?;
+        ids.iter().position(|id| *id == leader)
+    }
+
+    fn procs(&mut self) -> &mut Vec<Proc> {
+        &mut self.procs
+    }
+}
+
+// ----- measurements -----
+
+struct Load {
+    writes_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn wait_leader<S: System>(s: &S, within: Duration) -> Result<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(l) = s.leader().await {
+            return Ok(l);
+        }
+        if Instant::now() > deadline {
+            bail!("{}: no leader within {within:?}", s.name());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn load<S: System + Send + Sync + 'static>(s: Arc<S>, clients: usize, seconds: u64) -> Result<Load> {
+    let seq = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (s, seq) = (s.clone(), seq.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut errors = 0;
+            while Instant::now() < end {
+                let t = Instant::now();
+                match s.write(c, seq.fetch_add(1, Ordering::Relaxed)).await {
+                    Ok(()) => h.saturating_record(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (h, errors)
+        }));
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await?;
+        all.add(h)?;
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(Load {
+        writes_per_sec: all.len() as f64 / elapsed,
+        p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
+        errors,
+    })
+}
+
+/// Kills the leader `kills` times; each sample is kill → first acknowledged write.
+async fn failover<S: System>(s: &mut S, kills: usize) -> Result<Vec<f64>> {
+    let mut samples = Vec::new();
+    for k in 0..kills {
+        let leader = wait_leader(s, Duration::from_secs(30)).await?;
+        s.write(0, u64::MAX - k as u64).await?;
+        s.procs()[leader].kill();
+        let t = Instant::now();
+        s.write(k + 1, u64::MAX - 1000 - k as u64).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        s.procs()[leader].start()?;
+        // Back to three healthy members before the next kill.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.procs().iter().any(|p| p.child.is_none()) || s.leader().await.is_none() {
+            if Instant::now() > deadline {
+                bail!("{}: cluster did not recover after kill {k}", s.name());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the restarted member catch up so it is a fair candidate next time.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(samples)
+}
+
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[idx]
+}
+
+struct Figures {
+    loads: Vec<(usize, Load)>,
+    failover: Vec<f64>,
+}
+
+async fn measure<S: System + Send + Sync + 'static>(s: S, args: &Args) -> Result<Figures> {
+    wait_leader(&s, Duration::from_secs(60)).await?;
+    // Warm up connections and the leader's caches.
+    for i in 0..20 {
+        s.write(i, i as u64).await?;
+    }
+    let s = Arc::new(s);
+    let mut loads = Vec::new();
+    for &c in &args.clients {
+        let l = load(s.clone(), c, args.seconds).await?;
+        eprintln!("  {} {c:>4} clients: {:>8.0} writes/s p50 {:.2} ms p99 {:.2} ms ({} errors)", s.name(), l.writes_per_sec, l.p50_ms, l.p99_ms, l.errors);
+        loads.push((c, l));
+    }
+    let mut s = Arc::try_unwrap(s).map_err(|_| anyhow::anyhow!("load tasks still hold the system"))?;
+    let failover = failover(&mut s, args.kills).await?;
+    eprintln!("  {} failover samples (ms): {:?}", s.name(), failover.iter().map(|v| v.round()).collect::<Vec<_>>());
+    Ok(Figures { loads, failover })
+}
+
+fn default_titus_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("no parent dir")?.join("titus-control-plane");
+    if !bin.exists() {
+        bail!("{} not found: build it first (cargo build -p titus-control-plane) or pass --titus-bin", bin.display());
+    }
+    Ok(bin)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let titus_bin = match &args.titus_bin {
+        Some(b) => b.clone(),
+        None => default_titus_bin()?,
+    };
+    let dir = tempfile::TempDir::new()?;
+    let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
+    eprintln!("titus-bench: {} ({profile} build), data under {}", titus_bin.display(), dir.path().display());
+
+    eprintln!("titus: 3 replicas");
+    let titus = measure(Titus::start(&titus_bin, dir.path()).await?, &args).await?;
+
+    let etcd_available = !args.no_etcd && Command::new(&args.etcd_bin).arg("--version").stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let etcd = if etcd_available {
+        eprintln!("etcd: 3 members");
+        Some(measure(Etcd::start(&args.etcd_bin, dir.path())?, &args).await?)
+    } else {
+        eprintln!("etcd: not installed (apt-get install etcd-server) or --no-etcd: comparison skipped");
+        None
+    };
+
+    println!();
+    println!("Durable replicated writes, 3 replicas on loopback, fsync on, {} s per level ({profile} build of titus)", args.seconds);
+    println!("{:>8} | {:>10} {:>9} {:>9} | {:>10} {:>9} {:>9} | {:>11}", "clients", "titus w/s", "p50 ms", "p99 ms", "etcd w/s", "p50 ms", "p99 ms", "titus/etcd");
+    for (i, (c, t)) in titus.loads.iter().enumerate() {
+        match etcd.as_ref().map(|e| &e.loads[i].1) {
+            Some(e) => println!(
+                "{c:>8} | {:>10.0} {:>9.2} {:>9.2} | {:>10.0} {:>9.2} {:>9.2} | {:>10.2}x",
+                t.writes_per_sec, t.p50_ms, t.p99_ms, e.writes_per_sec, e.p50_ms, e.p99_ms, t.writes_per_sec / e.writes_per_sec
+            ),
+            None => println!("{c:>8} | {:>10.0} {:>9.2} {:>9.2} |", t.writes_per_sec, t.p50_ms, t.p99_ms),
+        }
+    }
+    println!();
+    println!("Leader failover: kill -9 of the leader -> first acknowledged write, {} kills", args.kills);
+    let (tp50, tp99) = (percentile(&titus.failover, 0.5), percentile(&titus.failover, 0.99));
+    match &etcd {
+        Some(e) => {
+            let (ep50, ep99) = (percentile(&e.failover, 0.5), percentile(&e.failover, 0.99));
+            println!("{:>8} | {:>10} {:>9} | {:>10} {:>9} | {:>11}", "", "titus ms", "", "etcd ms", "", "titus/etcd");
+            println!("{:>8} | {:>10.0} {:>9} | {:>10.0} {:>9} | {:>10.2}x", "p50", tp50, "", ep50, "", tp50 / ep50);
+            println!("{:>8} | {:>10.0} {:>9} | {:>10.0} {:>9} | {:>10.2}x", "p99", tp99, "", ep99, "", tp99 / ep99);
+        }
+        None => println!("p50 {tp50:.0} ms, p99 {tp99:.0} ms"),
+    }
+    Ok(())
+}

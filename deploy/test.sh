@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, openraft's storage suite on the RocksDB store, the
+# cluster tests (real replica processes on loopback), doc tests, and a short benchmark smoke run.
+# Installs what a fresh Debian machine lacks. Usage: bash deploy/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/lib/common.sh
+ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
+
+cargo build --workspace --all-targets
+if command -v cargo-nextest >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast
+fi
+cargo test --workspace --doc
+
+# The benchmark must keep working; the short mode proves it, the README has the full run.
+"$CARGO_TARGET_DIR/debug/titus-bench" --seconds 1 --clients 1,16 --kills 2 >/dev/null
+echo "bench smoke run: ok"
