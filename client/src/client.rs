@@ -44,11 +44,25 @@ impl Default for ClientOptions {
 pub struct CapacityGroupSpec(pub pb::CapacityGroup);
 
 impl CapacityGroupSpec {
-    pub fn new(name: &str, tier: pb::Tier, cpu: f64, memory_mb: u32, disk_mb: u32, network_mbps: u32, instance_count: u32) -> Self {
+    pub fn new(
+        name: &str,
+        tier: pb::Tier,
+        cpu: f64,
+        memory_mb: u32,
+        disk_mb: u32,
+        network_mbps: u32,
+        instance_count: u32,
+    ) -> Self {
         CapacityGroupSpec(pb::CapacityGroup {
             name: name.to_string(),
             tier: tier as i32,
-            resources_per_instance: Some(pb::ResourceDimension { cpu, memory_mb, disk_mb, network_mbps, gpu: 0 }),
+            resources_per_instance: Some(pb::ResourceDimension {
+                cpu,
+                memory_mb,
+                disk_mb,
+                network_mbps,
+                gpu: 0,
+            }),
             instance_count,
             create_time_ms: 0,
             update_time_ms: 0,
@@ -79,7 +93,14 @@ pub struct Client {
 }
 
 fn retryable(code: tonic::Code) -> bool {
-    matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted)
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
+    )
 }
 
 impl Client {
@@ -98,7 +119,11 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let mut endpoints = Endpoints { addrs: Vec::new(), channels: Vec::new(), current: 0 };
+        let mut endpoints = Endpoints {
+            addrs: Vec::new(),
+            channels: Vec::new(),
+            current: 0,
+        };
         for seed in seeds {
             let seed = seed.as_ref().trim();
             for s in seed.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -112,7 +137,10 @@ impl Client {
         }
         // Spread clients over the seeds.
         endpoints.current = rand::thread_rng().gen_range(0..endpoints.addrs.len());
-        Ok(Client { endpoints: Arc::new(Mutex::new(endpoints)), options })
+        Ok(Client {
+            endpoints: Arc::new(Mutex::new(endpoints)),
+            options,
+        })
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -163,12 +191,19 @@ impl Client {
             let status = match tokio::time::timeout(timeout, attempt(channel, timeout)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis())),
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "no answer within {} ms",
+                    timeout.as_millis()
+                )),
             };
             if !retryable(status.code()) {
                 return Err(Error::from_status(&addr, status));
             }
-            let hint = status.metadata().get(LEADER_HINT_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let hint = status
+                .metadata()
+                .get(LEADER_HINT_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             tracing::debug!(%addr, code = ?status.code(), message = status.message(), ?hint, "attempt failed; failing over");
             self.fail_over(&addr, hint);
             let jitter = rand::thread_rng().gen_range(0.5..1.5);
@@ -190,43 +225,93 @@ impl Client {
     // ----- capacity groups -----
 
     /// Creates a capacity group. Retries are safe: the call carries one idempotency token.
-    pub async fn create_capacity_group(&self, spec: CapacityGroupSpec) -> Result<pb::CapacityGroup> {
+    pub async fn create_capacity_group(
+        &self,
+        spec: CapacityGroupSpec,
+    ) -> Result<pb::CapacityGroup> {
         let token = uuid::Uuid::new_v4().to_string();
         self.call("CreateCapacityGroup", |ch, t| {
-            let req = pb::CreateCapacityGroupRequest { group: Some(spec.0.clone()), idempotency_token: token.clone() };
-            async move { CapacityGroupServiceClient::new(ch).create_capacity_group(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+            let req = pb::CreateCapacityGroupRequest {
+                group: Some(spec.0.clone()),
+                idempotency_token: token.clone(),
+            };
+            async move {
+                CapacityGroupServiceClient::new(ch)
+                    .create_capacity_group(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
 
-    pub async fn update_capacity_group(&self, spec: CapacityGroupSpec) -> Result<pb::CapacityGroup> {
+    pub async fn update_capacity_group(
+        &self,
+        spec: CapacityGroupSpec,
+    ) -> Result<pb::CapacityGroup> {
         self.call("UpdateCapacityGroup", |ch, t| {
-            let req = pb::UpdateCapacityGroupRequest { group: Some(spec.0.clone()) };
-            async move { CapacityGroupServiceClient::new(ch).update_capacity_group(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+            let req = pb::UpdateCapacityGroupRequest {
+                group: Some(spec.0.clone()),
+            };
+            async move {
+                CapacityGroupServiceClient::new(ch)
+                    .update_capacity_group(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
 
-    pub async fn get_capacity_group(&self, name: &str, consistency: pb::ReadConsistency) -> Result<pb::CapacityGroup> {
+    pub async fn get_capacity_group(
+        &self,
+        name: &str,
+        consistency: pb::ReadConsistency,
+    ) -> Result<pb::CapacityGroup> {
         self.call("GetCapacityGroup", |ch, t| {
-            let req = pb::GetCapacityGroupRequest { name: name.to_string(), consistency: consistency as i32 };
-            async move { CapacityGroupServiceClient::new(ch).get_capacity_group(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+            let req = pb::GetCapacityGroupRequest {
+                name: name.to_string(),
+                consistency: consistency as i32,
+            };
+            async move {
+                CapacityGroupServiceClient::new(ch)
+                    .get_capacity_group(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
 
-    pub async fn list_capacity_groups(&self, consistency: pb::ReadConsistency) -> Result<Vec<pb::CapacityGroup>> {
+    pub async fn list_capacity_groups(
+        &self,
+        consistency: pb::ReadConsistency,
+    ) -> Result<Vec<pb::CapacityGroup>> {
         self.call("ListCapacityGroups", |ch, t| {
-            let req = pb::ListCapacityGroupsRequest { consistency: consistency as i32 };
-            async move { CapacityGroupServiceClient::new(ch).list_capacity_groups(with_timeout(req, t)).await.map(|r| r.into_inner().groups) }
+            let req = pb::ListCapacityGroupsRequest {
+                consistency: consistency as i32,
+            };
+            async move {
+                CapacityGroupServiceClient::new(ch)
+                    .list_capacity_groups(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner().groups)
+            }
         })
         .await
     }
 
     pub async fn delete_capacity_group(&self, name: &str) -> Result<()> {
         self.call("DeleteCapacityGroup", |ch, t| {
-            let req = pb::DeleteCapacityGroupRequest { name: name.to_string() };
-            async move { CapacityGroupServiceClient::new(ch).delete_capacity_group(with_timeout(req, t)).await.map(|_| ()) }
+            let req = pb::DeleteCapacityGroupRequest {
+                name: name.to_string(),
+            };
+            async move {
+                CapacityGroupServiceClient::new(ch)
+                    .delete_capacity_group(with_timeout(req, t))
+                    .await
+                    .map(|_| ())
+            }
         })
         .await
     }
@@ -237,7 +322,10 @@ impl Client {
     /// that one is unreachable).
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatus> {
         self.call("GetClusterStatus", |ch, t| async move {
-            ClusterServiceClient::new(ch).get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t)).await.map(|r| r.into_inner())
+            ClusterServiceClient::new(ch)
+                .get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t))
+                .await
+                .map(|r| r.into_inner())
         })
         .await
     }
@@ -246,17 +334,40 @@ impl Client {
     pub async fn cluster_status_of(&self, addr: &str) -> Result<pb::ClusterStatus> {
         let channel = make_channel(addr, &self.options)?;
         let t = self.options.attempt_timeout;
-        match tokio::time::timeout(t, ClusterServiceClient::new(channel).get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t))).await {
+        match tokio::time::timeout(
+            t,
+            ClusterServiceClient::new(channel)
+                .get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t)),
+        )
+        .await
+        {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(Error::from_status(addr, status)),
-            Err(_) => Err(Error::from_status(addr, tonic::Status::deadline_exceeded("no answer"))),
+            Err(_) => Err(Error::from_status(
+                addr,
+                tonic::Status::deadline_exceeded("no answer"),
+            )),
         }
     }
 
-    pub async fn add_member(&self, node_id: u64, peer_addr: &str, api_addr: &str) -> Result<pb::ClusterStatus> {
+    pub async fn add_member(
+        &self,
+        node_id: u64,
+        peer_addr: &str,
+        api_addr: &str,
+    ) -> Result<pb::ClusterStatus> {
         self.call("AddMember", |ch, t| {
-            let req = pb::AddMemberRequest { node_id, peer_addr: peer_addr.to_string(), api_addr: api_addr.to_string() };
-            async move { ClusterServiceClient::new(ch).add_member(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+            let req = pb::AddMemberRequest {
+                node_id,
+                peer_addr: peer_addr.to_string(),
+                api_addr: api_addr.to_string(),
+            };
+            async move {
+                ClusterServiceClient::new(ch)
+                    .add_member(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -264,7 +375,12 @@ impl Client {
     pub async fn remove_member(&self, node_id: u64) -> Result<pb::ClusterStatus> {
         self.call("RemoveMember", |ch, t| {
             let req = pb::RemoveMemberRequest { node_id };
-            async move { ClusterServiceClient::new(ch).remove_member(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+            async move {
+                ClusterServiceClient::new(ch)
+                    .remove_member(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -280,7 +396,14 @@ fn make_channel(addr: &str, options: &ClientOptions) -> Result<Channel> {
     if !addr.contains(':') {
         return Err(Error::BadSeed(addr.to_string()));
     }
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") { addr.to_string() } else { format!("http://{addr}") };
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     let endpoint = Endpoint::from_shared(uri).map_err(|_| Error::BadSeed(addr.to_string()))?;
-    Ok(endpoint.connect_timeout(options.connect_timeout).tcp_nodelay(true).connect_lazy())
+    Ok(endpoint
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
 }

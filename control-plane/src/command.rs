@@ -11,15 +11,21 @@ use crate::model::CapacityGroup;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Names the cluster. Proposed once by the first leader; later proposals are no-ops.
-    SetClusterId { cluster_id: String },
+    SetClusterId {
+        cluster_id: String,
+    },
     CreateCapacityGroup {
         group: CapacityGroup,
         /// A retry with the same token returns the group created by the first call.
         idempotency_token: Option<String>,
     },
     /// Replaces tier, resources and instance count; keeps the create time.
-    UpdateCapacityGroup { group: CapacityGroup },
-    DeleteCapacityGroup { name: String },
+    UpdateCapacityGroup {
+        group: CapacityGroup,
+    },
+    DeleteCapacityGroup {
+        name: String,
+    },
 }
 
 impl Command {
@@ -61,6 +67,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(kind: RejectionKind, field: &str, message: impl Into<String>) -> Self {
-        Rejection { kind, field: field.to_string(), message: message.into() }
+        Rejection {
+            kind,
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 }

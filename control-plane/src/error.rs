@@ -17,13 +17,21 @@ pub enum Error {
     #[error("{}: {}", .0.field, .0.message)]
     Rejected(Rejection),
     #[error("replica {node_id} is not the leader{}", leader_suffix(.leader_id, .leader_api_addr))]
-    NotLeader { node_id: NodeId, leader_id: Option<NodeId>, leader_api_addr: Option<String> },
-    #[error("replica {node_id} knows no leader: the cluster is electing one or has lost its majority")]
+    NotLeader {
+        node_id: NodeId,
+        leader_id: Option<NodeId>,
+        leader_api_addr: Option<String>,
+    },
+    #[error(
+        "replica {node_id} knows no leader: the cluster is electing one or has lost its majority"
+    )]
     NoLeader { node_id: NodeId },
     #[error("not committed within {timeout_ms} ms ({what}); the outcome is unknown — is a majority of replicas reachable?")]
     Timeout { what: String, timeout_ms: u64 },
     #[error("peer {peer}: {message}")]
     Peer { peer: String, message: String },
+    #[error("replica {node_id} is shutting down")]
+    ShuttingDown { node_id: NodeId },
     #[error("raft: {0}")]
     Raft(String),
     #[error("storage: {0}")]
@@ -33,7 +41,10 @@ pub enum Error {
 }
 
 fn join_violations(v: &[FieldViolation]) -> String {
-    v.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ")
+    v.iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn leader_suffix(id: &Option<NodeId>, addr: &Option<String>) -> String {
@@ -61,11 +72,19 @@ impl From<Error> for tonic::Status {
                 RejectionKind::AlreadyExists => Code::AlreadyExists,
                 RejectionKind::FailedPrecondition => Code::FailedPrecondition,
             },
-            Error::NotLeader { .. } | Error::NoLeader { .. } | Error::Timeout { .. } | Error::Peer { .. } => Code::Unavailable,
+            Error::NotLeader { .. }
+            | Error::NoLeader { .. }
+            | Error::Timeout { .. }
+            | Error::Peer { .. }
+            | Error::ShuttingDown { .. } => Code::Unavailable,
             Error::Raft(_) | Error::Storage(_) | Error::Config(_) => Code::Internal,
         };
         let mut status = tonic::Status::new(code, message);
-        if let Error::NotLeader { leader_api_addr: Some(addr), .. } = &e {
+        if let Error::NotLeader {
+            leader_api_addr: Some(addr),
+            ..
+        } = &e
+        {
             if let Ok(v) = addr.parse() {
                 status.metadata_mut().insert(LEADER_HINT_METADATA, v);
             }
@@ -86,14 +105,29 @@ mod tests {
         ]);
         let s = tonic::Status::from(e);
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
-        assert_eq!(s.message(), "group.name: must not be empty; group.instance_count: must be > 0");
+        assert_eq!(
+            s.message(),
+            "group.name: must not be empty; group.instance_count: must be > 0"
+        );
     }
 
     #[test]
     fn not_leader_carries_the_hint() {
-        let s = tonic::Status::from(Error::NotLeader { node_id: 2, leader_id: Some(1), leader_api_addr: Some("127.0.0.1:7101".into()) });
+        let s = tonic::Status::from(Error::NotLeader {
+            node_id: 2,
+            leader_id: Some(1),
+            leader_api_addr: Some("127.0.0.1:7101".into()),
+        });
         assert_eq!(s.code(), tonic::Code::Unavailable);
-        assert_eq!(s.metadata().get(LEADER_HINT_METADATA).unwrap(), "127.0.0.1:7101");
-        assert!(s.message().contains("leader is replica 1 at 127.0.0.1:7101"), "{}", s.message());
+        assert_eq!(
+            s.metadata().get(LEADER_HINT_METADATA).unwrap(),
+            "127.0.0.1:7101"
+        );
+        assert!(
+            s.message()
+                .contains("leader is replica 1 at 127.0.0.1:7101"),
+            "{}",
+            s.message()
+        );
     }
 }

@@ -49,7 +49,10 @@ impl std::fmt::Display for FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        FieldViolation { field: field.into(), description: description.into() }
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 }
 
@@ -62,10 +65,19 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), FieldViolation> {
         return Err(FieldViolation::new(field, "must not be empty"));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(FieldViolation::new(field, format!("must be at most {MAX_NAME_LEN} characters")));
+        return Err(FieldViolation::new(
+            field,
+            format!("must be at most {MAX_NAME_LEN} characters"),
+        ));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-        return Err(FieldViolation::new(field, "may contain only letters, digits, '-', '_' and '.'"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(FieldViolation::new(
+            field,
+            "may contain only letters, digits, '-', '_' and '.'",
+        ));
     }
     Ok(())
 }
@@ -83,16 +95,25 @@ impl CapacityGroup {
             violations.push(FieldViolation::new(format!("{res}.cpu"), "must be > 0"));
         }
         if r.memory_mb == 0 {
-            violations.push(FieldViolation::new(format!("{res}.memory_mb"), "must be > 0"));
+            violations.push(FieldViolation::new(
+                format!("{res}.memory_mb"),
+                "must be > 0",
+            ));
         }
         if r.disk_mb == 0 {
             violations.push(FieldViolation::new(format!("{res}.disk_mb"), "must be > 0"));
         }
         if r.network_mbps == 0 {
-            violations.push(FieldViolation::new(format!("{res}.network_mbps"), "must be > 0"));
+            violations.push(FieldViolation::new(
+                format!("{res}.network_mbps"),
+                "must be > 0",
+            ));
         }
         if self.instance_count == 0 {
-            violations.push(FieldViolation::new(format!("{prefix}.instance_count"), "must be > 0"));
+            violations.push(FieldViolation::new(
+                format!("{prefix}.instance_count"),
+                "must be > 0",
+            ));
         }
         if violations.is_empty() {
             Ok(())
@@ -110,7 +131,13 @@ mod tests {
         CapacityGroup {
             name: "netflix-api".into(),
             tier: Tier::Critical,
-            resources_per_instance: ResourceDimension { cpu: 0.5, memory_mb: 512, disk_mb: 1024, network_mbps: 128, gpu: 0 },
+            resources_per_instance: ResourceDimension {
+                cpu: 0.5,
+                memory_mb: 512,
+                disk_mb: 1024,
+                network_mbps: 128,
+                gpu: 0,
+            },
             instance_count: 10,
             create_time_ms: 0,
             update_time_ms: 0,
@@ -129,7 +156,12 @@ mod tests {
         g.resources_per_instance.cpu = -1.0;
         g.resources_per_instance.memory_mb = 0;
         g.instance_count = 0;
-        let fields: Vec<String> = g.validate("group").unwrap_err().into_iter().map(|v| v.field).collect();
+        let fields: Vec<String> = g
+            .validate("group")
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
         assert_eq!(
             fields,
             vec![
@@ -146,7 +178,13 @@ mod tests {
         assert!(validate_name("n", "a b").is_err());
         assert!(validate_name("n", "ok-name_1.x").is_ok());
         assert!(validate_name("n", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
-        let nan = CapacityGroup { resources_per_instance: ResourceDimension { cpu: f64::NAN, ..group().resources_per_instance }, ..group() };
+        let nan = CapacityGroup {
+            resources_per_instance: ResourceDimension {
+                cpu: f64::NAN,
+                ..group().resources_per_instance
+            },
+            ..group()
+        };
         assert!(nan.validate("g").is_err());
     }
 }

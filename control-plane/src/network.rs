@@ -8,9 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use titus_proto::peer::raft_peer_client::RaftPeerClient;
 use titus_proto::peer::{IdentifyRequest, IdentifyResponse, PeerMessage};
@@ -28,7 +33,10 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
 pub enum ForwardError {
     #[error("replica is not the leader")]
-    NotLeader { leader_id: Option<NodeId>, leader: Option<Node> },
+    NotLeader {
+        leader_id: Option<NodeId>,
+        leader: Option<Node>,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -43,7 +51,11 @@ pub struct PeerChannels {
 
 impl PeerChannels {
     pub fn new(state: StateReader, connect_timeout: Duration) -> Self {
-        PeerChannels { channels: Arc::default(), connect_timeout, state }
+        PeerChannels {
+            channels: Arc::default(),
+            connect_timeout,
+            state,
+        }
     }
 
     fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, String> {
@@ -69,12 +81,21 @@ impl PeerChannels {
 
     fn message<T: Serialize>(&self, body: &T) -> Result<PeerMessage, String> {
         let payload = codec::encode(body).map_err(|e| e.to_string())?;
-        Ok(PeerMessage { cluster_id: self.state.cluster_id().unwrap_or_default(), payload })
+        Ok(PeerMessage {
+            cluster_id: self.state.cluster_id().unwrap_or_default(),
+            payload,
+        })
     }
 
     /// One peer call with a hard deadline. The error says whether the peer was unreachable
     /// (connection refused, deadline) or answered with an error.
-    async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, addr: &str, method: PeerMethod, req: &Req, ttl: Duration) -> Result<Resp, PeerCallError> {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        method: PeerMethod,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, PeerCallError> {
         let mut client = self.client(addr).map_err(PeerCallError::Other)?;
         let mut request = tonic::Request::new(self.message(req).map_err(PeerCallError::Other)?);
         request.set_timeout(ttl);
@@ -88,18 +109,30 @@ impl PeerChannels {
             }
         };
         let reply = match tokio::time::timeout(ttl, fut).await {
-            Err(_) => return Err(PeerCallError::Unreachable(format!("{addr}: no answer within {} ms", ttl.as_millis()))),
+            Err(_) => {
+                return Err(PeerCallError::Unreachable(format!(
+                    "{addr}: no answer within {} ms",
+                    ttl.as_millis()
+                )))
+            }
             Ok(Err(status)) => {
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled => {
                         PeerCallError::Unreachable(format!("{addr}: {}", status.message()))
                     }
-                    _ => PeerCallError::Other(format!("{addr}: {}: {}", status.code(), status.message())),
+                    _ => PeerCallError::Other(format!(
+                        "{addr}: {}: {}",
+                        status.code(),
+                        status.message()
+                    )),
                 })
             }
             Ok(Ok(reply)) => reply.into_inner(),
         };
-        codec::decode(&reply.payload).map_err(|e| PeerCallError::Other(format!("{addr}: bad reply: {e}")))
+        codec::decode(&reply.payload)
+            .map_err(|e| PeerCallError::Other(format!("{addr}: bad reply: {e}")))
     }
 
     /// Asks a peer who it is and whether it already belongs to a cluster (used before bootstrap).
@@ -115,13 +148,24 @@ impl PeerChannels {
     }
 
     /// Sends a client's write to the leader at `leader.peer_addr`.
-    pub async fn forward_propose(&self, leader: &Node, command: &Command, ttl: Duration) -> Result<Result<CommandResponse, ForwardError>, PeerCallError> {
-        self.call(&leader.peer_addr, PeerMethod::Propose, command, ttl).await
+    pub async fn forward_propose(
+        &self,
+        leader: &Node,
+        command: &Command,
+        ttl: Duration,
+    ) -> Result<Result<CommandResponse, ForwardError>, PeerCallError> {
+        self.call(&leader.peer_addr, PeerMethod::Propose, command, ttl)
+            .await
     }
 
     /// Asks the leader for a read index: the log id up to which a linearizable read must wait.
-    pub async fn forward_read_index(&self, leader: &Node, ttl: Duration) -> Result<Result<Option<LogId>, ForwardError>, PeerCallError> {
-        self.call(&leader.peer_addr, PeerMethod::ReadIndex, &(), ttl).await
+    pub async fn forward_read_index(
+        &self,
+        leader: &Node,
+        ttl: Duration,
+    ) -> Result<Result<Option<LogId>, ForwardError>, PeerCallError> {
+        self.call(&leader.peer_addr, PeerMethod::ReadIndex, &(), ttl)
+            .await
     }
 }
 
@@ -160,7 +204,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        PeerConnection { target, addr: node.peer_addr.clone(), peers: self.peers.clone() }
+        PeerConnection {
+            target,
+            addr: node.peer_addr.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
@@ -171,17 +219,26 @@ pub struct PeerConnection {
 }
 
 impl PeerConnection {
-    async fn raft_call<Req, Resp, E>(&self, method: PeerMethod, req: &Req, option: &RPCOption) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
+    async fn raft_call<Req, Resp, E>(
+        &self,
+        method: PeerMethod,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let reply: Result<Resp, RaftError<NodeId, E>> = self.peers.call(&self.addr, method, req, option.hard_ttl()).await.map_err(|e| match e {
-            // openraft backs off from an unreachable peer instead of hammering it.
-            PeerCallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Msg(m))),
-            PeerCallError::Other(m) => RPCError::Network(NetworkError::new(&Msg(m))),
-        })?;
+        let reply: Result<Resp, RaftError<NodeId, E>> = self
+            .peers
+            .call(&self.addr, method, req, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                // openraft backs off from an unreachable peer instead of hammering it.
+                PeerCallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Msg(m))),
+                PeerCallError::Other(m) => RPCError::Network(NetworkError::new(&Msg(m))),
+            })?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -192,18 +249,27 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.raft_call(PeerMethod::AppendEntries, &rpc, &option).await
+        self.raft_call(PeerMethod::AppendEntries, &rpc, &option)
+            .await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
-        self.raft_call(PeerMethod::InstallSnapshot, &rpc, &option).await
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.raft_call(PeerMethod::InstallSnapshot, &rpc, &option)
+            .await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         self.raft_call(PeerMethod::Vote, &rpc, &option).await
     }
 }

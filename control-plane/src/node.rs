@@ -30,7 +30,11 @@ use crate::store;
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
-        let why = if e.kind() == std::io::ErrorKind::AddrInUse { "address already in use".to_string() } else { e.to_string() };
+        let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "address already in use".to_string()
+        } else {
+            e.to_string()
+        };
         Error::Config(format!("{setting} {addr}: {why}"))
     })
 }
@@ -43,29 +47,54 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (log_store, state_machine, state) = store::open(&config.data_dir, config.node_id)?;
 
     let peers = PeerChannels::new(state.clone(), Duration::from_millis(500));
-    let raft = Raft::new(config.node_id, Arc::new(config.openraft_config()?), Network { peers: peers.clone() }, log_store, state_machine)
-        .await
-        .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
-    let replica = Arc::new(Replica { id: config.node_id, raft: raft.clone(), state: state.clone(), peers: peers.clone(), request_timeout: config.request_timeout() });
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(config.openraft_config()?),
+        Network {
+            peers: peers.clone(),
+        },
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
+    let replica = Arc::new(Replica {
+        id: config.node_id,
+        raft: raft.clone(),
+        state: state.clone(),
+        peers: peers.clone(),
+        request_timeout: config.request_timeout(),
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let peer_service = RaftPeerServer::new(PeerService { node_id: config.node_id, raft: raft.clone(), state: state.clone() })
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let peer_service = RaftPeerServer::new(PeerService {
+        node_id: config.node_id,
+        raft: raft.clone(),
+        state: state.clone(),
+    })
+    .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let peer_server = tokio::spawn(
         Server::builder()
             .tcp_nodelay(true)
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx.clone())),
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(peer_listener),
+                stopped(stop_rx.clone()),
+            ),
     );
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
-    health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
+    health
+        .set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>()
+        .await;
+    health
+        .set_serving::<ClusterServiceServer<ClusterApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(titus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -76,9 +105,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(CapacityGroupServiceServer::new(CapacityGroupApi { replica: replica.clone() }))
-            .add_service(ClusterServiceServer::new(ClusterApi { replica: replica.clone() }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), stopped(stop_rx.clone())),
+            .add_service(CapacityGroupServiceServer::new(CapacityGroupApi {
+                replica: replica.clone(),
+            }))
+            .add_service(ClusterServiceServer::new(ClusterApi {
+                replica: replica.clone(),
+            }))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(api_listener),
+                stopped(stop_rx.clone()),
+            ),
     );
 
     let duties = tokio::spawn(LeaderDuties::run(replica.clone(), stop_rx.clone()));
@@ -108,30 +144,58 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// when its own store is empty, and only when no reachable member already belongs to a cluster —
 /// so a restarted or wiped replica never forks the cluster; it waits to be caught up instead.
 async fn bootstrap(config: Config, raft: Raft, peers: PeerChannels) {
-    let Some(lowest) = config.initial_members.iter().map(|m| m.id).min() else { return };
+    let Some(lowest) = config.initial_members.iter().map(|m| m.id).min() else {
+        return;
+    };
     if lowest != config.node_id {
         return;
     }
     match raft.is_initialized().await {
         Ok(true) => return,
         Ok(false) => {}
-        Err(e) => return tracing::error!(error = %e, "cannot tell whether the cluster is initialized"),
+        Err(e) => {
+            return tracing::error!(error = %e, "cannot tell whether the cluster is initialized")
+        }
     }
-    for m in config.initial_members.iter().filter(|m| m.id != config.node_id) {
-        match peers.identify(&m.peer_addr, Duration::from_millis(1000)).await {
+    for m in config
+        .initial_members
+        .iter()
+        .filter(|m| m.id != config.node_id)
+    {
+        match peers
+            .identify(&m.peer_addr, Duration::from_millis(1000))
+            .await
+        {
             Ok(r) if r.initialized || !r.cluster_id.is_empty() => {
                 tracing::warn!(member = m.id, cluster_id = %r.cluster_id, "a member already belongs to a cluster: not initializing; waiting for the leader to catch this replica up");
                 return;
             }
             Ok(_) => {}
-            Err(e) => tracing::info!(member = m.id, error = %e, "member not reachable yet; it will join when it starts"),
+            Err(e) => {
+                tracing::info!(member = m.id, error = %e, "member not reachable yet; it will join when it starts")
+            }
         }
     }
-    let members: BTreeMap<u64, Node> =
-        config.initial_members.iter().map(|m| (m.id, Node { peer_addr: m.peer_addr.clone(), api_addr: m.api_addr.clone() })).collect();
+    let members: BTreeMap<u64, Node> = config
+        .initial_members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                Node {
+                    peer_addr: m.peer_addr.clone(),
+                    api_addr: m.api_addr.clone(),
+                },
+            )
+        })
+        .collect();
     match raft.initialize(members).await {
-        Ok(()) => tracing::info!(members = ?config.initial_members.iter().map(|m| m.id).collect::<Vec<_>>(), "initialized the cluster"),
-        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => tracing::info!("cluster already initialized"),
+        Ok(()) => {
+            tracing::info!(members = ?config.initial_members.iter().map(|m| m.id).collect::<Vec<_>>(), "initialized the cluster")
+        }
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+            tracing::info!("cluster already initialized")
+        }
         Err(e) => tracing::error!(error = %e, "could not initialize the cluster"),
     }
 }

@@ -10,7 +10,10 @@ pub fn tier_from_proto(field: &str, t: i32) -> Result<Tier> {
         Ok(pb::Tier::Critical) => Ok(Tier::Critical),
         // Titus's default tier.
         Ok(pb::Tier::Flex) | Ok(pb::Tier::Unspecified) => Ok(Tier::Flex),
-        Err(_) => Err(Error::invalid(field, format!("{t} is not a tier (CRITICAL or FLEX)"))),
+        Err(_) => Err(Error::invalid(
+            field,
+            format!("{t} is not a tier (CRITICAL or FLEX)"),
+        )),
     }
 }
 
@@ -23,13 +26,22 @@ pub fn tier_to_proto(t: Tier) -> pb::Tier {
 
 /// The group in a request; `field` is where it sits in the request. Times are left at 0: the
 /// leader's clock decides them.
-pub fn capacity_group_from_proto(field: &str, g: Option<pb::CapacityGroup>) -> Result<CapacityGroup> {
+pub fn capacity_group_from_proto(
+    field: &str,
+    g: Option<pb::CapacityGroup>,
+) -> Result<CapacityGroup> {
     let g = g.ok_or_else(|| Error::invalid(field, "is required"))?;
     let r = g.resources_per_instance.unwrap_or_default();
     let group = CapacityGroup {
         name: g.name,
         tier: tier_from_proto(&format!("{field}.tier"), g.tier)?,
-        resources_per_instance: ResourceDimension { cpu: r.cpu, memory_mb: r.memory_mb, disk_mb: r.disk_mb, network_mbps: r.network_mbps, gpu: r.gpu },
+        resources_per_instance: ResourceDimension {
+            cpu: r.cpu,
+            memory_mb: r.memory_mb,
+            disk_mb: r.disk_mb,
+            network_mbps: r.network_mbps,
+            gpu: r.gpu,
+        },
         instance_count: g.instance_count,
         create_time_ms: 0,
         update_time_ms: 0,
@@ -43,7 +55,13 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
     pb::CapacityGroup {
         name: g.name,
         tier: tier_to_proto(g.tier) as i32,
-        resources_per_instance: Some(pb::ResourceDimension { cpu: r.cpu, memory_mb: r.memory_mb, disk_mb: r.disk_mb, network_mbps: r.network_mbps, gpu: r.gpu }),
+        resources_per_instance: Some(pb::ResourceDimension {
+            cpu: r.cpu,
+            memory_mb: r.memory_mb,
+            disk_mb: r.disk_mb,
+            network_mbps: r.network_mbps,
+            gpu: r.gpu,
+        }),
         instance_count: g.instance_count,
         create_time_ms: g.create_time_ms,
         update_time_ms: g.update_time_ms,

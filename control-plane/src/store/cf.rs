@@ -18,7 +18,14 @@ pub const IDEMPOTENCY_TOKENS: &str = "idempotency_tokens";
 pub const STATE: &[&str] = &[CAPACITY_GROUPS, IDEMPOTENCY_TOKENS];
 
 /// Every column family the store opens.
-pub const ALL: &[&str] = &[RAFT_LOG, RAFT_META, SM_META, SNAPSHOT, CAPACITY_GROUPS, IDEMPOTENCY_TOKENS];
+pub const ALL: &[&str] = &[
+    RAFT_LOG,
+    RAFT_META,
+    SM_META,
+    SNAPSHOT,
+    CAPACITY_GROUPS,
+    IDEMPOTENCY_TOKENS,
+];
 
 /// Keys inside [`RAFT_META`].
 pub mod raft_meta {

@@ -31,14 +31,20 @@ pub type StoreResult<T> = std::result::Result<T, StorageError>;
 /// Opens (or creates) the store in `dir` for replica `node_id`. Fails with a clear error when the
 /// directory belongs to another replica, or is locked by a running one.
 pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, StateReader)> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Config(format!("data-dir {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Config(format!("data-dir {}: {e}", dir.display())))?;
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let families = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let families = cf::ALL
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
     let db = DB::open_cf_descriptors(&opts, dir, families).map_err(|e| {
         if e.to_string().contains("lock") {
-            Error::Config(format!("data-dir {} is in use by another process: {e}", dir.display()))
+            Error::Config(format!(
+                "data-dir {} is in use by another process: {e}",
+                dir.display()
+            ))
         } else {
             Error::Storage(format!("opening RocksDB in {}: {e}", dir.display()))
         }
@@ -54,9 +60,16 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
         None => log_store::record_node_id(&db, node_id).map_err(|e| Error::Storage(e.to_string()))?,
     }
     let db = Arc::new(db);
-    let reader = StateReader { db: db.clone(), cluster_id: Arc::new(RwLock::new(None)) };
+    let reader = StateReader {
+        db: db.clone(),
+        cluster_id: Arc::new(RwLock::new(None)),
+    };
     reader.reload_cluster_id()?;
-    Ok((LogStore::new(db.clone()), StateMachine::new(db, reader.clone()), reader))
+    Ok((
+        LogStore::new(db.clone()),
+        StateMachine::new(db, reader.clone()),
+        reader,
+    ))
 }
 
 /// Read-only access to the applied state, for the API. What it returns is what this replica has
@@ -70,7 +83,10 @@ pub struct StateReader {
 
 impl StateReader {
     pub fn cluster_id(&self) -> Option<String> {
-        self.cluster_id.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.cluster_id
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn remember_cluster_id(&self, id: String) {
@@ -82,8 +98,14 @@ impl StateReader {
 
     fn reload_cluster_id(&self) -> Result<()> {
         let cf = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
-        let stored: Option<String> = match self.db.get_cf(cf, cf::sm_meta::CLUSTER_ID).map_err(|e| Error::Storage(e.to_string()))? {
-            Some(b) => Some(codec::decode(&b).map_err(|e| Error::Storage(format!("cluster id: {e}")))?),
+        let stored: Option<String> = match self
+            .db
+            .get_cf(cf, cf::sm_meta::CLUSTER_ID)
+            .map_err(|e| Error::Storage(e.to_string()))?
+        {
+            Some(b) => {
+                Some(codec::decode(&b).map_err(|e| Error::Storage(format!("cluster id: {e}")))?)
+            }
             None => None,
         };
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = stored;
@@ -91,19 +113,31 @@ impl StateReader {
     }
 
     pub fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
-        let cf = cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
-        match self.db.get_pinned_cf(cf, name.as_bytes()).map_err(|e| Error::Storage(e.to_string()))? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(|e| Error::Storage(format!("capacity group {name:?}: {e}")))?)),
+        let cf =
+            cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
+        match self
+            .db
+            .get_pinned_cf(cf, name.as_bytes())
+            .map_err(|e| Error::Storage(e.to_string()))?
+        {
+            Some(bytes) => {
+                Ok(Some(codec::decode(&bytes).map_err(|e| {
+                    Error::Storage(format!("capacity group {name:?}: {e}"))
+                })?))
+            }
             None => Ok(None),
         }
     }
 
     pub fn capacity_groups(&self) -> Result<Vec<CapacityGroup>> {
-        let cf = cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf =
+            cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("capacity group: {e}")))?);
+            out.push(
+                codec::decode(&v).map_err(|e| Error::Storage(format!("capacity group: {e}")))?,
+            );
         }
         Ok(out)
     }
@@ -111,7 +145,10 @@ impl StateReader {
 
 fn cf_handle<'a>(db: &'a DB, name: &str) -> StoreResult<&'a ColumnFamily> {
     db.cf_handle(name).ok_or_else(|| {
-        StorageIOError::read(&std::io::Error::other(format!("column family {name} is missing"))).into()
+        StorageIOError::read(&std::io::Error::other(format!(
+            "column family {name} is missing"
+        )))
+        .into()
     })
 }
 

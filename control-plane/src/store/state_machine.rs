@@ -36,30 +36,56 @@ impl StateMachine {
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StoreResult<Option<T>> {
         let cf = cf_handle(&self.db, cf::SM_META)?;
-        let bytes = self.db.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e))?;
-        bytes.map(|b| codec::decode(&b).map_err(|e| StorageIOError::read_state_machine(&e).into())).transpose()
+        let bytes = self
+            .db
+            .get_cf(cf, key)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        bytes
+            .map(|b| codec::decode(&b).map_err(|e| StorageIOError::read_state_machine(&e).into()))
+            .transpose()
     }
 
     /// Applies one command into `batch`. Reads see every earlier entry (each was written already).
-    fn apply_command(&self, batch: &mut WriteBatch, command: Command) -> StoreResult<CommandResponse> {
+    fn apply_command(
+        &self,
+        batch: &mut WriteBatch,
+        command: Command,
+    ) -> StoreResult<CommandResponse> {
         let groups = cf_handle(&self.db, cf::CAPACITY_GROUPS)?;
-        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        let err = |e: &dyn std::error::Error| {
+            StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()))
+        };
         let put_group = |batch: &mut WriteBatch, g: &CapacityGroup| -> StoreResult<()> {
-            batch.put_cf(groups, g.name.as_bytes(), codec::encode(g).map_err(|e| err(&e))?);
+            batch.put_cf(
+                groups,
+                g.name.as_bytes(),
+                codec::encode(g).map_err(|e| err(&e))?,
+            );
             Ok(())
         };
         Ok(match command {
             Command::SetClusterId { cluster_id } => {
                 if self.reader.cluster_id().is_none() {
                     let meta = cf_handle(&self.db, cf::SM_META)?;
-                    batch.put_cf(meta, cf::sm_meta::CLUSTER_ID, codec::encode(&cluster_id).map_err(|e| err(&e))?);
+                    batch.put_cf(
+                        meta,
+                        cf::sm_meta::CLUSTER_ID,
+                        codec::encode(&cluster_id).map_err(|e| err(&e))?,
+                    );
                 }
                 CommandResponse::Done
             }
-            Command::CreateCapacityGroup { group, idempotency_token } => {
+            Command::CreateCapacityGroup {
+                group,
+                idempotency_token,
+            } => {
                 let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
                 if let Some(token) = &idempotency_token {
-                    if let Some(name) = self.db.get_cf(tokens, token.as_bytes()).map_err(|e| err(&e))? {
+                    if let Some(name) = self
+                        .db
+                        .get_cf(tokens, token.as_bytes())
+                        .map_err(|e| err(&e))?
+                    {
                         let name = String::from_utf8_lossy(&name).into_owned();
                         return Ok(match self.reader.capacity_group(&name).map_err(|e| err(&e))? {
                             Some(existing) => CommandResponse::CapacityGroup(existing),
@@ -71,7 +97,12 @@ impl StateMachine {
                         });
                     }
                 }
-                if self.db.get_pinned_cf(groups, group.name.as_bytes()).map_err(|e| err(&e))?.is_some() {
+                if self
+                    .db
+                    .get_pinned_cf(groups, group.name.as_bytes())
+                    .map_err(|e| err(&e))?
+                    .is_some()
+                {
                     CommandResponse::Rejected(Rejection::new(
                         RejectionKind::AlreadyExists,
                         "group.name",
@@ -85,7 +116,11 @@ impl StateMachine {
                     CommandResponse::CapacityGroup(group)
                 }
             }
-            Command::UpdateCapacityGroup { mut group } => match self.reader.capacity_group(&group.name).map_err(|e| err(&e))? {
+            Command::UpdateCapacityGroup { mut group } => match self
+                .reader
+                .capacity_group(&group.name)
+                .map_err(|e| err(&e))?
+            {
                 None => CommandResponse::Rejected(Rejection::new(
                     RejectionKind::NotFound,
                     "group.name",
@@ -98,7 +133,12 @@ impl StateMachine {
                 }
             },
             Command::DeleteCapacityGroup { name } => {
-                if self.db.get_pinned_cf(groups, name.as_bytes()).map_err(|e| err(&e))?.is_none() {
+                if self
+                    .db
+                    .get_pinned_cf(groups, name.as_bytes())
+                    .map_err(|e| err(&e))?
+                    .is_none()
+                {
                     CommandResponse::Rejected(Rejection::new(
                         RejectionKind::NotFound,
                         "name",
@@ -115,20 +155,33 @@ impl StateMachine {
     /// Reads the newest stored snapshot.
     fn stored_snapshot(&self) -> StoreResult<Option<(SnapshotMeta, Vec<u8>)>> {
         let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
-        let meta = self.db.get_cf(cf, cf::snapshot::META).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        let data = self.db.get_cf(cf, cf::snapshot::DATA).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let meta = self
+            .db
+            .get_cf(cf, cf::snapshot::META)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let data = self
+            .db
+            .get_cf(cf, cf::snapshot::DATA)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         match (meta, data) {
             (Some(meta), Some(data)) => {
-                let meta: SnapshotMeta = codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+                let meta: SnapshotMeta =
+                    codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
                 Ok(Some((meta, data)))
             }
             _ => Ok(None),
         }
     }
 
-    fn put_snapshot(&self, batch: &mut WriteBatch, meta: &SnapshotMeta, data: &[u8]) -> StoreResult<()> {
+    fn put_snapshot(
+        &self,
+        batch: &mut WriteBatch,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> StoreResult<()> {
         let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
-        let meta_bytes = codec::encode(meta).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let meta_bytes = codec::encode(meta)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         batch.put_cf(cf, cf::snapshot::META, meta_bytes);
         batch.put_cf(cf, cf::snapshot::DATA, data);
         Ok(())
@@ -151,7 +204,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let view = self.db.snapshot();
         let read = |key: &[u8]| -> StoreResult<Option<Vec<u8>>> {
             let cf = cf_handle(&self.db, cf::SM_META)?;
-            view.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e).into())
+            view.get_cf(cf, key)
+                .map_err(|e| StorageIOError::read_state_machine(&e).into())
         };
         let last_applied: Option<LogId> = read(cf::sm_meta::LAST_APPLIED)?
             .map(|b| codec::decode(&b))
@@ -176,12 +230,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let data = encode_snapshot_data(&families);
         drop(view);
 
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{nanos}", id.leader_id.term, id.index),
             None => format!("0-0-{nanos}"),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
 
         let mut batch = WriteBatch::default();
         self.put_snapshot(&mut batch, &meta, &data)?;
@@ -189,7 +250,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         blocking(|| self.db.write_opt(batch, &sync_write_options()))
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -222,12 +286,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Membership(membership) => {
                     let stored = StoredMembership::new(Some(log_id), membership);
-                    batch.put_cf(meta, cf::sm_meta::MEMBERSHIP, codec::encode(&stored).map_err(|e| StorageIOError::apply(log_id, &e))?);
+                    batch.put_cf(
+                        meta,
+                        cf::sm_meta::MEMBERSHIP,
+                        codec::encode(&stored).map_err(|e| StorageIOError::apply(log_id, &e))?,
+                    );
                     CommandResponse::Done
                 }
             };
-            batch.put_cf(meta, cf::sm_meta::LAST_APPLIED, codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?);
-            self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
+            batch.put_cf(
+                meta,
+                cf::sm_meta::LAST_APPLIED,
+                codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?,
+            );
+            self.db
+                .write(batch)
+                .map_err(|e| StorageIOError::apply(log_id, &e))?;
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
             }
@@ -244,10 +318,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StoreResult<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StoreResult<()> {
         let data = snapshot.into_inner();
-        let families = decode_snapshot_data(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let wr = |e: &dyn std::error::Error| StorageIOError::<u64>::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()));
+        let families = decode_snapshot_data(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let wr = |e: &dyn std::error::Error| {
+            StorageIOError::<u64>::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
+        };
 
         // Replace the state whole, in one synced batch: a crash leaves either the old state or the new.
         let mut batch = WriteBatch::default();
@@ -260,7 +341,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         for (name, records) in &families {
             if !cf::STATE.contains(&name.as_str()) && name != cf::SM_META {
-                return Err(wr(&AnyErr(format!("snapshot carries unknown column family {name:?}"))).into());
+                return Err(wr(&AnyErr(format!(
+                    "snapshot carries unknown column family {name:?}"
+                )))
+                .into());
             }
             let cf = cf_handle(&self.db, name)?;
             for (k, v) in records {
@@ -268,8 +352,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let sm_meta = cf_handle(&self.db, cf::SM_META)?;
-        batch.put_cf(sm_meta, cf::sm_meta::LAST_APPLIED, codec::encode(&meta.last_log_id).map_err(|e| wr(&e))?);
-        batch.put_cf(sm_meta, cf::sm_meta::MEMBERSHIP, codec::encode(&meta.last_membership).map_err(|e| wr(&e))?);
+        batch.put_cf(
+            sm_meta,
+            cf::sm_meta::LAST_APPLIED,
+            codec::encode(&meta.last_log_id).map_err(|e| wr(&e))?,
+        );
+        batch.put_cf(
+            sm_meta,
+            cf::sm_meta::MEMBERSHIP,
+            codec::encode(&meta.last_membership).map_err(|e| wr(&e))?,
+        );
         self.put_snapshot(&mut batch, meta, &data)?;
         blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| wr(&e))?;
         self.reader.reload_cluster_id().map_err(|e| wr(&e))?;
@@ -278,6 +370,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot>> {
-        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
