@@ -24,9 +24,7 @@ mod etcdpb {
 }
 
 #[derive(Parser)]
-#[command(
-    about = "Titus vs etcd: durable replicated writes and leader failover, 3 replicas on loopback"
-)]
+#[command(about = "Titus vs etcd: durable replicated writes and leader failover, 3 replicas on loopback")]
 struct Args {
     /// Concurrent clients per level.
     #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
@@ -52,10 +50,7 @@ struct Args {
 const VALUE_BYTES: usize = 256;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 struct Proc {
@@ -67,10 +62,7 @@ struct Proc {
 
 impl Proc {
     fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(&self.bin)
             .args(&self.args)
             .stdout(Stdio::null())
@@ -97,11 +89,7 @@ impl Drop for Proc {
 /// A replicated store under test.
 trait System {
     fn name(&self) -> &'static str;
-    fn write(
-        &self,
-        client: usize,
-        seq: u64,
-    ) -> impl std::future::Future<Output = Result<()>> + Send;
+    fn write(&self, client: usize, seq: u64) -> impl std::future::Future<Output = Result<()>> + Send;
     /// Index of the current leader among the replicas, if the running ones agree on one.
     fn leader(&self) -> impl std::future::Future<Output = Option<usize>> + Send;
     fn procs(&mut self) -> &mut Vec<Proc>;
@@ -118,14 +106,8 @@ struct Titus {
 impl Titus {
     async fn start(bin: &Path, dir: &Path) -> Result<Titus> {
         let ids = [1u64, 2, 3];
-        let peers: Vec<String> = ids
-            .iter()
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect();
-        let apis: Vec<String> = ids
-            .iter()
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect();
+        let peers: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let apis: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let mut procs = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let mut args = vec![
@@ -142,12 +124,8 @@ impl Titus {
                 args.push("--member".into());
                 args.push(format!("{m}={}/{}", peers[j], apis[j]));
             }
-            let mut p = Proc {
-                args,
-                bin: bin.display().to_string(),
-                log: dir.join(format!("titus-{id}.log")),
-                child: None,
-            };
+            let mut p =
+                Proc { args, bin: bin.display().to_string(), log: dir.join(format!("titus-{id}.log")), child: None };
             p.start()?;
             procs.push(p);
         }
@@ -157,14 +135,9 @@ impl Titus {
             attempt_timeout: Duration::from_secs(2),
             ..ClientOptions::default()
         };
-        let clients = (0..8)
-            .map(|_| Client::with_options(apis.iter(), options.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Titus {
-            procs,
-            clients,
-            apis,
-        })
+        let clients =
+            (0..8).map(|_| Client::with_options(apis.iter(), options.clone())).collect::<Result<Vec<_>, _>>()?;
+        Ok(Titus { procs, clients, apis })
     }
 }
 
@@ -183,9 +156,7 @@ impl System for Titus {
             128,
             3,
         );
-        self.clients[client % self.clients.len()]
-            .create_capacity_group(spec)
-            .await?;
+        self.clients[client % self.clients.len()].create_capacity_group(spec).await?;
         Ok(())
     }
 
@@ -195,14 +166,8 @@ impl System for Titus {
             if p.child.is_none() {
                 continue;
             }
-            let s = self.clients[0]
-                .cluster_status_of(&self.apis[i])
-                .await
-                .ok()?;
-            if s.leader_id == 0
-                || s.cluster_id.is_empty()
-                || *leader.get_or_insert(s.leader_id) != s.leader_id
-            {
+            let s = self.clients[0].cluster_status_of(&self.apis[i]).await.ok()?;
+            if s.leader_id == 0 || s.cluster_id.is_empty() || *leader.get_or_insert(s.leader_id) != s.leader_id {
                 return None;
             }
         }
@@ -228,25 +193,16 @@ impl Etcd {
     fn start(bin: &str, dir: &Path) -> Result<Etcd> {
         let peer_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let initial = (0..3)
-            .map(|i| format!("e{i}=http://127.0.0.1:{}", peer_ports[i]))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial = (0..3).map(|i| format!("e{i}=http://127.0.0.1:{}", peer_ports[i])).collect::<Vec<_>>().join(",");
         let mut procs = Vec::new();
         for i in 0..3 {
             let args = vec![
                 format!("--name=e{i}"),
                 format!("--data-dir={}", dir.join(format!("etcd-{i}")).display()),
                 format!("--listen-peer-urls=http://127.0.0.1:{}", peer_ports[i]),
-                format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{}",
-                    peer_ports[i]
-                ),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{}", peer_ports[i]),
                 format!("--listen-client-urls=http://127.0.0.1:{}", client_ports[i]),
-                format!(
-                    "--advertise-client-urls=http://127.0.0.1:{}",
-                    client_ports[i]
-                ),
+                format!("--advertise-client-urls=http://127.0.0.1:{}", client_ports[i]),
                 format!("--initial-cluster={initial}"),
                 "--initial-cluster-state=new".into(),
                 "--initial-cluster-token=titus-bench".into(),
@@ -254,12 +210,7 @@ impl Etcd {
                 "--heartbeat-interval=100".into(),
                 "--election-timeout=500".into(),
             ];
-            let mut p = Proc {
-                args,
-                bin: bin.to_string(),
-                log: dir.join(format!("etcd-{i}.log")),
-                child: None,
-            };
+            let mut p = Proc { args, bin: bin.to_string(), log: dir.join(format!("etcd-{i}.log")), child: None };
             p.start()?;
             procs.push(p);
         }
@@ -272,12 +223,7 @@ impl Etcd {
                     .connect_lazy())
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Etcd {
-            procs,
-            endpoints,
-            next: AtomicU64::new(0),
-            value: vec![b'x'; VALUE_BYTES],
-        })
+        Ok(Etcd { procs, endpoints, next: AtomicU64::new(0), value: vec![b'x'; VALUE_BYTES] })
     }
 }
 
@@ -294,10 +240,7 @@ impl System for Etcd {
         loop {
             if self.procs[member].child.is_some() {
                 let mut kv = etcdpb::kv_client::KvClient::new(self.endpoints[member].clone());
-                let req = etcdpb::PutRequest {
-                    key: key.clone(),
-                    value: self.value.clone(),
-                };
+                let req = etcdpb::PutRequest { key: key.clone(), value: self.value.clone() };
                 if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.put(req)).await {
                     return Ok(());
                 }
@@ -318,12 +261,11 @@ impl System for Etcd {
                 continue;
             }
             let mut m = etcdpb::maintenance_client::MaintenanceClient::new(ch.clone());
-            let s =
-                tokio::time::timeout(Duration::from_secs(1), m.status(etcdpb::StatusRequest {}))
-                    .await
-                    .ok()?
-                    .ok()?
-                    .into_inner();
+            let s = tokio::time::timeout(Duration::from_secs(1), m.status(etcdpb::StatusRequest {}))
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
             ids[i] = s.header.map(|h| h.member_id).unwrap_or(0);
             if s.leader == 0 || *leader.get_or_insert(s.leader) != s.leader {
                 return None;
@@ -360,11 +302,7 @@ async fn wait_leader<S: System>(s: &S, within: Duration) -> Result<usize> {
     }
 }
 
-async fn load<S: System + Send + Sync + 'static>(
-    s: Arc<S>,
-    clients: usize,
-    seconds: u64,
-) -> Result<Load> {
+async fn load<S: System + Send + Sync + 'static>(s: Arc<S>, clients: usize, seconds: u64) -> Result<Load> {
     let seq = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
@@ -460,28 +398,17 @@ async fn measure<S: System + Send + Sync + 'static>(s: S, args: &Args) -> Result
         );
         loads.push((c, l));
     }
-    let mut s =
-        Arc::try_unwrap(s).map_err(|_| anyhow::anyhow!("load tasks still hold the system"))?;
+    let mut s = Arc::try_unwrap(s).map_err(|_| anyhow::anyhow!("load tasks still hold the system"))?;
     let failover = failover(&mut s, args.kills).await?;
-    eprintln!(
-        "  {} failover samples (ms): {:?}",
-        s.name(),
-        failover.iter().map(|v| v.round()).collect::<Vec<_>>()
-    );
+    eprintln!("  {} failover samples (ms): {:?}", s.name(), failover.iter().map(|v| v.round()).collect::<Vec<_>>());
     Ok(Figures { loads, failover })
 }
 
 fn default_titus_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("no parent dir")?
-        .join("titus-control-plane");
+    let bin = exe.parent().context("no parent dir")?.join("titus-control-plane");
     if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build -p titus-control-plane) or pass --titus-bin",
-            bin.display()
-        );
+        bail!("{} not found: build it first (cargo build -p titus-control-plane) or pass --titus-bin", bin.display());
     }
     Ok(bin)
 }
@@ -494,16 +421,8 @@ async fn main() -> Result<()> {
         None => default_titus_bin()?,
     };
     let dir = tempfile::TempDir::new()?;
-    let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") {
-        "release"
-    } else {
-        "debug"
-    };
-    eprintln!(
-        "titus-bench: {} ({profile} build), data under {}",
-        titus_bin.display(),
-        dir.path().display()
-    );
+    let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
+    eprintln!("titus-bench: {} ({profile} build), data under {}", titus_bin.display(), dir.path().display());
 
     eprintln!("titus: 3 replicas");
     let titus = measure(Titus::start(&titus_bin, dir.path()).await?, &args).await?;
@@ -519,14 +438,15 @@ async fn main() -> Result<()> {
         eprintln!("etcd: 3 members");
         Some(measure(Etcd::start(&args.etcd_bin, dir.path())?, &args).await?)
     } else {
-        eprintln!(
-            "etcd: not installed (apt-get install etcd-server) or --no-etcd: comparison skipped"
-        );
+        eprintln!("etcd: not installed (apt-get install etcd-server) or --no-etcd: comparison skipped");
         None
     };
 
     println!();
-    println!("Durable replicated writes, 3 replicas on loopback, fsync on, {} s per level ({profile} build of titus)", args.seconds);
+    println!(
+        "Durable replicated writes, 3 replicas on loopback, fsync on, {} s per level ({profile} build of titus)",
+        args.seconds
+    );
     println!(
         "{:>8} | {:>10} {:>9} {:>9} | {:>10} {:>9} {:>9} | {:>11}",
         "clients", "titus w/s", "p50 ms", "p99 ms", "etcd w/s", "p50 ms", "p99 ms", "titus/etcd"
@@ -543,46 +463,18 @@ async fn main() -> Result<()> {
                 e.p99_ms,
                 t.writes_per_sec / e.writes_per_sec
             ),
-            None => println!(
-                "{c:>8} | {:>10.0} {:>9.2} {:>9.2} |",
-                t.writes_per_sec, t.p50_ms, t.p99_ms
-            ),
+            None => println!("{c:>8} | {:>10.0} {:>9.2} {:>9.2} |", t.writes_per_sec, t.p50_ms, t.p99_ms),
         }
     }
     println!();
-    println!(
-        "Leader failover: kill -9 of the leader -> first acknowledged write, {} kills",
-        args.kills
-    );
-    let (tp50, tp99) = (
-        percentile(&titus.failover, 0.5),
-        percentile(&titus.failover, 0.99),
-    );
+    println!("Leader failover: kill -9 of the leader -> first acknowledged write, {} kills", args.kills);
+    let (tp50, tp99) = (percentile(&titus.failover, 0.5), percentile(&titus.failover, 0.99));
     match &etcd {
         Some(e) => {
             let (ep50, ep99) = (percentile(&e.failover, 0.5), percentile(&e.failover, 0.99));
-            println!(
-                "{:>8} | {:>10} {:>9} | {:>10} {:>9} | {:>11}",
-                "", "titus ms", "", "etcd ms", "", "titus/etcd"
-            );
-            println!(
-                "{:>8} | {:>10.0} {:>9} | {:>10.0} {:>9} | {:>10.2}x",
-                "p50",
-                tp50,
-                "",
-                ep50,
-                "",
-                tp50 / ep50
-            );
-            println!(
-                "{:>8} | {:>10.0} {:>9} | {:>10.0} {:>9} | {:>10.2}x",
-                "p99",
-                tp99,
-                "",
-                ep99,
-                "",
-                tp99 / ep99
-            );
+            println!("{:>8} | {:>10} {:>9} | {:>10} {:>9} | {:>11}", "", "titus ms", "", "etcd ms", "", "titus/etcd");
+            println!("{:>8} | {:>10.0} {:>9} | {:>10.0} {:>9} | {:>10.2}x", "p50", tp50, "", ep50, "", tp50 / ep50);
+            println!("{:>8} | {:>10.0} {:>9} | {:>10.0} {:>9} | {:>10.2}x", "p99", tp99, "", ep99, "", tp99 / ep99);
         }
         None => println!("p50 {tp50:.0} ms, p99 {tp99:.0} ms"),
     }

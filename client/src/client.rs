@@ -56,13 +56,7 @@ impl CapacityGroupSpec {
         CapacityGroupSpec(pb::CapacityGroup {
             name: name.to_string(),
             tier: tier as i32,
-            resources_per_instance: Some(pb::ResourceDimension {
-                cpu,
-                memory_mb,
-                disk_mb,
-                network_mbps,
-                gpu: 0,
-            }),
+            resources_per_instance: Some(pb::ResourceDimension { cpu, memory_mb, disk_mb, network_mbps, gpu: 0 }),
             instance_count,
             create_time_ms: 0,
             update_time_ms: 0,
@@ -119,11 +113,7 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let mut endpoints = Endpoints {
-            addrs: Vec::new(),
-            channels: Vec::new(),
-            current: 0,
-        };
+        let mut endpoints = Endpoints { addrs: Vec::new(), channels: Vec::new(), current: 0 };
         for seed in seeds {
             let seed = seed.as_ref().trim();
             for s in seed.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -137,10 +127,7 @@ impl Client {
         }
         // Spread clients over the seeds.
         endpoints.current = rand::thread_rng().gen_range(0..endpoints.addrs.len());
-        Ok(Client {
-            endpoints: Arc::new(Mutex::new(endpoints)),
-            options,
-        })
+        Ok(Client { endpoints: Arc::new(Mutex::new(endpoints)), options })
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -191,19 +178,12 @@ impl Client {
             let status = match tokio::time::timeout(timeout, attempt(channel, timeout)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded(format!(
-                    "no answer within {} ms",
-                    timeout.as_millis()
-                )),
+                Err(_) => tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis())),
             };
             if !retryable(status.code()) {
                 return Err(Error::from_status(&addr, status));
             }
-            let hint = status
-                .metadata()
-                .get(LEADER_HINT_METADATA)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let hint = status.metadata().get(LEADER_HINT_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
             tracing::debug!(%addr, code = ?status.code(), message = status.message(), ?hint, "attempt failed; failing over");
             self.fail_over(&addr, hint);
             let jitter = rand::thread_rng().gen_range(0.5..1.5);
@@ -225,16 +205,10 @@ impl Client {
     // ----- capacity groups -----
 
     /// Creates a capacity group. Retries are safe: the call carries one idempotency token.
-    pub async fn create_capacity_group(
-        &self,
-        spec: CapacityGroupSpec,
-    ) -> Result<pb::CapacityGroup> {
+    pub async fn create_capacity_group(&self, spec: CapacityGroupSpec) -> Result<pb::CapacityGroup> {
         let token = uuid::Uuid::new_v4().to_string();
         self.call("CreateCapacityGroup", |ch, t| {
-            let req = pb::CreateCapacityGroupRequest {
-                group: Some(spec.0.clone()),
-                idempotency_token: token.clone(),
-            };
+            let req = pb::CreateCapacityGroupRequest { group: Some(spec.0.clone()), idempotency_token: token.clone() };
             async move {
                 CapacityGroupServiceClient::new(ch)
                     .create_capacity_group(with_timeout(req, t))
@@ -245,14 +219,9 @@ impl Client {
         .await
     }
 
-    pub async fn update_capacity_group(
-        &self,
-        spec: CapacityGroupSpec,
-    ) -> Result<pb::CapacityGroup> {
+    pub async fn update_capacity_group(&self, spec: CapacityGroupSpec) -> Result<pb::CapacityGroup> {
         self.call("UpdateCapacityGroup", |ch, t| {
-            let req = pb::UpdateCapacityGroupRequest {
-                group: Some(spec.0.clone()),
-            };
+            let req = pb::UpdateCapacityGroupRequest { group: Some(spec.0.clone()) };
             async move {
                 CapacityGroupServiceClient::new(ch)
                     .update_capacity_group(with_timeout(req, t))
@@ -263,16 +232,9 @@ impl Client {
         .await
     }
 
-    pub async fn get_capacity_group(
-        &self,
-        name: &str,
-        consistency: pb::ReadConsistency,
-    ) -> Result<pb::CapacityGroup> {
+    pub async fn get_capacity_group(&self, name: &str, consistency: pb::ReadConsistency) -> Result<pb::CapacityGroup> {
         self.call("GetCapacityGroup", |ch, t| {
-            let req = pb::GetCapacityGroupRequest {
-                name: name.to_string(),
-                consistency: consistency as i32,
-            };
+            let req = pb::GetCapacityGroupRequest { name: name.to_string(), consistency: consistency as i32 };
             async move {
                 CapacityGroupServiceClient::new(ch)
                     .get_capacity_group(with_timeout(req, t))
@@ -283,14 +245,9 @@ impl Client {
         .await
     }
 
-    pub async fn list_capacity_groups(
-        &self,
-        consistency: pb::ReadConsistency,
-    ) -> Result<Vec<pb::CapacityGroup>> {
+    pub async fn list_capacity_groups(&self, consistency: pb::ReadConsistency) -> Result<Vec<pb::CapacityGroup>> {
         self.call("ListCapacityGroups", |ch, t| {
-            let req = pb::ListCapacityGroupsRequest {
-                consistency: consistency as i32,
-            };
+            let req = pb::ListCapacityGroupsRequest { consistency: consistency as i32 };
             async move {
                 CapacityGroupServiceClient::new(ch)
                     .list_capacity_groups(with_timeout(req, t))
@@ -336,38 +293,21 @@ impl Client {
         let t = self.options.attempt_timeout;
         match tokio::time::timeout(
             t,
-            ClusterServiceClient::new(channel)
-                .get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t)),
+            ClusterServiceClient::new(channel).get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t)),
         )
         .await
         {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(Error::from_status(addr, status)),
-            Err(_) => Err(Error::from_status(
-                addr,
-                tonic::Status::deadline_exceeded("no answer"),
-            )),
+            Err(_) => Err(Error::from_status(addr, tonic::Status::deadline_exceeded("no answer"))),
         }
     }
 
-    pub async fn add_member(
-        &self,
-        node_id: u64,
-        peer_addr: &str,
-        api_addr: &str,
-    ) -> Result<pb::ClusterStatus> {
+    pub async fn add_member(&self, node_id: u64, peer_addr: &str, api_addr: &str) -> Result<pb::ClusterStatus> {
         self.call("AddMember", |ch, t| {
-            let req = pb::AddMemberRequest {
-                node_id,
-                peer_addr: peer_addr.to_string(),
-                api_addr: api_addr.to_string(),
-            };
-            async move {
-                ClusterServiceClient::new(ch)
-                    .add_member(with_timeout(req, t))
-                    .await
-                    .map(|r| r.into_inner())
-            }
+            let req =
+                pb::AddMemberRequest { node_id, peer_addr: peer_addr.to_string(), api_addr: api_addr.to_string() };
+            async move { ClusterServiceClient::new(ch).add_member(with_timeout(req, t)).await.map(|r| r.into_inner()) }
         })
         .await
     }
@@ -402,8 +342,5 @@ fn make_channel(addr: &str, options: &ClientOptions) -> Result<Channel> {
         format!("http://{addr}")
     };
     let endpoint = Endpoint::from_shared(uri).map_err(|_| Error::BadSeed(addr.to_string()))?;
-    Ok(endpoint
-        .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
+    Ok(endpoint.connect_timeout(options.connect_timeout).tcp_nodelay(true).connect_lazy())
 }

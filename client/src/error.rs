@@ -10,10 +10,7 @@ pub struct FieldViolation {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid argument: {message}")]
-    InvalidArgument {
-        message: String,
-        violations: Vec<FieldViolation>,
-    },
+    InvalidArgument { message: String, violations: Vec<FieldViolation> },
     #[error("not found: {0}")]
     NotFound(String),
     #[error("already exists: {0}")]
@@ -21,18 +18,9 @@ pub enum Error {
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
     #[error("no replica could serve {operation} within {elapsed_ms} ms ({attempts} attempts); last error from {last_replica}: {last_error}")]
-    Unavailable {
-        operation: String,
-        attempts: u32,
-        elapsed_ms: u64,
-        last_replica: String,
-        last_error: String,
-    },
+    Unavailable { operation: String, attempts: u32, elapsed_ms: u64, last_replica: String, last_error: String },
     #[error("{replica}: {status}")]
-    Server {
-        replica: String,
-        status: tonic::Status,
-    },
+    Server { replica: String, status: tonic::Status },
     #[error("seed address {0:?} is not host:port")]
     BadSeed(String),
     #[error("no seed addresses given")]
@@ -46,10 +34,7 @@ fn parse_violations(message: &str) -> Vec<FieldViolation> {
     message
         .split("; ")
         .filter_map(|part| part.split_once(": "))
-        .map(|(f, d)| FieldViolation {
-            field: f.to_string(),
-            description: d.to_string(),
-        })
+        .map(|(f, d)| FieldViolation { field: f.to_string(), description: d.to_string() })
         .collect()
 }
 
@@ -57,17 +42,11 @@ impl Error {
     pub(crate) fn from_status(replica: &str, status: tonic::Status) -> Error {
         let message = status.message().to_string();
         match status.code() {
-            tonic::Code::InvalidArgument => Error::InvalidArgument {
-                violations: parse_violations(&message),
-                message,
-            },
+            tonic::Code::InvalidArgument => Error::InvalidArgument { violations: parse_violations(&message), message },
             tonic::Code::NotFound => Error::NotFound(message),
             tonic::Code::AlreadyExists => Error::AlreadyExists(message),
             tonic::Code::FailedPrecondition => Error::FailedPrecondition(message),
-            _ => Error::Server {
-                replica: replica.to_string(),
-                status,
-            },
+            _ => Error::Server { replica: replica.to_string(), status },
         }
     }
 
@@ -88,15 +67,10 @@ mod tests {
     fn field_violations_survive_the_wire() {
         let e = Error::from_status(
             "r1",
-            tonic::Status::invalid_argument(
-                "group.name: must not be empty; group.instance_count: must be > 0",
-            ),
+            tonic::Status::invalid_argument("group.name: must not be empty; group.instance_count: must be > 0"),
         );
         let fields: Vec<&str> = e.violations().iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["group.name", "group.instance_count"]);
-        assert!(matches!(
-            Error::from_status("r1", tonic::Status::not_found("x")),
-            Error::NotFound(_)
-        ));
+        assert!(matches!(Error::from_status("r1", tonic::Status::not_found("x")), Error::NotFound(_)));
     }
 }

@@ -6,6 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
+use crate::model::job::{Job, ServiceJobProcesses};
+use crate::model::task::{Task, TaskStatus};
 use crate::model::CapacityGroup;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +30,76 @@ pub enum Command {
     DeleteCapacityGroup {
         name: String,
     },
+
+    // ----- jobs (users) -----
+    /// A new job in Accepted state; its tasks are created by the lifecycle. Rejected whole when the
+    /// capacity group's quota does not allow it.
+    CreateJob {
+        job: Job,
+        idempotency_token: Option<String>,
+        /// When the token may be forgotten.
+        token_expires_ms: i64,
+    },
+    /// Each bound is optional; the result must keep min <= desired <= max and the job's processes.
+    UpdateJobCapacity {
+        job_id: String,
+        min: Option<u32>,
+        desired: Option<u32>,
+        max: Option<u32>,
+    },
+    UpdateJobStatus {
+        job_id: String,
+        enabled: bool,
+    },
+    UpdateJobProcesses {
+        job_id: String,
+        processes: ServiceJobProcesses,
+    },
+    UpdateJobAttributes {
+        job_id: String,
+        attributes: BTreeMap<String, String>,
+    },
+    DeleteJobAttributes {
+        job_id: String,
+        keys: Vec<String>,
+    },
+    KillJob {
+        job_id: String,
+        timestamp_ms: i64,
+    },
+    /// Kills one task; `shrink` (service jobs) also lowers desired so it is not replaced.
+    KillTask {
+        task_id: String,
+        shrink: bool,
+        prevent_min_size_update: bool,
+        timestamp_ms: i64,
+    },
+
+    // ----- tasks (lifecycle on the leader, and agents) -----
+    /// New tasks; `archive` lists finished tasks they replace, moved to the archive in the same entry.
+    CreateTasks {
+        tasks: Vec<Task>,
+        archive: Vec<String>,
+    },
+    /// A task's next state, from its agent or from the lifecycle (timeouts, kills). An illegal
+    /// transition is rejected and changes nothing.
+    UpdateTaskStatus {
+        task_id: String,
+        status: TaskStatus,
+        context: BTreeMap<String, String>,
+    },
+    /// Moves a job whose tasks are all Finished, and those tasks, to the archive.
+    FinishJob {
+        job_id: String,
+        reason_code: String,
+        reason_message: String,
+        timestamp_ms: i64,
+    },
+    /// Forgets archived jobs past retention and expired idempotency tokens (by key).
+    PurgeArchive {
+        job_ids: Vec<String>,
+        tokens: Vec<String>,
+    },
 }
 
 impl Command {
@@ -36,6 +110,18 @@ impl Command {
             Command::CreateCapacityGroup { .. } => "create_capacity_group",
             Command::UpdateCapacityGroup { .. } => "update_capacity_group",
             Command::DeleteCapacityGroup { .. } => "delete_capacity_group",
+            Command::CreateJob { .. } => "create_job",
+            Command::UpdateJobCapacity { .. } => "update_job_capacity",
+            Command::UpdateJobStatus { .. } => "update_job_status",
+            Command::UpdateJobProcesses { .. } => "update_job_processes",
+            Command::UpdateJobAttributes { .. } => "update_job_attributes",
+            Command::DeleteJobAttributes { .. } => "delete_job_attributes",
+            Command::KillJob { .. } => "kill_job",
+            Command::KillTask { .. } => "kill_task",
+            Command::CreateTasks { .. } => "create_tasks",
+            Command::UpdateTaskStatus { .. } => "update_task_status",
+            Command::FinishJob { .. } => "finish_job",
+            Command::PurgeArchive { .. } => "purge_archive",
         }
     }
 }
@@ -46,12 +132,16 @@ pub enum CommandResponse {
     /// Applied; nothing to return (also the answer to blank and membership entries).
     Done,
     CapacityGroup(CapacityGroup),
+    /// The id of the job created (or, for a retried token, created earlier).
+    JobId(String),
     /// Not applied: the state did not allow it.
     Rejected(Rejection),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RejectionKind {
+    /// The request contradicts the state it met (e.g. min > desired after a partial update).
+    InvalidArgument,
     NotFound,
     AlreadyExists,
     FailedPrecondition,
@@ -67,10 +157,6 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(kind: RejectionKind, field: &str, message: impl Into<String>) -> Self {
-        Rejection {
-            kind,
-            field: field.to_string(),
-            message: message.into(),
-        }
+        Rejection { kind, field: field.to_string(), message: message.into() }
     }
 }

@@ -81,8 +81,7 @@ fn default_log_format() -> String {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
@@ -93,9 +92,7 @@ impl Config {
     /// Checks everything that can be checked without touching the disk or the network.
     pub fn validate(&self) -> Result<()> {
         if self.node_id == 0 {
-            return Err(Error::Config(
-                "node-id: must be > 0 (0 means \"no leader\" in the API)".into(),
-            ));
+            return Err(Error::Config("node-id: must be > 0 (0 means \"no leader\" in the API)".into()));
         }
         if self.peer_listen == self.api_listen {
             return Err(Error::Config(format!(
@@ -106,21 +103,14 @@ impl Config {
         let mut ids = BTreeSet::new();
         for (i, m) in self.initial_members.iter().enumerate() {
             if m.id == 0 {
-                return Err(Error::Config(format!(
-                    "initial-members[{i}].id: must be > 0"
-                )));
+                return Err(Error::Config(format!("initial-members[{i}].id: must be > 0")));
             }
             if !ids.insert(m.id) {
-                return Err(Error::Config(format!(
-                    "initial-members[{i}].id: {} appears twice",
-                    m.id
-                )));
+                return Err(Error::Config(format!("initial-members[{i}].id: {} appears twice", m.id)));
             }
             for (field, addr) in [("peer-addr", &m.peer_addr), ("api-addr", &m.api_addr)] {
                 if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
-                    return Err(Error::Config(format!(
-                        "initial-members[{i}].{field}: {addr:?} is not host:port"
-                    )));
+                    return Err(Error::Config(format!("initial-members[{i}].{field}: {addr:?} is not host:port")));
                 }
             }
         }
@@ -132,27 +122,26 @@ impl Config {
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_interval_ms {
-            return Err(Error::Config("raft.election-timeout-min-ms: must be greater than raft.heartbeat-interval-ms (> 0)".into()));
+            return Err(Error::Config(
+                "raft.election-timeout-min-ms: must be greater than raft.heartbeat-interval-ms (> 0)".into(),
+            ));
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return Err(Error::Config(
-                "raft.election-timeout-max-ms: must be greater than raft.election-timeout-min-ms"
-                    .into(),
+                "raft.election-timeout-max-ms: must be greater than raft.election-timeout-min-ms".into(),
             ));
         }
         if r.snapshot_after_entries == 0 {
-            return Err(Error::Config(
-                "raft.snapshot-after-entries: must be > 0".into(),
-            ));
+            return Err(Error::Config("raft.snapshot-after-entries: must be > 0".into()));
         }
         if self.request_timeout_ms < r.election_timeout_max_ms {
-            return Err(Error::Config("request-timeout-ms: must be at least raft.election-timeout-max-ms, or no request survives an election".into()));
+            return Err(Error::Config(
+                "request-timeout-ms: must be at least raft.election-timeout-max-ms, or no request survives an election"
+                    .into(),
+            ));
         }
         if !matches!(self.log_format.as_str(), "plain" | "json") {
-            return Err(Error::Config(format!(
-                "log-format: {:?} is not one of plain, json",
-                self.log_format
-            )));
+            return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
         Ok(())
     }
@@ -169,26 +158,16 @@ impl Config {
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             ..Default::default()
         };
-        config
-            .validate()
-            .map_err(|e| Error::Config(format!("raft: {e}")))
+        config.validate().map_err(|e| Error::Config(format!("raft: {e}")))
     }
 }
 
 /// Parses `ID=PEER_ADDR/API_ADDR`, the flag form of one initial member.
 pub fn parse_member(s: &str) -> std::result::Result<MemberConfig, String> {
-    let (id, addrs) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
-    let (peer, api) = addrs
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
+    let (id, addrs) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
+    let (peer, api) = addrs.split_once('/').ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
     let id = id.trim().parse().map_err(|e| format!("{s:?}: id: {e}"))?;
-    Ok(MemberConfig {
-        id,
-        peer_addr: peer.trim().to_string(),
-        api_addr: api.trim().to_string(),
-    })
+    Ok(MemberConfig { id, peer_addr: peer.trim().to_string(), api_addr: api.trim().to_string() })
 }
 
 #[cfg(test)]
@@ -220,25 +199,14 @@ mod tests {
     fn bad_configs_name_the_setting() {
         let mut c = config();
         c.node_id = 2;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("initial-members"));
+        assert!(c.validate().unwrap_err().to_string().contains("initial-members"));
         let mut c = config();
         c.api_listen = c.peer_listen;
         assert!(c.validate().unwrap_err().to_string().contains("api-listen"));
         let mut c = config();
         c.raft.election_timeout_max_ms = 10;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("election-timeout"));
-        assert!(toml::from_str::<Config>("node-id = 1\nbogus = 2")
-            .unwrap_err()
-            .to_string()
-            .contains("bogus"));
+        assert!(c.validate().unwrap_err().to_string().contains("election-timeout"));
+        assert!(toml::from_str::<Config>("node-id = 1\nbogus = 2").unwrap_err().to_string().contains("bogus"));
         assert!(parse_member("1=a:1").is_err());
     }
 }

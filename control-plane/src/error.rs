@@ -17,16 +17,12 @@ pub enum Error {
     #[error("{}: {}", .0.field, .0.message)]
     Rejected(Rejection),
     #[error("replica {node_id} is not the leader{}", leader_suffix(.leader_id, .leader_api_addr))]
-    NotLeader {
-        node_id: NodeId,
-        leader_id: Option<NodeId>,
-        leader_api_addr: Option<String>,
-    },
-    #[error(
-        "replica {node_id} knows no leader: the cluster is electing one or has lost its majority"
-    )]
+    NotLeader { node_id: NodeId, leader_id: Option<NodeId>, leader_api_addr: Option<String> },
+    #[error("replica {node_id} knows no leader: the cluster is electing one or has lost its majority")]
     NoLeader { node_id: NodeId },
-    #[error("not committed within {timeout_ms} ms ({what}); the outcome is unknown — is a majority of replicas reachable?")]
+    #[error(
+        "not committed within {timeout_ms} ms ({what}); the outcome is unknown — is a majority of replicas reachable?"
+    )]
     Timeout { what: String, timeout_ms: u64 },
     #[error("peer {peer}: {message}")]
     Peer { peer: String, message: String },
@@ -41,10 +37,7 @@ pub enum Error {
 }
 
 fn join_violations(v: &[FieldViolation]) -> String {
-    v.iter()
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
+    v.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; ")
 }
 
 fn leader_suffix(id: &Option<NodeId>, addr: &Option<String>) -> String {
@@ -68,6 +61,7 @@ impl From<Error> for tonic::Status {
         let code = match &e {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Rejected(r) => match r.kind {
+                RejectionKind::InvalidArgument => Code::InvalidArgument,
                 RejectionKind::NotFound => Code::NotFound,
                 RejectionKind::AlreadyExists => Code::AlreadyExists,
                 RejectionKind::FailedPrecondition => Code::FailedPrecondition,
@@ -80,11 +74,7 @@ impl From<Error> for tonic::Status {
             Error::Raft(_) | Error::Storage(_) | Error::Config(_) => Code::Internal,
         };
         let mut status = tonic::Status::new(code, message);
-        if let Error::NotLeader {
-            leader_api_addr: Some(addr),
-            ..
-        } = &e
-        {
+        if let Error::NotLeader { leader_api_addr: Some(addr), .. } = &e {
             if let Ok(v) = addr.parse() {
                 status.metadata_mut().insert(LEADER_HINT_METADATA, v);
             }
@@ -105,10 +95,7 @@ mod tests {
         ]);
         let s = tonic::Status::from(e);
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
-        assert_eq!(
-            s.message(),
-            "group.name: must not be empty; group.instance_count: must be > 0"
-        );
+        assert_eq!(s.message(), "group.name: must not be empty; group.instance_count: must be > 0");
     }
 
     #[test]
@@ -119,15 +106,7 @@ mod tests {
             leader_api_addr: Some("127.0.0.1:7101".into()),
         });
         assert_eq!(s.code(), tonic::Code::Unavailable);
-        assert_eq!(
-            s.metadata().get(LEADER_HINT_METADATA).unwrap(),
-            "127.0.0.1:7101"
-        );
-        assert!(
-            s.message()
-                .contains("leader is replica 1 at 127.0.0.1:7101"),
-            "{}",
-            s.message()
-        );
+        assert_eq!(s.metadata().get(LEADER_HINT_METADATA).unwrap(), "127.0.0.1:7101");
+        assert!(s.message().contains("leader is replica 1 at 127.0.0.1:7101"), "{}", s.message());
     }
 }

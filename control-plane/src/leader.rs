@@ -24,11 +24,7 @@ pub struct LeaderDuties {
 impl LeaderDuties {
     /// Watches Raft's role until `shutdown` fires, starting and stopping the duties as it changes.
     pub async fn run(replica: Arc<Replica>, mut shutdown: watch::Receiver<bool>) {
-        let mut duties = LeaderDuties {
-            replica: replica.clone(),
-            stop: None,
-            tasks: JoinSet::new(),
-        };
+        let mut duties = LeaderDuties { replica: replica.clone(), stop: None, tasks: JoinSet::new() };
         let mut metrics = replica.raft.metrics();
         loop {
             let leading = metrics.borrow_and_update().state == ServerState::Leader;
@@ -46,22 +42,15 @@ impl LeaderDuties {
     }
 
     fn on_become_leader(&mut self) {
-        tracing::info!(
-            node_id = self.replica.id,
-            "became leader: starting leader duties"
-        );
+        tracing::info!(node_id = self.replica.id, "became leader: starting leader duties");
         let (tx, rx) = watch::channel(false);
         self.stop = Some(tx);
-        self.tasks
-            .spawn(ensure_cluster_id(self.replica.clone(), rx));
+        self.tasks.spawn(ensure_cluster_id(self.replica.clone(), rx));
     }
 
     async fn on_lose_leadership(&mut self) {
         if let Some(stop) = self.stop.take() {
-            tracing::info!(
-                node_id = self.replica.id,
-                "no longer leader: stopping leader duties"
-            );
+            tracing::info!(node_id = self.replica.id, "no longer leader: stopping leader duties");
             let _ = stop.send(true);
             while self.tasks.join_next().await.is_some() {}
         }

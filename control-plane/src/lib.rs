@@ -21,6 +21,8 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod events;
+pub mod jobs;
 pub mod leader;
 pub mod model;
 pub mod network;

@@ -8,13 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use titus_proto::peer::raft_peer_client::RaftPeerClient;
@@ -33,10 +31,7 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
 pub enum ForwardError {
     #[error("replica is not the leader")]
-    NotLeader {
-        leader_id: Option<NodeId>,
-        leader: Option<Node>,
-    },
+    NotLeader { leader_id: Option<NodeId>, leader: Option<Node> },
     #[error("{0}")]
     Other(String),
 }
@@ -51,11 +46,7 @@ pub struct PeerChannels {
 
 impl PeerChannels {
     pub fn new(state: StateReader, connect_timeout: Duration) -> Self {
-        PeerChannels {
-            channels: Arc::default(),
-            connect_timeout,
-            state,
-        }
+        PeerChannels { channels: Arc::default(), connect_timeout, state }
     }
 
     fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, String> {
@@ -81,10 +72,7 @@ impl PeerChannels {
 
     fn message<T: Serialize>(&self, body: &T) -> Result<PeerMessage, String> {
         let payload = codec::encode(body).map_err(|e| e.to_string())?;
-        Ok(PeerMessage {
-            cluster_id: self.state.cluster_id().unwrap_or_default(),
-            payload,
-        })
+        Ok(PeerMessage { cluster_id: self.state.cluster_id().unwrap_or_default(), payload })
     }
 
     /// One peer call with a hard deadline. The error says whether the peer was unreachable
@@ -110,29 +98,19 @@ impl PeerChannels {
         };
         let reply = match tokio::time::timeout(ttl, fut).await {
             Err(_) => {
-                return Err(PeerCallError::Unreachable(format!(
-                    "{addr}: no answer within {} ms",
-                    ttl.as_millis()
-                )))
+                return Err(PeerCallError::Unreachable(format!("{addr}: no answer within {} ms", ttl.as_millis())))
             }
             Ok(Err(status)) => {
                 return Err(match status.code() {
-                    tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Cancelled => {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                         PeerCallError::Unreachable(format!("{addr}: {}", status.message()))
                     }
-                    _ => PeerCallError::Other(format!(
-                        "{addr}: {}: {}",
-                        status.code(),
-                        status.message()
-                    )),
+                    _ => PeerCallError::Other(format!("{addr}: {}: {}", status.code(), status.message())),
                 })
             }
             Ok(Ok(reply)) => reply.into_inner(),
         };
-        codec::decode(&reply.payload)
-            .map_err(|e| PeerCallError::Other(format!("{addr}: bad reply: {e}")))
+        codec::decode(&reply.payload).map_err(|e| PeerCallError::Other(format!("{addr}: bad reply: {e}")))
     }
 
     /// Asks a peer who it is and whether it already belongs to a cluster (used before bootstrap).
@@ -154,8 +132,7 @@ impl PeerChannels {
         command: &Command,
         ttl: Duration,
     ) -> Result<Result<CommandResponse, ForwardError>, PeerCallError> {
-        self.call(&leader.peer_addr, PeerMethod::Propose, command, ttl)
-            .await
+        self.call(&leader.peer_addr, PeerMethod::Propose, command, ttl).await
     }
 
     /// Asks the leader for a read index: the log id up to which a linearizable read must wait.
@@ -164,8 +141,7 @@ impl PeerChannels {
         leader: &Node,
         ttl: Duration,
     ) -> Result<Result<Option<LogId>, ForwardError>, PeerCallError> {
-        self.call(&leader.peer_addr, PeerMethod::ReadIndex, &(), ttl)
-            .await
+        self.call(&leader.peer_addr, PeerMethod::ReadIndex, &(), ttl).await
     }
 }
 
@@ -204,11 +180,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        PeerConnection {
-            target,
-            addr: node.peer_addr.clone(),
-            peers: self.peers.clone(),
-        }
+        PeerConnection { target, addr: node.peer_addr.clone(), peers: self.peers.clone() }
     }
 }
 
@@ -230,11 +202,8 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let reply: Result<Resp, RaftError<NodeId, E>> = self
-            .peers
-            .call(&self.addr, method, req, option.hard_ttl())
-            .await
-            .map_err(|e| match e {
+        let reply: Result<Resp, RaftError<NodeId, E>> =
+            self.peers.call(&self.addr, method, req, option.hard_ttl()).await.map_err(|e| match e {
                 // openraft backs off from an unreachable peer instead of hammering it.
                 PeerCallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Msg(m))),
                 PeerCallError::Other(m) => RPCError::Network(NetworkError::new(&Msg(m))),
@@ -249,20 +218,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.raft_call(PeerMethod::AppendEntries, &rpc, &option)
-            .await
+        self.raft_call(PeerMethod::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.raft_call(PeerMethod::InstallSnapshot, &rpc, &option)
-            .await
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
+        self.raft_call(PeerMethod::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(

@@ -50,9 +50,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.openraft_config()?),
-        Network {
-            peers: peers.clone(),
-        },
+        Network { peers: peers.clone() },
         log_store,
         state_machine,
     )
@@ -71,30 +69,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let peer_service = RaftPeerServer::new(PeerService {
-        node_id: config.node_id,
-        raft: raft.clone(),
-        state: state.clone(),
-    })
-    .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let peer_service =
+        RaftPeerServer::new(PeerService { node_id: config.node_id, raft: raft.clone(), state: state.clone() })
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let peer_server = tokio::spawn(
         Server::builder()
             .tcp_nodelay(true)
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(peer_listener),
-                stopped(stop_rx.clone()),
-            ),
+            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx.clone())),
     );
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>()
-        .await;
-    health
-        .set_serving::<ClusterServiceServer<ClusterApi>>()
-        .await;
+    health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
+    health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(titus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -105,16 +93,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(CapacityGroupServiceServer::new(CapacityGroupApi {
-                replica: replica.clone(),
-            }))
-            .add_service(ClusterServiceServer::new(ClusterApi {
-                replica: replica.clone(),
-            }))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(api_listener),
-                stopped(stop_rx.clone()),
-            ),
+            .add_service(CapacityGroupServiceServer::new(CapacityGroupApi { replica: replica.clone() }))
+            .add_service(ClusterServiceServer::new(ClusterApi { replica: replica.clone() }))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), stopped(stop_rx.clone())),
     );
 
     let duties = tokio::spawn(LeaderDuties::run(replica.clone(), stop_rx.clone()));
@@ -153,19 +134,10 @@ async fn bootstrap(config: Config, raft: Raft, peers: PeerChannels) {
     match raft.is_initialized().await {
         Ok(true) => return,
         Ok(false) => {}
-        Err(e) => {
-            return tracing::error!(error = %e, "cannot tell whether the cluster is initialized")
-        }
+        Err(e) => return tracing::error!(error = %e, "cannot tell whether the cluster is initialized"),
     }
-    for m in config
-        .initial_members
-        .iter()
-        .filter(|m| m.id != config.node_id)
-    {
-        match peers
-            .identify(&m.peer_addr, Duration::from_millis(1000))
-            .await
-        {
+    for m in config.initial_members.iter().filter(|m| m.id != config.node_id) {
+        match peers.identify(&m.peer_addr, Duration::from_millis(1000)).await {
             Ok(r) if r.initialized || !r.cluster_id.is_empty() => {
                 tracing::warn!(member = m.id, cluster_id = %r.cluster_id, "a member already belongs to a cluster: not initializing; waiting for the leader to catch this replica up");
                 return;
@@ -179,15 +151,7 @@ async fn bootstrap(config: Config, raft: Raft, peers: PeerChannels) {
     let members: BTreeMap<u64, Node> = config
         .initial_members
         .iter()
-        .map(|m| {
-            (
-                m.id,
-                Node {
-                    peer_addr: m.peer_addr.clone(),
-                    api_addr: m.api_addr.clone(),
-                },
-            )
-        })
+        .map(|m| (m.id, Node { peer_addr: m.peer_addr.clone(), api_addr: m.api_addr.clone() }))
         .collect();
     match raft.initialize(members).await {
         Ok(()) => {

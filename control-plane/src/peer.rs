@@ -39,43 +39,31 @@ impl PeerService {
 
     fn reply<T: Serialize>(&self, body: &T) -> Result<Response<PeerMessage>, Status> {
         let payload = codec::encode(body).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(PeerMessage {
-            cluster_id: self.state.cluster_id().unwrap_or_default(),
-            payload,
-        }))
+        Ok(Response::new(PeerMessage { cluster_id: self.state.cluster_id().unwrap_or_default(), payload }))
     }
 }
 
-fn client_write_error(
-    e: RaftError<NodeId, ClientWriteError<NodeId, crate::raft_types::Node>>,
-) -> ForwardError {
+fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, crate::raft_types::Node>>) -> ForwardError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ForwardError::NotLeader {
-            leader_id: f.leader_id,
-            leader: f.leader_node,
-        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ForwardError::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
+        }
         other => ForwardError::Other(other.to_string()),
     }
 }
 
-fn check_leader_error(
-    e: RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft_types::Node>>,
-) -> ForwardError {
+fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raft_types::Node>>) -> ForwardError {
     match e {
-        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ForwardError::NotLeader {
-            leader_id: f.leader_id,
-            leader: f.leader_node,
-        },
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+            ForwardError::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
+        }
         other => ForwardError::Other(other.to_string()),
     }
 }
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn append_entries(
-        &self,
-        request: Request<PeerMessage>,
-    ) -> Result<Response<PeerMessage>, Status> {
+    async fn append_entries(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let rpc = self.accept(request)?;
         self.reply(&self.raft.append_entries(rpc).await)
     }
@@ -85,50 +73,27 @@ impl RaftPeer for PeerService {
         self.reply(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        request: Request<PeerMessage>,
-    ) -> Result<Response<PeerMessage>, Status> {
+    async fn install_snapshot(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let rpc = self.accept(request)?;
         self.reply(&self.raft.install_snapshot(rpc).await)
     }
 
-    async fn propose(
-        &self,
-        request: Request<PeerMessage>,
-    ) -> Result<Response<PeerMessage>, Status> {
+    async fn propose(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let command: Command = self.accept(request)?;
-        let result: Result<CommandResponse, ForwardError> = self
-            .raft
-            .client_write(command)
-            .await
-            .map(|r| r.data)
-            .map_err(client_write_error);
+        let result: Result<CommandResponse, ForwardError> =
+            self.raft.client_write(command).await.map(|r| r.data).map_err(client_write_error);
         self.reply(&result)
     }
 
-    async fn read_index(
-        &self,
-        request: Request<PeerMessage>,
-    ) -> Result<Response<PeerMessage>, Status> {
+    async fn read_index(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let () = self.accept(request)?;
-        let result: Result<Option<LogId>, ForwardError> = self
-            .raft
-            .ensure_linearizable()
-            .await
-            .map_err(check_leader_error);
+        let result: Result<Option<LogId>, ForwardError> =
+            self.raft.ensure_linearizable().await.map_err(check_leader_error);
         self.reply(&result)
     }
 
-    async fn identify(
-        &self,
-        _request: Request<IdentifyRequest>,
-    ) -> Result<Response<IdentifyResponse>, Status> {
-        let initialized = self
-            .raft
-            .is_initialized()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+    async fn identify(&self, _request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
+        let initialized = self.raft.is_initialized().await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(IdentifyResponse {
             node_id: self.node_id,
             cluster_id: self.state.cluster_id().unwrap_or_default(),

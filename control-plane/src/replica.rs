@@ -32,8 +32,7 @@ enum Route {
 
 impl Replica {
     fn deadline(&self, client_deadline: Option<Duration>) -> Instant {
-        Instant::now()
-            + client_deadline.map_or(self.request_timeout, |d| d.min(self.request_timeout))
+        Instant::now() + client_deadline.map_or(self.request_timeout, |d| d.min(self.request_timeout))
     }
 
     fn route(&self, leader_id: Option<NodeId>, leader: Option<Node>) -> Route {
@@ -59,28 +58,17 @@ impl Replica {
                 }
             }
         };
-        tokio::time::timeout(remaining, wait)
-            .await
-            .map_err(|_| Error::NoLeader { node_id: self.id })
+        tokio::time::timeout(remaining, wait).await.map_err(|_| Error::NoLeader { node_id: self.id })
     }
 
     /// Commits `command` through Raft and returns what applying it produced.
-    pub async fn propose(
-        &self,
-        command: Command,
-        client_deadline: Option<Duration>,
-    ) -> Result<CommandResponse> {
+    pub async fn propose(&self, command: Command, client_deadline: Option<Duration>) -> Result<CommandResponse> {
         let deadline = self.deadline(client_deadline);
-        let timeout_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64;
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let what = command.kind();
         tokio::time::timeout_at(deadline.into(), self.propose_until(command, deadline))
             .await
-            .map_err(|_| Error::Timeout {
-                what: what.to_string(),
-                timeout_ms,
-            })?
+            .map_err(|_| Error::Timeout { what: what.to_string(), timeout_ms })?
     }
 
     async fn propose_until(&self, command: Command, deadline: Instant) -> Result<CommandResponse> {
@@ -100,17 +88,12 @@ impl Replica {
                     match self.peers.forward_propose(&leader, &command, ttl).await {
                         Ok(Ok(response)) => return Ok(response),
                         // The leader refused before proposing: safe to try again.
-                        Ok(Err(ForwardError::NotLeader { .. })) => {
-                            self.wait_for_leader(deadline).await?
-                        }
+                        Ok(Err(ForwardError::NotLeader { .. })) => self.wait_for_leader(deadline).await?,
                         Ok(Err(ForwardError::Other(m))) => return Err(Error::Raft(m)),
                         // Unknown outcome: the write may have been committed. Say so and let the
                         // client retry with its idempotency token.
                         Err(PeerCallError::Unreachable(m) | PeerCallError::Other(m)) => {
-                            return Err(Error::Peer {
-                                peer: leader.peer_addr,
-                                message: m,
-                            })
+                            return Err(Error::Peer { peer: leader.peer_addr, message: m })
                         }
                     }
                 }
@@ -121,15 +104,10 @@ impl Replica {
     /// Returns once every write committed before this call is applied on this replica.
     pub async fn read_barrier(&self, client_deadline: Option<Duration>) -> Result<()> {
         let deadline = self.deadline(client_deadline);
-        let timeout_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as u64;
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         tokio::time::timeout_at(deadline.into(), self.read_barrier_until(deadline))
             .await
-            .map_err(|_| Error::Timeout {
-                what: "read index".into(),
-                timeout_ms,
-            })?
+            .map_err(|_| Error::Timeout { what: "read index".into(), timeout_ms })?
     }
 
     async fn read_barrier_until(&self, deadline: Instant) -> Result<()> {
@@ -165,16 +143,9 @@ impl Replica {
                                 })?;
                             return Ok(());
                         }
-                        Ok(Err(ForwardError::NotLeader { .. })) => {
-                            self.wait_for_leader(deadline).await?
-                        }
+                        Ok(Err(ForwardError::NotLeader { .. })) => self.wait_for_leader(deadline).await?,
                         Ok(Err(ForwardError::Other(m))) => return Err(Error::Raft(m)),
-                        Err(e) => {
-                            return Err(Error::Peer {
-                                peer: leader.peer_addr,
-                                message: e.to_string(),
-                            })
-                        }
+                        Err(e) => return Err(Error::Peer { peer: leader.peer_addr, message: e.to_string() }),
                     }
                 }
             }
@@ -184,12 +155,8 @@ impl Replica {
     /// The leader's id and api address as this replica knows them.
     pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
         let m = self.raft.metrics().borrow().clone();
-        let addr = m.current_leader.and_then(|id| {
-            m.membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| n.api_addr.clone())
-        });
+        let addr =
+            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.api_addr.clone()));
         (m.current_leader, addr)
     }
 
@@ -197,11 +164,7 @@ impl Replica {
     pub fn not_leader(&self) -> Error {
         let (leader_id, leader_api_addr) = self.leader();
         match leader_id {
-            Some(_) => Error::NotLeader {
-                node_id: self.id,
-                leader_id,
-                leader_api_addr,
-            },
+            Some(_) => Error::NotLeader { node_id: self.id, leader_id, leader_api_addr },
             None => Error::NoLeader { node_id: self.id },
         }
     }

@@ -22,37 +22,24 @@ async fn t10_three_replicas_bootstrap_once_and_survive_a_full_restart() {
     let cluster_id = status.cluster_id.clone();
     assert_eq!(status.members.len(), 3);
     for id in 1..=3 {
-        assert_eq!(
-            c.status_of(id).await.unwrap().cluster_id,
-            cluster_id,
-            "replica {id} has another cluster id"
-        );
+        assert_eq!(c.status_of(id).await.unwrap().cluster_id, cluster_id, "replica {id} has another cluster id");
     }
 
     let client = c.client();
     for i in 0..20 {
-        client
-            .create_capacity_group(group(&format!("g{i}")))
-            .await
-            .expect("create");
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create");
     }
 
     // Every replica stopped gracefully at once, then started again.
     for id in 1..=3 {
-        assert!(
-            c.terminate(id).success(),
-            "replica {id} did not exit cleanly on SIGTERM"
-        );
+        assert!(c.terminate(id).success(), "replica {id} did not exit cleanly on SIGTERM");
     }
     for id in 1..=3 {
         c.start_replica(id);
     }
     let leader = c.wait_for_leader(ELECTION).await;
     let status = c.status_of(leader).await.unwrap();
-    assert_eq!(
-        status.cluster_id, cluster_id,
-        "a restart must never re-initialize the cluster"
-    );
+    assert_eq!(status.cluster_id, cluster_id, "a restart must never re-initialize the cluster");
     let names: BTreeSet<String> = c
         .client()
         .list_capacity_groups(ReadConsistency::Linearizable)
@@ -61,10 +48,7 @@ async fn t10_three_replicas_bootstrap_once_and_survive_a_full_restart() {
         .into_iter()
         .map(|g| g.name)
         .collect();
-    assert_eq!(
-        names,
-        (0..20).map(|i| format!("g{i}")).collect::<BTreeSet<_>>()
-    );
+    assert_eq!(names, (0..20).map(|i| format!("g{i}")).collect::<BTreeSet<_>>());
 
     // And after a kill -9 of all of them: nothing acknowledged is lost.
     for id in 1..=3 {
@@ -74,11 +58,7 @@ async fn t10_three_replicas_bootstrap_once_and_survive_a_full_restart() {
         c.start_replica(id);
     }
     c.wait_for_leader(ELECTION).await;
-    let after = c
-        .client()
-        .list_capacity_groups(ReadConsistency::Linearizable)
-        .await
-        .unwrap();
+    let after = c.client().list_capacity_groups(ReadConsistency::Linearizable).await.unwrap();
     assert_eq!(after.len(), 20);
     assert_eq!(c.status_of(1).await.unwrap().cluster_id, cluster_id);
 }
@@ -90,11 +70,8 @@ async fn t20_write_via_follower_is_read_everywhere_and_survives_leader_kill() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
 
     // A client that knows only a follower: the write is forwarded to the leader.
-    let created = c
-        .client_of(follower)
-        .create_capacity_group(group("via-follower"))
-        .await
-        .expect("write through a follower");
+    let created =
+        c.client_of(follower).create_capacity_group(group("via-follower")).await.expect("write through a follower");
     assert!(created.create_time_ms > 0);
     for id in 1..=3 {
         let g = c
@@ -109,10 +86,7 @@ async fn t20_write_via_follower_is_read_everywhere_and_survives_leader_kill() {
     let mut acked = vec!["via-follower".to_string()];
     for i in 0..30 {
         let name = format!("before-kill-{i}");
-        client
-            .create_capacity_group(group(&name))
-            .await
-            .expect("create");
+        client.create_capacity_group(group(&name)).await.expect("create");
         acked.push(name);
     }
 
@@ -123,40 +97,21 @@ async fn t20_write_via_follower_is_read_everywhere_and_survives_leader_kill() {
     eprintln!("new leader {new_leader} after {:?}", start.elapsed());
     for i in 0..10 {
         let name = format!("after-kill-{i}");
-        client
-            .create_capacity_group(group(&name))
-            .await
-            .expect("write after failover");
+        client.create_capacity_group(group(&name)).await.expect("write after failover");
         acked.push(name);
     }
-    let names: BTreeSet<String> = client
-        .list_capacity_groups(ReadConsistency::Linearizable)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|g| g.name)
-        .collect();
+    let names: BTreeSet<String> =
+        client.list_capacity_groups(ReadConsistency::Linearizable).await.unwrap().into_iter().map(|g| g.name).collect();
     for name in &acked {
-        assert!(
-            names.contains(name),
-            "acknowledged write {name} lost after leader kill"
-        );
+        assert!(names.contains(name), "acknowledged write {name} lost after leader kill");
     }
 
     // The killed replica comes back and catches up.
     c.start_replica(leader);
     let target = c.status_of(new_leader).await.unwrap().last_applied_index;
     c.wait_applied(leader, target, ELECTION).await;
-    let on_restarted = c
-        .client_of(leader)
-        .list_capacity_groups(ReadConsistency::Stale)
-        .await
-        .unwrap();
-    assert_eq!(
-        on_restarted.len(),
-        acked.len(),
-        "restarted replica did not catch up"
-    );
+    let on_restarted = c.client_of(leader).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+    assert_eq!(on_restarted.len(), acked.len(), "restarted replica did not catch up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,16 +121,11 @@ async fn t30_replaced_replica_catches_up_from_a_snapshot() {
     let victim = (1..=3).rev().find(|id| *id != leader).unwrap();
     let client = c.client();
     for i in 0..150 {
-        client
-            .create_capacity_group(group(&format!("g{i}")))
-            .await
-            .expect("create");
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create");
     }
     // The log behind a snapshot is purged: a fresh replica cannot catch up from the log alone.
     let status = wait_until(ELECTION, "a snapshot on the leader", || async {
-        c.status_of(leader)
-            .await
-            .filter(|s| s.snapshot_index >= 100)
+        c.status_of(leader).await.filter(|s| s.snapshot_index >= 100)
     })
     .await;
     assert!(status.snapshot_index >= 100, "{status:?}");
@@ -183,38 +133,18 @@ async fn t30_replaced_replica_catches_up_from_a_snapshot() {
     // The replica dies and its disk is lost; replace it with a new replica.
     c.kill(victim);
     c.wipe(victim);
-    let removed = client
-        .remove_member(victim)
-        .await
-        .expect("remove dead replica");
+    let removed = client.remove_member(victim).await.expect("remove dead replica");
     assert!(removed.members.iter().all(|m| m.node_id != victim));
     let (peer, api) = c.spawn_joiner(9);
-    let added = client
-        .add_member(9, &peer, &api)
-        .await
-        .expect("add replacement");
-    assert_eq!(
-        common::role_of(&added, 9),
-        Some(MemberRole::Follower),
-        "{added:?}"
-    );
+    let added = client.add_member(9, &peer, &api).await.expect("add replacement");
+    assert_eq!(common::role_of(&added, 9), Some(MemberRole::Follower), "{added:?}");
 
     let target = c.status_of(leader).await.unwrap().last_applied_index;
     let joined = c.wait_applied(9, target, ELECTION).await;
-    assert!(
-        joined.snapshot_index > 0,
-        "the new replica should have installed a snapshot: {joined:?}"
-    );
-    let groups = c
-        .client_of(9)
-        .list_capacity_groups(ReadConsistency::Stale)
-        .await
-        .unwrap();
+    assert!(joined.snapshot_index > 0, "the new replica should have installed a snapshot: {joined:?}");
+    let groups = c.client_of(9).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
     assert_eq!(groups.len(), 150);
-    assert_eq!(
-        joined.cluster_id,
-        c.status_of(leader).await.unwrap().cluster_id
-    );
+    assert_eq!(joined.cluster_id, c.status_of(leader).await.unwrap().cluster_id);
 
     // The new member counts toward the quorum: with the old leader gone, writes still commit.
     c.kill(leader);
@@ -230,10 +160,7 @@ async fn t40_five_replicas_tolerate_two_losses_and_fail_fast_without_quorum() {
     let mut c = Cluster::start(5, &["--request-timeout-ms", "2000"]);
     let leader = c.wait_for_leader(ELECTION).await;
     let client = c.client();
-    client
-        .create_capacity_group(group("five"))
-        .await
-        .expect("create");
+    client.create_capacity_group(group("five")).await.expect("create");
 
     // Two down, one of them the leader: the other three keep accepting writes.
     let followers: Vec<u64> = (1..=5).filter(|id| *id != leader).collect();
@@ -241,34 +168,19 @@ async fn t40_five_replicas_tolerate_two_losses_and_fail_fast_without_quorum() {
     c.kill(followers[0]);
     c.wait_for_leader(ELECTION).await;
     for i in 0..5 {
-        client
-            .create_capacity_group(group(&format!("two-down-{i}")))
-            .await
-            .expect("write with two replicas down");
+        client.create_capacity_group(group(&format!("two-down-{i}"))).await.expect("write with two replicas down");
     }
 
     // Three down: no majority. A write fails with UNAVAILABLE within its deadline, never hangs.
     c.kill(followers[1]);
     let deadline = Duration::from_secs(6);
-    let short = c.client_with(ClientOptions {
-        deadline,
-        attempt_timeout: Duration::from_secs(3),
-        ..ClientOptions::default()
-    });
+    let short =
+        c.client_with(ClientOptions { deadline, attempt_timeout: Duration::from_secs(3), ..ClientOptions::default() });
     let start = Instant::now();
-    let err = short
-        .create_capacity_group(group("no-quorum"))
-        .await
-        .expect_err("a write without quorum must fail");
+    let err = short.create_capacity_group(group("no-quorum")).await.expect_err("a write without quorum must fail");
     let took = start.elapsed();
-    assert!(
-        matches!(err, Error::Unavailable { .. }),
-        "expected UNAVAILABLE, got {err}"
-    );
-    assert!(
-        took < deadline + Duration::from_secs(2),
-        "took {took:?}, beyond its {deadline:?} deadline"
-    );
+    assert!(matches!(err, Error::Unavailable { .. }), "expected UNAVAILABLE, got {err}");
+    assert!(took < deadline + Duration::from_secs(2), "took {took:?}, beyond its {deadline:?} deadline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,10 +193,7 @@ async fn t50_bad_input_names_the_field_and_duplicates_are_refused() {
     bad.0.instance_count = 0;
     bad.0.resources_per_instance.as_mut().unwrap().cpu = -1.0;
     bad.0.resources_per_instance.as_mut().unwrap().memory_mb = 0;
-    let err = client
-        .create_capacity_group(bad)
-        .await
-        .expect_err("invalid group accepted");
+    let err = client.create_capacity_group(bad).await.expect_err("invalid group accepted");
     let fields: Vec<&str> = err.violations().iter().map(|v| v.field.as_str()).collect();
     assert_eq!(
         fields,
@@ -297,84 +206,36 @@ async fn t50_bad_input_names_the_field_and_duplicates_are_refused() {
         "{err}"
     );
 
-    let err = client
-        .create_capacity_group(group("bad name!"))
-        .await
-        .expect_err("bad name accepted");
+    let err = client.create_capacity_group(group("bad name!")).await.expect_err("bad name accepted");
     assert_eq!(err.violations()[0].field, "group.name");
 
-    client
-        .create_capacity_group(group("dup"))
-        .await
-        .expect("first create");
-    let err = client
-        .create_capacity_group(group("dup"))
-        .await
-        .expect_err("duplicate accepted");
-    assert!(
-        matches!(&err, Error::AlreadyExists(m) if m.contains("group.name")),
-        "{err}"
-    );
+    client.create_capacity_group(group("dup")).await.expect("first create");
+    let err = client.create_capacity_group(group("dup")).await.expect_err("duplicate accepted");
+    assert!(matches!(&err, Error::AlreadyExists(m) if m.contains("group.name")), "{err}");
 
-    let err = client
-        .get_capacity_group("missing", ReadConsistency::Linearizable)
-        .await
-        .expect_err("missing group found");
+    let err =
+        client.get_capacity_group("missing", ReadConsistency::Linearizable).await.expect_err("missing group found");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
-    let err = client
-        .update_capacity_group(group("missing"))
-        .await
-        .expect_err("update of a missing group");
+    let err = client.update_capacity_group(group("missing")).await.expect_err("update of a missing group");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 
     // A retried create with the same idempotency token returns the first result, not ALREADY_EXISTS.
-    let mut raw = CapacityGroupServiceClient::connect(format!("http://{}", c.replica(2).api_addr))
-        .await
-        .unwrap();
-    let req = CreateCapacityGroupRequest {
-        group: Some(group("idem").0),
-        idempotency_token: "token-1".into(),
-    };
-    let first = raw
-        .create_capacity_group(req.clone())
-        .await
-        .expect("first create")
-        .into_inner();
-    let retried = raw
-        .create_capacity_group(req)
-        .await
-        .expect("retried create")
-        .into_inner();
+    let mut raw = CapacityGroupServiceClient::connect(format!("http://{}", c.replica(2).api_addr)).await.unwrap();
+    let req = CreateCapacityGroupRequest { group: Some(group("idem").0), idempotency_token: "token-1".into() };
+    let first = raw.create_capacity_group(req.clone()).await.expect("first create").into_inner();
+    let retried = raw.create_capacity_group(req).await.expect("retried create").into_inner();
     assert_eq!(first, retried);
-    let other_token = CreateCapacityGroupRequest {
-        group: Some(group("idem").0),
-        idempotency_token: "token-2".into(),
-    };
-    assert_eq!(
-        raw.create_capacity_group(other_token)
-            .await
-            .unwrap_err()
-            .code(),
-        tonic::Code::AlreadyExists
-    );
+    let other_token = CreateCapacityGroupRequest { group: Some(group("idem").0), idempotency_token: "token-2".into() };
+    assert_eq!(raw.create_capacity_group(other_token).await.unwrap_err().code(), tonic::Code::AlreadyExists);
 
     // Update keeps the create time; delete removes; a second delete is NOT_FOUND.
-    let before = client
-        .get_capacity_group("dup", ReadConsistency::Linearizable)
-        .await
-        .unwrap();
+    let before = client.get_capacity_group("dup", ReadConsistency::Linearizable).await.unwrap();
     let mut bigger = group("dup");
     bigger.0.instance_count = 42;
     let after = client.update_capacity_group(bigger).await.unwrap();
-    assert_eq!(
-        (after.instance_count, after.create_time_ms),
-        (42, before.create_time_ms)
-    );
+    assert_eq!((after.instance_count, after.create_time_ms), (42, before.create_time_ms));
     client.delete_capacity_group("dup").await.unwrap();
-    assert!(matches!(
-        client.delete_capacity_group("dup").await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(client.delete_capacity_group("dup").await, Err(Error::NotFound(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,25 +252,11 @@ async fn t15_health_and_reflection_answer_on_the_api_port() {
     c.wait_for_leader(ELECTION).await;
     let url = format!("http://{}", c.replica(2).api_addr);
 
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "titus.CapacityGroupService", "titus.ClusterService"] {
-        let s = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            s.status,
-            ServingStatus::Serving as i32,
-            "health of {service:?}"
-        );
+        let s = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(s.status, ServingStatus::Serving as i32, "health of {service:?}");
     }
 
     let mut reflection = ServerReflectionClient::new(channel);
@@ -417,29 +264,14 @@ async fn t15_health_and_reflection_answer_on_the_api_port() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut replies = reflection
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = replies
-        .message()
-        .await
-        .unwrap()
-        .expect("a reflection reply");
+    let mut replies = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.message().await.unwrap().expect("a reflection reply");
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
         panic!("unexpected reply {reply:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
-        "titus.CapacityGroupService",
-        "titus.ClusterService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing from {names:?}"
-        );
+    for expected in ["titus.CapacityGroupService", "titus.ClusterService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
 }
 
@@ -450,13 +282,7 @@ fn t60_startup_errors_are_one_clear_line() {
     let data = dir.path().join("data");
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
-    let free = |_: ()| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
+    let free = |_: ()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let args = |node: u64, peer: &str, api: &str| -> Vec<String> {
         vec![
             "--node-id".into(),
@@ -477,10 +303,7 @@ fn t60_startup_errors_are_one_clear_line() {
 
     let (status, err) = run_to_exit(&args(1, &free(()), &busy_addr), within);
     assert!(!status.success());
-    assert!(
-        err.contains(&format!("api-listen {busy_addr}: address already in use")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("api-listen {busy_addr}: address already in use")), "{err}");
 
     // The data dir now belongs to replica 1 (the failed start above bound nothing, so create it).
     let (peer, api) = (free(()), free(()));
@@ -491,26 +314,17 @@ fn t60_startup_errors_are_one_clear_line() {
         .unwrap();
     let started = Instant::now();
     while !data.join("CURRENT").exists() {
-        assert!(
-            started.elapsed() < within,
-            "replica 1 never created its data dir"
-        );
+        assert!(started.elapsed() < within, "replica 1 never created its data dir");
         std::thread::sleep(Duration::from_millis(20));
     }
     let (status, err) = run_to_exit(&args(2, &free(()), &free(())), within);
     assert!(!status.success());
-    assert!(
-        err.contains("in use by another process") || err.contains("belongs to replica 1"),
-        "{err}"
-    );
+    assert!(err.contains("in use by another process") || err.contains("belongs to replica 1"), "{err}");
     first.kill().unwrap();
     first.wait().unwrap();
     let (status, err) = run_to_exit(&args(2, &free(()), &free(())), within);
     assert!(!status.success());
-    assert!(
-        err.contains("belongs to replica 1, not to node-id 2"),
-        "{err}"
-    );
+    assert!(err.contains("belongs to replica 1, not to node-id 2"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
 }
 
@@ -523,10 +337,7 @@ async fn t70_a_replica_of_another_cluster_is_refused_and_cannot_disrupt() {
     let a_id = a.status_of(1).await.unwrap().cluster_id;
     let b_id = b.status_of(b_leader).await.unwrap().cluster_id;
     assert_ne!(a_id, b_id);
-    a.client()
-        .create_capacity_group(group("only-in-a"))
-        .await
-        .unwrap();
+    a.client().create_capacity_group(group("only-in-a")).await.unwrap();
 
     // B's replica 3 is started on a copy of A's replica 3 data dir (same node id, wrong cluster).
     let intruder = 3;
@@ -535,41 +346,21 @@ async fn t70_a_replica_of_another_cluster_is_refused_and_cannot_disrupt() {
     b.transplant_data_from(&a, intruder, intruder);
     b.start_replica(intruder);
 
-    let client = b.client_with(ClientOptions {
-        deadline: Duration::from_secs(20),
-        ..ClientOptions::default()
-    });
+    let client = b.client_with(ClientOptions { deadline: Duration::from_secs(20), ..ClientOptions::default() });
     for i in 0..10 {
-        client
-            .create_capacity_group(group(&format!("b-{i}")))
-            .await
-            .expect("B keeps working with two good replicas");
+        client.create_capacity_group(group(&format!("b-{i}"))).await.expect("B keeps working with two good replicas");
     }
     wait_until(ELECTION, "the intruder to refuse B's messages", || async {
         b.log_of(intruder).contains("another cluster").then_some(())
     })
     .await;
     let s = b.status_of(intruder).await.expect("intruder answers");
-    assert_eq!(
-        s.cluster_id, a_id,
-        "the intruder must keep its own cluster id"
-    );
+    assert_eq!(s.cluster_id, a_id, "the intruder must keep its own cluster id");
     for id in [1, 2] {
         let s = b.status_of(id).await.unwrap();
         assert_eq!(s.cluster_id, b_id);
-        assert!(
-            s.leader_id != 0 && s.leader_id != intruder,
-            "replica {id} follows {}",
-            s.leader_id
-        );
+        assert!(s.leader_id != 0 && s.leader_id != intruder, "replica {id} follows {}", s.leader_id);
     }
-    let groups = b
-        .client_of(intruder)
-        .list_capacity_groups(ReadConsistency::Stale)
-        .await
-        .unwrap();
-    assert!(
-        groups.iter().all(|g| !g.name.starts_with("b-")),
-        "B's data leaked into a replica of A"
-    );
+    let groups = b.client_of(intruder).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+    assert!(groups.iter().all(|g| !g.name.starts_with("b-")), "B's data leaked into a replica of A");
 }

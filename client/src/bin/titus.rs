@@ -6,11 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use titus_client::{CapacityGroupSpec, Client, Error, ReadConsistency, Tier};
 
 #[derive(Parser)]
-#[command(
-    name = "titus",
-    version,
-    about = "Command-line client of the Titus control plane"
-)]
+#[command(name = "titus", version, about = "Command-line client of the Titus control plane")]
 struct Cli {
     /// Api addresses of any replicas (comma-separated); any one is enough.
     #[arg(
@@ -109,16 +105,7 @@ fn spec(a: GroupArgs) -> CapacityGroupSpec {
         TierArg::Critical => Tier::Critical,
         TierArg::Flex => Tier::Flex,
     };
-    CapacityGroupSpec::new(
-        &a.name,
-        tier,
-        a.cpu,
-        a.memory_mb,
-        a.disk_mb,
-        a.network_mbps,
-        a.instances,
-    )
-    .gpu(a.gpu)
+    CapacityGroupSpec::new(&a.name, tier, a.cpu, a.memory_mb, a.disk_mb, a.network_mbps, a.instances).gpu(a.gpu)
 }
 
 fn consistency(stale: bool) -> ReadConsistency {
@@ -196,23 +183,14 @@ fn print_status(out: Output, s: &titus_client::ClusterStatus) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    println!(
-        "cluster {}  leader {} ({})  term {}",
-        s.cluster_id, s.leader_id, s.leader_api_addr, s.term
-    );
+    println!("cluster {}  leader {} ({})  term {}", s.cluster_id, s.leader_id, s.leader_api_addr, s.term);
     println!(
         "answered by replica {}: last log {}, applied {}, snapshot {}",
         s.node_id, s.last_log_index, s.last_applied_index, s.snapshot_index
     );
     println!("{:<8} {:<10} {:<22} {:<22}", "ID", "ROLE", "PEER", "API");
     for m in &s.members {
-        println!(
-            "{:<8} {:<10} {:<22} {:<22}",
-            m.node_id,
-            role_name(m.role),
-            m.peer_addr,
-            m.api_addr
-        );
+        println!("{:<8} {:<10} {:<22} {:<22}", m.node_id, role_name(m.role), m.peer_addr, m.api_addr);
     }
 }
 
@@ -233,16 +211,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let out = cli.output;
     match cli.command {
         Command::CapacityGroup(cmd) => match cmd {
-            CapacityGroupCmd::Create(a) => {
-                print_groups(out, &[client.create_capacity_group(spec(a)).await?])
+            CapacityGroupCmd::Create(a) => print_groups(out, &[client.create_capacity_group(spec(a)).await?]),
+            CapacityGroupCmd::Update(a) => print_groups(out, &[client.update_capacity_group(spec(a)).await?]),
+            CapacityGroupCmd::Get { name, stale } => {
+                print_groups(out, &[client.get_capacity_group(&name, consistency(stale)).await?])
             }
-            CapacityGroupCmd::Update(a) => {
-                print_groups(out, &[client.update_capacity_group(spec(a)).await?])
-            }
-            CapacityGroupCmd::Get { name, stale } => print_groups(
-                out,
-                &[client.get_capacity_group(&name, consistency(stale)).await?],
-            ),
             CapacityGroupCmd::List { stale } => {
                 print_groups(out, &client.list_capacity_groups(consistency(stale)).await?)
             }
@@ -253,17 +226,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
         },
         Command::Cluster(cmd) => match cmd {
             ClusterCmd::Status => print_status(out, &client.cluster_status().await?),
-            ClusterCmd::Add {
-                node_id,
-                peer_addr,
-                api_addr,
-            } => print_status(
-                out,
-                &client.add_member(node_id, &peer_addr, &api_addr).await?,
-            ),
-            ClusterCmd::Remove { node_id } => {
-                print_status(out, &client.remove_member(node_id).await?)
+            ClusterCmd::Add { node_id, peer_addr, api_addr } => {
+                print_status(out, &client.add_member(node_id, &peer_addr, &api_addr).await?)
             }
+            ClusterCmd::Remove { node_id } => print_status(out, &client.remove_member(node_id).await?),
         },
     }
     Ok(())

@@ -18,19 +18,14 @@ pub struct CapacityGroupApi {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn expect_group(response: CommandResponse) -> Result<pb::CapacityGroup, Status> {
     match response {
         CommandResponse::CapacityGroup(g) => Ok(capacity_group_to_proto(g)),
         CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
-        other => Err(Status::internal(format!(
-            "unexpected apply result {other:?}"
-        ))),
+        other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
     }
 }
 
@@ -58,21 +53,11 @@ impl CapacityGroupService for CapacityGroupApi {
         let idempotency_token = Some(req.idempotency_token).filter(|t| !t.is_empty());
         if let Some(t) = &idempotency_token {
             if t.len() > 256 {
-                return Err(
-                    Error::invalid("idempotency_token", "must be at most 256 characters").into(),
-                );
+                return Err(Error::invalid("idempotency_token", "must be at most 256 characters").into());
             }
         }
-        let response = self
-            .replica
-            .propose(
-                Command::CreateCapacityGroup {
-                    group,
-                    idempotency_token,
-                },
-                deadline,
-            )
-            .await?;
+        let response =
+            self.replica.propose(Command::CreateCapacityGroup { group, idempotency_token }, deadline).await?;
         Ok(Response::new(expect_group(response)?))
     }
 
@@ -83,10 +68,7 @@ impl CapacityGroupService for CapacityGroupApi {
         let deadline = client_deadline(&request);
         let mut group = capacity_group_from_proto("group", request.into_inner().group)?;
         group.update_time_ms = now_ms();
-        let response = self
-            .replica
-            .propose(Command::UpdateCapacityGroup { group }, deadline)
-            .await?;
+        let response = self.replica.propose(Command::UpdateCapacityGroup { group }, deadline).await?;
         Ok(Response::new(expect_group(response)?))
     }
 
@@ -113,15 +95,8 @@ impl CapacityGroupService for CapacityGroupApi {
         &self,
         request: Request<pb::ListCapacityGroupsRequest>,
     ) -> Result<Response<pb::ListCapacityGroupsResponse>, Status> {
-        self.read_barrier(&request, request.get_ref().consistency)
-            .await?;
-        let groups = self
-            .replica
-            .state
-            .capacity_groups()?
-            .into_iter()
-            .map(capacity_group_to_proto)
-            .collect();
+        self.read_barrier(&request, request.get_ref().consistency).await?;
+        let groups = self.replica.state.capacity_groups()?.into_iter().map(capacity_group_to_proto).collect();
         Ok(Response::new(pb::ListCapacityGroupsResponse { groups }))
     }
 
@@ -132,16 +107,10 @@ impl CapacityGroupService for CapacityGroupApi {
         let deadline = client_deadline(&request);
         let name = request.into_inner().name;
         validate_name("name", &name).map_err(|v| Error::InvalidArgument(vec![v]))?;
-        match self
-            .replica
-            .propose(Command::DeleteCapacityGroup { name }, deadline)
-            .await?
-        {
+        match self.replica.propose(Command::DeleteCapacityGroup { name }, deadline).await? {
             CommandResponse::Done => Ok(Response::new(pb::DeleteCapacityGroupResponse {})),
             CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
         }
     }
 }

@@ -54,11 +54,8 @@ impl ClusterApi {
             ServerState::Candidate => pb::MemberRole::Candidate,
             ServerState::Shutdown => pb::MemberRole::RoleUnknown,
         };
-        let leader_api_addr = m
-            .current_leader
-            .and_then(|id| membership.get_node(&id))
-            .map(|n| n.api_addr.clone())
-            .unwrap_or_default();
+        let leader_api_addr =
+            m.current_leader.and_then(|id| membership.get_node(&id)).map(|n| n.api_addr.clone()).unwrap_or_default();
         pb::ClusterStatus {
             cluster_id: self.replica.state.cluster_id().unwrap_or_default(),
             node_id: m.id,
@@ -90,11 +87,7 @@ impl ClusterApi {
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Error::Raft(format!("{what}: {e}")).into()),
-            Err(_) => Err(Error::Timeout {
-                what: what.into(),
-                timeout_ms: timeout.as_millis() as u64,
-            }
-            .into()),
+            Err(_) => Err(Error::Timeout { what: what.into(), timeout_ms: timeout.as_millis() as u64 }.into()),
         }
     }
 }
@@ -108,10 +101,7 @@ impl ClusterService for ClusterApi {
         Ok(Response::new(self.status()))
     }
 
-    async fn add_member(
-        &self,
-        request: Request<pb::AddMemberRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let timeout = client_deadline(&request).unwrap_or(MEMBERSHIP_TIMEOUT);
         let req = request.into_inner();
         if req.node_id == 0 {
@@ -123,25 +113,14 @@ impl ClusterService for ClusterApi {
             }
         }
         self.require_leader()?;
-        let node = Node {
-            peer_addr: req.peer_addr,
-            api_addr: req.api_addr,
-        };
+        let node = Node { peer_addr: req.peer_addr, api_addr: req.api_addr };
         tracing::info!(node_id = req.node_id, %node, "adding member: learner first, voter once caught up");
         // Blocks until the learner has caught up with the leader's log (or snapshot).
-        self.bounded(
-            "add learner",
-            timeout,
-            self.replica.raft.add_learner(req.node_id, node, true),
-        )
-        .await?;
+        self.bounded("add learner", timeout, self.replica.raft.add_learner(req.node_id, node, true)).await?;
         self.bounded(
             "promote to voter",
             timeout,
-            self.replica.raft.change_membership(
-                ChangeMembers::AddVoterIds(BTreeSet::from([req.node_id])),
-                false,
-            ),
+            self.replica.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.node_id])), false),
         )
         .await?;
         Ok(Response::new(self.status()))
@@ -154,14 +133,7 @@ impl ClusterService for ClusterApi {
         let timeout = client_deadline(&request).unwrap_or(MEMBERSHIP_TIMEOUT);
         let id = request.into_inner().node_id;
         self.require_leader()?;
-        let membership = self
-            .replica
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = self.replica.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         if membership.get_node(&id).is_none() {
             return Err(Error::invalid("node_id", format!("replica {id} is not a member")).into());
@@ -179,12 +151,7 @@ impl ClusterService for ClusterApi {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        self.bounded(
-            "remove member",
-            timeout,
-            self.replica.raft.change_membership(change, false),
-        )
-        .await?;
+        self.bounded("remove member", timeout, self.replica.raft.change_membership(change, false)).await?;
         Ok(Response::new(self.status()))
     }
 }

@@ -10,10 +10,7 @@ pub fn tier_from_proto(field: &str, t: i32) -> Result<Tier> {
         Ok(pb::Tier::Critical) => Ok(Tier::Critical),
         // Titus's default tier.
         Ok(pb::Tier::Flex) | Ok(pb::Tier::Unspecified) => Ok(Tier::Flex),
-        Err(_) => Err(Error::invalid(
-            field,
-            format!("{t} is not a tier (CRITICAL or FLEX)"),
-        )),
+        Err(_) => Err(Error::invalid(field, format!("{t} is not a tier (CRITICAL or FLEX)"))),
     }
 }
 
@@ -26,10 +23,7 @@ pub fn tier_to_proto(t: Tier) -> pb::Tier {
 
 /// The group in a request; `field` is where it sits in the request. Times are left at 0: the
 /// leader's clock decides them.
-pub fn capacity_group_from_proto(
-    field: &str,
-    g: Option<pb::CapacityGroup>,
-) -> Result<CapacityGroup> {
+pub fn capacity_group_from_proto(field: &str, g: Option<pb::CapacityGroup>) -> Result<CapacityGroup> {
     let g = g.ok_or_else(|| Error::invalid(field, "is required"))?;
     let r = g.resources_per_instance.unwrap_or_default();
     let group = CapacityGroup {

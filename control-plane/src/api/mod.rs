@@ -34,14 +34,11 @@ mod tests {
     fn grpc_timeout_header_is_understood() {
         let mut r = tonic::Request::new(());
         assert_eq!(client_deadline(&r), None);
-        r.metadata_mut()
-            .insert("grpc-timeout", "1500m".parse().unwrap());
+        r.metadata_mut().insert("grpc-timeout", "1500m".parse().unwrap());
         assert_eq!(client_deadline(&r), Some(Duration::from_millis(1500)));
-        r.metadata_mut()
-            .insert("grpc-timeout", "2S".parse().unwrap());
+        r.metadata_mut().insert("grpc-timeout", "2S".parse().unwrap());
         assert_eq!(client_deadline(&r), Some(Duration::from_secs(2)));
-        r.metadata_mut()
-            .insert("grpc-timeout", "x".parse().unwrap());
+        r.metadata_mut().insert("grpc-timeout", "x".parse().unwrap());
         assert_eq!(client_deadline(&r), None);
     }
 }

@@ -8,11 +8,7 @@ use clap::Parser;
 use titus_control_plane::config::{parse_member, Config, MemberConfig, RaftTuning};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "titus-control-plane",
-    version,
-    about = "One replica of the Titus control plane"
-)]
+#[command(name = "titus-control-plane", version, about = "One replica of the Titus control plane")]
 struct Args {
     /// TOML config file (template: deploy/control-plane.toml). Flags override its settings.
     #[arg(long, env = "TITUS_CONFIG")]
@@ -40,19 +36,10 @@ fn config_from(args: Args) -> Result<Config, String> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
         None => Config {
-            node_id: args
-                .node_id
-                .ok_or("--node-id is required without --config")?,
-            data_dir: args
-                .data_dir
-                .clone()
-                .ok_or("--data-dir is required without --config")?,
-            peer_listen: args
-                .peer_listen
-                .ok_or("--peer-listen is required without --config")?,
-            api_listen: args
-                .api_listen
-                .ok_or("--api-listen is required without --config")?,
+            node_id: args.node_id.ok_or("--node-id is required without --config")?,
+            data_dir: args.data_dir.clone().ok_or("--data-dir is required without --config")?,
+            peer_listen: args.peer_listen.ok_or("--peer-listen is required without --config")?,
+            api_listen: args.api_listen.ok_or("--api-listen is required without --config")?,
             initial_members: Vec::new(),
             raft: RaftTuning::default(),
             request_timeout_ms: 5_000,
@@ -88,14 +75,10 @@ fn config_from(args: Args) -> Result<Config, String> {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,openraft=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into());
     // Colours only on a terminal: log files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -10,22 +10,40 @@ pub const SM_META: &str = "sm_meta";
 pub const SNAPSHOT: &str = "snapshot";
 /// Capacity groups, keyed by name.
 pub const CAPACITY_GROUPS: &str = "capacity_groups";
-/// Idempotency tokens of mutating calls, keyed by token, valued by the result to return on a retry.
+/// Idempotency tokens of mutating calls, keyed by kind/token, valued by the result to return on a
+/// retry and an expiry.
 pub const IDEMPOTENCY_TOKENS: &str = "idempotency_tokens";
+/// Active (not finished) jobs, keyed by job id.
+pub const JOBS: &str = "jobs";
+/// Active tasks, keyed by task id; finished ones stay until their job finishes or they are replaced.
+pub const TASKS: &str = "tasks";
+/// Index `job_id/task_id` → empty, for a job's tasks.
+pub const TASKS_BY_JOB: &str = "tasks_by_job";
+/// Finished jobs and tasks, still findable until retention purges them.
+pub const ARCHIVED_JOBS: &str = "archived_jobs";
+pub const ARCHIVED_TASKS: &str = "archived_tasks";
+pub const ARCHIVED_TASKS_BY_JOB: &str = "archived_tasks_by_job";
+/// Index `finish time (big-endian ms) ++ job_id` → empty, oldest first, for retention.
+pub const ARCHIVE_ORDER: &str = "archive_order";
 
 /// Column families that hold replicated state. A snapshot carries exactly these, and installing one
 /// replaces them whole; adding an entity means adding its column family here.
-pub const STATE: &[&str] = &[CAPACITY_GROUPS, IDEMPOTENCY_TOKENS];
-
-/// Every column family the store opens.
-pub const ALL: &[&str] = &[
-    RAFT_LOG,
-    RAFT_META,
-    SM_META,
-    SNAPSHOT,
+pub const STATE: &[&str] = &[
     CAPACITY_GROUPS,
     IDEMPOTENCY_TOKENS,
+    JOBS,
+    TASKS,
+    TASKS_BY_JOB,
+    ARCHIVED_JOBS,
+    ARCHIVED_TASKS,
+    ARCHIVED_TASKS_BY_JOB,
+    ARCHIVE_ORDER,
 ];
+
+/// Every column family the store opens.
+pub fn all() -> impl Iterator<Item = &'static str> {
+    [RAFT_LOG, RAFT_META, SM_META, SNAPSHOT].into_iter().chain(STATE.iter().copied())
+}
 
 /// Keys inside [`RAFT_META`].
 pub mod raft_meta {

@@ -30,13 +30,8 @@ impl LogStore {
 
     fn get_raft_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StoreResult<Option<T>> {
         let cf = cf_handle(&self.db, cf::RAFT_META)?;
-        let bytes = self
-            .db
-            .get_cf(cf, key)
-            .map_err(|e| StorageIOError::read(&e))?;
-        bytes
-            .map(|b| codec::decode(&b).map_err(|e| StorageIOError::read(&e).into()))
-            .transpose()
+        let bytes = self.db.get_cf(cf, key).map_err(|e| StorageIOError::read(&e))?;
+        bytes.map(|b| codec::decode(&b).map_err(|e| StorageIOError::read(&e).into())).transpose()
     }
 
     fn last_log_id(&self) -> StoreResult<Option<LogId>> {
@@ -45,8 +40,7 @@ impl LogStore {
             None => Ok(None),
             Some(item) => {
                 let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-                let entry: Entry =
-                    codec::decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry: Entry = codec::decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
                 Ok(Some(entry.log_id))
             }
         }
@@ -66,10 +60,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let cf = cf_handle(&self.db, cf::RAFT_LOG)?;
         let key = log_key(start);
         let mut entries = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&key, Direction::Forward))
-        {
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&key, Direction::Forward)) {
             let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
             let entry: Entry = codec::decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
             if !range.contains(&entry.log_id.index) {
@@ -87,10 +78,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId> = self.get_raft_meta(cf::raft_meta::LAST_PURGED)?;
         let last_log_id = self.last_log_id()?.or(last_purged_log_id);
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -102,11 +90,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = cf_handle(&self.db, cf::RAFT_META)?;
         // Vote must be persisted to disk before returning: a replica that forgets its vote after a
         // crash could vote twice in one term.
-        blocking(|| {
-            self.db
-                .put_cf_opt(cf, cf::raft_meta::VOTE, bytes, &sync_write_options())
-        })
-        .map_err(|e| StorageIOError::write_vote(&e))?;
+        blocking(|| self.db.put_cf_opt(cf, cf::raft_meta::VOTE, bytes, &sync_write_options()))
+            .map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
 
@@ -119,16 +104,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = cf_handle(&self.db, cf::RAFT_META)?;
         // Not synced: the committed index is an optimisation for restart (apply without waiting for
         // the leader); losing it is harmless.
-        self.db
-            .put_cf(cf, cf::raft_meta::COMMITTED, bytes)
-            .map_err(|e| StorageIOError::write(&e))?;
+        self.db.put_cf(cf, cf::raft_meta::COMMITTED, bytes).map_err(|e| StorageIOError::write(&e))?;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId>> {
-        Ok(self
-            .get_raft_meta::<Option<LogId>>(cf::raft_meta::COMMITTED)?
-            .flatten())
+        Ok(self.get_raft_meta::<Option<LogId>>(cf::raft_meta::COMMITTED)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
@@ -163,8 +144,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.delete_range_cf(cf, log_key(log_id.index), log_key(u64::MAX));
         // A truncation must be durable too: entries that reappear after a crash would conflict with
         // the leader's log.
-        blocking(|| self.db.write_opt(batch, &sync_write_options()))
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 
@@ -181,9 +161,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             codec::encode(&log_id).map_err(|e| StorageIOError::write_logs(&e))?,
         );
         batch.delete_range_cf(logs, log_key(0), log_key(log_id.index.saturating_add(1)));
-        self.db
-            .write(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.db.write(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 }
@@ -191,18 +169,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// The node id this data dir belongs to, if one was recorded.
 pub(super) fn stored_node_id(db: &DB) -> StoreResult<Option<NodeId>> {
     let cf = cf_handle(db, cf::RAFT_META)?;
-    let bytes = db
-        .get_cf(cf, cf::raft_meta::NODE_ID)
-        .map_err(|e| StorageIOError::read(&e))?;
-    bytes
-        .map(|b| codec::decode(&b).map_err(|e| StorageIOError::read(&e).into()))
-        .transpose()
+    let bytes = db.get_cf(cf, cf::raft_meta::NODE_ID).map_err(|e| StorageIOError::read(&e))?;
+    bytes.map(|b| codec::decode(&b).map_err(|e| StorageIOError::read(&e).into())).transpose()
 }
 
 pub(super) fn record_node_id(db: &DB, id: NodeId) -> StoreResult<()> {
     let cf = cf_handle(db, cf::RAFT_META)?;
     let bytes = codec::encode(&id).map_err(|e| StorageIOError::write(&e))?;
-    db.put_cf_opt(cf, cf::raft_meta::NODE_ID, bytes, &sync_write_options())
-        .map_err(|e| StorageIOError::write(&e))?;
+    db.put_cf_opt(cf, cf::raft_meta::NODE_ID, bytes, &sync_write_options()).map_err(|e| StorageIOError::write(&e))?;
     Ok(())
 }

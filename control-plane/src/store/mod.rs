@@ -23,6 +23,10 @@ pub use state_machine::StateMachine;
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::events::ChangeLog;
+use crate::jobs::store::{JobRead, TokenRecord};
+use crate::model::job::Job;
+use crate::model::task::Task;
 use crate::model::CapacityGroup;
 use crate::raft_types::{NodeId, StorageError};
 
@@ -31,20 +35,14 @@ pub type StoreResult<T> = std::result::Result<T, StorageError>;
 /// Opens (or creates) the store in `dir` for replica `node_id`. Fails with a clear error when the
 /// directory belongs to another replica, or is locked by a running one.
 pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, StateReader)> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Config(format!("data-dir {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Config(format!("data-dir {}: {e}", dir.display())))?;
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let families = cf::ALL
-        .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let families = cf::all().map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = DB::open_cf_descriptors(&opts, dir, families).map_err(|e| {
         if e.to_string().contains("lock") {
-            Error::Config(format!(
-                "data-dir {} is in use by another process: {e}",
-                dir.display()
-            ))
+            Error::Config(format!("data-dir {} is in use by another process: {e}", dir.display()))
         } else {
             Error::Storage(format!("opening RocksDB in {}: {e}", dir.display()))
         }
@@ -52,24 +50,22 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
     match log_store::stored_node_id(&db).map_err(|e| Error::Storage(e.to_string()))? {
         Some(stored) if stored != node_id => {
             return Err(Error::Config(format!(
-                "data-dir {} belongs to replica {stored}, not to node-id {node_id}; point this replica at its own data dir",
-                dir.display()
-            )))
+            "data-dir {} belongs to replica {stored}, not to node-id {node_id}; point this replica at its own data dir",
+            dir.display()
+        )))
         }
         Some(_) => {}
         None => log_store::record_node_id(&db, node_id).map_err(|e| Error::Storage(e.to_string()))?,
     }
     let db = Arc::new(db);
+    let applied = applied_index(&db)?;
     let reader = StateReader {
         db: db.clone(),
         cluster_id: Arc::new(RwLock::new(None)),
+        changes: Arc::new(ChangeLog::new(CHANGE_LOG_CAPACITY, applied)),
     };
     reader.reload_cluster_id()?;
-    Ok((
-        LogStore::new(db.clone()),
-        StateMachine::new(db, reader.clone()),
-        reader,
-    ))
+    Ok((LogStore::new(db.clone()), StateMachine::new(db, reader.clone()), reader))
 }
 
 /// Read-only access to the applied state, for the API. What it returns is what this replica has
@@ -79,14 +75,45 @@ pub struct StateReader {
     db: Arc<DB>,
     /// Checked on every peer message; cached so that check costs no disk read.
     cluster_id: Arc<RwLock<Option<String>>>,
+    /// Applied job and task changes, for observers.
+    pub changes: Arc<ChangeLog>,
+}
+
+/// Applied entries whose changes are kept for resuming observers.
+const CHANGE_LOG_CAPACITY: usize = 8192;
+
+fn applied_index(db: &DB) -> Result<u64> {
+    let cf = cf_handle(db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
+    let applied: Option<crate::raft_types::LogId> =
+        match db.get_cf(cf, cf::sm_meta::LAST_APPLIED).map_err(|e| Error::Storage(e.to_string()))? {
+            Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
+            None => None,
+        };
+    Ok(applied.map(|l| l.index).unwrap_or(0))
+}
+
+/// `job_id/task_id`: the key of a job's task in the by-job indexes.
+pub(crate) fn index_key(job_id: &str, task_id: &str) -> Vec<u8> {
+    format!("{job_id}/{task_id}").into_bytes()
+}
+
+/// Finish time then job id: the archive's retention order.
+pub(crate) fn archive_order_key(finished_ms: i64, job_id: &str) -> Vec<u8> {
+    let mut k = (finished_ms.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(job_id.as_bytes());
+    k
+}
+
+/// A consistent read of every active job and task, and the revision (applied index) it reflects.
+pub struct JobsSnapshot {
+    pub revision: u64,
+    pub jobs: Vec<Job>,
+    pub tasks: Vec<Task>,
 }
 
 impl StateReader {
     pub fn cluster_id(&self) -> Option<String> {
-        self.cluster_id
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.cluster_id.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn remember_cluster_id(&self, id: String) {
@@ -98,58 +125,180 @@ impl StateReader {
 
     fn reload_cluster_id(&self) -> Result<()> {
         let cf = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
-        let stored: Option<String> = match self
-            .db
-            .get_cf(cf, cf::sm_meta::CLUSTER_ID)
-            .map_err(|e| Error::Storage(e.to_string()))?
-        {
-            Some(b) => {
-                Some(codec::decode(&b).map_err(|e| Error::Storage(format!("cluster id: {e}")))?)
-            }
-            None => None,
-        };
+        let stored: Option<String> =
+            match self.db.get_cf(cf, cf::sm_meta::CLUSTER_ID).map_err(|e| Error::Storage(e.to_string()))? {
+                Some(b) => Some(codec::decode(&b).map_err(|e| Error::Storage(format!("cluster id: {e}")))?),
+                None => None,
+            };
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = stored;
         Ok(())
     }
 
     pub fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
-        let cf =
-            cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
-        match self
-            .db
-            .get_pinned_cf(cf, name.as_bytes())
-            .map_err(|e| Error::Storage(e.to_string()))?
-        {
+        let cf = cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
+        match self.db.get_pinned_cf(cf, name.as_bytes()).map_err(|e| Error::Storage(e.to_string()))? {
             Some(bytes) => {
-                Ok(Some(codec::decode(&bytes).map_err(|e| {
-                    Error::Storage(format!("capacity group {name:?}: {e}"))
-                })?))
+                Ok(Some(codec::decode(&bytes).map_err(|e| Error::Storage(format!("capacity group {name:?}: {e}")))?))
             }
             None => Ok(None),
         }
     }
 
     pub fn capacity_groups(&self) -> Result<Vec<CapacityGroup>> {
-        let cf =
-            cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-            out.push(
-                codec::decode(&v).map_err(|e| Error::Storage(format!("capacity group: {e}")))?,
-            );
+            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("capacity group: {e}")))?);
         }
         Ok(out)
     }
 }
 
+impl StateReader {
+    fn get<T: serde::de::DeserializeOwned>(&self, family: &str, key: &[u8]) -> Result<Option<T>> {
+        let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+        match self.db.get_pinned_cf(cf, key).map_err(|e| Error::Storage(e.to_string()))? {
+            Some(b) => Ok(Some(codec::decode(&b).map_err(|e| Error::Storage(format!("{family}: {e}")))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(&self, family: &str) -> Result<Vec<T>> {
+        let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("{family}: {e}")))?);
+        }
+        Ok(out)
+    }
+
+    /// Task ids under `job_id/` in a by-job index.
+    fn ids_with_prefix(&self, family: &str, job_id: &str) -> Result<Vec<String>> {
+        let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+        let prefix = format!("{job_id}/");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward))
+        {
+            let (k, _) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else { break };
+            out.push(String::from_utf8_lossy(rest).into_owned());
+        }
+        Ok(out)
+    }
+
+    pub fn archived_jobs(&self) -> Result<Vec<Job>> {
+        self.all(cf::ARCHIVED_JOBS)
+    }
+
+    pub fn tasks(&self) -> Result<Vec<Task>> {
+        self.all(cf::TASKS)
+    }
+
+    pub fn archived_tasks(&self) -> Result<Vec<Task>> {
+        self.all(cf::ARCHIVED_TASKS)
+    }
+
+    /// Up to `limit` archived jobs that finished before `before_ms`, oldest first.
+    pub fn archived_jobs_finished_before(&self, before_ms: i64, limit: usize) -> Result<Vec<String>> {
+        let cf = cf_handle(&self.db, cf::ARCHIVE_ORDER).map_err(|e| Error::Storage(e.to_string()))?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            if k.len() < 8 || out.len() >= limit {
+                break;
+            }
+            let ts = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8])) as i64;
+            if ts >= before_ms {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&k[8..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` idempotency tokens that expired before `now_ms`.
+    pub fn expired_tokens(&self, now_ms: i64, limit: usize) -> Result<Vec<String>> {
+        let cf = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS).map_err(|e| Error::Storage(e.to_string()))?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            if out.len() >= limit {
+                break;
+            }
+            match codec::decode::<TokenRecord>(&v) {
+                Ok(r) if r.expires_ms < now_ms => out.push(String::from_utf8_lossy(&k).into_owned()),
+                Ok(_) => {}
+                // Unreadable records are dropped rather than kept forever.
+                Err(_) => out.push(String::from_utf8_lossy(&k).into_owned()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every active job and task as of one applied index, read from one RocksDB snapshot.
+    pub fn jobs_snapshot(&self) -> Result<JobsSnapshot> {
+        let view = self.db.snapshot();
+        let storage = |e: rocksdb::Error| Error::Storage(e.to_string());
+        let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
+        let applied: Option<crate::raft_types::LogId> =
+            match view.get_cf(meta, cf::sm_meta::LAST_APPLIED).map_err(storage)? {
+                Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
+                None => None,
+            };
+        let read_all = |family: &str| -> Result<Vec<Vec<u8>>> {
+            let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+            view.iterator_cf(cf, rocksdb::IteratorMode::Start)
+                .map(|item| item.map(|(_, v)| v.into_vec()).map_err(storage))
+                .collect()
+        };
+        let decode_all = |family: &str| -> Result<Vec<_>> { Ok(read_all(family)?) };
+        let jobs = decode_all(cf::JOBS)?
+            .iter()
+            .map(|b| codec::decode(b).map_err(|e| Error::Storage(format!("jobs: {e}"))))
+            .collect::<Result<_>>()?;
+        let tasks = decode_all(cf::TASKS)?
+            .iter()
+            .map(|b| codec::decode(b).map_err(|e| Error::Storage(format!("tasks: {e}"))))
+            .collect::<Result<_>>()?;
+        Ok(JobsSnapshot { revision: applied.map(|l| l.index).unwrap_or(0), jobs, tasks })
+    }
+}
+
+impl JobRead for StateReader {
+    fn job(&self, id: &str) -> Result<Option<Job>> {
+        self.get(cf::JOBS, id.as_bytes())
+    }
+    fn task(&self, id: &str) -> Result<Option<Task>> {
+        self.get(cf::TASKS, id.as_bytes())
+    }
+    fn task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        self.ids_with_prefix(cf::TASKS_BY_JOB, job_id)
+    }
+    fn jobs(&self) -> Result<Vec<Job>> {
+        self.all(cf::JOBS)
+    }
+    fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
+        StateReader::capacity_group(self, name)
+    }
+    fn token(&self, key: &str) -> Result<Option<TokenRecord>> {
+        self.get(cf::IDEMPOTENCY_TOKENS, key.as_bytes())
+    }
+    fn archived_job(&self, id: &str) -> Result<Option<Job>> {
+        self.get(cf::ARCHIVED_JOBS, id.as_bytes())
+    }
+    fn archived_task(&self, id: &str) -> Result<Option<Task>> {
+        self.get(cf::ARCHIVED_TASKS, id.as_bytes())
+    }
+    fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        self.ids_with_prefix(cf::ARCHIVED_TASKS_BY_JOB, job_id)
+    }
+}
+
 fn cf_handle<'a>(db: &'a DB, name: &str) -> StoreResult<&'a ColumnFamily> {
-    db.cf_handle(name).ok_or_else(|| {
-        StorageIOError::read(&std::io::Error::other(format!(
-            "column family {name} is missing"
-        )))
-        .into()
-    })
+    db.cf_handle(name)
+        .ok_or_else(|| StorageIOError::read(&std::io::Error::other(format!("column family {name} is missing"))).into())
 }
 
 /// Log keys are big-endian indexes so that RocksDB's byte order is log order.

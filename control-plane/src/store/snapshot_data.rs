@@ -48,35 +48,20 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotDataError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(SnapshotDataError::Truncated(self.pos))?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(SnapshotDataError::Truncated(self.pos))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
     fn u16(&mut self) -> Result<u16, SnapshotDataError> {
-        Ok(u16::from_be_bytes(
-            self.take(2)?
-                .try_into()
-                .map_err(|_| SnapshotDataError::Truncated(self.pos))?,
-        ))
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| SnapshotDataError::Truncated(self.pos))?))
     }
     fn u32(&mut self) -> Result<u32, SnapshotDataError> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?
-                .try_into()
-                .map_err(|_| SnapshotDataError::Truncated(self.pos))?,
-        ))
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| SnapshotDataError::Truncated(self.pos))?))
     }
     fn u64(&mut self) -> Result<u64, SnapshotDataError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?
-                .try_into()
-                .map_err(|_| SnapshotDataError::Truncated(self.pos))?,
-        ))
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| SnapshotDataError::Truncated(self.pos))?))
     }
 }
 
@@ -93,9 +78,7 @@ pub fn decode_snapshot_data(buf: &[u8]) -> Result<Families, SnapshotDataError> {
     let mut families = Vec::new();
     for _ in 0..n {
         let name_len = r.u16()? as usize;
-        let name = std::str::from_utf8(r.take(name_len)?)
-            .map_err(|_| SnapshotDataError::BadName)?
-            .to_string();
+        let name = std::str::from_utf8(r.take(name_len)?).map_err(|_| SnapshotDataError::BadName)?.to_string();
         let count = r.u64()?;
         let mut records = Vec::new();
         for _ in 0..count {
@@ -120,25 +103,16 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_truncation() {
         let families: Families = vec![
-            (
-                "a".into(),
-                vec![(b"k1".to_vec(), b"v1".to_vec()), (vec![], vec![0; 300])],
-            ),
+            ("a".into(), vec![(b"k1".to_vec(), b"v1".to_vec()), (vec![], vec![0; 300])]),
             ("empty".into(), vec![]),
         ];
         let bytes = encode_snapshot_data(&families);
         assert_eq!(decode_snapshot_data(&bytes).unwrap(), families);
         for cut in [0, 3, 5, bytes.len() - 1] {
-            assert!(
-                decode_snapshot_data(&bytes[..cut]).is_err(),
-                "cut at {cut} decoded"
-            );
+            assert!(decode_snapshot_data(&bytes[..cut]).is_err(), "cut at {cut} decoded");
         }
         let mut v2 = bytes.clone();
         v2[4] = 2;
-        assert!(matches!(
-            decode_snapshot_data(&v2),
-            Err(SnapshotDataError::UnknownVersion(2))
-        ));
+        assert!(matches!(decode_snapshot_data(&v2), Err(SnapshotDataError::UnknownVersion(2))));
     }
 }

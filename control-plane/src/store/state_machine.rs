@@ -18,7 +18,26 @@ use super::snapshot_data::{decode_snapshot_data, encode_snapshot_data};
 use super::{blocking, cf_handle, sync_write_options, StateReader, StoreResult};
 use crate::codec;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::events::{Change, ChangeBatch};
+use crate::jobs;
+use crate::jobs::store::{Changes, JobRead, Overlay, TokenRecord, Write};
 use crate::model::CapacityGroup;
+use crate::store::{archive_order_key, index_key};
+
+/// How long a capacity group's idempotency token is remembered.
+const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+
+/// Encoding of any record, behind one object-safe trait so `write_changes` needs one helper.
+mod erased {
+    pub trait Encode {
+        fn encode(&self) -> Result<Vec<u8>, crate::codec::CodecError>;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<Vec<u8>, crate::codec::CodecError> {
+            crate::codec::encode(self)
+        }
+    }
+}
 use crate::raft_types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::store::cf;
 
@@ -36,13 +55,8 @@ impl StateMachine {
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StoreResult<Option<T>> {
         let cf = cf_handle(&self.db, cf::SM_META)?;
-        let bytes = self
-            .db
-            .get_cf(cf, key)
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        bytes
-            .map(|b| codec::decode(&b).map_err(|e| StorageIOError::read_state_machine(&e).into()))
-            .transpose()
+        let bytes = self.db.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        bytes.map(|b| codec::decode(&b).map_err(|e| StorageIOError::read_state_machine(&e).into())).transpose()
     }
 
     /// Applies one command into `batch`. Reads see every earlier entry (each was written already).
@@ -50,59 +64,39 @@ impl StateMachine {
         &self,
         batch: &mut WriteBatch,
         command: Command,
+        changes: &mut Vec<Change>,
     ) -> StoreResult<CommandResponse> {
         let groups = cf_handle(&self.db, cf::CAPACITY_GROUPS)?;
-        let err = |e: &dyn std::error::Error| {
-            StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()))
-        };
+        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
         let put_group = |batch: &mut WriteBatch, g: &CapacityGroup| -> StoreResult<()> {
-            batch.put_cf(
-                groups,
-                g.name.as_bytes(),
-                codec::encode(g).map_err(|e| err(&e))?,
-            );
+            batch.put_cf(groups, g.name.as_bytes(), codec::encode(g).map_err(|e| err(&e))?);
             Ok(())
         };
         Ok(match command {
             Command::SetClusterId { cluster_id } => {
                 if self.reader.cluster_id().is_none() {
                     let meta = cf_handle(&self.db, cf::SM_META)?;
-                    batch.put_cf(
-                        meta,
-                        cf::sm_meta::CLUSTER_ID,
-                        codec::encode(&cluster_id).map_err(|e| err(&e))?,
-                    );
+                    batch.put_cf(meta, cf::sm_meta::CLUSTER_ID, codec::encode(&cluster_id).map_err(|e| err(&e))?);
                 }
                 CommandResponse::Done
             }
-            Command::CreateCapacityGroup {
-                group,
-                idempotency_token,
-            } => {
+            Command::CreateCapacityGroup { group, idempotency_token } => {
                 let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
-                if let Some(token) = &idempotency_token {
-                    if let Some(name) = self
-                        .db
-                        .get_cf(tokens, token.as_bytes())
-                        .map_err(|e| err(&e))?
-                    {
-                        let name = String::from_utf8_lossy(&name).into_owned();
-                        return Ok(match self.reader.capacity_group(&name).map_err(|e| err(&e))? {
-                            Some(existing) => CommandResponse::CapacityGroup(existing),
-                            None => CommandResponse::Rejected(Rejection::new(
-                                RejectionKind::FailedPrecondition,
-                                "idempotency_token",
-                                format!("token was used to create capacity group {name:?}, which has since been deleted"),
-                            )),
-                        });
-                    }
-                }
-                if self
-                    .db
-                    .get_pinned_cf(groups, group.name.as_bytes())
-                    .map_err(|e| err(&e))?
-                    .is_some()
+                let token_key = idempotency_token.as_ref().map(|t| format!("capacity-group/{t}"));
+                if let Some(record) =
+                    token_key.as_ref().map(|k| self.reader.token(k)).transpose().map_err(|e| err(&e))?.flatten()
                 {
+                    let name = record.result;
+                    return Ok(match self.reader.capacity_group(&name).map_err(|e| err(&e))? {
+                        Some(existing) => CommandResponse::CapacityGroup(existing),
+                        None => CommandResponse::Rejected(Rejection::new(
+                            RejectionKind::FailedPrecondition,
+                            "idempotency_token",
+                            format!("token was used to create capacity group {name:?}, which has since been deleted"),
+                        )),
+                    });
+                }
+                if self.db.get_pinned_cf(groups, group.name.as_bytes()).map_err(|e| err(&e))?.is_some() {
                     CommandResponse::Rejected(Rejection::new(
                         RejectionKind::AlreadyExists,
                         "group.name",
@@ -110,35 +104,30 @@ impl StateMachine {
                     ))
                 } else {
                     put_group(batch, &group)?;
-                    if let Some(token) = &idempotency_token {
-                        batch.put_cf(tokens, token.as_bytes(), group.name.as_bytes());
+                    if let Some(key) = token_key {
+                        let record =
+                            TokenRecord { result: group.name.clone(), expires_ms: group.create_time_ms + TOKEN_TTL_MS };
+                        batch.put_cf(tokens, key.as_bytes(), codec::encode(&record).map_err(|e| err(&e))?);
                     }
                     CommandResponse::CapacityGroup(group)
                 }
             }
-            Command::UpdateCapacityGroup { mut group } => match self
-                .reader
-                .capacity_group(&group.name)
-                .map_err(|e| err(&e))?
-            {
-                None => CommandResponse::Rejected(Rejection::new(
-                    RejectionKind::NotFound,
-                    "group.name",
-                    format!("capacity group {:?} does not exist", group.name),
-                )),
-                Some(existing) => {
-                    group.create_time_ms = existing.create_time_ms;
-                    put_group(batch, &group)?;
-                    CommandResponse::CapacityGroup(group)
+            Command::UpdateCapacityGroup { mut group } => {
+                match self.reader.capacity_group(&group.name).map_err(|e| err(&e))? {
+                    None => CommandResponse::Rejected(Rejection::new(
+                        RejectionKind::NotFound,
+                        "group.name",
+                        format!("capacity group {:?} does not exist", group.name),
+                    )),
+                    Some(existing) => {
+                        group.create_time_ms = existing.create_time_ms;
+                        put_group(batch, &group)?;
+                        CommandResponse::CapacityGroup(group)
+                    }
                 }
-            },
+            }
             Command::DeleteCapacityGroup { name } => {
-                if self
-                    .db
-                    .get_pinned_cf(groups, name.as_bytes())
-                    .map_err(|e| err(&e))?
-                    .is_none()
-                {
+                if self.db.get_pinned_cf(groups, name.as_bytes()).map_err(|e| err(&e))?.is_none() {
                     CommandResponse::Rejected(Rejection::new(
                         RejectionKind::NotFound,
                         "name",
@@ -149,39 +138,104 @@ impl StateMachine {
                     CommandResponse::Done
                 }
             }
+            job_command => {
+                let mut overlay = Overlay::new(&self.reader);
+                let response = jobs::apply::apply(&mut overlay, job_command)
+                    .map_err(|e| err(&e))?
+                    .ok_or_else(|| err(&AnyErr("command has no apply rule".into())))?;
+                self.write_changes(batch, overlay.into_changes(), changes)?;
+                response
+            }
         })
+    }
+
+    /// Writes a job command's changes (and their indexes) into `batch`, and lists them for observers.
+    fn write_changes(&self, batch: &mut WriteBatch, c: Changes, out: &mut Vec<Change>) -> StoreResult<()> {
+        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| err(&e));
+        let (jobs, tasks, by_job) =
+            (cf_handle(&self.db, cf::JOBS)?, cf_handle(&self.db, cf::TASKS)?, cf_handle(&self.db, cf::TASKS_BY_JOB)?);
+        let (a_jobs, a_tasks, a_by_job, order) = (
+            cf_handle(&self.db, cf::ARCHIVED_JOBS)?,
+            cf_handle(&self.db, cf::ARCHIVED_TASKS)?,
+            cf_handle(&self.db, cf::ARCHIVED_TASKS_BY_JOB)?,
+            cf_handle(&self.db, cf::ARCHIVE_ORDER)?,
+        );
+        let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
+        for (id, w) in c.jobs {
+            match w {
+                Write::Put(j) => {
+                    batch.put_cf(jobs, id.as_bytes(), enc(&j)?);
+                    out.push(Change::Job(j));
+                }
+                Write::Delete(_) => batch.delete_cf(jobs, id.as_bytes()),
+            }
+        }
+        for (id, w) in c.tasks {
+            match w {
+                Write::Put(t) => {
+                    batch.put_cf(tasks, id.as_bytes(), enc(&t)?);
+                    batch.put_cf(by_job, index_key(&t.job_id, &id), b"");
+                    out.push(Change::Task(t));
+                }
+                Write::Delete(t) => {
+                    batch.delete_cf(tasks, id.as_bytes());
+                    batch.delete_cf(by_job, index_key(&t.job_id, &id));
+                }
+            }
+        }
+        for (id, w) in c.archived_jobs {
+            match w {
+                Write::Put(j) => {
+                    batch.put_cf(a_jobs, id.as_bytes(), enc(&j)?);
+                    batch.put_cf(order, archive_order_key(j.status.timestamp_ms, &id), b"");
+                    out.push(Change::Job(j));
+                }
+                Write::Delete(j) => {
+                    batch.delete_cf(a_jobs, id.as_bytes());
+                    batch.delete_cf(order, archive_order_key(j.status.timestamp_ms, &id));
+                }
+            }
+        }
+        for (id, w) in c.archived_tasks {
+            match w {
+                Write::Put(t) => {
+                    batch.put_cf(a_tasks, id.as_bytes(), enc(&t)?);
+                    batch.put_cf(a_by_job, index_key(&t.job_id, &id), b"");
+                    out.push(Change::Task(t));
+                }
+                Write::Delete(t) => {
+                    batch.delete_cf(a_tasks, id.as_bytes());
+                    batch.delete_cf(a_by_job, index_key(&t.job_id, &id));
+                }
+            }
+        }
+        for (key, record) in c.tokens {
+            match record {
+                Some(r) => batch.put_cf(tokens, key.as_bytes(), enc(&r)?),
+                None => batch.delete_cf(tokens, key.as_bytes()),
+            }
+        }
+        Ok(())
     }
 
     /// Reads the newest stored snapshot.
     fn stored_snapshot(&self) -> StoreResult<Option<(SnapshotMeta, Vec<u8>)>> {
         let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
-        let meta = self
-            .db
-            .get_cf(cf, cf::snapshot::META)
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        let data = self
-            .db
-            .get_cf(cf, cf::snapshot::DATA)
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let meta = self.db.get_cf(cf, cf::snapshot::META).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let data = self.db.get_cf(cf, cf::snapshot::DATA).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         match (meta, data) {
             (Some(meta), Some(data)) => {
-                let meta: SnapshotMeta =
-                    codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+                let meta: SnapshotMeta = codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
                 Ok(Some((meta, data)))
             }
             _ => Ok(None),
         }
     }
 
-    fn put_snapshot(
-        &self,
-        batch: &mut WriteBatch,
-        meta: &SnapshotMeta,
-        data: &[u8],
-    ) -> StoreResult<()> {
+    fn put_snapshot(&self, batch: &mut WriteBatch, meta: &SnapshotMeta, data: &[u8]) -> StoreResult<()> {
         let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
-        let meta_bytes = codec::encode(meta)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let meta_bytes = codec::encode(meta).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         batch.put_cf(cf, cf::snapshot::META, meta_bytes);
         batch.put_cf(cf, cf::snapshot::DATA, data);
         Ok(())
@@ -204,8 +258,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let view = self.db.snapshot();
         let read = |key: &[u8]| -> StoreResult<Option<Vec<u8>>> {
             let cf = cf_handle(&self.db, cf::SM_META)?;
-            view.get_cf(cf, key)
-                .map_err(|e| StorageIOError::read_state_machine(&e).into())
+            view.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e).into())
         };
         let last_applied: Option<LogId> = read(cf::sm_meta::LAST_APPLIED)?
             .map(|b| codec::decode(&b))
@@ -230,19 +283,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let data = encode_snapshot_data(&families);
         drop(view);
 
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{nanos}", id.leader_id.term, id.index),
             None => format!("0-0-{nanos}"),
         };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
 
         let mut batch = WriteBatch::default();
         self.put_snapshot(&mut batch, &meta, &data)?;
@@ -250,10 +297,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         blocking(|| self.db.write_opt(batch, &sync_write_options()))
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -276,13 +320,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let log_id = entry.log_id;
             let mut batch = WriteBatch::default();
             let mut new_cluster_id = None;
+            let mut changes = Vec::new();
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
                 EntryPayload::Normal(command) => {
                     if let Command::SetClusterId { cluster_id } = &command {
                         new_cluster_id = Some(cluster_id.clone());
                     }
-                    self.apply_command(&mut batch, command)?
+                    self.apply_command(&mut batch, command, &mut changes)?
                 }
                 EntryPayload::Membership(membership) => {
                     let stored = StoredMembership::new(Some(log_id), membership);
@@ -299,11 +344,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 cf::sm_meta::LAST_APPLIED,
                 codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?,
             );
-            self.db
-                .write(batch)
-                .map_err(|e| StorageIOError::apply(log_id, &e))?;
+            self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
+            }
+            if !changes.is_empty() {
+                self.reader.changes.publish(ChangeBatch { revision: log_id.index, changes, reset: false });
             }
             responses.push(response);
         }
@@ -318,14 +364,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> StoreResult<()> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StoreResult<()> {
         let data = snapshot.into_inner();
-        let families = decode_snapshot_data(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let families =
+            decode_snapshot_data(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let wr = |e: &dyn std::error::Error| {
             StorageIOError::<u64>::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
         };
@@ -341,10 +383,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         for (name, records) in &families {
             if !cf::STATE.contains(&name.as_str()) && name != cf::SM_META {
-                return Err(wr(&AnyErr(format!(
-                    "snapshot carries unknown column family {name:?}"
-                )))
-                .into());
+                return Err(wr(&AnyErr(format!("snapshot carries unknown column family {name:?}"))).into());
             }
             let cf = cf_handle(&self.db, name)?;
             for (k, v) in records {
@@ -352,27 +391,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let sm_meta = cf_handle(&self.db, cf::SM_META)?;
-        batch.put_cf(
-            sm_meta,
-            cf::sm_meta::LAST_APPLIED,
-            codec::encode(&meta.last_log_id).map_err(|e| wr(&e))?,
-        );
-        batch.put_cf(
-            sm_meta,
-            cf::sm_meta::MEMBERSHIP,
-            codec::encode(&meta.last_membership).map_err(|e| wr(&e))?,
-        );
+        batch.put_cf(sm_meta, cf::sm_meta::LAST_APPLIED, codec::encode(&meta.last_log_id).map_err(|e| wr(&e))?);
+        batch.put_cf(sm_meta, cf::sm_meta::MEMBERSHIP, codec::encode(&meta.last_membership).map_err(|e| wr(&e))?);
         self.put_snapshot(&mut batch, meta, &data)?;
         blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| wr(&e))?;
         self.reader.reload_cluster_id().map_err(|e| wr(&e))?;
+        // Observers cannot follow a wholesale replacement: they start over with a snapshot.
+        let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.reader.changes.publish(ChangeBatch { revision, changes: Vec::new(), reset: true });
         tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot>> {
-        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }

@@ -30,10 +30,7 @@ pub struct Cluster {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
 impl Cluster {
@@ -41,16 +38,8 @@ impl Cluster {
     pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
         let dir = TempDir::new().expect("temp dir");
         let replicas: Vec<Replica> = (1..=n).map(|id| Cluster::new_replica(&dir, id)).collect();
-        let members = replicas
-            .iter()
-            .map(|r| format!("{}={}/{}", r.id, r.peer_addr, r.api_addr))
-            .collect();
-        let mut c = Cluster {
-            replicas,
-            members,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            dir,
-        };
+        let members = replicas.iter().map(|r| format!("{}={}/{}", r.id, r.peer_addr, r.api_addr)).collect();
+        let mut c = Cluster { replicas, members, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), dir };
         // Start in reverse order: the initializer (lowest id) comes last, as "any order" requires.
         for id in (1..=n).rev() {
             c.start_replica(id);
@@ -70,17 +59,11 @@ impl Cluster {
     }
 
     pub fn replica(&self, id: u64) -> &Replica {
-        self.replicas
-            .iter()
-            .find(|r| r.id == id)
-            .expect("no such replica")
+        self.replicas.iter().find(|r| r.id == id).expect("no such replica")
     }
 
     fn replica_mut(&mut self, id: u64) -> &mut Replica {
-        self.replicas
-            .iter_mut()
-            .find(|r| r.id == id)
-            .expect("no such replica")
+        self.replicas.iter_mut().find(|r| r.id == id).expect("no such replica")
     }
 
     /// Starts (or restarts) replica `id` as a process.
@@ -89,11 +72,7 @@ impl Cluster {
         let extra = self.extra_args.clone();
         let r = self.replica_mut(id);
         assert!(r.process.is_none(), "replica {id} is already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&r.log)
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"));
         cmd.arg("--node-id")
             .arg(id.to_string())
@@ -103,11 +82,7 @@ impl Cluster {
             .arg(&r.peer_addr)
             .arg("--api-listen")
             .arg(&r.api_addr)
-            .args(
-                members
-                    .iter()
-                    .flat_map(|m| ["--member".to_string(), m.clone()]),
-            )
+            .args(members.iter().flat_map(|m| ["--member".to_string(), m.clone()]))
             .args(&extra)
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
@@ -119,26 +94,15 @@ impl Cluster {
     pub fn spawn_joiner(&mut self, id: u64) -> (String, String) {
         let r = Cluster::new_replica(&self.dir, id);
         let addrs = (r.peer_addr.clone(), r.api_addr.clone());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&r.log)
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"));
-        cmd.args([
-            "--node-id",
-            &id.to_string(),
-            "--peer-listen",
-            &r.peer_addr,
-            "--api-listen",
-            &r.api_addr,
-        ])
-        .arg("--data-dir")
-        .arg(&r.data_dir)
-        .args(&self.extra_args)
-        .env("RUST_LOG", "info,openraft=warn")
-        .stdout(Stdio::null())
-        .stderr(log);
+        cmd.args(["--node-id", &id.to_string(), "--peer-listen", &r.peer_addr, "--api-listen", &r.api_addr])
+            .arg("--data-dir")
+            .arg(&r.data_dir)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
         let mut r = r;
         r.process = Some(cmd.spawn().expect("spawn joiner"));
         self.replicas.push(r);
@@ -155,11 +119,7 @@ impl Cluster {
 
     /// SIGTERM and wait for a graceful exit; returns the exit status.
     pub fn terminate(&mut self, id: u64) -> std::process::ExitStatus {
-        let mut p = self
-            .replica_mut(id)
-            .process
-            .take()
-            .expect("replica is running");
+        let mut p = self.replica_mut(id).process.take().expect("replica is running");
         let pid = p.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -167,10 +127,7 @@ impl Cluster {
             if let Some(status) = p.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "replica {id} did not exit within 20 s of SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "replica {id} did not exit within 20 s of SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -182,11 +139,7 @@ impl Cluster {
     }
 
     pub fn running(&self) -> Vec<u64> {
-        self.replicas
-            .iter()
-            .filter(|r| r.process.is_some())
-            .map(|r| r.id)
-            .collect()
+        self.replicas.iter().filter(|r| r.process.is_some()).map(|r| r.id).collect()
     }
 
     /// A client seeded with every replica's api address.
@@ -200,55 +153,38 @@ impl Cluster {
     }
 
     pub fn client_with(&self, options: ClientOptions) -> Client {
-        Client::with_options(self.replicas.iter().map(|r| r.api_addr.as_str()), options)
-            .expect("client")
+        Client::with_options(self.replicas.iter().map(|r| r.api_addr.as_str()), options).expect("client")
     }
 
     pub async fn status_of(&self, id: u64) -> Option<ClusterStatus> {
-        self.client_of(id)
-            .cluster_status_of(&self.replica(id).api_addr)
-            .await
-            .ok()
+        self.client_of(id).cluster_status_of(&self.replica(id).api_addr).await.ok()
     }
 
     /// Waits until every running replica agrees on one leader among the running ones and knows
     /// the cluster id; returns the leader's id.
     pub async fn wait_for_leader(&self, within: Duration) -> u64 {
         let running = self.running();
-        wait_until(
-            within,
-            &format!("a leader agreed by replicas {running:?}"),
-            || async {
-                let mut leader = None;
-                for id in &running {
-                    let s = self.status_of(*id).await?;
-                    if s.leader_id == 0
-                        || !running.contains(&s.leader_id)
-                        || s.cluster_id.is_empty()
-                    {
-                        return None;
-                    }
-                    if *leader.get_or_insert(s.leader_id) != s.leader_id {
-                        return None;
-                    }
+        wait_until(within, &format!("a leader agreed by replicas {running:?}"), || async {
+            let mut leader = None;
+            for id in &running {
+                let s = self.status_of(*id).await?;
+                if s.leader_id == 0 || !running.contains(&s.leader_id) || s.cluster_id.is_empty() {
+                    return None;
                 }
-                leader
-            },
-        )
+                if *leader.get_or_insert(s.leader_id) != s.leader_id {
+                    return None;
+                }
+            }
+            leader
+        })
         .await
     }
 
     /// Waits until replica `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64, within: Duration) -> ClusterStatus {
-        wait_until(
-            within,
-            &format!("replica {id} applied index {index}"),
-            || async {
-                self.status_of(id)
-                    .await
-                    .filter(|s| s.last_applied_index >= index)
-            },
-        )
+        wait_until(within, &format!("replica {id} applied index {index}"), || async {
+            self.status_of(id).await.filter(|s| s.last_applied_index >= index)
+        })
         .await
     }
 
@@ -290,10 +226,7 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -303,10 +236,7 @@ pub fn group(name: &str) -> CapacityGroupSpec {
 }
 
 pub fn role_of(s: &ClusterStatus, id: u64) -> Option<MemberRole> {
-    s.members
-        .iter()
-        .find(|m| m.node_id == id)
-        .and_then(|m| MemberRole::try_from(m.role).ok())
+    s.members.iter().find(|m| m.node_id == id).and_then(|m| MemberRole::try_from(m.role).ok())
 }
 
 /// Runs `titus-control-plane` with `args` until it exits (at most `within`); returns its exit
@@ -331,12 +261,7 @@ pub fn run_to_exit(args: &[String], within: Duration) -> (std::process::ExitStat
     };
     let mut stderr = String::new();
     use std::io::Read;
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
     (status, stderr)
 }
 

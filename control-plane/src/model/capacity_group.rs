@@ -1,9 +1,8 @@
-//! Domain records as they are replicated and stored: Titus's capacity group, with validation that
-//! names the offending field.
-//!
-//! Pure data: no IO, no RocksDB, no proto. The API layer converts from and to the wire types.
+//! Titus's capacity group: an application's SLA (tier, resources per instance, instance count).
 
 use serde::{Deserialize, Serialize};
+
+use super::{validate_name, FieldViolation};
 
 /// Titus's tiers: Critical is placed first and has capacity reserved; Flex is the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,54 +33,6 @@ pub struct CapacityGroup {
     pub update_time_ms: i64,
 }
 
-/// One invalid field of a request: `field` is the path from the request's root.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FieldViolation {
-    pub field: String,
-    pub description: String,
-}
-
-impl std::fmt::Display for FieldViolation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.description)
-    }
-}
-
-impl FieldViolation {
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        }
-    }
-}
-
-pub const MAX_NAME_LEN: usize = 128;
-
-/// Names of capacity groups (and later jobs' application names) are identifiers that show up in
-/// metrics, CLI output and RocksDB keys: keep them to a safe alphabet.
-pub fn validate_name(field: &str, name: &str) -> Result<(), FieldViolation> {
-    if name.is_empty() {
-        return Err(FieldViolation::new(field, "must not be empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(FieldViolation::new(
-            field,
-            format!("must be at most {MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(FieldViolation::new(
-            field,
-            "may contain only letters, digits, '-', '_' and '.'",
-        ));
-    }
-    Ok(())
-}
-
 impl CapacityGroup {
     /// Checks every user-supplied field; `prefix` is the request field that holds the group.
     pub fn validate(&self, prefix: &str) -> Result<(), Vec<FieldViolation>> {
@@ -95,25 +46,16 @@ impl CapacityGroup {
             violations.push(FieldViolation::new(format!("{res}.cpu"), "must be > 0"));
         }
         if r.memory_mb == 0 {
-            violations.push(FieldViolation::new(
-                format!("{res}.memory_mb"),
-                "must be > 0",
-            ));
+            violations.push(FieldViolation::new(format!("{res}.memory_mb"), "must be > 0"));
         }
         if r.disk_mb == 0 {
             violations.push(FieldViolation::new(format!("{res}.disk_mb"), "must be > 0"));
         }
         if r.network_mbps == 0 {
-            violations.push(FieldViolation::new(
-                format!("{res}.network_mbps"),
-                "must be > 0",
-            ));
+            violations.push(FieldViolation::new(format!("{res}.network_mbps"), "must be > 0"));
         }
         if self.instance_count == 0 {
-            violations.push(FieldViolation::new(
-                format!("{prefix}.instance_count"),
-                "must be > 0",
-            ));
+            violations.push(FieldViolation::new(format!("{prefix}.instance_count"), "must be > 0"));
         }
         if violations.is_empty() {
             Ok(())
@@ -126,6 +68,7 @@ impl CapacityGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::MAX_NAME_LEN;
 
     fn group() -> CapacityGroup {
         CapacityGroup {
@@ -156,12 +99,7 @@ mod tests {
         g.resources_per_instance.cpu = -1.0;
         g.resources_per_instance.memory_mb = 0;
         g.instance_count = 0;
-        let fields: Vec<String> = g
-            .validate("group")
-            .unwrap_err()
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
+        let fields: Vec<String> = g.validate("group").unwrap_err().into_iter().map(|v| v.field).collect();
         assert_eq!(
             fields,
             vec![
@@ -179,10 +117,7 @@ mod tests {
         assert!(validate_name("n", "ok-name_1.x").is_ok());
         assert!(validate_name("n", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
         let nan = CapacityGroup {
-            resources_per_instance: ResourceDimension {
-                cpu: f64::NAN,
-                ..group().resources_per_instance
-            },
+            resources_per_instance: ResourceDimension { cpu: f64::NAN, ..group().resources_per_instance },
             ..group()
         };
         assert!(nan.validate("g").is_err());

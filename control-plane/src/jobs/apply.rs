@@ -1,0 +1,423 @@
+//! Applies job and task commands to an [`Overlay`]: deterministic, reads only replicated state,
+//! and rejects (changing nothing) what the state does not allow.
+
+use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::error::Result;
+use crate::jobs::store::{JobRead, Overlay, TokenRecord};
+use crate::model::job::{
+    validate_capacity, Job, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
+};
+use crate::model::task::{reason, Task, TaskState, TaskStatus};
+
+fn reject(kind: RejectionKind, field: &str, message: impl Into<String>) -> Result<CommandResponse> {
+    Ok(CommandResponse::Rejected(Rejection::new(kind, field, message)))
+}
+
+fn not_found(field: &str, what: &str, id: &str) -> Result<CommandResponse> {
+    reject(RejectionKind::NotFound, field, format!("{what} {id:?} does not exist"))
+}
+
+/// Key of a job's idempotency token in the token table.
+pub fn job_token_key(token: &str) -> String {
+    format!("job/{token}")
+}
+
+/// Applies a job or task command; returns `None` for commands that are not about jobs.
+pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse>> {
+    Ok(Some(match command {
+        Command::CreateJob { job, idempotency_token, token_expires_ms } => {
+            create_job(o, job, idempotency_token, token_expires_ms)?
+        }
+        Command::UpdateJobCapacity { job_id, min, desired, max } => update_capacity(o, &job_id, min, desired, max)?,
+        Command::UpdateJobStatus { job_id, enabled } => with_service_job(o, &job_id, "enable_status", |job| {
+            if let JobType::Service { enabled: e, .. } = &mut job.descriptor.job_type {
+                *e = enabled;
+            }
+            Ok(())
+        })?,
+        Command::UpdateJobProcesses { job_id, processes } => {
+            with_service_job(o, &job_id, "service_job_processes", |job| {
+                if let JobType::Service { processes: p, .. } = &mut job.descriptor.job_type {
+                    *p = processes;
+                }
+                Ok(())
+            })?
+        }
+        Command::UpdateJobAttributes { job_id, attributes } => match live_job(o, &job_id)? {
+            Err(r) => r,
+            Ok(mut job) => {
+                job.descriptor.attributes.extend(attributes);
+                o.put_job(job);
+                CommandResponse::Done
+            }
+        },
+        Command::DeleteJobAttributes { job_id, keys } => match live_job(o, &job_id)? {
+            Err(r) => r,
+            Ok(mut job) => {
+                for k in keys {
+                    job.descriptor.attributes.remove(&k);
+                }
+                o.put_job(job);
+                CommandResponse::Done
+            }
+        },
+        Command::KillJob { job_id, timestamp_ms } => kill_job(o, &job_id, timestamp_ms)?,
+        Command::KillTask { task_id, shrink, prevent_min_size_update, timestamp_ms } => {
+            kill_task(o, &task_id, shrink, prevent_min_size_update, timestamp_ms)?
+        }
+        Command::CreateTasks { tasks, archive } => create_tasks(o, tasks, archive)?,
+        Command::UpdateTaskStatus { task_id, status, context } => {
+            let Some(mut task) = o.task(&task_id)? else { return Ok(Some(not_found("task_id", "task", &task_id)?)) };
+            let from = task.state();
+            let mut status = status;
+            // A kill's reason (scaledDown, runtimeLimitExceeded, ...) is why the task finished.
+            if from == TaskState::KillInitiated
+                && status.state == TaskState::Finished
+                && matches!(status.reason_code.as_str(), "" | reason::KILLED | reason::NORMAL)
+            {
+                status.reason_code = task.status.reason_code.clone();
+            }
+            let to = status.state;
+            if !task.transition(status) {
+                return Ok(Some(reject(
+                    RejectionKind::FailedPrecondition,
+                    "state",
+                    format!("task {task_id:?} cannot move from {} to {}", from.name(), to.name()),
+                )?));
+            }
+            task.context.extend(context);
+            o.put_task(task);
+            CommandResponse::Done
+        }
+        Command::FinishJob { job_id, reason_code, reason_message, timestamp_ms } => {
+            let Some(mut job) = o.job(&job_id)? else { return Ok(Some(not_found("job_id", "job", &job_id)?)) };
+            let tasks = o.tasks_of_job(&job_id)?;
+            if let Some(live) = tasks.iter().find(|t| t.state().is_live()) {
+                return Ok(Some(reject(
+                    RejectionKind::FailedPrecondition,
+                    "job_id",
+                    format!("task {:?} of job {job_id:?} is still {}", live.id, live.state().name()),
+                )?));
+            }
+            job.set_status(JobStatus { state: JobState::Finished, reason_code, reason_message, timestamp_ms });
+            for t in tasks {
+                o.archive_task(t);
+            }
+            o.archive_job(job);
+            CommandResponse::Done
+        }
+        Command::PurgeArchive { job_ids, tokens } => {
+            for id in job_ids {
+                if let Some(job) = o.archived_job(&id)? {
+                    o.forget_archived_job(job)?;
+                }
+            }
+            for key in tokens {
+                o.changes.tokens.insert(key, None);
+            }
+            CommandResponse::Done
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// The job, if it exists and is not being killed.
+fn live_job(o: &Overlay, job_id: &str) -> Result<std::result::Result<Job, CommandResponse>> {
+    match o.job(job_id)? {
+        None => Ok(Err(not_found("job_id", "job", job_id)?)),
+        Some(job) if job.status.state != JobState::Accepted => Ok(Err(reject(
+            RejectionKind::FailedPrecondition,
+            "job_id",
+            format!("job {job_id:?} is {:?}", job.status.state),
+        )?)),
+        Some(job) => Ok(Ok(job)),
+    }
+}
+
+fn with_service_job(
+    o: &mut Overlay,
+    job_id: &str,
+    field: &str,
+    change: impl FnOnce(&mut Job) -> Result<()>,
+) -> Result<CommandResponse> {
+    let mut job = match live_job(o, job_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    if job.descriptor.is_batch() {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            field,
+            format!("job {job_id:?} is a batch job; only service jobs have this setting"),
+        );
+    }
+    change(&mut job)?;
+    o.put_job(job);
+    Ok(CommandResponse::Done)
+}
+
+/// Checks that the jobs of `job`'s capacity group, with `job` counted at `instances`, fit the
+/// group's reservation. Undefined groups other than DEFAULT are refused; DEFAULT without a
+/// definition is unlimited.
+fn check_quota(o: &Overlay, job: &Job, instances: u32) -> Result<Option<CommandResponse>> {
+    let name = &job.descriptor.capacity_group;
+    let Some(group) = o.capacity_group(name)? else {
+        if name == DEFAULT_CAPACITY_GROUP {
+            return Ok(None);
+        }
+        return Ok(Some(reject(
+            RejectionKind::FailedPrecondition,
+            "capacity_group",
+            format!("capacity group {name:?} does not exist"),
+        )?));
+    };
+    let mut used = [0f64; 5];
+    let mut add = |j: &Job, n: u32| {
+        let r = &j.descriptor.container.resources;
+        for (slot, v) in
+            used.iter_mut().zip([r.cpu, r.memory_mb as f64, r.disk_mb as f64, r.network_mbps as f64, r.gpu as f64])
+        {
+            *slot += v * n as f64;
+        }
+    };
+    for other in o.jobs()? {
+        if other.id != job.id && other.descriptor.capacity_group == *name && other.status.state == JobState::Accepted {
+            add(&other, other.descriptor.quota_instances());
+        }
+    }
+    add(job, instances);
+    let per = &group.resources_per_instance;
+    let n = group.instance_count as f64;
+    let limits = [
+        per.cpu * n,
+        per.memory_mb as f64 * n,
+        per.disk_mb as f64 * n,
+        per.network_mbps as f64 * n,
+        per.gpu as f64 * n,
+    ];
+    for ((dim, need), limit) in ["cpu", "memory_mb", "disk_mb", "network_mbps", "gpu"].iter().zip(used).zip(limits) {
+        if need > limit + 1e-9 {
+            return Ok(Some(reject(
+                RejectionKind::FailedPrecondition,
+                "capacity_group",
+                format!(
+                    "quota of capacity group {name:?} exhausted: its jobs would need {need} {dim}, it reserves {limit}"
+                ),
+            )?));
+        }
+    }
+    Ok(None)
+}
+
+fn create_job(o: &mut Overlay, job: Job, token: Option<String>, token_expires_ms: i64) -> Result<CommandResponse> {
+    if let Some(t) = &token {
+        if let Some(record) = o.token(&job_token_key(t))? {
+            if record.expires_ms > job.status.timestamp_ms {
+                return Ok(CommandResponse::JobId(record.result));
+            }
+        }
+    }
+    if o.job(&job.id)?.is_some() || o.archived_job(&job.id)?.is_some() {
+        return reject(RejectionKind::AlreadyExists, "job_id", format!("job {:?} already exists", job.id));
+    }
+    if let Some(r) = check_quota(o, &job, job.descriptor.quota_instances())? {
+        return Ok(r);
+    }
+    let id = job.id.clone();
+    if let Some(t) = token {
+        o.put_token(job_token_key(&t), TokenRecord { result: id.clone(), expires_ms: token_expires_ms });
+    }
+    o.put_job(job);
+    Ok(CommandResponse::JobId(id))
+}
+
+fn update_capacity(
+    o: &mut Overlay,
+    job_id: &str,
+    min: Option<u32>,
+    desired: Option<u32>,
+    max: Option<u32>,
+) -> Result<CommandResponse> {
+    let mut job = match live_job(o, job_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    let JobType::Service { capacity, processes, .. } = &mut job.descriptor.job_type else {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "capacity",
+            format!("job {job_id:?} is a batch job; only service jobs have a capacity"),
+        );
+    };
+    let old = *capacity;
+    let new = crate::model::job::Capacity {
+        min: min.unwrap_or(old.min),
+        desired: desired.unwrap_or(old.desired),
+        max: max.unwrap_or(old.max),
+    };
+    let mut violation = None;
+    validate_capacity("capacity", &new, &mut |f: &str, why: String| {
+        violation.get_or_insert((f.to_string(), why));
+    });
+    if let Some((field, why)) = violation {
+        return reject(RejectionKind::InvalidArgument, &field, why);
+    }
+    if new.desired > old.desired && processes.disable_increase_desired {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "capacity.desired",
+            "the job's processes disable increasing desired",
+        );
+    }
+    if new.desired < old.desired && processes.disable_decrease_desired {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "capacity.desired",
+            "the job's processes disable decreasing desired",
+        );
+    }
+    *capacity = new;
+    if new.desired > old.desired {
+        if let Some(r) = check_quota(o, &job, new.desired)? {
+            return Ok(r);
+        }
+    }
+    o.put_job(job);
+    Ok(CommandResponse::Done)
+}
+
+/// The status a kill moves a task to: a task that never launched has no container to stop.
+fn kill_status(task: &Task, reason_code: &str, message: &str, timestamp_ms: i64) -> TaskStatus {
+    let state = if task.state() == TaskState::Accepted { TaskState::Finished } else { TaskState::KillInitiated };
+    TaskStatus { state, reason_code: reason_code.into(), reason_message: message.into(), timestamp_ms }
+}
+
+fn kill_job(o: &mut Overlay, job_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
+    let Some(mut job) = o.job(job_id)? else {
+        if o.archived_job(job_id)?.is_some() {
+            return Ok(CommandResponse::Done); // already finished: killing it again changes nothing
+        }
+        return not_found("id", "job", job_id);
+    };
+    if job.status.state == JobState::Accepted {
+        job.set_status(JobStatus {
+            state: JobState::KillInitiated,
+            reason_code: reason::KILLED.into(),
+            reason_message: "killed by user".into(),
+            timestamp_ms,
+        });
+        for mut t in o.tasks_of_job(job_id)? {
+            if t.state().is_live() && t.state() != TaskState::KillInitiated {
+                let status = kill_status(&t, reason::KILLED, "job killed", timestamp_ms);
+                if t.transition(status) {
+                    o.put_task(t);
+                }
+            }
+        }
+        o.put_job(job);
+    }
+    Ok(CommandResponse::Done)
+}
+
+fn kill_task(
+    o: &mut Overlay,
+    task_id: &str,
+    shrink: bool,
+    prevent_min_size_update: bool,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
+    let Some(mut task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
+    if !task.state().is_live() {
+        return reject(RejectionKind::FailedPrecondition, "task_id", format!("task {task_id:?} is already Finished"));
+    }
+    if task.state() == TaskState::KillInitiated {
+        return Ok(CommandResponse::Done);
+    }
+    if shrink {
+        let Some(mut job) = o.job(&task.job_id)? else { return not_found("task_id", "job of task", &task.job_id) };
+        let JobType::Service { capacity, processes, .. } = &mut job.descriptor.job_type else {
+            return reject(
+                RejectionKind::InvalidArgument,
+                "shrink",
+                "only tasks of service jobs can be killed with shrink",
+            );
+        };
+        if processes.disable_decrease_desired {
+            return reject(
+                RejectionKind::FailedPrecondition,
+                "shrink",
+                "the job's processes disable decreasing desired",
+            );
+        }
+        if capacity.desired == 0 {
+            return reject(RejectionKind::FailedPrecondition, "shrink", "desired is already 0");
+        }
+        if capacity.desired - 1 < capacity.min {
+            if prevent_min_size_update {
+                return reject(
+                    RejectionKind::FailedPrecondition,
+                    "prevent_min_size_update",
+                    format!("shrinking would take desired below min {}", capacity.min),
+                );
+            }
+            capacity.min = capacity.desired - 1;
+        }
+        capacity.desired -= 1;
+        o.put_job(job);
+    }
+    let status = kill_status(
+        &task,
+        reason::KILLED,
+        if shrink { "killed by user, job shrunk" } else { "killed by user" },
+        timestamp_ms,
+    );
+    task.transition(status);
+    o.put_task(task);
+    Ok(CommandResponse::Done)
+}
+
+fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Result<CommandResponse> {
+    for id in archive {
+        match o.task(&id)? {
+            Some(t) if !t.state().is_live() => o.archive_task(t),
+            Some(t) => {
+                return reject(
+                    RejectionKind::FailedPrecondition,
+                    "archive",
+                    format!("task {id:?} is {}, not Finished", t.state().name()),
+                )
+            }
+            None => {}
+        }
+    }
+    for task in tasks {
+        let Some(job) = o.job(&task.job_id)? else { return not_found("job_id", "job", &task.job_id) };
+        if job.status.state != JobState::Accepted {
+            return reject(
+                RejectionKind::FailedPrecondition,
+                "job_id",
+                format!("job {:?} is {:?}: no new tasks", job.id, job.status.state),
+            );
+        }
+        if task.index >= MAX_TASKS_PER_JOB {
+            return reject(
+                RejectionKind::InvalidArgument,
+                "index",
+                format!("task index {} is out of range", task.index),
+            );
+        }
+        let siblings = o.tasks_of_job(&task.job_id)?;
+        if siblings.iter().any(|t| t.index == task.index && (t.state().is_live() || job.descriptor.is_batch())) {
+            return reject(
+                RejectionKind::AlreadyExists,
+                "index",
+                format!("job {:?} already has a task at index {}", job.id, task.index),
+            );
+        }
+        if o.task(&task.id)?.is_some() || o.archived_task(&task.id)?.is_some() {
+            return reject(RejectionKind::AlreadyExists, "task_id", format!("task {:?} already exists", task.id));
+        }
+        o.put_task(task);
+    }
+    Ok(CommandResponse::Done)
+}

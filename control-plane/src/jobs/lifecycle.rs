@@ -1,0 +1,281 @@
+//! The task lifecycle's decisions, as a pure function of replicated state and the time: which tasks
+//! to create (with retry back-off), which to kill (scale-down, stuck states, runtime limits), which
+//! jobs are finished, what the archive may forget. No IO, no clock, no tokio — the leader duty in
+//! `crate::lifecycle` reads the state, calls [`plan`], and proposes what it returns.
+//!
+//! Every command it returns is re-checked when applied, so a plan made from a stale view, or made
+//! twice, does no harm.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::command::Command;
+use crate::error::Result;
+use crate::jobs::store::JobRead;
+use crate::model::job::{Job, JobState, JobType};
+use crate::model::task::{context, reason, Task, TaskState, TaskStatus};
+
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    pub launched_timeout_ms: i64,
+    pub start_initiated_timeout_batch_ms: i64,
+    pub start_initiated_timeout_service_ms: i64,
+    pub kill_initiated_timeout_ms: i64,
+}
+
+impl Default for LifecycleConfig {
+    /// Titus's timeouts: Launched 60 s; StartInitiated 12 min (batch) / 5 min (service); KillInitiated 10 min.
+    fn default() -> Self {
+        LifecycleConfig {
+            launched_timeout_ms: 60_000,
+            start_initiated_timeout_batch_ms: 12 * 60_000,
+            start_initiated_timeout_service_ms: 5 * 60_000,
+            kill_initiated_timeout_ms: 10 * 60_000,
+        }
+    }
+}
+
+fn status(state: TaskState, reason_code: &str, message: &str, now: i64) -> TaskStatus {
+    TaskStatus { state, reason_code: reason_code.into(), reason_message: message.into(), timestamp_ms: now }
+}
+
+fn update(task: &Task, status: TaskStatus) -> Command {
+    Command::UpdateTaskStatus { task_id: task.id.clone(), status, context: BTreeMap::new() }
+}
+
+/// A new task at `index`, replacing `previous` when there is one.
+fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &mut dyn FnMut() -> String) -> Task {
+    let id = new_id();
+    let (original_id, resubmit_of, resubmit_number, system_resubmit_number) = match previous {
+        None => (id.clone(), None, 0, 0),
+        Some(p) => {
+            let system = u32::from(!reason::counts_against_retries(&p.status.reason_code));
+            (p.original_id.clone(), Some(p.id.clone()), p.resubmit_number + 1, p.system_resubmit_number + system)
+        }
+    };
+    let mut ctx = BTreeMap::new();
+    ctx.insert(context::TASK_INDEX.to_string(), index.to_string());
+    ctx.insert(context::ORIGINAL_ID.to_string(), original_id.clone());
+    if let Some(r) = &resubmit_of {
+        ctx.insert(context::RESUBMIT_OF.to_string(), r.clone());
+    }
+    Task {
+        id,
+        job_id: job.id.clone(),
+        index,
+        status: status(TaskState::Accepted, "", "", now),
+        status_history: Vec::new(),
+        context: ctx,
+        original_id,
+        resubmit_of,
+        resubmit_number,
+        system_resubmit_number,
+    }
+}
+
+/// Stuck-state timeouts and runtime limits of live tasks.
+fn timeouts(job: &Job, tasks: &[Task], now: i64, cfg: &LifecycleConfig, out: &mut Vec<Command>) {
+    for t in tasks {
+        let since = now - t.status.timestamp_ms;
+        match t.state() {
+            TaskState::Launched if since > cfg.launched_timeout_ms => {
+                out.push(update(t, status(TaskState::KillInitiated, reason::STUCK_IN_STATE, "stuck in Launched", now)));
+            }
+            TaskState::StartInitiated => {
+                let limit = if job.descriptor.is_batch() {
+                    cfg.start_initiated_timeout_batch_ms
+                } else {
+                    cfg.start_initiated_timeout_service_ms
+                };
+                if since > limit {
+                    out.push(update(
+                        t,
+                        status(TaskState::KillInitiated, reason::STUCK_IN_STATE, "stuck in StartInitiated", now),
+                    ));
+                }
+            }
+            TaskState::KillInitiated if since > cfg.kill_initiated_timeout_ms => {
+                out.push(update(
+                    t,
+                    status(TaskState::Finished, reason::STUCK_IN_KILLING_STATE, "no kill confirmation", now),
+                ));
+            }
+            TaskState::Started => {
+                if let JobType::Batch { runtime_limit_sec, .. } = job.descriptor.job_type {
+                    let started = t.entered(TaskState::Started).unwrap_or(t.status.timestamp_ms);
+                    if runtime_limit_sec > 0 && now - started > runtime_limit_sec as i64 * 1000 {
+                        out.push(update(
+                            t,
+                            status(
+                                TaskState::KillInitiated,
+                                reason::RUNTIME_LIMIT_EXCEEDED,
+                                "runtime limit exceeded",
+                                now,
+                            ),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What to do about one job.
+pub fn plan_job(
+    job: &Job,
+    tasks: &[Task],
+    now: i64,
+    cfg: &LifecycleConfig,
+    new_id: &mut dyn FnMut() -> String,
+) -> Vec<Command> {
+    let mut out = Vec::new();
+    timeouts(job, tasks, now, cfg, &mut out);
+    match job.status.state {
+        JobState::Finished => {}
+        JobState::KillInitiated => {
+            for t in tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::KillInitiated) {
+                let to = if t.state() == TaskState::Accepted { TaskState::Finished } else { TaskState::KillInitiated };
+                out.push(update(t, status(to, reason::KILLED, "job killed", now)));
+            }
+            if tasks.iter().all(|t| !t.state().is_live()) {
+                out.push(Command::FinishJob {
+                    job_id: job.id.clone(),
+                    reason_code: reason::KILLED.into(),
+                    reason_message: "job killed".into(),
+                    timestamp_ms: now,
+                });
+            }
+        }
+        JobState::Accepted => match &job.descriptor.job_type {
+            JobType::Batch { size, retry_policy, retry_on_runtime_limit, .. } => {
+                let mut create = Vec::new();
+                let mut archive = Vec::new();
+                let mut all_done = true;
+                let mut all_normal = true;
+                for index in 0..*size {
+                    let Some(t) = tasks.iter().filter(|t| t.index == index).max_by_key(|t| t.resubmit_number) else {
+                        create.push(new_task(job, index, None, now, new_id));
+                        all_done = false;
+                        continue;
+                    };
+                    if t.state().is_live() {
+                        all_done = false;
+                        continue;
+                    }
+                    let r = t.status.reason_code.as_str();
+                    if r == reason::NORMAL {
+                        continue;
+                    }
+                    let counts = reason::counts_against_retries(r);
+                    let exhausted = (r == reason::RUNTIME_LIMIT_EXCEEDED && !retry_on_runtime_limit)
+                        || (counts && t.counted_retries() >= retry_policy.retries());
+                    if exhausted {
+                        all_normal = false;
+                        continue;
+                    }
+                    all_done = false;
+                    let delay = if counts { retry_policy.delay_ms(t.counted_retries() + 1) as i64 } else { 0 };
+                    if now >= t.status.timestamp_ms + delay {
+                        create.push(new_task(job, index, Some(t), now, new_id));
+                        archive.push(t.id.clone());
+                    }
+                }
+                if !create.is_empty() {
+                    out.push(Command::CreateTasks { tasks: create, archive });
+                } else if all_done {
+                    let (code, message) = if all_normal {
+                        (reason::NORMAL, "all tasks completed")
+                    } else {
+                        (reason::FAILED, "tasks failed beyond their retries")
+                    };
+                    out.push(Command::FinishJob {
+                        job_id: job.id.clone(),
+                        reason_code: code.into(),
+                        reason_message: message.into(),
+                        timestamp_ms: now,
+                    });
+                }
+            }
+            JobType::Service { capacity, enabled, retry_policy, .. } => {
+                let active: Vec<&Task> =
+                    tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::KillInitiated).collect();
+                let mut finished: Vec<&Task> = tasks.iter().filter(|t| !t.state().is_live()).collect();
+                finished.sort_by_key(|t| (t.status.timestamp_ms, t.index));
+                let wanted = capacity.desired as usize;
+                let mut create = Vec::new();
+                let mut archive = Vec::new();
+                if *enabled && active.len() < wanted {
+                    // Back off after the newest failure, by the job's retry policy.
+                    let newest_failure = finished.iter().rev().find(|t| {
+                        reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
+                    });
+                    let ready = newest_failure.is_none_or(|t| {
+                        now >= t.status.timestamp_ms + retry_policy.delay_ms(t.counted_retries() + 1) as i64
+                    });
+                    if ready {
+                        // Indexes of every live task, those being killed included, are taken.
+                        let mut used: BTreeSet<u32> =
+                            tasks.iter().filter(|t| t.state().is_live()).map(|t| t.index).collect();
+                        let mut need = wanted - active.len();
+                        for t in &finished {
+                            if need == 0 {
+                                break;
+                            }
+                            if used.contains(&t.index) {
+                                continue;
+                            }
+                            create.push(new_task(job, t.index, Some(t), now, new_id));
+                            archive.push(t.id.clone());
+                            used.insert(t.index);
+                            need -= 1;
+                        }
+                        let mut index = 0;
+                        while need > 0 {
+                            if !used.contains(&index) {
+                                create.push(new_task(job, index, None, now, new_id));
+                                used.insert(index);
+                                need -= 1;
+                            }
+                            index += 1;
+                        }
+                    }
+                } else if active.len() >= wanted {
+                    // Finished tasks that will not be replaced leave the active set.
+                    archive.extend(finished.iter().map(|t| t.id.clone()));
+                }
+                if *enabled && active.len() > wanted {
+                    // Scale down: never-launched tasks first, then the highest indexes.
+                    let mut victims = active.clone();
+                    victims.sort_by_key(|t| (t.state() != TaskState::Accepted, std::cmp::Reverse(t.index)));
+                    for t in victims.into_iter().take(active.len() - wanted) {
+                        let to = if t.state() == TaskState::Accepted {
+                            TaskState::Finished
+                        } else {
+                            TaskState::KillInitiated
+                        };
+                        out.push(update(t, status(to, reason::SCALED_DOWN, "job scaled down", now)));
+                    }
+                }
+                if !create.is_empty() || !archive.is_empty() {
+                    out.push(Command::CreateTasks { tasks: create, archive });
+                }
+            }
+        },
+    }
+    out
+}
+
+/// What to do about every active job.
+pub fn plan(
+    store: &dyn JobRead,
+    now: i64,
+    cfg: &LifecycleConfig,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Vec<Command>> {
+    let mut out = Vec::new();
+    for job in store.jobs()? {
+        let tasks = store.tasks_of_job(&job.id)?;
+        out.extend(plan_job(&job, &tasks, now, cfg, new_id));
+    }
+    Ok(out)
+}

@@ -1,0 +1,245 @@
+//! The lifecycle against the real apply code on the in-memory store, under random kills, scale
+//! changes and agent reports.
+
+use proptest::prelude::*;
+
+use crate::command::{Command, CommandResponse};
+use crate::jobs::apply::apply;
+use crate::jobs::lifecycle::{plan, LifecycleConfig};
+use crate::jobs::store::{JobRead, MemoryStore, Overlay};
+use crate::model::job::tests::{batch_descriptor, service_descriptor};
+use crate::model::job::{Job, JobDescriptor, JobState, JobStatus, RetryPolicy};
+use crate::model::task::{reason, TaskState, TaskStatus};
+
+struct Sim {
+    store: MemoryStore,
+    now: i64,
+    next_id: u64,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim { store: MemoryStore::default(), now: 1_000_000, next_id: 0 }
+    }
+
+    fn run(&mut self, command: Command) -> CommandResponse {
+        let mut o = Overlay::new(&self.store);
+        let r = apply(&mut o, command).unwrap().expect("a job command");
+        let changes = o.into_changes();
+        self.store.commit(changes);
+        r
+    }
+
+    fn create(&mut self, descriptor: JobDescriptor) -> String {
+        let job = Job {
+            id: "job-1".into(),
+            descriptor,
+            status: JobStatus {
+                state: JobState::Accepted,
+                reason_code: String::new(),
+                reason_message: String::new(),
+                timestamp_ms: self.now,
+            },
+            status_history: vec![],
+        };
+        match self.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 }) {
+            CommandResponse::JobId(id) => id,
+            other => panic!("create failed: {other:?}"),
+        }
+    }
+
+    /// Runs the lifecycle until it has nothing more to do (bounded).
+    fn settle(&mut self) {
+        for _ in 0..20 {
+            let next = &mut self.next_id;
+            let mut ids = || {
+                *next += 1;
+                format!("task-{next}")
+            };
+            let commands = plan(&self.store, self.now, &LifecycleConfig::default(), &mut ids).unwrap();
+            if commands.is_empty() {
+                return;
+            }
+            for c in commands {
+                let r = self.run(c.clone());
+                if self.next_id > 0 && std::env::var("LIFECYCLE_DEBUG").is_ok() {
+                    eprintln!("{c:?} -> {r:?}");
+                }
+            }
+        }
+        panic!("lifecycle did not settle");
+    }
+
+    fn live(&self, job: &str) -> Vec<crate::model::task::Task> {
+        self.store
+            .tasks_of_job(job)
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.state().is_live() && t.state() != TaskState::KillInitiated)
+            .collect()
+    }
+
+    fn report(&mut self, task_id: &str, state: TaskState, reason_code: &str) {
+        self.run(Command::UpdateTaskStatus {
+            task_id: task_id.into(),
+            status: TaskStatus {
+                state,
+                reason_code: reason_code.into(),
+                reason_message: String::new(),
+                timestamp_ms: self.now,
+            },
+            context: Default::default(),
+        });
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Kill(usize, bool),
+    Resize(u32),
+    Advance(usize),
+    Fail(usize, usize),
+    ConfirmKills,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (any::<usize>(), any::<bool>()).prop_map(|(i, s)| Event::Kill(i, s)),
+        (0u32..12).prop_map(Event::Resize),
+        any::<usize>().prop_map(Event::Advance),
+        (any::<usize>(), 0usize..reason::ALL.len()).prop_map(|(i, r)| Event::Fail(i, r)),
+        Just(Event::ConfirmKills),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// After each settle, an enabled service job has exactly `desired` live tasks, at most one per
+    /// index, whatever kills, resizes and failures came before.
+    #[test]
+    fn service_job_keeps_exactly_desired_live_tasks(events in proptest::collection::vec(event(), 1..30)) {
+        let mut sim = Sim::new();
+        let job = sim.create(service_descriptor(0, 3, 12));
+        sim.settle();
+        for e in events {
+            let live = sim.live(&job);
+            match e {
+                Event::Kill(i, shrink) if !live.is_empty() => {
+                    let t = &live[i % live.len()];
+                    sim.run(Command::KillTask { task_id: t.id.clone(), shrink, prevent_min_size_update: false, timestamp_ms: sim.now });
+                }
+                Event::Resize(d) => { sim.run(Command::UpdateJobCapacity { job_id: job.clone(), min: Some(0), desired: Some(d), max: None }); }
+                Event::Advance(i) if !live.is_empty() => {
+                    let t = &live[i % live.len()];
+                    let next = if t.state() == TaskState::Accepted { TaskState::Launched } else { TaskState::Started };
+                    sim.report(&t.id, next, "");
+                }
+                Event::Fail(i, r) if !live.is_empty() => {
+                    let t = &live[i % live.len()];
+                    sim.report(&t.id, TaskState::Finished, reason::ALL[r]);
+                }
+                Event::ConfirmKills => {
+                    for t in sim.store.tasks_of_job(&job).unwrap().into_iter().filter(|t| t.state() == TaskState::KillInitiated) {
+                        sim.report(&t.id, TaskState::Finished, reason::KILLED);
+                    }
+                }
+                _ => {}
+            }
+            sim.settle();
+            let desired = sim.store.job(&job).unwrap().unwrap().descriptor.wanted_tasks() as usize;
+            let live = sim.live(&job);
+            prop_assert_eq!(live.len(), desired);
+            let mut indexes: Vec<u32> = live.iter().map(|t| t.index).collect();
+            indexes.sort();
+            indexes.dedup();
+            prop_assert_eq!(indexes.len(), live.len(), "two live tasks share an index");
+        }
+    }
+
+    /// A batch job never has two live tasks for one index, retries failures within its policy (system
+    /// errors free), and finishes once every index completed or ran out of retries.
+    #[test]
+    fn batch_job_retries_within_policy_and_finishes(outcomes in proptest::collection::vec(0usize..reason::ALL.len(), 1..40)) {
+        let mut sim = Sim::new();
+        let mut d = batch_descriptor(3);
+        d.job_type = crate::model::job::JobType::Batch { size: 3, runtime_limit_sec: 0, retry_policy: RetryPolicy::Immediate { retries: 2 }, retry_on_runtime_limit: false };
+        let job = sim.create(d);
+        sim.settle();
+        for r in outcomes {
+            let live = sim.live(&job);
+            let Some(t) = live.first() else { break };
+            sim.report(&t.id, TaskState::Started, "");
+            sim.report(&t.id, TaskState::Finished, reason::ALL[r]);
+            sim.now += 1000;
+            sim.settle();
+            let mut per_index = [0; 3];
+            for t in sim.live(&job) {
+                per_index[t.index as usize] += 1;
+            }
+            prop_assert!(per_index.iter().all(|n| *n <= 1), "{:?}", per_index);
+        }
+        // Finish whatever is left normally: the job must then finish.
+        for _ in 0..10 {
+            for t in sim.live(&job) {
+                sim.report(&t.id, TaskState::Finished, reason::NORMAL);
+            }
+            sim.settle();
+        }
+        prop_assert!(sim.store.job(&job).unwrap().is_none(), "job not archived");
+        let archived = sim.store.archived_job(&job).unwrap().expect("archived job");
+        prop_assert_eq!(archived.status.state, JobState::Finished);
+        for t in sim.store.archived_tasks.values() {
+            prop_assert!(t.counted_retries() <= 2, "retries beyond the policy: {:?}", t);
+        }
+    }
+}
+
+#[test]
+fn killing_a_job_kills_its_tasks_then_finishes_it() {
+    let mut sim = Sim::new();
+    let job = sim.create(service_descriptor(1, 2, 4));
+    sim.settle();
+    let live = sim.live(&job);
+    sim.report(&live[0].id, TaskState::Started, "");
+    sim.run(Command::KillJob { job_id: job.clone(), timestamp_ms: sim.now });
+    sim.settle();
+    // The started task waits for its agent's confirmation; the never-launched one is gone.
+    assert_eq!(sim.store.job(&job).unwrap().unwrap().status.state, JobState::KillInitiated);
+    let killing: Vec<_> =
+        sim.store.tasks_of_job(&job).unwrap().into_iter().filter(|t| t.state() == TaskState::KillInitiated).collect();
+    assert_eq!(killing.len(), 1);
+    sim.report(&killing[0].id, TaskState::Finished, reason::KILLED);
+    sim.settle();
+    assert_eq!(sim.store.archived_job(&job).unwrap().unwrap().status.state, JobState::Finished);
+    assert_eq!(sim.store.archived_tasks.len(), 2);
+}
+
+#[test]
+fn stuck_and_runtime_limits_are_enforced() {
+    let mut sim = Sim::new();
+    let mut d = batch_descriptor(1);
+    d.job_type = crate::model::job::JobType::Batch {
+        size: 1,
+        runtime_limit_sec: 10,
+        retry_policy: RetryPolicy::Immediate { retries: 0 },
+        retry_on_runtime_limit: false,
+    };
+    let job = sim.create(d);
+    sim.settle();
+    let t = sim.live(&job)[0].clone();
+    sim.report(&t.id, TaskState::Started, "");
+    sim.now += 11_000;
+    sim.settle();
+    let task = sim.store.task(&t.id).unwrap().unwrap();
+    assert_eq!(
+        (task.state(), task.status.reason_code.as_str()),
+        (TaskState::KillInitiated, reason::RUNTIME_LIMIT_EXCEEDED)
+    );
+    sim.now += 10 * 60_000 + 1;
+    sim.settle();
+    // No kill confirmation within 10 minutes: stuckInKillingState; no retry on runtime limit.
+    let archived = sim.store.archived_task(&t.id).unwrap().expect("archived");
+    assert_eq!(archived.status.reason_code, reason::STUCK_IN_KILLING_STATE);
+    assert_eq!(sim.store.archived_job(&job).unwrap().unwrap().status.reason_code, reason::FAILED);
+}

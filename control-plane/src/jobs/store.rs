@@ -1,0 +1,290 @@
+//! What job logic needs of storage: a read view ([`JobRead`]) and a set of pending writes
+//! ([`Overlay`]) whose reads see its own writes. The RocksDB state machine and the in-memory test
+//! store both implement [`JobRead`]; the same apply code runs over either.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::model::job::Job;
+use crate::model::task::Task;
+use crate::model::CapacityGroup;
+
+/// What an idempotency token maps to, and until when it is remembered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub result: String,
+    pub expires_ms: i64,
+}
+
+pub trait JobRead {
+    fn job(&self, id: &str) -> Result<Option<Job>>;
+    fn task(&self, id: &str) -> Result<Option<Task>>;
+    fn task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>>;
+    /// Every active (not archived) job.
+    fn jobs(&self) -> Result<Vec<Job>>;
+    fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>>;
+    fn token(&self, key: &str) -> Result<Option<TokenRecord>>;
+    fn archived_job(&self, id: &str) -> Result<Option<Job>>;
+    fn archived_task(&self, id: &str) -> Result<Option<Task>>;
+    fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>>;
+
+    fn tasks_of_job(&self, job_id: &str) -> Result<Vec<Task>> {
+        let mut out = Vec::new();
+        for id in self.task_ids_of_job(job_id)? {
+            if let Some(t) = self.task(&id)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A pending write: the new value, or the value being removed (the store needs it for indexes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write<T> {
+    Put(T),
+    Delete(T),
+}
+
+impl<T> Write<T> {
+    fn current(&self) -> Option<&T> {
+        match self {
+            Write::Put(v) => Some(v),
+            Write::Delete(_) => None,
+        }
+    }
+}
+
+/// Writes of one command, applied by the store in one batch.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub jobs: BTreeMap<String, Write<Job>>,
+    pub tasks: BTreeMap<String, Write<Task>>,
+    pub archived_jobs: BTreeMap<String, Write<Job>>,
+    pub archived_tasks: BTreeMap<String, Write<Task>>,
+    pub tokens: BTreeMap<String, Option<TokenRecord>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+            && self.tasks.is_empty()
+            && self.archived_jobs.is_empty()
+            && self.archived_tasks.is_empty()
+            && self.tokens.is_empty()
+    }
+}
+
+/// Reads through pending writes to the base view.
+pub struct Overlay<'a> {
+    base: &'a dyn JobRead,
+    pub changes: Changes,
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(base: &'a dyn JobRead) -> Self {
+        Overlay { base, changes: Changes::default() }
+    }
+
+    pub fn put_job(&mut self, job: Job) {
+        self.changes.jobs.insert(job.id.clone(), Write::Put(job));
+    }
+
+    pub fn put_task(&mut self, task: Task) {
+        self.changes.tasks.insert(task.id.clone(), Write::Put(task));
+    }
+
+    /// Moves a task from the active set to the archive.
+    pub fn archive_task(&mut self, task: Task) {
+        self.changes.tasks.insert(task.id.clone(), Write::Delete(task.clone()));
+        self.changes.archived_tasks.insert(task.id.clone(), Write::Put(task));
+    }
+
+    /// Moves a job from the active set to the archive.
+    pub fn archive_job(&mut self, job: Job) {
+        self.changes.jobs.insert(job.id.clone(), Write::Delete(job.clone()));
+        self.changes.archived_jobs.insert(job.id.clone(), Write::Put(job));
+    }
+
+    pub fn forget_archived_job(&mut self, job: Job) -> Result<()> {
+        for id in self.archived_task_ids_of_job(&job.id)? {
+            if let Some(t) = self.archived_task(&id)? {
+                self.changes.archived_tasks.insert(id, Write::Delete(t));
+            }
+        }
+        self.changes.archived_jobs.insert(job.id.clone(), Write::Delete(job));
+        Ok(())
+    }
+
+    pub fn put_token(&mut self, key: String, record: TokenRecord) {
+        self.changes.tokens.insert(key, Some(record));
+    }
+
+    pub fn into_changes(self) -> Changes {
+        self.changes
+    }
+}
+
+fn merge_ids<T>(
+    base: Vec<String>,
+    writes: &BTreeMap<String, Write<T>>,
+    job_of: impl Fn(&T) -> &str,
+    job_id: &str,
+) -> Vec<String> {
+    let mut ids: BTreeSet<String> = base.into_iter().collect();
+    for (id, w) in writes {
+        match w {
+            Write::Put(v) if job_of(v) == job_id => {
+                ids.insert(id.clone());
+            }
+            Write::Delete(_) => {
+                ids.remove(id);
+            }
+            _ => {}
+        }
+    }
+    ids.into_iter().collect()
+}
+
+impl JobRead for Overlay<'_> {
+    fn job(&self, id: &str) -> Result<Option<Job>> {
+        match self.changes.jobs.get(id) {
+            Some(w) => Ok(w.current().cloned()),
+            None => self.base.job(id),
+        }
+    }
+
+    fn task(&self, id: &str) -> Result<Option<Task>> {
+        match self.changes.tasks.get(id) {
+            Some(w) => Ok(w.current().cloned()),
+            None => self.base.task(id),
+        }
+    }
+
+    fn task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        Ok(merge_ids(self.base.task_ids_of_job(job_id)?, &self.changes.tasks, |t: &Task| &t.job_id, job_id))
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>> {
+        let mut jobs: BTreeMap<String, Job> = self.base.jobs()?.into_iter().map(|j| (j.id.clone(), j)).collect();
+        for (id, w) in &self.changes.jobs {
+            match w {
+                Write::Put(j) => {
+                    jobs.insert(id.clone(), j.clone());
+                }
+                Write::Delete(_) => {
+                    jobs.remove(id);
+                }
+            }
+        }
+        Ok(jobs.into_values().collect())
+    }
+
+    fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
+        self.base.capacity_group(name)
+    }
+
+    fn token(&self, key: &str) -> Result<Option<TokenRecord>> {
+        match self.changes.tokens.get(key) {
+            Some(t) => Ok(t.clone()),
+            None => self.base.token(key),
+        }
+    }
+
+    fn archived_job(&self, id: &str) -> Result<Option<Job>> {
+        match self.changes.archived_jobs.get(id) {
+            Some(w) => Ok(w.current().cloned()),
+            None => self.base.archived_job(id),
+        }
+    }
+
+    fn archived_task(&self, id: &str) -> Result<Option<Task>> {
+        match self.changes.archived_tasks.get(id) {
+            Some(w) => Ok(w.current().cloned()),
+            None => self.base.archived_task(id),
+        }
+    }
+
+    fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        Ok(merge_ids(
+            self.base.archived_task_ids_of_job(job_id)?,
+            &self.changes.archived_tasks,
+            |t: &Task| &t.job_id,
+            job_id,
+        ))
+    }
+}
+
+/// An in-memory store: the same apply code as RocksDB, for fast unit and property tests.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    pub jobs: BTreeMap<String, Job>,
+    pub tasks: BTreeMap<String, Task>,
+    pub archived_jobs: BTreeMap<String, Job>,
+    pub archived_tasks: BTreeMap<String, Task>,
+    pub capacity_groups: BTreeMap<String, CapacityGroup>,
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+impl MemoryStore {
+    pub fn commit(&mut self, changes: Changes) {
+        fn apply<T>(map: &mut BTreeMap<String, T>, writes: BTreeMap<String, Write<T>>) {
+            for (id, w) in writes {
+                match w {
+                    Write::Put(v) => {
+                        map.insert(id, v);
+                    }
+                    Write::Delete(_) => {
+                        map.remove(&id);
+                    }
+                }
+            }
+        }
+        apply(&mut self.jobs, changes.jobs);
+        apply(&mut self.tasks, changes.tasks);
+        apply(&mut self.archived_jobs, changes.archived_jobs);
+        apply(&mut self.archived_tasks, changes.archived_tasks);
+        for (k, v) in changes.tokens {
+            match v {
+                Some(r) => {
+                    self.tokens.insert(k, r);
+                }
+                None => {
+                    self.tokens.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+impl JobRead for MemoryStore {
+    fn job(&self, id: &str) -> Result<Option<Job>> {
+        Ok(self.jobs.get(id).cloned())
+    }
+    fn task(&self, id: &str) -> Result<Option<Task>> {
+        Ok(self.tasks.get(id).cloned())
+    }
+    fn task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        Ok(self.tasks.values().filter(|t| t.job_id == job_id).map(|t| t.id.clone()).collect())
+    }
+    fn jobs(&self) -> Result<Vec<Job>> {
+        Ok(self.jobs.values().cloned().collect())
+    }
+    fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
+        Ok(self.capacity_groups.get(name).cloned())
+    }
+    fn token(&self, key: &str) -> Result<Option<TokenRecord>> {
+        Ok(self.tokens.get(key).cloned())
+    }
+    fn archived_job(&self, id: &str) -> Result<Option<Job>> {
+        Ok(self.archived_jobs.get(id).cloned())
+    }
+    fn archived_task(&self, id: &str) -> Result<Option<Task>> {
+        Ok(self.archived_tasks.get(id).cloned())
+    }
+    fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        Ok(self.archived_tasks.values().filter(|t| t.job_id == job_id).map(|t| t.id.clone()).collect())
+    }
+}

@@ -1,0 +1,557 @@
+//! Titus's job: descriptor (what to run and how many), status, and the validation of everything a
+//! user can send, each error naming its field path (`container.resources.cpu: must be > 0`).
+//!
+//! Error messages quote user input only as data (`{:?}`), never evaluate or template it: Titus had
+//! a remote-code-execution CVE (CVE-2020-9297) from exactly that.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{validate_name, FieldViolation, ResourceDimension};
+
+pub const DEFAULT_CAPACITY_GROUP: &str = "DEFAULT";
+/// Titus's defaults for resources a descriptor leaves at 0.
+pub const DEFAULT_DISK_MB: u32 = 10_000;
+pub const DEFAULT_NETWORK_MBPS: u32 = 128;
+pub const MAX_TASKS_PER_JOB: u32 = 10_000;
+const MAX_ATTRIBUTES: usize = 100;
+const MAX_VALUE_LEN: usize = 4096;
+const MAX_ARGS: usize = 256;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobGroupInfo {
+    pub stack: String,
+    pub detail: String,
+    pub sequence: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerResources {
+    pub cpu: f64,
+    pub gpu: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u32,
+    pub network_mbps: u32,
+    pub shm_size_mb: u32,
+}
+
+impl ContainerResources {
+    pub fn as_dimension(&self) -> ResourceDimension {
+        ResourceDimension {
+            cpu: self.cpu,
+            memory_mb: self.memory_mb,
+            disk_mb: self.disk_mb,
+            network_mbps: self.network_mbps,
+            gpu: self.gpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub name: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Container {
+    pub resources: ContainerResources,
+    pub image: Image,
+    pub entry_point: Vec<String>,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub soft_constraints: BTreeMap<String, String>,
+    pub hard_constraints: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RetryPolicy {
+    Immediate { retries: u32 },
+    Delayed { initial_delay_ms: u64, delay_ms: u64, retries: u32 },
+    ExponentialBackOff { initial_delay_ms: u64, max_delay_interval_ms: u64, retries: u32 },
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy::Immediate { retries: 0 }
+    }
+}
+
+impl RetryPolicy {
+    pub fn retries(&self) -> u32 {
+        match self {
+            RetryPolicy::Immediate { retries }
+            | RetryPolicy::Delayed { retries, .. }
+            | RetryPolicy::ExponentialBackOff { retries, .. } => *retries,
+        }
+    }
+
+    /// How long to wait before retry number `retry` (1 for the first retry).
+    pub fn delay_ms(&self, retry: u32) -> u64 {
+        match self {
+            RetryPolicy::Immediate { .. } => 0,
+            RetryPolicy::Delayed { initial_delay_ms, delay_ms, .. } => {
+                if retry <= 1 {
+                    *initial_delay_ms
+                } else {
+                    *delay_ms
+                }
+            }
+            RetryPolicy::ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, .. } => {
+                let shift = retry.saturating_sub(1).min(32);
+                initial_delay_ms.saturating_mul(1u64 << shift).min(*max_delay_interval_ms)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub min: u32,
+    pub desired: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceJobProcesses {
+    pub disable_increase_desired: bool,
+    pub disable_decrease_desired: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobType {
+    Batch { size: u32, runtime_limit_sec: u64, retry_policy: RetryPolicy, retry_on_runtime_limit: bool },
+    Service { capacity: Capacity, enabled: bool, retry_policy: RetryPolicy, processes: ServiceJobProcesses },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DisruptionBudget {
+    pub self_managed_relocation_time_ms: u64,
+    pub availability_percentage_limit: f64,
+}
+
+impl Default for DisruptionBudget {
+    fn default() -> Self {
+        DisruptionBudget { self_managed_relocation_time_ms: 60_000, availability_percentage_limit: 95.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobDescriptor {
+    pub owner_email: String,
+    pub application_name: String,
+    pub capacity_group: String,
+    pub job_group_info: JobGroupInfo,
+    pub attributes: BTreeMap<String, String>,
+    pub container: Container,
+    pub job_type: JobType,
+    pub disruption_budget: DisruptionBudget,
+}
+
+impl JobDescriptor {
+    pub fn is_batch(&self) -> bool {
+        matches!(self.job_type, JobType::Batch { .. })
+    }
+
+    /// How many tasks the job should have live: a batch job's size, an enabled service job's desired.
+    pub fn wanted_tasks(&self) -> u32 {
+        match &self.job_type {
+            JobType::Batch { size, .. } => *size,
+            JobType::Service { capacity, enabled: true, .. } => capacity.desired,
+            JobType::Service { .. } => 0,
+        }
+    }
+
+    /// Instances the job may hold at once, for capacity-group quota.
+    pub fn quota_instances(&self) -> u32 {
+        match &self.job_type {
+            JobType::Batch { size, .. } => *size,
+            JobType::Service { capacity, .. } => capacity.desired,
+        }
+    }
+
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        match &self.job_type {
+            JobType::Batch { retry_policy, .. } | JobType::Service { retry_policy, .. } => retry_policy,
+        }
+    }
+
+    /// Fills Titus's defaults (capacity group, disk, network) where the user left them empty.
+    pub fn apply_defaults(&mut self) {
+        if self.capacity_group.is_empty() {
+            self.capacity_group = DEFAULT_CAPACITY_GROUP.to_string();
+        }
+        let r = &mut self.container.resources;
+        if r.disk_mb == 0 {
+            r.disk_mb = DEFAULT_DISK_MB;
+        }
+        if r.network_mbps == 0 {
+            r.network_mbps = DEFAULT_NETWORK_MBPS;
+        }
+    }
+
+    /// Every violation, each naming its field path from the descriptor's root.
+    pub fn validate(&self) -> Result<(), Vec<FieldViolation>> {
+        let mut v = Vec::new();
+        let mut bad = |field: &str, why: String| v.push(FieldViolation::new(field, why));
+
+        if self.owner_email.is_empty() {
+            bad("owner.team_email", "must not be empty".into());
+        } else if !self.owner_email.contains('@')
+            || self.owner_email.len() > 256
+            || self.owner_email.chars().any(char::is_whitespace)
+        {
+            bad("owner.team_email", "must be an email address".into());
+        }
+        if let Err(e) = validate_name("application_name", &self.application_name) {
+            bad(&e.field, e.description);
+        }
+        if let Err(e) = validate_name("capacity_group", &self.capacity_group) {
+            bad(&e.field, e.description);
+        }
+        for (field, value) in [
+            ("job_group_info.stack", &self.job_group_info.stack),
+            ("job_group_info.detail", &self.job_group_info.detail),
+            ("job_group_info.sequence", &self.job_group_info.sequence),
+        ] {
+            if !value.is_empty() {
+                if let Err(e) = validate_name(field, value) {
+                    bad(&e.field, e.description);
+                }
+            }
+        }
+        validate_attributes(&self.attributes, &mut bad);
+
+        let c = &self.container;
+        let r = &c.resources;
+        if !r.cpu.is_finite() || r.cpu <= 0.0 {
+            bad("container.resources.cpu", "must be > 0".into());
+        } else if r.cpu > 1024.0 {
+            bad("container.resources.cpu", "must be at most 1024".into());
+        }
+        if r.memory_mb == 0 {
+            bad("container.resources.memory_mb", "must be > 0".into());
+        }
+        if r.shm_size_mb > r.memory_mb && r.memory_mb > 0 {
+            bad("container.resources.shm_size_mb", "must not exceed memory_mb".into());
+        }
+        if c.image.name.is_empty() {
+            bad("container.image.name", "must not be empty".into());
+        } else if c.image.name.len() > 255
+            || !c.image.name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-/:".contains(ch))
+        {
+            bad(
+                "container.image.name",
+                "must be a lowercase image name (letters, digits, '.', '_', '-', '/', ':')".into(),
+            );
+        }
+        match (&c.image.tag, &c.image.digest) {
+            (None, None) | (Some(_), Some(_)) => {
+                bad("container.image", "exactly one of tag and digest must be set".into())
+            }
+            (Some(tag), None) => {
+                if tag.is_empty()
+                    || tag.len() > 128
+                    || !tag.chars().all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+                {
+                    bad("container.image.tag", "must be 1-128 letters, digits, '.', '_' or '-'".into());
+                }
+            }
+            (None, Some(digest)) => {
+                let ok = digest
+                    .strip_prefix("sha256:")
+                    .is_some_and(|hex| hex.len() == 64 && hex.chars().all(|ch| ch.is_ascii_hexdigit()));
+                if !ok {
+                    bad("container.image.digest", "must be sha256: followed by 64 hex digits".into());
+                }
+            }
+        }
+        for (field, args) in [("container.entry_point", &c.entry_point), ("container.command", &c.command)] {
+            if args.len() > MAX_ARGS {
+                bad(field, format!("must have at most {MAX_ARGS} elements"));
+            }
+            if let Some(i) = args.iter().position(|a| a.len() > MAX_VALUE_LEN) {
+                bad(&format!("{field}[{i}]"), format!("must be at most {MAX_VALUE_LEN} bytes"));
+            }
+        }
+        for (k, val) in &c.env {
+            let valid = !k.is_empty()
+                && !k.starts_with(|ch: char| ch.is_ascii_digit())
+                && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            if !valid {
+                bad(
+                    &format!("container.env[{k:?}]"),
+                    "must be a variable name: letters, digits and '_', not starting with a digit".into(),
+                );
+            } else if val.len() > MAX_VALUE_LEN {
+                bad(&format!("container.env.{k}"), format!("must be at most {MAX_VALUE_LEN} bytes"));
+            }
+        }
+        for (field, constraints) in
+            [("container.soft_constraints", &c.soft_constraints), ("container.hard_constraints", &c.hard_constraints)]
+        {
+            for (name, value) in constraints {
+                if let Err(why) = validate_constraint(name, value) {
+                    bad(&format!("{field}.{name}"), why);
+                }
+            }
+        }
+
+        match &self.job_type {
+            JobType::Batch { size, retry_policy, .. } => {
+                if *size == 0 || *size > MAX_TASKS_PER_JOB {
+                    bad("batch.size", format!("must be between 1 and {MAX_TASKS_PER_JOB}"));
+                }
+                validate_retry_policy("batch.retry_policy", retry_policy, &mut bad);
+            }
+            JobType::Service { capacity, retry_policy, .. } => {
+                validate_capacity("service.capacity", capacity, &mut bad);
+                validate_retry_policy("service.retry_policy", retry_policy, &mut bad);
+            }
+        }
+        let p = self.disruption_budget.availability_percentage_limit;
+        if !p.is_finite() || !(0.0..=100.0).contains(&p) {
+            bad("disruption_budget.availability_percentage_limit", "must be between 0 and 100".into());
+        }
+        if v.is_empty() {
+            Ok(())
+        } else {
+            Err(v)
+        }
+    }
+}
+
+pub fn validate_capacity(field: &str, c: &Capacity, bad: &mut impl FnMut(&str, String)) {
+    if c.min > c.desired || c.desired > c.max {
+        bad(
+            field,
+            format!("must satisfy min <= desired <= max (got min {}, desired {}, max {})", c.min, c.desired, c.max),
+        );
+    }
+    if c.max > MAX_TASKS_PER_JOB {
+        bad(&format!("{field}.max"), format!("must be at most {MAX_TASKS_PER_JOB}"));
+    }
+}
+
+fn validate_retry_policy(field: &str, p: &RetryPolicy, bad: &mut impl FnMut(&str, String)) {
+    if p.retries() > 1000 {
+        bad(&format!("{field}.retries"), "must be at most 1000".into());
+    }
+    if let RetryPolicy::ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, .. } = p {
+        if *initial_delay_ms == 0 {
+            bad(&format!("{field}.exponential_back_off.initial_delay_ms"), "must be > 0".into());
+        }
+        if max_delay_interval_ms < initial_delay_ms {
+            bad(&format!("{field}.exponential_back_off.max_delay_interval_ms"), "must be >= initial_delay_ms".into());
+        }
+    }
+}
+
+/// User attributes: bounded, and the `titus.` prefix is reserved for the platform.
+pub fn validate_attributes(attributes: &BTreeMap<String, String>, bad: &mut impl FnMut(&str, String)) {
+    if attributes.len() > MAX_ATTRIBUTES {
+        bad("attributes", format!("must have at most {MAX_ATTRIBUTES} entries"));
+    }
+    for (k, val) in attributes {
+        if k.is_empty() || k.len() > 256 {
+            bad(&format!("attributes[{k:?}]"), "key must be 1-256 bytes".into());
+        } else if k.to_ascii_lowercase().starts_with("titus.") {
+            bad(&format!("attributes.{k}"), "keys starting \"titus.\" are reserved".into());
+        } else if val.len() > MAX_VALUE_LEN {
+            bad(&format!("attributes.{k}"), format!("value must be at most {MAX_VALUE_LEN} bytes"));
+        }
+    }
+}
+
+/// The constraint names Titus understood (case-insensitive), plus `host.<attribute>` matches.
+pub fn validate_constraint(name: &str, value: &str) -> Result<(), String> {
+    let lower = name.to_ascii_lowercase();
+    match lower.as_str() {
+        "uniquehost" | "exclusivehost" | "zonebalance" => {
+            if matches!(value.to_ascii_lowercase().as_str(), "true" | "false") {
+                Ok(())
+            } else {
+                Err("value must be true or false".into())
+            }
+        }
+        "availabilityzone" | "machinetype" | "machineid" => {
+            if value.is_empty() {
+                Err("value must not be empty".into())
+            } else {
+                Ok(())
+            }
+        }
+        _ if lower.starts_with("host.") && lower.len() > 5 => Ok(()),
+        _ => Err("unknown constraint (known: uniqueHost, exclusiveHost, zoneBalance, availabilityZone, machineType, machineId, host.<attribute>)".into()),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum JobState {
+    Accepted,
+    KillInitiated,
+    Finished,
+}
+
+impl JobState {
+    pub fn parse(s: &str) -> Option<JobState> {
+        match s.trim().trim_start_matches("JOB_").replace('_', "").to_ascii_lowercase().as_str() {
+            "accepted" => Some(JobState::Accepted),
+            "killinitiated" => Some(JobState::KillInitiated),
+            "finished" => Some(JobState::Finished),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub state: JobState,
+    pub reason_code: String,
+    pub reason_message: String,
+    pub timestamp_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub descriptor: JobDescriptor,
+    pub status: JobStatus,
+    pub status_history: Vec<JobStatus>,
+}
+
+impl Job {
+    pub fn set_status(&mut self, status: JobStatus) {
+        let previous = std::mem::replace(&mut self.status, status);
+        self.status_history.push(previous);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub fn batch_descriptor(size: u32) -> JobDescriptor {
+        JobDescriptor {
+            owner_email: "team@example.com".into(),
+            application_name: "app".into(),
+            capacity_group: DEFAULT_CAPACITY_GROUP.into(),
+            job_group_info: JobGroupInfo::default(),
+            attributes: BTreeMap::new(),
+            container: Container {
+                resources: ContainerResources {
+                    cpu: 1.0,
+                    memory_mb: 512,
+                    disk_mb: 1024,
+                    network_mbps: 128,
+                    ..Default::default()
+                },
+                image: Image { name: "titus/busybox".into(), tag: Some("latest".into()), digest: None },
+                ..Default::default()
+            },
+            job_type: JobType::Batch {
+                size,
+                runtime_limit_sec: 0,
+                retry_policy: RetryPolicy::Immediate { retries: 2 },
+                retry_on_runtime_limit: false,
+            },
+            disruption_budget: DisruptionBudget::default(),
+        }
+    }
+
+    pub fn service_descriptor(min: u32, desired: u32, max: u32) -> JobDescriptor {
+        JobDescriptor {
+            job_type: JobType::Service {
+                capacity: Capacity { min, desired, max },
+                enabled: true,
+                retry_policy: RetryPolicy::Immediate { retries: 0 },
+                processes: ServiceJobProcesses::default(),
+            },
+            ..batch_descriptor(1)
+        }
+    }
+
+    #[test]
+    fn valid_descriptors_pass() {
+        assert_eq!(batch_descriptor(3).validate(), Ok(()));
+        assert_eq!(service_descriptor(1, 2, 3).validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let mut d = batch_descriptor(0);
+        d.owner_email = "nobody".into();
+        d.container.resources.cpu = 0.0;
+        d.container.image.digest = Some("sha256:abc".into());
+        d.attributes.insert("titus.agent".into(), "x".into());
+        d.container.hard_constraints.insert("nearTheMoon".into(), "yes".into());
+        d.container.env.insert("1BAD".into(), "x".into());
+        let fields: Vec<String> = d.validate().unwrap_err().into_iter().map(|v| v.field).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "owner.team_email",
+                "attributes.titus.agent",
+                "container.resources.cpu",
+                "container.image",
+                "container.env[\"1BAD\"]",
+                "container.hard_constraints.nearTheMoon",
+                "batch.size"
+            ]
+        );
+        let bad_capacity = service_descriptor(3, 2, 1).validate().unwrap_err();
+        assert_eq!(bad_capacity[0].field, "service.capacity");
+    }
+
+    #[test]
+    fn retry_delays_follow_the_policy() {
+        assert_eq!(RetryPolicy::Immediate { retries: 3 }.delay_ms(2), 0);
+        let d = RetryPolicy::Delayed { initial_delay_ms: 100, delay_ms: 1000, retries: 3 };
+        assert_eq!((d.delay_ms(1), d.delay_ms(2), d.delay_ms(3)), (100, 1000, 1000));
+        let e = RetryPolicy::ExponentialBackOff { initial_delay_ms: 100, max_delay_interval_ms: 500, retries: 9 };
+        assert_eq!(
+            (e.delay_ms(1), e.delay_ms(2), e.delay_ms(3), e.delay_ms(4), e.delay_ms(60)),
+            (100, 200, 400, 500, 500)
+        );
+    }
+
+    fn arb_string() -> impl Strategy<Value = String> {
+        prop_oneof![Just(String::new()), "[a-zA-Z0-9._@: /-]{0,12}", any::<String>()]
+    }
+
+    proptest! {
+        /// Random descriptors never panic validation; whatever it accepts really is within bounds.
+        #[test]
+        fn random_descriptors_never_panic(
+            cpu in prop_oneof![any::<f64>(), -2.0..64.0f64],
+            mem in any::<u32>(), size in any::<u32>(), min in any::<u32>(), desired in any::<u32>(), max in any::<u32>(),
+            name in arb_string(), email in arb_string(), image in arb_string(), tag in proptest::option::of(arb_string()),
+            digest in proptest::option::of(arb_string()), attr_key in arb_string(), constraint in arb_string(), pct in any::<f64>(),
+            batch in any::<bool>(), retries in any::<u32>(), initial in any::<u64>(), max_delay in any::<u64>(),
+        ) {
+            let mut d = batch_descriptor(1);
+            d.application_name = name;
+            d.owner_email = email;
+            d.container.resources.cpu = cpu;
+            d.container.resources.memory_mb = mem;
+            d.container.image = Image { name: image, tag, digest };
+            d.attributes.insert(attr_key, "v".into());
+            d.container.soft_constraints.insert(constraint, "true".into());
+            d.disruption_budget.availability_percentage_limit = pct;
+            let retry_policy = RetryPolicy::ExponentialBackOff { initial_delay_ms: initial, max_delay_interval_ms: max_delay, retries };
+            d.job_type = if batch {
+                JobType::Batch { size, runtime_limit_sec: 0, retry_policy, retry_on_runtime_limit: false }
+            } else {
+                JobType::Service { capacity: Capacity { min, desired, max }, enabled: true, retry_policy, processes: ServiceJobProcesses::default() }
+            };
+            if d.validate().is_ok() {
+                prop_assert!(d.container.resources.cpu > 0.0 && d.container.resources.memory_mb > 0);
+                prop_assert!(d.wanted_tasks() <= MAX_TASKS_PER_JOB);
+                let _ = d.retry_policy().delay_ms(retries);
+            }
+        }
+    }
+}
