@@ -34,6 +34,46 @@ pub struct Config {
     /// `plain` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// The task lifecycle's timing (Titus's defaults) and the archive's retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// How often the leader reconciles every job's tasks.
+    pub lifecycle_interval_ms: u64,
+    pub launched_timeout_ms: u64,
+    pub start_initiated_timeout_batch_ms: u64,
+    pub start_initiated_timeout_service_ms: u64,
+    pub kill_initiated_timeout_ms: u64,
+    /// Finished jobs (and their tasks) stay findable this long.
+    pub archive_retention_hours: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            lifecycle_interval_ms: 500,
+            launched_timeout_ms: 60_000,
+            start_initiated_timeout_batch_ms: 12 * 60_000,
+            start_initiated_timeout_service_ms: 5 * 60_000,
+            kill_initiated_timeout_ms: 10 * 60_000,
+            archive_retention_hours: 7 * 24,
+        }
+    }
+}
+
+impl JobsConfig {
+    pub fn lifecycle(&self) -> crate::jobs::lifecycle::LifecycleConfig {
+        crate::jobs::lifecycle::LifecycleConfig {
+            launched_timeout_ms: self.launched_timeout_ms as i64,
+            start_initiated_timeout_batch_ms: self.start_initiated_timeout_batch_ms as i64,
+            start_initiated_timeout_service_ms: self.start_initiated_timeout_service_ms as i64,
+            kill_initiated_timeout_ms: self.kill_initiated_timeout_ms as i64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +180,9 @@ impl Config {
                     .into(),
             ));
         }
+        if self.jobs.lifecycle_interval_ms == 0 {
+            return Err(Error::Config("jobs.lifecycle-interval-ms: must be > 0".into()));
+        }
         if !matches!(self.log_format.as_str(), "plain" | "json") {
             return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
@@ -184,6 +227,7 @@ mod tests {
             raft: RaftTuning::default(),
             request_timeout_ms: 5000,
             log_format: "plain".into(),
+            jobs: JobsConfig::default(),
         }
     }
 

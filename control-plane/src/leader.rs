@@ -11,11 +11,14 @@ use openraft::ServerState;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::command::Command;
+use crate::command::{Command, CommandResponse};
+use crate::config::JobsConfig;
+use crate::jobs::lifecycle;
 use crate::replica::Replica;
 
 pub struct LeaderDuties {
     replica: Arc<Replica>,
+    jobs: JobsConfig,
     /// Dropping it (or sending `true`) stops every duty of the current term.
     stop: Option<watch::Sender<bool>>,
     tasks: JoinSet<()>,
@@ -23,8 +26,8 @@ pub struct LeaderDuties {
 
 impl LeaderDuties {
     /// Watches Raft's role until `shutdown` fires, starting and stopping the duties as it changes.
-    pub async fn run(replica: Arc<Replica>, mut shutdown: watch::Receiver<bool>) {
-        let mut duties = LeaderDuties { replica: replica.clone(), stop: None, tasks: JoinSet::new() };
+    pub async fn run(replica: Arc<Replica>, jobs: JobsConfig, mut shutdown: watch::Receiver<bool>) {
+        let mut duties = LeaderDuties { replica: replica.clone(), jobs, stop: None, tasks: JoinSet::new() };
         let mut metrics = replica.raft.metrics();
         loop {
             let leading = metrics.borrow_and_update().state == ServerState::Leader;
@@ -45,7 +48,8 @@ impl LeaderDuties {
         tracing::info!(node_id = self.replica.id, "became leader: starting leader duties");
         let (tx, rx) = watch::channel(false);
         self.stop = Some(tx);
-        self.tasks.spawn(ensure_cluster_id(self.replica.clone(), rx));
+        self.tasks.spawn(ensure_cluster_id(self.replica.clone(), rx.clone()));
+        self.tasks.spawn(task_lifecycle(self.replica.clone(), self.jobs.clone(), rx));
     }
 
     async fn on_lose_leadership(&mut self) {
@@ -67,13 +71,70 @@ async fn ensure_cluster_id(replica: Arc<Replica>, mut stop: watch::Receiver<bool
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record the cluster id; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = stop.changed() => return,
+                    if !pause(Duration::from_millis(200), &mut stop).await {
+                        return;
                     }
                 }
             },
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Waits `period`, or returns false when leadership ends first.
+async fn pause(period: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => true,
+        _ = stop.changed() => false,
+    }
+}
+
+/// Keeps every job's tasks as its descriptor wants them: the planner decides from replicated state
+/// (see `jobs::lifecycle`), this loop proposes. Also purges the archive past retention and expired
+/// idempotency tokens.
+async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: watch::Receiver<bool>) {
+    let cfg = config.lifecycle();
+    let period = Duration::from_millis(config.lifecycle_interval_ms);
+    let retention_ms = config.archive_retention_hours as i64 * 3600 * 1000;
+    let mut rounds: u64 = 0;
+    loop {
+        let now = crate::api::now_ms();
+        let mut new_id = || uuid::Uuid::new_v4().to_string();
+        let mut commands = match lifecycle::plan(&replica.state, now, &cfg, &mut new_id) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "lifecycle: cannot read state");
+                Vec::new()
+            }
+        };
+        // Retention, about once a minute.
+        if rounds % (60_000 / config.lifecycle_interval_ms.max(1)).max(1) == 0 {
+            let jobs = replica.state.archived_jobs_finished_before(now - retention_ms, 1000).unwrap_or_default();
+            let tokens = replica.state.expired_tokens(now, 1000).unwrap_or_default();
+            if !jobs.is_empty() || !tokens.is_empty() {
+                commands.push(Command::PurgeArchive { job_ids: jobs, tokens });
+            }
+        }
+        rounds += 1;
+        for command in commands {
+            if *stop.borrow() {
+                return;
+            }
+            let kind = command.kind();
+            tokio::select! {
+                result = replica.propose(command, None) => match result {
+                    Ok(CommandResponse::Rejected(r)) => tracing::debug!(kind, field = %r.field, message = %r.message, "lifecycle: command no longer applies"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(kind, error = %e, "lifecycle: proposal failed; retrying next round");
+                        break;
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        }
+        if !pause(period, &mut stop).await {
+            return;
         }
     }
 }

@@ -15,10 +15,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use titus_proto::capacity_group_service_server::CapacityGroupServiceServer;
+use titus_proto::agent_task_service_server::AgentTaskServiceServer;
 use titus_proto::cluster_service_server::ClusterServiceServer;
+use titus_proto::job_management_service_server::JobManagementServiceServer;
 use titus_proto::peer::raft_peer_server::RaftPeerServer;
 
-use crate::api::{CapacityGroupApi, ClusterApi};
+use crate::api::{AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::LeaderDuties;
@@ -83,6 +85,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
     health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
+    health.set_serving::<JobManagementServiceServer<JobApi>>().await;
+    health.set_serving::<AgentTaskServiceServer<AgentTaskApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(titus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -95,10 +99,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(reflection)
             .add_service(CapacityGroupServiceServer::new(CapacityGroupApi { replica: replica.clone() }))
             .add_service(ClusterServiceServer::new(ClusterApi { replica: replica.clone() }))
+            .add_service(JobManagementServiceServer::new(JobApi { replica: replica.clone() }))
+            .add_service(AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), stopped(stop_rx.clone())),
     );
 
-    let duties = tokio::spawn(LeaderDuties::run(replica.clone(), stop_rx.clone()));
+    let duties = tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), stop_rx.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));
     tracing::info!(node_id = config.node_id, peer = %config.peer_listen, api = %config.api_listen, "replica started");
 

@@ -61,3 +61,258 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
         update_time_ms: g.update_time_ms,
     }
 }
+
+// ----- jobs and tasks -----
+
+use std::collections::BTreeMap;
+
+use crate::model::job::{
+    Capacity, Container, ContainerResources, DisruptionBudget, Image, Job, JobDescriptor, JobGroupInfo, JobState, JobType,
+    RetryPolicy, ServiceJobProcesses,
+};
+use crate::model::task::{Task, TaskState, TaskStatus};
+use crate::model::FieldViolation;
+
+fn non_empty(s: String) -> Option<String> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+fn retry_policy_from_proto(p: Option<pb::RetryPolicy>) -> RetryPolicy {
+    use pb::retry_policy::Policy;
+    match p.and_then(|p| p.policy) {
+        None => RetryPolicy::default(),
+        Some(Policy::Immediate(i)) => RetryPolicy::Immediate { retries: i.retries },
+        Some(Policy::Delayed(d)) => RetryPolicy::Delayed { initial_delay_ms: d.initial_delay_ms, delay_ms: d.delay_ms, retries: d.retries },
+        Some(Policy::ExponentialBackOff(e)) => RetryPolicy::ExponentialBackOff {
+            initial_delay_ms: e.initial_delay_ms,
+            max_delay_interval_ms: e.max_delay_interval_ms,
+            retries: e.retries,
+        },
+    }
+}
+
+fn retry_policy_to_proto(p: &RetryPolicy) -> pb::RetryPolicy {
+    use pb::retry_policy::{Delayed, ExponentialBackOff, Immediate, Policy};
+    let policy = match *p {
+        RetryPolicy::Immediate { retries } => Policy::Immediate(Immediate { retries }),
+        RetryPolicy::Delayed { initial_delay_ms, delay_ms, retries } => Policy::Delayed(Delayed { initial_delay_ms, delay_ms, retries }),
+        RetryPolicy::ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, retries } => {
+            Policy::ExponentialBackOff(ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, retries })
+        }
+    };
+    pb::RetryPolicy { policy: Some(policy) }
+}
+
+/// The descriptor of a CreateJob request, with Titus's defaults filled in, validated.
+pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDescriptor> {
+    let d = d.ok_or_else(|| Error::invalid("job_descriptor", "is required"))?;
+    let c = d.container.unwrap_or_default();
+    let r = c.resources.unwrap_or_default();
+    let image = c.image.unwrap_or_default();
+    let job_type = match d.job_type {
+        Some(pb::job_descriptor::JobType::Batch(b)) => JobType::Batch {
+            size: b.size,
+            runtime_limit_sec: b.runtime_limit_sec,
+            retry_policy: retry_policy_from_proto(b.retry_policy),
+            retry_on_runtime_limit: b.retry_on_runtime_limit,
+        },
+        Some(pb::job_descriptor::JobType::Service(s)) => {
+            let cap = s.capacity.unwrap_or_default();
+            let p = s.service_job_processes.unwrap_or_default();
+            JobType::Service {
+                capacity: Capacity { min: cap.min, desired: cap.desired, max: cap.max },
+                enabled: s.enabled,
+                retry_policy: retry_policy_from_proto(s.retry_policy),
+                processes: ServiceJobProcesses {
+                    disable_increase_desired: p.disable_increase_desired,
+                    disable_decrease_desired: p.disable_decrease_desired,
+                },
+            }
+        }
+        None => return Err(Error::invalid("job_type", "exactly one of batch and service must be set")),
+    };
+    let budget = match d.disruption_budget {
+        Some(b) if b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0 => DisruptionBudget {
+            self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
+            availability_percentage_limit: b.availability_percentage_limit,
+        },
+        _ => DisruptionBudget::default(),
+    };
+    let group = d.job_group_info.unwrap_or_default();
+    let mut descriptor = JobDescriptor {
+        owner_email: d.owner.map(|o| o.team_email).unwrap_or_default(),
+        application_name: d.application_name,
+        capacity_group: d.capacity_group,
+        job_group_info: JobGroupInfo { stack: group.stack, detail: group.detail, sequence: group.sequence },
+        attributes: d.attributes.into_iter().collect(),
+        container: Container {
+            resources: ContainerResources {
+                cpu: r.cpu,
+                gpu: r.gpu,
+                memory_mb: r.memory_mb,
+                disk_mb: r.disk_mb,
+                network_mbps: r.network_mbps,
+                shm_size_mb: r.shm_size_mb,
+            },
+            image: Image { name: image.name, tag: non_empty(image.tag), digest: non_empty(image.digest) },
+            entry_point: c.entry_point,
+            command: c.command,
+            env: c.env.into_iter().collect(),
+            soft_constraints: c.soft_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
+            hard_constraints: c.hard_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
+        },
+        job_type,
+        disruption_budget: budget,
+    };
+    descriptor.apply_defaults();
+    descriptor.validate().map_err(Error::InvalidArgument)?;
+    Ok(descriptor)
+}
+
+pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
+    let r = &d.container.resources;
+    let job_type = match &d.job_type {
+        JobType::Batch { size, runtime_limit_sec, retry_policy, retry_on_runtime_limit } => {
+            pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+                size: *size,
+                runtime_limit_sec: *runtime_limit_sec,
+                retry_policy: Some(retry_policy_to_proto(retry_policy)),
+                retry_on_runtime_limit: *retry_on_runtime_limit,
+            })
+        }
+        JobType::Service { capacity, enabled, retry_policy, processes } => pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+            capacity: Some(pb::Capacity { min: capacity.min, desired: capacity.desired, max: capacity.max }),
+            enabled: *enabled,
+            retry_policy: Some(retry_policy_to_proto(retry_policy)),
+            service_job_processes: Some(pb::ServiceJobProcesses {
+                disable_increase_desired: processes.disable_increase_desired,
+                disable_decrease_desired: processes.disable_decrease_desired,
+            }),
+        }),
+    };
+    pb::JobDescriptor {
+        owner: Some(pb::Owner { team_email: d.owner_email.clone() }),
+        application_name: d.application_name.clone(),
+        capacity_group: d.capacity_group.clone(),
+        job_group_info: Some(pb::JobGroupInfo {
+            stack: d.job_group_info.stack.clone(),
+            detail: d.job_group_info.detail.clone(),
+            sequence: d.job_group_info.sequence.clone(),
+        }),
+        attributes: d.attributes.clone().into_iter().collect(),
+        container: Some(pb::Container {
+            resources: Some(pb::ContainerResources {
+                cpu: r.cpu,
+                gpu: r.gpu,
+                memory_mb: r.memory_mb,
+                disk_mb: r.disk_mb,
+                network_mbps: r.network_mbps,
+                shm_size_mb: r.shm_size_mb,
+            }),
+            image: Some(pb::Image {
+                name: d.container.image.name.clone(),
+                tag: d.container.image.tag.clone().unwrap_or_default(),
+                digest: d.container.image.digest.clone().unwrap_or_default(),
+            }),
+            entry_point: d.container.entry_point.clone(),
+            command: d.container.command.clone(),
+            env: d.container.env.clone().into_iter().collect(),
+            soft_constraints: Some(pb::Constraints { constraints: d.container.soft_constraints.clone().into_iter().collect() }),
+            hard_constraints: Some(pb::Constraints { constraints: d.container.hard_constraints.clone().into_iter().collect() }),
+        }),
+        job_type: Some(job_type),
+        disruption_budget: Some(pb::DisruptionBudget {
+            self_managed_relocation_time_ms: d.disruption_budget.self_managed_relocation_time_ms,
+            availability_percentage_limit: d.disruption_budget.availability_percentage_limit,
+        }),
+    }
+}
+
+fn job_state_to_proto(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Accepted => pb::JobState::JobAccepted,
+        JobState::KillInitiated => pb::JobState::JobKillInitiated,
+        JobState::Finished => pb::JobState::JobFinished,
+    }
+}
+
+pub fn job_to_proto(j: &Job) -> pb::Job {
+    let status = |s: &crate::model::job::JobStatus| pb::JobStatus {
+        state: job_state_to_proto(s.state) as i32,
+        reason_code: s.reason_code.clone(),
+        reason_message: s.reason_message.clone(),
+        timestamp_ms: s.timestamp_ms,
+    };
+    pb::Job {
+        id: j.id.clone(),
+        job_descriptor: Some(job_descriptor_to_proto(&j.descriptor)),
+        status: Some(status(&j.status)),
+        status_history: j.status_history.iter().map(status).collect(),
+    }
+}
+
+pub fn task_state_to_proto(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Accepted => pb::TaskState::TaskAccepted,
+        TaskState::Launched => pb::TaskState::TaskLaunched,
+        TaskState::StartInitiated => pb::TaskState::TaskStartInitiated,
+        TaskState::Started => pb::TaskState::TaskStarted,
+        TaskState::KillInitiated => pb::TaskState::TaskKillInitiated,
+        TaskState::Finished => pb::TaskState::TaskFinished,
+    }
+}
+
+pub fn task_state_from_proto(field: &str, s: i32) -> Result<TaskState> {
+    Ok(match pb::TaskState::try_from(s).map_err(|_| Error::invalid(field, format!("{s} is not a task state")))? {
+        pb::TaskState::TaskAccepted => TaskState::Accepted,
+        pb::TaskState::TaskLaunched => TaskState::Launched,
+        pb::TaskState::TaskStartInitiated => TaskState::StartInitiated,
+        pb::TaskState::TaskStarted => TaskState::Started,
+        pb::TaskState::TaskKillInitiated => TaskState::KillInitiated,
+        pb::TaskState::TaskFinished => TaskState::Finished,
+    })
+}
+
+pub fn task_to_proto(t: &Task, archived: bool) -> pb::Task {
+    let status = |s: &TaskStatus| pb::TaskStatus {
+        state: task_state_to_proto(s.state) as i32,
+        reason_code: s.reason_code.clone(),
+        reason_message: s.reason_message.clone(),
+        timestamp_ms: s.timestamp_ms,
+    };
+    pb::Task {
+        id: t.id.clone(),
+        job_id: t.job_id.clone(),
+        status: Some(status(&t.status)),
+        status_history: t.status_history.iter().map(status).collect(),
+        task_context: t.context.clone().into_iter().collect(),
+        original_id: t.original_id.clone(),
+        resubmit_of: t.resubmit_of.clone().unwrap_or_default(),
+        resubmit_number: t.resubmit_number,
+        system_resubmit_number: t.system_resubmit_number,
+        index: t.index,
+        archived,
+    }
+}
+
+/// Checks an id field of a request (job or task id).
+pub fn id_field(field: &str, id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if id.len() > 128 {
+        return Err(Error::invalid(field, "must be at most 128 characters"));
+    }
+    Ok(())
+}
+
+pub fn attributes_from_proto(attributes: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let attributes: BTreeMap<String, String> = attributes.into_iter().collect();
+    let mut violations = Vec::new();
+    crate::model::job::validate_attributes(&attributes, &mut |f: &str, why: String| violations.push(FieldViolation::new(f, why)));
+    if violations.is_empty() {
+        Ok(attributes)
+    } else {
+        Err(Error::InvalidArgument(violations))
+    }
+}

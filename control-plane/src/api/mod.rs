@@ -4,11 +4,13 @@
 mod capacity_groups;
 mod cluster;
 mod convert;
+mod jobs;
 
 use std::time::Duration;
 
 pub use capacity_groups::CapacityGroupApi;
 pub use cluster::ClusterApi;
+pub use jobs::{now_ms, AgentTaskApi, JobApi};
 
 /// The deadline the caller put on its request (`grpc-timeout`), if any.
 pub(crate) fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {

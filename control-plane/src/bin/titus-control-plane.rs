@@ -44,6 +44,7 @@ fn config_from(args: Args) -> Result<Config, String> {
             raft: RaftTuning::default(),
             request_timeout_ms: 5_000,
             log_format: "plain".into(),
+            jobs: Default::default(),
         },
     };
     if let Some(v) = args.node_id {

@@ -1,0 +1,413 @@
+//! JobManagementService (Titus's job API) and the first slice of the agent protocol (task status
+//! reports). Mutations validate, then propose one command; reads are linearizable (read index).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use titus_proto as pb;
+use titus_proto::agent_task_service_server::AgentTaskService;
+use titus_proto::job_management_service_server::JobManagementService;
+
+use super::client_deadline;
+use super::convert::{
+    attributes_from_proto, id_field, job_descriptor_from_proto, job_to_proto, task_state_from_proto, task_to_proto,
+};
+use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::error::{Error, Result};
+use crate::events::{Change, ChangeBatch, Start};
+use crate::jobs::query::{paginate, Filter};
+use crate::jobs::store::JobRead;
+use crate::model::job::{Job, JobState, JobStatus};
+use crate::model::task::{reason, Task, TaskState, TaskStatus};
+use crate::replica::Replica;
+
+/// How long a CreateJob idempotency token is remembered.
+pub const JOB_TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+/// Notifications buffered per observer before it counts as too slow.
+const OBSERVER_BUFFER: usize = 1024;
+
+pub struct JobApi {
+    pub replica: Arc<Replica>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn done(response: CommandResponse) -> std::result::Result<Response<pb::Empty>, Status> {
+    match response {
+        CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
+        _ => Ok(Response::new(pb::Empty {})),
+    }
+}
+
+fn not_found(field: &str, what: &str, id: &str) -> Status {
+    Error::Rejected(Rejection::new(RejectionKind::NotFound, field, format!("{what} {id:?} does not exist"))).into()
+}
+
+impl JobApi {
+    async fn propose<T>(&self, request: &Request<T>, command: Command) -> Result<CommandResponse> {
+        self.replica.propose(command, client_deadline(request)).await
+    }
+
+    async fn barrier<T>(&self, request: &Request<T>) -> Result<()> {
+        self.replica.read_barrier(client_deadline(request)).await
+    }
+
+    /// Every job that may match `filter`: active ones, plus archived ones when it asks for them.
+    fn candidate_jobs(&self, filter: &Filter) -> Result<Vec<(Job, bool)>> {
+        let state = &self.replica.state;
+        let mut jobs: Vec<(Job, bool)> = state.jobs()?.into_iter().map(|j| (j, false)).collect();
+        if filter.wants_finished() {
+            jobs.extend(state.archived_jobs()?.into_iter().map(|j| (j, true)));
+        }
+        Ok(jobs)
+    }
+}
+
+#[tonic::async_trait]
+impl JobManagementService for JobApi {
+    async fn create_job(&self, request: Request<pb::CreateJobRequest>) -> std::result::Result<Response<pb::JobId>, Status> {
+        let descriptor = job_descriptor_from_proto(request.get_ref().job_descriptor.clone())?;
+        let token = Some(request.get_ref().idempotency_token.clone()).filter(|t| !t.is_empty());
+        if token.as_ref().is_some_and(|t| t.len() > 256) {
+            return Err(Error::invalid("idempotency_token", "must be at most 256 characters").into());
+        }
+        // Ids and times are decided here, before proposing, so every replica applies the same job.
+        let now = now_ms();
+        let job = Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            descriptor,
+            status: JobStatus { state: JobState::Accepted, reason_code: reason::NORMAL.into(), reason_message: "job created".into(), timestamp_ms: now },
+            status_history: Vec::new(),
+        };
+        let command = Command::CreateJob { job, idempotency_token: token, token_expires_ms: now + JOB_TOKEN_TTL_MS };
+        match self.propose(&request, command).await? {
+            CommandResponse::JobId(id) => Ok(Response::new(pb::JobId { id })),
+            CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn find_job(&self, request: Request<pb::JobId>) -> std::result::Result<Response<pb::Job>, Status> {
+        let id = &request.get_ref().id;
+        id_field("id", id)?;
+        self.barrier(&request).await?;
+        let state = &self.replica.state;
+        match state.job(id)?.or(state.archived_job(id)?) {
+            Some(job) => Ok(Response::new(job_to_proto(&job))),
+            None => Err(not_found("id", "job", id)),
+        }
+    }
+
+    async fn find_jobs(&self, request: Request<pb::JobQuery>) -> std::result::Result<Response<pb::JobQueryResult>, Status> {
+        let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
+        let filter = Filter::parse(&criteria, false)?;
+        let page = request.get_ref().page.clone().unwrap_or_default();
+        self.barrier(&request).await?;
+        let jobs: Vec<Job> = self.candidate_jobs(&filter)?.into_iter().map(|(j, _)| j).filter(|j| filter.matches_job(j)).collect();
+        let (items, has_more, cursor, total) = paginate(jobs, |j| j.id.as_str(), page.page_size, &page.cursor)?;
+        Ok(Response::new(pb::JobQueryResult {
+            items: items.iter().map(job_to_proto).collect(),
+            pagination: Some(pb::Pagination { has_more, cursor, total_items: total }),
+        }))
+    }
+
+    async fn find_task(&self, request: Request<pb::TaskId>) -> std::result::Result<Response<pb::Task>, Status> {
+        let id = &request.get_ref().id;
+        id_field("id", id)?;
+        self.barrier(&request).await?;
+        let state = &self.replica.state;
+        if let Some(t) = state.task(id)? {
+            return Ok(Response::new(task_to_proto(&t, false)));
+        }
+        match state.archived_task(id)? {
+            Some(t) => Ok(Response::new(task_to_proto(&t, true))),
+            None => Err(not_found("id", "task", id)),
+        }
+    }
+
+    async fn find_tasks(&self, request: Request<pb::TaskQuery>) -> std::result::Result<Response<pb::TaskQueryResult>, Status> {
+        let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
+        let filter = Filter::parse(&criteria, true)?;
+        let page = request.get_ref().page.clone().unwrap_or_default();
+        self.barrier(&request).await?;
+        let state = &self.replica.state;
+        let mut tasks: Vec<(Task, bool)> = Vec::new();
+        for (job, archived_job) in self.candidate_jobs(&filter)? {
+            if !filter.matches_job(&job) {
+                continue;
+            }
+            if !archived_job {
+                tasks.extend(state.tasks_of_job(&job.id)?.into_iter().map(|t| (t, false)));
+            }
+            if filter.wants_finished() {
+                for id in state.archived_task_ids_of_job(&job.id)? {
+                    if let Some(t) = state.archived_task(&id)? {
+                        tasks.push((t, true));
+                    }
+                }
+            }
+        }
+        tasks.retain(|(t, _)| filter.matches_task(t));
+        let (items, has_more, cursor, total) = paginate(tasks, |(t, _)| t.id.as_str(), page.page_size, &page.cursor)?;
+        Ok(Response::new(pb::TaskQueryResult {
+            items: items.iter().map(|(t, archived)| task_to_proto(t, *archived)).collect(),
+            pagination: Some(pb::Pagination { has_more, cursor, total_items: total }),
+        }))
+    }
+
+    async fn kill_job(&self, request: Request<pb::JobId>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let job_id = request.get_ref().id.clone();
+        id_field("id", &job_id)?;
+        done(self.propose(&request, Command::KillJob { job_id, timestamp_ms: now_ms() }).await?)
+    }
+
+    async fn kill_task(&self, request: Request<pb::TaskKillRequest>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("task_id", &r.task_id)?;
+        let command = Command::KillTask { task_id: r.task_id, shrink: r.shrink, prevent_min_size_update: r.prevent_min_size_update, timestamp_ms: now_ms() };
+        done(self.propose(&request, command).await?)
+    }
+
+    async fn update_job_capacity(&self, request: Request<pb::JobCapacityUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        let c = r.capacity.ok_or_else(|| Error::invalid("capacity", "is required"))?;
+        if c.min.is_none() && c.desired.is_none() && c.max.is_none() {
+            return Err(Error::invalid("capacity", "set at least one of min, desired and max").into());
+        }
+        done(self.propose(&request, Command::UpdateJobCapacity { job_id: r.job_id, min: c.min, desired: c.desired, max: c.max }).await?)
+    }
+
+    async fn update_job_status(&self, request: Request<pb::JobStatusUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("id", &r.id)?;
+        done(self.propose(&request, Command::UpdateJobStatus { job_id: r.id, enabled: r.enable_status }).await?)
+    }
+
+    async fn update_job_processes(&self, request: Request<pb::JobProcessesUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        let p = r.service_job_processes.ok_or_else(|| Error::invalid("service_job_processes", "is required"))?;
+        let processes = crate::model::job::ServiceJobProcesses {
+            disable_increase_desired: p.disable_increase_desired,
+            disable_decrease_desired: p.disable_decrease_desired,
+        };
+        done(self.propose(&request, Command::UpdateJobProcesses { job_id: r.job_id, processes }).await?)
+    }
+
+    async fn update_job_attributes(&self, request: Request<pb::JobAttributesUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        if r.attributes.is_empty() {
+            return Err(Error::invalid("attributes", "must not be empty").into());
+        }
+        let attributes = attributes_from_proto(r.attributes)?;
+        done(self.propose(&request, Command::UpdateJobAttributes { job_id: r.job_id, attributes }).await?)
+    }
+
+    async fn delete_job_attributes(&self, request: Request<pb::JobAttributesDeleteRequest>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        if r.keys.is_empty() {
+            return Err(Error::invalid("keys", "must not be empty").into());
+        }
+        if let Some(k) = r.keys.iter().find(|k| k.to_ascii_lowercase().starts_with("titus.")) {
+            return Err(Error::invalid(format!("keys.{k}"), "keys starting \"titus.\" are reserved").into());
+        }
+        done(self.propose(&request, Command::DeleteJobAttributes { job_id: r.job_id, keys: r.keys }).await?)
+    }
+
+    type ObserveJobsStream = ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>;
+    type ObserveJobStream = ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>;
+
+    async fn observe_jobs(&self, request: Request<pb::ObserveJobsQuery>) -> std::result::Result<Response<Self::ObserveJobsStream>, Status> {
+        let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
+        let filter = Filter::parse(&criteria, false)?;
+        let resume = request.get_ref().resume_from_revision;
+        Ok(Response::new(self.observe(&request, filter, resume).await?))
+    }
+
+    async fn observe_job(&self, request: Request<pb::ObserveJobQuery>) -> std::result::Result<Response<Self::ObserveJobStream>, Status> {
+        let id = request.get_ref().id.clone();
+        id_field("id", &id)?;
+        let state = &self.replica.state;
+        if state.job(&id)?.is_none() && state.archived_job(&id)?.is_none() {
+            self.barrier(&request).await?;
+            if state.job(&id)?.is_none() && state.archived_job(&id)?.is_none() {
+                return Err(not_found("id", "job", &id));
+            }
+        }
+        let filter = Filter { job_ids: Some([id].into_iter().collect()), ..Filter::default() };
+        let resume = request.get_ref().resume_from_revision;
+        Ok(Response::new(self.observe(&request, filter, resume).await?))
+    }
+}
+
+fn job_note(job: &Job, revision: u64) -> pb::JobChangeNotification {
+    pb::JobChangeNotification {
+        notification: Some(pb::job_change_notification::Notification::JobUpdate(pb::job_change_notification::JobUpdate { job: Some(job_to_proto(job)) })),
+        revision,
+    }
+}
+
+fn task_note(task: &Task, archived: bool, revision: u64) -> pb::JobChangeNotification {
+    pb::JobChangeNotification {
+        notification: Some(pb::job_change_notification::Notification::TaskUpdate(pb::job_change_notification::TaskUpdate {
+            task: Some(task_to_proto(task, archived)),
+        })),
+        revision,
+    }
+}
+
+fn snapshot_end(resumed: bool, revision: u64) -> pb::JobChangeNotification {
+    pb::JobChangeNotification {
+        notification: Some(pb::job_change_notification::Notification::SnapshotEnd(pb::job_change_notification::SnapshotEnd { resumed })),
+        revision,
+    }
+}
+
+/// Which jobs an observer follows: decided by each job's latest record.
+struct Interest {
+    filter: Filter,
+    matching: HashMap<String, bool>,
+}
+
+impl Interest {
+    fn job(&mut self, job: &Job) -> bool {
+        let m = self.filter.matches_job(job);
+        self.matching.insert(job.id.clone(), m);
+        m
+    }
+
+    fn task(&mut self, task: &Task, state: &crate::store::StateReader) -> bool {
+        if let Some(m) = self.matching.get(&task.job_id) {
+            return *m;
+        }
+        let job = state.job(&task.job_id).ok().flatten().or_else(|| state.archived_job(&task.job_id).ok().flatten());
+        job.map(|j| self.job(&j)).unwrap_or(false)
+    }
+
+    fn notes(&mut self, batch: &ChangeBatch, state: &crate::store::StateReader) -> Vec<pb::JobChangeNotification> {
+        let mut out = Vec::new();
+        for change in &batch.changes {
+            match change {
+                Change::Job(j) => {
+                    if self.job(j) {
+                        out.push(job_note(j, batch.revision));
+                    }
+                }
+                Change::Task(t) => {
+                    if self.task(t, state) {
+                        // A finished job's tasks are archived with it.
+                        let archived = !t.state().is_live() && state.task(&t.id).ok().flatten().is_none();
+                        out.push(task_note(t, archived, batch.revision));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl JobApi {
+    async fn observe<T>(&self, request: &Request<T>, filter: Filter, resume: u64) -> Result<ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>> {
+        let state = self.replica.state.clone();
+        let (start, mut rx) = state.changes.subscribe((resume > 0).then_some(resume));
+        let mut interest = Interest { filter, matching: HashMap::new() };
+        let mut first = Vec::new();
+        let mut last = resume;
+        match start {
+            Start::Resume(batches) => {
+                for b in batches {
+                    first.extend(interest.notes(&b, &state));
+                    last = b.revision;
+                }
+                first.push(snapshot_end(true, last));
+            }
+            Start::Snapshot => {
+                // A snapshot at least as new as every write acknowledged before this call.
+                self.barrier(request).await?;
+                let snap = state.jobs_snapshot()?;
+                for job in &snap.jobs {
+                    if interest.job(job) {
+                        first.push(job_note(job, snap.revision));
+                    }
+                }
+                for task in &snap.tasks {
+                    if interest.matching.get(&task.job_id).copied().unwrap_or(false) {
+                        first.push(task_note(task, false, snap.revision));
+                    }
+                }
+                last = snap.revision;
+                first.push(snapshot_end(false, last));
+            }
+        }
+        let (tx, out) = mpsc::channel(OBSERVER_BUFFER);
+        tokio::spawn(async move {
+            for note in first {
+                if tx.send(Ok(note)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let batch = match rx.recv().await {
+                    Ok(b) => b,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "observer fell {n} changes behind and was cut off; observe again with resume_from_revision={last}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if batch.reset {
+                    let _ = tx.send(Err(Status::unavailable("this replica's state was replaced by a snapshot; observe again"))).await;
+                    return;
+                }
+                if batch.revision <= last {
+                    continue;
+                }
+                last = batch.revision;
+                for note in interest.notes(&batch, &state) {
+                    if tx.send(Ok(note)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(out))
+    }
+}
+
+/// The agent's task status reports (the agent issue moves these onto its stream).
+pub struct AgentTaskApi {
+    pub replica: Arc<Replica>,
+}
+
+#[tonic::async_trait]
+impl AgentTaskService for AgentTaskApi {
+    async fn report_task_status(&self, request: Request<pb::TaskStatusReport>) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("task_id", &r.task_id)?;
+        let state = task_state_from_proto("state", r.state)?;
+        let mut reason_code = r.reason_code;
+        if state == TaskState::Finished {
+            if reason_code.is_empty() {
+                reason_code = reason::NORMAL.into();
+            } else if !reason::ALL.contains(&reason_code.as_str()) {
+                return Err(Error::invalid("reason_code", format!("{reason_code:?} is not a Titus finished reason")).into());
+            }
+        }
+        let status = TaskStatus { state, reason_code, reason_message: r.reason_message, timestamp_ms: now_ms() };
+        let command = Command::UpdateTaskStatus { task_id: r.task_id, status, context: r.task_context.into_iter().collect() };
+        done(self.replica.propose(command, client_deadline(&request)).await?)
+    }
+}
