@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use titus_proto as pb;
+use titus_proto::agent_task_service_client::AgentTaskServiceClient;
 use titus_proto::capacity_group_service_client::CapacityGroupServiceClient;
 use titus_proto::cluster_service_client::ClusterServiceClient;
+use titus_proto::job_management_service_client::JobManagementServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -25,6 +27,8 @@ pub struct ClientOptions {
     /// First back-off between attempts; doubles up to `max_backoff`, with jitter.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Start at a random seed (spreads clients over replicas); off: try the seeds in order.
+    pub shuffle_seeds: bool,
 }
 
 impl Default for ClientOptions {
@@ -35,6 +39,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_millis(500),
             initial_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_millis(1000),
+            shuffle_seeds: true,
         }
     }
 }
@@ -126,7 +131,9 @@ impl Client {
             return Err(Error::NoSeeds);
         }
         // Spread clients over the seeds.
-        endpoints.current = rand::thread_rng().gen_range(0..endpoints.addrs.len());
+        if options.shuffle_seeds {
+            endpoints.current = rand::thread_rng().gen_range(0..endpoints.addrs.len());
+        }
         Ok(Client { endpoints: Arc::new(Mutex::new(endpoints)), options })
     }
 
@@ -323,6 +330,272 @@ impl Client {
             }
         })
         .await
+    }
+}
+
+impl Client {
+    // ----- jobs and tasks -----
+
+    /// Creates a job; returns its id. Retries are safe: the call carries one idempotency token, so a
+    /// retry after a lost answer returns the same job instead of creating a second one.
+    pub async fn create_job(&self, descriptor: pb::JobDescriptor) -> Result<String> {
+        self.create_job_with_token(descriptor, &uuid::Uuid::new_v4().to_string()).await
+    }
+
+    /// Creates a job with the caller's idempotency token (kept by the cluster for 24 h).
+    pub async fn create_job_with_token(&self, descriptor: pb::JobDescriptor, token: &str) -> Result<String> {
+        self.call("CreateJob", |ch, t| {
+            let req =
+                pb::CreateJobRequest { job_descriptor: Some(descriptor.clone()), idempotency_token: token.to_string() };
+            async move {
+                JobManagementServiceClient::new(ch).create_job(with_timeout(req, t)).await.map(|r| r.into_inner().id)
+            }
+        })
+        .await
+    }
+
+    pub async fn find_job(&self, id: &str) -> Result<pb::Job> {
+        self.call("FindJob", |ch, t| {
+            let req = pb::JobId { id: id.to_string() };
+            async move { JobManagementServiceClient::new(ch).find_job(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// One page of jobs matching Titus's filtering criteria (`jobState`, `appName`, `owner`, ...).
+    pub async fn find_jobs(
+        &self,
+        criteria: &[(&str, &str)],
+        page_size: u32,
+        cursor: &str,
+    ) -> Result<pb::JobQueryResult> {
+        let filtering_criteria: std::collections::HashMap<String, String> =
+            criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.call("FindJobs", |ch, t| {
+            let req = pb::JobQuery { filtering_criteria: filtering_criteria.clone(), page: Some(pb::Page { page_size, cursor: cursor.to_string() }) };
+            async move { JobManagementServiceClient::new(ch).find_jobs(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn find_task(&self, id: &str) -> Result<pb::Task> {
+        self.call("FindTask", |ch, t| {
+            let req = pb::TaskId { id: id.to_string() };
+            async move { JobManagementServiceClient::new(ch).find_task(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// One page of tasks matching the criteria (`jobIds`, `taskStates`, and the job filters).
+    pub async fn find_tasks(
+        &self,
+        criteria: &[(&str, &str)],
+        page_size: u32,
+        cursor: &str,
+    ) -> Result<pb::TaskQueryResult> {
+        let filtering_criteria: std::collections::HashMap<String, String> =
+            criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.call("FindTasks", |ch, t| {
+            let req = pb::TaskQuery { filtering_criteria: filtering_criteria.clone(), page: Some(pb::Page { page_size, cursor: cursor.to_string() }) };
+            async move { JobManagementServiceClient::new(ch).find_tasks(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn kill_job(&self, id: &str) -> Result<()> {
+        self.call("KillJob", |ch, t| {
+            let req = pb::JobId { id: id.to_string() };
+            async move { JobManagementServiceClient::new(ch).kill_job(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn kill_task(&self, task_id: &str, shrink: bool, prevent_min_size_update: bool) -> Result<()> {
+        self.call("KillTask", |ch, t| {
+            let req = pb::TaskKillRequest { task_id: task_id.to_string(), shrink, prevent_min_size_update };
+            async move { JobManagementServiceClient::new(ch).kill_task(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn update_job_capacity(
+        &self,
+        job_id: &str,
+        min: Option<u32>,
+        desired: Option<u32>,
+        max: Option<u32>,
+    ) -> Result<()> {
+        self.call("UpdateJobCapacity", |ch, t| {
+            let req = pb::JobCapacityUpdate { job_id: job_id.to_string(), capacity: Some(pb::OptionalCapacity { min, desired, max }) };
+            async move { JobManagementServiceClient::new(ch).update_job_capacity(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn update_job_status(&self, job_id: &str, enabled: bool) -> Result<()> {
+        self.call("UpdateJobStatus", |ch, t| {
+            let req = pb::JobStatusUpdate { id: job_id.to_string(), enable_status: enabled };
+            async move { JobManagementServiceClient::new(ch).update_job_status(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn update_job_processes(
+        &self,
+        job_id: &str,
+        disable_increase_desired: bool,
+        disable_decrease_desired: bool,
+    ) -> Result<()> {
+        self.call("UpdateJobProcesses", |ch, t| {
+            let req = pb::JobProcessesUpdate {
+                job_id: job_id.to_string(),
+                service_job_processes: Some(pb::ServiceJobProcesses { disable_increase_desired, disable_decrease_desired }),
+            };
+            async move { JobManagementServiceClient::new(ch).update_job_processes(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn update_job_attributes(&self, job_id: &str, attributes: &[(&str, &str)]) -> Result<()> {
+        let attributes: std::collections::HashMap<String, String> =
+            attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.call("UpdateJobAttributes", |ch, t| {
+            let req = pb::JobAttributesUpdate { job_id: job_id.to_string(), attributes: attributes.clone() };
+            async move { JobManagementServiceClient::new(ch).update_job_attributes(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn delete_job_attributes(&self, job_id: &str, keys: &[&str]) -> Result<()> {
+        self.call("DeleteJobAttributes", |ch, t| {
+            let req = pb::JobAttributesDeleteRequest { job_id: job_id.to_string(), keys: keys.iter().map(|k| k.to_string()).collect() };
+            async move { JobManagementServiceClient::new(ch).delete_job_attributes(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Reports a task's state as its agent sees it (agent protocol).
+    pub async fn report_task_status(
+        &self,
+        task_id: &str,
+        state: pb::TaskState,
+        reason_code: &str,
+        context: &[(&str, &str)],
+    ) -> Result<()> {
+        let task_context: std::collections::HashMap<String, String> =
+            context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.call("ReportTaskStatus", |ch, t| {
+            let req = pb::TaskStatusReport {
+                task_id: task_id.to_string(),
+                state: state as i32,
+                reason_code: reason_code.to_string(),
+                reason_message: String::new(),
+                task_context: task_context.clone(),
+            };
+            async move { AgentTaskServiceClient::new(ch).report_task_status(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Observes jobs matching `criteria`: a snapshot, a SnapshotEnd marker, then every change in
+    /// commit order. The observer reconnects by itself (to any replica) and resumes where it
+    /// stopped; when that is no longer possible it receives a fresh snapshot, marked by a
+    /// SnapshotEnd with `resumed = false`.
+    pub fn observe_jobs(&self, criteria: &[(&str, &str)]) -> JobObserver {
+        JobObserver {
+            client: self.clone(),
+            criteria: criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            job_id: None,
+            last_revision: 0,
+            snapshot_done: false,
+            stream: None,
+        }
+    }
+
+    /// Observes one job, like [`Client::observe_jobs`].
+    pub fn observe_job(&self, job_id: &str) -> JobObserver {
+        JobObserver { job_id: Some(job_id.to_string()), ..self.observe_jobs(&[]) }
+    }
+}
+
+/// A job change stream that survives replica failures (see [`Client::observe_jobs`]).
+pub struct JobObserver {
+    client: Client,
+    criteria: std::collections::HashMap<String, String>,
+    job_id: Option<String>,
+    /// Revision of the last notification handed out.
+    last_revision: u64,
+    /// Whether the current view's snapshot was received whole; until then a reconnect starts over.
+    snapshot_done: bool,
+    stream: Option<tonic::Streaming<pb::JobChangeNotification>>,
+}
+
+impl JobObserver {
+    /// The revision to pass when resuming by hand.
+    pub fn last_revision(&self) -> u64 {
+        self.last_revision
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        let resume = if self.snapshot_done { self.last_revision } else { 0 };
+        let (criteria, job_id) = (self.criteria.clone(), self.job_id.clone());
+        let stream = self
+            .client
+            .call("Observe", |ch, _| {
+                let (criteria, job_id) = (criteria.clone(), job_id.clone());
+                async move {
+                    let mut c = JobManagementServiceClient::new(ch);
+                    // No grpc-timeout: the stream is meant to outlive any one request deadline.
+                    match job_id {
+                        Some(id) => c
+                            .observe_job(pb::ObserveJobQuery { id, resume_from_revision: resume })
+                            .await
+                            .map(|r| r.into_inner()),
+                        None => c
+                            .observe_jobs(pb::ObserveJobsQuery {
+                                filtering_criteria: criteria,
+                                resume_from_revision: resume,
+                            })
+                            .await
+                            .map(|r| r.into_inner()),
+                    }
+                }
+            })
+            .await?;
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    /// The next notification; reconnects and resumes on replica failure, within the client's deadline.
+    pub async fn next(&mut self) -> Result<pb::JobChangeNotification> {
+        let start = Instant::now();
+        loop {
+            if self.stream.is_none() {
+                self.connect().await?;
+            }
+            let Some(stream) = self.stream.as_mut() else { continue };
+            let failure = match stream.message().await {
+                Ok(Some(n)) => {
+                    if let Some(pb::job_change_notification::Notification::SnapshotEnd(end)) = &n.notification {
+                        self.snapshot_done = true;
+                        if !end.resumed {
+                            tracing::debug!(revision = n.revision, "observer: fresh snapshot");
+                        }
+                    }
+                    self.last_revision = self.last_revision.max(n.revision);
+                    return Ok(n);
+                }
+                Ok(None) => tonic::Status::unavailable("stream ended"),
+                Err(status) => status,
+            };
+            self.stream = None;
+            let resumable = retryable(failure.code()) || failure.code() == tonic::Code::ResourceExhausted;
+            if !resumable || start.elapsed() > self.client.options.deadline {
+                return Err(Error::from_status("observe", failure));
+            }
+            tracing::debug!(code = ?failure.code(), message = failure.message(), "observer: stream broke; resuming");
+            tokio::time::sleep(self.client.options.initial_backoff).await;
+        }
     }
 }
 

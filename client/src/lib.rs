@@ -23,7 +23,9 @@
 mod client;
 pub mod error;
 
-pub use client::{CapacityGroupSpec, Client, ClientOptions};
+pub use client::{CapacityGroupSpec, Client, ClientOptions, JobObserver};
 pub use error::{Error, FieldViolation, Result};
 pub use titus_proto as proto;
-pub use titus_proto::{CapacityGroup, ClusterStatus, MemberRole, ReadConsistency, Tier};
+pub use titus_proto::{
+    CapacityGroup, ClusterStatus, Job, JobDescriptor, MemberRole, ReadConsistency, Task, TaskState, Tier,
+};

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use titus_proto::capacity_group_service_server::CapacityGroupServiceServer;
 use titus_proto::agent_task_service_server::AgentTaskServiceServer;
+use titus_proto::capacity_group_service_server::CapacityGroupServiceServer;
 use titus_proto::cluster_service_server::ClusterServiceServer;
 use titus_proto::job_management_service_server::JobManagementServiceServer;
 use titus_proto::peer::raft_peer_server::RaftPeerServer;

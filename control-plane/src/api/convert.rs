@@ -67,8 +67,8 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
 use std::collections::BTreeMap;
 
 use crate::model::job::{
-    Capacity, Container, ContainerResources, DisruptionBudget, Image, Job, JobDescriptor, JobGroupInfo, JobState, JobType,
-    RetryPolicy, ServiceJobProcesses,
+    Capacity, Container, ContainerResources, DisruptionBudget, Image, Job, JobDescriptor, JobGroupInfo, JobState,
+    JobType, RetryPolicy, ServiceJobProcesses,
 };
 use crate::model::task::{Task, TaskState, TaskStatus};
 use crate::model::FieldViolation;
@@ -82,7 +82,9 @@ fn retry_policy_from_proto(p: Option<pb::RetryPolicy>) -> RetryPolicy {
     match p.and_then(|p| p.policy) {
         None => RetryPolicy::default(),
         Some(Policy::Immediate(i)) => RetryPolicy::Immediate { retries: i.retries },
-        Some(Policy::Delayed(d)) => RetryPolicy::Delayed { initial_delay_ms: d.initial_delay_ms, delay_ms: d.delay_ms, retries: d.retries },
+        Some(Policy::Delayed(d)) => {
+            RetryPolicy::Delayed { initial_delay_ms: d.initial_delay_ms, delay_ms: d.delay_ms, retries: d.retries }
+        }
         Some(Policy::ExponentialBackOff(e)) => RetryPolicy::ExponentialBackOff {
             initial_delay_ms: e.initial_delay_ms,
             max_delay_interval_ms: e.max_delay_interval_ms,
@@ -95,7 +97,9 @@ fn retry_policy_to_proto(p: &RetryPolicy) -> pb::RetryPolicy {
     use pb::retry_policy::{Delayed, ExponentialBackOff, Immediate, Policy};
     let policy = match *p {
         RetryPolicy::Immediate { retries } => Policy::Immediate(Immediate { retries }),
-        RetryPolicy::Delayed { initial_delay_ms, delay_ms, retries } => Policy::Delayed(Delayed { initial_delay_ms, delay_ms, retries }),
+        RetryPolicy::Delayed { initial_delay_ms, delay_ms, retries } => {
+            Policy::Delayed(Delayed { initial_delay_ms, delay_ms, retries })
+        }
         RetryPolicy::ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, retries } => {
             Policy::ExponentialBackOff(ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, retries })
         }
@@ -132,10 +136,12 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
         None => return Err(Error::invalid("job_type", "exactly one of batch and service must be set")),
     };
     let budget = match d.disruption_budget {
-        Some(b) if b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0 => DisruptionBudget {
-            self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
-            availability_percentage_limit: b.availability_percentage_limit,
-        },
+        Some(b) if b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0 => {
+            DisruptionBudget {
+                self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
+                availability_percentage_limit: b.availability_percentage_limit,
+            }
+        }
         _ => DisruptionBudget::default(),
     };
     let group = d.job_group_info.unwrap_or_default();
@@ -180,15 +186,17 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
                 retry_on_runtime_limit: *retry_on_runtime_limit,
             })
         }
-        JobType::Service { capacity, enabled, retry_policy, processes } => pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
-            capacity: Some(pb::Capacity { min: capacity.min, desired: capacity.desired, max: capacity.max }),
-            enabled: *enabled,
-            retry_policy: Some(retry_policy_to_proto(retry_policy)),
-            service_job_processes: Some(pb::ServiceJobProcesses {
-                disable_increase_desired: processes.disable_increase_desired,
-                disable_decrease_desired: processes.disable_decrease_desired,
-            }),
-        }),
+        JobType::Service { capacity, enabled, retry_policy, processes } => {
+            pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+                capacity: Some(pb::Capacity { min: capacity.min, desired: capacity.desired, max: capacity.max }),
+                enabled: *enabled,
+                retry_policy: Some(retry_policy_to_proto(retry_policy)),
+                service_job_processes: Some(pb::ServiceJobProcesses {
+                    disable_increase_desired: processes.disable_increase_desired,
+                    disable_decrease_desired: processes.disable_decrease_desired,
+                }),
+            })
+        }
     };
     pb::JobDescriptor {
         owner: Some(pb::Owner { team_email: d.owner_email.clone() }),
@@ -217,8 +225,12 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
             entry_point: d.container.entry_point.clone(),
             command: d.container.command.clone(),
             env: d.container.env.clone().into_iter().collect(),
-            soft_constraints: Some(pb::Constraints { constraints: d.container.soft_constraints.clone().into_iter().collect() }),
-            hard_constraints: Some(pb::Constraints { constraints: d.container.hard_constraints.clone().into_iter().collect() }),
+            soft_constraints: Some(pb::Constraints {
+                constraints: d.container.soft_constraints.clone().into_iter().collect(),
+            }),
+            hard_constraints: Some(pb::Constraints {
+                constraints: d.container.hard_constraints.clone().into_iter().collect(),
+            }),
         }),
         job_type: Some(job_type),
         disruption_budget: Some(pb::DisruptionBudget {
@@ -306,10 +318,14 @@ pub fn id_field(field: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn attributes_from_proto(attributes: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+pub fn attributes_from_proto(
+    attributes: std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
     let attributes: BTreeMap<String, String> = attributes.into_iter().collect();
     let mut violations = Vec::new();
-    crate::model::job::validate_attributes(&attributes, &mut |f: &str, why: String| violations.push(FieldViolation::new(f, why)));
+    crate::model::job::validate_attributes(&attributes, &mut |f: &str, why: String| {
+        violations.push(FieldViolation::new(f, why))
+    });
     if violations.is_empty() {
         Ok(attributes)
     } else {

@@ -71,7 +71,10 @@ impl JobApi {
 
 #[tonic::async_trait]
 impl JobManagementService for JobApi {
-    async fn create_job(&self, request: Request<pb::CreateJobRequest>) -> std::result::Result<Response<pb::JobId>, Status> {
+    async fn create_job(
+        &self,
+        request: Request<pb::CreateJobRequest>,
+    ) -> std::result::Result<Response<pb::JobId>, Status> {
         let descriptor = job_descriptor_from_proto(request.get_ref().job_descriptor.clone())?;
         let token = Some(request.get_ref().idempotency_token.clone()).filter(|t| !t.is_empty());
         if token.as_ref().is_some_and(|t| t.len() > 256) {
@@ -82,7 +85,12 @@ impl JobManagementService for JobApi {
         let job = Job {
             id: uuid::Uuid::new_v4().to_string(),
             descriptor,
-            status: JobStatus { state: JobState::Accepted, reason_code: reason::NORMAL.into(), reason_message: "job created".into(), timestamp_ms: now },
+            status: JobStatus {
+                state: JobState::Accepted,
+                reason_code: reason::NORMAL.into(),
+                reason_message: "job created".into(),
+                timestamp_ms: now,
+            },
             status_history: Vec::new(),
         };
         let command = Command::CreateJob { job, idempotency_token: token, token_expires_ms: now + JOB_TOKEN_TTL_MS };
@@ -104,12 +112,16 @@ impl JobManagementService for JobApi {
         }
     }
 
-    async fn find_jobs(&self, request: Request<pb::JobQuery>) -> std::result::Result<Response<pb::JobQueryResult>, Status> {
+    async fn find_jobs(
+        &self,
+        request: Request<pb::JobQuery>,
+    ) -> std::result::Result<Response<pb::JobQueryResult>, Status> {
         let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
         let filter = Filter::parse(&criteria, false)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
         self.barrier(&request).await?;
-        let jobs: Vec<Job> = self.candidate_jobs(&filter)?.into_iter().map(|(j, _)| j).filter(|j| filter.matches_job(j)).collect();
+        let jobs: Vec<Job> =
+            self.candidate_jobs(&filter)?.into_iter().map(|(j, _)| j).filter(|j| filter.matches_job(j)).collect();
         let (items, has_more, cursor, total) = paginate(jobs, |j| j.id.as_str(), page.page_size, &page.cursor)?;
         Ok(Response::new(pb::JobQueryResult {
             items: items.iter().map(job_to_proto).collect(),
@@ -131,7 +143,10 @@ impl JobManagementService for JobApi {
         }
     }
 
-    async fn find_tasks(&self, request: Request<pb::TaskQuery>) -> std::result::Result<Response<pb::TaskQueryResult>, Status> {
+    async fn find_tasks(
+        &self,
+        request: Request<pb::TaskQuery>,
+    ) -> std::result::Result<Response<pb::TaskQueryResult>, Status> {
         let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
         let filter = Filter::parse(&criteria, true)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
@@ -167,30 +182,53 @@ impl JobManagementService for JobApi {
         done(self.propose(&request, Command::KillJob { job_id, timestamp_ms: now_ms() }).await?)
     }
 
-    async fn kill_task(&self, request: Request<pb::TaskKillRequest>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn kill_task(
+        &self,
+        request: Request<pb::TaskKillRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("task_id", &r.task_id)?;
-        let command = Command::KillTask { task_id: r.task_id, shrink: r.shrink, prevent_min_size_update: r.prevent_min_size_update, timestamp_ms: now_ms() };
+        let command = Command::KillTask {
+            task_id: r.task_id,
+            shrink: r.shrink,
+            prevent_min_size_update: r.prevent_min_size_update,
+            timestamp_ms: now_ms(),
+        };
         done(self.propose(&request, command).await?)
     }
 
-    async fn update_job_capacity(&self, request: Request<pb::JobCapacityUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn update_job_capacity(
+        &self,
+        request: Request<pb::JobCapacityUpdate>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
         let c = r.capacity.ok_or_else(|| Error::invalid("capacity", "is required"))?;
         if c.min.is_none() && c.desired.is_none() && c.max.is_none() {
             return Err(Error::invalid("capacity", "set at least one of min, desired and max").into());
         }
-        done(self.propose(&request, Command::UpdateJobCapacity { job_id: r.job_id, min: c.min, desired: c.desired, max: c.max }).await?)
+        done(
+            self.propose(
+                &request,
+                Command::UpdateJobCapacity { job_id: r.job_id, min: c.min, desired: c.desired, max: c.max },
+            )
+            .await?,
+        )
     }
 
-    async fn update_job_status(&self, request: Request<pb::JobStatusUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn update_job_status(
+        &self,
+        request: Request<pb::JobStatusUpdate>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("id", &r.id)?;
         done(self.propose(&request, Command::UpdateJobStatus { job_id: r.id, enabled: r.enable_status }).await?)
     }
 
-    async fn update_job_processes(&self, request: Request<pb::JobProcessesUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn update_job_processes(
+        &self,
+        request: Request<pb::JobProcessesUpdate>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
         let p = r.service_job_processes.ok_or_else(|| Error::invalid("service_job_processes", "is required"))?;
@@ -201,7 +239,10 @@ impl JobManagementService for JobApi {
         done(self.propose(&request, Command::UpdateJobProcesses { job_id: r.job_id, processes }).await?)
     }
 
-    async fn update_job_attributes(&self, request: Request<pb::JobAttributesUpdate>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn update_job_attributes(
+        &self,
+        request: Request<pb::JobAttributesUpdate>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
         if r.attributes.is_empty() {
@@ -211,7 +252,10 @@ impl JobManagementService for JobApi {
         done(self.propose(&request, Command::UpdateJobAttributes { job_id: r.job_id, attributes }).await?)
     }
 
-    async fn delete_job_attributes(&self, request: Request<pb::JobAttributesDeleteRequest>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn delete_job_attributes(
+        &self,
+        request: Request<pb::JobAttributesDeleteRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
         if r.keys.is_empty() {
@@ -226,14 +270,20 @@ impl JobManagementService for JobApi {
     type ObserveJobsStream = ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>;
     type ObserveJobStream = ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>;
 
-    async fn observe_jobs(&self, request: Request<pb::ObserveJobsQuery>) -> std::result::Result<Response<Self::ObserveJobsStream>, Status> {
+    async fn observe_jobs(
+        &self,
+        request: Request<pb::ObserveJobsQuery>,
+    ) -> std::result::Result<Response<Self::ObserveJobsStream>, Status> {
         let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
         let filter = Filter::parse(&criteria, false)?;
         let resume = request.get_ref().resume_from_revision;
         Ok(Response::new(self.observe(&request, filter, resume).await?))
     }
 
-    async fn observe_job(&self, request: Request<pb::ObserveJobQuery>) -> std::result::Result<Response<Self::ObserveJobStream>, Status> {
+    async fn observe_job(
+        &self,
+        request: Request<pb::ObserveJobQuery>,
+    ) -> std::result::Result<Response<Self::ObserveJobStream>, Status> {
         let id = request.get_ref().id.clone();
         id_field("id", &id)?;
         let state = &self.replica.state;
@@ -251,23 +301,27 @@ impl JobManagementService for JobApi {
 
 fn job_note(job: &Job, revision: u64) -> pb::JobChangeNotification {
     pb::JobChangeNotification {
-        notification: Some(pb::job_change_notification::Notification::JobUpdate(pb::job_change_notification::JobUpdate { job: Some(job_to_proto(job)) })),
+        notification: Some(pb::job_change_notification::Notification::JobUpdate(
+            pb::job_change_notification::JobUpdate { job: Some(job_to_proto(job)) },
+        )),
         revision,
     }
 }
 
 fn task_note(task: &Task, archived: bool, revision: u64) -> pb::JobChangeNotification {
     pb::JobChangeNotification {
-        notification: Some(pb::job_change_notification::Notification::TaskUpdate(pb::job_change_notification::TaskUpdate {
-            task: Some(task_to_proto(task, archived)),
-        })),
+        notification: Some(pb::job_change_notification::Notification::TaskUpdate(
+            pb::job_change_notification::TaskUpdate { task: Some(task_to_proto(task, archived)) },
+        )),
         revision,
     }
 }
 
 fn snapshot_end(resumed: bool, revision: u64) -> pb::JobChangeNotification {
     pb::JobChangeNotification {
-        notification: Some(pb::job_change_notification::Notification::SnapshotEnd(pb::job_change_notification::SnapshotEnd { resumed })),
+        notification: Some(pb::job_change_notification::Notification::SnapshotEnd(
+            pb::job_change_notification::SnapshotEnd { resumed },
+        )),
         revision,
     }
 }
@@ -316,7 +370,12 @@ impl Interest {
 }
 
 impl JobApi {
-    async fn observe<T>(&self, request: &Request<T>, filter: Filter, resume: u64) -> Result<ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>> {
+    async fn observe<T>(
+        &self,
+        request: &Request<T>,
+        filter: Filter,
+        resume: u64,
+    ) -> Result<ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>> {
         let state = self.replica.state.clone();
         let (start, mut rx) = state.changes.subscribe((resume > 0).then_some(resume));
         let mut interest = Interest { filter, matching: HashMap::new() };
@@ -324,11 +383,12 @@ impl JobApi {
         let mut last = resume;
         match start {
             Start::Resume(batches) => {
+                // The marker comes first: the caller knows at once that nothing is re-sent.
+                first.push(snapshot_end(true, resume));
                 for b in batches {
                     first.extend(interest.notes(&b, &state));
                     last = b.revision;
                 }
-                first.push(snapshot_end(true, last));
             }
             Start::Snapshot => {
                 // A snapshot at least as new as every write acknowledged before this call.
@@ -369,7 +429,11 @@ impl JobApi {
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 if batch.reset {
-                    let _ = tx.send(Err(Status::unavailable("this replica's state was replaced by a snapshot; observe again"))).await;
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "this replica's state was replaced by a snapshot; observe again",
+                        )))
+                        .await;
                     return;
                 }
                 if batch.revision <= last {
@@ -394,7 +458,10 @@ pub struct AgentTaskApi {
 
 #[tonic::async_trait]
 impl AgentTaskService for AgentTaskApi {
-    async fn report_task_status(&self, request: Request<pb::TaskStatusReport>) -> std::result::Result<Response<pb::Empty>, Status> {
+    async fn report_task_status(
+        &self,
+        request: Request<pb::TaskStatusReport>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("task_id", &r.task_id)?;
         let state = task_state_from_proto("state", r.state)?;
@@ -403,11 +470,14 @@ impl AgentTaskService for AgentTaskApi {
             if reason_code.is_empty() {
                 reason_code = reason::NORMAL.into();
             } else if !reason::ALL.contains(&reason_code.as_str()) {
-                return Err(Error::invalid("reason_code", format!("{reason_code:?} is not a Titus finished reason")).into());
+                return Err(
+                    Error::invalid("reason_code", format!("{reason_code:?} is not a Titus finished reason")).into()
+                );
             }
         }
         let status = TaskStatus { state, reason_code, reason_message: r.reason_message, timestamp_ms: now_ms() };
-        let command = Command::UpdateTaskStatus { task_id: r.task_id, status, context: r.task_context.into_iter().collect() };
+        let command =
+            Command::UpdateTaskStatus { task_id: r.task_id, status, context: r.task_context.into_iter().collect() };
         done(self.replica.propose(command, client_deadline(&request)).await?)
     }
 }
