@@ -305,21 +305,20 @@ fn t60_startup_errors_are_one_clear_line() {
     assert!(!status.success());
     assert!(err.contains(&format!("api-listen {busy_addr}: address already in use")), "{err}");
 
-    // The data dir now belongs to replica 1 (the failed start above bound nothing, so create it).
+    // The data dir now belongs to replica 1: wait until it serves (its node id is recorded by then).
     let (peer, api) = (free(()), free(()));
     let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_titus-control-plane"))
         .args(args(1, &peer, &api))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while !data.join("CURRENT").exists() {
-        assert!(started.elapsed() < within, "replica 1 never created its data dir");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = runtime.enter();
+    let client = titus_client::Client::connect([api.as_str()]).unwrap();
+    runtime.block_on(wait_until(within, "replica 1 serving", || async { client.cluster_status_of(&api).await.ok() }));
     let (status, err) = run_to_exit(&args(2, &free(()), &free(())), within);
     assert!(!status.success());
-    assert!(err.contains("in use by another process") || err.contains("belongs to replica 1"), "{err}");
+    assert!(err.contains("is in use by another process"), "{err}");
     first.kill().unwrap();
     first.wait().unwrap();
     let (status, err) = run_to_exit(&args(2, &free(()), &free(())), within);
