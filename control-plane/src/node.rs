@@ -41,6 +41,20 @@ async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// Accepted connections with Nagle's algorithm off. (tonic's `tcp_nodelay` applies only to
+/// listeners it binds itself; without this, small HTTP/2 frames wait for delayed ACKs, ~40 ms.)
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not disable Nagle on an accepted connection");
+            }
+        }
+        conn
+    })
+}
+
 /// Runs the replica until `shutdown` completes, then stops gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
@@ -79,7 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Server::builder()
             .tcp_nodelay(true)
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx.clone())),
+            .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone())),
     );
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
@@ -101,7 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(ClusterServiceServer::new(ClusterApi { replica: replica.clone() }))
             .add_service(JobManagementServiceServer::new(JobApi { replica: replica.clone() }))
             .add_service(AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), stopped(stop_rx.clone())),
+            .serve_with_incoming_shutdown(incoming(api_listener), stopped(stop_rx.clone())),
     );
 
     let duties = tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), stop_rx.clone()));
