@@ -44,6 +44,9 @@ struct Args {
     /// Skip etcd even when it is installed.
     #[arg(long)]
     no_etcd: bool,
+    /// Keep the data dirs and logs (printed at the start) instead of deleting them.
+    #[arg(long)]
+    keep_dir: bool,
 }
 
 /// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
@@ -92,6 +95,8 @@ trait System {
     fn write(&self, client: usize, seq: u64) -> impl std::future::Future<Output = Result<()>> + Send;
     /// Index of the current leader among the replicas, if the running ones agree on one.
     fn leader(&self) -> impl std::future::Future<Output = Option<usize>> + Send;
+    /// Whether every running replica has applied the same log position (a healthy cluster).
+    fn caught_up(&self) -> impl std::future::Future<Output = bool> + Send;
     fn procs(&mut self) -> &mut Vec<Proc>;
 }
 
@@ -173,6 +178,20 @@ impl System for Titus {
         }
         let idx = leader? as usize - 1;
         self.procs[idx].child.is_some().then_some(idx)
+    }
+
+    async fn caught_up(&self) -> bool {
+        let mut applied = None;
+        for (i, p) in self.procs.iter().enumerate() {
+            if p.child.is_none() {
+                return false;
+            }
+            let Ok(s) = self.clients[0].cluster_status_of(&self.apis[i]).await else { return false };
+            if *applied.get_or_insert(s.last_applied_index) != s.last_applied_index {
+                return false;
+            }
+        }
+        true
     }
 
     fn procs(&mut self) -> &mut Vec<Proc> {
@@ -275,6 +294,22 @@ impl System for Etcd {
         ids.iter().position(|id| *id == leader)
     }
 
+    async fn caught_up(&self) -> bool {
+        let mut index = None;
+        for (i, ch) in self.endpoints.iter().enumerate() {
+            if self.procs[i].child.is_none() {
+                return false;
+            }
+            let mut m = etcdpb::maintenance_client::MaintenanceClient::new(ch.clone());
+            let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), m.status(etcdpb::StatusRequest {})).await else { return false };
+            let s = s.into_inner();
+            if *index.get_or_insert(s.raft_index) != s.raft_index {
+                return false;
+            }
+        }
+        true
+    }
+
     fn procs(&mut self) -> &mut Vec<Proc> {
         &mut self.procs
     }
@@ -349,16 +384,14 @@ async fn failover<S: System>(s: &mut S, kills: usize) -> Result<Vec<f64>> {
         s.write(k + 1, u64::MAX - 1000 - k as u64).await?;
         samples.push(t.elapsed().as_secs_f64() * 1000.0);
         s.procs()[leader].start()?;
-        // Back to three healthy members before the next kill.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while s.procs().iter().any(|p| p.child.is_none()) || s.leader().await.is_none() {
+        // Back to three healthy, caught-up members before the next kill.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.leader().await.is_none() || !s.caught_up().await {
             if Instant::now() > deadline {
                 bail!("{}: cluster did not recover after kill {k}", s.name());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Let the restarted member catch up so it is a fair candidate next time.
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Ok(samples)
 }
@@ -420,7 +453,8 @@ async fn main() -> Result<()> {
         Some(b) => b.clone(),
         None => default_titus_bin()?,
     };
-    let dir = tempfile::TempDir::new()?;
+    let mut dir = tempfile::TempDir::new()?;
+    dir.disable_cleanup(args.keep_dir);
     let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
     eprintln!("titus-bench: {} ({profile} build), data under {}", titus_bin.display(), dir.path().display());
 

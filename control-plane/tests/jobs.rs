@@ -135,7 +135,34 @@ async fn t100_every_job_rpc_on_a_three_replica_cluster() {
     // A service job follows desired; processes, status, attributes, shrink.
     let s = client.create_job(service("web", 1, 3, 5)).await.unwrap();
     wait_live(&client, &s, 3).await;
+    // ObserveJob: the job and its tasks, the marker, then its changes as they commit.
+    let mut one = client.observe_job(&s);
+    let (mut jobs_seen, mut tasks_seen) = (0, 0);
+    loop {
+        match one.next().await.unwrap().notification.unwrap() {
+            Notification::JobUpdate(u) => {
+                assert_eq!(u.job.unwrap().id, s);
+                jobs_seen += 1;
+            }
+            Notification::TaskUpdate(u) => {
+                assert_eq!(u.task.unwrap().job_id, s);
+                tasks_seen += 1;
+            }
+            Notification::SnapshotEnd(e) => {
+                assert!(!e.resumed);
+                break;
+            }
+        }
+    }
+    assert_eq!((jobs_seen, tasks_seen), (1, 3));
     client.update_job_capacity(&s, None, Some(5), None).await.unwrap();
+    let desired = loop {
+        if let Some(Notification::JobUpdate(u)) = one.next().await.unwrap().notification {
+            let Some(pb::job_descriptor::JobType::Service(spec)) = u.job.unwrap().job_descriptor.unwrap().job_type else { unreachable!() };
+            break spec.capacity.unwrap().desired;
+        }
+    };
+    assert_eq!(desired, 5);
     wait_live(&client, &s, 5).await;
     client.update_job_capacity(&s, None, Some(2), None).await.unwrap();
     let two = wait_live(&client, &s, 2).await;

@@ -326,11 +326,14 @@ fn kill_task(
     prevent_min_size_update: bool,
     timestamp_ms: i64,
 ) -> Result<CommandResponse> {
-    let Some(mut task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
-    if !task.state().is_live() {
-        return reject(RejectionKind::FailedPrecondition, "task_id", format!("task {task_id:?} is already Finished"));
-    }
-    if task.state() == TaskState::KillInitiated {
+    let Some(mut task) = o.task(task_id)? else {
+        // Killing a finished (archived) task again changes nothing: a retried kill is harmless.
+        if o.archived_task(task_id)?.is_some() {
+            return Ok(CommandResponse::Done);
+        }
+        return not_found("task_id", "task", task_id);
+    };
+    if !task.state().is_live() || task.state() == TaskState::KillInitiated {
         return Ok(CommandResponse::Done);
     }
     if shrink {

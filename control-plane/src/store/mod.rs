@@ -247,21 +247,17 @@ impl StateReader {
                 Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
                 None => None,
             };
-        let read_all = |family: &str| -> Result<Vec<Vec<u8>>> {
-            let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+        fn decode_all<T: serde::de::DeserializeOwned>(db: &DB, view: &rocksdb::Snapshot<'_>, family: &str) -> Result<Vec<T>> {
+            let cf = cf_handle(db, family).map_err(|e| Error::Storage(e.to_string()))?;
             view.iterator_cf(cf, rocksdb::IteratorMode::Start)
-                .map(|item| item.map(|(_, v)| v.into_vec()).map_err(storage))
+                .map(|item| {
+                    let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+                    codec::decode(&v).map_err(|e| Error::Storage(format!("{family}: {e}")))
+                })
                 .collect()
-        };
-        let decode_all = |family: &str| -> Result<Vec<_>> { Ok(read_all(family)?) };
-        let jobs = decode_all(cf::JOBS)?
-            .iter()
-            .map(|b| codec::decode(b).map_err(|e| Error::Storage(format!("jobs: {e}"))))
-            .collect::<Result<_>>()?;
-        let tasks = decode_all(cf::TASKS)?
-            .iter()
-            .map(|b| codec::decode(b).map_err(|e| Error::Storage(format!("tasks: {e}"))))
-            .collect::<Result<_>>()?;
+        }
+        let jobs = decode_all(&self.db, &view, cf::JOBS)?;
+        let tasks = decode_all(&self.db, &view, cf::TASKS)?;
         Ok(JobsSnapshot { revision: applied.map(|l| l.index).unwrap_or(0), jobs, tasks })
     }
 }
