@@ -301,7 +301,10 @@ impl System for Etcd {
                 return false;
             }
             let mut m = etcdpb::maintenance_client::MaintenanceClient::new(ch.clone());
-            let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), m.status(etcdpb::StatusRequest {})).await else { return false };
+            let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), m.status(etcdpb::StatusRequest {})).await
+            else {
+                return false;
+            };
             let s = s.into_inner();
             if *index.get_or_insert(s.raft_index) != s.raft_index {
                 return false;

@@ -158,7 +158,10 @@ async fn t100_every_job_rpc_on_a_three_replica_cluster() {
     client.update_job_capacity(&s, None, Some(5), None).await.unwrap();
     let desired = loop {
         if let Some(Notification::JobUpdate(u)) = one.next().await.unwrap().notification {
-            let Some(pb::job_descriptor::JobType::Service(spec)) = u.job.unwrap().job_descriptor.unwrap().job_type else { unreachable!() };
+            let Some(pb::job_descriptor::JobType::Service(spec)) = u.job.unwrap().job_descriptor.unwrap().job_type
+            else {
+                unreachable!()
+            };
             break spec.capacity.unwrap().desired;
         }
     };

@@ -247,7 +247,11 @@ impl StateReader {
                 Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
                 None => None,
             };
-        fn decode_all<T: serde::de::DeserializeOwned>(db: &DB, view: &rocksdb::Snapshot<'_>, family: &str) -> Result<Vec<T>> {
+        fn decode_all<T: serde::de::DeserializeOwned>(
+            db: &DB,
+            view: &rocksdb::Snapshot<'_>,
+            family: &str,
+        ) -> Result<Vec<T>> {
             let cf = cf_handle(db, family).map_err(|e| Error::Storage(e.to_string()))?;
             view.iterator_cf(cf, rocksdb::IteratorMode::Start)
                 .map(|item| {
