@@ -8,13 +8,15 @@ source deploy/lib/common.sh
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
 cargo build --workspace --all-targets
-if command -v cargo-nextest >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast
-else
-    cargo test --workspace --no-fail-fast
-fi
 cargo test --workspace --doc
 
 # The benchmark must keep working; the short mode proves it, the README has the full run.
 "$CARGO_TARGET_DIR/debug/titus-bench" --seconds 1 --clients 1,16 --kills 2 >/dev/null
 echo "bench smoke run: ok"
+
+# Last, so that its summary closes the output.
+if command -v cargo-nextest >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast
+fi
