@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
+use crate::model::agent::{Agent, InstanceGroup, Lifecycle};
 use crate::model::job::{Job, ServiceJobProcesses};
 use crate::model::task::{Task, TaskStatus};
 use crate::model::CapacityGroup;
@@ -100,6 +101,24 @@ pub enum Command {
         job_ids: Vec<String>,
         tokens: Vec<String>,
     },
+
+    // ----- agents -----
+    UpsertInstanceGroup { group: InstanceGroup },
+    SetInstanceGroupLifecycle { id: String, lifecycle: Lifecycle },
+    /// An agent (re)registered with its resources and attributes; it is Online again.
+    RegisterAgent { agent: Agent },
+    SetAgentHealth { agent_id: String, healthy: bool, reason: String },
+    /// The agent missed its heartbeats past the TTL: it is Lost and its live tasks Finished(lost).
+    AgentLost { agent_id: String, timestamp_ms: i64 },
+    /// Placements: each task moves Accepted → Launched on its agent, re-checked against the agent's
+    /// free resources when applied, so a stale view never over-commits an agent.
+    AssignTasks { assignments: Vec<Assignment>, timestamp_ms: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: String,
+    pub agent_id: String,
 }
 
 impl Command {
@@ -122,6 +141,12 @@ impl Command {
             Command::UpdateTaskStatus { .. } => "update_task_status",
             Command::FinishJob { .. } => "finish_job",
             Command::PurgeArchive { .. } => "purge_archive",
+            Command::UpsertInstanceGroup { .. } => "upsert_instance_group",
+            Command::SetInstanceGroupLifecycle { .. } => "set_instance_group_lifecycle",
+            Command::RegisterAgent { .. } => "register_agent",
+            Command::SetAgentHealth { .. } => "set_agent_health",
+            Command::AgentLost { .. } => "agent_lost",
+            Command::AssignTasks { .. } => "assign_tasks",
         }
     }
 }
@@ -134,6 +159,9 @@ pub enum CommandResponse {
     CapacityGroup(CapacityGroup),
     /// The id of the job created (or, for a retried token, created earlier).
     JobId(String),
+    /// Of the placements proposed, the task ids that were applied.
+    Assigned(Vec<String>),
+    InstanceGroup(InstanceGroup),
     /// Not applied: the state did not allow it.
     Rejected(Rejection),
 }

@@ -36,6 +36,29 @@ pub struct Config {
     pub log_format: String,
     #[serde(default)]
     pub jobs: JobsConfig,
+    #[serde(default)]
+    pub agents: AgentsConfig,
+}
+
+/// The agent protocol's timing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// How often agents send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// An agent silent this long is Lost and its tasks are replaced elsewhere. A new leader first
+    /// gives every agent this long to reconnect, so it never declares the fleet lost at once.
+    pub heartbeat_ttl_ms: u64,
+    /// SIGTERM → SIGKILL grace when a task is killed.
+    pub kill_grace_period_ms: u64,
+    /// How often the leader places Accepted tasks on agents.
+    pub placement_interval_ms: u64,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig { heartbeat_interval_ms: 1000, heartbeat_ttl_ms: 15_000, kill_grace_period_ms: 10_000, placement_interval_ms: 200 }
+    }
 }
 
 /// The task lifecycle's timing (Titus's defaults) and the archive's retention.
@@ -180,6 +203,13 @@ impl Config {
                     .into(),
             ));
         }
+        let a = &self.agents;
+        if a.heartbeat_interval_ms == 0 || a.heartbeat_ttl_ms < 2 * a.heartbeat_interval_ms {
+            return Err(Error::Config("agents.heartbeat-ttl-ms: must be at least twice agents.heartbeat-interval-ms (> 0)".into()));
+        }
+        if a.placement_interval_ms == 0 {
+            return Err(Error::Config("agents.placement-interval-ms: must be > 0".into()));
+        }
         if self.jobs.lifecycle_interval_ms == 0 {
             return Err(Error::Config("jobs.lifecycle-interval-ms: must be > 0".into()));
         }
@@ -228,6 +258,7 @@ mod tests {
             request_timeout_ms: 5000,
             log_format: "plain".into(),
             jobs: JobsConfig::default(),
+            agents: AgentsConfig::default(),
         }
     }
 

@@ -11,6 +11,7 @@ use openraft::ServerState;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::agents::{self, AgentHub};
 use crate::command::{Command, CommandResponse};
 use crate::config::JobsConfig;
 use crate::jobs::lifecycle;
@@ -19,6 +20,7 @@ use crate::replica::Replica;
 pub struct LeaderDuties {
     replica: Arc<Replica>,
     jobs: JobsConfig,
+    agents: Arc<AgentHub>,
     /// Dropping it (or sending `true`) stops every duty of the current term.
     stop: Option<watch::Sender<bool>>,
     tasks: JoinSet<()>,
@@ -26,8 +28,8 @@ pub struct LeaderDuties {
 
 impl LeaderDuties {
     /// Watches Raft's role until `shutdown` fires, starting and stopping the duties as it changes.
-    pub async fn run(replica: Arc<Replica>, jobs: JobsConfig, mut shutdown: watch::Receiver<bool>) {
-        let mut duties = LeaderDuties { replica: replica.clone(), jobs, stop: None, tasks: JoinSet::new() };
+    pub async fn run(replica: Arc<Replica>, jobs: JobsConfig, agents: Arc<AgentHub>, mut shutdown: watch::Receiver<bool>) {
+        let mut duties = LeaderDuties { replica: replica.clone(), jobs, agents, stop: None, tasks: JoinSet::new() };
         let mut metrics = replica.raft.metrics();
         loop {
             let leading = metrics.borrow_and_update().state == ServerState::Leader;
@@ -49,13 +51,18 @@ impl LeaderDuties {
         let (tx, rx) = watch::channel(false);
         self.stop = Some(tx);
         self.tasks.spawn(ensure_cluster_id(self.replica.clone(), rx.clone()));
-        self.tasks.spawn(task_lifecycle(self.replica.clone(), self.jobs.clone(), rx));
+        self.tasks.spawn(task_lifecycle(self.replica.clone(), self.jobs.clone(), rx.clone()));
+        self.agents.on_become_leader();
+        self.tasks.spawn(agents::dispatch(self.agents.clone(), rx.clone()));
+        self.tasks.spawn(agents::place(self.agents.clone(), rx.clone()));
+        self.tasks.spawn(agents::liveness(self.agents.clone(), rx));
     }
 
     async fn on_lose_leadership(&mut self) {
         if let Some(stop) = self.stop.take() {
             tracing::info!(node_id = self.replica.id, "no longer leader: stopping leader duties");
             let _ = stop.send(true);
+            self.agents.on_lose_leadership();
             while self.tasks.join_next().await.is_some() {}
         }
     }

@@ -16,6 +16,7 @@
 //! - [`node`]: wires all of it together and runs it until shutdown.
 //! - [`error`]: the crate's error enum and its one conversion to `tonic::Status`.
 
+pub mod agents;
 pub mod api;
 pub mod codec;
 pub mod command;

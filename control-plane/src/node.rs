@@ -20,7 +20,10 @@ use titus_proto::cluster_service_server::ClusterServiceServer;
 use titus_proto::job_management_service_server::JobManagementServiceServer;
 use titus_proto::peer::raft_peer_server::RaftPeerServer;
 
-use crate::api::{AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi};
+use crate::agents::{AgentApi, AgentHub};
+use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi};
+use titus_proto::agent_management_service_server::AgentManagementServiceServer;
+use titus_proto::agent_service_server::AgentServiceServer;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::LeaderDuties;
@@ -96,6 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone())),
     );
 
+    let hub = AgentHub::new(replica.clone(), config.agents.clone());
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
     health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
@@ -115,10 +119,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(ClusterServiceServer::new(ClusterApi { replica: replica.clone() }))
             .add_service(JobManagementServiceServer::new(JobApi { replica: replica.clone() }))
             .add_service(AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }))
+            .add_service(AgentServiceServer::new(AgentApi { hub: hub.clone() }))
+            .add_service(AgentManagementServiceServer::new(AgentManagementApi { replica: replica.clone(), hub: hub.clone() }))
             .serve_with_incoming_shutdown(incoming(api_listener), stopped(stop_rx.clone())),
     );
 
-    let duties = tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), stop_rx.clone()));
+    let duties = tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), hub.clone(), stop_rx.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));
     tracing::info!(node_id = config.node_id, peer = %config.peer_listen, api = %config.api_listen, "replica started");
 

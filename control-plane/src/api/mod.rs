@@ -1,6 +1,7 @@
 //! The public gRPC services on the api port. Each handler validates its input (naming the field),
 //! then proposes a [`crate::command::Command`] or reads applied state through [`crate::replica::Replica`].
 
+mod agents;
 mod capacity_groups;
 mod cluster;
 mod convert;
@@ -8,8 +9,10 @@ mod jobs;
 
 use std::time::Duration;
 
+pub use agents::AgentManagementApi;
 pub use capacity_groups::CapacityGroupApi;
 pub use cluster::ClusterApi;
+pub use convert::{job_descriptor_to_proto, task_state_from_proto};
 pub use jobs::{now_ms, AgentTaskApi, JobApi};
 
 /// The deadline the caller put on its request (`grpc-timeout`), if any.

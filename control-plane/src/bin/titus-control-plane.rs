@@ -30,6 +30,9 @@ struct Args {
     snapshot_after_entries: Option<u64>,
     #[arg(long)]
     log_format: Option<String>,
+    /// Agents silent this long are declared lost.
+    #[arg(long)]
+    agent_heartbeat_ttl_ms: Option<u64>,
 }
 
 fn config_from(args: Args) -> Result<Config, String> {
@@ -45,6 +48,7 @@ fn config_from(args: Args) -> Result<Config, String> {
             request_timeout_ms: 5_000,
             log_format: "plain".into(),
             jobs: Default::default(),
+            agents: Default::default(),
         },
     };
     if let Some(v) = args.node_id {
@@ -67,6 +71,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.snapshot_after_entries {
         config.raft.snapshot_after_entries = v;
+    }
+    if let Some(v) = args.agent_heartbeat_ttl_ms {
+        config.agents.heartbeat_ttl_ms = v;
     }
     if let Some(v) = args.log_format {
         config.log_format = v;

@@ -7,7 +7,11 @@ use crate::jobs::store::{JobRead, Overlay, TokenRecord};
 use crate::model::job::{
     validate_capacity, Job, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
 };
-use crate::model::task::{reason, Task, TaskState, TaskStatus};
+use std::collections::BTreeMap;
+
+use crate::model::agent::{AgentState, Lifecycle};
+use crate::model::task::{context, reason, Task, TaskState, TaskStatus};
+use crate::model::ResourceDimension;
 
 fn reject(kind: RejectionKind, field: &str, message: impl Into<String>) -> Result<CommandResponse> {
     Ok(CommandResponse::Rejected(Rejection::new(kind, field, message)))
@@ -117,8 +121,116 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
             }
             CommandResponse::Done
         }
+        Command::UpsertInstanceGroup { group } => {
+            o.put_instance_group(group.clone());
+            CommandResponse::InstanceGroup(group)
+        }
+        Command::SetInstanceGroupLifecycle { id, lifecycle } => match o.instance_group(&id)? {
+            None => not_found("id", "instance group", &id)?,
+            Some(mut g) => {
+                g.lifecycle = lifecycle;
+                o.put_instance_group(g);
+                CommandResponse::Done
+            }
+        },
+        Command::RegisterAgent { mut agent } => {
+            if let Some(existing) = o.agent(&agent.id)? {
+                agent.registered_ms = existing.registered_ms;
+            }
+            o.put_agent(agent);
+            CommandResponse::Done
+        }
+        Command::SetAgentHealth { agent_id, healthy, reason } => match o.agent(&agent_id)? {
+            None => not_found("agent_id", "agent", &agent_id)?,
+            Some(mut a) => {
+                a.healthy = healthy;
+                a.unhealthy_reason = reason;
+                o.put_agent(a);
+                CommandResponse::Done
+            }
+        },
+        Command::AgentLost { agent_id, timestamp_ms } => agent_lost(o, &agent_id, timestamp_ms)?,
+        Command::AssignTasks { assignments, timestamp_ms } => assign_tasks(o, assignments, timestamp_ms)?,
         _ => return Ok(None),
     }))
+}
+
+/// The agent a task was placed on, if any.
+pub fn agent_of(task: &Task) -> Option<&str> {
+    task.context.get(crate::model::task::context::AGENT).map(String::as_str)
+}
+
+fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
+    let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
+    agent.state = AgentState::Lost;
+    o.put_agent(agent);
+    for mut t in o.all_tasks()? {
+        if agent_of(&t) == Some(agent_id) && t.state().is_live() {
+            let status = TaskStatus { state: TaskState::Finished, reason_code: reason::LOST.into(), reason_message: format!("agent {agent_id} lost"), timestamp_ms };
+            if t.transition(status) {
+                o.put_task(t);
+            }
+        }
+    }
+    Ok(CommandResponse::Done)
+}
+
+/// Applies the placements that still fit: the agent must be Online, healthy, in an Active instance
+/// group, with room for the task next to its live tasks as of this entry.
+fn assign_tasks(o: &mut Overlay, assignments: Vec<crate::command::Assignment>, timestamp_ms: i64) -> Result<CommandResponse> {
+    let mut jobs: BTreeMap<String, Option<Job>> = BTreeMap::new();
+    let mut resources_of = |o: &Overlay, job_id: &str| -> Result<Option<Job>> {
+        if !jobs.contains_key(job_id) {
+            jobs.insert(job_id.to_string(), o.job(job_id)?);
+        }
+        Ok(jobs[job_id].clone())
+    };
+    let mut used: BTreeMap<String, ResourceDimension> = BTreeMap::new();
+    for t in o.all_tasks()? {
+        if let (Some(agent), true) = (agent_of(&t), t.state().is_live()) {
+            if let Some(job) = resources_of(o, &t.job_id)? {
+                used.entry(agent.to_string()).or_default().add(&job.descriptor.container.resources.as_dimension());
+            }
+        }
+    }
+    let mut applied = Vec::new();
+    for a in assignments {
+        let Some(mut task) = o.task(&a.task_id)? else { continue };
+        if task.state() != TaskState::Accepted || agent_of(&task).is_some() {
+            continue;
+        }
+        let Some(job) = resources_of(o, &task.job_id)? else { continue };
+        if job.status.state != JobState::Accepted {
+            continue;
+        }
+        let Some(agent) = o.agent(&a.agent_id)? else { continue };
+        if agent.state != AgentState::Online || !agent.healthy {
+            continue;
+        }
+        if let Some(group) = o.instance_group(&agent.instance_group)? {
+            if group.lifecycle != Lifecycle::Active {
+                continue;
+            }
+        }
+        let need = job.descriptor.container.resources.as_dimension();
+        let agent_used = used.entry(agent.id.clone()).or_default();
+        if !agent.resources.fits(agent_used, &need) {
+            continue;
+        }
+        agent_used.add(&need);
+        let status = TaskStatus { state: TaskState::Launched, reason_code: String::new(), reason_message: format!("assigned to agent {}", agent.id), timestamp_ms };
+        if task.transition(status) {
+            task.context.insert(context::AGENT.into(), agent.id.clone());
+            for key in [context::HOST, context::ZONE, context::INSTANCE_ID] {
+                if let Some(v) = agent.attributes.get(key) {
+                    task.context.insert(key.into(), v.clone());
+                }
+            }
+            applied.push(task.id.clone());
+            o.put_task(task);
+        }
+    }
+    Ok(CommandResponse::Assigned(applied))
 }
 
 /// The job, if it exists and is not being killed.

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
 use crate::model::task::Task;
 use crate::model::CapacityGroup;
@@ -29,6 +30,11 @@ pub trait JobRead {
     fn archived_job(&self, id: &str) -> Result<Option<Job>>;
     fn archived_task(&self, id: &str) -> Result<Option<Task>>;
     fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>>;
+    /// Every active task.
+    fn all_tasks(&self) -> Result<Vec<Task>>;
+    fn agent(&self, id: &str) -> Result<Option<Agent>>;
+    fn agents(&self) -> Result<Vec<Agent>>;
+    fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>>;
 
     fn tasks_of_job(&self, job_id: &str) -> Result<Vec<Task>> {
         let mut out = Vec::new();
@@ -65,6 +71,8 @@ pub struct Changes {
     pub archived_jobs: BTreeMap<String, Write<Job>>,
     pub archived_tasks: BTreeMap<String, Write<Task>>,
     pub tokens: BTreeMap<String, Option<TokenRecord>>,
+    pub agents: BTreeMap<String, Agent>,
+    pub instance_groups: BTreeMap<String, InstanceGroup>,
 }
 
 impl Changes {
@@ -116,6 +124,14 @@ impl<'a> Overlay<'a> {
         }
         self.changes.archived_jobs.insert(job.id.clone(), Write::Delete(job));
         Ok(())
+    }
+
+    pub fn put_agent(&mut self, agent: Agent) {
+        self.changes.agents.insert(agent.id.clone(), agent);
+    }
+
+    pub fn put_instance_group(&mut self, group: InstanceGroup) {
+        self.changes.instance_groups.insert(group.id.clone(), group);
     }
 
     pub fn put_token(&mut self, key: String, record: TokenRecord) {
@@ -215,6 +231,41 @@ impl JobRead for Overlay<'_> {
             job_id,
         ))
     }
+
+    fn all_tasks(&self) -> Result<Vec<Task>> {
+        let mut tasks: BTreeMap<String, Task> = self.base.all_tasks()?.into_iter().map(|t| (t.id.clone(), t)).collect();
+        for (id, w) in &self.changes.tasks {
+            match w {
+                Write::Put(t) => {
+                    tasks.insert(id.clone(), t.clone());
+                }
+                Write::Delete(_) => {
+                    tasks.remove(id);
+                }
+            }
+        }
+        Ok(tasks.into_values().collect())
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<Agent>> {
+        match self.changes.agents.get(id) {
+            Some(a) => Ok(Some(a.clone())),
+            None => self.base.agent(id),
+        }
+    }
+
+    fn agents(&self) -> Result<Vec<Agent>> {
+        let mut agents: BTreeMap<String, Agent> = self.base.agents()?.into_iter().map(|a| (a.id.clone(), a)).collect();
+        agents.extend(self.changes.agents.clone());
+        Ok(agents.into_values().collect())
+    }
+
+    fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>> {
+        match self.changes.instance_groups.get(id) {
+            Some(g) => Ok(Some(g.clone())),
+            None => self.base.instance_group(id),
+        }
+    }
 }
 
 /// An in-memory store: the same apply code as RocksDB, for fast unit and property tests.
@@ -226,6 +277,8 @@ pub struct MemoryStore {
     pub archived_tasks: BTreeMap<String, Task>,
     pub capacity_groups: BTreeMap<String, CapacityGroup>,
     pub tokens: BTreeMap<String, TokenRecord>,
+    pub agents: BTreeMap<String, Agent>,
+    pub instance_groups: BTreeMap<String, InstanceGroup>,
 }
 
 impl MemoryStore {
@@ -246,6 +299,8 @@ impl MemoryStore {
         apply(&mut self.tasks, changes.tasks);
         apply(&mut self.archived_jobs, changes.archived_jobs);
         apply(&mut self.archived_tasks, changes.archived_tasks);
+        self.agents.extend(changes.agents);
+        self.instance_groups.extend(changes.instance_groups);
         for (k, v) in changes.tokens {
             match v {
                 Some(r) => {
@@ -286,5 +341,17 @@ impl JobRead for MemoryStore {
     }
     fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
         Ok(self.archived_tasks.values().filter(|t| t.job_id == job_id).map(|t| t.id.clone()).collect())
+    }
+    fn all_tasks(&self) -> Result<Vec<Task>> {
+        Ok(self.tasks.values().cloned().collect())
+    }
+    fn agent(&self, id: &str) -> Result<Option<Agent>> {
+        Ok(self.agents.get(id).cloned())
+    }
+    fn agents(&self) -> Result<Vec<Agent>> {
+        Ok(self.agents.values().cloned().collect())
+    }
+    fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>> {
+        Ok(self.instance_groups.get(id).cloned())
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! Pure data and rules: no IO, no RocksDB, no proto. The API layer converts from and to the wire.
 
+pub mod agent;
 mod capacity_group;
 pub mod job;
 pub mod task;

@@ -25,6 +25,10 @@ pub const ARCHIVED_TASKS: &str = "archived_tasks";
 pub const ARCHIVED_TASKS_BY_JOB: &str = "archived_tasks_by_job";
 /// Index `finish time (big-endian ms) ++ job_id` → empty, oldest first, for retention.
 pub const ARCHIVE_ORDER: &str = "archive_order";
+/// Agents, keyed by agent id.
+pub const AGENTS: &str = "agents";
+/// Instance groups, keyed by id.
+pub const INSTANCE_GROUPS: &str = "instance_groups";
 
 /// Column families that hold replicated state. A snapshot carries exactly these, and installing one
 /// replaces them whole; adding an entity means adding its column family here.
@@ -38,6 +42,8 @@ pub const STATE: &[&str] = &[
     ARCHIVED_TASKS,
     ARCHIVED_TASKS_BY_JOB,
     ARCHIVE_ORDER,
+    AGENTS,
+    INSTANCE_GROUPS,
 ];
 
 /// Every column family the store opens.

@@ -25,6 +25,7 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::events::ChangeLog;
 use crate::jobs::store::{JobRead, TokenRecord};
+use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
 use crate::model::task::Task;
 use crate::model::CapacityGroup;
@@ -293,6 +294,24 @@ impl JobRead for StateReader {
     }
     fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
         self.ids_with_prefix(cf::ARCHIVED_TASKS_BY_JOB, job_id)
+    }
+    fn all_tasks(&self) -> Result<Vec<Task>> {
+        self.all(cf::TASKS)
+    }
+    fn agent(&self, id: &str) -> Result<Option<Agent>> {
+        self.get(cf::AGENTS, id.as_bytes())
+    }
+    fn agents(&self) -> Result<Vec<Agent>> {
+        self.all(cf::AGENTS)
+    }
+    fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>> {
+        self.get(cf::INSTANCE_GROUPS, id.as_bytes())
+    }
+}
+
+impl StateReader {
+    pub fn instance_groups(&self) -> Result<Vec<InstanceGroup>> {
+        self.all(cf::INSTANCE_GROUPS)
     }
 }
 

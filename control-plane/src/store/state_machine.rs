@@ -210,6 +210,13 @@ impl StateMachine {
                 }
             }
         }
+        let (agents, groups) = (cf_handle(&self.db, cf::AGENTS)?, cf_handle(&self.db, cf::INSTANCE_GROUPS)?);
+        for (id, a) in c.agents {
+            batch.put_cf(agents, id.as_bytes(), enc(&a)?);
+        }
+        for (id, g) in c.instance_groups {
+            batch.put_cf(groups, id.as_bytes(), enc(&g)?);
+        }
         for (key, record) in c.tokens {
             match record {
                 Some(r) => batch.put_cf(tokens, key.as_bytes(), enc(&r)?),

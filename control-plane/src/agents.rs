@@ -1,0 +1,382 @@
+//! The leader's side of the agent protocol: the agents' streams, what is sent down them
+//! (assignments, kills, forgets), first-fit placement and liveness.
+//!
+//! Everything that must survive a leader change is in replicated state (agents, task placements
+//! and states); what lives here is only the open streams and heartbeat times. A new leader rebuilds
+//! it from the agents' re-registrations: each agent re-sends what it runs, and the leader reconciles
+//! — so a leader change restarts no container.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use titus_proto as pb;
+use titus_proto::agent_service_server::AgentService;
+
+use crate::api::now_ms;
+use crate::command::{Assignment, Command, CommandResponse};
+use crate::config::AgentsConfig;
+use crate::error::Error;
+use crate::events::Change;
+use crate::jobs::apply::agent_of;
+use crate::jobs::store::JobRead;
+use crate::model::agent::{Agent, AgentState, Lifecycle, DEFAULT_INSTANCE_GROUP};
+use crate::model::task::{reason, Task, TaskState, TaskStatus};
+use crate::model::ResourceDimension;
+use crate::replica::Replica;
+
+type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
+
+struct Conn {
+    tx: Outbox,
+    last_seen: Instant,
+    /// Tells a replaced stream's reader that it no longer owns the slot.
+    conn_id: u64,
+}
+
+pub struct AgentHub {
+    replica: Arc<Replica>,
+    pub config: AgentsConfig,
+    conns: Mutex<HashMap<String, Conn>>,
+    next_conn: AtomicU64,
+    /// When this replica last became leader: every agent gets the TTL from then to reconnect.
+    leader_since: Mutex<Option<Instant>>,
+}
+
+fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
+    pb::ControlMessage { message: Some(m) }
+}
+
+impl AgentHub {
+    pub fn new(replica: Arc<Replica>, config: AgentsConfig) -> Arc<Self> {
+        Arc::new(AgentHub { replica, config, conns: Mutex::default(), next_conn: AtomicU64::new(1), leader_since: Mutex::default() })
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn connected(&self) -> HashSet<String> {
+        self.conns().keys().cloned().collect()
+    }
+
+    /// Called when this replica becomes leader.
+    pub fn on_become_leader(&self) {
+        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Called when it stops: every agent must go to the new leader.
+    pub fn on_lose_leadership(&self) {
+        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut conns = self.conns();
+        for (_, c) in conns.drain() {
+            let _ = c.tx.try_send(Err(self.replica.not_leader().into()));
+        }
+    }
+
+    fn send(&self, agent_id: &str, m: pb::control_message::Message) {
+        if let Some(c) = self.conns().get(agent_id) {
+            if c.tx.try_send(Ok(msg(m))).is_err() {
+                tracing::warn!(agent_id, "agent stream is full or closed; it will be resynced when it reconnects");
+            }
+        }
+    }
+
+    fn assignment(&self, task: &Task) -> Option<pb::control_message::Message> {
+        let job = self.replica.state.job(&task.job_id).ok()??;
+        let descriptor = crate::api::job_descriptor_to_proto(&job.descriptor);
+        Some(pb::control_message::Message::Assign(pb::TaskAssignment { task_id: task.id.clone(), job_id: task.job_id.clone(), container: descriptor.container }))
+    }
+
+    /// What an agent must be told about a task placed on it, given the task's replicated state.
+    fn instruction(&self, task: &Task) -> Option<pb::control_message::Message> {
+        match task.state() {
+            TaskState::Launched => self.assignment(task),
+            TaskState::KillInitiated => Some(pb::control_message::Message::Kill(pb::KillTaskCommand {
+                task_id: task.id.clone(),
+                grace_period_ms: self.config.kill_grace_period_ms,
+            })),
+            TaskState::Finished => Some(pb::control_message::Message::Forget(pb::ForgetTask { task_id: task.id.clone() })),
+            _ => None,
+        }
+    }
+
+    async fn propose(&self, command: Command) {
+        let kind = command.kind();
+        match self.replica.propose(command, None).await {
+            Ok(CommandResponse::Rejected(r)) => tracing::debug!(kind, message = %r.message, "agent protocol: command no longer applies"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(kind, error = %e, "agent protocol: proposal failed"),
+        }
+    }
+
+    /// Reconciles what a (re)registering agent reports with replicated state.
+    async fn reconcile(&self, agent_id: &str, reported: Vec<pb::AgentTask>) {
+        let state = &self.replica.state;
+        let mut seen = HashSet::new();
+        for rt in reported {
+            seen.insert(rt.task_id.clone());
+            let task = state.task(&rt.task_id).ok().flatten();
+            match task {
+                Some(t) if agent_of(&t) == Some(agent_id) && t.state().is_live() => {
+                    let reported_state = crate::api::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
+                    if t.state().can_move_to(reported_state) && reported_state != t.state() {
+                        self.report(agent_id, rt).await;
+                    } else if t.state() == TaskState::KillInitiated {
+                        if let Some(m) = self.instruction(&t) {
+                            self.send(agent_id, m);
+                        }
+                    }
+                }
+                // Finished, unknown, archived, or placed elsewhere: the container must go.
+                _ => self.send(agent_id, pb::control_message::Message::Forget(pb::ForgetTask { task_id: rt.task_id })),
+            }
+        }
+        for t in state.all_tasks().unwrap_or_default() {
+            if agent_of(&t) != Some(agent_id) || seen.contains(&t.id) || !t.state().is_live() {
+                continue;
+            }
+            if t.state() == TaskState::Launched {
+                if let Some(m) = self.assignment(&t) {
+                    self.send(agent_id, m);
+                }
+            } else {
+                // It had a container, which the agent no longer has.
+                let status = TaskStatus { state: TaskState::Finished, reason_code: reason::LOST.into(), reason_message: "container not found on its agent".into(), timestamp_ms: now_ms() };
+                self.propose(Command::UpdateTaskStatus { task_id: t.id.clone(), status, context: BTreeMap::new() }).await;
+            }
+        }
+    }
+
+    /// A task status the agent reported.
+    async fn report(&self, agent_id: &str, rt: pb::AgentTask) {
+        let Ok(state) = crate::api::task_state_from_proto("state", rt.state) else { return };
+        if let Ok(Some(t)) = self.replica.state.task(&rt.task_id) {
+            if agent_of(&t) != Some(agent_id) {
+                return;
+            }
+        }
+        let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() { reason::NORMAL.to_string() } else { rt.reason_code };
+        let status = TaskStatus { state, reason_code, reason_message: rt.reason_message, timestamp_ms: now_ms() };
+        self.propose(Command::UpdateTaskStatus { task_id: rt.task_id, status, context: rt.task_context.into_iter().collect() }).await;
+    }
+
+    fn touch(&self, agent_id: &str, conn_id: u64) -> bool {
+        match self.conns().get_mut(agent_id) {
+            Some(c) if c.conn_id == conn_id => {
+                c.last_seen = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn read_agent(self: Arc<Self>, agent_id: String, conn_id: u64, mut inbound: Streaming<pb::AgentMessage>, mut healthy: bool) {
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            if !self.touch(&agent_id, conn_id) {
+                break; // replaced by a newer stream, or no longer leader
+            }
+            match message.message {
+                Some(pb::agent_message::Message::Heartbeat(h)) => {
+                    if h.healthy != healthy {
+                        healthy = h.healthy;
+                        tracing::info!(agent_id, healthy, reason = %h.unhealthy_reason, "agent health changed");
+                        self.propose(Command::SetAgentHealth { agent_id: agent_id.clone(), healthy, reason: h.unhealthy_reason }).await;
+                    }
+                }
+                Some(pb::agent_message::Message::Status(rt)) => self.report(&agent_id, rt).await,
+                Some(pb::agent_message::Message::Register(_)) | None => {}
+            }
+        }
+        let mut conns = self.conns();
+        if conns.get(&agent_id).is_some_and(|c| c.conn_id == conn_id) {
+            conns.remove(&agent_id);
+            tracing::info!(agent_id, "agent stream closed");
+        }
+    }
+
+    /// Sends every connected agent what replicated state says it should be doing (after the
+    /// dispatcher lagged).
+    fn resync(&self) {
+        let connected = self.connected();
+        for t in self.replica.state.all_tasks().unwrap_or_default() {
+            if let Some(agent) = agent_of(&t) {
+                if connected.contains(agent) {
+                    if let Some(m) = self.instruction(&t) {
+                        self.send(agent, m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub struct AgentApi {
+    pub hub: Arc<AgentHub>,
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type AttachStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+
+    async fn attach(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+        let hub = &self.hub;
+        let replica = &hub.replica;
+        if replica.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            return Err(replica.not_leader().into());
+        }
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message within 10 s"))??;
+        let Some(pb::AgentMessage { message: Some(pb::agent_message::Message::Register(reg)) }) = first else {
+            return Err(Error::invalid("message", "the first message on the agent stream must be a register").into());
+        };
+        crate::model::validate_name("agent_id", &reg.agent_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        let r = reg.resources.clone().unwrap_or_default();
+        let agent = Agent {
+            id: reg.agent_id.clone(),
+            instance_group: if reg.instance_group.is_empty() { DEFAULT_INSTANCE_GROUP.into() } else { reg.instance_group.clone() },
+            resources: ResourceDimension { cpu: r.cpu, memory_mb: r.memory_mb, disk_mb: r.disk_mb, network_mbps: r.network_mbps, gpu: r.gpu },
+            attributes: reg.attributes.clone().into_iter().collect(),
+            state: AgentState::Online,
+            healthy: true,
+            unhealthy_reason: String::new(),
+            registered_ms: now_ms(),
+        };
+        replica.propose(Command::RegisterAgent { agent }, None).await?;
+
+        let (tx, rx) = mpsc::channel(4096);
+        let conn_id = hub.next_conn.fetch_add(1, Ordering::Relaxed);
+        let _ = tx.try_send(Ok(msg(pb::control_message::Message::Registered(pb::Registered {
+            leader_id: replica.id,
+            heartbeat_interval_ms: hub.config.heartbeat_interval_ms,
+        }))));
+        hub.conns().insert(reg.agent_id.clone(), Conn { tx, last_seen: Instant::now(), conn_id });
+        tracing::info!(agent_id = %reg.agent_id, tasks = reg.tasks.len(), "agent registered");
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            hub.reconcile(&reg.agent_id, reg.tasks).await;
+            hub.read_agent(reg.agent_id, conn_id, inbound, true).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Leader duty: tells agents about every committed change to tasks placed on them.
+pub async fn dispatch(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
+    let (_, mut rx) = hub.replica.state.changes.subscribe(None);
+    hub.resync();
+    loop {
+        let batch = tokio::select! {
+            b = rx.recv() => b,
+            _ = stop.changed() => return,
+        };
+        match batch {
+            Ok(batch) => {
+                for change in &batch.changes {
+                    if let Change::Task(t) = change {
+                        if let (Some(agent), Some(m)) = (agent_of(t), hub.instruction(t)) {
+                            hub.send(agent, m);
+                        }
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => hub.resync(),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Leader duty: first-fit placement of Accepted tasks on connected, healthy agents of Active
+/// instance groups. The scheduler issue replaces it.
+pub async fn place(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(hub.config.placement_interval_ms);
+    loop {
+        if let Some(assignments) = plan_placements(&hub) {
+            if !assignments.is_empty() {
+                let n = assignments.len();
+                match hub.replica.propose(Command::AssignTasks { assignments, timestamp_ms: now_ms() }, None).await {
+                    Ok(CommandResponse::Assigned(done)) => tracing::debug!(proposed = n, applied = done.len(), "placed tasks"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "placement: proposal failed"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn plan_placements(hub: &AgentHub) -> Option<Vec<Assignment>> {
+    let state = &hub.replica.state;
+    let connected = hub.connected();
+    let mut agents: Vec<Agent> = state
+        .agents()
+        .ok()?
+        .into_iter()
+        .filter(|a| a.state == AgentState::Online && a.healthy && connected.contains(&a.id))
+        .filter(|a| state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active))
+        .collect();
+    agents.sort_by(|a, b| a.id.cmp(&b.id));
+    let tasks = state.all_tasks().ok()?;
+    let mut jobs = HashMap::new();
+    let mut resources = |job_id: &str| -> Option<ResourceDimension> {
+        jobs.entry(job_id.to_string())
+            .or_insert_with(|| state.job(job_id).ok().flatten())
+            .as_ref()
+            .filter(|j| j.status.state == crate::model::job::JobState::Accepted)
+            .map(|j| j.descriptor.container.resources.as_dimension())
+    };
+    let mut used: HashMap<String, ResourceDimension> = HashMap::new();
+    for t in tasks.iter().filter(|t| t.state().is_live()) {
+        if let (Some(agent), Some(r)) = (agent_of(t), resources(&t.job_id)) {
+            used.entry(agent.to_string()).or_default().add(&r);
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()) {
+        let Some(need) = resources(&t.job_id) else { continue };
+        for a in &agents {
+            let u = used.entry(a.id.clone()).or_default();
+            if a.resources.fits(u, &need) {
+                u.add(&need);
+                out.push(Assignment { task_id: t.id.clone(), agent_id: a.id.clone() });
+                break;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Leader duty: declares agents Lost after the heartbeat TTL (counted from when this replica
+/// became leader, for agents it has not heard from yet).
+pub async fn liveness(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
+    let ttl = Duration::from_millis(hub.config.heartbeat_ttl_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        let Some(since) = *hub.leader_since.lock().unwrap_or_else(|p| p.into_inner()) else { continue };
+        let Ok(agents) = hub.replica.state.agents() else { continue };
+        for a in agents.into_iter().filter(|a| a.state == AgentState::Online) {
+            let last = hub.conns().get(&a.id).map(|c| c.last_seen).unwrap_or(since).max(since);
+            if last.elapsed() > ttl {
+                tracing::warn!(agent_id = %a.id, silent_ms = last.elapsed().as_millis() as u64, "agent lost: its tasks will be replaced");
+                hub.propose(Command::AgentLost { agent_id: a.id.clone(), timestamp_ms: now_ms() }).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! AgentManagementService: instance groups and the registered agents (Titus's agent management).
+
+use std::sync::Arc;
+
+use titus_proto as pb;
+use titus_proto::agent_management_service_server::AgentManagementService;
+use tonic::{Request, Response, Status};
+
+use super::client_deadline;
+use super::convert::{tier_from_proto, tier_to_proto};
+use crate::agents::AgentHub;
+use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::error::Error;
+use crate::jobs::apply::agent_of;
+use crate::jobs::store::JobRead;
+use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
+use crate::model::{validate_name, ResourceDimension};
+use crate::replica::Replica;
+
+pub struct AgentManagementApi {
+    pub replica: Arc<Replica>,
+    pub hub: Arc<AgentHub>,
+}
+
+fn lifecycle_from_proto(field: &str, l: i32) -> Result<Lifecycle, Error> {
+    Ok(match pb::InstanceGroupLifecycle::try_from(l).map_err(|_| Error::invalid(field, format!("{l} is not a lifecycle")))? {
+        pb::InstanceGroupLifecycle::IgInactive => Lifecycle::Inactive,
+        pb::InstanceGroupLifecycle::IgActive => Lifecycle::Active,
+        pb::InstanceGroupLifecycle::IgPhasedOut => Lifecycle::PhasedOut,
+        pb::InstanceGroupLifecycle::IgRemovable => Lifecycle::Removable,
+    })
+}
+
+fn lifecycle_to_proto(l: Lifecycle) -> pb::InstanceGroupLifecycle {
+    match l {
+        Lifecycle::Inactive => pb::InstanceGroupLifecycle::IgInactive,
+        Lifecycle::Active => pb::InstanceGroupLifecycle::IgActive,
+        Lifecycle::PhasedOut => pb::InstanceGroupLifecycle::IgPhasedOut,
+        Lifecycle::Removable => pb::InstanceGroupLifecycle::IgRemovable,
+    }
+}
+
+fn group_to_proto(g: InstanceGroup) -> pb::InstanceGroup {
+    pb::InstanceGroup { id: g.id, tier: tier_to_proto(g.tier) as i32, lifecycle: lifecycle_to_proto(g.lifecycle) as i32, attributes: g.attributes.into_iter().collect() }
+}
+
+fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
+    pb::AgentResources { cpu: r.cpu, memory_mb: r.memory_mb, disk_mb: r.disk_mb, network_mbps: r.network_mbps, gpu: r.gpu }
+}
+
+impl AgentManagementApi {
+    fn agent_to_proto(&self, a: Agent) -> Result<pb::AgentInstance, Error> {
+        let mut allocated = ResourceDimension::default();
+        let mut live = 0;
+        for t in self.replica.state.all_tasks()? {
+            if agent_of(&t) == Some(a.id.as_str()) && t.state().is_live() {
+                if let Some(job) = self.replica.state.job(&t.job_id)? {
+                    allocated.add(&job.descriptor.container.resources.as_dimension());
+                }
+                live += 1;
+            }
+        }
+        Ok(pb::AgentInstance {
+            id: a.id,
+            instance_group: a.instance_group,
+            resources: Some(resources_to_proto(&a.resources)),
+            attributes: a.attributes.into_iter().collect(),
+            state: match a.state {
+                AgentState::Online => pb::AgentState::AgentOnline,
+                AgentState::Lost => pb::AgentState::AgentLost,
+            } as i32,
+            healthy: a.healthy,
+            unhealthy_reason: a.unhealthy_reason,
+            registered_ms: a.registered_ms,
+            allocated: Some(resources_to_proto(&allocated)),
+            live_tasks: live,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AgentManagementService for AgentManagementApi {
+    async fn create_instance_group(&self, request: Request<pb::InstanceGroup>) -> Result<Response<pb::InstanceGroup>, Status> {
+        let g = request.get_ref().clone();
+        validate_name("id", &g.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        let group = InstanceGroup {
+            id: g.id,
+            tier: tier_from_proto("tier", g.tier)?,
+            lifecycle: lifecycle_from_proto("lifecycle", g.lifecycle)?,
+            attributes: g.attributes.into_iter().collect(),
+        };
+        match self.replica.propose(Command::UpsertInstanceGroup { group }, client_deadline(&request)).await? {
+            CommandResponse::InstanceGroup(g) => Ok(Response::new(group_to_proto(g))),
+            CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn update_instance_group_lifecycle(&self, request: Request<pb::InstanceGroupLifecycleUpdate>) -> Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        validate_name("id", &r.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        let lifecycle = lifecycle_from_proto("lifecycle", r.lifecycle)?;
+        match self.replica.propose(Command::SetInstanceGroupLifecycle { id: r.id, lifecycle }, client_deadline(&request)).await? {
+            CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
+            _ => Ok(Response::new(pb::Empty {})),
+        }
+    }
+
+    async fn list_instance_groups(&self, request: Request<pb::Empty>) -> Result<Response<pb::InstanceGroupList>, Status> {
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        let groups = self.replica.state.instance_groups()?.into_iter().map(group_to_proto).collect();
+        Ok(Response::new(pb::InstanceGroupList { groups }))
+    }
+
+    async fn find_agents(&self, request: Request<pb::Empty>) -> Result<Response<pb::AgentList>, Status> {
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        let agents = self.replica.state.agents()?.into_iter().map(|a| self.agent_to_proto(a)).collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::AgentList { agents }))
+    }
+
+    async fn get_agent(&self, request: Request<pb::AgentId>) -> Result<Response<pb::AgentInstance>, Status> {
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        let id = &request.get_ref().id;
+        match self.replica.state.agent(id)? {
+            Some(a) => Ok(Response::new(self.agent_to_proto(a)?)),
+            None => Err(Error::Rejected(Rejection::new(RejectionKind::NotFound, "id", format!("agent {id:?} does not exist"))).into()),
+        }
+    }
+}
