@@ -1,2 +1,29 @@
-//! titus-agent: runs a host's containers through the local Docker daemon and follows the
-//! control plane's leader. Built in the agent issue; the crate exists so the workspace is whole.
+//! titus-agent: one per host. Runs the tasks the control plane's leader assigns to it as Docker
+//! containers (through bollard), reports their states, and follows the leader across failovers
+//! without restarting a single container.
+//!
+//! # Layout
+//!
+//! - [`config`]: the typed configuration, resources detected from the host with overrides.
+//! - [`docker`]: the container runtime over the Docker daemon: one container per task id, named and
+//!   labelled by it, adopted after a restart instead of started twice.
+//! - [`session`]: the stream to the leader — register, heartbeats, status reports; assignments,
+//!   kills and forgets; failover with jittered back-off and leader hints.
+//!
+//! Talks to the control plane only through `titus-proto` (the public API).
+
+pub mod config;
+pub mod docker;
+pub mod session;
+
+pub use config::AgentConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("docker daemon: {0}")]
+    Docker(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -497,6 +497,17 @@ impl Client {
         .await
     }
 
+    /// Every registered agent with its state, health, allocation and whether it is attached.
+    pub async fn find_agents(&self) -> Result<Vec<pb::AgentInstance>> {
+        self.call("FindAgents", |ch, t| async move {
+            titus_proto::agent_management_service_client::AgentManagementServiceClient::new(ch)
+                .find_agents(with_timeout(pb::Empty {}, t))
+                .await
+                .map(|r| r.into_inner().agents)
+        })
+        .await
+    }
+
     /// Observes jobs matching `criteria`: a snapshot, a SnapshotEnd marker, then every change in
     /// commit order. The observer reconnects by itself (to any replica) and resumes where it
     /// stopped; when that is no longer possible it receives a fresh snapshot, marked by a

@@ -60,7 +60,9 @@ impl AgentManagementApi {
                 live += 1;
             }
         }
+        let connected = self.hub.connected().contains(&a.id);
         Ok(pb::AgentInstance {
+            connected,
             id: a.id,
             instance_group: a.instance_group,
             resources: Some(resources_to_proto(&a.resources)),

@@ -21,12 +21,41 @@ pub struct Replica {
     process: Option<Child>,
 }
 
+/// A `titus-agent` process.
+pub struct AgentProc {
+    pub id: String,
+    args: Vec<String>,
+    log: PathBuf,
+    process: Option<Child>,
+}
+
 pub struct Cluster {
     pub replicas: Vec<Replica>,
+    pub agents: Vec<AgentProc>,
     /// `--member` flags shared by the initial replicas.
     members: Vec<String>,
     extra_args: Vec<String>,
     dir: TempDir,
+}
+
+/// A workspace binary: cargo's own path when this test's crate builds it, else the one next to
+/// the test executable (`cargo build --workspace` builds them all).
+pub fn bin(name: &str) -> PathBuf {
+    if name == "titus-control-plane" {
+        if let Some(p) = option_env!("CARGO_BIN_EXE_titus-control-plane") {
+            return PathBuf::from(p);
+        }
+    }
+    if name == "titus-agent" {
+        if let Some(p) = option_env!("CARGO_BIN_EXE_titus-agent") {
+            return PathBuf::from(p);
+        }
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
 }
 
 fn free_port() -> u16 {
@@ -39,7 +68,7 @@ impl Cluster {
         let dir = TempDir::new().expect("temp dir");
         let replicas: Vec<Replica> = (1..=n).map(|id| Cluster::new_replica(&dir, id)).collect();
         let members = replicas.iter().map(|r| format!("{}={}/{}", r.id, r.peer_addr, r.api_addr)).collect();
-        let mut c = Cluster { replicas, members, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), dir };
+        let mut c = Cluster { replicas, agents: Vec::new(), members, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), dir };
         // Start in reverse order: the initializer (lowest id) comes last, as "any order" requires.
         for id in (1..=n).rev() {
             c.start_replica(id);
@@ -73,7 +102,7 @@ impl Cluster {
         let r = self.replica_mut(id);
         assert!(r.process.is_none(), "replica {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"));
+        let mut cmd = Command::new(bin("titus-control-plane"));
         cmd.arg("--node-id")
             .arg(id.to_string())
             .arg("--data-dir")
@@ -95,7 +124,7 @@ impl Cluster {
         let r = Cluster::new_replica(&self.dir, id);
         let addrs = (r.peer_addr.clone(), r.api_addr.clone());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"));
+        let mut cmd = Command::new(bin("titus-control-plane"));
         cmd.args(["--node-id", &id.to_string(), "--peer-listen", &r.peer_addr, "--api-listen", &r.api_addr])
             .arg("--data-dir")
             .arg(&r.data_dir)
@@ -201,10 +230,116 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Starts an agent with `cpu` and `memory_mb` to offer, seeded with every replica. Its id is
+    /// unique to this test process, so concurrent tests never share containers.
+    pub fn start_agent(&mut self, name: &str, cpu: f64, memory_mb: u32) -> String {
+        let id = format!("{name}-{}", std::process::id());
+        let servers = self.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+        let args = vec![
+            "--agent-id".to_string(),
+            id.clone(),
+            "--servers".into(),
+            servers,
+            "--cpu".into(),
+            cpu.to_string(),
+            "--memory-mb".into(),
+            memory_mb.to_string(),
+            "--attribute".into(),
+            "zone=us-east-1a".into(),
+        ];
+        let log = self.dir.path().join(format!("agent-{id}.log"));
+        let mut a = AgentProc { id: id.clone(), args, log, process: None };
+        spawn_agent(&mut a);
+        self.agents.push(a);
+        id
+    }
+
+    fn agent_mut(&mut self, id: &str) -> &mut AgentProc {
+        self.agents.iter_mut().find(|a| a.id == id).expect("no such agent")
+    }
+
+    pub fn kill_agent(&mut self, id: &str) {
+        if let Some(mut p) = self.agent_mut(id).process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    pub fn restart_agent(&mut self, id: &str) {
+        spawn_agent(self.agent_mut(id));
+    }
+
+    pub fn agent_log(&self, id: &str) -> String {
+        self.agents.iter().find(|a| a.id == id).and_then(|a| std::fs::read_to_string(&a.log).ok()).unwrap_or_default()
+    }
+}
+
+fn spawn_agent(a: &mut AgentProc) {
+    assert!(a.process.is_none(), "agent {} is already running", a.id);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&a.log).expect("agent log");
+    let child = Command::new(bin("titus-agent"))
+        .args(&a.args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn titus-agent");
+    a.process = Some(child);
+}
+
+/// The test's containers: (container id, task id, running, started at), from the Docker daemon.
+pub fn containers_of(agent_id: &str) -> Vec<(String, String, bool, String)> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--filter", &format!("label=titus.agent.id={agent_id}"), "--format", "{{.ID}}"])
+        .output()
+        .expect("docker ps");
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    ids.into_iter()
+        .filter_map(|id| {
+            let out = Command::new("docker")
+                .args(["inspect", "--format", "{{index .Config.Labels \"titus.task.id\"}} {{.State.Running}} {{.State.StartedAt}}", &id])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let mut parts = text.split(' ');
+            Some((id, parts.next()?.to_string(), parts.next()? == "true", parts.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// Builds the local test image (idempotent).
+pub fn ensure_test_image() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-test-image.sh");
+    let status = Command::new("bash").arg(script).status().expect("run build-test-image.sh");
+    assert!(status.success(), "building the test image failed");
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            for a in &self.agents {
+                if let Ok(text) = std::fs::read_to_string(&a.log) {
+                    eprintln!("----- agent {} log (last 30 lines) -----", a.id);
+                    for l in text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        for a in &mut self.agents {
+            if let Some(mut p) = a.process.take() {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            // The test's containers go with it.
+            if let Ok(out) = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=titus.agent.id={}", a.id)]).output() {
+                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+                if !ids.is_empty() {
+                    let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).stdout(Stdio::null()).stderr(Stdio::null()).status();
+                }
+            }
         }
         for r in &mut self.replicas {
             if let Some(mut p) = r.process.take() {
@@ -242,7 +377,7 @@ pub fn role_of(s: &ClusterStatus, id: u64) -> Option<MemberRole> {
 /// Runs `titus-control-plane` with `args` until it exits (at most `within`); returns its exit
 /// status and what it wrote to stderr.
 pub fn run_to_exit(args: &[String], within: Duration) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_titus-control-plane"))
+    let mut child = Command::new(bin("titus-control-plane"))
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -1,0 +1,116 @@
+//! `titus-agent`: parses flags and the config file, then runs the agent until SIGTERM.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use titus_agent::AgentConfig;
+
+#[derive(Parser, Debug)]
+#[command(name = "titus-agent", version, about = "Runs a host's Titus tasks in Docker")]
+struct Args {
+    /// TOML config file (template: deploy/agent.toml). Flags override it.
+    #[arg(long, env = "TITUS_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    agent_id: Option<String>,
+    /// Control-plane api addresses, comma-separated.
+    #[arg(long, env = "TITUS_SERVERS", value_delimiter = ',')]
+    servers: Vec<String>,
+    #[arg(long)]
+    docker_socket: Option<String>,
+    #[arg(long)]
+    instance_group: Option<String>,
+    #[arg(long)]
+    cpu: Option<f64>,
+    #[arg(long)]
+    memory_mb: Option<u32>,
+    /// An attribute as KEY=VALUE (zone, instanceType, instanceId, host); repeatable.
+    #[arg(long = "attribute")]
+    attributes: Vec<String>,
+    /// Docker network for the containers.
+    #[arg(long)]
+    network: Option<String>,
+}
+
+fn config_from(args: Args) -> Result<AgentConfig, String> {
+    let mut c = match &args.config {
+        Some(p) => AgentConfig::from_file(p).map_err(|e| e.to_string())?,
+        None => AgentConfig {
+            agent_id: args.agent_id.clone().ok_or("--agent-id is required without --config")?,
+            servers: Vec::new(),
+            docker_socket: None,
+            instance_group: String::new(),
+            cpu: 0.0,
+            memory_mb: 0,
+            disk_mb: 100_000,
+            network_mbps: 1_000,
+            gpu: 0,
+            attributes: BTreeMap::new(),
+            network: None,
+        },
+    };
+    if let Some(v) = args.agent_id {
+        c.agent_id = v;
+    }
+    if !args.servers.is_empty() {
+        c.servers = args.servers;
+    }
+    if let Some(v) = args.docker_socket {
+        c.docker_socket = Some(v);
+    }
+    if let Some(v) = args.instance_group {
+        c.instance_group = v;
+    }
+    if let Some(v) = args.cpu {
+        c.cpu = v;
+    }
+    if let Some(v) = args.memory_mb {
+        c.memory_mb = v;
+    }
+    if let Some(v) = args.network {
+        c.network = Some(v);
+    }
+    for a in args.attributes {
+        let (k, v) = a.split_once('=').ok_or_else(|| format!("--attribute {a:?}: expected KEY=VALUE"))?;
+        c.attributes.insert(k.to_string(), v.to_string());
+    }
+    c.finish().map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match config_from(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("titus-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    match titus_agent::session::run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("titus-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The agent's configuration: one typed struct from a TOML file and/or flags. Resources default to
+//! what the host has; overrides let several agents share one host in tests.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Unique in the cluster; labels every container this agent runs.
+    pub agent_id: String,
+    /// Api addresses of any control-plane replicas; the agent finds the leader.
+    pub servers: Vec<String>,
+    /// Docker socket path; default: the local daemon's (DOCKER_HOST or /var/run/docker.sock).
+    #[serde(default)]
+    pub docker_socket: Option<String>,
+    #[serde(default)]
+    pub instance_group: String,
+    /// Offered resources; 0 means "what the host has".
+    #[serde(default)]
+    pub cpu: f64,
+    #[serde(default)]
+    pub memory_mb: u32,
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u32,
+    #[serde(default = "default_network_mbps")]
+    pub network_mbps: u32,
+    #[serde(default)]
+    pub gpu: u32,
+    /// zone, instanceType, instanceId, host, ... (host defaults to the hostname).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Docker network the containers join; default: the daemon's default bridge.
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+fn default_disk_mb() -> u32 {
+    100_000
+}
+
+fn default_network_mbps() -> u32 {
+    1_000
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> Result<AgentConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Fills host-detected resources and attributes, then checks every setting.
+    pub fn finish(mut self) -> Result<AgentConfig> {
+        if self.agent_id.is_empty() || !self.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(Error::Config(format!("agent-id: {:?} must be letters, digits, '-', '_' or '.'", self.agent_id)));
+        }
+        if self.servers.is_empty() {
+            return Err(Error::Config("servers: at least one control-plane api address is required".into()));
+        }
+        if let Some(s) = self.servers.iter().find(|s| !s.contains(':')) {
+            return Err(Error::Config(format!("servers: {s:?} is not host:port")));
+        }
+        if self.cpu == 0.0 {
+            self.cpu = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+        }
+        if !self.cpu.is_finite() || self.cpu < 0.0 {
+            return Err(Error::Config("cpu: must be > 0".into()));
+        }
+        if self.memory_mb == 0 {
+            self.memory_mb = host_memory_mb().unwrap_or(1024);
+        }
+        if !self.attributes.contains_key("host") {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+            self.attributes.insert("host".into(), host);
+        }
+        Ok(self)
+    }
+}
+
+fn host_memory_mb() -> Option<u32> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kb / 1024) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AgentConfig {
+        toml::from_str("agent-id = \"a1\"\nservers = [\"127.0.0.1:8001\"]").unwrap()
+    }
+
+    #[test]
+    fn host_resources_fill_the_gaps_and_bad_settings_are_named() {
+        let c = config().finish().unwrap();
+        assert!(c.cpu >= 1.0 && c.memory_mb > 0);
+        assert!(c.attributes.contains_key("host"));
+        let mut bad = config();
+        bad.agent_id = "a b".into();
+        assert!(bad.finish().unwrap_err().to_string().contains("agent-id"));
+        let mut bad = config();
+        bad.servers = vec!["nowhere".into()];
+        assert!(bad.finish().unwrap_err().to_string().contains("servers"));
+        assert!(toml::from_str::<AgentConfig>("agent-id = \"a\"\nservers = []\nbogus = 1").is_err());
+    }
+}

@@ -1,0 +1,247 @@
+//! The container runtime over the local Docker daemon (bollard).
+//!
+//! One container per task, named `titus-<task id>` and labelled with the task, job and agent ids:
+//! Docker refuses a second container of the same name, so a task id can never run twice, and after
+//! a restart the agent finds its containers by label and adopts them. An exited container is kept
+//! as a tombstone until the control plane says to forget the task. Images are never pulled.
+
+use std::collections::HashMap;
+
+use bollard::container::{Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions, StopContainerOptions};
+use bollard::errors::Error as DockerError;
+use bollard::models::HostConfig;
+use bollard::system::EventsOptions;
+use bollard::Docker;
+use futures::Stream;
+use titus_proto as pb;
+
+use crate::{AgentConfig, Error, Result};
+
+pub const LABEL_TASK: &str = "titus.task.id";
+pub const LABEL_JOB: &str = "titus.job.id";
+pub const LABEL_AGENT: &str = "titus.agent.id";
+
+pub fn container_name(task_id: &str) -> String {
+    format!("titus-{task_id}")
+}
+
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    agent_id: String,
+    network: Option<String>,
+}
+
+/// A container's state as a task state.
+pub struct Observed {
+    pub task_id: String,
+    pub container_id: String,
+    pub state: pb::TaskState,
+    pub reason_code: String,
+    pub reason_message: String,
+    pub context: HashMap<String, String>,
+}
+
+impl Observed {
+    pub fn to_proto(&self) -> pb::AgentTask {
+        pb::AgentTask {
+            task_id: self.task_id.clone(),
+            state: self.state as i32,
+            container_id: self.container_id.clone(),
+            reason_code: self.reason_code.clone(),
+            reason_message: self.reason_message.clone(),
+            task_context: self.context.clone(),
+        }
+    }
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code: 404, .. })
+}
+
+impl DockerRuntime {
+    /// Connects and negotiates the API version (Debian's daemon speaks an older API than bollard's
+    /// default).
+    pub async fn connect(config: &AgentConfig) -> Result<DockerRuntime> {
+        let docker = match &config.docker_socket {
+            Some(path) => Docker::connect_with_socket(path, 120, bollard::API_DEFAULT_VERSION),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| Error::Docker(format!("cannot connect: {e}")))?;
+        let docker = docker.negotiate_version().await.map_err(|e| Error::Docker(format!("unreachable: {e}")))?;
+        Ok(DockerRuntime { docker, agent_id: config.agent_id.clone(), network: config.network.clone() })
+    }
+
+    /// Whether the daemon answers; the reason when it does not.
+    pub async fn health(&self) -> std::result::Result<(), String> {
+        self.docker.ping().await.map(|_| ()).map_err(|e| format!("docker daemon unreachable: {e}"))
+    }
+
+    /// Every container of this agent, as task states.
+    pub async fn tasks(&self) -> Result<Vec<Observed>> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::<String> { all: true, filters, ..Default::default() }))
+            .await
+            .map_err(|e| Error::Docker(e.to_string()))?;
+        let mut out = Vec::new();
+        for c in list {
+            let Some(task_id) = c.labels.as_ref().and_then(|l| l.get(LABEL_TASK)).cloned() else { continue };
+            if let Some(o) = self.observe(&task_id, false).await? {
+                out.push(o);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The task's container as a task state; `killed` says the agent stopped it on request.
+    pub async fn observe(&self, task_id: &str, killed: bool) -> Result<Option<Observed>> {
+        let c = match self.docker.inspect_container(&container_name(task_id), None::<InspectContainerOptions>).await {
+            Ok(c) => c,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(Error::Docker(e.to_string())),
+        };
+        let st = c.state.unwrap_or_default();
+        let mut context = HashMap::new();
+        let ip = c.network_settings.as_ref().and_then(|n| {
+            n.ip_address.clone().filter(|ip| !ip.is_empty()).or_else(|| {
+                n.networks.as_ref()?.values().find_map(|e| e.ip_address.clone().filter(|ip| !ip.is_empty()))
+            })
+        });
+        if let Some(ip) = ip {
+            context.insert("containerIp".to_string(), ip);
+        }
+        let status = st.status.map(|s| s.to_string()).unwrap_or_default();
+        let (state, reason_code, reason_message) = match status.as_str() {
+            "running" | "paused" | "restarting" => (pb::TaskState::TaskStarted, String::new(), String::new()),
+            "created" => (pb::TaskState::TaskStartInitiated, String::new(), String::new()),
+            _ => {
+                let code = st.exit_code.unwrap_or(-1);
+                context.insert("exitCode".to_string(), code.to_string());
+                if killed {
+                    (pb::TaskState::TaskFinished, "killed".to_string(), format!("killed on request (exit code {code})"))
+                } else if st.oom_killed.unwrap_or(false) {
+                    (pb::TaskState::TaskFinished, "failed".to_string(), "OOM killed: the container exceeded its memory limit".to_string())
+                } else if code == 0 {
+                    (pb::TaskState::TaskFinished, "normal".to_string(), "exited with code 0".to_string())
+                } else {
+                    let err = st.error.filter(|e| !e.is_empty()).map(|e| format!(": {e}")).unwrap_or_default();
+                    (pb::TaskState::TaskFinished, "failed".to_string(), format!("exited with code {code}{err}"))
+                }
+            }
+        };
+        Ok(Some(Observed { task_id: task_id.to_string(), container_id: c.id.unwrap_or_default(), state, reason_code, reason_message, context }))
+    }
+
+    /// Creates and starts the task's container. Adopts an existing one instead of creating a
+    /// second. Returns the states it went through.
+    pub async fn launch(&self, assign: &pb::TaskAssignment) -> Vec<Observed> {
+        let task_id = &assign.task_id;
+        let fail = |code: &str, message: String| Observed {
+            task_id: task_id.clone(),
+            container_id: String::new(),
+            state: pb::TaskState::TaskFinished,
+            reason_code: code.into(),
+            reason_message: message,
+            context: HashMap::new(),
+        };
+        match self.observe(task_id, false).await {
+            Ok(Some(existing)) => return vec![existing], // never run a task id twice
+            Ok(None) => {}
+            Err(e) => return vec![fail("localSystemError", e.to_string())],
+        }
+        let container = assign.container.clone().unwrap_or_default();
+        let image = container.image.unwrap_or_default();
+        let image_ref = if !image.digest.is_empty() { format!("{}@{}", image.name, image.digest) } else { format!("{}:{}", image.name, image.tag) };
+        match self.docker.inspect_image(&image_ref).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return vec![fail("failed", format!("image {image_ref} is not present on this agent (images are never pulled)"))],
+            Err(e) => return vec![fail("localSystemError", format!("inspecting image {image_ref}: {e}"))],
+        }
+        let r = container.resources.unwrap_or_default();
+        let labels = HashMap::from([
+            (LABEL_TASK.to_string(), task_id.clone()),
+            (LABEL_JOB.to_string(), assign.job_id.clone()),
+            (LABEL_AGENT.to_string(), self.agent_id.clone()),
+        ]);
+        let host_config = HostConfig {
+            nano_cpus: Some((r.cpu * 1e9) as i64),
+            memory: Some(r.memory_mb as i64 * 1024 * 1024),
+            shm_size: (r.shm_size_mb > 0).then_some(r.shm_size_mb as i64 * 1024 * 1024),
+            network_mode: self.network.clone(),
+            ..Default::default()
+        };
+        let config = Config {
+            image: Some(image_ref.clone()),
+            entrypoint: (!container.entry_point.is_empty()).then_some(container.entry_point.clone()),
+            cmd: (!container.command.is_empty()).then_some(container.command.clone()),
+            env: Some(container.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let name = container_name(task_id);
+        let created = match self.docker.create_container(Some(CreateContainerOptions { name: name.clone(), platform: None }), config).await {
+            Ok(c) => c,
+            // Another launch of the same task won the race: adopt it.
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
+                return self.observe(task_id, false).await.ok().flatten().into_iter().collect();
+            }
+            Err(e) => return vec![fail("failed", format!("creating the container: {e}"))],
+        };
+        let mut states = vec![Observed {
+            task_id: task_id.clone(),
+            container_id: created.id.clone(),
+            state: pb::TaskState::TaskStartInitiated,
+            reason_code: String::new(),
+            reason_message: "container created".into(),
+            context: HashMap::new(),
+        }];
+        if let Err(e) = self.docker.start_container::<String>(&name, None).await {
+            states.push(fail("failed", format!("starting the container: {e}")));
+            return states;
+        }
+        match self.observe(task_id, false).await {
+            Ok(Some(o)) => states.push(o),
+            Ok(None) => states.push(fail("lost", "the container vanished right after starting".into())),
+            Err(e) => states.push(fail("localSystemError", e.to_string())),
+        }
+        states
+    }
+
+    /// SIGTERM, then SIGKILL after `grace_secs`.
+    pub async fn stop(&self, task_id: &str, grace_secs: i64) -> Result<bool> {
+        match self.docker.stop_container(&container_name(task_id), Some(StopContainerOptions { t: grace_secs })).await {
+            Ok(()) => Ok(true),
+            Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(true), // already stopped
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(Error::Docker(e.to_string())),
+        }
+    }
+
+    pub async fn remove(&self, task_id: &str) -> Result<()> {
+        let opts = RemoveContainerOptions { force: true, ..Default::default() };
+        match self.docker.remove_container(&container_name(task_id), Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(Error::Docker(e.to_string())),
+        }
+    }
+
+    /// Container deaths (and OOM kills) of this agent's containers, by task id.
+    pub fn deaths(&self) -> impl Stream<Item = std::result::Result<String, String>> + Send + 'static {
+        use futures::StreamExt;
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["die".to_string()]),
+            ("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)]),
+        ]);
+        self.docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).filter_map(|e| async move {
+            match e {
+                Ok(ev) => ev.actor.and_then(|a| a.attributes).and_then(|attrs| attrs.get(LABEL_TASK).cloned()).map(Ok),
+                Err(e) => Some(Err(e.to_string())),
+            }
+        })
+    }
+}

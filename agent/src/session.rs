@@ -1,0 +1,242 @@
+//! The agent's stream to the leader, and what it does with what comes down it.
+//!
+//! On every (re)connection the agent registers with everything it holds, so a new leader learns the
+//! truth from the agents themselves; containers are never touched by a reconnect. Assignments,
+//! kills and forgets are idempotent: a repeated assignment adopts the existing container, a kill of
+//! a stopped container reports it finished, a forget of a missing container does nothing.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use titus_proto as pb;
+use titus_proto::agent_service_client::AgentServiceClient;
+
+use crate::docker::{DockerRuntime, Observed};
+use crate::{AgentConfig, Result};
+
+/// Metadata key in which a replica names the leader's api address.
+const LEADER_HINT: &str = "titus-leader";
+
+struct Agent {
+    config: AgentConfig,
+    docker: DockerRuntime,
+    /// Tasks the agent is stopping on request, so their death is reported as killed.
+    killing: Mutex<HashSet<String>>,
+    /// Status reports for the current stream (or the next one).
+    reports: mpsc::UnboundedSender<pb::AgentTask>,
+}
+
+impl Agent {
+    fn report(&self, o: &Observed) {
+        let _ = self.reports.send(o.to_proto());
+    }
+
+    fn is_killing(&self, task_id: &str) -> bool {
+        self.killing.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id)
+    }
+
+    async fn on_death(&self, task_id: &str) {
+        match self.docker.observe(task_id, self.is_killing(task_id)).await {
+            Ok(Some(o)) => self.report(&o),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(task_id, error = %e, "cannot inspect a dead container"),
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, m: pb::control_message::Message) {
+        use pb::control_message::Message;
+        match m {
+            Message::Registered(r) => tracing::info!(leader = r.leader_id, "registered with the leader"),
+            Message::Assign(a) => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    tracing::info!(task_id = %a.task_id, "launching");
+                    for o in agent.docker.launch(&a).await {
+                        agent.report(&o);
+                    }
+                });
+            }
+            Message::Kill(k) => {
+                self.killing.lock().unwrap_or_else(|p| p.into_inner()).insert(k.task_id.clone());
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let grace = (k.grace_period_ms.div_ceil(1000)) as i64;
+                    tracing::info!(task_id = %k.task_id, grace_secs = grace, "killing");
+                    match agent.docker.stop(&k.task_id, grace).await {
+                        Ok(true) => agent.on_death(&k.task_id).await,
+                        Ok(false) => agent.report(&Observed {
+                            task_id: k.task_id.clone(),
+                            container_id: String::new(),
+                            state: pb::TaskState::TaskFinished,
+                            reason_code: "killed".into(),
+                            reason_message: "killed before its container existed".into(),
+                            context: Default::default(),
+                        }),
+                        Err(e) => tracing::warn!(task_id = %k.task_id, error = %e, "kill failed; the control plane will retry"),
+                    }
+                });
+            }
+            Message::Forget(f) => {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = agent.docker.remove(&f.task_id).await {
+                        tracing::warn!(task_id = %f.task_id, error = %e, "cannot remove container");
+                    } else {
+                        agent.killing.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
+                    }
+                });
+            }
+        }
+    }
+
+    async fn register_message(&self) -> pb::AgentMessage {
+        let tasks = match self.docker.tasks().await {
+            Ok(t) => t.iter().map(Observed::to_proto).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list containers for registration");
+                Vec::new()
+            }
+        };
+        let c = &self.config;
+        pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Register(pb::AgentRegister {
+                agent_id: c.agent_id.clone(),
+                instance_group: c.instance_group.clone(),
+                resources: Some(pb::AgentResources { cpu: c.cpu, memory_mb: c.memory_mb, disk_mb: c.disk_mb, network_mbps: c.network_mbps, gpu: c.gpu }),
+                attributes: c.attributes.clone().into_iter().collect(),
+                tasks,
+            })),
+        }
+    }
+}
+
+/// Watches container deaths for the agent's lifetime, re-subscribing after daemon hiccups.
+async fn watch_deaths(agent: Arc<Agent>) {
+    loop {
+        let mut deaths = Box::pin(agent.docker.deaths());
+        while let Some(event) = deaths.next().await {
+            match event {
+                Ok(task_id) => agent.on_death(&task_id).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "docker event stream broke");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Deaths during the gap: report every container's current state.
+        if let Ok(tasks) = agent.docker.tasks().await {
+            for o in tasks.iter().filter(|o| o.state == pb::TaskState::TaskFinished) {
+                agent.report(o);
+            }
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` completes. Containers keep running after it stops.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let docker = DockerRuntime::connect(&config).await?;
+    let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
+    let agent = Arc::new(Agent { config, docker, killing: Mutex::default(), reports: reports_tx });
+    let watcher = tokio::spawn(watch_deaths(agent.clone()));
+    tokio::pin!(shutdown);
+
+    let seeds = agent.config.servers.clone();
+    let mut next = rand::thread_rng().gen_range(0..seeds.len());
+    let mut hint: Option<String> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let addr = hint.take().unwrap_or_else(|| {
+            next = (next + 1) % seeds.len();
+            seeds[next].clone()
+        });
+        let outcome = tokio::select! {
+            o = session(&agent, &addr, &mut reports_rx) => o,
+            _ = &mut shutdown => break,
+        };
+        match outcome {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(SessionEnd { message, leader }) => {
+                tracing::info!(%addr, %message, ?leader, "stream to the control plane ended; reconnecting");
+                if leader.is_some() {
+                    hint = leader;
+                    backoff = Duration::from_millis(50);
+                }
+            }
+        }
+        let pause = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = &mut shutdown => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    watcher.abort();
+    tracing::info!("agent stopped; its containers keep running");
+    Ok(())
+}
+
+struct SessionEnd {
+    message: String,
+    leader: Option<String>,
+}
+
+fn end(status: &tonic::Status) -> SessionEnd {
+    let leader = status.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);
+    SessionEnd { message: format!("{:?}: {}", status.code(), status.message()), leader }
+}
+
+/// One stream to one replica; returns when it ends.
+async fn session(agent: &Arc<Agent>, addr: &str, reports: &mut mpsc::UnboundedReceiver<pb::AgentTask>) -> std::result::Result<(), SessionEnd> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| SessionEnd { message: e.to_string(), leader: None })?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3));
+    let channel = endpoint.connect().await.map_err(|e| SessionEnd { message: format!("connect: {e}"), leader: None })?;
+    let (out_tx, out_rx) = mpsc::channel(1024);
+    let _ = out_tx.send(agent.register_message().await).await;
+    let mut inbound = AgentServiceClient::new(channel).attach(ReceiverStream::new(out_rx)).await.map_err(|s| end(&s))?.into_inner();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(1000));
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(m)) => {
+                    if let Some(pb::control_message::Message::Registered(r)) = &m.message {
+                        heartbeat = tokio::time::interval(Duration::from_millis(r.heartbeat_interval_ms.max(100)));
+                    }
+                    if let Some(m) = m.message {
+                        agent.handle(m).await;
+                    }
+                }
+                Ok(None) => return Err(SessionEnd { message: "the leader closed the stream".into(), leader: None }),
+                Err(status) => return Err(end(&status)),
+            },
+            Some(report) = reports.recv() => {
+                let m = pb::AgentMessage { message: Some(pb::agent_message::Message::Status(report)) };
+                if out_tx.send(m).await.is_err() {
+                    return Err(SessionEnd { message: "stream closed while reporting".into(), leader: None });
+                }
+            }
+            _ = heartbeat.tick() => {
+                let (healthy, unhealthy_reason) = match agent.docker.health().await {
+                    Ok(()) => (true, String::new()),
+                    Err(reason) => (false, reason),
+                };
+                let m = pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(pb::AgentHeartbeat { healthy, unhealthy_reason })) };
+                if out_tx.send(m).await.is_err() {
+                    return Err(SessionEnd { message: "stream closed".into(), leader: None });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The agent end to end: real replicas, real agents, the real Docker daemon and the local test
+//! image. t200 batch failures and kills, t210 a service across two agents, t220 a leader kill
+//! under running containers, t230 an agent restart, t240 an agent gone past its TTL.
+
+#[path = "../../control-plane/tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{containers_of, ensure_test_image, wait_until, Cluster};
+use titus_client::proto as pb;
+use titus_client::Client;
+
+const ELECTION: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_secs(40);
+
+fn container(command: &[&str], cpu: f64, memory_mb: u32) -> pb::Container {
+    pb::Container {
+        resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
+        image: Some(pb::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn job(app: &str, container: pb::Container, job_type: pb::job_descriptor::JobType) -> pb::JobDescriptor {
+    pb::JobDescriptor {
+        owner: Some(pb::Owner { team_email: "team@example.com".into() }),
+        application_name: app.into(),
+        container: Some(container),
+        job_type: Some(job_type),
+        ..Default::default()
+    }
+}
+
+fn service(desired: u32, max: u32) -> pb::job_descriptor::JobType {
+    pb::job_descriptor::JobType::Service(pb::ServiceJobSpec { capacity: Some(pb::Capacity { min: 0, desired, max }), enabled: true, ..Default::default() })
+}
+
+async fn tasks_in(client: &Client, job_id: &str, states: &str) -> Vec<pb::Task> {
+    client.find_tasks(&[("jobIds", job_id), ("taskStates", states)], 1000, "").await.map(|r| r.items).unwrap_or_default()
+}
+
+async fn wait_tasks(client: &Client, job_id: &str, states: &str, n: usize, within: Duration) -> Vec<pb::Task> {
+    wait_until(within, &format!("{n} tasks of {job_id} in {states}"), || async {
+        let t = tasks_in(client, job_id, states).await;
+        (t.len() == n).then_some(t)
+    })
+    .await
+}
+
+fn running(agent: &str) -> usize {
+    containers_of(agent).iter().filter(|c| c.2).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let agent = c.start_agent("a200", 4.0, 4096);
+    let client = c.client();
+
+    let failing = job(
+        "exit3",
+        container(&["sh", "-c", "exit 3"], 0.5, 64),
+        pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+            size: 1,
+            retry_policy: Some(pb::RetryPolicy { policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries: 1 })) }),
+            ..Default::default()
+        }),
+    );
+    let id = client.create_job(failing).await.unwrap();
+    let done = wait_until(SETTLE, "the failing job to finish", || async {
+        client.find_job(&id).await.ok().filter(|j| j.status.as_ref().unwrap().state == pb::JobState::JobFinished as i32)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().reason_code, "failed");
+    let attempts = tasks_in(&client, &id, "Finished").await;
+    assert_eq!(attempts.len(), 2, "one run and one retry");
+    for t in &attempts {
+        let s = t.status.clone().unwrap();
+        assert_eq!(s.reason_code, "failed");
+        assert!(s.reason_message.contains("exit") && s.reason_message.contains('3'), "{}", s.reason_message);
+        assert_eq!(t.task_context.get("exitCode").map(String::as_str), Some("3"));
+        assert_eq!(t.task_context.get("agent"), Some(&agent));
+    }
+
+    let sleeper = job("sleeper", container(&["sleep", "300"], 0.5, 64), pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() }));
+    let id = client.create_job(sleeper).await.unwrap();
+    let started = wait_tasks(&client, &id, "Started", 1, SETTLE).await;
+    assert!(started[0].task_context.contains_key("containerIp"), "{:?}", started[0].task_context);
+    let t0 = Instant::now();
+    client.kill_task(&started[0].id, false, false).await.unwrap();
+    let killed = wait_tasks(&client, &id, "Finished", 1, SETTLE).await;
+    assert_eq!(killed[0].status.as_ref().unwrap().reason_code, "killed");
+    assert!(t0.elapsed() < Duration::from_secs(10 + 5), "kill took {:?}, beyond its 10 s grace", t0.elapsed());
+    // The finished task's container is removed once the control plane has recorded it.
+    wait_until(SETTLE, "tombstone containers removed", || async { containers_of(&agent).is_empty().then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t210_a_service_spreads_over_two_agents_and_scales_down() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let a = c.start_agent("a210a", 2.0, 2048);
+    let b = c.start_agent("a210b", 2.0, 2048);
+    let client = c.client();
+    let id = client.create_job(job("web", container(&["sleep", "600"], 1.0, 128), service(3, 4))).await.unwrap();
+    let started = wait_tasks(&client, &id, "Started", 3, SETTLE).await;
+    let agents: BTreeSet<String> = started.iter().map(|t| t.task_context["agent"].clone()).collect();
+    assert_eq!(agents, BTreeSet::from([a.clone(), b.clone()]), "2 cpus per agent: 3 one-cpu tasks need both");
+    assert_eq!(running(&a) + running(&b), 3);
+
+    client.update_job_capacity(&id, None, Some(1), None).await.unwrap();
+    wait_tasks(&client, &id, "Started", 1, SETTLE).await;
+    wait_until(SETTLE, "two containers stopped", || async { (running(&a) + running(&b) == 1).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t220_a_leader_kill_restarts_no_container() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let a = c.start_agent("a220a", 4.0, 4096);
+    let b = c.start_agent("a220b", 4.0, 4096);
+    let client = c.client();
+    let id = client.create_job(job("ten", container(&["sleep", "600"], 0.5, 32), service(10, 10))).await.unwrap();
+    let before = wait_tasks(&client, &id, "Started", 10, SETTLE).await;
+    let containers_before: BTreeMap<String, String> = containers_of(&a).into_iter().chain(containers_of(&b)).map(|(cid, _, _, started)| (cid, started)).collect();
+    assert_eq!(containers_before.len(), 10);
+
+    c.kill(leader);
+    let t0 = Instant::now();
+    c.wait_for_leader(ELECTION).await;
+    wait_until(SETTLE, "both agents re-attached to the new leader", || async {
+        let agents = client.find_agents().await.ok()?;
+        agents.iter().filter(|x| x.id == a || x.id == b).all(|x| x.connected).then_some(())
+    })
+    .await;
+    eprintln!("agents re-attached {:?} after the leader kill", t0.elapsed());
+
+    // Same containers, same start times, all still running; no task moved.
+    let containers_after: BTreeMap<String, String> = containers_of(&a).into_iter().chain(containers_of(&b)).map(|(cid, _, _, started)| (cid, started)).collect();
+    assert_eq!(containers_after, containers_before, "a container was restarted or replaced");
+    assert_eq!(running(&a) + running(&b), 10);
+    let after = tasks_in(&client, &id, "Started").await;
+    assert_eq!(after.len(), 10);
+    let history = |ts: &[pb::Task]| ts.iter().map(|t| (t.id.clone(), t.status_history.len())).collect::<BTreeMap<_, _>>();
+    assert_eq!(history(&after), history(&before), "a task changed state spuriously");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t230_a_restarted_agent_adopts_its_containers() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let a = c.start_agent("a230", 4.0, 4096);
+    let client = c.client();
+    let id = client.create_job(job("adopt", container(&["sleep", "600"], 0.5, 32), service(4, 4))).await.unwrap();
+    wait_tasks(&client, &id, "Started", 4, SETTLE).await;
+    let before: BTreeSet<String> = containers_of(&a).into_iter().map(|c| c.0).collect();
+
+    c.kill_agent(&a);
+    c.restart_agent(&a);
+    wait_until(SETTLE, "the agent re-attached", || async {
+        client.find_agents().await.ok()?.iter().find(|x| x.id == a && x.connected).map(|_| ())
+    })
+    .await;
+    // Give it a reconcile round to do anything wrong, then check nothing was duplicated.
+    wait_tasks(&client, &id, "Started", 4, SETTLE).await;
+    let after: BTreeSet<String> = containers_of(&a).into_iter().map(|c| c.0).collect();
+    assert_eq!(after, before, "containers were duplicated or replaced");
+    assert_eq!(running(&a), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t240_an_agent_gone_past_its_ttl_loses_its_tasks_and_its_stale_containers() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &["--agent-heartbeat-ttl-ms", "4000"]);
+    c.wait_for_leader(ELECTION).await;
+    let a = c.start_agent("a240a", 4.0, 4096);
+    let client = c.client();
+    let id = client.create_job(job("moves", container(&["sleep", "600"], 1.0, 64), service(2, 2))).await.unwrap();
+    let first = wait_tasks(&client, &id, "Started", 2, SETTLE).await;
+    assert!(first.iter().all(|t| t.task_context["agent"] == a));
+    let b = c.start_agent("a240b", 4.0, 4096);
+
+    c.kill_agent(&a);
+    let replaced = wait_until(SETTLE, "the tasks replaced on the other agent", || async {
+        let t = tasks_in(&client, &id, "Started").await;
+        (t.len() == 2 && t.iter().all(|t| t.task_context["agent"] == b)).then_some(t)
+    })
+    .await;
+    let lost = tasks_in(&client, &id, "Finished").await;
+    assert!(lost.iter().filter(|t| first.iter().any(|f| f.id == t.id)).all(|t| t.status.as_ref().unwrap().reason_code == "lost"));
+    assert_eq!(replaced.len(), 2);
+    assert_eq!(running(&a), 2, "the lost agent's containers are still running on the host");
+
+    // It comes back: its stale containers are removed, nothing new runs there.
+    c.restart_agent(&a);
+    wait_until(SETTLE, "stale containers removed", || async { containers_of(&a).is_empty().then_some(()) }).await;
+    assert_eq!(tasks_in(&client, &id, "Started").await.len(), 2);
+}
