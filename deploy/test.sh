@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source deploy/lib/common.sh
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
+bash deploy/build-test-image.sh
 cargo build --workspace --all-targets
 cargo test --workspace --doc
 

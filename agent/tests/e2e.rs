@@ -134,9 +134,10 @@ async fn t220_a_leader_kill_restarts_no_container() {
 
     c.kill(leader);
     let t0 = Instant::now();
-    c.wait_for_leader(ELECTION).await;
+    let new_leader = c.wait_for_leader(ELECTION).await;
+    let on_leader = c.client_of(new_leader);
     wait_until(SETTLE, "both agents re-attached to the new leader", || async {
-        let agents = client.find_agents().await.ok()?;
+        let agents = on_leader.find_agents().await.ok()?;
         agents.iter().filter(|x| x.id == a || x.id == b).all(|x| x.connected).then_some(())
     })
     .await;
@@ -165,8 +166,9 @@ async fn t230_a_restarted_agent_adopts_its_containers() {
 
     c.kill_agent(&a);
     c.restart_agent(&a);
+    let on_leader = c.client_of(c.wait_for_leader(ELECTION).await);
     wait_until(SETTLE, "the agent re-attached", || async {
-        client.find_agents().await.ok()?.iter().find(|x| x.id == a && x.connected).map(|_| ())
+        on_leader.find_agents().await.ok()?.iter().find(|x| x.id == a && x.connected).map(|_| ())
     })
     .await;
     // Give it a reconcile round to do anything wrong, then check nothing was duplicated.

@@ -20,4 +20,4 @@ ensure_packages() {
 }
 
 BUILD_PACKAGES=(libclang-dev clang)
-TEST_PACKAGES=(etcd-server)
+TEST_PACKAGES=(etcd-server busybox-static)
