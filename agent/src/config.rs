@@ -56,7 +56,10 @@ impl AgentConfig {
     /// Fills host-detected resources and attributes, then checks every setting.
     pub fn finish(mut self) -> Result<AgentConfig> {
         if self.agent_id.is_empty() || !self.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(Error::Config(format!("agent-id: {:?} must be letters, digits, '-', '_' or '.'", self.agent_id)));
+            return Err(Error::Config(format!(
+                "agent-id: {:?} must be letters, digits, '-', '_' or '.'",
+                self.agent_id
+            )));
         }
         if self.servers.is_empty() {
             return Err(Error::Config("servers: at least one control-plane api address is required".into()));
@@ -74,7 +77,9 @@ impl AgentConfig {
             self.memory_mb = host_memory_mb().unwrap_or(1024);
         }
         if !self.attributes.contains_key("host") {
-            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
             self.attributes.insert("host".into(), host);
         }
         Ok(self)

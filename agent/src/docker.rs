@@ -7,7 +7,10 @@
 
 use std::collections::HashMap;
 
-use bollard::container::{Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions, StopContainerOptions};
+use bollard::container::{
+    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StopContainerOptions,
+};
 use bollard::errors::Error as DockerError;
 use bollard::models::HostConfig;
 use bollard::system::EventsOptions;
@@ -122,7 +125,11 @@ impl DockerRuntime {
                 if killed {
                     (pb::TaskState::TaskFinished, "killed".to_string(), format!("killed on request (exit code {code})"))
                 } else if st.oom_killed.unwrap_or(false) {
-                    (pb::TaskState::TaskFinished, "failed".to_string(), "OOM killed: the container exceeded its memory limit".to_string())
+                    (
+                        pb::TaskState::TaskFinished,
+                        "failed".to_string(),
+                        "OOM killed: the container exceeded its memory limit".to_string(),
+                    )
                 } else if code == 0 {
                     (pb::TaskState::TaskFinished, "normal".to_string(), "exited with code 0".to_string())
                 } else {
@@ -131,7 +138,14 @@ impl DockerRuntime {
                 }
             }
         };
-        Ok(Some(Observed { task_id: task_id.to_string(), container_id: c.id.unwrap_or_default(), state, reason_code, reason_message, context }))
+        Ok(Some(Observed {
+            task_id: task_id.to_string(),
+            container_id: c.id.unwrap_or_default(),
+            state,
+            reason_code,
+            reason_message,
+            context,
+        }))
     }
 
     /// Creates and starts the task's container. Adopts an existing one instead of creating a
@@ -146,6 +160,8 @@ impl DockerRuntime {
             reason_message: message,
             context: HashMap::new(),
         };
+        let t0 = std::time::Instant::now();
+        let step = |what: &str| tracing::debug!(task_id = %task_id, step = what, elapsed_ms = t0.elapsed().as_millis() as u64, "launch");
         match self.observe(task_id, false).await {
             Ok(Some(existing)) => return vec![existing], // never run a task id twice
             Ok(None) => {}
@@ -153,12 +169,22 @@ impl DockerRuntime {
         }
         let container = assign.container.clone().unwrap_or_default();
         let image = container.image.unwrap_or_default();
-        let image_ref = if !image.digest.is_empty() { format!("{}@{}", image.name, image.digest) } else { format!("{}:{}", image.name, image.tag) };
+        let image_ref = if !image.digest.is_empty() {
+            format!("{}@{}", image.name, image.digest)
+        } else {
+            format!("{}:{}", image.name, image.tag)
+        };
         match self.docker.inspect_image(&image_ref).await {
             Ok(_) => {}
-            Err(e) if is_not_found(&e) => return vec![fail("failed", format!("image {image_ref} is not present on this agent (images are never pulled)"))],
+            Err(e) if is_not_found(&e) => {
+                return vec![fail(
+                    "failed",
+                    format!("image {image_ref} is not present on this agent (images are never pulled)"),
+                )]
+            }
             Err(e) => return vec![fail("localSystemError", format!("inspecting image {image_ref}: {e}"))],
         }
+        step("image checked");
         let r = container.resources.unwrap_or_default();
         let labels = HashMap::from([
             (LABEL_TASK.to_string(), task_id.clone()),
@@ -182,7 +208,11 @@ impl DockerRuntime {
             ..Default::default()
         };
         let name = container_name(task_id);
-        let created = match self.docker.create_container(Some(CreateContainerOptions { name: name.clone(), platform: None }), config).await {
+        let created = match self
+            .docker
+            .create_container(Some(CreateContainerOptions { name: name.clone(), platform: None }), config)
+            .await
+        {
             Ok(c) => c,
             // Another launch of the same task won the race: adopt it.
             Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
@@ -190,6 +220,7 @@ impl DockerRuntime {
             }
             Err(e) => return vec![fail("failed", format!("creating the container: {e}"))],
         };
+        step("created");
         let mut states = vec![Observed {
             task_id: task_id.clone(),
             container_id: created.id.clone(),
@@ -202,6 +233,7 @@ impl DockerRuntime {
             states.push(fail("failed", format!("starting the container: {e}")));
             return states;
         }
+        step("started");
         match self.observe(task_id, false).await {
             Ok(Some(o)) => states.push(o),
             Ok(None) => states.push(fail("lost", "the container vanished right after starting".into())),

@@ -58,10 +58,11 @@ impl Agent {
             Message::Assign(a) => {
                 let agent = self.clone();
                 tokio::spawn(async move {
-                    tracing::info!(task_id = %a.task_id, "launching");
+                    let t0 = std::time::Instant::now();
                     for o in agent.docker.launch(&a).await {
                         agent.report(&o);
                     }
+                    tracing::info!(task_id = %a.task_id, elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
                 });
             }
             Message::Kill(k) => {
@@ -80,7 +81,9 @@ impl Agent {
                             reason_message: "killed before its container existed".into(),
                             context: Default::default(),
                         }),
-                        Err(e) => tracing::warn!(task_id = %k.task_id, error = %e, "kill failed; the control plane will retry"),
+                        Err(e) => {
+                            tracing::warn!(task_id = %k.task_id, error = %e, "kill failed; the control plane will retry")
+                        }
                     }
                 });
             }
@@ -110,7 +113,13 @@ impl Agent {
             message: Some(pb::agent_message::Message::Register(pb::AgentRegister {
                 agent_id: c.agent_id.clone(),
                 instance_group: c.instance_group.clone(),
-                resources: Some(pb::AgentResources { cpu: c.cpu, memory_mb: c.memory_mb, disk_mb: c.disk_mb, network_mbps: c.network_mbps, gpu: c.gpu }),
+                resources: Some(pb::AgentResources {
+                    cpu: c.cpu,
+                    memory_mb: c.memory_mb,
+                    disk_mb: c.disk_mb,
+                    network_mbps: c.network_mbps,
+                    gpu: c.gpu,
+                }),
                 attributes: c.attributes.clone().into_iter().collect(),
                 tasks,
             })),
@@ -195,17 +204,23 @@ fn end(status: &tonic::Status) -> SessionEnd {
 }
 
 /// One stream to one replica; returns when it ends.
-async fn session(agent: &Arc<Agent>, addr: &str, reports: &mut mpsc::UnboundedReceiver<pb::AgentTask>) -> std::result::Result<(), SessionEnd> {
+async fn session(
+    agent: &Arc<Agent>,
+    addr: &str,
+    reports: &mut mpsc::UnboundedReceiver<pb::AgentTask>,
+) -> std::result::Result<(), SessionEnd> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| SessionEnd { message: e.to_string(), leader: None })?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(3));
-    let channel = endpoint.connect().await.map_err(|e| SessionEnd { message: format!("connect: {e}"), leader: None })?;
+    let channel =
+        endpoint.connect().await.map_err(|e| SessionEnd { message: format!("connect: {e}"), leader: None })?;
     let (out_tx, out_rx) = mpsc::channel(1024);
     let _ = out_tx.send(agent.register_message().await).await;
-    let mut inbound = AgentServiceClient::new(channel).attach(ReceiverStream::new(out_rx)).await.map_err(|s| end(&s))?.into_inner();
+    let mut inbound =
+        AgentServiceClient::new(channel).attach(ReceiverStream::new(out_rx)).await.map_err(|s| end(&s))?.into_inner();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(1000));
     loop {
         tokio::select! {

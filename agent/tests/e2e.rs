@@ -35,11 +35,19 @@ fn job(app: &str, container: pb::Container, job_type: pb::job_descriptor::JobTyp
 }
 
 fn service(desired: u32, max: u32) -> pb::job_descriptor::JobType {
-    pb::job_descriptor::JobType::Service(pb::ServiceJobSpec { capacity: Some(pb::Capacity { min: 0, desired, max }), enabled: true, ..Default::default() })
+    pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+        capacity: Some(pb::Capacity { min: 0, desired, max }),
+        enabled: true,
+        ..Default::default()
+    })
 }
 
 async fn tasks_in(client: &Client, job_id: &str, states: &str) -> Vec<pb::Task> {
-    client.find_tasks(&[("jobIds", job_id), ("taskStates", states)], 1000, "").await.map(|r| r.items).unwrap_or_default()
+    client
+        .find_tasks(&[("jobIds", job_id), ("taskStates", states)], 1000, "")
+        .await
+        .map(|r| r.items)
+        .unwrap_or_default()
 }
 
 async fn wait_tasks(client: &Client, job_id: &str, states: &str, n: usize, within: Duration) -> Vec<pb::Task> {
@@ -67,7 +75,9 @@ async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() 
         container(&["sh", "-c", "exit 3"], 0.5, 64),
         pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
             size: 1,
-            retry_policy: Some(pb::RetryPolicy { policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries: 1 })) }),
+            retry_policy: Some(pb::RetryPolicy {
+                policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries: 1 })),
+            }),
             ..Default::default()
         }),
     );
@@ -87,7 +97,11 @@ async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() 
         assert_eq!(t.task_context.get("agent"), Some(&agent));
     }
 
-    let sleeper = job("sleeper", container(&["sleep", "300"], 0.5, 64), pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() }));
+    let sleeper = job(
+        "sleeper",
+        container(&["sleep", "300"], 0.5, 64),
+        pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() }),
+    );
     let id = client.create_job(sleeper).await.unwrap();
     let started = wait_tasks(&client, &id, "Started", 1, SETTLE).await;
     assert!(started[0].task_context.contains_key("containerIp"), "{:?}", started[0].task_context);
@@ -97,7 +111,8 @@ async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() 
     assert_eq!(killed[0].status.as_ref().unwrap().reason_code, "killed");
     assert!(t0.elapsed() < Duration::from_secs(10 + 5), "kill took {:?}, beyond its 10 s grace", t0.elapsed());
     // The finished task's container is removed once the control plane has recorded it.
-    wait_until(SETTLE, "tombstone containers removed", || async { containers_of(&agent).is_empty().then_some(()) }).await;
+    wait_until(SETTLE, "tombstone containers removed", || async { containers_of(&agent).is_empty().then_some(()) })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +144,8 @@ async fn t220_a_leader_kill_restarts_no_container() {
     let client = c.client();
     let id = client.create_job(job("ten", container(&["sleep", "600"], 0.5, 32), service(10, 10))).await.unwrap();
     let before = wait_tasks(&client, &id, "Started", 10, SETTLE).await;
-    let containers_before: BTreeMap<String, String> = containers_of(&a).into_iter().chain(containers_of(&b)).map(|(cid, _, _, started)| (cid, started)).collect();
+    let containers_before: BTreeMap<String, String> =
+        containers_of(&a).into_iter().chain(containers_of(&b)).map(|(cid, _, _, started)| (cid, started)).collect();
     assert_eq!(containers_before.len(), 10);
 
     c.kill(leader);
@@ -144,12 +160,14 @@ async fn t220_a_leader_kill_restarts_no_container() {
     eprintln!("agents re-attached {:?} after the leader kill", t0.elapsed());
 
     // Same containers, same start times, all still running; no task moved.
-    let containers_after: BTreeMap<String, String> = containers_of(&a).into_iter().chain(containers_of(&b)).map(|(cid, _, _, started)| (cid, started)).collect();
+    let containers_after: BTreeMap<String, String> =
+        containers_of(&a).into_iter().chain(containers_of(&b)).map(|(cid, _, _, started)| (cid, started)).collect();
     assert_eq!(containers_after, containers_before, "a container was restarted or replaced");
     assert_eq!(running(&a) + running(&b), 10);
     let after = tasks_in(&client, &id, "Started").await;
     assert_eq!(after.len(), 10);
-    let history = |ts: &[pb::Task]| ts.iter().map(|t| (t.id.clone(), t.status_history.len())).collect::<BTreeMap<_, _>>();
+    let history =
+        |ts: &[pb::Task]| ts.iter().map(|t| (t.id.clone(), t.status_history.len())).collect::<BTreeMap<_, _>>();
     assert_eq!(history(&after), history(&before), "a task changed state spuriously");
 }
 
@@ -197,7 +215,10 @@ async fn t240_an_agent_gone_past_its_ttl_loses_its_tasks_and_its_stale_container
     })
     .await;
     let lost = tasks_in(&client, &id, "Finished").await;
-    assert!(lost.iter().filter(|t| first.iter().any(|f| f.id == t.id)).all(|t| t.status.as_ref().unwrap().reason_code == "lost"));
+    assert!(lost
+        .iter()
+        .filter(|t| first.iter().any(|f| f.id == t.id))
+        .all(|t| t.status.as_ref().unwrap().reason_code == "lost"));
     assert_eq!(replaced.len(), 2);
     assert_eq!(running(&a), 2, "the lost agent's containers are still running on the host");
 

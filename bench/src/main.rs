@@ -47,6 +47,16 @@ struct Args {
     /// Keep the data dirs and logs (printed at the start) instead of deleting them.
     #[arg(long)]
     keep_dir: bool,
+    /// Also measure CreateJob acknowledged -> container Started over this many tasks, with a real
+    /// agent and the Docker daemon (needs the titus/busybox:latest test image; 0 skips).
+    #[arg(long, default_value_t = 0)]
+    launch_tasks: usize,
+    /// Leader kills for the agents' re-attach time (with --launch-tasks).
+    #[arg(long, default_value_t = 5)]
+    reattach_kills: usize,
+    /// Only the launch and re-attach measurements.
+    #[arg(long)]
+    only_launch: bool,
 }
 
 /// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
@@ -440,6 +450,137 @@ async fn measure<S: System + Send + Sync + 'static>(s: S, args: &Args) -> Result
     Ok(Figures { loads, failover })
 }
 
+fn sleeper(app: &str) -> titus_client::proto::JobDescriptor {
+    use titus_client::proto as pb;
+    pb::JobDescriptor {
+        owner: Some(pb::Owner { team_email: "bench@example.com".into() }),
+        application_name: app.into(),
+        container: Some(pb::Container {
+            resources: Some(pb::ContainerResources { cpu: 0.1, memory_mb: 16, ..Default::default() }),
+            image: Some(pb::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
+            command: vec!["sleep".into(), "120".into()],
+            ..Default::default()
+        }),
+        job_type: Some(pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() })),
+        ..Default::default()
+    }
+}
+
+/// CreateJob acknowledged -> task Started, one job at a time; then leader kill -> every agent
+/// attached to the new leader.
+async fn launch_and_reattach(titus_bin: &Path, dir: &Path, tasks: usize, kills: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let image_ok = Command::new("docker")
+        .args(["image", "inspect", "titus/busybox:latest"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if !image_ok {
+        bail!("the titus/busybox:latest test image is missing: run deploy/build-test-image.sh");
+    }
+    let agent_bin = titus_bin.with_file_name("titus-agent");
+    if !agent_bin.exists() {
+        bail!("{} not found: build it (cargo build -p titus-agent)", agent_bin.display());
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut titus = Titus::start(titus_bin, dir).await?;
+    wait_leader(&titus, Duration::from_secs(60)).await?;
+    let agent_id = format!("bench-agent-{}", std::process::id());
+    let mut agent = Proc {
+        args: vec![
+            "--agent-id".into(),
+            agent_id.clone(),
+            "--servers".into(),
+            titus.apis.join(","),
+            "--cpu".into(),
+            "64".into(),
+            "--memory-mb".into(),
+            "65536".into(),
+            "--disk-mb".into(),
+            "10000000".into(),
+            "--network-mbps".into(),
+            "1000000".into(),
+        ],
+        bin: agent_bin.display().to_string(),
+        log: dir.join("agent.log"),
+        child: None,
+    };
+    agent.start()?;
+    let _cleanup = ContainerCleanup(agent_id.clone());
+    let client = titus.clients[0].clone();
+    let mut launch = Vec::new();
+    let mut jobs = Vec::new();
+    for i in 0..tasks {
+        let t0 = Instant::now();
+        let id = client.create_job(sleeper(&format!("launch-{i}"))).await?;
+        loop {
+            let started = client.find_tasks(&[("jobIds", &id), ("taskStates", "Started")], 10, "").await?;
+            if !started.items.is_empty() {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("job {id} did not start within 60 s (see {})", dir.join("agent.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        launch.push(t0.elapsed().as_secs_f64() * 1000.0);
+        jobs.push(id);
+    }
+    eprintln!("  launch samples (ms): p50 {:.0}, max {:.0}", percentile(&launch, 0.5), percentile(&launch, 1.0));
+
+    let mut reattach = Vec::new();
+    for k in 0..kills {
+        let leader = wait_leader(&titus, Duration::from_secs(30)).await?;
+        titus.procs[leader].kill();
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = titus.leader().await {
+                let on_leader = Client::connect([titus.apis[l].as_str()])?;
+                if let Ok(agents) = on_leader.find_agents().await {
+                    if agents.iter().any(|a| a.id == agent_id && a.connected) {
+                        break;
+                    }
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("agent did not re-attach within 60 s after kill {k}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        reattach.push(t0.elapsed().as_secs_f64() * 1000.0);
+        titus.procs[leader].start()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while titus.leader().await.is_none() || !titus.caught_up().await {
+            if Instant::now() > deadline {
+                bail!("cluster did not recover after kill {k}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("  re-attach samples (ms): {:?}", reattach.iter().map(|v| v.round()).collect::<Vec<_>>());
+    for id in &jobs {
+        let _ = client.kill_job(id).await;
+    }
+    agent.kill();
+    Ok((launch, reattach))
+}
+
+/// Removes the bench agent's containers however the measurement ends.
+struct ContainerCleanup(String);
+
+impl Drop for ContainerCleanup {
+    fn drop(&mut self) {
+        if let Ok(out) =
+            Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=titus.agent.id={}", self.0)]).output()
+        {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).stdout(Stdio::null()).status();
+            }
+        }
+    }
+}
+
 fn default_titus_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("no parent dir")?.join("titus-control-plane");
@@ -460,6 +601,23 @@ async fn main() -> Result<()> {
     dir.disable_cleanup(args.keep_dir);
     let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
     eprintln!("titus-bench: {} ({profile} build), data under {}", titus_bin.display(), dir.path().display());
+
+    if args.launch_tasks > 0 {
+        eprintln!("launch: 3 replicas, 1 agent, Docker");
+        let (launch, reattach) =
+            launch_and_reattach(&titus_bin, &dir.path().join("launch"), args.launch_tasks, args.reattach_kills).await?;
+        println!();
+        println!(
+            "CreateJob acknowledged -> container Started, {} tasks one at a time (polled every 5 ms)",
+            launch.len()
+        );
+        println!("    p50 {:.0} ms, p99 {:.0} ms", percentile(&launch, 0.5), percentile(&launch, 0.99));
+        println!("Leader kill -> agent attached to the new leader, {} kills", reattach.len());
+        println!("    p50 {:.0} ms, p99 {:.0} ms", percentile(&reattach, 0.5), percentile(&reattach, 0.99));
+        if args.only_launch {
+            return Ok(());
+        }
+    }
 
     eprintln!("titus: 3 replicas");
     let titus = measure(Titus::start(&titus_bin, dir.path()).await?, &args).await?;

@@ -54,7 +54,13 @@ fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
 
 impl AgentHub {
     pub fn new(replica: Arc<Replica>, config: AgentsConfig) -> Arc<Self> {
-        Arc::new(AgentHub { replica, config, conns: Mutex::default(), next_conn: AtomicU64::new(1), leader_since: Mutex::default() })
+        Arc::new(AgentHub {
+            replica,
+            config,
+            conns: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            leader_since: Mutex::default(),
+        })
     }
 
     fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Conn>> {
@@ -90,7 +96,11 @@ impl AgentHub {
     fn assignment(&self, task: &Task) -> Option<pb::control_message::Message> {
         let job = self.replica.state.job(&task.job_id).ok()??;
         let descriptor = crate::api::job_descriptor_to_proto(&job.descriptor);
-        Some(pb::control_message::Message::Assign(pb::TaskAssignment { task_id: task.id.clone(), job_id: task.job_id.clone(), container: descriptor.container }))
+        Some(pb::control_message::Message::Assign(pb::TaskAssignment {
+            task_id: task.id.clone(),
+            job_id: task.job_id.clone(),
+            container: descriptor.container,
+        }))
     }
 
     /// What an agent must be told about a task placed on it, given the task's replicated state.
@@ -101,7 +111,9 @@ impl AgentHub {
                 task_id: task.id.clone(),
                 grace_period_ms: self.config.kill_grace_period_ms,
             })),
-            TaskState::Finished => Some(pb::control_message::Message::Forget(pb::ForgetTask { task_id: task.id.clone() })),
+            TaskState::Finished => {
+                Some(pb::control_message::Message::Forget(pb::ForgetTask { task_id: task.id.clone() }))
+            }
             _ => None,
         }
     }
@@ -109,7 +121,9 @@ impl AgentHub {
     async fn propose(&self, command: Command) {
         let kind = command.kind();
         match self.replica.propose(command, None).await {
-            Ok(CommandResponse::Rejected(r)) => tracing::debug!(kind, message = %r.message, "agent protocol: command no longer applies"),
+            Ok(CommandResponse::Rejected(r)) => {
+                tracing::debug!(kind, message = %r.message, "agent protocol: command no longer applies")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(kind, error = %e, "agent protocol: proposal failed"),
         }
@@ -124,7 +138,8 @@ impl AgentHub {
             let task = state.task(&rt.task_id).ok().flatten();
             match task {
                 Some(t) if agent_of(&t) == Some(agent_id) && t.state().is_live() => {
-                    let reported_state = crate::api::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
+                    let reported_state =
+                        crate::api::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
                     if t.state().can_move_to(reported_state) && reported_state != t.state() {
                         self.report(agent_id, rt).await;
                     } else if t.state() == TaskState::KillInitiated {
@@ -147,8 +162,14 @@ impl AgentHub {
                 }
             } else {
                 // It had a container, which the agent no longer has.
-                let status = TaskStatus { state: TaskState::Finished, reason_code: reason::LOST.into(), reason_message: "container not found on its agent".into(), timestamp_ms: now_ms() };
-                self.propose(Command::UpdateTaskStatus { task_id: t.id.clone(), status, context: BTreeMap::new() }).await;
+                let status = TaskStatus {
+                    state: TaskState::Finished,
+                    reason_code: reason::LOST.into(),
+                    reason_message: "container not found on its agent".into(),
+                    timestamp_ms: now_ms(),
+                };
+                self.propose(Command::UpdateTaskStatus { task_id: t.id.clone(), status, context: BTreeMap::new() })
+                    .await;
             }
         }
     }
@@ -161,9 +182,18 @@ impl AgentHub {
                 return;
             }
         }
-        let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() { reason::NORMAL.to_string() } else { rt.reason_code };
+        let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() {
+            reason::NORMAL.to_string()
+        } else {
+            rt.reason_code
+        };
         let status = TaskStatus { state, reason_code, reason_message: rt.reason_message, timestamp_ms: now_ms() };
-        self.propose(Command::UpdateTaskStatus { task_id: rt.task_id, status, context: rt.task_context.into_iter().collect() }).await;
+        self.propose(Command::UpdateTaskStatus {
+            task_id: rt.task_id,
+            status,
+            context: rt.task_context.into_iter().collect(),
+        })
+        .await;
     }
 
     fn touch(&self, agent_id: &str, conn_id: u64) -> bool {
@@ -176,7 +206,13 @@ impl AgentHub {
         }
     }
 
-    async fn read_agent(self: Arc<Self>, agent_id: String, conn_id: u64, mut inbound: Streaming<pb::AgentMessage>, mut healthy: bool) {
+    async fn read_agent(
+        self: Arc<Self>,
+        agent_id: String,
+        conn_id: u64,
+        mut inbound: Streaming<pb::AgentMessage>,
+        mut healthy: bool,
+    ) {
         loop {
             let message = match inbound.message().await {
                 Ok(Some(m)) => m,
@@ -190,7 +226,12 @@ impl AgentHub {
                     if h.healthy != healthy {
                         healthy = h.healthy;
                         tracing::info!(agent_id, healthy, reason = %h.unhealthy_reason, "agent health changed");
-                        self.propose(Command::SetAgentHealth { agent_id: agent_id.clone(), healthy, reason: h.unhealthy_reason }).await;
+                        self.propose(Command::SetAgentHealth {
+                            agent_id: agent_id.clone(),
+                            healthy,
+                            reason: h.unhealthy_reason,
+                        })
+                        .await;
                     }
                 }
                 Some(pb::agent_message::Message::Status(rt)) => self.report(&agent_id, rt).await,
@@ -228,7 +269,10 @@ pub struct AgentApi {
 impl AgentService for AgentApi {
     type AttachStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
 
-    async fn attach(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
         let hub = &self.hub;
         let replica = &hub.replica;
         if replica.raft.metrics().borrow().state != openraft::ServerState::Leader {
@@ -245,8 +289,18 @@ impl AgentService for AgentApi {
         let r = reg.resources.clone().unwrap_or_default();
         let agent = Agent {
             id: reg.agent_id.clone(),
-            instance_group: if reg.instance_group.is_empty() { DEFAULT_INSTANCE_GROUP.into() } else { reg.instance_group.clone() },
-            resources: ResourceDimension { cpu: r.cpu, memory_mb: r.memory_mb, disk_mb: r.disk_mb, network_mbps: r.network_mbps, gpu: r.gpu },
+            instance_group: if reg.instance_group.is_empty() {
+                DEFAULT_INSTANCE_GROUP.into()
+            } else {
+                reg.instance_group.clone()
+            },
+            resources: ResourceDimension {
+                cpu: r.cpu,
+                memory_mb: r.memory_mb,
+                disk_mb: r.disk_mb,
+                network_mbps: r.network_mbps,
+                gpu: r.gpu,
+            },
             attributes: reg.attributes.clone().into_iter().collect(),
             state: AgentState::Online,
             healthy: true,
@@ -301,20 +355,22 @@ pub async fn dispatch(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
 /// instance groups. The scheduler issue replaces it.
 pub async fn place(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
     let period = Duration::from_millis(hub.config.placement_interval_ms);
+    let (_, mut changes) = hub.replica.state.changes.subscribe(None);
     loop {
         if let Some(assignments) = plan_placements(&hub) {
             if !assignments.is_empty() {
                 let n = assignments.len();
                 match hub.replica.propose(Command::AssignTasks { assignments, timestamp_ms: now_ms() }, None).await {
-                    Ok(CommandResponse::Assigned(done)) => tracing::debug!(proposed = n, applied = done.len(), "placed tasks"),
+                    Ok(CommandResponse::Assigned(done)) => {
+                        tracing::debug!(proposed = n, applied = done.len(), "placed tasks")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "placement: proposal failed"),
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = stop.changed() => return,
+        if !crate::leader::next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
+            return;
         }
     }
 }
@@ -327,7 +383,9 @@ fn plan_placements(hub: &AgentHub) -> Option<Vec<Assignment>> {
         .ok()?
         .into_iter()
         .filter(|a| a.state == AgentState::Online && a.healthy && connected.contains(&a.id))
-        .filter(|a| state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active))
+        .filter(|a| {
+            state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active)
+        })
         .collect();
     agents.sort_by(|a, b| a.id.cmp(&b.id));
     let tasks = state.all_tasks().ok()?;

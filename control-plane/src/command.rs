@@ -103,16 +103,33 @@ pub enum Command {
     },
 
     // ----- agents -----
-    UpsertInstanceGroup { group: InstanceGroup },
-    SetInstanceGroupLifecycle { id: String, lifecycle: Lifecycle },
+    UpsertInstanceGroup {
+        group: InstanceGroup,
+    },
+    SetInstanceGroupLifecycle {
+        id: String,
+        lifecycle: Lifecycle,
+    },
     /// An agent (re)registered with its resources and attributes; it is Online again.
-    RegisterAgent { agent: Agent },
-    SetAgentHealth { agent_id: String, healthy: bool, reason: String },
+    RegisterAgent {
+        agent: Agent,
+    },
+    SetAgentHealth {
+        agent_id: String,
+        healthy: bool,
+        reason: String,
+    },
     /// The agent missed its heartbeats past the TTL: it is Lost and its live tasks Finished(lost).
-    AgentLost { agent_id: String, timestamp_ms: i64 },
+    AgentLost {
+        agent_id: String,
+        timestamp_ms: i64,
+    },
     /// Placements: each task moves Accepted → Launched on its agent, re-checked against the agent's
     /// free resources when applied, so a stale view never over-commits an agent.
-    AssignTasks { assignments: Vec<Assignment>, timestamp_ms: i64 },
+    AssignTasks {
+        assignments: Vec<Assignment>,
+        timestamp_ms: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

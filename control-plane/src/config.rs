@@ -57,7 +57,12 @@ pub struct AgentsConfig {
 
 impl Default for AgentsConfig {
     fn default() -> Self {
-        AgentsConfig { heartbeat_interval_ms: 1000, heartbeat_ttl_ms: 15_000, kill_grace_period_ms: 10_000, placement_interval_ms: 200 }
+        AgentsConfig {
+            heartbeat_interval_ms: 1000,
+            heartbeat_ttl_ms: 15_000,
+            kill_grace_period_ms: 10_000,
+            placement_interval_ms: 200,
+        }
     }
 }
 
@@ -205,7 +210,9 @@ impl Config {
         }
         let a = &self.agents;
         if a.heartbeat_interval_ms == 0 || a.heartbeat_ttl_ms < 2 * a.heartbeat_interval_ms {
-            return Err(Error::Config("agents.heartbeat-ttl-ms: must be at least twice agents.heartbeat-interval-ms (> 0)".into()));
+            return Err(Error::Config(
+                "agents.heartbeat-ttl-ms: must be at least twice agents.heartbeat-interval-ms (> 0)".into(),
+            ));
         }
         if a.placement_interval_ms == 0 {
             return Err(Error::Config("agents.placement-interval-ms: must be > 0".into()));

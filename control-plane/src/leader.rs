@@ -28,7 +28,12 @@ pub struct LeaderDuties {
 
 impl LeaderDuties {
     /// Watches Raft's role until `shutdown` fires, starting and stopping the duties as it changes.
-    pub async fn run(replica: Arc<Replica>, jobs: JobsConfig, agents: Arc<AgentHub>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        replica: Arc<Replica>,
+        jobs: JobsConfig,
+        agents: Arc<AgentHub>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut duties = LeaderDuties { replica: replica.clone(), jobs, agents, stop: None, tasks: JoinSet::new() };
         let mut metrics = replica.raft.metrics();
         loop {
@@ -88,6 +93,29 @@ async fn ensure_cluster_id(replica: Arc<Replica>, mut stop: watch::Receiver<bool
     }
 }
 
+/// Waits for the next round of a reconciling duty: a committed change (after at least `min_gap`,
+/// so bursts coalesce) or `period`, whichever comes first. False when leadership ends.
+pub(crate) async fn next_round(
+    period: Duration,
+    min_gap: Duration,
+    changes: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<crate::events::ChangeBatch>>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    if !pause(min_gap, stop).await {
+        return false;
+    }
+    let deadline = tokio::time::sleep(period.saturating_sub(min_gap));
+    tokio::select! {
+        _ = deadline => true,
+        _ = changes.recv() => {
+            // Drain what else arrived: one round covers them all.
+            while changes.try_recv().is_ok() {}
+            true
+        }
+        _ = stop.changed() => false,
+    }
+}
+
 /// Waits `period`, or returns false when leadership ends first.
 async fn pause(period: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
@@ -104,6 +132,7 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
     let period = Duration::from_millis(config.lifecycle_interval_ms);
     let retention_ms = config.archive_retention_hours as i64 * 3600 * 1000;
     let mut rounds: u64 = 0;
+    let (_, mut changes) = replica.state.changes.subscribe(None);
     loop {
         let now = crate::api::now_ms();
         let mut new_id = || uuid::Uuid::new_v4().to_string();
@@ -140,7 +169,7 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
                 _ = stop.changed() => return,
             }
         }
-        if !pause(period, &mut stop).await {
+        if !next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
             return;
         }
     }

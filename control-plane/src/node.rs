@@ -22,8 +22,6 @@ use titus_proto::peer::raft_peer_server::RaftPeerServer;
 
 use crate::agents::{AgentApi, AgentHub};
 use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi};
-use titus_proto::agent_management_service_server::AgentManagementServiceServer;
-use titus_proto::agent_service_server::AgentServiceServer;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::LeaderDuties;
@@ -32,6 +30,8 @@ use crate::peer::PeerService;
 use crate::raft_types::{Node, Raft};
 use crate::replica::Replica;
 use crate::store;
+use titus_proto::agent_management_service_server::AgentManagementServiceServer;
+use titus_proto::agent_service_server::AgentServiceServer;
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -120,7 +120,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(JobManagementServiceServer::new(JobApi { replica: replica.clone() }))
             .add_service(AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }))
             .add_service(AgentServiceServer::new(AgentApi { hub: hub.clone() }))
-            .add_service(AgentManagementServiceServer::new(AgentManagementApi { replica: replica.clone(), hub: hub.clone() }))
+            .add_service(AgentManagementServiceServer::new(AgentManagementApi {
+                replica: replica.clone(),
+                hub: hub.clone(),
+            }))
             .serve_with_incoming_shutdown(incoming(api_listener), stopped(stop_rx.clone())),
     );
 

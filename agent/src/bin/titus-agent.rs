@@ -26,6 +26,10 @@ struct Args {
     cpu: Option<f64>,
     #[arg(long)]
     memory_mb: Option<u32>,
+    #[arg(long)]
+    disk_mb: Option<u32>,
+    #[arg(long)]
+    network_mbps: Option<u32>,
     /// An attribute as KEY=VALUE (zone, instanceType, instanceId, host); repeatable.
     #[arg(long = "attribute")]
     attributes: Vec<String>,
@@ -68,6 +72,12 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
     }
     if let Some(v) = args.memory_mb {
         c.memory_mb = v;
+    }
+    if let Some(v) = args.disk_mb {
+        c.disk_mb = v;
+    }
+    if let Some(v) = args.network_mbps {
+        c.network_mbps = v;
     }
     if let Some(v) = args.network {
         c.network = Some(v);

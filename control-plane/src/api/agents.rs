@@ -23,12 +23,16 @@ pub struct AgentManagementApi {
 }
 
 fn lifecycle_from_proto(field: &str, l: i32) -> Result<Lifecycle, Error> {
-    Ok(match pb::InstanceGroupLifecycle::try_from(l).map_err(|_| Error::invalid(field, format!("{l} is not a lifecycle")))? {
-        pb::InstanceGroupLifecycle::IgInactive => Lifecycle::Inactive,
-        pb::InstanceGroupLifecycle::IgActive => Lifecycle::Active,
-        pb::InstanceGroupLifecycle::IgPhasedOut => Lifecycle::PhasedOut,
-        pb::InstanceGroupLifecycle::IgRemovable => Lifecycle::Removable,
-    })
+    Ok(
+        match pb::InstanceGroupLifecycle::try_from(l)
+            .map_err(|_| Error::invalid(field, format!("{l} is not a lifecycle")))?
+        {
+            pb::InstanceGroupLifecycle::IgInactive => Lifecycle::Inactive,
+            pb::InstanceGroupLifecycle::IgActive => Lifecycle::Active,
+            pb::InstanceGroupLifecycle::IgPhasedOut => Lifecycle::PhasedOut,
+            pb::InstanceGroupLifecycle::IgRemovable => Lifecycle::Removable,
+        },
+    )
 }
 
 fn lifecycle_to_proto(l: Lifecycle) -> pb::InstanceGroupLifecycle {
@@ -41,11 +45,22 @@ fn lifecycle_to_proto(l: Lifecycle) -> pb::InstanceGroupLifecycle {
 }
 
 fn group_to_proto(g: InstanceGroup) -> pb::InstanceGroup {
-    pb::InstanceGroup { id: g.id, tier: tier_to_proto(g.tier) as i32, lifecycle: lifecycle_to_proto(g.lifecycle) as i32, attributes: g.attributes.into_iter().collect() }
+    pb::InstanceGroup {
+        id: g.id,
+        tier: tier_to_proto(g.tier) as i32,
+        lifecycle: lifecycle_to_proto(g.lifecycle) as i32,
+        attributes: g.attributes.into_iter().collect(),
+    }
 }
 
 fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
-    pb::AgentResources { cpu: r.cpu, memory_mb: r.memory_mb, disk_mb: r.disk_mb, network_mbps: r.network_mbps, gpu: r.gpu }
+    pb::AgentResources {
+        cpu: r.cpu,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+        network_mbps: r.network_mbps,
+        gpu: r.gpu,
+    }
 }
 
 impl AgentManagementApi {
@@ -82,7 +97,10 @@ impl AgentManagementApi {
 
 #[tonic::async_trait]
 impl AgentManagementService for AgentManagementApi {
-    async fn create_instance_group(&self, request: Request<pb::InstanceGroup>) -> Result<Response<pb::InstanceGroup>, Status> {
+    async fn create_instance_group(
+        &self,
+        request: Request<pb::InstanceGroup>,
+    ) -> Result<Response<pb::InstanceGroup>, Status> {
         let g = request.get_ref().clone();
         validate_name("id", &g.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
         let group = InstanceGroup {
@@ -98,17 +116,27 @@ impl AgentManagementService for AgentManagementApi {
         }
     }
 
-    async fn update_instance_group_lifecycle(&self, request: Request<pb::InstanceGroupLifecycleUpdate>) -> Result<Response<pb::Empty>, Status> {
+    async fn update_instance_group_lifecycle(
+        &self,
+        request: Request<pb::InstanceGroupLifecycleUpdate>,
+    ) -> Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         validate_name("id", &r.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
         let lifecycle = lifecycle_from_proto("lifecycle", r.lifecycle)?;
-        match self.replica.propose(Command::SetInstanceGroupLifecycle { id: r.id, lifecycle }, client_deadline(&request)).await? {
+        match self
+            .replica
+            .propose(Command::SetInstanceGroupLifecycle { id: r.id, lifecycle }, client_deadline(&request))
+            .await?
+        {
             CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
             _ => Ok(Response::new(pb::Empty {})),
         }
     }
 
-    async fn list_instance_groups(&self, request: Request<pb::Empty>) -> Result<Response<pb::InstanceGroupList>, Status> {
+    async fn list_instance_groups(
+        &self,
+        request: Request<pb::Empty>,
+    ) -> Result<Response<pb::InstanceGroupList>, Status> {
         self.replica.read_barrier(client_deadline(&request)).await?;
         let groups = self.replica.state.instance_groups()?.into_iter().map(group_to_proto).collect();
         Ok(Response::new(pb::InstanceGroupList { groups }))
@@ -116,7 +144,8 @@ impl AgentManagementService for AgentManagementApi {
 
     async fn find_agents(&self, request: Request<pb::Empty>) -> Result<Response<pb::AgentList>, Status> {
         self.replica.read_barrier(client_deadline(&request)).await?;
-        let agents = self.replica.state.agents()?.into_iter().map(|a| self.agent_to_proto(a)).collect::<Result<_, _>>()?;
+        let agents =
+            self.replica.state.agents()?.into_iter().map(|a| self.agent_to_proto(a)).collect::<Result<_, _>>()?;
         Ok(Response::new(pb::AgentList { agents }))
     }
 
@@ -125,7 +154,12 @@ impl AgentManagementService for AgentManagementApi {
         let id = &request.get_ref().id;
         match self.replica.state.agent(id)? {
             Some(a) => Ok(Response::new(self.agent_to_proto(a)?)),
-            None => Err(Error::Rejected(Rejection::new(RejectionKind::NotFound, "id", format!("agent {id:?} does not exist"))).into()),
+            None => Err(Error::Rejected(Rejection::new(
+                RejectionKind::NotFound,
+                "id",
+                format!("agent {id:?} does not exist"),
+            ))
+            .into()),
         }
     }
 }

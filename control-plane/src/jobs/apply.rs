@@ -166,7 +166,12 @@ fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<Comm
     o.put_agent(agent);
     for mut t in o.all_tasks()? {
         if agent_of(&t) == Some(agent_id) && t.state().is_live() {
-            let status = TaskStatus { state: TaskState::Finished, reason_code: reason::LOST.into(), reason_message: format!("agent {agent_id} lost"), timestamp_ms };
+            let status = TaskStatus {
+                state: TaskState::Finished,
+                reason_code: reason::LOST.into(),
+                reason_message: format!("agent {agent_id} lost"),
+                timestamp_ms,
+            };
             if t.transition(status) {
                 o.put_task(t);
             }
@@ -177,7 +182,11 @@ fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<Comm
 
 /// Applies the placements that still fit: the agent must be Online, healthy, in an Active instance
 /// group, with room for the task next to its live tasks as of this entry.
-fn assign_tasks(o: &mut Overlay, assignments: Vec<crate::command::Assignment>, timestamp_ms: i64) -> Result<CommandResponse> {
+fn assign_tasks(
+    o: &mut Overlay,
+    assignments: Vec<crate::command::Assignment>,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
     let mut jobs: BTreeMap<String, Option<Job>> = BTreeMap::new();
     let mut resources_of = |o: &Overlay, job_id: &str| -> Result<Option<Job>> {
         if !jobs.contains_key(job_id) {
@@ -218,7 +227,12 @@ fn assign_tasks(o: &mut Overlay, assignments: Vec<crate::command::Assignment>, t
             continue;
         }
         agent_used.add(&need);
-        let status = TaskStatus { state: TaskState::Launched, reason_code: String::new(), reason_message: format!("assigned to agent {}", agent.id), timestamp_ms };
+        let status = TaskStatus {
+            state: TaskState::Launched,
+            reason_code: String::new(),
+            reason_message: format!("assigned to agent {}", agent.id),
+            timestamp_ms,
+        };
         if task.transition(status) {
             task.context.insert(context::AGENT.into(), agent.id.clone());
             for key in [context::HOST, context::ZONE, context::INSTANCE_ID] {

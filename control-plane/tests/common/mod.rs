@@ -68,7 +68,13 @@ impl Cluster {
         let dir = TempDir::new().expect("temp dir");
         let replicas: Vec<Replica> = (1..=n).map(|id| Cluster::new_replica(&dir, id)).collect();
         let members = replicas.iter().map(|r| format!("{}={}/{}", r.id, r.peer_addr, r.api_addr)).collect();
-        let mut c = Cluster { replicas, agents: Vec::new(), members, extra_args: extra_args.iter().map(|s| s.to_string()).collect(), dir };
+        let mut c = Cluster {
+            replicas,
+            agents: Vec::new(),
+            members,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
         // Start in reverse order: the initializer (lowest id) comes last, as "any order" requires.
         for id in (1..=n).rev() {
             c.start_replica(id);
@@ -298,7 +304,12 @@ pub fn containers_of(agent_id: &str) -> Vec<(String, String, bool, String)> {
     ids.into_iter()
         .filter_map(|id| {
             let out = Command::new("docker")
-                .args(["inspect", "--format", "{{index .Config.Labels \"titus.task.id\"}} {{.State.Running}} {{.State.StartedAt}}", &id])
+                .args([
+                    "inspect",
+                    "--format",
+                    "{{index .Config.Labels \"titus.task.id\"}} {{.State.Running}} {{.State.StartedAt}}",
+                    &id,
+                ])
                 .output()
                 .ok()?;
             let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -334,10 +345,19 @@ impl Drop for Cluster {
                 let _ = p.wait();
             }
             // The test's containers go with it.
-            if let Ok(out) = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=titus.agent.id={}", a.id)]).output() {
+            if let Ok(out) = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &format!("label=titus.agent.id={}", a.id)])
+                .output()
+            {
                 let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
                 if !ids.is_empty() {
-                    let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).stdout(Stdio::null()).stderr(Stdio::null()).status();
+                    let _ = Command::new("docker")
+                        .arg("rm")
+                        .arg("-f")
+                        .args(&ids)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
                 }
             }
         }
