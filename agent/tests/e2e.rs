@@ -113,6 +113,18 @@ async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() 
     // The finished task's container is removed once the control plane has recorded it.
     wait_until(SETTLE, "tombstone containers removed", || async { containers_of(&agent).is_empty().then_some(()) })
         .await;
+
+    // An image that is not on the agent is never pulled: the task fails saying so.
+    let mut missing = container(&["true"], 0.5, 64);
+    missing.image = Some(pb::Image { name: "titus/absent".into(), tag: "latest".into(), digest: String::new() });
+    let id = client
+        .create_job(job("absent", missing, pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() })))
+        .await
+        .unwrap();
+    let failed = wait_tasks(&client, &id, "Finished", 1, SETTLE).await;
+    let s = failed[0].status.clone().unwrap();
+    assert_eq!(s.reason_code, "failed");
+    assert!(s.reason_message.contains("titus/absent:latest is not present"), "{}", s.reason_message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,6 +144,25 @@ async fn t210_a_service_spreads_over_two_agents_and_scales_down() {
     client.update_job_capacity(&id, None, Some(1), None).await.unwrap();
     wait_tasks(&client, &id, "Started", 1, SETTLE).await;
     wait_until(SETTLE, "two containers stopped", || async { (running(&a) + running(&b) == 1).then_some(()) }).await;
+
+    // ObserveAgents: both agents, healthy and online, then the snapshot marker.
+    use pb::agent_change_notification::Notification;
+    let url = format!("http://{}", c.replica(1).api_addr);
+    let mut observer = pb::agent_management_service_client::AgentManagementServiceClient::connect(url).await.unwrap();
+    let mut stream = observer.observe_agents(pb::Empty {}).await.unwrap().into_inner();
+    let mut seen = BTreeSet::new();
+    loop {
+        match stream.message().await.unwrap().expect("a notification").notification.unwrap() {
+            Notification::AgentUpdate(x) => {
+                assert!(x.healthy && x.state == pb::AgentState::AgentOnline as i32, "{x:?}");
+                assert_eq!(x.attributes.get("zone").map(String::as_str), Some("us-east-1a"));
+                seen.insert(x.id);
+            }
+            Notification::InstanceGroupUpdate(_) => {}
+            Notification::SnapshotEnd(_) => break,
+        }
+    }
+    assert!(seen.contains(&a) && seen.contains(&b), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

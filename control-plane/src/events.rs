@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
+use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
 use crate::model::task::Task;
 
@@ -17,6 +18,8 @@ use crate::model::task::Task;
 pub enum Change {
     Job(Job),
     Task(Task),
+    Agent(Agent),
+    InstanceGroup(InstanceGroup),
 }
 
 #[derive(Debug)]

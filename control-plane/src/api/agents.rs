@@ -97,6 +97,55 @@ impl AgentManagementApi {
 
 #[tonic::async_trait]
 impl AgentManagementService for AgentManagementApi {
+    type ObserveAgentsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::AgentChangeNotification, Status>>;
+
+    async fn observe_agents(&self, request: Request<pb::Empty>) -> Result<Response<Self::ObserveAgentsStream>, Status> {
+        use pb::agent_change_notification::Notification;
+        let (_, mut rx) = self.replica.state.changes.subscribe(None);
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        let mut first = Vec::new();
+        for g in self.replica.state.instance_groups()? {
+            first.push(pb::AgentChangeNotification { notification: Some(Notification::InstanceGroupUpdate(group_to_proto(g))), revision: 0 });
+        }
+        for a in self.replica.state.agents()? {
+            first.push(pb::AgentChangeNotification { notification: Some(Notification::AgentUpdate(self.agent_to_proto(a)?)), revision: 0 });
+        }
+        first.push(pb::AgentChangeNotification { notification: Some(Notification::SnapshotEnd(pb::Empty {})), revision: 0 });
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        let api = AgentManagementApi { replica: self.replica.clone(), hub: self.hub.clone() };
+        tokio::spawn(async move {
+            for n in first {
+                if tx.send(Ok(n)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let batch = match rx.recv().await {
+                    Ok(b) => b,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx.send(Err(Status::resource_exhausted(format!("observer fell {n} changes behind; observe again")))).await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                for change in &batch.changes {
+                    let notification = match change {
+                        crate::events::Change::Agent(a) => match api.agent_to_proto(a.clone()) {
+                            Ok(a) => Notification::AgentUpdate(a),
+                            Err(_) => continue,
+                        },
+                        crate::events::Change::InstanceGroup(g) => Notification::InstanceGroupUpdate(group_to_proto(g.clone())),
+                        _ => continue,
+                    };
+                    if tx.send(Ok(pb::AgentChangeNotification { notification: Some(notification), revision: batch.revision })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(out)))
+    }
+
     async fn create_instance_group(
         &self,
         request: Request<pb::InstanceGroup>,

@@ -213,9 +213,11 @@ impl StateMachine {
         let (agents, groups) = (cf_handle(&self.db, cf::AGENTS)?, cf_handle(&self.db, cf::INSTANCE_GROUPS)?);
         for (id, a) in c.agents {
             batch.put_cf(agents, id.as_bytes(), enc(&a)?);
+            out.push(Change::Agent(a));
         }
         for (id, g) in c.instance_groups {
             batch.put_cf(groups, id.as_bytes(), enc(&g)?);
+            out.push(Change::InstanceGroup(g));
         }
         for (key, record) in c.tokens {
             match record {
