@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A local HA control plane on loopback: 3 replicas (peer ports 7001-7003, api ports 8001-8003).
-#   deploy/local-cluster.sh up      build, start the replicas, wait for a leader, run the demo
+# A local HA cluster on loopback: 3 control-plane replicas (peer ports 7001-7003, api ports
+# 8001-8003) and one agent running containers in the local Docker daemon.
+#   deploy/local-cluster.sh up      build, start everything, wait for a leader, run the demo jobs
 #   deploy/local-cluster.sh status  cluster status as the replicas see it
 #   deploy/local-cluster.sh down    stop the replicas (SIGTERM), keep their data
 #   deploy/local-cluster.sh clean   stop and delete their data
@@ -19,7 +20,8 @@ titus() { "$BIN/titus" --server "$SERVERS" "$@"; }
 
 up() {
     ensure_packages "${BUILD_PACKAGES[@]}"
-    cargo build -p titus-control-plane -p titus-client --bins
+    cargo build -p titus-control-plane -p titus-client -p titus-agent --bins
+    bash deploy/build-test-image.sh
     mkdir -p "$DIR"
     for id in 1 2 3; do
         if running "$id"; then
@@ -32,6 +34,14 @@ up() {
         echo $! >"$DIR/replica-$id.pid"
         echo "replica $id started (pid $!, log $DIR/replica-$id.log)"
     done
+    if running agent; then
+        echo "agent already running (pid $(cat "$DIR/replica-agent.pid"))"
+    else
+        nohup "$BIN/titus-agent" --agent-id "local-agent" --servers "$SERVERS" --cpu 4 --memory-mb 4096 \
+            --attribute zone=local-a >>"$DIR/agent.log" 2>&1 &
+        echo $! >"$DIR/replica-agent.pid"
+        echo "agent started (pid $!, log $DIR/agent.log)"
+    fi
     echo "waiting for a leader..."
     for _ in $(seq 1 120); do
         if titus -o json cluster status 2>/dev/null | grep -q '"leaderId": [1-9]'; then break; fi
@@ -40,21 +50,44 @@ up() {
     titus cluster status
     echo
     echo "demo: a Critical-tier capacity group, replicated through Raft"
-    titus capacity-group create demo-critical --tier critical --cpu 2 --memory-mb 4096 --disk-mb 10240 --network-mbps 256 --instances 4 \
+    titus capacity-group create demo-critical --tier critical --cpu 2 --memory-mb 4096 --disk-mb 10240 --network-mbps 256 --instances 4 2>/dev/null \
         || titus capacity-group get demo-critical
     titus capacity-group list
+    echo
+    if titus job list --filter appName=demo-service --filter jobState=Accepted | grep -q demo-service; then
+        echo "demo jobs already submitted"
+    else
+        echo "demo: a batch job and a service job, run by the agent in Docker"
+        titus job submit --app demo-batch --image titus/busybox:latest --cpu 0.5 --memory-mb 64 --batch-size 2 -- sh -c 'echo hello from titus; sleep 5'
+        titus job submit --app demo-service --image titus/busybox:latest --cpu 0.5 --memory-mb 64 --desired 2 --max 4 -- sleep 3600
+    fi
+    for _ in $(seq 1 60); do
+        if [ "$(titus -o json job list --filter appName=demo-service | grep -c '"id"')" -ge 1 ] &&
+            job=$(titus -o json job list --filter appName=demo-service --filter jobState=Accepted | sed -n 's/.*"id": "\(.*\)".*/\1/p' | head -1) &&
+            [ "$(titus -o json task list "$job" | grep -c '"Started"')" -ge 2 ]; then
+            break
+        fi
+        sleep 0.5
+    done
+    titus job list
+    echo
+    titus task list "$job"
     cat <<MSG
 
 The cluster is up. Try:
   $BIN/titus --server $SERVERS cluster status
-  kill -9 \$(cat $DIR/replica-1.pid)   # the others elect a new leader; nothing acknowledged is lost
+  $BIN/titus --server $SERVERS job list
+  $BIN/titus --server $SERVERS task list JOB_ID
+  $BIN/titus --server $SERVERS job resize JOB_ID --desired 3
+  docker ps --filter label=titus.agent.id=local-agent
+  kill -9 \$(cat $DIR/replica-1.pid)   # the others elect a new leader; no container restarts
   deploy/local-cluster.sh up            # restarts what is not running
   deploy/local-cluster.sh down          # stop (data kept in $DIR)
 MSG
 }
 
 down() {
-    for id in 1 2 3; do
+    for id in 1 2 3 agent; do
         if running "$id"; then
             kill -TERM "$(cat "$DIR/replica-$id.pid")"
             echo "replica $id stopping"
@@ -67,6 +100,12 @@ case "${1:-up}" in
     up) up ;;
     down) down ;;
     status) titus cluster status ;;
-    clean) down; sleep 1; rm -rf "$DIR"; echo "removed $DIR" ;;
+    clean)
+        down
+        sleep 1
+        docker ps -aq --filter label=titus.agent.id=local-agent | xargs -r docker rm -f >/dev/null
+        rm -rf "$DIR"
+        echo "removed $DIR and the agent's containers"
+        ;;
     *) echo "usage: $0 [up|status|down|clean]" >&2; exit 2 ;;
 esac

@@ -118,7 +118,11 @@ async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() 
     let mut missing = container(&["true"], 0.5, 64);
     missing.image = Some(pb::Image { name: "titus/absent".into(), tag: "latest".into(), digest: String::new() });
     let id = client
-        .create_job(job("absent", missing, pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() })))
+        .create_job(job(
+            "absent",
+            missing,
+            pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() }),
+        ))
         .await
         .unwrap();
     let failed = wait_tasks(&client, &id, "Finished", 1, SETTLE).await;

@@ -38,6 +38,85 @@ enum Command {
     /// Cluster members, leader and membership changes.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Jobs: submit, list, get, resize, kill.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Tasks of jobs.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Agents registered with the control plane.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Submits a job; prints its id. The command follows `--`.
+    Submit {
+        #[arg(long)]
+        app: String,
+        #[arg(long, default_value = "owner@example.com")]
+        owner: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 1.0)]
+        cpu: f64,
+        #[arg(long, default_value_t = 256)]
+        memory_mb: u32,
+        /// A batch job of this many tasks.
+        #[arg(long, conflicts_with = "desired")]
+        batch_size: Option<u32>,
+        /// A service job with this many tasks (min 0, max = desired unless --max).
+        #[arg(long)]
+        desired: Option<u32>,
+        #[arg(long)]
+        max: Option<u32>,
+        #[arg(long, default_value = "DEFAULT")]
+        capacity_group: String,
+        /// Retries of a failed batch task.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    List {
+        /// Titus filtering criteria as KEY=VALUE (jobState, appName, owner, capacityGroup, jobType, attributes).
+        #[arg(long = "filter")]
+        filters: Vec<String>,
+    },
+    Get {
+        id: String,
+    },
+    Kill {
+        id: String,
+    },
+    /// Sets a service job's desired (and optionally min/max).
+    Resize {
+        id: String,
+        #[arg(long)]
+        desired: Option<u32>,
+        #[arg(long)]
+        min: Option<u32>,
+        #[arg(long)]
+        max: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Tasks of a job (finished ones included).
+    List { job_id: String },
+    Kill {
+        id: String,
+        /// Service jobs: also lower desired by one.
+        #[arg(long)]
+        shrink: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    List,
 }
 
 #[derive(clap::Args)]
@@ -224,6 +303,38 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("deleted capacity group {name}");
             }
         },
+        Command::Job(cmd) => job_command(&client, out, cmd).await?,
+        Command::Task(cmd) => match cmd {
+            TaskCmd::List { job_id } => {
+                let tasks = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await?.items;
+                print_tasks(out, &tasks);
+            }
+            TaskCmd::Kill { id, shrink } => {
+                client.kill_task(&id, shrink, false).await?;
+                println!("kill requested for task {id}");
+            }
+        },
+        Command::Agent(AgentCmd::List) => {
+            let agents = client.find_agents().await?;
+            if out == Output::Json {
+                let v: Vec<_> = agents
+                    .iter()
+                    .map(|a| serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!("{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}", "ID", "GROUP", "STATE", "HEALTHY", "TASKS", "CPU");
+                for a in agents {
+                    let state =
+                        if a.state == titus_client::proto::AgentState::AgentLost as i32 { "lost" } else { "online" };
+                    let r = a.resources.unwrap_or_default();
+                    println!(
+                        "{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}",
+                        a.id, a.instance_group, state, a.healthy, a.live_tasks, r.cpu
+                    );
+                }
+            }
+        }
         Command::Cluster(cmd) => match cmd {
             ClusterCmd::Status => print_status(out, &client.cluster_status().await?),
             ClusterCmd::Add { node_id, peer_addr, api_addr } => {
@@ -245,4 +356,169 @@ async fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+fn state_name(task_state: i32) -> &'static str {
+    use titus_client::proto::TaskState as S;
+    match S::try_from(task_state) {
+        Ok(S::TaskAccepted) => "Accepted",
+        Ok(S::TaskLaunched) => "Launched",
+        Ok(S::TaskStartInitiated) => "StartInitiated",
+        Ok(S::TaskStarted) => "Started",
+        Ok(S::TaskKillInitiated) => "KillInitiated",
+        Ok(S::TaskFinished) => "Finished",
+        Err(_) => "?",
+    }
+}
+
+fn job_state_name(s: i32) -> &'static str {
+    use titus_client::proto::JobState as S;
+    match S::try_from(s) {
+        Ok(S::JobAccepted) => "Accepted",
+        Ok(S::JobKillInitiated) => "KillInitiated",
+        Ok(S::JobFinished) => "Finished",
+        Err(_) => "?",
+    }
+}
+
+fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
+    if out == Output::Json {
+        let v: Vec<_> = tasks
+            .iter()
+            .map(|t| {
+                let s = t.status.clone().unwrap_or_default();
+                serde_json::json!({"id": t.id, "jobId": t.job_id, "index": t.index, "state": state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message, "context": t.task_context})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!("{:<38} {:>5} {:<15} {:<22} {:<16} {}", "TASK", "INDEX", "STATE", "AGENT", "IP", "REASON");
+    for t in tasks {
+        let s = t.status.clone().unwrap_or_default();
+        let ctx = |k: &str| t.task_context.get(k).cloned().unwrap_or_default();
+        let reason = if s.reason_message.is_empty() {
+            s.reason_code.clone()
+        } else {
+            format!("{}: {}", s.reason_code, s.reason_message)
+        };
+        println!(
+            "{:<38} {:>5} {:<15} {:<22} {:<16} {}",
+            t.id,
+            t.index,
+            state_name(s.state),
+            ctx("agent"),
+            ctx("containerIp"),
+            reason
+        );
+    }
+}
+
+fn print_jobs(out: Output, jobs: &[titus_client::Job]) {
+    if out == Output::Json {
+        let v: Vec<_> = jobs
+            .iter()
+            .map(|j| {
+                let d = j.job_descriptor.clone().unwrap_or_default();
+                let s = j.status.clone().unwrap_or_default();
+                serde_json::json!({"id": j.id, "applicationName": d.application_name, "owner": d.owner.map(|o| o.team_email), "capacityGroup": d.capacity_group, "state": job_state_name(s.state), "reasonCode": s.reason_code})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!("{:<38} {:<20} {:<8} {:<14} {:<10}", "JOB", "APP", "TYPE", "STATE", "TASKS");
+    for j in jobs {
+        let d = j.job_descriptor.clone().unwrap_or_default();
+        let (kind, size) = match d.job_type {
+            Some(titus_client::proto::job_descriptor::JobType::Batch(b)) => ("batch", b.size.to_string()),
+            Some(titus_client::proto::job_descriptor::JobType::Service(s)) => {
+                let c = s.capacity.unwrap_or_default();
+                ("service", format!("{}/{}/{}", c.min, c.desired, c.max))
+            }
+            None => ("?", String::new()),
+        };
+        println!(
+            "{:<38} {:<20} {:<8} {:<14} {:<10}",
+            j.id,
+            d.application_name,
+            kind,
+            job_state_name(j.status.clone().unwrap_or_default().state),
+            size
+        );
+    }
+}
+
+async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Error> {
+    use titus_client::proto as pb;
+    match cmd {
+        JobCmd::Submit {
+            app,
+            owner,
+            image,
+            cpu,
+            memory_mb,
+            batch_size,
+            desired,
+            max,
+            capacity_group,
+            retries,
+            command,
+        } => {
+            let (name, tag) = image
+                .rsplit_once(':')
+                .map(|(n, t)| (n.to_string(), t.to_string()))
+                .unwrap_or((image.clone(), "latest".into()));
+            let job_type = match (batch_size, desired) {
+                (_, Some(d)) => pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+                    capacity: Some(pb::Capacity { min: 0, desired: d, max: max.unwrap_or(d) }),
+                    enabled: true,
+                    ..Default::default()
+                }),
+                (size, None) => pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+                    size: size.unwrap_or(1),
+                    retry_policy: Some(pb::RetryPolicy {
+                        policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries })),
+                    }),
+                    ..Default::default()
+                }),
+            };
+            let descriptor = pb::JobDescriptor {
+                owner: Some(pb::Owner { team_email: owner }),
+                application_name: app,
+                capacity_group,
+                container: Some(pb::Container {
+                    resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
+                    image: Some(pb::Image { name, tag, digest: String::new() }),
+                    command,
+                    ..Default::default()
+                }),
+                job_type: Some(job_type),
+                ..Default::default()
+            };
+            println!("{}", client.create_job(descriptor).await?);
+        }
+        JobCmd::List { filters } => {
+            let mut criteria = Vec::new();
+            for f in &filters {
+                let (k, v) = f.split_once('=').ok_or_else(|| Error::InvalidArgument {
+                    message: format!("--filter {f:?}: expected KEY=VALUE"),
+                    violations: vec![],
+                })?;
+                criteria.push((k, v));
+            }
+            let jobs = client.find_jobs(&criteria, 1000, "").await?.items;
+            print_jobs(out, &jobs);
+        }
+        JobCmd::Get { id } => print_jobs(out, &[client.find_job(&id).await?]),
+        JobCmd::Kill { id } => {
+            client.kill_job(&id).await?;
+            println!("kill requested for job {id}");
+        }
+        JobCmd::Resize { id, desired, min, max } => {
+            client.update_job_capacity(&id, min, desired, max).await?;
+            println!("job {id} resized");
+        }
+    }
+    Ok(())
 }

@@ -105,12 +105,21 @@ impl AgentManagementService for AgentManagementApi {
         self.replica.read_barrier(client_deadline(&request)).await?;
         let mut first = Vec::new();
         for g in self.replica.state.instance_groups()? {
-            first.push(pb::AgentChangeNotification { notification: Some(Notification::InstanceGroupUpdate(group_to_proto(g))), revision: 0 });
+            first.push(pb::AgentChangeNotification {
+                notification: Some(Notification::InstanceGroupUpdate(group_to_proto(g))),
+                revision: 0,
+            });
         }
         for a in self.replica.state.agents()? {
-            first.push(pb::AgentChangeNotification { notification: Some(Notification::AgentUpdate(self.agent_to_proto(a)?)), revision: 0 });
+            first.push(pb::AgentChangeNotification {
+                notification: Some(Notification::AgentUpdate(self.agent_to_proto(a)?)),
+                revision: 0,
+            });
         }
-        first.push(pb::AgentChangeNotification { notification: Some(Notification::SnapshotEnd(pb::Empty {})), revision: 0 });
+        first.push(pb::AgentChangeNotification {
+            notification: Some(Notification::SnapshotEnd(pb::Empty {})),
+            revision: 0,
+        });
         let (tx, out) = tokio::sync::mpsc::channel(256);
         let api = AgentManagementApi { replica: self.replica.clone(), hub: self.hub.clone() };
         tokio::spawn(async move {
@@ -123,7 +132,11 @@ impl AgentManagementService for AgentManagementApi {
                 let batch = match rx.recv().await {
                     Ok(b) => b,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx.send(Err(Status::resource_exhausted(format!("observer fell {n} changes behind; observe again")))).await;
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "observer fell {n} changes behind; observe again"
+                            ))))
+                            .await;
                         return;
                     }
                     Err(_) => return,
@@ -134,10 +147,19 @@ impl AgentManagementService for AgentManagementApi {
                             Ok(a) => Notification::AgentUpdate(a),
                             Err(_) => continue,
                         },
-                        crate::events::Change::InstanceGroup(g) => Notification::InstanceGroupUpdate(group_to_proto(g.clone())),
+                        crate::events::Change::InstanceGroup(g) => {
+                            Notification::InstanceGroupUpdate(group_to_proto(g.clone()))
+                        }
                         _ => continue,
                     };
-                    if tx.send(Ok(pb::AgentChangeNotification { notification: Some(notification), revision: batch.revision })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::AgentChangeNotification {
+                            notification: Some(notification),
+                            revision: batch.revision,
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
