@@ -34,7 +34,6 @@ type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
 
 struct Conn {
     tx: Outbox,
-    last_seen: Instant,
     /// Tells a replaced stream's reader that it no longer owns the slot.
     conn_id: u64,
 }
@@ -43,6 +42,8 @@ pub struct AgentHub {
     replica: Arc<Replica>,
     pub config: AgentsConfig,
     conns: Mutex<HashMap<String, Conn>>,
+    /// Last message from each agent, kept when its stream closes: the TTL counts from here.
+    last_seen: Mutex<HashMap<String, Instant>>,
     next_conn: AtomicU64,
     /// When this replica last became leader: every agent gets the TTL from then to reconnect.
     leader_since: Mutex<Option<Instant>>,
@@ -58,6 +59,7 @@ impl AgentHub {
             replica,
             config,
             conns: Mutex::default(),
+            last_seen: Mutex::default(),
             next_conn: AtomicU64::new(1),
             leader_since: Mutex::default(),
         })
@@ -79,6 +81,7 @@ impl AgentHub {
     /// Called when it stops: every agent must go to the new leader.
     pub fn on_lose_leadership(&self) {
         *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut conns = self.conns();
         for (_, c) in conns.drain() {
             let _ = c.tx.try_send(Err(self.replica.not_leader().into()));
@@ -197,13 +200,11 @@ impl AgentHub {
     }
 
     fn touch(&self, agent_id: &str, conn_id: u64) -> bool {
-        match self.conns().get_mut(agent_id) {
-            Some(c) if c.conn_id == conn_id => {
-                c.last_seen = Instant::now();
-                true
-            }
-            _ => false,
+        let current = self.conns().get(agent_id).is_some_and(|c| c.conn_id == conn_id);
+        if current {
+            self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(agent_id.to_string(), Instant::now());
         }
+        current
     }
 
     async fn read_agent(
@@ -315,7 +316,8 @@ impl AgentService for AgentApi {
             leader_id: replica.id,
             heartbeat_interval_ms: hub.config.heartbeat_interval_ms,
         }))));
-        hub.conns().insert(reg.agent_id.clone(), Conn { tx, last_seen: Instant::now(), conn_id });
+        hub.conns().insert(reg.agent_id.clone(), Conn { tx, conn_id });
+        hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(reg.agent_id.clone(), Instant::now());
         tracing::info!(agent_id = %reg.agent_id, tasks = reg.tasks.len(), "agent registered");
         let hub = hub.clone();
         tokio::spawn(async move {
@@ -430,7 +432,8 @@ pub async fn liveness(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
         let Some(since) = *hub.leader_since.lock().unwrap_or_else(|p| p.into_inner()) else { continue };
         let Ok(agents) = hub.replica.state.agents() else { continue };
         for a in agents.into_iter().filter(|a| a.state == AgentState::Online) {
-            let last = hub.conns().get(&a.id).map(|c| c.last_seen).unwrap_or(since).max(since);
+            let heard = hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).get(&a.id).copied();
+            let last = heard.unwrap_or(since).max(since);
             if last.elapsed() > ttl {
                 tracing::warn!(agent_id = %a.id, silent_ms = last.elapsed().as_millis() as u64, "agent lost: its tasks will be replaced");
                 hub.propose(Command::AgentLost { agent_id: a.id.clone(), timestamp_ms: now_ms() }).await;
