@@ -19,9 +19,11 @@
 //! # Layout
 //! - [`error`]: the one error enum, keeping the server's field violations.
 //! - `client`: seeds, retries, deadlines and the calls.
+//! - [`spec`]: job spec files (YAML/JSON, Titus's field names) to job descriptors.
 
 mod client;
 pub mod error;
+pub mod spec;
 
 pub use client::{CapacityGroupSpec, Client, ClientOptions, JobObserver};
 pub use error::{Error, FieldViolation, Result};

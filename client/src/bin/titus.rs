@@ -28,6 +28,15 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// Prints a structured value as JSON or YAML.
+fn emit(out: Output, value: &serde_json::Value) {
+    match out {
+        Output::Yaml => print!("{}", serde_yaml::to_string(value).unwrap_or_default()),
+        _ => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+    }
 }
 
 #[derive(Subcommand)]
@@ -47,18 +56,30 @@ enum Command {
     /// Agents registered with the control plane.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Prints a shell completion script: titus completions bash > /etc/bash_completion.d/titus
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
 enum JobCmd {
-    /// Submits a job; prints its id. The command follows `--`.
+    /// Submits a job from a spec file (-f, YAML or JSON; see deploy/examples) or from flags with
+    /// the command after `--`; prints its id.
     Submit {
+        /// Job spec file (YAML or JSON, Titus's field names).
+        #[arg(long, short = 'f', conflicts_with_all = ["app", "image"])]
+        file: Option<std::path::PathBuf>,
+        /// Show the tasks' states as they move, until they are Started (service) or Finished (batch).
         #[arg(long)]
-        app: String,
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit code 124).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(long, required_unless_present = "file")]
+        app: Option<String>,
         #[arg(long, default_value = "owner@example.com")]
         owner: String,
-        #[arg(long)]
-        image: String,
+        #[arg(long, required_unless_present = "file")]
+        image: Option<String>,
         #[arg(long, default_value_t = 1.0)]
         cpu: f64,
         #[arg(long, default_value_t = 256)]
@@ -76,8 +97,20 @@ enum JobCmd {
         /// Retries of a failed batch task.
         #[arg(long, default_value_t = 0)]
         retries: u32,
-        #[arg(last = true, required = true)]
+        #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Enables a service job (its desired tasks are kept running).
+    Enable {
+        id: String,
+    },
+    /// Disables a service job (no new tasks are started for it).
+    Disable {
+        id: String,
+    },
+    /// Streams the job's changes as they commit (Ctrl-C to stop).
+    Watch {
+        id: String,
     },
     List {
         /// Titus filtering criteria as KEY=VALUE (jobState, appName, owner, capacityGroup, jobType, attributes).
@@ -105,7 +138,12 @@ enum JobCmd {
 #[derive(Subcommand)]
 enum TaskCmd {
     /// Tasks of a job (finished ones included).
-    List { job_id: String },
+    List {
+        job_id: String,
+    },
+    Get {
+        id: String,
+    },
     Kill {
         id: String,
         /// Service jobs: also lower desired by one.
@@ -203,9 +241,9 @@ fn tier_name(t: i32) -> &'static str {
 }
 
 fn print_groups(out: Output, groups: &[titus_client::CapacityGroup]) {
-    if out == Output::Json {
+    if out != Output::Table {
         let v: Vec<_> = groups.iter().map(group_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        emit(out, &serde_json::json!(v));
         return;
     }
     println!(
@@ -248,7 +286,7 @@ fn role_name(r: i32) -> &'static str {
 }
 
 fn print_status(out: Output, s: &titus_client::ClusterStatus) {
-    if out == Output::Json {
+    if out != Output::Table {
         let members: Vec<_> = s
             .members
             .iter()
@@ -259,7 +297,7 @@ fn print_status(out: Output, s: &titus_client::ClusterStatus) {
             "term": s.term, "lastLogIndex": s.last_log_index, "lastAppliedIndex": s.last_applied_index, "snapshotIndex": s.snapshot_index,
             "members": members,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        emit(out, &serde_json::json!(v));
         return;
     }
     println!("cluster {}  leader {} ({})  term {}", s.cluster_id, s.leader_id, s.leader_api_addr, s.term);
@@ -286,6 +324,10 @@ fn exit_code(e: &Error) -> u8 {
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "titus", &mut std::io::stdout());
+        return Ok(());
+    }
     let client = Client::connect([cli.server.as_str()])?;
     let out = cli.output;
     match cli.command {
@@ -304,11 +346,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         },
         Command::Job(cmd) => job_command(&client, out, cmd).await?,
+        Command::Completions { .. } => {}
         Command::Task(cmd) => match cmd {
             TaskCmd::List { job_id } => {
                 let tasks = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await?.items;
                 print_tasks(out, &tasks);
             }
+            TaskCmd::Get { id } => print_tasks(out, &[client.find_task(&id).await?]),
             TaskCmd::Kill { id, shrink } => {
                 client.kill_task(&id, shrink, false).await?;
                 println!("kill requested for task {id}");
@@ -316,12 +360,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
         },
         Command::Agent(AgentCmd::List) => {
             let agents = client.find_agents().await?;
-            if out == Output::Json {
+            if out != Output::Table {
                 let v: Vec<_> = agents
                     .iter()
                     .map(|a| serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                emit(out, &serde_json::json!(v));
             } else {
                 println!("{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}", "ID", "GROUP", "STATE", "HEALTHY", "TASKS", "CPU");
                 for a in agents {
@@ -382,7 +426,7 @@ fn job_state_name(s: i32) -> &'static str {
 }
 
 fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
-    if out == Output::Json {
+    if out != Output::Table {
         let v: Vec<_> = tasks
             .iter()
             .map(|t| {
@@ -390,7 +434,7 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
                 serde_json::json!({"id": t.id, "jobId": t.job_id, "index": t.index, "state": state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message, "context": t.task_context})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        emit(out, &serde_json::json!(v));
         return;
     }
     println!("{:<38} {:>5} {:<15} {:<22} {:<16} {}", "TASK", "INDEX", "STATE", "AGENT", "IP", "REASON");
@@ -415,7 +459,7 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
 }
 
 fn print_jobs(out: Output, jobs: &[titus_client::Job]) {
-    if out == Output::Json {
+    if out != Output::Table {
         let v: Vec<_> = jobs
             .iter()
             .map(|j| {
@@ -424,7 +468,7 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job]) {
                 serde_json::json!({"id": j.id, "applicationName": d.application_name, "owner": d.owner.map(|o| o.team_email), "capacityGroup": d.capacity_group, "state": job_state_name(s.state), "reasonCode": s.reason_code})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        emit(out, &serde_json::json!(v));
         return;
     }
     println!("{:<38} {:<20} {:<8} {:<14} {:<10}", "JOB", "APP", "TYPE", "STATE", "TASKS");
@@ -453,6 +497,9 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
     use titus_client::proto as pb;
     match cmd {
         JobCmd::Submit {
+            file,
+            wait,
+            timeout,
             app,
             owner,
             image,
@@ -465,38 +512,99 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
             retries,
             command,
         } => {
-            let (name, tag) = image
-                .rsplit_once(':')
-                .map(|(n, t)| (n.to_string(), t.to_string()))
-                .unwrap_or((image.clone(), "latest".into()));
-            let job_type = match (batch_size, desired) {
-                (_, Some(d)) => pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
-                    capacity: Some(pb::Capacity { min: 0, desired: d, max: max.unwrap_or(d) }),
-                    enabled: true,
-                    ..Default::default()
-                }),
-                (size, None) => pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
-                    size: size.unwrap_or(1),
-                    retry_policy: Some(pb::RetryPolicy {
-                        policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries })),
-                    }),
-                    ..Default::default()
-                }),
+            let descriptor = match file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::InvalidArgument {
+                        message: format!("{}: {e}", path.display()),
+                        violations: vec![],
+                    })?;
+                    titus_client::spec::parse(&text).and_then(titus_client::spec::JobSpec::into_descriptor).map_err(
+                        |e| Error::InvalidArgument { message: format!("{}: {e}", path.display()), violations: vec![] },
+                    )?
+                }
+                None => {
+                    let image = image.unwrap_or_default();
+                    let (name, tag) = image
+                        .rsplit_once(':')
+                        .map(|(n, t)| (n.to_string(), t.to_string()))
+                        .unwrap_or((image.clone(), "latest".into()));
+                    let job_type = match (batch_size, desired) {
+                        (_, Some(d)) => pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+                            capacity: Some(pb::Capacity { min: 0, desired: d, max: max.unwrap_or(d) }),
+                            enabled: true,
+                            ..Default::default()
+                        }),
+                        (size, None) => pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+                            size: size.unwrap_or(1),
+                            retry_policy: Some(pb::RetryPolicy {
+                                policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate {
+                                    retries,
+                                })),
+                            }),
+                            ..Default::default()
+                        }),
+                    };
+                    pb::JobDescriptor {
+                        owner: Some(pb::Owner { team_email: owner }),
+                        application_name: app.unwrap_or_default(),
+                        capacity_group,
+                        container: Some(pb::Container {
+                            resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
+                            image: Some(pb::Image { name, tag, digest: String::new() }),
+                            command,
+                            ..Default::default()
+                        }),
+                        job_type: Some(job_type),
+                        ..Default::default()
+                    }
+                }
             };
-            let descriptor = pb::JobDescriptor {
-                owner: Some(pb::Owner { team_email: owner }),
-                application_name: app,
-                capacity_group,
-                container: Some(pb::Container {
-                    resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
-                    image: Some(pb::Image { name, tag, digest: String::new() }),
-                    command,
-                    ..Default::default()
-                }),
-                job_type: Some(job_type),
-                ..Default::default()
-            };
-            println!("{}", client.create_job(descriptor).await?);
+            let id = client.create_job(descriptor).await?;
+            println!("{id}");
+            if wait {
+                wait_for_tasks(client, &id, std::time::Duration::from_secs(timeout)).await?;
+            }
+        }
+        JobCmd::Enable { id } => {
+            client.update_job_status(&id, true).await?;
+            println!("job {id} enabled");
+        }
+        JobCmd::Disable { id } => {
+            client.update_job_status(&id, false).await?;
+            println!("job {id} disabled");
+        }
+        JobCmd::Watch { id } => {
+            let mut observer = client.observe_job(&id);
+            loop {
+                let n = observer.next().await?;
+                match n.notification {
+                    Some(pb::job_change_notification::Notification::JobUpdate(u)) => {
+                        let j = u.job.unwrap_or_default();
+                        println!(
+                            "[{}] job {} {}",
+                            n.revision,
+                            j.id,
+                            job_state_name(j.status.unwrap_or_default().state)
+                        );
+                    }
+                    Some(pb::job_change_notification::Notification::TaskUpdate(u)) => {
+                        let t = u.task.unwrap_or_default();
+                        let s = t.status.unwrap_or_default();
+                        println!(
+                            "[{}] task {} #{} {} {}",
+                            n.revision,
+                            t.id,
+                            t.index,
+                            state_name(s.state),
+                            s.reason_code
+                        );
+                    }
+                    Some(pb::job_change_notification::Notification::SnapshotEnd(_)) => {
+                        println!("--- now following changes ---")
+                    }
+                    None => {}
+                }
+            }
         }
         JobCmd::List { filters } => {
             let mut criteria = Vec::new();
@@ -521,4 +629,46 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
         }
     }
     Ok(())
+}
+
+/// Prints each task's state changes until every task is Started (service) or Finished (batch).
+async fn wait_for_tasks(client: &Client, job_id: &str, timeout: std::time::Duration) -> Result<(), Error> {
+    use titus_client::proto as pb;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last: std::collections::BTreeMap<String, i32> = Default::default();
+    loop {
+        let job = client.find_job(job_id).await?;
+        let (batch, wanted) = match job.job_descriptor.as_ref().and_then(|d| d.job_type.clone()) {
+            Some(pb::job_descriptor::JobType::Batch(b)) => (true, b.size as usize),
+            Some(pb::job_descriptor::JobType::Service(s)) => (false, s.capacity.unwrap_or_default().desired as usize),
+            None => (true, 0),
+        };
+        let tasks = client.find_tasks(&[("jobIds", job_id)], 1000, "").await?.items;
+        for t in &tasks {
+            let s = t.status.clone().unwrap_or_default();
+            if last.get(&t.id) != Some(&s.state) {
+                last.insert(t.id.clone(), s.state);
+                let reason = if s.reason_code.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({}: {})", s.reason_code, s.reason_message)
+                };
+                println!("task {} #{}: {}{}", t.id, t.index, state_name(s.state), reason);
+            }
+        }
+        let finished = job.status.unwrap_or_default().state == pb::JobState::JobFinished as i32;
+        let started = tasks
+            .iter()
+            .filter(|t| t.status.clone().unwrap_or_default().state == pb::TaskState::TaskStarted as i32)
+            .count();
+        if (batch && finished) || (!batch && started >= wanted) {
+            println!("job {job_id}: {}", if finished { "Finished" } else { "all tasks Started" });
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!("titus: job {job_id} did not get there within {} s", timeout.as_secs());
+            std::process::exit(124);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }

@@ -1,0 +1,278 @@
+//! Job specs as users write them (YAML or JSON files), in Titus's JSON field names
+//! (`applicationName`, `memoryMB`, ...), converted to the API's job descriptor. Unknown fields are
+//! errors, so a typo is reported instead of silently ignored; the server then validates values and
+//! names any bad field.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use titus_proto as pb;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    pub owner: Owner,
+    pub application_name: String,
+    #[serde(default)]
+    pub capacity_group: String,
+    #[serde(default)]
+    pub job_group_info: JobGroupInfo,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    pub container: Container,
+    #[serde(default)]
+    pub batch: Option<Batch>,
+    #[serde(default)]
+    pub service: Option<Service>,
+    #[serde(default)]
+    pub disruption_budget: Option<DisruptionBudget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Owner {
+    pub team_email: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobGroupInfo {
+    #[serde(default)]
+    pub stack: String,
+    #[serde(default)]
+    pub detail: String,
+    #[serde(default)]
+    pub sequence: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub cpu: f64,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskMB", default)]
+    pub disk_mb: u32,
+    #[serde(rename = "networkMbps", default)]
+    pub network_mbps: u32,
+    #[serde(default)]
+    pub gpu: u32,
+    #[serde(rename = "shmSizeMB", default)]
+    pub shm_size_mb: u32,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub name: String,
+    #[serde(default)]
+    pub tag: String,
+    #[serde(default)]
+    pub digest: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Container {
+    pub resources: Resources,
+    pub image: Image,
+    #[serde(default)]
+    pub entry_point: Vec<String>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub soft_constraints: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hard_constraints: BTreeMap<String, String>,
+}
+
+/// Exactly one of the three, as in Titus's JSON (`{"immediate": {"retries": 3}}`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    #[serde(default)]
+    pub immediate: Option<Immediate>,
+    #[serde(default)]
+    pub delayed: Option<Delayed>,
+    #[serde(default)]
+    pub exponential_back_off: Option<ExponentialBackOff>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Immediate {
+    pub retries: u32,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delayed {
+    pub initial_delay_ms: u64,
+    pub delay_ms: u64,
+    pub retries: u32,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExponentialBackOff {
+    pub initial_delay_ms: u64,
+    pub max_delay_interval_ms: u64,
+    pub retries: u32,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Batch {
+    pub size: u32,
+    #[serde(default)]
+    pub runtime_limit_sec: u64,
+    #[serde(default)]
+    pub retry_policy: Option<RetryPolicy>,
+    #[serde(default)]
+    pub retry_on_runtime_limit: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    #[serde(default)]
+    pub min: u32,
+    pub desired: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub capacity: Capacity,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DisruptionBudget {
+    #[serde(default)]
+    pub self_managed_relocation_time_ms: u64,
+    #[serde(default)]
+    pub availability_percentage_limit: f64,
+}
+
+fn retry_policy(field: &str, p: Option<RetryPolicy>) -> Result<Option<pb::RetryPolicy>, String> {
+    use pb::retry_policy::Policy;
+    let Some(p) = p else { return Ok(None) };
+    let policy = match (p.immediate, p.delayed, p.exponential_back_off) {
+        (Some(i), None, None) => Policy::Immediate(pb::retry_policy::Immediate { retries: i.retries }),
+        (None, Some(d), None) => Policy::Delayed(pb::retry_policy::Delayed {
+            initial_delay_ms: d.initial_delay_ms,
+            delay_ms: d.delay_ms,
+            retries: d.retries,
+        }),
+        (None, None, Some(e)) => Policy::ExponentialBackOff(pb::retry_policy::ExponentialBackOff {
+            initial_delay_ms: e.initial_delay_ms,
+            max_delay_interval_ms: e.max_delay_interval_ms,
+            retries: e.retries,
+        }),
+        _ => return Err(format!("{field}: exactly one of immediate, delayed and exponentialBackOff must be set")),
+    };
+    Ok(Some(pb::RetryPolicy { policy: Some(policy) }))
+}
+
+/// Parses a spec: JSON when it starts with `{`, YAML otherwise. The error names the field or the
+/// line that is wrong.
+pub fn parse(text: &str) -> Result<JobSpec, String> {
+    if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    } else {
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+impl JobSpec {
+    pub fn into_descriptor(self) -> Result<pb::JobDescriptor, String> {
+        let job_type = match (self.batch, self.service) {
+            (Some(b), None) => pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+                size: b.size,
+                runtime_limit_sec: b.runtime_limit_sec,
+                retry_policy: retry_policy("batch.retryPolicy", b.retry_policy)?,
+                retry_on_runtime_limit: b.retry_on_runtime_limit,
+            }),
+            (None, Some(s)) => pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+                capacity: Some(pb::Capacity { min: s.capacity.min, desired: s.capacity.desired, max: s.capacity.max }),
+                enabled: s.enabled,
+                retry_policy: retry_policy("service.retryPolicy", s.retry_policy)?,
+                service_job_processes: None,
+            }),
+            _ => return Err("exactly one of batch and service must be set".into()),
+        };
+        let c = self.container;
+        Ok(pb::JobDescriptor {
+            owner: Some(pb::Owner { team_email: self.owner.team_email }),
+            application_name: self.application_name,
+            capacity_group: self.capacity_group,
+            job_group_info: Some(pb::JobGroupInfo {
+                stack: self.job_group_info.stack,
+                detail: self.job_group_info.detail,
+                sequence: self.job_group_info.sequence,
+            }),
+            attributes: self.attributes.into_iter().collect(),
+            container: Some(pb::Container {
+                resources: Some(pb::ContainerResources {
+                    cpu: c.resources.cpu,
+                    gpu: c.resources.gpu,
+                    memory_mb: c.resources.memory_mb,
+                    disk_mb: c.resources.disk_mb,
+                    network_mbps: c.resources.network_mbps,
+                    shm_size_mb: c.resources.shm_size_mb,
+                }),
+                image: Some(pb::Image { name: c.image.name, tag: c.image.tag, digest: c.image.digest }),
+                entry_point: c.entry_point,
+                command: c.command,
+                env: c.env.into_iter().collect(),
+                soft_constraints: Some(pb::Constraints { constraints: c.soft_constraints.into_iter().collect() }),
+                hard_constraints: Some(pb::Constraints { constraints: c.hard_constraints.into_iter().collect() }),
+            }),
+            job_type: Some(job_type),
+            disruption_budget: self.disruption_budget.map(|d| pb::DisruptionBudget {
+                self_managed_relocation_time_ms: d.self_managed_relocation_time_ms,
+                availability_percentage_limit: d.availability_percentage_limit,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_examples_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            parse(&text).and_then(JobSpec::into_descriptor).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
+    fn typos_and_missing_fields_are_named() {
+        let err = parse("owner: {teamEmail: a@b.c}\napplicationName: x\ncontainer:\n  resources: {cpu: 1, memoryMB: 10, memryMB: 3}\n  image: {name: i, tag: t}\nbatch: {size: 1}\n").unwrap_err();
+        assert!(err.contains("memryMB"), "{err}");
+        let err = parse("{\"owner\": {\"teamEmail\": \"a@b.c\"}}").unwrap_err();
+        assert!(err.contains("applicationName"), "{err}");
+        let both = parse("owner: {teamEmail: a@b.c}\napplicationName: x\ncontainer:\n  resources: {cpu: 1, memoryMB: 10}\n  image: {name: i, tag: t}\n").unwrap();
+        assert!(both.into_descriptor().unwrap_err().contains("exactly one of batch and service"));
+    }
+}
