@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use titus_proto as pb;
+use titus_proto::agent_management_service_client::AgentManagementServiceClient;
 use titus_proto::agent_task_service_client::AgentTaskServiceClient;
 use titus_proto::capacity_group_service_client::CapacityGroupServiceClient;
 use titus_proto::cluster_service_client::ClusterServiceClient;
@@ -500,10 +501,67 @@ impl Client {
     /// Every registered agent with its state, health, allocation and whether it is attached.
     pub async fn find_agents(&self) -> Result<Vec<pb::AgentInstance>> {
         self.call("FindAgents", |ch, t| async move {
-            titus_proto::agent_management_service_client::AgentManagementServiceClient::new(ch)
+            AgentManagementServiceClient::new(ch)
                 .find_agents(with_timeout(pb::Empty {}, t))
                 .await
                 .map(|r| r.into_inner().agents)
+        })
+        .await
+    }
+
+    pub async fn get_agent(&self, id: &str) -> Result<pb::AgentInstance> {
+        self.call("GetAgent", |ch, t| {
+            let req = pb::AgentId { id: id.to_string() };
+            async move {
+                AgentManagementServiceClient::new(ch).get_agent(with_timeout(req, t)).await.map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn create_instance_group(
+        &self,
+        id: &str,
+        tier: pb::Tier,
+        lifecycle: pb::InstanceGroupLifecycle,
+    ) -> Result<pb::InstanceGroup> {
+        self.call("CreateInstanceGroup", |ch, t| {
+            let req = pb::InstanceGroup {
+                id: id.to_string(),
+                tier: tier as i32,
+                lifecycle: lifecycle as i32,
+                attributes: Default::default(),
+            };
+            async move {
+                AgentManagementServiceClient::new(ch)
+                    .create_instance_group(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn list_instance_groups(&self) -> Result<Vec<pb::InstanceGroup>> {
+        self.call("ListInstanceGroups", |ch, t| async move {
+            AgentManagementServiceClient::new(ch)
+                .list_instance_groups(with_timeout(pb::Empty {}, t))
+                .await
+                .map(|r| r.into_inner().groups)
+        })
+        .await
+    }
+
+    /// Moves an instance group through Titus's lifecycle (PhasedOut: no new tasks).
+    pub async fn update_instance_group_lifecycle(&self, id: &str, lifecycle: pb::InstanceGroupLifecycle) -> Result<()> {
+        self.call("UpdateInstanceGroupLifecycle", |ch, t| {
+            let req = pb::InstanceGroupLifecycleUpdate { id: id.to_string(), lifecycle: lifecycle as i32 };
+            async move {
+                AgentManagementServiceClient::new(ch)
+                    .update_instance_group_lifecycle(with_timeout(req, t))
+                    .await
+                    .map(|_| ())
+            }
         })
         .await
     }

@@ -21,10 +21,12 @@
 //! - `client`: seeds, retries, deadlines and the calls.
 //! - [`spec`]: job spec files (YAML/JSON, Titus's field names) to job descriptors.
 
+mod builder;
 mod client;
 pub mod error;
 pub mod spec;
 
+pub use builder::JobBuilder;
 pub use client::{CapacityGroupSpec, Client, ClientOptions, JobObserver};
 pub use error::{Error, FieldViolation, Result};
 pub use titus_proto as proto;

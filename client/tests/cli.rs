@@ -100,4 +100,13 @@ async fn t310_cli_submits_lists_resizes_and_kills() {
     })
     .await;
     assert!(cli.ok(&["completions", "bash"]).contains("_titus"));
+
+    // Instance groups and members.
+    cli.ok(&["instance-group", "create", "ig-a", "--tier", "critical"]);
+    cli.ok(&["instance-group", "lifecycle", "ig-a", "phased-out"]);
+    let groups = cli.ok(&["instance-group", "list"]);
+    assert!(groups.contains("ig-a") && groups.contains("critical") && groups.contains("IG_PHASED_OUT"), "{groups}");
+    let members: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "cluster", "members"])).unwrap();
+    assert_eq!(members.as_array().unwrap().len(), 3);
+    assert_eq!(members.as_array().unwrap().iter().filter(|m| m["role"] == "leader").count(), 1);
 }

@@ -56,6 +56,9 @@ enum Command {
     /// Agents registered with the control plane.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Instance groups: tier and lifecycle of groups of agents.
+    #[command(subcommand, name = "instance-group")]
+    InstanceGroup(InstanceGroupCmd),
     /// Prints a shell completion script: titus completions bash > /etc/bash_completion.d/titus
     Completions { shell: clap_complete::Shell },
 }
@@ -155,6 +158,45 @@ enum TaskCmd {
 #[derive(Subcommand)]
 enum AgentCmd {
     List,
+    Get { id: String },
+}
+
+#[derive(Subcommand)]
+enum InstanceGroupCmd {
+    Create {
+        id: String,
+        #[arg(long, value_enum, default_value = "flex")]
+        tier: TierArg,
+        #[arg(long, value_enum, default_value = "active")]
+        lifecycle: LifecycleArg,
+    },
+    List,
+    /// Moves a group through its lifecycle (phased-out: no new tasks on its agents).
+    Lifecycle {
+        id: String,
+        #[arg(value_enum)]
+        lifecycle: LifecycleArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LifecycleArg {
+    Inactive,
+    Active,
+    PhasedOut,
+    Removable,
+}
+
+impl LifecycleArg {
+    fn proto(self) -> titus_client::proto::InstanceGroupLifecycle {
+        use titus_client::proto::InstanceGroupLifecycle as L;
+        match self {
+            LifecycleArg::Inactive => L::IgInactive,
+            LifecycleArg::Active => L::IgActive,
+            LifecycleArg::PhasedOut => L::IgPhasedOut,
+            LifecycleArg::Removable => L::IgRemovable,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -205,6 +247,8 @@ enum CapacityGroupCmd {
 enum ClusterCmd {
     /// Members, roles, leader, term and log positions.
     Status,
+    /// The members and their roles only.
+    Members,
     /// Adds a replica: learner first, voter once caught up.
     Add {
         node_id: u64,
@@ -358,6 +402,58 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("kill requested for task {id}");
             }
         },
+        Command::Agent(AgentCmd::Get { id }) => {
+            let a = client.get_agent(&id).await?;
+            let r = a.resources.clone().unwrap_or_default();
+            let u = a.allocated.clone().unwrap_or_default();
+            let v = serde_json::json!({
+                "id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "unhealthyReason": a.unhealthy_reason,
+                "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks,
+                "resources": {"cpu": r.cpu, "memoryMB": r.memory_mb, "diskMB": r.disk_mb, "networkMbps": r.network_mbps, "gpu": r.gpu},
+                "allocated": {"cpu": u.cpu, "memoryMB": u.memory_mb, "diskMB": u.disk_mb, "networkMbps": u.network_mbps, "gpu": u.gpu},
+                "attributes": a.attributes,
+            });
+            emit(if out == Output::Table { Output::Yaml } else { out }, &v);
+        }
+        Command::InstanceGroup(cmd) => {
+            let groups = match cmd {
+                InstanceGroupCmd::Create { id, tier, lifecycle } => {
+                    let tier = match tier {
+                        TierArg::Critical => Tier::Critical,
+                        TierArg::Flex => Tier::Flex,
+                    };
+                    vec![client.create_instance_group(&id, tier, lifecycle.proto()).await?]
+                }
+                InstanceGroupCmd::List => client.list_instance_groups().await?,
+                InstanceGroupCmd::Lifecycle { id, lifecycle } => {
+                    client.update_instance_group_lifecycle(&id, lifecycle.proto()).await?;
+                    println!("instance group {id} is now {}", lifecycle.proto().as_str_name());
+                    return Ok(());
+                }
+            };
+            let v: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    let lifecycle = titus_client::proto::InstanceGroupLifecycle::try_from(g.lifecycle)
+                        .map(|l| l.as_str_name())
+                        .unwrap_or("?");
+                    serde_json::json!({"id": g.id, "tier": tier_name(g.tier), "lifecycle": lifecycle})
+                })
+                .collect();
+            if out == Output::Table {
+                println!("{:<24} {:<9} {:<14}", "ID", "TIER", "LIFECYCLE");
+                for g in &v {
+                    println!(
+                        "{:<24} {:<9} {:<14}",
+                        g["id"].as_str().unwrap_or(""),
+                        g["tier"].as_str().unwrap_or(""),
+                        g["lifecycle"].as_str().unwrap_or("")
+                    );
+                }
+            } else {
+                emit(out, &serde_json::json!(v));
+            }
+        }
         Command::Agent(AgentCmd::List) => {
             let agents = client.find_agents().await?;
             if out != Output::Table {
@@ -381,6 +477,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Cluster(cmd) => match cmd {
             ClusterCmd::Status => print_status(out, &client.cluster_status().await?),
+            ClusterCmd::Members => {
+                let s = client.cluster_status().await?;
+                if out == Output::Table {
+                    println!("{:<8} {:<10} {:<22} {:<22}", "ID", "ROLE", "PEER", "API");
+                    for m in &s.members {
+                        println!("{:<8} {:<10} {:<22} {:<22}", m.node_id, role_name(m.role), m.peer_addr, m.api_addr);
+                    }
+                } else {
+                    let v: Vec<_> = s
+                        .members
+                        .iter()
+                        .map(|m| serde_json::json!({"nodeId": m.node_id, "role": role_name(m.role), "peerAddr": m.peer_addr, "apiAddr": m.api_addr}))
+                        .collect();
+                    emit(out, &serde_json::json!(v));
+                }
+            }
             ClusterCmd::Add { node_id, peer_addr, api_addr } => {
                 print_status(out, &client.add_member(node_id, &peer_addr, &api_addr).await?)
             }
