@@ -30,7 +30,10 @@ pub fn container_name(task_id: &str) -> String {
 
 #[derive(Clone)]
 pub struct DockerRuntime {
-    docker: Docker,
+    /// Connected lazily and again after failures, so the agent runs (reporting itself unhealthy)
+    /// while the daemon is away.
+    docker: std::sync::Arc<tokio::sync::Mutex<Option<Docker>>>,
+    socket: Option<String>,
     agent_id: String,
     network: Option<String>,
 }
@@ -63,28 +66,60 @@ fn is_not_found(e: &DockerError) -> bool {
 }
 
 impl DockerRuntime {
-    /// Connects and negotiates the API version (Debian's daemon speaks an older API than bollard's
-    /// default).
+    /// A runtime for the local daemon; connects on first use (see [`DockerRuntime::client`]).
     pub async fn connect(config: &AgentConfig) -> Result<DockerRuntime> {
-        let docker = match &config.docker_socket {
+        let runtime = DockerRuntime {
+            docker: Default::default(),
+            socket: config.docker_socket.clone(),
+            agent_id: config.agent_id.clone(),
+            network: config.network.clone(),
+        };
+        if let Err(e) = runtime.client().await {
+            tracing::warn!(error = %e, "docker daemon unreachable; reporting unhealthy until it answers");
+        }
+        Ok(runtime)
+    }
+
+    /// The connected client, connecting (and negotiating the API version — Debian's daemon speaks
+    /// an older API than bollard's default) when there is none yet.
+    async fn client(&self) -> Result<Docker> {
+        let mut slot = self.docker.lock().await;
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let docker = match &self.socket {
             Some(path) => Docker::connect_with_socket(path, 120, bollard::API_DEFAULT_VERSION),
             None => Docker::connect_with_local_defaults(),
         }
         .map_err(|e| Error::Docker(format!("cannot connect: {e}")))?;
         let docker = docker.negotiate_version().await.map_err(|e| Error::Docker(format!("unreachable: {e}")))?;
-        Ok(DockerRuntime { docker, agent_id: config.agent_id.clone(), network: config.network.clone() })
+        *slot = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// Drops the client after a connection failure, so the next call reconnects.
+    async fn forget_client(&self) {
+        *self.docker.lock().await = None;
     }
 
     /// Whether the daemon answers; the reason when it does not.
     pub async fn health(&self) -> std::result::Result<(), String> {
-        self.docker.ping().await.map(|_| ()).map_err(|e| format!("docker daemon unreachable: {e}"))
+        let docker = self.client().await.map_err(|e| format!("docker daemon unreachable: {e}"))?;
+        match docker.ping().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.forget_client().await;
+                Err(format!("docker daemon unreachable: {e}"))
+            }
+        }
     }
 
     /// Every container of this agent, as task states.
     pub async fn tasks(&self) -> Result<Vec<Observed>> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);
         let list = self
-            .docker
+            .client()
+            .await?
             .list_containers(Some(ListContainersOptions::<String> { all: true, filters, ..Default::default() }))
             .await
             .map_err(|e| Error::Docker(e.to_string()))?;
@@ -100,7 +135,8 @@ impl DockerRuntime {
 
     /// The task's container as a task state; `killed` says the agent stopped it on request.
     pub async fn observe(&self, task_id: &str, killed: bool) -> Result<Option<Observed>> {
-        let c = match self.docker.inspect_container(&container_name(task_id), None::<InspectContainerOptions>).await {
+        let docker = self.client().await?;
+        let c = match docker.inspect_container(&container_name(task_id), None::<InspectContainerOptions>).await {
             Ok(c) => c,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(Error::Docker(e.to_string())),
@@ -174,7 +210,11 @@ impl DockerRuntime {
         } else {
             format!("{}:{}", image.name, image.tag)
         };
-        match self.docker.inspect_image(&image_ref).await {
+        let docker = match self.client().await {
+            Ok(d) => d,
+            Err(e) => return vec![fail("localSystemError", e.to_string())],
+        };
+        match docker.inspect_image(&image_ref).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {
                 return vec![fail(
@@ -208,8 +248,7 @@ impl DockerRuntime {
             ..Default::default()
         };
         let name = container_name(task_id);
-        let created = match self
-            .docker
+        let created = match docker
             .create_container(Some(CreateContainerOptions { name: name.clone(), platform: None }), config)
             .await
         {
@@ -229,7 +268,7 @@ impl DockerRuntime {
             reason_message: "container created".into(),
             context: HashMap::new(),
         }];
-        if let Err(e) = self.docker.start_container::<String>(&name, None).await {
+        if let Err(e) = docker.start_container::<String>(&name, None).await {
             states.push(fail("failed", format!("starting the container: {e}")));
             return states;
         }
@@ -244,7 +283,12 @@ impl DockerRuntime {
 
     /// SIGTERM, then SIGKILL after `grace_secs`.
     pub async fn stop(&self, task_id: &str, grace_secs: i64) -> Result<bool> {
-        match self.docker.stop_container(&container_name(task_id), Some(StopContainerOptions { t: grace_secs })).await {
+        match self
+            .client()
+            .await?
+            .stop_container(&container_name(task_id), Some(StopContainerOptions { t: grace_secs }))
+            .await
+        {
             Ok(()) => Ok(true),
             Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(true), // already stopped
             Err(e) if is_not_found(&e) => Ok(false),
@@ -254,7 +298,7 @@ impl DockerRuntime {
 
     pub async fn remove(&self, task_id: &str) -> Result<()> {
         let opts = RemoveContainerOptions { force: true, ..Default::default() };
-        match self.docker.remove_container(&container_name(task_id), Some(opts)).await {
+        match self.client().await?.remove_container(&container_name(task_id), Some(opts)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(Error::Docker(e.to_string())),
@@ -262,18 +306,19 @@ impl DockerRuntime {
     }
 
     /// Container deaths (and OOM kills) of this agent's containers, by task id.
-    pub fn deaths(&self) -> impl Stream<Item = std::result::Result<String, String>> + Send + 'static {
+    pub async fn deaths(&self) -> Result<impl Stream<Item = std::result::Result<String, String>> + Send + 'static> {
         use futures::StreamExt;
+        let docker = self.client().await?;
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
             ("event".to_string(), vec!["die".to_string()]),
             ("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)]),
         ]);
-        self.docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).filter_map(|e| async move {
+        Ok(docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).filter_map(|e| async move {
             match e {
                 Ok(ev) => ev.actor.and_then(|a| a.attributes).and_then(|attrs| attrs.get(LABEL_TASK).cloned()).map(Ok),
                 Err(e) => Some(Err(e.to_string())),
             }
-        })
+        }))
     }
 }

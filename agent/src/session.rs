@@ -101,11 +101,11 @@ impl Agent {
     }
 
     async fn register_message(&self) -> pb::AgentMessage {
-        let tasks = match self.docker.tasks().await {
-            Ok(t) => t.iter().map(Observed::to_proto).collect(),
+        let (tasks, inventory_incomplete) = match self.docker.tasks().await {
+            Ok(t) => (t.iter().map(Observed::to_proto).collect(), false),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list containers for registration");
-                Vec::new()
+                (Vec::new(), true)
             }
         };
         let c = &self.config;
@@ -122,6 +122,7 @@ impl Agent {
                 }),
                 attributes: c.attributes.clone().into_iter().collect(),
                 tasks,
+                inventory_incomplete,
             })),
         }
     }
@@ -130,7 +131,15 @@ impl Agent {
 /// Watches container deaths for the agent's lifetime, re-subscribing after daemon hiccups.
 async fn watch_deaths(agent: Arc<Agent>) {
     loop {
-        let mut deaths = Box::pin(agent.docker.deaths());
+        let deaths = match agent.docker.deaths().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot watch container deaths yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut deaths = Box::pin(deaths);
         while let Some(event) = deaths.next().await {
             match event {
                 Ok(task_id) => agent.on_death(&task_id).await,

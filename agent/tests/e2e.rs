@@ -266,3 +266,24 @@ async fn t240_an_agent_gone_past_its_ttl_loses_its_tasks_and_its_stale_container
     wait_until(SETTLE, "stale containers removed", || async { containers_of(&a).is_empty().then_some(()) }).await;
     assert_eq!(tasks_in(&client, &id, "Started").await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t250_an_agent_without_docker_is_unhealthy_and_gets_no_tasks() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let a = c.start_agent_with("a250", 4.0, 4096, &["--docker-socket", "/nonexistent/docker.sock"]);
+    let on_leader = c.client_of(leader);
+    let agent = wait_until(SETTLE, "the agent registered", || async {
+        on_leader.find_agents().await.ok()?.into_iter().find(|x| x.id == a && x.connected)
+    })
+    .await;
+    assert!(!agent.healthy, "{agent:?}");
+    assert!(agent.unhealthy_reason.contains("docker"), "{agent:?}");
+
+    let client = c.client();
+    let id = client.create_job(job("nowhere", container(&["sleep", "60"], 0.5, 64), service(1, 1))).await.unwrap();
+    wait_tasks(&client, &id, "Accepted", 1, SETTLE).await;
+    // Absence needs time to show: five placement rounds (200 ms apart) pass without placing it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(tasks_in(&client, &id, "Accepted").await.len(), 1, "an unhealthy agent must get no tasks");
+}

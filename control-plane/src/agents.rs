@@ -133,7 +133,7 @@ impl AgentHub {
     }
 
     /// Reconciles what a (re)registering agent reports with replicated state.
-    async fn reconcile(&self, agent_id: &str, reported: Vec<pb::AgentTask>) {
+    async fn reconcile(&self, agent_id: &str, reported: Vec<pb::AgentTask>, complete: bool) {
         let state = &self.replica.state;
         let mut seen = HashSet::new();
         for rt in reported {
@@ -163,7 +163,7 @@ impl AgentHub {
                 if let Some(m) = self.assignment(&t) {
                     self.send(agent_id, m);
                 }
-            } else {
+            } else if complete {
                 // It had a container, which the agent no longer has.
                 let status = TaskStatus {
                     state: TaskState::Finished,
@@ -304,8 +304,8 @@ impl AgentService for AgentApi {
             },
             attributes: reg.attributes.clone().into_iter().collect(),
             state: AgentState::Online,
-            healthy: true,
-            unhealthy_reason: String::new(),
+            healthy: !reg.inventory_incomplete,
+            unhealthy_reason: if reg.inventory_incomplete { "docker daemon unreachable".into() } else { String::new() },
             registered_ms: now_ms(),
         };
         replica.propose(Command::RegisterAgent { agent }, None).await?;
@@ -321,8 +321,8 @@ impl AgentService for AgentApi {
         tracing::info!(agent_id = %reg.agent_id, tasks = reg.tasks.len(), "agent registered");
         let hub = hub.clone();
         tokio::spawn(async move {
-            hub.reconcile(&reg.agent_id, reg.tasks).await;
-            hub.read_agent(reg.agent_id, conn_id, inbound, true).await;
+            hub.reconcile(&reg.agent_id, reg.tasks, !reg.inventory_incomplete).await;
+            hub.read_agent(reg.agent_id, conn_id, inbound, !reg.inventory_incomplete).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

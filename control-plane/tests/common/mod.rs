@@ -240,9 +240,14 @@ impl Cluster {
     /// Starts an agent with `cpu` and `memory_mb` to offer, seeded with every replica. Its id is
     /// unique to this test process, so concurrent tests never share containers.
     pub fn start_agent(&mut self, name: &str, cpu: f64, memory_mb: u32) -> String {
+        self.start_agent_with(name, cpu, memory_mb, &[])
+    }
+
+    /// Like `start_agent`, with extra flags.
+    pub fn start_agent_with(&mut self, name: &str, cpu: f64, memory_mb: u32, extra: &[&str]) -> String {
         let id = format!("{name}-{}", std::process::id());
         let servers = self.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
-        let args = vec![
+        let args: Vec<String> = vec![
             "--agent-id".to_string(),
             id.clone(),
             "--servers".into(),
@@ -253,7 +258,10 @@ impl Cluster {
             memory_mb.to_string(),
             "--attribute".into(),
             "zone=us-east-1a".into(),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
         let log = self.dir.path().join(format!("agent-{id}.log"));
         let mut a = AgentProc { id: id.clone(), args, log, process: None };
         spawn_agent(&mut a);
