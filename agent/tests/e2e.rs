@@ -129,6 +129,21 @@ async fn t200_failed_batch_tasks_are_retried_and_a_kill_finishes_within_grace() 
     let s = failed[0].status.clone().unwrap();
     assert_eq!(s.reason_code, "failed");
     assert!(s.reason_message.contains("titus/absent:latest is not present"), "{}", s.reason_message);
+
+    // A task that outgrows its memory limit is OOM killed, and says so.
+    let hog = container(&["sh", "-c", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"], 0.5, 16);
+    let id = client
+        .create_job(job(
+            "hog",
+            hog,
+            pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() }),
+        ))
+        .await
+        .unwrap();
+    let oom = wait_tasks(&client, &id, "Finished", 1, SETTLE).await;
+    let s = oom[0].status.clone().unwrap();
+    assert_eq!(s.reason_code, "failed");
+    assert!(s.reason_message.contains("OOM killed"), "{}", s.reason_message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
