@@ -131,7 +131,8 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
     let cfg = config.lifecycle();
     let period = Duration::from_millis(config.lifecycle_interval_ms);
     let retention_ms = config.archive_retention_hours as i64 * 3600 * 1000;
-    let mut rounds: u64 = 0;
+    // Retention runs about once a minute, however often rounds run (they follow every change).
+    let mut next_purge = std::time::Instant::now();
     let (_, mut changes) = replica.state.changes.subscribe(None);
     loop {
         let now = crate::api::now_ms();
@@ -143,15 +144,14 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
                 Vec::new()
             }
         };
-        // Retention, about once a minute.
-        if rounds % (60_000 / config.lifecycle_interval_ms.max(1)).max(1) == 0 {
+        if std::time::Instant::now() >= next_purge {
+            next_purge = std::time::Instant::now() + Duration::from_secs(60);
             let jobs = replica.state.archived_jobs_finished_before(now - retention_ms, 1000).unwrap_or_default();
             let tokens = replica.state.expired_tokens(now, 1000).unwrap_or_default();
             if !jobs.is_empty() || !tokens.is_empty() {
                 commands.push(Command::PurgeArchive { job_ids: jobs, tokens });
             }
         }
-        rounds += 1;
         for command in commands {
             if *stop.borrow() {
                 return;
