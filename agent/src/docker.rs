@@ -24,6 +24,13 @@ pub const LABEL_TASK: &str = "titus.task.id";
 pub const LABEL_JOB: &str = "titus.job.id";
 pub const LABEL_AGENT: &str = "titus.agent.id";
 
+/// What the daemon said happened to a task's container.
+pub enum Death {
+    /// The kernel OOM-killed a process in it (Docker's "oom" event; "die" follows).
+    OutOfMemory(String),
+    Exited(String),
+}
+
 pub fn container_name(task_id: &str) -> String {
     format!("titus-{task_id}")
 }
@@ -135,6 +142,12 @@ impl DockerRuntime {
 
     /// The task's container as a task state; `killed` says the agent stopped it on request.
     pub async fn observe(&self, task_id: &str, killed: bool) -> Result<Option<Observed>> {
+        self.observe_with(task_id, killed, false).await
+    }
+
+    /// Like `observe`; `oom_seen` says the daemon reported an OOM kill for it (Docker's
+    /// `OOMKilled` flag alone can miss one).
+    pub async fn observe_with(&self, task_id: &str, killed: bool, oom_seen: bool) -> Result<Option<Observed>> {
         let docker = self.client().await?;
         let c = match docker.inspect_container(&container_name(task_id), None::<InspectContainerOptions>).await {
             Ok(c) => c,
@@ -160,7 +173,7 @@ impl DockerRuntime {
                 context.insert("exitCode".to_string(), code.to_string());
                 if killed {
                     (pb::TaskState::TaskFinished, "killed".to_string(), format!("killed on request (exit code {code})"))
-                } else if st.oom_killed.unwrap_or(false) {
+                } else if st.oom_killed.unwrap_or(false) || oom_seen {
                     (
                         pb::TaskState::TaskFinished,
                         "failed".to_string(),
@@ -274,6 +287,8 @@ impl DockerRuntime {
         }
         step("started");
         match self.observe(task_id, false).await {
+            // Already exited: its "die" event (which knows about OOM kills) reports how.
+            Ok(Some(o)) if o.state == pb::TaskState::TaskFinished => {}
             Ok(Some(o)) => states.push(o),
             Ok(None) => states.push(fail("lost", "the container vanished right after starting".into())),
             Err(e) => states.push(fail("localSystemError", e.to_string())),
@@ -305,18 +320,22 @@ impl DockerRuntime {
         }
     }
 
-    /// Container deaths (and OOM kills) of this agent's containers, by task id.
-    pub async fn deaths(&self) -> Result<impl Stream<Item = std::result::Result<String, String>> + Send + 'static> {
+    /// Container deaths and OOM kills of this agent's containers, by task id.
+    pub async fn deaths(&self) -> Result<impl Stream<Item = std::result::Result<Death, String>> + Send + 'static> {
         use futures::StreamExt;
         let docker = self.client().await?;
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
-            ("event".to_string(), vec!["die".to_string()]),
+            ("event".to_string(), vec!["die".to_string(), "oom".to_string()]),
             ("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)]),
         ]);
         Ok(docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).filter_map(|e| async move {
             match e {
-                Ok(ev) => ev.actor.and_then(|a| a.attributes).and_then(|attrs| attrs.get(LABEL_TASK).cloned()).map(Ok),
+                Ok(ev) => {
+                    let oom = ev.action.as_deref() == Some("oom");
+                    let task = ev.actor.and_then(|a| a.attributes).and_then(|attrs| attrs.get(LABEL_TASK).cloned())?;
+                    Some(Ok(if oom { Death::OutOfMemory(task) } else { Death::Exited(task) }))
+                }
                 Err(e) => Some(Err(e.to_string())),
             }
         }))

@@ -19,7 +19,7 @@ use tonic::transport::Endpoint;
 use titus_proto as pb;
 use titus_proto::agent_service_client::AgentServiceClient;
 
-use crate::docker::{DockerRuntime, Observed};
+use crate::docker::{Death, DockerRuntime, Observed};
 use crate::{AgentConfig, Result};
 
 /// Metadata key in which a replica names the leader's api address.
@@ -30,6 +30,8 @@ struct Agent {
     docker: DockerRuntime,
     /// Tasks the agent is stopping on request, so their death is reported as killed.
     killing: Mutex<HashSet<String>>,
+    /// Tasks the daemon reported OOM kills for.
+    oom_killed: Mutex<HashSet<String>>,
     /// Status reports for the current stream (or the next one).
     reports: mpsc::UnboundedSender<pb::AgentTask>,
 }
@@ -44,7 +46,8 @@ impl Agent {
     }
 
     async fn on_death(&self, task_id: &str) {
-        match self.docker.observe(task_id, self.is_killing(task_id)).await {
+        let oom = self.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id);
+        match self.docker.observe_with(task_id, self.is_killing(task_id), oom).await {
             Ok(Some(o)) => self.report(&o),
             Ok(None) => {}
             Err(e) => tracing::warn!(task_id, error = %e, "cannot inspect a dead container"),
@@ -94,6 +97,7 @@ impl Agent {
                         tracing::warn!(task_id = %f.task_id, error = %e, "cannot remove container");
                     } else {
                         agent.killing.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
+                        agent.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
                     }
                 });
             }
@@ -142,7 +146,10 @@ async fn watch_deaths(agent: Arc<Agent>) {
         let mut deaths = Box::pin(deaths);
         while let Some(event) = deaths.next().await {
             match event {
-                Ok(task_id) => agent.on_death(&task_id).await,
+                Ok(Death::OutOfMemory(task_id)) => {
+                    agent.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).insert(task_id);
+                }
+                Ok(Death::Exited(task_id)) => agent.on_death(&task_id).await,
                 Err(e) => {
                     tracing::warn!(error = %e, "docker event stream broke");
                     break;
@@ -163,7 +170,13 @@ async fn watch_deaths(agent: Arc<Agent>) {
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let docker = DockerRuntime::connect(&config).await?;
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
-    let agent = Arc::new(Agent { config, docker, killing: Mutex::default(), reports: reports_tx });
+    let agent = Arc::new(Agent {
+        config,
+        docker,
+        killing: Mutex::default(),
+        oom_killed: Mutex::default(),
+        reports: reports_tx,
+    });
     let watcher = tokio::spawn(watch_deaths(agent.clone()));
     tokio::pin!(shutdown);
 

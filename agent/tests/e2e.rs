@@ -12,7 +12,7 @@ use common::{containers_of, ensure_test_image, wait_until, Cluster};
 use titus_client::proto as pb;
 use titus_client::Client;
 
-const ELECTION: Duration = Duration::from_secs(20);
+const ELECTION: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(40);
 
 fn container(command: &[&str], cpu: f64, memory_mb: u32) -> pb::Container {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{wait_until, Cluster};
 
-const ELECTION: Duration = Duration::from_secs(20);
+const ELECTION: Duration = Duration::from_secs(30);
 
 struct Cli {
     servers: String,

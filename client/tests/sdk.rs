@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::Cluster;
 use titus_client::proto as pb;
 
-const ELECTION: Duration = Duration::from_secs(20);
+const ELECTION: Duration = Duration::from_secs(30);
 
 fn job(app: &str) -> pb::JobDescriptor {
     pb::JobDescriptor {

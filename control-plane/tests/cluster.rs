@@ -12,7 +12,7 @@ use titus_client::proto::capacity_group_service_client::CapacityGroupServiceClie
 use titus_client::proto::CreateCapacityGroupRequest;
 use titus_client::{ClientOptions, Error, MemberRole, ReadConsistency};
 
-const ELECTION: Duration = Duration::from_secs(20);
+const ELECTION: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_three_replicas_bootstrap_once_and_survive_a_full_restart() {

@@ -11,7 +11,7 @@ use common::{wait_until, Cluster};
 use titus_client::proto::{self as pb, job_change_notification::Notification};
 use titus_client::{CapacityGroupSpec, Client, ClientOptions, Error, Tier};
 
-const ELECTION: Duration = Duration::from_secs(20);
+const ELECTION: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(20);
 
 fn descriptor(app: &str, job_type: pb::job_descriptor::JobType) -> pb::JobDescriptor {

@@ -64,6 +64,16 @@ fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
 }
 
 impl AgentManagementApi {
+    /// Agents attach to the leader only, so only the leader knows which are connected: agent reads
+    /// are answered there (a follower sends the caller on with the leader hint).
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.replica.raft.metrics().borrow().state == openraft::ServerState::Leader {
+            Ok(())
+        } else {
+            Err(self.replica.not_leader().into())
+        }
+    }
+
     fn agent_to_proto(&self, a: Agent) -> Result<pb::AgentInstance, Error> {
         let mut allocated = ResourceDimension::default();
         let mut live = 0;
@@ -214,6 +224,7 @@ impl AgentManagementService for AgentManagementApi {
     }
 
     async fn find_agents(&self, request: Request<pb::Empty>) -> Result<Response<pb::AgentList>, Status> {
+        self.require_leader()?;
         self.replica.read_barrier(client_deadline(&request)).await?;
         let agents =
             self.replica.state.agents()?.into_iter().map(|a| self.agent_to_proto(a)).collect::<Result<_, _>>()?;
@@ -221,6 +232,7 @@ impl AgentManagementService for AgentManagementApi {
     }
 
     async fn get_agent(&self, request: Request<pb::AgentId>) -> Result<Response<pb::AgentInstance>, Status> {
+        self.require_leader()?;
         self.replica.read_barrier(client_deadline(&request)).await?;
         let id = &request.get_ref().id;
         match self.replica.state.agent(id)? {
