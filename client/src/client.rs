@@ -370,8 +370,7 @@ impl Client {
         page_size: u32,
         cursor: &str,
     ) -> Result<pb::JobQueryResult> {
-        let filtering_criteria: std::collections::HashMap<String, String> =
-            criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let filtering_criteria: std::collections::HashMap<String, String> = string_map(criteria);
         self.call("FindJobs", |ch, t| {
             let req = pb::JobQuery { filtering_criteria: filtering_criteria.clone(), page: Some(pb::Page { page_size, cursor: cursor.to_string() }) };
             async move { JobManagementServiceClient::new(ch).find_jobs(with_timeout(req, t)).await.map(|r| r.into_inner()) }
@@ -394,8 +393,7 @@ impl Client {
         page_size: u32,
         cursor: &str,
     ) -> Result<pb::TaskQueryResult> {
-        let filtering_criteria: std::collections::HashMap<String, String> =
-            criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let filtering_criteria: std::collections::HashMap<String, String> = string_map(criteria);
         self.call("FindTasks", |ch, t| {
             let req = pb::TaskQuery { filtering_criteria: filtering_criteria.clone(), page: Some(pb::Page { page_size, cursor: cursor.to_string() }) };
             async move { JobManagementServiceClient::new(ch).find_tasks(with_timeout(req, t)).await.map(|r| r.into_inner()) }
@@ -458,8 +456,7 @@ impl Client {
     }
 
     pub async fn update_job_attributes(&self, job_id: &str, attributes: &[(&str, &str)]) -> Result<()> {
-        let attributes: std::collections::HashMap<String, String> =
-            attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let attributes: std::collections::HashMap<String, String> = string_map(attributes);
         self.call("UpdateJobAttributes", |ch, t| {
             let req = pb::JobAttributesUpdate { job_id: job_id.to_string(), attributes: attributes.clone() };
             async move { JobManagementServiceClient::new(ch).update_job_attributes(with_timeout(req, t)).await.map(|_| ()) }
@@ -483,8 +480,7 @@ impl Client {
         reason_code: &str,
         context: &[(&str, &str)],
     ) -> Result<()> {
-        let task_context: std::collections::HashMap<String, String> =
-            context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let task_context: std::collections::HashMap<String, String> = string_map(context);
         self.call("ReportTaskStatus", |ch, t| {
             let req = pb::TaskStatusReport {
                 task_id: task_id.to_string(),
@@ -573,7 +569,7 @@ impl Client {
     pub fn observe_jobs(&self, criteria: &[(&str, &str)]) -> JobObserver {
         JobObserver {
             client: self.clone(),
-            criteria: criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            criteria: string_map(criteria),
             job_id: None,
             last_revision: 0,
             snapshot_done: false,
@@ -666,6 +662,11 @@ impl JobObserver {
             tokio::time::sleep(self.client.options.initial_backoff).await;
         }
     }
+}
+
+/// `[("k", "v")]` as the wire's string map.
+fn string_map(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {

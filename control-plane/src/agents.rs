@@ -23,7 +23,7 @@ use crate::command::{Assignment, Command, CommandResponse};
 use crate::config::AgentsConfig;
 use crate::error::Error;
 use crate::events::Change;
-use crate::jobs::apply::agent_of;
+use crate::jobs::apply::{agent_of, allocation_by_agent};
 use crate::jobs::store::JobRead;
 use crate::model::agent::{Agent, AgentState, Lifecycle, DEFAULT_INSTANCE_GROUP};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
@@ -276,9 +276,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<Self::AttachStream>, Status> {
         let hub = &self.hub;
         let replica = &hub.replica;
-        if replica.raft.metrics().borrow().state != openraft::ServerState::Leader {
-            return Err(replica.not_leader().into());
-        }
+        replica.require_leader()?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -399,12 +397,8 @@ fn plan_placements(hub: &AgentHub) -> Option<Vec<Assignment>> {
             .filter(|j| j.status.state == crate::model::job::JobState::Accepted)
             .map(|j| j.descriptor.container.resources.as_dimension())
     };
-    let mut used: HashMap<String, ResourceDimension> = HashMap::new();
-    for t in tasks.iter().filter(|t| t.state().is_live()) {
-        if let (Some(agent), Some(r)) = (agent_of(t), resources(&t.job_id)) {
-            used.entry(agent.to_string()).or_default().add(&r);
-        }
-    }
+    let mut used: HashMap<String, ResourceDimension> =
+        allocation_by_agent(state).ok()?.into_iter().map(|(agent, a)| (agent, a.resources)).collect();
     let mut out = Vec::new();
     for t in tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()) {
         let Some(need) = resources(&t.job_id) else { continue };

@@ -160,6 +160,16 @@ impl Replica {
         (m.current_leader, addr)
     }
 
+    /// Ok on the leader; otherwise the error that sends the caller there (membership changes and
+    /// agent reads are the leader's alone).
+    pub fn require_leader(&self) -> Result<()> {
+        if self.raft.metrics().borrow().state == openraft::ServerState::Leader {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+
     /// An error that sends the caller to the leader (membership changes run on the leader only).
     pub fn not_leader(&self) -> Error {
         let (leader_id, leader_api_addr) = self.leader();

@@ -11,7 +11,7 @@ use super::convert::{tier_from_proto, tier_to_proto};
 use crate::agents::AgentHub;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
-use crate::jobs::apply::agent_of;
+use crate::jobs::apply::{allocation_by_agent, Allocation};
 use crate::jobs::store::JobRead;
 use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
 use crate::model::{validate_name, ResourceDimension};
@@ -64,29 +64,12 @@ fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
 }
 
 impl AgentManagementApi {
-    /// Agents attach to the leader only, so only the leader knows which are connected: agent reads
-    /// are answered there (a follower sends the caller on with the leader hint).
-    fn require_leader(&self) -> Result<(), Status> {
-        if self.replica.raft.metrics().borrow().state == openraft::ServerState::Leader {
-            Ok(())
-        } else {
-            Err(self.replica.not_leader().into())
-        }
-    }
-
-    fn agent_to_proto(&self, a: Agent) -> Result<pb::AgentInstance, Error> {
-        let mut allocated = ResourceDimension::default();
-        let mut live = 0;
-        for t in self.replica.state.all_tasks()? {
-            if agent_of(&t) == Some(a.id.as_str()) && t.state().is_live() {
-                if let Some(job) = self.replica.state.job(&t.job_id)? {
-                    allocated.add(&job.descriptor.container.resources.as_dimension());
-                }
-                live += 1;
-            }
-        }
+    /// `allocation` is the agent's entry of [`allocation_by_agent`], computed once per call.
+    fn agent_to_proto(&self, a: Agent, allocation: Option<&Allocation>) -> pb::AgentInstance {
+        let allocation = allocation.cloned().unwrap_or_default();
+        let (allocated, live) = (allocation.resources, allocation.live_tasks);
         let connected = self.hub.connected().contains(&a.id);
-        Ok(pb::AgentInstance {
+        pb::AgentInstance {
             connected,
             id: a.id,
             instance_group: a.instance_group,
@@ -101,7 +84,7 @@ impl AgentManagementApi {
             registered_ms: a.registered_ms,
             allocated: Some(resources_to_proto(&allocated)),
             live_tasks: live,
-        })
+        }
     }
 }
 
@@ -120,9 +103,11 @@ impl AgentManagementService for AgentManagementApi {
                 revision: 0,
             });
         }
+        let allocation = allocation_by_agent(&self.replica.state)?;
         for a in self.replica.state.agents()? {
+            let held = allocation.get(&a.id);
             first.push(pb::AgentChangeNotification {
-                notification: Some(Notification::AgentUpdate(self.agent_to_proto(a)?)),
+                notification: Some(Notification::AgentUpdate(self.agent_to_proto(a, held))),
                 revision: 0,
             });
         }
@@ -153,10 +138,11 @@ impl AgentManagementService for AgentManagementApi {
                 };
                 for change in &batch.changes {
                     let notification = match change {
-                        crate::events::Change::Agent(a) => match api.agent_to_proto(a.clone()) {
-                            Ok(a) => Notification::AgentUpdate(a),
-                            Err(_) => continue,
-                        },
+                        crate::events::Change::Agent(a) => {
+                            let allocation =
+                                allocation_by_agent(&api.replica.state).ok().and_then(|m| m.get(&a.id).cloned());
+                            Notification::AgentUpdate(api.agent_to_proto(a.clone(), allocation.as_ref()))
+                        }
                         crate::events::Change::InstanceGroup(g) => {
                             Notification::InstanceGroupUpdate(group_to_proto(g.clone()))
                         }
@@ -224,19 +210,23 @@ impl AgentManagementService for AgentManagementApi {
     }
 
     async fn find_agents(&self, request: Request<pb::Empty>) -> Result<Response<pb::AgentList>, Status> {
-        self.require_leader()?;
+        self.replica.require_leader()?;
         self.replica.read_barrier(client_deadline(&request)).await?;
-        let agents =
-            self.replica.state.agents()?.into_iter().map(|a| self.agent_to_proto(a)).collect::<Result<_, _>>()?;
+        let allocation = allocation_by_agent(&self.replica.state)?;
+        let agents = self.replica.state.agents()?.into_iter().map(|a| {
+            let held = allocation.get(&a.id);
+            self.agent_to_proto(a, held)
+        });
+        let agents = agents.collect();
         Ok(Response::new(pb::AgentList { agents }))
     }
 
     async fn get_agent(&self, request: Request<pb::AgentId>) -> Result<Response<pb::AgentInstance>, Status> {
-        self.require_leader()?;
+        self.replica.require_leader()?;
         self.replica.read_barrier(client_deadline(&request)).await?;
         let id = &request.get_ref().id;
         match self.replica.state.agent(id)? {
-            Some(a) => Ok(Response::new(self.agent_to_proto(a)?)),
+            Some(a) => Ok(Response::new(self.agent_to_proto(a, allocation_by_agent(&self.replica.state)?.get(id)))),
             None => Err(Error::Rejected(Rejection::new(
                 RejectionKind::NotFound,
                 "id",

@@ -70,14 +70,6 @@ impl ClusterApi {
         }
     }
 
-    fn require_leader(&self) -> Result<(), Status> {
-        if self.replica.raft.metrics().borrow().state == ServerState::Leader {
-            Ok(())
-        } else {
-            Err(self.replica.not_leader().into())
-        }
-    }
-
     async fn bounded<T, E: std::fmt::Display>(
         &self,
         what: &str,
@@ -112,7 +104,7 @@ impl ClusterService for ClusterApi {
                 return Err(Error::invalid(field, format!("{addr:?} is not host:port")).into());
             }
         }
-        self.require_leader()?;
+        self.replica.require_leader()?;
         let node = Node { peer_addr: req.peer_addr, api_addr: req.api_addr };
         tracing::info!(node_id = req.node_id, %node, "adding member: learner first, voter once caught up");
         // Blocks until the learner has caught up with the leader's log (or snapshot).
@@ -132,7 +124,7 @@ impl ClusterService for ClusterApi {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let timeout = client_deadline(&request).unwrap_or(MEMBERSHIP_TIMEOUT);
         let id = request.into_inner().node_id;
-        self.require_leader()?;
+        self.replica.require_leader()?;
         let membership = self.replica.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         if membership.get_node(&id).is_none() {

@@ -160,6 +160,33 @@ pub fn agent_of(task: &Task) -> Option<&str> {
     task.context.get(crate::model::task::context::AGENT).map(String::as_str)
 }
 
+/// What an agent's live tasks hold.
+#[derive(Debug, Default, Clone)]
+pub struct Allocation {
+    pub resources: ResourceDimension,
+    pub live_tasks: u32,
+}
+
+/// Per agent, the resources of its live tasks (their jobs' container resources) and their count:
+/// the one definition placement planning, placement applying and the agent API share.
+pub fn allocation_by_agent(read: &dyn JobRead) -> Result<BTreeMap<String, Allocation>> {
+    let mut jobs: BTreeMap<String, Option<ResourceDimension>> = BTreeMap::new();
+    let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
+    for t in read.all_tasks()? {
+        let Some(agent) = agent_of(&t).filter(|_| t.state().is_live()) else { continue };
+        if !jobs.contains_key(&t.job_id) {
+            let r = read.job(&t.job_id)?.map(|j| j.descriptor.container.resources.as_dimension());
+            jobs.insert(t.job_id.clone(), r);
+        }
+        let a = out.entry(agent.to_string()).or_default();
+        a.live_tasks += 1;
+        if let Some(r) = &jobs[&t.job_id] {
+            a.resources.add(r);
+        }
+    }
+    Ok(out)
+}
+
 fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
     let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
     agent.state = AgentState::Lost;
@@ -187,28 +214,15 @@ fn assign_tasks(
     assignments: Vec<crate::command::Assignment>,
     timestamp_ms: i64,
 ) -> Result<CommandResponse> {
-    let mut jobs: BTreeMap<String, Option<Job>> = BTreeMap::new();
-    let mut resources_of = |o: &Overlay, job_id: &str| -> Result<Option<Job>> {
-        if !jobs.contains_key(job_id) {
-            jobs.insert(job_id.to_string(), o.job(job_id)?);
-        }
-        Ok(jobs[job_id].clone())
-    };
-    let mut used: BTreeMap<String, ResourceDimension> = BTreeMap::new();
-    for t in o.all_tasks()? {
-        if let (Some(agent), true) = (agent_of(&t), t.state().is_live()) {
-            if let Some(job) = resources_of(o, &t.job_id)? {
-                used.entry(agent.to_string()).or_default().add(&job.descriptor.container.resources.as_dimension());
-            }
-        }
-    }
+    let mut used: BTreeMap<String, ResourceDimension> =
+        allocation_by_agent(o)?.into_iter().map(|(agent, a)| (agent, a.resources)).collect();
     let mut applied = Vec::new();
     for a in assignments {
         let Some(mut task) = o.task(&a.task_id)? else { continue };
         if task.state() != TaskState::Accepted || agent_of(&task).is_some() {
             continue;
         }
-        let Some(job) = resources_of(o, &task.job_id)? else { continue };
+        let Some(job) = o.job(&task.job_id)? else { continue };
         if job.status.state != JobState::Accepted {
             continue;
         }

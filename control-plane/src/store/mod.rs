@@ -136,23 +136,11 @@ impl StateReader {
     }
 
     pub fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
-        let cf = cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
-        match self.db.get_pinned_cf(cf, name.as_bytes()).map_err(|e| Error::Storage(e.to_string()))? {
-            Some(bytes) => {
-                Ok(Some(codec::decode(&bytes).map_err(|e| Error::Storage(format!("capacity group {name:?}: {e}")))?))
-            }
-            None => Ok(None),
-        }
+        self.get(cf::CAPACITY_GROUPS, name.as_bytes())
     }
 
     pub fn capacity_groups(&self) -> Result<Vec<CapacityGroup>> {
-        let cf = cf_handle(&self.db, cf::CAPACITY_GROUPS).map_err(|e| Error::Storage(e.to_string()))?;
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("capacity group: {e}")))?);
-        }
-        Ok(out)
+        self.all(cf::CAPACITY_GROUPS)
     }
 }
 
