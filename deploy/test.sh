@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit tests, openraft's storage suite on the RocksDB store, the
-# cluster tests (real replica processes on loopback), doc tests, and a short benchmark smoke run.
+# cluster tests (real replica processes on loopback), the AWS tests (the real SDK against moto), doc tests, and a short benchmark smoke run.
 # Installs what a fresh Debian machine lacks. Usage: bash deploy/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/lib/common.sh
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
+ensure_moto
 
 bash deploy/build-test-image.sh
 cargo build --workspace --all-targets

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use titus_proto as pb;
 use titus_proto::agent_management_service_client::AgentManagementServiceClient;
+use titus_proto::load_balancer_service_client::LoadBalancerServiceClient;
 use titus_proto::agent_task_service_client::AgentTaskServiceClient;
 use titus_proto::capacity_group_service_client::CapacityGroupServiceClient;
 use titus_proto::cluster_service_client::ClusterServiceClient;
@@ -526,8 +527,23 @@ impl Client {
                 id: id.to_string(),
                 tier: tier as i32,
                 lifecycle: lifecycle as i32,
-                attributes: Default::default(),
+                ..Default::default()
             };
+            async move {
+                AgentManagementServiceClient::new(ch)
+                    .create_instance_group(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Creates or replaces an instance group with everything it can carry: EC2 launch settings
+    /// and min/desired/max, for the capacity manager to scale.
+    pub async fn put_instance_group(&self, group: pb::InstanceGroup) -> Result<pb::InstanceGroup> {
+        self.call("CreateInstanceGroup", |ch, t| {
+            let req = group.clone();
             async move {
                 AgentManagementServiceClient::new(ch)
                     .create_instance_group(with_timeout(req, t))
@@ -560,6 +576,76 @@ impl Client {
             }
         })
         .await
+    }
+
+    /// Associates a service job with an ALB target group (its ARN; the group must exist and be of
+    /// target type `ip`). The leader then registers each Started task's IP in it, and on a kill
+    /// deregisters it and waits the drain delay before the container stops. Idempotent.
+    pub async fn add_load_balancer(&self, job_id: &str, target_group_arn: &str) -> Result<()> {
+        self.call("AddLoadBalancer", |ch, t| {
+            let req = pb::AddLoadBalancerRequest {
+                job_id: job_id.to_string(),
+                load_balancer_id: Some(pb::LoadBalancerId { id: target_group_arn.to_string(), ..Default::default() }),
+            };
+            async move {
+                LoadBalancerServiceClient::new(ch).add_load_balancer(with_timeout(req, t)).await.map(|_| ())
+            }
+        })
+        .await
+    }
+
+    /// Dissociates a target group from a job; its targets are deregistered. Idempotent.
+    pub async fn remove_load_balancer(&self, job_id: &str, target_group_arn: &str) -> Result<()> {
+        self.call("RemoveLoadBalancer", |ch, t| {
+            let req = pb::RemoveLoadBalancerRequest {
+                job_id: job_id.to_string(),
+                load_balancer_id: Some(pb::LoadBalancerId { id: target_group_arn.to_string(), ..Default::default() }),
+            };
+            async move {
+                LoadBalancerServiceClient::new(ch).remove_load_balancer(with_timeout(req, t)).await.map(|_| ())
+            }
+        })
+        .await
+    }
+
+    /// A job's target groups, each with its state and the targets registered for the job's tasks.
+    pub async fn job_load_balancers(&self, job_id: &str) -> Result<Vec<pb::LoadBalancerId>> {
+        self.call("GetJobLoadBalancers", |ch, t| {
+            let req = pb::JobId { id: job_id.to_string() };
+            async move {
+                LoadBalancerServiceClient::new(ch)
+                    .get_job_load_balancers(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner().load_balancers)
+            }
+        })
+        .await
+    }
+
+    /// Every job's target groups (all pages).
+    pub async fn all_load_balancers(&self) -> Result<Vec<pb::GetJobLoadBalancersResult>> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self
+                .call("GetAllLoadBalancers", |ch, t| {
+                    let req = pb::GetAllLoadBalancersRequest {
+                        page: Some(pb::Page { page_size: 1000, cursor: cursor.clone() }),
+                    };
+                    async move {
+                        LoadBalancerServiceClient::new(ch)
+                            .get_all_load_balancers(with_timeout(req, t))
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            out.extend(page.job_load_balancers);
+            match page.pagination {
+                Some(p) if p.has_more && !p.cursor.is_empty() => cursor = p.cursor,
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// Observes jobs matching `criteria`: a snapshot, a SnapshotEnd marker, then every change in

@@ -47,6 +47,8 @@ pub struct AgentHub {
     next_conn: AtomicU64,
     /// When this replica last became leader: every agent gets the TTL from then to reconnect.
     leader_since: Mutex<Option<Instant>>,
+    /// With load balancers on: the longest a kill waits for its targets to drain.
+    lb_max_drain_wait_ms: Option<i64>,
 }
 
 fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
@@ -54,7 +56,7 @@ fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
 }
 
 impl AgentHub {
-    pub fn new(replica: Arc<Replica>, config: AgentsConfig) -> Arc<Self> {
+    pub fn new(replica: Arc<Replica>, config: AgentsConfig, lb_max_drain_wait_ms: Option<i64>) -> Arc<Self> {
         Arc::new(AgentHub {
             replica,
             config,
@@ -62,6 +64,7 @@ impl AgentHub {
             last_seen: Mutex::default(),
             next_conn: AtomicU64::new(1),
             leader_since: Mutex::default(),
+            lb_max_drain_wait_ms,
         })
     }
 
@@ -110,6 +113,7 @@ impl AgentHub {
     fn instruction(&self, task: &Task) -> Option<pb::control_message::Message> {
         match task.state() {
             TaskState::Launched => self.assignment(task),
+            TaskState::KillInitiated if self.draining(task) => None,
             TaskState::KillInitiated => Some(pb::control_message::Message::Kill(pb::KillTaskCommand {
                 task_id: task.id.clone(),
                 grace_period_ms: self.config.kill_grace_period_ms,
@@ -118,6 +122,19 @@ impl AgentHub {
                 Some(pb::control_message::Message::Forget(pb::ForgetTask { task_id: task.id.clone() }))
             }
             _ => None,
+        }
+    }
+
+    /// Whether a killed task's container must keep running while its load balancer targets are
+    /// deregistered and drained (the kill is sent when their records change; see `loadbalancer`).
+    fn draining(&self, task: &Task) -> bool {
+        let Some(max_wait) = self.lb_max_drain_wait_ms else { return false };
+        match self.replica.state.lb_targets_of_task(&task.id) {
+            Ok(targets) => crate::loadbalancer::holds_kill(task, &targets, now_ms(), max_wait),
+            Err(e) => {
+                tracing::warn!(task_id = %task.id, error = %e, "cannot read load balancer targets; not holding the kill");
+                false
+            }
         }
     }
 
@@ -338,10 +355,23 @@ pub async fn dispatch(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
         match batch {
             Ok(batch) => {
                 for change in &batch.changes {
-                    if let Change::Task(t) = change {
-                        if let (Some(agent), Some(m)) = (agent_of(t), hub.instruction(t)) {
-                            hub.send(agent, m);
+                    match change {
+                        Change::Task(t) => {
+                            if let (Some(agent), Some(m)) = (agent_of(t), hub.instruction(t)) {
+                                hub.send(agent, m);
+                            }
                         }
+                        // A drained (or overdue) target may release a held kill.
+                        Change::LbTarget(target) => {
+                            if let Ok(Some(t)) = hub.replica.state.task(&target.task_id) {
+                                if t.state() == TaskState::KillInitiated {
+                                    if let (Some(agent), Some(m)) = (agent_of(&t), hub.instruction(&t)) {
+                                        hub.send(agent, m);
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::model::agent::{Agent, InstanceGroup, Lifecycle};
+use crate::model::agent::{Agent, InstanceGroup, LaunchIntent, Lifecycle};
 use crate::model::job::{Job, ServiceJobProcesses};
+use crate::model::load_balancer::{AssociationState, LbTarget};
 use crate::model::task::{Task, TaskStatus};
 use crate::model::CapacityGroup;
 
@@ -110,6 +111,16 @@ pub enum Command {
         id: String,
         lifecycle: Lifecycle,
     },
+    /// The capacity manager's new target size; rejected outside [min, max].
+    SetInstanceGroupDesired {
+        id: String,
+        desired: u32,
+    },
+    /// Writes a launch ahead of its RunInstances call (Some), or clears it once done (None).
+    SetLaunchIntent {
+        id: String,
+        intent: Option<LaunchIntent>,
+    },
     /// An agent (re)registered with its resources and attributes; it is Online again.
     RegisterAgent {
         agent: Agent,
@@ -129,6 +140,36 @@ pub enum Command {
     AssignTasks {
         assignments: Vec<Assignment>,
         timestamp_ms: i64,
+    },
+
+    // ----- load balancers -----
+    /// Associates a service job with a target group (checked to exist and be of type `ip` before
+    /// proposing). Re-adding an association is a no-op, or revives it when it was orphaned.
+    AddLoadBalancer {
+        job_id: String,
+        target_group: String,
+        timestamp_ms: i64,
+    },
+    RemoveLoadBalancer {
+        job_id: String,
+        target_group: String,
+    },
+    SetLoadBalancerState {
+        job_id: String,
+        target_group: String,
+        state: AssociationState,
+        message: String,
+        timestamp_ms: i64,
+    },
+    /// Writes target records (ahead of, or after, an AWS call). Each moves only forward
+    /// (Registering → Registered → Deregistering → Deregistered); one that would move back is
+    /// skipped. Answers the keys written.
+    PutLbTargets {
+        targets: Vec<LbTarget>,
+    },
+    /// Forgets target records (drained, or of a deleted target group).
+    ForgetLbTargets {
+        targets: Vec<LbTarget>,
     },
 }
 
@@ -160,10 +201,17 @@ impl Command {
             Command::PurgeArchive { .. } => "purge_archive",
             Command::UpsertInstanceGroup { .. } => "upsert_instance_group",
             Command::SetInstanceGroupLifecycle { .. } => "set_instance_group_lifecycle",
+            Command::SetInstanceGroupDesired { .. } => "set_instance_group_desired",
+            Command::SetLaunchIntent { .. } => "set_launch_intent",
             Command::RegisterAgent { .. } => "register_agent",
             Command::SetAgentHealth { .. } => "set_agent_health",
             Command::AgentLost { .. } => "agent_lost",
             Command::AssignTasks { .. } => "assign_tasks",
+            Command::AddLoadBalancer { .. } => "add_load_balancer",
+            Command::RemoveLoadBalancer { .. } => "remove_load_balancer",
+            Command::SetLoadBalancerState { .. } => "set_load_balancer_state",
+            Command::PutLbTargets { .. } => "put_lb_targets",
+            Command::ForgetLbTargets { .. } => "forget_lb_targets",
         }
     }
 }
@@ -179,6 +227,8 @@ pub enum CommandResponse {
     /// Of the placements proposed, the task ids that were applied.
     Assigned(Vec<String>),
     InstanceGroup(InstanceGroup),
+    /// Keys of the records written.
+    Keys(Vec<String>),
     /// Not applied: the state did not allow it.
     Rejected(Rejection),
 }

@@ -38,6 +38,134 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub agents: AgentsConfig,
+    /// ALB target registration and EC2 capacity. Absent: both are off and everything else works.
+    #[serde(default)]
+    pub aws: Option<AwsConfig>,
+}
+
+/// How this replica reaches AWS (credentials come from the standard chain: environment, profile,
+/// instance role) and the load balancer duty's timing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AwsConfig {
+    pub region: String,
+    /// An AWS-compatible endpoint (a moto server, a proxy) instead of AWS's own; empty for AWS.
+    pub endpoint_url: String,
+    /// Attempts per AWS call (the SDK's standard retry: back-off with jitter on throttling and 5xx).
+    pub max_attempts: u32,
+    /// Upper bound on AWS calls per second from the leader, all APIs together.
+    pub calls_per_second: f64,
+    pub attempt_timeout_ms: u64,
+    /// After a target is deregistered, how long its task's container keeps running (the target
+    /// group's deregistration delay, so in-flight requests finish).
+    pub drain_delay_ms: u64,
+    /// A kill waits at most this long for deregistration and drain; then the container stops anyway.
+    pub max_drain_wait_ms: u64,
+    /// How often the registered targets are compared with DescribeTargetHealth and repaired.
+    pub reconcile_interval_ms: u64,
+    /// EC2 capacity of instance groups that have launch settings.
+    pub capacity: CapacityTuning,
+}
+
+/// The capacity manager's timing and Titus's per-tier idle agent bounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CapacityTuning {
+    /// How often instance groups are compared with EC2 and scaled.
+    pub interval_ms: u64,
+    /// A task still unplaced this long after it was accepted counts towards a scale-up.
+    pub unplaced_after_ms: u64,
+    /// An agent idle this long may be terminated.
+    pub idle_cooldown_ms: u64,
+    /// An instance that has not registered as an agent within this long is terminated.
+    pub registration_timeout_ms: u64,
+    pub critical_min_idle: u32,
+    pub critical_max_idle: u32,
+    pub flex_min_idle: u32,
+    pub flex_max_idle: u32,
+}
+
+impl Default for CapacityTuning {
+    fn default() -> Self {
+        CapacityTuning {
+            interval_ms: 10_000,
+            unplaced_after_ms: 10_000,
+            idle_cooldown_ms: 10 * 60_000,
+            registration_timeout_ms: 10 * 60_000,
+            critical_min_idle: 1,
+            critical_max_idle: 5,
+            flex_min_idle: 0,
+            flex_max_idle: 5,
+        }
+    }
+}
+
+impl CapacityTuning {
+    pub fn planner(&self) -> crate::capacity::plan::CapacityConfig {
+        use crate::capacity::plan::{CapacityConfig, TierLimits};
+        CapacityConfig {
+            critical: TierLimits { min_idle: self.critical_min_idle, max_idle: self.critical_max_idle },
+            flex: TierLimits { min_idle: self.flex_min_idle, max_idle: self.flex_max_idle },
+            idle_cooldown_ms: self.idle_cooldown_ms as i64,
+            registration_timeout_ms: self.registration_timeout_ms as i64,
+        }
+    }
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: "us-east-1".into(),
+            endpoint_url: String::new(),
+            max_attempts: 3,
+            calls_per_second: 20.0,
+            attempt_timeout_ms: 5_000,
+            drain_delay_ms: 30_000,
+            max_drain_wait_ms: 120_000,
+            reconcile_interval_ms: 60_000,
+            capacity: CapacityTuning::default(),
+        }
+    }
+}
+
+impl AwsConfig {
+    pub fn settings(&self) -> titus_aws::AwsSettings {
+        titus_aws::AwsSettings {
+            region: self.region.clone(),
+            endpoint_url: Some(self.endpoint_url.clone()).filter(|u| !u.is_empty()),
+            max_attempts: self.max_attempts,
+            calls_per_second: self.calls_per_second,
+            attempt_timeout: Duration::from_millis(self.attempt_timeout_ms),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.region.is_empty() {
+            return Err(Error::Config("aws.region: must not be empty".into()));
+        }
+        if !self.endpoint_url.is_empty()
+            && !(self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://"))
+        {
+            return Err(Error::Config(format!("aws.endpoint-url: {:?} must start with http:// or https://", self.endpoint_url)));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::Config("aws.max-attempts: must be > 0".into()));
+        }
+        if self.reconcile_interval_ms == 0 || self.attempt_timeout_ms == 0 {
+            return Err(Error::Config("aws.reconcile-interval-ms and aws.attempt-timeout-ms: must be > 0".into()));
+        }
+        let c = &self.capacity;
+        if c.interval_ms == 0 {
+            return Err(Error::Config("aws.capacity.interval-ms: must be > 0".into()));
+        }
+        if c.critical_min_idle > c.critical_max_idle || c.flex_min_idle > c.flex_max_idle {
+            return Err(Error::Config("aws.capacity: each tier's min-idle must be <= its max-idle".into()));
+        }
+        if self.max_drain_wait_ms < self.drain_delay_ms {
+            return Err(Error::Config("aws.max-drain-wait-ms: must be at least aws.drain-delay-ms".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The agent protocol's timing.
@@ -220,6 +348,9 @@ impl Config {
         if self.jobs.lifecycle_interval_ms == 0 {
             return Err(Error::Config("jobs.lifecycle-interval-ms: must be > 0".into()));
         }
+        if let Some(aws) = &self.aws {
+            aws.validate()?;
+        }
         if !matches!(self.log_format.as_str(), "plain" | "json") {
             return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
@@ -266,6 +397,7 @@ mod tests {
             log_format: "plain".into(),
             jobs: JobsConfig::default(),
             agents: AgentsConfig::default(),
+            aws: None,
         }
     }
 
@@ -275,6 +407,27 @@ mod tests {
         let c = Config::from_file(&path).unwrap();
         c.validate().unwrap();
         c.openraft_config().unwrap();
+    }
+
+    /// The template's commented [aws] block, uncommented, parses and validates.
+    #[test]
+    fn template_aws_block_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/control-plane.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# [aws]").expect("the template documents [aws]");
+        let block: String = text[start..]
+            .lines()
+            .filter(|l| !l.starts_with("# #") && *l != "#")
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut c = config();
+        c.aws = Some(toml::from_str(&block.replacen("[aws]\n", "", 1).replace("[aws.capacity]", "[capacity]")).unwrap());
+        c.validate().unwrap();
+        let aws = c.aws.as_ref().unwrap();
+        assert_eq!(aws.capacity.idle_cooldown_ms, 600_000);
+        c.aws.as_mut().unwrap().endpoint_url = "localhost:5000".into();
+        assert!(c.validate().unwrap_err().to_string().contains("aws.endpoint-url"));
     }
 
     #[test]

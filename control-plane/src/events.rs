@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 
 use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
+use crate::model::load_balancer::{LbTarget, LoadBalancer};
 use crate::model::task::Task;
 
 #[derive(Debug, Clone)]
@@ -20,6 +21,10 @@ pub enum Change {
     Task(Task),
     Agent(Agent),
     InstanceGroup(InstanceGroup),
+    /// An association added, changed or removed (the record as it was last).
+    LoadBalancer(LoadBalancer),
+    /// A target written or forgotten (the record as it was last): its task's kill may now proceed.
+    LbTarget(LbTarget),
 }
 
 #[derive(Debug)]

@@ -13,14 +13,22 @@ use tokio::task::JoinSet;
 
 use crate::agents::{self, AgentHub};
 use crate::command::{Command, CommandResponse};
-use crate::config::JobsConfig;
+use crate::config::{AwsConfig, JobsConfig};
 use crate::jobs::lifecycle;
 use crate::replica::Replica;
+
+/// AWS, when configured: the client and its settings.
+#[derive(Clone)]
+pub struct Cloud {
+    pub aws: titus_aws::Aws,
+    pub config: AwsConfig,
+}
 
 pub struct LeaderDuties {
     replica: Arc<Replica>,
     jobs: JobsConfig,
     agents: Arc<AgentHub>,
+    cloud: Option<Cloud>,
     /// Dropping it (or sending `true`) stops every duty of the current term.
     stop: Option<watch::Sender<bool>>,
     tasks: JoinSet<()>,
@@ -32,9 +40,11 @@ impl LeaderDuties {
         replica: Arc<Replica>,
         jobs: JobsConfig,
         agents: Arc<AgentHub>,
+        cloud: Option<Cloud>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut duties = LeaderDuties { replica: replica.clone(), jobs, agents, stop: None, tasks: JoinSet::new() };
+        let mut duties =
+            LeaderDuties { replica: replica.clone(), jobs, agents, cloud, stop: None, tasks: JoinSet::new() };
         let mut metrics = replica.raft.metrics();
         loop {
             let leading = metrics.borrow_and_update().state == ServerState::Leader;
@@ -60,6 +70,20 @@ impl LeaderDuties {
         self.agents.on_become_leader();
         self.tasks.spawn(agents::dispatch(self.agents.clone(), rx.clone()));
         self.tasks.spawn(agents::place(self.agents.clone(), rx.clone()));
+        if let Some(cloud) = &self.cloud {
+            self.tasks.spawn(crate::loadbalancer::duty::run(
+                self.replica.clone(),
+                cloud.aws.clone(),
+                cloud.config.clone(),
+                rx.clone(),
+            ));
+            self.tasks.spawn(crate::capacity::duty::run(
+                self.replica.clone(),
+                cloud.aws.clone(),
+                cloud.config.clone(),
+                rx.clone(),
+            ));
+        }
         self.tasks.spawn(agents::liveness(self.agents.clone(), rx));
     }
 

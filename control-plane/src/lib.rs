@@ -12,12 +12,15 @@
 //! - [`network`] / [`peer`]: the peer port — Raft RPCs, write forwarding and read index over tonic.
 //! - [`replica`]: the write path (propose or forward) and the linearizable read path.
 //! - [`leader`]: leader-only duties, started and stopped with leadership.
+//! - [`capacity`]: EC2 capacity of instance groups (a pure planner, the leader duty).
+//! - [`loadbalancer`]: ALB IP target registration (commands, a pure planner, the leader duty).
 //! - [`api`]: the public gRPC services on the api port.
 //! - [`node`]: wires all of it together and runs it until shutdown.
 //! - [`error`]: the crate's error enum and its one conversion to `tonic::Status`.
 
 pub mod agents;
 pub mod api;
+pub mod capacity;
 pub mod codec;
 pub mod command;
 pub mod config;
@@ -25,6 +28,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod leader;
+pub mod loadbalancer;
 pub mod model;
 pub mod network;
 pub mod node;

@@ -21,10 +21,10 @@ use titus_proto::job_management_service_server::JobManagementServiceServer;
 use titus_proto::peer::raft_peer_server::RaftPeerServer;
 
 use crate::agents::{AgentApi, AgentHub};
-use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi};
+use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi, LoadBalancerApi};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::leader::LeaderDuties;
+use crate::leader::{Cloud, LeaderDuties};
 use crate::network::{Network, PeerChannels, MAX_PEER_MESSAGE_BYTES};
 use crate::peer::PeerService;
 use crate::raft_types::{Node, Raft};
@@ -32,6 +32,7 @@ use crate::replica::Replica;
 use crate::store;
 use titus_proto::agent_management_service_server::AgentManagementServiceServer;
 use titus_proto::agent_service_server::AgentServiceServer;
+use titus_proto::load_balancer_service_server::LoadBalancerServiceServer;
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -99,7 +100,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone())),
     );
 
-    let hub = AgentHub::new(replica.clone(), config.agents.clone());
+    let cloud = match &config.aws {
+        Some(aws) => {
+            tracing::info!(region = %aws.region, endpoint = %aws.endpoint_url, "AWS on: load balancer registration");
+            Some(Cloud { aws: titus_aws::Aws::connect(&aws.settings()).await, config: aws.clone() })
+        }
+        None => {
+            tracing::info!("AWS off: no [aws] configuration; load balancers are unavailable");
+            None
+        }
+    };
+    let hub = AgentHub::new(
+        replica.clone(),
+        config.agents.clone(),
+        config.aws.as_ref().map(|a| a.max_drain_wait_ms as i64),
+    );
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
     health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
@@ -120,6 +135,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(JobManagementServiceServer::new(JobApi { replica: replica.clone() }))
             .add_service(AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }))
             .add_service(AgentServiceServer::new(AgentApi { hub: hub.clone() }))
+            .add_service(LoadBalancerServiceServer::new(LoadBalancerApi {
+                replica: replica.clone(),
+                aws: cloud.as_ref().map(|c| c.aws.clone()),
+            }))
             .add_service(AgentManagementServiceServer::new(AgentManagementApi {
                 replica: replica.clone(),
                 hub: hub.clone(),
@@ -127,7 +146,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .serve_with_incoming_shutdown(incoming(api_listener), stopped(stop_rx.clone())),
     );
 
-    let duties = tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), hub.clone(), stop_rx.clone()));
+    let duties = tokio::spawn(LeaderDuties::run(
+        replica.clone(),
+        config.jobs.clone(),
+        hub.clone(),
+        cloud,
+        stop_rx.clone(),
+    ));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));
     tracing::info!(node_id = config.node_id, peer = %config.peer_listen, api = %config.api_listen, "replica started");
 

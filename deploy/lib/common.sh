@@ -21,3 +21,14 @@ ensure_packages() {
 
 BUILD_PACKAGES=(libclang-dev clang)
 TEST_PACKAGES=(etcd-server busybox-static)
+
+# The moto server (PyPI `moto[server]`): AWS's EC2 and ELBv2 APIs in memory, for the AWS tests. They
+# start their own on a free 127.0.0.1 port.
+ensure_moto() {
+    if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
+        echo "installing: moto[server] (pip)" >&2
+        python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
+        command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+    fi
+    command -v moto_server >/dev/null 2>&1 || { echo "moto_server is not on PATH after installing moto[server]" >&2; return 1; }
+}

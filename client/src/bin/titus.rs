@@ -59,6 +59,9 @@ enum Command {
     /// Instance groups: tier and lifecycle of groups of agents.
     #[command(subcommand, name = "instance-group")]
     InstanceGroup(InstanceGroupCmd),
+    /// Load balancers: a service job's tasks registered by IP in ALB target groups.
+    #[command(subcommand)]
+    Lb(LbCmd),
     /// Prints a shell completion script: titus completions bash > /etc/bash_completion.d/titus
     Completions { shell: clap_complete::Shell },
 }
@@ -156,6 +159,16 @@ enum TaskCmd {
 }
 
 #[derive(Subcommand)]
+enum LbCmd {
+    /// Associates a service job with a target group (type ip) by its ARN.
+    Add { job_id: String, target_group_arn: String },
+    /// Dissociates them: the job's targets are deregistered (its tasks keep running).
+    Remove { job_id: String, target_group_arn: String },
+    /// Target groups of one job, or of every job, with their registered targets.
+    List { job_id: Option<String> },
+}
+
+#[derive(Subcommand)]
 enum AgentCmd {
     List,
     Get { id: String },
@@ -163,12 +176,39 @@ enum AgentCmd {
 
 #[derive(Subcommand)]
 enum InstanceGroupCmd {
+    /// Creates or replaces a group. With --image-id the control plane launches and terminates its
+    /// EC2 instances itself, between --min and --max.
     Create {
         id: String,
         #[arg(long, value_enum, default_value = "flex")]
         tier: TierArg,
         #[arg(long, value_enum, default_value = "active")]
         lifecycle: LifecycleArg,
+        /// EC2 AMI of the group's instances (turns on EC2 capacity for the group).
+        #[arg(long, requires_all = ["instance_type", "instance_cpu", "instance_memory_mb"])]
+        image_id: Option<String>,
+        #[arg(long)]
+        instance_type: Option<String>,
+        /// What one instance offers to tasks (sizes scale-ups).
+        #[arg(long)]
+        instance_cpu: Option<f64>,
+        #[arg(long)]
+        instance_memory_mb: Option<u32>,
+        /// Repeatable.
+        #[arg(long = "subnet")]
+        subnets: Vec<String>,
+        /// Repeatable.
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "tag", value_parser = parse_key_value)]
+        tags: Vec<(String, String)>,
+        #[arg(long, default_value_t = 0)]
+        min: u32,
+        #[arg(long, default_value_t = 0)]
+        desired: u32,
+        #[arg(long, default_value_t = 0)]
+        max: u32,
     },
     List,
     /// Moves a group through its lifecycle (phased-out: no new tasks on its agents).
@@ -417,12 +457,48 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::InstanceGroup(cmd) => {
             let groups = match cmd {
-                InstanceGroupCmd::Create { id, tier, lifecycle } => {
+                InstanceGroupCmd::Create {
+                    id,
+                    tier,
+                    lifecycle,
+                    image_id,
+                    instance_type,
+                    instance_cpu,
+                    instance_memory_mb,
+                    subnets,
+                    security_groups,
+                    tags,
+                    min,
+                    desired,
+                    max,
+                } => {
                     let tier = match tier {
                         TierArg::Critical => Tier::Critical,
                         TierArg::Flex => Tier::Flex,
                     };
-                    vec![client.create_instance_group(&id, tier, lifecycle.proto()).await?]
+                    let launch = image_id.map(|image_id| titus_client::proto::LaunchSettings {
+                        image_id,
+                        instance_type: instance_type.unwrap_or_default(),
+                        subnet_ids: subnets,
+                        security_group_ids: security_groups,
+                        tags: tags.into_iter().collect(),
+                        instance_resources: Some(titus_client::proto::AgentResources {
+                            cpu: instance_cpu.unwrap_or_default(),
+                            memory_mb: instance_memory_mb.unwrap_or_default(),
+                            ..Default::default()
+                        }),
+                    });
+                    let group = titus_client::proto::InstanceGroup {
+                        id,
+                        tier: tier as i32,
+                        lifecycle: lifecycle.proto() as i32,
+                        launch,
+                        min,
+                        desired,
+                        max,
+                        ..Default::default()
+                    };
+                    vec![client.put_instance_group(group).await?]
                 }
                 InstanceGroupCmd::List => client.list_instance_groups().await?,
                 InstanceGroupCmd::Lifecycle { id, lifecycle } => {
@@ -437,23 +513,46 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     let lifecycle = titus_client::proto::InstanceGroupLifecycle::try_from(g.lifecycle)
                         .map(|l| l.as_str_name())
                         .unwrap_or("?");
-                    serde_json::json!({"id": g.id, "tier": tier_name(g.tier), "lifecycle": lifecycle})
+                    serde_json::json!({"id": g.id, "tier": tier_name(g.tier), "lifecycle": lifecycle, "min": g.min, "desired": g.desired, "max": g.max, "ec2": g.launch.is_some()})
                 })
                 .collect();
             if out == Output::Table {
-                println!("{:<24} {:<9} {:<14}", "ID", "TIER", "LIFECYCLE");
+                println!("{:<24} {:<9} {:<14} {:>4} {:>8} {:>4}", "ID", "TIER", "LIFECYCLE", "MIN", "DESIRED", "MAX");
                 for g in &v {
                     println!(
-                        "{:<24} {:<9} {:<14}",
+                        "{:<24} {:<9} {:<14} {:>4} {:>8} {:>4}",
                         g["id"].as_str().unwrap_or(""),
                         g["tier"].as_str().unwrap_or(""),
-                        g["lifecycle"].as_str().unwrap_or("")
+                        g["lifecycle"].as_str().unwrap_or(""),
+                        g["min"],
+                        g["desired"],
+                        g["max"]
                     );
                 }
             } else {
                 emit(out, &serde_json::json!(v));
             }
         }
+        Command::Lb(cmd) => match cmd {
+            LbCmd::Add { job_id, target_group_arn } => {
+                client.add_load_balancer(&job_id, &target_group_arn).await?;
+                println!("job {job_id} is associated with {target_group_arn}");
+            }
+            LbCmd::Remove { job_id, target_group_arn } => {
+                client.remove_load_balancer(&job_id, &target_group_arn).await?;
+                println!("job {job_id} is no longer associated with {target_group_arn}");
+            }
+            LbCmd::List { job_id } => {
+                let all = match job_id {
+                    Some(job_id) => {
+                        let load_balancers = client.job_load_balancers(&job_id).await?;
+                        vec![titus_client::proto::GetJobLoadBalancersResult { job_id, load_balancers }]
+                    }
+                    None => client.all_load_balancers().await?,
+                };
+                print_load_balancers(out, &all);
+            }
+        },
         Command::Agent(AgentCmd::List) => {
             let agents = client.find_agents().await?;
             if out != Output::Table {
@@ -535,6 +634,56 @@ fn job_state_name(s: i32) -> &'static str {
         Ok(S::JobFinished) => "Finished",
         Err(_) => "?",
     }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn print_load_balancers(out: Output, all: &[titus_client::proto::GetJobLoadBalancersResult]) {
+    use titus_client::proto::{LoadBalancerState, LoadBalancerTargetState};
+    let state = |s: i32| match LoadBalancerState::try_from(s) {
+        Ok(LoadBalancerState::LbOrphaned) => "orphaned",
+        _ => "active",
+    };
+    let target_state = |s: i32| match LoadBalancerTargetState::try_from(s) {
+        Ok(LoadBalancerTargetState::TargetRegistering) => "registering",
+        Ok(LoadBalancerTargetState::TargetRegistered) => "registered",
+        Ok(LoadBalancerTargetState::TargetDeregistering) => "deregistering",
+        _ => "deregistered",
+    };
+    if out == Output::Table {
+        println!("{:<38} {:<9} {:>7}  {}", "JOB", "STATE", "TARGETS", "TARGET GROUP");
+        for j in all {
+            for lb in &j.load_balancers {
+                let registered = lb
+                    .targets
+                    .iter()
+                    .filter(|t| t.state == LoadBalancerTargetState::TargetRegistered as i32)
+                    .count();
+                println!("{:<38} {:<9} {:>7}  {}", j.job_id, state(lb.state), registered, lb.id);
+                if !lb.state_message.is_empty() {
+                    println!("{:<38} {}", "", lb.state_message);
+                }
+            }
+        }
+        return;
+    }
+    let v: Vec<_> = all
+        .iter()
+        .flat_map(|j| {
+            j.load_balancers.iter().map(move |lb| {
+                serde_json::json!({
+                    "jobId": j.job_id, "targetGroup": lb.id, "state": state(lb.state), "message": lb.state_message,
+                    "targets": lb.targets.iter().map(|t| serde_json::json!({
+                        "taskId": t.task_id, "ip": t.ip, "state": target_state(t.state), "updatedMs": t.updated_ms,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+        })
+        .collect();
+    emit(out, &serde_json::json!(v));
 }
 
 fn print_tasks(out: Output, tasks: &[titus_client::Task]) {

@@ -13,7 +13,8 @@ use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
 use crate::jobs::apply::{allocation_by_agent, Allocation};
 use crate::jobs::store::JobRead;
-use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
+use crate::model::agent::{Agent, AgentState, InstanceGroup, LaunchSettings, Lifecycle};
+use crate::model::FieldViolation;
 use crate::model::{validate_name, ResourceDimension};
 use crate::replica::Replica;
 
@@ -50,7 +51,83 @@ fn group_to_proto(g: InstanceGroup) -> pb::InstanceGroup {
         tier: tier_to_proto(g.tier) as i32,
         lifecycle: lifecycle_to_proto(g.lifecycle) as i32,
         attributes: g.attributes.into_iter().collect(),
+        launch: g.launch.map(|l| pb::LaunchSettings {
+            image_id: l.image_id,
+            instance_type: l.instance_type,
+            subnet_ids: l.subnet_ids,
+            security_group_ids: l.security_group_ids,
+            tags: l.tags.into_iter().collect(),
+            instance_resources: Some(resources_to_proto(&l.instance_resources)),
+        }),
+        min: g.min,
+        desired: g.desired,
+        max: g.max,
     }
+}
+
+/// An instance group from the wire, with every field checked.
+fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
+    validate_name("id", &g.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+    let mut violations = Vec::new();
+    if g.min > g.max {
+        violations.push(FieldViolation::new("min", format!("must be <= max ({})", g.max)));
+    }
+    if g.desired < g.min || g.desired > g.max {
+        violations.push(FieldViolation::new("desired", format!("must be within [min, max] = [{}, {}]", g.min, g.max)));
+    }
+    let launch = match g.launch {
+        None => None,
+        Some(l) => {
+            if l.image_id.is_empty() {
+                violations.push(FieldViolation::new("launch.image_id", "must not be empty"));
+            }
+            if l.instance_type.is_empty() {
+                violations.push(FieldViolation::new("launch.instance_type", "must not be empty"));
+            }
+            let r = l.instance_resources.unwrap_or_default();
+            if r.cpu <= 0.0 || r.memory_mb == 0 {
+                violations.push(FieldViolation::new(
+                    "launch.instance_resources",
+                    "cpu and memory_mb must be > 0: a scale-up is sized by them",
+                ));
+            }
+            for k in l.tags.keys() {
+                if k.starts_with("titus:") {
+                    violations.push(FieldViolation::new(format!("launch.tags.{k}"), "tags starting with \"titus:\" are reserved"));
+                }
+            }
+            Some(LaunchSettings {
+                image_id: l.image_id,
+                instance_type: l.instance_type,
+                subnet_ids: l.subnet_ids,
+                security_group_ids: l.security_group_ids,
+                tags: l.tags.into_iter().collect(),
+                instance_resources: ResourceDimension {
+                    cpu: r.cpu,
+                    memory_mb: r.memory_mb,
+                    disk_mb: r.disk_mb,
+                    network_mbps: r.network_mbps,
+                    gpu: r.gpu,
+                },
+            })
+        }
+    };
+    let tier = tier_from_proto("tier", g.tier)?;
+    let lifecycle = lifecycle_from_proto("lifecycle", g.lifecycle)?;
+    if !violations.is_empty() {
+        return Err(Error::InvalidArgument(violations).into());
+    }
+    Ok(InstanceGroup {
+        id: g.id,
+        tier,
+        lifecycle,
+        attributes: g.attributes.into_iter().collect(),
+        launch,
+        min: g.min,
+        desired: g.desired,
+        max: g.max,
+        pending_launch: None,
+    })
 }
 
 fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
@@ -168,14 +245,7 @@ impl AgentManagementService for AgentManagementApi {
         &self,
         request: Request<pb::InstanceGroup>,
     ) -> Result<Response<pb::InstanceGroup>, Status> {
-        let g = request.get_ref().clone();
-        validate_name("id", &g.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
-        let group = InstanceGroup {
-            id: g.id,
-            tier: tier_from_proto("tier", g.tier)?,
-            lifecycle: lifecycle_from_proto("lifecycle", g.lifecycle)?,
-            attributes: g.attributes.into_iter().collect(),
-        };
+        let group = group_from_proto(request.get_ref().clone())?;
         match self.replica.propose(Command::UpsertInstanceGroup { group }, client_deadline(&request)).await? {
             CommandResponse::InstanceGroup(g) => Ok(Response::new(group_to_proto(g))),
             CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),

@@ -363,7 +363,7 @@ impl Interest {
                         out.push(task_note(t, archived, batch.revision));
                     }
                 }
-                Change::Agent(_) | Change::InstanceGroup(_) => {}
+                Change::Agent(_) | Change::InstanceGroup(_) | Change::LoadBalancer(_) | Change::LbTarget(_) => {}
             }
         }
         out

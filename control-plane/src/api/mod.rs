@@ -6,6 +6,7 @@ mod capacity_groups;
 mod cluster;
 mod convert;
 mod jobs;
+mod load_balancers;
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ pub use capacity_groups::CapacityGroupApi;
 pub use cluster::ClusterApi;
 pub use convert::{job_descriptor_to_proto, task_state_from_proto};
 pub use jobs::{now_ms, AgentTaskApi, JobApi};
+pub use load_balancers::LoadBalancerApi;
 
 /// The deadline the caller put on its request (`grpc-timeout`), if any.
 pub(crate) fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {

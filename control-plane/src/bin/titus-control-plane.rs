@@ -33,6 +33,30 @@ struct Args {
     /// Agents silent this long are declared lost.
     #[arg(long)]
     agent_heartbeat_ttl_ms: Option<u64>,
+    /// Turns AWS on in this region (load balancers, capacity), unless the config file already did.
+    #[arg(long)]
+    aws_region: Option<String>,
+    /// An AWS-compatible endpoint, e.g. a moto server (turns AWS on).
+    #[arg(long)]
+    aws_endpoint_url: Option<String>,
+    /// How long a killed task's container keeps running after its targets are deregistered.
+    #[arg(long)]
+    lb_drain_delay_ms: Option<u64>,
+    /// How often registered targets are compared with DescribeTargetHealth.
+    #[arg(long)]
+    lb_reconcile_interval_ms: Option<u64>,
+    /// How often instance groups are scaled against EC2.
+    #[arg(long)]
+    capacity_interval_ms: Option<u64>,
+    /// An agent idle this long may be terminated.
+    #[arg(long)]
+    capacity_idle_cooldown_ms: Option<u64>,
+    /// A task unplaced this long counts towards a scale-up.
+    #[arg(long)]
+    capacity_unplaced_after_ms: Option<u64>,
+    /// An instance not registered as an agent within this long is terminated.
+    #[arg(long)]
+    capacity_registration_timeout_ms: Option<u64>,
 }
 
 fn config_from(args: Args) -> Result<Config, String> {
@@ -49,6 +73,7 @@ fn config_from(args: Args) -> Result<Config, String> {
             log_format: "plain".into(),
             jobs: Default::default(),
             agents: Default::default(),
+            aws: None,
         },
     };
     if let Some(v) = args.node_id {
@@ -77,6 +102,35 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.log_format {
         config.log_format = v;
+    }
+    if args.aws_region.is_some() || args.aws_endpoint_url.is_some() {
+        let aws = config.aws.get_or_insert_with(Default::default);
+        if let Some(v) = args.aws_region {
+            aws.region = v;
+        }
+        if let Some(v) = args.aws_endpoint_url {
+            aws.endpoint_url = v;
+        }
+    }
+    if let Some(aws) = config.aws.as_mut() {
+        if let Some(v) = args.lb_drain_delay_ms {
+            aws.drain_delay_ms = v;
+            aws.max_drain_wait_ms = aws.max_drain_wait_ms.max(v);
+        }
+        if let Some(v) = args.lb_reconcile_interval_ms {
+            aws.reconcile_interval_ms = v;
+        }
+        let c = &mut aws.capacity;
+        for (flag, setting) in [
+            (args.capacity_interval_ms, &mut c.interval_ms),
+            (args.capacity_idle_cooldown_ms, &mut c.idle_cooldown_ms),
+            (args.capacity_unplaced_after_ms, &mut c.unplaced_after_ms),
+            (args.capacity_registration_timeout_ms, &mut c.registration_timeout_ms),
+        ] {
+            if let Some(v) = flag {
+                *setting = v;
+            }
+        }
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

@@ -121,10 +121,34 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
             }
             CommandResponse::Done
         }
-        Command::UpsertInstanceGroup { group } => {
+        Command::UpsertInstanceGroup { mut group } => {
+            if let Some(existing) = o.instance_group(&group.id)? {
+                group.pending_launch = existing.pending_launch;
+            }
             o.put_instance_group(group.clone());
             CommandResponse::InstanceGroup(group)
         }
+        Command::SetInstanceGroupDesired { id, desired } => match o.instance_group(&id)? {
+            None => not_found("id", "instance group", &id)?,
+            Some(g) if desired < g.min || desired > g.max => reject(
+                RejectionKind::InvalidArgument,
+                "desired",
+                format!("{desired} is outside [min, max] = [{}, {}]", g.min, g.max),
+            )?,
+            Some(mut g) => {
+                g.desired = desired;
+                o.put_instance_group(g);
+                CommandResponse::Done
+            }
+        },
+        Command::SetLaunchIntent { id, intent } => match o.instance_group(&id)? {
+            None => not_found("id", "instance group", &id)?,
+            Some(mut g) => {
+                g.pending_launch = intent;
+                o.put_instance_group(g);
+                CommandResponse::Done
+            }
+        },
         Command::SetInstanceGroupLifecycle { id, lifecycle } => match o.instance_group(&id)? {
             None => not_found("id", "instance group", &id)?,
             Some(mut g) => {
@@ -151,7 +175,7 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
         },
         Command::AgentLost { agent_id, timestamp_ms } => agent_lost(o, &agent_id, timestamp_ms)?,
         Command::AssignTasks { assignments, timestamp_ms } => assign_tasks(o, assignments, timestamp_ms)?,
-        _ => return Ok(None),
+        other => return crate::loadbalancer::apply::apply(o, other),
     }))
 }
 

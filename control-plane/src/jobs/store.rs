@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
+use crate::model::load_balancer::{LbTarget, LoadBalancer};
 use crate::model::task::Task;
 use crate::model::CapacityGroup;
 
@@ -35,6 +36,10 @@ pub trait JobRead {
     fn agent(&self, id: &str) -> Result<Option<Agent>>;
     fn agents(&self) -> Result<Vec<Agent>>;
     fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>>;
+    /// Every job ↔ target group association (few: at most 30 per service job).
+    fn load_balancers(&self) -> Result<Vec<LoadBalancer>>;
+    /// Every load balancer target this system registered or is (de)registering.
+    fn lb_targets(&self) -> Result<Vec<LbTarget>>;
 
     fn tasks_of_job(&self, job_id: &str) -> Result<Vec<Task>> {
         let mut out = Vec::new();
@@ -73,6 +78,8 @@ pub struct Changes {
     pub tokens: BTreeMap<String, Option<TokenRecord>>,
     pub agents: BTreeMap<String, Agent>,
     pub instance_groups: BTreeMap<String, InstanceGroup>,
+    pub load_balancers: BTreeMap<String, Write<LoadBalancer>>,
+    pub lb_targets: BTreeMap<String, Write<LbTarget>>,
 }
 
 impl Changes {
@@ -82,6 +89,10 @@ impl Changes {
             && self.archived_jobs.is_empty()
             && self.archived_tasks.is_empty()
             && self.tokens.is_empty()
+            && self.agents.is_empty()
+            && self.instance_groups.is_empty()
+            && self.load_balancers.is_empty()
+            && self.lb_targets.is_empty()
     }
 }
 
@@ -132,6 +143,22 @@ impl<'a> Overlay<'a> {
 
     pub fn put_instance_group(&mut self, group: InstanceGroup) {
         self.changes.instance_groups.insert(group.id.clone(), group);
+    }
+
+    pub fn put_load_balancer(&mut self, lb: LoadBalancer) {
+        self.changes.load_balancers.insert(lb.key(), Write::Put(lb));
+    }
+
+    pub fn delete_load_balancer(&mut self, lb: LoadBalancer) {
+        self.changes.load_balancers.insert(lb.key(), Write::Delete(lb));
+    }
+
+    pub fn put_lb_target(&mut self, target: LbTarget) {
+        self.changes.lb_targets.insert(target.key(), Write::Put(target));
+    }
+
+    pub fn delete_lb_target(&mut self, target: LbTarget) {
+        self.changes.lb_targets.insert(target.key(), Write::Delete(target));
     }
 
     pub fn put_token(&mut self, key: String, record: TokenRecord) {
@@ -266,6 +293,30 @@ impl JobRead for Overlay<'_> {
             None => self.base.instance_group(id),
         }
     }
+
+    fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
+        Ok(merged(self.base.load_balancers()?, LoadBalancer::key, &self.changes.load_balancers))
+    }
+
+    fn lb_targets(&self) -> Result<Vec<LbTarget>> {
+        Ok(merged(self.base.lb_targets()?, LbTarget::key, &self.changes.lb_targets))
+    }
+}
+
+/// `base` with pending writes applied, in key order.
+fn merged<T: Clone>(base: Vec<T>, key: impl Fn(&T) -> String, writes: &BTreeMap<String, Write<T>>) -> Vec<T> {
+    let mut all: BTreeMap<String, T> = base.into_iter().map(|v| (key(&v), v)).collect();
+    for (k, w) in writes {
+        match w {
+            Write::Put(v) => {
+                all.insert(k.clone(), v.clone());
+            }
+            Write::Delete(_) => {
+                all.remove(k);
+            }
+        }
+    }
+    all.into_values().collect()
 }
 
 /// An in-memory store: the same apply code as RocksDB, for fast unit and property tests.
@@ -279,6 +330,8 @@ pub struct MemoryStore {
     pub tokens: BTreeMap<String, TokenRecord>,
     pub agents: BTreeMap<String, Agent>,
     pub instance_groups: BTreeMap<String, InstanceGroup>,
+    pub load_balancers: BTreeMap<String, LoadBalancer>,
+    pub lb_targets: BTreeMap<String, LbTarget>,
 }
 
 impl MemoryStore {
@@ -299,6 +352,8 @@ impl MemoryStore {
         apply(&mut self.tasks, changes.tasks);
         apply(&mut self.archived_jobs, changes.archived_jobs);
         apply(&mut self.archived_tasks, changes.archived_tasks);
+        apply(&mut self.load_balancers, changes.load_balancers);
+        apply(&mut self.lb_targets, changes.lb_targets);
         self.agents.extend(changes.agents);
         self.instance_groups.extend(changes.instance_groups);
         for (k, v) in changes.tokens {
@@ -353,5 +408,11 @@ impl JobRead for MemoryStore {
     }
     fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>> {
         Ok(self.instance_groups.get(id).cloned())
+    }
+    fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
+        Ok(self.load_balancers.values().cloned().collect())
+    }
+    fn lb_targets(&self) -> Result<Vec<LbTarget>> {
+        Ok(self.lb_targets.values().cloned().collect())
     }
 }

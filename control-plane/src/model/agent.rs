@@ -25,7 +25,49 @@ pub struct InstanceGroup {
     pub tier: Tier,
     pub lifecycle: Lifecycle,
     pub attributes: BTreeMap<String, String>,
+    /// How to launch its instances in EC2; none: its agents are started by other means and the
+    /// capacity duty leaves it alone.
+    #[serde(default)]
+    pub launch: Option<LaunchSettings>,
+    /// Instance count bounds and target; the capacity duty moves `desired` within [min, max].
+    #[serde(default)]
+    pub min: u32,
+    #[serde(default)]
+    pub desired: u32,
+    #[serde(default)]
+    pub max: u32,
+    /// A RunInstances call written ahead: a new leader repeats it with the same client token, which
+    /// EC2 answers with the instances of the first call instead of launching more.
+    #[serde(default)]
+    pub pending_launch: Option<LaunchIntent>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchIntent {
+    pub client_token: String,
+    pub count: u32,
+    pub created_ms: i64,
+}
+
+/// EC2 launch settings of an instance group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LaunchSettings {
+    pub image_id: String,
+    pub instance_type: String,
+    pub subnet_ids: Vec<String>,
+    pub security_group_ids: Vec<String>,
+    /// Extra tags; the capacity duty adds `titus:instance-group` and `titus:cluster`.
+    pub tags: BTreeMap<String, String>,
+    /// What one instance offers to tasks (for sizing a scale-up by the dominant resource).
+    pub instance_resources: ResourceDimension,
+}
+
+/// The tag that ties an EC2 instance to its instance group.
+pub const INSTANCE_GROUP_TAG: &str = "titus:instance-group";
+/// The tag that ties an EC2 instance to its control plane.
+pub const CLUSTER_TAG: &str = "titus:cluster";
+/// The agent attribute carrying its EC2 instance id.
+pub const INSTANCE_ID_ATTRIBUTE: &str = "instanceId";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentState {

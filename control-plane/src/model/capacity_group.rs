@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{validate_name, FieldViolation};
 
 /// Titus's tiers: Critical is placed first and has capacity reserved; Flex is the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Tier {
     Critical,
     Flex,

@@ -6,6 +6,7 @@
 pub mod agent;
 mod capacity_group;
 pub mod job;
+pub mod load_balancer;
 pub mod task;
 
 pub use capacity_group::{CapacityGroup, ResourceDimension, Tier};

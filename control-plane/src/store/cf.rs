@@ -30,6 +30,12 @@ pub const AGENTS: &str = "agents";
 /// Instance groups, keyed by id.
 pub const INSTANCE_GROUPS: &str = "instance_groups";
 
+/// Job ↔ ALB target group associations, keyed by `job_id/target_group_arn`.
+pub const LOAD_BALANCERS: &str = "load_balancers";
+/// IP targets registered (or being registered/deregistered) by this system, keyed by
+/// `task_id/target_group_arn`.
+pub const LB_TARGETS: &str = "lb_targets";
+
 /// Column families that hold replicated state. A snapshot carries exactly these, and installing one
 /// replaces them whole; adding an entity means adding its column family here.
 pub const STATE: &[&str] = &[
@@ -44,6 +50,8 @@ pub const STATE: &[&str] = &[
     ARCHIVE_ORDER,
     AGENTS,
     INSTANCE_GROUPS,
+    LOAD_BALANCERS,
+    LB_TARGETS,
 ];
 
 /// Every column family the store opens.

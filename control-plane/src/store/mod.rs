@@ -27,6 +27,7 @@ use crate::events::ChangeLog;
 use crate::jobs::store::{JobRead, TokenRecord};
 use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
+use crate::model::load_balancer::{LbTarget, LoadBalancer};
 use crate::model::task::Task;
 use crate::model::CapacityGroup;
 use crate::raft_types::{NodeId, StorageError};
@@ -295,11 +296,33 @@ impl JobRead for StateReader {
     fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>> {
         self.get(cf::INSTANCE_GROUPS, id.as_bytes())
     }
+    fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
+        self.all(cf::LOAD_BALANCERS)
+    }
+    fn lb_targets(&self) -> Result<Vec<LbTarget>> {
+        self.all(cf::LB_TARGETS)
+    }
 }
 
 impl StateReader {
     pub fn instance_groups(&self) -> Result<Vec<InstanceGroup>> {
         self.all(cf::INSTANCE_GROUPS)
+    }
+
+    /// The load balancer targets recorded for one task (keys start with its id).
+    pub fn lb_targets_of_task(&self, task_id: &str) -> Result<Vec<LbTarget>> {
+        let cf = cf_handle(&self.db, cf::LB_TARGETS).map_err(|e| Error::Storage(e.to_string()))?;
+        let prefix = format!("{task_id}/");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward))
+        {
+            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("{}: {e}", cf::LB_TARGETS)))?);
+        }
+        Ok(out)
     }
 }
 

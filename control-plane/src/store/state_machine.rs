@@ -219,6 +219,31 @@ impl StateMachine {
             batch.put_cf(groups, id.as_bytes(), enc(&g)?);
             out.push(Change::InstanceGroup(g));
         }
+        let (lbs, targets) = (cf_handle(&self.db, cf::LOAD_BALANCERS)?, cf_handle(&self.db, cf::LB_TARGETS)?);
+        for (key, w) in c.load_balancers {
+            match w {
+                Write::Put(lb) => {
+                    batch.put_cf(lbs, key.as_bytes(), enc(&lb)?);
+                    out.push(Change::LoadBalancer(lb));
+                }
+                Write::Delete(lb) => {
+                    batch.delete_cf(lbs, key.as_bytes());
+                    out.push(Change::LoadBalancer(lb));
+                }
+            }
+        }
+        for (key, w) in c.lb_targets {
+            match w {
+                Write::Put(t) => {
+                    batch.put_cf(targets, key.as_bytes(), enc(&t)?);
+                    out.push(Change::LbTarget(t));
+                }
+                Write::Delete(t) => {
+                    batch.delete_cf(targets, key.as_bytes());
+                    out.push(Change::LbTarget(t));
+                }
+            }
+        }
         for (key, record) in c.tokens {
             match record {
                 Some(r) => batch.put_cf(tokens, key.as_bytes(), enc(&r)?),

@@ -1,0 +1,412 @@
+//! ALB IP target registration end to end: real replicas, real agents running containers in the
+//! real Docker daemon, the real AWS SDK against a `moto_server` on loopback (and a fault proxy in
+//! front of it). t400 scale down drains before stopping containers, across a leader kill; t410
+//! reconcile repairs drift and leaves foreign targets alone; t420 throttling and 5xx; t430 bad
+//! associations are refused with the field named.
+
+#[path = "../../control-plane/tests/common/mod.rs"]
+mod common;
+#[path = "../../control-plane/tests/common/moto.rs"]
+mod moto;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use aws_sdk_elasticloadbalancingv2::types::{TargetDescription, TargetTypeEnum};
+use common::{containers_of, ensure_test_image, wait_until, Cluster};
+use moto::{FaultProxy, Moto};
+use titus_client::proto as pb;
+use titus_client::Client;
+
+const SETTLE: Duration = Duration::from_secs(60);
+const DRAIN_MS: u64 = 3000;
+
+fn service_job(app: &str, desired: u32) -> pb::JobDescriptor {
+    pb::JobDescriptor {
+        owner: Some(pb::Owner { team_email: "team@example.com".into() }),
+        application_name: app.into(),
+        container: Some(pb::Container {
+            resources: Some(pb::ContainerResources { cpu: 0.1, memory_mb: 32, ..Default::default() }),
+            image: Some(pb::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
+            command: vec!["sleep".into(), "600".into()],
+            ..Default::default()
+        }),
+        job_type: Some(pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+            capacity: Some(pb::Capacity { min: 0, desired, max: 10 }),
+            enabled: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn aws_args(endpoint: &str, reconcile_ms: u64) -> Vec<String> {
+    vec![
+        "--aws-region".into(),
+        "us-east-1".into(),
+        "--aws-endpoint-url".into(),
+        endpoint.into(),
+        "--lb-drain-delay-ms".into(),
+        DRAIN_MS.to_string(),
+        "--lb-reconcile-interval-ms".into(),
+        reconcile_ms.to_string(),
+    ]
+}
+
+fn start(args: &[String]) -> Cluster {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Cluster::start(3, &args)
+}
+
+/// The container IPs of the job's Started tasks.
+async fn started_ips(client: &Client, job_id: &str) -> BTreeSet<String> {
+    let tasks = client
+        .find_tasks(&[("jobIds", job_id), ("taskStates", "Started")], 1000, "")
+        .await
+        .map(|r| r.items)
+        .unwrap_or_default();
+    tasks.iter().filter_map(|t| t.task_context.get("containerIp").cloned()).collect()
+}
+
+async fn wait_started(client: &Client, job_id: &str, n: usize) -> BTreeSet<String> {
+    wait_until(SETTLE, &format!("{n} Started tasks with IPs"), || async {
+        let ips = started_ips(client, job_id).await;
+        (ips.len() == n).then_some(ips)
+    })
+    .await
+}
+
+async fn wait_targets(elb: &aws_sdk_elasticloadbalancingv2::Client, arn: &str, want: &BTreeSet<String>) {
+    wait_until(SETTLE, &format!("target group holds exactly {want:?}"), || async {
+        (moto::targets(elb, arn).await == *want).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t400_scale_down_deregisters_and_drains_before_containers_stop_across_a_leader_kill() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "web", TargetTypeEnum::Ip).await;
+    let mut cluster = start(&aws_args(&moto.url, 60_000));
+    let agent = cluster.start_agent("lb-agent", 4.0, 4096);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+
+    let job_id = client.create_job(service_job("web", 3)).await.unwrap();
+    client.add_load_balancer(&job_id, &arn).await.unwrap();
+    let ips = wait_started(&client, &job_id, 3).await;
+    wait_targets(&elb, &arn, &ips).await;
+    let lbs = client.job_load_balancers(&job_id).await.unwrap();
+    assert_eq!(lbs.len(), 1);
+    assert_eq!(lbs[0].id, arn);
+
+    // Scale to 1: two tasks are killed. Their targets leave the group while their containers
+    // still run (drain), and only then do the containers stop.
+    client.update_job_capacity(&job_id, None, Some(1), None).await.unwrap();
+    let remaining = wait_until(SETTLE, "two targets deregistered", || async {
+        let t = moto::targets(&elb, &arn).await;
+        (t.len() == 1).then_some(t)
+    })
+    .await;
+    let running_then = containers_of(&agent).iter().filter(|c| c.2).count();
+    assert_eq!(running_then, 3, "deregistered targets' containers must still run during the drain");
+    // Kill the leader during the drain: the new leader finishes it.
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    cluster.kill(leader);
+    wait_until(SETTLE, "the killed tasks finish", || async {
+        let live = client
+            .find_tasks(&[("jobIds", job_id.as_str()), ("taskStates", "Accepted,Launched,StartInitiated,Started,KillInitiated")], 100, "")
+            .await
+            .map(|r| r.items.len())
+            .unwrap_or(usize::MAX);
+        (live == 1).then_some(())
+    })
+    .await;
+    let finished = client.find_tasks(&[("jobIds", job_id.as_str()), ("taskStates", "Finished")], 100, "").await.unwrap();
+    let mut drained = 0;
+    for t in &finished.items {
+        let killed = t.status_history.iter().find(|s| s.state == pb::TaskState::TaskKillInitiated as i32);
+        let done = t.status.as_ref().unwrap();
+        if let Some(k) = killed {
+            drained += 1;
+            assert!(
+                done.timestamp_ms - k.timestamp_ms >= DRAIN_MS as i64,
+                "task {} stopped {} ms after its kill, before the drain delay",
+                t.id,
+                done.timestamp_ms - k.timestamp_ms
+            );
+        }
+    }
+    assert_eq!(drained, 2, "the two scaled-down tasks were killed through KillInitiated");
+    let ips = wait_started(&client, &job_id, 1).await;
+    assert_eq!(ips, remaining);
+    wait_targets(&elb, &arn, &ips).await;
+
+    // Scale up again under the new leader: exactly the Started tasks are registered.
+    client.update_job_capacity(&job_id, None, Some(2), None).await.unwrap();
+    let ips = wait_started(&client, &job_id, 2).await;
+    wait_targets(&elb, &arn, &ips).await;
+
+    // Killing the job deregisters everything, and its association goes with it.
+    client.kill_job(&job_id).await.unwrap();
+    wait_targets(&elb, &arn, &BTreeSet::new()).await;
+    wait_until(SETTLE, "association removed with the job", || async {
+        client.all_load_balancers().await.ok().filter(|all| all.is_empty()).map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t410_reconcile_repairs_drift_and_leaves_foreign_targets_alone() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "api", TargetTypeEnum::Ip).await;
+    let mut cluster = start(&aws_args(&moto.url, 1000));
+    cluster.start_agent("lb-agent", 4.0, 4096);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let job_id = client.create_job(service_job("api", 2)).await.unwrap();
+    client.add_load_balancer(&job_id, &arn).await.unwrap();
+    let ips = wait_started(&client, &job_id, 2).await;
+    wait_targets(&elb, &arn, &ips).await;
+
+    // Someone else registers a target; then one of ours is removed behind our back.
+    let foreign = "10.99.0.7".to_string();
+    elb.register_targets()
+        .target_group_arn(&arn)
+        .targets(TargetDescription::builder().id(&foreign).build())
+        .send()
+        .await
+        .unwrap();
+    let ours = ips.iter().next().unwrap().clone();
+    elb.deregister_targets()
+        .target_group_arn(&arn)
+        .targets(TargetDescription::builder().id(&ours).build())
+        .send()
+        .await
+        .unwrap();
+    let mut want = ips.clone();
+    want.insert(foreign.clone());
+    wait_targets(&elb, &arn, &want).await;
+    assert!(moto::targets(&elb, &arn).await.contains(&foreign), "a target this system did not register stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t420_registration_converges_through_throttling_and_5xx() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "flaky", TargetTypeEnum::Ip).await;
+    // Every second request to AWS fails, alternately with Throttling and a 503.
+    let proxy = FaultProxy::start(moto.port, 2).await;
+    let mut cluster = start(&aws_args(&proxy.url, 2000));
+    cluster.start_agent("lb-agent", 4.0, 4096);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let job_id = client.create_job(service_job("flaky", 3)).await.unwrap();
+    // AddLoadBalancer's own check goes through the faults too; the SDK retries it.
+    client.add_load_balancer(&job_id, &arn).await.unwrap();
+    let ips = wait_started(&client, &job_id, 3).await;
+    wait_targets(&elb, &arn, &ips).await;
+    client.update_job_capacity(&job_id, None, Some(1), None).await.unwrap();
+    let ips = wait_started(&client, &job_id, 1).await;
+    wait_targets(&elb, &arn, &ips).await;
+    let faults = proxy.faults.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(faults >= 3, "the proxy injected only {faults} faults");
+    assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) >= faults, "as many calls went through");
+    let lbs = client.job_load_balancers(&job_id).await.unwrap();
+    assert_eq!(lbs[0].state, pb::LoadBalancerState::LbActive as i32, "transient errors never orphan");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t430_bad_associations_are_refused_naming_the_field_and_a_deleted_group_is_orphaned() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let instance_tg = moto::target_group(&elb, &ec2, "instances", TargetTypeEnum::Instance).await;
+    let ip_tg = moto::target_group(&elb, &ec2, "ips", TargetTypeEnum::Ip).await;
+    let cluster = start(&aws_args(&moto.url, 1000));
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let job_id = client.create_job(service_job("bad", 0)).await.unwrap();
+
+    let e = client.add_load_balancer(&job_id, "not-an-arn").await.unwrap_err().to_string();
+    assert!(e.contains("load_balancer_id.id"), "{e}");
+    let e = client.add_load_balancer(&job_id, &instance_tg).await.unwrap_err().to_string();
+    assert!(e.contains("load_balancer_id.id") && e.contains("instance"), "{e}");
+    let missing = ip_tg.replace("/ips/", "/nothere/");
+    let e = client.add_load_balancer(&job_id, &missing).await.unwrap_err().to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    let e = client.add_load_balancer("no-such-job", &ip_tg).await.unwrap_err().to_string();
+    assert!(e.contains("job_id"), "{e}");
+
+    // Added twice is one association; removing is idempotent.
+    client.add_load_balancer(&job_id, &ip_tg).await.unwrap();
+    client.add_load_balancer(&job_id, &ip_tg).await.unwrap();
+    assert_eq!(client.job_load_balancers(&job_id).await.unwrap().len(), 1);
+
+    // The target group is deleted behind our back: the association is marked orphaned, visibly.
+    elb.delete_target_group().target_group_arn(&ip_tg).send().await.unwrap();
+    wait_until(SETTLE, "association orphaned", || async {
+        let lbs = client.job_load_balancers(&job_id).await.ok()?;
+        (lbs.first()?.state == pb::LoadBalancerState::LbOrphaned as i32).then_some(())
+    })
+    .await;
+    // The CLI shows it, and its errors name the field with the documented exit code.
+    let servers = cluster.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+    let titus = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("titus"))
+            .args(args)
+            .env("TITUS_SERVERS", &servers)
+            .output()
+            .expect("run titus");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, err) = titus(&["-o", "json", "lb", "list", &job_id]);
+    assert_eq!(code, Some(0), "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["targetGroup"], ip_tg.as_str());
+    assert_eq!(listed[0]["state"], "orphaned");
+    let (code, _, err) = titus(&["lb", "add", &job_id, "not-an-arn"]);
+    assert_eq!(code, Some(2), "invalid input: {err}");
+    assert!(err.contains("load_balancer_id.id"), "{err}");
+    let (code, out, err) = titus(&["lb", "remove", &job_id, &ip_tg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("no longer associated"), "{out}");
+
+    client.remove_load_balancer(&job_id, &ip_tg).await.unwrap();
+    assert!(client.job_load_balancers(&job_id).await.unwrap().is_empty());
+    let (_, out, _) = titus(&["lb", "list"]);
+    assert!(!out.contains(&ip_tg), "{out}");
+}
+
+/// Instances of `group` in moto that are pending or running, with their tags.
+async fn live_instances(ec2: &aws_sdk_ec2::Client, group: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let out = ec2
+        .describe_instances()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("tag:titus:instance-group").values(group).build())
+        .send()
+        .await
+        .expect("DescribeInstances");
+    let mut v = Vec::new();
+    for r in out.reservations() {
+        for i in r.instances() {
+            let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default();
+            if matches!(state.as_str(), "pending" | "running") {
+                let tags = i
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string()))
+                    .collect();
+                v.push((i.instance_id().unwrap_or_default().to_string(), tags));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_within_min_max() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (_, ec2) = moto.sdk().await;
+    let mut args = aws_args(&moto.url, 60_000);
+    for (k, v) in [
+        ("--capacity-interval-ms", "500"),
+        ("--capacity-unplaced-after-ms", "500"),
+        ("--capacity-idle-cooldown-ms", "3000"),
+    ] {
+        args.push(k.into());
+        args.push(v.into());
+    }
+    let mut cluster = start(&args);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let group = "ec2-flex";
+    client
+        .put_instance_group(pb::InstanceGroup {
+            id: group.into(),
+            tier: pb::Tier::Flex as i32,
+            lifecycle: pb::InstanceGroupLifecycle::IgActive as i32,
+            launch: Some(pb::LaunchSettings {
+                image_id: "ami-12c6146b".into(),
+                instance_type: "m5.large".into(),
+                tags: [("team".to_string(), "web".to_string())].into_iter().collect(),
+                instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
+                ..Default::default()
+            }),
+            min: 1,
+            desired: 1,
+            max: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Bad launch settings are refused with the field named.
+    let e = client
+        .put_instance_group(pb::InstanceGroup {
+            id: "bad".into(),
+            launch: Some(pb::LaunchSettings { image_id: "ami-1".into(), ..Default::default() }),
+            min: 2,
+            max: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("launch.instance_type") && e.contains("min"), "{e}");
+
+    // desired = 1: one instance, tagged with its group, its cluster and the group's own tags.
+    let first = wait_until(SETTLE, "the group's first instance", || async {
+        let v = live_instances(&ec2, group).await;
+        (v.len() == 1).then_some(v)
+    })
+    .await;
+    let tags = &first[0].1;
+    assert!(tags.contains(&("team".into(), "web".into())), "{tags:?}");
+    assert!(tags.iter().any(|(k, v)| k == "titus:cluster" && !v.is_empty()), "{tags:?}");
+
+    // Three tasks of 1.5 cpu with no agent at all: 4.5 cpu over 2-cpu instances = 3 (the max).
+    let mut job = service_job("grow", 3);
+    job.container.as_mut().unwrap().resources = Some(pb::ContainerResources { cpu: 1.5, memory_mb: 64, ..Default::default() });
+    let job_id = client.create_job(job).await.unwrap();
+    let mut most = 0;
+    let three = wait_until(SETTLE, "three instances", || async {
+        let v = live_instances(&ec2, group).await;
+        (v.len() == 3).then_some(v)
+    })
+    .await;
+    most = most.max(three.len());
+    // Each instance's agent comes up and registers with its instance id: the tasks run.
+    for (k, (instance_id, _)) in three.iter().enumerate() {
+        cluster.start_agent_with(
+            &format!("ec2-{k}"),
+            2.0,
+            4096,
+            &["--instance-group", group, "--attribute", &format!("instanceId={instance_id}")],
+        );
+    }
+    wait_started(&client, &job_id, 3).await;
+    most = most.max(live_instances(&ec2, group).await.len());
+
+    // The job goes; its agents idle past the cooldown are terminated, down to min = 1.
+    client.kill_job(&job_id).await.unwrap();
+    let left = wait_until(SETTLE, "scaled down to min", || async {
+        let v = live_instances(&ec2, group).await;
+        (v.len() == 1).then_some(v)
+    })
+    .await;
+    most = most.max(left.len());
+    assert!(most <= 3, "the group went above max: {most}");
+    let groups = client.list_instance_groups().await.unwrap();
+    let g = groups.iter().find(|g| g.id == group).unwrap();
+    assert_eq!(g.desired, 1);
+}

@@ -1,0 +1,201 @@
+//! The leader duty that scales instance groups with EC2.
+//!
+//! Each round lists every managed group's instances (by the `titus:instance-group` and
+//! `titus:cluster` tags), ties them to agents by the agents' `instanceId` attribute, finds the tasks
+//! that stayed unplaced, and runs the planner. New desired sizes are proposed through Raft; a launch
+//! is written ahead (a client token in the group's record) so that a new leader repeats the same
+//! RunInstances call — which EC2 answers with the first call's instances — instead of launching
+//! twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use titus_aws::{Aws, LaunchSpec};
+
+use super::plan::{self, AgentLoad, Instance};
+use crate::api::now_ms;
+use crate::command::{Command, CommandResponse};
+use crate::config::AwsConfig;
+use crate::jobs::apply::{agent_of, allocation_by_agent};
+use crate::jobs::store::JobRead;
+use crate::model::agent::{
+    AgentState, InstanceGroup, LaunchIntent, CLUSTER_TAG, INSTANCE_GROUP_TAG, INSTANCE_ID_ATTRIBUTE,
+};
+use crate::model::task::TaskState;
+use crate::model::{ResourceDimension, Tier};
+use crate::replica::Replica;
+
+struct Duty {
+    replica: Arc<Replica>,
+    aws: Aws,
+    config: AwsConfig,
+    /// Since when each agent has been idle, as this leader saw it.
+    idle_since: HashMap<String, i64>,
+}
+
+pub async fn run(replica: Arc<Replica>, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(config.capacity.interval_ms);
+    let mut duty = Duty { replica, aws, config, idle_since: HashMap::new() };
+    loop {
+        if let Err(e) = duty.round().await {
+            tracing::warn!(error = %e, "capacity: round failed; retrying next interval");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+impl Duty {
+    async fn propose(&self, command: Command) -> crate::Result<()> {
+        let kind = command.kind();
+        if let CommandResponse::Rejected(r) = self.replica.propose(command, None).await? {
+            tracing::debug!(kind, message = %r.message, "capacity: command no longer applies");
+        }
+        Ok(())
+    }
+
+    async fn round(&mut self) -> crate::Result<()> {
+        let state = &self.replica.state;
+        let groups: Vec<InstanceGroup> = state.instance_groups()?.into_iter().filter(|g| g.launch.is_some()).collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let cluster = state.cluster_id().unwrap_or_default();
+        let now = now_ms();
+
+        // A launch written ahead by this or an earlier leader is finished first.
+        for g in &groups {
+            if let Some(intent) = &g.pending_launch {
+                self.launch(g, intent, &cluster).await?;
+            }
+        }
+
+        let mut instances: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for g in &groups {
+            let listed = match self.aws.instances_tagged(INSTANCE_GROUP_TAG, &g.id).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(group = %g.id, error = %e, "capacity: cannot list instances; skipping this round");
+                    return Ok(());
+                }
+            };
+            let of_cluster = listed
+                .into_iter()
+                .filter(|i| matches!(i.state.as_str(), "pending" | "running"))
+                .filter(|i| i.tags.iter().any(|(k, v)| k == CLUSTER_TAG && *v == cluster))
+                .map(|i| Instance { id: i.id, launched_ms: i.launch_time_ms })
+                .collect();
+            instances.insert(g.id.clone(), of_cluster);
+        }
+
+        let allocation = allocation_by_agent(state)?;
+        let mut agents = Vec::new();
+        for a in state.agents()?.into_iter().filter(|a| a.state == AgentState::Online) {
+            let Some(instance_id) = a.attributes.get(INSTANCE_ID_ATTRIBUTE) else { continue };
+            let live_tasks = allocation.get(&a.id).map_or(0, |x| x.live_tasks);
+            let idle_since = if live_tasks == 0 {
+                Some(*self.idle_since.entry(a.id.clone()).or_insert(now))
+            } else {
+                self.idle_since.remove(&a.id);
+                None
+            };
+            agents.push(AgentLoad {
+                agent_id: a.id.clone(),
+                instance_id: instance_id.clone(),
+                live_tasks,
+                idle_since_ms: idle_since,
+            });
+        }
+
+        let unplaced = self.unplaced(now)?;
+        let plan = plan::plan(&groups, &instances, &agents, &unplaced, &self.config.capacity.planner(), now);
+        for (id, desired) in &plan.desired {
+            tracing::info!(group = %id, desired, "capacity: new desired size");
+            self.propose(Command::SetInstanceGroupDesired { id: id.clone(), desired: *desired }).await?;
+        }
+        if !plan.terminate.is_empty() {
+            for (group, id, why) in &plan.terminate {
+                tracing::info!(group = %group, instance = %id, why = %why, "capacity: terminating instance");
+            }
+            let ids: Vec<String> = plan.terminate.iter().map(|t| t.1.clone()).collect();
+            if let Err(e) = self.aws.terminate_instances(&ids).await {
+                tracing::warn!(error = %e, "capacity: TerminateInstances failed; retrying next round");
+            }
+        }
+        for (id, count) in plan.launch {
+            let Some(g) = groups.iter().find(|g| g.id == id) else { continue };
+            if g.pending_launch.is_some() {
+                continue; // repeated above; its instances show up next round
+            }
+            let intent = LaunchIntent { client_token: uuid::Uuid::new_v4().to_string(), count, created_ms: now };
+            self.propose(Command::SetLaunchIntent { id: id.clone(), intent: Some(intent.clone()) }).await?;
+            self.launch(g, &intent, &cluster).await?;
+        }
+        Ok(())
+    }
+
+    /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered.
+    async fn launch(&self, g: &InstanceGroup, intent: &LaunchIntent, cluster: &str) -> crate::Result<()> {
+        let Some(l) = &g.launch else { return Ok(()) };
+        let mut tags: Vec<(String, String)> = l.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        tags.push((INSTANCE_GROUP_TAG.into(), g.id.clone()));
+        tags.push((CLUSTER_TAG.into(), cluster.to_string()));
+        tags.push(("Name".into(), format!("titus-agent-{}", g.id)));
+        let spec = LaunchSpec {
+            image_id: l.image_id.clone(),
+            instance_type: l.instance_type.clone(),
+            subnet_ids: l.subnet_ids.clone(),
+            security_group_ids: l.security_group_ids.clone(),
+            tags,
+        };
+        match self.aws.run_instances(&spec, intent.count, &intent.client_token).await {
+            Ok(ids) => {
+                tracing::info!(group = %g.id, instances = ?ids, "capacity: launched instances");
+                self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(group = %g.id, error = %e, "capacity: RunInstances failed; repeating it next round");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(group = %g.id, error = %e, "capacity: RunInstances refused; dropping this launch");
+                self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await
+            }
+        }
+    }
+
+    /// Per tier, the resources of each task accepted longer ago than `unplaced_after_ms` and still
+    /// without an agent.
+    fn unplaced(&self, now: i64) -> crate::Result<BTreeMap<Tier, Vec<ResourceDimension>>> {
+        let state = &self.replica.state;
+        let after = self.config.capacity.unplaced_after_ms as i64;
+        let mut jobs: HashMap<String, Option<(Tier, ResourceDimension)>> = HashMap::new();
+        let mut out: BTreeMap<Tier, Vec<ResourceDimension>> = BTreeMap::new();
+        for t in state.all_tasks()? {
+            if t.state() != TaskState::Accepted || agent_of(&t).is_some() || now - t.status.timestamp_ms < after {
+                continue;
+            }
+            if !jobs.contains_key(&t.job_id) {
+                let v = match state.job(&t.job_id)? {
+                    Some(j) => {
+                        let tier = state
+                            .capacity_group(&j.descriptor.capacity_group)?
+                            .map_or(Tier::Flex, |g| g.tier);
+                        Some((tier, j.descriptor.container.resources.as_dimension()))
+                    }
+                    None => None,
+                };
+                jobs.insert(t.job_id.clone(), v);
+            }
+            if let Some((tier, r)) = &jobs[&t.job_id] {
+                out.entry(*tier).or_default().push(r.clone());
+            }
+        }
+        Ok(out)
+    }
+}

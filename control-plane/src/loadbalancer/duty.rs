@@ -1,0 +1,289 @@
+//! The leader duty that keeps target groups equal to the Started tasks of their jobs.
+//!
+//! Each round reads replicated state, plans (see [`super::plan`]) and acts, writing every target
+//! ahead of its AWS call and after it: a new leader finds a call its predecessor may have made
+//! (`Registering`, `Deregistering`) and makes it again — both calls are idempotent at AWS — so no
+//! target is duplicated or orphaned by a leader change. Calls are batched per target group, spaced
+//! by the client's rate limit and retried by the SDK; a group whose calls keep failing backs off
+//! on its own, and a group that no longer exists is marked orphaned, visibly.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use titus_aws::{Aws, AwsError};
+
+use super::plan::{self, by_group, Plan};
+use crate::api::now_ms;
+use crate::command::{Command, CommandResponse};
+use crate::config::AwsConfig;
+use crate::jobs::store::JobRead;
+use crate::model::load_balancer::{AssociationState, LbTarget, TargetState};
+use crate::model::task::{Task, TaskState};
+use crate::replica::Replica;
+
+/// Per target group: when its next call may go, after failures.
+#[derive(Default)]
+struct Backoff {
+    groups: HashMap<String, (Instant, Duration)>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn ready(&self, group: &str) -> bool {
+        self.groups.get(group).is_none_or(|(at, _)| Instant::now() >= *at)
+    }
+
+    fn failed(&mut self, group: &str) {
+        let next = self.groups.get(group).map_or(Self::FIRST, |(_, d)| (*d * 2).min(Self::MAX));
+        self.groups.insert(group.to_string(), (Instant::now() + next, next));
+    }
+
+    fn succeeded(&mut self, group: &str) {
+        self.groups.remove(group);
+    }
+
+    /// When the earliest backed-off group may be tried again.
+    fn next_ready(&self) -> Option<Instant> {
+        self.groups.values().map(|(at, _)| *at).min()
+    }
+}
+
+struct Duty {
+    replica: Arc<Replica>,
+    aws: Aws,
+    config: AwsConfig,
+    backoff: Backoff,
+    /// Killed tasks whose drain wait ran out: their kill was released once (see `release_overdue`).
+    released: HashSet<String>,
+}
+
+pub async fn run(replica: Arc<Replica>, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
+    let (_, mut changes) = replica.state.changes.subscribe(None);
+    let reconcile_every = Duration::from_millis(config.reconcile_interval_ms);
+    // The first reconcile runs soon after becoming leader: the predecessor may have left drift.
+    let mut next_reconcile = Instant::now() + Duration::from_secs(1).min(reconcile_every);
+    let mut duty = Duty { replica, aws, config, backoff: Backoff::default(), released: HashSet::new() };
+    loop {
+        let mut wake = Instant::now() + reconcile_every;
+        match duty.round().await {
+            Ok(wake_at_ms) => {
+                if let Some(at) = wake_at_ms {
+                    let in_ms = (at - now_ms()).max(0) as u64;
+                    wake = wake.min(Instant::now() + Duration::from_millis(in_ms));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "load balancers: round failed; retrying"),
+        }
+        if Instant::now() >= next_reconcile {
+            next_reconcile = Instant::now() + reconcile_every;
+            if let Err(e) = duty.reconcile().await {
+                tracing::warn!(error = %e, "load balancers: reconcile failed; retrying next interval");
+            }
+        }
+        wake = wake.min(next_reconcile);
+        if let Some(at) = duty.backoff.next_ready() {
+            wake = wake.min(at.max(Instant::now() + Duration::from_millis(20)));
+        }
+        let period = wake.saturating_duration_since(Instant::now()).max(Duration::from_millis(20));
+        if !crate::leader::next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
+            return;
+        }
+    }
+}
+
+impl Duty {
+    fn state(&self) -> &crate::store::StateReader {
+        &self.replica.state
+    }
+
+    /// Reads what the planner needs: associations, records, the tasks either names, live job ids.
+    fn view(&self) -> crate::Result<(Plan, Vec<LbTarget>, HashMap<String, Task>)> {
+        let state = self.state();
+        let associations = state.load_balancers()?;
+        let records = state.lb_targets()?;
+        let mut live_jobs = BTreeSet::new();
+        let mut tasks = HashMap::new();
+        let job_ids: BTreeSet<&str> = associations.iter().map(|a| a.job_id.as_str()).collect();
+        for job_id in job_ids {
+            if state.job(job_id)?.is_some() {
+                live_jobs.insert(job_id.to_string());
+                for t in state.tasks_of_job(job_id)? {
+                    tasks.insert(t.id.clone(), t);
+                }
+            }
+        }
+        for r in &records {
+            if !tasks.contains_key(&r.task_id) {
+                if let Some(t) = state.task(&r.task_id)? {
+                    tasks.insert(t.id.clone(), t);
+                }
+            }
+        }
+        let now = now_ms();
+        let plan = plan::plan(&associations, &records, &tasks, &live_jobs, now, self.config.drain_delay_ms as i64);
+        Ok((plan, records, tasks))
+    }
+
+    async fn propose(&self, command: Command) -> crate::Result<CommandResponse> {
+        let kind = command.kind();
+        let r = self.replica.propose(command, None).await?;
+        if let CommandResponse::Rejected(r) = &r {
+            tracing::debug!(kind, message = %r.message, "load balancers: command no longer applies");
+        }
+        Ok(r)
+    }
+
+    /// One pass of the plan; returns when the next drain ends.
+    async fn round(&mut self) -> crate::Result<Option<i64>> {
+        let (plan, records, tasks) = self.view()?;
+        self.release_overdue(&records, &tasks).await?;
+        if plan.is_empty() {
+            return Ok(plan.wake_at_ms);
+        }
+        for lb in plan.remove {
+            tracing::info!(job_id = %lb.job_id, target_group = %lb.target_group, "load balancers: job is gone; removing its association");
+            self.propose(Command::RemoveLoadBalancer { job_id: lb.job_id, target_group: lb.target_group }).await?;
+        }
+        if !plan.forget.is_empty() {
+            self.propose(Command::ForgetLbTargets { targets: plan.forget }).await?;
+        }
+        // Deregistrations first: a reused address is registered again only after it left.
+        self.call(plan.deregister, TargetState::Deregistered).await?;
+        self.call(plan.register, TargetState::Registered).await?;
+        Ok(plan.wake_at_ms)
+    }
+
+    /// Writes `targets` ahead, calls AWS per target group, and writes the outcome `done` for each
+    /// group that succeeded.
+    async fn call(&mut self, targets: Vec<LbTarget>, done: TargetState) -> crate::Result<()> {
+        let targets: Vec<LbTarget> = targets.into_iter().filter(|t| self.backoff.ready(&t.target_group)).collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let written: HashSet<String> = match self.propose(Command::PutLbTargets { targets: targets.clone() }).await? {
+            CommandResponse::Keys(keys) => keys.into_iter().collect(),
+            _ => HashSet::new(),
+        };
+        let mut outcome = Vec::new();
+        for (group, of_group) in by_group(&targets) {
+            let of_group: Vec<LbTarget> = of_group.into_iter().filter(|t| written.contains(&t.key())).collect();
+            if of_group.is_empty() {
+                continue;
+            }
+            let ips: Vec<String> = of_group.iter().map(|t| t.ip.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let result = if done == TargetState::Registered {
+                self.aws.register_targets(&group, &ips).await
+            } else {
+                self.aws.deregister_targets(&group, &ips).await
+            };
+            match result {
+                Ok(()) => {
+                    self.backoff.succeeded(&group);
+                    let at = now_ms();
+                    tracing::info!(target_group = %group, targets = ?ips, state = ?done, "load balancer targets updated");
+                    outcome.extend(of_group.into_iter().map(|t| LbTarget { state: done, updated_ms: at, ..t }));
+                }
+                Err(e) => self.failed(&group, e).await?,
+            }
+        }
+        if !outcome.is_empty() {
+            self.propose(Command::PutLbTargets { targets: outcome }).await?;
+        }
+        Ok(())
+    }
+
+    /// A transient error backs the group off; a permanent one orphans every association with it.
+    async fn failed(&mut self, group: &str, e: AwsError) -> crate::Result<()> {
+        if e.is_transient() {
+            tracing::warn!(target_group = %group, error = %e, "load balancers: AWS call failed; backing off");
+            self.backoff.failed(group);
+            return Ok(());
+        }
+        tracing::error!(target_group = %group, error = %e, "load balancers: permanent error; marking the association orphaned");
+        for lb in self.state().load_balancers()? {
+            if lb.target_group == group && lb.state == AssociationState::Active {
+                self.propose(Command::SetLoadBalancerState {
+                    job_id: lb.job_id,
+                    target_group: lb.target_group,
+                    state: AssociationState::Orphaned,
+                    message: e.to_string(),
+                    timestamp_ms: now_ms(),
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A killed task waits for its targets to drain, but not past `max_drain_wait_ms`: once over,
+    /// rewriting its records (unchanged) wakes the agent dispatcher, which then sends the kill. The
+    /// records stay, so the deregistration is still retried.
+    async fn release_overdue(&mut self, records: &[LbTarget], tasks: &HashMap<String, Task>) -> crate::Result<()> {
+        let now = now_ms();
+        let max_wait = self.config.max_drain_wait_ms as i64;
+        let mut overdue = Vec::new();
+        for r in records {
+            let Some(t) = tasks.get(&r.task_id) else { continue };
+            if t.state() == TaskState::KillInitiated
+                && now - t.status.timestamp_ms >= max_wait
+                && !self.released.contains(&t.id)
+            {
+                overdue.push(r.clone());
+            }
+        }
+        if overdue.is_empty() {
+            return Ok(());
+        }
+        for r in &overdue {
+            tracing::warn!(task_id = %r.task_id, target_group = %r.target_group, "load balancers: drain wait exceeded; killing the task anyway, deregistration still retried");
+            self.released.insert(r.task_id.clone());
+        }
+        self.propose(Command::PutLbTargets { targets: overdue }).await?;
+        Ok(())
+    }
+
+    /// Compares each group's targets (DescribeTargetHealth) with the records: registers what is
+    /// missing, deregisters what this system registered and no longer wants, leaves the rest alone.
+    async fn reconcile(&mut self) -> crate::Result<()> {
+        let records = self.state().lb_targets()?;
+        let groups: BTreeSet<String> = self
+            .state()
+            .load_balancers()?
+            .into_iter()
+            .filter(|a| a.state == AssociationState::Active)
+            .map(|a| a.target_group)
+            .collect();
+        for group in groups {
+            if !self.backoff.ready(&group) {
+                continue;
+            }
+            let present = match self.aws.registered_targets(&group).await {
+                Ok(ids) => ids.into_iter().collect::<BTreeSet<_>>(),
+                Err(e) => {
+                    self.failed(&group, e).await?;
+                    continue;
+                }
+            };
+            let (missing, stale) = plan::repair(&group, &records, &present);
+            if !missing.is_empty() {
+                tracing::warn!(target_group = %group, targets = ?missing, "reconcile: registered targets are missing; registering them again");
+                if let Err(e) = self.aws.register_targets(&group, &missing).await {
+                    self.failed(&group, e).await?;
+                    continue;
+                }
+            }
+            if !stale.is_empty() {
+                tracing::warn!(target_group = %group, targets = ?stale, "reconcile: targets this system deregistered are back; deregistering them");
+                if let Err(e) = self.aws.deregister_targets(&group, &stale).await {
+                    self.failed(&group, e).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
