@@ -176,7 +176,7 @@ async fn t410_reconcile_repairs_drift_and_leaves_foreign_targets_alone() {
     wait_targets(&elb, &arn, &ips).await;
 
     // Someone else registers a target; then one of ours is removed behind our back.
-    let foreign = "10.99.0.7".to_string();
+    let foreign = "172.17.250.7".to_string();
     elb.register_targets()
         .target_group_arn(&arn)
         .targets(TargetDescription::builder().id(&foreign).build())

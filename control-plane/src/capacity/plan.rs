@@ -69,14 +69,16 @@ pub struct Plan {
     pub terminate: Vec<(String, String, String)>,
 }
 
-/// How many instances offering `each` hold `need`: the dominant resource decides.
+/// How many instances offering `each` hold `need`: the dominant resource decides. An instance
+/// that declares no disk or network (0) is not limited by them; one with 0 GPUs has none.
 pub fn instances_for(need: &ResourceDimension, each: &ResourceDimension) -> u32 {
     let ratio = |need: f64, each: f64| if need <= 0.0 { 0.0 } else if each <= 0.0 { f64::INFINITY } else { need / each };
+    let optional = |need: f64, each: f64| if each <= 0.0 { 0.0 } else { ratio(need, each) };
     let dominant = [
         ratio(need.cpu, each.cpu),
         ratio(need.memory_mb as f64, each.memory_mb as f64),
-        ratio(need.disk_mb as f64, each.disk_mb as f64),
-        ratio(need.network_mbps as f64, each.network_mbps as f64),
+        optional(need.disk_mb as f64, each.disk_mb as f64),
+        optional(need.network_mbps as f64, each.network_mbps as f64),
         ratio(need.gpu as f64, each.gpu as f64),
     ]
     .into_iter()
@@ -89,7 +91,7 @@ pub fn instances_for(need: &ResourceDimension, each: &ResourceDimension) -> u32 
 
 /// Whether one instance of `each` can hold a task needing `need` at all.
 fn fits_one(need: &ResourceDimension, each: &ResourceDimension) -> bool {
-    each.fits(&ResourceDimension::default(), need)
+    instances_for(need, each) <= 1
 }
 
 /// `instances`: per group with launch settings, its instances that are not terminated.

@@ -52,6 +52,10 @@ fn unplaced_tasks_size_the_scale_up_by_their_dominant_resource() {
     assert_eq!(instances_for(&res(3.0, 1000), &res(2.0, 4096)), 2, "cpu dominates");
     assert_eq!(instances_for(&res(1.0, 9000), &res(2.0, 4096)), 3, "memory dominates");
     assert_eq!(instances_for(&res(0.0, 0), &res(2.0, 4096)), 0);
+    let with_disk = ResourceDimension { disk_mb: 10_000, network_mbps: 128, ..res(1.0, 100) };
+    assert_eq!(instances_for(&with_disk, &res(2.0, 4096)), 1, "undeclared disk and network do not limit");
+    let gpu = ResourceDimension { gpu: 1, ..res(1.0, 100) };
+    assert_eq!(instances_for(&gpu, &res(2.0, 4096)), u32::MAX, "no GPUs: never fits");
     let groups = [group("g", Tier::Flex, Lifecycle::Active, 0, 0, 10)];
     let unplaced = BTreeMap::from([(Tier::Flex, vec![res(0.5, 3000); 4])]);
     let p = plan(&groups, &BTreeMap::new(), &[], &unplaced, &config(), NOW);

@@ -75,7 +75,7 @@ pub async fn target_group(
     name: &str,
     target_type: aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum,
 ) -> String {
-    let vpc = ec2.create_vpc().cidr_block("172.16.0.0/12").send().await.expect("CreateVpc");
+    let vpc = ec2.create_vpc().cidr_block("172.17.0.0/16").send().await.expect("CreateVpc");
     let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).expect("vpc id").to_string();
     let tg = elb
         .create_target_group()
