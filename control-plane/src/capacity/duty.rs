@@ -94,8 +94,11 @@ impl Duty {
         }
 
         let allocation = allocation_by_agent(state)?;
+        let online: Vec<_> = state.agents()?.into_iter().filter(|a| a.state == AgentState::Online).collect();
+        let online_ids: std::collections::HashSet<&str> = online.iter().map(|a| a.id.as_str()).collect();
+        self.idle_since.retain(|id, _| online_ids.contains(id.as_str()));
         let mut agents = Vec::new();
-        for a in state.agents()?.into_iter().filter(|a| a.state == AgentState::Online) {
+        for a in online {
             let Some(instance_id) = a.attributes.get(INSTANCE_ID_ATTRIBUTE) else { continue };
             let live_tasks = allocation.get(&a.id).map_or(0, |x| x.live_tasks);
             let idle_since = if live_tasks == 0 {

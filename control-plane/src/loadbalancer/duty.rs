@@ -226,6 +226,9 @@ impl Duty {
     async fn release_overdue(&mut self, records: &[LbTarget], tasks: &HashMap<String, Task>) -> crate::Result<()> {
         let now = now_ms();
         let max_wait = self.config.max_drain_wait_ms as i64;
+        // Forget released tasks whose records are gone: the set stays as small as the records.
+        let recorded: HashSet<&str> = records.iter().map(|r| r.task_id.as_str()).collect();
+        self.released.retain(|id| recorded.contains(id.as_str()));
         let mut overdue = Vec::new();
         for r in records {
             let Some(t) = tasks.get(&r.task_id) else { continue };
