@@ -132,6 +132,7 @@ async fn t400_scale_down_deregisters_and_drains_before_containers_stop_across_a_
         let done = t.status.as_ref().unwrap();
         if let Some(k) = killed {
             drained += 1;
+            eprintln!("task {}: KillInitiated -> Finished in {} ms (drain delay {DRAIN_MS} ms)", t.id, done.timestamp_ms - k.timestamp_ms);
             assert!(
                 done.timestamp_ms - k.timestamp_ms >= DRAIN_MS as i64,
                 "task {} stopped {} ms after its kill, before the drain delay",
@@ -218,6 +219,10 @@ async fn t420_registration_converges_through_throttling_and_5xx() {
     let ips = wait_started(&client, &job_id, 1).await;
     wait_targets(&elb, &arn, &ips).await;
     let faults = proxy.faults.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "fault proxy: {faults} requests answered Throttling/503, {} forwarded to moto",
+        proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst)
+    );
     assert!(faults >= 3, "the proxy injected only {faults} faults");
     assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) >= faults, "as many calls went through");
     let lbs = client.job_load_balancers(&job_id).await.unwrap();
