@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// Docker network the containers join; default: the daemon's default bridge.
     #[serde(default)]
     pub network: Option<String>,
+    /// The admin HTTP port (/metrics, /healthz, /readyz); absent: not served.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_disk_mb() -> u32 {

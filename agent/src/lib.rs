@@ -9,12 +9,14 @@
 //!   labelled by it, adopted after a restart instead of started twice.
 //! - [`session`]: the stream to the leader — register, heartbeats, status reports; assignments,
 //!   kills and forgets; failover with jittered back-off and leader hints.
+//! - [`telemetry`]: metrics and the admin port (/metrics, /healthz, /readyz).
 //!
 //! Talks to the control plane only through `titus-proto` (the public API).
 
 pub mod config;
 pub mod docker;
 pub mod session;
+pub mod telemetry;
 
 pub use config::AgentConfig;
 

@@ -38,7 +38,10 @@ struct Agent {
 
 impl Agent {
     fn report(&self, o: &Observed) {
-        let _ = self.reports.send(o.to_proto());
+        let report = o.to_proto();
+        let state = pb::TaskState::try_from(report.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN");
+        crate::telemetry::metrics().task_reports_total.inc(&[state]);
+        let _ = self.reports.send(report);
     }
 
     fn is_killing(&self, task_id: &str) -> bool {
@@ -60,15 +63,18 @@ impl Agent {
             Message::Registered(r) => tracing::info!(leader = r.leader_id, "registered with the leader"),
             Message::Assign(a) => {
                 let agent = self.clone();
+                crate::telemetry::metrics().assignments_total.inc(&[]);
                 tokio::spawn(async move {
                     let t0 = std::time::Instant::now();
                     for o in agent.docker.launch(&a).await {
                         agent.report(&o);
                     }
+                    crate::telemetry::metrics().launch_seconds.observe(&[], t0.elapsed().as_secs_f64());
                     tracing::info!(task_id = %a.task_id, elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
                 });
             }
             Message::Kill(k) => {
+                crate::telemetry::metrics().kills_total.inc(&[]);
                 self.killing.lock().unwrap_or_else(|p| p.into_inner()).insert(k.task_id.clone());
                 let agent = self.clone();
                 tokio::spawn(async move {
@@ -178,6 +184,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         reports: reports_tx,
     });
     let watcher = tokio::spawn(watch_deaths(agent.clone()));
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    if let Some(addr) = agent.config.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| crate::Error::Config(format!("admin-listen {addr}: {e}")))?;
+        tracing::info!(%addr, "admin port: /metrics /healthz /readyz");
+        tokio::spawn(titus_obs::admin::serve(listener, crate::telemetry::handler(), admin_stopped));
+    }
     tokio::pin!(shutdown);
 
     let seeds = agent.config.servers.clone();
@@ -193,6 +207,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             o = session(&agent, &addr, &mut reports_rx) => o,
             _ = &mut shutdown => break,
         };
+        let m = crate::telemetry::metrics();
+        m.connected.set(&[], 0.0);
+        m.sessions_total.inc(&[match &outcome {
+            Ok(()) => "closed",
+            Err(SessionEnd { leader: Some(_), .. }) => "redirected",
+            Err(_) => "failed",
+        }]);
         match outcome {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(SessionEnd { message, leader }) => {
@@ -211,6 +232,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
     watcher.abort();
+    let _ = admin_stop.send(true);
     tracing::info!("agent stopped; its containers keep running");
     Ok(())
 }
@@ -249,6 +271,7 @@ async fn session(
             message = inbound.message() => match message {
                 Ok(Some(m)) => {
                     if let Some(pb::control_message::Message::Registered(r)) = &m.message {
+                        crate::telemetry::metrics().connected.set(&[], 1.0);
                         heartbeat = tokio::time::interval(Duration::from_millis(r.heartbeat_interval_ms.max(100)));
                     }
                     if let Some(m) = m.message {
@@ -269,6 +292,7 @@ async fn session(
                     Ok(()) => (true, String::new()),
                     Err(reason) => (false, reason),
                 };
+                crate::telemetry::metrics().docker_healthy.set(&[], if healthy { 1.0 } else { 0.0 });
                 let m = pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(pb::AgentHeartbeat { healthy, unhealthy_reason })) };
                 if out_tx.send(m).await.is_err() {
                     return Err(SessionEnd { message: "stream closed".into(), leader: None });

@@ -755,9 +755,15 @@ fn string_map(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, Strin
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
+/// Metadata key of the id every call carries; the server logs it in the call's span and echoes it.
+pub const REQUEST_ID_METADATA: &str = "x-request-id";
+
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.set_timeout(timeout);
+    if let Ok(id) = uuid::Uuid::new_v4().to_string().parse() {
+        r.metadata_mut().insert(REQUEST_ID_METADATA, id);
+    }
     r
 }
 

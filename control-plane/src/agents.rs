@@ -72,6 +72,13 @@ impl AgentHub {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// For each attached agent, how long since it was last heard (on the leader; empty elsewhere).
+    pub fn heartbeat_ages(&self) -> Vec<(String, Duration)> {
+        let connected = self.connected();
+        let seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        connected.into_iter().filter_map(|id| seen.get(&id).map(|t| (id, t.elapsed()))).collect()
+    }
+
     pub fn connected(&self) -> HashSet<String> {
         self.conns().keys().cloned().collect()
     }
@@ -390,8 +397,11 @@ pub async fn place(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
         if let Some(assignments) = plan_placements(&hub) {
             if !assignments.is_empty() {
                 let n = assignments.len();
+                let m = crate::telemetry::metrics();
+                m.scheduler_plan_size.observe(&[], n as f64);
                 match hub.replica.propose(Command::AssignTasks { assignments, timestamp_ms: now_ms() }, None).await {
                     Ok(CommandResponse::Assigned(done)) => {
+                        m.scheduler_placements_total.add(&[], done.len() as f64);
                         tracing::debug!(proposed = n, applied = done.len(), "placed tasks")
                     }
                     Ok(_) => {}
@@ -430,17 +440,25 @@ fn plan_placements(hub: &AgentHub) -> Option<Vec<Assignment>> {
     let mut used: HashMap<String, ResourceDimension> =
         allocation_by_agent(state).ok()?.into_iter().map(|(agent, a)| (agent, a.resources)).collect();
     let mut out = Vec::new();
+    let mut unplaced = 0;
     for t in tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()) {
         let Some(need) = resources(&t.job_id) else { continue };
+        let mut placed = false;
         for a in &agents {
             let u = used.entry(a.id.clone()).or_default();
             if a.resources.fits(u, &need) {
                 u.add(&need);
                 out.push(Assignment { task_id: t.id.clone(), agent_id: a.id.clone() });
+                placed = true;
                 break;
             }
         }
+        unplaced += usize::from(!placed);
     }
+    let reason = if agents.is_empty() { "no eligible agent" } else { "no agent with enough free resources" };
+    crate::telemetry::metrics()
+        .scheduler_unplaced_tasks
+        .replace((unplaced > 0).then(|| (vec![reason.to_string()], unplaced as f64)));
     Some(out)
 }
 

@@ -38,6 +38,13 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub agents: AgentsConfig,
+    /// The admin HTTP port: /metrics, /healthz, /readyz and the read-only web view (/ui).
+    /// Absent: not served.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// API calls slower than this are logged (warn), with their method and request id.
+    #[serde(default = "default_slow_request_ms")]
+    pub slow_request_ms: u64,
     /// ALB target registration and EC2 capacity. Absent: both are off and everything else works.
     #[serde(default)]
     pub aws: Option<AwsConfig>,
@@ -271,6 +278,10 @@ fn default_request_timeout_ms() -> u64 {
     5_000
 }
 
+fn default_slow_request_ms() -> u64 {
+    1_000
+}
+
 fn default_log_format() -> String {
     "plain".into()
 }
@@ -351,6 +362,11 @@ impl Config {
         if let Some(aws) = &self.aws {
             aws.validate()?;
         }
+        if let Some(admin) = self.admin_listen {
+            if admin == self.api_listen || admin == self.peer_listen {
+                return Err(Error::Config(format!("admin-listen {admin}: must differ from peer-listen and api-listen")));
+            }
+        }
         if !matches!(self.log_format.as_str(), "plain" | "json") {
             return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
@@ -398,6 +414,8 @@ mod tests {
             jobs: JobsConfig::default(),
             agents: AgentsConfig::default(),
             aws: None,
+            admin_listen: None,
+            slow_request_ms: 1_000,
         }
     }
 

@@ -81,6 +81,12 @@ impl ChangeLog {
         let _ = self.tx.send(batch);
     }
 
+    /// The newest `n` retained batches, newest first (for the web view's recent events).
+    pub fn recent(&self, n: usize) -> Vec<Arc<ChangeBatch>> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.batches.iter().rev().take(n).cloned().collect()
+    }
+
     /// Subscribes; with `after = Some(r)`, also returns the retained batches after revision r.
     pub fn subscribe(&self, after: Option<u64>) -> (Start, broadcast::Receiver<Arc<ChangeBatch>>) {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());

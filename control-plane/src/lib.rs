@@ -15,9 +15,12 @@
 //! - [`capacity`]: EC2 capacity of instance groups (a pure planner, the leader duty).
 //! - [`loadbalancer`]: ALB IP target registration (commands, a pure planner, the leader duty).
 //! - [`api`]: the public gRPC services on the api port.
+//! - [`telemetry`] / [`admin`]: metrics, the gRPC request-id and timing layer, and the admin port
+//!   (/metrics, /healthz, /readyz, the read-only web view).
 //! - [`node`]: wires all of it together and runs it until shutdown.
 //! - [`error`]: the crate's error enum and its one conversion to `tonic::Status`.
 
+pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod capacity;
@@ -36,5 +39,6 @@ pub mod peer;
 pub mod raft_types;
 pub mod replica;
 pub mod store;
+pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -25,6 +25,7 @@ use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi,
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::{Cloud, LeaderDuties};
+use crate::telemetry::GrpcTelemetry;
 use crate::network::{Network, PeerChannels, MAX_PEER_MESSAGE_BYTES};
 use crate::peer::PeerService;
 use crate::raft_types::{Node, Raft};
@@ -64,6 +65,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     config.validate()?;
     let peer_listener = bind("peer-listen", config.peer_listen).await?;
     let api_listener = bind("api-listen", config.api_listen).await?;
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(bind("admin-listen", addr).await?),
+        None => None,
+    };
     let (log_store, state_machine, state) = store::open(&config.data_dir, config.node_id)?;
 
     let peers = PeerChannels::new(state.clone(), Duration::from_millis(500));
@@ -128,6 +133,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let api_server = tokio::spawn(
         Server::builder()
             .tcp_nodelay(true)
+            .layer(GrpcTelemetry { slow: Duration::from_millis(config.slow_request_ms) })
             .add_service(health_service)
             .add_service(reflection)
             .add_service(CapacityGroupServiceServer::new(CapacityGroupApi { replica: replica.clone() }))
@@ -146,6 +152,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .serve_with_incoming_shutdown(incoming(api_listener), stopped(stop_rx.clone())),
     );
 
+    if let Some(listener) = admin_listener {
+        tracing::info!(admin = %config.admin_listen.map(|a| a.to_string()).unwrap_or_default(), "admin port: /metrics /healthz /readyz /ui");
+        tokio::spawn(titus_obs::admin::serve(
+            listener,
+            crate::admin::handler(replica.clone(), hub.clone()),
+            stop_rx.clone(),
+        ));
+    }
+    tokio::spawn(crate::telemetry::watch(replica.clone(), stop_rx.clone()));
     let duties = tokio::spawn(LeaderDuties::run(
         replica.clone(),
         config.jobs.clone(),

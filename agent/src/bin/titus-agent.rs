@@ -36,6 +36,9 @@ struct Args {
     /// Docker network for the containers.
     #[arg(long)]
     network: Option<String>,
+    /// The admin HTTP port (/metrics, /healthz, /readyz).
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -53,8 +56,12 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             gpu: 0,
             attributes: BTreeMap::new(),
             network: None,
+            admin_listen: None,
         },
     };
+    if let Some(v) = args.admin_listen {
+        c.admin_listen = Some(v);
+    }
     if let Some(v) = args.agent_id {
         c.agent_id = v;
     }

@@ -33,6 +33,9 @@ struct Args {
     /// Agents silent this long are declared lost.
     #[arg(long)]
     agent_heartbeat_ttl_ms: Option<u64>,
+    /// The admin HTTP port (/metrics, /healthz, /readyz, /ui).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// Turns AWS on in this region (load balancers, capacity), unless the config file already did.
     #[arg(long)]
     aws_region: Option<String>,
@@ -74,6 +77,8 @@ fn config_from(args: Args) -> Result<Config, String> {
             jobs: Default::default(),
             agents: Default::default(),
             aws: None,
+            admin_listen: None,
+            slow_request_ms: 1_000,
         },
     };
     if let Some(v) = args.node_id {
@@ -102,6 +107,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.log_format {
         config.log_format = v;
+    }
+    if let Some(v) = args.admin_listen {
+        config.admin_listen = Some(v);
     }
     if args.aws_region.is_some() || args.aws_endpoint_url.is_some() {
         let aws = config.aws.get_or_insert_with(Default::default);

@@ -77,7 +77,13 @@ impl Duty {
 
         let mut instances: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for g in &groups {
-            let listed = match self.aws.instances_tagged(INSTANCE_GROUP_TAG, &g.id).await {
+            let listed = self.aws.instances_tagged(INSTANCE_GROUP_TAG, &g.id).await;
+            crate::telemetry::metrics().aws_calls_total.inc(&[
+                "capacity",
+                "DescribeInstances",
+                crate::telemetry::aws_outcome(&listed),
+            ]);
+            let listed = match listed {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(group = %g.id, error = %e, "capacity: cannot list instances; skipping this round");
@@ -126,8 +132,16 @@ impl Duty {
                 tracing::info!(group = %group, instance = %id, why = %why, "capacity: terminating instance");
             }
             let ids: Vec<String> = plan.terminate.iter().map(|t| t.1.clone()).collect();
-            if let Err(e) = self.aws.terminate_instances(&ids).await {
-                tracing::warn!(error = %e, "capacity: TerminateInstances failed; retrying next round");
+            let result = self.aws.terminate_instances(&ids).await;
+            let m = crate::telemetry::metrics();
+            m.aws_calls_total.inc(&["capacity", "TerminateInstances", crate::telemetry::aws_outcome(&result)]);
+            match result {
+                Ok(()) => {
+                    for (group, _, why) in &plan.terminate {
+                        m.capacity_instances_terminated_total.inc(&[group, why]);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "capacity: TerminateInstances failed; retrying next round"),
             }
         }
         for (id, count) in plan.launch {
@@ -156,8 +170,12 @@ impl Duty {
             security_group_ids: l.security_group_ids.clone(),
             tags,
         };
-        match self.aws.run_instances(&spec, intent.count, &intent.client_token).await {
+        let result = self.aws.run_instances(&spec, intent.count, &intent.client_token).await;
+        let m = crate::telemetry::metrics();
+        m.aws_calls_total.inc(&["capacity", "RunInstances", crate::telemetry::aws_outcome(&result)]);
+        match result {
             Ok(ids) => {
+                m.capacity_instances_launched_total.add(&[&g.id], ids.len() as f64);
                 tracing::info!(group = %g.id, instances = ?ids, "capacity: launched instances");
                 self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await
             }

@@ -176,11 +176,12 @@ impl Duty {
                 continue;
             }
             let ips: Vec<String> = of_group.iter().map(|t| t.ip.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            let result = if done == TargetState::Registered {
-                self.aws.register_targets(&group, &ips).await
+            let (api, result) = if done == TargetState::Registered {
+                ("RegisterTargets", self.aws.register_targets(&group, &ips).await)
             } else {
-                self.aws.deregister_targets(&group, &ips).await
+                ("DeregisterTargets", self.aws.deregister_targets(&group, &ips).await)
             };
+            crate::telemetry::metrics().aws_calls_total.inc(&["lb", api, crate::telemetry::aws_outcome(&result)]);
             match result {
                 Ok(()) => {
                     self.backoff.succeeded(&group);
@@ -265,7 +266,10 @@ impl Duty {
             if !self.backoff.ready(&group) {
                 continue;
             }
-            let present = match self.aws.registered_targets(&group).await {
+            let listed = self.aws.registered_targets(&group).await;
+            let m = crate::telemetry::metrics();
+            m.aws_calls_total.inc(&["lb", "DescribeTargetHealth", crate::telemetry::aws_outcome(&listed)]);
+            let present = match listed {
                 Ok(ids) => ids.into_iter().collect::<BTreeSet<_>>(),
                 Err(e) => {
                     self.failed(&group, e).await?;
@@ -275,6 +279,7 @@ impl Duty {
             let (missing, stale) = plan::repair(&group, &records, &present);
             if !missing.is_empty() {
                 tracing::warn!(target_group = %group, targets = ?missing, "reconcile: registered targets are missing; registering them again");
+                m.lb_drift_repaired_total.add(&["missing"], missing.len() as f64);
                 if let Err(e) = self.aws.register_targets(&group, &missing).await {
                     self.failed(&group, e).await?;
                     continue;
@@ -282,6 +287,7 @@ impl Duty {
             }
             if !stale.is_empty() {
                 tracing::warn!(target_group = %group, targets = ?stale, "reconcile: targets this system deregistered are back; deregistering them");
+                m.lb_drift_repaired_total.add(&["stale"], stale.len() as f64);
                 if let Err(e) = self.aws.deregister_targets(&group, &stale).await {
                     self.failed(&group, e).await?;
                 }

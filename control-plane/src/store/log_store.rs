@@ -124,7 +124,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Entries must be on disk before openraft is told they are: a synced write fsyncs the WAL.
         // Only then is the callback called; on error it is dropped and openraft sees the failure.
+        let started = std::time::Instant::now();
         let result = blocking(|| self.db.write_opt(batch, &sync_write_options()));
+        crate::telemetry::metrics().raft_append_seconds.observe(&[], started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

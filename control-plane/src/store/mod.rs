@@ -107,6 +107,13 @@ pub(crate) fn archive_order_key(finished_ms: i64, job_id: &str) -> Vec<u8> {
 }
 
 /// A consistent read of every active job and task, and the revision (applied index) it reflects.
+#[derive(Debug, Default)]
+pub struct RocksProperties {
+    pub sst_bytes: Vec<(String, u64)>,
+    pub compaction_pending: Vec<(String, u64)>,
+    pub write_stopped: u64,
+}
+
 pub struct JobsSnapshot {
     pub revision: u64,
     pub jobs: Vec<Job>,
@@ -307,6 +314,20 @@ impl JobRead for StateReader {
 impl StateReader {
     pub fn instance_groups(&self) -> Result<Vec<InstanceGroup>> {
         self.all(cf::INSTANCE_GROUPS)
+    }
+
+    /// RocksDB's own gauges, for metrics: SST bytes and pending compaction per column family, and
+    /// whether writes are stopped.
+    pub fn rocksdb_properties(&self) -> RocksProperties {
+        let mut p = RocksProperties::default();
+        for name in cf::all() {
+            let Some(handle) = self.db.cf_handle(name) else { continue };
+            let int = |prop: &str| self.db.property_int_value_cf(handle, prop).ok().flatten().unwrap_or(0);
+            p.sst_bytes.push((name.to_string(), int("rocksdb.total-sst-files-size")));
+            p.compaction_pending.push((name.to_string(), int("rocksdb.compaction-pending")));
+        }
+        p.write_stopped = self.db.property_int_value("rocksdb.is-write-stopped").ok().flatten().unwrap_or(0);
+        p
     }
 
     /// The load balancer targets recorded for one task (keys start with its id).

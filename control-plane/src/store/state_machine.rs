@@ -288,6 +288,17 @@ impl std::error::Error for AnyErr {}
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot> {
+        let started = std::time::Instant::now();
+        let snapshot = self.build_snapshot_now()?;
+        let m = crate::telemetry::metrics();
+        m.snapshot_build_seconds.observe(&[], started.elapsed().as_secs_f64());
+        m.snapshot_bytes.set(&[], snapshot.snapshot.get_ref().len() as f64);
+        Ok(snapshot)
+    }
+}
+
+impl StateMachine {
+    fn build_snapshot_now(&mut self) -> StoreResult<Snapshot> {
         // A RocksDB snapshot gives a consistent view while apply goes on concurrently.
         let view = self.db.snapshot();
         let read = |key: &[u8]| -> StoreResult<Option<Vec<u8>>> {

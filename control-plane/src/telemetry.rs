@@ -1,0 +1,352 @@
+//! The replica's metrics (Prometheus names, units in names, `_total` counters), the gRPC layer that
+//! counts and times every call and gives it a request id, and the scrape-time collector.
+//!
+//! Counters and histograms are updated where things happen (log append, snapshot, placement, AWS
+//! calls, every gRPC call); gauges that describe state (tasks by state, agents, Raft indexes,
+//! RocksDB) are computed from the replica's own view when `/metrics` is scraped, so every replica —
+//! follower or leader — reports the same replicated facts.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use titus_obs::{Counter, Gauge, Histogram, Registry, LATENCY_BUCKETS};
+
+use crate::jobs::apply::agent_of;
+use crate::jobs::store::JobRead;
+use crate::model::agent::AgentState;
+use crate::model::task::TaskState;
+use crate::replica::Replica;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub raft_term: Gauge,
+    pub raft_is_leader: Gauge,
+    pub raft_last_log_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_snapshot_index: Gauge,
+    pub raft_follower_lag_entries: Gauge,
+    pub raft_leader_changes_total: Counter,
+    pub raft_append_seconds: Histogram,
+    pub snapshot_build_seconds: Histogram,
+    pub snapshot_bytes: Gauge,
+    pub grpc_requests_total: Counter,
+    pub grpc_request_seconds: Histogram,
+    pub tasks: Gauge,
+    pub task_launch_seconds: Histogram,
+    pub scheduler_pending_tasks: Gauge,
+    pub scheduler_placements_total: Counter,
+    pub scheduler_plan_size: Histogram,
+    pub scheduler_unplaced_tasks: Gauge,
+    pub agents: Gauge,
+    pub agents_connected: Gauge,
+    pub agent_heartbeat_age_seconds: Gauge,
+    pub aws_calls_total: Counter,
+    pub lb_drift_repaired_total: Counter,
+    pub capacity_instances_launched_total: Counter,
+    pub capacity_instances_terminated_total: Counter,
+    pub rocksdb_sst_bytes: Gauge,
+    pub rocksdb_compaction_pending: Gauge,
+    pub rocksdb_write_stopped: Gauge,
+}
+
+/// The process-wide metrics (one replica per process).
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let r = Registry::default();
+        Metrics {
+            raft_term: r.gauge("titus_raft_term", "Current Raft term.", &[]),
+            raft_is_leader: r.gauge("titus_raft_is_leader", "1 on the leader, 0 elsewhere.", &[]),
+            raft_last_log_index: r.gauge("titus_raft_last_log_index", "Index of the last log entry.", &[]),
+            raft_applied_index: r.gauge("titus_raft_applied_index", "Index of the last applied entry.", &[]),
+            raft_snapshot_index: r.gauge("titus_raft_snapshot_index", "Index the newest snapshot covers.", &[]),
+            raft_follower_lag_entries: r.gauge(
+                "titus_raft_follower_lag_entries",
+                "On the leader: entries each follower is behind the leader's log.",
+                &["follower"],
+            ),
+            raft_leader_changes_total: r.counter(
+                "titus_raft_leader_changes_total",
+                "Leader changes this replica has seen.",
+                &[],
+            ),
+            raft_append_seconds: r.histogram(
+                "titus_raft_append_seconds",
+                "Synced log append latency.",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            snapshot_build_seconds: r.histogram(
+                "titus_raft_snapshot_build_seconds",
+                "Time to build a snapshot.",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            snapshot_bytes: r.gauge("titus_raft_snapshot_bytes", "Size of the newest snapshot built here.", &[]),
+            grpc_requests_total: r.counter(
+                "titus_grpc_requests_total",
+                "API calls by method and gRPC status code.",
+                &["method", "code"],
+            ),
+            grpc_request_seconds: r.histogram(
+                "titus_grpc_request_seconds",
+                "API call latency to the response headers (streams: to the stream's start).",
+                &["method"],
+                LATENCY_BUCKETS,
+            ),
+            tasks: r.gauge("titus_tasks", "Active tasks by state.", &["state"]),
+            task_launch_seconds: r.histogram(
+                "titus_task_launch_seconds",
+                "Accepted to Started, per task.",
+                &[],
+                &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+            scheduler_pending_tasks: r.gauge(
+                "titus_scheduler_pending_tasks",
+                "Accepted tasks not yet placed on an agent.",
+                &[],
+            ),
+            scheduler_placements_total: r.counter(
+                "titus_scheduler_placements_total",
+                "Placements committed by this replica as leader.",
+                &[],
+            ),
+            scheduler_plan_size: r.histogram(
+                "titus_scheduler_plan_size",
+                "Placements per proposed plan.",
+                &[],
+                &[1.0, 10.0, 100.0, 1000.0, 10000.0],
+            ),
+            scheduler_unplaced_tasks: r.gauge(
+                "titus_scheduler_unplaced_tasks",
+                "Tasks the last placement round could not place, by reason.",
+                &["reason"],
+            ),
+            agents: r.gauge("titus_agents", "Registered agents by state.", &["state"]),
+            agents_connected: r.gauge(
+                "titus_agents_connected",
+                "On the leader: agents whose stream is attached.",
+                &[],
+            ),
+            agent_heartbeat_age_seconds: r.gauge(
+                "titus_agent_heartbeat_age_seconds",
+                "On the leader: time since each attached agent was last heard.",
+                &["agent"],
+            ),
+            aws_calls_total: r.counter(
+                "titus_aws_calls_total",
+                "AWS calls by duty, API and outcome (ok, throttled_or_5xx, not_found, rejected).",
+                &["duty", "api", "outcome"],
+            ),
+            lb_drift_repaired_total: r.counter(
+                "titus_lb_drift_repaired_total",
+                "Targets the reconcile registered again (missing) or deregistered again (stale).",
+                &["kind"],
+            ),
+            capacity_instances_launched_total: r.counter(
+                "titus_capacity_instances_launched_total",
+                "EC2 instances launched, by instance group.",
+                &["group"],
+            ),
+            capacity_instances_terminated_total: r.counter(
+                "titus_capacity_instances_terminated_total",
+                "EC2 instances terminated, by instance group and reason.",
+                &["group", "reason"],
+            ),
+            rocksdb_sst_bytes: r.gauge("titus_rocksdb_sst_bytes", "Size of SST files by column family.", &["cf"]),
+            rocksdb_compaction_pending: r.gauge(
+                "titus_rocksdb_compaction_pending",
+                "1 when a compaction is pending, by column family.",
+                &["cf"],
+            ),
+            rocksdb_write_stopped: r.gauge("titus_rocksdb_write_stopped", "1 while RocksDB stops writes.", &[]),
+            registry: r,
+        }
+    })
+}
+
+/// The outcome label of an AWS call.
+pub fn aws_outcome<T>(result: &Result<T, titus_aws::AwsError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(titus_aws::AwsError::Transient(_)) => "throttled_or_5xx",
+        Err(titus_aws::AwsError::NotFound(_)) => "not_found",
+        Err(titus_aws::AwsError::Rejected(_)) => "rejected",
+    }
+}
+
+/// Sets the scrape-time gauges from this replica's view, then renders everything.
+pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
+    let m = metrics();
+    let raft = replica.raft.metrics().borrow().clone();
+    m.raft_term.set(&[], raft.current_term as f64);
+    m.raft_is_leader.set(&[], if raft.current_leader == Some(replica.id) { 1.0 } else { 0.0 });
+    m.raft_last_log_index.set(&[], raft.last_log_index.unwrap_or(0) as f64);
+    m.raft_applied_index.set(&[], raft.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+    m.raft_snapshot_index.set(&[], raft.snapshot.map(|l| l.index).unwrap_or(0) as f64);
+    let last = raft.last_log_index.unwrap_or(0);
+    m.raft_follower_lag_entries.replace(raft.replication.iter().flat_map(|r| r.iter()).filter(|(id, _)| **id != replica.id).map(
+        |(id, matched)| (vec![id.to_string()], last.saturating_sub(matched.map(|l| l.index).unwrap_or(0)) as f64),
+    ));
+
+    let state = &replica.state;
+    if let Ok(tasks) = state.all_tasks() {
+        let mut by_state = std::collections::BTreeMap::new();
+        let mut pending = 0;
+        for t in &tasks {
+            *by_state.entry(t.state().name().to_string()).or_insert(0.0) += 1.0;
+            if t.state() == TaskState::Accepted && agent_of(t).is_none() {
+                pending += 1;
+            }
+        }
+        m.tasks.replace(by_state.into_iter().map(|(k, v)| (vec![k], v)));
+        m.scheduler_pending_tasks.set(&[], pending as f64);
+    }
+    if let Ok(agents) = state.agents() {
+        let online = agents.iter().filter(|a| a.state == AgentState::Online).count();
+        m.agents.replace([
+            (vec!["online".to_string()], online as f64),
+            (vec!["lost".to_string()], (agents.len() - online) as f64),
+        ]);
+    }
+    let heard = hub.heartbeat_ages();
+    m.agents_connected.set(&[], heard.len() as f64);
+    m.agent_heartbeat_age_seconds.replace(heard.into_iter().map(|(id, age)| (vec![id], age.as_secs_f64())));
+    let rocks = state.rocksdb_properties();
+    m.rocksdb_sst_bytes.replace(rocks.sst_bytes.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
+    m.rocksdb_compaction_pending.replace(rocks.compaction_pending.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
+    m.rocksdb_write_stopped.set(&[], rocks.write_stopped as f64);
+    m.registry.render()
+}
+
+/// Counts leader changes and observes Accepted → Started latency from the applied changes.
+pub async fn watch(replica: Arc<Replica>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let m = metrics();
+    let mut raft = replica.raft.metrics();
+    let mut leader = raft.borrow().current_leader;
+    let (_, mut changes) = replica.state.changes.subscribe(None);
+    loop {
+        tokio::select! {
+            changed = raft.changed() => {
+                if changed.is_err() { return }
+                let now = raft.borrow_and_update().current_leader;
+                if now.is_some() && now != leader {
+                    m.raft_leader_changes_total.inc(&[]);
+                }
+                leader = now;
+            }
+            batch = changes.recv() => match batch {
+                Ok(batch) => {
+                    for change in &batch.changes {
+                        if let crate::events::Change::Task(t) = change {
+                            if t.state() == TaskState::Started {
+                                if let Some(accepted) = t.entered(TaskState::Accepted) {
+                                    let secs = (t.status.timestamp_ms - accepted).max(0) as f64 / 1000.0;
+                                    m.task_launch_seconds.observe(&[], secs);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Metadata key of a call's request id (the SDK sends one; the server makes one when absent and
+/// always echoes it).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A tower layer for the api port: a span per call carrying the method and request id, the id
+/// echoed in the response, the call counted by method and code and timed, and calls slower than
+/// `slow` logged.
+#[derive(Clone)]
+pub struct GrpcTelemetry {
+    pub slow: Duration,
+}
+
+impl<S> tower_layer::Layer<S> for GrpcTelemetry {
+    type Service = GrpcTelemetryService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTelemetryService { inner, slow: self.slow }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcTelemetryService<S> {
+    inner: S,
+    slow: Duration,
+}
+
+/// Long-lived streams: their latency is meaningless and they are never "slow".
+fn is_stream(method: &str) -> bool {
+    method.ends_with("/Attach") || method.contains("/Observe")
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for GrpcTelemetryService<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_string();
+        let id = request
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let span = tracing::info_span!("rpc", method = %method, request_id = %id);
+        let started = Instant::now();
+        let slow = self.slow;
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let mut response = future.await?;
+                let elapsed = started.elapsed();
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .unwrap_or(0);
+                let code_name = format!("{:?}", tonic::Code::from_i32(code));
+                if let Ok(v) = http::HeaderValue::from_str(&id) {
+                    response.headers_mut().insert(REQUEST_ID, v);
+                }
+                let m = metrics();
+                m.grpc_requests_total.inc(&[&method, &code_name]);
+                if !is_stream(&method) {
+                    m.grpc_request_seconds.observe(&[&method], elapsed.as_secs_f64());
+                    if elapsed >= slow {
+                        tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, code = %code_name, "slow request");
+                    }
+                }
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
