@@ -16,6 +16,8 @@ pub struct Replica {
     pub id: u64,
     pub peer_addr: String,
     pub api_addr: String,
+    /// The admin HTTP port: /metrics, /healthz, /readyz, /ui.
+    pub admin_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     process: Option<Child>,
@@ -87,6 +89,7 @@ impl Cluster {
             id,
             peer_addr: format!("127.0.0.1:{}", free_port()),
             api_addr: format!("127.0.0.1:{}", free_port()),
+            admin_addr: format!("127.0.0.1:{}", free_port()),
             data_dir: dir.path().join(format!("data-{id}")),
             log: dir.path().join(format!("replica-{id}.log")),
             process: None,
@@ -117,6 +120,8 @@ impl Cluster {
             .arg(&r.peer_addr)
             .arg("--api-listen")
             .arg(&r.api_addr)
+            .arg("--admin-listen")
+            .arg(&r.admin_addr)
             .args(members.iter().flat_map(|m| ["--member".to_string(), m.clone()]))
             .args(&extra)
             .env("RUST_LOG", "info,openraft=warn")
@@ -453,4 +458,16 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
             std::fs::copy(entry.path(), &to).expect("copy");
         }
     }
+}
+
+/// GETs `path` from an admin port: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the admin port");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.expect("read");
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }
