@@ -40,6 +40,13 @@ pub struct AgentConfig {
     /// The admin HTTP port (/metrics, /healthz, /readyz); absent: not served.
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// `plain` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_log_format() -> String {
+    "plain".into()
 }
 
 fn default_disk_mb() -> u32 {
@@ -69,6 +76,9 @@ impl AgentConfig {
         }
         if let Some(s) = self.servers.iter().find(|s| !s.contains(':')) {
             return Err(Error::Config(format!("servers: {s:?} is not host:port")));
+        }
+        if !matches!(self.log_format.as_str(), "plain" | "json") {
+            return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
         if self.cpu == 0.0 {
             self.cpu = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);

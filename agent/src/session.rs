@@ -64,14 +64,15 @@ impl Agent {
             Message::Assign(a) => {
                 let agent = self.clone();
                 crate::telemetry::metrics().assignments_total.inc(&[]);
-                tokio::spawn(async move {
+                let span = tracing::info_span!("launch", task_id = %a.task_id, job_id = %a.job_id);
+                tokio::spawn(tracing::Instrument::instrument(async move {
                     let t0 = std::time::Instant::now();
                     for o in agent.docker.launch(&a).await {
                         agent.report(&o);
                     }
                     crate::telemetry::metrics().launch_seconds.observe(&[], t0.elapsed().as_secs_f64());
-                    tracing::info!(task_id = %a.task_id, elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
-                });
+                    tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
+                }, span));
             }
             Message::Kill(k) => {
                 crate::telemetry::metrics().kills_total.inc(&[]);
@@ -203,8 +204,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             next = (next + 1) % seeds.len();
             seeds[next].clone()
         });
+        let span = tracing::info_span!("session", agent_id = %agent.config.agent_id, server = %addr);
         let outcome = tokio::select! {
-            o = session(&agent, &addr, &mut reports_rx) => o,
+            o = tracing::Instrument::instrument(session(&agent, &addr, &mut reports_rx), span) => o,
             _ = &mut shutdown => break,
         };
         let m = crate::telemetry::metrics();

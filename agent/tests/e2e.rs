@@ -302,3 +302,41 @@ async fn t250_an_agent_without_docker_is_unhealthy_and_gets_no_tasks() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(tasks_in(&client, &id, "Accepted").await.len(), 1, "an unhealthy agent must get no tasks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t260_agent_and_leader_metrics_follow_a_launch() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let a = c.start_agent_with("a260", 2.0, 2048, &["--admin-listen", &admin, "--log-format", "json"]);
+    wait_until(SETTLE, "the agent attached and ready", || async {
+        (common::http_get(&admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(common::http_get(&admin, "/healthz").await.0, 200);
+    let client = c.client();
+    let id = client.create_job(job("metered", container(&["sleep", "600"], 0.5, 64), service(2, 2))).await.unwrap();
+    wait_tasks(&client, &id, "Started", 2, SETTLE).await;
+
+    let s = common::scrape(&admin).await;
+    assert_eq!(common::value(&s, "titus_agent_connected", &[]), 1.0);
+    assert_eq!(common::value(&s, "titus_agent_assignments_total", &[]), 2.0);
+    assert!(common::value(&s, "titus_agent_task_reports_total", &[("state", "TASK_STARTED")]) >= 2.0);
+    assert_eq!(common::value(&s, "titus_agent_launch_seconds_count", &[]), 2.0);
+    assert_eq!(common::value(&s, "titus_agent_docker_healthy", &[]), 1.0);
+
+    // The leader saw the same launches: placements, launch latency, one attached agent.
+    let s = common::scrape(&c.replica(leader).admin_addr).await;
+    assert!(common::value(&s, "titus_scheduler_placements_total", &[]) >= 2.0);
+    assert!(common::value(&s, "titus_task_launch_seconds_count", &[]) >= 2.0);
+    assert_eq!(common::value(&s, "titus_agents_connected", &[]), 1.0);
+    assert_eq!(common::value(&s, "titus_agents", &[("state", "online")]), 1.0);
+    assert_eq!(common::value(&s, "titus_tasks", &[("state", "Started")]), 2.0);
+    // JSON logs carry the task's span fields.
+    let log = c.agent_log(&a);
+    let line = log.lines().find(|l| l.contains("\"launched\"")).expect("a launch log line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert!(v["span"]["task_id"].as_str().is_some_and(|t| !t.is_empty()), "{line}");
+    assert_eq!(v["span"]["job_id"], id.as_str(), "{line}");
+}

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, watch};
+use tracing::Instrument;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -342,10 +343,14 @@ impl AgentService for AgentApi {
         hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(reg.agent_id.clone(), Instant::now());
         tracing::info!(agent_id = %reg.agent_id, tasks = reg.tasks.len(), "agent registered");
         let hub = hub.clone();
-        tokio::spawn(async move {
-            hub.reconcile(&reg.agent_id, reg.tasks, !reg.inventory_incomplete).await;
-            hub.read_agent(reg.agent_id, conn_id, inbound, !reg.inventory_incomplete).await;
-        });
+        let span = tracing::info_span!("agent_stream", agent_id = %reg.agent_id);
+        tokio::spawn(
+            async move {
+                hub.reconcile(&reg.agent_id, reg.tasks, !reg.inventory_incomplete).await;
+                hub.read_agent(reg.agent_id, conn_id, inbound, !reg.inventory_incomplete).await;
+            }
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -39,6 +39,9 @@ struct Args {
     /// The admin HTTP port (/metrics, /healthz, /readyz).
     #[arg(long)]
     admin_listen: Option<std::net::SocketAddr>,
+    /// `plain` or `json`.
+    #[arg(long)]
+    log_format: Option<String>,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -57,8 +60,12 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             attributes: BTreeMap::new(),
             network: None,
             admin_listen: None,
+            log_format: "plain".into(),
         },
     };
+    if let Some(v) = args.log_format {
+        c.log_format = v;
+    }
     if let Some(v) = args.admin_listen {
         c.admin_listen = Some(v);
     }
@@ -96,21 +103,6 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
     c.finish().map_err(|e| e.to_string())
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match config_from(Args::parse()) {
@@ -120,10 +112,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
-    match titus_agent::session::run(config, shutdown_signal()).await {
+    titus_obs::process::init_logging(&config.log_format, "info");
+    match titus_agent::session::run(config, titus_obs::process::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("titus-agent: {e}");

@@ -460,14 +460,143 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
     }
 }
 
-/// GETs `path` from an admin port: (status code, body).
+/// GETs `path` from an admin port: (status code, body); status 0 when nothing listens (yet).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the admin port");
+    let mut s = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return (0, format!("connect {addr}: {e}")),
+    };
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send");
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.expect("read");
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// One sample: metric name, labels, value.
+pub type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
+/// A strict parser of the text exposition format (0.0.4): HELP/TYPE lines, samples with quoted
+/// and escaped label values, numeric values; every sample belongs to a family whose TYPE came
+/// first; histogram buckets are cumulative and end with `+Inf` equal to `_count`.
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
+    let mut types: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let mut samples = Vec::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+    };
+    for (no, line) in text.lines().enumerate() {
+        let at = |m: &str| format!("line {}: {m}: {line:?}", no + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(name), _) if valid_name(name) => {}
+                (Some("TYPE"), Some(name), Some(kind))
+                    if valid_name(name) && ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) =>
+                {
+                    if types.insert(name.to_string(), kind.to_string()).is_some() {
+                        return Err(at("a second TYPE for one family"));
+                    }
+                }
+                _ => return Err(at("a comment that is neither HELP nor TYPE")),
+            }
+            continue;
+        }
+        let (name_labels, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().map_err(|_| at("value is not a number"))?,
+        };
+        let (name, labels) = match name_labels.split_once('{') {
+            None => (name_labels.to_string(), std::collections::BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').ok_or_else(|| at("labels not closed"))?;
+                let mut labels = std::collections::BTreeMap::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if !valid_name(&key) || chars.next() != Some('"') {
+                        return Err(at("bad label"));
+                    }
+                    let mut val = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('\\') => match chars.next() {
+                                Some('n') => val.push('\n'),
+                                Some(c @ ('\\' | '"')) => val.push(c),
+                                _ => return Err(at("bad escape")),
+                            },
+                            Some('"') => break,
+                            Some(c) => val.push(c),
+                            None => return Err(at("label value not closed")),
+                        }
+                    }
+                    labels.insert(key, val);
+                    match chars.next() {
+                        Some(',') | None => {}
+                        _ => return Err(at("labels not separated by commas")),
+                    }
+                }
+                (name.to_string(), labels)
+            }
+        };
+        if !valid_name(&name) {
+            return Err(at("bad metric name"));
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
+            .unwrap_or(&name);
+        if !types.contains_key(family) {
+            return Err(at("a sample before its family's TYPE"));
+        }
+        samples.push((name, labels, value));
+    }
+    // Histograms: cumulative buckets ending at +Inf == _count.
+    for (family, _) in types.iter().filter(|(_, t)| *t == "histogram") {
+        let mut series: std::collections::BTreeMap<Vec<(String, String)>, Vec<f64>> = std::collections::BTreeMap::new();
+        for (name, labels, v) in &samples {
+            if *name == format!("{family}_bucket") {
+                let key = labels.iter().filter(|(k, _)| *k != "le").map(|(k, v)| (k.clone(), v.clone())).collect();
+                series.entry(key).or_default().push(*v);
+            }
+        }
+        for (key, buckets) in series {
+            if buckets.windows(2).any(|w| w[1] < w[0]) {
+                return Err(format!("{family}{key:?}: buckets are not cumulative"));
+            }
+            let count = samples
+                .iter()
+                .find(|(n, l, _)| {
+                    *n == format!("{family}_count")
+                        && l.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>() == key
+                })
+                .map(|s| s.2);
+            if count != buckets.last().copied() {
+                return Err(format!("{family}{key:?}: +Inf bucket differs from _count"));
+            }
+        }
+    }
+    Ok(samples)
+}
+
+pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.2)
+        .sum()
+}
+
+pub async fn scrape(addr: &str) -> Vec<Sample> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    parse_exposition(&body).unwrap_or_else(|e| panic!("invalid exposition from {addr}: {e}\n{body}"))
 }
