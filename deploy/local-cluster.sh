@@ -29,7 +29,8 @@ up() {
             continue
         fi
         nohup "$BIN/titus-control-plane" --node-id "$id" --data-dir "$DIR/data-$id" \
-            --peer-listen "127.0.0.1:700$id" --api-listen "127.0.0.1:800$id" "${MEMBERS[@]}" \
+            --peer-listen "127.0.0.1:700$id" --api-listen "127.0.0.1:800$id" --admin-listen "127.0.0.1:900$id" \
+            "${MEMBERS[@]}" \
             >>"$DIR/replica-$id.log" 2>&1 &
         echo $! >"$DIR/replica-$id.pid"
         echo "replica $id started (pid $!, log $DIR/replica-$id.log)"
@@ -38,7 +39,7 @@ up() {
         echo "agent already running (pid $(cat "$DIR/replica-agent.pid"))"
     else
         nohup "$BIN/titus-agent" --agent-id "local-agent" --servers "$SERVERS" --cpu 4 --memory-mb 4096 \
-            --attribute zone=local-a >>"$DIR/agent.log" 2>&1 &
+            --attribute zone=local-a --admin-listen 127.0.0.1:9100 >>"$DIR/agent.log" 2>&1 &
         echo $! >"$DIR/replica-agent.pid"
         echo "agent started (pid $!, log $DIR/agent.log)"
     fi
@@ -80,6 +81,8 @@ The cluster is up. Try:
   $BIN/titus --server $SERVERS task list JOB_ID
   $BIN/titus --server $SERVERS job resize JOB_ID --desired 3
   docker ps --filter label=titus.agent.id=local-agent
+  open http://127.0.0.1:9001/ui         # read-only web view (any replica: 9001-9003)
+  curl -s 127.0.0.1:9001/metrics        # Prometheus metrics (agent: 127.0.0.1:9100/metrics)
   kill -9 \$(cat $DIR/replica-1.pid)   # the others elect a new leader; no container restarts
   deploy/local-cluster.sh up            # restarts what is not running
   deploy/local-cluster.sh down          # stop (data kept in $DIR)

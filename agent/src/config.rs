@@ -114,6 +114,14 @@ mod tests {
     }
 
     #[test]
+    fn template_parses_and_finishes() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let c = AgentConfig::from_file(&path).unwrap().finish().unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.log_format, "plain");
+    }
+
+    #[test]
     fn host_resources_fill_the_gaps_and_bad_settings_are_named() {
         let c = config().finish().unwrap();
         assert!(c.cpu >= 1.0 && c.memory_mb > 0);
