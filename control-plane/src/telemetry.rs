@@ -28,6 +28,7 @@ pub struct Metrics {
     pub raft_is_leader: Gauge,
     pub raft_last_log_index: Gauge,
     pub raft_applied_index: Gauge,
+    pub raft_committed_index: Gauge,
     pub raft_snapshot_index: Gauge,
     pub raft_follower_lag_entries: Gauge,
     pub raft_leader_changes_total: Counter,
@@ -64,6 +65,11 @@ pub fn metrics() -> &'static Metrics {
             raft_is_leader: r.gauge("titus_raft_is_leader", "1 on the leader, 0 elsewhere.", &[]),
             raft_last_log_index: r.gauge("titus_raft_last_log_index", "Index of the last log entry.", &[]),
             raft_applied_index: r.gauge("titus_raft_applied_index", "Index of the last applied entry.", &[]),
+            raft_committed_index: r.gauge(
+                "titus_raft_committed_index",
+                "Commit index as last saved by this replica.",
+                &[],
+            ),
             raft_snapshot_index: r.gauge("titus_raft_snapshot_index", "Index the newest snapshot covers.", &[]),
             raft_follower_lag_entries: r.gauge(
                 "titus_raft_follower_lag_entries",
@@ -189,6 +195,7 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
     m.raft_last_log_index.set(&[], raft.last_log_index.unwrap_or(0) as f64);
     m.raft_applied_index.set(&[], raft.last_applied.map(|l| l.index).unwrap_or(0) as f64);
     m.raft_snapshot_index.set(&[], raft.snapshot.map(|l| l.index).unwrap_or(0) as f64);
+    m.raft_committed_index.set(&[], replica.state.committed_index() as f64);
     let last = raft.last_log_index.unwrap_or(0);
     m.raft_follower_lag_entries.replace(raft.replication.iter().flat_map(|r| r.iter()).filter(|(id, _)| **id != replica.id).map(
         |(id, matched)| (vec![id.to_string()], last.saturating_sub(matched.map(|l| l.index).unwrap_or(0)) as f64),

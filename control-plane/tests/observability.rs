@@ -71,6 +71,7 @@ async fn t500_metrics_are_valid_and_move_health_means_something_and_request_ids_
     assert_eq!(creates(&after) - creates(&before), 3.0, "three CreateJob calls counted");
     assert!(value(&after, "titus_grpc_request_seconds_count", &[("method", "/titus.JobManagementService/CreateJob")]) >= 3.0);
     assert!(value(&after, "titus_raft_last_log_index", &[]) > value(&before, "titus_raft_last_log_index", &[]));
+    assert!(value(&after, "titus_raft_committed_index", &[]) > value(&before, "titus_raft_committed_index", &[]));
     assert!(value(&after, "titus_raft_append_seconds_count", &[]) > value(&before, "titus_raft_append_seconds_count", &[]));
     for r in &cluster.replicas {
         wait_until(ELECTION, "six pending tasks seen by every replica", || async {

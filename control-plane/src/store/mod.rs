@@ -316,6 +316,16 @@ impl StateReader {
         self.all(cf::INSTANCE_GROUPS)
     }
 
+    /// The commit index openraft last saved (for metrics; it may trail the leader's by a heartbeat).
+    pub fn committed_index(&self) -> u64 {
+        self.get::<Option<crate::raft_types::LogId>>(cf::RAFT_META, cf::raft_meta::COMMITTED)
+            .ok()
+            .flatten()
+            .flatten()
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
     /// RocksDB's own gauges, for metrics: SST bytes and pending compaction per column family, and
     /// whether writes are stopped.
     pub fn rocksdb_properties(&self) -> RocksProperties {
