@@ -17,6 +17,7 @@ use crate::jobs::store::JobRead;
 use crate::model::agent::{AgentState, Lifecycle};
 use crate::model::job::{Job, JobType};
 use crate::model::task::{context, Task, TaskState};
+use crate::model::ResourceDimension;
 use crate::replica::Replica;
 
 /// A follower whose applied index is this far behind its log is not ready.
@@ -96,6 +97,15 @@ fn table(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
     out.push_str("</table>");
 }
 
+/// Tables show at most this many rows: a page stays small on a large cluster.
+const MAX_ROWS: usize = 500;
+
+fn shown(out: &mut String, total: usize) {
+    if total > MAX_ROWS {
+        let _ = write!(out, "<p class=\"muted\">showing the first {MAX_ROWS} of {total}</p>");
+    }
+}
+
 fn job_link(id: &str) -> String {
     format!("<a href=\"/ui/jobs/{}\">{}</a>", escape(id), escape(id))
 }
@@ -141,10 +151,11 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
     let allocation = allocation_by_agent(state).unwrap_or_default();
     let ages: BTreeMap<String, std::time::Duration> = hub.heartbeat_ages().into_iter().collect();
     out.push_str("<h2>Agents</h2>");
-    let rows = state
-        .agents()
-        .unwrap_or_default()
+    let agents = state.agents().unwrap_or_default();
+    shown(&mut out, agents.len());
+    let rows = agents
         .into_iter()
+        .take(MAX_ROWS)
         .map(|a| {
             let used = allocation.get(&a.id).cloned().unwrap_or_default();
             vec![
@@ -163,13 +174,16 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
 
     out.push_str("<h2>Jobs</h2>");
     let jobs = state.jobs().unwrap_or_default();
+    shown(&mut out, jobs.len());
+    let mut counts_by_job: BTreeMap<&str, BTreeMap<&str, u32>> = BTreeMap::new();
+    for t in &tasks {
+        *counts_by_job.entry(t.job_id.as_str()).or_default().entry(t.state().name()).or_default() += 1;
+    }
     let rows = jobs
         .iter()
+        .take(MAX_ROWS)
         .map(|j| {
-            let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
-            for t in tasks.iter().filter(|t| t.job_id == j.id) {
-                *counts.entry(t.state().name()).or_default() += 1;
-            }
+            let counts = counts_by_job.get(j.id.as_str()).cloned().unwrap_or_default();
             let summary = counts.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ");
             vec![
                 job_link(&j.id),
@@ -183,11 +197,14 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
     table(&mut out, &["job", "application", "type", "state", "tasks"], rows);
 
     out.push_str("<h2>Pending tasks</h2>");
-    let rows = tasks
+    let reasons = PendingReasons::new(replica);
+    let by_id: BTreeMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+    let pending: Vec<&Task> = tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()).collect();
+    shown(&mut out, pending.len());
+    let rows = pending
         .iter()
-        .filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none())
-        .take(200)
-        .map(|t| vec![escape(&t.id), job_link(&t.job_id), escape(&why_pending(replica, t))])
+        .take(MAX_ROWS)
+        .map(|t| vec![escape(&t.id), job_link(&t.job_id), escape(&reasons.why(by_id.get(t.job_id.as_str()).copied()))])
         .collect();
     table(&mut out, &["task", "job", "why it waits"], rows);
 
@@ -257,8 +274,11 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
         if job.status.reason_message.is_empty() { String::new() } else { format!(": {}", escape(&job.status.reason_message)) },
     );
     out.push_str("<h2>Tasks</h2>");
+    let reasons = PendingReasons::new(replica);
+    shown(&mut out, tasks.len());
     let rows = tasks
         .iter()
+        .take(MAX_ROWS)
         .map(|t: &Task| {
             vec![
                 escape(&t.id),
@@ -268,7 +288,7 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
                 escape(t.context.get(context::CONTAINER_IP).map(String::as_str).unwrap_or("—")),
                 escape(&format!("{} {}", t.status.reason_code, t.status.reason_message)),
                 if t.state() == TaskState::Accepted && agent_of(t).is_none() {
-                    escape(&why_pending(replica, t))
+                    escape(&reasons.why(Some(&job)))
                 } else {
                     String::new()
                 },
@@ -290,56 +310,58 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
     Some(out)
 }
 
-/// Why an Accepted task has no agent yet, from replicated state (the same answer on every
-/// replica): no eligible agent at all, or the resource no eligible agent has enough of.
-pub fn why_pending(replica: &Replica, task: &Task) -> String {
-    let state = &replica.state;
-    let Some(job) = state.job(&task.job_id).ok().flatten() else { return "its job is gone".into() };
-    let need = job.descriptor.container.resources.as_dimension();
-    let eligible: Vec<_> = state
-        .agents()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| a.state == AgentState::Online && a.healthy)
-        .filter(|a| {
-            state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active)
-        })
-        .collect();
-    if eligible.is_empty() {
-        return "no healthy agent online in an Active instance group".into();
+/// Why Accepted tasks have no agent yet, from replicated state (the same answer on every replica):
+/// no eligible agent at all, or the resource no eligible agent has enough of. Built once per page.
+pub struct PendingReasons {
+    /// Eligible agents' (total, used) resources.
+    eligible: Vec<(ResourceDimension, ResourceDimension)>,
+}
+
+impl PendingReasons {
+    pub fn new(replica: &Replica) -> PendingReasons {
+        let state = &replica.state;
+        let allocation = allocation_by_agent(state).unwrap_or_default();
+        let eligible = state
+            .agents()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.state == AgentState::Online && a.healthy)
+            .filter(|a| {
+                state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active)
+            })
+            .map(|a| {
+                let used = allocation.get(&a.id).map(|x| x.resources.clone()).unwrap_or_default();
+                (a.resources, used)
+            })
+            .collect();
+        PendingReasons { eligible }
     }
-    let allocation = allocation_by_agent(state).unwrap_or_default();
-    let free = |a: &crate::model::agent::Agent| {
-        let used = allocation.get(&a.id).map(|x| x.resources.clone()).unwrap_or_default();
-        (a.resources.clone(), used)
-    };
-    if eligible.iter().any(|a| {
-        let (total, used) = free(a);
-        total.fits(&used, &need)
-    }) {
-        return "an agent has room: waiting for the next placement round".into();
-    }
-    let most = |f: &dyn Fn(&crate::model::ResourceDimension, &crate::model::ResourceDimension) -> f64| {
-        eligible.iter().map(|a| {
-            let (t, u) = free(a);
-            f(&t, &u)
-        })
-        .fold(0.0_f64, f64::max)
-    };
-    let checks: [(&str, f64, f64); 5] = [
-        ("cpu", need.cpu, most(&|t, u| t.cpu - u.cpu)),
-        ("memory MB", need.memory_mb as f64, most(&|t, u| t.memory_mb as f64 - u.memory_mb as f64)),
-        ("disk MB", need.disk_mb as f64, most(&|t, u| t.disk_mb as f64 - u.disk_mb as f64)),
-        ("network Mbps", need.network_mbps as f64, most(&|t, u| t.network_mbps as f64 - u.network_mbps as f64)),
-        ("GPUs", need.gpu as f64, most(&|t, u| t.gpu as f64 - u.gpu as f64)),
-    ];
-    for (what, needed, best) in checks {
-        if needed > best + 1e-9 {
-            return format!(
-                "no agent with {needed} {what} free (the most free on any of {} eligible agents: {best})",
-                eligible.len()
-            );
+
+    pub fn why(&self, job: Option<&Job>) -> String {
+        let Some(job) = job else { return "its job is gone".into() };
+        if self.eligible.is_empty() {
+            return "no healthy agent online in an Active instance group".into();
         }
+        let need = job.descriptor.container.resources.as_dimension();
+        if self.eligible.iter().any(|(total, used)| total.fits(used, &need)) {
+            return "an agent has room: waiting for the next placement round".into();
+        }
+        let most = |f: fn(&ResourceDimension, &ResourceDimension) -> f64| {
+            self.eligible.iter().map(|(t, u)| f(t, u)).fold(0.0_f64, f64::max)
+        };
+        let checks: [(&str, f64, f64); 5] = [
+            ("cpu", need.cpu, most(|t, u| t.cpu - u.cpu)),
+            ("memory MB", need.memory_mb as f64, most(|t, u| t.memory_mb as f64 - u.memory_mb as f64)),
+            ("disk MB", need.disk_mb as f64, most(|t, u| t.disk_mb as f64 - u.disk_mb as f64)),
+            ("network Mbps", need.network_mbps as f64, most(|t, u| t.network_mbps as f64 - u.network_mbps as f64)),
+            ("GPUs", need.gpu as f64, most(|t, u| t.gpu as f64 - u.gpu as f64)),
+        ];
+        let n = self.eligible.len();
+        for (what, needed, best) in checks {
+            if needed > best + 1e-9 {
+                return format!("no agent with {needed} {what} free (the most free on any of {n} eligible agents: {best})");
+            }
+        }
+        format!("no single agent of {n} has every resource it needs free at once")
     }
-    format!("no single agent of {} has every resource it needs free at once", eligible.len())
 }
