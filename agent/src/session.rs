@@ -65,14 +65,17 @@ impl Agent {
                 let agent = self.clone();
                 crate::telemetry::metrics().assignments_total.inc(&[]);
                 let span = tracing::info_span!("launch", task_id = %a.task_id, job_id = %a.job_id);
-                tokio::spawn(tracing::Instrument::instrument(async move {
-                    let t0 = std::time::Instant::now();
-                    for o in agent.docker.launch(&a).await {
-                        agent.report(&o);
-                    }
-                    crate::telemetry::metrics().launch_seconds.observe(&[], t0.elapsed().as_secs_f64());
-                    tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
-                }, span));
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let t0 = std::time::Instant::now();
+                        for o in agent.docker.launch(&a).await {
+                            agent.report(&o);
+                        }
+                        crate::telemetry::metrics().launch_seconds.observe(&[], t0.elapsed().as_secs_f64());
+                        tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
+                    },
+                    span,
+                ));
             }
             Message::Kill(k) => {
                 crate::telemetry::metrics().kills_total.inc(&[]);

@@ -118,21 +118,33 @@ async fn t400_scale_down_deregisters_and_drains_before_containers_stop_across_a_
     cluster.kill(leader);
     wait_until(SETTLE, "the killed tasks finish", || async {
         let live = client
-            .find_tasks(&[("jobIds", job_id.as_str()), ("taskStates", "Accepted,Launched,StartInitiated,Started,KillInitiated")], 100, "")
+            .find_tasks(
+                &[
+                    ("jobIds", job_id.as_str()),
+                    ("taskStates", "Accepted,Launched,StartInitiated,Started,KillInitiated"),
+                ],
+                100,
+                "",
+            )
             .await
             .map(|r| r.items.len())
             .unwrap_or(usize::MAX);
         (live == 1).then_some(())
     })
     .await;
-    let finished = client.find_tasks(&[("jobIds", job_id.as_str()), ("taskStates", "Finished")], 100, "").await.unwrap();
+    let finished =
+        client.find_tasks(&[("jobIds", job_id.as_str()), ("taskStates", "Finished")], 100, "").await.unwrap();
     let mut drained = 0;
     for t in &finished.items {
         let killed = t.status_history.iter().find(|s| s.state == pb::TaskState::TaskKillInitiated as i32);
         let done = t.status.as_ref().unwrap();
         if let Some(k) = killed {
             drained += 1;
-            eprintln!("task {}: KillInitiated -> Finished in {} ms (drain delay {DRAIN_MS} ms)", t.id, done.timestamp_ms - k.timestamp_ms);
+            eprintln!(
+                "task {}: KillInitiated -> Finished in {} ms (drain delay {DRAIN_MS} ms)",
+                t.id,
+                done.timestamp_ms - k.timestamp_ms
+            );
             assert!(
                 done.timestamp_ms - k.timestamp_ms >= DRAIN_MS as i64,
                 "task {} stopped {} ms after its kill, before the drain delay",
@@ -271,7 +283,11 @@ async fn t430_bad_associations_are_refused_naming_the_field_and_a_deleted_group_
             .env("TITUS_SERVERS", &servers)
             .output()
             .expect("run titus");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, out, err) = titus(&["-o", "json", "lb", "list", &job_id]);
     assert_eq!(code, Some(0), "{err}");
@@ -381,7 +397,8 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
 
     // Three tasks of 1.5 cpu with no agent at all: 4.5 cpu over 2-cpu instances = 3 (the max).
     let mut job = service_job("grow", 3);
-    job.container.as_mut().unwrap().resources = Some(pb::ContainerResources { cpu: 1.5, memory_mb: 64, ..Default::default() });
+    job.container.as_mut().unwrap().resources =
+        Some(pb::ContainerResources { cpu: 1.5, memory_mb: 64, ..Default::default() });
     let job_id = client.create_job(job).await.unwrap();
     let mut most = 0;
     let three = wait_until(SETTLE, "three instances", || async {

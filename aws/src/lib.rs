@@ -75,7 +75,9 @@ where
             let text = format!("{what}: {code}: {message}");
             if NOT_FOUND_CODES.contains(&code) {
                 AwsError::NotFound(text)
-            } else if THROTTLING_CODES.contains(&code) || code.starts_with("ServiceUnavailable") || code == "InternalFailure"
+            } else if THROTTLING_CODES.contains(&code)
+                || code.starts_with("ServiceUnavailable")
+                || code == "InternalFailure"
             {
                 AwsError::Transient(text)
             } else {
@@ -237,9 +239,15 @@ impl Aws {
 
     /// Launches `count` instances with the spec's tags (on the instance and its volumes). Returns
     /// their ids. `client_token` makes a retried launch start no second set.
-    pub async fn run_instances(&self, spec: &LaunchSpec, count: u32, client_token: &str) -> Result<Vec<String>, AwsError> {
+    pub async fn run_instances(
+        &self,
+        spec: &LaunchSpec,
+        count: u32,
+        client_token: &str,
+    ) -> Result<Vec<String>, AwsError> {
         self.limiter.acquire().await;
-        let tags: Vec<ec2t::Tag> = spec.tags.iter().map(|(k, v)| ec2t::Tag::builder().key(k).value(v).build()).collect();
+        let tags: Vec<ec2t::Tag> =
+            spec.tags.iter().map(|(k, v)| ec2t::Tag::builder().key(k).value(v).build()).collect();
         let mut req = self
             .ec2
             .run_instances()
@@ -255,7 +263,10 @@ impl Aws {
                     .build(),
             )
             .tag_specifications(
-                ec2t::TagSpecification::builder().resource_type(ec2t::ResourceType::Volume).set_tags(Some(tags)).build(),
+                ec2t::TagSpecification::builder()
+                    .resource_type(ec2t::ResourceType::Volume)
+                    .set_tags(Some(tags))
+                    .build(),
             );
         if let Some(subnet) = spec.subnet_ids.first() {
             req = req.subnet_id(subnet);
@@ -308,7 +319,9 @@ impl Aws {
                         tags: i
                             .tags()
                             .iter()
-                            .map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string()))
+                            .map(|t| {
+                                (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string())
+                            })
                             .collect(),
                     });
                 }

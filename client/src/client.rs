@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use titus_proto as pb;
 use titus_proto::agent_management_service_client::AgentManagementServiceClient;
-use titus_proto::load_balancer_service_client::LoadBalancerServiceClient;
 use titus_proto::agent_task_service_client::AgentTaskServiceClient;
 use titus_proto::capacity_group_service_client::CapacityGroupServiceClient;
 use titus_proto::cluster_service_client::ClusterServiceClient;
 use titus_proto::job_management_service_client::JobManagementServiceClient;
+use titus_proto::load_balancer_service_client::LoadBalancerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -169,8 +169,17 @@ impl Client {
     }
 
     /// Runs `attempt` against one replica after another until it succeeds, fails for good, or the
-    /// overall deadline passes.
+    /// overall deadline passes. Every attempt of one call carries the same request id, so the
+    /// replicas' logs of a retried call can be found together.
     async fn call<T, F, Fut>(&self, operation: &str, attempt: F) -> Result<T>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        CALL_ID.scope(uuid::Uuid::new_v4().to_string(), self.attempts(operation, attempt)).await
+    }
+
+    async fn attempts<T, F, Fut>(&self, operation: &str, attempt: F) -> Result<T>
     where
         F: Fn(Channel, Duration) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
@@ -587,9 +596,7 @@ impl Client {
                 job_id: job_id.to_string(),
                 load_balancer_id: Some(pb::LoadBalancerId { id: target_group_arn.to_string(), ..Default::default() }),
             };
-            async move {
-                LoadBalancerServiceClient::new(ch).add_load_balancer(with_timeout(req, t)).await.map(|_| ())
-            }
+            async move { LoadBalancerServiceClient::new(ch).add_load_balancer(with_timeout(req, t)).await.map(|_| ()) }
         })
         .await
     }
@@ -758,10 +765,16 @@ fn string_map(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, Strin
 /// Metadata key of the id every call carries; the server logs it in the call's span and echoes it.
 pub const REQUEST_ID_METADATA: &str = "x-request-id";
 
+tokio::task_local! {
+    /// The request id of the call being made (see [`Client::call`]).
+    static CALL_ID: String;
+}
+
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.set_timeout(timeout);
-    if let Ok(id) = uuid::Uuid::new_v4().to_string().parse() {
+    let id = CALL_ID.try_with(|id| id.clone()).unwrap_or_else(|_| uuid::Uuid::new_v4().to_string());
+    if let Ok(id) = id.parse() {
         r.metadata_mut().insert(REQUEST_ID_METADATA, id);
     }
     r

@@ -170,7 +170,11 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
             ]
         })
         .collect();
-    table(&mut out, &["agent", "group", "state", "healthy", "tasks", "cpu used", "memory MB used", "heard (leader)"], rows);
+    table(
+        &mut out,
+        &["agent", "group", "state", "healthy", "tasks", "cpu used", "memory MB used", "heard (leader)"],
+        rows,
+    );
 
     out.push_str("<h2>Jobs</h2>");
     let jobs = state.jobs().unwrap_or_default();
@@ -199,7 +203,8 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
     out.push_str("<h2>Pending tasks</h2>");
     let reasons = PendingReasons::new(replica);
     let by_id: BTreeMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
-    let pending: Vec<&Task> = tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()).collect();
+    let pending: Vec<&Task> =
+        tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()).collect();
     shown(&mut out, pending.len());
     let rows = pending
         .iter()
@@ -359,7 +364,9 @@ impl PendingReasons {
         let n = self.eligible.len();
         for (what, needed, best) in checks {
             if needed > best + 1e-9 {
-                return format!("no agent with {needed} {what} free (the most free on any of {n} eligible agents: {best})");
+                return format!(
+                    "no agent with {needed} {what} free (the most free on any of {n} eligible agents: {best})"
+                );
             }
         }
         format!("no single agent of {n} has every resource it needs free at once")

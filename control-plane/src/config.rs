@@ -150,10 +150,12 @@ impl AwsConfig {
         if self.region.is_empty() {
             return Err(Error::Config("aws.region: must not be empty".into()));
         }
-        if !self.endpoint_url.is_empty()
-            && !(self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://"))
-        {
-            return Err(Error::Config(format!("aws.endpoint-url: {:?} must start with http:// or https://", self.endpoint_url)));
+        let scheme_ok = self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://");
+        if !self.endpoint_url.is_empty() && !scheme_ok {
+            return Err(Error::Config(format!(
+                "aws.endpoint-url: {:?} must start with http:// or https://",
+                self.endpoint_url
+            )));
         }
         if self.max_attempts == 0 {
             return Err(Error::Config("aws.max-attempts: must be > 0".into()));
@@ -364,7 +366,9 @@ impl Config {
         }
         if let Some(admin) = self.admin_listen {
             if admin == self.api_listen || admin == self.peer_listen {
-                return Err(Error::Config(format!("admin-listen {admin}: must differ from peer-listen and api-listen")));
+                return Err(Error::Config(format!(
+                    "admin-listen {admin}: must differ from peer-listen and api-listen"
+                )));
             }
         }
         if !matches!(self.log_format.as_str(), "plain" | "json") {
@@ -440,7 +444,8 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let mut c = config();
-        c.aws = Some(toml::from_str(&block.replacen("[aws]\n", "", 1).replace("[aws.capacity]", "[capacity]")).unwrap());
+        c.aws =
+            Some(toml::from_str(&block.replacen("[aws]\n", "", 1).replace("[aws.capacity]", "[capacity]")).unwrap());
         c.validate().unwrap();
         let aws = c.aws.as_ref().unwrap();
         assert_eq!(aws.capacity.idle_cooldown_ms, 600_000);

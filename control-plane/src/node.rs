@@ -25,12 +25,12 @@ use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi,
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::{Cloud, LeaderDuties};
-use crate::telemetry::GrpcTelemetry;
 use crate::network::{Network, PeerChannels, MAX_PEER_MESSAGE_BYTES};
 use crate::peer::PeerService;
 use crate::raft_types::{Node, Raft};
 use crate::replica::Replica;
 use crate::store;
+use crate::telemetry::GrpcTelemetry;
 use titus_proto::agent_management_service_server::AgentManagementServiceServer;
 use titus_proto::agent_service_server::AgentServiceServer;
 use titus_proto::load_balancer_service_server::LoadBalancerServiceServer;
@@ -115,11 +115,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             None
         }
     };
-    let hub = AgentHub::new(
-        replica.clone(),
-        config.agents.clone(),
-        config.aws.as_ref().map(|a| a.max_drain_wait_ms as i64),
-    );
+    let hub =
+        AgentHub::new(replica.clone(), config.agents.clone(), config.aws.as_ref().map(|a| a.max_drain_wait_ms as i64));
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
     health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
@@ -161,13 +158,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
     tokio::spawn(crate::telemetry::watch(replica.clone(), stop_rx.clone()));
-    let duties = tokio::spawn(LeaderDuties::run(
-        replica.clone(),
-        config.jobs.clone(),
-        hub.clone(),
-        cloud,
-        stop_rx.clone(),
-    ));
+    let duties =
+        tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), hub.clone(), cloud, stop_rx.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));
     tracing::info!(node_id = config.node_id, peer = %config.peer_listen, api = %config.api_listen, "replica started");
 

@@ -134,11 +134,7 @@ pub fn metrics() -> &'static Metrics {
                 &["reason"],
             ),
             agents: r.gauge("titus_agents", "Registered agents by state.", &["state"]),
-            agents_connected: r.gauge(
-                "titus_agents_connected",
-                "On the leader: agents whose stream is attached.",
-                &[],
-            ),
+            agents_connected: r.gauge("titus_agents_connected", "On the leader: agents whose stream is attached.", &[]),
             agent_heartbeat_age_seconds: r.gauge(
                 "titus_agent_heartbeat_age_seconds",
                 "On the leader: time since each attached agent was last heard.",
@@ -197,9 +193,11 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
     m.raft_snapshot_index.set(&[], raft.snapshot.map(|l| l.index).unwrap_or(0) as f64);
     m.raft_committed_index.set(&[], replica.state.committed_index() as f64);
     let last = raft.last_log_index.unwrap_or(0);
-    m.raft_follower_lag_entries.replace(raft.replication.iter().flat_map(|r| r.iter()).filter(|(id, _)| **id != replica.id).map(
-        |(id, matched)| (vec![id.to_string()], last.saturating_sub(matched.map(|l| l.index).unwrap_or(0)) as f64),
-    ));
+    m.raft_follower_lag_entries.replace(
+        raft.replication.iter().flat_map(|r| r.iter()).filter(|(id, _)| **id != replica.id).map(|(id, matched)| {
+            (vec![id.to_string()], last.saturating_sub(matched.map(|l| l.index).unwrap_or(0)) as f64)
+        }),
+    );
 
     let state = &replica.state;
     if let Ok(tasks) = state.all_tasks() {

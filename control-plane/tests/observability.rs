@@ -49,8 +49,10 @@ async fn t500_metrics_are_valid_and_move_health_means_something_and_request_ids_
     let leader = cluster.wait_for_leader(ELECTION).await;
     for r in &cluster.replicas {
         assert_eq!(http_get(&r.admin_addr, "/healthz").await.0, 200);
-        wait_until(ELECTION, "every replica ready", || async { (http_get(&r.admin_addr, "/readyz").await.0 == 200).then_some(()) })
-            .await;
+        wait_until(ELECTION, "every replica ready", || async {
+            (http_get(&r.admin_addr, "/readyz").await.0 == 200).then_some(())
+        })
+        .await;
         let s = scrape(&r.admin_addr).await;
         assert!(value(&s, "titus_raft_term", &[]) >= 1.0);
         assert_eq!(value(&s, "titus_raft_is_leader", &[]), if r.id == leader { 1.0 } else { 0.0 });
@@ -69,14 +71,20 @@ async fn t500_metrics_are_valid_and_move_health_means_something_and_request_ids_
     }
     let after = scrape(&leader_admin).await;
     assert_eq!(creates(&after) - creates(&before), 3.0, "three CreateJob calls counted");
-    assert!(value(&after, "titus_grpc_request_seconds_count", &[("method", "/titus.JobManagementService/CreateJob")]) >= 3.0);
+    assert!(
+        value(&after, "titus_grpc_request_seconds_count", &[("method", "/titus.JobManagementService/CreateJob")])
+            >= 3.0
+    );
     assert!(value(&after, "titus_raft_last_log_index", &[]) > value(&before, "titus_raft_last_log_index", &[]));
     assert!(value(&after, "titus_raft_committed_index", &[]) > value(&before, "titus_raft_committed_index", &[]));
-    assert!(value(&after, "titus_raft_append_seconds_count", &[]) > value(&before, "titus_raft_append_seconds_count", &[]));
+    assert!(
+        value(&after, "titus_raft_append_seconds_count", &[]) > value(&before, "titus_raft_append_seconds_count", &[])
+    );
     for r in &cluster.replicas {
         wait_until(ELECTION, "six pending tasks seen by every replica", || async {
             let s = scrape(&r.admin_addr).await;
-            (value(&s, "titus_tasks", &[("state", "Accepted")]) == 6.0 && value(&s, "titus_scheduler_pending_tasks", &[]) == 6.0)
+            (value(&s, "titus_tasks", &[("state", "Accepted")]) == 6.0
+                && value(&s, "titus_scheduler_pending_tasks", &[]) == 6.0)
                 .then_some(())
         })
         .await;
@@ -110,7 +118,14 @@ async fn t500_metrics_are_valid_and_move_health_means_something_and_request_ids_
     let status = raw.find_job(bad).await.unwrap_err();
     assert_eq!(status.metadata().get("x-request-id").unwrap(), "t500-bad");
     let s = scrape(&leader_admin).await;
-    assert_eq!(value(&s, "titus_grpc_requests_total", &[("method", "/titus.JobManagementService/FindJob"), ("code", "NotFound")]), 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "titus_grpc_requests_total",
+            &[("method", "/titus.JobManagementService/FindJob"), ("code", "NotFound")]
+        ),
+        1.0
+    );
 
     // A replica that lost its quorum is live but not ready.
     let follower = cluster.replicas.iter().map(|r| r.id).find(|id| *id != leader).unwrap();
@@ -177,9 +192,9 @@ async fn t510_the_web_view_shows_jobs_and_tasks_from_any_replica_in_a_real_brows
     }
 
     // A screenshot of the cluster page, kept as a test artifact.
-    let dir = std::env::var("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
-    });
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let artifacts = dir.join("test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let png = artifacts.join("web-view.png");

@@ -155,7 +155,11 @@ mod tests {
         let (tx, rx) = watch::channel(false);
         let handler: Handler = Arc::new(|path: String| {
             Box::pin(async move {
-                if path == "/hello" { Response::text(200, "hi <there>") } else { Response::text(404, "no\n") }
+                if path == "/hello" {
+                    Response::text(200, "hi <there>")
+                } else {
+                    Response::text(404, "no\n")
+                }
             })
         });
         let server = tokio::spawn(serve(listener, handler, rx));

@@ -91,7 +91,8 @@ impl Registry {
                         for (le, c) in buckets.iter().zip(counts) {
                             cumulative += c;
                             let le = number(*le);
-                            let _ = writeln!(out, "{}_bucket{} {cumulative}", f.name, labels(&f.labels, key, Some(&le)));
+                            let _ =
+                                writeln!(out, "{}_bucket{} {cumulative}", f.name, labels(&f.labels, key, Some(&le)));
                         }
                         let _ = writeln!(out, "{}_bucket{} {count}", f.name, labels(&f.labels, key, Some("+Inf")));
                         let _ = writeln!(out, "{}_sum{} {}", f.name, labels(&f.labels, key, None), number(*sum));
@@ -108,7 +109,11 @@ fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else {
         format!("{v}")
     }
@@ -226,7 +231,10 @@ mod tests {
         h.observe(&["Get"], 0.5);
         h.observe(&["Get"], 5.0);
         let text = r.render();
-        assert!(text.contains("# TYPE x_requests_total counter\nx_requests_total{method=\"Get\",code=\"OK\"} 3\n"), "{text}");
+        assert!(
+            text.contains("# TYPE x_requests_total counter\nx_requests_total{method=\"Get\",code=\"OK\"} 3\n"),
+            "{text}"
+        );
         assert!(text.contains("x_term 7\n"), "{text}");
         assert!(text.contains("x_latency_seconds_bucket{method=\"Get\",le=\"0.1\"} 1\n"), "{text}");
         assert!(text.contains("x_latency_seconds_bucket{method=\"Get\",le=\"1\"} 2\n"), "{text}");

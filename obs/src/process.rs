@@ -4,8 +4,7 @@
 /// Structured logs to stderr: `plain` (human-readable; colours only on a terminal) or `json` (one
 /// object per line, span fields included). `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(format: &str, default_filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if format == "json" {

@@ -657,11 +657,8 @@ fn print_load_balancers(out: Output, all: &[titus_client::proto::GetJobLoadBalan
         println!("{:<38} {:<9} {:>7}  {}", "JOB", "STATE", "TARGETS", "TARGET GROUP");
         for j in all {
             for lb in &j.load_balancers {
-                let registered = lb
-                    .targets
-                    .iter()
-                    .filter(|t| t.state == LoadBalancerTargetState::TargetRegistered as i32)
-                    .count();
+                let registered =
+                    lb.targets.iter().filter(|t| t.state == LoadBalancerTargetState::TargetRegistered as i32).count();
                 println!("{:<38} {:<9} {:>7}  {}", j.job_id, state(lb.state), registered, lb.id);
                 if !lb.state_message.is_empty() {
                     println!("{:<38} {}", "", lb.state_message);

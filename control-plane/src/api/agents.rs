@@ -93,7 +93,10 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
             }
             for k in l.tags.keys() {
                 if k.starts_with("titus:") {
-                    violations.push(FieldViolation::new(format!("launch.tags.{k}"), "tags starting with \"titus:\" are reserved"));
+                    violations.push(FieldViolation::new(
+                        format!("launch.tags.{k}"),
+                        "tags starting with \"titus:\" are reserved",
+                    ));
                 }
             }
             Some(LaunchSettings {

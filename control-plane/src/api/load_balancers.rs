@@ -136,14 +136,19 @@ impl LoadBalancerService for LoadBalancerApi {
             Ok(tg) => {
                 return Err(Error::invalid(
                     "load_balancer_id.id",
-                    format!("target group {} has target type {:?}; only \"ip\" target groups are supported", tg.name, tg.target_type),
+                    format!(
+                        "target group {} has target type {:?}; only \"ip\" target groups are supported",
+                        tg.name, tg.target_type
+                    ),
                 )
                 .into())
             }
             Err(titus_aws::AwsError::NotFound(_)) => {
-                return Err(
-                    Error::invalid("load_balancer_id.id", format!("target group {target_group} does not exist")).into()
+                return Err(Error::invalid(
+                    "load_balancer_id.id",
+                    format!("target group {target_group} does not exist"),
                 )
+                .into())
             }
             Err(e @ titus_aws::AwsError::Transient(_)) => {
                 return Err(Status::unavailable(format!("checking the target group with AWS: {e}")))

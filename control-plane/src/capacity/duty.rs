@@ -204,9 +204,7 @@ impl Duty {
             if !jobs.contains_key(&t.job_id) {
                 let v = match state.job(&t.job_id)? {
                     Some(j) => {
-                        let tier = state
-                            .capacity_group(&j.descriptor.capacity_group)?
-                            .map_or(Tier::Flex, |g| g.tier);
+                        let tier = state.capacity_group(&j.descriptor.capacity_group)?.map_or(Tier::Flex, |g| g.tier);
                         Some((tier, j.descriptor.container.resources.as_dimension()))
                     }
                     None => None,

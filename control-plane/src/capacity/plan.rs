@@ -72,7 +72,15 @@ pub struct Plan {
 /// How many instances offering `each` hold `need`: the dominant resource decides. An instance
 /// that declares no disk or network (0) is not limited by them; one with 0 GPUs has none.
 pub fn instances_for(need: &ResourceDimension, each: &ResourceDimension) -> u32 {
-    let ratio = |need: f64, each: f64| if need <= 0.0 { 0.0 } else if each <= 0.0 { f64::INFINITY } else { need / each };
+    let ratio = |need: f64, each: f64| {
+        if need <= 0.0 {
+            0.0
+        } else if each <= 0.0 {
+            f64::INFINITY
+        } else {
+            need / each
+        }
+    };
     let optional = |need: f64, each: f64| if each <= 0.0 { 0.0 } else { ratio(need, each) };
     let dominant = [
         ratio(need.cpu, each.cpu),

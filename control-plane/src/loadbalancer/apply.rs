@@ -15,9 +15,7 @@ fn reject(kind: RejectionKind, field: &str, message: impl Into<String>) -> Comma
 /// Applies a load balancer command; `None` for any other command.
 pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse>> {
     Ok(Some(match command {
-        Command::AddLoadBalancer { job_id, target_group, timestamp_ms } => {
-            add(o, job_id, target_group, timestamp_ms)?
-        }
+        Command::AddLoadBalancer { job_id, target_group, timestamp_ms } => add(o, job_id, target_group, timestamp_ms)?,
         // Idempotent, so that a retried call succeeds: removing what is not associated is not an
         // error, as long as the job exists.
         Command::RemoveLoadBalancer { job_id, target_group } => match association(o, &job_id, &target_group)? {

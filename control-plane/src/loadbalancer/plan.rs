@@ -146,11 +146,8 @@ pub fn by_group(targets: &[LbTarget]) -> BTreeMap<String, Vec<LbTarget>> {
 /// alone.
 pub fn repair(group: &str, records: &[LbTarget], present: &BTreeSet<String>) -> (Vec<String>, Vec<String>) {
     let of_group = records.iter().filter(|r| r.target_group == group);
-    let wanted: BTreeSet<&str> = of_group
-        .clone()
-        .filter(|r| r.state == TargetState::Registered)
-        .map(|r| r.ip.as_str())
-        .collect();
+    let wanted: BTreeSet<&str> =
+        of_group.clone().filter(|r| r.state == TargetState::Registered).map(|r| r.ip.as_str()).collect();
     let in_flight: BTreeSet<&str> =
         of_group.clone().filter(|r| r.state == TargetState::Registering).map(|r| r.ip.as_str()).collect();
     let missing = wanted.iter().filter(|ip| !present.contains(**ip)).map(|ip| ip.to_string()).collect();

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use proptest::prelude::*;
 
 use super::*;
-use crate::loadbalancer::holds_kill;
 use crate::command::{Command, CommandResponse};
 use crate::jobs::store::{JobRead, MemoryStore, Overlay};
+use crate::loadbalancer::holds_kill;
 use crate::model::task::TaskStatus;
 
 const TG: &str = "arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web/1";

@@ -89,7 +89,9 @@ pub fn validate_target_group_arn(field: &str, arn: &str) -> Result<(), super::Fi
     } else {
         Err(super::FieldViolation::new(
             field,
-            format!("{arn:?} is not a target group ARN (arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)"),
+            format!(
+                "{arn:?} is not a target group ARN (arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)"
+            ),
         ))
     }
 }
@@ -102,7 +104,12 @@ mod tests {
     fn target_group_arns_are_checked() {
         let good = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067";
         assert!(validate_target_group_arn("load_balancer_id.id", good).is_ok());
-        for bad in ["", "web", "arn:aws:ec2:us-east-1:1:instance/i-1", "arn:aws:elasticloadbalancing:us-east-1:1:loadbalancer/app/x/y"] {
+        for bad in [
+            "",
+            "web",
+            "arn:aws:ec2:us-east-1:1:instance/i-1",
+            "arn:aws:elasticloadbalancing:us-east-1:1:loadbalancer/app/x/y",
+        ] {
             let e = validate_target_group_arn("load_balancer_id.id", bad).unwrap_err();
             assert_eq!(e.field, "load_balancer_id.id");
         }

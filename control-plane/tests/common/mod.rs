@@ -486,7 +486,9 @@ pub fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
     let mut samples = Vec::new();
     let valid_name = |n: &str| {
         !n.is_empty()
-            && n.chars().enumerate().all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+            && n.chars()
+                .enumerate()
+                .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
     };
     for (no, line) in text.lines().enumerate() {
         let at = |m: &str| format!("line {}: {m}: {line:?}", no + 1);

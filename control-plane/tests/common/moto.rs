@@ -194,9 +194,9 @@ async fn serve(
 ) -> std::io::Result<()> {
     let Some((head, body)) = read_request(&mut conn).await? else { return Ok(()) };
     let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
-    if every > 0 && n % every == 0 {
+    if every > 0 && n.is_multiple_of(every) {
         let k = faults.fetch_add(1, Ordering::SeqCst);
-        let (status, content_type, text) = if k % 2 == 0 {
+        let (status, content_type, text) = if k.is_multiple_of(2) {
             (
                 "400 Bad Request",
                 "text/xml",
