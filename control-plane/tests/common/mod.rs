@@ -61,14 +61,24 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+    free_ports(1)[0]
+}
+
+/// `n` distinct free loopback ports: every listener is held until all are chosen, so no two of
+/// them are the same port.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("bound address").port()).collect()
 }
 
 impl Cluster {
     /// Starts `n` replicas that bootstrap one cluster. `extra_args` go to every replica.
     pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
         let dir = TempDir::new().expect("temp dir");
-        let replicas: Vec<Replica> = (1..=n).map(|id| Cluster::new_replica(&dir, id)).collect();
+        let ports = free_ports(3 * n as usize);
+        let replicas: Vec<Replica> =
+            (1..=n).map(|id| Cluster::new_replica(&dir, id, &ports[3 * (id as usize - 1)..])).collect();
         let members = replicas.iter().map(|r| format!("{}={}/{}", r.id, r.peer_addr, r.api_addr)).collect();
         let mut c = Cluster {
             replicas,
@@ -84,12 +94,14 @@ impl Cluster {
         c
     }
 
-    fn new_replica(dir: &TempDir, id: u64) -> Replica {
+    /// A replica on `ports[0..3]` (peer, api, admin).
+    fn new_replica(dir: &TempDir, id: u64, ports: &[u16]) -> Replica {
+        let (peer, api, admin) = (ports[0], ports[1], ports[2]);
         Replica {
             id,
-            peer_addr: format!("127.0.0.1:{}", free_port()),
-            api_addr: format!("127.0.0.1:{}", free_port()),
-            admin_addr: format!("127.0.0.1:{}", free_port()),
+            peer_addr: format!("127.0.0.1:{peer}"),
+            api_addr: format!("127.0.0.1:{api}"),
+            admin_addr: format!("127.0.0.1:{admin}"),
             data_dir: dir.path().join(format!("data-{id}")),
             log: dir.path().join(format!("replica-{id}.log")),
             process: None,
@@ -132,7 +144,7 @@ impl Cluster {
 
     /// Adds a new replica process that is not an initial member (it joins via AddMember).
     pub fn spawn_joiner(&mut self, id: u64) -> (String, String) {
-        let r = Cluster::new_replica(&self.dir, id);
+        let r = Cluster::new_replica(&self.dir, id, &free_ports(3));
         let addrs = (r.peer_addr.clone(), r.api_addr.clone());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
         let mut cmd = Command::new(bin("titus-control-plane"));
