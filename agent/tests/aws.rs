@@ -432,4 +432,13 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
     let groups = client.list_instance_groups().await.unwrap();
     let g = groups.iter().find(|g| g.id == group).unwrap();
     assert_eq!(g.desired, 1);
+    // The terminated instances' agents were cordoned first: no new task could land on them.
+    let agents = client.find_agents().await.unwrap();
+    let cordoned: Vec<&str> = agents.iter().filter(|a| a.terminating).map(|a| a.id.as_str()).collect();
+    assert_eq!(cordoned.len(), 2, "{agents:?}");
+    let kept = &left[0].0;
+    assert!(
+        agents.iter().any(|a| !a.terminating && a.attributes.get("instanceId") == Some(kept)),
+        "the instance left is the one whose agent is not cordoned"
+    );
 }

@@ -162,7 +162,11 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
                 escape(&a.id),
                 escape(&a.instance_group),
                 if a.state == AgentState::Online { "online".into() } else { "lost".into() },
-                if a.healthy { "yes".into() } else { format!("no: {}", escape(&a.unhealthy_reason)) },
+                match (a.healthy, a.terminating) {
+                    (_, true) => "terminating (no new tasks)".into(),
+                    (true, false) => "yes".into(),
+                    (false, false) => format!("no: {}", escape(&a.unhealthy_reason)),
+                },
                 used.live_tasks.to_string(),
                 format!("{:.2} / {:.2}", used.resources.cpu, a.resources.cpu),
                 format!("{} / {}", used.resources.memory_mb, a.resources.memory_mb),
@@ -330,7 +334,7 @@ impl PendingReasons {
             .agents()
             .unwrap_or_default()
             .into_iter()
-            .filter(|a| a.state == AgentState::Online && a.healthy)
+            .filter(|a| a.accepts_tasks())
             .filter(|a| {
                 state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active)
             })

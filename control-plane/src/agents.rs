@@ -330,6 +330,7 @@ impl AgentService for AgentApi {
             healthy: !reg.inventory_incomplete,
             unhealthy_reason: if reg.inventory_incomplete { "docker daemon unreachable".into() } else { String::new() },
             registered_ms: now_ms(),
+            terminating: false,
         };
         replica.propose(Command::RegisterAgent { agent }, None).await?;
 
@@ -427,7 +428,7 @@ fn plan_placements(hub: &AgentHub) -> Option<Vec<Assignment>> {
         .agents()
         .ok()?
         .into_iter()
-        .filter(|a| a.state == AgentState::Online && a.healthy && connected.contains(&a.id))
+        .filter(|a| a.accepts_tasks() && connected.contains(&a.id))
         .filter(|a| {
             state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active)
         })

@@ -130,6 +130,10 @@ pub enum Command {
         healthy: bool,
         reason: String,
     },
+    /// Its instance is about to be terminated (capacity scale-down): no new tasks from now on.
+    MarkAgentTerminating {
+        agent_id: String,
+    },
     /// The agent missed its heartbeats past the TTL: it is Lost and its live tasks Finished(lost).
     AgentLost {
         agent_id: String,
@@ -206,6 +210,7 @@ impl Command {
             Command::RegisterAgent { .. } => "register_agent",
             Command::SetAgentHealth { .. } => "set_agent_health",
             Command::AgentLost { .. } => "agent_lost",
+            Command::MarkAgentTerminating { .. } => "mark_agent_terminating",
             Command::AssignTasks { .. } => "assign_tasks",
             Command::AddLoadBalancer { .. } => "add_load_balancer",
             Command::RemoveLoadBalancer { .. } => "remove_load_balancer",

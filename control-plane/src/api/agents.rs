@@ -161,6 +161,7 @@ impl AgentManagementApi {
             } as i32,
             healthy: a.healthy,
             unhealthy_reason: a.unhealthy_reason,
+            terminating: a.terminating,
             registered_ms: a.registered_ms,
             allocated: Some(resources_to_proto(&allocated)),
             live_tasks: live,

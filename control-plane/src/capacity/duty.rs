@@ -128,16 +128,29 @@ impl Duty {
             self.propose(Command::SetInstanceGroupDesired { id: id.clone(), desired: *desired }).await?;
         }
         if !plan.terminate.is_empty() {
+            // Cordon first: an agent on an instance about to go gets no new task; one that got a
+            // task since this round read the state keeps its instance (a later round takes it).
+            let by_instance: HashMap<&str, &AgentLoad> = agents.iter().map(|a| (a.instance_id.as_str(), a)).collect();
+            let mut terminate = Vec::new();
             for (group, id, why) in &plan.terminate {
+                if let Some(a) = by_instance.get(id.as_str()) {
+                    self.propose(Command::MarkAgentTerminating { agent_id: a.agent_id.clone() }).await?;
+                    let live = allocation_by_agent(&self.replica.state)?.get(&a.agent_id).map_or(0, |x| x.live_tasks);
+                    if live > 0 {
+                        tracing::info!(group = %group, instance = %id, "capacity: agent got a task meanwhile; keeping its instance");
+                        continue;
+                    }
+                }
                 tracing::info!(group = %group, instance = %id, why = %why, "capacity: terminating instance");
+                terminate.push((group.clone(), id.clone(), why.clone()));
             }
-            let ids: Vec<String> = plan.terminate.iter().map(|t| t.1.clone()).collect();
+            let ids: Vec<String> = terminate.iter().map(|t| t.1.clone()).collect();
             let result = self.aws.terminate_instances(&ids).await;
             let m = crate::telemetry::metrics();
             m.aws_calls_total.inc(&["capacity", "TerminateInstances", crate::telemetry::aws_outcome(&result)]);
             match result {
                 Ok(()) => {
-                    for (group, _, why) in &plan.terminate {
+                    for (group, _, why) in &terminate {
                         m.capacity_instances_terminated_total.inc(&[group, why]);
                     }
                 }

@@ -160,10 +160,19 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
         Command::RegisterAgent { mut agent } => {
             if let Some(existing) = o.agent(&agent.id)? {
                 agent.registered_ms = existing.registered_ms;
+                agent.terminating = existing.terminating;
             }
             o.put_agent(agent);
             CommandResponse::Done
         }
+        Command::MarkAgentTerminating { agent_id } => match o.agent(&agent_id)? {
+            None => not_found("agent_id", "agent", &agent_id)?,
+            Some(mut a) => {
+                a.terminating = true;
+                o.put_agent(a);
+                CommandResponse::Done
+            }
+        },
         Command::SetAgentHealth { agent_id, healthy, reason } => match o.agent(&agent_id)? {
             None => not_found("agent_id", "agent", &agent_id)?,
             Some(mut a) => {
@@ -251,7 +260,7 @@ fn assign_tasks(
             continue;
         }
         let Some(agent) = o.agent(&a.agent_id)? else { continue };
-        if agent.state != AgentState::Online || !agent.healthy {
+        if !agent.accepts_tasks() {
             continue;
         }
         if let Some(group) = o.instance_group(&agent.instance_group)? {

@@ -86,6 +86,16 @@ pub struct Agent {
     pub healthy: bool,
     pub unhealthy_reason: String,
     pub registered_ms: i64,
+    /// Its instance is being terminated by the capacity manager: it gets no new tasks.
+    #[serde(default)]
+    pub terminating: bool,
+}
+
+impl Agent {
+    /// Whether placement may give it new tasks (its instance group's lifecycle aside).
+    pub fn accepts_tasks(&self) -> bool {
+        self.state == AgentState::Online && self.healthy && !self.terminating
+    }
 }
 
 impl ResourceDimension {
