@@ -447,7 +447,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let r = a.resources.clone().unwrap_or_default();
             let u = a.allocated.clone().unwrap_or_default();
             let v = serde_json::json!({
-                "id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "unhealthyReason": a.unhealthy_reason,
+                "id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "unhealthyReason": a.unhealthy_reason, "terminating": a.terminating,
                 "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks,
                 "resources": {"cpu": r.cpu, "memoryMB": r.memory_mb, "diskMB": r.disk_mb, "networkMbps": r.network_mbps, "gpu": r.gpu},
                 "allocated": {"cpu": u.cpu, "memoryMB": u.memory_mb, "diskMB": u.disk_mb, "networkMbps": u.network_mbps, "gpu": u.gpu},
@@ -558,14 +558,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if out != Output::Table {
                 let v: Vec<_> = agents
                     .iter()
-                    .map(|a| serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes}))
+                    .map(|a| serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "terminating": a.terminating, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes}))
                     .collect();
                 emit(out, &serde_json::json!(v));
             } else {
                 println!("{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}", "ID", "GROUP", "STATE", "HEALTHY", "TASKS", "CPU");
                 for a in agents {
-                    let state =
-                        if a.state == titus_client::proto::AgentState::AgentLost as i32 { "lost" } else { "online" };
+                    let state = if a.state == titus_client::proto::AgentState::AgentLost as i32 {
+                        "lost"
+                    } else if a.terminating {
+                        "draining"
+                    } else {
+                        "online"
+                    };
                     let r = a.resources.unwrap_or_default();
                     println!(
                         "{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}",
