@@ -442,3 +442,40 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
         "the instance left is the one whose agent is not cordoned"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t450_a_refused_call_is_shown_and_retried_not_orphaned_and_clears_once_allowed() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "denied", TargetTypeEnum::Ip).await;
+    let proxy = FaultProxy::start(moto.port, 0).await;
+    proxy.deny_register.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut cluster = start(&aws_args(&proxy.url, 60_000));
+    cluster.start_agent("lb-agent", 4.0, 4096);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let job_id = client.create_job(service_job("denied", 1)).await.unwrap();
+    client.add_load_balancer(&job_id, &arn).await.unwrap();
+    wait_started(&client, &job_id, 1).await;
+
+    // AccessDenied: the association stays Active and says why; nothing is registered.
+    let message = wait_until(SETTLE, "the refusal shown on the association", || async {
+        let lb = client.job_load_balancers(&job_id).await.ok()?.into_iter().next()?;
+        (lb.state_message.contains("AccessDenied")).then_some(lb)
+    })
+    .await;
+    assert_eq!(message.state, pb::LoadBalancerState::LbActive as i32, "a refusal does not orphan");
+    assert!(moto::targets(&elb, &arn).await.is_empty());
+
+    // The permission is granted: the back-off retry registers the target and clears the message.
+    proxy.deny_register.store(false, std::sync::atomic::Ordering::SeqCst);
+    let ips = started_ips(&client, &job_id).await;
+    wait_targets(&elb, &arn, &ips).await;
+    wait_until(SETTLE, "the message cleared", || async {
+        let lb = client.job_load_balancers(&job_id).await.ok()?.into_iter().next()?;
+        lb.state_message.is_empty().then_some(())
+    })
+    .await;
+}

@@ -185,6 +185,15 @@ impl Duty {
             match result {
                 Ok(()) => {
                     self.backoff.succeeded(&group);
+                    // A call that works again clears an error shown on the association.
+                    let shown = self
+                        .state()
+                        .load_balancers()?
+                        .iter()
+                        .any(|lb| lb.target_group == group && !lb.message.is_empty());
+                    if shown {
+                        self.note(&group, AssociationState::Active, String::new()).await?;
+                    }
                     let at = now_ms();
                     tracing::info!(target_group = %group, targets = ?ips, state = ?done, "load balancer targets updated");
                     outcome.extend(of_group.into_iter().map(|t| LbTarget { state: done, updated_ms: at, ..t }));
@@ -200,19 +209,39 @@ impl Duty {
 
     /// A transient error backs the group off; a permanent one orphans every association with it.
     async fn failed(&mut self, group: &str, e: AwsError) -> crate::Result<()> {
-        if e.is_transient() {
-            tracing::warn!(target_group = %group, error = %e, "load balancers: AWS call failed; backing off");
-            self.backoff.failed(group);
-            return Ok(());
-        }
-        tracing::error!(target_group = %group, error = %e, "load balancers: permanent error; marking the association orphaned");
+        self.backoff.failed(group);
+        let (state, message) = match &e {
+            AwsError::Transient(_) => {
+                tracing::warn!(target_group = %group, error = %e, "load balancers: AWS call failed; backing off");
+                return Ok(());
+            }
+            // The group is gone: nothing can be registered in it any more.
+            AwsError::NotFound(_) => {
+                tracing::error!(target_group = %group, error = %e, "load balancers: target group not found; marking the association orphaned");
+                (AssociationState::Orphaned, e.to_string())
+            }
+            // Refused (credentials, permissions, an invalid target): possibly fixed by an operator,
+            // so the association stays and keeps being retried with back-off; the error is shown.
+            AwsError::Rejected(_) => {
+                tracing::error!(target_group = %group, error = %e, "load balancers: AWS refused the call; retrying with back-off");
+                (AssociationState::Active, format!("last error: {e}"))
+            }
+        };
+        self.note(group, state, message).await
+    }
+
+    /// Sets every association with `group` to `state` and `message`, where they differ.
+    async fn note(&self, group: &str, state: AssociationState, message: String) -> crate::Result<()> {
         for lb in self.state().load_balancers()? {
-            if lb.target_group == group && lb.state == AssociationState::Active {
+            if lb.target_group == group
+                && lb.state == AssociationState::Active
+                && (lb.state != state || lb.message != message)
+            {
                 self.propose(Command::SetLoadBalancerState {
                     job_id: lb.job_id,
                     target_group: lb.target_group,
-                    state: AssociationState::Orphaned,
-                    message: e.to_string(),
+                    state,
+                    message: message.clone(),
                     timestamp_ms: now_ms(),
                 })
                 .await?;

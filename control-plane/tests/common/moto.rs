@@ -109,6 +109,9 @@ pub struct FaultProxy {
     pub url: String,
     pub faults: Arc<AtomicU64>,
     pub forwarded: Arc<AtomicU64>,
+    /// While on, every RegisterTargets call is refused with 403 AccessDenied (a permission an
+    /// operator has yet to grant).
+    pub deny_register: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -119,17 +122,18 @@ impl FaultProxy {
         let faults = Arc::new(AtomicU64::new(0));
         let forwarded = Arc::new(AtomicU64::new(0));
         let seen = Arc::new(AtomicU64::new(0));
-        let (f, fw) = (faults.clone(), forwarded.clone());
+        let deny_register = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, fw, deny) = (faults.clone(), forwarded.clone(), deny_register.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((conn, _)) = listener.accept().await else { return };
-                let (f, fw, seen) = (f.clone(), fw.clone(), seen.clone());
+                let (f, fw, seen, deny) = (f.clone(), fw.clone(), seen.clone(), deny.clone());
                 tokio::spawn(async move {
-                    let _ = serve(conn, upstream_port, every, &seen, &f, &fw).await;
+                    let _ = serve(conn, upstream_port, every, &seen, &f, &fw, &deny).await;
                 });
             }
         });
-        FaultProxy { url, faults, forwarded, task }
+        FaultProxy { url, faults, forwarded, deny_register, task }
     }
 }
 
@@ -191,8 +195,18 @@ async fn serve(
     seen: &AtomicU64,
     faults: &AtomicU64,
     forwarded: &AtomicU64,
+    deny_register: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     let Some((head, body)) = read_request(&mut conn).await? else { return Ok(()) };
+    if deny_register.load(Ordering::SeqCst) && String::from_utf8_lossy(&body).contains("Action=RegisterTargets") {
+        let xml = "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code><Message>User is not authorized to perform: elasticloadbalancing:RegisterTargets</Message></Error><RequestId>fault-proxy</RequestId></ErrorResponse>";
+        let response = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        );
+        conn.write_all(response.as_bytes()).await?;
+        return conn.shutdown().await;
+    }
     let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
     if every > 0 && n.is_multiple_of(every) {
         let k = faults.fetch_add(1, Ordering::SeqCst);
