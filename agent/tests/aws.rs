@@ -308,8 +308,8 @@ async fn t430_bad_associations_are_refused_naming_the_field_and_a_deleted_group_
     assert!(!out.contains(&ip_tg), "{out}");
 }
 
-/// Instances of `group` in moto that are pending or running, with their tags.
-async fn live_instances(ec2: &aws_sdk_ec2::Client, group: &str) -> Vec<(String, Vec<(String, String)>)> {
+/// Instances of `group` in moto that are pending or running: id, tags, subnet.
+async fn live_instances(ec2: &aws_sdk_ec2::Client, group: &str) -> Vec<(String, Vec<(String, String)>, String)> {
     let out = ec2
         .describe_instances()
         .filters(aws_sdk_ec2::types::Filter::builder().name("tag:titus:instance-group").values(group).build())
@@ -326,7 +326,11 @@ async fn live_instances(ec2: &aws_sdk_ec2::Client, group: &str) -> Vec<(String, 
                     .iter()
                     .map(|t| (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string()))
                     .collect();
-                v.push((i.instance_id().unwrap_or_default().to_string(), tags));
+                v.push((
+                    i.instance_id().unwrap_or_default().to_string(),
+                    tags,
+                    i.subnet_id().unwrap_or_default().to_string(),
+                ));
             }
         }
     }
@@ -353,6 +357,7 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
     let client = cluster.client();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     let group = "ec2-flex";
+    let subnets = moto::subnets(&ec2, &["us-east-1a", "us-east-1b"]).await;
     client
         .put_instance_group(pb::InstanceGroup {
             id: group.into(),
@@ -362,6 +367,7 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
                 image_id: "ami-12c6146b".into(),
                 instance_type: "m5.large".into(),
                 tags: [("team".to_string(), "web".to_string())].into_iter().collect(),
+                subnet_ids: subnets.clone(),
                 instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
                 ..Default::default()
             }),
@@ -408,8 +414,16 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
     })
     .await;
     most = most.max(three.len());
+    // Spread over the two subnets (zones): 2 and 1, whichever way round.
+    let mut per_subnet = std::collections::BTreeMap::new();
+    for (_, _, subnet) in &three {
+        *per_subnet.entry(subnet.clone()).or_insert(0) += 1;
+    }
+    let mut counts: Vec<i32> = per_subnet.values().copied().collect();
+    counts.sort();
+    assert_eq!(counts, vec![1, 2], "{per_subnet:?} over {subnets:?}");
     // Each instance's agent comes up and registers with its instance id: the tasks run.
-    for (k, (instance_id, _)) in three.iter().enumerate() {
+    for (k, (instance_id, _, _)) in three.iter().enumerate() {
         cluster.start_agent_with(
             &format!("ec2-{k}"),
             2.0,

@@ -276,7 +276,11 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
         escape(&d.application_name),
         escape(&d.owner_email),
         escape(&d.capacity_group),
-        escape(&format!("{:?}", d.container.image)),
+        escape(&match (&d.container.image.tag, &d.container.image.digest) {
+            (_, Some(digest)) => format!("{}@{digest}", d.container.image.name),
+            (Some(tag), None) => format!("{}:{tag}", d.container.image.name),
+            (None, None) => d.container.image.name.clone(),
+        }),
         d.container.resources.cpu,
         d.container.resources.memory_mb,
         job.status.state,

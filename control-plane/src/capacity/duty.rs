@@ -170,37 +170,51 @@ impl Duty {
     }
 
     /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered.
+    /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered. With several
+    /// subnets (zones), the count is spread over them, one call each (client token `TOKEN-i`), so
+    /// the group stays balanced across zones; a repeat makes the same calls.
     async fn launch(&self, g: &InstanceGroup, intent: &LaunchIntent, cluster: &str) -> crate::Result<()> {
         let Some(l) = &g.launch else { return Ok(()) };
         let mut tags: Vec<(String, String)> = l.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         tags.push((INSTANCE_GROUP_TAG.into(), g.id.clone()));
         tags.push((CLUSTER_TAG.into(), cluster.to_string()));
         tags.push(("Name".into(), format!("titus-agent-{}", g.id)));
-        let spec = LaunchSpec {
-            image_id: l.image_id.clone(),
-            instance_type: l.instance_type.clone(),
-            subnet_ids: l.subnet_ids.clone(),
-            security_group_ids: l.security_group_ids.clone(),
-            tags,
-        };
-        let result = self.aws.run_instances(&spec, intent.count, &intent.client_token).await;
+        let subnets: Vec<Vec<String>> =
+            if l.subnet_ids.is_empty() { vec![vec![]] } else { l.subnet_ids.iter().map(|s| vec![s.clone()]).collect() };
         let m = crate::telemetry::metrics();
-        m.aws_calls_total.inc(&["capacity", "RunInstances", crate::telemetry::aws_outcome(&result)]);
-        match result {
-            Ok(ids) => {
-                m.capacity_instances_launched_total.add(&[&g.id], ids.len() as f64);
-                tracing::info!(group = %g.id, instances = ?ids, "capacity: launched instances");
-                self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await
+        let mut launched = Vec::new();
+        for (i, subnet) in subnets.iter().enumerate() {
+            let n = subnets.len() as u32;
+            let share = intent.count / n + u32::from((i as u32) < intent.count % n);
+            if share == 0 {
+                continue;
             }
-            Err(e) if e.is_transient() => {
-                tracing::warn!(group = %g.id, error = %e, "capacity: RunInstances failed; repeating it next round");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(group = %g.id, error = %e, "capacity: RunInstances refused; dropping this launch");
-                self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await
+            let spec = LaunchSpec {
+                image_id: l.image_id.clone(),
+                instance_type: l.instance_type.clone(),
+                subnet_ids: subnet.clone(),
+                security_group_ids: l.security_group_ids.clone(),
+                tags: tags.clone(),
+            };
+            let token =
+                if subnets.len() == 1 { intent.client_token.clone() } else { format!("{}-{i}", intent.client_token) };
+            let result = self.aws.run_instances(&spec, share, &token).await;
+            m.aws_calls_total.inc(&["capacity", "RunInstances", crate::telemetry::aws_outcome(&result)]);
+            match result {
+                Ok(ids) => launched.extend(ids),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(group = %g.id, error = %e, "capacity: RunInstances failed; repeating it next round");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::error!(group = %g.id, error = %e, "capacity: RunInstances refused; dropping this launch");
+                    return self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await;
+                }
             }
         }
+        m.capacity_instances_launched_total.add(&[&g.id], launched.len() as f64);
+        tracing::info!(group = %g.id, instances = ?launched, "capacity: launched instances");
+        self.propose(Command::SetLaunchIntent { id: g.id.clone(), intent: None }).await
     }
 
     /// Per tier, the resources of each task accepted longer ago than `unplaced_after_ms` and still

@@ -90,6 +90,25 @@ pub async fn target_group(
     tg.target_groups()[0].target_group_arn().expect("arn").to_string()
 }
 
+/// A VPC with one subnet in each of `zones`; returns the subnet ids.
+pub async fn subnets(ec2: &aws_sdk_ec2::Client, zones: &[&str]) -> Vec<String> {
+    let vpc = ec2.create_vpc().cidr_block("10.20.0.0/16").send().await.expect("CreateVpc");
+    let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).expect("vpc id").to_string();
+    let mut out = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block(format!("10.20.{i}.0/24"))
+            .availability_zone(*zone)
+            .send()
+            .await
+            .expect("CreateSubnet");
+        out.push(subnet.subnet().and_then(|s| s.subnet_id()).expect("subnet id").to_string());
+    }
+    out
+}
+
 /// The target ids (IPs) the group holds.
 pub async fn targets(elb: &aws_sdk_elasticloadbalancingv2::Client, arn: &str) -> std::collections::BTreeSet<String> {
     match elb.describe_target_health().target_group_arn(arn).send().await {
