@@ -109,6 +109,7 @@ pub struct Instance {
     pub state: String,
     pub launch_time_ms: i64,
     pub tags: Vec<(String, String)>,
+    pub subnet_id: String,
 }
 
 /// What to launch for an instance group.
@@ -323,6 +324,7 @@ impl Aws {
                                 (t.key().unwrap_or_default().to_string(), t.value().unwrap_or_default().to_string())
                             })
                             .collect(),
+                        subnet_id: i.subnet_id().unwrap_or_default().to_string(),
                     });
                 }
             }

@@ -22,7 +22,7 @@ use crate::config::AwsConfig;
 use crate::jobs::apply::{agent_of, allocation_by_agent};
 use crate::jobs::store::JobRead;
 use crate::model::agent::{
-    AgentState, InstanceGroup, LaunchIntent, CLUSTER_TAG, INSTANCE_GROUP_TAG, INSTANCE_ID_ATTRIBUTE,
+    spread, AgentState, InstanceGroup, LaunchIntent, CLUSTER_TAG, INSTANCE_GROUP_TAG, INSTANCE_ID_ATTRIBUTE,
 };
 use crate::model::task::TaskState;
 use crate::model::{ResourceDimension, Tier};
@@ -76,6 +76,7 @@ impl Duty {
         }
 
         let mut instances: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        let mut subnets_in_use: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
         for g in &groups {
             let listed = self.aws.instances_tagged(INSTANCE_GROUP_TAG, &g.id).await;
             crate::telemetry::metrics().aws_calls_total.inc(&[
@@ -90,13 +91,19 @@ impl Duty {
                     return Ok(());
                 }
             };
-            let of_cluster = listed
+            let of_cluster: Vec<titus_aws::Instance> = listed
                 .into_iter()
                 .filter(|i| matches!(i.state.as_str(), "pending" | "running"))
                 .filter(|i| i.tags.iter().any(|(k, v)| k == CLUSTER_TAG && *v == cluster))
-                .map(|i| Instance { id: i.id, launched_ms: i.launch_time_ms })
                 .collect();
-            instances.insert(g.id.clone(), of_cluster);
+            let per_subnet = subnets_in_use.entry(g.id.clone()).or_default();
+            for i in &of_cluster {
+                *per_subnet.entry(i.subnet_id.clone()).or_insert(0) += 1;
+            }
+            instances.insert(
+                g.id.clone(),
+                of_cluster.into_iter().map(|i| Instance { id: i.id, launched_ms: i.launch_time_ms }).collect(),
+            );
         }
 
         let allocation = allocation_by_agent(state)?;
@@ -162,7 +169,9 @@ impl Duty {
             if g.pending_launch.is_some() {
                 continue; // repeated above; its instances show up next round
             }
-            let intent = LaunchIntent { client_token: uuid::Uuid::new_v4().to_string(), count, created_ms: now };
+            let subnets = g.launch.as_ref().map(|l| l.subnet_ids.clone()).unwrap_or_default();
+            let split = spread(count, &subnets, subnets_in_use.get(&id).unwrap_or(&BTreeMap::new()));
+            let intent = LaunchIntent { client_token: uuid::Uuid::new_v4().to_string(), count, created_ms: now, split };
             self.propose(Command::SetLaunchIntent { id: id.clone(), intent: Some(intent.clone()) }).await?;
             self.launch(g, &intent, &cluster).await?;
         }
@@ -170,25 +179,24 @@ impl Duty {
     }
 
     /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered.
-    /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered. With several
-    /// subnets (zones), the count is spread over them, one call each (client token `TOKEN-i`), so
-    /// the group stays balanced across zones; a repeat makes the same calls.
+    /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered: one call per
+    /// subnet of the intent's split (client token `TOKEN-i`), so a repeat makes the same calls.
     async fn launch(&self, g: &InstanceGroup, intent: &LaunchIntent, cluster: &str) -> crate::Result<()> {
         let Some(l) = &g.launch else { return Ok(()) };
         let mut tags: Vec<(String, String)> = l.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         tags.push((INSTANCE_GROUP_TAG.into(), g.id.clone()));
         tags.push((CLUSTER_TAG.into(), cluster.to_string()));
         tags.push(("Name".into(), format!("titus-agent-{}", g.id)));
-        let subnets: Vec<Vec<String>> =
-            if l.subnet_ids.is_empty() { vec![vec![]] } else { l.subnet_ids.iter().map(|s| vec![s.clone()]).collect() };
+        // One call per subnet of the split written with the intent; no subnet: one call.
+        let calls: Vec<(Vec<String>, u32)> = if intent.split.is_empty() {
+            vec![(Vec::new(), intent.count)]
+        } else {
+            intent.split.iter().map(|(subnet, n)| (vec![subnet.clone()], *n)).collect()
+        };
         let m = crate::telemetry::metrics();
         let mut launched = Vec::new();
-        for (i, subnet) in subnets.iter().enumerate() {
-            let n = subnets.len() as u32;
-            let share = intent.count / n + u32::from((i as u32) < intent.count % n);
-            if share == 0 {
-                continue;
-            }
+        for (i, (subnet, share)) in calls.iter().enumerate() {
+            let share = *share;
             let spec = LaunchSpec {
                 image_id: l.image_id.clone(),
                 instance_type: l.instance_type.clone(),
@@ -197,7 +205,7 @@ impl Duty {
                 tags: tags.clone(),
             };
             let token =
-                if subnets.len() == 1 { intent.client_token.clone() } else { format!("{}-{i}", intent.client_token) };
+                if calls.len() == 1 { intent.client_token.clone() } else { format!("{}-{i}", intent.client_token) };
             let result = self.aws.run_instances(&spec, share, &token).await;
             m.aws_calls_total.inc(&["capacity", "RunInstances", crate::telemetry::aws_outcome(&result)]);
             match result {

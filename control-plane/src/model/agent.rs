@@ -47,6 +47,22 @@ pub struct LaunchIntent {
     pub client_token: String,
     pub count: u32,
     pub created_ms: i64,
+    /// How many go to each subnet (decided when written, so a repeat makes the same calls); empty
+    /// when the group names no subnet.
+    #[serde(default)]
+    pub split: Vec<(String, u32)>,
+}
+
+/// Spreads `count` new instances over `subnets`, each to the subnet with the fewest instances so
+/// far (`existing` plus those already assigned), ties to the first listed.
+pub fn spread(count: u32, subnets: &[String], existing: &BTreeMap<String, u32>) -> Vec<(String, u32)> {
+    let mut load: Vec<(String, u32, u32)> =
+        subnets.iter().map(|s| (s.clone(), existing.get(s).copied().unwrap_or(0), 0)).collect();
+    for _ in 0..count {
+        let Some(least) = load.iter_mut().min_by_key(|(_, have, add)| have + add) else { break };
+        least.2 += 1;
+    }
+    load.into_iter().filter(|(_, _, add)| *add > 0).map(|(s, _, add)| (s, add)).collect()
 }
 
 /// EC2 launch settings of an instance group.
@@ -114,5 +130,19 @@ impl ResourceDimension {
             && used.disk_mb as u64 + need.disk_mb as u64 <= self.disk_mb as u64
             && used.network_mbps as u64 + need.network_mbps as u64 <= self.network_mbps as u64
             && used.gpu + need.gpu <= self.gpu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launches_fill_the_emptiest_subnet_first() {
+        let subnets = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let existing = BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 0)]);
+        assert_eq!(spread(4, &subnets, &existing), vec![("b".to_string(), 2), ("c".to_string(), 2)]);
+        assert_eq!(spread(1, &subnets, &BTreeMap::new()), vec![("a".to_string(), 1)]);
+        assert!(spread(3, &[], &BTreeMap::new()).is_empty());
     }
 }
