@@ -20,7 +20,9 @@ titus() { "$BIN/titus" --server "$SERVERS" "$@"; }
 
 up() {
     ensure_packages "${BUILD_PACKAGES[@]}"
-    cargo build -p titus-control-plane -p titus-client -p titus-agent --bins
+    # The same selection as deploy/test.sh: another one unifies features differently and rebuilds
+    # aws-sdk-ec2 (25 minutes here) instead of reusing the shared target dir.
+    cargo build --workspace --all-targets
     bash deploy/build-test-image.sh
     mkdir -p "$DIR"
     for id in 1 2 3; do
