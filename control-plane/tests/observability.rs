@@ -15,22 +15,7 @@ use titus_client::proto as pb;
 const ELECTION: Duration = Duration::from_secs(30);
 
 fn service_job(app: &str, desired: u32) -> pb::JobDescriptor {
-    pb::JobDescriptor {
-        owner: Some(pb::Owner { team_email: "team@example.com".into() }),
-        application_name: app.into(),
-        container: Some(pb::Container {
-            resources: Some(pb::ContainerResources { cpu: 1.0, memory_mb: 512, ..Default::default() }),
-            image: Some(pb::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
-            command: vec!["sleep".into(), "600".into()],
-            ..Default::default()
-        }),
-        job_type: Some(pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
-            capacity: Some(pb::Capacity { min: 0, desired, max: 10 }),
-            enabled: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    common::sleeping_service(app, 1.0, 512, desired)
 }
 
 #[test]

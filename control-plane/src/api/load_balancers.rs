@@ -37,10 +37,12 @@ fn check_job_id(job_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn target_group_of(id: Option<pb::LoadBalancerId>) -> Result<String, Status> {
+/// The job id and target group ARN of an add or remove request, each checked.
+fn association_of(job_id: String, id: Option<pb::LoadBalancerId>) -> Result<(String, String), Status> {
+    check_job_id(&job_id)?;
     let arn = id.map(|l| l.id).unwrap_or_default();
     validate_target_group_arn("load_balancer_id.id", &arn).map_err(|v| Error::InvalidArgument(vec![v]))?;
-    Ok(arn)
+    Ok((job_id, arn))
 }
 
 fn to_proto(job_id: &str, lbs: Vec<LoadBalancer>, targets: &[LbTarget]) -> pb::GetJobLoadBalancersResult {
@@ -124,8 +126,7 @@ impl LoadBalancerService for LoadBalancerApi {
     ) -> Result<Response<pb::Empty>, Status> {
         let deadline = client_deadline(&request);
         let req = request.into_inner();
-        check_job_id(&req.job_id)?;
-        let target_group = target_group_of(req.load_balancer_id)?;
+        let (job_id, target_group) = association_of(req.job_id, req.load_balancer_id)?;
         let Some(aws) = &self.aws else {
             return Err(Status::failed_precondition(
                 "load balancers are off: this control plane has no [aws] configuration",
@@ -155,7 +156,7 @@ impl LoadBalancerService for LoadBalancerApi {
             }
             Err(e) => return Err(Status::failed_precondition(format!("checking the target group with AWS: {e}"))),
         }
-        let command = Command::AddLoadBalancer { job_id: req.job_id, target_group, timestamp_ms: now_ms() };
+        let command = Command::AddLoadBalancer { job_id, target_group, timestamp_ms: now_ms() };
         done(self.replica.propose(command, deadline).await?)
     }
 
@@ -165,8 +166,7 @@ impl LoadBalancerService for LoadBalancerApi {
     ) -> Result<Response<pb::Empty>, Status> {
         let deadline = client_deadline(&request);
         let req = request.into_inner();
-        check_job_id(&req.job_id)?;
-        let target_group = target_group_of(req.load_balancer_id)?;
-        done(self.replica.propose(Command::RemoveLoadBalancer { job_id: req.job_id, target_group }, deadline).await?)
+        let (job_id, target_group) = association_of(req.job_id, req.load_balancer_id)?;
+        done(self.replica.propose(Command::RemoveLoadBalancer { job_id, target_group }, deadline).await?)
     }
 }

@@ -138,15 +138,20 @@ impl Duty {
             // Cordon first: an agent on an instance about to go gets no new task; one that got a
             // task since this round read the state keeps its instance (a later round takes it).
             let by_instance: HashMap<&str, &AgentLoad> = agents.iter().map(|a| (a.instance_id.as_str(), a)).collect();
-            let mut terminate = Vec::new();
-            for (group, id, why) in &plan.terminate {
+            for (_, id, _) in &plan.terminate {
                 if let Some(a) = by_instance.get(id.as_str()) {
                     self.propose(Command::MarkAgentTerminating { agent_id: a.agent_id.clone() }).await?;
-                    let live = allocation_by_agent(&self.replica.state)?.get(&a.agent_id).map_or(0, |x| x.live_tasks);
-                    if live > 0 {
-                        tracing::info!(group = %group, instance = %id, "capacity: agent got a task meanwhile; keeping its instance");
-                        continue;
-                    }
+                }
+            }
+            let allocation = allocation_by_agent(&self.replica.state)?;
+            let mut terminate = Vec::new();
+            for (group, id, why) in &plan.terminate {
+                let busy = by_instance
+                    .get(id.as_str())
+                    .is_some_and(|a| allocation.get(&a.agent_id).is_some_and(|x| x.live_tasks > 0));
+                if busy {
+                    tracing::info!(group = %group, instance = %id, "capacity: agent got a task meanwhile; keeping its instance");
+                    continue;
                 }
                 tracing::info!(group = %group, instance = %id, why = %why, "capacity: terminating instance");
                 terminate.push((group.clone(), id.clone(), why.clone()));

@@ -166,7 +166,7 @@ pub fn plan(
             if add == 0 {
                 break;
             }
-            let d = desired.get_mut(&g.id).expect("managed group");
+            let Some(d) = desired.get_mut(&g.id) else { continue };
             let room = g.max.saturating_sub(*d);
             let grow = room.min(add);
             *d += grow;
@@ -187,7 +187,7 @@ pub fn plan(
                 let cooled = a.idle_since_ms.is_some_and(|s| now_ms - s >= config.idle_cooldown_ms);
                 let over_max = idle_left > limits.max_idle;
                 let keeps_min_idle = idle_left > limits.min_idle || g.lifecycle != Lifecycle::Active;
-                let d = desired.get_mut(&g.id).expect("managed group");
+                let Some(d) = desired.get_mut(&g.id) else { continue };
                 let floor = if g.lifecycle == Lifecycle::Removable { 0 } else { g.min };
                 if (cooled || over_max) && keeps_min_idle && *d > floor && !terminating.contains(&a.instance_id) {
                     *d -= 1;

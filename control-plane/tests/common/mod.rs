@@ -614,3 +614,24 @@ pub async fn scrape(addr: &str) -> Vec<Sample> {
     assert_eq!(status, 200, "{body}");
     parse_exposition(&body).unwrap_or_else(|e| panic!("invalid exposition from {addr}: {e}\n{body}"))
 }
+
+/// A service job of `desired` tasks (max 10) that sleep for ten minutes in the local test image.
+pub fn sleeping_service(app: &str, cpu: f64, memory_mb: u32, desired: u32) -> titus_client::proto::JobDescriptor {
+    use titus_client::proto as pb;
+    pb::JobDescriptor {
+        owner: Some(pb::Owner { team_email: "team@example.com".into() }),
+        application_name: app.into(),
+        container: Some(pb::Container {
+            resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
+            image: Some(pb::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
+            command: vec!["sleep".into(), "600".into()],
+            ..Default::default()
+        }),
+        job_type: Some(pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+            capacity: Some(pb::Capacity { min: 0, desired, max: 10 }),
+            enabled: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
