@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2::types::{TargetDescription, TargetTypeEnum};
 use common::{containers_of, ensure_test_image, wait_until, Cluster};
-use moto::{FaultProxy, Moto};
+use moto::Moto;
+use titus_chaos::proxy::{FaultConfig, Proxy};
 use titus_client::proto as pb;
 use titus_client::Client;
 
@@ -202,8 +203,9 @@ async fn t420_registration_converges_through_throttling_and_5xx() {
     let (elb, ec2) = moto.sdk().await;
     let arn = moto::target_group(&elb, &ec2, "flaky", TargetTypeEnum::Ip).await;
     // Every second request to AWS fails, alternately with Throttling and a 503.
-    let proxy = FaultProxy::start(moto.port, 2).await;
-    let mut cluster = start(&aws_args(&proxy.url, 2000));
+    let every_second = FaultConfig { every: 2, ..Default::default() };
+    let proxy = Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), every_second).await.unwrap();
+    let mut cluster = start(&aws_args(&proxy.url(), 2000));
     cluster.start_agent("lb-agent", 4.0, 4096);
     let client = cluster.client();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
@@ -215,14 +217,12 @@ async fn t420_registration_converges_through_throttling_and_5xx() {
     client.update_job_capacity(&job_id, None, Some(1), None).await.unwrap();
     let ips = wait_started(&client, &job_id, 1).await;
     wait_targets(&elb, &arn, &ips).await;
-    let faults = proxy.faults.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!(
-        "fault proxy: {faults} requests answered Throttling/503, {} forwarded to moto",
-        proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst)
-    );
+    let stats = proxy.stats();
+    let faults = stats.throttled + stats.errors;
+    eprintln!("fault proxy: {faults} requests answered Throttling/503, {} forwarded to moto", stats.forwarded);
     // Two or more: both kinds (they alternate: Throttling, then 503) were injected.
-    assert!(faults >= 2, "the proxy injected only {faults} faults");
-    assert!(proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) >= faults, "as many calls went through");
+    assert!(stats.throttled >= 1 && stats.errors >= 1, "the proxy injected only {faults} faults");
+    assert!(stats.forwarded >= faults, "as many calls went through");
     let lbs = client.job_load_balancers(&job_id).await.unwrap();
     assert_eq!(lbs[0].state, pb::LoadBalancerState::LbActive as i32, "transient errors never orphan");
 }
@@ -449,9 +449,9 @@ async fn t450_a_refused_call_is_shown_and_retried_not_orphaned_and_clears_once_a
     let moto = Moto::start(dir.path());
     let (elb, ec2) = moto.sdk().await;
     let arn = moto::target_group(&elb, &ec2, "denied", TargetTypeEnum::Ip).await;
-    let proxy = FaultProxy::start(moto.port, 0).await;
-    proxy.deny_register.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut cluster = start(&aws_args(&proxy.url, 60_000));
+    let deny = FaultConfig { deny_actions: vec!["RegisterTargets".into()], ..Default::default() };
+    let proxy = Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), deny).await.unwrap();
+    let mut cluster = start(&aws_args(&proxy.url(), 60_000));
     cluster.start_agent("lb-agent", 4.0, 4096);
     let client = cluster.client();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
@@ -469,7 +469,7 @@ async fn t450_a_refused_call_is_shown_and_retried_not_orphaned_and_clears_once_a
     assert!(moto::targets(&elb, &arn).await.is_empty());
 
     // The permission is granted: the back-off retry registers the target and clears the message.
-    proxy.deny_register.store(false, std::sync::atomic::Ordering::SeqCst);
+    proxy.set(FaultConfig::default()).unwrap();
     let ips = started_ips(&client, &job_id).await;
     wait_targets(&elb, &arn, &ips).await;
     wait_until(SETTLE, "the message cleared", || async {

@@ -107,9 +107,10 @@ async fn one(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> {
         handler(path.to_string()).await
     };
     let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         response.status,
         reason(response.status),
+        http_date(std::time::SystemTime::now()),
         response.content_type,
         response.body.len()
     );
@@ -118,6 +119,32 @@ async fn one(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> {
     }
     stream.write_all(out.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// An HTTP date (RFC 9110 IMF-fixdate): `Sat, 28 Nov 2026 12:40:13 GMT`.
+pub fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -167,9 +194,21 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("hi <there>"), "{ok}");
         assert!(ok.contains("Content-Length: 10\r\n"), "{ok}");
         assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+        assert!(ok.contains("\r\nDate: "), "{ok}");
         assert!(get(addr, "POST /hello HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
         tx.send(true).unwrap();
         server.await.unwrap();
         assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+}
+
+#[cfg(test)]
+mod date_tests {
+    #[test]
+    fn http_dates() {
+        let at = |s: u64| super::http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(at(1_795_773_600), "Fri, 27 Nov 2026 10:00:00 GMT");
+        assert_eq!(at(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
     }
 }
