@@ -259,7 +259,16 @@ impl Process {
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting {restart:?}"))?;
+        let mut child = child;
         let pid = child.id();
+        // A program that cannot start (a bad command, a port in use) exits at once: say so.
+        let settle = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < settle {
+            if let Some(status) = child.try_wait()? {
+                bail!("{restart:?} exited at once ({status}); see {}", self.log.as_ref().map_or("its output".into(), |l| l.display().to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // The child is left running; it is reaped by init once this tool exits.
         std::mem::forget(child);
         std::fs::write(pid_file, pid.to_string()).with_context(|| format!("writing {}", pid_file.display()))?;

@@ -171,7 +171,7 @@ async fn prober(client: titus_client::Client, interval: Duration, started: Insta
         n += 1;
         let t = Instant::now();
         let token = format!("chaos-probe-{}-{n}", rand::random::<u64>());
-        let desc = titus_client::JobBuilder::batch("chaos-probe", "titus/busybox:latest", 1).cpu(0.01).memory_mb(8).command(["true"]).build();
+        let desc = titus_client::JobBuilder::batch("chaos-probe", "titus/busybox:latest", 1).owner("chaos@titus.local").cpu(0.01).memory_mb(8).command(["true"]).build();
         let ok = match client.create_job_with_token(desc, &token).await {
             Ok(id) => {
                 let _ = client.kill_job(&id).await;

@@ -540,10 +540,10 @@ impl Chaos {
         let mut whos: Vec<Who> = self.deployment.replicas.iter().map(|r| Who::Replica(r.id)).collect();
         whos.extend(self.deployment.agents.iter().map(|a| Who::Agent(a.id.clone())));
         for w in whos {
-            let Ok(p) = w.process(&self.deployment) else { continue };
+            let Ok(p) = w.process(&self.deployment).cloned() else { continue };
             if p.netns.is_some() || (p.container.is_some() && p.pid().is_some()) {
-                if !net::dropped(p).map(|s| s.is_empty()).unwrap_or(true) {
-                    match net::heal(p) {
+                if !net::dropped(&p).map(|s| s.is_empty()).unwrap_or(true) {
+                    match net::heal(&p) {
                         Ok(()) => self.log(true, format!("heal: flushed partition rules of {w}")),
                         Err(e) => {
                             ok = false;

@@ -75,11 +75,11 @@ impl Env {
     }
 
     /// The leader as the replicas other than `not` see it.
-    async fn leader_seen_by_others(&self, not: &[u64]) -> Option<u64> {
+    async fn leader_seen_by_others(&self, not: u64) -> Option<u64> {
         let c = self.client();
-        for r in self.lab.deployment.replicas.iter().filter(|r| !not.contains(&r.id)) {
+        for r in self.lab.deployment.replicas.iter().filter(|r| r.id != not) {
             if let Ok(s) = c.cluster_status_of(&r.api).await {
-                if s.leader_id != 0 && !not.contains(&s.leader_id) {
+                if s.leader_id != 0 && s.leader_id != not {
                     return Some(s.leader_id);
                 }
             }
@@ -138,7 +138,7 @@ async fn t600_kill_leader_then_restart() {
     let child = env.spawn(&["kill", "--target", "leader", "--restart-after", "3s"]);
     // The fault happened: the old leader's process is gone and the others elected a new one.
     wait_for(Duration::from_secs(10), "the leader's process gone", || async { (!titus_chaos::deployment::pid_alive(old_pid)).then_some(()) }).await;
-    let new_leader = wait_for(Duration::from_secs(15), "a new leader", || env.leader_seen_by_others(&[leader])).await;
+    let new_leader = wait_for(Duration::from_secs(15), "a new leader", || env.leader_seen_by_others(leader)).await;
     assert_ne!(new_leader, leader);
     let (ok, out) = finish(child, Duration::from_secs(30));
     assert!(ok && out.contains("undone: kill leader"), "{out}");
@@ -166,7 +166,7 @@ async fn t610_pause_leader_then_resume() {
     let leader = env.leader().await.expect("leader");
     let child = env.spawn(&["pause", "--target", "leader", "--duration", "8s"]);
     wait_for(Duration::from_secs(10), "the leader stopped", || async { env.replica(leader).stopped().then_some(()) }).await;
-    let other = wait_for(Duration::from_secs(15), "a leader among the others", || env.leader_seen_by_others(&[leader])).await;
+    let other = wait_for(Duration::from_secs(15), "a leader among the others", || env.leader_seen_by_others(leader)).await;
     assert_ne!(other, leader);
     let (ok, out) = finish(child, Duration::from_secs(30));
     assert!(ok, "{out}");
@@ -222,7 +222,7 @@ async fn t620_partitions_cut_exactly_the_grudge_and_heal() {
                 let leader = leader.expect("leader before");
                 assert_eq!(hears(leader), 1, "{rules:?}");
                 assert!(d.replicas.iter().filter(|r| r.id != leader).all(|r| hears(r.id) == 4));
-                let new = wait_for(Duration::from_secs(15), "the majority elects a leader", || env.leader_seen_by_others(&[leader])).await;
+                let new = wait_for(Duration::from_secs(15), "the majority elects a leader", || env.leader_seen_by_others(leader)).await;
                 assert_ne!(new, leader);
             }
             "halves" => assert_eq!(d.replicas.iter().filter(|r| hears(r.id) >= 3).count(), 3, "{rules:?}"),
@@ -247,7 +247,7 @@ async fn t630_agent_faults() {
     let env = Env::start(3, 1).await;
     let agent = env.lab.deployment.agents[0].clone();
     let c = env.client();
-    let desc = JobBuilder::service("chaos-svc", "titus/busybox:latest", 0, 2, 4).cpu(0.1).memory_mb(32).command(["sleep", "3600"]).build();
+    let desc = JobBuilder::service("chaos-svc", "titus/busybox:latest", 0, 2, 4).owner("chaos@titus.local").cpu(0.1).memory_mb(32).command(["sleep", "3600"]).build();
     let job = c.create_job(desc).await.expect("create job");
     let started = |c: Client, job: String| async move {
         let tasks = c.find_tasks(&[("jobIds", &job), ("taskStates", "Started")], 100, "").await.ok()?;
@@ -304,7 +304,7 @@ async fn t630_agent_faults() {
     let killed = before.iter().find(|t| text.contains(t.as_str())).expect("the killed task is named").clone();
     wait_for(Duration::from_secs(30), "the killed task Finished", || {
         let (c, t) = (c.clone(), killed.clone());
-        async move { c.find_task(&t).await.ok().filter(|t| t.status.as_ref().map(|s| s.state) == Some(TaskState::Finished as i32)).map(|_| ()) }
+        async move { c.find_task(&t).await.ok().filter(|t| t.status.as_ref().map(|s| s.state) == Some(TaskState::TaskFinished as i32)).map(|_| ()) }
     })
     .await;
     let after = wait_for(Duration::from_secs(60), "a replacement Started", || started(c.clone(), job.clone())).await;
@@ -332,7 +332,7 @@ async fn t650_clock_skew_on_a_replica() {
     })
     .await;
     // The cluster keeps working with one replica's clock off.
-    env.client().create_job(JobBuilder::batch("skewed", "titus/busybox:latest", 1).cpu(0.1).memory_mb(16).build()).await.expect("create job");
+    env.client().create_job(JobBuilder::batch("skewed", "titus/busybox:latest", 1).owner("chaos@titus.local").cpu(0.1).memory_mb(16).build()).await.expect("create job");
     let (ok, out) = finish(child, Duration::from_secs(40));
     assert!(ok, "{out}");
     wait_for(Duration::from_secs(20), "replica 2's real clock back", || async { skew_of(admin.clone()).await.filter(|s| s.abs() <= 5) }).await;
@@ -389,7 +389,7 @@ async fn t660_plan_crash_heal_interrupt_and_blast_radius() {
 async fn t670_chaos_monkey() {
     let env = Env::start(3, 1).await;
     let c = env.client();
-    let svc = |app: &str| JobBuilder::service(app, "titus/busybox:latest", 0, 2, 4).cpu(0.1).memory_mb(32).command(["sleep", "3600"]);
+    let svc = |app: &str| JobBuilder::service(app, "titus/busybox:latest", 0, 2, 4).owner("chaos@titus.local").cpu(0.1).memory_mb(32).command(["sleep", "3600"]);
     let opted = c.create_job(svc("monkey-food").attribute("chaos.monkey.enabled", "true").build()).await.unwrap();
     let spared = c.create_job(svc("monkey-spared").build()).await.unwrap();
     let started = |job: String| {
@@ -425,7 +425,7 @@ async fn t670_chaos_monkey() {
     let victim = actions[0]["task"].as_str().unwrap().to_string();
     assert!(opted_tasks.contains(&victim));
     let killed = c.find_task(&victim).await.unwrap();
-    assert!(killed.status.unwrap().state >= TaskState::KillInitiated as i32);
+    assert!(killed.status.unwrap().state >= TaskState::TaskKillInitiated as i32);
     assert_eq!(started(spared.clone()).await, Some(spared_tasks), "the other job is untouched");
     // The daily count survives the monkey's restart.
     assert!(monkey(&["--max-per-job-per-day", "1"]).is_empty());

@@ -256,10 +256,10 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
             let mut plan = Plan::load(&plan)?;
             plan.allow_majority |= allow_majority;
             let mut chaos = Chaos::new(Deployment::load(&deployment)?, seed.or(plan.seed))?;
-            let report = experiment::run(&mut chaos, &plan, titus_obs::process::shutdown_signal()).await;
-            report.print();
-            write_report(report.as_deref(), &report)?;
-            Ok(match report.verdict {
+            let result = experiment::run(&mut chaos, &plan, titus_obs::process::shutdown_signal()).await;
+            result.print();
+            write_report(report.as_deref(), &result)?;
+            Ok(match result.verdict {
                 Verdict::Pass => ExitCode::SUCCESS,
                 Verdict::Fail => ExitCode::from(1),
                 Verdict::Aborted => ExitCode::from(3),
