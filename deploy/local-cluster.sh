@@ -18,6 +18,33 @@ running() { [ -f "$DIR/replica-$1.pid" ] && kill -0 "$(cat "$DIR/replica-$1.pid"
 
 titus() { "$BIN/titus" --server "$SERVERS" "$@"; }
 
+# The command lines (no spaces inside an argument), shared by `up` and the chaos deployment file.
+replica_cmd() {
+    echo "$BIN/titus-control-plane --node-id $1 --data-dir $DIR/data-$1 --peer-listen 127.0.0.1:700$1" \
+        "--api-listen 127.0.0.1:800$1 --admin-listen 127.0.0.1:900$1 ${MEMBERS[*]}"
+}
+agent_cmd() {
+    echo "$BIN/titus-agent --agent-id local-agent --servers $SERVERS --cpu 4 --memory-mb 4096" \
+        "--attribute zone=local-a --admin-listen 127.0.0.1:9100"
+}
+
+# A titus-chaos deployment file for this cluster: kill, pause, clock skew and agent faults work on
+# it; partitions need each replica in its own network namespace (`titus-chaos lab up`).
+write_chaos_deployment() {
+    {
+        echo "# Written by deploy/local-cluster.sh. titus-chaos -d $DIR/chaos.yaml kill --target leader"
+        echo "replicas:"
+        for id in 1 2 3; do
+            printf "  - id: %s\n    api: 127.0.0.1:800%s\n    ip: 127.0.0.1\n    admin: 127.0.0.1:900%s\n" "$id" "$id" "$id"
+            printf "    process:\n      pid_file: %s\n      restart: '%s'\n      log: %s\n" \
+                "$DIR/replica-$id.pid" "$(replica_cmd "$id")" "$DIR/replica-$id.log"
+        done
+        echo "agents:"
+        printf "  - id: local-agent\n    ip: 127.0.0.1\n    process:\n      pid_file: %s\n      restart: '%s'\n      log: %s\n" \
+            "$DIR/replica-agent.pid" "$(agent_cmd)" "$DIR/agent.log"
+    } >"$DIR/chaos.yaml"
+}
+
 up() {
     ensure_packages "${BUILD_PACKAGES[@]}"
     # The same selection as deploy/test.sh: another one unifies features differently and rebuilds
@@ -30,21 +57,20 @@ up() {
             echo "replica $id already running (pid $(cat "$DIR/replica-$id.pid"))"
             continue
         fi
-        nohup "$BIN/titus-control-plane" --node-id "$id" --data-dir "$DIR/data-$id" \
-            --peer-listen "127.0.0.1:700$id" --api-listen "127.0.0.1:800$id" --admin-listen "127.0.0.1:900$id" \
-            "${MEMBERS[@]}" \
-            >>"$DIR/replica-$id.log" 2>&1 &
+        # shellcheck disable=SC2046
+        nohup $(replica_cmd "$id") >>"$DIR/replica-$id.log" 2>&1 &
         echo $! >"$DIR/replica-$id.pid"
         echo "replica $id started (pid $!, log $DIR/replica-$id.log)"
     done
     if running agent; then
         echo "agent already running (pid $(cat "$DIR/replica-agent.pid"))"
     else
-        nohup "$BIN/titus-agent" --agent-id "local-agent" --servers "$SERVERS" --cpu 4 --memory-mb 4096 \
-            --attribute zone=local-a --admin-listen 127.0.0.1:9100 >>"$DIR/agent.log" 2>&1 &
+        # shellcheck disable=SC2046
+        nohup $(agent_cmd) >>"$DIR/agent.log" 2>&1 &
         echo $! >"$DIR/replica-agent.pid"
         echo "agent started (pid $!, log $DIR/agent.log)"
     fi
+    write_chaos_deployment
     echo "waiting for a leader..."
     for _ in $(seq 1 120); do
         if titus -o json cluster status 2>/dev/null | grep -q '"leaderId": [1-9]'; then break; fi
@@ -86,6 +112,7 @@ The cluster is up. Try:
   open http://127.0.0.1:9001/ui         # read-only web view (any replica: 9001-9003)
   curl -s 127.0.0.1:9001/metrics        # Prometheus metrics (agent: 127.0.0.1:9100/metrics)
   kill -9 \$(cat $DIR/replica-1.pid)   # the others elect a new leader; no container restarts
+  $BIN/titus-chaos -d $DIR/chaos.yaml kill --target leader --restart-after 5s   # the same, undone
   deploy/local-cluster.sh up            # restarts what is not running
   deploy/local-cluster.sh down          # stop (data kept in $DIR)
 MSG

@@ -11,6 +11,8 @@ ensure_moto
 bash deploy/build-test-image.sh
 cargo build --workspace --all-targets
 cargo test --workspace --doc
+# Chaos labs (network namespaces) a killed test run may have left on this machine.
+"$CARGO_TARGET_DIR/debug/titus-chaos" lab sweep
 
 # The benchmark must keep working; the short mode proves it, the README has the full run.
 "$CARGO_TARGET_DIR/debug/titus-bench" --seconds 1 --clients 1,16 --kills 2 >/dev/null

@@ -375,7 +375,7 @@ impl Chaos {
                 }
                 let shape: Vec<String> =
                     grudge.iter().map(|(a, d)| format!("{a}✗{}", d.iter().map(u64::to_string).collect::<Vec<_>>().join(","))).collect();
-                let text = format!("partition {topology:?} [{}] for {duration}", shape.join(" "));
+                let text = format!("partition {topology} [{}] for {duration}", shape.join(" "));
                 let who = ids.iter().map(|id| Who::Replica(*id)).collect();
                 (text, Action::Partition(rules), Some(Undo::Heal { who }), impairs, duration.0)
             }

@@ -217,6 +217,35 @@ impl Lab {
     }
 }
 
+/// Removes every lab left behind by a run that could not clean up (a test killed by its timeout):
+/// the processes in its namespaces, the namespaces, bridges and forward rules. Returns their names.
+pub fn sweep() -> Result<Vec<String>> {
+    let is_lab = |name: &str| name.len() == 7 && name.starts_with("tc") && name[2..].chars().all(|c| c.is_ascii_hexdigit());
+    let mut swept = Vec::new();
+    for line in run("ip", &["netns", "list"])?.lines() {
+        let ns = line.split_whitespace().next().unwrap_or("");
+        let Some((lab, _host)) = ns.split_once('-') else { continue };
+        if !is_lab(lab) {
+            continue;
+        }
+        for pid in run("ip", &["netns", "pids", ns]).unwrap_or_default().split_whitespace() {
+            let _ = run("kill", &["-CONT", pid]);
+            let _ = run("kill", &["-KILL", pid]);
+        }
+        let _ = run("ip", &["netns", "del", ns]);
+        swept.push(ns.to_string());
+    }
+    for line in run("ip", &["-o", "link", "show", "type", "bridge"])?.lines() {
+        let Some(name) = line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n)) else { continue };
+        if let Some(lab) = name.strip_suffix('b').filter(|l| is_lab(l)) {
+            let _ = run("iptables", &["-w", "-D", "FORWARD", "-i", name, "-o", name, "-j", "ACCEPT"]);
+            let _ = run("ip", &["link", "del", name]);
+            swept.push(format!("{lab} (bridge)"));
+        }
+    }
+    Ok(swept)
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if !self.keep {

@@ -28,6 +28,17 @@ pub enum Topology {
     Bridge,
 }
 
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Topology::IsolateLeader => "isolate-leader",
+            Topology::Halves => "halves",
+            Topology::Ring => "ring",
+            Topology::Bridge => "bridge",
+        })
+    }
+}
+
 impl std::str::FromStr for Topology {
     type Err = String;
     fn from_str(s: &str) -> Result<Topology, String> {

@@ -188,6 +188,8 @@ enum LabCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Remove every lab left behind by runs that could not clean up (their processes too).
+    Sweep,
 }
 
 impl Rates {
@@ -342,6 +344,11 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
             println!("lab {} up: leader {leader}; deployment file {}", lab.name, lab.deployment_file().display());
             println!("clients: --server {}", lab.deployment.api_addrs().join(","));
             lab.keep();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab { command: LabCommand::Sweep } => {
+            let swept = titus_chaos::lab::sweep()?;
+            println!("swept {} lab namespace(s)/bridge(s){}", swept.len(), if swept.is_empty() { String::new() } else { format!(": {}", swept.join(", ")) });
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab { command: LabCommand::Down { dir } } => {
