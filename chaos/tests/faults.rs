@@ -506,11 +506,13 @@ async fn t640_aws_faults_through_the_proxy() {
     let moto = moto::Moto::start(&env.lab.dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
-        .args(["aws-proxy", "--listen", &addr, "--upstream", &format!("127.0.0.1:{}", moto.port), "--run-for", "3m"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("aws-proxy");
+    let _proxy = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
+            .args(["aws-proxy", "--listen", &addr, "--upstream", &format!("127.0.0.1:{}", moto.port), "--run-for", "10m"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("aws-proxy"),
+    );
     wait_for(Duration::from_secs(10), "the proxy listening", || async { std::net::TcpStream::connect(&addr).ok().map(|_| ()) }).await;
     let mut d = env.lab.deployment.clone();
     d.aws_proxy = Some(addr.clone());
@@ -525,7 +527,7 @@ async fn t640_aws_faults_through_the_proxy() {
     // Faults off: every call reaches moto.
     assert!((0..20).all(|_| aws_call(&addr, "DescribeTargetGroups").0 == 200));
 
-    let child = chaos(&["aws", "--throttle-rate", "0.3", "--error-rate", "0.2", "--latency-rate", "0.5", "--latency-ms", "150", "--duration", "40s"])
+    let child = chaos(&["aws", "--throttle-rate", "0.3", "--error-rate", "0.2", "--latency-rate", "0.5", "--latency-ms", "150", "--duration", "5m"])
         .spawn()
         .unwrap();
     wait_for(Duration::from_secs(10), "faults on", || async {
@@ -565,7 +567,7 @@ async fn t640_aws_faults_through_the_proxy() {
     .await;
     let (elb, ec2) = moto.sdk().await;
     let arn = moto::target_group(&elb, &ec2, "chaos", aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Ip).await;
-    for _ in 0..10 {
+    for _ in 0..5 {
         aws.register_targets(&arn, &["10.9.9.9".to_string()]).await.expect("retried through the faults");
     }
 
@@ -576,6 +578,14 @@ async fn t640_aws_faults_through_the_proxy() {
     let status = titus_chaos::proxy::remote_status(&addr).await.unwrap();
     assert!(status.config.is_off());
     assert!((0..50).all(|_| aws_call(&addr, "DescribeTargetGroups").0 == 200), "undone: every call reaches moto");
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+}
+
+/// A child process killed when the test ends, passed or not.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
