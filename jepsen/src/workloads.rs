@@ -1,0 +1,227 @@
+//! The client workloads. Each records what it invokes and how it ended into the shared history.
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use titus_client::{Client, JobBuilder};
+
+use crate::history::{classify, Recorder, Type};
+
+pub const OWNER: &str = "jepsen@titus.local";
+pub const REGISTER_APP: &str = "jepsen-register";
+pub const SET_APP: &str = "jepsen-set";
+pub const TASKS_APP: &str = "jepsen-tasks";
+
+/// Ends one operation: ok with `value`, or fail/info by the error.
+fn complete<T>(rec: &Recorder, process: &mut i64, workers: i64, f: &str, value_on_error: Value, r: titus_client::Result<T>, ok: impl FnOnce(T) -> Value) {
+    match r {
+        Ok(v) => rec.record(*process, Type::Ok, f, ok(v), None),
+        Err(e) => {
+            let kind = classify(&e);
+            rec.record(*process, kind, f, value_on_error, Some(e.to_string()));
+            if kind == Type::Info {
+                // Its outcome is unknown: this process may still be running it; go on as another.
+                *process += workers;
+            }
+        }
+    }
+}
+
+/// Creates the register workload's keys: service jobs whose desired size is the register (0 at
+/// first). Placement never finds room for their tasks (64 cpus each), so only the control plane is
+/// exercised.
+pub async fn register_setup(client: &Client, keys: usize) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for k in 0..keys {
+        let desc = JobBuilder::service(REGISTER_APP, "titus/busybox:latest", 0, 0, 10).owner(OWNER).cpu(64.0).memory_mb(16).attribute("jepsen.key", &k.to_string()).build();
+        ids.push(client.create_job(desc).await.map_err(|e| anyhow::anyhow!("creating register key {k}: {e}"))?);
+    }
+    Ok(ids)
+}
+
+/// Random writes (UpdateJobCapacity desired = v) and reads (FindJob) of random keys.
+pub async fn register_worker(client: Client, rec: Recorder, keys: Vec<String>, worker: i64, workers: i64, until: Instant, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut process = worker;
+    while Instant::now() < until {
+        let key = keys[rng.gen_range(0..keys.len())].clone();
+        if rng.gen_bool(0.5) {
+            let v: u32 = rng.gen_range(1..=5);
+            rec.record(process, Type::Invoke, "write", json!([key, v]), None);
+            let r = client.update_job_capacity(&key, None, Some(v), None).await;
+            complete(&rec, &mut process, workers, "write", json!([key, v]), r, |_| json!([key, v]));
+        } else {
+            rec.record(process, Type::Invoke, "read", json!([key, null]), None);
+            let r = client.find_job(&key).await;
+            complete(&rec, &mut process, workers, "read", json!([key, null]), r, |job| {
+                let desired = job.job_descriptor.and_then(|d| match d.job_type {
+                    Some(titus_client::proto::job_descriptor::JobType::Service(s)) => s.capacity.map(|c| c.desired),
+                    _ => None,
+                });
+                json!([key, desired])
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
+    }
+}
+
+/// CreateJob with a fresh idempotency token per add; the token is also a job attribute, so the
+/// final read can map tokens to jobs.
+pub async fn set_worker(client: Client, rec: Recorder, worker: i64, workers: i64, until: Instant, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut process = worker;
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let token = format!("jepsen-{worker}-{n}");
+        rec.record(process, Type::Invoke, "add", json!(token), None);
+        let desc = JobBuilder::batch(SET_APP, "titus/busybox:latest", 1).owner(OWNER).cpu(64.0).memory_mb(16).attribute("jepsen.token", &token).build();
+        let r = client.create_job_with_token(desc, &token).await;
+        complete(&rec, &mut process, workers, "add", json!(token), r, |id| json!([token, id]));
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..60))).await;
+    }
+}
+
+/// The final read of the set: every job of the workload with its token.
+pub async fn set_read_all(client: &Client, rec: &Recorder, process: i64) {
+    rec.record(process, Type::Invoke, "read-all", Value::Null, None);
+    let mut pairs = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        match client.find_jobs(&[("appName", SET_APP)], 500, &cursor).await {
+            Ok(page) => {
+                for job in page.items {
+                    let token = job.job_descriptor.as_ref().and_then(|d| d.attributes.get("jepsen.token").cloned()).unwrap_or_default();
+                    pairs.push(json!([token, job.id]));
+                }
+                match page.pagination {
+                    Some(p) if p.has_more => cursor = p.cursor,
+                    _ => break,
+                }
+            }
+            Err(e) => {
+                rec.record(process, classify(&e), "read-all", Value::Null, Some(e.to_string()));
+                return;
+            }
+        }
+    }
+    rec.record(process, Type::Ok, "read-all", Value::Array(pairs), None);
+}
+
+/// An ObserveJobs client on the register's jobs, recording every notification.
+pub async fn observer(client: Client, rec: Recorder, observer: u64, until: Instant) {
+    let mut obs = client.observe_jobs(&[("appName", REGISTER_APP)]);
+    let process = 10_000 + observer as i64;
+    while Instant::now() < until {
+        let left = until.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, obs.next()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::debug!(observer, error = %e, "observer");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => break,
+        };
+        use titus_client::proto::job_change_notification::Notification as N;
+        let value = match n.notification {
+            Some(N::JobUpdate(u)) => {
+                let job = u.job.unwrap_or_default();
+                let state = job.status.map(|s| s.state).unwrap_or_default();
+                let desired = job.job_descriptor.and_then(|d| match d.job_type {
+                    Some(titus_client::proto::job_descriptor::JobType::Service(s)) => s.capacity.map(|c| c.desired),
+                    _ => None,
+                });
+                json!({"observer": observer, "revision": n.revision, "kind": "job", "id": job.id, "state": format!("{state}/{}", desired.unwrap_or(0))})
+            }
+            Some(N::TaskUpdate(u)) => {
+                let task = u.task.unwrap_or_default();
+                let state = task.status.map(|s| s.state).unwrap_or_default();
+                json!({"observer": observer, "revision": n.revision, "kind": "task", "id": task.id, "state": state.to_string()})
+            }
+            Some(N::SnapshotEnd(e)) => json!({"observer": observer, "revision": n.revision, "kind": "snapshot-end", "resumed": e.resumed}),
+            None => continue,
+        };
+        rec.record(process, Type::Ok, "observe", value, None);
+    }
+}
+
+/// Submits small batch jobs that agents run (a 2-second sleep).
+pub async fn task_submitter(client: Client, rec: Recorder, worker: i64, workers: i64, until: Instant) {
+    let mut process = 20_000 + worker;
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let token = format!("jepsen-task-{worker}-{n}");
+        rec.record(process, Type::Invoke, "submit", Value::Null, None);
+        let desc = JobBuilder::batch(TASKS_APP, "titus/busybox:latest", 1).owner(OWNER).cpu(0.1).memory_mb(16).command(["sleep", "2"]).build();
+        let r = client.create_job_with_token(desc, &token).await;
+        complete(&rec, &mut process, workers, "submit", Value::Null, r, Value::String);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+}
+
+/// Samples the running task containers of the given agents, every 300 ms.
+pub async fn container_sampler(rec: Recorder, agents: Vec<String>, until: Instant) {
+    while Instant::now() < until {
+        let mut rows = Vec::new();
+        for agent in &agents {
+            let out = tokio::process::Command::new("docker")
+                .args(["ps", "--filter", &format!("label=titus.agent.id={agent}"), "--filter", "status=running", "--format", "{{.Label \"titus.task.id\"}} {{.ID}}"])
+                .output()
+                .await;
+            if let Ok(out) = out {
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    if let Some((task, container)) = line.split_once(' ') {
+                        rows.push(json!([task, container, agent]));
+                    }
+                }
+            }
+        }
+        rec.record(30_000, Type::Ok, "containers", Value::Array(rows), None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The final read of the tasks workload, once every task of an acknowledged job is running or
+/// terminal (or `within` passed).
+pub async fn tasks_final(client: &Client, rec: &Recorder, within: Duration) {
+    let jobs: Vec<String> = rec
+        .ops()
+        .iter()
+        .filter(|o| o.f == "submit" && o.kind == Type::Ok)
+        .filter_map(|o| o.value.as_str().map(str::to_string))
+        .collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let mut rows = Vec::new();
+        let mut settled = true;
+        for chunk in jobs.chunks(50) {
+            let ids = chunk.join(",");
+            match client.find_tasks(&[("jobIds", &ids)], 1000, "").await {
+                Ok(page) => {
+                    for t in page.items {
+                        let state = t.status.as_ref().map(|s| s.state).unwrap_or_default();
+                        let name = titus_client::proto::TaskState::try_from(state).map(|s| s.as_str_name().trim_start_matches("TASK_").to_string()).unwrap_or_default();
+                        let name = match name.as_str() {
+                            "STARTED" => "Started".to_string(),
+                            "FINISHED" => "Finished".to_string(),
+                            other => other.to_string(),
+                        };
+                        settled &= name == "Started" || name == "Finished";
+                        rows.push(json!([t.id, t.job_id, name]));
+                    }
+                }
+                Err(_) => settled = false,
+            }
+        }
+        if settled || Instant::now() > deadline {
+            rec.record(30_001, Type::Invoke, "tasks", Value::Null, None);
+            rec.record(30_001, Type::Ok, "tasks", Value::Array(rows), None);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
