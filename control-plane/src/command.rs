@@ -33,6 +33,17 @@ pub enum Command {
         name: String,
     },
 
+    /// A user's command applied at most once per call: the SDK retries a call whose outcome it does
+    /// not know (a timed-out attempt may still commit) with the same `x-request-id`, and applying it
+    /// a second time, after other writes, would silently undo them. Found by the Jepsen register
+    /// workload. `key` is the request id with a fingerprint of the request; a retry inside
+    /// `expires_ms` answers the first application's response.
+    Once {
+        key: String,
+        expires_ms: i64,
+        command: Box<Command>,
+    },
+
     // ----- jobs (users) -----
     /// A new job in Accepted state; its tasks are created by the lifecycle. Rejected whole when the
     /// capacity group's quota does not allow it.
@@ -188,6 +199,7 @@ impl Command {
     pub fn kind(&self) -> &'static str {
         match self {
             Command::SetClusterId { .. } => "set_cluster_id",
+            Command::Once { command, .. } => command.kind(),
             Command::CreateCapacityGroup { .. } => "create_capacity_group",
             Command::UpdateCapacityGroup { .. } => "update_capacity_group",
             Command::DeleteCapacityGroup { .. } => "delete_capacity_group",

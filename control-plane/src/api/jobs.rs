@@ -27,6 +27,13 @@ use crate::replica::Replica;
 
 /// How long a CreateJob idempotency token is remembered.
 pub const JOB_TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+/// How long a call's request id keeps a retry from being applied twice: far beyond any SDK deadline.
+pub const REQUEST_DEDUP_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// FNV-1a: a fingerprint of a request's bytes, the same on every replica and release.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
 /// Notifications buffered per observer before it counts as too slow.
 const OBSERVER_BUFFER: usize = 1024;
 
@@ -50,7 +57,17 @@ fn not_found(field: &str, what: &str, id: &str) -> Status {
 }
 
 impl JobApi {
-    async fn propose<T>(&self, request: &Request<T>, command: Command) -> Result<CommandResponse> {
+    /// Proposes a user's command. When the caller names its call (`x-request-id`, sent alike on
+    /// every attempt by the SDK), the command is applied at most once for that call.
+    async fn propose<T: prost::Message>(&self, request: &Request<T>, command: Command) -> Result<CommandResponse> {
+        let command = match request.metadata().get(crate::telemetry::REQUEST_ID).and_then(|v| v.to_str().ok()) {
+            Some(id) if !id.is_empty() && id.len() <= 128 => Command::Once {
+                key: format!("{id}/{}/{:016x}", std::any::type_name::<T>().rsplit("::").next().unwrap_or(""), fnv1a(&request.get_ref().encode_to_vec())),
+                expires_ms: now_ms() + REQUEST_DEDUP_TTL_MS,
+                command: Box::new(command),
+            },
+            _ => command,
+        };
         self.replica.propose(command, client_deadline(request)).await
     }
 

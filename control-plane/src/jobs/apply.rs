@@ -29,6 +29,21 @@ pub fn job_token_key(token: &str) -> String {
 /// Applies a job or task command; returns `None` for commands that are not about jobs.
 pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse>> {
     Ok(Some(match command {
+        Command::Once { key, expires_ms, command } => {
+            let key = format!("request/{key}");
+            if let Some(record) = o.token(&key)? {
+                if let Ok(response) = serde_json::from_str::<CommandResponse>(&record.result) {
+                    return Ok(Some(response));
+                }
+            }
+            let Some(response) = apply(o, *command)? else { return Ok(None) };
+            // A rejected command changed nothing: applying it again is harmless, and may succeed.
+            if !matches!(response, CommandResponse::Rejected(_)) {
+                let result = serde_json::to_string(&response).unwrap_or_default();
+                o.put_token(key, TokenRecord { result, expires_ms });
+            }
+            response
+        }
         Command::CreateJob { job, idempotency_token, token_expires_ms } => {
             create_job(o, job, idempotency_token, token_expires_ms)?
         }

@@ -243,3 +243,28 @@ fn stuck_and_runtime_limits_are_enforced() {
     assert_eq!(archived.status.reason_code, reason::STUCK_IN_KILLING_STATE);
     assert_eq!(sim.store.archived_job(&job).unwrap().unwrap().status.reason_code, reason::FAILED);
 }
+
+/// A retried call (same request key) is applied once: its late second application must not undo
+/// the writes that came between — the anomaly the Jepsen register workload found.
+#[test]
+fn a_retried_call_is_applied_once() {
+    let mut sim = Sim::new();
+    let job = sim.create(service_descriptor(0, 0, 10));
+    let desired = |sim: &Sim| match &sim.store.job(&job).unwrap().unwrap().descriptor.job_type {
+        crate::model::job::JobType::Service { capacity, .. } => capacity.desired,
+        _ => unreachable!("a service job"),
+    };
+    let update = |key: &str, desired: u32| Command::Once {
+        key: key.into(),
+        expires_ms: 10_000_000,
+        command: Box::new(Command::UpdateJobCapacity { job_id: job.clone(), min: None, desired: Some(desired), max: None }),
+    };
+    assert_eq!(sim.run(update("call-a", 3)), CommandResponse::Done);
+    assert_eq!(sim.run(update("call-b", 5)), CommandResponse::Done);
+    // The first call's retry arrives last: answered, not applied.
+    assert_eq!(sim.run(update("call-a", 3)), CommandResponse::Done);
+    assert_eq!(desired(&sim), 5);
+    // A rejected call leaves no record: its retry is judged again.
+    assert!(matches!(sim.run(update("call-c", 11)), CommandResponse::Rejected(_)));
+    assert_eq!(desired(&sim), 5);
+}

@@ -154,7 +154,14 @@ async fn one_run(o: &RunOpts, dir: &std::path::Path) -> Result<bool> {
     let keys = if wants("register") || wants("observe") { workloads::register_setup(&client, o.keys).await? } else { vec![] };
 
     let mut tasks = Vec::new();
-    let new_client = || lab.deployment.client();
+    // Short deadlines, so that faults leave operations with unknown outcomes (:info) in the history.
+    let options = titus_client::ClientOptions {
+        deadline: Duration::from_secs(3),
+        attempt_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let addrs = lab.deployment.api_addrs();
+    let new_client = || titus_client::Client::with_options(&addrs, options.clone()).map_err(|e| anyhow::anyhow!("{e}"));
     if wants("observe") {
         for i in 0..2 {
             tasks.push(tokio::spawn(workloads::observer(new_client()?, rec.clone(), i, until)));
@@ -183,7 +190,7 @@ async fn one_run(o: &RunOpts, dir: &std::path::Path) -> Result<bool> {
     // Heal everything, then the final reads.
     chaos.heal().await;
     lab.wait_for_leader(Duration::from_secs(60)).await?;
-    let final_client = new_client()?;
+    let final_client = lab.deployment.client()?;
     if wants("set") {
         workloads::set_read_all(&final_client, &rec, 1000).await;
     }
