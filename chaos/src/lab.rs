@@ -21,7 +21,8 @@ pub struct LabSpec {
     pub agents: u32,
     /// Where titus-control-plane and titus-agent are.
     pub bin_dir: PathBuf,
-    /// Extra arguments for every replica.
+    /// Extra arguments for every replica; `{host_ip}` becomes this host's address on the lab's
+    /// bridge (where a server the replicas need, such as moto, can listen).
     #[serde(default)]
     pub replica_args: Vec<String>,
     /// Extra arguments for every agent.
@@ -82,7 +83,7 @@ impl Lab {
                 format!("--admin-listen={ip}:9000"),
             ];
             args.extend(members.iter().cloned());
-            args.extend(spec.replica_args.iter().cloned());
+            args.extend(spec.replica_args.iter().map(|a| a.replace("{host_ip}", &format!("{subnet}.1"))));
             let process = lab.process(&host, &spec.bin_dir.join("titus-control-plane"), &args);
             lab.deployment.replicas.push(Replica { id: i as u64, api: format!("{ip}:8000"), ip: ip.clone(), admin: Some(format!("{ip}:9000")), process });
         }
@@ -99,7 +100,7 @@ impl Lab {
                 "--memory-mb=4096".into(),
                 format!("--attribute=zone=lab-{}", (b'a' + (j - 1) as u8 % 3) as char),
             ];
-            args.extend(spec.agent_args.iter().cloned());
+            args.extend(spec.agent_args.iter().map(|a| a.replace("{host_ip}", &format!("{subnet}.1"))));
             let process = lab.process(&host, &spec.bin_dir.join("titus-agent"), &args);
             lab.deployment.agents.push(Agent { id, ip, process });
         }

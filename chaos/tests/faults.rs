@@ -25,12 +25,16 @@ struct Env {
 
 impl Env {
     async fn start(replicas: u32, agents: u32) -> Env {
+        Env::start_with(replicas, agents, vec![]).await
+    }
+
+    async fn start_with(replicas: u32, agents: u32, replica_args: Vec<String>) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         if agents > 0 {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-test-image.sh");
             assert!(Command::new("bash").arg(script).status().expect("build-test-image").success());
         }
-        let spec = LabSpec { replicas, agents, bin_dir: bin_dir(), replica_args: vec![], agent_args: vec![] };
+        let spec = LabSpec { replicas, agents, bin_dir: bin_dir(), replica_args, agent_args: vec![] };
         let lab = Lab::up(&spec, dir.path()).expect("lab up");
         lab.wait_for_leader(Duration::from_secs(60)).await.expect("a leader");
         Env { lab, _dir: dir }
@@ -588,4 +592,63 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// An experiment whose steady state includes the load balancer: a service behind a target group
+/// (moto, through the AWS fault proxy, both on the lab's bridge address so the namespaced replicas
+/// reach them); AWS throttling and 503s, the leader killed and a task's container killed behind the
+/// agent's back — after which the target group must again equal the Started tasks' addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
+    for (k, v) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")] {
+        std::env::set_var(k, v);
+    }
+    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let args = vec![
+        "--aws-region=us-east-1".to_string(),
+        format!("--aws-endpoint-url=http://{{host_ip}}:{proxy_port}"),
+        "--lb-drain-delay-ms=500".into(),
+        "--lb-reconcile-interval-ms=2000".into(),
+    ];
+    let env = Env::start_with(3, 1, args).await;
+    let host = env.lab.host_ip();
+    let moto = moto::Moto::start_on(&env.lab.dir, &host);
+    let _proxy = titus_chaos::proxy::Proxy::start(&format!("{host}:{proxy_port}"), &format!("{host}:{}", moto.port), Default::default()).await.expect("proxy");
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "chaos-exp", aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Ip).await;
+    let c = env.client();
+    let desc = JobBuilder::service("lb-svc", "titus/busybox:latest", 0, 2, 4).owner("chaos@titus.local").cpu(0.1).memory_mb(32).command(["sleep", "3600"]).build();
+    let job = c.create_job(desc).await.unwrap();
+    c.add_load_balancer(&job, &arn).await.unwrap();
+    let lb = titus_chaos::experiment::LbCheck { job: job.clone(), target_group: arn.clone(), region: "us-east-1".into(), endpoint_url: Some(moto.url.clone()) };
+    wait_for(Duration::from_secs(60), "the 2 targets registered", || async { titus_chaos::experiment::check_lb(&c, &lb).await.ok() }).await;
+
+    let mut d = env.lab.deployment.clone();
+    d.aws_proxy = Some(format!("{host}:{proxy_port}"));
+    let file = env.lab.dir.join("with-aws.yaml");
+    d.save(&file).unwrap();
+    let plan = write_plan(
+        &env,
+        "lb.yaml",
+        &format!(
+            "name: leader and a task lost under AWS throttling\nsteady_state:\n  before: 2s\n  probe_interval: 200ms\n  max_p99: 5s\n  recovery: 60s\n  window: 5\n  load_balancer:\n    job: {job}\n    target_group: {arn}\n    endpoint_url: {}\nsteps:\n  - {{ at: 0s, kind: aws, throttle_rate: 0.4, error_rate: 0.2, duration: 12s }}\n  - {{ at: 1s, kind: kill, target: leader, restart_after: 3s }}\n  - {{ at: 2s, kind: container-kill, agent: random, count: 1 }}\n",
+            moto.url
+        ),
+    );
+    let report_path = env.lab.dir.join("lb-report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
+        .args(["--deployment", file.to_str().unwrap(), "experiment", plan.to_str().unwrap(), "--report", report_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the experiment passes");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["verdict"], "pass");
+    let events: Vec<&str> = report["faults"]["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();
+    assert!(events.iter().any(|e| e.starts_with("kill 1 task container")), "{events:?}");
+    assert!(events.iter().any(|e| e.starts_with("undone: aws faults")), "{events:?}");
+    // The killed task's replacement is behind the load balancer now.
+    titus_chaos::experiment::check_lb(&c, &lb).await.expect("targets equal the Started tasks");
+    let tasks = c.find_tasks(&[("jobIds", &job)], 100, "").await.unwrap();
+    assert!(tasks.items.len() >= 3, "a replacement task was created");
 }

@@ -177,6 +177,13 @@ pub fn observe(ops: &[Op]) -> CheckResult {
             let resumed = v["resumed"].as_bool().unwrap_or(false);
             let segs = segments.entry(observer).or_default();
             if !resumed || segs.is_empty() {
+                // A stream that started over sent a fresh snapshot first: its items (all at the
+                // snapshot's revision) were taken for live changes until this marker said otherwise.
+                if let Some((_, seg)) = segs.last_mut() {
+                    while seg.last().is_some_and(|c| c.revision == revision) {
+                        seg.pop();
+                    }
+                }
                 segs.push((revision, Vec::new()));
             }
             live.insert(observer, true);

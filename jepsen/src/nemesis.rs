@@ -111,8 +111,9 @@ pub async fn run(chaos: &mut Chaos, rec: &Recorder, names: &[&'static str], faul
     }
 }
 
-/// Removes a random follower from the membership, then adds it back (its process keeps running with
-/// its data; it rejoins as a learner and is promoted again).
+/// Removes a follower from the membership while a bridge partition is in place (a membership change
+/// during faults), heals, then adds it back (its process kept running with its data; it rejoins as
+/// a learner and is promoted again).
 async fn membership(chaos: &mut Chaos, rec: &Recorder, hold: Duration) {
     let leader = chaos.leader().await;
     let candidates: Vec<u64> = chaos.deployment.replicas.iter().map(|r| r.id).filter(|id| Some(*id) != leader).collect();
@@ -121,11 +122,19 @@ async fn membership(chaos: &mut Chaos, rec: &Recorder, hold: Duration) {
         Ok(r) => r.clone(),
         Err(_) => return,
     };
+    let partition = chaos.apply(&FaultSpec::Partition { topology: Topology::Bridge, duration: Dur(hold) }).await;
     let removed = chaos.client.remove_member(id).await;
-    rec.record(NEMESIS, Type::Info, "start", json!(["membership", format!("remove replica {id}: {:?}", removed.as_ref().map(|_| "ok"))]), None);
+    let what = format!("remove replica {id} during a bridge partition: {}", removed.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()));
+    chaos.log(removed.is_ok(), what.clone());
+    rec.record(NEMESIS, Type::Info, "start", json!(["membership", what]), None);
     tokio::time::sleep(hold).await;
     rec.record(NEMESIS, Type::Invoke, "stop", json!("membership"), None);
-    let peer = format!("{}:7000", replica.ip);
-    let added = chaos.client.add_member(id, &peer, &replica.api).await;
-    chaos.log(added.is_ok(), format!("membership: replica {id} added back: {:?}", added.as_ref().map(|_| "ok")));
+    if let Ok(Some((pid, _))) = partition {
+        chaos.undo(pid).await;
+    }
+    if removed.is_ok() {
+        let peer = format!("{}:7000", replica.ip);
+        let added = chaos.client.add_member(id, &peer, &replica.api).await;
+        chaos.log(added.is_ok(), format!("membership: replica {id} added back: {}", added.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+    }
 }

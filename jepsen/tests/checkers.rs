@@ -108,6 +108,23 @@ fn observer_gaps_are_reported() {
 }
 
 #[test]
+fn a_fresh_snapshot_after_a_reconnect_is_not_a_gap() {
+    // Observer 1's stream broke after revision 7 and started over with a snapshot read at 9: the
+    // snapshot's items (revision 9) come before its marker, then live changes go on.
+    let mut text = observe_edn(&[(6, "a"), (7, "b")]);
+    let mut i = 100;
+    for (revision, kind, id) in [(9, "job", "a"), (9, "job", "c"), (9, "snapshot-end", ""), (10, "job", "d")] {
+        text.push_str(&format!(
+            "{{:type :ok, :f :observe, :process 10001, :time {i}, :index {i}, :value {{:observer 1, :revision {revision}, :kind \"{kind}\", :id \"{id}\", :state \"s\", :resumed false}}}}\n"
+        ));
+        i += 1;
+    }
+    text.push_str("{:type :ok, :f :observe, :process 10000, :time 200, :index 200, :value {:observer 0, :revision 10, :kind \"job\", :id \"d\", :state \"s\"}}\n");
+    let (code, out) = check("fresh.edn", &text);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
 fn a_task_in_two_containers_is_reported() {
     let history = |rows: &str| {
         format!(

@@ -28,6 +28,8 @@ fn short_run_every_nemesis_every_workload() {
     for nemesis in titus_jepsen::nemesis::available(5) {
         assert!(ran.contains(&nemesis), "nemesis {nemesis} ran (ran: {ran:?})");
     }
+    let events: Vec<&str> = results["run"]["nemesis_events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();
+    assert!(events.iter().any(|e| e.contains("added back: ok")), "the membership nemesis removed and re-added a replica: {events:?}");
     let ops = &results["run"]["operations"];
     assert!(ops["ok"].as_u64().unwrap() > 1000, "{ops}");
     for f in ["index.html", "latency.svg", "throughput.svg", "history.edn", "history.json"] {

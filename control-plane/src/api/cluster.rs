@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use titus_proto as pb;
 use titus_proto::cluster_service_server::ClusterService;
@@ -11,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::client_deadline;
 use crate::error::Error;
-use crate::raft_types::Node;
+use crate::raft_types::{Node, NodeId};
 use crate::replica::Replica;
 
 pub struct ClusterApi {
@@ -70,14 +71,23 @@ impl ClusterApi {
         }
     }
 
-    async fn bounded<T, E: std::fmt::Display>(
+    /// A membership call bounded by `timeout`. Leadership lost on the way (a new election during the
+    /// change) answers as any follower would — UNAVAILABLE with the leader hint — and a change that
+    /// meets another still in progress answers UNAVAILABLE, so the SDK retries instead of giving up on
+    /// an INTERNAL error. Both found by titus-jepsen's membership nemesis.
+    async fn bounded<T>(
         &self,
         what: &str,
         timeout: Duration,
-        fut: impl std::future::Future<Output = Result<T, E>>,
+        fut: impl std::future::Future<Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, Node>>>>,
     ) -> Result<T, Status> {
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(self.replica.not_leader().into()),
+            // A new leader's own membership entry is not committed yet: a moment later it will be.
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(e))))) => {
+                Err(Status::unavailable(format!("{what}: {e}; retry")))
+            }
             Ok(Err(e)) => Err(Error::Raft(format!("{what}: {e}")).into()),
             Err(_) => Err(Error::Timeout { what: what.into(), timeout_ms: timeout.as_millis() as u64 }.into()),
         }

@@ -18,17 +18,22 @@ pub struct Moto {
 impl Moto {
     /// Starts `moto_server` (PyPI `moto[server]`; `.ci/run` installs it) and waits until it answers.
     pub fn start(dir: &std::path::Path) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        Moto::start_on(dir, "127.0.0.1")
+    }
+
+    /// On `host` (loopback, or the bridge address of a network the test made).
+    pub fn start_on(dir: &std::path::Path, host: &str) -> Moto {
+        let port = std::net::TcpListener::bind((host, 0)).and_then(|l| l.local_addr()).expect("free port").port();
         let log = dir.join(format!("moto-{port}.log"));
         let out = std::fs::File::create(&log).expect("moto log file");
         let process = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", host, "-p", &port.to_string()])
             .stdout(Stdio::from(out.try_clone().expect("log fd")))
             .stderr(Stdio::from(out))
             .spawn()
             .expect("moto_server is not installed: pip install 'moto[server]' (see .ci/run)");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(Instant::now() < deadline, "moto_server did not start on port {port}; see {}", log.display());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -42,7 +47,7 @@ impl Moto {
         ] {
             std::env::set_var(k, v);
         }
-        Moto { url: format!("http://127.0.0.1:{port}"), port, process, log }
+        Moto { url: format!("http://{host}:{port}"), port, process, log }
     }
 
     /// SDK clients for the test's own calls (creating target groups, tampering with targets).
