@@ -242,6 +242,30 @@ impl Process {
         }
         let restart = self.restart.as_ref().ok_or_else(|| anyhow!("no restart command in the deployment file"))?;
         let pid_file = self.pid_file.as_ref().ok_or_else(|| anyhow!("no pid_file"))?;
+        // A killed process's threads may still hold its listening sockets for a moment after its
+        // pid is gone (seen as "address already in use"): a start that fails at once is retried.
+        let mut last = None;
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+            }
+            match self.spawn_once(restart, env)? {
+                Ok(pid) => {
+                    std::fs::write(pid_file, pid.to_string()).with_context(|| format!("writing {}", pid_file.display()))?;
+                    return Ok(pid);
+                }
+                Err(status) => last = Some(status),
+            }
+        }
+        bail!(
+            "{restart:?} exited at once ({}), 5 times; see {}",
+            last.unwrap_or_default(),
+            self.log.as_ref().map_or("its output".into(), |l| l.display().to_string())
+        )
+    }
+
+    /// Spawns the restart command; its pid, or how it ended when it exits within 300 ms.
+    fn spawn_once(&self, restart: &str, env: &[(&str, String)]) -> Result<std::result::Result<u32, String>> {
         let log = match &self.log {
             Some(path) => std::fs::OpenOptions::new().create(true).append(true).open(path)?,
             None => std::fs::OpenOptions::new().write(true).open("/dev/null")?,
@@ -253,26 +277,23 @@ impl Process {
         }
         // Its own process group: a Ctrl-C meant for titus-chaos must not reach the deployment.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting {restart:?}"))?;
-        let mut child = child;
         let pid = child.id();
-        // A program that cannot start (a bad command, a port in use) exits at once: say so.
         let settle = Instant::now() + Duration::from_millis(300);
         while Instant::now() < settle {
             if let Some(status) = child.try_wait()? {
-                bail!("{restart:?} exited at once ({status}); see {}", self.log.as_ref().map_or("its output".into(), |l| l.display().to_string()));
+                return Ok(Err(status.to_string()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         // The child is left running; it is reaped by init once this tool exits.
         std::mem::forget(child);
-        std::fs::write(pid_file, pid.to_string()).with_context(|| format!("writing {}", pid_file.display()))?;
-        Ok(pid)
+        Ok(Ok(pid))
     }
 
     /// A command run inside its network namespace.

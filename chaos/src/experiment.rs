@@ -61,7 +61,15 @@ pub struct SteadyState {
 
 impl Default for SteadyState {
     fn default() -> Self {
-        serde_yaml::from_str("{}").expect("defaults")
+        SteadyState {
+            probe_interval: d_interval(),
+            max_p99: d_p99(),
+            max_error_rate: 0.0,
+            before: d_before(),
+            recovery: d_recovery(),
+            window: d_window(),
+            load_balancer: None,
+        }
     }
 }
 

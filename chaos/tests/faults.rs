@@ -13,6 +13,11 @@ use titus_chaos::net;
 use titus_client::proto::TaskState;
 use titus_client::{Client, JobBuilder};
 
+#[path = "../../control-plane/tests/common/mod.rs"]
+mod common;
+
+use common::wait_until as wait_for;
+
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf()
@@ -99,21 +104,6 @@ impl Env {
     fn journal_empty(&self) -> bool {
         let j = titus_chaos::journal::Journal::open(&self.lab.dir.join("chaos-state.json")).unwrap();
         j.active.is_empty()
-    }
-}
-
-async fn wait_for<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

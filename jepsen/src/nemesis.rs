@@ -111,28 +111,43 @@ pub async fn run(chaos: &mut Chaos, rec: &Recorder, names: &[&'static str], faul
     }
 }
 
-/// Removes a follower from the membership while a bridge partition is in place (a membership change
-/// during faults), heals, then adds it back (its process kept running with its data; it rejoins as
-/// a learner and is promoted again).
+/// Removes a follower from the membership while another follower is paused (a membership change
+/// during a fault that leaves a majority — under a partition that moves leadership around, a change
+/// cannot commit and only times out), resumes it, then adds the removed one back (its process kept
+/// running with its data; it rejoins as a learner and is promoted again).
 async fn membership(chaos: &mut Chaos, rec: &Recorder, hold: Duration) {
     let leader = chaos.leader().await;
     let candidates: Vec<u64> = chaos.deployment.replicas.iter().map(|r| r.id).filter(|id| Some(*id) != leader).collect();
     let Some(&id) = candidates.first() else { return };
+    // With 3 replicas the new configuration (2 voters) needs the paused one: pause only from 4 up.
+    let paused = candidates.get(1).copied().filter(|_| chaos.deployment.replicas.len() >= 4);
     let replica = match chaos.deployment.replica(id) {
         Ok(r) => r.clone(),
         Err(_) => return,
     };
-    let partition = chaos.apply(&FaultSpec::Partition { topology: Topology::Bridge, duration: Dur(hold) }).await;
+    let pause = match paused {
+        Some(p) => chaos.apply(&FaultSpec::Pause { target: Target::Replica(p), duration: Dur(hold) }).await,
+        None => Ok(None),
+    };
     let removed = chaos.client.remove_member(id).await;
-    let what = format!("remove replica {id} during a bridge partition: {}", removed.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()));
+    let what = format!(
+        "remove replica {id} while replica {} is paused: {}",
+        paused.map_or("none".into(), |p| p.to_string()),
+        removed.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())
+    );
     chaos.log(removed.is_ok(), what.clone());
     rec.record(NEMESIS, Type::Info, "start", json!(["membership", what]), None);
     tokio::time::sleep(hold).await;
     rec.record(NEMESIS, Type::Invoke, "stop", json!("membership"), None);
-    if let Ok(Some((pid, _))) = partition {
-        chaos.undo(pid).await;
+    if let Ok(Some((fault, _))) = pause {
+        chaos.undo(fault).await;
     }
-    if removed.is_ok() {
+    // A removal whose answer was lost may still have happened: add back whatever is not a voter now.
+    let voter = |s: &titus_client::proto::ClusterStatus| {
+        s.members.iter().any(|m| m.node_id == id && m.role != titus_client::proto::MemberRole::Learner as i32)
+    };
+    let is_voter = chaos.client.cluster_status().await.map(|s| voter(&s)).unwrap_or(removed.is_err());
+    if removed.is_ok() || !is_voter {
         let peer = format!("{}:7000", replica.ip);
         let added = chaos.client.add_member(id, &peer, &replica.api).await;
         chaos.log(added.is_ok(), format!("membership: replica {id} added back: {}", added.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));

@@ -12,7 +12,7 @@ fn short_run_every_nemesis_every_workload() {
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_titus-jepsen"));
     let bin_dir = exe.parent().unwrap();
     let out = Command::new(&exe)
-        .args(["test", "--replicas", "5", "--time", "60s", "--fault", "3s", "--calm", "1s", "--nemesis", "all"])
+        .args(["test", "--replicas", "5", "--time", "80s", "--fault", "3s", "--calm", "1s", "--nemesis", "all"])
         .args(["--workload", "register,set,observe,tasks", "--out", out_dir.to_str().unwrap()])
         .arg("--bin-dir")
         .arg(bin_dir)
