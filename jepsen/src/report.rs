@@ -140,7 +140,15 @@ pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::V
     std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&results)?)?;
     let mut html = String::new();
     let _ = write!(html, "<!doctype html><meta charset=utf-8><title>titus-jepsen</title><style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:left}}.ok{{color:#2ca02c}}.bad{{color:#d62728}}</style>");
-    let _ = write!(html, "<h1>titus-jepsen: <span class={}>{}</span></h1><pre>{}</pre>", if valid { "ok" } else { "bad" }, if valid { "valid" } else { "INVALID" }, esc(&serde_json::to_string_pretty(run)?));
+    let _ = write!(html, "<h1>titus-jepsen: <span class={}>{}</span></h1>", if valid { "ok" } else { "bad" }, if valid { "valid" } else { "INVALID" });
+    // The run's parameters in one table; its nemesis log goes last.
+    let mut params = run.clone();
+    let events = params.as_object_mut().and_then(|m| m.remove("nemesis_events"));
+    html.push_str("<table>");
+    for (k, v) in params.as_object().into_iter().flatten() {
+        let _ = write!(html, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(&v.to_string()));
+    }
+    html.push_str("</table>");
     html.push_str("<h2>Checks</h2><table><tr><th>checker</th><th>result</th><th>count</th><th>figures</th><th>anomalies</th></tr>");
     for c in checks {
         let _ = write!(
@@ -158,7 +166,15 @@ pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::V
     for (s, e, name) in &shade {
         let _ = write!(html, "<tr><td>{s:.1}s</td><td>{e:.1}s</td><td>{}</td></tr>", esc(name));
     }
-    html.push_str("</table><p>History: <a href=history.edn>history.edn</a> (Jepsen's layout), <a href=history.json>history.json</a>; <a href=results.json>results.json</a>.</p>\n");
+    html.push_str("</table>");
+    if let Some(serde_json::Value::Array(events)) = events {
+        html.push_str("<details><summary>Nemesis log</summary><table>");
+        for e in events {
+            let _ = write!(html, "<tr><td>{:.1}s</td><td>{}</td></tr>", e["at_ms"].as_f64().unwrap_or(0.0) / 1000.0, esc(e["what"].as_str().unwrap_or("")));
+        }
+        html.push_str("</table></details>");
+    }
+    html.push_str("<p>History: <a href=history.edn>history.edn</a> (Jepsen's layout), <a href=history.json>history.json</a>; <a href=results.json>results.json</a>.</p>\n");
     std::fs::write(dir.join("index.html"), html)?;
     Ok(valid)
 }
