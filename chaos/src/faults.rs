@@ -216,9 +216,20 @@ pub struct Chaos {
 }
 
 impl Chaos {
+    /// A fault runner; the journal is this process's until it ends.
     pub fn new(deployment: Deployment, seed: Option<u64>) -> Result<Chaos> {
-        let client = deployment.client()?;
+        let journal = Journal::open_exclusive(&deployment.state_file())?;
+        Chaos::with_journal(deployment, seed, journal)
+    }
+
+    /// For looking only (`status`): the journal as it is, not locked.
+    pub fn observer(deployment: Deployment) -> Result<Chaos> {
         let journal = Journal::open(&deployment.state_file())?;
+        Chaos::with_journal(deployment, None, journal)
+    }
+
+    fn with_journal(deployment: Deployment, seed: Option<u64>, journal: Journal) -> Result<Chaos> {
+        let client = deployment.client()?;
         let rng = match seed {
             Some(s) => rand::rngs::StdRng::seed_from_u64(s),
             None => rand::rngs::StdRng::from_entropy(),

@@ -23,6 +23,10 @@ pub struct ActiveFault {
 pub struct Journal {
     #[serde(skip)]
     path: PathBuf,
+    /// Held while this process may change the journal: two runs at once would each count only their
+    /// own faults against the blast radius, and overwrite each other's undo records.
+    #[serde(skip)]
+    lock: Option<std::fs::File>,
     next_id: u64,
     pub active: Vec<ActiveFault>,
 }
@@ -37,6 +41,30 @@ impl Journal {
         };
         j.path = path.to_path_buf();
         Ok(j)
+    }
+
+    /// The journal at `path`, for this process alone: refused while another run holds it. The lock
+    /// goes with the process, so a crashed run never leaves it behind.
+    pub fn open_exclusive(path: &Path) -> Result<Journal> {
+        let lock_path = path.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another titus-chaos run is using the journal {} (lock {}); wait for it to end, or stop it — Ctrl-C undoes its faults",
+                path.display(),
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", lock_path.display())),
+        }
+        let mut journal = Journal::open(path)?;
+        journal.lock = Some(file);
+        Ok(journal)
     }
 
     /// Records a fault about to be applied; returns its id.

@@ -361,6 +361,12 @@ async fn t660_plan_crash_heal_interrupt_and_blast_radius() {
     // A run killed with SIGKILL leaves its faults; `heal` undoes them from the journal.
     let mut child = env.spawn(&["run", plan.to_str().unwrap()]);
     wait_for(Duration::from_secs(15), "both faults applied", applied).await;
+    // A second run while this one holds the journal is refused (it could not count this run's faults
+    // against the blast radius); `status` still reads it.
+    let out = env.run(&["kill", "--target", "follower"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another titus-chaos run"), "{out:?}");
+    let out = env.run(&["status"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("active fault"), "{out:?}");
     child.kill().expect("kill titus-chaos");
     let _ = child.wait();
     assert!(env.replica(1).stopped() && !env.no_rules_anywhere(), "faults outlive the crashed run");

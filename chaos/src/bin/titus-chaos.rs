@@ -278,7 +278,7 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status => {
             let d = Deployment::load(&deployment)?;
-            let chaos = Chaos::new(d.clone(), None)?;
+            let chaos = Chaos::observer(d.clone())?;
             println!("leader: {}", chaos.leader().await.map_or("none".into(), |l| l.to_string()));
             for f in &chaos.journal.active {
                 println!("active fault {}: {} (undo: {:?})", f.id, f.description, f.undo);
