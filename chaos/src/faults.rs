@@ -289,6 +289,7 @@ impl Chaos {
                 let f = shuffled.into_iter().find(|id| Some(*id) != leader);
                 vec![f.ok_or_else(|| anyhow!("target follower: the deployment has no follower"))?]
             }
+            Target::Minority if n < 3 => bail!("target minority: with {n} replica(s) a minority is nobody"),
             Target::Minority => shuffled[..(n - 1) / 2].to_vec(),
             Target::Majority => shuffled[..n / 2 + 1].to_vec(),
         })
