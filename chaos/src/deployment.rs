@@ -97,7 +97,8 @@ impl Signal {
 
 impl Deployment {
     pub fn load(path: &Path) -> Result<Deployment> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading deployment file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading deployment file {}", path.display()))?;
         let mut d: Deployment =
             serde_yaml::from_str(&text).with_context(|| format!("deployment file {}", path.display()))?;
         d.validate().with_context(|| format!("deployment file {}", path.display()))?;
@@ -161,7 +162,9 @@ impl Deployment {
     }
 
     pub fn faketime_lib(&self) -> PathBuf {
-        self.faketime_lib.clone().unwrap_or_else(|| PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"))
+        self.faketime_lib
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"))
     }
 }
 
@@ -213,7 +216,9 @@ impl Process {
     /// Whether the process is stopped (SIGSTOP or a paused container).
     pub fn stopped(&self) -> bool {
         if let Some(name) = &self.container {
-            return run("docker", &["inspect", "-f", "{{.State.Paused}}", name]).map(|o| o.trim() == "true").unwrap_or(false);
+            return run("docker", &["inspect", "-f", "{{.State.Paused}}", name])
+                .map(|o| o.trim() == "true")
+                .unwrap_or(false);
         }
         self.pid().and_then(|pid| proc_state(pid)).is_some_and(|s| s == 'T' || s == 't')
     }
@@ -223,7 +228,8 @@ impl Process {
         let pid = self.pid();
         self.signal(Signal::Kill)?;
         if let (Some(pid), None) = (pid, &self.container) {
-            wait_until(Duration::from_secs(10), || !pid_alive(pid)).with_context(|| format!("pid {pid} still alive after SIGKILL"))?;
+            wait_until(Duration::from_secs(10), || !pid_alive(pid))
+                .with_context(|| format!("pid {pid} still alive after SIGKILL"))?;
         }
         Ok(())
     }
@@ -251,7 +257,8 @@ impl Process {
             }
             match self.spawn_once(restart, env)? {
                 Ok(pid) => {
-                    std::fs::write(pid_file, pid.to_string()).with_context(|| format!("writing {}", pid_file.display()))?;
+                    std::fs::write(pid_file, pid.to_string())
+                        .with_context(|| format!("writing {}", pid_file.display()))?;
                     return Ok(pid);
                 }
                 Err(status) => last = Some(status),
@@ -304,7 +311,9 @@ impl Process {
             return Ok(cmd);
         }
         if self.container.is_some() {
-            let pid = self.pid().ok_or_else(|| anyhow!("{} is not running; its network namespace is gone", self.describe()))?;
+            let pid = self
+                .pid()
+                .ok_or_else(|| anyhow!("{} is not running; its network namespace is gone", self.describe()))?;
             let mut cmd = Command::new("nsenter");
             cmd.args(["-t", &pid.to_string(), "-n", program]);
             return Ok(cmd);

@@ -31,7 +31,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("duration {t:?}: expected a number at {rest:?} (write e.g. 500ms, 5s, 2m)"));
         }
-        let number: f64 = rest[..digits].parse().map_err(|_| format!("duration {t:?}: bad number {:?}", &rest[..digits]))?;
+        let number: f64 =
+            rest[..digits].parse().map_err(|_| format!("duration {t:?}: bad number {:?}", &rest[..digits]))?;
         rest = &rest[digits..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
@@ -106,7 +107,9 @@ mod tests {
             let err = parse(bad).unwrap_err();
             assert!(err.contains("duration") || err.contains("empty"), "{bad}: {err}");
         }
-        for d in [Duration::from_millis(250), Duration::from_secs(7), Duration::from_secs(120), Duration::from_secs(7200)] {
+        for d in
+            [Duration::from_millis(250), Duration::from_secs(7), Duration::from_secs(120), Duration::from_secs(7200)]
+        {
             assert_eq!(parse(&format(d)), Ok(d));
         }
     }

@@ -110,7 +110,8 @@ impl PhaseStats {
     pub fn of(phase: &str, probes: &[Probe]) -> PhaseStats {
         let mut ok: Vec<u64> = probes.iter().filter(|p| p.ok).map(|p| p.latency_ms).collect();
         ok.sort_unstable();
-        let q = |f: f64| if ok.is_empty() { 0 } else { ok[((ok.len() as f64 * f).ceil() as usize).clamp(1, ok.len()) - 1] };
+        let q =
+            |f: f64| if ok.is_empty() { 0 } else { ok[((ok.len() as f64 * f).ceil() as usize).clamp(1, ok.len()) - 1] };
         PhaseStats {
             phase: phase.into(),
             probes: probes.len(),
@@ -173,13 +174,24 @@ impl Report {
 }
 
 /// Probes until `stop` is set, appending to `out`.
-async fn prober(client: titus_client::Client, interval: Duration, started: Instant, out: Arc<Mutex<Vec<Probe>>>, stop: Arc<tokio::sync::Notify>) {
+async fn prober(
+    client: titus_client::Client,
+    interval: Duration,
+    started: Instant,
+    out: Arc<Mutex<Vec<Probe>>>,
+    stop: Arc<tokio::sync::Notify>,
+) {
     let mut n = 0u64;
     loop {
         n += 1;
         let t = Instant::now();
         let token = format!("chaos-probe-{}-{n}", rand::random::<u64>());
-        let desc = titus_client::JobBuilder::batch("chaos-probe", "titus/busybox:latest", 1).owner("chaos@titus.local").cpu(0.01).memory_mb(8).command(["true"]).build();
+        let desc = titus_client::JobBuilder::batch("chaos-probe", "titus/busybox:latest", 1)
+            .owner("chaos@titus.local")
+            .cpu(0.01)
+            .memory_mb(8)
+            .command(["true"])
+            .build();
         let ok = match client.create_job_with_token(desc, &token).await {
             Ok(id) => {
                 let _ = client.kill_job(&id).await;
@@ -190,7 +202,8 @@ async fn prober(client: titus_client::Client, interval: Duration, started: Insta
                 false
             }
         };
-        let probe = Probe { at_ms: started.elapsed().as_millis() as u64, ok, latency_ms: t.elapsed().as_millis() as u64 };
+        let probe =
+            Probe { at_ms: started.elapsed().as_millis() as u64, ok, latency_ms: t.elapsed().as_millis() as u64 };
         out.lock().unwrap_or_else(|e| e.into_inner()).push(probe);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -227,8 +240,12 @@ pub async fn check_lb(client: &titus_client::Client, lb: &LbCheck) -> Result<()>
     .await;
     let mut registered: Vec<String> = aws.registered_targets(&lb.target_group).await.map_err(|e| anyhow!("{e}"))?;
     registered.sort();
-    let tasks = client.find_tasks(&[("jobIds", &lb.job), ("taskStates", "Started")], 1000, "").await.map_err(|e| anyhow!("{e}"))?;
-    let mut started: Vec<String> = tasks.items.iter().filter_map(|t| t.task_context.get("containerIp").cloned()).collect();
+    let tasks = client
+        .find_tasks(&[("jobIds", &lb.job), ("taskStates", "Started")], 1000, "")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut started: Vec<String> =
+        tasks.items.iter().filter_map(|t| t.task_context.get("containerIp").cloned()).collect();
     started.sort();
     if registered != started {
         anyhow::bail!("target group holds {registered:?}, the Started tasks are at {started:?}");
@@ -250,7 +267,13 @@ pub async fn run(chaos: &mut Chaos, plan: &Plan, stop: impl std::future::Future<
     let miss = before.miss(&s).or(lb_before);
     phases.push(before);
     if let Some(why) = miss {
-        return Report { verdict: Verdict::Aborted, reason: format!("steady state not met before the faults: {why}"), phases, recovered_after_ms: None, faults: None };
+        return Report {
+            verdict: Verdict::Aborted,
+            reason: format!("steady state not met before the faults: {why}"),
+            phases,
+            recovered_after_ms: None,
+            faults: None,
+        };
     }
 
     let started = Instant::now();
@@ -287,7 +310,9 @@ pub async fn run(chaos: &mut Chaos, plan: &Plan, stop: impl std::future::Future<
     phases.push(PhaseStats::of("after", &after));
     let (verdict, reason) = match (recovered, summary.ok()) {
         (Some(_), true) => (Verdict::Pass, "steady state held before and came back after the faults".to_string()),
-        (Some(_), false) => (Verdict::Fail, "steady state came back, but faults failed to apply or undo (see the summary)".into()),
+        (Some(_), false) => {
+            (Verdict::Fail, "steady state came back, but faults failed to apply or undo (see the summary)".into())
+        }
         (None, _) => (Verdict::Fail, format!("steady state not back within {}: {why}", s.recovery)),
     };
     Report { verdict, reason, phases, recovered_after_ms: recovered, faults: Some(summary) }

@@ -39,11 +39,9 @@ impl std::str::FromStr for Target {
             "follower" => Ok(Target::Follower),
             "minority" => Ok(Target::Minority),
             "majority" => Ok(Target::Majority),
-            other => other
-                .trim_start_matches("replica-")
-                .parse()
-                .map(Target::Replica)
-                .map_err(|_| format!("target {other:?}: expected leader, follower, minority, majority or a replica id")),
+            other => other.trim_start_matches("replica-").parse().map(Target::Replica).map_err(|_| {
+                format!("target {other:?}: expected leader, follower, minority, majority or a replica id")
+            }),
         }
     }
 }
@@ -283,7 +281,9 @@ impl Chaos {
                 self.deployment.replica(*id)?;
                 vec![*id]
             }
-            Target::Leader => vec![self.leader().await.ok_or_else(|| anyhow!("target leader: the cluster has no leader now"))?],
+            Target::Leader => {
+                vec![self.leader().await.ok_or_else(|| anyhow!("target leader: the cluster has no leader now"))?]
+            }
             Target::Follower => {
                 let leader = self.leader().await;
                 let f = shuffled.into_iter().find(|id| Some(*id) != leader);
@@ -298,7 +298,10 @@ impl Chaos {
     fn agent(&mut self, which: &str) -> Result<String> {
         if which == "random" {
             let ids: Vec<String> = self.deployment.agents.iter().map(|a| a.id.clone()).collect();
-            return ids.choose(&mut self.rng).cloned().ok_or_else(|| anyhow!("agent random: the deployment lists no agents"));
+            return ids
+                .choose(&mut self.rng)
+                .cloned()
+                .ok_or_else(|| anyhow!("agent random: the deployment lists no agents"));
         }
         Ok(self.deployment.agent(which)?.id.clone())
     }
@@ -376,17 +379,26 @@ impl Chaos {
                 let leader = if *topology == Topology::IsolateLeader { self.leader().await } else { None };
                 let grudge = net::grudge(*topology, &ids, leader, &mut self.rng).map_err(|e| anyhow!(e))?;
                 let majority = ids.len() / 2 + 1;
-                let impairs: Vec<u64> = grudge.iter().filter(|(_, drops)| ids.len() - drops.len() < majority).map(|(a, _)| *a).collect();
+                let impairs: Vec<u64> =
+                    grudge.iter().filter(|(_, drops)| ids.len() - drops.len() < majority).map(|(a, _)| *a).collect();
                 let mut rules = Vec::new();
                 for (a, drops) in &grudge {
-                    let ips: Vec<String> =
-                        drops.iter().map(|b| self.deployment.replica(*b).map(|r| r.ip.clone())).collect::<Result<_>>()?;
+                    let ips: Vec<String> = drops
+                        .iter()
+                        .map(|b| self.deployment.replica(*b).map(|r| r.ip.clone()))
+                        .collect::<Result<_>>()?;
                     // Fail before anything is done when a namespace cannot be entered.
-                    self.deployment.replica(*a)?.process.netns_command("iptables").with_context(|| format!("replica {a}"))?;
+                    self.deployment
+                        .replica(*a)?
+                        .process
+                        .netns_command("iptables")
+                        .with_context(|| format!("replica {a}"))?;
                     rules.push((Who::Replica(*a), ips));
                 }
-                let shape: Vec<String> =
-                    grudge.iter().map(|(a, d)| format!("{a}✗{}", d.iter().map(u64::to_string).collect::<Vec<_>>().join(","))).collect();
+                let shape: Vec<String> = grudge
+                    .iter()
+                    .map(|(a, d)| format!("{a}✗{}", d.iter().map(u64::to_string).collect::<Vec<_>>().join(",")))
+                    .collect();
                 let text = format!("partition {topology} [{}] for {duration}", shape.join(" "));
                 let who = ids.iter().map(|id| Who::Replica(*id)).collect();
                 (text, Action::Partition(rules), Some(Undo::Heal { who }), impairs, duration.0)
@@ -399,7 +411,10 @@ impl Chaos {
                 }
                 let lib = self.deployment.faketime_lib();
                 if !lib.exists() {
-                    bail!("skew: libfaketime is not at {} (apt-get install faketime, or set faketime_lib)", lib.display());
+                    bail!(
+                        "skew: libfaketime is not at {} (apt-get install faketime, or set faketime_lib)",
+                        lib.display()
+                    );
                 }
                 let who = Who::Replica(ids[0]);
                 let text = format!("skew {target} → replica {} clock {offset} for {duration}", ids[0]);
@@ -418,7 +433,13 @@ impl Chaos {
                 self.deployment.agent(&id)?.process.netns_command("iptables").with_context(|| format!("agent {id}"))?;
                 let who = Who::Agent(id.clone());
                 let text = format!("isolate agent {id} from the control plane for {duration}");
-                (text, Action::Partition(vec![(who.clone(), ips)]), Some(Undo::Heal { who: vec![who] }), vec![], duration.0)
+                (
+                    text,
+                    Action::Partition(vec![(who.clone(), ips)]),
+                    Some(Undo::Heal { who: vec![who] }),
+                    vec![],
+                    duration.0,
+                )
             }
             FaultSpec::ContainerKill { agent, count } => {
                 let id = self.agent(agent)?;
@@ -426,20 +447,20 @@ impl Chaos {
                 (text, Action::ContainerKill { agent: id, count: *count }, None, vec![], Duration::ZERO)
             }
             FaultSpec::DockerRestart {} => {
-                let cmd = self.deployment.docker_restart.clone().ok_or_else(|| {
-                    anyhow!("docker-restart: the deployment file has no docker_restart command")
-                })?;
+                let cmd = self
+                    .deployment
+                    .docker_restart
+                    .clone()
+                    .ok_or_else(|| anyhow!("docker-restart: the deployment file has no docker_restart command"))?;
                 if !self.allow_docker_restart {
                     bail!("docker-restart: refused without --allow-docker-restart (it restarts every container runtime client on the host)");
                 }
                 (format!("restart the Docker daemon ({cmd})"), Action::DockerRestart(cmd), None, vec![], Duration::ZERO)
             }
             FaultSpec::Aws { throttle_rate, error_rate, latency_rate, latency_ms, duration } => {
-                let addr = self
-                    .deployment
-                    .aws_proxy
-                    .clone()
-                    .ok_or_else(|| anyhow!("aws: the deployment file names no aws_proxy (start one with `titus-chaos aws-proxy`)"))?;
+                let addr = self.deployment.aws_proxy.clone().ok_or_else(|| {
+                    anyhow!("aws: the deployment file names no aws_proxy (start one with `titus-chaos aws-proxy`)")
+                })?;
                 let config = FaultConfig {
                     throttle_rate: *throttle_rate,
                     error_rate: *error_rate,
@@ -576,13 +597,15 @@ impl Chaos {
         }
         if let Some(addr) = self.deployment.aws_proxy.clone() {
             match proxy::remote_status(&addr).await {
-                Ok(status) if !status.config.is_off() => match proxy::remote_set(&addr, &FaultConfig::default()).await {
-                    Ok(_) => self.log(true, format!("heal: AWS faults off at {addr}")),
-                    Err(e) => {
-                        ok = false;
-                        self.log(false, format!("heal: AWS proxy {addr}: {e:#}"));
+                Ok(status) if !status.config.is_off() => {
+                    match proxy::remote_set(&addr, &FaultConfig::default()).await {
+                        Ok(_) => self.log(true, format!("heal: AWS faults off at {addr}")),
+                        Err(e) => {
+                            ok = false;
+                            self.log(false, format!("heal: AWS proxy {addr}: {e:#}"));
+                        }
                     }
-                },
+                }
                 Ok(_) => {}
                 Err(e) => self.log(false, format!("heal: AWS proxy {addr} unreachable: {e:#}")),
             }
@@ -663,9 +686,13 @@ mod tests {
     fn plan_steps_read_as_written() {
         let yaml = "- kind: kill\n  target: leader\n- kind: pause\n  target: 2\n  duration: 3s\n- kind: partition\n  topology: ring\n  duration: 1m\n";
         let specs: Vec<FaultSpec> = serde_yaml::from_str(yaml).unwrap();
-        assert!(matches!(&specs[0], FaultSpec::Kill { target: Target::Leader, restart_after } if *restart_after == Dur::secs(5)));
+        assert!(
+            matches!(&specs[0], FaultSpec::Kill { target: Target::Leader, restart_after } if *restart_after == Dur::secs(5))
+        );
         assert!(matches!(&specs[1], FaultSpec::Pause { target: Target::Replica(2), .. }));
-        assert!(matches!(&specs[2], FaultSpec::Partition { topology: Topology::Ring, duration } if *duration == Dur::secs(60)));
+        assert!(
+            matches!(&specs[2], FaultSpec::Partition { topology: Topology::Ring, duration } if *duration == Dur::secs(60))
+        );
         let err = serde_yaml::from_str::<Vec<FaultSpec>>("- kind: pause\n  target: 2\n  durtion: 3s\n").unwrap_err();
         assert!(err.to_string().contains("durtion"), "{err}");
     }

@@ -35,7 +35,9 @@ impl Journal {
     /// The journal at `path`; an absent file is an empty journal.
     pub fn open(path: &Path) -> Result<Journal> {
         let mut j: Journal = match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("journal {} is unreadable", path.display()))?,
+            Ok(text) => {
+                serde_json::from_str(&text).with_context(|| format!("journal {} is unreadable", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal::default(),
             Err(e) => return Err(e).with_context(|| format!("reading journal {}", path.display())),
         };

@@ -59,7 +59,13 @@ impl Lab {
         let dir = dir.canonicalize()?;
         let name = format!("tc{:05x}", rand::thread_rng().gen_range(0..0xfffffu32));
         let subnet = free_subnet()?;
-        let mut lab = Lab { name: name.clone(), dir: dir.clone(), subnet: subnet.clone(), deployment: Deployment::default(), keep: false };
+        let mut lab = Lab {
+            name: name.clone(),
+            dir: dir.clone(),
+            subnet: subnet.clone(),
+            deployment: Deployment::default(),
+            keep: false,
+        };
         // From here on, a failure tears down what was made.
         let bridge = format!("{name}b");
         run("ip", &["link", "add", &bridge, "type", "bridge"])?;
@@ -68,8 +74,9 @@ impl Lab {
         // Docker's FORWARD policy is DROP, and bridged packets pass through it when br_netfilter is
         // loaded: let the lab's bridge forward to itself.
         let _ = run("iptables", &["-w", "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT"]);
-        let members: Vec<String> =
-            (1..=spec.replicas).map(|i| format!("--member={i}={subnet}.{}:7000/{subnet}.{}:8000", 10 + i, 10 + i)).collect();
+        let members: Vec<String> = (1..=spec.replicas)
+            .map(|i| format!("--member={i}={subnet}.{}:7000/{subnet}.{}:8000", 10 + i, 10 + i))
+            .collect();
         let servers: Vec<String> = (1..=spec.replicas).map(|i| format!("{subnet}.{}:8000", 10 + i)).collect();
         for i in 1..=spec.replicas {
             let host = format!("r{i}");
@@ -85,7 +92,13 @@ impl Lab {
             args.extend(members.iter().cloned());
             args.extend(spec.replica_args.iter().map(|a| a.replace("{host_ip}", &format!("{subnet}.1"))));
             let process = lab.process(&host, &spec.bin_dir.join("titus-control-plane"), &args);
-            lab.deployment.replicas.push(Replica { id: i as u64, api: format!("{ip}:8000"), ip: ip.clone(), admin: Some(format!("{ip}:9000")), process });
+            lab.deployment.replicas.push(Replica {
+                id: i as u64,
+                api: format!("{ip}:8000"),
+                ip: ip.clone(),
+                admin: Some(format!("{ip}:9000")),
+                process,
+            });
         }
         for j in 1..=spec.agents {
             let host = format!("a{j}");
@@ -123,7 +136,8 @@ impl Lab {
 
     /// A lab left running by `lab up`, for `lab down`.
     pub fn open(dir: &Path) -> Result<Lab> {
-        let text = std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab in {}", dir.display()))?;
+        let text =
+            std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab in {}", dir.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
 
@@ -152,7 +166,11 @@ impl Lab {
         let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
         Process {
             pid_file: Some(self.dir.join(format!("{host}.pid"))),
-            restart: Some(format!("ip netns exec {ns} {} {}", shell_quote(&program.display().to_string()), quoted.join(" "))),
+            restart: Some(format!(
+                "ip netns exec {ns} {} {}",
+                shell_quote(&program.display().to_string()),
+                quoted.join(" ")
+            )),
             log: Some(self.dir.join(format!("{host}.log"))),
             netns: Some(ns),
             container: None,
@@ -180,7 +198,12 @@ impl Lab {
 
     /// Stops every process, removes the agents' containers, the namespaces and the bridge.
     pub fn down(&mut self) {
-        let all = self.deployment.replicas.iter().map(|r| &r.process).chain(self.deployment.agents.iter().map(|a| &a.process));
+        let all = self
+            .deployment
+            .replicas
+            .iter()
+            .map(|r| &r.process)
+            .chain(self.deployment.agents.iter().map(|a| &a.process));
         for p in all {
             if p.stopped() {
                 let _ = p.signal(deployment::Signal::Cont);
@@ -201,7 +224,9 @@ impl Lab {
         }
         let bridge = format!("{}b", self.name);
         let _ = run("iptables", &["-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT"]);
-        for p in self.deployment.replicas.iter().map(|r| &r.process).chain(self.deployment.agents.iter().map(|a| &a.process)) {
+        for p in
+            self.deployment.replicas.iter().map(|r| &r.process).chain(self.deployment.agents.iter().map(|a| &a.process))
+        {
             if let Some(ns) = &p.netns {
                 let _ = run("ip", &["netns", "del", ns]);
             }
@@ -221,7 +246,8 @@ impl Lab {
 /// Removes every lab left behind by a run that could not clean up (a test killed by its timeout):
 /// the processes in its namespaces, the namespaces, bridges and forward rules. Returns their names.
 pub fn sweep() -> Result<Vec<String>> {
-    let is_lab = |name: &str| name.len() == 7 && name.starts_with("tc") && name[2..].chars().all(|c| c.is_ascii_hexdigit());
+    let is_lab =
+        |name: &str| name.len() == 7 && name.starts_with("tc") && name[2..].chars().all(|c| c.is_ascii_hexdigit());
     let mut swept = Vec::new();
     for line in run("ip", &["netns", "list"])?.lines() {
         let ns = line.split_whitespace().next().unwrap_or("");

@@ -38,10 +38,13 @@ impl std::str::FromStr for Schedule {
         if t == "always" {
             return Ok(Schedule { days: [true; 7], from_min: 0, to_min: 24 * 60 });
         }
-        let (days_text, hours) =
-            t.split_once(' ').ok_or_else(|| format!("schedule {t:?}: expected `always` or e.g. `Mon-Fri 09:00-17:00` (UTC)"))?;
+        let (days_text, hours) = t
+            .split_once(' ')
+            .ok_or_else(|| format!("schedule {t:?}: expected `always` or e.g. `Mon-Fri 09:00-17:00` (UTC)"))?;
         let day = |s: &str| {
-            DAYS.iter().position(|d| d.eq_ignore_ascii_case(s)).ok_or_else(|| format!("schedule {t:?}: unknown day {s:?}"))
+            DAYS.iter()
+                .position(|d| d.eq_ignore_ascii_case(s))
+                .ok_or_else(|| format!("schedule {t:?}: unknown day {s:?}"))
         };
         let mut days = [false; 7];
         if days_text.eq_ignore_ascii_case("daily") {
@@ -66,13 +69,19 @@ impl std::str::FromStr for Schedule {
         }
         let minutes = |s: &str| -> Result<u32, String> {
             let (h, m) = s.split_once(':').ok_or_else(|| format!("schedule {t:?}: time {s:?} is not HH:MM"))?;
-            let (h, m): (u32, u32) = (h.parse().map_err(|_| format!("schedule {t:?}: bad hour {h:?}"))?, m.parse().map_err(|_| format!("schedule {t:?}: bad minute {m:?}"))?);
+            let (h, m): (u32, u32) = (
+                h.parse().map_err(|_| format!("schedule {t:?}: bad hour {h:?}"))?,
+                m.parse().map_err(|_| format!("schedule {t:?}: bad minute {m:?}"))?,
+            );
             if h > 24 || m > 59 || (h == 24 && m > 0) {
                 return Err(format!("schedule {t:?}: time {s:?} is out of range"));
             }
             Ok(h * 60 + m)
         };
-        let (from, to) = hours.trim().split_once('-').ok_or_else(|| format!("schedule {t:?}: expected a window like 09:00-17:00"))?;
+        let (from, to) = hours
+            .trim()
+            .split_once('-')
+            .ok_or_else(|| format!("schedule {t:?}: expected a window like 09:00-17:00"))?;
         let (from_min, to_min) = (minutes(from)?, minutes(to)?);
         if from_min >= to_min {
             return Err(format!("schedule {t:?}: the window ends before it starts"));
@@ -140,18 +149,29 @@ pub struct Action {
 }
 
 /// Runs the monkey for `run_for`, or until `stop` completes. Returns what it did.
-pub async fn run(client: &titus_client::Client, config: &MonkeyConfig, stop: impl std::future::Future<Output = ()>) -> Result<Vec<Action>> {
+pub async fn run(
+    client: &titus_client::Client,
+    config: &MonkeyConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Vec<Action>> {
     config.validate()?;
     let mut rng = match config.seed {
         Some(s) => rand::rngs::StdRng::seed_from_u64(s),
         None => rand::rngs::StdRng::from_entropy(),
     };
     let mut state: State = match std::fs::read_to_string(&config.state_file) {
-        Ok(text) => serde_json::from_str(&text).with_context(|| format!("monkey state {} is unreadable", config.state_file.display()))?,
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("monkey state {} is unreadable", config.state_file.display()))?,
         Err(_) => State::default(),
     };
     let mut log = match &config.log_file {
-        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
         None => None,
     };
     let p = (config.kills_per_hour * config.tick.as_secs_f64() / 3600.0).min(1.0);
@@ -179,14 +199,30 @@ pub async fn run(client: &titus_client::Client, config: &MonkeyConfig, stop: imp
                             }
                         };
                         let Some(task) = tasks.choose(&mut rng).cloned() else { continue };
-                        let detail = format!("{} of the job's {} running task(s); {} of {} today", 1, tasks.len(), done + 1, config.max_per_job_per_day);
+                        let detail = format!(
+                            "{} of the job's {} running task(s); {} of {} today",
+                            1,
+                            tasks.len(),
+                            done + 1,
+                            config.max_per_job_per_day
+                        );
                         let action = if config.dry_run {
                             "would-kill".to_string()
                         } else {
                             match client.kill_task(&task, false, false).await {
                                 Ok(()) => "kill".into(),
                                 Err(e) => {
-                                    record(&mut log, &mut actions, Action { unix_ms: now_unix_ms(), job: job.clone(), task, action: "kill-failed".into(), detail: e.to_string() });
+                                    record(
+                                        &mut log,
+                                        &mut actions,
+                                        Action {
+                                            unix_ms: now_unix_ms(),
+                                            job: job.clone(),
+                                            task,
+                                            action: "kill-failed".into(),
+                                            detail: e.to_string(),
+                                        },
+                                    );
                                     continue;
                                 }
                             }
@@ -248,7 +284,8 @@ async fn opted_in(client: &titus_client::Client) -> Result<Vec<String>> {
 }
 
 async fn started_tasks(client: &titus_client::Client, job: &str) -> Result<Vec<String>> {
-    let page = client.find_tasks(&[("jobIds", job), ("taskStates", "Started")], 1000, "").await.map_err(|e| anyhow!("{e}"))?;
+    let page =
+        client.find_tasks(&[("jobIds", job), ("taskStates", "Started")], 1000, "").await.map_err(|e| anyhow!("{e}"))?;
     Ok(page.items.into_iter().map(|t| t.id).collect())
 }
 

@@ -67,7 +67,12 @@ pub fn isolate(nodes: &[u64], side: &BTreeSet<u64>) -> Grudge {
 }
 
 /// The grudge of a topology over `nodes` (shuffled by `rng` where the shape is random).
-pub fn grudge(topology: Topology, nodes: &[u64], leader: Option<u64>, rng: &mut impl rand::Rng) -> Result<Grudge, String> {
+pub fn grudge(
+    topology: Topology,
+    nodes: &[u64],
+    leader: Option<u64>,
+    rng: &mut impl rand::Rng,
+) -> Result<Grudge, String> {
     let n = nodes.len();
     if n < 2 {
         return Err(format!("a partition needs at least 2 replicas, the deployment has {n}"));
@@ -100,7 +105,9 @@ pub fn grudge(topology: Topology, nodes: &[u64], leader: Option<u64>, rng: &mut 
         }
         Topology::Ring => {
             if n < 4 {
-                return Err(format!("ring needs at least 4 replicas (with 3, every pair is a majority), the deployment has {n}"));
+                return Err(format!(
+                    "ring needs at least 4 replicas (with 3, every pair is a majority), the deployment has {n}"
+                ));
             }
             // Each hears the n/2 nearest on the ring (n/2 + itself = a majority).
             let reach = n / 2;

@@ -95,7 +95,11 @@ impl Summary {
     }
 
     pub fn print(&self) {
-        println!("chaos run {:?}: {}", self.plan, if self.interrupted { "interrupted, faults undone" } else { "complete" });
+        println!(
+            "chaos run {:?}: {}",
+            self.plan,
+            if self.interrupted { "interrupted, faults undone" } else { "complete" }
+        );
         for e in &self.events {
             println!("  +{:>7.1}s  {} {}", e.at_ms as f64 / 1000.0, if e.ok { " " } else { "✗" }, e.what);
         }
@@ -162,5 +166,11 @@ pub async fn run(chaos: &mut Chaos, plan: &Plan, stop: impl Future<Output = ()>)
             failed_undos += 1;
         }
     }
-    Summary { plan: plan.name.clone(), interrupted, failed_steps, failed_undos, events: std::mem::take(&mut chaos.events) }
+    Summary {
+        plan: plan.name.clone(),
+        interrupted,
+        failed_steps,
+        failed_undos,
+        events: std::mem::take(&mut chaos.events),
+    }
 }

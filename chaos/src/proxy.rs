@@ -41,7 +41,11 @@ pub struct FaultConfig {
 
 impl FaultConfig {
     pub fn validate(&self) -> Result<()> {
-        for (name, rate) in [("throttle_rate", self.throttle_rate), ("error_rate", self.error_rate), ("latency_rate", self.latency_rate)] {
+        for (name, rate) in [
+            ("throttle_rate", self.throttle_rate),
+            ("error_rate", self.error_rate),
+            ("latency_rate", self.latency_rate),
+        ] {
             if !(0.0..=1.0).contains(&rate) {
                 bail!("{name}: {rate} is not a fraction between 0 and 1");
             }
@@ -124,7 +128,8 @@ impl Proxy {
     /// Listens on `listen` and forwards to `upstream` (`host:port`).
     pub async fn start(listen: &str, upstream: &str, config: FaultConfig) -> Result<Proxy> {
         config.validate()?;
-        let listener = TcpListener::bind(listen).await.with_context(|| format!("binding the AWS fault proxy to {listen}"))?;
+        let listener =
+            TcpListener::bind(listen).await.with_context(|| format!("binding the AWS fault proxy to {listen}"))?;
         let addr = listener.local_addr()?;
         let rng = rng_for(config.seed);
         let shared = Arc::new(Shared {
@@ -196,7 +201,8 @@ fn decide(shared: &Shared, body: &[u8]) -> Decision {
     if roll < config.throttle_rate + config.error_rate {
         return Decision::Error;
     }
-    let delay = (config.latency_ms > 0 && rng.gen::<f64>() < config.latency_rate).then(|| Duration::from_millis(config.latency_ms));
+    let delay = (config.latency_ms > 0 && rng.gen::<f64>() < config.latency_rate)
+        .then(|| Duration::from_millis(config.latency_ms));
     Decision::Forward { delay }
 }
 
@@ -242,7 +248,11 @@ async fn serve(mut conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
         Decision::Throttle => {
             c.throttled.fetch_add(1, Ordering::SeqCst);
             // EC2 names its throttling error RequestLimitExceeded; ELBv2 names it Throttling.
-            let code = if String::from_utf8_lossy(&body).contains("Version=2016-11-15") { "RequestLimitExceeded" } else { "Throttling" };
+            let code = if String::from_utf8_lossy(&body).contains("Version=2016-11-15") {
+                "RequestLimitExceeded"
+            } else {
+                "Throttling"
+            };
             respond(&mut conn, "400 Bad Request", "text/xml", &aws_error(code, "Rate exceeded")).await
         }
         Decision::Error => {
@@ -271,17 +281,20 @@ async fn serve(mut conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
 
 async fn control(mut conn: TcpStream, shared: &Shared, method: &str, body: &[u8]) -> std::io::Result<()> {
     if method == "PUT" {
-        let parsed: Result<FaultConfig> = serde_json::from_slice(body).map_err(anyhow::Error::from).and_then(|c: FaultConfig| {
-            c.validate()?;
-            Ok(c)
-        });
+        let parsed: Result<FaultConfig> =
+            serde_json::from_slice(body).map_err(anyhow::Error::from).and_then(|c: FaultConfig| {
+                c.validate()?;
+                Ok(c)
+            });
         match parsed {
             Ok(config) => {
                 let mut guard = shared.config.lock().unwrap_or_else(|e| e.into_inner());
                 guard.1 = rng_for(config.seed);
                 guard.0 = config;
             }
-            Err(e) => return respond(&mut conn, "400 Bad Request", "text/plain", &format!("fault config: {e:#}\n")).await,
+            Err(e) => {
+                return respond(&mut conn, "400 Bad Request", "text/plain", &format!("fault config: {e:#}\n")).await
+            }
         }
     } else if method != "GET" {
         return respond(&mut conn, "405 Method Not Allowed", "text/plain", "GET or PUT\n").await;
@@ -362,7 +375,9 @@ async fn remote(addr: &str, method: &str, body: &str) -> Result<Status> {
     );
     conn.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut response)).await.context("the AWS fault proxy did not answer")??;
+    tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut response))
+        .await
+        .context("the AWS fault proxy did not answer")??;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     if !head.starts_with("HTTP/1.1 200") {

@@ -58,7 +58,12 @@ impl Env {
     /// Runs titus-chaos to its end.
     fn run(&self, args: &[&str]) -> Output {
         let out = self.chaos().args(args).output().expect("run titus-chaos");
-        eprintln!("titus-chaos {}:\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "titus-chaos {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 
@@ -131,7 +136,10 @@ async fn t600_kill_leader_then_restart() {
 
     let child = env.spawn(&["kill", "--target", "leader", "--restart-after", "3s"]);
     // The fault happened: the old leader's process is gone and the others elected a new one.
-    wait_for(Duration::from_secs(10), "the leader's process gone", || async { (!titus_chaos::deployment::pid_alive(old_pid)).then_some(()) }).await;
+    wait_for(Duration::from_secs(10), "the leader's process gone", || async {
+        (!titus_chaos::deployment::pid_alive(old_pid)).then_some(())
+    })
+    .await;
     let new_leader = wait_for(Duration::from_secs(15), "a new leader", || env.leader_seen_by_others(leader)).await;
     assert_ne!(new_leader, leader);
     let (ok, out) = finish(child, Duration::from_secs(30));
@@ -159,8 +167,10 @@ async fn t610_pause_leader_then_resume() {
     let env = Env::start(3, 0).await;
     let leader = env.leader().await.expect("leader");
     let child = env.spawn(&["pause", "--target", "leader", "--duration", "8s"]);
-    wait_for(Duration::from_secs(10), "the leader stopped", || async { env.replica(leader).stopped().then_some(()) }).await;
-    let other = wait_for(Duration::from_secs(15), "a leader among the others", || env.leader_seen_by_others(leader)).await;
+    wait_for(Duration::from_secs(10), "the leader stopped", || async { env.replica(leader).stopped().then_some(()) })
+        .await;
+    let other =
+        wait_for(Duration::from_secs(15), "a leader among the others", || env.leader_seen_by_others(leader)).await;
     assert_ne!(other, leader);
     let (ok, out) = finish(child, Duration::from_secs(30));
     assert!(ok, "{out}");
@@ -196,7 +206,9 @@ async fn t620_partitions_cut_exactly_the_grudge_and_heal() {
         let leader = env.leader().await;
         let child = env.spawn(&["partition", "--topology", topology, "--duration", "12s", "--seed", "3"]);
         // The tool writes one namespace after another: wait until the rules stop changing.
-        let read = || -> Vec<(u64, BTreeSet<String>)> { d.replicas.iter().map(|r| (r.id, net::dropped(&r.process).unwrap())).collect() };
+        let read = || -> Vec<(u64, BTreeSet<String>)> {
+            d.replicas.iter().map(|r| (r.id, net::dropped(&r.process).unwrap())).collect()
+        };
         let mut last = read();
         let rules = wait_for(Duration::from_secs(10), "partition rules in place", || {
             std::thread::sleep(Duration::from_millis(300));
@@ -208,7 +220,11 @@ async fn t620_partitions_cut_exactly_the_grudge_and_heal() {
         .await;
         let drops = |a: u64, b: u64| rules.iter().any(|(x, r)| *x == a && r.contains(&ip_of(b)));
         for (a, b, reachable) in reachability(&env) {
-            assert_eq!(reachable, !(drops(a, b) || drops(b, a)), "{topology}: {a}→{b} reachable={reachable}, rules {rules:?}");
+            assert_eq!(
+                reachable,
+                !(drops(a, b) || drops(b, a)),
+                "{topology}: {a}→{b} reachable={reachable}, rules {rules:?}"
+            );
         }
         let hears = |a: u64| 1 + d.replicas.iter().filter(|b| b.id != a && !drops(a, b.id)).count();
         match topology {
@@ -216,7 +232,10 @@ async fn t620_partitions_cut_exactly_the_grudge_and_heal() {
                 let leader = leader.expect("leader before");
                 assert_eq!(hears(leader), 1, "{rules:?}");
                 assert!(d.replicas.iter().filter(|r| r.id != leader).all(|r| hears(r.id) == 4));
-                let new = wait_for(Duration::from_secs(15), "the majority elects a leader", || env.leader_seen_by_others(leader)).await;
+                let new = wait_for(Duration::from_secs(15), "the majority elects a leader", || {
+                    env.leader_seen_by_others(leader)
+                })
+                .await;
                 assert_ne!(new, leader);
             }
             "halves" => assert_eq!(d.replicas.iter().filter(|r| hears(r.id) >= 3).count(), 3, "{rules:?}"),
@@ -241,7 +260,12 @@ async fn t630_agent_faults() {
     let env = Env::start(3, 1).await;
     let agent = env.lab.deployment.agents[0].clone();
     let c = env.client();
-    let desc = JobBuilder::service("chaos-svc", "titus/busybox:latest", 0, 2, 4).owner("chaos@titus.local").cpu(0.1).memory_mb(32).command(["sleep", "3600"]).build();
+    let desc = JobBuilder::service("chaos-svc", "titus/busybox:latest", 0, 2, 4)
+        .owner("chaos@titus.local")
+        .cpu(0.1)
+        .memory_mb(32)
+        .command(["sleep", "3600"])
+        .build();
     let job = c.create_job(desc).await.expect("create job");
     let started = |c: Client, job: String| async move {
         let tasks = c.find_tasks(&[("jobIds", &job), ("taskStates", "Started")], 100, "").await.ok()?;
@@ -298,7 +322,13 @@ async fn t630_agent_faults() {
     let killed = before.iter().find(|t| text.contains(t.as_str())).expect("the killed task is named").clone();
     wait_for(Duration::from_secs(30), "the killed task Finished", || {
         let (c, t) = (c.clone(), killed.clone());
-        async move { c.find_task(&t).await.ok().filter(|t| t.status.as_ref().map(|s| s.state) == Some(TaskState::TaskFinished as i32)).map(|_| ()) }
+        async move {
+            c.find_task(&t)
+                .await
+                .ok()
+                .filter(|t| t.status.as_ref().map(|s| s.state) == Some(TaskState::TaskFinished as i32))
+                .map(|_| ())
+        }
     })
     .await;
     let after = wait_for(Duration::from_secs(60), "a replacement Started", || started(c.clone(), job.clone())).await;
@@ -312,7 +342,8 @@ async fn t650_clock_skew_on_a_replica() {
     let env = Env::start(3, 0).await;
     let admin = env.lab.deployment.replica(2).unwrap().admin.clone().expect("admin");
     let skew_of = |admin: String| async move {
-        let out = Command::new("curl").args(["-sI", "--max-time", "2", &format!("http://{admin}/healthz")]).output().ok()?;
+        let out =
+            Command::new("curl").args(["-sI", "--max-time", "2", &format!("http://{admin}/healthz")]).output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let date = text.lines().find_map(|l| l.strip_prefix("Date: "))?.trim().to_string();
         let theirs = Command::new("date").args(["-u", "-d", &date, "+%s"]).output().ok()?;
@@ -326,10 +357,22 @@ async fn t650_clock_skew_on_a_replica() {
     })
     .await;
     // The cluster keeps working with one replica's clock off.
-    env.client().create_job(JobBuilder::batch("skewed", "titus/busybox:latest", 1).owner("chaos@titus.local").cpu(0.1).memory_mb(16).build()).await.expect("create job");
+    env.client()
+        .create_job(
+            JobBuilder::batch("skewed", "titus/busybox:latest", 1)
+                .owner("chaos@titus.local")
+                .cpu(0.1)
+                .memory_mb(16)
+                .build(),
+        )
+        .await
+        .expect("create job");
     let (ok, out) = finish(child, Duration::from_secs(40));
     assert!(ok, "{out}");
-    wait_for(Duration::from_secs(20), "replica 2's real clock back", || async { skew_of(admin.clone()).await.filter(|s| s.abs() <= 5) }).await;
+    wait_for(Duration::from_secs(20), "replica 2's real clock back", || async {
+        skew_of(admin.clone()).await.filter(|s| s.abs() <= 5)
+    })
+    .await;
     assert!(env.journal_empty());
 }
 
@@ -355,7 +398,9 @@ async fn t660_plan_crash_heal_interrupt_and_blast_radius() {
         "name: long faults\nsteps:\n  - at: 0s\n    kind: partition\n    topology: bridge\n    duration: 2m\n  - at: 500ms\n    kind: pause\n    target: 1\n    duration: 2m\n",
     );
     let applied = || async {
-        (env.replica(1).stopped() && env.lab.deployment.replicas.iter().any(|r| !net::dropped(&r.process).unwrap().is_empty())).then_some(())
+        (env.replica(1).stopped()
+            && env.lab.deployment.replicas.iter().any(|r| !net::dropped(&r.process).unwrap().is_empty()))
+        .then_some(())
     };
 
     // A run killed with SIGKILL leaves its faults; `heal` undoes them from the journal.
@@ -364,7 +409,10 @@ async fn t660_plan_crash_heal_interrupt_and_blast_radius() {
     // A second run while this one holds the journal is refused (it could not count this run's faults
     // against the blast radius); `status` still reads it.
     let out = env.run(&["kill", "--target", "follower"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another titus-chaos run"), "{out:?}");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("another titus-chaos run"),
+        "{out:?}"
+    );
     let out = env.run(&["status"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("active fault"), "{out:?}");
     child.kill().expect("kill titus-chaos");
@@ -389,7 +437,13 @@ async fn t660_plan_crash_heal_interrupt_and_blast_radius() {
 async fn t670_chaos_monkey() {
     let env = Env::start(3, 1).await;
     let c = env.client();
-    let svc = |app: &str| JobBuilder::service(app, "titus/busybox:latest", 0, 2, 4).owner("chaos@titus.local").cpu(0.1).memory_mb(32).command(["sleep", "3600"]);
+    let svc = |app: &str| {
+        JobBuilder::service(app, "titus/busybox:latest", 0, 2, 4)
+            .owner("chaos@titus.local")
+            .cpu(0.1)
+            .memory_mb(32)
+            .command(["sleep", "3600"])
+    };
     let opted = c.create_job(svc("monkey-food").attribute("chaos.monkey.enabled", "true").build()).await.unwrap();
     let spared = c.create_job(svc("monkey-spared").build()).await.unwrap();
     let started = |job: String| {
@@ -404,17 +458,24 @@ async fn t670_chaos_monkey() {
     let state = env.lab.dir.join("monkey-state.json");
     let log = env.lab.dir.join("monkey.log");
     let monkey = |extra: &[&str]| {
-        let mut args = vec!["monkey", "--schedule", "always", "--kills-per-hour", "100000", "--tick", "100ms", "--run-for", "1s"];
+        let mut args =
+            vec!["monkey", "--schedule", "always", "--kills-per-hour", "100000", "--tick", "100ms", "--run-for", "1s"];
         args.extend_from_slice(&["--state-file", state.to_str().unwrap(), "--log-file", log.to_str().unwrap()]);
         args.extend_from_slice(extra);
         let out = env.run(&args);
         assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line")).collect::<Vec<_>>()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .collect::<Vec<_>>()
     };
 
     // Dry run: says what it would do, does nothing.
     let actions = monkey(&["--dry-run"]);
-    assert!(!actions.is_empty() && actions.iter().all(|a| a["action"] == "would-kill" && a["job"] == opted.as_str()), "{actions:?}");
+    assert!(
+        !actions.is_empty() && actions.iter().all(|a| a["action"] == "would-kill" && a["job"] == opted.as_str()),
+        "{actions:?}"
+    );
     assert_eq!(started(opted.clone()).await, Some(opted_tasks.clone()), "nothing killed in a dry run");
 
     // For real: one task of the opted-in job (the daily limit), none of the other.
@@ -434,7 +495,19 @@ async fn t670_chaos_monkey() {
     let other_day = if String::from_utf8_lossy(&today.stdout).trim() == "Mon" { "Tue" } else { "Mon" };
     let window = format!("{other_day} 00:00-24:00");
     std::fs::remove_file(&state).unwrap();
-    let out = env.run(&["monkey", "--schedule", &window, "--kills-per-hour", "100000", "--tick", "100ms", "--run-for", "1s", "--state-file", state.to_str().unwrap()]);
+    let out = env.run(&[
+        "monkey",
+        "--schedule",
+        &window,
+        "--kills-per-hour",
+        "100000",
+        "--tick",
+        "100ms",
+        "--run-for",
+        "1s",
+        "--state-file",
+        state.to_str().unwrap(),
+    ]);
     assert!(out.status.success() && out.stdout.is_empty());
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.lines().count() >= 2 && logged.contains(&victim), "every action is logged");
@@ -463,7 +536,14 @@ async fn t680_experiments_pass_and_fail() {
     broken.save(&broken_file).unwrap();
     let plan = write_plan(&env, "fail.yaml", &format!("name: majority kill\nallow_majority: true\n{steady}  recovery: 4s\nsteps:\n  - at: 0s\n    kind: kill\n    target: majority\n    restart_after: 1s\n"));
     let out = Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
-        .args(["--deployment", broken_file.to_str().unwrap(), "experiment", plan.to_str().unwrap(), "--report", report_path.to_str().unwrap()])
+        .args([
+            "--deployment",
+            broken_file.to_str().unwrap(),
+            "experiment",
+            plan.to_str().unwrap(),
+            "--report",
+            report_path.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -508,12 +588,23 @@ async fn t640_aws_faults_through_the_proxy() {
     let addr = format!("127.0.0.1:{port}");
     let _proxy = Reaped(
         Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
-            .args(["aws-proxy", "--listen", &addr, "--upstream", &format!("127.0.0.1:{}", moto.port), "--run-for", "10m"])
+            .args([
+                "aws-proxy",
+                "--listen",
+                &addr,
+                "--upstream",
+                &format!("127.0.0.1:{}", moto.port),
+                "--run-for",
+                "10m",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("aws-proxy"),
     );
-    wait_for(Duration::from_secs(10), "the proxy listening", || async { std::net::TcpStream::connect(&addr).ok().map(|_| ()) }).await;
+    wait_for(Duration::from_secs(10), "the proxy listening", || async {
+        std::net::TcpStream::connect(&addr).ok().map(|_| ())
+    })
+    .await;
     let mut d = env.lab.deployment.clone();
     d.aws_proxy = Some(addr.clone());
     let file = env.lab.dir.join("with-proxy.yaml");
@@ -527,9 +618,21 @@ async fn t640_aws_faults_through_the_proxy() {
     // Faults off: every call reaches moto.
     assert!((0..20).all(|_| aws_call(&addr, "DescribeTargetGroups").0 == 200));
 
-    let child = chaos(&["aws", "--throttle-rate", "0.3", "--error-rate", "0.2", "--latency-rate", "0.5", "--latency-ms", "150", "--duration", "5m"])
-        .spawn()
-        .unwrap();
+    let child = chaos(&[
+        "aws",
+        "--throttle-rate",
+        "0.3",
+        "--error-rate",
+        "0.2",
+        "--latency-rate",
+        "0.5",
+        "--latency-ms",
+        "150",
+        "--duration",
+        "5m",
+    ])
+    .spawn()
+    .unwrap();
     wait_for(Duration::from_secs(10), "faults on", || async {
         titus_chaos::proxy::remote_status(&addr).await.ok().filter(|s| s.config.throttle_rate > 0.0).map(|_| ())
     })
@@ -596,7 +699,12 @@ impl Drop for Reaped {
 /// agent's back — after which the target group must again equal the Started tasks' addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
-    for (k, v) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")] {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
         std::env::set_var(k, v);
     }
     let proxy_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -609,15 +717,35 @@ async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
     let env = Env::start_with(3, 1, args).await;
     let host = env.lab.host_ip();
     let moto = moto::Moto::start_on(&env.lab.dir, &host);
-    let _proxy = titus_chaos::proxy::Proxy::start(&format!("{host}:{proxy_port}"), &format!("{host}:{}", moto.port), Default::default()).await.expect("proxy");
+    let _proxy = titus_chaos::proxy::Proxy::start(
+        &format!("{host}:{proxy_port}"),
+        &format!("{host}:{}", moto.port),
+        Default::default(),
+    )
+    .await
+    .expect("proxy");
     let (elb, ec2) = moto.sdk().await;
-    let arn = moto::target_group(&elb, &ec2, "chaos-exp", aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Ip).await;
+    let arn =
+        moto::target_group(&elb, &ec2, "chaos-exp", aws_sdk_elasticloadbalancingv2::types::TargetTypeEnum::Ip).await;
     let c = env.client();
-    let desc = JobBuilder::service("lb-svc", "titus/busybox:latest", 0, 2, 4).owner("chaos@titus.local").cpu(0.1).memory_mb(32).command(["sleep", "3600"]).build();
+    let desc = JobBuilder::service("lb-svc", "titus/busybox:latest", 0, 2, 4)
+        .owner("chaos@titus.local")
+        .cpu(0.1)
+        .memory_mb(32)
+        .command(["sleep", "3600"])
+        .build();
     let job = c.create_job(desc).await.unwrap();
     c.add_load_balancer(&job, &arn).await.unwrap();
-    let lb = titus_chaos::experiment::LbCheck { job: job.clone(), target_group: arn.clone(), region: "us-east-1".into(), endpoint_url: Some(moto.url.clone()) };
-    wait_for(Duration::from_secs(60), "the 2 targets registered", || async { titus_chaos::experiment::check_lb(&c, &lb).await.ok() }).await;
+    let lb = titus_chaos::experiment::LbCheck {
+        job: job.clone(),
+        target_group: arn.clone(),
+        region: "us-east-1".into(),
+        endpoint_url: Some(moto.url.clone()),
+    };
+    wait_for(Duration::from_secs(60), "the 2 targets registered", || async {
+        titus_chaos::experiment::check_lb(&c, &lb).await.ok()
+    })
+    .await;
 
     let mut d = env.lab.deployment.clone();
     d.aws_proxy = Some(format!("{host}:{proxy_port}"));
@@ -633,14 +761,22 @@ async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
     );
     let report_path = env.lab.dir.join("lb-report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
-        .args(["--deployment", file.to_str().unwrap(), "experiment", plan.to_str().unwrap(), "--report", report_path.to_str().unwrap()])
+        .args([
+            "--deployment",
+            file.to_str().unwrap(),
+            "experiment",
+            plan.to_str().unwrap(),
+            "--report",
+            report_path.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the experiment passes");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     assert_eq!(report["verdict"], "pass");
-    let events: Vec<&str> = report["faults"]["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();
+    let events: Vec<&str> =
+        report["faults"]["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();
     assert!(events.iter().any(|e| e.starts_with("kill 1 task container")), "{events:?}");
     assert!(events.iter().any(|e| e.starts_with("undone: aws faults")), "{events:?}");
     // The killed task's replacement is behind the load balancer now.

@@ -90,7 +90,10 @@ pub fn register(ops: &[Op]) -> CheckResult {
     for (key, ops) in &by_key {
         res.count += ops.len();
         if let Outcome::NotLinearizable { stuck_at } = linear::check(ops, 0) {
-            res.anomaly(format!("key {key}: not linearizable ({} ops); no order gets past the op at index {stuck_at}", ops.len()));
+            res.anomaly(format!(
+                "key {key}: not linearizable ({} ops); no order gets past the op at index {stuck_at}",
+                ops.len()
+            ));
         }
     }
     res.stats = counts;
@@ -123,13 +126,17 @@ pub fn set(ops: &[Op]) -> CheckResult {
     };
     let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for pair in last.value.as_array().into_iter().flatten() {
-        let (Some(t), Some(j)) = (pair.get(0).and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) else { continue };
+        let (Some(t), Some(j)) = (pair.get(0).and_then(Value::as_str), pair.get(1).and_then(Value::as_str)) else {
+            continue;
+        };
         found.entry(t.to_string()).or_default().insert(j.to_string());
     }
     for (token, job) in &acked {
         match found.get(token) {
             None => res.anomaly(format!("lost: {token} was acknowledged as job {job} but is not in the final read")),
-            Some(jobs) if !jobs.contains(job) => res.anomaly(format!("{token} was acknowledged as job {job} but reads as {jobs:?}")),
+            Some(jobs) if !jobs.contains(job) => {
+                res.anomaly(format!("{token} was acknowledged as job {job} but reads as {jobs:?}"))
+            }
             _ => {}
         }
     }
@@ -192,19 +199,31 @@ pub fn observe(ops: &[Op]) -> CheckResult {
         if !live.get(&observer).copied().unwrap_or(false) {
             continue; // snapshot items
         }
-        let change = Change { revision, kind, id: v["id"].as_str().unwrap_or("").into(), state: v["state"].as_str().unwrap_or("").into() };
+        let change = Change {
+            revision,
+            kind,
+            id: v["id"].as_str().unwrap_or("").into(),
+            state: v["state"].as_str().unwrap_or("").into(),
+        };
         let Some((_, seg)) = segments.get_mut(&observer).and_then(|s| s.last_mut()) else { continue };
         if let Some(last) = seg.last() {
             if change.revision < last.revision {
-                res.anomaly(format!("observer {observer}: revision {} after {} (out of order)", change.revision, last.revision));
+                res.anomaly(format!(
+                    "observer {observer}: revision {} after {} (out of order)",
+                    change.revision, last.revision
+                ));
             }
             if seg.contains(&change) {
-                res.anomaly(format!("observer {observer}: {} {} at revision {} twice", change.kind, change.id, change.revision));
+                res.anomaly(format!(
+                    "observer {observer}: {} {} at revision {} twice",
+                    change.kind, change.id, change.revision
+                ));
             }
         }
         seg.push(change);
     }
-    let all: Vec<(u64, &(u64, Vec<Change>))> = segments.iter().flat_map(|(o, segs)| segs.iter().map(move |s| (*o, s))).collect();
+    let all: Vec<(u64, &(u64, Vec<Change>))> =
+        segments.iter().flat_map(|(o, segs)| segs.iter().map(move |s| (*o, s))).collect();
     for (i, (oa, (start_a, a))) in all.iter().enumerate() {
         for (ob, (start_b, b)) in all.iter().skip(i + 1) {
             if oa == ob {
@@ -212,7 +231,9 @@ pub fn observe(ops: &[Op]) -> CheckResult {
             }
             let from = (*start_a).max(*start_b);
             let until = a.last().map_or(0, |c| c.revision).min(b.last().map_or(0, |c| c.revision));
-            let window = |s: &[Change]| s.iter().filter(|c| c.revision > from && c.revision <= until).cloned().collect::<Vec<_>>();
+            let window = |s: &[Change]| {
+                s.iter().filter(|c| c.revision > from && c.revision <= until).cloned().collect::<Vec<_>>()
+            };
             let (wa, wb) = (window(a), window(b));
             if wa != wb {
                 let first = wa.iter().zip(&wb).position(|(x, y)| x != y).unwrap_or(wa.len().min(wb.len()));
@@ -246,7 +267,11 @@ pub fn tasks(ops: &[Op]) -> CheckResult {
         }
         for (task, containers) in seen {
             if containers.len() > 1 {
-                res.anomaly(format!("at {} ms: task {task} runs in {} containers {containers:?}", op.time / 1_000_000, containers.len()));
+                res.anomaly(format!(
+                    "at {} ms: task {task} runs in {} containers {containers:?}",
+                    op.time / 1_000_000,
+                    containers.len()
+                ));
             }
         }
     }
@@ -260,7 +285,8 @@ pub fn tasks(ops: &[Op]) -> CheckResult {
     };
     let mut jobs_with_tasks = BTreeSet::new();
     for row in last.value.as_array().into_iter().flatten() {
-        let (task, job, state) = (row[0].as_str().unwrap_or(""), row[1].as_str().unwrap_or(""), row[2].as_str().unwrap_or(""));
+        let (task, job, state) =
+            (row[0].as_str().unwrap_or(""), row[1].as_str().unwrap_or(""), row[2].as_str().unwrap_or(""));
         jobs_with_tasks.insert(job.to_string());
         if acked.contains(job) && state != "Started" && state != "Finished" {
             res.anomaly(format!("task {task} of acknowledged job {job} is {state} after healing"));

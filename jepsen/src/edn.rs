@@ -11,10 +11,9 @@ pub fn write(v: &Value) -> String {
         Value::Number(n) => n.to_string(),
         Value::String(s) => serde_json::to_string(s).unwrap_or_default(),
         Value::Array(items) => format!("[{}]", items.iter().map(write).collect::<Vec<_>>().join(" ")),
-        Value::Object(m) => format!(
-            "{{{}}}",
-            m.iter().map(|(k, v)| format!(":{} {}", k, write(v))).collect::<Vec<_>>().join(", ")
-        ),
+        Value::Object(m) => {
+            format!("{{{}}}", m.iter().map(|(k, v)| format!(":{} {}", k, write(v))).collect::<Vec<_>>().join(", "))
+        }
     }
 }
 

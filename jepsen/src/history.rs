@@ -52,7 +52,12 @@ pub const NEMESIS: i64 = -1;
 pub fn classify(e: &titus_client::Error) -> Type {
     use titus_client::Error as E;
     match e {
-        E::InvalidArgument { .. } | E::NotFound(_) | E::AlreadyExists(_) | E::FailedPrecondition(_) | E::BadSeed(_) | E::NoSeeds => Type::Fail,
+        E::InvalidArgument { .. }
+        | E::NotFound(_)
+        | E::AlreadyExists(_)
+        | E::FailedPrecondition(_)
+        | E::BadSeed(_)
+        | E::NoSeeds => Type::Fail,
         // Unavailable after retries, a deadline, any other status: it may have been applied.
         E::Unavailable { .. } | E::Server { .. } => Type::Info,
     }
@@ -172,13 +177,48 @@ mod tests {
     #[test]
     fn edn_and_json_round_trip() {
         let ops = vec![
-            Op { index: 0, time: 5, process: 0, kind: Type::Invoke, f: "write".into(), value: json!(["job-1", 3]), error: None },
-            Op { index: 1, time: 9, process: 0, kind: Type::Info, f: "write".into(), value: json!(["job-1", 3]), error: Some("deadline \"x\"".into()) },
-            Op { index: 2, time: 10, process: NEMESIS, kind: Type::Info, f: "start".into(), value: json!("partition halves"), error: None },
-            Op { index: 3, time: 11, process: 1, kind: Type::Ok, f: "read".into(), value: json!([["t-1", "job-9"], null, {"a": 1.5}]), error: None },
+            Op {
+                index: 0,
+                time: 5,
+                process: 0,
+                kind: Type::Invoke,
+                f: "write".into(),
+                value: json!(["job-1", 3]),
+                error: None,
+            },
+            Op {
+                index: 1,
+                time: 9,
+                process: 0,
+                kind: Type::Info,
+                f: "write".into(),
+                value: json!(["job-1", 3]),
+                error: Some("deadline \"x\"".into()),
+            },
+            Op {
+                index: 2,
+                time: 10,
+                process: NEMESIS,
+                kind: Type::Info,
+                f: "start".into(),
+                value: json!("partition halves"),
+                error: None,
+            },
+            Op {
+                index: 3,
+                time: 11,
+                process: 1,
+                kind: Type::Ok,
+                f: "read".into(),
+                value: json!([["t-1", "job-9"], null, {"a": 1.5}]),
+                error: None,
+            },
         ];
         let edn = to_edn(&ops);
-        assert!(edn.starts_with("{:index 0, :time 5, :type :invoke, :process 0, :f :write, :value [\"job-1\" 3]}"), "{edn}");
+        assert!(
+            edn.starts_with("{:index 0, :time 5, :type :invoke, :process 0, :f :write, :value [\"job-1\" 3]}"),
+            "{edn}"
+        );
         assert_eq!(parse(&edn).unwrap(), ops);
         assert_eq!(parse(&serde_json::to_string(&ops).unwrap()).unwrap(), ops);
         assert!(parse("{:index 0 :type :bogus :f :read :process 0}").unwrap_err().to_string().contains(":bogus"));

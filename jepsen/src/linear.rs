@@ -38,7 +38,9 @@ pub enum Outcome {
     Linearizable,
     /// No order fits; `stuck_at` is the history index of the earliest return that no linearization
     /// could get past — where to look.
-    NotLinearizable { stuck_at: u64 },
+    NotLinearizable {
+        stuck_at: u64,
+    },
 }
 
 #[derive(Clone, Copy)]

@@ -42,7 +42,10 @@ pub fn parse_list(text: &str, replicas: usize) -> anyhow::Result<Vec<&'static st
     }
     let mut out = Vec::new();
     for name in text.split(',').map(str::trim) {
-        let known = ALL.iter().find(|n| **n == name).ok_or_else(|| anyhow::anyhow!("nemesis {name:?}: expected all, none or some of {}", ALL.join(", ")))?;
+        let known = ALL
+            .iter()
+            .find(|n| **n == name)
+            .ok_or_else(|| anyhow::anyhow!("nemesis {name:?}: expected all, none or some of {}", ALL.join(", ")))?;
         if !available(replicas).contains(known) {
             anyhow::bail!("nemesis {name}: needs at least 4 replicas");
         }
@@ -65,14 +68,24 @@ fn specs(name: &str, d: Dur) -> Vec<FaultSpec> {
         "pause-leader" => vec![FaultSpec::Pause { target: Target::Leader, duration: d }],
         "skew" => vec![FaultSpec::Skew { target: Target::Follower, offset: "+90s".into(), duration: d }],
         // A partition, and inside it a follower killed (the blast radius keeps it to a minority).
-        "partition+kill" => vec![partition(Topology::Bridge), FaultSpec::Kill { target: Target::Follower, restart_after: d }],
+        "partition+kill" => {
+            vec![partition(Topology::Bridge), FaultSpec::Kill { target: Target::Follower, restart_after: d }]
+        }
         _ => vec![],
     }
 }
 
 /// Runs nemeses until `until`: each for `fault` long, then `calm` without faults. Every selected
 /// nemesis runs once (in a shuffled order) before any runs twice.
-pub async fn run(chaos: &mut Chaos, rec: &Recorder, names: &[&'static str], fault: Duration, calm: Duration, until: Instant, seed: u64) {
+pub async fn run(
+    chaos: &mut Chaos,
+    rec: &Recorder,
+    names: &[&'static str],
+    fault: Duration,
+    calm: Duration,
+    until: Instant,
+    seed: u64,
+) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut queue: Vec<&'static str> = Vec::new();
     tokio::time::sleep(calm).await;
@@ -117,7 +130,8 @@ pub async fn run(chaos: &mut Chaos, rec: &Recorder, names: &[&'static str], faul
 /// running with its data; it rejoins as a learner and is promoted again).
 async fn membership(chaos: &mut Chaos, rec: &Recorder, hold: Duration) {
     let leader = chaos.leader().await;
-    let candidates: Vec<u64> = chaos.deployment.replicas.iter().map(|r| r.id).filter(|id| Some(*id) != leader).collect();
+    let candidates: Vec<u64> =
+        chaos.deployment.replicas.iter().map(|r| r.id).filter(|id| Some(*id) != leader).collect();
     let Some(&id) = candidates.first() else { return };
     // With 3 replicas the new configuration (2 voters) needs the paused one: pause only from 4 up.
     let paused = candidates.get(1).copied().filter(|_| chaos.deployment.replicas.len() >= 4);
@@ -150,6 +164,12 @@ async fn membership(chaos: &mut Chaos, rec: &Recorder, hold: Duration) {
     if removed.is_ok() || !is_voter {
         let peer = format!("{}:7000", replica.ip);
         let added = chaos.client.add_member(id, &peer, &replica.api).await;
-        chaos.log(added.is_ok(), format!("membership: replica {id} added back: {}", added.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())));
+        chaos.log(
+            added.is_ok(),
+            format!(
+                "membership: replica {id} added back: {}",
+                added.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into())
+            ),
+        );
     }
 }

@@ -48,28 +48,71 @@ pub fn nemesis_intervals(ops: &[Op]) -> Vec<(f64, f64, String)> {
     out
 }
 
-fn frame(svg: &mut String, title: &str, t_max: f64, y_label: &str, y_ticks: &[(f64, String)], shade: &[(f64, f64, String)]) {
-    let _ = write!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#);
-    let _ = write!(svg, r#"<rect width="{W}" height="{H}" fill="white"/><text x="{}" y="14" font-size="13">{}</text>"#, LEFT, esc(title));
+fn frame(
+    svg: &mut String,
+    title: &str,
+    t_max: f64,
+    y_label: &str,
+    y_ticks: &[(f64, String)],
+    shade: &[(f64, f64, String)],
+) {
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = write!(
+        svg,
+        r#"<rect width="{W}" height="{H}" fill="white"/><text x="{}" y="14" font-size="13">{}</text>"#,
+        LEFT,
+        esc(title)
+    );
     let x = |t: f64| LEFT + (W - LEFT - 20.0) * t / t_max.max(1e-9);
     for (s, e, name) in shade {
-        let _ = write!(svg, r##"<rect x="{:.1}" y="20" width="{:.1}" height="{:.1}" fill="#d62728" fill-opacity="0.12"><title>{}</title></rect>"##, x(*s), (x(*e) - x(*s)).max(1.0), H - BOTTOM - 20.0, esc(name));
+        let _ = write!(
+            svg,
+            r##"<rect x="{:.1}" y="20" width="{:.1}" height="{:.1}" fill="#d62728" fill-opacity="0.12"><title>{}</title></rect>"##,
+            x(*s),
+            (x(*e) - x(*s)).max(1.0),
+            H - BOTTOM - 20.0,
+            esc(name)
+        );
     }
-    let _ = write!(svg, r#"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{LEFT}" y1="20" x2="{LEFT}" y2="{}" stroke="black"/>"#, H - BOTTOM, W - 20.0, H - BOTTOM, H - BOTTOM);
+    let _ = write!(
+        svg,
+        r#"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{LEFT}" y1="20" x2="{LEFT}" y2="{}" stroke="black"/>"#,
+        H - BOTTOM,
+        W - 20.0,
+        H - BOTTOM,
+        H - BOTTOM
+    );
     for i in 0..=10 {
         let t = t_max * i as f64 / 10.0;
         let _ = write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0}s</text>"#, x(t), H - BOTTOM + 14.0, t);
     }
     for (y, label) in y_ticks {
-        let _ = write!(svg, r##"<text x="{}" y="{:.1}" text-anchor="end">{}</text><line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/>"##, LEFT - 4.0, y + 4.0, esc(label), W - 20.0);
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{:.1}" text-anchor="end">{}</text><line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/>"##,
+            LEFT - 4.0,
+            y + 4.0,
+            esc(label),
+            W - 20.0
+        );
     }
-    let _ = write!(svg, r#"<text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">{}</text>"#, H / 2.0, H / 2.0, esc(y_label));
+    let _ = write!(
+        svg,
+        r#"<text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">{}</text>"#,
+        H / 2.0,
+        H / 2.0,
+        esc(y_label)
+    );
 }
 
 /// Latency of every completed operation over time (log scale), by operation and outcome.
 pub fn latency_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
     let fs: Vec<String> = {
-        let mut v: Vec<String> = ops.iter().filter(|o| o.kind == Type::Invoke && o.process != NEMESIS).map(|o| o.f.clone()).collect();
+        let mut v: Vec<String> =
+            ops.iter().filter(|o| o.kind == Type::Invoke && o.process != NEMESIS).map(|o| o.f.clone()).collect();
         v.sort();
         v.dedup();
         v
@@ -77,9 +120,17 @@ pub fn latency_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
     let t_max = ops.last().map_or(1.0, |o| o.time as f64 / 1e9);
     let (lo, hi) = (0.1f64, 100_000.0f64); // ms
     let y = |ms: f64| (H - BOTTOM) - (H - BOTTOM - 20.0) * ((ms.clamp(lo, hi) / lo).log10() / (hi / lo).log10());
-    let ticks: Vec<(f64, String)> = [1.0, 10.0, 100.0, 1000.0, 10_000.0].iter().map(|ms| (y(*ms), format!("{ms} ms"))).collect();
+    let ticks: Vec<(f64, String)> =
+        [1.0, 10.0, 100.0, 1000.0, 10_000.0].iter().map(|ms| (y(*ms), format!("{ms} ms"))).collect();
     let mut svg = String::new();
-    frame(&mut svg, "latency by operation (red: nemesis active; ● ok, × fail, ◆ info)", t_max, "latency (log)", &ticks, shade);
+    frame(
+        &mut svg,
+        "latency by operation (red: nemesis active; ● ok, × fail, ◆ info)",
+        t_max,
+        "latency (log)",
+        &ticks,
+        shade,
+    );
     let x = |t: f64| LEFT + (W - LEFT - 20.0) * t / t_max.max(1e-9);
     let fs_ref: Vec<&str> = fs.iter().map(String::as_str).collect();
     for (inv, done) in pairs(ops, &fs_ref) {
@@ -88,12 +139,28 @@ pub fn latency_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
         let (px, py) = (x(done.time as f64 / 1e9), y((done.time - inv.time) as f64 / 1e6));
         let _ = match done.kind {
             Type::Ok => write!(svg, r#"<circle cx="{px:.1}" cy="{py:.1}" r="1.6" fill="{color}"/>"#),
-            Type::Fail => write!(svg, r#"<text x="{px:.1}" y="{:.1}" fill="{color}" text-anchor="middle">×</text>"#, py + 3.0),
-            _ => write!(svg, r#"<rect x="{:.1}" y="{:.1}" width="4" height="4" fill="{color}" transform="rotate(45 {px:.1} {py:.1})"/>"#, px - 2.0, py - 2.0),
+            Type::Fail => {
+                write!(svg, r#"<text x="{px:.1}" y="{:.1}" fill="{color}" text-anchor="middle">×</text>"#, py + 3.0)
+            }
+            _ => write!(
+                svg,
+                r#"<rect x="{:.1}" y="{:.1}" width="4" height="4" fill="{color}" transform="rotate(45 {px:.1} {py:.1})"/>"#,
+                px - 2.0,
+                py - 2.0
+            ),
         };
     }
     for (i, f) in fs.iter().enumerate() {
-        let _ = write!(svg, r#"<rect x="{}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{}</text>"#, W - 150.0, 24.0 + 14.0 * i as f64, COLORS[i % COLORS.len()], W - 136.0, 33.0 + 14.0 * i as f64, esc(f));
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{}</text>"#,
+            W - 150.0,
+            24.0 + 14.0 * i as f64,
+            COLORS[i % COLORS.len()],
+            W - 136.0,
+            33.0 + 14.0 * i as f64,
+            esc(f)
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -104,20 +171,33 @@ pub fn throughput_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
     let t_max = ops.last().map_or(1.0, |o| o.time as f64 / 1e9);
     let seconds = t_max.ceil() as usize + 1;
     let mut per: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for op in ops.iter().filter(|o| o.kind != Type::Invoke && o.process != NEMESIS && o.f != "observe" && o.f != "containers") {
+    for op in
+        ops.iter().filter(|o| o.kind != Type::Invoke && o.process != NEMESIS && o.f != "observe" && o.f != "containers")
+    {
         per.entry(op.f.clone()).or_insert_with(|| vec![0; seconds])[(op.time / 1_000_000_000) as usize] += 1;
     }
     let peak = per.values().flat_map(|v| v.iter().copied()).max().unwrap_or(1).max(1) as f64;
     let y = |v: f64| (H - BOTTOM) - (H - BOTTOM - 20.0) * v / peak;
-    let ticks: Vec<(f64, String)> = (0..=4).map(|i| (y(peak * i as f64 / 4.0), format!("{:.0}", peak * i as f64 / 4.0))).collect();
+    let ticks: Vec<(f64, String)> =
+        (0..=4).map(|i| (y(peak * i as f64 / 4.0), format!("{:.0}", peak * i as f64 / 4.0))).collect();
     let mut svg = String::new();
     frame(&mut svg, "completed operations per second (red: nemesis active)", t_max, "ops/s", &ticks, shade);
     let x = |t: f64| LEFT + (W - LEFT - 20.0) * t / t_max.max(1e-9);
     for (i, (f, counts)) in per.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points: Vec<String> = counts.iter().enumerate().map(|(s, c)| format!("{:.1},{:.1}", x(s as f64 + 0.5), y(*c as f64))).collect();
-        let _ = write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, points.join(" "));
-        let _ = write!(svg, r#"<rect x="{}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{}">{}</text>"#, W - 150.0, 24.0 + 14.0 * i as f64, W - 136.0, 33.0 + 14.0 * i as f64, esc(f));
+        let points: Vec<String> =
+            counts.iter().enumerate().map(|(s, c)| format!("{:.1},{:.1}", x(s as f64 + 0.5), y(*c as f64))).collect();
+        let _ =
+            write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, points.join(" "));
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+            W - 150.0,
+            24.0 + 14.0 * i as f64,
+            W - 136.0,
+            33.0 + 14.0 * i as f64,
+            esc(f)
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -140,7 +220,12 @@ pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::V
     std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&results)?)?;
     let mut html = String::new();
     let _ = write!(html, "<!doctype html><meta charset=utf-8><title>titus-jepsen</title><style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:left}}.ok{{color:#2ca02c}}.bad{{color:#d62728}}</style>");
-    let _ = write!(html, "<h1>titus-jepsen: <span class={}>{}</span></h1>", if valid { "ok" } else { "bad" }, if valid { "valid" } else { "INVALID" });
+    let _ = write!(
+        html,
+        "<h1>titus-jepsen: <span class={}>{}</span></h1>",
+        if valid { "ok" } else { "bad" },
+        if valid { "valid" } else { "INVALID" }
+    );
     // The run's parameters in one table; its nemesis log goes last.
     let mut params = run.clone();
     let events = params.as_object_mut().and_then(|m| m.remove("nemesis_events"));
@@ -170,7 +255,12 @@ pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::V
     if let Some(serde_json::Value::Array(events)) = events {
         html.push_str("<details><summary>Nemesis log</summary><table>");
         for e in events {
-            let _ = write!(html, "<tr><td>{:.1}s</td><td>{}</td></tr>", e["at_ms"].as_f64().unwrap_or(0.0) / 1000.0, esc(e["what"].as_str().unwrap_or("")));
+            let _ = write!(
+                html,
+                "<tr><td>{:.1}s</td><td>{}</td></tr>",
+                e["at_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                esc(e["what"].as_str().unwrap_or(""))
+            );
         }
         html.push_str("</table></details>");
     }

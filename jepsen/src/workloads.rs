@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tokio::time::Instant;
 use titus_client::{Client, JobBuilder};
+use tokio::time::Instant;
 
 use crate::history::{classify, Recorder, Type};
 
@@ -15,7 +15,15 @@ pub const SET_APP: &str = "jepsen-set";
 pub const TASKS_APP: &str = "jepsen-tasks";
 
 /// Ends one operation: ok with `value`, or fail/info by the error.
-fn complete<T>(rec: &Recorder, process: &mut i64, workers: i64, f: &str, value_on_error: Value, r: titus_client::Result<T>, ok: impl FnOnce(T) -> Value) {
+fn complete<T>(
+    rec: &Recorder,
+    process: &mut i64,
+    workers: i64,
+    f: &str,
+    value_on_error: Value,
+    r: titus_client::Result<T>,
+    ok: impl FnOnce(T) -> Value,
+) {
     match r {
         Ok(v) => rec.record(*process, Type::Ok, f, ok(v), None),
         Err(e) => {
@@ -35,14 +43,27 @@ fn complete<T>(rec: &Recorder, process: &mut i64, workers: i64, f: &str, value_o
 pub async fn register_setup(client: &Client, keys: usize) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     for k in 0..keys {
-        let desc = JobBuilder::service(REGISTER_APP, "titus/busybox:latest", 0, 0, 10).owner(OWNER).cpu(64.0).memory_mb(16).attribute("jepsen.key", &k.to_string()).build();
+        let desc = JobBuilder::service(REGISTER_APP, "titus/busybox:latest", 0, 0, 10)
+            .owner(OWNER)
+            .cpu(64.0)
+            .memory_mb(16)
+            .attribute("jepsen.key", &k.to_string())
+            .build();
         ids.push(client.create_job(desc).await.map_err(|e| anyhow::anyhow!("creating register key {k}: {e}"))?);
     }
     Ok(ids)
 }
 
 /// Random writes (UpdateJobCapacity desired = v) and reads (FindJob) of random keys.
-pub async fn register_worker(client: Client, rec: Recorder, keys: Vec<String>, worker: i64, workers: i64, until: Instant, seed: u64) {
+pub async fn register_worker(
+    client: Client,
+    rec: Recorder,
+    keys: Vec<String>,
+    worker: i64,
+    workers: i64,
+    until: Instant,
+    seed: u64,
+) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut process = worker;
     while Instant::now() < until {
@@ -77,7 +98,12 @@ pub async fn set_worker(client: Client, rec: Recorder, worker: i64, workers: i64
         n += 1;
         let token = format!("jepsen-{worker}-{n}");
         rec.record(process, Type::Invoke, "add", json!(token), None);
-        let desc = JobBuilder::batch(SET_APP, "titus/busybox:latest", 1).owner(OWNER).cpu(64.0).memory_mb(16).attribute("jepsen.token", &token).build();
+        let desc = JobBuilder::batch(SET_APP, "titus/busybox:latest", 1)
+            .owner(OWNER)
+            .cpu(64.0)
+            .memory_mb(16)
+            .attribute("jepsen.token", &token)
+            .build();
         let r = client.create_job_with_token(desc, &token).await;
         complete(&rec, &mut process, workers, "add", json!(token), r, |id| json!([token, id]));
         tokio::time::sleep(Duration::from_millis(rng.gen_range(10..60))).await;
@@ -93,7 +119,11 @@ pub async fn set_read_all(client: &Client, rec: &Recorder, process: i64) {
         match client.find_jobs(&[("appName", SET_APP)], 500, &cursor).await {
             Ok(page) => {
                 for job in page.items {
-                    let token = job.job_descriptor.as_ref().and_then(|d| d.attributes.get("jepsen.token").cloned()).unwrap_or_default();
+                    let token = job
+                        .job_descriptor
+                        .as_ref()
+                        .and_then(|d| d.attributes.get("jepsen.token").cloned())
+                        .unwrap_or_default();
                     pairs.push(json!([token, job.id]));
                 }
                 match page.pagination {
@@ -141,7 +171,9 @@ pub async fn observer(client: Client, rec: Recorder, observer: u64, until: Insta
                 let state = task.status.map(|s| s.state).unwrap_or_default();
                 json!({"observer": observer, "revision": n.revision, "kind": "task", "id": task.id, "state": state.to_string()})
             }
-            Some(N::SnapshotEnd(e)) => json!({"observer": observer, "revision": n.revision, "kind": "snapshot-end", "resumed": e.resumed}),
+            Some(N::SnapshotEnd(e)) => {
+                json!({"observer": observer, "revision": n.revision, "kind": "snapshot-end", "resumed": e.resumed})
+            }
             None => continue,
         };
         rec.record(process, Type::Ok, "observe", value, None);
@@ -156,7 +188,12 @@ pub async fn task_submitter(client: Client, rec: Recorder, worker: i64, workers:
         n += 1;
         let token = format!("jepsen-task-{worker}-{n}");
         rec.record(process, Type::Invoke, "submit", Value::Null, None);
-        let desc = JobBuilder::batch(TASKS_APP, "titus/busybox:latest", 1).owner(OWNER).cpu(0.1).memory_mb(16).command(["sleep", "2"]).build();
+        let desc = JobBuilder::batch(TASKS_APP, "titus/busybox:latest", 1)
+            .owner(OWNER)
+            .cpu(0.1)
+            .memory_mb(16)
+            .command(["sleep", "2"])
+            .build();
         let r = client.create_job_with_token(desc, &token).await;
         complete(&rec, &mut process, workers, "submit", Value::Null, r, Value::String);
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -169,7 +206,15 @@ pub async fn container_sampler(rec: Recorder, agents: Vec<String>, until: Instan
         let mut rows = Vec::new();
         for agent in &agents {
             let out = tokio::process::Command::new("docker")
-                .args(["ps", "--filter", &format!("label=titus.agent.id={agent}"), "--filter", "status=running", "--format", "{{.Label \"titus.task.id\"}} {{.ID}}"])
+                .args([
+                    "ps",
+                    "--filter",
+                    &format!("label=titus.agent.id={agent}"),
+                    "--filter",
+                    "status=running",
+                    "--format",
+                    "{{.Label \"titus.task.id\"}} {{.ID}}",
+                ])
                 .output()
                 .await;
             if let Ok(out) = out {
@@ -204,7 +249,9 @@ pub async fn tasks_final(client: &Client, rec: &Recorder, within: Duration) {
                 Ok(page) => {
                     for t in page.items {
                         let state = t.status.as_ref().map(|s| s.state).unwrap_or_default();
-                        let name = titus_client::proto::TaskState::try_from(state).map(|s| s.as_str_name().trim_start_matches("TASK_").to_string()).unwrap_or_default();
+                        let name = titus_client::proto::TaskState::try_from(state)
+                            .map(|s| s.as_str_name().trim_start_matches("TASK_").to_string())
+                            .unwrap_or_default();
                         let name = match name.as_str() {
                             "STARTED" => "Started".to_string(),
                             "FINISHED" => "Finished".to_string(),

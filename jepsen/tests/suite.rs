@@ -7,7 +7,10 @@ use std::process::Command;
 fn short_run_every_nemesis_every_workload() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-test-image.sh");
     assert!(Command::new("bash").arg(script).status().unwrap().success());
-    let out_dir = std::env::var("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir()).join("test-artifacts/jepsen");
+    let out_dir = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir())
+        .join("test-artifacts/jepsen");
     let _ = std::fs::remove_dir_all(&out_dir);
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_titus-jepsen"));
     let bin_dir = exe.parent().unwrap();
@@ -21,15 +24,20 @@ fn short_run_every_nemesis_every_workload() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "the run is valid:\n{text}");
-    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(results["valid"], true);
     assert_eq!(results["checks"].as_array().unwrap().len(), 4, "all four checkers ran");
     let ran: Vec<&str> = results["nemesis"].as_array().unwrap().iter().map(|n| n[2].as_str().unwrap()).collect();
     for nemesis in titus_jepsen::nemesis::available(5) {
         assert!(ran.contains(&nemesis), "nemesis {nemesis} ran (ran: {ran:?})");
     }
-    let events: Vec<&str> = results["run"]["nemesis_events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();
-    assert!(events.iter().any(|e| e.contains("added back: ok")), "the membership nemesis removed and re-added a replica: {events:?}");
+    let events: Vec<&str> =
+        results["run"]["nemesis_events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();
+    assert!(
+        events.iter().any(|e| e.contains("added back: ok")),
+        "the membership nemesis removed and re-added a replica: {events:?}"
+    );
     let ops = &results["run"]["operations"];
     assert!(ops["ok"].as_u64().unwrap() > 1000, "{ops}");
     for f in ["index.html", "latency.svg", "throughput.svg", "history.edn", "history.json"] {

@@ -17,7 +17,11 @@ use titus_chaos::plan::{self, Plan, Step};
 use titus_chaos::proxy::{FaultConfig, Proxy};
 
 #[derive(Parser)]
-#[command(name = "titus-chaos", version, about = "Fault injection against a Titus deployment, a chaos monkey, and chaos experiments")]
+#[command(
+    name = "titus-chaos",
+    version,
+    about = "Fault injection against a Titus deployment, a chaos monkey, and chaos experiments"
+)]
 struct Cli {
     /// The deployment file (replicas, agents, how to reach their processes).
     #[arg(short, long, global = true, env = "TITUS_CHAOS_DEPLOYMENT", default_value = "deployment.yaml")]
@@ -235,10 +239,14 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Pause { target, duration } => single(FaultSpec::Pause { target, duration }, false).await,
         Command::Partition { topology, duration } => single(FaultSpec::Partition { topology, duration }, false).await,
         Command::Skew { target, offset, duration } => single(FaultSpec::Skew { target, offset, duration }, false).await,
-        Command::AgentKill { agent, restart_after } => single(FaultSpec::AgentKill { agent, restart_after }, false).await,
+        Command::AgentKill { agent, restart_after } => {
+            single(FaultSpec::AgentKill { agent, restart_after }, false).await
+        }
         Command::AgentIsolate { agent, duration } => single(FaultSpec::AgentIsolate { agent, duration }, false).await,
         Command::ContainerKill { agent, count } => single(FaultSpec::ContainerKill { agent, count }, false).await,
-        Command::DockerRestart { allow_docker_restart } => single(FaultSpec::DockerRestart {}, allow_docker_restart).await,
+        Command::DockerRestart { allow_docker_restart } => {
+            single(FaultSpec::DockerRestart {}, allow_docker_restart).await
+        }
         Command::Aws { rates, duration } => {
             let fault = FaultSpec::Aws {
                 throttle_rate: rates.throttle_rate,
@@ -299,7 +307,8 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Monkey(m) => {
-            let servers = if m.servers.is_empty() { Deployment::load(&deployment)?.api_addrs() } else { m.servers.clone() };
+            let servers =
+                if m.servers.is_empty() { Deployment::load(&deployment)?.api_addrs() } else { m.servers.clone() };
             let client = titus_client::Client::connect(&servers).map_err(|e| anyhow::anyhow!("{e}"))?;
             let config = MonkeyConfig {
                 schedule: m.schedule,
@@ -315,13 +324,21 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
             let actions = monkey::run(&client, &config, titus_obs::process::shutdown_signal()).await?;
             let kills = actions.iter().filter(|a| a.action == "kill").count();
             let would = actions.iter().filter(|a| a.action == "would-kill").count();
-            eprintln!("chaos monkey: {kills} task(s) terminated, {would} in dry run, {} failed", actions.len() - kills - would);
+            eprintln!(
+                "chaos monkey: {kills} task(s) terminated, {would} in dry run, {} failed",
+                actions.len() - kills - would
+            );
             write_report(report.as_deref(), &actions)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::AwsProxy { listen, upstream, rates, run_for } => {
             let proxy = Proxy::start(&listen, &upstream, rates.config()).await?;
-            println!("AWS fault proxy on {} → {upstream} (control: {}{})", proxy.url(), proxy.url(), titus_chaos::proxy::CONTROL_PATH);
+            println!(
+                "AWS fault proxy on {} → {upstream} (control: {}{})",
+                proxy.url(),
+                proxy.url(),
+                titus_chaos::proxy::CONTROL_PATH
+            );
             let limit = run_for.map_or(Duration::MAX, |d| d.0);
             tokio::select! {
                 _ = titus_obs::process::shutdown_signal() => {}
@@ -348,7 +365,11 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Lab { command: LabCommand::Sweep } => {
             let swept = titus_chaos::lab::sweep()?;
-            println!("swept {} lab namespace(s)/bridge(s){}", swept.len(), if swept.is_empty() { String::new() } else { format!(": {}", swept.join(", ")) });
+            println!(
+                "swept {} lab namespace(s)/bridge(s){}",
+                swept.len(),
+                if swept.is_empty() { String::new() } else { format!(": {}", swept.join(", ")) }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab { command: LabCommand::Down { dir } } => {
@@ -360,7 +381,12 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn run_plan(deployment: &std::path::Path, seed: Option<u64>, plan: &Plan, report: Option<&std::path::Path>) -> Result<ExitCode> {
+async fn run_plan(
+    deployment: &std::path::Path,
+    seed: Option<u64>,
+    plan: &Plan,
+    report: Option<&std::path::Path>,
+) -> Result<ExitCode> {
     let mut chaos = Chaos::new(Deployment::load(deployment)?, seed.or(plan.seed))?;
     let summary = plan::run(&mut chaos, plan, titus_obs::process::shutdown_signal()).await;
     summary.print();

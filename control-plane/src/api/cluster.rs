@@ -85,9 +85,9 @@ impl ClusterApi {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(self.replica.not_leader().into()),
             // A new leader's own membership entry is not committed yet: a moment later it will be.
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(e))))) => {
-                Err(Status::unavailable(format!("{what}: {e}; retry")))
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(e),
+            )))) => Err(Status::unavailable(format!("{what}: {e}; retry"))),
             Ok(Err(e)) => Err(Error::Raft(format!("{what}: {e}")).into()),
             Err(_) => Err(Error::Timeout { what: what.into(), timeout_ms: timeout.as_millis() as u64 }.into()),
         }

@@ -62,7 +62,11 @@ impl JobApi {
     async fn propose<T: prost::Message>(&self, request: &Request<T>, command: Command) -> Result<CommandResponse> {
         let command = match request.metadata().get(crate::telemetry::REQUEST_ID).and_then(|v| v.to_str().ok()) {
             Some(id) if !id.is_empty() && id.len() <= 128 => Command::Once {
-                key: format!("{id}/{}/{:016x}", std::any::type_name::<T>().rsplit("::").next().unwrap_or(""), fnv1a(&request.get_ref().encode_to_vec())),
+                key: format!(
+                    "{id}/{}/{:016x}",
+                    std::any::type_name::<T>().rsplit("::").next().unwrap_or(""),
+                    fnv1a(&request.get_ref().encode_to_vec())
+                ),
                 expires_ms: now_ms() + REQUEST_DEDUP_TTL_MS,
                 command: Box::new(command),
             },

@@ -257,7 +257,12 @@ fn a_retried_call_is_applied_once() {
     let update = |key: &str, desired: u32| Command::Once {
         key: key.into(),
         expires_ms: 10_000_000,
-        command: Box::new(Command::UpdateJobCapacity { job_id: job.clone(), min: None, desired: Some(desired), max: None }),
+        command: Box::new(Command::UpdateJobCapacity {
+            job_id: job.clone(),
+            min: None,
+            desired: Some(desired),
+            max: None,
+        }),
     };
     assert_eq!(sim.run(update("call-a", 3)), CommandResponse::Done);
     assert_eq!(sim.run(update("call-b", 5)), CommandResponse::Done);

@@ -80,7 +80,13 @@ async fn main() -> ExitCode {
 fn print(results: &[checks::CheckResult]) {
     for c in results {
         let figures: Vec<String> = c.stats.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("{} {} — {} ops; {}", if c.valid { "valid  " } else { "INVALID" }, c.checker, c.count, figures.join(", "));
+        println!(
+            "{} {} — {} ops; {}",
+            if c.valid { "valid  " } else { "INVALID" },
+            c.checker,
+            c.count,
+            figures.join(", ")
+        );
         for a in &c.anomalies {
             println!("    {a}");
         }
@@ -102,7 +108,20 @@ async fn real_main(cli: Cli) -> Result<bool> {
             }
             Ok(results.iter().all(|c| c.valid))
         }
-        Command::Test { replicas, time, nemesis, fault, calm, workload, concurrency, keys, runs, seed, out, bin_dir } => {
+        Command::Test {
+            replicas,
+            time,
+            nemesis,
+            fault,
+            calm,
+            workload,
+            concurrency,
+            keys,
+            runs,
+            seed,
+            out,
+            bin_dir,
+        } => {
             let names = nemesis::parse_list(&nemesis, replicas as usize)?;
             for w in &workload {
                 if !["register", "set", "observe", "tasks"].contains(&w.as_str()) {
@@ -117,9 +136,24 @@ async fn real_main(cli: Cli) -> Result<bool> {
             for run in 1..=runs {
                 let seed = seed.map_or_else(rand::random, |s| s + run as u64 - 1);
                 let dir = if runs == 1 { out.clone() } else { out.join(format!("run-{run}")) };
-                let opts = RunOpts { replicas, time: time.0, names: names.clone(), fault: fault.0, calm: calm.0, workload: workload.clone(), concurrency, keys, seed, bin_dir: bin_dir.clone() };
+                let opts = RunOpts {
+                    replicas,
+                    time: time.0,
+                    names: names.clone(),
+                    fault: fault.0,
+                    calm: calm.0,
+                    workload: workload.clone(),
+                    concurrency,
+                    keys,
+                    seed,
+                    bin_dir: bin_dir.clone(),
+                };
                 let valid = one_run(&opts, &dir).await?;
-                println!("run {run}: {} (seed {seed}); report {}", if valid { "valid" } else { "INVALID" }, dir.join("index.html").display());
+                println!(
+                    "run {run}: {} (seed {seed}); report {}",
+                    if valid { "valid" } else { "INVALID" },
+                    dir.join("index.html").display()
+                );
                 all_valid &= valid;
             }
             Ok(all_valid)
@@ -145,13 +179,17 @@ async fn one_run(o: &RunOpts, dir: &std::path::Path) -> Result<bool> {
     let lab_dir = dir.join("cluster");
     let wants = |w: &str| o.workload.iter().any(|x| x == w);
     let agents = if wants("tasks") { 2 } else { 0 };
-    let lab = Lab::up(&LabSpec { replicas: o.replicas, agents, bin_dir: o.bin_dir.clone(), replica_args: vec![], agent_args: vec![] }, &lab_dir)?;
+    let lab = Lab::up(
+        &LabSpec { replicas: o.replicas, agents, bin_dir: o.bin_dir.clone(), replica_args: vec![], agent_args: vec![] },
+        &lab_dir,
+    )?;
     lab.wait_for_leader(Duration::from_secs(60)).await?;
     let mut chaos = Chaos::new(titus_chaos::Deployment::load(&lab.deployment_file())?, Some(o.seed))?;
     let client = lab.deployment.client()?;
     let rec = Recorder::new();
     let until = Instant::now() + o.time;
-    let keys = if wants("register") || wants("observe") { workloads::register_setup(&client, o.keys).await? } else { vec![] };
+    let keys =
+        if wants("register") || wants("observe") { workloads::register_setup(&client, o.keys).await? } else { vec![] };
 
     let mut tasks = Vec::new();
     // Short deadlines, so that faults leave operations with unknown outcomes (:info) in the history.
@@ -169,13 +207,28 @@ async fn one_run(o: &RunOpts, dir: &std::path::Path) -> Result<bool> {
     }
     if wants("register") {
         for w in 0..o.concurrency {
-            tasks.push(tokio::spawn(workloads::register_worker(new_client()?, rec.clone(), keys.clone(), w, o.concurrency, until, o.seed ^ (w as u64 + 1))));
+            tasks.push(tokio::spawn(workloads::register_worker(
+                new_client()?,
+                rec.clone(),
+                keys.clone(),
+                w,
+                o.concurrency,
+                until,
+                o.seed ^ (w as u64 + 1),
+            )));
         }
     }
     if wants("set") {
         for w in 0..2 {
             let process = 100 + w;
-            tasks.push(tokio::spawn(workloads::set_worker(new_client()?, rec.clone(), process, 2, until, o.seed ^ (process as u64))));
+            tasks.push(tokio::spawn(workloads::set_worker(
+                new_client()?,
+                rec.clone(),
+                process,
+                2,
+                until,
+                o.seed ^ (process as u64),
+            )));
         }
     }
     if wants("tasks") {
