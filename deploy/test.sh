@@ -8,6 +8,8 @@ source deploy/lib/common.sh
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 ensure_moto
 
+# Formatting first: it fails in a second, before a build that can take minutes.
+cargo fmt --all -- --check
 bash deploy/build-test-image.sh
 cargo build --workspace --all-targets
 cargo test --workspace --doc

@@ -253,6 +253,16 @@ pub async fn check_lb(client: &titus_client::Client, lb: &LbCheck) -> Result<()>
     Ok(())
 }
 
+/// Why a window of probes (and the load balancer, when the steady state names one) misses the
+/// steady state; None when it holds.
+async fn judge(client: &titus_client::Client, s: &SteadyState, stats: &PhaseStats) -> Option<String> {
+    if let Some(why) = stats.miss(s) {
+        return Some(why);
+    }
+    let lb = s.load_balancer.as_ref()?;
+    check_lb(client, lb).await.err().map(|e| format!("load balancer: {e:#}"))
+}
+
 /// Runs an experiment: steady state before, the plan's faults with probes during, recovery after.
 pub async fn run(chaos: &mut Chaos, plan: &Plan, stop: impl std::future::Future<Output = ()>) -> Report {
     let s = plan.steady_state.clone().unwrap_or_default();
@@ -260,11 +270,7 @@ pub async fn run(chaos: &mut Chaos, plan: &Plan, stop: impl std::future::Future<
     let mut phases = Vec::new();
 
     let before = PhaseStats::of("before", &probe_for(&client, &s, s.before.0, usize::MAX).await);
-    let lb_before = match &s.load_balancer {
-        Some(lb) => check_lb(&client, lb).await.err().map(|e| format!("load balancer: {e:#}")),
-        None => None,
-    };
-    let miss = before.miss(&s).or(lb_before);
+    let miss = judge(&client, &s, &before).await;
     phases.push(before);
     if let Some(why) = miss {
         return Report {
@@ -295,11 +301,7 @@ pub async fn run(chaos: &mut Chaos, plan: &Plan, stop: impl std::future::Future<
         let window = probe_for(&client, &s, left, s.window).await;
         let stats = PhaseStats::of("window", &window);
         after.extend(window);
-        let lb_miss = match (&s.load_balancer, stats.miss(&s)) {
-            (Some(lb), None) => check_lb(&client, lb).await.err().map(|e| format!("load balancer: {e:#}")),
-            _ => None,
-        };
-        match stats.miss(&s).or(lb_miss) {
+        match judge(&client, &s, &stats).await {
             None => {
                 recovered = Some(ended.elapsed().as_millis() as u64);
                 break;

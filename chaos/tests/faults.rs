@@ -18,6 +18,13 @@ mod common;
 
 use common::wait_until as wait_for;
 
+/// `titus-chaos` against a deployment file.
+fn chaos_with(deployment: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-chaos"));
+    cmd.arg("--deployment").arg(deployment);
+    cmd
+}
+
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf()
@@ -50,9 +57,19 @@ impl Env {
     }
 
     fn chaos(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-chaos"));
-        cmd.arg("--deployment").arg(self.lab.deployment_file());
-        cmd
+        chaos_with(&self.lab.deployment_file())
+    }
+
+    /// Runs `titus-chaos experiment` with another deployment file; its exit status and JSON report.
+    fn experiment(&self, deployment: &Path, plan: &Path) -> (std::process::ExitStatus, serde_json::Value) {
+        let report = self.lab.dir.join("experiment-report.json");
+        let out = chaos_with(deployment)
+            .args(["experiment", plan.to_str().unwrap(), "--report", report.to_str().unwrap()])
+            .output()
+            .expect("run titus-chaos experiment");
+        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let report = serde_json::from_slice(&std::fs::read(&report).expect("the report")).expect("a JSON report");
+        (out.status, report)
     }
 
     /// Runs titus-chaos to its end.
@@ -303,13 +320,8 @@ async fn t630_agent_faults() {
 
     // Killed and restarted: a new agent process, the same containers.
     let old_pid = agent.process.pid().expect("agent pid");
-    let (ok, out) = (|o: Output| (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned()))(env.run(&[
-        "agent-kill",
-        "--agent",
-        &agent.id,
-        "--restart-after",
-        "1s",
-    ]));
+    let out = env.run(&["agent-kill", "--agent", &agent.id, "--restart-after", "1s"]);
+    let (ok, out) = (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned());
     assert!(ok && out.contains(&format!("kill agent {}", agent.id)), "{out}");
     assert_ne!(agent.process.pid().expect("restarted"), old_pid);
     wait_for(Duration::from_secs(30), "the restarted agent attached", || connected(true)).await;
@@ -518,10 +530,8 @@ async fn t680_experiments_pass_and_fail() {
     let env = Env::start(3, 0).await;
     let steady = "steady_state:\n  before: 2s\n  probe_interval: 100ms\n  max_p99: 5s\n  window: 5\n";
     let plan = write_plan(&env, "pass.yaml", &format!("name: follower kill\n{steady}  recovery: 30s\nsteps:\n  - at: 500ms\n    kind: kill\n    target: follower\n    restart_after: 2s\n"));
-    let report_path = env.lab.dir.join("report.json");
-    let out = env.run(&["experiment", plan.to_str().unwrap(), "--report", report_path.to_str().unwrap()]);
-    assert!(out.status.success(), "passes");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let (status, report) = env.experiment(&env.lab.deployment_file(), &plan);
+    assert!(status.success(), "passes");
     assert_eq!(report["verdict"], "pass");
     assert!(report["phases"][0]["probes"].as_u64().unwrap() >= 5);
     assert!(report["phases"][1]["probes"].as_u64().unwrap() >= 1);
@@ -535,20 +545,8 @@ async fn t680_experiments_pass_and_fail() {
     let broken_file = env.lab.dir.join("broken.yaml");
     broken.save(&broken_file).unwrap();
     let plan = write_plan(&env, "fail.yaml", &format!("name: majority kill\nallow_majority: true\n{steady}  recovery: 4s\nsteps:\n  - at: 0s\n    kind: kill\n    target: majority\n    restart_after: 1s\n"));
-    let out = Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
-        .args([
-            "--deployment",
-            broken_file.to_str().unwrap(),
-            "experiment",
-            plan.to_str().unwrap(),
-            "--report",
-            report_path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(1), "fails");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let (status, report) = env.experiment(&broken_file, &plan);
+    assert_eq!(status.code(), Some(1), "fails");
     assert_eq!(report["verdict"], "fail");
     assert!(report["reason"].as_str().unwrap().contains("not back"), "{report}");
     assert!(!env.journal_empty(), "the failed restarts wait for heal");
@@ -610,8 +608,8 @@ async fn t640_aws_faults_through_the_proxy() {
     let file = env.lab.dir.join("with-proxy.yaml");
     d.save(&file).unwrap();
     let chaos = |args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_titus-chaos"));
-        cmd.arg("--deployment").arg(&file).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut cmd = chaos_with(&file);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     };
 
@@ -699,14 +697,8 @@ impl Drop for Reaped {
 /// agent's back — after which the target group must again equal the Started tasks' addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ] {
-        std::env::set_var(k, v);
-    }
+    // Before the lab starts: its replicas inherit the SDK's credentials.
+    moto::set_aws_env();
     let proxy_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let args = vec![
         "--aws-region=us-east-1".to_string(),
@@ -759,21 +751,8 @@ async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
             moto.url
         ),
     );
-    let report_path = env.lab.dir.join("lb-report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
-        .args([
-            "--deployment",
-            file.to_str().unwrap(),
-            "experiment",
-            plan.to_str().unwrap(),
-            "--report",
-            report_path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the experiment passes");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let (status, report) = env.experiment(&file, &plan);
+    assert!(status.success(), "the experiment passes");
     assert_eq!(report["verdict"], "pass");
     let events: Vec<&str> =
         report["faults"]["events"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap()).collect();

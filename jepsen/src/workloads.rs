@@ -37,6 +37,14 @@ fn complete<T>(
     }
 }
 
+/// A service job's desired size (the register's value).
+fn desired_of(job: &titus_client::proto::Job) -> Option<u32> {
+    match job.job_descriptor.as_ref()?.job_type.as_ref()? {
+        titus_client::proto::job_descriptor::JobType::Service(s) => s.capacity.as_ref().map(|c| c.desired),
+        _ => None,
+    }
+}
+
 /// Creates the register workload's keys: service jobs whose desired size is the register (0 at
 /// first). Placement never finds room for their tasks (64 cpus each), so only the control plane is
 /// exercised.
@@ -77,10 +85,7 @@ pub async fn register_worker(
             rec.record(process, Type::Invoke, "read", json!([key, null]), None);
             let r = client.find_job(&key).await;
             complete(&rec, &mut process, workers, "read", json!([key, null]), r, |job| {
-                let desired = job.job_descriptor.and_then(|d| match d.job_type {
-                    Some(titus_client::proto::job_descriptor::JobType::Service(s)) => s.capacity.map(|c| c.desired),
-                    _ => None,
-                });
+                let desired = desired_of(&job);
                 json!([key, desired])
             });
         }
@@ -159,11 +164,8 @@ pub async fn observer(client: Client, rec: Recorder, observer: u64, until: Insta
         let value = match n.notification {
             Some(N::JobUpdate(u)) => {
                 let job = u.job.unwrap_or_default();
-                let state = job.status.map(|s| s.state).unwrap_or_default();
-                let desired = job.job_descriptor.and_then(|d| match d.job_type {
-                    Some(titus_client::proto::job_descriptor::JobType::Service(s)) => s.capacity.map(|c| c.desired),
-                    _ => None,
-                });
+                let state = job.status.as_ref().map(|s| s.state).unwrap_or_default();
+                let desired = desired_of(&job);
                 json!({"observer": observer, "revision": n.revision, "kind": "job", "id": job.id, "state": format!("{state}/{}", desired.unwrap_or(0))})
             }
             Some(N::TaskUpdate(u)) => {

@@ -37,16 +37,7 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto_server did not start on port {port}; see {}", log.display());
             std::thread::sleep(Duration::from_millis(50));
         }
-        // The variables the AWS SDK's credential chain reads, in the replicas (children inherit them)
-        // and in this test's own SDK clients. Each nextest test is its own process.
-        for (k, v) in [
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_DEFAULT_REGION", "us-east-1"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ] {
-            std::env::set_var(k, v);
-        }
+        set_aws_env();
         Moto { url: format!("http://{host}:{port}"), port, process, log }
     }
 
@@ -58,6 +49,19 @@ impl Moto {
             .load()
             .await;
         (aws_sdk_elasticloadbalancingv2::Client::new(&config), aws_sdk_ec2::Client::new(&config))
+    }
+}
+
+/// The variables the AWS SDK's credential chain reads, in the replicas (children inherit them) and in
+/// this test's own SDK clients. Each nextest test is its own process.
+pub fn set_aws_env() {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        std::env::set_var(k, v);
     }
 }
 
