@@ -20,6 +20,7 @@ use titus_proto as pb;
 use titus_proto::agent_service_client::AgentServiceClient;
 
 use crate::docker::{Death, DockerRuntime, Observed};
+use crate::runtime::{Runtime, SimRuntime};
 use crate::{AgentConfig, Result};
 
 /// Metadata key in which a replica names the leader's api address.
@@ -27,7 +28,7 @@ const LEADER_HINT: &str = "titus-leader";
 
 struct Agent {
     config: AgentConfig,
-    docker: DockerRuntime,
+    docker: Runtime,
     /// Tasks the agent is stopping on request, so their death is reported as killed.
     killing: Mutex<HashSet<String>>,
     /// Tasks the daemon reported OOM kills for.
@@ -178,7 +179,52 @@ async fn watch_deaths(agent: Arc<Agent>) {
 
 /// Runs the agent until `shutdown` completes. Containers keep running after it stops.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let docker = DockerRuntime::connect(&config).await?;
+    let docker = Runtime::Docker(DockerRuntime::connect(&config).await?);
+    run_with(config, docker, shutdown).await
+}
+
+/// Runs `count` simulated agents in this process until `shutdown` completes: each registers as
+/// `<agent-id>-<n>` with the configured resources (zones taken in turn from `zones`, when given),
+/// speaks the real agent protocol, and reports every assignment Started at once without Docker.
+pub async fn simulate(
+    config: AgentConfig,
+    count: usize,
+    zones: Vec<String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agents = Vec::with_capacity(count);
+    for n in 0..count {
+        let mut c = config.clone();
+        c.agent_id = format!("{}-{n:05}", config.agent_id);
+        if n > 0 {
+            c.admin_listen = None;
+        }
+        if !zones.is_empty() {
+            c.attributes.insert("zone".into(), zones[n % zones.len()].clone());
+        }
+        c.attributes.insert("host".into(), c.agent_id.clone());
+        let mut stop = stop_rx.clone();
+        agents.push(tokio::spawn(async move {
+            run_with(c, Runtime::Simulated(SimRuntime::default()), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        }));
+    }
+    tracing::info!(count, "simulated agents started");
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for a in agents {
+        if let Ok(Err(e)) = a.await {
+            tracing::warn!(error = %e, "a simulated agent failed");
+        }
+    }
+    Ok(())
+}
+
+/// Runs one agent over `docker` until `shutdown` completes.
+pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Future<Output = ()>) -> Result<()> {
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         config,

@@ -19,6 +19,8 @@ use hdrhistogram::Histogram;
 use titus_client::{CapacityGroupSpec, Client, ClientOptions, Tier};
 use tonic::transport::{Channel, Endpoint};
 
+mod scheduler;
+
 mod etcdpb {
     tonic::include_proto!("etcdserverpb");
 }
@@ -57,6 +59,17 @@ struct Args {
     /// Only the launch and re-attach measurements.
     #[arg(long)]
     only_launch: bool,
+    /// Scheduler benchmark, the placement core alone: AGENTS,TASKS (e.g. 10000,100000). Only this
+    /// (and --placement) run when given.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    scheduler_core: Vec<usize>,
+    /// Scheduler benchmark end to end: AGENTS,TASKS simulated agents and tasks submitted through
+    /// the API to 3 replicas (e.g. 10000,1000000).
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    placement: Vec<usize>,
+    /// Upper bound on the end-to-end placement run, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    placement_limit: u64,
 }
 
 /// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
@@ -153,6 +166,17 @@ impl Titus {
         let clients =
             (0..8).map(|_| Client::with_options(apis.iter(), options.clone())).collect::<Result<Vec<_>, _>>()?;
         Ok(Titus { procs, clients, apis })
+    }
+}
+
+impl Titus {
+    /// The process id of replica `node_id` (1-based).
+    fn pid_of(&self, node_id: u64) -> Option<u32> {
+        self.procs.get(node_id.checked_sub(1)? as usize)?.child.as_ref().map(|c| c.id())
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().filter_map(|p| p.child.as_ref().map(|c| c.id())).collect()
     }
 }
 
@@ -601,6 +625,17 @@ async fn main() -> Result<()> {
     dir.disable_cleanup(args.keep_dir);
     let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
     eprintln!("titus-bench: {} ({profile} build), data under {}", titus_bin.display(), dir.path().display());
+
+    if let [agents, tasks] = args.scheduler_core[..] {
+        scheduler::core_bench(agents, tasks);
+    }
+    if let [agents, tasks] = args.placement[..] {
+        let limit = Duration::from_secs(args.placement_limit);
+        scheduler::placement_bench(&titus_bin, &dir.path().join("placement"), agents, tasks, limit).await?;
+    }
+    if !args.scheduler_core.is_empty() || !args.placement.is_empty() {
+        return Ok(());
+    }
 
     if args.launch_tasks > 0 {
         eprintln!("launch: 3 replicas, 1 agent, Docker");

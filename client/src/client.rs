@@ -12,6 +12,7 @@ use titus_proto::capacity_group_service_client::CapacityGroupServiceClient;
 use titus_proto::cluster_service_client::ClusterServiceClient;
 use titus_proto::job_management_service_client::JobManagementServiceClient;
 use titus_proto::load_balancer_service_client::LoadBalancerServiceClient;
+use titus_proto::scheduler_service_client::SchedulerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -392,6 +393,21 @@ impl Client {
         self.call("FindTask", |ch, t| {
             let req = pb::TaskId { id: id.to_string() };
             async move { JobManagementServiceClient::new(ch).find_task(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Why a task is or is not placed: the leader's last scheduling round (any replica sends the
+    /// call there).
+    pub async fn scheduling_result(&self, task_id: &str) -> Result<pb::SchedulingResult> {
+        self.call("GetSchedulingResult", |ch, t| {
+            let req = pb::TaskId { id: task_id.to_string() };
+            async move {
+                SchedulerServiceClient::new(ch)
+                    .get_scheduling_result(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }

@@ -42,7 +42,7 @@ fn route(replica: &Replica, hub: &AgentHub, path: &str) -> Response {
         "/" | "/ui" | "/ui/" => page("Cluster", &cluster_page(replica, hub)),
         p if p.starts_with("/ui/jobs/") => {
             let id = &p["/ui/jobs/".len()..];
-            match job_page(replica, id) {
+            match job_page(replica, hub, id) {
                 Some(body) => page(&format!("Job {id}"), &body),
                 None => Response::text(404, format!("no job {id}\n")),
             }
@@ -205,7 +205,7 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
     table(&mut out, &["job", "application", "type", "state", "tasks"], rows);
 
     out.push_str("<h2>Pending tasks</h2>");
-    let reasons = PendingReasons::new(replica);
+    let reasons = PendingReasons::new(replica, &hub.scheduling);
     let by_id: BTreeMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
     let pending: Vec<&Task> =
         tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()).collect();
@@ -213,7 +213,9 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
     let rows = pending
         .iter()
         .take(MAX_ROWS)
-        .map(|t| vec![escape(&t.id), job_link(&t.job_id), escape(&reasons.why(by_id.get(t.job_id.as_str()).copied()))])
+        .map(|t| {
+            vec![escape(&t.id), job_link(&t.job_id), escape(&reasons.why(&t.id, by_id.get(t.job_id.as_str()).copied()))]
+        })
         .collect();
     table(&mut out, &["task", "job", "why it waits"], rows);
 
@@ -252,7 +254,7 @@ fn describe(change: &Change) -> String {
     }
 }
 
-fn job_page(replica: &Replica, id: &str) -> Option<String> {
+fn job_page(replica: &Replica, hub: &AgentHub, id: &str) -> Option<String> {
     let state = &replica.state;
     let (job, tasks) = match state.job(id).ok().flatten() {
         Some(j) => (j, state.tasks_of_job(id).unwrap_or_default()),
@@ -287,7 +289,7 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
         if job.status.reason_message.is_empty() { String::new() } else { format!(": {}", escape(&job.status.reason_message)) },
     );
     out.push_str("<h2>Tasks</h2>");
-    let reasons = PendingReasons::new(replica);
+    let reasons = PendingReasons::new(replica, &hub.scheduling);
     shown(&mut out, tasks.len());
     let rows = tasks
         .iter()
@@ -301,7 +303,7 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
                 escape(t.context.get(context::CONTAINER_IP).map(String::as_str).unwrap_or("—")),
                 escape(&format!("{} {}", t.status.reason_code, t.status.reason_message)),
                 if t.state() == TaskState::Accepted && agent_of(t).is_none() {
-                    escape(&reasons.why(Some(&job)))
+                    escape(&reasons.why(&t.id, Some(&job)))
                 } else {
                     String::new()
                 },
@@ -323,15 +325,17 @@ fn job_page(replica: &Replica, id: &str) -> Option<String> {
     Some(out)
 }
 
-/// Why Accepted tasks have no agent yet, from replicated state (the same answer on every replica):
-/// no eligible agent at all, or the resource no eligible agent has enough of. Built once per page.
-pub struct PendingReasons {
+/// Why Accepted tasks have no agent yet: on the leader, its last scheduling round's reason
+/// (constraints and quotas included); elsewhere, from replicated state — no eligible agent at all,
+/// or the resource no eligible agent has enough of. Built once per page.
+pub struct PendingReasons<'a> {
     /// Eligible agents' (total, used) resources.
     eligible: Vec<(ResourceDimension, ResourceDimension)>,
+    rounds: &'a crate::scheduling::Results,
 }
 
-impl PendingReasons {
-    pub fn new(replica: &Replica) -> PendingReasons {
+impl<'a> PendingReasons<'a> {
+    pub fn new(replica: &Replica, rounds: &'a crate::scheduling::Results) -> PendingReasons<'a> {
         let state = &replica.state;
         let allocation = allocation_by_agent(state).unwrap_or_default();
         let eligible = state
@@ -347,10 +351,13 @@ impl PendingReasons {
                 (a.resources, used)
             })
             .collect();
-        PendingReasons { eligible }
+        PendingReasons { eligible, rounds }
     }
 
-    pub fn why(&self, job: Option<&Job>) -> String {
+    pub fn why(&self, task_id: &str, job: Option<&Job>) -> String {
+        if let Some(w) = self.rounds.why(task_id) {
+            return w.message;
+        }
         let Some(job) = job else { return "its job is gone".into() };
         if self.eligible.is_empty() {
             return "no healthy agent online in an Active instance group".into();

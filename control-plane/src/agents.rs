@@ -1,5 +1,5 @@
 //! The leader's side of the agent protocol: the agents' streams, what is sent down them
-//! (assignments, kills, forgets), first-fit placement and liveness.
+//! (assignments, kills, forgets) and liveness. Placement is `crate::scheduling`.
 //!
 //! Everything that must survive a leader change is in replicated state (agents, task placements
 //! and states); what lives here is only the open streams and heartbeat times. A new leader rebuilds
@@ -20,13 +20,13 @@ use titus_proto as pb;
 use titus_proto::agent_service_server::AgentService;
 
 use crate::api::now_ms;
-use crate::command::{Assignment, Command, CommandResponse};
+use crate::command::{Command, CommandResponse};
 use crate::config::AgentsConfig;
 use crate::error::Error;
 use crate::events::Change;
-use crate::jobs::apply::{agent_of, allocation_by_agent};
+use crate::jobs::apply::agent_of;
 use crate::jobs::store::JobRead;
-use crate::model::agent::{Agent, AgentState, Lifecycle, DEFAULT_INSTANCE_GROUP};
+use crate::model::agent::{Agent, AgentState, DEFAULT_INSTANCE_GROUP};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::model::ResourceDimension;
 use crate::replica::Replica;
@@ -50,6 +50,9 @@ pub struct AgentHub {
     leader_since: Mutex<Option<Instant>>,
     /// With load balancers on: the longest a kill waits for its targets to drain.
     lb_max_drain_wait_ms: Option<i64>,
+    pub scheduler: crate::config::SchedulerConfig,
+    /// The last scheduling round's reasons (on the leader).
+    pub scheduling: Arc<crate::scheduling::Results>,
 }
 
 fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
@@ -57,7 +60,12 @@ fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
 }
 
 impl AgentHub {
-    pub fn new(replica: Arc<Replica>, config: AgentsConfig, lb_max_drain_wait_ms: Option<i64>) -> Arc<Self> {
+    pub fn new(
+        replica: Arc<Replica>,
+        config: AgentsConfig,
+        scheduler: crate::config::SchedulerConfig,
+        lb_max_drain_wait_ms: Option<i64>,
+    ) -> Arc<Self> {
         Arc::new(AgentHub {
             replica,
             config,
@@ -66,7 +74,13 @@ impl AgentHub {
             next_conn: AtomicU64::new(1),
             leader_since: Mutex::default(),
             lb_max_drain_wait_ms,
+            scheduler,
+            scheduling: Arc::default(),
         })
+    }
+
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
     }
 
     fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Conn>> {
@@ -92,6 +106,7 @@ impl AgentHub {
     /// Called when it stops: every agent must go to the new leader.
     pub fn on_lose_leadership(&self) {
         *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.scheduling.clear();
         self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let mut conns = self.conns();
         for (_, c) in conns.drain() {
@@ -180,7 +195,8 @@ impl AgentHub {
                 _ => self.send(agent_id, pb::control_message::Message::Forget(pb::ForgetTask { task_id: rt.task_id })),
             }
         }
-        for t in state.all_tasks().unwrap_or_default() {
+        let placed = state.task_ids_on_agent(agent_id).unwrap_or_default();
+        for t in placed.iter().filter_map(|id| state.task(id).ok().flatten()) {
             if agent_of(&t) != Some(agent_id) || seen.contains(&t.id) || !t.state().is_live() {
                 continue;
             }
@@ -392,80 +408,6 @@ pub async fn dispatch(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-/// Leader duty: first-fit placement of Accepted tasks on connected, healthy agents of Active
-/// instance groups. The scheduler issue replaces it.
-pub async fn place(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
-    let period = Duration::from_millis(hub.config.placement_interval_ms);
-    let (_, mut changes) = hub.replica.state.changes.subscribe(None);
-    loop {
-        if let Some(assignments) = plan_placements(&hub) {
-            if !assignments.is_empty() {
-                let n = assignments.len();
-                let m = crate::telemetry::metrics();
-                m.scheduler_plan_size.observe(&[], n as f64);
-                match hub.replica.propose(Command::AssignTasks { assignments, timestamp_ms: now_ms() }, None).await {
-                    Ok(CommandResponse::Assigned(done)) => {
-                        m.scheduler_placements_total.add(&[], done.len() as f64);
-                        tracing::debug!(proposed = n, applied = done.len(), "placed tasks")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "placement: proposal failed"),
-                }
-            }
-        }
-        if !crate::leader::next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
-            return;
-        }
-    }
-}
-
-fn plan_placements(hub: &AgentHub) -> Option<Vec<Assignment>> {
-    let state = &hub.replica.state;
-    let connected = hub.connected();
-    let mut agents: Vec<Agent> = state
-        .agents()
-        .ok()?
-        .into_iter()
-        .filter(|a| a.accepts_tasks() && connected.contains(&a.id))
-        .filter(|a| {
-            state.instance_group(&a.instance_group).ok().flatten().is_none_or(|g| g.lifecycle == Lifecycle::Active)
-        })
-        .collect();
-    agents.sort_by(|a, b| a.id.cmp(&b.id));
-    let tasks = state.all_tasks().ok()?;
-    let mut jobs = HashMap::new();
-    let mut resources = |job_id: &str| -> Option<ResourceDimension> {
-        jobs.entry(job_id.to_string())
-            .or_insert_with(|| state.job(job_id).ok().flatten())
-            .as_ref()
-            .filter(|j| j.status.state == crate::model::job::JobState::Accepted)
-            .map(|j| j.descriptor.container.resources.as_dimension())
-    };
-    let mut used: HashMap<String, ResourceDimension> =
-        allocation_by_agent(state).ok()?.into_iter().map(|(agent, a)| (agent, a.resources)).collect();
-    let mut out = Vec::new();
-    let mut unplaced = 0;
-    for t in tasks.iter().filter(|t| t.state() == TaskState::Accepted && agent_of(t).is_none()) {
-        let Some(need) = resources(&t.job_id) else { continue };
-        let mut placed = false;
-        for a in &agents {
-            let u = used.entry(a.id.clone()).or_default();
-            if a.resources.fits(u, &need) {
-                u.add(&need);
-                out.push(Assignment { task_id: t.id.clone(), agent_id: a.id.clone() });
-                placed = true;
-                break;
-            }
-        }
-        unplaced += usize::from(!placed);
-    }
-    let reason = if agents.is_empty() { "no eligible agent" } else { "no agent with enough free resources" };
-    crate::telemetry::metrics()
-        .scheduler_unplaced_tasks
-        .replace((unplaced > 0).then(|| (vec![reason.to_string()], unplaced as f64)));
-    Some(out)
 }
 
 /// Leader duty: declares agents Lost after the heartbeat TTL (counted from when this replica

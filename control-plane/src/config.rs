@@ -38,6 +38,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub agents: AgentsConfig,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
     /// The admin HTTP port: /metrics, /healthz, /readyz and the read-only web view (/ui).
     /// Absent: not served.
     #[serde(default)]
@@ -203,6 +205,77 @@ impl Default for AgentsConfig {
     }
 }
 
+/// The placement core's settings (Fenzo's defaults) and how its plans are proposed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// `bin-packing` (weighted mean utilisation, weights below) or `dominant-resource`.
+    pub fitness: String,
+    /// Bin-packing weights of cpu, memory, disk, network and gpu.
+    pub weights: [f64; 5],
+    /// An agent scoring this (0..1) ends the search for a task's agent.
+    pub good_enough: f64,
+    /// The search also ends after this many agents that could take the task.
+    pub max_candidates: usize,
+    /// Share of the score soft constraints carry (0..1).
+    pub soft_constraint_weight: f64,
+    /// Pending tasks considered per round (oldest first, Critical before Flex).
+    pub max_tasks_per_round: usize,
+    /// Placements per Raft log entry.
+    pub placements_per_entry: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            fitness: "bin-packing".into(),
+            weights: [1.0, 1.0, 0.0, 0.0, 0.0],
+            good_enough: 0.9,
+            max_candidates: 32,
+            soft_constraint_weight: 0.5,
+            max_tasks_per_round: 50_000,
+            placements_per_entry: 2_000,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |field: &str, why: &str| Err(Error::Config(format!("scheduler.{field}: {why}")));
+        if self.fitness != "bin-packing" && self.fitness != "dominant-resource" {
+            return bad("fitness", "must be bin-packing or dominant-resource");
+        }
+        if self.weights.iter().any(|w| !w.is_finite() || *w < 0.0) || self.weights.iter().sum::<f64>() <= 0.0 {
+            return bad("weights", "must be finite, >= 0, and not all 0");
+        }
+        if !(0.0..=1.0).contains(&self.good_enough) {
+            return bad("good-enough", "must be within 0..1");
+        }
+        if !(0.0..=1.0).contains(&self.soft_constraint_weight) {
+            return bad("soft-constraint-weight", "must be within 0..1");
+        }
+        if self.max_candidates == 0 || self.max_tasks_per_round == 0 || self.placements_per_entry == 0 {
+            return bad("max-candidates/max-tasks-per-round/placements-per-entry", "must be > 0");
+        }
+        Ok(())
+    }
+
+    /// The placement core's configuration.
+    pub fn core(&self) -> titus_scheduler::Config {
+        titus_scheduler::Config {
+            fitness: if self.fitness == "dominant-resource" {
+                titus_scheduler::Fitness::DominantResource
+            } else {
+                titus_scheduler::Fitness::Weighted(self.weights)
+            },
+            good_enough: self.good_enough,
+            max_candidates: self.max_candidates,
+            soft_weight: self.soft_constraint_weight,
+            seed: 0,
+        }
+    }
+}
+
 /// The task lifecycle's timing (Titus's defaults) and the archive's retention.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
@@ -358,6 +431,7 @@ impl Config {
         if a.placement_interval_ms == 0 {
             return Err(Error::Config("agents.placement-interval-ms: must be > 0".into()));
         }
+        self.scheduler.validate()?;
         if self.jobs.lifecycle_interval_ms == 0 {
             return Err(Error::Config("jobs.lifecycle-interval-ms: must be > 0".into()));
         }
@@ -417,6 +491,7 @@ mod tests {
             log_format: "plain".into(),
             jobs: JobsConfig::default(),
             agents: AgentsConfig::default(),
+            scheduler: SchedulerConfig::default(),
             aws: None,
             admin_listen: None,
             slow_request_ms: 1_000,

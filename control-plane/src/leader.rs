@@ -4,16 +4,18 @@
 //! Every duty reads replicated state and proposes commands, so a new leader continues where the
 //! old one stopped, and a duty that runs twice does no harm.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::agents::{self, AgentHub};
 use crate::command::{Command, CommandResponse};
 use crate::config::{AwsConfig, JobsConfig};
+use crate::events::Change;
 use crate::jobs::lifecycle;
 use crate::replica::Replica;
 
@@ -69,7 +71,12 @@ impl LeaderDuties {
         self.tasks.spawn(task_lifecycle(self.replica.clone(), self.jobs.clone(), rx.clone()));
         self.agents.on_become_leader();
         self.tasks.spawn(agents::dispatch(self.agents.clone(), rx.clone()));
-        self.tasks.spawn(agents::place(self.agents.clone(), rx.clone()));
+        self.tasks.spawn(crate::scheduling::run(
+            self.agents.clone(),
+            self.agents.scheduling.clone(),
+            self.agents.scheduler.clone(),
+            rx.clone(),
+        ));
         if let Some(cloud) = &self.cloud {
             self.tasks.spawn(crate::loadbalancer::duty::run(
                 self.replica.clone(),
@@ -158,10 +165,25 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
     // Retention runs about once a minute, however often rounds run (they follow every change).
     let mut next_purge = std::time::Instant::now();
     let (_, mut changes) = replica.state.changes.subscribe(None);
+    // Rounds plan the jobs changed in the last RECENT (their retry back-offs and kills are timely);
+    // a full sweep of every job (stuck states, runtime limits, long back-offs) runs every 2 s, or
+    // less often when a sweep is slow (10x its own time), so a million tasks do not hog the leader.
+    const RECENT: Duration = Duration::from_secs(10);
+    let mut recent: HashMap<String, Instant> = HashMap::new();
+    let mut next_sweep = Instant::now();
     loop {
         let now = crate::api::now_ms();
         let mut new_id = || uuid::Uuid::new_v4().to_string();
-        let mut commands = match lifecycle::plan(&replica.state, now, &cfg, &mut new_id) {
+        let planned = if Instant::now() >= next_sweep {
+            let t0 = Instant::now();
+            let planned = lifecycle::plan(&replica.state, now, &cfg, &mut new_id);
+            next_sweep = Instant::now() + Duration::from_secs(2).max(t0.elapsed() * 10);
+            planned
+        } else {
+            recent.retain(|_, at| at.elapsed() < RECENT);
+            lifecycle::plan_jobs(&replica.state, recent.keys(), now, &cfg, &mut new_id)
+        };
+        let mut commands = match planned {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "lifecycle: cannot read state");
@@ -193,8 +215,43 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
                 _ = stop.changed() => return,
             }
         }
-        if !next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
+        // The next round: after a change (coalesced over 20 ms) or `period`.
+        if !pause(Duration::from_millis(20), &mut stop).await {
             return;
+        }
+        let first = tokio::select! {
+            _ = tokio::time::sleep(period.saturating_sub(Duration::from_millis(20))) => None,
+            batch = changes.recv() => Some(batch),
+            _ = stop.changed() => return,
+        };
+        let mut batches = Vec::new();
+        match first {
+            Some(Ok(b)) => batches.push(b),
+            Some(Err(broadcast::error::RecvError::Closed)) => return,
+            // Missed changes: sweep everything.
+            Some(Err(broadcast::error::RecvError::Lagged(_))) => next_sweep = Instant::now(),
+            None => {}
+        }
+        loop {
+            match changes.try_recv() {
+                Ok(b) => batches.push(b),
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => next_sweep = Instant::now(),
+                Err(broadcast::error::TryRecvError::Closed) => return,
+            }
+        }
+        for batch in batches {
+            if batch.reset {
+                next_sweep = Instant::now();
+            }
+            for change in &batch.changes {
+                let job = match change {
+                    Change::Job(j) => &j.id,
+                    Change::Task(t) => &t.job_id,
+                    _ => continue,
+                };
+                recent.insert(job.clone(), Instant::now());
+            }
         }
     }
 }

@@ -38,6 +38,7 @@ pub mod node;
 pub mod peer;
 pub mod raft_types;
 pub mod replica;
+pub mod scheduling;
 pub mod store;
 pub mod telemetry;
 

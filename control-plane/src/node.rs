@@ -21,7 +21,9 @@ use titus_proto::job_management_service_server::JobManagementServiceServer;
 use titus_proto::peer::raft_peer_server::RaftPeerServer;
 
 use crate::agents::{AgentApi, AgentHub};
-use crate::api::{AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi, LoadBalancerApi};
+use crate::api::{
+    AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi, LoadBalancerApi, SchedulerApi,
+};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::{Cloud, LeaderDuties};
@@ -34,6 +36,7 @@ use crate::telemetry::GrpcTelemetry;
 use titus_proto::agent_management_service_server::AgentManagementServiceServer;
 use titus_proto::agent_service_server::AgentServiceServer;
 use titus_proto::load_balancer_service_server::LoadBalancerServiceServer;
+use titus_proto::scheduler_service_server::SchedulerServiceServer;
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -115,8 +118,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             None
         }
     };
-    let hub =
-        AgentHub::new(replica.clone(), config.agents.clone(), config.aws.as_ref().map(|a| a.max_drain_wait_ms as i64));
+    let hub = AgentHub::new(
+        replica.clone(),
+        config.agents.clone(),
+        config.scheduler.clone(),
+        config.aws.as_ref().map(|a| a.max_drain_wait_ms as i64),
+    );
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CapacityGroupServiceServer<CapacityGroupApi>>().await;
     health.set_serving::<ClusterServiceServer<ClusterApi>>().await;
@@ -142,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 replica: replica.clone(),
                 aws: cloud.as_ref().map(|c| c.aws.clone()),
             }))
+            .add_service(SchedulerServiceServer::new(SchedulerApi { hub: hub.clone() }))
             .add_service(AgentManagementServiceServer::new(AgentManagementApi {
                 replica: replica.clone(),
                 hub: hub.clone(),

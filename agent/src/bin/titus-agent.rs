@@ -42,6 +42,13 @@ struct Args {
     /// `plain` or `json`.
     #[arg(long)]
     log_format: Option<String>,
+    /// Run this many simulated agents (no Docker: assignments are reported Started at once) named
+    /// `<agent-id>-<n>`, for scale tests and the scheduler benchmark.
+    #[arg(long, default_value_t = 0)]
+    simulate: usize,
+    /// Zones the simulated agents are spread over, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    simulate_zones: Vec<String>,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -105,7 +112,9 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match config_from(Args::parse()) {
+    let args = Args::parse();
+    let (simulate, zones) = (args.simulate, args.simulate_zones.clone());
+    let config = match config_from(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("titus-agent: {e}");
@@ -113,7 +122,12 @@ async fn main() -> ExitCode {
         }
     };
     titus_obs::process::init_logging(&config.log_format, "info");
-    match titus_agent::session::run(config, titus_obs::process::shutdown_signal()).await {
+    let outcome = if simulate > 0 {
+        titus_agent::session::simulate(config, simulate, zones, titus_obs::process::shutdown_signal()).await
+    } else {
+        titus_agent::session::run(config, titus_obs::process::shutdown_signal()).await
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("titus-agent: {e}");

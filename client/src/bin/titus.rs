@@ -156,6 +156,10 @@ enum TaskCmd {
         #[arg(long)]
         shrink: bool,
     },
+    /// Why the task is or is not placed (the scheduler's last round).
+    Why {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -437,6 +441,28 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 print_tasks(out, &tasks);
             }
             TaskCmd::Get { id } => print_tasks(out, &[client.find_task(&id).await?]),
+            TaskCmd::Why { id } => {
+                let r = client.scheduling_result(&id).await?;
+                let state = titus_client::proto::scheduling_result::State::try_from(r.state)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("STATE_UNSPECIFIED");
+                if out == Output::Table {
+                    match r.state() {
+                        titus_client::proto::scheduling_result::State::Placed => {
+                            println!("{}: {}", r.task_id, r.message)
+                        }
+                        titus_client::proto::scheduling_result::State::Waiting => {
+                            println!("{}: waiting ({}): {}", r.task_id, r.reason, r.message)
+                        }
+                        _ => println!("{}: {}", r.task_id, r.message),
+                    }
+                } else {
+                    emit(
+                        out,
+                        &serde_json::json!({"taskId": r.task_id, "state": state, "agentId": r.agent_id, "reason": r.reason, "message": r.message, "roundTimestamp": r.round_timestamp}),
+                    );
+                }
+            }
             TaskCmd::Kill { id, shrink } => {
                 client.kill_task(&id, shrink, false).await?;
                 println!("kill requested for task {id}");

@@ -7,6 +7,7 @@ mod cluster;
 mod convert;
 mod jobs;
 mod load_balancers;
+mod scheduler;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub use cluster::ClusterApi;
 pub use convert::{job_descriptor_to_proto, task_state_from_proto};
 pub use jobs::{now_ms, AgentTaskApi, JobApi};
 pub use load_balancers::LoadBalancerApi;
+pub use scheduler::SchedulerApi;
 
 /// The deadline the caller put on its request (`grpc-timeout`), if any.
 pub(crate) fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {

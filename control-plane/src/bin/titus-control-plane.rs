@@ -76,6 +76,7 @@ fn config_from(args: Args) -> Result<Config, String> {
             log_format: "plain".into(),
             jobs: Default::default(),
             agents: Default::default(),
+            scheduler: Default::default(),
             aws: None,
             admin_listen: None,
             slow_request_ms: 1_000,

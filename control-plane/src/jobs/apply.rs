@@ -203,43 +203,20 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
     }))
 }
 
-/// The agent a task was placed on, if any.
-pub fn agent_of(task: &Task) -> Option<&str> {
-    task.context.get(crate::model::task::context::AGENT).map(String::as_str)
-}
-
-/// What an agent's live tasks hold.
-#[derive(Debug, Default, Clone)]
-pub struct Allocation {
-    pub resources: ResourceDimension,
-    pub live_tasks: u32,
-}
+pub use crate::jobs::store::{agent_of, Allocation};
 
 /// Per agent, the resources of its live tasks (their jobs' container resources) and their count:
 /// the one definition placement planning, placement applying and the agent API share.
 pub fn allocation_by_agent(read: &dyn JobRead) -> Result<BTreeMap<String, Allocation>> {
-    let mut jobs: BTreeMap<String, Option<ResourceDimension>> = BTreeMap::new();
-    let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
-    for t in read.all_tasks()? {
-        let Some(agent) = agent_of(&t).filter(|_| t.state().is_live()) else { continue };
-        if !jobs.contains_key(&t.job_id) {
-            let r = read.job(&t.job_id)?.map(|j| j.descriptor.container.resources.as_dimension());
-            jobs.insert(t.job_id.clone(), r);
-        }
-        let a = out.entry(agent.to_string()).or_default();
-        a.live_tasks += 1;
-        if let Some(r) = &jobs[&t.job_id] {
-            a.resources.add(r);
-        }
-    }
-    Ok(out)
+    read.allocations()
 }
 
 fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
     let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
     agent.state = AgentState::Lost;
     o.put_agent(agent);
-    for mut t in o.all_tasks()? {
+    for id in o.task_ids_on_agent(agent_id)? {
+        let Some(mut t) = o.task(&id)? else { continue };
         if agent_of(&t) == Some(agent_id) && t.state().is_live() {
             let status = TaskStatus {
                 state: TaskState::Finished,
@@ -262,8 +239,8 @@ fn assign_tasks(
     assignments: Vec<crate::command::Assignment>,
     timestamp_ms: i64,
 ) -> Result<CommandResponse> {
-    let mut used: BTreeMap<String, ResourceDimension> =
-        allocation_by_agent(o)?.into_iter().map(|(agent, a)| (agent, a.resources)).collect();
+    // Each agent's allocation is read once, before this entry gives it anything.
+    let mut used: BTreeMap<String, ResourceDimension> = BTreeMap::new();
     let mut applied = Vec::new();
     for a in assignments {
         let Some(mut task) = o.task(&a.task_id)? else { continue };
@@ -284,6 +261,9 @@ fn assign_tasks(
             }
         }
         let need = job.descriptor.container.resources.as_dimension();
+        if !used.contains_key(&agent.id) {
+            used.insert(agent.id.clone(), o.allocation_of(&agent.id)?.resources);
+        }
         let agent_used = used.entry(agent.id.clone()).or_default();
         if !agent.resources.fits(agent_used, &need) {
             continue;

@@ -279,3 +279,21 @@ pub fn plan(
     }
     Ok(out)
 }
+
+/// What to do about the jobs named (those that no longer exist are skipped).
+pub fn plan_jobs<'a>(
+    store: &dyn JobRead,
+    job_ids: impl IntoIterator<Item = &'a String>,
+    now: i64,
+    cfg: &LifecycleConfig,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Vec<Command>> {
+    let mut out = Vec::new();
+    for id in job_ids {
+        if let Some(job) = store.job(id)? {
+            let tasks = store.tasks_of_job(&job.id)?;
+            out.extend(plan_job(&job, &tasks, now, cfg, new_id));
+        }
+    }
+    Ok(out)
+}

@@ -20,6 +20,26 @@ pub struct TokenRecord {
     pub expires_ms: i64,
 }
 
+/// What an agent's live tasks hold (their jobs' container resources), and how many they are.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Allocation {
+    pub resources: crate::model::ResourceDimension,
+    pub live_tasks: u32,
+}
+
+/// The agent a task was placed on, if any.
+pub fn agent_of(task: &Task) -> Option<&str> {
+    task.context.get(crate::model::task::context::AGENT).map(String::as_str)
+}
+
+/// The resources a live task placed on an agent holds there (`None` when it holds nothing).
+pub fn holding(read: &dyn JobRead, task: &Task) -> Result<Option<(String, crate::model::ResourceDimension)>> {
+    let Some(agent) = agent_of(task).filter(|_| task.state().is_live()) else { return Ok(None) };
+    let resources =
+        read.job(&task.job_id)?.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default();
+    Ok(Some((agent.to_string(), resources)))
+}
+
 pub trait JobRead {
     fn job(&self, id: &str) -> Result<Option<Job>>;
     fn task(&self, id: &str) -> Result<Option<Task>>;
@@ -40,6 +60,49 @@ pub trait JobRead {
     fn load_balancers(&self) -> Result<Vec<LoadBalancer>>;
     /// Every load balancer target this system registered or is (de)registering.
     fn lb_targets(&self) -> Result<Vec<LbTarget>>;
+
+    /// Ids of the live tasks placed on `agent_id`.
+    fn task_ids_on_agent(&self, agent_id: &str) -> Result<Vec<String>> {
+        Ok(self
+            .all_tasks()?
+            .into_iter()
+            .filter(|t| t.state().is_live() && agent_of(t) == Some(agent_id))
+            .map(|t| t.id)
+            .collect())
+    }
+
+    /// What the live tasks placed on `agent_id` hold.
+    fn allocation_of(&self, agent_id: &str) -> Result<Allocation> {
+        let mut out = Allocation::default();
+        for id in self.task_ids_on_agent(agent_id)? {
+            if let Some((_, r)) = self.task(&id)?.map(|t| holding(self.as_read(), &t)).transpose()?.flatten() {
+                out.resources.add(&r);
+                out.live_tasks += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per agent, what its live tasks hold.
+    fn allocations(&self) -> Result<BTreeMap<String, Allocation>> {
+        let mut jobs: BTreeMap<String, crate::model::ResourceDimension> = BTreeMap::new();
+        let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
+        for t in self.all_tasks()? {
+            let Some(agent) = agent_of(&t).filter(|_| t.state().is_live()) else { continue };
+            if !jobs.contains_key(&t.job_id) {
+                let r =
+                    self.job(&t.job_id)?.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default();
+                jobs.insert(t.job_id.clone(), r);
+            }
+            let a = out.entry(agent.to_string()).or_default();
+            a.live_tasks += 1;
+            a.resources.add(&jobs[&t.job_id]);
+        }
+        Ok(out)
+    }
+
+    /// Itself as a trait object (for the provided methods).
+    fn as_read(&self) -> &dyn JobRead;
 
     fn tasks_of_job(&self, job_id: &str) -> Result<Vec<Task>> {
         let mut out = Vec::new();
@@ -301,6 +364,41 @@ impl JobRead for Overlay<'_> {
     fn lb_targets(&self) -> Result<Vec<LbTarget>> {
         Ok(merged(self.base.lb_targets()?, LbTarget::key, &self.changes.lb_targets))
     }
+
+    fn task_ids_on_agent(&self, agent_id: &str) -> Result<Vec<String>> {
+        let mut ids: BTreeSet<String> = self.base.task_ids_on_agent(agent_id)?.into_iter().collect();
+        for (id, w) in &self.changes.tasks {
+            match w.current() {
+                Some(t) if t.state().is_live() && agent_of(t) == Some(agent_id) => ids.insert(id.clone()),
+                _ => ids.remove(id),
+            };
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// The base's allocation, corrected by this overlay's task writes (reads only the changed tasks).
+    fn allocation_of(&self, agent_id: &str) -> Result<Allocation> {
+        let mut out = self.base.allocation_of(agent_id)?;
+        for (id, w) in &self.changes.tasks {
+            if let Some((agent, r)) = self.base.task(id)?.map(|t| holding(self.base, &t)).transpose()?.flatten() {
+                if agent == agent_id {
+                    out.resources.sub(&r);
+                    out.live_tasks = out.live_tasks.saturating_sub(1);
+                }
+            }
+            if let Some((agent, r)) = w.current().map(|t| holding(self, t)).transpose()?.flatten() {
+                if agent == agent_id {
+                    out.resources.add(&r);
+                    out.live_tasks += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn as_read(&self) -> &dyn JobRead {
+        self
+    }
 }
 
 /// `base` with pending writes applied, in key order.
@@ -414,5 +512,8 @@ impl JobRead for MemoryStore {
     }
     fn lb_targets(&self) -> Result<Vec<LbTarget>> {
         Ok(self.lb_targets.values().cloned().collect())
+    }
+    fn as_read(&self) -> &dyn JobRead {
+        self
     }
 }

@@ -123,6 +123,15 @@ impl ResourceDimension {
         self.gpu += o.gpu;
     }
 
+    /// Subtracts, stopping at zero.
+    pub fn sub(&mut self, o: &ResourceDimension) {
+        self.cpu = (self.cpu - o.cpu).max(0.0);
+        self.memory_mb = self.memory_mb.saturating_sub(o.memory_mb);
+        self.disk_mb = self.disk_mb.saturating_sub(o.disk_mb);
+        self.network_mbps = self.network_mbps.saturating_sub(o.network_mbps);
+        self.gpu = self.gpu.saturating_sub(o.gpu);
+    }
+
     /// Whether `need` fits in what is left of `self` after `used`.
     pub fn fits(&self, used: &ResourceDimension, need: &ResourceDimension) -> bool {
         used.cpu + need.cpu <= self.cpu + 1e-9

@@ -19,6 +19,9 @@ pub const JOBS: &str = "jobs";
 pub const TASKS: &str = "tasks";
 /// Index `job_id/task_id` → empty, for a job's tasks.
 pub const TASKS_BY_JOB: &str = "tasks_by_job";
+/// Index `agent_id/task_id` → the task's resources, for live tasks placed on an agent: what an
+/// agent holds without reading every task.
+pub const TASKS_BY_AGENT: &str = "tasks_by_agent";
 /// Finished jobs and tasks, still findable until retention purges them.
 pub const ARCHIVED_JOBS: &str = "archived_jobs";
 pub const ARCHIVED_TASKS: &str = "archived_tasks";
@@ -44,6 +47,7 @@ pub const STATE: &[&str] = &[
     JOBS,
     TASKS,
     TASKS_BY_JOB,
+    TASKS_BY_AGENT,
     ARCHIVED_JOBS,
     ARCHIVED_TASKS,
     ARCHIVED_TASKS_BY_JOB,

@@ -24,12 +24,15 @@ pub use state_machine::StateMachine;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::events::ChangeLog;
-use crate::jobs::store::{JobRead, TokenRecord};
+use std::collections::BTreeMap;
+
+use crate::jobs::store::{Allocation, JobRead, TokenRecord};
 use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
 use crate::model::load_balancer::{LbTarget, LoadBalancer};
 use crate::model::task::Task;
 use crate::model::CapacityGroup;
+use crate::model::ResourceDimension;
 use crate::raft_types::{NodeId, StorageError};
 
 pub type StoreResult<T> = std::result::Result<T, StorageError>;
@@ -58,6 +61,10 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
         }
         Some(_) => {}
         None => log_store::record_node_id(&db, node_id).map_err(|e| Error::Storage(e.to_string()))?,
+    }
+    let rebuilt = rebuild_agent_index(&db)?;
+    if rebuilt > 0 {
+        tracing::info!(tasks = rebuilt, "rebuilt the by-agent task index");
     }
     let db = Arc::new(db);
     let applied = applied_index(&db)?;
@@ -309,6 +316,93 @@ impl JobRead for StateReader {
     fn lb_targets(&self) -> Result<Vec<LbTarget>> {
         self.all(cf::LB_TARGETS)
     }
+    fn task_ids_on_agent(&self, agent_id: &str) -> Result<Vec<String>> {
+        self.ids_with_prefix(cf::TASKS_BY_AGENT, agent_id)
+    }
+    fn allocation_of(&self, agent_id: &str) -> Result<Allocation> {
+        let mut out = Allocation::default();
+        self.scan_agent_index(&format!("{agent_id}/"), |_, r| {
+            out.resources.add(&r);
+            out.live_tasks += 1;
+        })?;
+        Ok(out)
+    }
+    fn allocations(&self) -> Result<BTreeMap<String, Allocation>> {
+        let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
+        self.scan_agent_index("", |agent, r| {
+            let a = out.entry(agent.to_string()).or_default();
+            a.resources.add(&r);
+            a.live_tasks += 1;
+        })?;
+        Ok(out)
+    }
+    fn as_read(&self) -> &dyn JobRead {
+        self
+    }
+}
+
+impl StateReader {
+    /// Visits the by-agent index under `prefix` ("" for all): (agent id, the task's resources).
+    fn scan_agent_index(&self, prefix: &str, mut visit: impl FnMut(&str, ResourceDimension)) -> Result<()> {
+        let cf = cf_handle(&self.db, cf::TASKS_BY_AGENT).map_err(|e| Error::Storage(e.to_string()))?;
+        let mode = rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(cf, mode) {
+            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k);
+            let agent = key.rsplit_once('/').map(|(a, _)| a).unwrap_or_default();
+            let r = codec::decode(&v).map_err(|e| Error::Storage(format!("{}: {e}", cf::TASKS_BY_AGENT)))?;
+            visit(agent, r);
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds the by-agent index from the tasks when it is missing (a store or snapshot written
+/// before the index existed): every live task placed on an agent gets its entry.
+pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
+    let storage = |e: &dyn std::fmt::Display| Error::Storage(e.to_string());
+    let index = cf_handle(db, cf::TASKS_BY_AGENT).map_err(|e| storage(&e))?;
+    if db.iterator_cf(index, rocksdb::IteratorMode::Start).next().is_some() {
+        return Ok(0);
+    }
+    let (tasks, jobs) =
+        (cf_handle(db, cf::TASKS).map_err(|e| storage(&e))?, cf_handle(db, cf::JOBS).map_err(|e| storage(&e))?);
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut resources: BTreeMap<String, ResourceDimension> = BTreeMap::new();
+    let mut n = 0;
+    for item in db.iterator_cf(tasks, rocksdb::IteratorMode::Start) {
+        let (_, v) = item.map_err(|e| storage(&e))?;
+        let t: Task = codec::decode(&v).map_err(|e| storage(&e))?;
+        let Some(agent) = crate::jobs::store::agent_of(&t).filter(|_| t.state().is_live()) else { continue };
+        if !resources.contains_key(&t.job_id) {
+            let job: Option<Job> = db
+                .get_cf(jobs, t.job_id.as_bytes())
+                .map_err(|e| storage(&e))?
+                .map(|b| codec::decode(&b))
+                .transpose()
+                .map_err(|e| storage(&e))?;
+            resources.insert(
+                t.job_id.clone(),
+                job.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default(),
+            );
+        }
+        batch.put_cf(
+            index,
+            agent_index_key(agent, &t.id),
+            codec::encode(&resources[&t.job_id]).map_err(|e| storage(&e))?,
+        );
+        n += 1;
+    }
+    db.write(batch).map_err(|e| storage(&e))?;
+    Ok(n)
+}
+
+/// `agent_id/task_id`: the key of a placed task in the by-agent index.
+pub(crate) fn agent_index_key(agent_id: &str, task_id: &str) -> Vec<u8> {
+    format!("{agent_id}/{task_id}").into_bytes()
 }
 
 impl StateReader {

@@ -20,9 +20,11 @@ use crate::codec;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::events::{Change, ChangeBatch};
 use crate::jobs;
+use crate::jobs::store::agent_of;
 use crate::jobs::store::{Changes, JobRead, Overlay, TokenRecord, Write};
 use crate::model::CapacityGroup;
-use crate::store::{archive_order_key, index_key};
+use crate::model::ResourceDimension;
+use crate::store::{agent_index_key, archive_order_key, index_key, rebuild_agent_index};
 
 /// How long a capacity group's idempotency token is remembered.
 const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -162,6 +164,16 @@ impl StateMachine {
             cf_handle(&self.db, cf::ARCHIVE_ORDER)?,
         );
         let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
+        // Resources of the jobs this entry writes, for the by-agent index of their tasks.
+        let job_resources: std::collections::HashMap<String, ResourceDimension> = c
+            .jobs
+            .iter()
+            .filter_map(|(id, w)| match w {
+                Write::Put(j) => Some((id.clone(), j.descriptor.container.resources.as_dimension())),
+                Write::Delete(_) => None,
+            })
+            .collect();
+        let by_agent = cf_handle(&self.db, cf::TASKS_BY_AGENT)?;
         for (id, w) in c.jobs {
             match w {
                 Write::Put(j) => {
@@ -176,11 +188,31 @@ impl StateMachine {
                 Write::Put(t) => {
                     batch.put_cf(tasks, id.as_bytes(), enc(&t)?);
                     batch.put_cf(by_job, index_key(&t.job_id, &id), b"");
+                    // A task's agent never changes once set: live → indexed there, else not.
+                    if let Some(agent) = agent_of(&t) {
+                        if t.state().is_live() {
+                            let r = match job_resources.get(&t.job_id) {
+                                Some(r) => r.clone(),
+                                None => self
+                                    .reader
+                                    .job(&t.job_id)
+                                    .map_err(|e| err(&e))?
+                                    .map(|j| j.descriptor.container.resources.as_dimension())
+                                    .unwrap_or_default(),
+                            };
+                            batch.put_cf(by_agent, agent_index_key(agent, &id), enc(&r)?);
+                        } else {
+                            batch.delete_cf(by_agent, agent_index_key(agent, &id));
+                        }
+                    }
                     out.push(Change::Task(t));
                 }
                 Write::Delete(t) => {
                     batch.delete_cf(tasks, id.as_bytes());
                     batch.delete_cf(by_job, index_key(&t.job_id, &id));
+                    if let Some(agent) = agent_of(&t) {
+                        batch.delete_cf(by_agent, agent_index_key(agent, &id));
+                    }
                 }
             }
         }
@@ -440,6 +472,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(sm_meta, cf::sm_meta::MEMBERSHIP, codec::encode(&meta.last_membership).map_err(|e| wr(&e))?);
         self.put_snapshot(&mut batch, meta, &data)?;
         blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| wr(&e))?;
+        // A snapshot from a release before the by-agent index: derive it.
+        rebuild_agent_index(&self.db).map_err(|e| wr(&e))?;
         self.reader.reload_cluster_id().map_err(|e| wr(&e))?;
         // Observers cannot follow a wholesale replacement: they start over with a snapshot.
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);

@@ -30,3 +30,144 @@ fn data_dir_of_another_replica_is_refused() {
     assert!(err.to_string().contains("belongs to replica 1"), "{err}");
     assert!(super::open(dir.path(), 1).is_ok());
 }
+
+/// The by-agent index (what apply and the agent API read) against a scan of every task, and the
+/// scheduler's change-fed cache against a fresh load, through placements, reports, a lost agent
+/// and a rebuild of the index from scratch.
+#[test]
+fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
+    use std::collections::BTreeMap;
+
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use crate::command::{Assignment, Command};
+    use crate::jobs::store::{agent_of, Allocation, JobRead};
+    use crate::model::agent::{Agent, AgentState};
+    use crate::model::job::tests::batch_descriptor;
+    use crate::model::job::{Job, JobState, JobStatus};
+    use crate::model::task::{Task, TaskState, TaskStatus};
+    use crate::model::ResourceDimension;
+    use crate::raft_types::Entry;
+    use crate::scheduling::Cache;
+
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
+    let (_, mut changes) = reader.changes.subscribe(None);
+    let mut index = 0;
+    let mut apply = |sm: &mut StateMachine, command: Command| {
+        index += 1;
+        let entry =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) };
+        futures::executor::block_on(sm.apply([entry])).unwrap()
+    };
+    let status = |state: TaskState| TaskStatus {
+        state,
+        reason_code: String::new(),
+        reason_message: String::new(),
+        timestamp_ms: 1,
+    };
+    let expected = |read: &dyn JobRead| {
+        let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
+        for t in read.all_tasks().unwrap() {
+            let Some(agent) = agent_of(&t).filter(|_| t.state().is_live()) else { continue };
+            let job = read.job(&t.job_id).unwrap().unwrap();
+            let a = out.entry(agent.to_string()).or_default();
+            a.resources.add(&job.descriptor.container.resources.as_dimension());
+            a.live_tasks += 1;
+        }
+        out
+    };
+
+    let mut descriptor = batch_descriptor(12);
+    descriptor.container.resources.cpu = 0.5;
+    descriptor.container.resources.memory_mb = 100;
+    let job = Job {
+        id: "job-1".into(),
+        descriptor,
+        status: JobStatus {
+            state: JobState::Accepted,
+            reason_code: String::new(),
+            reason_message: String::new(),
+            timestamp_ms: 1,
+        },
+        status_history: vec![],
+    };
+    apply(&mut sm, Command::CreateJob { job: job.clone(), idempotency_token: None, token_expires_ms: 0 });
+    let tasks: Vec<Task> = (0..12)
+        .map(|i| Task {
+            id: format!("t{i:02}"),
+            job_id: job.id.clone(),
+            index: i,
+            status: status(TaskState::Accepted),
+            status_history: vec![],
+            context: Default::default(),
+            original_id: format!("t{i:02}"),
+            resubmit_of: None,
+            resubmit_number: 0,
+            system_resubmit_number: 0,
+        })
+        .collect();
+    apply(&mut sm, Command::CreateTasks { tasks, archive: vec![] });
+    for a in ["a1", "a2", "a3"] {
+        let agent = Agent {
+            id: a.into(),
+            instance_group: "default".into(),
+            resources: ResourceDimension { cpu: 1.5, memory_mb: 1000, disk_mb: 100_000, network_mbps: 1000, gpu: 0 },
+            attributes: Default::default(),
+            state: AgentState::Online,
+            healthy: true,
+            unhealthy_reason: String::new(),
+            registered_ms: 1,
+            terminating: false,
+        };
+        apply(&mut sm, Command::RegisterAgent { agent });
+    }
+    // 12 tasks of 0.5 cpu offered to each of 3 agents of 1.5 cpus, one entry per agent: 3 fit on
+    // each; the rest are refused when applied, whatever the plan said.
+    for a in ["a1", "a2", "a3"] {
+        let assignments = (0..12).map(|i| Assignment { task_id: format!("t{i:02}"), agent_id: a.into() }).collect();
+        apply(&mut sm, Command::AssignTasks { assignments, timestamp_ms: 2 });
+    }
+    let got = reader.allocations().unwrap();
+    assert_eq!(got, expected(&reader));
+    assert_eq!(got.values().map(|a| a.live_tasks).collect::<Vec<_>>(), vec![3, 3, 3]);
+    assert_eq!(reader.allocation_of("a2").unwrap(), got["a2"]);
+
+    for (i, state) in [(0, TaskState::StartInitiated), (1, TaskState::Finished), (5, TaskState::Finished)] {
+        apply(
+            &mut sm,
+            Command::UpdateTaskStatus {
+                task_id: format!("t{i:02}"),
+                status: status(state),
+                context: Default::default(),
+            },
+        );
+    }
+    apply(&mut sm, Command::AgentLost { agent_id: "a3".into(), timestamp_ms: 3 });
+    let got = reader.allocations().unwrap();
+    assert_eq!(got, expected(&reader));
+    assert!(!got.contains_key("a3"), "a lost agent holds nothing: {got:?}");
+
+    // The scheduler's cache, fed only by the change stream, equals one loaded from scratch.
+    let mut fed = Cache::default();
+    while let Ok(batch) = changes.try_recv() {
+        for c in &batch.changes {
+            fed.apply(c, &reader).unwrap();
+        }
+    }
+    let loaded = Cache::load(&reader, vec![]).unwrap();
+    assert_eq!(fed.summary(), loaded.summary());
+    assert_eq!(loaded.pending(), 3);
+
+    // A store (or snapshot) from before the index: rebuilt from the tasks.
+    let family = super::cf_handle(&reader.db, super::cf::TASKS_BY_AGENT).unwrap();
+    let keys: Vec<Box<[u8]>> =
+        reader.db.iterator_cf(family, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap().0).collect();
+    for k in keys {
+        reader.db.delete_cf(family, k).unwrap();
+    }
+    assert!(reader.allocations().unwrap().is_empty());
+    assert_eq!(super::rebuild_agent_index(&reader.db).unwrap(), 4);
+    assert_eq!(reader.allocations().unwrap(), expected(&reader));
+}

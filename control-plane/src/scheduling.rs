@@ -1,0 +1,544 @@
+//! The leader's scheduler: keeps an in-memory picture of what placement needs (pending tasks, what
+//! every agent holds, capacity-group usage), updated from the stream of applied changes instead of
+//! re-reading every task each round; hands it to the pure placement core (`titus_scheduler`); and
+//! proposes the plan through Raft in batches, where every placement is checked again when applied
+//! (`jobs::apply::assign_tasks`), so a stale picture can never over-commit an agent.
+//!
+//! Why each unplaced task waits is kept from the last round, for the SchedulerService API.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, watch};
+
+use titus_scheduler as core;
+
+use crate::api::now_ms;
+use crate::command::{Assignment, Command, CommandResponse};
+use crate::config::SchedulerConfig;
+use crate::error::Result;
+use crate::events::{Change, ChangeBatch};
+use crate::jobs::store::{agent_of, JobRead};
+use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
+use crate::model::job::{Job, JobState};
+use crate::model::task::{Task, TaskState};
+use crate::model::{CapacityGroup, ResourceDimension, Tier};
+
+fn resources(r: &ResourceDimension) -> core::Resources {
+    core::Resources {
+        cpu: r.cpu,
+        memory_mb: r.memory_mb as u64,
+        disk_mb: r.disk_mb as u64,
+        network_mbps: r.network_mbps as u64,
+        gpu: r.gpu as u64,
+    }
+}
+
+fn tier(t: Tier) -> core::Tier {
+    match t {
+        Tier::Critical => core::Tier::Critical,
+        Tier::Flex => core::Tier::Flex,
+    }
+}
+
+/// What placement needs of a job.
+#[derive(Debug, Clone)]
+struct JobEntry {
+    need: core::Resources,
+    group: String,
+    /// Constraints as parsed; an error (not possible for a validated job) leaves its tasks pending
+    /// with that error as the reason.
+    constraints: std::result::Result<(core::Constraints, core::Constraints), String>,
+    accepted: bool,
+}
+
+impl JobEntry {
+    fn of(job: &Job) -> JobEntry {
+        let c = &job.descriptor.container;
+        let parse = |m: &std::collections::BTreeMap<String, String>| {
+            core::Constraints::parse(m.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        };
+        JobEntry {
+            need: resources(&c.resources.as_dimension()),
+            group: job.descriptor.capacity_group.clone(),
+            constraints: parse(&c.hard_constraints).and_then(|h| Ok((h, parse(&c.soft_constraints)?))),
+            accepted: job.status.state == JobState::Accepted,
+        }
+    }
+
+    fn exclusive(&self) -> bool {
+        self.constraints.as_ref().is_ok_and(|(h, _)| h.exclusive_host)
+    }
+}
+
+/// What the live tasks on one agent hold.
+#[derive(Debug, Clone, Default)]
+struct Load {
+    used: core::Resources,
+    jobs: HashMap<String, u32>,
+    exclusive: u32,
+}
+
+#[derive(Debug, Clone)]
+struct TaskEntry {
+    job_id: String,
+    /// Live and placed: the agent it holds resources on, what it holds, in which capacity group,
+    /// and whether it wants the agent alone.
+    agent: Option<(String, core::Resources, String, bool)>,
+    /// Accepted and not placed: its key in `pending`.
+    pending: Option<(i64, String)>,
+}
+
+/// The scheduler's picture of replicated state, kept current from applied changes.
+#[derive(Debug, Default)]
+pub struct Cache {
+    jobs: HashMap<String, JobEntry>,
+    tasks: HashMap<String, TaskEntry>,
+    /// Accepted, unplaced tasks by (accepted time, id): oldest first.
+    pending: BTreeSet<(i64, String)>,
+    loads: HashMap<String, Load>,
+    group_used: HashMap<String, core::Resources>,
+    agents: HashMap<String, Agent>,
+    instance_groups: HashMap<String, InstanceGroup>,
+}
+
+impl Cache {
+    /// Reads the whole picture.
+    pub fn load(read: &dyn JobRead, instance_groups: Vec<InstanceGroup>) -> Result<Cache> {
+        let mut c = Cache::default();
+        for j in read.jobs()? {
+            c.jobs.insert(j.id.clone(), JobEntry::of(&j));
+        }
+        for t in read.all_tasks()? {
+            c.put_task(&t, read)?;
+        }
+        for a in read.agents()? {
+            c.agents.insert(a.id.clone(), a);
+        }
+        c.instance_groups = instance_groups.into_iter().map(|g| (g.id.clone(), g)).collect();
+        Ok(c)
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Pending task ids, and per agent and per capacity group what is held, in a comparable form
+    /// (for tests: a cache fed by changes must equal one loaded from scratch).
+    #[allow(clippy::type_complexity)]
+    pub fn summary(
+        &self,
+    ) -> (Vec<String>, BTreeMap<String, (String, BTreeMap<String, u32>)>, BTreeMap<String, String>) {
+        let show = |r: &core::Resources| format!("{:.3} cpu {} MB", r.cpu, r.memory_mb);
+        let pending = self.pending.iter().map(|(_, id)| id.clone()).collect();
+        let loads = self
+            .loads
+            .iter()
+            .map(|(a, l)| (a.clone(), (show(&l.used), l.jobs.iter().map(|(j, n)| (j.clone(), *n)).collect())))
+            .collect();
+        let groups = self
+            .group_used
+            .iter()
+            .filter(|(_, r)| r.cpu > 1e-9 || r.memory_mb > 0)
+            .map(|(g, r)| (g.clone(), show(r)))
+            .collect();
+        (pending, loads, groups)
+    }
+
+    /// Applies one applied change.
+    pub fn apply(&mut self, change: &Change, read: &dyn JobRead) -> Result<()> {
+        match change {
+            Change::Job(j) if j.status.state == JobState::Finished => {
+                self.jobs.remove(&j.id);
+            }
+            Change::Job(j) => {
+                self.jobs.insert(j.id.clone(), JobEntry::of(j));
+            }
+            Change::Task(t) => self.put_task(t, read)?,
+            Change::Agent(a) => {
+                self.agents.insert(a.id.clone(), a.clone());
+            }
+            Change::InstanceGroup(g) => {
+                self.instance_groups.insert(g.id.clone(), g.clone());
+            }
+            Change::LoadBalancer(_) | Change::LbTarget(_) => {}
+        }
+        Ok(())
+    }
+
+    fn job(&mut self, job_id: &str, read: &dyn JobRead) -> Result<Option<&JobEntry>> {
+        if !self.jobs.contains_key(job_id) {
+            match read.job(job_id)? {
+                Some(j) => {
+                    self.jobs.insert(j.id.clone(), JobEntry::of(&j));
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.jobs.get(job_id))
+    }
+
+    fn put_task(&mut self, t: &Task, read: &dyn JobRead) -> Result<()> {
+        // Take the old version's share out, then put the new one's in.
+        if let Some(old) = self.tasks.remove(&t.id) {
+            if let Some(key) = &old.pending {
+                self.pending.remove(key);
+            }
+            if let Some((agent, need, group, exclusive)) = &old.agent {
+                self.unload(agent, &old.job_id, need, group, *exclusive);
+            }
+        }
+        if !t.state().is_live() {
+            return Ok(());
+        }
+        let Some(job) = self.job(&t.job_id, read)?.cloned() else { return Ok(()) };
+        let mut entry = TaskEntry { job_id: t.job_id.clone(), agent: None, pending: None };
+        match agent_of(t) {
+            Some(agent) => {
+                let load = self.loads.entry(agent.to_string()).or_default();
+                load.used.add(&job.need);
+                *load.jobs.entry(t.job_id.clone()).or_default() += 1;
+                load.exclusive += u32::from(job.exclusive());
+                self.group_used.entry(job.group.clone()).or_default().add(&job.need);
+                entry.agent = Some((agent.to_string(), job.need, job.group.clone(), job.exclusive()));
+            }
+            None if t.state() == TaskState::Accepted => {
+                let key = (t.status.timestamp_ms, t.id.clone());
+                self.pending.insert(key.clone());
+                entry.pending = Some(key);
+            }
+            None => {}
+        }
+        self.tasks.insert(t.id.clone(), entry);
+        Ok(())
+    }
+
+    fn unload(&mut self, agent: &str, job_id: &str, need: &core::Resources, group: &str, exclusive: bool) {
+        if let Some(g) = self.group_used.get_mut(group) {
+            g.sub(need);
+        }
+        let Some(load) = self.loads.get_mut(agent) else { return };
+        load.used.sub(need);
+        load.exclusive = load.exclusive.saturating_sub(u32::from(exclusive));
+        if let Some(n) = load.jobs.get_mut(job_id) {
+            *n -= 1;
+            if *n == 0 {
+                load.jobs.remove(job_id);
+            }
+        }
+        if load.jobs.is_empty() {
+            self.loads.remove(agent);
+        }
+    }
+
+    /// The placement core's input: every agent (with why it takes nothing, if so), up to `max`
+    /// pending tasks (Critical ones first, then the oldest), and the capacity groups. Tasks whose
+    /// constraints cannot be read come back separately, with the error.
+    pub fn view(&self, connected: &HashSet<String>, groups: &[CapacityGroup], max: usize) -> View {
+        let tier_of: HashMap<&str, Tier> = groups.iter().map(|g| (g.name.as_str(), g.tier)).collect();
+        let mut agents: Vec<core::Agent> = Vec::with_capacity(self.agents.len());
+        let mut ids: Vec<&String> = self.agents.keys().collect();
+        ids.sort();
+        for id in ids {
+            let a = &self.agents[id];
+            let group = self.instance_groups.get(&a.instance_group);
+            let ineligible = if a.state == AgentState::Lost || !connected.contains(&a.id) {
+                Some(core::Ineligible::NotConnected)
+            } else if !a.healthy {
+                Some(core::Ineligible::Unhealthy)
+            } else if a.terminating {
+                Some(core::Ineligible::Terminating)
+            } else {
+                match group.map(|g| g.lifecycle) {
+                    Some(l) if l != Lifecycle::Active => Some(core::Ineligible::Lifecycle(format!("{l:?}"))),
+                    _ => None,
+                }
+            };
+            let load = self.loads.get(&a.id).cloned().unwrap_or_default();
+            let machine_type = a
+                .attributes
+                .get("machineType")
+                .cloned()
+                .or_else(|| group.and_then(|g| g.launch.as_ref()).map(|l| l.instance_type.clone()))
+                .unwrap_or_default();
+            agents.push(core::Agent {
+                id: a.id.clone(),
+                zone: a.attributes.get(crate::model::task::context::ZONE).cloned().unwrap_or_default(),
+                machine_type,
+                attributes: a.attributes.clone(),
+                total: resources(&a.resources),
+                used: load.used,
+                ineligible,
+                jobs: load.jobs,
+                exclusive: load.exclusive > 0,
+            });
+        }
+        let mut critical = Vec::new();
+        let mut flex = Vec::new();
+        let mut broken = Vec::new();
+        for (_, id) in &self.pending {
+            let Some(job_id) = self.tasks.get(id).map(|t| &t.job_id) else { continue };
+            let Some(job) = self.jobs.get(job_id).filter(|j| j.accepted) else { continue };
+            let t = tier_of.get(job.group.as_str()).copied().unwrap_or(Tier::Flex);
+            let (hard, soft) = match &job.constraints {
+                Ok(c) => c.clone(),
+                Err(e) => {
+                    broken.push((id.clone(), e.clone()));
+                    continue;
+                }
+            };
+            let task = core::Task {
+                id: id.clone(),
+                job_id: job_id.clone(),
+                need: job.need,
+                capacity_group: job.group.clone(),
+                tier: tier(t),
+                hard,
+                soft,
+            };
+            match t {
+                Tier::Critical => critical.push(task),
+                Tier::Flex if flex.len() < max => flex.push(task),
+                Tier::Flex => {}
+            }
+        }
+        let mut tasks = critical;
+        tasks.truncate(max);
+        let room = max - tasks.len();
+        tasks.extend(flex.into_iter().take(room));
+        let groups = groups
+            .iter()
+            .map(|g| {
+                let per = resources(&g.resources_per_instance);
+                let n = g.instance_count as u64;
+                core::Group {
+                    name: g.name.clone(),
+                    tier: tier(g.tier),
+                    reserved: core::Resources {
+                        cpu: per.cpu * n as f64,
+                        memory_mb: per.memory_mb * n,
+                        disk_mb: per.disk_mb * n,
+                        network_mbps: per.network_mbps * n,
+                        gpu: per.gpu * n,
+                    },
+                    used: self.group_used.get(&g.name).copied().unwrap_or_default(),
+                }
+            })
+            .collect();
+        let not_considered = self.pending.len().saturating_sub(tasks.len() + broken.len());
+        View { agents, tasks, groups, broken, not_considered }
+    }
+}
+
+/// One round's input.
+pub struct View {
+    pub agents: Vec<core::Agent>,
+    pub tasks: Vec<core::Task>,
+    pub groups: Vec<core::Group>,
+    /// Pending tasks whose job's constraints cannot be read, with the error.
+    pub broken: Vec<(String, String)>,
+    /// Pending tasks left for a later round (beyond `max_tasks_per_round`).
+    pub not_considered: usize,
+}
+
+/// Why a pending task waits, as of the last round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub reason: String,
+    pub message: String,
+    pub round_ms: i64,
+}
+
+/// The last round's outcome, kept on the leader for the SchedulerService API and the web view.
+#[derive(Default)]
+pub struct Results {
+    last: Mutex<LastRound>,
+}
+
+#[derive(Default)]
+struct LastRound {
+    round_ms: i64,
+    waiting: HashMap<String, Waiting>,
+    not_considered: usize,
+}
+
+impl Results {
+    /// Why `task_id` was not placed in the last round, if it was considered and not placed.
+    pub fn why(&self, task_id: &str) -> Option<Waiting> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).waiting.get(task_id).cloned()
+    }
+
+    /// (time of the last round, pending tasks it left for later rounds).
+    pub fn round(&self) -> (i64, usize) {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        (last.round_ms, last.not_considered)
+    }
+
+    fn record(&self, round_ms: i64, waiting: HashMap<String, Waiting>, not_considered: usize) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = LastRound { round_ms, waiting, not_considered };
+    }
+
+    /// Forgets everything (when leadership ends: another replica's rounds decide now).
+    pub fn clear(&self) {
+        self.record(0, HashMap::new(), 0);
+    }
+}
+
+/// Leader duty: scheduling rounds until leadership ends.
+pub async fn run(
+    hub: Arc<crate::agents::AgentHub>,
+    results: Arc<Results>,
+    config: SchedulerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let replica = hub.replica();
+    let state = &replica.state;
+    let period = Duration::from_millis(hub.config.placement_interval_ms);
+    let min_gap = Duration::from_millis(20);
+    let core_config = config.core();
+    let (_, mut changes) = state.changes.subscribe(None);
+    let mut cache: Option<Cache> = None;
+    loop {
+        if cache.is_none() {
+            let t0 = Instant::now();
+            match state.instance_groups().and_then(|g| Cache::load(state, g)) {
+                Ok(c) => {
+                    tracing::info!(
+                        pending = c.pending(),
+                        elapsed_ms = t0.elapsed().as_millis() as u64,
+                        "scheduler: loaded state"
+                    );
+                    cache = Some(c);
+                }
+                Err(e) => tracing::warn!(error = %e, "scheduler: cannot read state; retrying"),
+            }
+        }
+        if let Some(c) = cache.as_mut() {
+            if !drain(c, &mut changes, state) {
+                cache = None;
+                continue;
+            }
+            if c.pending() > 0 {
+                if let Err(e) = round(&hub, c, &results, &config, &core_config).await {
+                    tracing::warn!(error = %e, "scheduler: round failed");
+                }
+                // What the round's proposals changed is in the stream already.
+                if !drain(c, &mut changes, state) {
+                    cache = None;
+                    continue;
+                }
+            } else {
+                results.record(now_ms(), HashMap::new(), 0);
+            }
+        }
+        // Next round: after a change (coalesced over `min_gap`) or `period`, whichever is first.
+        tokio::select! {
+            _ = tokio::time::sleep(min_gap) => {}
+            _ = stop.changed() => return,
+        }
+        let wait = tokio::time::sleep(period.saturating_sub(min_gap));
+        tokio::select! {
+            _ = wait => {}
+            batch = changes.recv() => match (batch, cache.as_mut()) {
+                (Ok(b), Some(c)) => {
+                    if !apply_batch(c, &b, state) {
+                        cache = None;
+                    }
+                }
+                (Err(broadcast::error::RecvError::Closed), _) => return,
+                _ => cache = None,
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Applies what the change stream holds; false when the cache must be reloaded (it lagged, or the
+/// state was replaced by a snapshot).
+fn drain(c: &mut Cache, changes: &mut broadcast::Receiver<Arc<ChangeBatch>>, read: &dyn JobRead) -> bool {
+    loop {
+        match changes.try_recv() {
+            Ok(b) => {
+                if !apply_batch(c, &b, read) {
+                    return false;
+                }
+            }
+            Err(broadcast::error::TryRecvError::Empty) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn apply_batch(c: &mut Cache, b: &ChangeBatch, read: &dyn JobRead) -> bool {
+    if b.reset {
+        return false;
+    }
+    b.changes.iter().all(|change| c.apply(change, read).is_ok())
+}
+
+async fn round(
+    hub: &crate::agents::AgentHub,
+    cache: &Cache,
+    results: &Results,
+    config: &SchedulerConfig,
+    core_config: &core::Config,
+) -> Result<()> {
+    let replica = hub.replica();
+    let m = crate::telemetry::metrics();
+    let groups = replica.state.capacity_groups()?;
+    let t0 = Instant::now();
+    let view = cache.view(&hub.connected(), &groups, config.max_tasks_per_round);
+    let (considered, not_considered) = (view.tasks.len(), view.not_considered);
+    let core_config = core_config.clone();
+    let (agents, tasks, core_groups) = (view.agents, view.tasks, view.groups);
+    let plan = tokio::task::spawn_blocking(move || core::schedule(&agents, &tasks, &core_groups, &core_config))
+        .await
+        .map_err(|e| crate::error::Error::Storage(format!("scheduling round panicked: {e}")))?;
+    let plan_ms = t0.elapsed().as_millis() as u64;
+    let round_ms = now_ms();
+
+    let mut waiting: HashMap<String, Waiting> = HashMap::new();
+    let mut by_reason: HashMap<String, f64> = HashMap::new();
+    for u in &plan.unplaced {
+        let label = u.reason.kind.label();
+        *by_reason.entry(label.clone()).or_default() += 1.0;
+        waiting.insert(u.task_id.clone(), Waiting { reason: label, message: u.reason.message.clone(), round_ms });
+    }
+    for (id, e) in view.broken {
+        *by_reason.entry("unreadable constraints".into()).or_default() += 1.0;
+        waiting.insert(id, Waiting { reason: "unreadable constraints".into(), message: e, round_ms });
+    }
+    m.scheduler_unplaced_tasks.replace(by_reason.into_iter().map(|(k, v)| (vec![k], v)));
+    results.record(round_ms, waiting, not_considered);
+
+    let placed = plan.placements.len();
+    if placed > 0 {
+        m.scheduler_plan_size.observe(&[], placed as f64);
+        let proposals = plan.placements.chunks(config.placements_per_entry).map(|chunk| {
+            let assignments =
+                chunk.iter().map(|p| Assignment { task_id: p.task_id.clone(), agent_id: p.agent_id.clone() }).collect();
+            replica.propose(Command::AssignTasks { assignments, timestamp_ms: round_ms }, None)
+        });
+        let mut applied = 0;
+        for outcome in futures::future::join_all(proposals).await {
+            match outcome {
+                Ok(CommandResponse::Assigned(done)) => applied += done.len(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "scheduler: proposal failed"),
+            }
+        }
+        m.scheduler_placements_total.add(&[], applied as f64);
+        tracing::debug!(
+            considered,
+            placed,
+            applied,
+            unplaced = plan.unplaced.len(),
+            evaluated = plan.agents_evaluated,
+            plan_ms,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "scheduling round"
+        );
+    }
+    Ok(())
+}
