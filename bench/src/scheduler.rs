@@ -202,8 +202,12 @@ pub async fn placement_bench(titus_bin: &Path, dir: &Path, agents: usize, tasks:
                 for j in (w..jobs).step_by(8) {
                     let size = (tasks - j * 1000).min(1000) as u32;
                     let (hard, soft) = constraints(j);
-                    let mut b =
-                        JobBuilder::batch(&format!("bench{j}"), "titus/busybox:latest", size).cpu(0.1).memory_mb(256);
+                    let mut b = JobBuilder::batch(&format!("bench{j}"), "titus/busybox:latest", size)
+                        .owner("bench@example.com")
+                        .cpu(0.1)
+                        .memory_mb(256)
+                        .disk_mb(10)
+                        .network_mbps(1);
                     for (k, v) in hard {
                         b = b.hard_constraint(k, v);
                     }
