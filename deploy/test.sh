@@ -18,6 +18,7 @@ cargo test --workspace --doc
 
 # The benchmark must keep working; the short mode proves it, the README has the full run.
 "$CARGO_TARGET_DIR/debug/titus-bench" --seconds 1 --clients 1,16 --kills 2 >/dev/null
+"$CARGO_TARGET_DIR/debug/titus-bench" --scheduler-core 1000,10000 --placement 50,2000 --placement-limit 180 >/dev/null
 echo "bench smoke run: ok"
 
 # Last, so that its summary closes the output.

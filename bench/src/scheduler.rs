@@ -286,7 +286,7 @@ pub async fn placement_bench(titus_bin: &Path, dir: &Path, agents: usize, tasks:
         titus.pids().iter().map(|p| format!("{:.0} MiB", peak_rss_mib(&p.to_string()))).collect::<Vec<_>>().join(", ")
     );
     if acked.len() < tasks {
-        println!("    stopped at the {limit:?} limit");
+        bail!("only {} of {tasks} tasks acknowledged within the {limit:?} limit", acked.len());
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ use titus_proto as pb;
 use titus_proto::agent_service_server::AgentService;
 
 use crate::api::now_ms;
-use crate::command::{Command, CommandResponse};
+use crate::command::{Command, CommandResponse, StatusReport};
 use crate::config::AgentsConfig;
 use crate::error::Error;
 use crate::events::Change;
@@ -53,6 +53,9 @@ pub struct AgentHub {
     pub scheduler: crate::config::SchedulerConfig,
     /// The last scheduling round's reasons (on the leader).
     pub scheduling: Arc<crate::scheduling::Results>,
+    /// Task states reported by agents, in arrival order, for [`report_batches`].
+    reports: mpsc::UnboundedSender<StatusReport>,
+    reports_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<StatusReport>>,
 }
 
 fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
@@ -66,7 +69,10 @@ impl AgentHub {
         scheduler: crate::config::SchedulerConfig,
         lb_max_drain_wait_ms: Option<i64>,
     ) -> Arc<Self> {
+        let (reports, reports_rx) = mpsc::unbounded_channel();
         Arc::new(AgentHub {
+            reports,
+            reports_rx: tokio::sync::Mutex::new(reports_rx),
             replica,
             config,
             conns: Mutex::default(),
@@ -184,7 +190,7 @@ impl AgentHub {
                     let reported_state =
                         crate::api::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
                     if t.state().can_move_to(reported_state) && reported_state != t.state() {
-                        self.report(agent_id, rt).await;
+                        self.report(agent_id, rt);
                     } else if t.state() == TaskState::KillInitiated {
                         if let Some(m) = self.instruction(&t) {
                             self.send(agent_id, m);
@@ -218,26 +224,22 @@ impl AgentHub {
         }
     }
 
-    /// A task status the agent reported.
-    async fn report(&self, agent_id: &str, rt: pb::AgentTask) {
+    /// A task status the agent reported: queued for the next batch (see [`report_batches`]), which
+    /// applies it only if the task is still placed on this agent.
+    fn report(&self, agent_id: &str, rt: pb::AgentTask) {
         let Ok(state) = crate::api::task_state_from_proto("state", rt.state) else { return };
-        if let Ok(Some(t)) = self.replica.state.task(&rt.task_id) {
-            if agent_of(&t) != Some(agent_id) {
-                return;
-            }
-        }
         let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() {
             reason::NORMAL.to_string()
         } else {
             rt.reason_code
         };
         let status = TaskStatus { state, reason_code, reason_message: rt.reason_message, timestamp_ms: now_ms() };
-        self.propose(Command::UpdateTaskStatus {
+        let _ = self.reports.send(StatusReport {
             task_id: rt.task_id,
+            agent_id: agent_id.to_string(),
             status,
             context: rt.task_context.into_iter().collect(),
-        })
-        .await;
+        });
     }
 
     fn touch(&self, agent_id: &str, conn_id: u64) -> bool {
@@ -276,7 +278,7 @@ impl AgentHub {
                         .await;
                     }
                 }
-                Some(pb::agent_message::Message::Status(rt)) => self.report(&agent_id, rt).await,
+                Some(pb::agent_message::Message::Status(rt)) => self.report(&agent_id, rt),
                 Some(pb::agent_message::Message::Register(_)) | None => {}
             }
         }
@@ -406,6 +408,49 @@ pub async fn dispatch(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
             }
             Err(broadcast::error::RecvError::Lagged(_)) => hub.resync(),
             Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Most reports in one log entry (~200 bytes each): entries stay small enough to replicate within
+/// a heartbeat interval (see `raft.max-payload-entries`).
+const REPORTS_PER_ENTRY: usize = 500;
+
+/// Leader duty: proposes the agents' reports in batches, in arrival order (a task's StartInitiated
+/// before its Started), one entry at a time: one entry carries what arrived while the previous one
+/// committed, so a thousand agents reporting at once cost a few entries, not a thousand.
+pub async fn report_batches(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
+    let mut rx = hub.reports_rx.lock().await;
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = stop.changed() => return,
+        };
+        let Some(first) = first else { return };
+        let mut reports = vec![first];
+        while reports.len() < REPORTS_PER_ENTRY {
+            match rx.try_recv() {
+                Ok(r) => reports.push(r),
+                Err(_) => break,
+            }
+        }
+        // A failed proposal is retried while this replica leads; after a leader change the agents
+        // re-register with everything they hold, and the new leader reconciles from that.
+        for attempt in 0..3 {
+            let n = reports.len();
+            match hub.replica.propose(Command::UpdateTaskStatuses { reports: reports.clone() }, None).await {
+                Ok(_) => {
+                    tracing::trace!(reports = n, "agent reports applied");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(reports = n, attempt, error = %e, "agent reports: proposal failed");
+                    if *stop.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
         }
     }
 }

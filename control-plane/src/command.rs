@@ -101,6 +101,11 @@ pub enum Command {
         status: TaskStatus,
         context: BTreeMap<String, String>,
     },
+    /// Task states reported by agents, batched: each applies like `UpdateTaskStatus` when the task
+    /// is still placed on the reporting agent and the transition is legal; the others are skipped.
+    UpdateTaskStatuses {
+        reports: Vec<StatusReport>,
+    },
     /// Moves a job whose tasks are all Finished, and those tasks, to the archive.
     FinishJob {
         job_id: String,
@@ -188,6 +193,15 @@ pub enum Command {
     },
 }
 
+/// One task state an agent reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub task_id: String,
+    pub agent_id: String,
+    pub status: TaskStatus,
+    pub context: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
     pub task_id: String,
@@ -213,6 +227,7 @@ impl Command {
             Command::KillTask { .. } => "kill_task",
             Command::CreateTasks { .. } => "create_tasks",
             Command::UpdateTaskStatus { .. } => "update_task_status",
+            Command::UpdateTaskStatuses { .. } => "update_task_statuses",
             Command::FinishJob { .. } => "finish_job",
             Command::PurgeArchive { .. } => "purge_archive",
             Command::UpsertInstanceGroup { .. } => "upsert_instance_group",

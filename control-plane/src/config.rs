@@ -234,7 +234,7 @@ impl Default for SchedulerConfig {
             max_candidates: 32,
             soft_constraint_weight: 0.5,
             max_tasks_per_round: 50_000,
-            placements_per_entry: 2_000,
+            placements_per_entry: 500,
         }
     }
 }
@@ -335,6 +335,10 @@ pub struct RaftTuning {
     /// Entries kept in the log behind the newest snapshot, so a briefly lagging follower catches up
     /// from the log rather than a snapshot.
     pub keep_entries_after_snapshot: u64,
+    /// Most entries in one AppendEntries. openraft gives every AppendEntries one heartbeat interval
+    /// to be answered, so a payload must stay small enough to be received and synced in that time
+    /// even when entries are batches (placements, agent reports).
+    pub max_payload_entries: u64,
 }
 
 impl Default for RaftTuning {
@@ -345,6 +349,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 1000,
             snapshot_after_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
+            max_payload_entries: 64,
         }
     }
 }
@@ -413,6 +418,9 @@ impl Config {
                 "raft.election-timeout-max-ms: must be greater than raft.election-timeout-min-ms".into(),
             ));
         }
+        if r.max_payload_entries == 0 {
+            return Err(Error::Config("raft.max-payload-entries: must be > 0".into()));
+        }
         if r.snapshot_after_entries == 0 {
             return Err(Error::Config("raft.snapshot-after-entries: must be > 0".into()));
         }
@@ -461,6 +469,7 @@ impl Config {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
+            max_payload_entries: r.max_payload_entries,
             ..Default::default()
         };
         config.validate().map_err(|e| Error::Config(format!("raft: {e}")))

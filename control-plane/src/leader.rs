@@ -71,6 +71,7 @@ impl LeaderDuties {
         self.tasks.spawn(task_lifecycle(self.replica.clone(), self.jobs.clone(), rx.clone()));
         self.agents.on_become_leader();
         self.tasks.spawn(agents::dispatch(self.agents.clone(), rx.clone()));
+        self.tasks.spawn(agents::report_batches(self.agents.clone(), rx.clone()));
         self.tasks.spawn(crate::scheduling::run(
             self.agents.clone(),
             self.agents.scheduling.clone(),

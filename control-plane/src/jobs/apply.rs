@@ -86,26 +86,16 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
         }
         Command::CreateTasks { tasks, archive } => create_tasks(o, tasks, archive)?,
         Command::UpdateTaskStatus { task_id, status, context } => {
-            let Some(mut task) = o.task(&task_id)? else { return Ok(Some(not_found("task_id", "task", &task_id)?)) };
-            let from = task.state();
-            let mut status = status;
-            // A kill's reason (scaledDown, runtimeLimitExceeded, ...) is why the task finished.
-            if from == TaskState::KillInitiated
-                && status.state == TaskState::Finished
-                && matches!(status.reason_code.as_str(), "" | reason::KILLED | reason::NORMAL)
-            {
-                status.reason_code = task.status.reason_code.clone();
+            let Some(task) = o.task(&task_id)? else { return Ok(Some(not_found("task_id", "task", &task_id)?)) };
+            update_status(o, task, status, context)?
+        }
+        Command::UpdateTaskStatuses { reports } => {
+            for r in reports {
+                let Some(task) = o.task(&r.task_id)? else { continue };
+                if agent_of(&task) == Some(r.agent_id.as_str()) {
+                    update_status(o, task, r.status, r.context)?;
+                }
             }
-            let to = status.state;
-            if !task.transition(status) {
-                return Ok(Some(reject(
-                    RejectionKind::FailedPrecondition,
-                    "state",
-                    format!("task {task_id:?} cannot move from {} to {}", from.name(), to.name()),
-                )?));
-            }
-            task.context.extend(context);
-            o.put_task(task);
             CommandResponse::Done
         }
         Command::FinishJob { job_id, reason_code, reason_message, timestamp_ms } => {
@@ -232,6 +222,34 @@ fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<Comm
     Ok(CommandResponse::Done)
 }
 
+/// Moves a task to its next state, or rejects an illegal transition (changing nothing).
+fn update_status(
+    o: &mut Overlay,
+    mut task: Task,
+    mut status: TaskStatus,
+    context: BTreeMap<String, String>,
+) -> Result<CommandResponse> {
+    let from = task.state();
+    // A kill's reason (scaledDown, runtimeLimitExceeded, ...) is why the task finished.
+    if from == TaskState::KillInitiated
+        && status.state == TaskState::Finished
+        && matches!(status.reason_code.as_str(), "" | reason::KILLED | reason::NORMAL)
+    {
+        status.reason_code = task.status.reason_code.clone();
+    }
+    let to = status.state;
+    if !task.transition(status) {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "state",
+            format!("task {:?} cannot move from {} to {}", task.id, from.name(), to.name()),
+        );
+    }
+    task.context.extend(context);
+    o.put_task(task);
+    Ok(CommandResponse::Done)
+}
+
 /// Applies the placements that still fit: the agent must be Online, healthy, in an Active instance
 /// group, with room for the task next to its live tasks as of this entry.
 fn assign_tasks(
@@ -239,28 +257,36 @@ fn assign_tasks(
     assignments: Vec<crate::command::Assignment>,
     timestamp_ms: i64,
 ) -> Result<CommandResponse> {
-    // Each agent's allocation is read once, before this entry gives it anything.
+    // Each agent's allocation is read once, before this entry gives it anything; jobs and agents
+    // (which this command does not change) once each.
     let mut used: BTreeMap<String, ResourceDimension> = BTreeMap::new();
+    let mut needs: BTreeMap<String, Option<ResourceDimension>> = BTreeMap::new();
+    let mut eligible: BTreeMap<String, Option<crate::model::agent::Agent>> = BTreeMap::new();
     let mut applied = Vec::new();
     for a in assignments {
         let Some(mut task) = o.task(&a.task_id)? else { continue };
         if task.state() != TaskState::Accepted || agent_of(&task).is_some() {
             continue;
         }
-        let Some(job) = o.job(&task.job_id)? else { continue };
-        if job.status.state != JobState::Accepted {
-            continue;
+        if !needs.contains_key(&task.job_id) {
+            let need = o
+                .job(&task.job_id)?
+                .filter(|j| j.status.state == JobState::Accepted)
+                .map(|j| j.descriptor.container.resources.as_dimension());
+            needs.insert(task.job_id.clone(), need);
         }
-        let Some(agent) = o.agent(&a.agent_id)? else { continue };
-        if !agent.accepts_tasks() {
-            continue;
+        let Some(need) = needs[&task.job_id].clone() else { continue };
+        if !eligible.contains_key(&a.agent_id) {
+            let agent = match o.agent(&a.agent_id)?.filter(|agent| agent.accepts_tasks()) {
+                Some(agent) => match o.instance_group(&agent.instance_group)? {
+                    Some(group) if group.lifecycle != Lifecycle::Active => None,
+                    _ => Some(agent),
+                },
+                None => None,
+            };
+            eligible.insert(a.agent_id.clone(), agent);
         }
-        if let Some(group) = o.instance_group(&agent.instance_group)? {
-            if group.lifecycle != Lifecycle::Active {
-                continue;
-            }
-        }
-        let need = job.descriptor.container.resources.as_dimension();
+        let Some(agent) = eligible[&a.agent_id].as_ref() else { continue };
         if !used.contains_key(&agent.id) {
             used.insert(agent.id.clone(), o.allocation_of(&agent.id)?.resources);
         }

@@ -376,10 +376,15 @@ impl JobRead for Overlay<'_> {
         Ok(ids.into_iter().collect())
     }
 
-    /// The base's allocation, corrected by this overlay's task writes (reads only the changed tasks).
+    /// The base's allocation, corrected by this overlay's writes of tasks on that agent (a task's
+    /// agent never changes once set, so the write itself tells whether the task concerns it).
     fn allocation_of(&self, agent_id: &str) -> Result<Allocation> {
         let mut out = self.base.allocation_of(agent_id)?;
         for (id, w) in &self.changes.tasks {
+            let (Write::Put(t) | Write::Delete(t)) = w;
+            if agent_of(t) != Some(agent_id) {
+                continue;
+            }
             if let Some((agent, r)) = self.base.task(id)?.map(|t| holding(self.base, &t)).transpose()?.flatten() {
                 if agent == agent_id {
                     out.resources.sub(&r);

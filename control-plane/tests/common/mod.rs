@@ -75,7 +75,9 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 impl Cluster {
     /// Starts `n` replicas that bootstrap one cluster. `extra_args` go to every replica.
     pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
-        let dir = TempDir::new().expect("temp dir");
+        let mut dir = TempDir::new().expect("temp dir");
+        // TITUS_TEST_KEEP=1 keeps data dirs and logs for a look after the test.
+        dir.disable_cleanup(std::env::var_os("TITUS_TEST_KEEP").is_some());
         let ports = free_ports(3 * n as usize);
         let replicas: Vec<Replica> =
             (1..=n).map(|id| Cluster::new_replica(&dir, id, &ports[3 * (id as usize - 1)..])).collect();
