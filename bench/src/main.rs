@@ -61,11 +61,11 @@ struct Args {
     only_launch: bool,
     /// Scheduler benchmark, the placement core alone: AGENTS,TASKS (e.g. 10000,100000). Only this
     /// (and --placement) run when given.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     scheduler_core: Vec<usize>,
     /// Scheduler benchmark end to end: AGENTS,TASKS simulated agents and tasks submitted through
     /// the API to 3 replicas (e.g. 10000,1000000).
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     placement: Vec<usize>,
     /// Upper bound on the end-to-end placement run, in seconds.
     #[arg(long, default_value_t = 1800)]
@@ -626,6 +626,11 @@ async fn main() -> Result<()> {
     let profile = if titus_bin.components().any(|c| c.as_os_str() == "release") { "release" } else { "debug" };
     eprintln!("titus-bench: {} ({profile} build), data under {}", titus_bin.display(), dir.path().display());
 
+    for (flag, values) in [("--scheduler-core", &args.scheduler_core), ("--placement", &args.placement)] {
+        if !values.is_empty() && values.len() != 2 {
+            bail!("{flag}: expected AGENTS,TASKS (two numbers), got {values:?}");
+        }
+    }
     if let [agents, tasks] = args.scheduler_core[..] {
         scheduler::core_bench(agents, tasks);
     }

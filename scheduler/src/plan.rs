@@ -7,8 +7,11 @@
 //!
 //! Agent choice (Fenzo's): hard constraints filter, the fitness of the agent after the placement
 //! scores (bin-packing: fuller is better), soft constraints add to the score. Candidates are visited
-//! tightest-memory first through an index, and the search stops at the first "good enough" score
-//! or after `max_candidates` feasible agents, so a placement does not scan every agent.
+//! through an index ordered by the free amount of the round's *key dimension* — the one the pending
+//! tasks and live ones weigh on most, relative to what the agents have — tightest first, so agents
+//! full in that dimension are never visited; agents that cannot hold even the round's smallest task
+//! leave the index. The search stops at the first "good enough" score or after `max_candidates`
+//! feasible agents, so a placement does not scan every agent.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -112,7 +115,7 @@ pub struct Plan {
 /// Places `tasks` (in the order given, within each group) on `agents`. `groups` lists capacity
 /// groups; a task whose group is not listed is Flex with nothing reserved.
 pub fn schedule(agents: &[Agent], tasks: &[Task], groups: &[Group], cfg: &Config) -> Plan {
-    let mut s = State::new(agents, cfg);
+    let mut s = State::new(agents, tasks, cfg);
     let mut plan = Plan::default();
 
     // Queues per capacity group, per tier; groups in name order so ties are deterministic.
@@ -225,8 +228,13 @@ struct State<'a> {
     tasks_on: Vec<u32>,
     jobs_on: Vec<HashMap<&'a str, u32>>,
     exclusive: Vec<bool>,
-    /// Eligible agents that can take more, by (free memory, seeded tie-break, index).
+    /// Eligible agents that can take more, by (free amount of `key`, seeded tie-break, index).
     index: BTreeSet<(u64, u64, usize)>,
+    /// The dimension the index orders by.
+    key: usize,
+    /// Per dimension, the least any of the round's tasks needs: an agent with less free than this
+    /// in some dimension can take nothing more this round.
+    smallest: Resources,
     tiebreak: Vec<u64>,
     by_id: HashMap<&'a str, usize>,
     /// Zones with at least one eligible agent, and each agent's zone among them.
@@ -242,20 +250,39 @@ struct State<'a> {
 }
 
 impl<'a> State<'a> {
-    fn new(agents: &'a [Agent], cfg: &'a Config) -> Self {
+    fn new(agents: &'a [Agent], tasks: &[Task], cfg: &'a Config) -> Self {
         let mut zones: Vec<&str> =
             agents.iter().filter(|a| a.ineligible.is_none() && !a.zone.is_empty()).map(|a| a.zone.as_str()).collect();
         zones.sort();
         zones.dedup();
         let mut cluster = Resources::default();
-        let mut index = BTreeSet::new();
+        let mut demand = Resources::default();
+        for a in agents.iter().filter(|a| a.ineligible.is_none()) {
+            cluster.add(&a.total);
+            demand.add(&a.used);
+        }
+        let mut smallest: Option<Resources> = None;
+        for t in tasks {
+            demand.add(&t.need);
+            let s = smallest.get_or_insert(t.need);
+            s.cpu = s.cpu.min(t.need.cpu);
+            s.memory_mb = s.memory_mb.min(t.need.memory_mb);
+            s.disk_mb = s.disk_mb.min(t.need.disk_mb);
+            s.network_mbps = s.network_mbps.min(t.need.network_mbps);
+            s.gpu = s.gpu.min(t.need.gpu);
+        }
+        let (demand, supply) = (demand.as_array(), cluster.as_array());
+        let key = (0..5)
+            .filter(|&d| supply[d] > 0.0)
+            .max_by(|&a, &b| (demand[a] / supply[a]).total_cmp(&(demand[b] / supply[b])))
+            .unwrap_or(1);
+        let smallest = smallest.unwrap_or_default();
         let tiebreak: Vec<u64> = agents.iter().map(|a| mix(cfg.seed ^ fnv(&a.id))).collect();
+        let mut index = BTreeSet::new();
         for (i, a) in agents.iter().enumerate() {
-            if a.ineligible.is_none() {
-                cluster.add(&a.total);
-                if !a.exclusive {
-                    index.insert((a.total.minus(&a.used).memory_mb, tiebreak[i], i));
-                }
+            let free = a.total.minus(&a.used);
+            if a.ineligible.is_none() && !a.exclusive && free.holds(&smallest) {
+                index.insert((key_of(key, &free), tiebreak[i], i));
             }
         }
         State {
@@ -267,6 +294,8 @@ impl<'a> State<'a> {
             jobs_on: agents.iter().map(|a| a.jobs.iter().map(|(j, n)| (j.as_str(), *n)).collect()).collect(),
             exclusive: agents.iter().map(|a| a.exclusive).collect(),
             index,
+            key,
+            smallest,
             tiebreak,
             by_id: agents.iter().enumerate().map(|(i, a)| (a.id.as_str(), i)).collect(),
             zone_of: agents.iter().map(|a| zones.binary_search(&a.zone.as_str()).ok()).collect(),
@@ -402,7 +431,8 @@ impl<'a> State<'a> {
                 visit(self, i, &mut evaluated);
             }
         } else {
-            for &(_, _, i) in self.index.range((t.need.memory_mb, 0, 0)..) {
+            let from = key_of(self.key, &t.need).saturating_sub(1);
+            for &(_, _, i) in self.index.range((from, 0, 0)..) {
                 if visit(self, i, &mut evaluated) {
                     break;
                 }
@@ -423,11 +453,11 @@ impl<'a> State<'a> {
     }
 
     fn in_index(&self, i: usize) -> bool {
-        self.index.contains(&(self.free[i].memory_mb, self.tiebreak[i], i))
+        self.index.contains(&(key_of(self.key, &self.free[i]), self.tiebreak[i], i))
     }
 
     fn book(&mut self, i: usize, t: &'a Task) {
-        self.index.remove(&(self.free[i].memory_mb, self.tiebreak[i], i));
+        self.index.remove(&(key_of(self.key, &self.free[i]), self.tiebreak[i], i));
         self.free[i].sub(&t.need);
         self.used[i].add(&t.need);
         self.tasks_on[i] += 1;
@@ -437,8 +467,8 @@ impl<'a> State<'a> {
         }
         if t.hard.exclusive_host {
             self.exclusive[i] = true;
-        } else {
-            self.index.insert((self.free[i].memory_mb, self.tiebreak[i], i));
+        } else if self.free[i].holds(&self.smallest) {
+            self.index.insert((key_of(self.key, &self.free[i]), self.tiebreak[i], i));
         }
     }
 
@@ -519,6 +549,17 @@ impl<'a> State<'a> {
                 describe(d, most_free[d])
             ),
         }
+    }
+}
+
+/// An amount of dimension `d` as an index key (cpus in thousandths).
+fn key_of(d: usize, r: &Resources) -> u64 {
+    match d {
+        0 => (r.cpu * 1000.0).floor().max(0.0) as u64,
+        1 => r.memory_mb,
+        2 => r.disk_mb,
+        3 => r.network_mbps,
+        _ => r.gpu,
     }
 }
 
