@@ -17,6 +17,7 @@ use crate::command::{Command, CommandResponse};
 use crate::config::{AwsConfig, JobsConfig};
 use crate::events::Change;
 use crate::jobs::lifecycle;
+use crate::model::task::TaskState;
 use crate::replica::Replica;
 
 /// AWS, when configured: the client and its settings.
@@ -166,11 +167,14 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
     // Retention runs about once a minute, however often rounds run (they follow every change).
     let mut next_purge = std::time::Instant::now();
     let (_, mut changes) = replica.state.changes.subscribe(None);
-    // Rounds plan the jobs changed in the last RECENT (their retry back-offs and kills are timely);
-    // a full sweep of every job (stuck states, runtime limits, long back-offs) runs every 2 s, or
-    // less often when a sweep is slow (10x its own time), so a million tasks do not hog the leader.
+    // A job is planned right after a change that concerns it, then again at most once a second
+    // for RECENT (short retry back-offs come due); a full sweep of every job (stuck states, runtime
+    // limits, long back-offs) runs every 2 s, or less often when a sweep is slow (10x its own
+    // time), so a million tasks do not keep the leader re-reading them.
     const RECENT: Duration = Duration::from_secs(10);
-    let mut recent: HashMap<String, Instant> = HashMap::new();
+    const REPLAN: Duration = Duration::from_secs(1);
+    // job id → (last change, next planning)
+    let mut recent: HashMap<String, (Instant, Instant)> = HashMap::new();
     let mut next_sweep = Instant::now();
     loop {
         let now = crate::api::now_ms();
@@ -181,8 +185,17 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
             next_sweep = Instant::now() + Duration::from_secs(2).max(t0.elapsed() * 10);
             planned
         } else {
-            recent.retain(|_, at| at.elapsed() < RECENT);
-            lifecycle::plan_jobs(&replica.state, recent.keys(), now, &cfg, &mut new_id)
+            let t = Instant::now();
+            recent.retain(|_, (changed, _)| t.duration_since(*changed) < RECENT);
+            let due: Vec<String> = recent
+                .iter_mut()
+                .filter(|(_, (_, next))| *next <= t)
+                .map(|(id, (_, next))| {
+                    *next = t + REPLAN;
+                    id.clone()
+                })
+                .collect();
+            lifecycle::plan_jobs(&replica.state, due.iter(), now, &cfg, &mut new_id)
         };
         let mut commands = match planned {
             Ok(c) => c,
@@ -246,12 +259,16 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
                 next_sweep = Instant::now();
             }
             for change in &batch.changes {
+                // What the lifecycle acts on: job changes and tasks being killed or finished
+                // (replacements). New tasks are the lifecycle's own doing, and a task going
+                // Launched → Started needs nothing of it.
                 let job = match change {
                     Change::Job(j) => &j.id,
-                    Change::Task(t) => &t.job_id,
+                    Change::Task(t) if matches!(t.state(), TaskState::KillInitiated | TaskState::Finished) => &t.job_id,
                     _ => continue,
                 };
-                recent.insert(job.clone(), Instant::now());
+                let t = Instant::now();
+                recent.insert(job.clone(), (t, t));
             }
         }
     }

@@ -97,14 +97,13 @@ impl PeerChannels {
             }
         };
         let reply = match tokio::time::timeout(ttl, fut).await {
-            Err(_) => {
-                return Err(PeerCallError::Unreachable(format!("{addr}: no answer within {} ms", ttl.as_millis())))
-            }
+            Err(_) => return Err(PeerCallError::Timeout(format!("{addr}: no answer within {} ms", ttl.as_millis()))),
             Ok(Err(status)) => {
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                        PeerCallError::Unreachable(format!("{addr}: {}", status.message()))
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                        PeerCallError::Timeout(format!("{addr}: {}", status.message()))
                     }
+                    tonic::Code::Unavailable => PeerCallError::Unreachable(format!("{addr}: {}", status.message())),
                     _ => PeerCallError::Other(format!("{addr}: {}: {}", status.code(), status.message())),
                 })
             }
@@ -158,6 +157,9 @@ enum PeerMethod {
 pub enum PeerCallError {
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// No answer within the deadline: the peer may be slow rather than gone.
+    #[error("timed out: {0}")]
+    Timeout(String),
     #[error("{0}")]
     Other(String),
 }
@@ -204,9 +206,11 @@ impl PeerConnection {
     {
         let reply: Result<Resp, RaftError<NodeId, E>> =
             self.peers.call(&self.addr, method, req, option.hard_ttl()).await.map_err(|e| match e {
-                // openraft backs off from an unreachable peer instead of hammering it.
+                // openraft backs off (500 ms) from an unreachable peer instead of hammering it; a
+                // slow answer is not that — a follower busy syncing a large append would
+                // otherwise be left alone for half a second, stalling commits.
                 PeerCallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Msg(m))),
-                PeerCallError::Other(m) => RPCError::Network(NetworkError::new(&Msg(m))),
+                PeerCallError::Timeout(m) | PeerCallError::Other(m) => RPCError::Network(NetworkError::new(&Msg(m))),
             })?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

@@ -92,7 +92,7 @@ impl Replica {
                         Ok(Err(ForwardError::Other(m))) => return Err(Error::Raft(m)),
                         // Unknown outcome: the write may have been committed. Say so and let the
                         // client retry with its idempotency token.
-                        Err(PeerCallError::Unreachable(m) | PeerCallError::Other(m)) => {
+                        Err(PeerCallError::Unreachable(m) | PeerCallError::Timeout(m) | PeerCallError::Other(m)) => {
                             return Err(Error::Peer { peer: leader.peer_addr, message: m })
                         }
                     }

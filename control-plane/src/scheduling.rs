@@ -214,6 +214,44 @@ impl Cache {
         Ok(())
     }
 
+    /// Books a planned placement before it commits, so the next round does not plan the task
+    /// again or count the agent's room twice. The committed change replaces it; a placement
+    /// refused when applied is undone by [`Cache::refresh`].
+    fn book(&mut self, task_id: &str, agent: &str) {
+        let Some(entry) = self.tasks.get_mut(task_id) else { return };
+        let Some(job) = self.jobs.get(&entry.job_id) else { return };
+        if entry.agent.is_some() {
+            return;
+        }
+        if let Some(key) = entry.pending.take() {
+            self.pending.remove(&key);
+        }
+        let load = self.loads.entry(agent.to_string()).or_default();
+        load.used.add(&job.need);
+        *load.jobs.entry(entry.job_id.clone()).or_default() += 1;
+        load.exclusive += u32::from(job.exclusive());
+        self.group_used.entry(job.group.clone()).or_default().add(&job.need);
+        entry.agent = Some((agent.to_string(), job.need, job.group.clone(), job.exclusive()));
+    }
+
+    /// Puts a task back as replicated state has it (after a booked placement was refused).
+    fn refresh(&mut self, task_id: &str, read: &dyn JobRead) -> Result<()> {
+        match read.task(task_id)? {
+            Some(t) => self.put_task(&t, read),
+            None => {
+                if let Some(old) = self.tasks.remove(task_id) {
+                    if let Some(key) = &old.pending {
+                        self.pending.remove(key);
+                    }
+                    if let Some((agent, need, group, exclusive)) = &old.agent {
+                        self.unload(agent, &old.job_id, need, group, *exclusive);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn unload(&mut self, agent: &str, job_id: &str, need: &core::Resources, group: &str, exclusive: bool) {
         if let Some(g) = self.group_used.get_mut(group) {
             g.sub(need);
@@ -392,12 +430,16 @@ pub async fn run(
     config: SchedulerConfig,
     mut stop: watch::Receiver<bool>,
 ) {
-    let replica = hub.replica();
+    let replica = hub.replica().clone();
     let state = &replica.state;
     let period = Duration::from_millis(hub.config.placement_interval_ms);
     let min_gap = Duration::from_millis(20);
     let core_config = config.core();
     let (_, mut changes) = state.changes.subscribe(None);
+    // Proposals run while the next round is planned; each reports (proposed, applied) here.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<String>, Vec<String>)>();
+    let mut in_flight = 0usize;
+    let mut finished: Vec<(Vec<String>, Vec<String>)> = Vec::new();
     let mut cache: Option<Cache> = None;
     loop {
         if cache.is_none() {
@@ -414,25 +456,56 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "scheduler: cannot read state; retrying"),
             }
         }
+        while let Ok(d) = done_rx.try_recv() {
+            finished.push(d);
+        }
         if let Some(c) = cache.as_mut() {
+            // A proposal's changes are published before it returns: apply them, then undo the
+            // bookings of placements that were refused.
             if !drain(c, &mut changes, state) {
                 cache = None;
                 continue;
             }
-            if c.pending() > 0 {
-                if let Err(e) = round(&hub, c, &results, &config, &core_config).await {
-                    tracing::warn!(error = %e, "scheduler: round failed");
+            let mut refreshed = true;
+            for (proposed, applied) in finished.drain(..) {
+                in_flight -= 1;
+                let applied: HashSet<String> = applied.into_iter().collect();
+                for id in proposed.iter().filter(|id| !applied.contains(*id)) {
+                    refreshed &= c.refresh(id, state).is_ok();
                 }
-                // What the round's proposals changed is in the stream already.
-                if !drain(c, &mut changes, state) {
-                    cache = None;
-                    continue;
+            }
+            if !refreshed {
+                cache = None;
+                continue;
+            }
+            if c.pending() > 0 && in_flight < MAX_ENTRIES_IN_FLIGHT {
+                match plan_round(&hub, c, &results, &config, &core_config).await {
+                    Ok(placements) => {
+                        for p in &placements {
+                            c.book(&p.task_id, &p.agent_id);
+                        }
+                        for chunk in placements.chunks(config.placements_per_entry) {
+                            in_flight += 1;
+                            let (replica, done) = (replica.clone(), done_tx.clone());
+                            let assignments: Vec<Assignment> = chunk
+                                .iter()
+                                .map(|p| Assignment { task_id: p.task_id.clone(), agent_id: p.agent_id.clone() })
+                                .collect();
+                            tokio::spawn(propose(replica, assignments, done));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "scheduler: round failed"),
                 }
-            } else {
+            } else if c.pending() == 0 {
                 results.record(now_ms(), HashMap::new(), 0);
             }
+        } else {
+            // No cache: the bookings went with it.
+            in_flight -= finished.len();
+            finished.clear();
         }
-        // Next round: after a change (coalesced over `min_gap`) or `period`, whichever is first.
+        // Next round: after a change or a finished proposal (coalesced over `min_gap`), or
+        // `period`, whichever is first.
         tokio::select! {
             _ = tokio::time::sleep(min_gap) => {}
             _ = stop.changed() => return,
@@ -440,6 +513,7 @@ pub async fn run(
         let wait = tokio::time::sleep(period.saturating_sub(min_gap));
         tokio::select! {
             _ = wait => {}
+            d = done_rx.recv() => finished.extend(d),
             batch = changes.recv() => match (batch, cache.as_mut()) {
                 (Ok(b), Some(c)) => {
                     if !apply_batch(c, &b, state) {
@@ -452,6 +526,28 @@ pub async fn run(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Most placement entries proposed and not yet answered; the next round waits beyond that.
+const MAX_ENTRIES_IN_FLIGHT: usize = 8;
+
+/// Proposes one entry of placements and reports which were applied.
+async fn propose(
+    replica: Arc<crate::replica::Replica>,
+    assignments: Vec<Assignment>,
+    done: tokio::sync::mpsc::UnboundedSender<(Vec<String>, Vec<String>)>,
+) {
+    let proposed: Vec<String> = assignments.iter().map(|a| a.task_id.clone()).collect();
+    let applied = match replica.propose(Command::AssignTasks { assignments, timestamp_ms: now_ms() }, None).await {
+        Ok(CommandResponse::Assigned(done)) => done,
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "scheduler: proposal failed");
+            Vec::new()
+        }
+    };
+    crate::telemetry::metrics().scheduler_placements_total.add(&[], applied.len() as f64);
+    let _ = done.send((proposed, applied));
 }
 
 /// Applies what the change stream holds; false when the cache must be reloaded (it lagged, or the
@@ -477,13 +573,14 @@ fn apply_batch(c: &mut Cache, b: &ChangeBatch, read: &dyn JobRead) -> bool {
     b.changes.iter().all(|change| c.apply(change, read).is_ok())
 }
 
-async fn round(
+/// Plans one round: records why the unplaced tasks wait, returns the placements.
+async fn plan_round(
     hub: &crate::agents::AgentHub,
     cache: &Cache,
     results: &Results,
     config: &SchedulerConfig,
     core_config: &core::Config,
-) -> Result<()> {
+) -> Result<Vec<core::Placement>> {
     let replica = hub.replica();
     let m = crate::telemetry::metrics();
     let groups = replica.state.capacity_groups()?;
@@ -495,7 +592,6 @@ async fn round(
     let plan = tokio::task::spawn_blocking(move || core::schedule(&agents, &tasks, &core_groups, &core_config))
         .await
         .map_err(|e| crate::error::Error::Storage(format!("scheduling round panicked: {e}")))?;
-    let plan_ms = t0.elapsed().as_millis() as u64;
     let round_ms = now_ms();
 
     let mut waiting: HashMap<String, Waiting> = HashMap::new();
@@ -511,34 +607,16 @@ async fn round(
     }
     m.scheduler_unplaced_tasks.replace(by_reason.into_iter().map(|(k, v)| (vec![k], v)));
     results.record(round_ms, waiting, not_considered);
-
-    let placed = plan.placements.len();
-    if placed > 0 {
-        m.scheduler_plan_size.observe(&[], placed as f64);
-        let proposals = plan.placements.chunks(config.placements_per_entry).map(|chunk| {
-            let assignments =
-                chunk.iter().map(|p| Assignment { task_id: p.task_id.clone(), agent_id: p.agent_id.clone() }).collect();
-            replica.propose(Command::AssignTasks { assignments, timestamp_ms: round_ms }, None)
-        });
-        let mut applied = 0;
-        for outcome in futures::future::join_all(proposals).await {
-            match outcome {
-                Ok(CommandResponse::Assigned(done)) => applied += done.len(),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "scheduler: proposal failed"),
-            }
-        }
-        m.scheduler_placements_total.add(&[], applied as f64);
-        tracing::debug!(
-            considered,
-            placed,
-            applied,
-            unplaced = plan.unplaced.len(),
-            evaluated = plan.agents_evaluated,
-            plan_ms,
-            total_ms = t0.elapsed().as_millis() as u64,
-            "scheduling round"
-        );
+    if !plan.placements.is_empty() {
+        m.scheduler_plan_size.observe(&[], plan.placements.len() as f64);
     }
-    Ok(())
+    tracing::debug!(
+        considered,
+        placed = plan.placements.len(),
+        unplaced = plan.unplaced.len(),
+        evaluated = plan.agents_evaluated,
+        plan_ms = t0.elapsed().as_millis() as u64,
+        "scheduling round"
+    );
+    Ok(plan.placements)
 }

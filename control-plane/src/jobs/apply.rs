@@ -587,8 +587,22 @@ fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Resu
             None => {}
         }
     }
+    // Per job, read once per command: the job, and the indexes its tasks already hold (a batch
+    // job's index is taken by any task, a service job's only by a live one).
+    let mut jobs: BTreeMap<String, (Job, std::collections::HashSet<u32>)> = BTreeMap::new();
     for task in tasks {
-        let Some(job) = o.job(&task.job_id)? else { return not_found("job_id", "job", &task.job_id) };
+        if !jobs.contains_key(&task.job_id) {
+            let Some(job) = o.job(&task.job_id)? else { return not_found("job_id", "job", &task.job_id) };
+            let batch = job.descriptor.is_batch();
+            let taken = o
+                .tasks_of_job(&task.job_id)?
+                .into_iter()
+                .filter(|t| t.state().is_live() || batch)
+                .map(|t| t.index)
+                .collect();
+            jobs.insert(task.job_id.clone(), (job, taken));
+        }
+        let (job, taken) = jobs.get_mut(&task.job_id).expect("inserted above");
         if job.status.state != JobState::Accepted {
             return reject(
                 RejectionKind::FailedPrecondition,
@@ -603,8 +617,7 @@ fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Resu
                 format!("task index {} is out of range", task.index),
             );
         }
-        let siblings = o.tasks_of_job(&task.job_id)?;
-        if siblings.iter().any(|t| t.index == task.index && (t.state().is_live() || job.descriptor.is_batch())) {
+        if !taken.insert(task.index) {
             return reject(
                 RejectionKind::AlreadyExists,
                 "index",

@@ -120,6 +120,28 @@ fn timeouts(job: &Job, tasks: &[Task], now: i64, cfg: &LifecycleConfig, out: &mu
     }
 }
 
+/// Most tasks created by one log entry: a 10,000-task job is many modest entries, each replicated
+/// within a heartbeat, not one of megabytes.
+pub const CREATE_TASKS_PER_ENTRY: usize = 100;
+
+/// `CreateTasks` commands for `create` (each new task with the finished one it replaces, archived
+/// in the same entry so the retry count carries over) and `archive` (finished tasks no longer
+/// wanted), in entries of at most [`CREATE_TASKS_PER_ENTRY`] tasks.
+fn create_tasks(out: &mut Vec<Command>, create: Vec<(Task, Option<String>)>, archive: Vec<String>) {
+    if create.is_empty() {
+        if !archive.is_empty() {
+            out.push(Command::CreateTasks { tasks: Vec::new(), archive });
+        }
+        return;
+    }
+    let mut extra = archive;
+    for chunk in create.chunks(CREATE_TASKS_PER_ENTRY) {
+        let mut archive = std::mem::take(&mut extra);
+        archive.extend(chunk.iter().filter_map(|(_, replaced)| replaced.clone()));
+        out.push(Command::CreateTasks { tasks: chunk.iter().map(|(t, _)| t.clone()).collect(), archive });
+    }
+}
+
 /// What to do about one job.
 pub fn plan_job(
     job: &Job,
@@ -149,12 +171,11 @@ pub fn plan_job(
         JobState::Accepted => match &job.descriptor.job_type {
             JobType::Batch { size, retry_policy, retry_on_runtime_limit, .. } => {
                 let mut create = Vec::new();
-                let mut archive = Vec::new();
                 let mut all_done = true;
                 let mut all_normal = true;
                 for index in 0..*size {
                     let Some(t) = tasks.iter().filter(|t| t.index == index).max_by_key(|t| t.resubmit_number) else {
-                        create.push(new_task(job, index, None, now, new_id));
+                        create.push((new_task(job, index, None, now, new_id), None));
                         all_done = false;
                         continue;
                     };
@@ -176,12 +197,11 @@ pub fn plan_job(
                     all_done = false;
                     let delay = if counts { retry_policy.delay_ms(t.counted_retries() + 1) as i64 } else { 0 };
                     if now >= t.status.timestamp_ms + delay {
-                        create.push(new_task(job, index, Some(t), now, new_id));
-                        archive.push(t.id.clone());
+                        create.push((new_task(job, index, Some(t), now, new_id), Some(t.id.clone())));
                     }
                 }
                 if !create.is_empty() {
-                    out.push(Command::CreateTasks { tasks: create, archive });
+                    create_tasks(&mut out, create, Vec::new());
                 } else if all_done {
                     let (code, message) = if all_normal {
                         (reason::NORMAL, "all tasks completed")
@@ -224,15 +244,14 @@ pub fn plan_job(
                             if used.contains(&t.index) {
                                 continue;
                             }
-                            create.push(new_task(job, t.index, Some(t), now, new_id));
-                            archive.push(t.id.clone());
+                            create.push((new_task(job, t.index, Some(t), now, new_id), Some(t.id.clone())));
                             used.insert(t.index);
                             need -= 1;
                         }
                         let mut index = 0;
                         while need > 0 {
                             if !used.contains(&index) {
-                                create.push(new_task(job, index, None, now, new_id));
+                                create.push((new_task(job, index, None, now, new_id), None));
                                 used.insert(index);
                                 need -= 1;
                             }
@@ -256,9 +275,7 @@ pub fn plan_job(
                         out.push(update(t, status(to, reason::SCALED_DOWN, "job scaled down", now)));
                     }
                 }
-                if !create.is_empty() || !archive.is_empty() {
-                    out.push(Command::CreateTasks { tasks: create, archive });
-                }
+                create_tasks(&mut out, create, archive);
             }
         },
     }
