@@ -70,6 +70,10 @@ struct Args {
     /// Upper bound on the end-to-end placement run, in seconds.
     #[arg(long, default_value_t = 1800)]
     placement_limit: u64,
+    /// Passed to the replicas of the placement run (snapshots are built in memory: at a million
+    /// tasks one is over 1 GB and stalls its replica; see the README).
+    #[arg(long)]
+    snapshot_after_entries: Option<u64>,
 }
 
 /// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
@@ -132,7 +136,7 @@ struct Titus {
 }
 
 impl Titus {
-    async fn start(bin: &Path, dir: &Path) -> Result<Titus> {
+    async fn start(bin: &Path, dir: &Path, extra: &[String]) -> Result<Titus> {
         let ids = [1u64, 2, 3];
         let peers: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let apis: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
@@ -152,6 +156,7 @@ impl Titus {
                 args.push("--member".into());
                 args.push(format!("{m}={}/{}", peers[j], apis[j]));
             }
+            args.extend(extra.iter().cloned());
             let mut p =
                 Proc { args, bin: bin.display().to_string(), log: dir.join(format!("titus-{id}.log")), child: None };
             p.start()?;
@@ -507,7 +512,7 @@ async fn launch_and_reattach(titus_bin: &Path, dir: &Path, tasks: usize, kills: 
         bail!("{} not found: build it (cargo build -p titus-agent)", agent_bin.display());
     }
     std::fs::create_dir_all(dir)?;
-    let mut titus = Titus::start(titus_bin, dir).await?;
+    let mut titus = Titus::start(titus_bin, dir, &[]).await?;
     wait_leader(&titus, Duration::from_secs(60)).await?;
     let agent_id = format!("bench-agent-{}", std::process::id());
     let mut agent = Proc {
@@ -636,7 +641,11 @@ async fn main() -> Result<()> {
     }
     if let [agents, tasks] = args.placement[..] {
         let limit = Duration::from_secs(args.placement_limit);
-        scheduler::placement_bench(&titus_bin, &dir.path().join("placement"), agents, tasks, limit).await?;
+        let extra: Vec<String> = args
+            .snapshot_after_entries
+            .map(|n| vec!["--snapshot-after-entries".into(), n.to_string()])
+            .unwrap_or_default();
+        scheduler::placement_bench(&titus_bin, &dir.path().join("placement"), agents, tasks, limit, &extra).await?;
     }
     if !args.scheduler_core.is_empty() || !args.placement.is_empty() {
         return Ok(());
@@ -660,7 +669,7 @@ async fn main() -> Result<()> {
     }
 
     eprintln!("titus: 3 replicas");
-    let titus = measure(Titus::start(&titus_bin, dir.path()).await?, &args).await?;
+    let titus = measure(Titus::start(&titus_bin, dir.path(), &[]).await?, &args).await?;
 
     let etcd_available = !args.no_etcd
         && Command::new(&args.etcd_bin)

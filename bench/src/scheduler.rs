@@ -114,13 +114,20 @@ pub fn core_bench(agents: usize, tasks: usize) {
 /// The whole path: 3 replicas (fsync on), `agents` simulated agents in one `titus-agent
 /// --simulate` process, `tasks` tasks in batch jobs of up to 1,000 submitted through the SDK by 8
 /// concurrent submitters; stops after `limit` whatever it reached.
-pub async fn placement_bench(titus_bin: &Path, dir: &Path, agents: usize, tasks: usize, limit: Duration) -> Result<()> {
+pub async fn placement_bench(
+    titus_bin: &Path,
+    dir: &Path,
+    agents: usize,
+    tasks: usize,
+    limit: Duration,
+    replica_args: &[String],
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let agent_bin = titus_bin.with_file_name("titus-agent");
     if !agent_bin.exists() {
         bail!("{} not found: build it first (cargo build -p titus-agent)", agent_bin.display());
     }
-    let titus = Titus::start(titus_bin, dir).await?;
+    let titus = Titus::start(titus_bin, dir, replica_args).await?;
     let client = Client::connect(titus.apis.iter())?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.cluster_status().await.map(|s| s.leader_id == 0).unwrap_or(true) {
