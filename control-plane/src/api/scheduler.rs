@@ -29,7 +29,7 @@ impl SchedulerService for SchedulerApi {
         // The reasons live on the leader only: elsewhere the caller is sent there.
         replica.require_leader()?;
         let state = &replica.state;
-        let (round_ms, _) = self.hub.scheduling.round();
+        let (round_ms, left_for_later) = self.hub.scheduling.round();
         let mut out = pb::SchedulingResult { task_id: id.clone(), round_timestamp: round_ms, ..Default::default() };
         let task = match state.task(&id)? {
             Some(t) => t,
@@ -59,7 +59,14 @@ impl SchedulerService for SchedulerApi {
                 }
                 None => {
                     out.reason = "not yet considered".into();
-                    out.message = "waiting for the next scheduling round (older pending tasks go first)".into();
+                    out.message = if left_for_later > 0 {
+                        format!(
+                            "waiting for a later scheduling round: the last one left {left_for_later} pending tasks \
+                             for later (Critical and older ones go first)"
+                        )
+                    } else {
+                        "waiting for the next scheduling round".into()
+                    };
                 }
             }
         }
