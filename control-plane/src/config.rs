@@ -349,7 +349,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 1000,
             snapshot_after_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
-            max_payload_entries: 16,
+            max_payload_entries: 64,
         }
     }
 }
