@@ -591,18 +591,20 @@ fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Resu
     // job's index is taken by any task, a service job's only by a live one).
     let mut jobs: BTreeMap<String, (Job, std::collections::HashSet<u32>)> = BTreeMap::new();
     for task in tasks {
-        if !jobs.contains_key(&task.job_id) {
-            let Some(job) = o.job(&task.job_id)? else { return not_found("job_id", "job", &task.job_id) };
-            let batch = job.descriptor.is_batch();
-            let taken = o
-                .tasks_of_job(&task.job_id)?
-                .into_iter()
-                .filter(|t| t.state().is_live() || batch)
-                .map(|t| t.index)
-                .collect();
-            jobs.insert(task.job_id.clone(), (job, taken));
-        }
-        let (job, taken) = jobs.get_mut(&task.job_id).expect("inserted above");
+        let (job, taken) = match jobs.entry(task.job_id.clone()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let Some(job) = o.job(&task.job_id)? else { return not_found("job_id", "job", &task.job_id) };
+                let batch = job.descriptor.is_batch();
+                let taken = o
+                    .tasks_of_job(&task.job_id)?
+                    .into_iter()
+                    .filter(|t| t.state().is_live() || batch)
+                    .map(|t| t.index)
+                    .collect();
+                e.insert((job, taken))
+            }
+        };
         if job.status.state != JobState::Accepted {
             return reject(
                 RejectionKind::FailedPrecondition,

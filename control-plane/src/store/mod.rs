@@ -360,12 +360,15 @@ impl StateReader {
     }
 }
 
-/// Rebuilds the by-agent index from the tasks when it is missing (a store or snapshot written
-/// before the index existed): every live task placed on an agent gets its entry.
+/// Builds the by-agent index from the tasks when the state predates it (a store or snapshot
+/// written before the index existed: no `agent_index` mark in `sm_meta`); every live task placed on
+/// an agent gets its entry. The mark is written with the entries (and travels in snapshots), so a
+/// store that has the index is never scanned at start-up.
 pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
     let storage = |e: &dyn std::fmt::Display| Error::Storage(e.to_string());
     let index = cf_handle(db, cf::TASKS_BY_AGENT).map_err(|e| storage(&e))?;
-    if db.iterator_cf(index, rocksdb::IteratorMode::Start).next().is_some() {
+    let meta = cf_handle(db, cf::SM_META).map_err(|e| storage(&e))?;
+    if db.get_pinned_cf(meta, cf::sm_meta::AGENT_INDEX).map_err(|e| storage(&e))?.is_some() {
         return Ok(0);
     }
     let (tasks, jobs) =
@@ -396,6 +399,7 @@ pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
         );
         n += 1;
     }
+    batch.put_cf(meta, cf::sm_meta::AGENT_INDEX, b"1");
     db.write(batch).map_err(|e| storage(&e))?;
     Ok(n)
 }

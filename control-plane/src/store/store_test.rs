@@ -167,6 +167,9 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     for k in keys {
         reader.db.delete_cf(family, k).unwrap();
     }
+    let meta = super::cf_handle(&reader.db, super::cf::SM_META).unwrap();
+    assert_eq!(super::rebuild_agent_index(&reader.db).unwrap(), 0, "marked as built: not scanned again");
+    reader.db.delete_cf(meta, super::cf::sm_meta::AGENT_INDEX).unwrap();
     assert!(reader.allocations().unwrap().is_empty());
     assert_eq!(super::rebuild_agent_index(&reader.db).unwrap(), 4);
     assert_eq!(reader.allocations().unwrap(), expected(&reader));
