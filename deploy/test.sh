@@ -12,6 +12,13 @@ ensure_moto
 cargo fmt --all -- --check
 bash deploy/build-test-image.sh
 cargo build --workspace --all-targets
+# The container images of the compose stack, from the debug binaries just built (the compose test
+# uses them; deploy/build-images.sh alone builds release ones), and the AWS template, linted.
+bash deploy/build-images.sh --profile debug --no-build
+bash deploy/aws/validate.sh
+# Both compose variants must parse (the 3-replica stack runs in the compose test).
+docker-compose -f deploy/compose/docker-compose.yml config -q
+docker-compose -f deploy/compose/docker-compose.yml -f deploy/compose/docker-compose.5.yml config -q
 cargo test --workspace --doc
 # Chaos labs (network namespaces) a killed test run may have left on this machine.
 "$CARGO_TARGET_DIR/debug/titus-chaos" lab sweep

@@ -340,3 +340,52 @@ async fn t260_agent_and_leader_metrics_follow_a_launch() {
     assert!(v["span"]["task_id"].as_str().is_some_and(|t| !t.is_empty()), "{line}");
     assert_eq!(v["span"]["job_id"], id.as_str(), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t245_draining_an_agent_moves_its_service_tasks() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let client = c.client();
+    for group in ["ig245old", "ig245new"] {
+        client.create_instance_group(group, pb::Tier::Flex, pb::InstanceGroupLifecycle::IgActive).await.unwrap();
+    }
+    let old = c.start_agent_with("a245old", 4.0, 4096, &["--instance-group", "ig245old"]);
+    let id = client.create_job(job("drained", container(&["sleep", "600"], 0.5, 32), service(4, 4))).await.unwrap();
+    wait_tasks(&client, &id, "Started", 4, SETTLE).await;
+    assert_eq!(running(&old), 4);
+    let new = c.start_agent_with("a245new", 4.0, 4096, &["--instance-group", "ig245new"]);
+
+    // Drain: the old agent's group is PhasedOut; its tasks move to the new one, a few at a time.
+    client.update_instance_group_lifecycle("ig245old", pb::InstanceGroupLifecycle::IgPhasedOut).await.unwrap();
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(90), "every task moved to the new agent", || async {
+        let live = client
+            .find_tasks(
+                &[("jobIds", id.as_str()), ("taskStates", "Accepted,Launched,StartInitiated,Started,KillInitiated")],
+                100,
+                "",
+            )
+            .await
+            .ok()?
+            .items;
+        let moved = live.len() == 4
+            && live.iter().all(|t| {
+                t.task_context.get("agent") == Some(&new)
+                    && t.status.as_ref().map(|s| s.state) == Some(pb::TaskState::TaskStarted as i32)
+            });
+        (moved && running(&old) == 0).then_some(())
+    })
+    .await;
+    eprintln!("4 tasks moved off the drained agent in {:?}", t0.elapsed());
+    let evicted =
+        client.find_tasks(&[("jobIds", id.as_str()), ("taskStates", "Finished")], 100, "").await.unwrap().items;
+    assert_eq!(evicted.len(), 4, "{evicted:?}");
+    for t in &evicted {
+        let status = t.status.as_ref().unwrap();
+        assert_eq!(status.reason_code, "evicted", "{t:?}");
+        assert!(status.reason_message.contains("drained"), "{t:?}");
+        assert_eq!(t.task_context.get("agent"), Some(&old));
+    }
+    assert_eq!(running(&new), 4);
+}

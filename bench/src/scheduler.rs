@@ -292,8 +292,33 @@ pub async fn placement_bench(
         peak_rss_mib(&leader_pid.to_string()),
         titus.pids().iter().map(|p| format!("{:.0} MiB", peak_rss_mib(&p.to_string()))).collect::<Vec<_>>().join(", ")
     );
+    println!(
+        "    data dir per replica (RocksDB: log, state, snapshot): {}",
+        (1..=3)
+            .map(|id| format!("{:.0} MiB", dir_size_mib(&dir.join(format!("titus-{id}")))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if acked.len() < tasks {
         bail!("only {} of {tasks} tasks acknowledged within the {limit:?} limit", acked.len());
     }
     Ok(())
+}
+
+/// The size of the files under `path`, in MiB.
+fn dir_size_mib(path: &Path) -> f64 {
+    fn walk(p: &Path) -> u64 {
+        match std::fs::read_dir(p) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum(),
+            Err(_) => 0,
+        }
+    }
+    walk(path) as f64 / (1024.0 * 1024.0)
 }

@@ -331,6 +331,88 @@ impl Client {
         .await
     }
 
+    /// The leader's api address, as the cluster reports it.
+    /// The leader's address may not be reachable from here as the cluster advertises it (ports
+    /// published by Docker, NAT), so a seed that answers as the leader is preferred.
+    async fn leader_addr(&self) -> Result<String> {
+        let status = self.cluster_status().await?;
+        if status.leader_id == 0 {
+            return Err(Error::from_status("cluster", tonic::Status::unavailable("no leader is known")));
+        }
+        let addrs = self.endpoints.lock().unwrap_or_else(|p| p.into_inner()).addrs.clone();
+        for addr in addrs {
+            if matches!(self.cluster_status_of(&addr).await, Ok(s) if s.node_id == status.leader_id) {
+                return Ok(addr);
+            }
+        }
+        Ok(status.leader_api_addr)
+    }
+
+    /// Asks the leader to hand leadership to another replica; returns the status once one is
+    /// elected. Not retried: a retry would reach the new leader and move leadership again.
+    pub async fn step_down(&self, timeout: Duration) -> Result<pb::ClusterStatus> {
+        let addr = self.leader_addr().await?;
+        let channel = make_channel(&addr, &self.options)?;
+        let mut service = ClusterServiceClient::new(channel);
+        let answer = service.step_down(with_timeout(pb::StepDownRequest {}, timeout));
+        match tokio::time::timeout(timeout + Duration::from_secs(1), answer).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(Error::from_status(&addr, status)),
+            Err(_) => Err(Error::from_status(&addr, tonic::Status::deadline_exceeded("no answer"))),
+        }
+    }
+
+    /// The cluster's replicated state as a backup file's bytes, with the cluster id and the index
+    /// it was taken at. Read from the leader, bounded by `timeout`.
+    pub async fn backup(&self, timeout: Duration) -> Result<Backup> {
+        let addr = self.leader_addr().await?;
+        let channel = make_channel(&addr, &self.options)?;
+        let fetch = async {
+            let mut stream = ClusterServiceClient::new(channel)
+                .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES)
+                .backup(with_timeout(pb::BackupRequest {}, timeout))
+                .await?
+                .into_inner();
+            let mut backup = Backup::default();
+            while let Some(chunk) = stream.message().await? {
+                if backup.data.is_empty() && chunk.total_bytes > 0 {
+                    backup.cluster_id = chunk.cluster_id;
+                    backup.applied_index = chunk.applied_index;
+                    backup.data.reserve(chunk.total_bytes as usize);
+                }
+                backup.data.extend_from_slice(&chunk.data);
+            }
+            Ok::<_, tonic::Status>(backup)
+        };
+        match tokio::time::timeout(timeout, fetch).await {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(status)) => Err(Error::from_status(&addr, status)),
+            Err(_) => Err(Error::from_status(&addr, tonic::Status::deadline_exceeded("backup not received in time"))),
+        }
+    }
+
+    /// Loads a backup file's bytes into the cluster, replacing its state. Refused when the cluster
+    /// holds jobs, tasks or capacity groups unless `force`. Not retried.
+    pub async fn restore(&self, data: Vec<u8>, force: bool, timeout: Duration) -> Result<pb::RestoreResult> {
+        let addr = self.leader_addr().await?;
+        let channel = make_channel(&addr, &self.options)?;
+        let mut chunks: Vec<pb::RestoreChunk> =
+            data.chunks(1 << 20).map(|c| pb::RestoreChunk { data: c.to_vec(), force }).collect();
+        if chunks.is_empty() {
+            chunks.push(pb::RestoreChunk { data: Vec::new(), force });
+        }
+        let mut request = tonic::Request::new(futures::stream::iter(chunks));
+        request.set_timeout(timeout);
+        let mut service = ClusterServiceClient::new(channel);
+        match tokio::time::timeout(timeout, service.restore(request)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(Error::from_status(&addr, status)),
+            Err(_) => {
+                Err(Error::from_status(&addr, tonic::Status::deadline_exceeded("restore did not finish in time")))
+            }
+        }
+    }
+
     pub async fn remove_member(&self, node_id: u64) -> Result<pb::ClusterStatus> {
         self.call("RemoveMember", |ch, t| {
             let req = pb::RemoveMemberRequest { node_id };
@@ -344,6 +426,19 @@ impl Client {
         .await
     }
 }
+
+/// A backup of a cluster's state (see [`Client::backup`]).
+#[derive(Debug, Clone, Default)]
+pub struct Backup {
+    pub cluster_id: String,
+    /// The Raft index the state was read at.
+    pub applied_index: u64,
+    /// The backup file's bytes.
+    pub data: Vec<u8>,
+}
+
+/// Backup chunks are 1 MiB; a message carries one.
+const MAX_CHUNK_MESSAGE_BYTES: usize = 4 << 20;
 
 impl Client {
     // ----- jobs and tasks -----

@@ -27,7 +27,7 @@ pub mod error;
 pub mod spec;
 
 pub use builder::JobBuilder;
-pub use client::{CapacityGroupSpec, Client, ClientOptions, JobObserver};
+pub use client::{Backup, CapacityGroupSpec, Client, ClientOptions, JobObserver};
 pub use error::{Error, FieldViolation, Result};
 pub use titus_proto as proto;
 pub use titus_proto::{

@@ -191,6 +191,25 @@ pub enum Command {
     ForgetLbTargets {
         targets: Vec<LbTarget>,
     },
+
+    // ----- restore of a backup (operators) -----
+    /// Starts a restore: clears every replicated column family but the agents. Rejected when the state holds jobs,
+    /// tasks or capacity groups, unless `force` or an unfinished restore is being started over.
+    RestoreBegin {
+        restore_id: String,
+        force: bool,
+    },
+    /// Raw records of one replicated column family, from a backup, written verbatim (a restore is
+    /// committed in many bounded entries, not one huge one).
+    RestoreRecords {
+        restore_id: String,
+        family: String,
+        records: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Ends a restore: derived indexes are rebuilt and observers and the leader's caches start over.
+    RestoreEnd {
+        restore_id: String,
+    },
 }
 
 /// One task state an agent reported.
@@ -244,6 +263,9 @@ impl Command {
             Command::SetLoadBalancerState { .. } => "set_load_balancer_state",
             Command::PutLbTargets { .. } => "put_lb_targets",
             Command::ForgetLbTargets { .. } => "forget_lb_targets",
+            Command::RestoreBegin { .. } => "restore_begin",
+            Command::RestoreRecords { .. } => "restore_records",
+            Command::RestoreEnd { .. } => "restore_end",
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::
     })
 }
 
+/// How long a stopping leader waits for another replica to be elected.
+const SHUTDOWN_STEP_DOWN: Duration = Duration::from_secs(3);
+
 /// Runs the replica until `shutdown` completes, then stops gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
@@ -90,6 +94,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         state: state.clone(),
         peers: peers.clone(),
         request_timeout: config.request_timeout(),
+        stepping_down: Arc::new(AtomicBool::new(false)),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -97,10 +102,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let peer_service =
-        RaftPeerServer::new(PeerService { node_id: config.node_id, raft: raft.clone(), state: state.clone() })
-            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let peer_service = RaftPeerServer::new(PeerService {
+        node_id: config.node_id,
+        raft: raft.clone(),
+        state: state.clone(),
+        stepping_down: replica.stepping_down.clone(),
+    })
+    .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let peer_server = tokio::spawn(
         Server::builder()
             .tcp_nodelay(true)
@@ -173,6 +182,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     shutdown.await;
     tracing::info!(node_id = config.node_id, "shutting down");
+    // A leader hands over first, so clients wait about one election timeout instead of noticing the
+    // silence, timing out and electing; bounded, so a stop never hangs on a cluster without quorum.
+    if replica.require_leader().is_ok() {
+        if let Err(e) = replica.step_down(SHUTDOWN_STEP_DOWN).await {
+            tracing::info!(error = %e, "stopping without handing leadership over");
+        }
+    }
     bootstrap.abort();
     let _ = stop_tx.send(true);
     let _ = duties.await;

@@ -4,6 +4,9 @@
 //! A message from a replica of another cluster is refused, so a misconfigured or re-initialised
 //! replica can never merge two clusters' logs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{de::DeserializeOwned, Serialize};
 use titus_proto::peer::raft_peer_server::RaftPeer;
@@ -20,6 +23,8 @@ pub struct PeerService {
     pub node_id: NodeId,
     pub raft: Raft,
     pub state: StateReader,
+    /// See [`crate::replica::Replica::step_down`].
+    pub stepping_down: Arc<AtomicBool>,
 }
 
 impl PeerService {
@@ -42,6 +47,9 @@ impl PeerService {
         Ok(Response::new(PeerMessage { cluster_id: self.state.cluster_id().unwrap_or_default(), payload }))
     }
 }
+
+/// A leader handing over refuses before proposing: the forwarding replica waits for the next one.
+const STEPPING_DOWN: ForwardError = ForwardError::NotLeader { leader_id: None, leader: None };
 
 fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, crate::raft_types::Node>>) -> ForwardError {
     match e {
@@ -80,15 +88,21 @@ impl RaftPeer for PeerService {
 
     async fn propose(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let command: Command = self.accept(request)?;
-        let result: Result<CommandResponse, ForwardError> =
-            self.raft.client_write(command).await.map(|r| r.data).map_err(client_write_error);
+        let result: Result<CommandResponse, ForwardError> = if self.stepping_down.load(Ordering::Acquire) {
+            Err(STEPPING_DOWN)
+        } else {
+            self.raft.client_write(command).await.map(|r| r.data).map_err(client_write_error)
+        };
         self.reply(&result)
     }
 
     async fn read_index(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let () = self.accept(request)?;
-        let result: Result<Option<LogId>, ForwardError> =
-            self.raft.ensure_linearizable().await.map_err(check_leader_error);
+        let result: Result<Option<LogId>, ForwardError> = if self.stepping_down.load(Ordering::Acquire) {
+            Err(STEPPING_DOWN)
+        } else {
+            self.raft.ensure_linearizable().await.map_err(check_leader_error)
+        };
         self.reply(&result)
     }
 

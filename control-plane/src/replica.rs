@@ -5,6 +5,8 @@
 //! local Raft when leading, from the leader otherwise — and waits until this replica has applied up
 //! to it. Every path is bounded by the request deadline.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -22,6 +24,9 @@ pub struct Replica {
     pub peers: PeerChannels,
     /// Upper bound of any request's wait for commit, leader election or read index.
     pub request_timeout: Duration,
+    /// Set while this leader hands leadership over (see [`Replica::step_down`]); shared with the
+    /// peer service, which refuses forwarded writes and reads meanwhile.
+    pub stepping_down: Arc<AtomicBool>,
 }
 
 /// The next thing to try when this replica could not serve a request itself.
@@ -73,6 +78,12 @@ impl Replica {
 
     async fn propose_until(&self, command: Command, deadline: Instant) -> Result<CommandResponse> {
         loop {
+            // A leader stepping down writes nothing: every entry would renew its followers' lease
+            // and hold the election off. The call waits for the next leader instead.
+            if self.is_stepping_down() {
+                self.wait_for_leader(deadline).await?;
+                continue;
+            }
             let route = match self.raft.client_write(command.clone()).await {
                 Ok(r) => return Ok(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -112,6 +123,11 @@ impl Replica {
 
     async fn read_barrier_until(&self, deadline: Instant) -> Result<()> {
         loop {
+            // A read index is confirmed by a heartbeat round, which would renew the lease too.
+            if self.is_stepping_down() {
+                self.wait_for_leader(deadline).await?;
+                continue;
+            }
             let route = match self.raft.ensure_linearizable().await {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -148,6 +164,71 @@ impl Replica {
                         Err(e) => return Err(Error::Peer { peer: leader.peer_addr, message: e.to_string() }),
                     }
                 }
+            }
+        }
+    }
+
+    pub fn is_stepping_down(&self) -> bool {
+        self.stepping_down.load(Ordering::Acquire)
+    }
+
+    /// Hands leadership to another voter: this leader stops heartbeats, writes and read-index
+    /// rounds, and does not stand for election, so the followers' leases run out and one of them
+    /// is elected (openraft 0.9 has no leadership transfer; a follower will not vote while its
+    /// leader's lease holds). Returns the new leader's id, or an error after `timeout` — then this
+    /// replica carries on leading. Requests meanwhile wait (bounded by their deadlines) and go to
+    /// the new leader.
+    pub async fn step_down(&self, timeout: Duration) -> Result<NodeId> {
+        self.require_leader()?;
+        let voters = self.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+        if voters < 2 {
+            return Err(Error::invalid(
+                "node_id",
+                format!("replica {} is the only voter: no one can take over", self.id),
+            ));
+        }
+        if self.stepping_down.swap(true, Ordering::AcqRel) {
+            return Err(Error::invalid("node_id", format!("replica {} is already stepping down", self.id)));
+        }
+        let runtime = self.raft.runtime_config();
+        runtime.heartbeat(false);
+        runtime.elect(false);
+        tracing::info!(
+            node_id = self.id,
+            timeout_ms = timeout.as_millis() as u64,
+            "stepping down: waiting for another replica to be elected"
+        );
+        let started = Instant::now();
+        let mut rx = self.raft.metrics();
+        let me = self.id;
+        let outcome = tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(leader) = rx.borrow_and_update().current_leader.filter(|l| *l != me) {
+                    return Some(leader);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        runtime.heartbeat(true);
+        runtime.elect(true);
+        self.stepping_down.store(false, Ordering::Release);
+        match outcome {
+            Ok(Some(leader)) => {
+                tracing::info!(
+                    node_id = self.id,
+                    new_leader = leader,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "stepped down"
+                );
+                Ok(leader)
+            }
+            Ok(None) => Err(Error::ShuttingDown { node_id: self.id }),
+            Err(_) => {
+                tracing::warn!(node_id = self.id, "step-down: no other replica was elected in time; still leading");
+                Err(Error::Timeout { what: "electing another leader".into(), timeout_ms: timeout.as_millis() as u64 })
             }
         }
     }

@@ -22,8 +22,9 @@ ensure_packages() {
 BUILD_PACKAGES=(libclang-dev clang)
 # etcd-server: the benchmark's comparison; busybox-static: the test image; chromium: the web view's
 # browser test (headless); faketime, iproute2, iptables, curl: the chaos tests (clock skew, network
-# namespaces, partitions, reading a replica's clock).
-TEST_PACKAGES=(etcd-server busybox-static chromium faketime iproute2 iptables curl)
+# namespaces, partitions, reading a replica's clock); debootstrap, docker-compose: the container
+# images' Debian base and the compose stack.
+TEST_PACKAGES=(etcd-server busybox-static chromium faketime iproute2 iptables curl debootstrap docker-compose)
 
 # The moto server (PyPI `moto[server]`): AWS's EC2 and ELBv2 APIs in memory, for the AWS tests. They
 # start their own on a free 127.0.0.1 port.

@@ -1,6 +1,8 @@
 //! `titus`: the command-line client. Parses arguments and calls the SDK; nothing else.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use titus_client::{CapacityGroupSpec, Client, Error, ReadConsistency, Tier};
@@ -29,6 +31,24 @@ enum Output {
     Table,
     Json,
     Yaml,
+}
+
+/// A file the CLI could not read or write, named.
+fn file_error(path: &Path, e: std::io::Error) -> Error {
+    Error::InvalidArgument { message: format!("{}: {e}", path.display()), violations: vec![] }
+}
+
+/// `500ms`, `10s`, `5m`: a duration flag.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration such as 500ms, 10s or 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }
 
 /// Prints a structured value as JSON or YAML.
@@ -303,6 +323,27 @@ enum ClusterCmd {
     },
     /// Removes a replica.
     Remove { node_id: u64 },
+    /// Moves leadership away from the current leader (before restarting it in a rolling upgrade).
+    StepDown {
+        /// How long to wait for another replica to be elected.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Writes the cluster's state (jobs, tasks, capacity groups, agents, load balancers) to FILE.
+    Backup {
+        file: PathBuf,
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Loads a backup FILE into an empty cluster, replacing its state.
+    Restore {
+        file: PathBuf,
+        /// Replace the state even when the cluster holds jobs, tasks or capacity groups.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn spec(a: GroupArgs) -> CapacityGroupSpec {
@@ -627,6 +668,46 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 print_status(out, &client.add_member(node_id, &peer_addr, &api_addr).await?)
             }
             ClusterCmd::Remove { node_id } => print_status(out, &client.remove_member(node_id).await?),
+            ClusterCmd::StepDown { timeout } => print_status(out, &client.step_down(timeout).await?),
+            ClusterCmd::Backup { file, timeout } => {
+                let backup = client.backup(timeout).await?;
+                // Written aside and renamed, so a failed write never leaves a truncated backup.
+                let partial = file.with_extension("partial");
+                std::fs::write(&partial, &backup.data).map_err(|e| file_error(&partial, e))?;
+                std::fs::rename(&partial, &file).map_err(|e| file_error(&file, e))?;
+                let summary = serde_json::json!({
+                    "file": file.display().to_string(),
+                    "bytes": backup.data.len(),
+                    "clusterId": backup.cluster_id,
+                    "appliedIndex": backup.applied_index,
+                });
+                if out == Output::Table {
+                    println!(
+                        "backup of cluster {} at index {}: {} bytes written to {}",
+                        backup.cluster_id,
+                        backup.applied_index,
+                        backup.data.len(),
+                        file.display()
+                    );
+                } else {
+                    emit(out, &summary);
+                }
+            }
+            ClusterCmd::Restore { file, force, timeout } => {
+                let data = std::fs::read(&file).map_err(|e| file_error(&file, e))?;
+                let r = client.restore(data, force, timeout).await?;
+                if out == Output::Table {
+                    println!(
+                        "restored {} records ({} jobs, {} tasks, {} capacity groups) in {} entries",
+                        r.records, r.jobs, r.tasks, r.capacity_groups, r.entries
+                    );
+                } else {
+                    emit(
+                        out,
+                        &serde_json::json!({"records": r.records, "jobs": r.jobs, "tasks": r.tasks, "capacityGroups": r.capacity_groups, "entries": r.entries}),
+                    );
+                }
+            }
         },
     }
     Ok(())
@@ -851,7 +932,7 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
             let id = client.create_job(descriptor).await?;
             println!("{id}");
             if wait {
-                wait_for_tasks(client, &id, std::time::Duration::from_secs(timeout)).await?;
+                wait_for_tasks(client, &id, Duration::from_secs(timeout)).await?;
             }
         }
         JobCmd::Enable { id } => {
@@ -921,7 +1002,7 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
 }
 
 /// Prints each task's state changes until every task is Started (service) or Finished (batch).
-async fn wait_for_tasks(client: &Client, job_id: &str, timeout: std::time::Duration) -> Result<(), Error> {
+async fn wait_for_tasks(client: &Client, job_id: &str, timeout: Duration) -> Result<(), Error> {
     use titus_client::proto as pb;
     let deadline = std::time::Instant::now() + timeout;
     let mut last: std::collections::BTreeMap<String, i32> = Default::default();
@@ -958,6 +1039,6 @@ async fn wait_for_tasks(client: &Client, job_id: &str, timeout: std::time::Durat
             eprintln!("titus: job {job_id} did not get there within {} s", timeout.as_secs());
             std::process::exit(124);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

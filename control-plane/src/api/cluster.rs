@@ -1,6 +1,7 @@
 //! ClusterService: members and their roles, the leader, and membership changes.
 
 use std::collections::BTreeSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,12 +9,15 @@ use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use titus_proto as pb;
 use titus_proto::cluster_service_server::ClusterService;
-use tonic::{Request, Response, Status};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::client_deadline;
+use crate::command::{Command, CommandResponse};
 use crate::error::Error;
 use crate::raft_types::{Node, NodeId};
 use crate::replica::Replica;
+use crate::store::cf;
 
 pub struct ClusterApi {
     pub replica: Arc<Replica>,
@@ -23,7 +27,36 @@ pub struct ClusterApi {
 /// the caller says otherwise.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a step-down waits for another replica to be elected unless the caller says otherwise.
+const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backup files are sent in chunks of this size.
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+/// The largest backup a restore accepts (it is held in memory while it is committed).
+const MAX_RESTORE_BYTES: usize = 4 << 30;
+/// Raw record bytes per restore entry: entries stay small enough to replicate within a heartbeat.
+const RESTORE_ENTRY_BYTES: usize = 64 << 10;
+
+/// What a restore committed, per family of interest.
+fn restore_result(families: &crate::store::Families, entries: u64) -> pb::RestoreResult {
+    let count = |name: &str| families.iter().find(|(n, _)| n == name).map_or(0, |(_, r)| r.len() as u64);
+    pb::RestoreResult {
+        records: families.iter().map(|(_, r)| r.len() as u64).sum(),
+        jobs: count(cf::JOBS),
+        tasks: count(cf::TASKS),
+        capacity_groups: count(cf::CAPACITY_GROUPS),
+        entries,
+    }
+}
+
 impl ClusterApi {
+    /// Proposes one step of a restore; a rejection ends the restore with its reason.
+    async fn restore_step(&self, command: Command) -> Result<(), Status> {
+        match self.replica.propose(command, None).await? {
+            CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
+            _ => Ok(()),
+        }
+    }
+
     fn status(&self) -> pb::ClusterStatus {
         let m = self.replica.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
@@ -96,6 +129,89 @@ impl ClusterApi {
 
 #[tonic::async_trait]
 impl ClusterService for ClusterApi {
+    type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn step_down(&self, request: Request<pb::StepDownRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let timeout = client_deadline(&request).unwrap_or(STEP_DOWN_TIMEOUT);
+        self.replica.step_down(timeout).await?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        self.replica.require_leader()?;
+        // Everything committed before the call is in the backup.
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        let state = self.replica.state.clone();
+        let backup = tokio::task::spawn_blocking(move || state.backup())
+            .await
+            .map_err(|e| Status::internal(format!("backup: {e}")))??;
+        let total_bytes = backup.data.len() as u64;
+        let cluster_id = self.replica.state.cluster_id().unwrap_or_default();
+        tracing::info!(applied_index = backup.applied_index, bytes = total_bytes, "backup taken");
+        let mut chunks: Vec<pb::BackupChunk> = backup
+            .data
+            .chunks(BACKUP_CHUNK_BYTES)
+            .map(|c| pb::BackupChunk { data: c.to_vec(), ..Default::default() })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(pb::BackupChunk::default());
+        }
+        chunks[0].cluster_id = cluster_id;
+        chunks[0].applied_index = backup.applied_index;
+        chunks[0].total_bytes = total_bytes;
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<Streaming<pb::RestoreChunk>>,
+    ) -> Result<Response<pb::RestoreResult>, Status> {
+        self.replica.require_leader()?;
+        let mut stream = request.into_inner();
+        let mut data = Vec::new();
+        let mut force = None;
+        while let Some(chunk) = stream.message().await? {
+            force.get_or_insert(chunk.force);
+            if data.len() + chunk.data.len() > MAX_RESTORE_BYTES {
+                return Err(
+                    Error::invalid("data", format!("the backup is larger than {MAX_RESTORE_BYTES} bytes")).into()
+                );
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let families = crate::store::decode_backup(&data)?;
+        drop(data);
+        let restore_id = uuid::Uuid::new_v4().to_string();
+        tracing::warn!(%restore_id, records = families.iter().map(|(_, r)| r.len()).sum::<usize>(), "restore: replacing the cluster's state with a backup");
+        self.restore_step(Command::RestoreBegin { restore_id: restore_id.clone(), force: force.unwrap_or(false) })
+            .await?;
+        let mut entries = 1;
+        for (family, records) in &families {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            for (i, (k, v)) in records.iter().enumerate() {
+                bytes += k.len() + v.len();
+                batch.push((k.clone(), v.clone()));
+                if bytes >= RESTORE_ENTRY_BYTES || i + 1 == records.len() {
+                    let records = std::mem::take(&mut batch);
+                    bytes = 0;
+                    self.restore_step(Command::RestoreRecords {
+                        restore_id: restore_id.clone(),
+                        family: family.clone(),
+                        records,
+                    })
+                    .await?;
+                    entries += 1;
+                }
+            }
+        }
+        self.restore_step(Command::RestoreEnd { restore_id: restore_id.clone() }).await?;
+        entries += 1;
+        let result = restore_result(&families, entries);
+        tracing::warn!(%restore_id, jobs = result.jobs, tasks = result.tasks, entries, "restore: done");
+        Ok(Response::new(result))
+    }
+
     async fn get_cluster_status(
         &self,
         _request: Request<pb::GetClusterStatusRequest>,

@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::command::Command;
 use crate::error::Result;
-use crate::jobs::store::JobRead;
+use crate::jobs::store::{agent_of, JobRead};
+use crate::model::agent::Lifecycle;
 use crate::model::job::{Job, JobState, JobType};
 use crate::model::task::{context, reason, Task, TaskState, TaskStatus};
 
@@ -282,6 +283,57 @@ pub fn plan_job(
     out
 }
 
+/// Agents whose instance group is being drained (PhasedOut or Removable): their service tasks move.
+pub fn draining_agents(store: &dyn JobRead) -> Result<BTreeSet<String>> {
+    let mut lifecycles = BTreeMap::new();
+    let mut out = BTreeSet::new();
+    for agent in store.agents()? {
+        if !lifecycles.contains_key(&agent.instance_group) {
+            let lifecycle = store.instance_group(&agent.instance_group)?.map(|g| g.lifecycle);
+            lifecycles.insert(agent.instance_group.clone(), lifecycle);
+        }
+        if matches!(lifecycles[&agent.instance_group], Some(Lifecycle::PhasedOut | Lifecycle::Removable)) {
+            out.insert(agent.id);
+        }
+    }
+    Ok(out)
+}
+
+/// Moves a service job's tasks off draining agents, a few at a time (Titus's task migration): a
+/// Started task there is killed as evicted (not counted against retries) only while fewer than the
+/// job's move budget — a tenth of desired, at least one — are on their way (placed but not yet
+/// Started, or being killed). The job's lifecycle then creates each replacement, which the
+/// scheduler places on an Active agent. Batch tasks are left to finish.
+pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i64) -> Vec<Command> {
+    let JobType::Service { capacity, enabled: true, .. } = &job.descriptor.job_type else { return Vec::new() };
+    if job.status.state != JobState::Accepted || draining.is_empty() {
+        return Vec::new();
+    }
+    let on_draining = |t: &&Task| agent_of(t).is_some_and(|a| draining.contains(a));
+    let moving: Vec<&Task> = tasks.iter().filter(|t| t.state() == TaskState::Started).filter(on_draining).collect();
+    if moving.is_empty() {
+        return Vec::new();
+    }
+    let in_flight = tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::Started).count();
+    let budget = (capacity.desired as usize).div_ceil(10).max(1);
+    moving
+        .into_iter()
+        .take(budget.saturating_sub(in_flight))
+        .map(|t| {
+            let agent = agent_of(t).unwrap_or_default();
+            update(
+                t,
+                status(
+                    TaskState::KillInitiated,
+                    reason::EVICTED,
+                    &format!("agent {agent} is drained: task moved"),
+                    now,
+                ),
+            )
+        })
+        .collect()
+}
+
 /// What to do about every active job.
 pub fn plan(
     store: &dyn JobRead,
@@ -290,9 +342,11 @@ pub fn plan(
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<Vec<Command>> {
     let mut out = Vec::new();
+    let draining = draining_agents(store)?;
     for job in store.jobs()? {
         let tasks = store.tasks_of_job(&job.id)?;
         out.extend(plan_job(&job, &tasks, now, cfg, new_id));
+        out.extend(drain_job(&job, &tasks, &draining, now));
     }
     Ok(out)
 }

@@ -273,3 +273,63 @@ fn a_retried_call_is_applied_once() {
     assert!(matches!(sim.run(update("call-c", 11)), CommandResponse::Rejected(_)));
     assert_eq!(desired(&sim), 5);
 }
+
+#[test]
+fn a_drained_agents_service_tasks_move_one_budget_at_a_time() {
+    use crate::jobs::lifecycle::drain_job;
+    use crate::jobs::store::agent_of;
+    use crate::model::task::context;
+
+    let mut sim = Sim::new();
+    let job = sim.create(service_descriptor(1, 4, 8));
+    sim.settle();
+    let place = |sim: &mut Sim, task_id: &str, agent: &str| {
+        for state in [TaskState::Launched, TaskState::Started] {
+            sim.run(Command::UpdateTaskStatus {
+                task_id: task_id.into(),
+                status: TaskStatus {
+                    state,
+                    reason_code: String::new(),
+                    reason_message: String::new(),
+                    timestamp_ms: sim.now,
+                },
+                context: [(context::AGENT.to_string(), agent.to_string())].into(),
+            });
+        }
+    };
+    for t in sim.live(&job) {
+        place(&mut sim, &t.id, "old");
+    }
+    let draining = ["old".to_string()].into();
+    let mut moved = 0;
+    for _ in 0..10 {
+        let j = sim.store.job(&job).unwrap().unwrap();
+        let kills = drain_job(&j, &sim.store.tasks_of_job(&job).unwrap(), &draining, sim.now);
+        if kills.is_empty() {
+            break;
+        }
+        assert_eq!(kills.len(), 1, "desired 4: a budget of one task on its way at a time");
+        for k in kills {
+            let Command::UpdateTaskStatus { task_id, status, .. } = &k else { panic!("{k:?}") };
+            assert_eq!((status.state, status.reason_code.as_str()), (TaskState::KillInitiated, reason::EVICTED));
+            sim.run(k.clone());
+            // While the replacement is not Started, nothing more moves.
+            sim.settle();
+            let j = sim.store.job(&job).unwrap().unwrap();
+            assert!(drain_job(&j, &sim.store.tasks_of_job(&job).unwrap(), &draining, sim.now).is_empty());
+            let replacement =
+                sim.live(&job).into_iter().find(|t| t.state() == TaskState::Accepted).expect("replacement");
+            place(&mut sim, &replacement.id, "new");
+            sim.report(task_id, TaskState::Finished, reason::EVICTED);
+            sim.settle();
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, 4);
+    let live = sim.live(&job);
+    assert_eq!(live.len(), 4);
+    assert!(live.iter().all(|t| t.state() == TaskState::Started && agent_of(t) == Some("new")), "{live:?}");
+    // Nothing drains when no agent is drained.
+    let j = sim.store.job(&job).unwrap().unwrap();
+    assert!(drain_job(&j, &sim.store.tasks_of_job(&job).unwrap(), &Default::default(), sim.now).is_empty());
+}

@@ -78,6 +78,8 @@ pub mod sm_meta {
     pub const CLUSTER_ID: &[u8] = b"cluster_id";
     /// Present once `tasks_by_agent` is maintained for this state (see `rebuild_agent_index`).
     pub const AGENT_INDEX: &[u8] = b"agent_index";
+    /// The id of a restore begun and not yet ended (see `Command::RestoreBegin`).
+    pub const RESTORE: &[u8] = b"restore";
 }
 
 /// Keys inside [`SNAPSHOT`].

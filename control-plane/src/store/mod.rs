@@ -19,6 +19,7 @@ use openraft::StorageIOError;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
 
 pub use log_store::LogStore;
+pub use snapshot_data::Families;
 pub use state_machine::StateMachine;
 
 use crate::codec;
@@ -404,12 +405,66 @@ pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
     Ok(n)
 }
 
+/// Every record of the column families `names`, as of `view`.
+fn read_families<'a>(
+    db: &DB,
+    view: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<Families> {
+    let storage = |e: &dyn std::fmt::Display| Error::Storage(e.to_string());
+    let mut families = Vec::new();
+    for name in names {
+        let cf = cf_handle(db, name).map_err(|e| storage(&e))?;
+        let mut records = Vec::new();
+        for item in view.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| storage(&e))?;
+            records.push((k.into_vec(), v.into_vec()));
+        }
+        families.push((name.to_string(), records));
+    }
+    Ok(families)
+}
+
+/// A backup: the replicated state as of one applied index.
+pub struct Backup {
+    pub applied_index: u64,
+    /// The backup file's bytes (the snapshot data layout, replicated column families only).
+    pub data: Vec<u8>,
+}
+
+/// The records of a backup file, each family checked to be one this release replicates.
+pub fn decode_backup(bytes: &[u8]) -> Result<Families> {
+    let families = snapshot_data::decode_snapshot_data(bytes).map_err(|e| Error::invalid("backup", e.to_string()))?;
+    if let Some((name, _)) = families.iter().find(|(name, _)| !cf::STATE.contains(&name.as_str())) {
+        return Err(Error::invalid("backup", format!("carries {name:?}, which is not a replicated column family")));
+    }
+    Ok(families)
+}
+
 /// `agent_id/task_id`: the key of a placed task in the by-agent index.
 pub(crate) fn agent_index_key(agent_id: &str, task_id: &str) -> Vec<u8> {
     format!("{agent_id}/{task_id}").into_bytes()
 }
 
 impl StateReader {
+    /// The replicated state as of the newest applied index, read from one RocksDB snapshot.
+    pub fn backup(&self) -> Result<Backup> {
+        let view = self.db.snapshot();
+        let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
+        let applied: Option<crate::raft_types::LogId> = view
+            .get_cf(meta, cf::sm_meta::LAST_APPLIED)
+            .map_err(|e| Error::Storage(e.to_string()))?
+            .map(|b| codec::decode(&b))
+            .transpose()
+            .map_err(|e| Error::Storage(e.to_string()))?
+            .flatten();
+        let families = read_families(&self.db, &view, cf::STATE.iter().copied())?;
+        Ok(Backup {
+            applied_index: applied.map(|l| l.index).unwrap_or(0),
+            data: snapshot_data::encode_snapshot_data(&families),
+        })
+    }
+
     pub fn instance_groups(&self) -> Result<Vec<InstanceGroup>> {
         self.all(cf::INSTANCE_GROUPS)
     }

@@ -140,6 +140,31 @@ impl StateMachine {
                     CommandResponse::Done
                 }
             }
+            Command::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
+            Command::RestoreRecords { restore_id, family, records } => {
+                if let Some(refused) = self.restore_refusal(&restore_id)? {
+                    return Ok(refused);
+                }
+                if !cf::STATE.contains(&family.as_str()) {
+                    return Ok(CommandResponse::Rejected(Rejection::new(
+                        RejectionKind::InvalidArgument,
+                        "family",
+                        format!("{family:?} is not a replicated column family"),
+                    )));
+                }
+                let cf = cf_handle(&self.db, &family)?;
+                for (k, v) in &records {
+                    batch.put_cf(cf, k, v);
+                }
+                CommandResponse::Done
+            }
+            Command::RestoreEnd { restore_id } => {
+                if let Some(refused) = self.restore_refusal(&restore_id)? {
+                    return Ok(refused);
+                }
+                batch.delete_cf(cf_handle(&self.db, cf::SM_META)?, cf::sm_meta::RESTORE);
+                CommandResponse::Done
+            }
             job_command => {
                 let mut overlay = Overlay::new(&self.reader);
                 let response = jobs::apply::apply(&mut overlay, job_command)
@@ -148,6 +173,55 @@ impl StateMachine {
                 self.write_changes(batch, overlay.into_changes(), changes)?;
                 response
             }
+        })
+    }
+
+    /// Clears the replicated state (but the agents) for a restore, unless it holds jobs, tasks or capacity groups
+    /// (a live cluster) and neither `force` nor an unfinished restore says to go ahead.
+    fn restore_begin(&self, batch: &mut WriteBatch, restore_id: String, force: bool) -> StoreResult<CommandResponse> {
+        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        let unfinished: Option<String> = self.get_meta(cf::sm_meta::RESTORE)?;
+        if !force && unfinished.is_none() {
+            for name in [cf::JOBS, cf::TASKS, cf::ARCHIVED_JOBS, cf::CAPACITY_GROUPS, cf::LOAD_BALANCERS] {
+                let cf = cf_handle(&self.db, name)?;
+                if let Some(item) = self.db.iterator_cf(cf, IteratorMode::Start).next() {
+                    item.map_err(|e| err(&e))?;
+                    return Ok(CommandResponse::Rejected(Rejection::new(
+                        RejectionKind::FailedPrecondition,
+                        "force",
+                        format!("the cluster is not empty (it holds {name}); restore replaces the whole state, so it needs force"),
+                    )));
+                }
+            }
+        }
+        // Agents registered with this cluster stay (those connected now keep their records, as
+        // they register only when they attach); the backup's are written over them by id, and
+        // those that never attach are declared lost after the heartbeat TTL, their tasks replaced.
+        for name in cf::STATE.iter().copied().filter(|n| *n != cf::AGENTS) {
+            let cf = cf_handle(&self.db, name)?;
+            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+                let (k, _) = item.map_err(|e| err(&e))?;
+                batch.delete_cf(cf, k);
+            }
+        }
+        let meta = cf_handle(&self.db, cf::SM_META)?;
+        batch.put_cf(meta, cf::sm_meta::RESTORE, codec::encode(&restore_id).map_err(|e| err(&e))?);
+        Ok(CommandResponse::Done)
+    }
+
+    /// Why a restore step cannot apply: no restore, or another one, is in progress.
+    fn restore_refusal(&self, restore_id: &str) -> StoreResult<Option<CommandResponse>> {
+        let current: Option<String> = self.get_meta(cf::sm_meta::RESTORE)?;
+        Ok(match current {
+            Some(id) if id == restore_id => None,
+            other => Some(CommandResponse::Rejected(Rejection::new(
+                RejectionKind::FailedPrecondition,
+                "restore_id",
+                match other {
+                    Some(id) => format!("restore {restore_id} was superseded by restore {id}"),
+                    None => format!("restore {restore_id} is not in progress"),
+                },
+            ))),
         })
     }
 
@@ -347,16 +421,8 @@ impl StateMachine {
             .map_err(|e| StorageIOError::read_state_machine(&e))?
             .unwrap_or_default();
 
-        let mut families = Vec::new();
-        for name in cf::STATE.iter().copied().chain([cf::SM_META]) {
-            let cf = cf_handle(&self.db, name)?;
-            let mut records = Vec::new();
-            for item in view.iterator_cf(cf, IteratorMode::Start) {
-                let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
-                records.push((k.into_vec(), v.into_vec()));
-            }
-            families.push((name.to_string(), records));
-        }
+        let families = super::read_families(&self.db, &view, cf::STATE.iter().copied().chain([cf::SM_META]))
+            .map_err(|e| StorageIOError::read_state_machine(&e))?;
         let data = encode_snapshot_data(&families);
         drop(view);
 
@@ -398,13 +464,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut batch = WriteBatch::default();
             let mut new_cluster_id = None;
             let mut changes = Vec::new();
+            let mut reset = false;
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
                 EntryPayload::Normal(command) => {
                     if let Command::SetClusterId { cluster_id } = &command {
                         new_cluster_id = Some(cluster_id.clone());
                     }
-                    self.apply_command(&mut batch, command, &mut changes)?
+                    let restore_end = matches!(command, Command::RestoreEnd { .. });
+                    let response = self.apply_command(&mut batch, command, &mut changes)?;
+                    reset = restore_end && matches!(response, CommandResponse::Done);
+                    response
                 }
                 EntryPayload::Membership(membership) => {
                     let stored = StoredMembership::new(Some(log_id), membership);
@@ -425,7 +495,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
             }
-            if !changes.is_empty() {
+            if reset {
+                // A restore replaced the state whole: observers and caches start over, as after a
+                // snapshot install.
+                self.reader.changes.publish(ChangeBatch { revision: log_id.index, changes: Vec::new(), reset: true });
+            } else if !changes.is_empty() {
                 self.reader.changes.publish(ChangeBatch { revision: log_id.index, changes, reset: false });
             }
             responses.push(response);

@@ -1,0 +1,166 @@
+//! Operations on a running cluster, against real replica processes: moving leadership away (what a
+//! rolling upgrade does before restarting the leader), a leader stopped with SIGTERM handing over
+//! by itself, and a backup restored into a fresh cluster.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{group, sleeping_service, wait_until, Cluster};
+use titus_client::proto as pb;
+use titus_client::{Client, Error, ReadConsistency};
+
+const ELECTION: Duration = Duration::from_secs(30);
+
+/// Writes (capacity groups) and linearizable reads in a loop until `stop`; returns the names
+/// acknowledged and every error the SDK gave up with.
+async fn load(client: Client, prefix: &'static str, stop: Arc<AtomicBool>) -> (Vec<String>, Vec<String>) {
+    let (mut acked, mut failed) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let name = format!("{prefix}-{i}");
+        match client.create_capacity_group(group(&name)).await {
+            Ok(_) => acked.push(name),
+            Err(e) => failed.push(format!("create {name}: {e}")),
+        }
+        if let Err(e) = client.list_capacity_groups(ReadConsistency::Linearizable).await {
+            failed.push(format!("list: {e}"));
+        }
+        i += 1;
+    }
+    (acked, failed)
+}
+
+async fn group_names(client: &Client) -> Vec<String> {
+    client.list_capacity_groups(ReadConsistency::Linearizable).await.unwrap().into_iter().map(|g| g.name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_step_down_and_sigterm_hand_leadership_over_with_no_failed_request() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = ["a", "b"].into_iter().map(|p| tokio::spawn(load(c.client(), p, stop.clone()))).collect();
+    wait_until(ELECTION, "load under way", || async { (group_names(&c.client()).await.len() >= 10).then_some(()) })
+        .await;
+
+    // Asked: leadership moves to another replica, which every replica then reports.
+    let started = Instant::now();
+    let status = c.client().step_down(Duration::from_secs(10)).await.expect("step down");
+    let handed_over = started.elapsed();
+    assert_ne!(status.leader_id, leader, "the leader that stepped down still leads: {status:?}");
+    assert_ne!(status.leader_id, 0, "{status:?}");
+    eprintln!("step-down: replica {leader} -> {} in {handed_over:?}", status.leader_id);
+    let second = status.leader_id;
+    // The one that stepped down stands for election again later: it is a normal follower.
+    let follower = wait_until(ELECTION, "old leader follows the new one", || async {
+        c.status_of(leader).await.filter(|s| s.leader_id == second)
+    })
+    .await;
+    assert_eq!(follower.node_id, leader);
+
+    // Stopped with SIGTERM, a leader hands over by itself before exiting.
+    let leader_now = c.wait_for_leader(ELECTION).await;
+    let started = Instant::now();
+    let exit = c.terminate(leader_now);
+    assert!(exit.success(), "replica {leader_now} exited with {exit}");
+    let third = c.wait_for_leader(ELECTION).await;
+    assert_ne!(third, leader_now);
+    eprintln!("SIGTERM: replica {leader_now} stopped, replica {third} leads, {:?} after the signal", started.elapsed());
+    assert!(c.log_of(leader_now).contains("stepped down"), "no hand-over in the log of replica {leader_now}");
+    c.start_replica(leader_now);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let names = group_names(&c.client()).await;
+    let mut total = 0;
+    for w in writers {
+        let (acked, failed) = w.await.unwrap();
+        assert!(failed.is_empty(), "requests failed beyond the SDK's retries: {failed:?}");
+        for name in &acked {
+            assert!(names.contains(name), "acknowledged write {name} lost");
+        }
+        total += acked.len();
+    }
+    eprintln!("{total} writes acknowledged under load, none failed");
+}
+
+/// Jobs, tasks and capacity groups as one cluster reports them, for comparing two.
+type Picture = (BTreeMap<String, pb::Job>, BTreeMap<String, pb::Task>, Vec<String>);
+
+async fn picture(client: &Client) -> Picture {
+    let jobs = client.find_jobs(&[], 1000, "").await.unwrap().items;
+    let tasks = client.find_tasks(&[], 1000, "").await.unwrap().items;
+    (
+        jobs.into_iter().map(|j| (j.id.clone(), j)).collect(),
+        tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
+        group_names(client).await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_a_backup_restores_every_job_and_task_into_a_fresh_cluster() {
+    let a = Cluster::start(3, &[]);
+    a.wait_for_leader(ELECTION).await;
+    let client = a.client();
+    for i in 0..5 {
+        client.create_capacity_group(group(&format!("group-{i}"))).await.unwrap();
+    }
+    let mut job_ids = Vec::new();
+    for i in 0..12 {
+        job_ids.push(client.create_job(sleeping_service(&format!("app-{i}"), 0.5, 64, 1 + i % 3)).await.unwrap());
+    }
+    client.kill_job(&job_ids[0]).await.unwrap();
+    let expected_tasks: usize = (1..12).map(|i| 1 + i % 3).sum::<u32>() as usize;
+    wait_until(ELECTION, "every task created", || async {
+        let n = client.find_tasks(&[], 1000, "").await.ok()?.items.len();
+        (n >= expected_tasks).then_some(())
+    })
+    .await;
+    let before = picture(&client).await;
+    let backup = client.backup(Duration::from_secs(30)).await.expect("backup");
+    assert!(!backup.cluster_id.is_empty() && backup.applied_index > 0, "{backup:?}");
+    eprintln!("backup: {} bytes at index {}", backup.data.len(), backup.applied_index);
+
+    let b = Cluster::start(3, &[]);
+    b.wait_for_leader(ELECTION).await;
+    let fresh = b.client();
+    // Something in it already, as a fresh cluster may have: the restore replaces it.
+    fresh.create_capacity_group(group("scratch")).await.unwrap();
+    let refused = fresh.restore(backup.data.clone(), false, Duration::from_secs(60)).await;
+    match &refused {
+        Err(Error::FailedPrecondition(m)) => assert!(m.contains("force") && m.contains("not empty"), "{m}"),
+        other => panic!("a restore over state must need force: {other:?}"),
+    }
+    let garbage = fresh.restore(b"not a backup".to_vec(), true, Duration::from_secs(10)).await;
+    match &garbage {
+        Err(Error::InvalidArgument { message, .. }) => assert!(message.contains("backup"), "{message}"),
+        other => panic!("garbage must be refused naming the backup: {other:?}"),
+    }
+    assert_eq!(group_names(&fresh).await, vec!["scratch".to_string()], "a refused restore changed nothing");
+
+    let result = fresh.restore(backup.data.clone(), true, Duration::from_secs(60)).await.expect("restore");
+    assert_eq!(result.tasks as usize, before.1.len(), "{result:?}");
+    assert_eq!(result.capacity_groups, 5, "{result:?}");
+    let after = picture(&fresh).await;
+    assert_eq!(after.0, before.0, "jobs differ after the restore");
+    assert_eq!(after.1, before.1, "tasks differ after the restore");
+    assert_eq!(after.2, before.2, "capacity groups differ after the restore");
+    // Every replica of the new cluster holds it (the restore went through its log).
+    let target = b.status_of(b.wait_for_leader(ELECTION).await).await.unwrap().last_applied_index;
+    for id in 1..=3 {
+        b.wait_applied(id, target, ELECTION).await;
+        let stale = b.client_of(id).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+        assert_eq!(stale.len(), 5, "replica {id}");
+    }
+    // The restored cluster carries on: the lifecycle acts on the restored jobs.
+    fresh.kill_job(&job_ids[1]).await.unwrap();
+    wait_until(ELECTION, "restored job killed", || async {
+        let job = fresh.find_job(&job_ids[1]).await.ok()?;
+        (job.status.map(|s| s.state) != Some(pb::JobState::JobAccepted as i32)).then_some(())
+    })
+    .await;
+}
