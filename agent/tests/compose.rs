@@ -160,7 +160,7 @@ async fn job_ids(client: &Client) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t300_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() {
+async fn t500_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() {
     ensure_images();
     let stack = Stack::new();
     stack.compose(&["up", "-d"]);

@@ -351,7 +351,9 @@ async fn t245_draining_an_agent_moves_its_service_tasks() {
         client.create_instance_group(group, pb::Tier::Flex, pb::InstanceGroupLifecycle::IgActive).await.unwrap();
     }
     let old = c.start_agent_with("a245old", 4.0, 4096, &["--instance-group", "ig245old"]);
-    let id = client.create_job(job("drained", container(&["sleep", "600"], 0.5, 32), service(4, 4))).await.unwrap();
+    // Exits on SIGTERM at once (a bare `sleep` as pid 1 waits out the kill grace period).
+    let command = ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"];
+    let id = client.create_job(job("drained", container(&command, 0.5, 32), service(4, 4))).await.unwrap();
     wait_tasks(&client, &id, "Started", 4, SETTLE).await;
     assert_eq!(running(&old), 4);
     let new = c.start_agent_with("a245new", 4.0, 4096, &["--instance-group", "ig245new"]);
@@ -384,7 +386,8 @@ async fn t245_draining_an_agent_moves_its_service_tasks() {
     for t in &evicted {
         let status = t.status.as_ref().unwrap();
         assert_eq!(status.reason_code, "evicted", "{t:?}");
-        assert!(status.reason_message.contains("drained"), "{t:?}");
+        let kill = t.status_history.iter().find(|s| s.state == pb::TaskState::TaskKillInitiated as i32);
+        assert!(kill.is_some_and(|k| k.reason_message.contains("is drained: task moved")), "{t:?}");
         assert_eq!(t.task_context.get("agent"), Some(&old));
     }
     assert_eq!(running(&new), 4);
