@@ -310,16 +310,11 @@ impl Client {
     pub async fn cluster_status_of(&self, addr: &str) -> Result<pb::ClusterStatus> {
         let channel = make_channel(addr, &self.options)?;
         let t = self.options.attempt_timeout;
-        match tokio::time::timeout(
-            t,
-            ClusterServiceClient::new(channel).get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t)),
-        )
-        .await
-        {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(Error::from_status(addr, status)),
-            Err(_) => Err(Error::from_status(addr, tonic::Status::deadline_exceeded("no answer"))),
-        }
+        let mut service = ClusterServiceClient::new(channel);
+        let status = bounded(addr, t, async {
+            Ok(service.get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t)).await?.into_inner())
+        });
+        status.await
     }
 
     pub async fn add_member(&self, node_id: u64, peer_addr: &str, api_addr: &str) -> Result<pb::ClusterStatus> {
@@ -352,27 +347,19 @@ impl Client {
     /// elected. Not retried: a retry would reach the new leader and move leadership again.
     pub async fn step_down(&self, timeout: Duration) -> Result<pb::ClusterStatus> {
         let addr = self.leader_addr().await?;
-        let channel = make_channel(&addr, &self.options)?;
-        let mut service = ClusterServiceClient::new(channel);
-        let answer = service.step_down(with_timeout(pb::StepDownRequest {}, timeout));
-        match tokio::time::timeout(timeout + Duration::from_secs(1), answer).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(Error::from_status(&addr, status)),
-            Err(_) => Err(Error::from_status(&addr, tonic::Status::deadline_exceeded("no answer"))),
-        }
+        let mut service = ClusterServiceClient::new(make_channel(&addr, &self.options)?);
+        let answer = async { Ok(service.step_down(with_timeout(pb::StepDownRequest {}, timeout)).await?.into_inner()) };
+        bounded(&addr, timeout + Duration::from_secs(1), answer).await
     }
 
     /// The cluster's replicated state as a backup file's bytes, with the cluster id and the index
     /// it was taken at. Read from the leader, bounded by `timeout`.
     pub async fn backup(&self, timeout: Duration) -> Result<Backup> {
         let addr = self.leader_addr().await?;
-        let channel = make_channel(&addr, &self.options)?;
+        let mut service = ClusterServiceClient::new(make_channel(&addr, &self.options)?)
+            .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES);
         let fetch = async {
-            let mut stream = ClusterServiceClient::new(channel)
-                .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES)
-                .backup(with_timeout(pb::BackupRequest {}, timeout))
-                .await?
-                .into_inner();
+            let mut stream = service.backup(with_timeout(pb::BackupRequest {}, timeout)).await?.into_inner();
             let mut backup = Backup::default();
             while let Some(chunk) = stream.message().await? {
                 if backup.data.is_empty() && chunk.total_bytes > 0 {
@@ -382,20 +369,16 @@ impl Client {
                 }
                 backup.data.extend_from_slice(&chunk.data);
             }
-            Ok::<_, tonic::Status>(backup)
+            Ok(backup)
         };
-        match tokio::time::timeout(timeout, fetch).await {
-            Ok(Ok(b)) => Ok(b),
-            Ok(Err(status)) => Err(Error::from_status(&addr, status)),
-            Err(_) => Err(Error::from_status(&addr, tonic::Status::deadline_exceeded("backup not received in time"))),
-        }
+        bounded(&addr, timeout, fetch).await
     }
 
     /// Loads a backup file's bytes into the cluster, replacing its state. Refused when the cluster
     /// holds jobs, tasks or capacity groups unless `force`. Not retried.
     pub async fn restore(&self, data: Vec<u8>, force: bool, timeout: Duration) -> Result<pb::RestoreResult> {
         let addr = self.leader_addr().await?;
-        let channel = make_channel(&addr, &self.options)?;
+        let mut service = ClusterServiceClient::new(make_channel(&addr, &self.options)?);
         let mut chunks: Vec<pb::RestoreChunk> =
             data.chunks(1 << 20).map(|c| pb::RestoreChunk { data: c.to_vec(), force }).collect();
         if chunks.is_empty() {
@@ -403,14 +386,7 @@ impl Client {
         }
         let mut request = tonic::Request::new(futures::stream::iter(chunks));
         request.set_timeout(timeout);
-        let mut service = ClusterServiceClient::new(channel);
-        match tokio::time::timeout(timeout, service.restore(request)).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(Error::from_status(&addr, status)),
-            Err(_) => {
-                Err(Error::from_status(&addr, tonic::Status::deadline_exceeded("restore did not finish in time")))
-            }
-        }
+        bounded(&addr, timeout, async { Ok(service.restore(request).await?.into_inner()) }).await
     }
 
     pub async fn remove_member(&self, node_id: u64) -> Result<pb::ClusterStatus> {
@@ -879,6 +855,21 @@ pub const REQUEST_ID_METADATA: &str = "x-request-id";
 tokio::task_local! {
     /// The request id of the call being made (see [`Client::call`]).
     static CALL_ID: String;
+}
+
+/// One call to the replica at `addr` (no failover), bounded by `timeout`; errors name the replica.
+async fn bounded<T>(
+    addr: &str,
+    timeout: Duration,
+    call: impl Future<Output = std::result::Result<T, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(status)) => Err(Error::from_status(addr, status)),
+        Err(_) => {
+            Err(Error::from_status(addr, tonic::Status::deadline_exceeded(format!("no answer within {timeout:?}"))))
+        }
+    }
 }
 
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
