@@ -231,4 +231,43 @@ async fn t500_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() 
     let lost: Vec<_> = acked.iter().filter(|id| !after.contains(*id)).collect();
     assert!(lost.is_empty(), "jobs lost by down/up: {lost:?}");
     assert_eq!(after.len(), present.len(), "down/up changed the set of jobs");
+
+    // The CLI in the image: a backup to a file on a replica's volume, restored over the running
+    // stack (--force, since it holds jobs): the same jobs, and the service's containers untouched.
+    let servers = "replica-1:8001,replica-2:8001,replica-3:8001";
+    let titus = |args: &[&str]| {
+        let mut all = vec!["exec", "-T", "replica-1", "titus", "--server", servers];
+        all.extend_from_slice(args);
+        stack.compose(&all)
+    };
+    let out = titus(&["cluster", "backup", "/var/lib/titus/backup.tbk"]);
+    assert!(out.contains("bytes written to /var/lib/titus/backup.tbk"), "{out}");
+    let refused = Command::new("docker-compose")
+        .args(["-p", &stack.project, "-f"])
+        .arg(&stack.file)
+        .args([
+            "exec",
+            "-T",
+            "replica-1",
+            "titus",
+            "--server",
+            servers,
+            "cluster",
+            "restore",
+            "/var/lib/titus/backup.tbk",
+        ])
+        .env("TITUS_AGENT_PREFIX", AGENT_PREFIX)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && text.contains("force"), "a restore over jobs needs --force: {text}");
+    let out = titus(&["cluster", "restore", "--force", "/var/lib/titus/backup.tbk"]);
+    assert!(out.contains(&format!("{} jobs", present.len())), "{out}");
+    assert_eq!(job_ids(&client).await, after, "the restored stack has other jobs");
+    let running_now = wait_until(UP, "the service's two containers running", || async {
+        let c = running();
+        (c.len() == 2).then_some(c)
+    })
+    .await;
+    assert_eq!(running_now, before, "the restore restarted a task container");
 }
