@@ -94,6 +94,7 @@ impl PeerChannels {
                 PeerMethod::InstallSnapshot => client.install_snapshot(request).await,
                 PeerMethod::Propose => client.propose(request).await,
                 PeerMethod::ReadIndex => client.read_index(request).await,
+                PeerMethod::Campaign => client.campaign(request).await,
             }
         };
         let reply = match tokio::time::timeout(ttl, fut).await {
@@ -142,6 +143,11 @@ impl PeerChannels {
     ) -> Result<Result<Option<LogId>, ForwardError>, PeerCallError> {
         self.call(&leader.peer_addr, PeerMethod::ReadIndex, &(), ttl).await
     }
+
+    /// Asks the replica at `node.peer_addr` to stand for election now (see `Replica::step_down`).
+    pub async fn campaign(&self, node: &Node, ttl: Duration) -> Result<Result<(), String>, PeerCallError> {
+        self.call(&node.peer_addr, PeerMethod::Campaign, &(), ttl).await
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -151,6 +157,7 @@ enum PeerMethod {
     InstallSnapshot,
     Propose,
     ReadIndex,
+    Campaign,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -106,6 +106,13 @@ impl RaftPeer for PeerService {
         self.reply(&result)
     }
 
+    async fn campaign(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let () = self.accept(request)?;
+        tracing::info!(node_id = self.node_id, "asked to stand for election by a leader stepping down");
+        let result: Result<(), String> = self.raft.trigger().elect().await.map_err(|e| e.to_string());
+        self.reply(&result)
+    }
+
     async fn identify(&self, _request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
         let initialized = self.raft.is_initialized().await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(IdentifyResponse {

@@ -202,12 +202,22 @@ impl Replica {
         let mut rx = self.raft.metrics();
         let me = self.id;
         let outcome = tokio::time::timeout(timeout, async {
+            // Once the followers' leases have run out (the lease is the longest election timeout),
+            // the most caught-up follower is asked to stand at once rather than on its timer.
+            let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+            let nudge = async {
+                tokio::time::sleep(lease + Duration::from_millis(20)).await;
+                self.nudge_successor().await;
+                std::future::pending::<()>().await
+            };
+            tokio::pin!(nudge);
             loop {
+                tokio::select! {
+                    _ = &mut nudge => {}
+                    changed = rx.changed() => if changed.is_err() { return None },
+                }
                 if let Some(leader) = rx.borrow_and_update().current_leader.filter(|l| *l != me) {
                     return Some(leader);
-                }
-                if rx.changed().await.is_err() {
-                    return None;
                 }
             }
         })
@@ -230,6 +240,27 @@ impl Replica {
                 tracing::warn!(node_id = self.id, "step-down: no other replica was elected in time; still leading");
                 Err(Error::Timeout { what: "electing another leader".into(), timeout_ms: timeout.as_millis() as u64 })
             }
+        }
+    }
+
+    /// Asks the voter with the most of the log replicated to stand for election (best effort: the
+    /// followers' own election timers are the fallback).
+    async fn nudge_successor(&self) {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let best = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != self.id && voters.contains(id))
+            .max_by_key(|(_, matched)| **matched)
+            .map(|(id, _)| *id);
+        let Some(node) = best.and_then(|id| membership.get_node(&id)) else { return };
+        match self.peers.campaign(node, Duration::from_millis(500)).await {
+            Ok(Ok(())) => tracing::info!(successor = ?best, "step-down: asked the most caught-up follower to stand"),
+            Ok(Err(e)) => tracing::info!(successor = ?best, error = %e, "step-down: the follower could not stand"),
+            Err(e) => tracing::info!(successor = ?best, error = %e, "step-down: the follower did not answer"),
         }
     }
 
