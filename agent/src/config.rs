@@ -31,7 +31,7 @@ pub struct AgentConfig {
     pub network_mbps: u32,
     #[serde(default)]
     pub gpu: u32,
-    /// zone, instanceType, instanceId, host, ... (host defaults to the hostname).
+    /// zone, machineType, instanceId, host, ... (host defaults to the hostname).
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
     /// Docker network the containers join; default: the daemon's default bridge.

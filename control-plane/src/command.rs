@@ -193,20 +193,21 @@ pub enum Command {
     },
 
     // ----- restore of a backup (operators) -----
-    /// Starts a restore: clears every replicated column family but the agents. Rejected when the state holds jobs,
-    /// tasks or capacity groups, unless `force` or an unfinished restore is being started over.
+    /// Starts a restore into an empty staging area. Rejected when the state holds jobs, tasks or
+    /// capacity groups, unless `force`.
     RestoreBegin {
         restore_id: String,
         force: bool,
     },
-    /// Raw records of one replicated column family, from a backup, written verbatim (a restore is
+    /// Raw records of one replicated column family, from a backup, staged verbatim (a restore is
     /// committed in many bounded entries, not one huge one).
     RestoreRecords {
         restore_id: String,
         family: String,
         records: Vec<(Vec<u8>, Vec<u8>)>,
     },
-    /// Ends a restore: derived indexes are rebuilt and observers and the leader's caches start over.
+    /// Ends a restore: the staged records replace the state in one batch (the agents registered
+    /// with this cluster stay), and observers and the leader's caches start over.
     RestoreEnd {
         restore_id: String,
     },

@@ -116,6 +116,13 @@ async fn t20_a_backup_restores_every_job_and_task_into_a_fresh_cluster() {
         job_ids.push(client.create_job(sleeping_service(&format!("app-{i}"), 0.5, 64, 1 + i % 3)).await.unwrap());
     }
     client.kill_job(&job_ids[0]).await.unwrap();
+    // Settled first (its never-placed tasks finish at once, then the job), so that neither
+    // cluster's lifecycle changes the picture between the backup and the comparison.
+    wait_until(ELECTION, "killed job finished", || async {
+        let job = client.find_job(&job_ids[0]).await.ok()?;
+        (job.status.map(|s| s.state) == Some(pb::JobState::JobFinished as i32)).then_some(())
+    })
+    .await;
     let expected_tasks: usize = (1..12).map(|i| 1 + i % 3).sum::<u32>() as usize;
     wait_until(ELECTION, "every task created", || async {
         let n = client.find_tasks(&[], 1000, "").await.ok()?.items.len();

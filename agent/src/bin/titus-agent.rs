@@ -30,7 +30,7 @@ struct Args {
     disk_mb: Option<u32>,
     #[arg(long)]
     network_mbps: Option<u32>,
-    /// An attribute as KEY=VALUE (zone, instanceType, instanceId, host); repeatable.
+    /// An attribute as KEY=VALUE (zone, machineType, instanceId, host); repeatable.
     #[arg(long = "attribute")]
     attributes: Vec<String>,
     /// Docker network for the containers.

@@ -39,6 +39,10 @@ pub const LOAD_BALANCERS: &str = "load_balancers";
 /// `task_id/target_group_arn`.
 pub const LB_TARGETS: &str = "lb_targets";
 
+/// A restore in progress: the backup's records, keyed `family NUL key`, until `RestoreEnd` swaps
+/// them in whole (replicated, and carried by snapshots, like the rest of the state).
+pub const RESTORE_STAGING: &str = "restore_staging";
+
 /// Column families that hold replicated state. A snapshot carries exactly these, and installing one
 /// replaces them whole; adding an entity means adding its column family here.
 pub const STATE: &[&str] = &[
@@ -56,6 +60,7 @@ pub const STATE: &[&str] = &[
     INSTANCE_GROUPS,
     LOAD_BALANCERS,
     LB_TARGETS,
+    RESTORE_STAGING,
 ];
 
 /// Every column family the store opens.

@@ -435,7 +435,8 @@ pub struct Backup {
 /// The records of a backup file, each family checked to be one this release replicates.
 pub fn decode_backup(bytes: &[u8]) -> Result<Families> {
     let families = snapshot_data::decode_snapshot_data(bytes).map_err(|e| Error::invalid("backup", e.to_string()))?;
-    if let Some((name, _)) = families.iter().find(|(name, _)| !cf::STATE.contains(&name.as_str())) {
+    let carried = |name: &str| cf::STATE.contains(&name) && name != cf::RESTORE_STAGING;
+    if let Some((name, _)) = families.iter().find(|(name, _)| !carried(name)) {
         return Err(Error::invalid("backup", format!("carries {name:?}, which is not a replicated column family")));
     }
     Ok(families)
@@ -458,7 +459,7 @@ impl StateReader {
             .transpose()
             .map_err(|e| Error::Storage(e.to_string()))?
             .flatten();
-        let families = read_families(&self.db, &view, cf::STATE.iter().copied())?;
+        let families = read_families(&self.db, &view, cf::STATE.iter().copied().filter(|n| *n != cf::RESTORE_STAGING))?;
         Ok(Backup {
             applied_index: applied.map(|l| l.index).unwrap_or(0),
             data: snapshot_data::encode_snapshot_data(&families),

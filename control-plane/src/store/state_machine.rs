@@ -145,16 +145,20 @@ impl StateMachine {
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);
                 }
-                if !cf::STATE.contains(&family.as_str()) {
+                if !cf::STATE.contains(&family.as_str()) || family == cf::RESTORE_STAGING {
                     return Ok(CommandResponse::Rejected(Rejection::new(
                         RejectionKind::InvalidArgument,
                         "family",
-                        format!("{family:?} is not a replicated column family"),
+                        format!("{family:?} is not a replicated column family a backup carries"),
                     )));
                 }
-                let cf = cf_handle(&self.db, &family)?;
+                let staging = cf_handle(&self.db, cf::RESTORE_STAGING)?;
                 for (k, v) in &records {
-                    batch.put_cf(cf, k, v);
+                    let mut staged = Vec::with_capacity(family.len() + 1 + k.len());
+                    staged.extend_from_slice(family.as_bytes());
+                    staged.push(0);
+                    staged.extend_from_slice(k);
+                    batch.put_cf(staging, staged, v);
                 }
                 CommandResponse::Done
             }
@@ -162,8 +166,7 @@ impl StateMachine {
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);
                 }
-                batch.delete_cf(cf_handle(&self.db, cf::SM_META)?, cf::sm_meta::RESTORE);
-                CommandResponse::Done
+                self.restore_end(batch)?
             }
             job_command => {
                 let mut overlay = Overlay::new(&self.reader);
@@ -176,12 +179,12 @@ impl StateMachine {
         })
     }
 
-    /// Clears the replicated state (but the agents) for a restore, unless it holds jobs, tasks or capacity groups
-    /// (a live cluster) and neither `force` nor an unfinished restore says to go ahead.
+    /// Starts a restore: an empty staging area and the restore's id. Refused when the state holds
+    /// jobs, tasks or capacity groups (a live cluster) unless `force`. The live state is not touched
+    /// until `RestoreEnd`, so a restore cut short changes nothing.
     fn restore_begin(&self, batch: &mut WriteBatch, restore_id: String, force: bool) -> StoreResult<CommandResponse> {
         let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
-        let unfinished: Option<String> = self.get_meta(cf::sm_meta::RESTORE)?;
-        if !force && unfinished.is_none() {
+        if !force {
             for name in [cf::JOBS, cf::TASKS, cf::ARCHIVED_JOBS, cf::CAPACITY_GROUPS, cf::LOAD_BALANCERS] {
                 let cf = cf_handle(&self.db, name)?;
                 if let Some(item) = self.db.iterator_cf(cf, IteratorMode::Start).next() {
@@ -194,19 +197,44 @@ impl StateMachine {
                 }
             }
         }
-        // Agents registered with this cluster stay (those connected now keep their records, as
-        // they register only when they attach); the backup's are written over them by id, and
-        // those that never attach are declared lost after the heartbeat TTL, their tasks replaced.
-        for name in cf::STATE.iter().copied().filter(|n| *n != cf::AGENTS) {
-            let cf = cf_handle(&self.db, name)?;
-            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
-                let (k, _) = item.map_err(|e| err(&e))?;
-                batch.delete_cf(cf, k);
-            }
-        }
+        self.clear_family(batch, cf::RESTORE_STAGING)?;
         let meta = cf_handle(&self.db, cf::SM_META)?;
         batch.put_cf(meta, cf::sm_meta::RESTORE, codec::encode(&restore_id).map_err(|e| err(&e))?);
         Ok(CommandResponse::Done)
+    }
+
+    /// Ends a restore in one batch: the live state is replaced by the staged records, but the agents
+    /// registered with this cluster stay (connected ones register only when they attach); the
+    /// backup's agents are written over them by id, and those that never attach are declared lost
+    /// after the heartbeat TTL, their tasks replaced.
+    fn restore_end(&self, batch: &mut WriteBatch) -> StoreResult<CommandResponse> {
+        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        for name in cf::STATE.iter().copied().filter(|n| *n != cf::AGENTS && *n != cf::RESTORE_STAGING) {
+            self.clear_family(batch, name)?;
+        }
+        let staging = cf_handle(&self.db, cf::RESTORE_STAGING)?;
+        for item in self.db.iterator_cf(staging, IteratorMode::Start) {
+            let (staged, value) = item.map_err(|e| err(&e))?;
+            let split = staged
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or_else(|| err(&AnyErr("staged key without a family".into())))?;
+            let family = std::str::from_utf8(&staged[..split]).map_err(|e| err(&e))?;
+            batch.put_cf(cf_handle(&self.db, family)?, &staged[split + 1..], value);
+            batch.delete_cf(staging, staged);
+        }
+        batch.delete_cf(cf_handle(&self.db, cf::SM_META)?, cf::sm_meta::RESTORE);
+        Ok(CommandResponse::Done)
+    }
+
+    /// Deletes every record of `family` in `batch`.
+    fn clear_family(&self, batch: &mut WriteBatch, family: &str) -> StoreResult<()> {
+        let cf = cf_handle(&self.db, family)?;
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string())))?;
+            batch.delete_cf(cf, k);
+        }
+        Ok(())
     }
 
     /// Why a restore step cannot apply: no restore, or another one, is in progress.

@@ -174,3 +174,72 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     assert_eq!(super::rebuild_agent_index(&reader.db).unwrap(), 4);
     assert_eq!(reader.allocations().unwrap(), expected(&reader));
 }
+
+#[test]
+fn a_restore_swaps_the_state_only_at_its_end() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use crate::command::{Command, CommandResponse};
+    use crate::model::{CapacityGroup, ResourceDimension, Tier};
+    use crate::raft_types::Entry;
+
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
+    let mut index = 0;
+    let mut apply = |sm: &mut StateMachine, command: Command| {
+        index += 1;
+        let entry =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) };
+        futures::executor::block_on(sm.apply([entry])).unwrap().remove(0)
+    };
+    let group = |name: &str| CapacityGroup {
+        name: name.into(),
+        tier: Tier::Flex,
+        resources_per_instance: ResourceDimension {
+            cpu: 1.0,
+            memory_mb: 1024,
+            disk_mb: 1024,
+            network_mbps: 10,
+            gpu: 0,
+        },
+        instance_count: 1,
+        create_time_ms: 1,
+        update_time_ms: 1,
+    };
+    let names = || reader.capacity_groups().unwrap().into_iter().map(|g| g.name).collect::<Vec<_>>();
+    let rejected = |r: &CommandResponse, field: &str| matches!(r, CommandResponse::Rejected(x) if x.field == field);
+
+    apply(&mut sm, Command::CreateCapacityGroup { group: group("old"), idempotency_token: None });
+    let backup = super::decode_backup(&reader.backup().unwrap().data).unwrap();
+    apply(&mut sm, Command::CreateCapacityGroup { group: group("new"), idempotency_token: None });
+
+    let r = apply(&mut sm, Command::RestoreBegin { restore_id: "r1".into(), force: false });
+    assert!(rejected(&r, "force"), "a restore over capacity groups needs force: {r:?}");
+    apply(&mut sm, Command::RestoreBegin { restore_id: "r1".into(), force: true });
+    for (family, records) in backup {
+        apply(&mut sm, Command::RestoreRecords { restore_id: "r1".into(), family, records });
+    }
+    // Cut short here, nothing has changed.
+    assert_eq!(names(), ["new", "old"]);
+    let r = apply(&mut sm, Command::RestoreEnd { restore_id: "r0".into() });
+    assert!(rejected(&r, "restore_id"), "another restore's end: {r:?}");
+    let r = apply(
+        &mut sm,
+        Command::RestoreRecords { restore_id: "r1".into(), family: super::cf::RESTORE_STAGING.into(), records: vec![] },
+    );
+    assert!(rejected(&r, "family"), "{r:?}");
+
+    let (_, mut changes) = reader.changes.subscribe(None);
+    assert!(matches!(apply(&mut sm, Command::RestoreEnd { restore_id: "r1".into() }), CommandResponse::Done));
+    assert_eq!(names(), ["old"], "the backup's state, whole");
+    let reset = changes.try_recv().expect("a change batch after the restore");
+    assert!(reset.reset, "observers start over after a restore");
+    let restored = reader.backup().unwrap();
+    assert!(
+        super::decode_backup(&restored.data).unwrap().iter().all(|(f, _)| f != super::cf::RESTORE_STAGING),
+        "the staging area is not backed up"
+    );
+    let r = apply(&mut sm, Command::RestoreRecords { restore_id: "r1".into(), family: "jobs".into(), records: vec![] });
+    assert!(rejected(&r, "restore_id"), "a finished restore takes no more records: {r:?}");
+}
