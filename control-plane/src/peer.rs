@@ -48,8 +48,9 @@ impl PeerService {
     }
 }
 
-/// A leader handing over refuses before proposing: the forwarding replica waits for the next one.
-const STEPPING_DOWN: ForwardError = ForwardError::NotLeader { leader_id: None, leader: None };
+/// "Not now": a leader handing over refuses before proposing, and one without a quorum's answer
+/// cannot confirm a read index; the forwarding replica waits for a leader and asks again.
+const NOT_NOW: ForwardError = ForwardError::NotLeader { leader_id: None, leader: None };
 
 fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, crate::raft_types::Node>>) -> ForwardError {
     match e {
@@ -64,6 +65,13 @@ fn check_leader_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, crate::raf
     match e {
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
             ForwardError::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
+        }
+        // A leader that has not heard from a quorum yet (just elected, or cut off) cannot confirm
+        // a read index now: the follower waits and asks again, as it does locally. Answering it as
+        // an error made a read fail INTERNAL right after a compose stack came back up.
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)) => {
+            tracing::debug!(error = %e, "read index: no quorum yet");
+            NOT_NOW
         }
         other => ForwardError::Other(other.to_string()),
     }
@@ -89,7 +97,7 @@ impl RaftPeer for PeerService {
     async fn propose(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let command: Command = self.accept(request)?;
         let result: Result<CommandResponse, ForwardError> = if self.stepping_down.load(Ordering::Acquire) {
-            Err(STEPPING_DOWN)
+            Err(NOT_NOW)
         } else {
             self.raft.client_write(command).await.map(|r| r.data).map_err(client_write_error)
         };
@@ -99,7 +107,7 @@ impl RaftPeer for PeerService {
     async fn read_index(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let () = self.accept(request)?;
         let result: Result<Option<LogId>, ForwardError> = if self.stepping_down.load(Ordering::Acquire) {
-            Err(STEPPING_DOWN)
+            Err(NOT_NOW)
         } else {
             self.raft.ensure_linearizable().await.map_err(check_leader_error)
         };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
-use crate::command::{Command, CommandResponse};
+use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::network::{ForwardError, PeerCallError, PeerChannels};
 use crate::raft_types::{Node, NodeId, Raft};
@@ -181,14 +181,14 @@ impl Replica {
     pub async fn step_down(&self, timeout: Duration) -> Result<NodeId> {
         self.require_leader()?;
         let voters = self.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+        let refuse = |field: &str, message: String| {
+            Error::Rejected(Rejection::new(RejectionKind::FailedPrecondition, field, message))
+        };
         if voters < 2 {
-            return Err(Error::invalid(
-                "node_id",
-                format!("replica {} is the only voter: no one can take over", self.id),
-            ));
+            return Err(refuse("members", format!("replica {} is the only voter: no one can take over", self.id)));
         }
         if self.stepping_down.swap(true, Ordering::AcqRel) {
-            return Err(Error::invalid("node_id", format!("replica {} is already stepping down", self.id)));
+            return Err(refuse("leader", format!("replica {} is already stepping down", self.id)));
         }
         let runtime = self.raft.runtime_config();
         runtime.heartbeat(false);
