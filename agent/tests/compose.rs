@@ -100,6 +100,12 @@ impl Stack {
             .collect()
     }
 
+    /// `up -d`, then every service healthy.
+    async fn up(&self) {
+        self.compose(&["up", "-d"]);
+        self.wait_healthy().await;
+    }
+
     async fn wait_healthy(&self) {
         let started = Instant::now();
         wait_until(UP, "every service of the stack healthy", || async {
@@ -155,8 +161,7 @@ fn client() -> Client {
 async fn t510_five_replica_compose_stack_keeps_writing_with_two_replicas_down() {
     ensure_images();
     let stack = Stack::five_replicas();
-    stack.compose(&["up", "-d"]);
-    stack.wait_healthy().await;
+    stack.up().await;
     let client =
         Client::connect(["127.0.0.1:18001,127.0.0.1:18002,127.0.0.1:18003,127.0.0.1:18004,127.0.0.1:18005"]).unwrap();
     let status = client.cluster_status().await.unwrap();
@@ -201,8 +206,7 @@ async fn job_ids(client: &Client) -> BTreeSet<String> {
 async fn t500_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() {
     ensure_images();
     let stack = Stack::new();
-    stack.compose(&["up", "-d"]);
-    stack.wait_healthy().await;
+    stack.up().await;
     let client = client();
 
     // A service with a task on each agent: its containers must not restart.
@@ -261,8 +265,7 @@ async fn t500_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() 
 
     // down (volumes kept) and up: every job is still there, the service's tasks too.
     stack.compose(&["down", "-t", "20"]);
-    stack.compose(&["up", "-d"]);
-    stack.wait_healthy().await;
+    stack.up().await;
     let client = self::client();
     let after = job_ids(&client).await;
     assert!(after.contains(&service), "the service job is gone after down/up");
