@@ -204,6 +204,9 @@ pub enum Command {
     RestoreRecords {
         restore_id: String,
         family: String,
+        /// Keys and values as hex strings in the entry: half the size of JSON's arrays of numbers,
+        /// and far quicker to decode on a busy follower.
+        #[serde(with = "hex_records")]
         records: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// Ends a restore: the staged records replace the state in one batch (the agents registered
@@ -308,5 +311,56 @@ pub struct Rejection {
 impl Rejection {
     pub fn new(kind: RejectionKind, field: &str, message: impl Into<String>) -> Self {
         Rejection { kind, field: field.to_string(), message: message.into() }
+    }
+}
+
+/// `Vec<(bytes, bytes)>` as `[[hex, hex], ...]` (see `Command::RestoreRecords`).
+mod hex_records {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    fn encode(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn decode(text: &str) -> Result<Vec<u8>, String> {
+        if text.len() % 2 != 0 {
+            return Err(format!("odd-length hex string of {} characters", text.len()));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(text.get(i..i + 2).ok_or("not hex")?, 16).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    pub fn serialize<S: Serializer>(records: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(records.iter().map(|(k, v)| (encode(k), encode(v))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+        let pairs: Vec<(String, String)> = Vec::deserialize(d)?;
+        pairs
+            .iter()
+            .map(|(k, v)| Ok((decode(k).map_err(D::Error::custom)?, decode(v).map_err(D::Error::custom)?)))
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::command::Command;
+
+        #[test]
+        fn records_round_trip_as_hex() {
+            let c = Command::RestoreRecords {
+                restore_id: "r".into(),
+                family: "jobs".into(),
+                records: vec![(b"k\x00\xff".to_vec(), vec![]), (vec![], (0..=255).collect())],
+            };
+            let bytes = crate::codec::encode(&c).unwrap();
+            assert!(String::from_utf8_lossy(&bytes).contains(r#"["6b00ff",""]"#));
+            assert_eq!(crate::codec::decode::<Command>(&bytes).unwrap(), c);
+            let bad = String::from_utf8_lossy(&bytes).replace("6b00ff", "6b00f");
+            assert!(crate::codec::decode::<Command>(bad.as_bytes()).is_err(), "odd-length hex is refused");
+        }
     }
 }

@@ -33,8 +33,11 @@ const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 /// The largest backup a restore accepts (it is held in memory while it is committed).
 const MAX_RESTORE_BYTES: usize = 4 << 30;
-/// Raw record bytes per restore entry: entries stay small enough to replicate within a heartbeat.
-const RESTORE_ENTRY_BYTES: usize = 64 << 10;
+/// Raw record bytes per restore entry (twice that as hex in the entry): entries stay small enough
+/// to be replicated and applied within a heartbeat interval even on a busy follower.
+const RESTORE_ENTRY_BYTES: usize = 32 << 10;
+/// How many times a restore step whose outcome is unknown is proposed again.
+const RESTORE_STEP_ATTEMPTS: u32 = 5;
 
 /// What a restore committed, per family of interest.
 fn restore_result(families: &crate::store::Families, entries: u64) -> pb::RestoreResult {
@@ -49,11 +52,25 @@ fn restore_result(families: &crate::store::Families, entries: u64) -> pb::Restor
 }
 
 impl ClusterApi {
-    /// Proposes one step of a restore; a rejection ends the restore with its reason.
+    /// Proposes one step of a restore; a rejection ends the restore with its reason. A step whose
+    /// outcome is unknown (a slow commit, an election) is proposed again: each is safe to repeat —
+    /// a begin before any records, records as plain puts into the staging area, an end answering
+    /// Done once applied. Found by the compose test on a loaded machine.
     async fn restore_step(&self, command: Command) -> Result<(), Status> {
-        match self.replica.propose(command, None).await? {
-            CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
-            _ => Ok(()),
+        let mut attempt = 0;
+        loop {
+            match self.replica.propose(command.clone(), None).await {
+                Ok(CommandResponse::Rejected(r)) => return Err(Error::Rejected(r).into()),
+                Ok(_) => return Ok(()),
+                Err(
+                    e @ (Error::Timeout { .. } | Error::NoLeader { .. } | Error::NotLeader { .. } | Error::Peer { .. }),
+                ) if attempt < RESTORE_STEP_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, step = command.kind(), "restore: step not confirmed; proposing it again");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 

@@ -85,6 +85,8 @@ pub mod sm_meta {
     pub const AGENT_INDEX: &[u8] = b"agent_index";
     /// The id of a restore begun and not yet ended (see `Command::RestoreBegin`).
     pub const RESTORE: &[u8] = b"restore";
+    /// The id of the last restore ended, so a retried `RestoreEnd` answers as the first did.
+    pub const RESTORE_DONE: &[u8] = b"restore_done";
 }
 
 /// Keys inside [`SNAPSHOT`].

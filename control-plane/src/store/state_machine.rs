@@ -163,10 +163,14 @@ impl StateMachine {
                 CommandResponse::Done
             }
             Command::RestoreEnd { restore_id } => {
+                // A retried end (its first attempt's outcome unknown to the caller) answers Done.
+                if self.get_meta::<String>(cf::sm_meta::RESTORE_DONE)?.as_deref() == Some(restore_id.as_str()) {
+                    return Ok(CommandResponse::Done);
+                }
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);
                 }
-                self.restore_end(batch)?
+                self.restore_end(batch, &restore_id)?
             }
             job_command => {
                 let mut overlay = Overlay::new(&self.reader);
@@ -207,7 +211,7 @@ impl StateMachine {
     /// registered with this cluster stay (connected ones register only when they attach); the
     /// backup's agents are written over them by id, and those that never attach are declared lost
     /// after the heartbeat TTL, their tasks replaced.
-    fn restore_end(&self, batch: &mut WriteBatch) -> StoreResult<CommandResponse> {
+    fn restore_end(&self, batch: &mut WriteBatch, restore_id: &str) -> StoreResult<CommandResponse> {
         let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
         for name in cf::STATE.iter().copied().filter(|n| *n != cf::AGENTS && *n != cf::RESTORE_STAGING) {
             self.clear_family(batch, name)?;
@@ -223,7 +227,9 @@ impl StateMachine {
             batch.put_cf(cf_handle(&self.db, family)?, &staged[split + 1..], value);
             batch.delete_cf(staging, staged);
         }
-        batch.delete_cf(cf_handle(&self.db, cf::SM_META)?, cf::sm_meta::RESTORE);
+        let meta = cf_handle(&self.db, cf::SM_META)?;
+        batch.delete_cf(meta, cf::sm_meta::RESTORE);
+        batch.put_cf(meta, cf::sm_meta::RESTORE_DONE, codec::encode(restore_id).map_err(|e| err(&e))?);
         Ok(CommandResponse::Done)
     }
 

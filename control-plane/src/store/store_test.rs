@@ -242,4 +242,7 @@ fn a_restore_swaps_the_state_only_at_its_end() {
     );
     let r = apply(&mut sm, Command::RestoreRecords { restore_id: "r1".into(), family: "jobs".into(), records: vec![] });
     assert!(rejected(&r, "restore_id"), "a finished restore takes no more records: {r:?}");
+    // An end proposed again (its first outcome unknown to the caller) answers as the first did.
+    assert!(matches!(apply(&mut sm, Command::RestoreEnd { restore_id: "r1".into() }), CommandResponse::Done));
+    assert_eq!(names(), ["old"]);
 }
