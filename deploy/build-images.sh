@@ -77,6 +77,14 @@ make_base() {
 # into the image's Python (the same 3.11 minor version, so the same wheels).
 install_moto() {
     local root="$1"
+    # The host's pip picks wheels for its own Python; the image's is Debian bookworm's 3.11.
+    local host image
+    host="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    image="$(chroot "$root" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    if [ "$host" != "$image" ]; then
+        echo "moto image: this host's python3 is $host, the image's $image; wheels would not match" >&2
+        return 1
+    fi
     mkdir -p "$root/tmp/wheels"
     python3 -m pip download --quiet --disable-pip-version-check 'moto[server]>=5,<6' -d "$root/tmp/wheels"
     chroot "$root" python3 -m pip install --quiet --break-system-packages --no-cache-dir --no-index \

@@ -375,7 +375,7 @@ impl Client {
     }
 
     /// Loads a backup file's bytes into the cluster, replacing its state. Refused when the cluster
-    /// holds jobs, tasks or capacity groups unless `force`. Not retried.
+    /// holds jobs, tasks, capacity groups or load balancers unless `force`. Not retried.
     pub async fn restore(&self, data: Vec<u8>, force: bool, timeout: Duration) -> Result<pb::RestoreResult> {
         let addr = self.leader_addr().await?;
         let mut service = ClusterServiceClient::new(make_channel(&addr, &self.options)?);

@@ -35,6 +35,20 @@ enum Route {
     WaitForLeader,
 }
 
+/// Turns heartbeats and elections back on and ends a step-down when dropped.
+struct StepDownGuard<'a> {
+    replica: &'a Replica,
+}
+
+impl Drop for StepDownGuard<'_> {
+    fn drop(&mut self) {
+        let runtime = self.replica.raft.runtime_config();
+        runtime.heartbeat(true);
+        runtime.elect(true);
+        self.replica.stepping_down.store(false, Ordering::Release);
+    }
+}
+
 impl Replica {
     fn deadline(&self, client_deadline: Option<Duration>) -> Instant {
         Instant::now() + client_deadline.map_or(self.request_timeout, |d| d.min(self.request_timeout))
@@ -190,6 +204,8 @@ impl Replica {
         if self.stepping_down.swap(true, Ordering::AcqRel) {
             return Err(refuse("leader", format!("replica {} is already stepping down", self.id)));
         }
+        // Undone however this ends — also when the caller stops waiting and this future is dropped.
+        let _restore = StepDownGuard { replica: self };
         let runtime = self.raft.runtime_config();
         runtime.heartbeat(false);
         runtime.elect(false);
@@ -222,9 +238,7 @@ impl Replica {
             }
         })
         .await;
-        runtime.heartbeat(true);
-        runtime.elect(true);
-        self.stepping_down.store(false, Ordering::Release);
+        drop(_restore);
         match outcome {
             Ok(Some(leader)) => {
                 tracing::info!(

@@ -47,6 +47,16 @@ async fn t10_step_down_and_sigterm_hand_leadership_over_with_no_failed_request()
     wait_until(ELECTION, "load under way", || async { (group_names(&c.client()).await.len() >= 10).then_some(()) })
         .await;
 
+    // A step-down its caller abandons (the call dropped mid-way) leaves a working leader behind:
+    // heartbeats and elections back on, its writes served.
+    let url = format!("http://{}", c.replica(leader).api_addr);
+    let mut raw = pb::cluster_service_client::ClusterServiceClient::connect(url).await.unwrap();
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), raw.step_down(pb::StepDownRequest {})).await;
+    assert!(abandoned.is_err(), "the step-down answered within 300 ms: {abandoned:?}");
+    drop(raw);
+    c.client_of(leader).create_capacity_group(group("after-abandoned-step-down")).await.expect("write via the leader");
+    assert_eq!(c.wait_for_leader(ELECTION).await, leader, "an abandoned step-down moved leadership");
+
     // Asked: leadership moves to another replica, which every replica then reports.
     let started = Instant::now();
     let status = c.client().step_down(Duration::from_secs(10)).await.expect("step down");

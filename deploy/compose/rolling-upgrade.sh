@@ -65,15 +65,16 @@ recreate() {
 }
 
 for r in "${REPLICAS[@]}"; do wait_healthy "$r"; done
-leader="$(leader_service)"
-echo "leader: $leader; it goes last"
+last="$(leader_service)"
+echo "leader: $last; it goes last"
 for r in "${REPLICAS[@]}"; do
-    [ "$r" = "$leader" ] || recreate "$r"
+    [ "$r" = "$last" ] || recreate "$r"
 done
-# Leadership may have moved meanwhile; whoever leads now goes last, after handing over.
-leader="$(leader_service)"
-other="$(printf '%s\n' "${REPLICAS[@]}" | grep -vx "$leader" | head -1)"
-echo "moving leadership away from $leader"
-titus_via "$other" cluster step-down --timeout 10s
-recreate "$leader"
+# Hand leadership over first if it still leads (it may have moved meanwhile, to an upgraded replica).
+if [ "$(leader_service)" = "$last" ]; then
+    other="$(printf '%s\n' "${REPLICAS[@]}" | grep -vx "$last" | head -1)"
+    echo "moving leadership away from $last"
+    titus_via "$other" cluster step-down --timeout 10s
+fi
+recreate "$last"
 echo "rolling upgrade done; leader now: $(leader_service)"

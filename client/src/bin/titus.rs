@@ -338,7 +338,7 @@ enum ClusterCmd {
     /// Loads a backup FILE into an empty cluster, replacing its state.
     Restore {
         file: PathBuf,
-        /// Replace the state even when the cluster holds jobs, tasks or capacity groups.
+        /// Replace the state even when the cluster holds jobs, tasks, capacity groups or load balancers.
         #[arg(long)]
         force: bool,
         #[arg(long, default_value = "10m", value_parser = parse_duration)]

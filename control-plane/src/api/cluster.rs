@@ -31,8 +31,9 @@ const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backup files are sent in chunks of this size.
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
-/// The largest backup a restore accepts (it is held in memory while it is committed).
-const MAX_RESTORE_BYTES: usize = 4 << 30;
+/// The largest backup a restore accepts (it is held in memory while it is committed, and swapped
+/// in by one write batch on every replica).
+const MAX_RESTORE_BYTES: usize = 1 << 30;
 /// Raw record bytes per restore entry (twice that as hex in the entry): entries stay small enough
 /// to be replicated and applied within a heartbeat interval even on a busy follower.
 const RESTORE_ENTRY_BYTES: usize = 32 << 10;
@@ -149,7 +150,9 @@ impl ClusterService for ClusterApi {
     type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 
     async fn step_down(&self, request: Request<pb::StepDownRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
-        let timeout = client_deadline(&request).unwrap_or(STEP_DOWN_TIMEOUT);
+        // A little inside the caller's deadline, so the answer (even a timeout) reaches it.
+        let timeout =
+            client_deadline(&request).map_or(STEP_DOWN_TIMEOUT, |d| d.saturating_sub(Duration::from_millis(200)));
         self.replica.step_down(timeout).await?;
         Ok(Response::new(self.status()))
     }

@@ -188,6 +188,17 @@ impl StateMachine {
     /// until `RestoreEnd`, so a restore cut short changes nothing.
     fn restore_begin(&self, batch: &mut WriteBatch, restore_id: String, force: bool) -> StoreResult<CommandResponse> {
         let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        // A begin proposed again (its first outcome unknown) must not clear records staged since.
+        if self.get_meta::<String>(cf::sm_meta::RESTORE)?.as_deref() == Some(restore_id.as_str()) {
+            return Ok(CommandResponse::Done);
+        }
+        if self.get_meta::<String>(cf::sm_meta::RESTORE_DONE)?.as_deref() == Some(restore_id.as_str()) {
+            return Ok(CommandResponse::Rejected(Rejection::new(
+                RejectionKind::FailedPrecondition,
+                "restore_id",
+                format!("restore {restore_id} has already ended"),
+            )));
+        }
         if !force {
             for name in [cf::JOBS, cf::TASKS, cf::ARCHIVED_JOBS, cf::CAPACITY_GROUPS, cf::LOAD_BALANCERS] {
                 let cf = cf_handle(&self.db, name)?;

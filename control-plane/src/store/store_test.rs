@@ -219,6 +219,8 @@ fn a_restore_swaps_the_state_only_at_its_end() {
     apply(&mut sm, Command::RestoreBegin { restore_id: "r1".into(), force: true });
     for (family, records) in backup {
         apply(&mut sm, Command::RestoreRecords { restore_id: "r1".into(), family, records });
+        // A begin applied late (proposed again) keeps what was staged.
+        apply(&mut sm, Command::RestoreBegin { restore_id: "r1".into(), force: true });
     }
     // Cut short here, nothing has changed.
     assert_eq!(names(), ["new", "old"]);
@@ -245,4 +247,6 @@ fn a_restore_swaps_the_state_only_at_its_end() {
     // An end proposed again (its first outcome unknown to the caller) answers as the first did.
     assert!(matches!(apply(&mut sm, Command::RestoreEnd { restore_id: "r1".into() }), CommandResponse::Done));
     assert_eq!(names(), ["old"]);
+    let r = apply(&mut sm, Command::RestoreBegin { restore_id: "r1".into(), force: true });
+    assert!(rejected(&r, "restore_id"), "an ended restore cannot begin again: {r:?}");
 }
