@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{containers_of, ensure_test_image, sleeping_service, wait_until};
+use common::{containers_of, ensure_test_image, sleeping_service, stop_load, wait_until};
 use titus_client::{Client, ClientOptions};
 
 const UP: Duration = Duration::from_secs(180);
@@ -141,7 +141,12 @@ impl Drop for Stack {
 fn ensure_images() {
     ensure_test_image();
     let missing = ["titus/control-plane", "titus/agent", "titus/moto"].iter().any(|i| {
-        !Command::new("docker").args(["image", "inspect", &format!("{i}:latest")]).output().unwrap().status.success()
+        !Command::new("docker")
+            .args(["image", "inspect", &format!("{i}:latest")])
+            .output()
+            .expect("docker image inspect")
+            .status
+            .success()
     });
     if missing {
         let status = Command::new("bash")
@@ -249,13 +254,7 @@ async fn t500_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() 
     let output = format!("{}{}", String::from_utf8_lossy(&upgrade.stdout), String::from_utf8_lossy(&upgrade.stderr));
     assert!(upgrade.status.success(), "rolling upgrade failed:\n{output}");
     eprintln!("rolling upgrade of 3 replicas in {:?}:\n{output}", started.elapsed());
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for w in writers {
-        let (ids, failed) = w.await.unwrap();
-        assert!(failed.is_empty(), "requests failed beyond the SDK's retries: {failed:?}");
-        acked.extend(ids);
-    }
+    let acked = stop_load(&stop, writers).await;
     assert!(acked.len() > 20, "the load barely ran: {} jobs", acked.len());
     let present = job_ids(&client).await;
     let lost: Vec<_> = acked.iter().filter(|id| !present.contains(*id)).collect();

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{group, sleeping_service, wait_until, Cluster};
+use common::{group, sleeping_service, stop_load, wait_until, Cluster};
 use titus_client::proto as pb;
 use titus_client::{Client, Error, ReadConsistency};
 
@@ -82,16 +82,16 @@ async fn t10_step_down_and_sigterm_hand_leadership_over_with_no_failed_request()
     eprintln!("SIGTERM: replica {leader_now} stopped, replica {third} leads, {:?} after the signal", started.elapsed());
     assert!(c.log_of(leader_now).contains("stepped down"), "no hand-over in the log of replica {leader_now}");
     c.start_replica(leader_now);
+    // The load goes on through the new leader, and the stopped replica catches up.
+    let before = group_names(&c.client()).await.len();
+    wait_until(ELECTION, "writes after the hand-overs", || async {
+        (group_names(&c.client()).await.len() >= before + 10).then_some(())
+    })
+    .await;
+    let target = c.status_of(third).await.unwrap().last_applied_index;
+    c.wait_applied(leader_now, target, ELECTION).await;
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    // Every writer's last call has returned before the state is read.
-    let mut acked = Vec::new();
-    for w in writers {
-        let (names, failed) = w.await.unwrap();
-        assert!(failed.is_empty(), "requests failed beyond the SDK's retries: {failed:?}");
-        acked.extend(names);
-    }
+    let acked = stop_load(&stop, writers).await;
     let names = group_names(&c.client()).await;
     for name in &acked {
         assert!(names.contains(name), "acknowledged write {name} lost");

@@ -40,15 +40,15 @@ const RESTORE_ENTRY_BYTES: usize = 32 << 10;
 /// How many times a restore step whose outcome is unknown is proposed again.
 const RESTORE_STEP_ATTEMPTS: u32 = 5;
 
-/// What a restore committed, per family of interest.
-fn restore_result(families: &crate::store::Families, entries: u64) -> pb::RestoreResult {
+/// What a restore commits, per family of interest (`entries` is counted as they are proposed).
+fn restore_result(families: &crate::store::Families) -> pb::RestoreResult {
     let count = |name: &str| families.iter().find(|(n, _)| n == name).map_or(0, |(_, r)| r.len() as u64);
     pb::RestoreResult {
         records: families.iter().map(|(_, r)| r.len() as u64).sum(),
         jobs: count(cf::JOBS),
         tasks: count(cf::TASKS),
         capacity_groups: count(cf::CAPACITY_GROUPS),
-        entries,
+        entries: 0,
     }
 }
 
@@ -205,14 +205,17 @@ impl ClusterService for ClusterApi {
         tracing::warn!(%restore_id, records = families.iter().map(|(_, r)| r.len()).sum::<usize>(), "restore: replacing the cluster's state with a backup");
         self.restore_step(Command::RestoreBegin { restore_id: restore_id.clone(), force: force.unwrap_or(false) })
             .await?;
+        let mut result = restore_result(&families);
         let mut entries = 1;
-        for (family, records) in &families {
+        for (family, records) in families {
+            let count = records.len();
             let mut batch = Vec::new();
             let mut bytes = 0;
-            for (i, (k, v)) in records.iter().enumerate() {
+            // Moved, not copied, into the entries: the backup is held once.
+            for (i, (k, v)) in records.into_iter().enumerate() {
                 bytes += k.len() + v.len();
-                batch.push((k.clone(), v.clone()));
-                if bytes >= RESTORE_ENTRY_BYTES || i + 1 == records.len() {
+                batch.push((k, v));
+                if bytes >= RESTORE_ENTRY_BYTES || i + 1 == count {
                     let records = std::mem::take(&mut batch);
                     bytes = 0;
                     self.restore_step(Command::RestoreRecords {
@@ -227,7 +230,7 @@ impl ClusterService for ClusterApi {
         }
         self.restore_step(Command::RestoreEnd { restore_id: restore_id.clone() }).await?;
         entries += 1;
-        let result = restore_result(&families, entries);
+        result.entries = entries;
         tracing::warn!(%restore_id, jobs = result.jobs, tasks = result.tasks, entries, "restore: done");
         Ok(Response::new(result))
     }

@@ -94,11 +94,15 @@ const CHANGE_LOG_CAPACITY: usize = 8192;
 
 fn applied_index(db: &DB) -> Result<u64> {
     let cf = cf_handle(db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
-    let applied: Option<crate::raft_types::LogId> =
-        match db.get_cf(cf, cf::sm_meta::LAST_APPLIED).map_err(|e| Error::Storage(e.to_string()))? {
-            Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
-            None => None,
-        };
+    applied_index_of(db.get_cf(cf, cf::sm_meta::LAST_APPLIED))
+}
+
+/// The index in a stored `sm_meta/last_applied` value (0 before anything is applied).
+fn applied_index_of(stored: std::result::Result<Option<Vec<u8>>, rocksdb::Error>) -> Result<u64> {
+    let applied: Option<crate::raft_types::LogId> = match stored.map_err(|e| Error::Storage(e.to_string()))? {
+        Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
+        None => None,
+    };
     Ok(applied.map(|l| l.index).unwrap_or(0))
 }
 
@@ -245,13 +249,8 @@ impl StateReader {
     /// Every active job and task as of one applied index, read from one RocksDB snapshot.
     pub fn jobs_snapshot(&self) -> Result<JobsSnapshot> {
         let view = self.db.snapshot();
-        let storage = |e: rocksdb::Error| Error::Storage(e.to_string());
         let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
-        let applied: Option<crate::raft_types::LogId> =
-            match view.get_cf(meta, cf::sm_meta::LAST_APPLIED).map_err(storage)? {
-                Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
-                None => None,
-            };
+        let revision = applied_index_of(view.get_cf(meta, cf::sm_meta::LAST_APPLIED))?;
         fn decode_all<T: serde::de::DeserializeOwned>(
             db: &DB,
             view: &rocksdb::Snapshot<'_>,
@@ -267,7 +266,7 @@ impl StateReader {
         }
         let jobs = decode_all(&self.db, &view, cf::JOBS)?;
         let tasks = decode_all(&self.db, &view, cf::TASKS)?;
-        Ok(JobsSnapshot { revision: applied.map(|l| l.index).unwrap_or(0), jobs, tasks })
+        Ok(JobsSnapshot { revision, jobs, tasks })
     }
 }
 
@@ -452,18 +451,9 @@ impl StateReader {
     pub fn backup(&self) -> Result<Backup> {
         let view = self.db.snapshot();
         let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
-        let applied: Option<crate::raft_types::LogId> = view
-            .get_cf(meta, cf::sm_meta::LAST_APPLIED)
-            .map_err(|e| Error::Storage(e.to_string()))?
-            .map(|b| codec::decode(&b))
-            .transpose()
-            .map_err(|e| Error::Storage(e.to_string()))?
-            .flatten();
+        let applied_index = applied_index_of(view.get_cf(meta, cf::sm_meta::LAST_APPLIED))?;
         let families = read_families(&self.db, &view, cf::STATE.iter().copied().filter(|n| *n != cf::RESTORE_STAGING))?;
-        Ok(Backup {
-            applied_index: applied.map(|l| l.index).unwrap_or(0),
-            data: snapshot_data::encode_snapshot_data(&families),
-        })
+        Ok(Backup { applied_index, data: snapshot_data::encode_snapshot_data(&families) })
     }
 
     pub fn instance_groups(&self) -> Result<Vec<InstanceGroup>> {

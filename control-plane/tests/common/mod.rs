@@ -397,6 +397,23 @@ impl Drop for Cluster {
     }
 }
 
+/// A writer started by a test: what it had acknowledged, and every error the SDK gave up with.
+pub type Load = tokio::task::JoinHandle<(Vec<String>, Vec<String>)>;
+
+/// Stops the writers and waits for each one's last call to return (so that state read afterwards
+/// must hold every acknowledgement); asserts none failed beyond the SDK's retries and returns every
+/// id acknowledged.
+pub async fn stop_load(stop: &std::sync::atomic::AtomicBool, writers: Vec<Load>) -> Vec<String> {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        let (ids, failed) = w.await.expect("writer task");
+        assert!(failed.is_empty(), "requests failed beyond the SDK's retries: {failed:?}");
+        acked.extend(ids);
+    }
+    acked
+}
+
 /// Polls `probe` until it yields a value; panics with `what` after `within`.
 pub async fn wait_until<T, F, Fut>(within: Duration, what: &str, mut probe: F) -> T
 where
