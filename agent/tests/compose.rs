@@ -195,14 +195,18 @@ async fn submit_jobs(client: Client, prefix: &'static str, stop: Arc<AtomicBool>
 }
 
 async fn job_ids(client: &Client) -> BTreeSet<String> {
+    try_job_ids(client).await.expect("find jobs")
+}
+
+async fn try_job_ids(client: &Client) -> Result<BTreeSet<String>, titus_client::Error> {
     let mut ids = BTreeSet::new();
     let mut cursor = String::new();
     loop {
-        let page = client.find_jobs(&[], 500, &cursor).await.expect("find jobs");
+        let page = client.find_jobs(&[], 500, &cursor).await?;
         ids.extend(page.items.into_iter().map(|j| j.id));
         match page.pagination {
             Some(p) if p.has_more => cursor = p.cursor,
-            _ => return ids,
+            _ => return Ok(ids),
         }
     }
 }
@@ -266,7 +270,11 @@ async fn t500_compose_stack_survives_a_rolling_upgrade_under_load_and_down_up() 
     stack.compose(&["down", "-t", "20"]);
     stack.up().await;
     let client = self::client();
-    let after = job_ids(&client).await;
+    // Healthy containers are not yet a settled cluster: on a loaded machine the restarted replicas
+    // have been seen to churn through elections for over 30 s (see the closing note of issue 10).
+    let t0 = Instant::now();
+    let after = wait_until(UP, "jobs readable after down and up", || async { try_job_ids(&client).await.ok() }).await;
+    eprintln!("jobs readable {:?} after the stack was healthy again", t0.elapsed());
     assert!(after.contains(&service), "the service job is gone after down/up");
     let lost: Vec<_> = acked.iter().filter(|id| !after.contains(*id)).collect();
     assert!(lost.is_empty(), "jobs lost by down/up: {lost:?}");
