@@ -37,8 +37,9 @@ const MAX_RESTORE_BYTES: usize = 1 << 30;
 /// Raw record bytes per restore entry (twice that as hex in the entry): entries stay small enough
 /// to be replicated and applied within a heartbeat interval even on a busy follower.
 const RESTORE_ENTRY_BYTES: usize = 32 << 10;
-/// How many times a restore step whose outcome is unknown is proposed again.
-const RESTORE_STEP_ATTEMPTS: u32 = 5;
+/// How many times a restore step whose outcome is unknown is proposed again (backing off up to 2 s:
+/// together over a minute, enough to ride out a cluster that is electing on a loaded machine).
+const RESTORE_STEP_ATTEMPTS: u32 = 40;
 
 /// What a restore commits, per family of interest (`entries` is counted as they are proposed).
 fn restore_result(families: &crate::store::Families) -> pb::RestoreResult {
@@ -68,7 +69,7 @@ impl ClusterApi {
                 ) if attempt < RESTORE_STEP_ATTEMPTS => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, step = command.kind(), "restore: step not confirmed; proposing it again");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                    tokio::time::sleep(Duration::from_millis((200 * attempt as u64).min(2_000))).await;
                 }
                 Err(e) => return Err(e.into()),
             }
