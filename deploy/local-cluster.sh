@@ -5,6 +5,10 @@
 #   deploy/local-cluster.sh status  cluster status as the replicas see it
 #   deploy/local-cluster.sh down    stop the replicas (SIGTERM), keep their data
 #   deploy/local-cluster.sh clean   stop and delete their data
+# Mutual TLS: `titus certs init` makes a CA and certificates in $DIR/tls on the first `up`; the
+# `titus` calls here use the admin client certificate (export the TITUS_CA/CERT/KEY lines printed
+# at the end to do the same). TITUS_LOCAL_INSECURE=1 runs plaintext instead (needed by titus-chaos,
+# whose deployment files carry no certificates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/lib/common.sh
@@ -14,6 +18,29 @@ BIN="$CARGO_TARGET_DIR/debug"
 SERVERS="127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003"
 MEMBERS=(--member "1=127.0.0.1:7001/127.0.0.1:8001" --member "2=127.0.0.1:7002/127.0.0.1:8002" --member "3=127.0.0.1:7003/127.0.0.1:8003")
 
+TLS="$DIR/tls"
+if [ "${TITUS_LOCAL_INSECURE:-0}" = 1 ]; then
+    REPLICA_SECURITY() { echo "--insecure"; }
+    AGENT_SECURITY="--insecure"
+else
+    REPLICA_SECURITY() {
+        echo "--tls-ca $TLS/ca.pem --tls-cert $TLS/replica-$1.pem --tls-key $TLS/replica-$1.key --security-config $DIR/security.toml"
+    }
+    AGENT_SECURITY="--tls-ca $TLS/ca.pem --tls-cert $TLS/agent-local-agent.pem --tls-key $TLS/agent-local-agent.key"
+    export TITUS_CA="$TLS/ca.pem" TITUS_CERT="$TLS/client-admin.pem" TITUS_KEY="$TLS/client-admin.key"
+fi
+
+# The CA, the replicas', the agent's and the admin client's certificates, and the replicas' security
+# settings (the client certificate `admin` is an admin); made once, kept across `up`s.
+make_certs() {
+    [ "${TITUS_LOCAL_INSECURE:-0}" = 1 ] && return 0
+    if [ ! -f "$TLS/ca.pem" ]; then
+        "$BIN/titus" certs init "$TLS" --replicas 1,2,3 --agents local-agent --clients admin >/dev/null
+        echo "certificates written to $TLS"
+    fi
+    printf '[[principals]]\nname = "admin"\nrole = "admin"\n' >"$DIR/security.toml"
+}
+
 running() { [ -f "$DIR/replica-$1.pid" ] && kill -0 "$(cat "$DIR/replica-$1.pid")" 2>/dev/null; }
 
 titus() { "$BIN/titus" --server "$SERVERS" "$@"; }
@@ -21,11 +48,11 @@ titus() { "$BIN/titus" --server "$SERVERS" "$@"; }
 # The command lines (no spaces inside an argument), shared by `up` and the chaos deployment file.
 replica_cmd() {
     echo "$BIN/titus-control-plane --node-id $1 --data-dir $DIR/data-$1 --peer-listen 127.0.0.1:700$1" \
-        "--api-listen 127.0.0.1:800$1 --admin-listen 127.0.0.1:900$1 ${MEMBERS[*]}"
+        "--api-listen 127.0.0.1:800$1 --admin-listen 127.0.0.1:900$1 ${MEMBERS[*]} $(REPLICA_SECURITY "$1")"
 }
 agent_cmd() {
     echo "$BIN/titus-agent --agent-id local-agent --servers $SERVERS --cpu 4 --memory-mb 4096" \
-        "--attribute zone=local-a --admin-listen 127.0.0.1:9100"
+        "--attribute zone=local-a --admin-listen 127.0.0.1:9100 $AGENT_SECURITY"
 }
 
 # A titus-chaos deployment file for this cluster: kill, pause, clock skew and agent faults work on
@@ -52,6 +79,7 @@ up() {
     cargo build --workspace --all-targets
     bash deploy/build-test-image.sh
     mkdir -p "$DIR"
+    make_certs
     for id in 1 2 3; do
         if running "$id"; then
             echo "replica $id already running (pid $(cat "$DIR/replica-$id.pid"))"
@@ -103,7 +131,9 @@ up() {
     titus task list "$job"
     cat <<MSG
 
-The cluster is up. Try:
+The cluster is up (mutual TLS unless TITUS_LOCAL_INSECURE=1). For your shell:
+  export TITUS_CA=$TLS/ca.pem TITUS_CERT=$TLS/client-admin.pem TITUS_KEY=$TLS/client-admin.key
+Then try:
   $BIN/titus --server $SERVERS cluster status
   $BIN/titus --server $SERVERS job list
   $BIN/titus --server $SERVERS task list JOB_ID
@@ -112,7 +142,9 @@ The cluster is up. Try:
   open http://127.0.0.1:9001/ui         # read-only web view (any replica: 9001-9003)
   curl -s 127.0.0.1:9001/metrics        # Prometheus metrics (agent: 127.0.0.1:9100/metrics)
   kill -9 \$(cat $DIR/replica-1.pid)   # the others elect a new leader; no container restarts
-  $BIN/titus-chaos -d $DIR/chaos.yaml kill --target leader --restart-after 5s   # the same, undone
+  $BIN/titus audit                      # who changed what (the audit log)
+  # with TITUS_LOCAL_INSECURE=1 only (chaos deployment files carry no certificates):
+  $BIN/titus-chaos -d $DIR/chaos.yaml kill --target leader --restart-after 5s
   deploy/local-cluster.sh up            # restarts what is not running
   deploy/local-cluster.sh down          # stop (data kept in $DIR)
 MSG

@@ -28,6 +28,9 @@ cargo test --workspace --doc
 "$CARGO_TARGET_DIR/debug/titus-bench" --scheduler-core 1000,10000 --placement 50,2000 --placement-limit 180 >/dev/null
 echo "bench smoke run: ok"
 
+# The fuzz targets, 30 s each from the corpus in the repo: zero crashes (fuzz/run.sh 600 is the long run).
+bash fuzz/run.sh 30
+
 # Last, so that its summary closes the output.
 if command -v cargo-nextest >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

@@ -43,6 +43,18 @@ pub struct AgentConfig {
     /// `plain` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Plaintext to the control plane, which only a cluster in insecure mode accepts: local
+    /// development only.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Mutual TLS: the cluster CA, and this agent's certificate (naming `agent/<agent-id>`) and
+    /// key; replaced files are used from the next connection on.
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn default_log_format() -> String {
@@ -77,6 +89,16 @@ impl AgentConfig {
         if let Some(s) = self.servers.iter().find(|s| !s.contains(':')) {
             return Err(Error::Config(format!("servers: {s:?} is not host:port")));
         }
+        let tls = [("tls-ca", &self.tls_ca), ("tls-cert", &self.tls_cert), ("tls-key", &self.tls_key)];
+        if self.insecure {
+            if let Some((name, _)) = tls.iter().find(|(_, f)| f.is_some()) {
+                return Err(Error::Config(format!("{name}: set together with insecure; choose one")));
+            }
+        } else if let Some((name, _)) = tls.iter().find(|(_, f)| f.is_none()) {
+            return Err(Error::Config(format!(
+                "{name}: required (TLS is on unless insecure = true, for a local development cluster only)"
+            )));
+        }
         if !matches!(self.log_format.as_str(), "plain" | "json") {
             return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
@@ -110,7 +132,7 @@ mod tests {
     use super::*;
 
     fn config() -> AgentConfig {
-        toml::from_str("agent-id = \"a1\"\nservers = [\"127.0.0.1:8001\"]").unwrap()
+        toml::from_str("agent-id = \"a1\"\nservers = [\"127.0.0.1:8001\"]\ninsecure = true").unwrap()
     }
 
     #[test]
@@ -133,5 +155,11 @@ mod tests {
         bad.servers = vec!["nowhere".into()];
         assert!(bad.finish().unwrap_err().to_string().contains("servers"));
         assert!(toml::from_str::<AgentConfig>("agent-id = \"a\"\nservers = []\nbogus = 1").is_err());
+        let mut bad = config();
+        bad.insecure = false;
+        assert!(bad.finish().unwrap_err().to_string().contains("tls-ca: required"));
+        let mut bad = config();
+        bad.tls_ca = Some("/ca.pem".into());
+        assert!(bad.finish().unwrap_err().to_string().contains("tls-ca: set together with insecure"));
     }
 }

@@ -35,6 +35,33 @@ struct Agent {
     oom_killed: Mutex<HashSet<String>>,
     /// Status reports for the current stream (or the next one).
     reports: mpsc::UnboundedSender<pb::AgentTask>,
+    /// This agent's certificate (None when insecure).
+    tls: Option<Arc<titus_security::Tls>>,
+}
+
+/// Loads the agent's certificate (its identity must be `agent/<agent-id>`) and reloads it when the
+/// files are replaced; in insecure mode says loudly that it is plaintext.
+fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls>>> {
+    use titus_security::{Identity, Kind, Tls, TlsFiles};
+    let (Some(ca), Some(cert), Some(key)) = (&config.tls_ca, &config.tls_cert, &config.tls_key) else {
+        let banner =
+            "INSECURE MODE: plaintext to the control plane, no certificate. For a local development cluster only.";
+        eprintln!("\n*** titus-agent: {banner} ***\n");
+        tracing::warn!("{banner}");
+        return Ok(None);
+    };
+    let tls = Tls::client(TlsFiles::new(ca, cert, key), Some(Kind::Agent))
+        .map_err(|e| crate::Error::Config(format!("tls: {e}")))?;
+    let expected = Identity::new(Kind::Agent, config.agent_id.clone()).map_err(crate::Error::Config)?;
+    if tls.identity().as_ref() != Some(&expected) {
+        return Err(crate::Error::Config(format!(
+            "tls-cert {}: names {}, but this agent is {expected}",
+            cert.display(),
+            tls.identity().map_or("nobody".into(), |i| i.to_string())
+        )));
+    }
+    tls.spawn_reloader(Duration::from_secs(5));
+    Ok(Some(tls))
 }
 
 impl Agent {
@@ -226,12 +253,14 @@ pub async fn simulate(
 /// Runs one agent over `docker` until `shutdown` completes.
 pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Future<Output = ()>) -> Result<()> {
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
+    let tls = load_tls(&config)?;
     let agent = Arc::new(Agent {
         config,
         docker,
         killing: Mutex::default(),
         oom_killed: Mutex::default(),
         reports: reports_tx,
+        tls,
     });
     let watcher = tokio::spawn(watch_deaths(agent.clone()));
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
@@ -307,11 +336,13 @@ async fn session(
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| SessionEnd { message: e.to_string(), leader: None })?
         .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(3));
-    let channel =
-        endpoint.connect().await.map_err(|e| SessionEnd { message: format!("connect: {e}"), leader: None })?;
+    let connector = titus_security::Connector::new(agent.tls.clone(), Duration::from_millis(2000));
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| SessionEnd { message: format!("connect: {e}"), leader: None })?;
     let (out_tx, out_rx) = mpsc::channel(1024);
     let _ = out_tx.send(agent.register_message().await).await;
     let mut inbound =

@@ -151,6 +151,7 @@ impl Titus {
                 peers[i].clone(),
                 "--api-listen".into(),
                 apis[i].clone(),
+                "--insecure".into(),
             ];
             for (j, m) in ids.iter().enumerate() {
                 args.push("--member".into());
@@ -529,6 +530,7 @@ async fn launch_and_reattach(titus_bin: &Path, dir: &Path, tasks: usize, kills: 
             "10000000".into(),
             "--network-mbps".into(),
             "1000000".into(),
+            "--insecure".into(),
         ],
         bin: agent_bin.display().to_string(),
         log: dir.join("agent.log"),

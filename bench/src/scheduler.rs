@@ -150,6 +150,7 @@ pub async fn placement_bench(
             agents.to_string(),
             "--simulate-zones".into(),
             ZONES.join(","),
+            "--insecure".into(),
         ],
         bin: agent_bin.display().to_string(),
         log: dir.join("sim-agents.log"),

@@ -88,6 +88,8 @@ impl Lab {
                 format!("--peer-listen={ip}:7000"),
                 format!("--api-listen={ip}:8000"),
                 format!("--admin-listen={ip}:9000"),
+                // The lab tests faults, not TLS (security has its own tests): plaintext.
+                "--insecure".into(),
             ];
             args.extend(members.iter().cloned());
             args.extend(spec.replica_args.iter().map(|a| a.replace("{host_ip}", &format!("{subnet}.1"))));
@@ -111,6 +113,7 @@ impl Lab {
                 format!("--admin-listen={ip}:9100"),
                 "--cpu=4".into(),
                 "--memory-mb=4096".into(),
+                "--insecure".into(),
                 format!("--attribute=zone=lab-{}", (b'a' + (j - 1) as u8 % 3) as char),
             ];
             args.extend(spec.agent_args.iter().map(|a| a.replace("{host_ip}", &format!("{subnet}.1"))));

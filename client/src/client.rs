@@ -32,6 +32,43 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// Start at a random seed (spreads clients over replicas); off: try the seeds in order.
     pub shuffle_seeds: bool,
+    /// Mutual TLS to the replicas (see [`ClientOptions::with_tls`]); None: plaintext, which only a
+    /// cluster in insecure mode (local development) accepts.
+    pub tls: Option<Arc<titus_security::Tls>>,
+    /// A bearer token sent with every call, instead of or besides a client certificate.
+    pub token: Option<Token>,
+}
+
+/// A bearer token; never printed.
+#[derive(Clone)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+impl ClientOptions {
+    /// TLS with the cluster CA at `ca`, and a client certificate and key unless `cert_and_key` is
+    /// None (then authenticate with a token). Files replaced later are used by new connections.
+    pub fn with_tls(
+        mut self,
+        ca: impl Into<std::path::PathBuf>,
+        cert_and_key: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Result<Self> {
+        let files = titus_security::TlsFiles { ca: ca.into(), cert_and_key };
+        let tls = titus_security::Tls::client(files, None)
+            .map_err(|e| Error::InvalidArgument { message: format!("tls: {e}"), violations: vec![] })?;
+        tls.spawn_reloader_if_in_runtime(Duration::from_secs(5));
+        self.tls = Some(tls);
+        Ok(self)
+    }
+
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Token(token.into()));
+        self
+    }
 }
 
 impl Default for ClientOptions {
@@ -43,6 +80,8 @@ impl Default for ClientOptions {
             initial_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_millis(1000),
             shuffle_seeds: true,
+            tls: None,
+            token: None,
         }
     }
 }
@@ -82,7 +121,7 @@ impl CapacityGroupSpec {
 struct Endpoints {
     /// Seeds plus leaders learned from hints, in rotation order.
     addrs: Vec<String>,
-    channels: Vec<Channel>,
+    channels: Vec<Ch>,
     /// Index of the replica to try next.
     current: usize,
 }
@@ -144,7 +183,7 @@ impl Client {
         &self.options
     }
 
-    fn pick(&self) -> (String, Channel) {
+    fn pick(&self) -> (String, Ch) {
         let e = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         (e.addrs[e.current].clone(), e.channels[e.current].clone())
     }
@@ -174,7 +213,7 @@ impl Client {
     /// replicas' logs of a retried call can be found together.
     async fn call<T, F, Fut>(&self, operation: &str, attempt: F) -> Result<T>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Ch, Duration) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
         CALL_ID.scope(uuid::Uuid::new_v4().to_string(), self.attempts(operation, attempt)).await
@@ -182,7 +221,7 @@ impl Client {
 
     async fn attempts<T, F, Fut>(&self, operation: &str, attempt: F) -> Result<T>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Ch, Duration) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let start = Instant::now();
@@ -302,6 +341,18 @@ impl Client {
                 .get_cluster_status(with_timeout(pb::GetClusterStatusRequest {}, t))
                 .await
                 .map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// Audit records (who changed what, when, with what result), oldest first; admins and
+    /// operators only.
+    pub async fn audit_records(&self, query: pb::AuditQuery) -> Result<pb::AuditRecords> {
+        self.call("ListAuditRecords", |ch, t| {
+            let req = query.clone();
+            async move {
+                ClusterServiceClient::new(ch).list_audit_records(with_timeout(req, t)).await.map(|r| r.into_inner())
+            }
         })
         .await
     }
@@ -882,7 +933,23 @@ fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     r
 }
 
-fn make_channel(addr: &str, options: &ClientOptions) -> Result<Channel> {
+/// Adds the bearer token, when there is one, to every call.
+#[derive(Clone)]
+pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to one replica, with the caller's credentials.
+pub type Ch = tonic::service::interceptor::InterceptedService<Channel, Credentials>;
+
+fn make_channel(addr: &str, options: &ClientOptions) -> Result<Ch> {
     if !addr.contains(':') {
         return Err(Error::BadSeed(addr.to_string()));
     }
@@ -892,5 +959,14 @@ fn make_channel(addr: &str, options: &ClientOptions) -> Result<Channel> {
         format!("http://{addr}")
     };
     let endpoint = Endpoint::from_shared(uri).map_err(|_| Error::BadSeed(addr.to_string()))?;
-    Ok(endpoint.connect_timeout(options.connect_timeout).tcp_nodelay(true).connect_lazy())
+    let connector = titus_security::Connector::new(options.tls.clone(), options.connect_timeout);
+    let channel = endpoint.connect_timeout(options.connect_timeout).connect_with_connector_lazy(connector);
+    let token = match &options.token {
+        Some(Token(t)) => Some(format!("Bearer {t}").parse().map_err(|_| Error::InvalidArgument {
+            message: "token: must be printable ASCII".into(),
+            violations: vec![],
+        })?),
+        None => None,
+    };
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, Credentials(token)))
 }

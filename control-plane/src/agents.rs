@@ -320,6 +320,7 @@ impl AgentService for AgentApi {
         let hub = &self.hub;
         let replica = &hub.replica;
         replica.require_leader()?;
+        let caller = crate::auth::caller(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -328,6 +329,16 @@ impl AgentService for AgentApi {
             return Err(Error::invalid("message", "the first message on the agent stream must be a register").into());
         };
         crate::model::validate_name("agent_id", &reg.agent_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        // An agent's certificate names the one agent it may be.
+        if let Some(id) = caller.agent_id() {
+            if id != reg.agent_id {
+                tracing::warn!(caller = %caller.name, agent_id = %reg.agent_id, rule = "agent-identity", "permission denied");
+                return Err(Status::permission_denied(format!(
+                    "rule agent-identity: {} may not register as agent {:?}",
+                    caller.name, reg.agent_id
+                )));
+            }
+        }
         let r = reg.resources.clone().unwrap_or_default();
         let agent = Agent {
             id: reg.agent_id.clone(),

@@ -50,6 +50,174 @@ pub struct Config {
     /// ALB target registration and EC2 capacity. Absent: both are off and everything else works.
     #[serde(default)]
     pub aws: Option<AwsConfig>,
+    /// TLS, caller identities, roles, limits and the audit log. Required: a replica serves
+    /// plaintext only with `security.insecure = true`.
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// Who may connect and what they may do.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Plaintext on every port and every caller an anonymous admin: local development only.
+    pub insecure: bool,
+    /// The cluster CA (PEM): every certificate must chain to it.
+    pub ca: Option<PathBuf>,
+    /// This replica's certificate (PEM, naming `replica/<node-id>`) and its key.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// How often the three files are checked for replacement (they are reloaded without a restart).
+    pub reload_interval_ms: Option<u64>,
+    /// Client certificates named here get these grants; any other client certificate is a `user`
+    /// owning the jobs whose owner is its name.
+    pub principals: Vec<PrincipalConfig>,
+    /// Bearer tokens (`authorization: Bearer <token>`), by SHA-256 digest.
+    pub tokens: Vec<TokenConfig>,
+    pub limits: LimitsConfig,
+    pub audit: AuditConfig,
+}
+
+/// A role and what a `user` holds: jobs are its when their owner or application is listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PrincipalConfig {
+    /// The client certificate's name (`client/<name>`).
+    pub name: String,
+    /// `admin`, `operator` or `user`.
+    pub role: String,
+    #[serde(default)]
+    pub owners: Vec<String>,
+    #[serde(default)]
+    pub applications: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who the token stands for, in logs and the audit log (`token/<name>`).
+    pub name: String,
+    /// Lower-case hex SHA-256 of the token (`titus certs token` prints both).
+    pub sha256: String,
+    pub role: String,
+    #[serde(default)]
+    pub owners: Vec<String>,
+    #[serde(default)]
+    pub applications: Vec<String>,
+}
+
+/// Bounds that keep one caller from exhausting a replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls a second each client may make on average (agents and replicas are not limited).
+    pub requests_per_second: f64,
+    /// Calls a client may make at once before the rate applies.
+    pub burst: u32,
+    /// Largest request message on the api port (the peer port allows snapshot chunks).
+    pub max_request_bytes: usize,
+    /// Open connections per port.
+    pub max_connections: usize,
+    /// Calls in flight on one connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            requests_per_second: 200.0,
+            burst: 400,
+            max_request_bytes: 4 << 20,
+            max_connections: 4096,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// The replicated audit log of mutating calls.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Records kept; the oldest are dropped beyond this.
+    pub max_records: u64,
+    /// How often a replica commits the records of the calls it answered.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { max_records: 100_000, flush_interval_ms: 100 }
+    }
+}
+
+impl SecurityConfig {
+    /// The [security] settings alone, from their own file.
+    pub fn from_file(path: &Path) -> Result<SecurityConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms.unwrap_or(5_000))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let files = [("security.ca", &self.ca), ("security.cert", &self.cert), ("security.key", &self.key)];
+        if self.insecure {
+            if let Some((name, _)) = files.iter().find(|(_, f)| f.is_some()) {
+                return Err(Error::Config(format!("{name}: set together with security.insecure; choose one")));
+            }
+        } else if let Some((name, _)) = files.iter().find(|(_, f)| f.is_none()) {
+            return Err(Error::Config(format!(
+                "{name}: required (TLS is on unless security.insecure = true, for local development only; \
+                 `titus certs init` makes a CA and certificates)"
+            )));
+        }
+        if self.reload_interval_ms == Some(0) {
+            return Err(Error::Config("security.reload-interval-ms: must be > 0".into()));
+        }
+        let mut names = BTreeSet::new();
+        for (i, p) in self.principals.iter().enumerate() {
+            let at = format!("security.principals[{i}]");
+            titus_security::identity::validate_name(&p.name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
+            crate::auth::Role::parse(&p.role)
+                .ok_or_else(|| Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user", p.role)))?;
+            if !names.insert(p.name.clone()) {
+                return Err(Error::Config(format!("{at}.name: {:?} appears twice", p.name)));
+            }
+        }
+        let mut digests = BTreeSet::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            let at = format!("security.tokens[{i}]");
+            titus_security::identity::validate_name(&t.name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
+            crate::auth::Role::parse(&t.role)
+                .ok_or_else(|| Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user", t.role)))?;
+            if !titus_security::token::is_sha256_hex(&t.sha256) {
+                return Err(Error::Config(format!(
+                    "{at}.sha256: must be 64 lower-case hex digits (the token's SHA-256, not the token)"
+                )));
+            }
+            if !digests.insert(t.sha256.clone()) {
+                return Err(Error::Config(format!("{at}.sha256: the same token is listed twice")));
+            }
+        }
+        let l = &self.limits;
+        if !(l.requests_per_second > 0.0) || l.burst == 0 {
+            return Err(Error::Config("security.limits.requests-per-second and burst: must be > 0".into()));
+        }
+        if l.max_request_bytes < 64 << 10 {
+            return Err(Error::Config("security.limits.max-request-bytes: must be at least 65536".into()));
+        }
+        if l.max_connections == 0 || l.max_concurrent_streams == 0 {
+            return Err(Error::Config(
+                "security.limits.max-connections and max-concurrent-streams: must be > 0".into(),
+            ));
+        }
+        if self.audit.max_records == 0 || self.audit.flush_interval_ms == 0 {
+            return Err(Error::Config("security.audit.max-records and flush-interval-ms: must be > 0".into()));
+        }
+        Ok(())
+    }
 }
 
 /// How this replica reaches AWS (credentials come from the standard chain: environment, profile,
@@ -453,6 +621,7 @@ impl Config {
                 )));
             }
         }
+        self.security.validate()?;
         if !matches!(self.log_format.as_str(), "plain" | "json") {
             return Err(Error::Config(format!("log-format: {:?} is not one of plain, json", self.log_format)));
         }
@@ -504,6 +673,7 @@ mod tests {
             aws: None,
             admin_listen: None,
             slow_request_ms: 1_000,
+            security: SecurityConfig { insecure: true, ..Default::default() },
         }
     }
 
@@ -550,5 +720,38 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("election-timeout"));
         assert!(toml::from_str::<Config>("node-id = 1\nbogus = 2").unwrap_err().to_string().contains("bogus"));
         assert!(parse_member("1=a:1").is_err());
+    }
+
+    #[test]
+    fn security_is_required_and_checked_by_name() {
+        let mut c = config();
+        c.security.insecure = false;
+        assert!(c.validate().unwrap_err().to_string().contains("security.ca: required"));
+        c.security.ca = Some("/ca.pem".into());
+        c.security.cert = Some("/c.pem".into());
+        c.security.key = Some("/c.key".into());
+        c.validate().unwrap();
+        c.security.insecure = true;
+        assert!(c.validate().unwrap_err().to_string().contains("set together with security.insecure"));
+        let mut c = config();
+        c.security.tokens.push(TokenConfig {
+            name: "ci".into(),
+            sha256: "not-a-digest".into(),
+            role: "user".into(),
+            owners: vec![],
+            applications: vec![],
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("security.tokens[0].sha256"));
+        let mut c = config();
+        c.security.principals.push(PrincipalConfig {
+            name: "alice".into(),
+            role: "root".into(),
+            owners: vec![],
+            applications: vec![],
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("security.principals[0].role"));
+        let text = "[[principals]]\nname = \"a\"\nrole = \"admin\"\n[limits]\nburst = 3\n";
+        let s: SecurityConfig = toml::from_str(text).unwrap();
+        assert_eq!((s.principals.len(), s.limits.burst, s.limits.max_connections), (1, 3, 4096));
     }
 }

@@ -54,6 +54,12 @@ impl Error {
     }
 }
 
+impl From<crate::model::Invalid> for Error {
+    fn from(e: crate::model::Invalid) -> Self {
+        Error::InvalidArgument(e.0)
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Code;

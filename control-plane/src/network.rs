@@ -40,13 +40,18 @@ pub enum ForwardError {
 #[derive(Clone)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    connect_timeout: Duration,
+    connector: titus_security::Connector,
     state: StateReader,
 }
 
 impl PeerChannels {
-    pub fn new(state: StateReader, connect_timeout: Duration) -> Self {
-        PeerChannels { channels: Arc::default(), connect_timeout, state }
+    /// `tls`: this replica's certificate, presented to peers (None in insecure mode).
+    pub fn new(state: StateReader, connect_timeout: Duration, tls: Option<Arc<titus_security::Tls>>) -> Self {
+        PeerChannels {
+            channels: Arc::default(),
+            connector: titus_security::Connector::new(tls, connect_timeout),
+            state,
+        }
     }
 
     fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, String> {
@@ -56,11 +61,10 @@ impl PeerChannels {
             None => {
                 let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
-                    .connect_timeout(self.connect_timeout)
-                    .tcp_nodelay(true)
+                    .connect_timeout(self.connector.timeout)
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5));
-                let c = endpoint.connect_lazy();
+                let c = endpoint.connect_with_connector_lazy(self.connector.clone());
                 map.insert(addr.to_string(), c.clone());
                 c
             }

@@ -12,8 +12,10 @@ use std::time::Duration;
 use openraft::error::{InitializeError, RaftError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+
+use titus_security::tls::incoming;
+use titus_security::{Identity, Kind, ListenerLimits, Tls, TlsFiles};
 
 use titus_proto::agent_task_service_server::AgentTaskServiceServer;
 use titus_proto::capacity_group_service_server::CapacityGroupServiceServer;
@@ -25,6 +27,7 @@ use crate::agents::{AgentApi, AgentHub};
 use crate::api::{
     AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi, LoadBalancerApi, SchedulerApi,
 };
+use crate::auth::{Auditor, Authorize, Policy, Port};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::leader::{Cloud, LeaderDuties};
@@ -50,18 +53,45 @@ async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Accepted connections with Nagle's algorithm off. (tonic's `tcp_nodelay` applies only to
-/// listeners it binds itself; without this, small HTTP/2 frames wait for delayed ACKs, ~40 ms.)
-fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not disable Nagle on an accepted connection");
-            }
-        }
-        conn
-    })
+/// This replica's certificates (reloaded when replaced), or None in insecure mode — said loudly.
+fn load_tls(config: &Config) -> Result<Option<Arc<Tls>>> {
+    let sec = &config.security;
+    if sec.insecure {
+        let banner = "INSECURE MODE: plaintext on every port, no authentication, every caller is an admin. \
+                      For a local development cluster only; never expose these ports.";
+        eprintln!("\n*** titus-control-plane: {banner} ***\n");
+        tracing::warn!(api = %config.api_listen, peer = %config.peer_listen, "{banner}");
+        return Ok(None);
+    }
+    let (Some(ca), Some(cert), Some(key)) = (&sec.ca, &sec.cert, &sec.key) else {
+        return Err(Error::Config("security.ca, security.cert and security.key are required".into()));
+    };
+    let tls = Tls::server(TlsFiles::new(ca, cert, key), Kind::Replica)
+        .map_err(|e| Error::Config(format!("security: {e}")))?;
+    let expected = Identity::new(Kind::Replica, config.node_id.to_string()).map_err(Error::Config)?;
+    if tls.identity().as_ref() != Some(&expected) {
+        return Err(Error::Config(format!(
+            "security.cert {}: names {}, but this is {expected} (node-id {})",
+            cert.display(),
+            tls.identity().map_or("nobody".into(), |i| i.to_string()),
+            config.node_id
+        )));
+    }
+    tls.spawn_reloader(sec.reload_interval());
+    tracing::info!(identity = %expected, ca = %ca.display(), "TLS on: mutual TLS on the api and peer ports");
+    Ok(Some(tls))
+}
+
+/// The same HTTP/2 bounds on both ports: streams per connection, dead connections found by
+/// keepalive, and reset floods cut short.
+fn server_builder(config: &Config) -> Server {
+    let l = &config.security.limits;
+    Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(l.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_max_pending_accept_reset_streams(Some(64))
 }
 
 /// How long a stopping leader waits for another replica to be elected.
@@ -76,9 +106,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(addr) => Some(bind("admin-listen", addr).await?),
         None => None,
     };
+    let tls = load_tls(&config)?;
+    let listener_limits = ListenerLimits {
+        max_connections: config.security.limits.max_connections,
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let policy = Arc::new(Policy::new(&config.security));
     let (log_store, state_machine, state) = store::open(&config.data_dir, config.node_id)?;
 
-    let peers = PeerChannels::new(state.clone(), Duration::from_millis(500));
+    let peers = PeerChannels::new(state.clone(), Duration::from_millis(500), tls.clone());
     let raft = Raft::new(
         config.node_id,
         Arc::new(config.openraft_config()?),
@@ -111,10 +147,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let peer_server = tokio::spawn(
-        Server::builder()
-            .tcp_nodelay(true)
+        server_builder(&config)
+            .layer(Authorize { policy: policy.clone(), port: Port::Peer, auditor: None })
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone())),
+            .serve_with_incoming_shutdown(
+                incoming(peer_listener, tls.clone(), listener_limits),
+                stopped(stop_rx.clone()),
+            ),
     );
 
     let cloud = match &config.aws {
@@ -143,27 +182,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Config(format!("grpc reflection: {e}")))?;
+    let auditor = Auditor::start(replica.clone(), config.security.audit.clone(), stop_rx.clone());
+    // Every service refuses a request larger than this before decoding it.
+    let max = config.security.limits.max_request_bytes;
     let api_server = tokio::spawn(
-        Server::builder()
-            .tcp_nodelay(true)
+        server_builder(&config)
             .layer(GrpcTelemetry { slow: Duration::from_millis(config.slow_request_ms) })
+            .layer(Authorize { policy: policy.clone(), port: Port::Api, auditor: Some(auditor) })
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(CapacityGroupServiceServer::new(CapacityGroupApi { replica: replica.clone() }))
-            .add_service(ClusterServiceServer::new(ClusterApi { replica: replica.clone() }))
-            .add_service(JobManagementServiceServer::new(JobApi { replica: replica.clone() }))
-            .add_service(AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }))
-            .add_service(AgentServiceServer::new(AgentApi { hub: hub.clone() }))
-            .add_service(LoadBalancerServiceServer::new(LoadBalancerApi {
-                replica: replica.clone(),
-                aws: cloud.as_ref().map(|c| c.aws.clone()),
-            }))
-            .add_service(SchedulerServiceServer::new(SchedulerApi { hub: hub.clone() }))
-            .add_service(AgentManagementServiceServer::new(AgentManagementApi {
-                replica: replica.clone(),
-                hub: hub.clone(),
-            }))
-            .serve_with_incoming_shutdown(incoming(api_listener), stopped(stop_rx.clone())),
+            .add_service(
+                CapacityGroupServiceServer::new(CapacityGroupApi { replica: replica.clone() })
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                ClusterServiceServer::new(ClusterApi { replica: replica.clone() }).max_decoding_message_size(max),
+            )
+            .add_service(
+                JobManagementServiceServer::new(JobApi { replica: replica.clone() }).max_decoding_message_size(max),
+            )
+            .add_service(
+                AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }).max_decoding_message_size(max),
+            )
+            .add_service(AgentServiceServer::new(AgentApi { hub: hub.clone() }).max_decoding_message_size(max))
+            .add_service(
+                LoadBalancerServiceServer::new(LoadBalancerApi {
+                    replica: replica.clone(),
+                    aws: cloud.as_ref().map(|c| c.aws.clone()),
+                })
+                .max_decoding_message_size(max),
+            )
+            .add_service(SchedulerServiceServer::new(SchedulerApi { hub: hub.clone() }).max_decoding_message_size(max))
+            .add_service(
+                AgentManagementServiceServer::new(AgentManagementApi { replica: replica.clone(), hub: hub.clone() })
+                    .max_decoding_message_size(max),
+            )
+            .serve_with_incoming_shutdown(
+                incoming(api_listener, tls.clone(), listener_limits),
+                stopped(stop_rx.clone()),
+            ),
     );
 
     if let Some(listener) = admin_listener {

@@ -293,6 +293,7 @@ fn t60_startup_errors_are_one_clear_line() {
             peer.into(),
             "--api-listen".into(),
             api.into(),
+            "--insecure".into(),
         ]
     };
     let within = Duration::from_secs(20);

@@ -49,6 +49,17 @@ struct Args {
     /// Zones the simulated agents are spread over, comma-separated.
     #[arg(long, value_delimiter = ',')]
     simulate_zones: Vec<String>,
+    /// Plaintext to the control plane (a cluster in insecure mode): local development only.
+    #[arg(long)]
+    insecure: bool,
+    /// The cluster CA (PEM).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM, naming agent/<agent-id>) and key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -68,8 +79,22 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             network: None,
             admin_listen: None,
             log_format: "plain".into(),
+            insecure: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         },
     };
+    if args.insecure {
+        c.insecure = true;
+    }
+    for (flag, setting) in
+        [(args.tls_ca, &mut c.tls_ca), (args.tls_cert, &mut c.tls_cert), (args.tls_key, &mut c.tls_key)]
+    {
+        if flag.is_some() {
+            *setting = flag;
+        }
+    }
     if let Some(v) = args.log_format {
         c.log_format = v;
     }

@@ -22,6 +22,18 @@ struct Cli {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
     output: Output,
+    /// The cluster CA (PEM): turns TLS on. Without it the CLI speaks plaintext, which only a
+    /// cluster in insecure mode accepts.
+    #[arg(long, env = "TITUS_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) and key, from `titus certs init` or `issue`.
+    #[arg(long, env = "TITUS_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, env = "TITUS_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// A bearer token (prefer the environment variable: arguments show in `ps`).
+    #[arg(long, env = "TITUS_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +61,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("{s:?}: unit must be ms, s or m")),
     }
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+fn format_ms(ms: i64) -> String {
+    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (h, min, s, milli) = (rest / 3_600_000, rest / 60_000 % 60, rest / 1000 % 60, rest % 1000);
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
 }
 
 /// Prints a structured value as JSON or YAML.
@@ -84,6 +113,112 @@ enum Command {
     Lb(LbCmd),
     /// Prints a shell completion script: titus completions bash > /etc/bash_completion.d/titus
     Completions { shell: clap_complete::Shell },
+    /// The audit log: every mutating call, who made it and its result (admins and operators).
+    Audit {
+        /// Records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only this caller's records, e.g. client/alice.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only records of methods ending with this, e.g. KillJob.
+        #[arg(long)]
+        method: Option<String>,
+    },
+    /// A private CA and certificates for a cluster (files only; no server is called).
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Makes a CA and the certificates of a cluster in DIR: ca.pem/ca.key, replica-<id>.pem/.key,
+    /// agent-<name>, client-<name>. An existing CA in DIR is reused.
+    Init {
+        dir: PathBuf,
+        /// Replica node ids, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        replicas: Vec<u64>,
+        /// Agent ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
+        /// Client names, comma-separated (roles are given in the replicas' configuration).
+        #[arg(long, value_delimiter = ',', default_value = "admin")]
+        clients: Vec<String>,
+        /// Host names and addresses the replicas are reached at, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "titus")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issues (or replaces) one certificate with the CA in DIR: KIND is replica, agent or client.
+    Issue {
+        dir: PathBuf,
+        kind: String,
+        name: String,
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "titus")]
+        trust_domain: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Prints a new random bearer token and the SHA-256 digest the replicas' configuration holds.
+    Token,
+}
+
+fn certs_command(cmd: CertsCmd) -> Result<(), Error> {
+    use titus_security::{certs, Identity, Kind};
+    let invalid = |message: String| Error::InvalidArgument { message, violations: vec![] };
+    let cert_error = |e: certs::CertError| invalid(e.to_string());
+    let ca_of = |dir: &Path, days: u32| -> Result<certs::Pem, Error> {
+        match certs::read_pair(dir, "ca") {
+            Ok(pem) => Ok(pem),
+            Err(_) if !dir.join("ca.pem").exists() => {
+                let pem = certs::new_ca("Titus cluster CA", days.max(365 * 5)).map_err(cert_error)?;
+                certs::write_pair(dir, "ca", &pem).map_err(cert_error)?;
+                println!("{}", dir.join("ca.pem").display());
+                Ok(pem)
+            }
+            Err(e) => Err(cert_error(e)),
+        }
+    };
+    let issue = |dir: &Path, ca: &certs::Pem, id: Identity, hosts: &[String], domain: &str, days: u32| {
+        let hosts: &[String] = if id.kind == Kind::Replica { hosts } else { &[] };
+        let pem = certs::issue(ca, &id, domain, hosts, days).map_err(cert_error)?;
+        let (cert, _) = certs::write_pair(dir, &certs::stem(&id), &pem).map_err(cert_error)?;
+        println!("{}", cert.display());
+        Ok::<(), Error>(())
+    };
+    match cmd {
+        CertsCmd::Init { dir, replicas, agents, clients, hosts, trust_domain, days } => {
+            let ca = ca_of(&dir, days)?;
+            let ids = replicas
+                .iter()
+                .map(|r| Identity::new(Kind::Replica, r.to_string()))
+                .chain(agents.iter().map(|a| Identity::new(Kind::Agent, a.clone())))
+                .chain(clients.iter().map(|c| Identity::new(Kind::Client, c.clone())));
+            for id in ids {
+                issue(&dir, &ca, id.map_err(invalid)?, &hosts, &trust_domain, days)?;
+            }
+        }
+        CertsCmd::Issue { dir, kind, name, hosts, trust_domain, days } => {
+            let kind =
+                Kind::parse(&kind).ok_or_else(|| invalid(format!("kind: {kind:?} is not replica, agent or client")))?;
+            let ca = certs::read_pair(&dir, "ca").map_err(cert_error)?;
+            issue(&dir, &ca, Identity::new(kind, name).map_err(invalid)?, &hosts, &trust_domain, days)?;
+        }
+        CertsCmd::Token => {
+            let token = titus_security::token::generate();
+            println!("token:  {token}");
+            println!("sha256: {}", titus_security::token::sha256_hex(&token));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -457,7 +592,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
         clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "titus", &mut std::io::stdout());
         return Ok(());
     }
-    let client = Client::connect([cli.server.as_str()])?;
+    if let Command::Certs(cmd) = cli.command {
+        return certs_command(cmd);
+    }
+    let mut options = titus_client::ClientOptions::default();
+    if let Some(ca) = &cli.ca {
+        options = options.with_tls(ca, cli.cert.clone().zip(cli.key.clone()))?;
+    } else if cli.cert.is_some() {
+        return Err(Error::InvalidArgument {
+            message: "--cert needs --ca (the cluster CA)".into(),
+            violations: vec![],
+        });
+    }
+    if let Some(token) = &cli.token {
+        options = options.with_token(token.trim());
+    }
+    let client = Client::with_options([cli.server.as_str()], options)?;
     let out = cli.output;
     match cli.command {
         Command::CapacityGroup(cmd) => match cmd {
@@ -475,7 +625,41 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         },
         Command::Job(cmd) => job_command(&client, out, cmd).await?,
-        Command::Completions { .. } => {}
+        Command::Completions { .. } | Command::Certs(_) => {}
+        Command::Audit { after, limit, caller, method } => {
+            let query = titus_client::proto::AuditQuery {
+                after_sequence: after,
+                limit,
+                caller: caller.unwrap_or_default(),
+                method: method.unwrap_or_default(),
+            };
+            let page = client.audit_records(query).await?;
+            if out == Output::Table {
+                println!(
+                    "{:<6} {:<24} {:<18} {:<44} {:<18} {:<16} MESSAGE",
+                    "SEQ", "TIME", "CALLER", "METHOD", "TARGET", "RESULT"
+                );
+                for r in &page.records {
+                    println!(
+                        "{:<6} {:<24} {:<18} {:<44} {:<18} {:<16} {}",
+                        r.sequence,
+                        format_ms(r.time_ms),
+                        r.caller,
+                        r.method,
+                        r.target,
+                        r.code,
+                        r.message
+                    );
+                }
+            } else {
+                let v: Vec<_> = page
+                    .records
+                    .iter()
+                    .map(|r| serde_json::json!({"sequence": r.sequence, "timeMs": r.time_ms, "caller": r.caller, "method": r.method, "target": r.target, "code": r.code, "message": r.message, "replica": r.replica, "requestId": r.request_id}))
+                    .collect();
+                emit(out, &serde_json::json!({"records": v, "lastSequence": page.last_sequence}));
+            }
+        }
         Command::Task(cmd) => match cmd {
             TaskCmd::List { job_id } => {
                 let tasks = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await?.items;

@@ -7,13 +7,13 @@ use titus_proto::agent_management_service_server::AgentManagementService;
 use tonic::{Request, Response, Status};
 
 use super::client_deadline;
-use super::convert::{tier_from_proto, tier_to_proto};
 use crate::agents::AgentHub;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
 use crate::jobs::apply::{allocation_by_agent, Allocation};
 use crate::jobs::store::JobRead;
 use crate::model::agent::{Agent, AgentState, InstanceGroup, LaunchSettings, Lifecycle};
+use crate::model::convert::{tier_from_proto, tier_to_proto};
 use crate::model::FieldViolation;
 use crate::model::{validate_name, ResourceDimension};
 use crate::replica::Replica;

@@ -7,9 +7,9 @@ use titus_proto::capacity_group_service_server::CapacityGroupService;
 use tonic::{Request, Response, Status};
 
 use super::client_deadline;
-use super::convert::{capacity_group_from_proto, capacity_group_to_proto};
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
+use crate::model::convert::{capacity_group_from_proto, capacity_group_to_proto};
 use crate::model::validate_name;
 use crate::replica::Replica;
 

@@ -34,6 +34,10 @@ const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 /// The largest backup a restore accepts (it is held in memory while it is committed, and swapped
 /// in by one write batch on every replica).
 const MAX_RESTORE_BYTES: usize = 1 << 30;
+/// How long a restore waits for the client's next chunk.
+const RESTORE_CHUNK_WAIT: Duration = Duration::from_secs(30);
+/// Audit records one query looks at, at most (a filter that matches little pages on).
+const AUDIT_SCAN: usize = 10_000;
 /// Raw record bytes per restore entry (twice that as hex in the entry): entries stay small enough
 /// to be replicated and applied within a heartbeat interval even on a busy follower.
 const RESTORE_ENTRY_BYTES: usize = 32 << 10;
@@ -150,6 +154,42 @@ impl ClusterApi {
 impl ClusterService for ClusterApi {
     type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 
+    async fn list_audit_records(&self, request: Request<pb::AuditQuery>) -> Result<Response<pb::AuditRecords>, Status> {
+        let q = request.get_ref().clone();
+        let limit = match q.limit {
+            0 => 100,
+            n if n > 1000 => return Err(Error::invalid("limit", "must be at most 1000").into()),
+            n => n as usize,
+        };
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        let state = self.replica.state.clone();
+        // Filters are plain comparisons on the records' strings, never patterns.
+        let (records, last_sequence) = tokio::task::spawn_blocking(move || {
+            state.audit_records(q.after_sequence, limit, AUDIT_SCAN, |r| {
+                (q.caller.is_empty() || r.caller == q.caller) && (q.method.is_empty() || r.method.ends_with(&q.method))
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("audit: {e}")))??;
+        Ok(Response::new(pb::AuditRecords {
+            records: records
+                .into_iter()
+                .map(|(sequence, r)| pb::AuditRecord {
+                    sequence,
+                    time_ms: r.time_ms,
+                    caller: r.caller,
+                    method: r.method,
+                    target: r.target,
+                    code: r.code,
+                    message: r.message,
+                    replica: r.replica,
+                    request_id: r.request_id,
+                })
+                .collect(),
+            last_sequence,
+        }))
+    }
+
     async fn step_down(&self, request: Request<pb::StepDownRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         // A little inside the caller's deadline, so the answer (even a timeout) reaches it.
         let timeout =
@@ -191,7 +231,11 @@ impl ClusterService for ClusterApi {
         let mut stream = request.into_inner();
         let mut data = Vec::new();
         let mut force = None;
-        while let Some(chunk) = stream.message().await? {
+        // A client that stops sending does not hold the buffer: each chunk must come within a bound.
+        while let Some(chunk) = tokio::time::timeout(RESTORE_CHUNK_WAIT, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no restore chunk within {RESTORE_CHUNK_WAIT:?}")))??
+        {
             force.get_or_insert(chunk.force);
             if data.len() + chunk.data.len() > MAX_RESTORE_BYTES {
                 return Err(

@@ -12,15 +12,15 @@ use titus_proto as pb;
 use titus_proto::agent_task_service_server::AgentTaskService;
 use titus_proto::job_management_service_server::JobManagementService;
 
-use super::client_deadline;
-use super::convert::{
-    attributes_from_proto, id_field, job_descriptor_from_proto, job_to_proto, task_state_from_proto, task_to_proto,
-};
+use super::{authorize_job_change, authorize_task_change, client_deadline};
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::events::{Change, ChangeBatch, Start};
 use crate::jobs::query::{paginate, Filter};
 use crate::jobs::store::JobRead;
+use crate::model::convert::{
+    attributes_from_proto, id_field, job_descriptor_from_proto, job_to_proto, task_state_from_proto, task_to_proto,
+};
 use crate::model::job::{Job, JobState, JobStatus};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::replica::Replica;
@@ -97,6 +97,8 @@ impl JobManagementService for JobApi {
         request: Request<pb::CreateJobRequest>,
     ) -> std::result::Result<Response<pb::JobId>, Status> {
         let descriptor = job_descriptor_from_proto(request.get_ref().job_descriptor.clone())?;
+        crate::auth::note_target(&request, format!("application {}", descriptor.application_name));
+        crate::auth::may_change_job(&crate::auth::caller(&request), "", &descriptor)?;
         let token = Some(request.get_ref().idempotency_token.clone()).filter(|t| !t.is_empty());
         if token.as_ref().is_some_and(|t| t.len() > 256) {
             return Err(Error::invalid("idempotency_token", "must be at most 256 characters").into());
@@ -116,7 +118,10 @@ impl JobManagementService for JobApi {
         };
         let command = Command::CreateJob { job, idempotency_token: token, token_expires_ms: now + JOB_TOKEN_TTL_MS };
         match self.propose(&request, command).await? {
-            CommandResponse::JobId(id) => Ok(Response::new(pb::JobId { id })),
+            CommandResponse::JobId(id) => {
+                crate::auth::note_target(&request, format!("job {id}"));
+                Ok(Response::new(pb::JobId { id }))
+            }
             CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
             other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
         }
@@ -200,6 +205,7 @@ impl JobManagementService for JobApi {
     async fn kill_job(&self, request: Request<pb::JobId>) -> std::result::Result<Response<pb::Empty>, Status> {
         let job_id = request.get_ref().id.clone();
         id_field("id", &job_id)?;
+        authorize_job_change(&self.replica, &request, &job_id).await?;
         done(self.propose(&request, Command::KillJob { job_id, timestamp_ms: now_ms() }).await?)
     }
 
@@ -209,6 +215,7 @@ impl JobManagementService for JobApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("task_id", &r.task_id)?;
+        authorize_task_change(&self.replica, &request, &r.task_id).await?;
         let command = Command::KillTask {
             task_id: r.task_id,
             shrink: r.shrink,
@@ -224,6 +231,7 @@ impl JobManagementService for JobApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
         let c = r.capacity.ok_or_else(|| Error::invalid("capacity", "is required"))?;
         if c.min.is_none() && c.desired.is_none() && c.max.is_none() {
             return Err(Error::invalid("capacity", "set at least one of min, desired and max").into());
@@ -243,6 +251,7 @@ impl JobManagementService for JobApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("id", &r.id)?;
+        authorize_job_change(&self.replica, &request, &r.id).await?;
         done(self.propose(&request, Command::UpdateJobStatus { job_id: r.id, enabled: r.enable_status }).await?)
     }
 
@@ -252,6 +261,7 @@ impl JobManagementService for JobApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
         let p = r.service_job_processes.ok_or_else(|| Error::invalid("service_job_processes", "is required"))?;
         let processes = crate::model::job::ServiceJobProcesses {
             disable_increase_desired: p.disable_increase_desired,
@@ -266,6 +276,7 @@ impl JobManagementService for JobApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
         if r.attributes.is_empty() {
             return Err(Error::invalid("attributes", "must not be empty").into());
         }
@@ -279,6 +290,7 @@ impl JobManagementService for JobApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
         if r.keys.is_empty() {
             return Err(Error::invalid("keys", "must not be empty").into());
         }
@@ -486,6 +498,18 @@ impl AgentTaskService for AgentTaskApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("task_id", &r.task_id)?;
+        // An agent reports only the tasks placed on it.
+        if let Some(agent_id) = crate::auth::caller(&request).agent_id() {
+            let placed_on =
+                self.replica.state.task(&r.task_id)?.and_then(|t| crate::jobs::store::agent_of(&t).map(str::to_string));
+            if placed_on.as_deref() != Some(agent_id) {
+                tracing::warn!(agent_id, task_id = %r.task_id, rule = "agent-own-tasks", "permission denied");
+                return Err(Status::permission_denied(format!(
+                    "rule agent-own-tasks: task {:?} is not placed on agent {agent_id:?}",
+                    r.task_id
+                )));
+            }
+        }
         let state = task_state_from_proto("state", r.state)?;
         let mut reason_code = r.reason_code;
         if state == TaskState::Finished {

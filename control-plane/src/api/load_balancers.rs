@@ -8,8 +8,8 @@ use titus_proto as pb;
 use titus_proto::load_balancer_service_server::LoadBalancerService;
 use tonic::{Request, Response, Status};
 
-use super::client_deadline;
 use super::jobs::now_ms;
+use super::{authorize_job_change, client_deadline};
 use crate::command::{Command, CommandResponse};
 use crate::error::Error;
 use crate::jobs::query::paginate;
@@ -125,6 +125,7 @@ impl LoadBalancerService for LoadBalancerApi {
         request: Request<pb::AddLoadBalancerRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let deadline = client_deadline(&request);
+        authorize_job_change(&self.replica, &request, &request.get_ref().job_id).await?;
         let req = request.into_inner();
         let (job_id, target_group) = association_of(req.job_id, req.load_balancer_id)?;
         let Some(aws) = &self.aws else {
@@ -165,6 +166,7 @@ impl LoadBalancerService for LoadBalancerApi {
         request: Request<pb::RemoveLoadBalancerRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let deadline = client_deadline(&request);
+        authorize_job_change(&self.replica, &request, &request.get_ref().job_id).await?;
         let req = request.into_inner();
         let (job_id, target_group) = association_of(req.job_id, req.load_balancer_id)?;
         done(self.replica.propose(Command::RemoveLoadBalancer { job_id, target_group }, deadline).await?)

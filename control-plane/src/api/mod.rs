@@ -4,7 +4,6 @@
 mod agents;
 mod capacity_groups;
 mod cluster;
-mod convert;
 mod jobs;
 mod load_balancers;
 mod scheduler;
@@ -14,10 +13,10 @@ use std::time::Duration;
 pub use agents::AgentManagementApi;
 pub use capacity_groups::CapacityGroupApi;
 pub use cluster::ClusterApi;
-pub use convert::{job_descriptor_to_proto, task_state_from_proto};
 pub use jobs::{now_ms, AgentTaskApi, JobApi};
 pub use load_balancers::LoadBalancerApi;
 pub use scheduler::SchedulerApi;
+pub use titus_model::convert::{job_descriptor_to_proto, task_state_from_proto};
 
 /// The deadline the caller put on its request (`grpc-timeout`), if any.
 pub(crate) fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
@@ -33,6 +32,52 @@ pub(crate) fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// Refuses a user's change to a job it does not hold (admins, operators and insecure callers
+/// pass), and names the job in the call's audit record. The owner of a job never changes, so a
+/// check before proposing holds when the command applies.
+pub(crate) async fn authorize_job_change<T>(
+    replica: &crate::replica::Replica,
+    request: &tonic::Request<T>,
+    job_id: &str,
+) -> Result<(), tonic::Status> {
+    use crate::jobs::store::JobRead;
+    crate::auth::note_target(request, format!("job {job_id}"));
+    let caller = crate::auth::caller(request);
+    if caller.role != Some(crate::auth::Role::User) {
+        return Ok(());
+    }
+    replica.read_barrier(client_deadline(request)).await?;
+    let state = &replica.state;
+    match state.job(job_id)?.or(state.archived_job(job_id)?) {
+        Some(job) => crate::auth::may_change_job(&caller, job_id, &job.descriptor),
+        // The command answers NOT_FOUND itself.
+        None => Ok(()),
+    }
+}
+
+/// As [`authorize_job_change`], for the job of task `task_id`.
+pub(crate) async fn authorize_task_change<T>(
+    replica: &crate::replica::Replica,
+    request: &tonic::Request<T>,
+    task_id: &str,
+) -> Result<(), tonic::Status> {
+    use crate::jobs::store::JobRead;
+    crate::auth::note_target(request, format!("task {task_id}"));
+    if crate::auth::caller(request).role != Some(crate::auth::Role::User) {
+        return Ok(());
+    }
+    replica.read_barrier(client_deadline(request)).await?;
+    let state = &replica.state;
+    match state.task(task_id)?.or(state.archived_task(task_id)?) {
+        Some(task) => {
+            authorize_job_change(replica, request, &task.job_id).await?;
+            crate::auth::note_target(request, format!("task {task_id}"));
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,21 @@ struct Args {
     /// An instance not registered as an agent within this long is terminated.
     #[arg(long)]
     capacity_registration_timeout_ms: Option<u64>,
+    /// A TOML file of the [security] settings alone (certificates, principals, tokens, limits,
+    /// audit), kept apart from the rest with tighter permissions; replaces the config file's.
+    #[arg(long, env = "TITUS_SECURITY_CONFIG")]
+    security_config: Option<PathBuf>,
+    /// Plaintext, every caller an anonymous admin: for a local development cluster only.
+    #[arg(long)]
+    insecure: bool,
+    /// The cluster CA (PEM).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// This replica's certificate (PEM) and key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn config_from(args: Args) -> Result<Config, String> {
@@ -80,10 +95,26 @@ fn config_from(args: Args) -> Result<Config, String> {
             aws: None,
             admin_listen: None,
             slow_request_ms: 1_000,
+            security: Default::default(),
         },
     };
     if let Some(v) = args.node_id {
         config.node_id = v;
+    }
+    if let Some(path) = &args.security_config {
+        config.security = titus_control_plane::config::SecurityConfig::from_file(path).map_err(|e| e.to_string())?;
+    }
+    if args.insecure {
+        config.security.insecure = true;
+    }
+    for (flag, setting) in [
+        (args.tls_ca, &mut config.security.ca),
+        (args.tls_cert, &mut config.security.cert),
+        (args.tls_key, &mut config.security.key),
+    ] {
+        if flag.is_some() {
+            *setting = flag;
+        }
     }
     if let Some(v) = args.data_dir {
         config.data_dir = v;

@@ -7,7 +7,7 @@ use crate::command::{Command, CommandResponse};
 use crate::jobs::apply::apply;
 use crate::jobs::lifecycle::{plan, LifecycleConfig};
 use crate::jobs::store::{JobRead, MemoryStore, Overlay};
-use crate::model::job::tests::{batch_descriptor, service_descriptor};
+use crate::model::job::fixtures::{batch_descriptor, service_descriptor};
 use crate::model::job::{Job, JobDescriptor, JobState, JobStatus, RetryPolicy};
 use crate::model::task::{reason, TaskState, TaskStatus};
 

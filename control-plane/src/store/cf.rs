@@ -43,6 +43,11 @@ pub const LB_TARGETS: &str = "lb_targets";
 /// them in whole (replicated, and carried by snapshots, like the rest of the state).
 pub const RESTORE_STAGING: &str = "restore_staging";
 
+/// The audit log: records of mutating calls keyed by their big-endian sequence number (from 1,
+/// in apply order), bounded by dropping the oldest. Not carried by backups, and a restore keeps
+/// the cluster's own: it is this cluster's history, not the backed-up state's.
+pub const AUDIT: &str = "audit";
+
 /// Column families that hold replicated state. A snapshot carries exactly these, and installing one
 /// replaces them whole; adding an entity means adding its column family here.
 pub const STATE: &[&str] = &[
@@ -61,6 +66,7 @@ pub const STATE: &[&str] = &[
     LOAD_BALANCERS,
     LB_TARGETS,
     RESTORE_STAGING,
+    AUDIT,
 ];
 
 /// Every column family the store opens.

@@ -162,6 +162,37 @@ impl StateReader {
     pub fn capacity_groups(&self) -> Result<Vec<CapacityGroup>> {
         self.all(cf::CAPACITY_GROUPS)
     }
+
+    /// Audit records after sequence `after` that `keep` accepts, oldest first, at most `limit`;
+    /// looks at no more than `scan` records, so a filter matching nothing stays cheap. Also
+    /// answers the last sequence looked at (where the next page starts).
+    pub fn audit_records(
+        &self,
+        after: u64,
+        limit: usize,
+        scan: usize,
+        keep: impl Fn(&crate::command::AuditRecord) -> bool,
+    ) -> Result<(Vec<(u64, crate::command::AuditRecord)>, u64)> {
+        let cf = cf_handle(&self.db, cf::AUDIT).map_err(|e| Error::Storage(e.to_string()))?;
+        let from = after.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        let mut last = after;
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward)).take(scan)
+        {
+            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Storage("audit key".into()))?);
+            last = seq;
+            let record: crate::command::AuditRecord =
+                codec::decode(&v).map_err(|e| Error::Storage(format!("audit: {e}")))?;
+            if keep(&record) {
+                out.push((seq, record));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok((out, last))
+    }
 }
 
 impl StateReader {
@@ -434,7 +465,7 @@ pub struct Backup {
 /// The records of a backup file, each family checked to be one this release replicates.
 pub fn decode_backup(bytes: &[u8]) -> Result<Families> {
     let families = snapshot_data::decode_snapshot_data(bytes).map_err(|e| Error::invalid("backup", e.to_string()))?;
-    let carried = |name: &str| cf::STATE.contains(&name) && name != cf::RESTORE_STAGING;
+    let carried = |name: &str| cf::STATE.contains(&name) && name != cf::RESTORE_STAGING && name != cf::AUDIT;
     if let Some((name, _)) = families.iter().find(|(name, _)| !carried(name)) {
         return Err(Error::invalid("backup", format!("carries {name:?}, which is not a replicated column family")));
     }

@@ -17,7 +17,7 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use super::snapshot_data::{decode_snapshot_data, encode_snapshot_data};
 use super::{blocking, cf_handle, sync_write_options, StateReader, StoreResult};
 use crate::codec;
-use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::command::{AuditRecord, Command, CommandResponse, Rejection, RejectionKind};
 use crate::events::{Change, ChangeBatch};
 use crate::jobs;
 use crate::jobs::store::agent_of;
@@ -141,11 +141,12 @@ impl StateMachine {
                 }
             }
             Command::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
+            Command::AppendAudit { records, keep } => self.append_audit(batch, records, keep)?,
             Command::RestoreRecords { restore_id, family, records } => {
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);
                 }
-                if !cf::STATE.contains(&family.as_str()) || family == cf::RESTORE_STAGING {
+                if !cf::STATE.contains(&family.as_str()) || family == cf::RESTORE_STAGING || family == cf::AUDIT {
                     return Ok(CommandResponse::Rejected(Rejection::new(
                         RejectionKind::InvalidArgument,
                         "family",
@@ -224,7 +225,7 @@ impl StateMachine {
     /// after the heartbeat TTL, their tasks replaced.
     fn restore_end(&self, batch: &mut WriteBatch, restore_id: &str) -> StoreResult<CommandResponse> {
         let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
-        for name in cf::STATE.iter().copied().filter(|n| *n != cf::AGENTS && *n != cf::RESTORE_STAGING) {
+        for name in cf::STATE.iter().copied().filter(|n| ![cf::AGENTS, cf::RESTORE_STAGING, cf::AUDIT].contains(n)) {
             self.clear_family(batch, name)?;
         }
         let staging = cf_handle(&self.db, cf::RESTORE_STAGING)?;
@@ -241,6 +242,39 @@ impl StateMachine {
         let meta = cf_handle(&self.db, cf::SM_META)?;
         batch.delete_cf(meta, cf::sm_meta::RESTORE);
         batch.put_cf(meta, cf::sm_meta::RESTORE_DONE, codec::encode(restore_id).map_err(|e| err(&e))?);
+        Ok(CommandResponse::Done)
+    }
+
+    /// Numbers the records after the last one kept and drops the oldest beyond `keep`.
+    fn append_audit(
+        &self,
+        batch: &mut WriteBatch,
+        records: Vec<AuditRecord>,
+        keep: u64,
+    ) -> StoreResult<CommandResponse> {
+        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
+        let audit = cf_handle(&self.db, cf::AUDIT)?;
+        let sequence_at = |mode| -> StoreResult<Option<u64>> {
+            match self.db.iterator_cf(audit, mode).next() {
+                None => Ok(None),
+                Some(item) => {
+                    let (k, _) = item.map_err(|e| err(&e))?;
+                    let k: [u8; 8] =
+                        k.as_ref().try_into().map_err(|_| err(&AnyErr("audit key is not 8 bytes".into())))?;
+                    Ok(Some(u64::from_be_bytes(k)))
+                }
+            }
+        };
+        let first = sequence_at(IteratorMode::Start)?.unwrap_or(1);
+        let mut next = sequence_at(IteratorMode::End)?.map_or(1, |last| last + 1);
+        for r in &records {
+            batch.put_cf(audit, next.to_be_bytes(), codec::encode(r).map_err(|e| err(&e))?);
+            next += 1;
+        }
+        let keep_from = next.saturating_sub(keep.max(1));
+        if keep_from > first {
+            batch.delete_range_cf(audit, first.to_be_bytes(), keep_from.to_be_bytes());
+        }
         Ok(CommandResponse::Done)
     }
 

@@ -44,7 +44,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     use crate::command::{Assignment, Command};
     use crate::jobs::store::{agent_of, Allocation, JobRead};
     use crate::model::agent::{Agent, AgentState};
-    use crate::model::job::tests::batch_descriptor;
+    use crate::model::job::fixtures::batch_descriptor;
     use crate::model::job::{Job, JobState, JobStatus};
     use crate::model::task::{Task, TaskState, TaskStatus};
     use crate::model::ResourceDimension;

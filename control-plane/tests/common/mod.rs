@@ -37,7 +37,16 @@ pub struct Cluster {
     /// `--member` flags shared by the initial replicas.
     members: Vec<String>,
     extra_args: Vec<String>,
+    /// TLS: the directory `titus certs init` wrote (ca, replica-<id>, agent-<id>, client-<name>)
+    /// and the replicas' `--security-config` file. None: insecure mode.
+    pub secure: Option<Secure>,
     dir: TempDir,
+}
+
+#[derive(Clone)]
+pub struct Secure {
+    pub certs: PathBuf,
+    pub security_config: PathBuf,
 }
 
 /// A workspace binary: cargo's own path when this test's crate builds it, else the one next to
@@ -75,6 +84,12 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 impl Cluster {
     /// Starts `n` replicas that bootstrap one cluster. `extra_args` go to every replica.
     pub fn start(n: u64, extra_args: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra_args, |_| None)
+    }
+
+    /// Starts `n` replicas with mutual TLS: `setup` gets the cluster's directory and returns where
+    /// it wrote the certificates and the security configuration.
+    pub fn start_with(n: u64, extra_args: &[&str], setup: impl FnOnce(&std::path::Path) -> Option<Secure>) -> Cluster {
         let mut dir = TempDir::new().expect("temp dir");
         // TITUS_TEST_KEEP=1 keeps data dirs and logs for a look after the test.
         dir.disable_cleanup(std::env::var_os("TITUS_TEST_KEEP").is_some());
@@ -87,6 +102,7 @@ impl Cluster {
             agents: Vec::new(),
             members,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            secure: setup(dir.path()),
             dir,
         };
         // Start in reverse order: the initializer (lowest id) comes last, as "any order" requires.
@@ -110,6 +126,48 @@ impl Cluster {
         }
     }
 
+    /// `--insecure`, or the replica's certificate and the security configuration.
+    fn security_args(&self, id: u64) -> Vec<String> {
+        match &self.secure {
+            None => vec!["--insecure".into()],
+            Some(s) => {
+                let f = |name: String| s.certs.join(name).display().to_string();
+                vec![
+                    "--tls-ca".into(),
+                    f("ca.pem".into()),
+                    "--tls-cert".into(),
+                    f(format!("replica-{id}.pem")),
+                    "--tls-key".into(),
+                    f(format!("replica-{id}.key")),
+                    "--security-config".into(),
+                    s.security_config.display().to_string(),
+                ]
+            }
+        }
+    }
+
+    /// The flags an agent `id` needs to reach this cluster.
+    fn agent_security_args(&self, id: &str) -> Vec<String> {
+        match &self.secure {
+            None => vec!["--insecure".into()],
+            Some(s) => {
+                let f = |name: String| s.certs.join(name).display().to_string();
+                vec![
+                    "--tls-ca".into(),
+                    f("ca.pem".into()),
+                    "--tls-cert".into(),
+                    f(format!("agent-{id}.pem")),
+                    "--tls-key".into(),
+                    f(format!("agent-{id}.key")),
+                ]
+            }
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn replica(&self, id: u64) -> &Replica {
         self.replicas.iter().find(|r| r.id == id).expect("no such replica")
     }
@@ -125,6 +183,8 @@ impl Cluster {
         let r = self.replica_mut(id);
         assert!(r.process.is_none(), "replica {id} is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log).expect("log file");
+        let security = self.security_args(id);
+        let r = self.replica_mut(id);
         let mut cmd = Command::new(bin("titus-control-plane"));
         cmd.arg("--node-id")
             .arg(id.to_string())
@@ -136,6 +196,7 @@ impl Cluster {
             .arg(&r.api_addr)
             .arg("--admin-listen")
             .arg(&r.admin_addr)
+            .args(security)
             .args(members.iter().flat_map(|m| ["--member".to_string(), m.clone()]))
             .args(&extra)
             .env("RUST_LOG", "info,openraft=warn")
@@ -153,6 +214,7 @@ impl Cluster {
         cmd.args(["--node-id", &id.to_string(), "--peer-listen", &r.peer_addr, "--api-listen", &r.api_addr])
             .arg("--data-dir")
             .arg(&r.data_dir)
+            .args(self.security_args(id))
             .args(&self.extra_args)
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
@@ -198,16 +260,31 @@ impl Cluster {
 
     /// A client seeded with every replica's api address.
     pub fn client(&self) -> Client {
-        Client::connect(self.replicas.iter().map(|r| r.api_addr.as_str())).expect("client")
+        self.client_with(ClientOptions::default())
     }
 
     /// A client that only knows replica `id`.
     pub fn client_of(&self, id: u64) -> Client {
-        Client::connect([self.replica(id).api_addr.as_str()]).expect("client")
+        Client::with_options([self.replica(id).api_addr.as_str()], self.credentials(ClientOptions::default()))
+            .expect("client")
+    }
+
+    /// `options` with the admin client certificate when the cluster is secure.
+    pub fn credentials(&self, options: ClientOptions) -> ClientOptions {
+        match &self.secure {
+            None => options,
+            Some(s) => options
+                .with_tls(
+                    s.certs.join("ca.pem"),
+                    Some((s.certs.join("client-admin.pem"), s.certs.join("client-admin.key"))),
+                )
+                .expect("the admin client certificate"),
+        }
     }
 
     pub fn client_with(&self, options: ClientOptions) -> Client {
-        Client::with_options(self.replicas.iter().map(|r| r.api_addr.as_str()), options).expect("client")
+        Client::with_options(self.replicas.iter().map(|r| r.api_addr.as_str()), self.credentials(options))
+            .expect("client")
     }
 
     pub async fn status_of(&self, id: u64) -> Option<ClusterStatus> {
@@ -279,6 +356,7 @@ impl Cluster {
             "zone=us-east-1a".into(),
         ]
         .into_iter()
+        .chain(self.agent_security_args(&id))
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let log = self.dir.path().join(format!("agent-{id}.log"));

@@ -2,15 +2,17 @@
 
 use titus_proto as pb;
 
-use crate::error::{Error, Result};
-use crate::model::{CapacityGroup, ResourceDimension, Tier};
+use crate::Invalid;
+
+type Result<T> = std::result::Result<T, Invalid>;
+use crate::{CapacityGroup, ResourceDimension, Tier};
 
 pub fn tier_from_proto(field: &str, t: i32) -> Result<Tier> {
     match pb::Tier::try_from(t) {
         Ok(pb::Tier::Critical) => Ok(Tier::Critical),
         // Titus's default tier.
         Ok(pb::Tier::Flex) | Ok(pb::Tier::Unspecified) => Ok(Tier::Flex),
-        Err(_) => Err(Error::invalid(field, format!("{t} is not a tier (CRITICAL or FLEX)"))),
+        Err(_) => Err(Invalid::field(field, format!("{t} is not a tier (CRITICAL or FLEX)"))),
     }
 }
 
@@ -24,7 +26,7 @@ pub fn tier_to_proto(t: Tier) -> pb::Tier {
 /// The group in a request; `field` is where it sits in the request. Times are left at 0: the
 /// leader's clock decides them.
 pub fn capacity_group_from_proto(field: &str, g: Option<pb::CapacityGroup>) -> Result<CapacityGroup> {
-    let g = g.ok_or_else(|| Error::invalid(field, "is required"))?;
+    let g = g.ok_or_else(|| Invalid::field(field, "is required"))?;
     let r = g.resources_per_instance.unwrap_or_default();
     let group = CapacityGroup {
         name: g.name,
@@ -40,7 +42,7 @@ pub fn capacity_group_from_proto(field: &str, g: Option<pb::CapacityGroup>) -> R
         create_time_ms: 0,
         update_time_ms: 0,
     };
-    group.validate(field).map_err(Error::InvalidArgument)?;
+    group.validate(field).map_err(Invalid)?;
     Ok(group)
 }
 
@@ -66,12 +68,12 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
 
 use std::collections::BTreeMap;
 
-use crate::model::job::{
+use crate::job::{
     Capacity, Container, ContainerResources, DisruptionBudget, Image, Job, JobDescriptor, JobGroupInfo, JobState,
     JobType, RetryPolicy, ServiceJobProcesses,
 };
-use crate::model::task::{Task, TaskState, TaskStatus};
-use crate::model::FieldViolation;
+use crate::task::{Task, TaskState, TaskStatus};
+use crate::FieldViolation;
 
 fn non_empty(s: String) -> Option<String> {
     Some(s).filter(|s| !s.is_empty())
@@ -109,7 +111,7 @@ fn retry_policy_to_proto(p: &RetryPolicy) -> pb::RetryPolicy {
 
 /// The descriptor of a CreateJob request, with Titus's defaults filled in, validated.
 pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDescriptor> {
-    let d = d.ok_or_else(|| Error::invalid("job_descriptor", "is required"))?;
+    let d = d.ok_or_else(|| Invalid::field("job_descriptor", "is required"))?;
     let c = d.container.unwrap_or_default();
     let r = c.resources.unwrap_or_default();
     let image = c.image.unwrap_or_default();
@@ -133,7 +135,7 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
                 },
             }
         }
-        None => return Err(Error::invalid("job_type", "exactly one of batch and service must be set")),
+        None => return Err(Invalid::field("job_type", "exactly one of batch and service must be set")),
     };
     let budget = match d.disruption_budget {
         Some(b) if b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0 => {
@@ -171,7 +173,7 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
         disruption_budget: budget,
     };
     descriptor.apply_defaults();
-    descriptor.validate().map_err(Error::InvalidArgument)?;
+    descriptor.validate().map_err(Invalid)?;
     Ok(descriptor)
 }
 
@@ -249,7 +251,7 @@ fn job_state_to_proto(s: JobState) -> pb::JobState {
 }
 
 pub fn job_to_proto(j: &Job) -> pb::Job {
-    let status = |s: &crate::model::job::JobStatus| pb::JobStatus {
+    let status = |s: &crate::job::JobStatus| pb::JobStatus {
         state: job_state_to_proto(s.state) as i32,
         reason_code: s.reason_code.clone(),
         reason_message: s.reason_message.clone(),
@@ -275,7 +277,7 @@ pub fn task_state_to_proto(s: TaskState) -> pb::TaskState {
 }
 
 pub fn task_state_from_proto(field: &str, s: i32) -> Result<TaskState> {
-    Ok(match pb::TaskState::try_from(s).map_err(|_| Error::invalid(field, format!("{s} is not a task state")))? {
+    Ok(match pb::TaskState::try_from(s).map_err(|_| Invalid::field(field, format!("{s} is not a task state")))? {
         pb::TaskState::TaskAccepted => TaskState::Accepted,
         pb::TaskState::TaskLaunched => TaskState::Launched,
         pb::TaskState::TaskStartInitiated => TaskState::StartInitiated,
@@ -310,10 +312,10 @@ pub fn task_to_proto(t: &Task, archived: bool) -> pb::Task {
 /// Checks an id field of a request (job or task id).
 pub fn id_field(field: &str, id: &str) -> Result<()> {
     if id.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+        return Err(Invalid::field(field, "must not be empty"));
     }
     if id.len() > 128 {
-        return Err(Error::invalid(field, "must be at most 128 characters"));
+        return Err(Invalid::field(field, "must be at most 128 characters"));
     }
     Ok(())
 }
@@ -323,12 +325,12 @@ pub fn attributes_from_proto(
 ) -> Result<BTreeMap<String, String>> {
     let attributes: BTreeMap<String, String> = attributes.into_iter().collect();
     let mut violations = Vec::new();
-    crate::model::job::validate_attributes(&attributes, &mut |f: &str, why: String| {
+    crate::job::validate_attributes(&attributes, &mut |f: &str, why: String| {
         violations.push(FieldViolation::new(f, why))
     });
     if violations.is_empty() {
         Ok(attributes)
     } else {
-        Err(Error::InvalidArgument(violations))
+        Err(Invalid(violations))
     }
 }

@@ -1,12 +1,24 @@
-//! Domain records as they are replicated and stored — capacity groups, jobs, tasks — with
-//! validation that names the offending field.
+//! The replicated state's types and rules, apart from how they are stored or served.
 //!
-//! Pure data and rules: no IO, no RocksDB, no proto. The API layer converts from and to the wire.
+//! Pure data and rules: no IO, no RocksDB, no network — which is what lets the fuzz targets
+//! (`fuzz/`) build this crate in seconds.
+//!
+//! - domain records as they are replicated and stored — capacity groups ([`CapacityGroup`]), jobs
+//!   ([`job`]), tasks ([`task`]), agents ([`agent`]), load balancers ([`load_balancer`]) — with
+//!   validation that names the offending field;
+//! - [`command`]: the [`command::Command`] enum, the only way replicated state changes;
+//! - [`codec`]: the versioned encoding of everything written to disk or sent between replicas;
+//! - [`raft_types`]: openraft's type configuration (what a log entry carries);
+//! - [`convert`]: the wire types (titus-proto) to the model and back, validating on the way in.
 
 pub mod agent;
 mod capacity_group;
+pub mod codec;
+pub mod command;
+pub mod convert;
 pub mod job;
 pub mod load_balancer;
+pub mod raft_types;
 pub mod task;
 
 pub use capacity_group::{CapacityGroup, ResourceDimension, Tier};
@@ -47,4 +59,22 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), FieldViolation> {
         return Err(FieldViolation::new(field, "may contain only letters, digits, '-', '_' and '.'"));
     }
     Ok(())
+}
+
+/// A request that names one or more invalid fields.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct Invalid(pub Vec<FieldViolation>);
+
+/// INVALID_ARGUMENT naming every field, as the API answers it.
+impl From<Invalid> for tonic::Status {
+    fn from(e: Invalid) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+impl Invalid {
+    pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Invalid(vec![FieldViolation::new(field, description)])
+    }
 }

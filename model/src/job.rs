@@ -429,10 +429,10 @@ impl Job {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Valid descriptors for tests (the control plane's unit tests use them too).
+#[doc(hidden)]
+pub mod fixtures {
     use super::*;
-    use proptest::prelude::*;
 
     pub fn batch_descriptor(size: u32) -> JobDescriptor {
         JobDescriptor {
@@ -473,6 +473,13 @@ pub(crate) mod tests {
             ..batch_descriptor(1)
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn valid_descriptors_pass() {

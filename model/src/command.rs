@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::model::agent::{Agent, InstanceGroup, LaunchIntent, Lifecycle};
-use crate::model::job::{Job, ServiceJobProcesses};
-use crate::model::load_balancer::{AssociationState, LbTarget};
-use crate::model::task::{Task, TaskStatus};
-use crate::model::CapacityGroup;
+use crate::agent::{Agent, InstanceGroup, LaunchIntent, Lifecycle};
+use crate::job::{Job, ServiceJobProcesses};
+use crate::load_balancer::{AssociationState, LbTarget};
+use crate::task::{Task, TaskStatus};
+use crate::CapacityGroup;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
@@ -214,6 +214,36 @@ pub enum Command {
     RestoreEnd {
         restore_id: String,
     },
+
+    // ----- audit -----
+    /// Records of calls answered (who, what, when, result), numbered in apply order; beyond
+    /// `keep` records the oldest are dropped.
+    AppendAudit {
+        records: Vec<AuditRecord>,
+        keep: u64,
+    },
+}
+
+/// One mutating call, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When the replica answered, ms since the epoch.
+    pub time_ms: i64,
+    /// The caller: `client/alice`, `token/ci`, `agent/a1`, `anonymous` (insecure mode) or
+    /// `unauthenticated`.
+    pub caller: String,
+    /// The gRPC method, e.g. `/titus.JobManagementService/KillJob`.
+    pub method: String,
+    /// What it was about (a job or task id, a group name), when known.
+    pub target: String,
+    /// The gRPC status code name (`Ok`, `PermissionDenied`, ...).
+    pub code: String,
+    /// The error message, empty on success.
+    pub message: String,
+    /// The replica that answered.
+    pub replica: u64,
+    /// The caller's request id (`x-request-id`), when it sent one.
+    pub request_id: String,
 }
 
 /// One task state an agent reported.
@@ -270,6 +300,7 @@ impl Command {
             Command::RestoreBegin { .. } => "restore_begin",
             Command::RestoreRecords { .. } => "restore_records",
             Command::RestoreEnd { .. } => "restore_end",
+            Command::AppendAudit { .. } => "append_audit",
         }
     }
 }

@@ -68,7 +68,7 @@ impl CapacityGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MAX_NAME_LEN;
+    use crate::MAX_NAME_LEN;
 
     fn group() -> CapacityGroup {
         CapacityGroup {

@@ -1,0 +1,521 @@
+//! Security on real replica processes with mutual TLS (certificates from `titus certs`' library):
+//! t10 every RPC of every service refuses a caller without credentials, and the wrong kind of
+//! certificate; t20 roles, ownership and the audit log across a leader change; t30 certificates
+//! replaced on disk while clients are connected; t40 rate and size limits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use common::{wait_until, Cluster, Secure};
+use prost::Message;
+use titus_client::proto as pb;
+use titus_client::{Client, ClientOptions};
+use titus_security::{certs, Connector, Identity, Kind, Tls, TlsFiles};
+use tonic::Code;
+
+const ELECTION: Duration = Duration::from_secs(30);
+
+/// Certificates for replicas 1..=3, the given agents and clients, and a security file with
+/// `extra` appended; the token `ops-token` is an operator.
+fn setup(dir: &Path, agents: &[&str], extra: &str) -> Secure {
+    let certs_dir = dir.join("tls");
+    let ca = certs::new_ca("test CA", 1).unwrap();
+    certs::write_pair(&certs_dir, "ca", &ca).unwrap();
+    let ids = (1..=3)
+        .map(|i| Identity::new(Kind::Replica, i.to_string()).unwrap())
+        .chain(agents.iter().map(|a| Identity::new(Kind::Agent, *a).unwrap()))
+        .chain(["admin", "alice", "bob", "ops"].iter().map(|c| Identity::new(Kind::Client, *c).unwrap()));
+    for id in ids {
+        let pem = certs::issue(&ca, &id, "test", &["127.0.0.1".into()], 1).unwrap();
+        certs::write_pair(&certs_dir, &certs::stem(&id), &pem).unwrap();
+    }
+    let security = dir.join("security.toml");
+    std::fs::write(
+        &security,
+        format!(
+            r#"reload-interval-ms = 200
+[[principals]]
+name = "admin"
+role = "admin"
+[[principals]]
+name = "alice"
+role = "user"
+owners = ["alice@example.com"]
+[[principals]]
+name = "bob"
+role = "user"
+owners = ["bob@example.com"]
+applications = ["bobs-app"]
+[[tokens]]
+name = "ops"
+sha256 = "{}"
+role = "operator"
+{extra}
+"#,
+            titus_security::token::sha256_hex("ops-token")
+        ),
+    )
+    .unwrap();
+    Secure { certs: certs_dir, security_config: security }
+}
+
+fn apis(c: &Cluster) -> Vec<String> {
+    c.replicas.iter().map(|r| r.api_addr.clone()).collect()
+}
+
+/// An SDK client presenting `client-<name>`'s certificate.
+fn client_as(c: &Cluster, name: &str) -> Client {
+    let dir = &c.secure.as_ref().unwrap().certs;
+    let options = ClientOptions::default()
+        .with_tls(dir.join("ca.pem"), Some((dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")))))
+        .unwrap();
+    Client::with_options(apis(c), options).unwrap()
+}
+
+fn tls_of(c: &Cluster, stem: Option<&str>) -> Arc<Tls> {
+    let dir = &c.secure.as_ref().unwrap().certs;
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert_and_key: stem.map(|s| (dir.join(format!("{s}.pem")), dir.join(format!("{s}.key")))),
+    };
+    Tls::client(files, None).unwrap()
+}
+
+async fn channel(addr: &str, tls: Option<Arc<Tls>>) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(Connector::new(tls, Duration::from_secs(5)))
+        .await
+        .unwrap()
+}
+
+// ----- calling any method with raw bytes -----
+
+#[derive(Clone, Copy, Default)]
+struct Raw;
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let v = src.copy_to_bytes(src.remaining()).to_vec();
+        Ok(Some(v))
+    }
+}
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// Calls `path` with one message `body` (streamed, which on the wire is also what a unary call
+/// sends) and answers the status it ended with.
+async fn call_raw(ch: tonic::transport::Channel, path: &str, body: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    let request = tonic::Request::new(tokio_stream::iter(vec![body]));
+    let path = http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), grpc.streaming(request, path, Raw)).await {
+        Err(_) => tonic::Status::deadline_exceeded("no answer"),
+        Ok(Err(status)) => status,
+        Ok(Ok(response)) => {
+            let mut stream = response.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return tonic::Status::ok(""),
+                    Err(s) => return s,
+                }
+            }
+        }
+    }
+}
+
+/// Every method of every service served on the api and peer ports, from their descriptors.
+fn every_method() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for set in [
+        titus_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    ] {
+        let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    out.push((file.package().to_string(), format!("{}/{}", service.name(), method.name())));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_every_rpc_refuses_a_caller_without_credentials_and_the_wrong_certificate() {
+    let agent = format!("sec-agent-{}", std::process::id());
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[&agent], "")));
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let r = c.replica(1);
+    let anonymous = tls_of(&c, None);
+    let methods = every_method();
+    let services: std::collections::BTreeSet<_> =
+        methods.iter().map(|(p, m)| format!("{p}.{}", m.split('/').next().unwrap())).collect();
+    println!("{} methods of {} services: {services:?}", methods.len(), services.len());
+    assert!(services.contains("titus.peer.RaftPeer") && services.contains("grpc.health.v1.Health"));
+    assert!(services.contains("grpc.reflection.v1.ServerReflection") && services.contains("titus.AgentService"));
+    for (package, method) in &methods {
+        let path = format!("/{package}.{method}");
+        let addr = if package == "titus.peer" { &r.peer_addr } else { &r.api_addr };
+        // TLS without a client certificate or token.
+        let status = call_raw(channel(addr, Some(anonymous.clone())).await, &path, Vec::new()).await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
+        assert!(status.message().contains("no client certificate and no bearer token"), "{path}: {status:?}");
+        // A token nobody configured.
+        let mut grpc_ch = channel(addr, Some(anonymous.clone())).await;
+        let _ = &mut grpc_ch;
+        let status = {
+            let mut grpc = tonic::client::Grpc::new(grpc_ch);
+            grpc.ready().await.unwrap();
+            let mut request = tonic::Request::new(tokio_stream::iter(vec![Vec::<u8>::new()]));
+            request.metadata_mut().insert("authorization", "Bearer not-a-token".parse().unwrap());
+            let p = http::uri::PathAndQuery::try_from(path.clone()).unwrap();
+            grpc.streaming(request, p, Raw).await.err().expect("refused")
+        };
+        assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
+    }
+    // Plaintext to a TLS port gets nowhere.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", r.api_addr)).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        let status = call_raw(ch, "/titus.ClusterService/GetClusterStatus", Vec::new()).await;
+        assert_ne!(status.code(), Code::Ok, "{status:?}");
+    }
+    // A certificate from another CA is refused in the handshake.
+    let other_dir = c.dir().join("other");
+    let other_ca = certs::new_ca("other CA", 1).unwrap();
+    let mallory = certs::issue(&other_ca, &Identity::new(Kind::Client, "admin").unwrap(), "test", &[], 1).unwrap();
+    certs::write_pair(&other_dir, "client-admin", &mallory).unwrap();
+    let files = TlsFiles {
+        ca: c.secure.as_ref().unwrap().certs.join("ca.pem"),
+        cert_and_key: Some((other_dir.join("client-admin.pem"), other_dir.join("client-admin.key"))),
+    };
+    let forged = Tls::client(files, None).unwrap();
+    let connected = tonic::transport::Endpoint::from_shared(format!("http://{}", r.api_addr))
+        .unwrap()
+        .connect_with_connector(Connector::new(Some(forged), Duration::from_secs(5)))
+        .await;
+    if let Ok(ch) = connected {
+        let status = call_raw(ch, "/titus.ClusterService/GetClusterStatus", Vec::new()).await;
+        assert_ne!(status.code(), Code::Ok, "a foreign CA's certificate was accepted: {status:?}");
+    }
+
+    // An agent certificate on a replica-only RPC, and on a client RPC; a client on an agent RPC.
+    let agent_tls = tls_of(&c, Some(&format!("agent-{agent}")));
+    let append = pb::peer::PeerMessage::default().encode_to_vec();
+    let status =
+        call_raw(channel(&r.peer_addr, Some(agent_tls.clone())).await, "/titus.peer.RaftPeer/AppendEntries", append)
+            .await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("rule replica-only"), "{status:?}");
+    let status = call_raw(
+        channel(&r.api_addr, Some(agent_tls.clone())).await,
+        "/titus.JobManagementService/FindJobs",
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("rule client-read"), "{status:?}");
+    let alice = tls_of(&c, Some("client-alice"));
+    let status = call_raw(channel(&r.api_addr, Some(alice)).await, "/titus.AgentService/Attach", Vec::new()).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("rule agent-only"), "{status:?}");
+    // An agent certificate registers only as its own agent.
+    let register = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Register(pb::AgentRegister {
+            agent_id: "someone-else".into(),
+            ..Default::default()
+        })),
+    };
+    let status =
+        call_raw(channel(&r.api_addr, Some(agent_tls)).await, "/titus.AgentService/Attach", register.encode_to_vec())
+            .await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("rule agent-identity"), "{status:?}");
+}
+
+fn job(owner: &str, app: &str) -> pb::JobDescriptor {
+    pb::JobDescriptor {
+        owner: Some(pb::Owner { team_email: owner.into() }),
+        application_name: app.into(),
+        container: Some(pb::Container {
+            resources: Some(pb::ContainerResources { cpu: 1.0, memory_mb: 128, ..Default::default() }),
+            image: Some(pb::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
+            command: vec!["sleep".into(), "1".into()],
+            ..Default::default()
+        }),
+        job_type: Some(pb::job_descriptor::JobType::Service(pb::ServiceJobSpec {
+            capacity: Some(pb::Capacity { min: 0, desired: 1, max: 2 }),
+            enabled: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The status a call failed with (PermissionDenied arrives as a server error).
+fn denied(e: titus_client::Error) -> tonic::Status {
+    match e {
+        titus_client::Error::Server { status, .. } => status,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+async fn audit(client: &Client, caller: &str, method: &str) -> Vec<pb::AuditRecord> {
+    let query = pb::AuditQuery { caller: caller.into(), method: method.into(), limit: 1000, ..Default::default() };
+    client.audit_records(query).await.map(|r| r.records).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_survives_a_leader_change() {
+    let c = Cluster::start_with(3, &[], |dir| Some(setup(dir, &[], "")));
+    let (admin, alice, bob) =
+        (client_as(&c, "client-admin"), client_as(&c, "client-alice"), client_as(&c, "client-bob"));
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+
+    let alices = alice.create_job(job("alice@example.com", "web")).await.unwrap();
+    let bobs = bob.create_job(job("bob@example.com", "bobs-app")).await.unwrap();
+    // Bob holds bobs-app whoever owns it; he cannot submit a job as Alice.
+    bob.create_job(job("carol@example.com", "bobs-app")).await.unwrap();
+    let s = denied(bob.create_job(job("alice@example.com", "web")).await.unwrap_err());
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("rule job-owner") && s.message().contains("client/bob"), "{s:?}");
+
+    // Bob can neither kill nor resize Alice's job; it is untouched.
+    let s = denied(bob.kill_job(&alices).await.unwrap_err());
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains(&format!("of job {alices}")), "{s:?}");
+    let s = denied(bob.update_job_capacity(&alices, None, Some(2), None).await.unwrap_err());
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let j = admin.find_job(&alices).await.unwrap();
+    assert_eq!(j.status.unwrap().state, pb::JobState::JobAccepted as i32);
+    // Owners act on their own; an operator (by token) and an admin on anyone's.
+    alice.update_job_capacity(&alices, None, Some(2), None).await.unwrap();
+    let ops = Client::with_options(apis(&c), {
+        let dir = &c.secure.as_ref().unwrap().certs;
+        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token("ops-token")
+    })
+    .unwrap();
+    ops.update_job_capacity(&bobs, None, Some(2), None).await.unwrap();
+    admin.kill_job(&bobs).await.unwrap();
+
+    // Roles: membership and step-down are admin-only, the audit log admins' and operators'.
+    let s = denied(alice.step_down(Duration::from_secs(5)).await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule cluster-admin"), "{s:?}");
+    let s = denied(ops.remove_member(3).await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule cluster-admin"), "{s:?}");
+    let s = denied(alice.audit_records(pb::AuditQuery::default()).await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule audit-read"), "{s:?}");
+    let s = denied(
+        bob.create_capacity_group(titus_client::CapacityGroupSpec::new("g", pb::Tier::Flex, 1.0, 1, 1, 1, 1))
+            .await
+            .unwrap_err(),
+    );
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule capacity-operator"), "{s:?}");
+
+    // The audit log has who did what and how it went, on every replica, and after the leader
+    // changes, with new records still coming in.
+    let kills = wait_until(Duration::from_secs(10), "bob's refused kill audited", || async {
+        let r = audit(&ops, "client/bob", "KillJob").await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(kills[0].code, "PermissionDenied");
+    assert_eq!(kills[0].target, format!("job {alices}"));
+    assert!(kills[0].message.contains("rule job-owner"));
+    let created = audit(&admin, "client/alice", "CreateJob").await;
+    assert!(created.iter().any(|r| r.code == "Ok" && r.target == format!("job {alices}")), "{created:?}");
+    let before = c.wait_for_leader(ELECTION).await;
+    admin.step_down(Duration::from_secs(10)).await.unwrap();
+    let after = c.wait_for_leader(ELECTION).await;
+    assert_ne!(before, after);
+    admin.kill_job(&alices).await.unwrap();
+    for r in &c.replicas {
+        let on_one = client_as(&c, "client-admin");
+        let _ = r;
+        let records = wait_until(Duration::from_secs(10), "the audit after the leader change", || async {
+            let all = audit(&on_one, "", "").await;
+            let kills = all.iter().filter(|r| r.method.ends_with("KillJob") && r.target == format!("job {alices}"));
+            (kills.count() == 2).then_some(all)
+        })
+        .await;
+        assert!(records.iter().any(|r| r.method.ends_with("StepDown") && r.caller == "client/admin" && r.code == "Ok"));
+        assert!(records
+            .iter()
+            .any(|r| r.caller == "client/alice" && r.method.ends_with("StepDown") && r.code == "PermissionDenied"));
+        let seqs: Vec<u64> = records.iter().map(|r| r.sequence).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    }
+    println!("audit: {} records", audit(&admin, "", "").await.len());
+}
+
+fn der_of(path: &PathBuf) -> Vec<u8> {
+    titus_security::tls::read_cert_der(path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_certificates_replaced_on_disk_are_used_while_clients_stay_connected() {
+    let agent = format!("rot-agent-{}", std::process::id());
+    let mut c = Cluster::start_with(3, &[], |dir| Some(setup(dir, &[&agent], "")));
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    c.start_agent_with("rot-agent", 1.0, 512, &["--docker-socket", "/nonexistent.sock"]);
+    let agent_online = || async {
+        let agents = admin.find_agents().await.ok()?;
+        agents.iter().any(|a| a.id == agent).then_some(())
+    };
+    wait_until(Duration::from_secs(30), "the agent attached over TLS", agent_online).await;
+
+    // A client keeps calling through the rotation; none of its calls may fail.
+    let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (admin, calls, failures, stop) = (admin.clone(), calls.clone(), failures.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let group = titus_client::CapacityGroupSpec::new(&format!("rot-{n}"), pb::Tier::Flex, 1.0, 1, 1, 1, 1);
+                match admin.create_capacity_group(group).await {
+                    Ok(_) => calls.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("call failed during rotation: {e}");
+                        failures.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    wait_until(Duration::from_secs(10), "calls flowing", || async {
+        (calls.load(Ordering::Relaxed) >= 5).then_some(())
+    })
+    .await;
+
+    // New certificates (new keys, same CA) for every replica, the agent and the admin client.
+    let dir = c.secure.as_ref().unwrap().certs.clone();
+    let ca = certs::read_pair(&dir, "ca").unwrap();
+    let ids = (1..=3)
+        .map(|i| Identity::new(Kind::Replica, i.to_string()).unwrap())
+        .chain([Identity::new(Kind::Agent, agent.clone()).unwrap(), Identity::new(Kind::Client, "admin").unwrap()]);
+    let rotated_at = std::time::Instant::now();
+    for id in ids {
+        let pem = certs::issue(&ca, &id, "test", &["127.0.0.1".into()], 1).unwrap();
+        certs::write_pair(&dir, &certs::stem(&id), &pem).unwrap();
+    }
+    let probe = tls_of(&c, None);
+    for r in &c.replicas {
+        let want = der_of(&dir.join(format!("replica-{}.pem", r.id)));
+        for addr in [&r.api_addr, &r.peer_addr] {
+            wait_until(Duration::from_secs(10), &format!("{addr} presenting its new certificate"), || async {
+                let got = titus_security::tls::server_certificate(addr, &probe).await.ok()?;
+                (got == want).then_some(())
+            })
+            .await;
+        }
+    }
+    println!(
+        "every replica presented its new certificate {} ms after the files were replaced",
+        rotated_at.elapsed().as_millis()
+    );
+    // A client started now uses the new client certificate; replicas talk to each other (writes
+    // commit) and the old connections go on.
+    let fresh = client_as(&c, "client-admin");
+    fresh
+        .create_capacity_group(titus_client::CapacityGroupSpec::new("after", pb::Tier::Flex, 1.0, 1, 1, 1, 1))
+        .await
+        .unwrap();
+    let before = calls.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(10), "more calls after the rotation", || async {
+        (calls.load(Ordering::Relaxed) >= before + 5).then_some(())
+    })
+    .await;
+    // A restarted agent attaches with its new certificate.
+    c.kill_agent(&agent);
+    c.restart_agent(&agent);
+    wait_until(Duration::from_secs(30), "the agent re-attached with its new certificate", agent_online).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    println!(
+        "{} calls during the rotation, {} failed",
+        calls.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed)
+    );
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t40_rate_and_size_limits_name_their_setting() {
+    let extra = "[limits]\nrequests-per-second = 5.0\nburst = 10\nmax-request-bytes = 65536\n";
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[], extra)));
+    let r = c.replica(1);
+    let bob = tls_of(&c, Some("client-bob"));
+    let admin_sdk = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin_sdk.cluster_status().await.ok().filter(|s| s.leader_id != 0) })
+        .await;
+    let ch = channel(&r.api_addr, Some(bob)).await;
+    let mut limited = 0;
+    let mut last = tonic::Status::ok("");
+    for _ in 0..30 {
+        let mut status = pb::cluster_service_client::ClusterServiceClient::new(ch.clone());
+        if let Err(s) = status.get_cluster_status(pb::GetClusterStatusRequest {}).await {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            limited += 1;
+            last = s;
+        }
+    }
+    println!("30 calls at once, burst 10: {limited} refused");
+    assert!(limited >= 15, "{limited}");
+    assert!(
+        last.message().contains("security.limits.requests-per-second") && last.message().contains("client/bob"),
+        "{last:?}"
+    );
+    // Another caller is not held back by Bob.
+    let alice = channel(&r.api_addr, Some(tls_of(&c, Some("client-alice")))).await;
+    pb::cluster_service_client::ClusterServiceClient::new(alice.clone())
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await
+        .unwrap();
+    // A request over max-request-bytes is refused before it is decoded.
+    let mut big = job("alice@example.com", "web");
+    big.attributes.insert("blob".into(), "x".repeat(100_000));
+    let s = pb::job_management_service_client::JobManagementServiceClient::new(alice)
+        .create_job(pb::CreateJobRequest { job_descriptor: Some(big), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange), "{s:?}");
+    assert!(s.message().contains("65536"), "{s:?}");
+}

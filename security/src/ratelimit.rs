@@ -1,0 +1,76 @@
+//! Per-caller token buckets: each caller may make `rate` requests a second on average and `burst` at
+//! once. The map of buckets is bounded: when it is full, buckets that have refilled (idle callers)
+//! are forgotten, and if none has, the new caller shares an overflow bucket rather than growing it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    max_callers: usize,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+const OVERFLOW: &str = "\0overflow";
+
+impl RateLimiter {
+    pub fn new(rate_per_second: f64, burst: f64, max_callers: usize) -> RateLimiter {
+        RateLimiter { rate: rate_per_second, burst: burst.max(1.0), max_callers, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one token from `caller`'s bucket; when it is empty, says how long until one is there.
+    pub fn check(&self, caller: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !buckets.contains_key(caller) && buckets.len() >= self.max_callers {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let key = if buckets.contains_key(caller) || buckets.len() < self.max_callers { caller } else { OVERFLOW };
+        let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, at: now });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.rate).min(self.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate.max(f64::MIN_POSITIVE)))
+        }
+    }
+
+    pub fn callers(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_gets_its_burst_then_waits_and_others_are_unaffected() {
+        let l = RateLimiter::new(1.0, 3.0, 100);
+        for _ in 0..3 {
+            l.check("a").unwrap();
+        }
+        let wait = l.check("a").unwrap_err();
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
+        l.check("b").unwrap();
+    }
+
+    #[test]
+    fn the_map_stays_bounded() {
+        let l = RateLimiter::new(1000.0, 1.0, 10);
+        for i in 0..1000 {
+            let _ = l.check(&format!("caller-{i}"));
+        }
+        assert!(l.callers() <= 11, "{}", l.callers());
+    }
+}
