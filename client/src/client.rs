@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 /// Metadata key in which a replica names the leader's api address.
 const LEADER_HINT_METADATA: &str = "titus-leader";
 
+/// Metadata key of a rate-limited answer: milliseconds until the caller may call again.
+pub const RETRY_AFTER_METADATA: &str = "titus-retry-after-ms";
+
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Overall deadline of one call, retries included.
@@ -238,14 +241,28 @@ impl Client {
                 Ok(Err(status)) => status,
                 Err(_) => tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis())),
             };
-            if !retryable(status.code()) {
+            // A replica's rate limit says when to come back: wait that long, at the same replica
+            // (the limit is per caller, not per replica).
+            let retry_after = status
+                .metadata()
+                .get(RETRY_AFTER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis);
+            if !retryable(status.code()) && retry_after.is_none() {
                 return Err(Error::from_status(&addr, status));
             }
-            let hint = status.metadata().get(LEADER_HINT_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
-            tracing::debug!(%addr, code = ?status.code(), message = status.message(), ?hint, "attempt failed; failing over");
-            self.fail_over(&addr, hint);
-            let jitter = rand::thread_rng().gen_range(0.5..1.5);
-            let pause = backoff.mul_f64(jitter);
+            let jitter: f64 = rand::thread_rng().gen_range(0.5..1.5);
+            let pause = match retry_after {
+                Some(after) => after.max(Duration::from_millis(1)).mul_f64(jitter.max(1.0)),
+                None => {
+                    let hint =
+                        status.metadata().get(LEADER_HINT_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    tracing::debug!(%addr, code = ?status.code(), message = status.message(), ?hint, "attempt failed; failing over");
+                    self.fail_over(&addr, hint);
+                    backoff.mul_f64(jitter)
+                }
+            };
             if Instant::now() + pause >= deadline {
                 return Err(Error::Unavailable {
                     operation: operation.to_string(),

@@ -427,7 +427,12 @@ where
                     policy.requests_per_second,
                     wait.as_millis().max(1)
                 );
-                return refuse(Status::resource_exhausted(message));
+                let mut status = Status::resource_exhausted(message);
+                // The SDK waits this long and tries again.
+                if let Ok(v) = (wait.as_millis().max(1) as u64).to_string().parse() {
+                    status.metadata_mut().insert("titus-retry-after-ms", v);
+                }
+                return refuse(status);
             }
         }
         let note = AuditNote::default();
