@@ -55,6 +55,11 @@ pub struct AgentConfig {
     pub tls_cert: Option<std::path::PathBuf>,
     #[serde(default)]
     pub tls_key: Option<std::path::PathBuf>,
+    /// A token of the `enroll` role: when tls-cert and tls-key do not exist yet, the agent makes a
+    /// key, has the control plane sign a certificate for its agent-id, and writes both there. For
+    /// instances launched by the capacity manager; better given as TITUS_ENROLL_TOKEN.
+    #[serde(default)]
+    pub enroll_token: Option<String>,
 }
 
 fn default_log_format() -> String {

@@ -41,7 +41,7 @@ struct Agent {
 
 /// Loads the agent's certificate (its identity must be `agent/<agent-id>`) and reloads it when the
 /// files are replaced; in insecure mode says loudly that it is plaintext.
-fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls>>> {
+async fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls>>> {
     use titus_security::{Identity, Kind, Tls, TlsFiles};
     let (Some(ca), Some(cert), Some(key)) = (&config.tls_ca, &config.tls_cert, &config.tls_key) else {
         let banner =
@@ -50,6 +50,11 @@ fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls>>> {
         tracing::warn!("{banner}");
         return Ok(None);
     };
+    if let Some(token) = &config.enroll_token {
+        if !cert.exists() || !key.exists() {
+            enroll(config, ca, cert, key, token).await?;
+        }
+    }
     let tls = Tls::client(TlsFiles::new(ca, cert, key), Some(Kind::Agent))
         .map_err(|e| crate::Error::Config(format!("tls: {e}")))?;
     let expected = Identity::new(Kind::Agent, config.agent_id.clone()).map_err(crate::Error::Config)?;
@@ -250,10 +255,78 @@ pub async fn simulate(
     Ok(())
 }
 
+/// Obtains this agent's certificate from the control plane with an enroll token: a new key (kept
+/// here), a certificate request, the signed certificate back; both written (the key 0600) where
+/// the configuration says. Retries every server, following the leader, for up to two minutes.
+async fn enroll(
+    config: &AgentConfig,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    token: &str,
+) -> Result<()> {
+    use titus_security::{certs, Identity, Kind, Tls, TlsFiles};
+    let config_error = |m: String| crate::Error::Config(m);
+    let identity = Identity::new(Kind::Agent, config.agent_id.clone()).map_err(config_error)?;
+    let request = certs::new_csr(&identity).map_err(|e| config_error(format!("enrollment: {e}")))?;
+    let tls = Tls::client(TlsFiles { ca: ca.to_path_buf(), cert_and_key: None }, None)
+        .map_err(|e| config_error(format!("tls-ca: {e}")))?;
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| config_error("enroll-token: not printable ASCII".into()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let servers = &config.servers;
+    let (mut last, mut hint, mut i) = (String::new(), None::<String>, 0);
+    while tokio::time::Instant::now() < deadline {
+        let addr = hint.take().unwrap_or_else(|| {
+            i += 1;
+            servers[i % servers.len()].clone()
+        });
+        let attempt = async {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .connect_with_connector(titus_security::Connector::new(Some(tls.clone()), Duration::from_secs(2)))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut call = tonic::Request::new(pb::EnrollAgentRequest {
+                agent_id: config.agent_id.clone(),
+                csr_pem: request.cert.clone(),
+            });
+            call.set_timeout(Duration::from_secs(5));
+            call.metadata_mut().insert("authorization", bearer.clone());
+            AgentServiceClient::new(channel).enroll_agent(call).await.map_err(|s| {
+                hint = s.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);
+                format!("{:?}: {}", s.code(), s.message())
+            })
+        };
+        match attempt.await {
+            Ok(response) => {
+                let pem = certs::Pem { cert: response.into_inner().certificate_pem, key: request.key.clone() };
+                certs::write_files(cert, key, &pem).map_err(|e| config_error(format!("enrollment: {e}")))?;
+                tracing::info!(cert = %cert.display(), "enrolled: certificate written");
+                return Ok(());
+            }
+            Err(e)
+                if e.starts_with("PermissionDenied")
+                    || e.starts_with("InvalidArgument")
+                    || e.starts_with("Unauthenticated") =>
+            {
+                return Err(config_error(format!("enrollment refused by {addr}: {e}")));
+            }
+            Err(e) => {
+                tracing::warn!(server = %addr, error = %e, "enrollment failed; trying again");
+                last = e;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(config_error(format!("enrollment: no server signed a certificate within 2 minutes; last error: {last}")))
+}
+
 /// Runs one agent over `docker` until `shutdown` completes.
 pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Future<Output = ()>) -> Result<()> {
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
-    let tls = load_tls(&config)?;
+    let tls = load_tls(&config).await?;
     let agent = Arc::new(Agent {
         config,
         docker,

@@ -102,6 +102,7 @@ impl Stack {
 
     /// `up -d`, then every service healthy.
     async fn up(&self) {
+        make_certs();
         self.compose(&["up", "-d"]);
         self.wait_healthy().await;
     }
@@ -158,8 +159,28 @@ fn ensure_images() {
     }
 }
 
+/// The stack's CA and certificates (deploy/compose/make-certs.sh, with the CLI of this build).
+fn make_certs() {
+    let status = Command::new("bash")
+        .arg(repo().join("deploy/compose/make-certs.sh"))
+        .env("TITUS", common::bin("titus"))
+        .env("TITUS_AGENT_PREFIX", AGENT_PREFIX)
+        .status()
+        .expect("deploy/compose/make-certs.sh");
+    assert!(status.success(), "deploy/compose/make-certs.sh failed");
+}
+
+/// A client of the stack presenting the admin client certificate.
+fn client_of(servers: &str) -> Client {
+    let tls = repo().join("deploy/compose/tls");
+    let options = ClientOptions::default()
+        .with_tls(tls.join("ca.pem"), Some((tls.join("client-admin.pem"), tls.join("client-admin.key"))))
+        .unwrap();
+    Client::with_options([servers], options).unwrap()
+}
+
 fn client() -> Client {
-    Client::with_options(["127.0.0.1:18001,127.0.0.1:18002,127.0.0.1:18003"], ClientOptions::default()).unwrap()
+    client_of("127.0.0.1:18001,127.0.0.1:18002,127.0.0.1:18003")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,8 +188,7 @@ async fn t510_five_replica_compose_stack_keeps_writing_with_two_replicas_down() 
     ensure_images();
     let stack = Stack::five_replicas();
     stack.up().await;
-    let client =
-        Client::connect(["127.0.0.1:18001,127.0.0.1:18002,127.0.0.1:18003,127.0.0.1:18004,127.0.0.1:18005"]).unwrap();
+    let client = client_of("127.0.0.1:18001,127.0.0.1:18002,127.0.0.1:18003,127.0.0.1:18004,127.0.0.1:18005");
     let status = client.cluster_status().await.unwrap();
     assert_eq!(status.members.len(), 5, "{status:?}");
     let first = client.create_job(sleeping_service("five-a", 0.1, 16, 0)).await.expect("write with 5 up");

@@ -74,6 +74,9 @@ struct Args {
     /// tasks one is over 1 GB and stalls its replica; see the README).
     #[arg(long)]
     snapshot_after_entries: Option<u64>,
+    /// Runs titus with mutual TLS (certificates made for the run) instead of plaintext.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
@@ -137,7 +140,31 @@ struct Titus {
 
 impl Titus {
     async fn start(bin: &Path, dir: &Path, extra: &[String]) -> Result<Titus> {
+        Titus::start_with(bin, dir, extra, false).await
+    }
+
+    /// With `tls`: a CA and certificates for the run in `dir/tls`, the benchmark's client an admin
+    /// without a rate limit.
+    async fn start_with(bin: &Path, dir: &Path, extra: &[String], tls: bool) -> Result<Titus> {
         let ids = [1u64, 2, 3];
+        let certs = dir.join("tls");
+        if tls {
+            use titus_security::{certs as c, Identity, Kind};
+            let ca = c::new_ca("bench CA", 1)?;
+            c::write_pair(&certs, "ca", &ca)?;
+            let who = ids
+                .iter()
+                .map(|i| Identity::new(Kind::Replica, i.to_string()))
+                .chain([Identity::new(Kind::Client, "bench")]);
+            for id in who {
+                let id = id.map_err(|e| anyhow::anyhow!(e))?;
+                c::write_pair(&certs, &c::stem(&id), &c::issue(&ca, &id, "bench", &["127.0.0.1".into()], 1)?)?;
+            }
+            std::fs::write(
+                certs.join("security.toml"),
+                "[[principals]]\nname = \"bench\"\nrole = \"admin\"\n[limits]\nrequests-per-second = 1000000.0\nburst = 1000000\n",
+            )?;
+        }
         let peers: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let apis: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let mut procs = Vec::new();
@@ -151,8 +178,22 @@ impl Titus {
                 peers[i].clone(),
                 "--api-listen".into(),
                 apis[i].clone(),
-                "--insecure".into(),
             ];
+            if tls {
+                let f = |name: String| certs.join(name).display().to_string();
+                args.extend([
+                    "--tls-ca".into(),
+                    f("ca.pem".into()),
+                    "--tls-cert".into(),
+                    f(format!("replica-{id}.pem")),
+                    "--tls-key".into(),
+                    f(format!("replica-{id}.key")),
+                    "--security-config".into(),
+                    f("security.toml".into()),
+                ]);
+            } else {
+                args.push("--insecure".into());
+            }
             for (j, m) in ids.iter().enumerate() {
                 args.push("--member".into());
                 args.push(format!("{m}={}/{}", peers[j], apis[j]));
@@ -163,12 +204,18 @@ impl Titus {
             p.start()?;
             procs.push(p);
         }
-        let options = ClientOptions {
+        let mut options = ClientOptions {
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
             attempt_timeout: Duration::from_secs(2),
             ..ClientOptions::default()
         };
+        if tls {
+            options = options.with_tls(
+                certs.join("ca.pem"),
+                Some((certs.join("client-bench.pem"), certs.join("client-bench.key"))),
+            )?;
+        }
         let clients =
             (0..8).map(|_| Client::with_options(apis.iter(), options.clone())).collect::<Result<Vec<_>, _>>()?;
         Ok(Titus { procs, clients, apis })
@@ -670,8 +717,9 @@ async fn main() -> Result<()> {
         }
     }
 
-    eprintln!("titus: 3 replicas");
-    let titus = measure(Titus::start(&titus_bin, dir.path(), &[]).await?, &args).await?;
+    let transport = if args.tls { "mutual TLS" } else { "plaintext" };
+    eprintln!("titus: 3 replicas, {transport}");
+    let titus = measure(Titus::start_with(&titus_bin, dir.path(), &[], args.tls).await?, &args).await?;
 
     let etcd_available = !args.no_etcd
         && Command::new(&args.etcd_bin)
@@ -690,7 +738,7 @@ async fn main() -> Result<()> {
 
     println!();
     println!(
-        "Durable replicated writes, 3 replicas on loopback, fsync on, {} s per level ({profile} build of titus)",
+        "Durable replicated writes, 3 replicas on loopback, fsync on, {} s per level ({profile} build of titus, {transport})",
         args.seconds
     );
     println!(

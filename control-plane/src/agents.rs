@@ -307,11 +307,60 @@ impl AgentHub {
 
 pub struct AgentApi {
     pub hub: Arc<AgentHub>,
+    /// Signs enrolling agents' certificates (None: this replica has no CA key).
+    pub enroller: Option<Enroller>,
 }
+
+/// The CA files an enrollment signs with (read at each enrollment, so a replaced CA is used).
+#[derive(Debug, Clone)]
+pub struct Enroller {
+    pub ca: std::path::PathBuf,
+    pub ca_key: std::path::PathBuf,
+    pub validity_days: u32,
+}
+
+/// Largest certificate request accepted.
+const MAX_CSR_BYTES: usize = 16 << 10;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type AttachStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+
+    async fn enroll_agent(
+        &self,
+        request: Request<pb::EnrollAgentRequest>,
+    ) -> Result<Response<pb::EnrollAgentResponse>, Status> {
+        use titus_security::{certs, Identity, Kind};
+        let r = request.get_ref();
+        crate::model::validate_name("agent_id", &r.agent_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        crate::auth::note_target(&request, format!("agent {}", r.agent_id));
+        if r.csr_pem.len() > MAX_CSR_BYTES {
+            return Err(Error::invalid("csr_pem", format!("must be at most {MAX_CSR_BYTES} bytes")).into());
+        }
+        let Some(e) = &self.enroller else {
+            return Err(Status::failed_precondition("enrollment is off on this replica: it has no security.ca-key"));
+        };
+        // The leader knows which agents are attached.
+        self.hub.replica.require_leader()?;
+        if self.hub.conns().contains_key(&r.agent_id) {
+            return Err(Status::failed_precondition(format!(
+                "agent {:?} is attached: an enrollment cannot take over a live agent's identity",
+                r.agent_id
+            )));
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|err| Status::internal(format!("reading {}: {err}", p.display())))
+        };
+        let ca = certs::Pem { cert: read(&e.ca)?, key: read(&e.ca_key)? };
+        let identity = Identity::new(Kind::Agent, r.agent_id.clone()).map_err(|m| Error::invalid("agent_id", m))?;
+        let certificate_pem = certs::sign_csr(&ca, &identity, "titus", &r.csr_pem, e.validity_days)
+            .map_err(|err| Error::invalid("csr_pem", err.to_string()))?;
+        tracing::info!(agent_id = %r.agent_id, days = e.validity_days, "agent enrolled: certificate issued");
+        Ok(Response::new(pb::EnrollAgentResponse {
+            certificate_pem,
+            not_after_ms: now_ms() + i64::from(e.validity_days) * 86_400_000,
+        }))
+    }
 
     async fn attach(
         &self,

@@ -42,6 +42,8 @@ pub enum Role {
     Operator,
     /// Reads everything; changes only the jobs it holds.
     User,
+    /// Only enrolls agents (a bootstrap credential for new instances); nothing else.
+    Enroll,
 }
 
 impl Role {
@@ -50,6 +52,7 @@ impl Role {
             "admin" => Some(Role::Admin),
             "operator" => Some(Role::Operator),
             "user" => Some(Role::User),
+            "enroll" => Some(Role::Enroll),
             _ => None,
         }
     }
@@ -236,8 +239,9 @@ pub struct Rule {
     pub audited: bool,
 }
 
+/// A user, operator or admin (not an enroll-only credential).
 fn any_client(c: &Caller) -> bool {
-    matches!(c.kind, CallerKind::Client | CallerKind::Anonymous)
+    matches!(c.kind, CallerKind::Client | CallerKind::Anonymous) && c.role != Some(Role::Enroll)
 }
 
 /// The rule for `path` (`/package.Service/Method`) on `port`.
@@ -258,6 +262,12 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
         audited: true,
     };
     match (service, method) {
+        ("titus.AgentService", "EnrollAgent") => Rule {
+            name: "agent-enroll",
+            says: "agents are enrolled with an enroll token (or by an admin)",
+            allows: |c| c.has_role(&[Role::Enroll, Role::Admin]),
+            audited: true,
+        },
         ("titus.AgentService", _) | ("titus.AgentTaskService", _) => Rule {
             name: "agent-only",
             says: "agent RPCs need an agent certificate",

@@ -69,6 +69,11 @@ pub struct SecurityConfig {
     pub key: Option<PathBuf>,
     /// How often the three files are checked for replacement (they are reloaded without a restart).
     pub reload_interval_ms: Option<u64>,
+    /// The CA's private key (PEM): lets this replica sign agents' certificates on enrollment
+    /// (`AgentService.EnrollAgent`, by a token of the `enroll` role). Absent: no enrollment.
+    pub ca_key: Option<PathBuf>,
+    /// How long an enrolled agent's certificate is valid, days. Default 365.
+    pub enroll_validity_days: Option<u32>,
     /// Client certificates named here get these grants; any other client certificate is a `user`
     /// owning the jobs whose owner is its name.
     pub principals: Vec<PrincipalConfig>,
@@ -84,7 +89,7 @@ pub struct SecurityConfig {
 pub struct PrincipalConfig {
     /// The client certificate's name (`client/<name>`).
     pub name: String,
-    /// `admin`, `operator` or `user`.
+    /// `admin`, `operator`, `user` or `enroll` (may only enroll agents: for an instance's bootstrap).
     pub role: String,
     #[serde(default)]
     pub owners: Vec<String>,
@@ -172,6 +177,9 @@ impl SecurityConfig {
                 "{name}: required (TLS is on unless security.insecure = true, for local development only; \
                  `titus certs init` makes a CA and certificates)"
             )));
+        }
+        if self.enroll_validity_days == Some(0) {
+            return Err(Error::Config("security.enroll-validity-days: must be > 0".into()));
         }
         if self.reload_interval_ms == Some(0) {
             return Err(Error::Config("security.reload-interval-ms: must be > 0".into()));

@@ -82,6 +82,16 @@ fn load_tls(config: &Config) -> Result<Option<Arc<Tls>>> {
     Ok(Some(tls))
 }
 
+/// Agent enrollment, when this replica holds the CA key.
+fn enroller(config: &Config) -> Option<crate::agents::Enroller> {
+    let sec = &config.security;
+    Some(crate::agents::Enroller {
+        ca: sec.ca.clone()?,
+        ca_key: sec.ca_key.clone()?,
+        validity_days: sec.enroll_validity_days.unwrap_or(365),
+    })
+}
+
 /// The same HTTP/2 bounds on both ports: streams per connection, dead connections found by
 /// keepalive, and reset floods cut short.
 fn server_builder(config: &Config) -> Server {
@@ -204,7 +214,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(
                 AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }).max_decoding_message_size(max),
             )
-            .add_service(AgentServiceServer::new(AgentApi { hub: hub.clone() }).max_decoding_message_size(max))
+            .add_service(
+                AgentServiceServer::new(AgentApi { hub: hub.clone(), enroller: enroller(&config) })
+                    .max_decoding_message_size(max),
+            )
             .add_service(
                 LoadBalancerServiceServer::new(LoadBalancerApi {
                     replica: replica.clone(),

@@ -535,3 +535,98 @@ async fn t40_rate_and_size_limits_name_their_setting() {
     assert!(matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange), "{s:?}");
     assert!(s.message().contains("65536"), "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_a_new_agent_enrolls_with_a_token_and_attaches_with_its_own_certificate() {
+    let enroll = "enroll-token-for-tests";
+    let mut c = Cluster::start_with(1, &[], |dir| {
+        let token = format!(
+            "[[tokens]]\nname = \"bootstrap\"\nsha256 = \"{}\"\nrole = \"enroll\"\n",
+            titus_security::token::sha256_hex(enroll)
+        );
+        let s = setup(dir, &[], &token);
+        // Top-level keys go before the file's tables.
+        let text = std::fs::read_to_string(&s.security_config).unwrap();
+        let top = format!("ca-key = \"{}\"\nenroll-validity-days = 2\n", dir.join("tls/ca.key").display());
+        std::fs::write(&s.security_config, format!("{top}{text}")).unwrap();
+        Some(s)
+    });
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let api = c.replica(1).api_addr.clone();
+
+    // The enroll token enrolls and does nothing else.
+    let token_tls = tls_of(&c, None);
+    let with_token = |path: &str| {
+        let path = path.to_string();
+        let (api, tls) = (api.clone(), token_tls.clone());
+        async move {
+            let ch = channel(&api, Some(tls));
+            let mut grpc = tonic::client::Grpc::new(ch.await);
+            grpc.ready().await.unwrap();
+            let mut request = tonic::Request::new(tokio_stream::iter(vec![Vec::<u8>::new()]));
+            request.metadata_mut().insert("authorization", format!("Bearer {enroll}").parse().unwrap());
+            grpc.streaming(request, http::uri::PathAndQuery::try_from(path).unwrap(), Raw).await.err().expect("refused")
+        }
+    };
+    let s = with_token("/titus.JobManagementService/FindJobs").await;
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule client-read"), "{s:?}");
+    // A client (even an admin... here a user) cannot enroll without the role.
+    let alice = channel(&api, Some(tls_of(&c, Some("client-alice")))).await;
+    let request = titus_security::certs::new_csr(&Identity::new(Kind::Agent, "x").unwrap()).unwrap();
+    let s = pb::agent_service_client::AgentServiceClient::new(alice)
+        .enroll_agent(pb::EnrollAgentRequest { agent_id: "x".into(), csr_pem: request.cert.clone() })
+        .await
+        .unwrap_err();
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule agent-enroll"), "{s:?}");
+
+    // A real agent with no certificate yet: it enrolls, writes its files, attaches.
+    let name = "enrolled";
+    let id = format!("{name}-{}", std::process::id());
+    let dir = c.dir().join("agent-files");
+    let (cert, key) = (dir.join("agent.pem"), dir.join("agent.key"));
+    let ca = c.secure.as_ref().unwrap().certs.join("ca.pem");
+    c.start_agent_plain(
+        name,
+        &[
+            "--docker-socket",
+            "/nonexistent.sock",
+            "--tls-ca",
+            &ca.display().to_string(),
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+            "--enroll-token",
+            enroll,
+        ],
+    );
+    wait_until(Duration::from_secs(60), "the enrolled agent attached", || async {
+        let agents = admin.find_agents().await.ok()?;
+        agents.iter().any(|a| a.id == id && a.connected).then_some(())
+    })
+    .await;
+    let issued = Identity::from_cert_der(&titus_security::tls::read_cert_der(&cert).unwrap()).unwrap();
+    assert_eq!(issued, Identity::new(Kind::Agent, id.clone()).unwrap());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    // Its identity cannot be taken over while it is attached.
+    let mut call = tonic::Request::new(pb::EnrollAgentRequest { agent_id: id.clone(), csr_pem: request.cert });
+    call.metadata_mut().insert("authorization", format!("Bearer {enroll}").parse().unwrap());
+    let s = pb::agent_service_client::AgentServiceClient::new(channel(&api, Some(token_tls.clone())).await)
+        .enroll_agent(call)
+        .await
+        .unwrap_err();
+    assert!(s.code() == Code::FailedPrecondition && s.message().contains("is attached"), "{s:?}");
+    let audited = wait_until(Duration::from_secs(10), "enrollments audited", || async {
+        let r = audit(&admin, "token/bootstrap", "EnrollAgent").await;
+        (r.len() >= 2).then_some(r)
+    })
+    .await;
+    assert_eq!(audited[0].code, "Ok");
+    assert_eq!(audited[0].target, format!("agent {id}"));
+    assert_eq!(audited[1].code, "FailedPrecondition");
+}

@@ -63,17 +63,19 @@ pub fn new_ca(name: &str, days: u32) -> Result<Pem, CertError> {
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
 }
 
-/// A certificate for `identity`, signed by `ca`, valid for `days`. `hosts` (names or addresses)
-/// are added as DNS / IP subject alternative names.
-pub fn issue(ca: &Pem, identity: &Identity, trust_domain: &str, hosts: &[String], days: u32) -> Result<Pem, CertError> {
+/// The parameters of a certificate for `identity`: its URI SAN, `hosts` as DNS / IP SANs, and the
+/// extended key usages of its kind.
+fn leaf_params(
+    identity: &Identity,
+    trust_domain: &str,
+    hosts: &[String],
+    days: u32,
+) -> Result<CertificateParams, CertError> {
     if trust_domain.is_empty() || !trust_domain.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')) {
         return Err(CertError::Invalid(format!(
             "trust domain {trust_domain:?}: use letters, digits, '-' and '.' only"
         )));
     }
-    let ca_key = KeyPair::from_pem(&ca.key)?;
-    let ca_cert = CertificateParams::from_ca_cert_pem(&ca.cert)?.self_signed(&ca_key)?;
-    let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, identity.to_string());
@@ -97,8 +99,50 @@ pub fn issue(ca: &Pem, identity: &Identity, trust_domain: &str, hosts: &[String]
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(serial());
     validity(&mut params, days);
+    Ok(params)
+}
+
+/// The CA as rcgen needs it to sign.
+fn ca_of(ca: &Pem) -> Result<(rcgen::Certificate, KeyPair), CertError> {
+    let ca_key = KeyPair::from_pem(&ca.key)?;
+    let ca_cert = CertificateParams::from_ca_cert_pem(&ca.cert)?.self_signed(&ca_key)?;
+    Ok((ca_cert, ca_key))
+}
+
+/// A certificate for `identity`, signed by `ca`, valid for `days`. `hosts` (names or addresses)
+/// are added as DNS / IP subject alternative names.
+pub fn issue(ca: &Pem, identity: &Identity, trust_domain: &str, hosts: &[String], days: u32) -> Result<Pem, CertError> {
+    let params = leaf_params(identity, trust_domain, hosts, days)?;
+    let (ca_cert, ca_key) = ca_of(ca)?;
+    let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
+}
+
+/// A new private key and a certificate signing request for it, PEM: what an enrolling agent
+/// sends (the key never leaves it).
+pub fn new_csr(identity: &Identity) -> Result<Pem, CertError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, identity.to_string());
+    let csr = params.serialize_request(&key)?;
+    Ok(Pem { cert: csr.pem()?, key: key.serialize_pem() })
+}
+
+/// Signs the public key of `csr_pem` (its signature checked: the requester holds the key) into a
+/// certificate for `identity`. What the request asks to be named is ignored: the signer decides.
+pub fn sign_csr(
+    ca: &Pem,
+    identity: &Identity,
+    trust_domain: &str,
+    csr_pem: &str,
+    days: u32,
+) -> Result<String, CertError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CertError::Invalid(format!("csr: not a valid, self-signed certificate request ({e})")))?;
+    let params = leaf_params(identity, trust_domain, &[], days)?;
+    let (ca_cert, ca_key) = ca_of(ca)?;
+    Ok(params.signed_by(&csr.public_key, &ca_cert, &ca_key)?.pem())
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
@@ -118,6 +162,16 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
         f.sync_all().map_err(err)?;
     }
     fs::rename(&tmp, path).map_err(err)
+}
+
+/// Writes `pem` to `cert` and `key` (the key readable by its owner only), each written aside and
+/// renamed.
+pub fn write_files(cert: &Path, key: &Path, pem: &Pem) -> Result<(), CertError> {
+    for dir in [cert.parent(), key.parent()].into_iter().flatten().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| CertError::File { path: dir.to_path_buf(), message: e.to_string() })?;
+    }
+    write(key, &pem.key, true)?;
+    write(cert, &pem.cert, false)
 }
 
 /// Writes `pem` as `<dir>/<stem>.pem` and `<dir>/<stem>.key` (the key readable by its owner only).
@@ -155,5 +209,17 @@ mod tests {
         assert!(issue(&ca, &id, "bad domain", &[], 1).is_err());
         let ca_der = rustls_pemfile::certs(&mut ca.cert.as_bytes()).next().unwrap().unwrap();
         assert!(Identity::from_cert_der(&ca_der).is_err(), "the CA names nobody");
+    }
+
+    #[test]
+    fn a_signed_request_names_whom_the_signer_decides() {
+        let ca = new_ca("test CA", 1).unwrap();
+        let asked = Identity::new(Kind::Replica, "1").unwrap();
+        let request = new_csr(&asked).unwrap();
+        let agent = Identity::new(Kind::Agent, "i-0abc").unwrap();
+        let cert = sign_csr(&ca, &agent, "prod", &request.cert, 30).unwrap();
+        let der = rustls_pemfile::certs(&mut cert.as_bytes()).next().unwrap().unwrap();
+        assert_eq!(Identity::from_cert_der(&der).unwrap(), agent);
+        assert!(sign_csr(&ca, &agent, "prod", "garbage", 30).unwrap_err().to_string().contains("csr"));
     }
 }

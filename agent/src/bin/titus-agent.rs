@@ -60,6 +60,9 @@ struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// An enroll token: obtains tls-cert/tls-key from the control plane when they do not exist.
+    #[arg(long, env = "TITUS_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -83,8 +86,12 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            enroll_token: None,
         },
     };
+    if let Some(t) = args.enroll_token {
+        c.enroll_token = Some(t);
+    }
     if args.insecure {
         c.insecure = true;
     }

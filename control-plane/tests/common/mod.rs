@@ -339,8 +339,17 @@ impl Cluster {
         self.start_agent_with(name, cpu, memory_mb, &[])
     }
 
+    /// An agent with only `extra` for security flags (none of the cluster's own).
+    pub fn start_agent_plain(&mut self, name: &str, extra: &[&str]) -> String {
+        self.start_agent_inner(name, 1.0, 512, extra, false)
+    }
+
     /// Like `start_agent`, with extra flags.
     pub fn start_agent_with(&mut self, name: &str, cpu: f64, memory_mb: u32, extra: &[&str]) -> String {
+        self.start_agent_inner(name, cpu, memory_mb, extra, true)
+    }
+
+    fn start_agent_inner(&mut self, name: &str, cpu: f64, memory_mb: u32, extra: &[&str], security: bool) -> String {
         let id = format!("{name}-{}", std::process::id());
         let servers = self.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
         let args: Vec<String> = vec![
@@ -356,7 +365,7 @@ impl Cluster {
             "zone=us-east-1a".into(),
         ]
         .into_iter()
-        .chain(self.agent_security_args(&id))
+        .chain(if security { self.agent_security_args(&id) } else { Vec::new() })
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let log = self.dir.path().join(format!("agent-{id}.log"));
