@@ -57,10 +57,7 @@ async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
 fn load_tls(config: &Config) -> Result<Option<Arc<Tls>>> {
     let sec = &config.security;
     if sec.insecure {
-        let banner = "INSECURE MODE: plaintext on every port, no authentication, every caller is an admin. \
-                      For a local development cluster only; never expose these ports.";
-        eprintln!("\n*** titus-control-plane: {banner} ***\n");
-        tracing::warn!(api = %config.api_listen, peer = %config.peer_listen, "{banner}");
+        // Said loudly once the replica is up (see `warn_insecure`): a failed start stays one line.
         return Ok(None);
     }
     let (Some(ca), Some(cert), Some(key)) = (&sec.ca, &sec.cert, &sec.key) else {
@@ -90,6 +87,14 @@ fn enroller(config: &Config) -> Option<crate::agents::Enroller> {
         ca_key: sec.ca_key.clone()?,
         validity_days: sec.enroll_validity_days.unwrap_or(365),
     })
+}
+
+/// The banner of insecure mode, on stderr and in the log.
+fn warn_insecure(config: &Config) {
+    let banner = "INSECURE MODE: plaintext on every port, no authentication, every caller is an admin. \
+                  For a local development cluster only; never expose these ports.";
+    eprintln!("\n*** titus-control-plane: {banner} ***\n");
+    tracing::warn!(api = %config.api_listen, peer = %config.peer_listen, "{banner}");
 }
 
 /// The same HTTP/2 bounds on both ports: streams per connection, dead connections found by
@@ -249,6 +254,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), hub.clone(), cloud, stop_rx.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));
     tracing::info!(node_id = config.node_id, peer = %config.peer_listen, api = %config.api_listen, "replica started");
+    if config.security.insecure {
+        warn_insecure(&config);
+    }
 
     shutdown.await;
     tracing::info!(node_id = config.node_id, "shutting down");

@@ -69,6 +69,12 @@ pub const STATE: &[&str] = &[
     AUDIT,
 ];
 
+/// Whether a backup carries `family`: the replicated state, less a restore's staging area and
+/// the audit log (this cluster's own history).
+pub fn in_backups(family: &str) -> bool {
+    STATE.contains(&family) && family != RESTORE_STAGING && family != AUDIT
+}
+
 /// Every column family the store opens.
 pub fn all() -> impl Iterator<Item = &'static str> {
     [RAFT_LOG, RAFT_META, SM_META, SNAPSHOT].into_iter().chain(STATE.iter().copied())

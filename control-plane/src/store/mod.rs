@@ -465,8 +465,7 @@ pub struct Backup {
 /// The records of a backup file, each family checked to be one this release replicates.
 pub fn decode_backup(bytes: &[u8]) -> Result<Families> {
     let families = snapshot_data::decode_snapshot_data(bytes).map_err(|e| Error::invalid("backup", e.to_string()))?;
-    let carried = |name: &str| cf::STATE.contains(&name) && name != cf::RESTORE_STAGING && name != cf::AUDIT;
-    if let Some((name, _)) = families.iter().find(|(name, _)| !carried(name)) {
+    if let Some((name, _)) = families.iter().find(|(name, _)| !cf::in_backups(name)) {
         return Err(Error::invalid("backup", format!("carries {name:?}, which is not a replicated column family")));
     }
     Ok(families)
@@ -483,7 +482,7 @@ impl StateReader {
         let view = self.db.snapshot();
         let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
         let applied_index = applied_index_of(view.get_cf(meta, cf::sm_meta::LAST_APPLIED))?;
-        let families = read_families(&self.db, &view, cf::STATE.iter().copied().filter(|n| *n != cf::RESTORE_STAGING))?;
+        let families = read_families(&self.db, &view, cf::STATE.iter().copied().filter(|n| cf::in_backups(n)))?;
         Ok(Backup { applied_index, data: snapshot_data::encode_snapshot_data(&families) })
     }
 

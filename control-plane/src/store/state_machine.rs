@@ -146,7 +146,7 @@ impl StateMachine {
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);
                 }
-                if !cf::STATE.contains(&family.as_str()) || family == cf::RESTORE_STAGING || family == cf::AUDIT {
+                if !cf::in_backups(&family) {
                     return Ok(CommandResponse::Rejected(Rejection::new(
                         RejectionKind::InvalidArgument,
                         "family",

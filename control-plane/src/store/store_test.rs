@@ -250,3 +250,43 @@ fn a_restore_swaps_the_state_only_at_its_end() {
     let r = apply(&mut sm, Command::RestoreBegin { restore_id: "r1".into(), force: true });
     assert!(rejected(&r, "restore_id"), "an ended restore cannot begin again: {r:?}");
 }
+
+#[test]
+fn the_audit_log_numbers_in_apply_order_keeps_the_newest_and_stays_out_of_backups() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use crate::command::{AuditRecord, Command};
+    use crate::raft_types::Entry;
+
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
+    let record = |n: u64| AuditRecord {
+        time_ms: n as i64,
+        caller: if n % 2 == 0 { "client/alice".into() } else { "client/bob".into() },
+        method: "/titus.JobManagementService/KillJob".into(),
+        target: format!("job {n}"),
+        code: "Ok".into(),
+        message: String::new(),
+        replica: 1,
+        request_id: String::new(),
+    };
+    for (i, batch) in [vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9]].into_iter().enumerate() {
+        let command = Command::AppendAudit { records: batch.into_iter().map(record).collect(), keep: 5 };
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+            payload: EntryPayload::Normal(command),
+        };
+        futures::executor::block_on(sm.apply([entry])).unwrap();
+    }
+    let (all, last) = reader.audit_records(0, 100, 100, |_| true).unwrap();
+    assert_eq!(all.iter().map(|(s, r)| (*s, r.time_ms)).collect::<Vec<_>>(), [(5, 5), (6, 6), (7, 7), (8, 8), (9, 9)]);
+    assert_eq!(last, 9);
+    let (bobs, _) = reader.audit_records(5, 1, 100, |r| r.caller == "client/bob").unwrap();
+    assert_eq!(bobs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [7], "after 5, bob's first only");
+    let (none, last) = reader.audit_records(0, 10, 2, |r| r.caller == "nobody").unwrap();
+    assert!(none.is_empty());
+    assert_eq!(last, 6, "a filtered page that found nothing says how far it looked");
+    let backup = super::decode_backup(&reader.backup().unwrap().data).unwrap();
+    assert!(backup.iter().all(|(f, _)| f != super::cf::AUDIT), "the audit log is not backed up");
+}
