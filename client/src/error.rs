@@ -19,7 +19,7 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("no replica could serve {operation} within {elapsed_ms} ms ({attempts} attempts); last error from {last_replica}: {last_error}")]
     Unavailable { operation: String, attempts: u32, elapsed_ms: u64, last_replica: String, last_error: String },
-    #[error("{replica}: {status}")]
+    #[error("{replica}: {}: {}", code_name(status.code()), status.message())]
     Server { replica: String, status: tonic::Status },
     #[error("seed address {0:?} is not host:port")]
     BadSeed(String),
@@ -28,6 +28,18 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// `PERMISSION_DENIED`-style names, as gRPC documents them.
+fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
 
 /// Splits the server's `field: description; field: description` message.
 fn parse_violations(message: &str) -> Vec<FieldViolation> {

@@ -900,10 +900,17 @@ async fn run(cli: Cli) -> Result<(), Error> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let plaintext = cli.ca.is_none();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("titus: {e}");
+            if plaintext && matches!(e, Error::Unavailable { .. }) {
+                eprintln!(
+                    "titus: (this call was plaintext; a cluster with TLS needs --ca and --cert/--key or --token, \
+                     or TITUS_CA, TITUS_CERT, TITUS_KEY, TITUS_TOKEN)"
+                );
+            }
             ExitCode::from(exit_code(&e))
         }
     }

@@ -45,6 +45,8 @@ impl CapacityGroupService for CapacityGroupApi {
         request: Request<pb::CreateCapacityGroupRequest>,
     ) -> Result<Response<pb::CapacityGroup>, Status> {
         let deadline = client_deadline(&request);
+        let name = request.get_ref().group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+        crate::auth::note_target(&request, format!("capacity group {name}"));
         let req = request.into_inner();
         let mut group = capacity_group_from_proto("group", req.group)?;
         // Timestamps are decided here, before proposing, so every replica applies the same value.
@@ -66,6 +68,8 @@ impl CapacityGroupService for CapacityGroupApi {
         request: Request<pb::UpdateCapacityGroupRequest>,
     ) -> Result<Response<pb::CapacityGroup>, Status> {
         let deadline = client_deadline(&request);
+        let name = request.get_ref().group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+        crate::auth::note_target(&request, format!("capacity group {name}"));
         let mut group = capacity_group_from_proto("group", request.into_inner().group)?;
         group.update_time_ms = now_ms();
         let response = self.replica.propose(Command::UpdateCapacityGroup { group }, deadline).await?;
@@ -105,6 +109,7 @@ impl CapacityGroupService for CapacityGroupApi {
         request: Request<pb::DeleteCapacityGroupRequest>,
     ) -> Result<Response<pb::DeleteCapacityGroupResponse>, Status> {
         let deadline = client_deadline(&request);
+        crate::auth::note_target(&request, format!("capacity group {}", request.get_ref().name));
         let name = request.into_inner().name;
         validate_name("name", &name).map_err(|v| Error::InvalidArgument(vec![v]))?;
         match self.replica.propose(Command::DeleteCapacityGroup { name }, deadline).await? {

@@ -289,6 +289,7 @@ impl ClusterService for ClusterApi {
 
     async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let timeout = client_deadline(&request).unwrap_or(MEMBERSHIP_TIMEOUT);
+        crate::auth::note_target(&request, format!("replica {}", request.get_ref().node_id));
         let req = request.into_inner();
         if req.node_id == 0 {
             return Err(Error::invalid("node_id", "must be > 0").into());
@@ -317,7 +318,8 @@ impl ClusterService for ClusterApi {
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         let timeout = client_deadline(&request).unwrap_or(MEMBERSHIP_TIMEOUT);
-        let id = request.into_inner().node_id;
+        let id = request.get_ref().node_id;
+        crate::auth::note_target(&request, format!("replica {id}"));
         self.replica.require_leader()?;
         let membership = self.replica.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();

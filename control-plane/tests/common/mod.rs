@@ -49,6 +49,19 @@ pub struct Secure {
     pub security_config: PathBuf,
 }
 
+/// `--tls-ca`, `--tls-cert` and `--tls-key` for the certificate `<stem>.pem` in `certs`.
+pub fn tls_args(certs: &std::path::Path, stem: &str) -> Vec<String> {
+    let f = |name: String| certs.join(name).display().to_string();
+    vec![
+        "--tls-ca".into(),
+        f("ca.pem".into()),
+        "--tls-cert".into(),
+        f(format!("{stem}.pem")),
+        "--tls-key".into(),
+        f(format!("{stem}.key")),
+    ]
+}
+
 /// A workspace binary: cargo's own path when this test's crate builds it, else the one next to
 /// the test executable (`cargo build --workspace` builds them all).
 pub fn bin(name: &str) -> PathBuf {
@@ -131,17 +144,9 @@ impl Cluster {
         match &self.secure {
             None => vec!["--insecure".into()],
             Some(s) => {
-                let f = |name: String| s.certs.join(name).display().to_string();
-                vec![
-                    "--tls-ca".into(),
-                    f("ca.pem".into()),
-                    "--tls-cert".into(),
-                    f(format!("replica-{id}.pem")),
-                    "--tls-key".into(),
-                    f(format!("replica-{id}.key")),
-                    "--security-config".into(),
-                    s.security_config.display().to_string(),
-                ]
+                let mut args = tls_args(&s.certs, &format!("replica-{id}"));
+                args.extend(["--security-config".into(), s.security_config.display().to_string()]);
+                args
             }
         }
     }
@@ -150,17 +155,7 @@ impl Cluster {
     fn agent_security_args(&self, id: &str) -> Vec<String> {
         match &self.secure {
             None => vec!["--insecure".into()],
-            Some(s) => {
-                let f = |name: String| s.certs.join(name).display().to_string();
-                vec![
-                    "--tls-ca".into(),
-                    f("ca.pem".into()),
-                    "--tls-cert".into(),
-                    f(format!("agent-{id}.pem")),
-                    "--tls-key".into(),
-                    f(format!("agent-{id}.key")),
-                ]
-            }
+            Some(s) => tls_args(&s.certs, &format!("agent-{id}")),
         }
     }
 
