@@ -44,10 +44,14 @@ struct Agent {
 async fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls>>> {
     use titus_security::{Identity, Kind, Tls, TlsFiles};
     let (Some(ca), Some(cert), Some(key)) = (&config.tls_ca, &config.tls_cert, &config.tls_key) else {
-        let banner =
-            "INSECURE MODE: plaintext to the control plane, no certificate. For a local development cluster only.";
-        eprintln!("\n*** titus-agent: {banner} ***\n");
-        tracing::warn!("{banner}");
+        // Once per process (a simulating process runs many agents).
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            let banner =
+                "INSECURE MODE: plaintext to the control plane, no certificate. For a local development cluster only.";
+            eprintln!("\n*** titus-agent: {banner} ***\n");
+            tracing::warn!("{banner}");
+        });
         return Ok(None);
     };
     if let Some(token) = &config.enroll_token {

@@ -321,6 +321,16 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     assert!(s.message().contains(&format!("of job {alices}")), "{s:?}");
     let s = denied(bob.update_job_capacity(&alices, None, Some(2), None).await.unwrap_err());
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // Refusals are logged with who, what and the rule.
+    let logged = c.replicas.iter().any(|r| {
+        std::fs::read_to_string(&r.log).unwrap_or_default().lines().any(|l| {
+            l.contains("permission denied")
+                && l.contains("client/bob")
+                && l.contains("job-owner")
+                && l.contains(&alices)
+        })
+    });
+    assert!(logged, "no replica logged bob's refused kill");
     let j = admin.find_job(&alices).await.unwrap();
     assert_eq!(j.status.unwrap().state, pb::JobState::JobAccepted as i32);
     // Owners act on their own; an operator (by token) and an admin on anyone's.
@@ -629,4 +639,70 @@ async fn t50_a_new_agent_enrolls_with_a_token_and_attaches_with_its_own_certific
     assert_eq!(audited[0].code, "Ok");
     assert_eq!(audited[0].target, format!("agent {id}"));
     assert_eq!(audited[1].code, "FailedPrecondition");
+}
+
+/// Writes `text` to `path` aside and renames it (as `titus certs` does), so no reader sees half.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t35_the_ca_is_rotated_without_a_restart_through_a_bundle() {
+    let c = Cluster::start_with(3, &[], |dir| Some(setup(dir, &[], "")));
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let dir = c.secure.as_ref().unwrap().certs.clone();
+    let old = certs::read_pair(&dir, "ca").unwrap();
+    let new = certs::new_ca("new CA", 1).unwrap();
+    // A client certificate from the new CA, in its own directory with a bundle.
+    let new_dir = c.dir().join("new-tls");
+    let carol = Identity::new(Kind::Client, "carol").unwrap();
+    certs::write_pair(&new_dir, "client-carol", &certs::issue(&new, &carol, "test", &[], 1).unwrap()).unwrap();
+    let client_in = |d: &Path, stem: &str| {
+        let options = ClientOptions::default()
+            .with_tls(dir.join("ca.pem"), Some((d.join(format!("{stem}.pem")), d.join(format!("{stem}.key")))))
+            .unwrap();
+        Client::with_options(apis(&c), ClientOptions { deadline: Duration::from_secs(3), ..options }).unwrap()
+    };
+    assert!(client_in(&new_dir, "client-carol").cluster_status().await.is_err(), "the new CA is not trusted yet");
+
+    // 1. Everyone trusts both CAs: the new CA's client is accepted, nobody restarted.
+    replace_file(&dir.join("ca.pem"), &format!("{}{}", old.cert, new.cert));
+    wait_until(Duration::from_secs(15), "the bundle trusted by every replica", || async {
+        client_in(&new_dir, "client-carol").cluster_status().await.ok()
+    })
+    .await;
+    // 2. Replicas get certificates from the new CA; old and new clients both work.
+    for id in 1..=3 {
+        let replica = Identity::new(Kind::Replica, id.to_string()).unwrap();
+        certs::write_pair(
+            &dir,
+            &certs::stem(&replica),
+            &certs::issue(&new, &replica, "test", &["127.0.0.1".into()], 1).unwrap(),
+        )
+        .unwrap();
+    }
+    let probe = tls_of(&c, None);
+    for r in &c.replicas {
+        let want = der_of(&dir.join(format!("replica-{}.pem", r.id)));
+        wait_until(Duration::from_secs(15), "the new CA's replica certificate served", || async {
+            (titus_security::tls::server_certificate(&r.api_addr, &probe).await.ok()? == want).then_some(())
+        })
+        .await;
+    }
+    admin
+        .create_capacity_group(titus_client::CapacityGroupSpec::new("during", pb::Tier::Flex, 1.0, 1, 1, 1, 1))
+        .await
+        .unwrap();
+    client_in(&dir, "client-admin").cluster_status().await.unwrap();
+    client_in(&new_dir, "client-carol").cluster_status().await.unwrap();
+    // 3. The old CA is dropped: its certificates no longer open connections.
+    replace_file(&dir.join("ca.pem"), &new.cert);
+    wait_until(Duration::from_secs(15), "the old CA's client refused", || async {
+        client_in(&dir, "client-admin").cluster_status().await.is_err().then_some(())
+    })
+    .await;
+    client_in(&new_dir, "client-carol").cluster_status().await.unwrap();
 }

@@ -500,6 +500,8 @@ impl AgentTaskService for AgentTaskApi {
         id_field("task_id", &r.task_id)?;
         // An agent reports only the tasks placed on it.
         if let Some(agent_id) = crate::auth::caller(&request).agent_id() {
+            // Up to date first: a lagging replica must not refuse a task placed a moment ago.
+            self.replica.read_barrier(client_deadline(&request)).await?;
             let placed_on =
                 self.replica.state.task(&r.task_id)?.and_then(|t| crate::jobs::store::agent_of(&t).map(str::to_string));
             if placed_on.as_deref() != Some(agent_id) {
