@@ -242,7 +242,7 @@ impl Client {
                 Err(_) => tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis())),
             };
             // A replica's rate limit says when to come back: wait that long, at the same replica
-            // (the limit is per caller, not per replica).
+            // (each replica limits each caller; another would only spread the load).
             let retry_after = status
                 .metadata()
                 .get(RETRY_AFTER_METADATA)
@@ -263,6 +263,10 @@ impl Client {
                     backoff.mul_f64(jitter)
                 }
             };
+            if Instant::now() + pause >= deadline && retry_after.is_some() {
+                // Rate-limited past the deadline: the caller sees the limit, not "unavailable".
+                return Err(Error::from_status(&addr, status));
+            }
             if Instant::now() + pause >= deadline {
                 return Err(Error::Unavailable {
                     operation: operation.to_string(),
@@ -978,6 +982,12 @@ fn make_channel(addr: &str, options: &ClientOptions) -> Result<Ch> {
     let endpoint = Endpoint::from_shared(uri).map_err(|_| Error::BadSeed(addr.to_string()))?;
     let connector = titus_security::Connector::new(options.tls.clone(), options.connect_timeout);
     let channel = endpoint.connect_timeout(options.connect_timeout).connect_with_connector_lazy(connector);
+    if options.token.is_some() && options.tls.is_none() {
+        return Err(Error::InvalidArgument {
+            message: "token: a bearer token is sent only over TLS; give the cluster CA (--ca, TITUS_CA)".into(),
+            violations: vec![],
+        });
+    }
     let token = match &options.token {
         Some(Token(t)) => Some(format!("Bearer {t}").parse().map_err(|_| Error::InvalidArgument {
             message: "token: must be printable ASCII".into(),

@@ -340,13 +340,26 @@ impl AgentService for AgentApi {
         let Some(e) = &self.enroller else {
             return Err(Status::failed_precondition("enrollment is off on this replica: it has no security.ca-key"));
         };
-        // The leader knows which agents are attached.
+        // The leader knows which agents are attached, and reads the registered ones up to date.
         self.hub.replica.require_leader()?;
         if self.hub.conns().contains_key(&r.agent_id) {
             return Err(Status::failed_precondition(format!(
                 "agent {:?} is attached: an enrollment cannot take over a live agent's identity",
                 r.agent_id
             )));
+        }
+        // An enroll token is for new agents only: one that ever registered (it may be away, or the
+        // leader may have just changed) is enrolled again by an admin, never by the shared token.
+        let caller = crate::auth::caller(&request);
+        if caller.role != Some(crate::auth::Role::Admin) {
+            use crate::jobs::store::JobRead;
+            self.hub.replica.read_barrier(crate::api::client_deadline(&request)).await?;
+            if self.hub.replica.state.agent(&r.agent_id)?.is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "agent {:?} is already registered: an enroll token enrolls new agents only (an admin may re-enroll it)",
+                    r.agent_id
+                )));
+            }
         }
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p).map_err(|err| Status::internal(format!("reading {}: {err}", p.display())))

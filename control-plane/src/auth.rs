@@ -337,10 +337,16 @@ pub fn may_change_job(caller: &Caller, job_id: &str, d: &JobDescriptor) -> Resul
     Err(Status::permission_denied(message))
 }
 
-/// The caller a call was authenticated as (set by [`Authorize`]; anonymous when absent, as in
-/// unit tests of handlers).
+/// The caller a call was authenticated as (set by [`Authorize`]). Absent — a path that did not go
+/// through the layer — it is a user holding nothing: no such path gains rights by accident.
 pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
-    request.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous)
+    request.extensions().get::<Caller>().cloned().unwrap_or_else(|| Caller {
+        name: "unauthenticated".into(),
+        kind: CallerKind::Client,
+        role: Some(Role::User),
+        owners: Vec::new(),
+        applications: Vec::new(),
+    })
 }
 
 /// What a call was about, filled in by its handler for the audit log.
@@ -480,11 +486,17 @@ pub struct Auditor {
 }
 
 impl Auditor {
-    pub fn start(replica: Arc<Replica>, config: AuditConfig, mut stop: watch::Receiver<bool>) -> Arc<Auditor> {
+    /// Starts the flusher; its handle ends once `stop` is set and what was queued is committed
+    /// (the replica awaits it, bounded, before shutting Raft down).
+    pub fn start(
+        replica: Arc<Replica>,
+        config: AuditConfig,
+        mut stop: watch::Receiver<bool>,
+    ) -> (Arc<Auditor>, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<AuditRecord>(AUDIT_QUEUE);
         let auditor = Arc::new(Auditor { tx, replica_id: replica.id, dropped: AtomicU64::new(0) });
         let interval = Duration::from_millis(config.flush_interval_ms);
-        tokio::spawn(async move {
+        let handle = tokio::spawn(async move {
             loop {
                 let first = tokio::select! {
                     r = rx.recv() => r,
@@ -511,20 +523,22 @@ impl Auditor {
                 commit(&replica, chunk.to_vec(), config.max_records).await;
             }
         });
-        auditor
+        (auditor, handle)
     }
 
     /// Queues one call's record.
     pub fn record(&self, caller: &str, method: &str, target: &str, code: tonic::Code, message: &str, request_id: &str) {
+        // Every field bounded: a record is small whatever a caller sent.
+        let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
         let record = AuditRecord {
             time_ms: crate::api::now_ms(),
-            caller: caller.to_string(),
-            method: method.to_string(),
-            target: target.to_string(),
+            caller: cut(caller, 160),
+            method: cut(method, 160),
+            target: cut(target, 200),
             code: format!("{code:?}"),
-            message: message.chars().take(1024).collect(),
+            message: cut(message, 1024),
             replica: self.replica_id,
-            request_id: request_id.to_string(),
+            request_id: cut(request_id, 128),
         };
         if self.tx.try_send(record).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -545,6 +559,9 @@ async fn commit(replica: &Replica, records: Vec<AuditRecord>, keep: u64) {
     loop {
         match replica.propose(command.clone(), None).await {
             Ok(_) => return,
+            Err(e @ crate::error::Error::ShuttingDown { .. }) => {
+                return tracing::warn!(error = %e, records = n, "audit records not committed: this replica is stopping")
+            }
             Err(e) if started.elapsed() < Duration::from_secs(60) => {
                 tracing::debug!(error = %e, records = n, "audit records not committed yet; retrying");
                 tokio::time::sleep(backoff).await;

@@ -188,8 +188,9 @@ impl SecurityConfig {
         for (i, p) in self.principals.iter().enumerate() {
             let at = format!("security.principals[{i}]");
             titus_security::identity::validate_name(&p.name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
-            crate::auth::Role::parse(&p.role)
-                .ok_or_else(|| Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user", p.role)))?;
+            crate::auth::Role::parse(&p.role).ok_or_else(|| {
+                Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user, enroll", p.role))
+            })?;
             if !names.insert(p.name.clone()) {
                 return Err(Error::Config(format!("{at}.name: {:?} appears twice", p.name)));
             }
@@ -198,8 +199,9 @@ impl SecurityConfig {
         for (i, t) in self.tokens.iter().enumerate() {
             let at = format!("security.tokens[{i}]");
             titus_security::identity::validate_name(&t.name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
-            crate::auth::Role::parse(&t.role)
-                .ok_or_else(|| Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user", t.role)))?;
+            crate::auth::Role::parse(&t.role).ok_or_else(|| {
+                Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user, enroll", t.role))
+            })?;
             if !titus_security::token::is_sha256_hex(&t.sha256) {
                 return Err(Error::Config(format!(
                     "{at}.sha256: must be 64 lower-case hex digits (the token's SHA-256, not the token)"

@@ -125,7 +125,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let listener_limits = ListenerLimits {
         max_connections: config.security.limits.max_connections,
         handshake_timeout: Duration::from_secs(10),
+        require_client_cert: false,
     };
+    // Only replicas use the peer port: no certificate, no connection (a token cannot open it).
+    let peer_limits = ListenerLimits { require_client_cert: true, ..listener_limits };
     let policy = Arc::new(Policy::new(&config.security));
     let (log_store, state_machine, state) = store::open(&config.data_dir, config.node_id)?;
 
@@ -165,10 +168,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         server_builder(&config)
             .layer(Authorize { policy: policy.clone(), port: Port::Peer, auditor: None })
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(
-                incoming(peer_listener, tls.clone(), listener_limits),
-                stopped(stop_rx.clone()),
-            ),
+            .serve_with_incoming_shutdown(incoming(peer_listener, tls.clone(), peer_limits), stopped(stop_rx.clone())),
     );
 
     let cloud = match &config.aws {
@@ -197,7 +197,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Config(format!("grpc reflection: {e}")))?;
-    let auditor = Auditor::start(replica.clone(), config.security.audit.clone(), stop_rx.clone());
+    let (auditor, auditor_task) = Auditor::start(replica.clone(), config.security.audit.clone(), stop_rx.clone());
     // Every service refuses a request larger than this before decoding it.
     let max = config.security.limits.max_request_bytes;
     let api_server = tokio::spawn(
@@ -270,6 +270,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     bootstrap.abort();
     let _ = stop_tx.send(true);
     let _ = duties.await;
+    // The records of the last calls answered go in before Raft stops (bounded: no quorum, no wait).
+    if tokio::time::timeout(Duration::from_secs(2), auditor_task).await.is_err() {
+        tracing::warn!("the last audit records were not committed within 2 s of stopping");
+    }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft did not shut down cleanly");
     }

@@ -155,6 +155,35 @@ async fn call_raw(ch: tonic::transport::Channel, path: &str, body: Vec<u8>) -> t
     }
 }
 
+/// A call over TLS without a client certificate (and with `authorization`, when given); the
+/// status it ended with, whether the handshake or the call refused it.
+async fn call_without_certificate(
+    addr: &str,
+    tls: &Arc<Tls>,
+    path: &str,
+    authorization: Option<&str>,
+) -> tonic::Status {
+    let connected = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(Connector::new(Some(tls.clone()), Duration::from_secs(5)))
+        .await;
+    let Ok(ch) = connected else { return tonic::Status::unavailable("no connection") };
+    let mut grpc = tonic::client::Grpc::new(ch);
+    if grpc.ready().await.is_err() {
+        return tonic::Status::unavailable("no connection");
+    }
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![Vec::<u8>::new()]));
+    if let Some(a) = authorization {
+        request.metadata_mut().insert("authorization", a.parse().unwrap());
+    }
+    let p = http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), grpc.streaming(request, p, Raw)).await {
+        Err(_) => tonic::Status::deadline_exceeded("no answer"),
+        Ok(Err(status)) => status,
+        Ok(Ok(_)) => tonic::Status::ok(""),
+    }
+}
+
 /// Every method of every service served on the api and peer ports, from their descriptors.
 fn every_method() -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -191,7 +220,16 @@ async fn t10_every_rpc_refuses_a_caller_without_credentials_and_the_wrong_certif
     assert!(services.contains("grpc.reflection.v1.ServerReflection") && services.contains("titus.AgentService"));
     for (package, method) in &methods {
         let path = format!("/{package}.{method}");
-        let addr = if package == "titus.peer" { &r.peer_addr } else { &r.api_addr };
+        if package == "titus.peer" {
+            // The peer port requires a certificate in the handshake: without one (token or not)
+            // there is no connection to call on.
+            for token in [None, Some("Bearer ops-token")] {
+                let status = call_without_certificate(&r.peer_addr, &anonymous, &path, token).await;
+                assert!(status.code() != Code::Ok && status.code() != Code::PermissionDenied, "{path}: {status:?}");
+            }
+            continue;
+        }
+        let addr = &r.api_addr;
         // TLS without a client certificate or token.
         let status = call_raw(channel(addr, Some(anonymous.clone())).await, &path, Vec::new()).await;
         assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
@@ -242,6 +280,19 @@ async fn t10_every_rpc_refuses_a_caller_without_credentials_and_the_wrong_certif
             .await;
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("rule replica-only"), "{status:?}");
+    // An admin's client certificate is no replica either.
+    let admin_tls = tls_of(&c, Some("client-admin"));
+    let status = call_raw(channel(&r.peer_addr, Some(admin_tls)).await, "/titus.peer.RaftPeer/Vote", Vec::new()).await;
+    assert!(status.code() == Code::PermissionDenied && status.message().contains("rule replica-only"), "{status:?}");
+    // An agent reports only tasks placed on it.
+    let report = pb::TaskStatusReport { task_id: "not-on-this-agent".into(), ..Default::default() };
+    let status = call_raw(
+        channel(&r.api_addr, Some(agent_tls.clone())).await,
+        "/titus.AgentTaskService/ReportTaskStatus",
+        report.encode_to_vec(),
+    )
+    .await;
+    assert!(status.code() == Code::PermissionDenied && status.message().contains("rule agent-own-tasks"), "{status:?}");
     let status = call_raw(
         channel(&r.api_addr, Some(agent_tls.clone())).await,
         "/titus.JobManagementService/FindJobs",
@@ -331,6 +382,16 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
         })
     });
     assert!(logged, "no replica logged bob's refused kill");
+    let s = denied(bob.update_job_attributes(&alices, &[("k", "v")]).await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    let task = wait_until(Duration::from_secs(20), "a task of alice's job", || async {
+        admin.find_tasks(&[("jobIds", alices.as_str())], 10, "").await.ok()?.items.into_iter().next()
+    })
+    .await;
+    let s = denied(bob.kill_task(&task.id, false, false).await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    let s = denied(bob.add_load_balancer(&alices, "arn:aws:elasticloadbalancing:tg/x").await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
     let j = admin.find_job(&alices).await.unwrap();
     assert_eq!(j.status.unwrap().state, pb::JobState::JobAccepted as i32);
     // Owners act on their own; an operator (by token) and an admin on anyone's.
@@ -375,8 +436,8 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     assert_ne!(before, after);
     admin.kill_job(&alices).await.unwrap();
     for r in &c.replicas {
-        let on_one = client_as(&c, "client-admin");
-        let _ = r;
+        // This replica's own answer (the client knows only it).
+        let on_one = c.client_of(r.id);
         let records = wait_until(Duration::from_secs(10), "the audit after the leader change", || async {
             let all = audit(&on_one, "", "").await;
             let kills = all.iter().filter(|r| r.method.ends_with("KillJob") && r.target == format!("job {alices}"));
@@ -631,6 +692,26 @@ async fn t50_a_new_agent_enrolls_with_a_token_and_attaches_with_its_own_certific
         .await
         .unwrap_err();
     assert!(s.code() == Code::FailedPrecondition && s.message().contains("is attached"), "{s:?}");
+    // Nor once it is gone: the shared token enrolls new agents only (an admin may re-enroll).
+    c.kill_agent(&id);
+    wait_until(Duration::from_secs(30), "the enrolled agent detached", || async {
+        let agents = admin.find_agents().await.ok()?;
+        agents.iter().any(|a| a.id == id && !a.connected).then_some(())
+    })
+    .await;
+    let csr = titus_security::certs::new_csr(&Identity::new(Kind::Agent, "x").unwrap()).unwrap();
+    let mut call = tonic::Request::new(pb::EnrollAgentRequest { agent_id: id.clone(), csr_pem: csr.cert.clone() });
+    call.metadata_mut().insert("authorization", format!("Bearer {enroll}").parse().unwrap());
+    let s = pb::agent_service_client::AgentServiceClient::new(channel(&api, Some(token_tls.clone())).await)
+        .enroll_agent(call)
+        .await
+        .unwrap_err();
+    assert!(s.code() == Code::FailedPrecondition && s.message().contains("already registered"), "{s:?}");
+    let admin_ch = channel(&api, Some(tls_of(&c, Some("client-admin")))).await;
+    pb::agent_service_client::AgentServiceClient::new(admin_ch)
+        .enroll_agent(pb::EnrollAgentRequest { agent_id: id.clone(), csr_pem: csr.cert })
+        .await
+        .expect("an admin re-enrolls a known agent");
     let audited = wait_until(Duration::from_secs(10), "enrollments audited", || async {
         let r = audit(&admin, "token/bootstrap", "EnrollAgent").await;
         (r.len() >= 2).then_some(r)
@@ -639,6 +720,7 @@ async fn t50_a_new_agent_enrolls_with_a_token_and_attaches_with_its_own_certific
     assert_eq!(audited[0].code, "Ok");
     assert_eq!(audited[0].target, format!("agent {id}"));
     assert_eq!(audited[1].code, "FailedPrecondition");
+    assert!(audit(&admin, "client/admin", "EnrollAgent").await.iter().any(|r| r.code == "Ok"));
 }
 
 /// Writes `text` to `path` aside and renames it (as `titus certs` does), so no reader sees half.

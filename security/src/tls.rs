@@ -91,7 +91,11 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// One loaded generation of the files.
 struct Loaded {
+    /// Asks for a client certificate (a caller may use a token instead).
     server: Option<Arc<ServerConfig>>,
+    /// Requires one: for ports no token opens (the peer port), so nobody without a certificate
+    /// from the CA gets past the handshake, let alone holds a connection.
+    server_strict: Option<Arc<ServerConfig>>,
     client: Arc<ClientConfig>,
     identity: Option<Identity>,
     stamp: Vec<Option<(SystemTime, u64)>>,
@@ -122,24 +126,23 @@ fn load(files: &TlsFiles, serve: bool) -> Result<Loaded, TlsError> {
     };
     let versions = &[&rustls::version::TLS13];
     let tls_error = |e: rustls::Error| TlsError::Config(e.to_string());
-    let server = match (&own, serve) {
-        (Some((chain, key, _)), true) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TlsError::Config(format!("client certificate verifier: {e}")))?;
-            let mut config = ServerConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(versions)
-                .map_err(tls_error)?
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(chain.clone(), key.clone_key())
-                .map_err(tls_error)?;
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            Some(Arc::new(config))
-        }
-        (None, true) => return Err(TlsError::Config("a server needs a certificate and a key".into())),
-        (_, false) => None,
+    let server_config = |optional: bool| -> Result<Option<Arc<ServerConfig>>, TlsError> {
+        let Some((chain, key, _)) = &own else {
+            return Err(TlsError::Config("a server needs a certificate and a key".into()));
+        };
+        let builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+        let builder = if optional { builder.allow_unauthenticated() } else { builder };
+        let verifier = builder.build().map_err(|e| TlsError::Config(format!("client certificate verifier: {e}")))?;
+        let mut config = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(tls_error)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(tls_error)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Some(Arc::new(config)))
     };
+    let (server, server_strict) = if serve { (server_config(true)?, server_config(false)?) } else { (None, None) };
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .map_err(tls_error)?
@@ -150,7 +153,7 @@ fn load(files: &TlsFiles, serve: bool) -> Result<Loaded, TlsError> {
         None => builder.with_no_client_auth(),
     };
     client.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Loaded { server, client: Arc::new(client), identity: own.map(|(_, _, id)| id), stamp })
+    Ok(Loaded { server, server_strict, client: Arc::new(client), identity: own.map(|(_, _, id)| id), stamp })
 }
 
 /// A holder's TLS material, reloaded when its files change (see [`Tls::spawn_reloader`]).
@@ -198,8 +201,15 @@ impl Tls {
         self.current().client.clone()
     }
 
-    pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
-        self.current().server.clone()
+    /// The server's configuration; `require_client_cert` refuses a handshake without a client
+    /// certificate from the CA.
+    pub fn server_config(&self, require_client_cert: bool) -> Option<Arc<ServerConfig>> {
+        let current = self.current();
+        if require_client_cert {
+            current.server_strict.clone()
+        } else {
+            current.server.clone()
+        }
     }
 
     /// Rebuilds the configurations when a file changed. A half-written or mismatched set is not
@@ -341,11 +351,13 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// A TLS handshake not done by then is dropped.
     pub handshake_timeout: Duration,
+    /// The handshake requires a client certificate (no bearer tokens on this port).
+    pub require_client_cert: bool,
 }
 
 impl Default for ListenerLimits {
     fn default() -> Self {
-        ListenerLimits { max_connections: 4096, handshake_timeout: Duration::from_secs(10) }
+        ListenerLimits { max_connections: 4096, handshake_timeout: Duration::from_secs(10), require_client_cert: false }
     }
 }
 
@@ -465,7 +477,7 @@ pub fn incoming(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Some(config) = tls.server_config() else { return };
+                let Some(config) = tls.server_config(limits.require_client_cert) else { return };
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => s,

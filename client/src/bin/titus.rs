@@ -651,6 +651,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         r.message
                     );
                 }
+                if page.last_sequence > after {
+                    println!(
+                        "(looked up to sequence {}; next page: --after {})",
+                        page.last_sequence, page.last_sequence
+                    );
+                }
             } else {
                 let v: Vec<_> = page
                     .records
