@@ -70,6 +70,10 @@ async fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls
         )));
     }
     tls.spawn_reloader(Duration::from_secs(5));
+    // A certificate obtained by enrollment is also renewed by the agent.
+    if config.enroll_token.is_some() {
+        tokio::spawn(renew_while_running(config.clone(), tls.clone()));
+    }
     Ok(Some(tls))
 }
 
@@ -261,7 +265,7 @@ pub async fn simulate(
 
 /// Obtains this agent's certificate from the control plane with an enroll token: a new key (kept
 /// here), a certificate request, the signed certificate back; both written (the key 0600) where
-/// the configuration says. Retries every server, following the leader, for up to two minutes.
+/// the configuration says.
 async fn enroll(
     config: &AgentConfig,
     ca: &std::path::Path,
@@ -269,16 +273,31 @@ async fn enroll(
     key: &std::path::Path,
     token: &str,
 ) -> Result<()> {
-    use titus_security::{certs, Identity, Kind, Tls, TlsFiles};
+    use titus_security::{Tls, TlsFiles};
     let config_error = |m: String| crate::Error::Config(m);
-    let identity = Identity::new(Kind::Agent, config.agent_id.clone()).map_err(config_error)?;
-    let request = certs::new_csr(&identity).map_err(|e| config_error(format!("enrollment: {e}")))?;
     let tls = Tls::client(TlsFiles { ca: ca.to_path_buf(), cert_and_key: None }, None)
         .map_err(|e| config_error(format!("tls-ca: {e}")))?;
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| config_error("enroll-token: not printable ASCII".into()))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    request_certificate(config, tls, Some(bearer), cert, key, Duration::from_secs(120)).await.map_err(config_error)
+}
+
+/// Asks the leader to sign a certificate for a new key (`EnrollAgent`), over `tls` and with
+/// `bearer` when given, trying every server and following the leader until `within` has passed;
+/// writes the certificate and key (aside, then renamed). Refusals end it at once.
+async fn request_certificate(
+    config: &AgentConfig,
+    tls: Arc<titus_security::Tls>,
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    within: Duration,
+) -> std::result::Result<(), String> {
+    use titus_security::{certs, Identity, Kind};
+    let identity = Identity::new(Kind::Agent, config.agent_id.clone())?;
+    let request = certs::new_csr(&identity).map_err(|e| format!("certificate request: {e}"))?;
+    let deadline = tokio::time::Instant::now() + within;
     let servers = &config.servers;
     let (mut last, mut hint, mut i) = (String::new(), None::<String>, 0);
     while tokio::time::Instant::now() < deadline {
@@ -297,7 +316,9 @@ async fn enroll(
                 csr_pem: request.cert.clone(),
             });
             call.set_timeout(Duration::from_secs(5));
-            call.metadata_mut().insert("authorization", bearer.clone());
+            if let Some(b) = &bearer {
+                call.metadata_mut().insert("authorization", b.clone());
+            }
             AgentServiceClient::new(channel).enroll_agent(call).await.map_err(|s| {
                 hint = s.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);
                 format!("{:?}: {}", s.code(), s.message())
@@ -306,25 +327,62 @@ async fn enroll(
         match attempt.await {
             Ok(response) => {
                 let pem = certs::Pem { cert: response.into_inner().certificate_pem, key: request.key.clone() };
-                certs::write_files(cert, key, &pem).map_err(|e| config_error(format!("enrollment: {e}")))?;
-                tracing::info!(cert = %cert.display(), "enrolled: certificate written");
+                certs::write_files(cert, key, &pem).map_err(|e| format!("writing the certificate: {e}"))?;
+                tracing::info!(cert = %cert.display(), "certificate obtained from the control plane and written");
                 return Ok(());
             }
             Err(e)
                 if e.starts_with("PermissionDenied")
                     || e.starts_with("InvalidArgument")
-                    || e.starts_with("Unauthenticated") =>
+                    || e.starts_with("Unauthenticated")
+                    || e.starts_with("FailedPrecondition") =>
             {
-                return Err(config_error(format!("enrollment refused by {addr}: {e}")));
+                return Err(format!("refused by {addr}: {e}"));
             }
             Err(e) => {
-                tracing::warn!(server = %addr, error = %e, "enrollment failed; trying again");
+                tracing::warn!(server = %addr, error = %e, "certificate request failed; trying again");
                 last = e;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
-    Err(config_error(format!("enrollment: no server signed a certificate within 2 minutes; last error: {last}")))
+    Err(format!("no server signed a certificate within {within:?}; last error: {last}"))
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` is due for renewal at `now`: in
+/// the last third of its life.
+pub fn due_for_renewal(not_before: i64, not_after: i64, now: i64) -> bool {
+    not_after <= not_before || now >= not_after - (not_after - not_before) / 3
+}
+
+/// How often an enrolled agent checks its certificate's age.
+const RENEWAL_CHECK: Duration = Duration::from_secs(3600);
+
+/// Keeps an enrolled agent's certificate fresh: checks it every hour (and at start) and, in the
+/// last third of its life, has the leader sign a new one, authenticated by the current one; the
+/// reloader then takes the new files. Failures are logged and tried again at the next check.
+async fn renew_while_running(config: AgentConfig, tls: Arc<titus_security::Tls>) {
+    let (Some(cert), Some(key)) = (config.tls_cert.clone(), config.tls_key.clone()) else { return };
+    loop {
+        let validity = titus_security::tls::read_cert_der(&cert)
+            .map_err(|e| e.to_string())
+            .and_then(|der| titus_security::identity::validity_ms(&der));
+        match validity {
+            Ok((from, until)) if due_for_renewal(from, until, now_ms()) => {
+                match request_certificate(&config, tls.clone(), None, &cert, &key, Duration::from_secs(60)).await {
+                    Ok(()) => tracing::info!("certificate renewed"),
+                    Err(e) => tracing::warn!(error = %e, "certificate renewal failed; trying again in an hour"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, cert = %cert.display(), "cannot read the certificate's validity"),
+        }
+        tokio::time::sleep(RENEWAL_CHECK).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs one agent over `docker` until `shutdown` completes.
@@ -458,5 +516,20 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::due_for_renewal;
+
+    #[test]
+    fn a_certificate_is_renewed_in_the_last_third_of_its_life() {
+        let (from, until) = (0, 300);
+        assert!(!due_for_renewal(from, until, 100));
+        assert!(!due_for_renewal(from, until, 199));
+        assert!(due_for_renewal(from, until, 200));
+        assert!(due_for_renewal(from, until, 400), "expired: renew at once");
+        assert!(due_for_renewal(10, 5, 0), "nonsense validity: renew");
     }
 }

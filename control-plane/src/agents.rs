@@ -342,7 +342,20 @@ impl AgentService for AgentApi {
         };
         // The leader knows which agents are attached, and reads the registered ones up to date.
         self.hub.replica.require_leader()?;
-        if self.hub.conns().contains_key(&r.agent_id) {
+        let caller = crate::auth::caller(&request);
+        // An agent renews its own certificate (attached or not), and only its own.
+        let renewal = match caller.agent_id() {
+            Some(id) if id == r.agent_id => true,
+            Some(id) => {
+                tracing::warn!(caller = %caller.name, agent_id = %r.agent_id, rule = "agent-identity", "permission denied");
+                return Err(Status::permission_denied(format!(
+                    "rule agent-identity: agent {id:?} may renew only its own certificate, not {:?}'s",
+                    r.agent_id
+                )));
+            }
+            None => false,
+        };
+        if !renewal && self.hub.conns().contains_key(&r.agent_id) {
             return Err(Status::failed_precondition(format!(
                 "agent {:?} is attached: an enrollment cannot take over a live agent's identity",
                 r.agent_id
@@ -350,8 +363,7 @@ impl AgentService for AgentApi {
         }
         // An enroll token is for new agents only: one that ever registered (it may be away, or the
         // leader may have just changed) is enrolled again by an admin, never by the shared token.
-        let caller = crate::auth::caller(&request);
-        if caller.role != Some(crate::auth::Role::Admin) {
+        if !renewal && caller.role != Some(crate::auth::Role::Admin) {
             use crate::jobs::store::JobRead;
             self.hub.replica.read_barrier(crate::api::client_deadline(&request)).await?;
             if self.hub.replica.state.agent(&r.agent_id)?.is_some() {
@@ -368,7 +380,7 @@ impl AgentService for AgentApi {
         let identity = Identity::new(Kind::Agent, r.agent_id.clone()).map_err(|m| Error::invalid("agent_id", m))?;
         let certificate_pem = certs::sign_csr(&ca, &identity, "titus", &r.csr_pem, e.validity_days)
             .map_err(|err| Error::invalid("csr_pem", err.to_string()))?;
-        tracing::info!(agent_id = %r.agent_id, days = e.validity_days, "agent enrolled: certificate issued");
+        tracing::info!(agent_id = %r.agent_id, days = e.validity_days, renewal, "agent enrolled: certificate issued");
         Ok(Response::new(pb::EnrollAgentResponse {
             certificate_pem,
             not_after_ms: now_ms() + i64::from(e.validity_days) * 86_400_000,

@@ -264,8 +264,8 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
     match (service, method) {
         ("titus.AgentService", "EnrollAgent") => Rule {
             name: "agent-enroll",
-            says: "agents are enrolled with an enroll token (or by an admin)",
-            allows: |c| c.has_role(&[Role::Enroll, Role::Admin]),
+            says: "agents are enrolled with an enroll token or by an admin, and renew their own certificate",
+            allows: |c| c.has_role(&[Role::Enroll, Role::Admin]) || c.kind == CallerKind::Agent,
             audited: true,
         },
         ("titus.AgentService", _) | ("titus.AgentTaskService", _) => Rule {

@@ -454,6 +454,14 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     println!("audit: {} records", audit(&admin, "", "").await.len());
 }
 
+/// The first certificate of PEM text, DER.
+fn first_cert_der(pem: &str) -> Vec<u8> {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("c.pem");
+    std::fs::write(&path, pem).unwrap();
+    titus_security::tls::read_cert_der(&path).unwrap()
+}
+
 fn der_of(path: &PathBuf) -> Vec<u8> {
     titus_security::tls::read_cert_der(path).unwrap()
 }
@@ -684,6 +692,22 @@ async fn t50_a_new_agent_enrolls_with_a_token_and_attaches_with_its_own_certific
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     }
+    // The agent renews its own certificate with it, while attached; not another agent's.
+    let agent_files = TlsFiles { ca: ca.clone(), cert_and_key: Some((cert.clone(), key.clone())) };
+    let as_agent = channel(&api, Some(Tls::client(agent_files, None).unwrap())).await;
+    let renewal = titus_security::certs::new_csr(&Identity::new(Kind::Agent, "x").unwrap()).unwrap();
+    let renewed = pb::agent_service_client::AgentServiceClient::new(as_agent.clone())
+        .enroll_agent(pb::EnrollAgentRequest { agent_id: id.clone(), csr_pem: renewal.cert.clone() })
+        .await
+        .expect("an agent renews its own certificate")
+        .into_inner();
+    let renewed_der = first_cert_der(&renewed.certificate_pem);
+    assert_eq!(Identity::from_cert_der(&renewed_der).unwrap(), Identity::new(Kind::Agent, id.clone()).unwrap());
+    let s = pb::agent_service_client::AgentServiceClient::new(as_agent)
+        .enroll_agent(pb::EnrollAgentRequest { agent_id: "someone-else".into(), csr_pem: renewal.cert })
+        .await
+        .unwrap_err();
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule agent-identity"), "{s:?}");
     // Its identity cannot be taken over while it is attached.
     let mut call = tonic::Request::new(pb::EnrollAgentRequest { agent_id: id.clone(), csr_pem: request.cert });
     call.metadata_mut().insert("authorization", format!("Bearer {enroll}").parse().unwrap());

@@ -102,6 +102,13 @@ impl Identity {
     }
 }
 
+/// A DER certificate's validity, ms since the epoch: (not before, not after).
+pub fn validity_ms(der: &[u8]) -> Result<(i64, i64), String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp() * 1000, v.not_after.timestamp() * 1000))
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.kind, self.name)
