@@ -184,13 +184,17 @@ impl SecurityConfig {
         if self.reload_interval_ms == Some(0) {
             return Err(Error::Config("security.reload-interval-ms: must be > 0".into()));
         }
+        // A principal's or token's name and role.
+        let check_grant = |at: &str, name: &str, role: &str| -> Result<()> {
+            titus_security::identity::validate_name(name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
+            crate::auth::Role::parse(role).map(|_| ()).ok_or_else(|| {
+                Error::Config(format!("{at}.role: {role:?} is not one of admin, operator, user, enroll"))
+            })
+        };
         let mut names = BTreeSet::new();
         for (i, p) in self.principals.iter().enumerate() {
             let at = format!("security.principals[{i}]");
-            titus_security::identity::validate_name(&p.name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
-            crate::auth::Role::parse(&p.role).ok_or_else(|| {
-                Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user, enroll", p.role))
-            })?;
+            check_grant(&at, &p.name, &p.role)?;
             if !names.insert(p.name.clone()) {
                 return Err(Error::Config(format!("{at}.name: {:?} appears twice", p.name)));
             }
@@ -198,10 +202,7 @@ impl SecurityConfig {
         let mut digests = BTreeSet::new();
         for (i, t) in self.tokens.iter().enumerate() {
             let at = format!("security.tokens[{i}]");
-            titus_security::identity::validate_name(&t.name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
-            crate::auth::Role::parse(&t.role).ok_or_else(|| {
-                Error::Config(format!("{at}.role: {:?} is not one of admin, operator, user, enroll", t.role))
-            })?;
+            check_grant(&at, &t.name, &t.role)?;
             if !titus_security::token::is_sha256_hex(&t.sha256) {
                 return Err(Error::Config(format!(
                     "{at}.sha256: must be 64 lower-case hex digits (the token's SHA-256, not the token)"

@@ -135,9 +135,25 @@ impl tonic::codec::Codec for Raw {
 /// Calls `path` with one message `body` (streamed, which on the wire is also what a unary call
 /// sends) and answers the status it ended with.
 async fn call_raw(ch: tonic::transport::Channel, path: &str, body: Vec<u8>) -> tonic::Status {
+    call_as(ch, path, body, None).await
+}
+
+/// `call_raw` with an `authorization` header, when given. A connection that fails (a handshake
+/// refused) answers UNAVAILABLE.
+async fn call_as(
+    ch: tonic::transport::Channel,
+    path: &str,
+    body: Vec<u8>,
+    authorization: Option<&str>,
+) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.unwrap();
-    let request = tonic::Request::new(tokio_stream::iter(vec![body]));
+    if let Err(e) = grpc.ready().await {
+        return tonic::Status::unavailable(format!("no connection: {e}"));
+    }
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![body]));
+    if let Some(a) = authorization {
+        request.metadata_mut().insert("authorization", a.parse().unwrap());
+    }
     let path = http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
     match tokio::time::timeout(Duration::from_secs(10), grpc.streaming(request, path, Raw)).await {
         Err(_) => tonic::Status::deadline_exceeded("no answer"),
@@ -167,20 +183,9 @@ async fn call_without_certificate(
         .unwrap()
         .connect_with_connector(Connector::new(Some(tls.clone()), Duration::from_secs(5)))
         .await;
-    let Ok(ch) = connected else { return tonic::Status::unavailable("no connection") };
-    let mut grpc = tonic::client::Grpc::new(ch);
-    if grpc.ready().await.is_err() {
-        return tonic::Status::unavailable("no connection");
-    }
-    let mut request = tonic::Request::new(tokio_stream::iter(vec![Vec::<u8>::new()]));
-    if let Some(a) = authorization {
-        request.metadata_mut().insert("authorization", a.parse().unwrap());
-    }
-    let p = http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), grpc.streaming(request, p, Raw)).await {
-        Err(_) => tonic::Status::deadline_exceeded("no answer"),
-        Ok(Err(status)) => status,
-        Ok(Ok(_)) => tonic::Status::ok(""),
+    match connected {
+        Ok(ch) => call_as(ch, path, Vec::new(), authorization).await,
+        Err(e) => tonic::Status::unavailable(format!("no connection: {e}")),
     }
 }
 
@@ -235,17 +240,10 @@ async fn t10_every_rpc_refuses_a_caller_without_credentials_and_the_wrong_certif
         assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
         assert!(status.message().contains("no client certificate and no bearer token"), "{path}: {status:?}");
         // A token nobody configured.
-        let mut grpc_ch = channel(addr, Some(anonymous.clone())).await;
-        let _ = &mut grpc_ch;
-        let status = {
-            let mut grpc = tonic::client::Grpc::new(grpc_ch);
-            grpc.ready().await.unwrap();
-            let mut request = tonic::Request::new(tokio_stream::iter(vec![Vec::<u8>::new()]));
-            request.metadata_mut().insert("authorization", "Bearer not-a-token".parse().unwrap());
-            let p = http::uri::PathAndQuery::try_from(path.clone()).unwrap();
-            grpc.streaming(request, p, Raw).await.err().expect("refused")
-        };
+        let ch = channel(addr, Some(anonymous.clone())).await;
+        let status = call_as(ch, &path, Vec::new(), Some("Bearer not-a-token")).await;
         assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
+        assert!(status.message().contains("bearer token is not recognised"), "{path}: {status:?}");
     }
     // Plaintext to a TLS port gets nowhere.
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", r.api_addr)).unwrap().connect().await;
@@ -636,19 +634,9 @@ async fn t50_a_new_agent_enrolls_with_a_token_and_attaches_with_its_own_certific
 
     // The enroll token enrolls and does nothing else.
     let token_tls = tls_of(&c, None);
-    let with_token = |path: &str| {
-        let path = path.to_string();
-        let (api, tls) = (api.clone(), token_tls.clone());
-        async move {
-            let ch = channel(&api, Some(tls));
-            let mut grpc = tonic::client::Grpc::new(ch.await);
-            grpc.ready().await.unwrap();
-            let mut request = tonic::Request::new(tokio_stream::iter(vec![Vec::<u8>::new()]));
-            request.metadata_mut().insert("authorization", format!("Bearer {enroll}").parse().unwrap());
-            grpc.streaming(request, http::uri::PathAndQuery::try_from(path).unwrap(), Raw).await.err().expect("refused")
-        }
-    };
-    let s = with_token("/titus.JobManagementService/FindJobs").await;
+    let bearer = format!("Bearer {enroll}");
+    let ch = channel(&api, Some(token_tls.clone())).await;
+    let s = call_as(ch, "/titus.JobManagementService/FindJobs", Vec::new(), Some(&bearer)).await;
     assert!(s.code() == Code::PermissionDenied && s.message().contains("rule client-read"), "{s:?}");
     // A client (even an admin... here a user) cannot enroll without the role.
     let alice = channel(&api, Some(tls_of(&c, Some("client-alice")))).await;

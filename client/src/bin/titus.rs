@@ -147,28 +147,32 @@ enum CertsCmd {
         /// Client names, comma-separated (roles are given in the replicas' configuration).
         #[arg(long, value_delimiter = ',', default_value = "admin")]
         clients: Vec<String>,
-        /// Host names and addresses the replicas are reached at, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
-        hosts: Vec<String>,
-        #[arg(long, default_value = "titus")]
-        trust_domain: String,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
+        #[command(flatten)]
+        issue: IssueOpts,
     },
     /// Issues (or replaces) one certificate with the CA in DIR: KIND is replica, agent or client.
     Issue {
         dir: PathBuf,
         kind: String,
         name: String,
-        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
-        hosts: Vec<String>,
-        #[arg(long, default_value = "titus")]
-        trust_domain: String,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
+        #[command(flatten)]
+        issue: IssueOpts,
     },
     /// Prints a new random bearer token and the SHA-256 digest the replicas' configuration holds.
     Token,
+}
+
+/// What every issued certificate takes.
+#[derive(clap::Args)]
+struct IssueOpts {
+    /// Host names and addresses a replica is reached at, comma-separated (replicas only).
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    hosts: Vec<String>,
+    #[arg(long, default_value = "titus")]
+    trust_domain: String,
+    /// Validity, days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
 }
 
 fn certs_command(cmd: CertsCmd) -> Result<(), Error> {
@@ -195,7 +199,7 @@ fn certs_command(cmd: CertsCmd) -> Result<(), Error> {
         Ok::<(), Error>(())
     };
     match cmd {
-        CertsCmd::Init { dir, replicas, agents, clients, hosts, trust_domain, days } => {
+        CertsCmd::Init { dir, replicas, agents, clients, issue: IssueOpts { hosts, trust_domain, days } } => {
             let ca = ca_of(&dir, days)?;
             let ids = replicas
                 .iter()
@@ -206,7 +210,7 @@ fn certs_command(cmd: CertsCmd) -> Result<(), Error> {
                 issue(&dir, &ca, id.map_err(invalid)?, &hosts, &trust_domain, days)?;
             }
         }
-        CertsCmd::Issue { dir, kind, name, hosts, trust_domain, days } => {
+        CertsCmd::Issue { dir, kind, name, issue: IssueOpts { hosts, trust_domain, days } } => {
             let kind =
                 Kind::parse(&kind).ok_or_else(|| invalid(format!("kind: {kind:?} is not replica, agent or client")))?;
             let ca = certs::read_pair(&dir, "ca").map_err(cert_error)?;
