@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_build::configure()
+        // Ours: a message that does not decode is INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
+        .codec_path("crate::codec::ProstCodec")
         .file_descriptor_set_path(out_dir.join("titus_descriptor.bin"))
         .compile_protos(&["proto/titus.proto", "proto/peer.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

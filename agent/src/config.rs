@@ -60,6 +60,14 @@ pub struct AgentConfig {
     /// instances launched by the capacity manager; better given as TITUS_ENROLL_TOKEN.
     #[serde(default)]
     pub enroll_token: Option<String>,
+    /// When the control plane forgets a task whose container still runs, it is stopped with
+    /// SIGTERM and this long to exit before SIGKILL, then removed.
+    #[serde(default = "default_forget_grace_secs")]
+    pub forget_grace_secs: i64,
+}
+
+fn default_forget_grace_secs() -> i64 {
+    10
 }
 
 fn default_log_format() -> String {
@@ -109,6 +117,9 @@ impl AgentConfig {
         }
         if self.cpu == 0.0 {
             self.cpu = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+        }
+        if !(0..=3600).contains(&self.forget_grace_secs) {
+            return Err(Error::Config("forget-grace-secs: must be between 0 and 3600".into()));
         }
         if !self.cpu.is_finite() || self.cpu < 0.0 {
             return Err(Error::Config("cpu: must be > 0".into()));

@@ -199,7 +199,10 @@ impl DockerRuntime {
 
     /// Creates and starts the task's container. Adopts an existing one instead of creating a
     /// second. Returns the states it went through.
-    pub async fn launch(&self, assign: &pb::TaskAssignment) -> Vec<Observed> {
+    /// Creates and starts the task's container, unless `killed()` says a kill arrived meanwhile:
+    /// checked before the container is created and again before it is started, so a task killed
+    /// before its container starts never starts (a created one is removed).
+    pub async fn launch(&self, assign: &pb::TaskAssignment, killed: &(dyn Fn() -> bool + Send + Sync)) -> Vec<Observed> {
         let task_id = &assign.task_id;
         let fail = |code: &str, message: String| Observed {
             task_id: task_id.clone(),
@@ -215,6 +218,9 @@ impl DockerRuntime {
             Ok(Some(existing)) => return vec![existing], // never run a task id twice
             Ok(None) => {}
             Err(e) => return vec![fail("localSystemError", e.to_string())],
+        }
+        if killed() {
+            return vec![killed_before_start(task_id)];
         }
         let container = assign.container.clone().unwrap_or_default();
         let image = container.image.unwrap_or_default();
@@ -281,6 +287,13 @@ impl DockerRuntime {
             reason_message: "container created".into(),
             context: HashMap::new(),
         }];
+        if killed() {
+            if let Err(e) = self.remove(task_id).await {
+                tracing::warn!(task_id = %task_id, error = %e, "cannot remove the container of a task killed before it started");
+            }
+            states.push(killed_before_start(task_id));
+            return states;
+        }
         if let Err(e) = docker.start_container::<String>(&name, None).await {
             states.push(fail("failed", format!("starting the container: {e}")));
             return states;
@@ -290,7 +303,7 @@ impl DockerRuntime {
             // Already exited: its "die" event (which knows about OOM kills) reports how.
             Ok(Some(o)) if o.state == pb::TaskState::TaskFinished => {}
             Ok(Some(o)) => states.push(o),
-            Ok(None) => states.push(fail("lost", "the container vanished right after starting".into())),
+            Ok(None) => states.push(fail("localSystemError", "the container vanished right after starting".into())),
             Err(e) => states.push(fail("localSystemError", e.to_string())),
         }
         states
@@ -339,5 +352,17 @@ impl DockerRuntime {
                 Err(e) => Some(Err(e.to_string())),
             }
         }))
+    }
+}
+
+/// What a task killed before its container started reports: Finished, killed.
+pub fn killed_before_start(task_id: &str) -> Observed {
+    Observed {
+        task_id: task_id.to_string(),
+        container_id: String::new(),
+        state: pb::TaskState::TaskFinished,
+        reason_code: "killed".into(),
+        reason_message: "killed before its container started".into(),
+        context: HashMap::new(),
     }
 }

@@ -5,7 +5,7 @@
 //! kills and forgets are idempotent: a repeated assignment adopts the existing container, a kill of
 //! a stopped container reports it finished, a forget of a missing container does nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +26,13 @@ use crate::{AgentConfig, Result};
 /// Metadata key in which a replica names the leader's api address.
 const LEADER_HINT: &str = "titus-leader";
 
+/// One operation the leader asked for on one task.
+enum Op {
+    Assign(pb::TaskAssignment),
+    Kill(pb::KillTaskCommand),
+    Forget(pb::ForgetTask),
+}
+
 struct Agent {
     config: AgentConfig,
     docker: Runtime,
@@ -33,6 +40,10 @@ struct Agent {
     killing: Mutex<HashSet<String>>,
     /// Tasks the daemon reported OOM kills for.
     oom_killed: Mutex<HashSet<String>>,
+    /// Per task id, the queue of its operations not yet done (assign, kill, forget): they run one
+    /// at a time, in the order the leader sent them, so a kill never overtakes the launch it
+    /// cancels and a forget never races a stop. A task's queue goes when it is empty.
+    ops: Mutex<HashMap<String, mpsc::UnboundedSender<Op>>>,
     /// Status reports for the current stream (or the next one).
     reports: mpsc::UnboundedSender<pb::AgentTask>,
     /// This agent's certificate (None when insecure).
@@ -85,6 +96,14 @@ impl Agent {
         let _ = self.reports.send(report);
     }
 
+    /// Whether the task's container exists but was never started.
+    async fn created_only(&self, task_id: &str) -> bool {
+        matches!(
+            self.docker.observe_with(task_id, true, false).await,
+            Ok(Some(Observed { state: pb::TaskState::TaskStartInitiated, .. }))
+        )
+    }
+
     fn is_killing(&self, task_id: &str) -> bool {
         self.killing.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id)
     }
@@ -103,54 +122,117 @@ impl Agent {
         match m {
             Message::Registered(r) => tracing::info!(leader = r.leader_id, "registered with the leader"),
             Message::Assign(a) => {
-                let agent = self.clone();
                 crate::telemetry::metrics().assignments_total.inc(&[]);
+                self.enqueue(a.task_id.clone(), Op::Assign(a));
+            }
+            Message::Kill(k) => {
+                crate::telemetry::metrics().kills_total.inc(&[]);
+                // Marked at once: a launch still queued or under way checks it and never starts.
+                self.killing.lock().unwrap_or_else(|p| p.into_inner()).insert(k.task_id.clone());
+                self.enqueue(k.task_id.clone(), Op::Kill(k));
+            }
+            Message::Forget(f) => self.enqueue(f.task_id.clone(), Op::Forget(f)),
+        }
+    }
+
+    /// Queues `op` behind the task's earlier operations, starting its worker if it has none.
+    fn enqueue(self: &Arc<Self>, task_id: String, op: Op) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let op = match ops.get(&task_id) {
+            Some(tx) => match tx.send(op) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(op)) => op,
+            },
+            None => op,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(op);
+        ops.insert(task_id.clone(), tx);
+        let agent = self.clone();
+        tokio::spawn(async move { agent.run_ops(task_id, rx).await });
+    }
+
+    /// Runs one task's operations in order until its queue is empty.
+    async fn run_ops(self: Arc<Self>, task_id: String, mut rx: mpsc::UnboundedReceiver<Op>) {
+        loop {
+            let op = match rx.try_recv() {
+                Ok(op) => op,
+                Err(_) => {
+                    // Empty: the queue goes, unless an operation was queued meanwhile (both sides
+                    // hold the map's lock, so none is lost).
+                    let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+                    match rx.try_recv() {
+                        Ok(op) => op,
+                        Err(_) => {
+                            ops.remove(&task_id);
+                            return;
+                        }
+                    }
+                }
+            };
+            self.run_op(op).await;
+        }
+    }
+
+    async fn run_op(self: &Arc<Self>, op: Op) {
+        match op {
+            Op::Assign(a) => {
                 let span = tracing::info_span!("launch", task_id = %a.task_id, job_id = %a.job_id);
-                tokio::spawn(tracing::Instrument::instrument(
-                    async move {
+                let agent = self.clone();
+                let task_id = a.task_id.clone();
+                let killed = move || agent.is_killing(&task_id);
+                tracing::Instrument::instrument(
+                    async {
                         let t0 = std::time::Instant::now();
-                        for o in agent.docker.launch(&a).await {
-                            agent.report(&o);
+                        for o in self.docker.launch(&a, &killed).await {
+                            self.report(&o);
                         }
                         crate::telemetry::metrics().launch_seconds.observe(&[], t0.elapsed().as_secs_f64());
                         tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "launched");
                     },
                     span,
-                ));
+                )
+                .await
             }
-            Message::Kill(k) => {
-                crate::telemetry::metrics().kills_total.inc(&[]);
-                self.killing.lock().unwrap_or_else(|p| p.into_inner()).insert(k.task_id.clone());
-                let agent = self.clone();
-                tokio::spawn(async move {
-                    let grace = (k.grace_period_ms.div_ceil(1000)) as i64;
-                    tracing::info!(task_id = %k.task_id, grace_secs = grace, "killing");
-                    match agent.docker.stop(&k.task_id, grace).await {
-                        Ok(true) => agent.on_death(&k.task_id).await,
-                        Ok(false) => agent.report(&Observed {
-                            task_id: k.task_id.clone(),
-                            container_id: String::new(),
-                            state: pb::TaskState::TaskFinished,
-                            reason_code: "killed".into(),
-                            reason_message: "killed before its container existed".into(),
-                            context: Default::default(),
-                        }),
-                        Err(e) => {
-                            tracing::warn!(task_id = %k.task_id, error = %e, "kill failed; the control plane will retry")
+            Op::Kill(k) => {
+                let grace = (k.grace_period_ms.div_ceil(1000)) as i64;
+                tracing::info!(task_id = %k.task_id, grace_secs = grace, "killing");
+                match self.docker.stop(&k.task_id, grace).await {
+                    // Created but never started (Docker answers a stop of it "not modified"): it
+                    // must not start later; it goes.
+                    Ok(true) if self.created_only(&k.task_id).await => {
+                        if let Err(e) = self.docker.remove(&k.task_id).await {
+                            tracing::warn!(task_id = %k.task_id, error = %e, "cannot remove a killed task's container");
                         }
+                        self.report(&crate::docker::killed_before_start(&k.task_id));
                     }
-                });
+                    Ok(true) => self.on_death(&k.task_id).await,
+                    Ok(false) => self.report(&Observed {
+                        task_id: k.task_id.clone(),
+                        container_id: String::new(),
+                        state: pb::TaskState::TaskFinished,
+                        reason_code: "killed".into(),
+                        reason_message: "killed before its container existed".into(),
+                        context: Default::default(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(task_id = %k.task_id, error = %e, "kill failed; the control plane will retry")
+                    }
+                }
             }
-            Message::Forget(f) => {
-                let agent = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = agent.docker.remove(&f.task_id).await {
-                        tracing::warn!(task_id = %f.task_id, error = %e, "cannot remove container");
-                    } else {
-                        agent.killing.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
-                        agent.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
-                    }
-                });
+            Op::Forget(f) => {
+                // A container still running is stopped with the kill grace period first, so the
+                // task can shut down cleanly, then removed.
+                let grace = self.config.forget_grace_secs;
+                if let Err(e) = self.docker.stop(&f.task_id, grace).await {
+                    tracing::warn!(task_id = %f.task_id, error = %e, "cannot stop a forgotten task's container");
+                }
+                if let Err(e) = self.docker.remove(&f.task_id).await {
+                    tracing::warn!(task_id = %f.task_id, error = %e, "cannot remove container");
+                } else {
+                    self.killing.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
+                    self.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.task_id);
+                }
             }
         }
     }
@@ -394,6 +476,7 @@ pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Futur
         docker,
         killing: Mutex::default(),
         oom_killed: Mutex::default(),
+        ops: Mutex::default(),
         reports: reports_tx,
         tls,
     });

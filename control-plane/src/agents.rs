@@ -29,7 +29,7 @@ use crate::jobs::store::JobRead;
 use crate::model::agent::{Agent, AgentState, DEFAULT_INSTANCE_GROUP};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::model::ResourceDimension;
-use crate::replica::Replica;
+use crate::replica::{Replica, Term};
 
 type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
 
@@ -46,8 +46,10 @@ pub struct AgentHub {
     /// Last message from each agent, kept when its stream closes: the TTL counts from here.
     last_seen: Mutex<HashMap<String, Instant>>,
     next_conn: AtomicU64,
-    /// When this replica last became leader: every agent gets the TTL from then to reconnect.
-    leader_since: Mutex<Option<Instant>>,
+    /// While this replica's leader duties run: since when, and in which term. Every agent gets the
+    /// TTL from then to reconnect; streams are accepted only meanwhile; the hub's own proposals are
+    /// fenced by the term.
+    leader_since: Mutex<Option<(Instant, Term)>>,
     /// With load balancers on: the longest a kill waits for its targets to drain.
     lb_max_drain_wait_ms: Option<i64>,
     pub scheduler: crate::config::SchedulerConfig,
@@ -104,9 +106,14 @@ impl AgentHub {
         self.conns().keys().cloned().collect()
     }
 
-    /// Called when this replica becomes leader.
-    pub fn on_become_leader(&self) {
-        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    /// Called when this replica's leader duties start, leadership confirmed by a majority.
+    pub fn on_become_leader(&self, term: Term) {
+        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), term));
+    }
+
+    /// The term of the running leader duties, if they run.
+    fn term(&self) -> Option<Term> {
+        self.leader_since.lock().unwrap_or_else(|p| p.into_inner()).map(|(_, term)| term)
     }
 
     /// Called when it stops: every agent must go to the new leader.
@@ -167,9 +174,14 @@ impl AgentHub {
         }
     }
 
+    /// Proposes for the running leader duties' term; nothing once they stopped.
     async fn propose(&self, command: Command) {
         let kind = command.kind();
-        match self.replica.propose(command, None).await {
+        let Some(term) = self.term() else {
+            tracing::debug!(kind, "agent protocol: leader duties are not running; not proposing");
+            return;
+        };
+        match self.replica.propose_as_leader(term, command).await {
             Ok(CommandResponse::Rejected(r)) => {
                 tracing::debug!(kind, message = %r.message, "agent protocol: command no longer applies")
             }
@@ -225,21 +237,12 @@ impl AgentHub {
     }
 
     /// A task status the agent reported: queued for the next batch (see [`report_batches`]), which
-    /// applies it only if the task is still placed on this agent.
+    /// applies it only if the task is still placed on this agent. What an agent may say is
+    /// filtered here (see [`agent_report`]).
     fn report(&self, agent_id: &str, rt: pb::AgentTask) {
-        let Ok(state) = crate::api::task_state_from_proto("state", rt.state) else { return };
-        let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() {
-            reason::NORMAL.to_string()
-        } else {
-            rt.reason_code
-        };
-        let status = TaskStatus { state, reason_code, reason_message: rt.reason_message, timestamp_ms: now_ms() };
-        let _ = self.reports.send(StatusReport {
-            task_id: rt.task_id,
-            agent_id: agent_id.to_string(),
-            status,
-            context: rt.task_context.into_iter().collect(),
-        });
+        if let Some(report) = agent_report(agent_id, rt, now_ms()) {
+            let _ = self.reports.send(report);
+        }
     }
 
     fn touch(&self, agent_id: &str, conn_id: u64) -> bool {
@@ -273,7 +276,7 @@ impl AgentHub {
                         self.propose(Command::SetAgentHealth {
                             agent_id: agent_id.clone(),
                             healthy,
-                            reason: h.unhealthy_reason,
+                            reason: crate::model::bounded(h.unhealthy_reason, MAX_REASON_MESSAGE_LEN),
                         })
                         .await;
                     }
@@ -303,6 +306,55 @@ impl AgentHub {
             }
         }
     }
+}
+
+/// Longest reason message kept from an agent's report.
+const MAX_REASON_MESSAGE_LEN: usize = 2048;
+
+/// A report from agent `agent_id` as it may enter the log: a known state; a reason an agent may
+/// give (any other is kept as `failed`, the claimed code in the message); only the context keys an
+/// agent may set, each well formed (`containerIp` an IP address, `exitCode` a number); bounded
+/// text. None for a report that names no task or no valid state.
+pub(crate) fn agent_report(agent_id: &str, rt: pb::AgentTask, now: i64) -> Option<StatusReport> {
+    use crate::model::task::context;
+    if crate::model::validate_name("task_id", &rt.task_id).is_err() {
+        tracing::warn!(agent_id, task_id = %crate::model::truncated(&rt.task_id), "agent report names no valid task id; ignored");
+        return None;
+    }
+    let Ok(state) = crate::api::task_state_from_proto("state", rt.state) else {
+        tracing::warn!(agent_id, task_id = %rt.task_id, state = rt.state, "agent report has no valid state; ignored");
+        return None;
+    };
+    let mut reason_message = rt.reason_message;
+    let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() {
+        reason::NORMAL.to_string()
+    } else if rt.reason_code.is_empty() || reason::AGENT_MAY_REPORT.contains(&rt.reason_code.as_str()) {
+        rt.reason_code
+    } else {
+        tracing::warn!(agent_id, task_id = %rt.task_id, reason = %crate::model::truncated(&rt.reason_code), "agent reported a reason it may not give; kept as failed");
+        reason_message = format!("{} (the agent reported {:?})", reason_message, crate::model::truncated(&rt.reason_code));
+        reason::FAILED.to_string()
+    };
+    let mut ctx = BTreeMap::new();
+    for (k, v) in rt.task_context {
+        let well_formed = match k.as_str() {
+            context::CONTAINER_IP => v.parse::<std::net::IpAddr>().is_ok(),
+            context::EXIT_CODE => v.parse::<i64>().is_ok(),
+            _ => false,
+        };
+        if well_formed {
+            ctx.insert(k, v);
+        } else {
+            tracing::warn!(agent_id, task_id = %rt.task_id, key = %crate::model::truncated(&k), "agent set a context key it may not set, or a malformed value; dropped");
+        }
+    }
+    let status = TaskStatus {
+        state,
+        reason_code,
+        reason_message: crate::model::bounded(reason_message, MAX_REASON_MESSAGE_LEN),
+        timestamp_ms: now,
+    };
+    Some(StatusReport { task_id: rt.task_id, agent_id: agent_id.to_string(), status, context: ctx })
 }
 
 pub struct AgentApi {
@@ -394,6 +446,14 @@ impl AgentService for AgentApi {
         let hub = &self.hub;
         let replica = &hub.replica;
         replica.require_leader()?;
+        // A leader whose duties do not run (not yet confirmed by a majority, or cut off from it)
+        // takes no stream: the agent goes on to the replica a majority follows.
+        let Some(term) = hub.term() else {
+            return Err(Status::unavailable(format!(
+                "replica {} has not confirmed its leadership with a majority; try another replica",
+                replica.id
+            )));
+        };
         let caller = crate::auth::caller(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
@@ -434,8 +494,10 @@ impl AgentService for AgentApi {
             unhealthy_reason: if reg.inventory_incomplete { "docker daemon unreachable".into() } else { String::new() },
             registered_ms: now_ms(),
             terminating: false,
+            lost_ms: None,
         };
-        replica.propose(Command::RegisterAgent { agent }, None).await?;
+        agent.validate().map_err(Error::InvalidArgument)?;
+        replica.propose_as_leader(term, Command::RegisterAgent { agent }).await?;
 
         let (tx, rx) = mpsc::channel(4096);
         let conn_id = hub.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -504,7 +566,7 @@ const REPORTS_PER_ENTRY: usize = 500;
 /// Leader duty: proposes the agents' reports in batches, in arrival order (a task's StartInitiated
 /// before its Started), one entry at a time: one entry carries what arrived while the previous one
 /// committed, so a thousand agents reporting at once cost a few entries, not a thousand.
-pub async fn report_batches(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
+pub async fn report_batches(hub: Arc<AgentHub>, term: Term, mut stop: watch::Receiver<bool>) {
     let mut rx = hub.reports_rx.lock().await;
     loop {
         let first = tokio::select! {
@@ -519,21 +581,35 @@ pub async fn report_batches(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>)
                 Err(_) => break,
             }
         }
-        // A failed proposal is retried while this replica leads; after a leader change the agents
-        // re-register with everything they hold, and the new leader reconciles from that.
-        for attempt in 0..3 {
-            let n = reports.len();
-            match hub.replica.propose(Command::UpdateTaskStatuses { reports: reports.clone() }, None).await {
+        // Retried until committed, while this replica leads in `term`: a batch dropped here would
+        // only be resent when its agents reconnect. A repeat does no harm — each report applies
+        // only as a legal transition from the task's current state. After a leader change the
+        // agents re-register with everything they hold, and the new leader reconciles from that.
+        let n = reports.len();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match hub.replica.propose_as_leader(term, Command::UpdateTaskStatuses { reports: reports.clone() }).await {
                 Ok(_) => {
                     tracing::trace!(reports = n, "agent reports applied");
                     break;
                 }
+                Err(e @ Error::Deposed { .. }) => {
+                    tracing::info!(reports = n, error = %e, "agent reports: not leading any more; the agents resend on reconnect");
+                    return;
+                }
+                // Reports are checked as they arrive; a batch that still cannot be logged would
+                // block every later one.
+                Err(e @ (Error::Unloggable { .. } | Error::InvalidArgument(_))) => {
+                    tracing::error!(reports = n, error = %e, "agent reports: refused; dropping this batch");
+                    break;
+                }
                 Err(e) => {
-                    tracing::warn!(reports = n, attempt, error = %e, "agent reports: proposal failed");
-                    if *stop.borrow() {
-                        return;
+                    tracing::warn!(reports = n, error = %e, retry_in_ms = backoff.as_millis() as u64, "agent reports: proposal failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
                     }
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -542,21 +618,25 @@ pub async fn report_batches(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>)
 
 /// Leader duty: declares agents Lost after the heartbeat TTL (counted from when this replica
 /// became leader, for agents it has not heard from yet).
-pub async fn liveness(hub: Arc<AgentHub>, mut stop: watch::Receiver<bool>) {
+pub async fn liveness(hub: Arc<AgentHub>, term: Term, mut stop: watch::Receiver<bool>) {
     let ttl = Duration::from_millis(hub.config.heartbeat_ttl_ms);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.changed() => return,
         }
-        let Some(since) = *hub.leader_since.lock().unwrap_or_else(|p| p.into_inner()) else { continue };
+        let Some((since, _)) = *hub.leader_since.lock().unwrap_or_else(|p| p.into_inner()) else { continue };
         let Ok(agents) = hub.replica.state.agents() else { continue };
         for a in agents.into_iter().filter(|a| a.state == AgentState::Online) {
             let heard = hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).get(&a.id).copied();
             let last = heard.unwrap_or(since).max(since);
             if last.elapsed() > ttl {
                 tracing::warn!(agent_id = %a.id, silent_ms = last.elapsed().as_millis() as u64, "agent lost: its tasks will be replaced");
-                hub.propose(Command::AgentLost { agent_id: a.id.clone(), timestamp_ms: now_ms() }).await;
+                let lost = Command::AgentLost { agent_id: a.id.clone(), timestamp_ms: now_ms() };
+                match hub.replica.propose_as_leader(term, lost).await {
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(agent_id = %a.id, error = %e, "liveness: proposal failed; retrying next round"),
+                }
             }
         }
     }

@@ -265,8 +265,17 @@ pub struct CapacityTuning {
     pub unplaced_after_ms: u64,
     /// An agent idle this long may be terminated.
     pub idle_cooldown_ms: u64,
-    /// An instance that has not registered as an agent within this long is terminated.
+    /// An instance that no agent has registered from within this long is terminated.
     pub registration_timeout_ms: u64,
+    /// A Lost agent's instance is kept this long after it was lost (its containers may still run:
+    /// a partition or a stalled host), then terminated if its tasks were replaced.
+    pub lost_grace_ms: u64,
+    /// When more than this percentage of a group's agents (and more than one) are Lost at once,
+    /// none of their instances is terminated: that looks like a partition, not like dead hosts.
+    pub lost_hold_percent: u32,
+    /// Most instances terminated in one round, and in one round per instance group.
+    pub max_terminations_per_round: u32,
+    pub max_terminations_per_group: u32,
     pub critical_min_idle: u32,
     pub critical_max_idle: u32,
     pub flex_min_idle: u32,
@@ -280,6 +289,10 @@ impl Default for CapacityTuning {
             unplaced_after_ms: 10_000,
             idle_cooldown_ms: 10 * 60_000,
             registration_timeout_ms: 10 * 60_000,
+            lost_grace_ms: 10 * 60_000,
+            lost_hold_percent: 30,
+            max_terminations_per_round: 10,
+            max_terminations_per_group: 5,
             critical_min_idle: 1,
             critical_max_idle: 5,
             flex_min_idle: 0,
@@ -294,8 +307,12 @@ impl CapacityTuning {
         CapacityConfig {
             critical: TierLimits { min_idle: self.critical_min_idle, max_idle: self.critical_max_idle },
             flex: TierLimits { min_idle: self.flex_min_idle, max_idle: self.flex_max_idle },
-            idle_cooldown_ms: self.idle_cooldown_ms as i64,
-            registration_timeout_ms: self.registration_timeout_ms as i64,
+            idle_cooldown_ms: i64::try_from(self.idle_cooldown_ms).unwrap_or(i64::MAX),
+            registration_timeout_ms: i64::try_from(self.registration_timeout_ms).unwrap_or(i64::MAX),
+            lost_grace_ms: i64::try_from(self.lost_grace_ms).unwrap_or(i64::MAX),
+            lost_hold_percent: self.lost_hold_percent,
+            max_terminations_per_round: self.max_terminations_per_round,
+            max_terminations_per_group: self.max_terminations_per_group,
         }
     }
 }

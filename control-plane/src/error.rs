@@ -28,6 +28,15 @@ pub enum Error {
     Peer { peer: String, message: String },
     #[error("replica {node_id} is shutting down")]
     ShuttingDown { node_id: NodeId },
+    /// Refused before proposing: appended, it would not read back (see `replica::check_loggable`).
+    #[error("command {kind} cannot be written to the log: {source}; nothing was proposed")]
+    Unloggable { kind: &'static str, source: crate::codec::CodecError },
+    /// A leader duty's write or side effect after this replica stopped leading in the duty's term.
+    #[error("replica {node_id} no longer leads in term {term}: the duties of that term stop")]
+    Deposed { node_id: NodeId, term: u64 },
+    /// This leader could not confirm with a majority that it still leads.
+    #[error("replica {node_id} could not confirm with a majority that it leads in term {term}: {why}")]
+    Unconfirmed { node_id: NodeId, term: u64, why: String },
     #[error("raft: {0}")]
     Raft(String),
     #[error("storage: {0}")]
@@ -65,7 +74,7 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         let message = e.to_string();
         let code = match &e {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Unloggable { .. } => Code::InvalidArgument,
             Error::Rejected(r) => match r.kind {
                 RejectionKind::InvalidArgument => Code::InvalidArgument,
                 RejectionKind::NotFound => Code::NotFound,
@@ -76,7 +85,9 @@ impl From<Error> for tonic::Status {
             | Error::NoLeader { .. }
             | Error::Timeout { .. }
             | Error::Peer { .. }
-            | Error::ShuttingDown { .. } => Code::Unavailable,
+            | Error::ShuttingDown { .. }
+            | Error::Deposed { .. }
+            | Error::Unconfirmed { .. } => Code::Unavailable,
             Error::Raft(_) | Error::Storage(_) | Error::Config(_) => Code::Internal,
         };
         let mut status = tonic::Status::new(code, message);

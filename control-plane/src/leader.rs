@@ -18,7 +18,7 @@ use crate::config::{AwsConfig, JobsConfig};
 use crate::events::Change;
 use crate::jobs::lifecycle;
 use crate::model::task::TaskState;
-use crate::replica::Replica;
+use crate::replica::{Replica, Term};
 
 /// AWS, when configured: the client and its settings.
 #[derive(Clone)]
@@ -32,13 +32,22 @@ pub struct LeaderDuties {
     jobs: JobsConfig,
     agents: Arc<AgentHub>,
     cloud: Option<Cloud>,
-    /// Dropping it (or sending `true`) stops every duty of the current term.
-    stop: Option<watch::Sender<bool>>,
+    /// The term the running duties lead in, and the sender that stops them (dropping it, or
+    /// sending `true`, stops every duty of that term).
+    running: Option<(Term, watch::Sender<bool>)>,
+    /// Says when the running duties' leadership could not be confirmed by a majority for an
+    /// election timeout (see [`hold_lease`]).
+    quorum_lost: Option<tokio::sync::oneshot::Receiver<()>>,
     tasks: JoinSet<()>,
 }
 
 impl LeaderDuties {
     /// Watches Raft's role until `shutdown` fires, starting and stopping the duties as it changes.
+    ///
+    /// Duties start only once a majority has confirmed this replica's leadership in the current
+    /// term (a restarted replica's persisted vote can make it think it leads for a moment), and
+    /// stop when it stops leading — or when it cannot confirm its leadership for an election
+    /// timeout: openraft 0.9 keeps a cut-off leader a leader, and its duties must not act.
     pub async fn run(
         replica: Arc<Replica>,
         jobs: JobsConfig,
@@ -46,35 +55,99 @@ impl LeaderDuties {
         cloud: Option<Cloud>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut duties =
-            LeaderDuties { replica: replica.clone(), jobs, agents, cloud, stop: None, tasks: JoinSet::new() };
+        let mut duties = LeaderDuties {
+            replica: replica.clone(),
+            jobs,
+            agents,
+            cloud,
+            running: None,
+            quorum_lost: None,
+            tasks: JoinSet::new(),
+        };
         let mut metrics = replica.raft.metrics();
         loop {
-            let leading = metrics.borrow_and_update().state == ServerState::Leader;
-            match (leading, duties.stop.is_some()) {
-                (true, false) => duties.on_become_leader(),
-                (false, true) => duties.on_lose_leadership().await,
+            let (leading, term) = {
+                let m = metrics.borrow_and_update();
+                (m.state == ServerState::Leader, Term(m.current_term))
+            };
+            match (leading, duties.running.as_ref().map(|(t, _)| *t)) {
+                (true, None) => {
+                    if !duties.confirm_then_start(term, &mut shutdown).await {
+                        break;
+                    }
+                }
+                (true, Some(running)) if running != term => duties.on_lose_leadership("the term changed").await,
+                (false, Some(_)) => duties.on_lose_leadership("no longer leader").await,
                 _ => {}
             }
+            let quorum_lost = async {
+                match duties.quorum_lost.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { break },
                 _ = shutdown.changed() => break,
+                _ = quorum_lost => {
+                    duties.on_lose_leadership("no majority confirmed this leader for an election timeout").await;
+                    // Not leading in effect: wait a little before asking a majority again.
+                    if !pause(Duration::from_millis(replica.raft.config().heartbeat_interval), &mut shutdown).await {
+                        break;
+                    }
+                }
             }
         }
-        duties.on_lose_leadership().await;
+        duties.on_lose_leadership("shutting down").await;
     }
 
-    fn on_become_leader(&mut self) {
-        tracing::info!(node_id = self.replica.id, "became leader: starting leader duties");
+    /// Waits until a majority confirms this replica leads in `term`, then starts the duties. Gives
+    /// up (without starting them) once it no longer leads in `term`; false when shutting down.
+    async fn confirm_then_start(&mut self, term: Term, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let started = Instant::now();
+        loop {
+            if !self.replica.leads_in(term) {
+                return true;
+            }
+            match self.replica.confirm_leader_and_catch_up(term).await {
+                Ok(()) => {
+                    tracing::info!(
+                        node_id = self.replica.id,
+                        term = term.0,
+                        confirmed_after_ms = started.elapsed().as_millis() as u64,
+                        "leadership confirmed by a majority"
+                    );
+                    self.on_become_leader(term);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(node_id = self.replica.id, term = term.0, error = %e, "leadership not confirmed yet");
+                    let retry = Duration::from_millis(self.replica.raft.config().heartbeat_interval);
+                    if !pause(retry, shutdown).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_become_leader(&mut self, term: Term) {
+        tracing::info!(node_id = self.replica.id, term = term.0, "became leader: starting leader duties");
         let (tx, rx) = watch::channel(false);
-        self.stop = Some(tx);
-        self.tasks.spawn(ensure_cluster_id(self.replica.clone(), rx.clone()));
-        self.tasks.spawn(task_lifecycle(self.replica.clone(), self.jobs.clone(), rx.clone()));
-        self.agents.on_become_leader();
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+        self.running = Some((term, tx));
+        self.quorum_lost = Some(lost_rx);
+        self.tasks.spawn(hold_lease(self.replica.clone(), term, lost_tx, rx.clone()));
+        self.tasks.spawn(ensure_cluster_id(self.replica.clone(), term, rx.clone()));
+        self.tasks.spawn(task_lifecycle(self.replica.clone(), term, self.jobs.clone(), rx.clone()));
+        self.agents.on_become_leader(term);
         self.tasks.spawn(agents::dispatch(self.agents.clone(), rx.clone()));
-        self.tasks.spawn(agents::report_batches(self.agents.clone(), rx.clone()));
+        self.tasks.spawn(agents::report_batches(self.agents.clone(), term, rx.clone()));
         self.tasks.spawn(crate::scheduling::run(
             self.agents.clone(),
+            term,
             self.agents.scheduling.clone(),
             self.agents.scheduler.clone(),
             rx.clone(),
@@ -82,35 +155,77 @@ impl LeaderDuties {
         if let Some(cloud) = &self.cloud {
             self.tasks.spawn(crate::loadbalancer::duty::run(
                 self.replica.clone(),
+                term,
                 cloud.aws.clone(),
                 cloud.config.clone(),
                 rx.clone(),
             ));
             self.tasks.spawn(crate::capacity::duty::run(
                 self.replica.clone(),
+                term,
                 cloud.aws.clone(),
                 cloud.config.clone(),
                 rx.clone(),
             ));
         }
-        self.tasks.spawn(agents::liveness(self.agents.clone(), rx));
+        self.tasks.spawn(agents::liveness(self.agents.clone(), term, rx));
     }
 
-    async fn on_lose_leadership(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            tracing::info!(node_id = self.replica.id, "no longer leader: stopping leader duties");
+    async fn on_lose_leadership(&mut self, why: &str) {
+        if let Some((term, stop)) = self.running.take() {
+            tracing::info!(node_id = self.replica.id, term = term.0, why, "stopping leader duties");
             let _ = stop.send(true);
+            self.quorum_lost = None;
             self.agents.on_lose_leadership();
             while self.tasks.join_next().await.is_some() {}
         }
     }
 }
 
+/// Leader duty: confirms with a majority, every heartbeat interval, that this replica still leads
+/// in `term`, and says so on `lost` once it could not for an election timeout — then every duty
+/// stops and the agents' streams are dropped, so agents go to whichever replica a majority follows.
+async fn hold_lease(
+    replica: Arc<Replica>,
+    term: Term,
+    lost: tokio::sync::oneshot::Sender<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = replica.raft.config();
+    let every = Duration::from_millis(config.heartbeat_interval);
+    let lease = Duration::from_millis(config.election_timeout_max);
+    let mut confirmed = Instant::now();
+    loop {
+        if !pause(every, &mut stop).await {
+            return;
+        }
+        let outcome = tokio::select! {
+            r = replica.confirm_leader(term) => r,
+            _ = stop.changed() => return,
+        };
+        match outcome {
+            Ok(_) => confirmed = Instant::now(),
+            Err(e) if confirmed.elapsed() >= lease => {
+                tracing::warn!(
+                    node_id = replica.id,
+                    term = term.0,
+                    unconfirmed_ms = confirmed.elapsed().as_millis() as u64,
+                    error = %e,
+                    "no majority confirmed this leader for an election timeout: stopping leader duties"
+                );
+                let _ = lost.send(());
+                return;
+            }
+            Err(e) => tracing::debug!(node_id = replica.id, term = term.0, error = %e, "leadership not confirmed this round"),
+        }
+    }
+}
+
 /// The first leader of a cluster names it; the id is replicated and checked on every peer message.
-async fn ensure_cluster_id(replica: Arc<Replica>, mut stop: watch::Receiver<bool>) {
+async fn ensure_cluster_id(replica: Arc<Replica>, term: Term, mut stop: watch::Receiver<bool>) {
     while replica.state.cluster_id().is_none() {
         let cluster_id = uuid::Uuid::new_v4().to_string();
-        let propose = replica.propose(Command::SetClusterId { cluster_id }, None);
+        let propose = replica.propose_as_leader(term, Command::SetClusterId { cluster_id });
         tokio::select! {
             result = propose => match result {
                 Ok(_) => {}
@@ -160,7 +275,7 @@ async fn pause(period: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 /// Keeps every job's tasks as its descriptor wants them: the planner decides from replicated state
 /// (see `jobs::lifecycle`), this loop proposes. Also purges the archive past retention and expired
 /// idempotency tokens.
-async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: watch::Receiver<bool>) {
+async fn task_lifecycle(replica: Arc<Replica>, term: Term, config: JobsConfig, mut stop: watch::Receiver<bool>) {
     let cfg = config.lifecycle();
     let period = Duration::from_millis(config.lifecycle_interval_ms);
     let retention_ms = config.archive_retention_hours as i64 * 3600 * 1000;
@@ -218,7 +333,7 @@ async fn task_lifecycle(replica: Arc<Replica>, config: JobsConfig, mut stop: wat
             }
             let kind = command.kind();
             tokio::select! {
-                result = replica.propose(command, None) => match result {
+                result = replica.propose_as_leader(term, command) => match result {
                     Ok(CommandResponse::Rejected(r)) => tracing::debug!(kind, field = %r.field, message = %r.message, "lifecycle: command no longer applies"),
                     Ok(_) => {}
                     Err(e) => {

@@ -96,8 +96,11 @@ impl RaftPeer for PeerService {
 
     async fn propose(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let command: Command = self.accept(request)?;
+        // The forwarding replica checked it too; nothing from a port reaches the log unchecked.
         let result: Result<CommandResponse, ForwardError> = if self.stepping_down.load(Ordering::Acquire) {
             Err(NOT_NOW)
+        } else if let Err(e) = crate::replica::check_loggable(&command) {
+            Err(ForwardError::Other(e.to_string()))
         } else {
             self.raft.client_write(command).await.map(|r| r.data).map_err(client_write_error)
         };

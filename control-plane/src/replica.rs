@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::ServerState;
 
+use crate::codec;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::network::{ForwardError, PeerCallError, PeerChannels};
@@ -27,6 +29,31 @@ pub struct Replica {
     /// Set while this leader hands leadership over (see [`Replica::step_down`]); shared with the
     /// peer service, which refuses forwarded writes and reads meanwhile.
     pub stepping_down: Arc<AtomicBool>,
+}
+
+/// The term in which this replica's leader duties were started. Their writes and their side effects
+/// outside the cluster are fenced by it: a duty of an older term can neither commit a command nor
+/// call AWS (openraft 0.9 leaders do not step down by themselves when cut off, and a deposed
+/// leader's write forwarded to the new leader would commit a decision made from a stale view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Term(pub u64);
+
+impl std::fmt::Display for Term {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Refuses a command that would not read back from the log exactly as written (a NaN or infinite
+/// number, which JSON writes as `null`): appended, it would make every replica fail to read its own
+/// log, the retried command would take down the next leader too, and no replica could restart.
+/// Every value is validated at its port as well; this is the last line, before anything is appended.
+pub fn check_loggable(command: &Command) -> Result<()> {
+    codec::encode_verified(command).map(|_| ()).map_err(|source| {
+        crate::telemetry::metrics().proposals_refused_total.inc(&[command.kind()]);
+        tracing::warn!(kind = command.kind(), error = %source, "refused a command that would not read back from the log");
+        Error::Unloggable { kind: command.kind(), source }
+    })
 }
 
 /// The next thing to try when this replica could not serve a request itself.
@@ -82,6 +109,7 @@ impl Replica {
 
     /// Commits `command` through Raft and returns what applying it produced.
     pub async fn propose(&self, command: Command, client_deadline: Option<Duration>) -> Result<CommandResponse> {
+        check_loggable(&command)?;
         let deadline = self.deadline(client_deadline);
         let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
         let what = command.kind();
@@ -124,6 +152,90 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// Whether this replica leads in `term`, by its own view (not confirmed by a quorum: see
+    /// [`Replica::confirm_leader`]).
+    pub fn leads_in(&self, term: Term) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_term == term.0 && !self.is_stepping_down()
+    }
+
+    /// The error a duty of `term` gets once this replica no longer leads in it.
+    fn deposed(&self, term: Term, what: &'static str) -> Error {
+        crate::telemetry::metrics().duties_fenced_total.inc(&[what]);
+        Error::Deposed { node_id: self.id, term: term.0 }
+    }
+
+    /// Commits `command` for a leader duty of `term`: proposed only while this replica leads in
+    /// that term, and never forwarded — a deposed leader's duty must not have its decisions
+    /// committed by the new leader. Bounded by the request timeout.
+    pub async fn propose_as_leader(&self, term: Term, command: Command) -> Result<CommandResponse> {
+        check_loggable(&command)?;
+        if !self.leads_in(term) {
+            return Err(self.deposed(term, "write"));
+        }
+        let timeout_ms = self.request_timeout.as_millis() as u64;
+        let what = command.kind();
+        match tokio::time::timeout(self.request_timeout, self.raft.client_write(command)).await {
+            Ok(Ok(r)) => Ok(r.data),
+            // Refused before it was appended: this replica is no longer the leader.
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(self.deposed(term, "write")),
+            Ok(Err(RaftError::Fatal(_))) => Err(Error::ShuttingDown { node_id: self.id }),
+            Ok(Err(e)) => Err(Error::Raft(e.to_string())),
+            // Unknown outcome: it may still commit (in `term`, by this replica's log) or be dropped.
+            Err(_) => Err(Error::Timeout { what: what.to_string(), timeout_ms }),
+        }
+    }
+
+    /// Confirms with a majority that this replica still leads in `term`: heartbeats acknowledged
+    /// by a quorum in this term (openraft's read-index round, without waiting for apply). Called
+    /// right before each side effect outside the cluster, such as an AWS call. Answers the read
+    /// index: at least this term's first entry.
+    pub async fn confirm_leader(&self, term: Term) -> Result<Option<u64>> {
+        if !self.leads_in(term) {
+            return Err(self.deposed(term, "confirm"));
+        }
+        // A round that a majority answers takes a heartbeat's time; one that hangs is as good as
+        // an answer of no.
+        let wait = Duration::from_millis(self.raft.config().election_timeout_max);
+        // Followers vote for no one else for an election timeout after acknowledging this leader,
+        // so a confirmation is only as good as it is quick: one that took longer (this process
+        // stalled, say, while a new leader was elected) proves nothing about now.
+        let trusted_for = Duration::from_millis(self.raft.config().election_timeout_min);
+        let started = Instant::now();
+        match tokio::time::timeout(wait, self.raft.get_read_log_id()).await {
+            Ok(Ok(_)) if started.elapsed() >= trusted_for => Err(Error::Unconfirmed {
+                node_id: self.id,
+                term: term.0,
+                why: format!("the confirmation took {} ms, too long to be trusted", started.elapsed().as_millis()),
+            }),
+            Ok(Ok((read_index, _))) if self.leads_in(term) => Ok(read_index.map(|l| l.index)),
+            Ok(Ok(_)) | Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(self.deposed(term, "confirm"))
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                Err(Error::Unconfirmed { node_id: self.id, term: term.0, why: e.to_string() })
+            }
+            Ok(Err(RaftError::Fatal(_))) => Err(Error::ShuttingDown { node_id: self.id }),
+            Err(_) => Err(Error::Unconfirmed {
+                node_id: self.id,
+                term: term.0,
+                why: format!("no majority answered within {} ms", wait.as_millis()),
+            }),
+        }
+    }
+
+    /// [`Replica::confirm_leader`], then waits until this replica has applied up to the read
+    /// index — this term's first entry included — so that what duties read is complete.
+    pub async fn confirm_leader_and_catch_up(&self, term: Term) -> Result<()> {
+        let read_index = self.confirm_leader(term).await?;
+        let wait = self.request_timeout;
+        self.raft.wait(Some(wait)).applied_index_at_least(read_index, "leader catch-up").await.map_err(|_| {
+            Error::Timeout { what: "applying up to this term's first entry".into(), timeout_ms: wait.as_millis() as u64 }
+        })?;
+        Ok(())
     }
 
     /// Returns once every write committed before this call is applied on this replica.

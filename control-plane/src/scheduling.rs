@@ -426,6 +426,7 @@ impl Results {
 /// Leader duty: scheduling rounds until leadership ends.
 pub async fn run(
     hub: Arc<crate::agents::AgentHub>,
+    term: crate::replica::Term,
     results: Arc<Results>,
     config: SchedulerConfig,
     mut stop: watch::Receiver<bool>,
@@ -491,7 +492,7 @@ pub async fn run(
                                 .iter()
                                 .map(|p| Assignment { task_id: p.task_id.clone(), agent_id: p.agent_id.clone() })
                                 .collect();
-                            tokio::spawn(propose(replica, assignments, done));
+                            tokio::spawn(propose(replica, term, assignments, done));
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "scheduler: round failed"),
@@ -534,11 +535,12 @@ const MAX_ENTRIES_IN_FLIGHT: usize = 8;
 /// Proposes one entry of placements and reports which were applied.
 async fn propose(
     replica: Arc<crate::replica::Replica>,
+    term: crate::replica::Term,
     assignments: Vec<Assignment>,
     done: tokio::sync::mpsc::UnboundedSender<(Vec<String>, Vec<String>)>,
 ) {
     let proposed: Vec<String> = assignments.iter().map(|a| a.task_id.clone()).collect();
-    let applied = match replica.propose(Command::AssignTasks { assignments, timestamp_ms: now_ms() }, None).await {
+    let applied = match replica.propose_as_leader(term, Command::AssignTasks { assignments, timestamp_ms: now_ms() }).await {
         Ok(CommandResponse::Assigned(done)) => done,
         Ok(_) => Vec::new(),
         Err(e) => {

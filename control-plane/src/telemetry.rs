@@ -53,6 +53,9 @@ pub struct Metrics {
     pub rocksdb_sst_bytes: Gauge,
     pub rocksdb_compaction_pending: Gauge,
     pub rocksdb_write_stopped: Gauge,
+    pub lifecycle_job_errors_total: Counter,
+    pub proposals_refused_total: Counter,
+    pub duties_fenced_total: Counter,
 }
 
 /// The process-wide metrics (one replica per process).
@@ -104,6 +107,21 @@ pub fn metrics() -> &'static Metrics {
                 "API call latency to the response headers (streams: to the stream's start).",
                 &["method"],
                 LATENCY_BUCKETS,
+            ),
+            lifecycle_job_errors_total: r.counter(
+                "titus_lifecycle_job_errors_total",
+                "Jobs the lifecycle skipped for a round because reading or planning them failed.",
+                &[],
+            ),
+            proposals_refused_total: r.counter(
+                "titus_proposals_refused_total",
+                "Commands refused before proposing: they would not read back from the log, by kind.",
+                &["kind"],
+            ),
+            duties_fenced_total: r.counter(
+                "titus_duties_fenced_total",
+                "Leader-duty writes or external calls refused because this replica no longer led in their term.",
+                &["what"],
             ),
             tasks: r.gauge("titus_tasks", "Active tasks by state.", &["state"]),
             task_launch_seconds: r.histogram(

@@ -4,14 +4,16 @@
 //! replaced on disk while clients are connected; t40 rate and size limits.
 
 mod common;
+#[path = "common/raw.rs"]
+mod raw;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut};
 use common::{wait_until, Cluster, Secure};
+use raw::{call_as, call_raw};
 use prost::Message;
 use titus_client::proto as pb;
 use titus_client::{Client, ClientOptions};
@@ -92,83 +94,6 @@ async fn channel(addr: &str, tls: Option<Arc<Tls>>) -> tonic::transport::Channel
         .connect_with_connector(Connector::new(tls, Duration::from_secs(5)))
         .await
         .unwrap()
-}
-
-// ----- calling any method with raw bytes -----
-
-#[derive(Clone, Copy, Default)]
-struct Raw;
-struct RawEncoder;
-struct RawDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let v = src.copy_to_bytes(src.remaining()).to_vec();
-        Ok(Some(v))
-    }
-}
-
-impl tonic::codec::Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-/// Calls `path` with one message `body` (streamed, which on the wire is also what a unary call
-/// sends) and answers the status it ended with.
-async fn call_raw(ch: tonic::transport::Channel, path: &str, body: Vec<u8>) -> tonic::Status {
-    call_as(ch, path, body, None).await
-}
-
-/// `call_raw` with an `authorization` header, when given. A connection that fails (a handshake
-/// refused) answers UNAVAILABLE.
-async fn call_as(
-    ch: tonic::transport::Channel,
-    path: &str,
-    body: Vec<u8>,
-    authorization: Option<&str>,
-) -> tonic::Status {
-    let mut grpc = tonic::client::Grpc::new(ch);
-    if let Err(e) = grpc.ready().await {
-        return tonic::Status::unavailable(format!("no connection: {e}"));
-    }
-    let mut request = tonic::Request::new(tokio_stream::iter(vec![body]));
-    if let Some(a) = authorization {
-        request.metadata_mut().insert("authorization", a.parse().unwrap());
-    }
-    let path = http::uri::PathAndQuery::try_from(path.to_string()).unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), grpc.streaming(request, path, Raw)).await {
-        Err(_) => tonic::Status::deadline_exceeded("no answer"),
-        Ok(Err(status)) => status,
-        Ok(Ok(response)) => {
-            let mut stream = response.into_inner();
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return tonic::Status::ok(""),
-                    Err(s) => return s,
-                }
-            }
-        }
-    }
 }
 
 /// A call over TLS without a client certificate (and with `authorization`, when given); the

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ResourceDimension, Tier};
+use super::{truncated, validate_name, FieldViolation, ResourceDimension, Tier};
 
 pub const DEFAULT_INSTANCE_GROUP: &str = "default";
 
@@ -105,22 +105,88 @@ pub struct Agent {
     /// Its instance is being terminated by the capacity manager: it gets no new tasks.
     #[serde(default)]
     pub terminating: bool,
+    /// When it was declared Lost (None while Online): the capacity manager keeps its instance for
+    /// a grace period from then.
+    #[serde(default)]
+    pub lost_ms: Option<i64>,
 }
 
+/// Most attributes an agent may register, and the longest key and value.
+pub const MAX_AGENT_ATTRIBUTES: usize = 64;
+pub const MAX_ATTRIBUTE_KEY_LEN: usize = 256;
+pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 1024;
+
 impl Agent {
+    /// Checks everything the agent said of itself at registration, each violation naming its field.
+    pub fn validate(&self) -> Result<(), Vec<FieldViolation>> {
+        let mut violations = Vec::new();
+        if let Err(v) = validate_name("agent_id", &self.id) {
+            violations.push(v);
+        }
+        if let Err(v) = validate_name("instance_group", &self.instance_group) {
+            violations.push(v);
+        }
+        violations.extend(self.resources.validate_offered("resources"));
+        if self.attributes.len() > MAX_AGENT_ATTRIBUTES {
+            violations.push(FieldViolation::new("attributes", format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
+        }
+        for (k, v) in &self.attributes {
+            if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {
+                violations.push(FieldViolation::new(
+                    format!("attributes[{:?}]", truncated(k)),
+                    format!("key must be 1-{MAX_ATTRIBUTE_KEY_LEN} bytes"),
+                ));
+            } else if v.len() > MAX_ATTRIBUTE_VALUE_LEN {
+                violations.push(FieldViolation::new(
+                    format!("attributes.{k}"),
+                    format!("must be at most {MAX_ATTRIBUTE_VALUE_LEN} bytes"),
+                ));
+            }
+        }
+        if self.unhealthy_reason.len() > MAX_ATTRIBUTE_VALUE_LEN {
+            violations.push(FieldViolation::new(
+                "unhealthy_reason",
+                format!("must be at most {MAX_ATTRIBUTE_VALUE_LEN} bytes"),
+            ));
+        }
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(violations)
+        }
+    }
+
     /// Whether placement may give it new tasks (its instance group's lifecycle aside).
     pub fn accepts_tasks(&self) -> bool {
         self.state == AgentState::Online && self.healthy && !self.terminating
     }
 }
 
+/// The most CPUs one agent or instance type may offer (the largest EC2 instances have 896 vCPUs).
+pub const MAX_OFFERED_CPU: f64 = 4096.0;
+
 impl ResourceDimension {
+    /// Adds, stopping at the largest value: sums over a whole fleet must not wrap.
     pub fn add(&mut self, o: &ResourceDimension) {
         self.cpu += o.cpu;
-        self.memory_mb += o.memory_mb;
-        self.disk_mb += o.disk_mb;
-        self.network_mbps += o.network_mbps;
-        self.gpu += o.gpu;
+        self.memory_mb = self.memory_mb.saturating_add(o.memory_mb);
+        self.disk_mb = self.disk_mb.saturating_add(o.disk_mb);
+        self.network_mbps = self.network_mbps.saturating_add(o.network_mbps);
+        self.gpu = self.gpu.saturating_add(o.gpu);
+    }
+
+    /// Checks what a machine offers (an agent's registration, an instance type): a finite,
+    /// non-negative CPU count no larger than [`MAX_OFFERED_CPU`]. The integer fields cannot be
+    /// out of range.
+    pub fn validate_offered(&self, prefix: &str) -> Vec<FieldViolation> {
+        let mut violations = Vec::new();
+        if !self.cpu.is_finite() || self.cpu < 0.0 || self.cpu > MAX_OFFERED_CPU {
+            violations.push(FieldViolation::new(
+                format!("{prefix}.cpu"),
+                format!("must be a number between 0 and {MAX_OFFERED_CPU} (got {})", self.cpu),
+            ));
+        }
+        violations
     }
 
     /// Subtracts, stopping at zero.
@@ -145,6 +211,50 @@ impl ResourceDimension {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn agent() -> Agent {
+        Agent {
+            id: "a1".into(),
+            instance_group: DEFAULT_INSTANCE_GROUP.into(),
+            resources: ResourceDimension { cpu: 4.0, memory_mb: 8192, disk_mb: 10_000, network_mbps: 1000, gpu: 0 },
+            attributes: BTreeMap::from([("zone".to_string(), "us-east-1a".to_string())]),
+            state: AgentState::Online,
+            healthy: true,
+            unhealthy_reason: String::new(),
+            registered_ms: 0,
+            terminating: false,
+            lost_ms: None,
+        }
+    }
+
+    #[test]
+    fn an_agent_offering_a_non_finite_cpu_is_refused() {
+        assert_eq!(agent().validate(), Ok(()));
+        for cpu in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, MAX_OFFERED_CPU * 2.0] {
+            let a = Agent { resources: ResourceDimension { cpu, ..agent().resources }, ..agent() };
+            let fields: Vec<String> = a.validate().unwrap_err().into_iter().map(|v| v.field).collect();
+            assert_eq!(fields, vec!["resources.cpu"], "{cpu}");
+        }
+    }
+
+    #[test]
+    fn an_agent_s_attributes_are_bounded() {
+        let mut a = agent();
+        a.attributes = (0..=MAX_AGENT_ATTRIBUTES).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(a.validate().unwrap_err()[0].field, "attributes");
+        let mut a = agent();
+        a.attributes.insert("big".into(), "x".repeat(MAX_ATTRIBUTE_VALUE_LEN + 1));
+        assert_eq!(a.validate().unwrap_err()[0].field, "attributes.big");
+        let a = Agent { instance_group: "no spaces".into(), ..agent() };
+        assert_eq!(a.validate().unwrap_err()[0].field, "instance_group");
+    }
+
+    #[test]
+    fn sums_of_resources_do_not_wrap() {
+        let mut r = ResourceDimension { memory_mb: u32::MAX - 1, ..Default::default() };
+        r.add(&ResourceDimension { memory_mb: 10, gpu: 1, ..Default::default() });
+        assert_eq!((r.memory_mb, r.gpu), (u32::MAX, 1));
+    }
 
     #[test]
     fn launches_fill_the_emptiest_subnet_first() {

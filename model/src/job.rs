@@ -18,6 +18,11 @@ pub const MAX_TASKS_PER_JOB: u32 = 10_000;
 const MAX_ATTRIBUTES: usize = 100;
 const MAX_VALUE_LEN: usize = 4096;
 const MAX_ARGS: usize = 256;
+/// The longest runtime limit a batch job may set: 30 days. The lifecycle does arithmetic on it (in
+/// milliseconds), so it is bounded here rather than left to overflow there.
+pub const MAX_RUNTIME_LIMIT_SEC: u64 = 30 * 86_400;
+/// The longest delay between two retries a retry policy may ask for: 7 days.
+pub const MAX_RETRY_DELAY_MS: u64 = 7 * 86_400_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobGroupInfo {
@@ -300,9 +305,15 @@ impl JobDescriptor {
         }
 
         match &self.job_type {
-            JobType::Batch { size, retry_policy, .. } => {
+            JobType::Batch { size, retry_policy, runtime_limit_sec, .. } => {
                 if *size == 0 || *size > MAX_TASKS_PER_JOB {
                     bad("batch.size", format!("must be between 1 and {MAX_TASKS_PER_JOB}"));
+                }
+                if *runtime_limit_sec > MAX_RUNTIME_LIMIT_SEC {
+                    bad(
+                        "batch.runtime_limit_sec",
+                        format!("must be at most {MAX_RUNTIME_LIMIT_SEC} (30 days), or 0 for no limit"),
+                    );
                 }
                 validate_retry_policy("batch.retry_policy", retry_policy, &mut bad);
             }
@@ -338,6 +349,21 @@ pub fn validate_capacity(field: &str, c: &Capacity, bad: &mut impl FnMut(&str, S
 fn validate_retry_policy(field: &str, p: &RetryPolicy, bad: &mut impl FnMut(&str, String)) {
     if p.retries() > 1000 {
         bad(&format!("{field}.retries"), "must be at most 1000".into());
+    }
+    let delays: &[(&str, u64)] = match p {
+        RetryPolicy::Immediate { .. } => &[],
+        RetryPolicy::Delayed { initial_delay_ms, delay_ms, .. } => {
+            &[("delayed.initial_delay_ms", *initial_delay_ms), ("delayed.delay_ms", *delay_ms)]
+        }
+        RetryPolicy::ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, .. } => &[
+            ("exponential_back_off.initial_delay_ms", *initial_delay_ms),
+            ("exponential_back_off.max_delay_interval_ms", *max_delay_interval_ms),
+        ],
+    };
+    for (name, delay) in delays {
+        if *delay > MAX_RETRY_DELAY_MS {
+            bad(&format!("{field}.{name}"), format!("must be at most {MAX_RETRY_DELAY_MS} (7 days)"));
+        }
     }
     if let RetryPolicy::ExponentialBackOff { initial_delay_ms, max_delay_interval_ms, .. } = p {
         if *initial_delay_ms == 0 {
@@ -511,6 +537,54 @@ mod tests {
         );
         let bad_capacity = service_descriptor(3, 2, 1).validate().unwrap_err();
         assert_eq!(bad_capacity[0].field, "service.capacity");
+    }
+
+    /// Durations the lifecycle does arithmetic on are bounded at the edge: 2^62 s once made every
+    /// leader's lifecycle panic on overflow, and 2^64-1 killed tasks at once.
+    #[test]
+    fn durations_are_bounded() {
+        let fields = |d: JobDescriptor| -> Vec<String> {
+            d.validate().err().unwrap_or_default().into_iter().map(|v| v.field).collect()
+        };
+        for limit in [MAX_RUNTIME_LIMIT_SEC + 1, 1 << 62, u64::MAX] {
+            let mut d = batch_descriptor(1);
+            if let JobType::Batch { runtime_limit_sec, .. } = &mut d.job_type {
+                *runtime_limit_sec = limit;
+            }
+            assert_eq!(fields(d), vec!["batch.runtime_limit_sec"], "{limit}");
+        }
+        let mut d = batch_descriptor(1);
+        if let JobType::Batch { runtime_limit_sec, .. } = &mut d.job_type {
+            *runtime_limit_sec = MAX_RUNTIME_LIMIT_SEC;
+        }
+        assert!(fields(d).is_empty());
+
+        let with_policy = |p: RetryPolicy| {
+            let mut d = service_descriptor(0, 1, 1);
+            if let JobType::Service { retry_policy, .. } = &mut d.job_type {
+                *retry_policy = p;
+            }
+            fields(d)
+        };
+        let huge = i64::MAX as u64;
+        assert_eq!(
+            with_policy(RetryPolicy::Delayed { initial_delay_ms: huge, delay_ms: 5, retries: 1 }),
+            vec!["service.retry_policy.delayed.initial_delay_ms"]
+        );
+        assert_eq!(
+            with_policy(RetryPolicy::ExponentialBackOff {
+                initial_delay_ms: 10,
+                max_delay_interval_ms: u64::MAX,
+                retries: 1
+            }),
+            vec!["service.retry_policy.exponential_back_off.max_delay_interval_ms"]
+        );
+        assert!(with_policy(RetryPolicy::Delayed {
+            initial_delay_ms: MAX_RETRY_DELAY_MS,
+            delay_ms: MAX_RETRY_DELAY_MS,
+            retries: 1
+        })
+        .is_empty());
     }
 
     #[test]

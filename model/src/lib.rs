@@ -46,6 +46,28 @@ impl FieldViolation {
 
 pub const MAX_NAME_LEN: usize = 128;
 
+/// `s` cut to at most `max` bytes, at a character boundary: for free text from a port (a reason
+/// message) that is kept, but bounded.
+pub fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// At most the first 64 characters of `s`, for quoting user input in an error without echoing
+/// megabytes of it.
+pub fn truncated(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 /// Names of capacity groups (and later jobs' application names) are identifiers that show up in
 /// metrics, CLI output and RocksDB keys: keep them to a safe alphabet.
 pub fn validate_name(field: &str, name: &str) -> Result<(), FieldViolation> {

@@ -97,6 +97,12 @@ pub mod reason {
         UNKNOWN_SYSTEM_ERROR,
     ];
 
+    /// The reasons an agent may give for a task it ran: what happened to its container. The others
+    /// are the control plane's findings (lost, evicted, scaled down, timeouts), and some do not
+    /// count against retries, so an agent must not be able to claim them.
+    pub const AGENT_MAY_REPORT: [&str; 7] =
+        [NORMAL, FAILED, KILLED, CRASHED, INVALID_REQUEST, TRANSIENT_SYSTEM_ERROR, LOCAL_SYSTEM_ERROR];
+
     /// System errors and evictions are not the task's fault: they do not count against retries.
     pub fn counts_against_retries(reason: &str) -> bool {
         !matches!(reason, EVICTED | LOST | TRANSIENT_SYSTEM_ERROR | LOCAL_SYSTEM_ERROR | UNKNOWN_SYSTEM_ERROR)
@@ -121,6 +127,11 @@ pub mod context {
     pub const TASK_INDEX: &str = "taskIndex";
     pub const RESUBMIT_OF: &str = "resubmitOf";
     pub const ORIGINAL_ID: &str = "originalId";
+    /// The container's exit code, from its agent.
+    pub const EXIT_CODE: &str = "exitCode";
+    /// The keys an agent may set in a task's context (the others are the control plane's: an
+    /// agent that rewrote `agent` or `instanceId` could hold resources forever or mislead capacity).
+    pub const AGENT_MAY_SET: [&str; 2] = [CONTAINER_IP, EXIT_CODE];
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,8 @@
 
 #![allow(clippy::all)]
 
+pub mod codec;
+
 /// The public API.
 pub mod titus {
     tonic::include_proto!("titus");

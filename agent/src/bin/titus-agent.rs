@@ -87,6 +87,7 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             tls_cert: None,
             tls_key: None,
             enroll_token: None,
+            forget_grace_secs: 10,
         },
     };
     if let Some(t) = args.enroll_token {

@@ -65,6 +65,25 @@ fn group_to_proto(g: InstanceGroup) -> pb::InstanceGroup {
     }
 }
 
+/// Most subnets or security groups in an instance group's launch settings.
+const MAX_LAUNCH_IDS: usize = 64;
+
+/// An instance group's attributes or tags: as bounded as an agent's attributes.
+fn bounded_map(field: &str, map: &std::collections::HashMap<String, String>, violations: &mut Vec<FieldViolation>) {
+    use crate::model::agent::{MAX_AGENT_ATTRIBUTES, MAX_ATTRIBUTE_KEY_LEN, MAX_ATTRIBUTE_VALUE_LEN};
+    if map.len() > MAX_AGENT_ATTRIBUTES {
+        violations.push(FieldViolation::new(field, format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
+    }
+    for (k, v) in map {
+        if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN || v.len() > MAX_ATTRIBUTE_VALUE_LEN {
+            violations.push(FieldViolation::new(
+                format!("{field}[{:?}]", crate::model::truncated(k)),
+                format!("keys must be 1-{MAX_ATTRIBUTE_KEY_LEN} bytes and values at most {MAX_ATTRIBUTE_VALUE_LEN}"),
+            ));
+        }
+    }
+}
+
 /// An instance group from the wire, with every field checked.
 fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
     validate_name("id", &g.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
@@ -75,6 +94,7 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
     if g.desired < g.min || g.desired > g.max {
         violations.push(FieldViolation::new("desired", format!("must be within [min, max] = [{}, {}]", g.min, g.max)));
     }
+    bounded_map("attributes", &g.attributes, &mut violations);
     let launch = match g.launch {
         None => None,
         Some(l) => {
@@ -85,11 +105,30 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
                 violations.push(FieldViolation::new("launch.instance_type", "must not be empty"));
             }
             let r = l.instance_resources.unwrap_or_default();
-            if r.cpu <= 0.0 || r.memory_mb == 0 {
+            let offered = ResourceDimension {
+                cpu: r.cpu,
+                memory_mb: r.memory_mb,
+                disk_mb: r.disk_mb,
+                network_mbps: r.network_mbps,
+                gpu: r.gpu,
+            };
+            let bad_resources = offered.validate_offered("launch.instance_resources");
+            if !bad_resources.is_empty() {
+                violations.extend(bad_resources);
+            } else if r.cpu <= 0.0 || r.memory_mb == 0 {
                 violations.push(FieldViolation::new(
                     "launch.instance_resources",
                     "cpu and memory_mb must be > 0: a scale-up is sized by them",
                 ));
+            }
+            bounded_map("launch.tags", &l.tags, &mut violations);
+            for (field, list) in [("launch.subnet_ids", &l.subnet_ids), ("launch.security_group_ids", &l.security_group_ids)] {
+                if list.len() > MAX_LAUNCH_IDS {
+                    violations.push(FieldViolation::new(field, format!("must have at most {MAX_LAUNCH_IDS} entries")));
+                }
+                if let Some(i) = list.iter().position(|id| id.is_empty() || id.len() > 256) {
+                    violations.push(FieldViolation::new(format!("{field}[{i}]"), "must be 1-256 bytes"));
+                }
             }
             for k in l.tags.keys() {
                 if k.starts_with("titus:") {
@@ -105,13 +144,7 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
                 subnet_ids: l.subnet_ids,
                 security_group_ids: l.security_group_ids,
                 tags: l.tags.into_iter().collect(),
-                instance_resources: ResourceDimension {
-                    cpu: r.cpu,
-                    memory_mb: r.memory_mb,
-                    disk_mb: r.disk_mb,
-                    network_mbps: r.network_mbps,
-                    gpu: r.gpu,
-                },
+                instance_resources: offered,
             })
         }
     };

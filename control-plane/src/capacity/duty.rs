@@ -26,22 +26,36 @@ use crate::model::agent::{
 };
 use crate::model::task::TaskState;
 use crate::model::{ResourceDimension, Tier};
-use crate::replica::Replica;
+use crate::replica::{Replica, Term};
 
 struct Duty {
     replica: Arc<Replica>,
+    /// The term this duty leads in: its writes and AWS calls are fenced by it.
+    term: Term,
     aws: Aws,
     config: AwsConfig,
     /// Since when each agent has been idle, as this leader saw it.
     idle_since: HashMap<String, i64>,
+    /// When this leader first saw each Lost agent whose record does not say when it was lost.
+    lost_seen: HashMap<String, i64>,
 }
 
-pub async fn run(replica: Arc<Replica>, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
+pub async fn run(replica: Arc<Replica>, term: Term, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
     let period = Duration::from_millis(config.capacity.interval_ms);
-    let mut duty = Duty { replica, aws, config, idle_since: HashMap::new() };
+    let mut duty = Duty { replica, term, aws, config, idle_since: HashMap::new(), lost_seen: HashMap::new() };
     loop {
-        if let Err(e) = duty.round().await {
-            tracing::warn!(error = %e, "capacity: round failed; retrying next interval");
+        // A round ends at once when leadership ends: it makes AWS calls from what it read.
+        let round = tokio::select! {
+            r = duty.round() => r,
+            _ = stop.changed() => return,
+        };
+        match round {
+            Ok(()) => {}
+            Err(e @ crate::Error::Deposed { .. }) => {
+                tracing::info!(error = %e, "capacity: no longer leading; stopping");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "capacity: round failed; retrying next interval"),
         }
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
@@ -53,7 +67,7 @@ pub async fn run(replica: Arc<Replica>, aws: Aws, config: AwsConfig, mut stop: w
 impl Duty {
     async fn propose(&self, command: Command) -> crate::Result<()> {
         let kind = command.kind();
-        if let CommandResponse::Rejected(r) = self.replica.propose(command, None).await? {
+        if let CommandResponse::Rejected(r) = self.replica.propose_as_leader(self.term, command).await? {
             tracing::debug!(kind, message = %r.message, "capacity: command no longer applies");
         }
         Ok(())
@@ -107,24 +121,37 @@ impl Duty {
         }
 
         let allocation = allocation_by_agent(state)?;
-        let online: Vec<_> = state.agents()?.into_iter().filter(|a| a.state == AgentState::Online).collect();
-        let online_ids: std::collections::HashSet<&str> = online.iter().map(|a| a.id.as_str()).collect();
+        // Every agent, Online or Lost, stays tied to its instance: a silent agent's instance may
+        // still run its containers, and is not "an instance that never registered".
+        let all_agents = state.agents()?;
+        let online_ids: std::collections::HashSet<&str> =
+            all_agents.iter().filter(|a| a.state == AgentState::Online).map(|a| a.id.as_str()).collect();
         self.idle_since.retain(|id, _| online_ids.contains(id.as_str()));
         let mut agents = Vec::new();
-        for a in online {
+        for a in &all_agents {
             let Some(instance_id) = a.attributes.get(INSTANCE_ID_ATTRIBUTE) else { continue };
             let live_tasks = allocation.get(&a.id).map_or(0, |x| x.live_tasks);
-            let idle_since = if live_tasks == 0 {
+            let online = a.state == AgentState::Online;
+            let idle_since = if online && live_tasks == 0 {
                 Some(*self.idle_since.entry(a.id.clone()).or_insert(now))
             } else {
                 self.idle_since.remove(&a.id);
                 None
+            };
+            // When it was lost, as replicated (records from before that was kept: now, as this
+            // leader first sees it, which only makes the grace period longer).
+            let lost_since = if online {
+                self.lost_seen.remove(&a.id);
+                None
+            } else {
+                Some(a.lost_ms.unwrap_or_else(|| *self.lost_seen.entry(a.id.clone()).or_insert(now)))
             };
             agents.push(AgentLoad {
                 agent_id: a.id.clone(),
                 instance_id: instance_id.clone(),
                 live_tasks,
                 idle_since_ms: idle_since,
+                lost_since_ms: lost_since,
             });
         }
 
@@ -144,6 +171,9 @@ impl Duty {
                 }
             }
             let allocation = allocation_by_agent(&self.replica.state)?;
+            // Fenced: only while a majority still follows this leader in its term (nothing below
+            // waits before the call).
+            self.replica.confirm_leader(self.term).await?;
             let mut terminate = Vec::new();
             for (group, id, why) in &plan.terminate {
                 let busy = by_instance
@@ -211,6 +241,9 @@ impl Duty {
             };
             let token =
                 if calls.len() == 1 { intent.client_token.clone() } else { format!("{}-{i}", intent.client_token) };
+            // Fenced: only while a majority still follows this leader in its term.
+            self.replica.confirm_leader(self.term).await?;
+            tracing::info!(group = %g.id, count = share, token = %token, "capacity: calling RunInstances");
             let result = self.aws.run_instances(&spec, share, &token).await;
             m.aws_calls_total.inc(&["capacity", "RunInstances", crate::telemetry::aws_outcome(&result)]);
             match result {

@@ -11,8 +11,15 @@
 //! - **Actuation**: a group with fewer instances than `desired` launches the difference; one with
 //!   more terminates the surplus, those without an agent first, then idle ones — never an agent with
 //!   live tasks.
-//! - **Registration timeout**: an instance that has not registered as an agent within the timeout is
-//!   terminated (and, while still wanted, replaced).
+//! - **Registration timeout**: an instance that no agent has ever registered from within the
+//!   timeout is terminated (and, while still wanted, replaced).
+//! - **Lost agents**: the instance of an agent that went silent keeps running — its containers may
+//!   too (a partition, a stalled host) — until its tasks were replaced (their records say so once
+//!   it is Lost) and a grace period has passed; and not even then while many of its group's agents
+//!   are lost at once, which looks like a partition, not like dead hosts.
+//! - **Bounds**: at most so many terminations per round and per group, whatever the reasons.
+//!
+//! Never terminated: an instance whose agent has live tasks in the replicated state.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,6 +41,8 @@ pub struct AgentLoad {
     pub live_tasks: u32,
     /// Since when it has had no live task (as observed by this leader).
     pub idle_since_ms: Option<i64>,
+    /// Since when the agent has been Lost (None: it is Online).
+    pub lost_since_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +57,13 @@ pub struct CapacityConfig {
     pub flex: TierLimits,
     pub idle_cooldown_ms: i64,
     pub registration_timeout_ms: i64,
+    /// How long a Lost agent's instance is kept after it was lost.
+    pub lost_grace_ms: i64,
+    /// Above this percentage of a group's agents lost at once (and more than one), none of their
+    /// instances is terminated.
+    pub lost_hold_percent: u32,
+    pub max_terminations_per_round: u32,
+    pub max_terminations_per_group: u32,
 }
 
 impl CapacityConfig {
@@ -102,8 +118,27 @@ fn fits_one(need: &ResourceDimension, each: &ResourceDimension) -> bool {
     instances_for(need, each) <= 1
 }
 
+/// How many more instances this round may terminate, in all and per group.
+struct TerminationBudget<'a> {
+    left: u32,
+    per_group: u32,
+    taken: BTreeMap<&'a str, u32>,
+}
+
+impl<'a> TerminationBudget<'a> {
+    fn take(&mut self, group: &'a str) -> bool {
+        let taken = self.taken.entry(group).or_insert(0);
+        if self.left == 0 || *taken >= self.per_group {
+            return false;
+        }
+        self.left -= 1;
+        *taken += 1;
+        true
+    }
+}
+
 /// `instances`: per group with launch settings, its instances that are not terminated.
-/// `agents`: every Online agent that names an instance id. `unplaced`: per tier, the resources of
+/// `agents`: every agent (Online or Lost) that names an instance id. `unplaced`: per tier, the resources of
 /// each task that could not be placed.
 pub fn plan(
     groups: &[InstanceGroup],
@@ -120,13 +155,43 @@ pub fn plan(
     let instances_of = |g: &InstanceGroup| instances.get(&g.id).unwrap_or(&empty);
     let mut desired: BTreeMap<String, u32> = managed.iter().map(|g| (g.id.clone(), g.desired)).collect();
     let mut terminating: BTreeSet<String> = BTreeSet::new();
+    let mut budget = TerminationBudget {
+        left: config.max_terminations_per_round,
+        per_group: config.max_terminations_per_group,
+        taken: BTreeMap::new(),
+    };
 
-    // Registration timeout.
+    // Registration timeout: only for instances no agent ever registered from.
     for g in &managed {
         for i in instances_of(g) {
-            if !by_instance.contains_key(i.id.as_str()) && now_ms - i.launched_ms > config.registration_timeout_ms {
+            if !by_instance.contains_key(i.id.as_str())
+                && now_ms.saturating_sub(i.launched_ms) > config.registration_timeout_ms
+                && budget.take(&g.id)
+            {
                 terminating.insert(i.id.clone());
                 plan.terminate.push((g.id.clone(), i.id.clone(), "did not register as an agent in time".into()));
+            }
+        }
+    }
+
+    // Lost agents: after the grace period, with their tasks replaced, unless many are lost at once.
+    for g in &managed {
+        let of_group: Vec<&AgentLoad> =
+            instances_of(g).iter().filter_map(|i| by_instance.get(i.id.as_str()).copied()).collect();
+        let lost: Vec<&AgentLoad> = of_group.iter().copied().filter(|a| a.lost_since_ms.is_some()).collect();
+        let hold = lost.len() > 1 && lost.len() as u64 * 100 > u64::from(config.lost_hold_percent) * of_group.len() as u64;
+        if hold {
+            continue;
+        }
+        for a in lost {
+            let since = a.lost_since_ms.unwrap_or(now_ms);
+            if a.live_tasks == 0
+                && now_ms.saturating_sub(since) >= config.lost_grace_ms
+                && !terminating.contains(&a.instance_id)
+                && budget.take(&g.id)
+            {
+                terminating.insert(a.instance_id.clone());
+                plan.terminate.push((g.id.clone(), a.instance_id.clone(), "agent lost; its tasks were replaced".into()));
             }
         }
     }
@@ -144,7 +209,7 @@ pub fn plan(
             .iter()
             .flat_map(|g| instances_of(g).iter().map(move |i| (*g, i)))
             .filter_map(|(g, i)| by_instance.get(i.id.as_str()).map(|a| (g, *a)))
-            .filter(|(_, a)| a.live_tasks == 0)
+            .filter(|(_, a)| a.live_tasks == 0 && a.lost_since_ms.is_none())
             .collect();
 
         // Scale up: by the unplaced tasks, then to keep min_idle.
@@ -189,7 +254,12 @@ pub fn plan(
                 let keeps_min_idle = idle_left > limits.min_idle || g.lifecycle != Lifecycle::Active;
                 let Some(d) = desired.get_mut(&g.id) else { continue };
                 let floor = if g.lifecycle == Lifecycle::Removable { 0 } else { g.min };
-                if (cooled || over_max) && keeps_min_idle && *d > floor && !terminating.contains(&a.instance_id) {
+                if (cooled || over_max)
+                    && keeps_min_idle
+                    && *d > floor
+                    && !terminating.contains(&a.instance_id)
+                    && budget.take(&g.id)
+                {
                     *d -= 1;
                     idle_left -= 1;
                     terminating.insert(a.instance_id.clone());
@@ -208,13 +278,17 @@ pub fn plan(
         if count < d {
             plan.launch.insert(g.id.clone(), d - count);
         } else if count > d {
+            // Without an agent, or with an idle Online one; never a Lost agent's (see above).
             let mut surplus: Vec<&Instance> = alive
                 .into_iter()
-                .filter(|i| by_instance.get(i.id.as_str()).is_none_or(|a| a.live_tasks == 0))
+                .filter(|i| by_instance.get(i.id.as_str()).is_none_or(|a| a.live_tasks == 0 && a.lost_since_ms.is_none()))
                 .collect();
             // Those without an agent first (newest first: likeliest still booting), then idle ones.
-            surplus.sort_by_key(|i| (by_instance.contains_key(i.id.as_str()), -i.launched_ms));
+            surplus.sort_by_key(|i| (by_instance.contains_key(i.id.as_str()), std::cmp::Reverse(i.launched_ms)));
             for i in surplus.into_iter().take((count - d) as usize) {
+                if !budget.take(&g.id) {
+                    break;
+                }
                 plan.terminate.push((g.id.clone(), i.id.clone(), "above desired".into()));
             }
         }

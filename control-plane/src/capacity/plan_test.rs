@@ -34,6 +34,10 @@ fn config() -> CapacityConfig {
         flex: TierLimits { min_idle: 0, max_idle: 10 },
         idle_cooldown_ms: 60_000,
         registration_timeout_ms: 300_000,
+        lost_grace_ms: 600_000,
+        lost_hold_percent: 30,
+        max_terminations_per_round: 100,
+        max_terminations_per_group: 100,
     }
 }
 
@@ -42,7 +46,17 @@ fn inst(id: &str, launched_ms: i64) -> Instance {
 }
 
 fn agent(instance: &str, live_tasks: u32, idle_since_ms: Option<i64>) -> AgentLoad {
-    AgentLoad { agent_id: format!("agent-{instance}"), instance_id: instance.into(), live_tasks, idle_since_ms }
+    AgentLoad {
+        agent_id: format!("agent-{instance}"),
+        instance_id: instance.into(),
+        live_tasks,
+        idle_since_ms,
+        lost_since_ms: None,
+    }
+}
+
+fn lost(instance: &str, since_ms: i64) -> AgentLoad {
+    AgentLoad { lost_since_ms: Some(since_ms), ..agent(instance, 0, None) }
 }
 
 const NOW: i64 = 10_000_000;
@@ -128,12 +142,70 @@ fn instances_that_never_register_are_terminated_and_replaced() {
     assert_eq!(p.launch["g"], 1, "still wanted: replaced");
 }
 
+/// An agent silent past its TTL (paused, partitioned) was once taken for an instance that never
+/// registered, and its instance terminated under its still-running containers.
+#[test]
+fn a_lost_agent_keeps_its_instance_for_the_grace_period() {
+    let groups = [group("g", Tier::Flex, Lifecycle::Active, 0, 4, 5)];
+    let ids = ["i-1", "i-2", "i-3", "i-4"];
+    let instances = BTreeMap::from([("g".to_string(), ids.iter().map(|i| inst(i, NOW - 900_000)).collect())]);
+    let busy: Vec<AgentLoad> = ids[1..].iter().map(|i| agent(i, 1, None)).collect();
+    let with = |a: AgentLoad| [vec![a], busy.clone()].concat();
+    // Lost 15 s ago: its instance stays (no "did not register" for it).
+    let p = plan(&groups, &instances, &with(lost("i-1", NOW - 15_000)), &BTreeMap::new(), &config(), NOW);
+    assert!(p.terminate.is_empty(), "{p:?}");
+    assert!(p.launch.is_empty(), "a lost agent's instance is not on its way either: {p:?}");
+    // Past the grace period, its tasks replaced: it goes, and is replaced while wanted.
+    let p = plan(&groups, &instances, &with(lost("i-1", NOW - 600_000)), &BTreeMap::new(), &config(), NOW);
+    assert_eq!(p.terminate, vec![("g".into(), "i-1".into(), "agent lost; its tasks were replaced".into())]);
+    assert_eq!(p.launch["g"], 1);
+    // Still holding live tasks in the replicated state: never.
+    let held = AgentLoad { live_tasks: 2, ..lost("i-1", NOW - 600_000) };
+    let p = plan(&groups, &instances, &with(held), &BTreeMap::new(), &config(), NOW);
+    assert!(p.terminate.is_empty(), "{p:?}");
+    // Above desired, a lost agent's instance is not taken as surplus either.
+    let small = [group("g", Tier::Flex, Lifecycle::Active, 0, 3, 5)];
+    let p = plan(&small, &instances, &with(lost("i-1", NOW - 15_000)), &BTreeMap::new(), &config(), NOW);
+    assert!(p.terminate.is_empty(), "{p:?}");
+}
+
+/// A partition between the control plane and a zone makes many agents Lost at once: none of their
+/// instances goes, however long it lasts.
+#[test]
+fn many_agents_lost_at_once_keep_their_instances() {
+    let groups = [group("g", Tier::Flex, Lifecycle::Active, 0, 6, 6)];
+    let ids = ["i-1", "i-2", "i-3", "i-4", "i-5", "i-6"];
+    let instances = BTreeMap::from([("g".to_string(), ids.iter().map(|i| inst(i, 0)).collect())]);
+    let mut agents: Vec<AgentLoad> = ids[..3].iter().map(|i| lost(i, NOW - 3_600_000)).collect();
+    agents.extend(ids[3..].iter().map(|i| agent(i, 1, None)));
+    let p = plan(&groups, &instances, &agents, &BTreeMap::new(), &config(), NOW);
+    assert!(p.terminate.is_empty(), "half the group lost: held: {p:?}");
+    // One of six lost is a dead host: it goes after the grace period.
+    let mut agents: Vec<AgentLoad> = vec![lost("i-1", NOW - 3_600_000)];
+    agents.extend(ids[1..].iter().map(|i| agent(i, 1, None)));
+    let p = plan(&groups, &instances, &agents, &BTreeMap::new(), &config(), NOW);
+    assert_eq!(p.terminate.len(), 1, "{p:?}");
+}
+
+#[test]
+fn terminations_are_bounded_per_round_and_per_group() {
+    let groups = [group("a", Tier::Flex, Lifecycle::Active, 0, 0, 20), group("b", Tier::Flex, Lifecycle::Active, 0, 0, 20)];
+    let never = |g: &str| (0..8).map(|k| inst(&format!("i-{g}{k}"), NOW - 900_000)).collect::<Vec<_>>();
+    let instances = BTreeMap::from([("a".to_string(), never("a")), ("b".to_string(), never("b"))]);
+    let mut c = config();
+    c.max_terminations_per_group = 3;
+    c.max_terminations_per_round = 5;
+    let p = plan(&groups, &instances, &[], &BTreeMap::new(), &c, NOW);
+    let of = |g: &str| p.terminate.iter().filter(|t| t.0 == g).count();
+    assert_eq!((of("a"), of("b")), (3, 2), "{p:?}");
+}
+
 proptest! {
     /// Whatever the fleet, desired stays within [min, max] and no agent with live tasks is terminated.
     #[test]
     fn bounds_hold_and_busy_agents_stay(
         min in 0u32..4, span in 0u32..6, desired_off in 0u32..10,
-        fleet in proptest::collection::vec((0u32..3, any::<bool>(), 0i64..400_000), 0..12),
+        fleet in proptest::collection::vec((0u32..3, 0u8..3, 0i64..400_000), 0..12),
         unplaced in proptest::collection::vec((0.1f64..4.0, 1u32..8000), 0..8),
         phased in any::<bool>(),
     ) {
@@ -142,11 +214,14 @@ proptest! {
         let groups = [group("g", Tier::Flex, lifecycle, min, (min + desired_off).min(max), max)];
         let mut instances = Vec::new();
         let mut agents = Vec::new();
-        for (k, (tasks, registered, age)) in fleet.iter().enumerate() {
+        // Each instance: no agent, an Online agent, or a Lost one (lost `age` ago).
+        for (k, (tasks, kind, age)) in fleet.iter().enumerate() {
             let id = format!("i-{k}");
             instances.push(inst(&id, NOW - age));
-            if *registered {
-                agents.push(agent(&id, *tasks, (*tasks == 0).then_some(NOW - age)));
+            match kind {
+                1 => agents.push(agent(&id, *tasks, (*tasks == 0).then_some(NOW - age))),
+                2 => agents.push(AgentLoad { live_tasks: *tasks, ..lost(&id, NOW - age) }),
+                _ => {}
             }
         }
         let instances = BTreeMap::from([("g".to_string(), instances)]);
@@ -156,6 +231,10 @@ proptest! {
         prop_assert!(d >= min && d <= max, "desired {} outside [{}, {}]", d, min, max);
         for (_, id, _) in &p.terminate {
             prop_assert!(agents.iter().all(|a| a.instance_id != *id || a.live_tasks == 0), "terminated busy {}", id);
+            let lost_in_grace = agents.iter().any(|a| {
+                a.instance_id == *id && a.lost_since_ms.is_some_and(|s| NOW - s < config().lost_grace_ms)
+            });
+            prop_assert!(!lost_in_grace, "terminated {} of an agent lost within the grace period", id);
         }
     }
 }

@@ -37,11 +37,10 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
                 }
             }
             let Some(response) = apply(o, *command)? else { return Ok(None) };
-            // A rejected command changed nothing: applying it again is harmless, and may succeed.
-            if !matches!(response, CommandResponse::Rejected(_)) {
-                let result = serde_json::to_string(&response).unwrap_or_default();
-                o.put_token(key, TokenRecord { result, expires_ms });
-            }
+            // Every outcome is recorded, rejections too: a client told "rejected" must not see a
+            // delayed duplicate of the same call succeed later, after other writes.
+            let result = serde_json::to_string(&response).unwrap_or_default();
+            o.put_token(key, TokenRecord { result, expires_ms });
             response
         }
         Command::CreateJob { job, idempotency_token, token_expires_ms } => {
@@ -204,6 +203,7 @@ pub fn allocation_by_agent(read: &dyn JobRead) -> Result<BTreeMap<String, Alloca
 fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
     let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
     agent.state = AgentState::Lost;
+    agent.lost_ms = Some(timestamp_ms);
     o.put_agent(agent);
     for id in o.task_ids_on_agent(agent_id)? {
         let Some(mut t) = o.task(&id)? else { continue };

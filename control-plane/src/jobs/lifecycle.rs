@@ -39,6 +39,13 @@ fn status(state: TaskState, reason_code: &str, message: &str, now: i64) -> TaskS
     TaskStatus { state, reason_code: reason_code.into(), reason_message: message.into(), timestamp_ms: now }
 }
 
+/// Whether `delay_ms` has passed since `since_ms`. Saturating: a delay or time from a descriptor
+/// written before its bounds were checked must not overflow (an overflow panicked every leader's
+/// lifecycle in turn).
+fn elapsed(since_ms: i64, delay_ms: u64, now: i64) -> bool {
+    now >= since_ms.saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX))
+}
+
 fn update(task: &Task, status: TaskStatus) -> Command {
     Command::UpdateTaskStatus { task_id: task.id.clone(), status, context: BTreeMap::new() }
 }
@@ -50,7 +57,7 @@ fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &m
         None => (id.clone(), None, 0, 0),
         Some(p) => {
             let system = u32::from(!reason::counts_against_retries(&p.status.reason_code));
-            (p.original_id.clone(), Some(p.id.clone()), p.resubmit_number + 1, p.system_resubmit_number + system)
+            (p.original_id.clone(), Some(p.id.clone()), p.resubmit_number.saturating_add(1), p.system_resubmit_number.saturating_add(system))
         }
     };
     let mut ctx = BTreeMap::new();
@@ -76,7 +83,7 @@ fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &m
 /// Stuck-state timeouts and runtime limits of live tasks.
 fn timeouts(job: &Job, tasks: &[Task], now: i64, cfg: &LifecycleConfig, out: &mut Vec<Command>) {
     for t in tasks {
-        let since = now - t.status.timestamp_ms;
+        let since = now.saturating_sub(t.status.timestamp_ms);
         match t.state() {
             TaskState::Launched if since > cfg.launched_timeout_ms => {
                 out.push(update(t, status(TaskState::KillInitiated, reason::STUCK_IN_STATE, "stuck in Launched", now)));
@@ -103,7 +110,8 @@ fn timeouts(job: &Job, tasks: &[Task], now: i64, cfg: &LifecycleConfig, out: &mu
             TaskState::Started => {
                 if let JobType::Batch { runtime_limit_sec, .. } = job.descriptor.job_type {
                     let started = t.entered(TaskState::Started).unwrap_or(t.status.timestamp_ms);
-                    if runtime_limit_sec > 0 && now - started > runtime_limit_sec as i64 * 1000 {
+                    let limit_ms = i64::try_from(runtime_limit_sec).unwrap_or(i64::MAX).saturating_mul(1000);
+                    if runtime_limit_sec > 0 && now.saturating_sub(started) > limit_ms {
                         out.push(update(
                             t,
                             status(
@@ -196,8 +204,8 @@ pub fn plan_job(
                         continue;
                     }
                     all_done = false;
-                    let delay = if counts { retry_policy.delay_ms(t.counted_retries() + 1) as i64 } else { 0 };
-                    if now >= t.status.timestamp_ms + delay {
+                    let delay = if counts { retry_policy.delay_ms(t.counted_retries().saturating_add(1)) } else { 0 };
+                    if elapsed(t.status.timestamp_ms, delay, now) {
                         create.push((new_task(job, index, Some(t), now, new_id), Some(t.id.clone())));
                     }
                 }
@@ -231,7 +239,7 @@ pub fn plan_job(
                         reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
                     });
                     let ready = newest_failure.is_none_or(|t| {
-                        now >= t.status.timestamp_ms + retry_policy.delay_ms(t.counted_retries() + 1) as i64
+                        elapsed(t.status.timestamp_ms, retry_policy.delay_ms(t.counted_retries().saturating_add(1)), now)
                     });
                     if ready {
                         // Indexes of every live task, those being killed included, are taken.
@@ -344,11 +352,44 @@ pub fn plan(
     let mut out = Vec::new();
     let draining = draining_agents(store)?;
     for job in store.jobs()? {
-        let tasks = store.tasks_of_job(&job.id)?;
-        out.extend(plan_job(&job, &tasks, now, cfg, new_id));
-        out.extend(drain_job(&job, &tasks, &draining, now));
+        out.extend(plan_one(store, &job, now, cfg, new_id, Some(&draining)));
     }
     Ok(out)
+}
+
+/// One job's commands. A job whose tasks cannot be read, or whose planning fails, is logged and
+/// counted and yields nothing this round; the other jobs are planned as usual (one bad record once
+/// stopped the lifecycle for every job).
+fn plan_one(
+    store: &dyn JobRead,
+    job: &Job,
+    now: i64,
+    cfg: &LifecycleConfig,
+    new_id: &mut dyn FnMut() -> String,
+    draining: Option<&BTreeSet<String>>,
+) -> Vec<Command> {
+    let tasks = match store.tasks_of_job(&job.id) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(job_id = %job.id, error = %e, "lifecycle: cannot read the job's tasks; skipping it this round");
+            crate::telemetry::metrics().lifecycle_job_errors_total.inc(&[]);
+            return Vec::new();
+        }
+    };
+    // The planner is pure and its arithmetic saturates; this catches what a future bug might still
+    // do, so that it costs one job its round instead of every leader its lifecycle.
+    let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut commands = plan_job(job, &tasks, now, cfg, new_id);
+        if let Some(draining) = draining {
+            commands.extend(drain_job(job, &tasks, draining, now));
+        }
+        commands
+    }));
+    planned.unwrap_or_else(|_| {
+        tracing::error!(job_id = %job.id, "lifecycle: planning this job failed; skipping it this round");
+        crate::telemetry::metrics().lifecycle_job_errors_total.inc(&[]);
+        Vec::new()
+    })
 }
 
 /// What to do about the jobs named (those that no longer exist are skipped).
@@ -362,8 +403,7 @@ pub fn plan_jobs<'a>(
     let mut out = Vec::new();
     for id in job_ids {
         if let Some(job) = store.job(id)? {
-            let tasks = store.tasks_of_job(&job.id)?;
-            out.extend(plan_job(&job, &tasks, now, cfg, new_id));
+            out.extend(plan_one(store, &job, now, cfg, new_id, None));
         }
     }
     Ok(out)

@@ -269,9 +269,16 @@ fn a_retried_call_is_applied_once() {
     // The first call's retry arrives last: answered, not applied.
     assert_eq!(sim.run(update("call-a", 3)), CommandResponse::Done);
     assert_eq!(desired(&sim), 5);
-    // A rejected call leaves no record: its retry is judged again.
+    // A rejected call is recorded too: the client was told "rejected", so a delayed duplicate
+    // must not succeed once the state would allow it.
     assert!(matches!(sim.run(update("call-c", 11)), CommandResponse::Rejected(_)));
     assert_eq!(desired(&sim), 5);
+    let raise_max = Command::UpdateJobCapacity { job_id: job.clone(), min: None, desired: None, max: Some(20) };
+    assert_eq!(sim.run(raise_max), CommandResponse::Done);
+    assert!(matches!(sim.run(update("call-c", 11)), CommandResponse::Rejected(_)), "answered as the first time");
+    assert_eq!(desired(&sim), 5, "not applied");
+    assert_eq!(sim.run(update("call-d", 11)), CommandResponse::Done, "a new call is judged anew");
+    assert_eq!(desired(&sim), 11);
 }
 
 #[test]
@@ -332,4 +339,34 @@ fn a_drained_agents_service_tasks_move_one_budget_at_a_time() {
     // Nothing drains when no agent is drained.
     let j = sim.store.job(&job).unwrap().unwrap();
     assert!(drain_job(&j, &sim.store.tasks_of_job(&job).unwrap(), &Default::default(), sim.now).is_empty());
+}
+
+/// A job written before its durations were bounded at the edge (runtime limit 2^62 s or 2^64-1 s,
+/// retry delays of i64::MAX ms) once made every leader's lifecycle panic on overflow as soon as a
+/// task started or failed; 2^64-1 killed tasks at once. The planner saturates instead.
+#[test]
+fn out_of_bounds_durations_already_in_the_state_neither_panic_nor_kill() {
+    for runtime_limit_sec in [1u64 << 62, u64::MAX] {
+        let mut sim = Sim::new();
+        let mut d = batch_descriptor(1);
+        d.job_type = crate::model::job::JobType::Batch {
+            size: 1,
+            runtime_limit_sec,
+            retry_policy: RetryPolicy::Delayed { initial_delay_ms: i64::MAX as u64, delay_ms: u64::MAX, retries: 3 },
+            retry_on_runtime_limit: false,
+        };
+        let job = sim.create(d);
+        sim.settle();
+        let t = sim.live(&job)[0].clone();
+        sim.report(&t.id, TaskState::Started, "");
+        sim.now += 86_400_000;
+        sim.settle();
+        let task = sim.store.task(&t.id).unwrap().unwrap();
+        assert_eq!(task.state(), TaskState::Started, "limit {runtime_limit_sec}: not killed for its runtime");
+        // It fails: the retry waits (an effectively endless delay), and nothing overflows.
+        sim.report(&t.id, TaskState::Finished, reason::FAILED);
+        sim.now += 86_400_000;
+        sim.settle();
+        assert!(sim.live(&job).is_empty(), "the retry waits out its delay");
+    }
 }

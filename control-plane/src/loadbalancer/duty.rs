@@ -22,7 +22,7 @@ use crate::config::AwsConfig;
 use crate::jobs::store::JobRead;
 use crate::model::load_balancer::{AssociationState, LbTarget, TargetState};
 use crate::model::task::{Task, TaskState};
-use crate::replica::Replica;
+use crate::replica::{Replica, Term};
 
 /// Per target group: when its next call may go, after failures.
 #[derive(Default)]
@@ -55,6 +55,8 @@ impl Backoff {
 
 struct Duty {
     replica: Arc<Replica>,
+    /// The term this duty leads in: its writes and AWS calls are fenced by it.
+    term: Term,
     aws: Aws,
     config: AwsConfig,
     backoff: Backoff,
@@ -62,12 +64,12 @@ struct Duty {
     released: HashSet<String>,
 }
 
-pub async fn run(replica: Arc<Replica>, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
+pub async fn run(replica: Arc<Replica>, term: Term, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
     let (_, mut changes) = replica.state.changes.subscribe(None);
     let reconcile_every = Duration::from_millis(config.reconcile_interval_ms);
     // The first reconcile runs soon after becoming leader: the predecessor may have left drift.
     let mut next_reconcile = Instant::now() + Duration::from_secs(1).min(reconcile_every);
-    let mut duty = Duty { replica, aws, config, backoff: Backoff::default(), released: HashSet::new() };
+    let mut duty = Duty { replica, term, aws, config, backoff: Backoff::default(), released: HashSet::new() };
     loop {
         let mut wake = Instant::now() + reconcile_every;
         match duty.round().await {
@@ -76,6 +78,10 @@ pub async fn run(replica: Arc<Replica>, aws: Aws, config: AwsConfig, mut stop: w
                     let in_ms = (at - now_ms()).max(0) as u64;
                     wake = wake.min(Instant::now() + Duration::from_millis(in_ms));
                 }
+            }
+            Err(e @ crate::Error::Deposed { .. }) => {
+                tracing::info!(error = %e, "load balancers: no longer leading; stopping");
+                return;
             }
             Err(e) => tracing::warn!(error = %e, "load balancers: round failed; retrying"),
         }
@@ -131,7 +137,7 @@ impl Duty {
 
     async fn propose(&self, command: Command) -> crate::Result<CommandResponse> {
         let kind = command.kind();
-        let r = self.replica.propose(command, None).await?;
+        let r = self.replica.propose_as_leader(self.term, command).await?;
         if let CommandResponse::Rejected(r) = &r {
             tracing::debug!(kind, message = %r.message, "load balancers: command no longer applies");
         }
@@ -176,6 +182,8 @@ impl Duty {
                 continue;
             }
             let ips: Vec<String> = of_group.iter().map(|t| t.ip.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            // Fenced: only while a majority still follows this leader in its term.
+            self.replica.confirm_leader(self.term).await?;
             let (api, result) = if done == TargetState::Registered {
                 ("RegisterTargets", self.aws.register_targets(&group, &ips).await)
             } else {
@@ -307,6 +315,7 @@ impl Duty {
             };
             let (missing, stale) = plan::repair(&group, &records, &present);
             if !missing.is_empty() {
+                self.replica.confirm_leader(self.term).await?;
                 tracing::warn!(target_group = %group, targets = ?missing, "reconcile: registered targets are missing; registering them again");
                 m.lb_drift_repaired_total.add(&["missing"], missing.len() as f64);
                 if let Err(e) = self.aws.register_targets(&group, &missing).await {
@@ -315,6 +324,7 @@ impl Duty {
                 }
             }
             if !stale.is_empty() {
+                self.replica.confirm_leader(self.term).await?;
                 tracing::warn!(target_group = %group, targets = ?stale, "reconcile: targets this system deregistered are back; deregistering them");
                 m.lb_drift_repaired_total.add(&["stale"], stale.len() as f64);
                 if let Err(e) = self.aws.deregister_targets(&group, &stale).await {

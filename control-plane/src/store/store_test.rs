@@ -120,6 +120,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
             unhealthy_reason: String::new(),
             registered_ms: 1,
             terminating: false,
+            lost_ms: None,
         };
         apply(&mut sm, Command::RegisterAgent { agent });
     }
