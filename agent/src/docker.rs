@@ -202,7 +202,11 @@ impl DockerRuntime {
     /// Creates and starts the task's container, unless `killed()` says a kill arrived meanwhile:
     /// checked before the container is created and again before it is started, so a task killed
     /// before its container starts never starts (a created one is removed).
-    pub async fn launch(&self, assign: &pb::TaskAssignment, killed: &(dyn Fn() -> bool + Send + Sync)) -> Vec<Observed> {
+    pub async fn launch(
+        &self,
+        assign: &pb::TaskAssignment,
+        killed: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Vec<Observed> {
         let task_id = &assign.task_id;
         let fail = |code: &str, message: String| Observed {
             task_id: task_id.clone(),

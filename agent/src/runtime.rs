@@ -42,7 +42,11 @@ impl Runtime {
 
     /// Starts the task (adopting what already runs under its id); the states it went through.
     /// Never starts it once `killed()` is true (see `DockerRuntime::launch`).
-    pub async fn launch(&self, assign: &pb::TaskAssignment, killed: &(dyn Fn() -> bool + Send + Sync)) -> Vec<Observed> {
+    pub async fn launch(
+        &self,
+        assign: &pb::TaskAssignment,
+        killed: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Vec<Observed> {
         match self {
             Runtime::Docker(d) => d.launch(assign, killed).await,
             Runtime::Simulated(_) if killed() => vec![crate::docker::killed_before_start(&assign.task_id)],

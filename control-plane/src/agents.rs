@@ -332,7 +332,8 @@ pub(crate) fn agent_report(agent_id: &str, rt: pb::AgentTask, now: i64) -> Optio
         rt.reason_code
     } else {
         tracing::warn!(agent_id, task_id = %rt.task_id, reason = %crate::model::truncated(&rt.reason_code), "agent reported a reason it may not give; kept as failed");
-        reason_message = format!("{} (the agent reported {:?})", reason_message, crate::model::truncated(&rt.reason_code));
+        reason_message =
+            format!("{} (the agent reported {:?})", reason_message, crate::model::truncated(&rt.reason_code));
         reason::FAILED.to_string()
     };
     let mut ctx = BTreeMap::new();
@@ -635,7 +636,9 @@ pub async fn liveness(hub: Arc<AgentHub>, term: Term, mut stop: watch::Receiver<
                 let lost = Command::AgentLost { agent_id: a.id.clone(), timestamp_ms: now_ms() };
                 match hub.replica.propose_as_leader(term, lost).await {
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(agent_id = %a.id, error = %e, "liveness: proposal failed; retrying next round"),
+                    Err(e) => {
+                        tracing::warn!(agent_id = %a.id, error = %e, "liveness: proposal failed; retrying next round")
+                    }
                 }
             }
         }

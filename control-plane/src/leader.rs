@@ -216,7 +216,9 @@ async fn hold_lease(
                 let _ = lost.send(());
                 return;
             }
-            Err(e) => tracing::debug!(node_id = replica.id, term = term.0, error = %e, "leadership not confirmed this round"),
+            Err(e) => {
+                tracing::debug!(node_id = replica.id, term = term.0, error = %e, "leadership not confirmed this round")
+            }
         }
     }
 }

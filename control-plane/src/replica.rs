@@ -233,7 +233,10 @@ impl Replica {
         let read_index = self.confirm_leader(term).await?;
         let wait = self.request_timeout;
         self.raft.wait(Some(wait)).applied_index_at_least(read_index, "leader catch-up").await.map_err(|_| {
-            Error::Timeout { what: "applying up to this term's first entry".into(), timeout_ms: wait.as_millis() as u64 }
+            Error::Timeout {
+                what: "applying up to this term's first entry".into(),
+                timeout_ms: wait.as_millis() as u64,
+            }
         })?;
         Ok(())
     }

@@ -540,14 +540,15 @@ async fn propose(
     done: tokio::sync::mpsc::UnboundedSender<(Vec<String>, Vec<String>)>,
 ) {
     let proposed: Vec<String> = assignments.iter().map(|a| a.task_id.clone()).collect();
-    let applied = match replica.propose_as_leader(term, Command::AssignTasks { assignments, timestamp_ms: now_ms() }).await {
-        Ok(CommandResponse::Assigned(done)) => done,
-        Ok(_) => Vec::new(),
-        Err(e) => {
-            tracing::warn!(error = %e, "scheduler: proposal failed");
-            Vec::new()
-        }
-    };
+    let applied =
+        match replica.propose_as_leader(term, Command::AssignTasks { assignments, timestamp_ms: now_ms() }).await {
+            Ok(CommandResponse::Assigned(done)) => done,
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler: proposal failed");
+                Vec::new()
+            }
+        };
     crate::telemetry::metrics().scheduler_placements_total.add(&[], applied.len() as f64);
     let _ = done.send((proposed, applied));
 }

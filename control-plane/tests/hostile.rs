@@ -11,11 +11,11 @@ mod raw;
 use std::time::Duration;
 
 use common::{group, wait_until, Cluster};
-use raw::call_raw;
 use prost::Message;
-use tokio_stream::StreamExt as _;
+use raw::call_raw;
 use titus_client::proto as pb;
 use titus_client::Error;
+use tokio_stream::StreamExt as _;
 use tonic::Code;
 
 const ELECTION: Duration = Duration::from_secs(30);

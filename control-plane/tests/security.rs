@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{wait_until, Cluster, Secure};
-use raw::{call_as, call_raw};
 use prost::Message;
+use raw::{call_as, call_raw};
 use titus_client::proto as pb;
 use titus_client::{Client, ClientOptions};
 use titus_security::{certs, Connector, Identity, Kind, Tls, TlsFiles};

@@ -128,7 +128,8 @@ impl Agent {
         }
         violations.extend(self.resources.validate_offered("resources"));
         if self.attributes.len() > MAX_AGENT_ATTRIBUTES {
-            violations.push(FieldViolation::new("attributes", format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
+            violations
+                .push(FieldViolation::new("attributes", format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
         }
         for (k, v) in &self.attributes {
             if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {

@@ -122,7 +122,9 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
                 ));
             }
             bounded_map("launch.tags", &l.tags, &mut violations);
-            for (field, list) in [("launch.subnet_ids", &l.subnet_ids), ("launch.security_group_ids", &l.security_group_ids)] {
+            for (field, list) in
+                [("launch.subnet_ids", &l.subnet_ids), ("launch.security_group_ids", &l.security_group_ids)]
+            {
                 if list.len() > MAX_LAUNCH_IDS {
                     violations.push(FieldViolation::new(field, format!("must have at most {MAX_LAUNCH_IDS} entries")));
                 }

@@ -179,7 +179,8 @@ pub fn plan(
         let of_group: Vec<&AgentLoad> =
             instances_of(g).iter().filter_map(|i| by_instance.get(i.id.as_str()).copied()).collect();
         let lost: Vec<&AgentLoad> = of_group.iter().copied().filter(|a| a.lost_since_ms.is_some()).collect();
-        let hold = lost.len() > 1 && lost.len() as u64 * 100 > u64::from(config.lost_hold_percent) * of_group.len() as u64;
+        let hold =
+            lost.len() > 1 && lost.len() as u64 * 100 > u64::from(config.lost_hold_percent) * of_group.len() as u64;
         if hold {
             continue;
         }
@@ -191,7 +192,11 @@ pub fn plan(
                 && budget.take(&g.id)
             {
                 terminating.insert(a.instance_id.clone());
-                plan.terminate.push((g.id.clone(), a.instance_id.clone(), "agent lost; its tasks were replaced".into()));
+                plan.terminate.push((
+                    g.id.clone(),
+                    a.instance_id.clone(),
+                    "agent lost; its tasks were replaced".into(),
+                ));
             }
         }
     }
@@ -281,7 +286,9 @@ pub fn plan(
             // Without an agent, or with an idle Online one; never a Lost agent's (see above).
             let mut surplus: Vec<&Instance> = alive
                 .into_iter()
-                .filter(|i| by_instance.get(i.id.as_str()).is_none_or(|a| a.live_tasks == 0 && a.lost_since_ms.is_none()))
+                .filter(|i| {
+                    by_instance.get(i.id.as_str()).is_none_or(|a| a.live_tasks == 0 && a.lost_since_ms.is_none())
+                })
                 .collect();
             // Those without an agent first (newest first: likeliest still booting), then idle ones.
             surplus.sort_by_key(|i| (by_instance.contains_key(i.id.as_str()), std::cmp::Reverse(i.launched_ms)));

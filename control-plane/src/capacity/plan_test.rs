@@ -189,7 +189,8 @@ fn many_agents_lost_at_once_keep_their_instances() {
 
 #[test]
 fn terminations_are_bounded_per_round_and_per_group() {
-    let groups = [group("a", Tier::Flex, Lifecycle::Active, 0, 0, 20), group("b", Tier::Flex, Lifecycle::Active, 0, 0, 20)];
+    let groups =
+        [group("a", Tier::Flex, Lifecycle::Active, 0, 0, 20), group("b", Tier::Flex, Lifecycle::Active, 0, 0, 20)];
     let never = |g: &str| (0..8).map(|k| inst(&format!("i-{g}{k}"), NOW - 900_000)).collect::<Vec<_>>();
     let instances = BTreeMap::from([("a".to_string(), never("a")), ("b".to_string(), never("b"))]);
     let mut c = config();

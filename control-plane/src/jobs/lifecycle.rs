@@ -57,7 +57,12 @@ fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &m
         None => (id.clone(), None, 0, 0),
         Some(p) => {
             let system = u32::from(!reason::counts_against_retries(&p.status.reason_code));
-            (p.original_id.clone(), Some(p.id.clone()), p.resubmit_number.saturating_add(1), p.system_resubmit_number.saturating_add(system))
+            (
+                p.original_id.clone(),
+                Some(p.id.clone()),
+                p.resubmit_number.saturating_add(1),
+                p.system_resubmit_number.saturating_add(system),
+            )
         }
     };
     let mut ctx = BTreeMap::new();
@@ -239,7 +244,11 @@ pub fn plan_job(
                         reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
                     });
                     let ready = newest_failure.is_none_or(|t| {
-                        elapsed(t.status.timestamp_ms, retry_policy.delay_ms(t.counted_retries().saturating_add(1)), now)
+                        elapsed(
+                            t.status.timestamp_ms,
+                            retry_policy.delay_ms(t.counted_retries().saturating_add(1)),
+                            now,
+                        )
                     });
                     if ready {
                         // Indexes of every live task, those being killed included, are taken.
