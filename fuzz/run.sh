@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR="${TITUS_FUZZ_TARGET_DIR:-$HOME/.cache/titus-fuzz-target
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
-for target in job_descriptor raft_entry; do
+for target in job_descriptor agent_message raft_entry; do
     mkdir -p "corpus/$target"
     # Runs grow a scratch copy: the corpus in the repo changes only by an explicit merge.
     scratch="$(mktemp -d)"

@@ -2,7 +2,8 @@
 //! real Docker daemon, the real AWS SDK against a `moto_server` on loopback (and a fault proxy in
 //! front of it). t400 scale down drains before stopping containers, across a leader kill; t410
 //! reconcile repairs drift and leaves foreign targets alone; t420 throttling and 5xx; t430 bad
-//! associations are refused with the field named.
+//! associations are refused with the field named; t440-t450 EC2 capacity; t460 a silent agent
+//! keeps its instance; t470 a deposed leader makes no AWS call.
 
 #[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
@@ -477,4 +478,173 @@ async fn t450_a_refused_call_is_shown_and_retried_not_orphaned_and_clears_once_a
         lb.state_message.is_empty().then_some(())
     })
     .await;
+}
+
+/// An agent silent past its heartbeat TTL (a stalled host, a partition) was once taken for an
+/// instance that never registered: its instance was terminated 0.75 s after the agent was declared
+/// lost, under its still-running container. Its instance is kept for the grace period now, its
+/// container keeps running, and when the agent comes back it attaches to the same instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t460_a_silent_agent_keeps_its_instance_and_its_container() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (_, ec2) = moto.sdk().await;
+    let mut args = aws_args(&moto.url, 60_000);
+    for (k, v) in [
+        ("--capacity-interval-ms", "300"),
+        ("--capacity-registration-timeout-ms", "1000"),
+        ("--capacity-lost-grace-ms", "600000"),
+        ("--agent-heartbeat-ttl-ms", "3000"),
+    ] {
+        args.push(k.into());
+        args.push(v.into());
+    }
+    let mut cluster = start(&args);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let group = "ec2-keep";
+    client
+        .put_instance_group(pb::InstanceGroup {
+            id: group.into(),
+            tier: pb::Tier::Flex as i32,
+            lifecycle: pb::InstanceGroupLifecycle::IgActive as i32,
+            launch: Some(pb::LaunchSettings {
+                image_id: "ami-12c6146b".into(),
+                instance_type: "m5.large".into(),
+                instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
+                ..Default::default()
+            }),
+            min: 1,
+            desired: 1,
+            max: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let instance = wait_until(SETTLE, "the group's instance", || async {
+        let v = live_instances(&ec2, group).await;
+        (v.len() == 1).then(|| v[0].0.clone())
+    })
+    .await;
+    let agent = cluster.start_agent_with(
+        "keep-0",
+        2.0,
+        4096,
+        &["--instance-group", group, "--attribute", &format!("instanceId={instance}")],
+    );
+    let job_id = client.create_job(service_job("keep", 1)).await.unwrap();
+    wait_started(&client, &job_id, 1).await;
+    assert_eq!(containers_of(&agent).iter().filter(|c| c.2).count(), 1, "its container runs");
+
+    cluster.pause_agent(&agent);
+    wait_until(SETTLE, "the silent agent declared lost", || async {
+        let agents = client.find_agents().await.ok()?;
+        agents.iter().any(|a| a.id == agent && a.state == pb::AgentState::AgentLost as i32).then_some(())
+    })
+    .await;
+    // Ten capacity rounds after it was lost (each lists the group's instances): the instance is
+    // still there, and so is the container.
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let admin = cluster.replica(leader).admin_addr.clone();
+    let listed = |samples: &[common::Sample]| {
+        common::value(samples, "titus_aws_calls_total", &[("duty", "capacity"), ("api", "DescribeInstances")])
+    };
+    let at_loss = listed(&common::scrape(&admin).await);
+    wait_until(SETTLE, "ten capacity rounds", || async {
+        (listed(&common::scrape(&admin).await) >= at_loss + 10.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        live_instances(&ec2, group).await.iter().map(|i| i.0.clone()).collect::<Vec<_>>(),
+        vec![instance.clone()]
+    );
+    assert_eq!(containers_of(&agent).iter().filter(|c| c.2).count(), 1, "its container still runs");
+
+    // Back: it attaches again, from the same instance, which was never terminated.
+    cluster.resume_agent(&agent);
+    wait_until(SETTLE, "the agent back online", || async {
+        let agents = client.find_agents().await.ok()?;
+        agents
+            .iter()
+            .any(|a| a.id == agent && a.state == pb::AgentState::AgentOnline as i32 && a.connected)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(live_instances(&ec2, group).await.len(), 1);
+}
+
+/// A leader paused while a new one was elected, then resumed, once logged "no longer leader" and
+/// 44 ms later still terminated an instance from its stale view, and launched another. Every AWS
+/// call of a duty is fenced by its term now: the old leader makes none after it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t470_a_deposed_leader_makes_no_aws_call() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    // Every EC2 call takes 300 ms: a pause most likely lands in the middle of a capacity round,
+    // with the round's next calls still to come when the old leader resumes.
+    let slow = FaultConfig { latency_rate: 1.0, latency_ms: 300, ..Default::default() };
+    let proxy = Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), slow).await.unwrap();
+    let mut args = aws_args(&proxy.url(), 60_000);
+    // No agent ever registers: each round terminates the instances past the registration timeout
+    // and launches others, so the capacity duty calls EC2 all the time.
+    for (k, v) in [("--capacity-interval-ms", "200"), ("--capacity-registration-timeout-ms", "600")] {
+        args.push(k.into());
+        args.push(v.into());
+    }
+    let mut cluster = start(&args);
+    let client = cluster.client();
+    let old = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    client
+        .put_instance_group(pb::InstanceGroup {
+            id: "churn".into(),
+            tier: pb::Tier::Flex as i32,
+            lifecycle: pb::InstanceGroupLifecycle::IgActive as i32,
+            launch: Some(pb::LaunchSettings {
+                image_id: "ami-12c6146b".into(),
+                instance_type: "m5.large".into(),
+                instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
+                ..Default::default()
+            }),
+            min: 2,
+            desired: 2,
+            max: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let calls = |samples: &[common::Sample], api: &str| {
+        common::value(samples, "titus_aws_calls_total", &[("duty", "capacity"), ("api", api)])
+    };
+    let old_admin = cluster.replica(old).admin_addr.clone();
+    wait_until(SETTLE, "the capacity duty churning instances", || async {
+        (calls(&common::scrape(&old_admin).await, "TerminateInstances") >= 2.0).then_some(())
+    })
+    .await;
+
+    // Paused past the election timeout: the two others elect a new leader.
+    cluster.pause(old);
+    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    let new = wait_until(Duration::from_secs(30), "a new leader among the others", || async {
+        let a = cluster.status_of(others[0]).await?;
+        let b = cluster.status_of(others[1]).await?;
+        (a.leader_id == b.leader_id && others.contains(&a.leader_id)).then_some(a.leader_id)
+    })
+    .await;
+    let resumed_at = cluster.log_of(old).len();
+    cluster.resume(old);
+    // The new leader goes on calling EC2 while the old one learns it is deposed.
+    let new_admin = cluster.replica(new).admin_addr.clone();
+    let before = calls(&common::scrape(&new_admin).await, "RunInstances");
+    wait_until(SETTLE, "the new leader's own EC2 calls, and the old one following it", || async {
+        let s = cluster.status_of(old).await?;
+        let running = calls(&common::scrape(&new_admin).await, "RunInstances");
+        (s.leader_id == new && running >= before + 3.0).then_some(())
+    })
+    .await;
+    let log = cluster.log_of(old);
+    let after = log.get(resumed_at..).unwrap_or_default();
+    for call in ["capacity: calling RunInstances", "capacity: terminating instance", "load balancer targets updated"] {
+        assert!(!after.contains(call), "the deposed leader called AWS after it resumed ({call}):\n{after}");
+    }
 }

@@ -26,9 +26,8 @@ use crate::error::Error;
 use crate::events::Change;
 use crate::jobs::apply::agent_of;
 use crate::jobs::store::JobRead;
-use crate::model::agent::{Agent, AgentState, DEFAULT_INSTANCE_GROUP};
+use crate::model::agent::AgentState;
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
-use crate::model::ResourceDimension;
 use crate::replica::{Replica, Term};
 
 type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
@@ -124,6 +123,14 @@ impl AgentHub {
         let mut conns = self.conns();
         for (_, c) in conns.drain() {
             let _ = c.tx.try_send(Err(self.replica.not_leader().into()));
+        }
+    }
+
+    /// Closes agent `agent_id`'s stream, if it has one, telling it why.
+    fn disconnect(&self, agent_id: &str, why: &str) {
+        if let Some(c) = self.conns().remove(agent_id) {
+            let _ = c.tx.try_send(Err(Status::unavailable(why.to_string())));
+            tracing::info!(agent_id, why, "agent stream closed by the leader");
         }
     }
 
@@ -230,18 +237,27 @@ impl AgentHub {
                     reason_message: "container not found on its agent".into(),
                     timestamp_ms: now_ms(),
                 };
-                self.propose(Command::UpdateTaskStatus { task_id: t.id.clone(), status, context: BTreeMap::new() })
-                    .await;
+                let lost = Command::UpdateTaskStatus {
+                    task_id: t.id.clone(),
+                    status,
+                    context: BTreeMap::new(),
+                    expected_state: Some(t.state()),
+                };
+                self.propose(lost).await;
             }
         }
     }
 
     /// A task status the agent reported: queued for the next batch (see [`report_batches`]), which
     /// applies it only if the task is still placed on this agent. What an agent may say is
-    /// filtered here (see [`agent_report`]).
+    /// filtered first (see [`crate::model::convert::agent_report`]).
     fn report(&self, agent_id: &str, rt: pb::AgentTask) {
-        if let Some(report) = agent_report(agent_id, rt, now_ms()) {
-            let _ = self.reports.send(report);
+        let task_id = crate::model::truncated(&rt.task_id).to_string();
+        match crate::model::convert::agent_report(agent_id, rt, now_ms()) {
+            Ok(report) => {
+                let _ = self.reports.send(report);
+            }
+            Err(e) => tracing::warn!(agent_id, task_id = %task_id, error = %e, "agent report refused; ignored"),
         }
     }
 
@@ -276,7 +292,10 @@ impl AgentHub {
                         self.propose(Command::SetAgentHealth {
                             agent_id: agent_id.clone(),
                             healthy,
-                            reason: crate::model::bounded(h.unhealthy_reason, MAX_REASON_MESSAGE_LEN),
+                            reason: crate::model::bounded(
+                                h.unhealthy_reason,
+                                crate::model::convert::MAX_AGENT_REASON_LEN,
+                            ),
                         })
                         .await;
                     }
@@ -306,56 +325,6 @@ impl AgentHub {
             }
         }
     }
-}
-
-/// Longest reason message kept from an agent's report.
-const MAX_REASON_MESSAGE_LEN: usize = 2048;
-
-/// A report from agent `agent_id` as it may enter the log: a known state; a reason an agent may
-/// give (any other is kept as `failed`, the claimed code in the message); only the context keys an
-/// agent may set, each well formed (`containerIp` an IP address, `exitCode` a number); bounded
-/// text. None for a report that names no task or no valid state.
-pub(crate) fn agent_report(agent_id: &str, rt: pb::AgentTask, now: i64) -> Option<StatusReport> {
-    use crate::model::task::context;
-    if crate::model::validate_name("task_id", &rt.task_id).is_err() {
-        tracing::warn!(agent_id, task_id = %crate::model::truncated(&rt.task_id), "agent report names no valid task id; ignored");
-        return None;
-    }
-    let Ok(state) = crate::api::task_state_from_proto("state", rt.state) else {
-        tracing::warn!(agent_id, task_id = %rt.task_id, state = rt.state, "agent report has no valid state; ignored");
-        return None;
-    };
-    let mut reason_message = rt.reason_message;
-    let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() {
-        reason::NORMAL.to_string()
-    } else if rt.reason_code.is_empty() || reason::AGENT_MAY_REPORT.contains(&rt.reason_code.as_str()) {
-        rt.reason_code
-    } else {
-        tracing::warn!(agent_id, task_id = %rt.task_id, reason = %crate::model::truncated(&rt.reason_code), "agent reported a reason it may not give; kept as failed");
-        reason_message =
-            format!("{} (the agent reported {:?})", reason_message, crate::model::truncated(&rt.reason_code));
-        reason::FAILED.to_string()
-    };
-    let mut ctx = BTreeMap::new();
-    for (k, v) in rt.task_context {
-        let well_formed = match k.as_str() {
-            context::CONTAINER_IP => v.parse::<std::net::IpAddr>().is_ok(),
-            context::EXIT_CODE => v.parse::<i64>().is_ok(),
-            _ => false,
-        };
-        if well_formed {
-            ctx.insert(k, v);
-        } else {
-            tracing::warn!(agent_id, task_id = %rt.task_id, key = %crate::model::truncated(&k), "agent set a context key it may not set, or a malformed value; dropped");
-        }
-    }
-    let status = TaskStatus {
-        state,
-        reason_code,
-        reason_message: crate::model::bounded(reason_message, MAX_REASON_MESSAGE_LEN),
-        timestamp_ms: now,
-    };
-    Some(StatusReport { task_id: rt.task_id, agent_id: agent_id.to_string(), status, context: ctx })
 }
 
 pub struct AgentApi {
@@ -474,30 +443,7 @@ impl AgentService for AgentApi {
                 )));
             }
         }
-        let r = reg.resources.clone().unwrap_or_default();
-        let agent = Agent {
-            id: reg.agent_id.clone(),
-            instance_group: if reg.instance_group.is_empty() {
-                DEFAULT_INSTANCE_GROUP.into()
-            } else {
-                reg.instance_group.clone()
-            },
-            resources: ResourceDimension {
-                cpu: r.cpu,
-                memory_mb: r.memory_mb,
-                disk_mb: r.disk_mb,
-                network_mbps: r.network_mbps,
-                gpu: r.gpu,
-            },
-            attributes: reg.attributes.clone().into_iter().collect(),
-            state: AgentState::Online,
-            healthy: !reg.inventory_incomplete,
-            unhealthy_reason: if reg.inventory_incomplete { "docker daemon unreachable".into() } else { String::new() },
-            registered_ms: now_ms(),
-            terminating: false,
-            lost_ms: None,
-        };
-        agent.validate().map_err(Error::InvalidArgument)?;
+        let agent = crate::model::convert::agent_from_register(&reg, now_ms())?;
         replica.propose_as_leader(term, Command::RegisterAgent { agent }).await?;
 
         let (tx, rx) = mpsc::channel(4096);
@@ -635,7 +581,10 @@ pub async fn liveness(hub: Arc<AgentHub>, term: Term, mut stop: watch::Receiver<
                 tracing::warn!(agent_id = %a.id, silent_ms = last.elapsed().as_millis() as u64, "agent lost: its tasks will be replaced");
                 let lost = Command::AgentLost { agent_id: a.id.clone(), timestamp_ms: now_ms() };
                 match hub.replica.propose_as_leader(term, lost).await {
-                    Ok(_) => {}
+                    // A stream still open (a stalled agent's, say) is closed: the agent, if it
+                    // comes back, reconnects and registers again with what it runs — nothing else
+                    // would bring a Lost agent back while its old stream stayed up.
+                    Ok(_) => hub.disconnect(&a.id, "declared lost: register again"),
                     Err(e) => {
                         tracing::warn!(agent_id = %a.id, error = %e, "liveness: proposal failed; retrying next round")
                     }

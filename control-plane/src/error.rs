@@ -34,6 +34,9 @@ pub enum Error {
     /// A leader duty's write or side effect after this replica stopped leading in the duty's term.
     #[error("replica {node_id} no longer leads in term {term}: the duties of that term stop")]
     Deposed { node_id: NodeId, term: u64 },
+    /// This leader is handing leadership over: it writes nothing and asks no majority meanwhile.
+    #[error("replica {node_id} is stepping down")]
+    SteppingDown { node_id: NodeId },
     /// This leader could not confirm with a majority that it still leads.
     #[error("replica {node_id} could not confirm with a majority that it leads in term {term}: {why}")]
     Unconfirmed { node_id: NodeId, term: u64, why: String },
@@ -87,6 +90,7 @@ impl From<Error> for tonic::Status {
             | Error::Peer { .. }
             | Error::ShuttingDown { .. }
             | Error::Deposed { .. }
+            | Error::SteppingDown { .. }
             | Error::Unconfirmed { .. } => Code::Unavailable,
             Error::Raft(_) | Error::Storage(_) | Error::Config(_) => Code::Internal,
         };

@@ -92,7 +92,7 @@ impl LeaderDuties {
                 changed = metrics.changed() => if changed.is_err() { break },
                 _ = shutdown.changed() => break,
                 _ = quorum_lost => {
-                    duties.on_lose_leadership("no majority confirmed this leader for an election timeout").await;
+                    duties.on_lose_leadership("leadership no longer confirmed by a majority").await;
                     // Not leading in effect: wait a little before asking a majority again.
                     if !pause(Duration::from_millis(replica.raft.config().heartbeat_interval), &mut shutdown).await {
                         break;
@@ -182,9 +182,10 @@ impl LeaderDuties {
     }
 }
 
-/// Leader duty: confirms with a majority, every heartbeat interval, that this replica still leads
-/// in `term`, and says so on `lost` once it could not for an election timeout — then every duty
-/// stops and the agents' streams are dropped, so agents go to whichever replica a majority follows.
+/// Leader duty: asks a majority, every heartbeat interval, whether this replica still leads in
+/// `term`, and says so on `lost` once it could not for an election timeout, or at once when this
+/// leader steps down — then every duty stops and the agents' streams are dropped, so agents go to
+/// whichever replica a majority follows.
 async fn hold_lease(
     replica: Arc<Replica>,
     term: Term,
@@ -200,11 +201,16 @@ async fn hold_lease(
             return;
         }
         let outcome = tokio::select! {
-            r = replica.confirm_leader(term) => r,
+            r = replica.holds_majority(term) => r,
             _ = stop.changed() => return,
         };
         match outcome {
-            Ok(_) => confirmed = Instant::now(),
+            Ok(()) => confirmed = Instant::now(),
+            Err(e @ crate::Error::SteppingDown { .. }) => {
+                tracing::info!(node_id = replica.id, term = term.0, error = %e, "stepping down: stopping leader duties");
+                let _ = lost.send(());
+                return;
+            }
             Err(e) if confirmed.elapsed() >= lease => {
                 tracing::warn!(
                     node_id = replica.id,
@@ -280,7 +286,7 @@ async fn pause(period: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 async fn task_lifecycle(replica: Arc<Replica>, term: Term, config: JobsConfig, mut stop: watch::Receiver<bool>) {
     let cfg = config.lifecycle();
     let period = Duration::from_millis(config.lifecycle_interval_ms);
-    let retention_ms = config.archive_retention_hours as i64 * 3600 * 1000;
+    let retention_ms = i64::try_from(config.archive_retention_hours).unwrap_or(i64::MAX).saturating_mul(3600 * 1000);
     // Retention runs about once a minute, however often rounds run (they follow every change).
     let mut next_purge = std::time::Instant::now();
     let (_, mut changes) = replica.state.changes.subscribe(None);
@@ -322,9 +328,16 @@ async fn task_lifecycle(replica: Arc<Replica>, term: Term, config: JobsConfig, m
             }
         };
         if std::time::Instant::now() >= next_purge {
-            next_purge = std::time::Instant::now() + Duration::from_secs(60);
-            let jobs = replica.state.archived_jobs_finished_before(now - retention_ms, 1000).unwrap_or_default();
-            let tokens = replica.state.expired_tokens(now, 1000).unwrap_or_default();
+            const PURGE_BATCH: usize = 1000;
+            let jobs = replica
+                .state
+                .archived_jobs_finished_before(now.saturating_sub(retention_ms), PURGE_BATCH)
+                .unwrap_or_default();
+            let tokens = replica.state.expired_tokens(now, PURGE_BATCH).unwrap_or_default();
+            // A full batch means more are due: the next round purges again, so the purge keeps up
+            // with any write rate (at most 1,000 a minute once let the token table grow for good).
+            let more = jobs.len() >= PURGE_BATCH || tokens.len() >= PURGE_BATCH;
+            next_purge = std::time::Instant::now() + if more { Duration::ZERO } else { Duration::from_secs(60) };
             if !jobs.is_empty() || !tokens.is_empty() {
                 commands.push(Command::PurgeArchive { job_ids: jobs, tokens });
             }

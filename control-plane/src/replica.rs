@@ -159,7 +159,7 @@ impl Replica {
     pub fn leads_in(&self, term: Term) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
-        m.state == ServerState::Leader && m.current_term == term.0 && !self.is_stepping_down()
+        m.state == ServerState::Leader && m.current_term == term.0
     }
 
     /// The error a duty of `term` gets once this replica no longer leads in it.
@@ -170,11 +170,15 @@ impl Replica {
 
     /// Commits `command` for a leader duty of `term`: proposed only while this replica leads in
     /// that term, and never forwarded — a deposed leader's duty must not have its decisions
-    /// committed by the new leader. Bounded by the request timeout.
+    /// committed by the new leader. Nothing is proposed while this leader steps down (an entry
+    /// would renew its followers' lease). Bounded by the request timeout.
     pub async fn propose_as_leader(&self, term: Term, command: Command) -> Result<CommandResponse> {
         check_loggable(&command)?;
         if !self.leads_in(term) {
             return Err(self.deposed(term, "write"));
+        }
+        if self.is_stepping_down() {
+            return Err(Error::SteppingDown { node_id: self.id });
         }
         let timeout_ms = self.request_timeout.as_millis() as u64;
         let what = command.kind();
@@ -189,29 +193,23 @@ impl Replica {
         }
     }
 
-    /// Confirms with a majority that this replica still leads in `term`: heartbeats acknowledged
-    /// by a quorum in this term (openraft's read-index round, without waiting for apply). Called
-    /// right before each side effect outside the cluster, such as an AWS call. Answers the read
-    /// index: at least this term's first entry.
-    pub async fn confirm_leader(&self, term: Term) -> Result<Option<u64>> {
+    /// Asks a majority whether this replica still leads in `term`: heartbeats acknowledged by a
+    /// quorum in this term (openraft's read-index round, without waiting for apply). Answers the
+    /// read index — at least this term's first entry — and how long the round took.
+    async fn ask_majority(&self, term: Term) -> Result<(Option<u64>, Duration)> {
         if !self.leads_in(term) {
             return Err(self.deposed(term, "confirm"));
+        }
+        // A read-index round is a heartbeat round, which would renew the followers' lease.
+        if self.is_stepping_down() {
+            return Err(Error::SteppingDown { node_id: self.id });
         }
         // A round that a majority answers takes a heartbeat's time; one that hangs is as good as
         // an answer of no.
         let wait = Duration::from_millis(self.raft.config().election_timeout_max);
-        // Followers vote for no one else for an election timeout after acknowledging this leader,
-        // so a confirmation is only as good as it is quick: one that took longer (this process
-        // stalled, say, while a new leader was elected) proves nothing about now.
-        let trusted_for = Duration::from_millis(self.raft.config().election_timeout_min);
         let started = Instant::now();
         match tokio::time::timeout(wait, self.raft.get_read_log_id()).await {
-            Ok(Ok(_)) if started.elapsed() >= trusted_for => Err(Error::Unconfirmed {
-                node_id: self.id,
-                term: term.0,
-                why: format!("the confirmation took {} ms, too long to be trusted", started.elapsed().as_millis()),
-            }),
-            Ok(Ok((read_index, _))) if self.leads_in(term) => Ok(read_index.map(|l| l.index)),
+            Ok(Ok((read_index, _))) if self.leads_in(term) => Ok((read_index.map(|l| l.index), started.elapsed())),
             Ok(Ok(_)) | Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
                 Err(self.deposed(term, "confirm"))
             }
@@ -227,10 +225,34 @@ impl Replica {
         }
     }
 
-    /// [`Replica::confirm_leader`], then waits until this replica has applied up to the read
-    /// index — this term's first entry included — so that what duties read is complete.
+    /// Whether a majority still follows this replica in `term`, asked now (see
+    /// [`Replica::confirm_leader`] for the check before a side effect).
+    pub async fn holds_majority(&self, term: Term) -> Result<()> {
+        self.ask_majority(term).await.map(|_| ())
+    }
+
+    /// Confirms with a majority, just now, that this replica still leads in `term`: called right
+    /// before each side effect outside the cluster, such as an AWS call. Followers vote for no one
+    /// else for an election timeout after acknowledging this leader, so a confirmation is only as
+    /// good as it is quick: one that took longer (this process stalled, say, while a new leader
+    /// was elected) proves nothing about now, and is refused. Answers the read index.
+    pub async fn confirm_leader(&self, term: Term) -> Result<Option<u64>> {
+        let (read_index, took) = self.ask_majority(term).await?;
+        let trusted_for = Duration::from_millis(self.raft.config().election_timeout_min);
+        if took >= trusted_for {
+            return Err(Error::Unconfirmed {
+                node_id: self.id,
+                term: term.0,
+                why: format!("the confirmation took {} ms, too long to be trusted", took.as_millis()),
+            });
+        }
+        Ok(read_index)
+    }
+
+    /// Asks a majority whether this replica leads in `term`, then waits until it has applied up to
+    /// the read index — this term's first entry included — so that what duties read is complete.
     pub async fn confirm_leader_and_catch_up(&self, term: Term) -> Result<()> {
-        let read_index = self.confirm_leader(term).await?;
+        let (read_index, _) = self.ask_majority(term).await?;
         let wait = self.request_timeout;
         self.raft.wait(Some(wait)).applied_index_at_least(read_index, "leader catch-up").await.map_err(|_| {
             Error::Timeout {

@@ -96,5 +96,38 @@ fn main() {
     let blank =
         Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1), payload: openraft::EntryPayload::Blank };
     write(&root.join("raft_entry"), "seed-blank", &codec::encode(&blank).unwrap());
+    let agent_messages = [
+        pb::agent_message::Message::Register(pb::AgentRegister {
+            agent_id: "agent-1".into(),
+            instance_group: "default".into(),
+            resources: Some(pb::AgentResources {
+                cpu: 4.0,
+                memory_mb: 8192,
+                disk_mb: 10_000,
+                network_mbps: 1000,
+                gpu: 0,
+            }),
+            attributes: [("zone".to_string(), "us-east-1a".to_string())].into_iter().collect(),
+            ..Default::default()
+        }),
+        pb::agent_message::Message::Status(pb::AgentTask {
+            task_id: "t-1".into(),
+            state: pb::TaskState::TaskFinished as i32,
+            reason_code: "failed".into(),
+            reason_message: "exited with code 1".into(),
+            task_context: [
+                ("containerIp".to_string(), "172.17.0.2".to_string()),
+                ("exitCode".to_string(), "1".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }),
+        pb::agent_message::Message::Heartbeat(pb::AgentHeartbeat { healthy: false, unhealthy_reason: "docker".into() }),
+    ];
+    for (i, m) in agent_messages.into_iter().enumerate() {
+        let bytes = pb::AgentMessage { message: Some(m) }.encode_to_vec();
+        write(&root.join("agent_message"), &format!("seed-{i}"), &bytes);
+    }
     println!("seeds written under {}", root.display());
 }

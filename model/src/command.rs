@@ -100,6 +100,11 @@ pub enum Command {
         task_id: String,
         status: TaskStatus,
         context: BTreeMap<String, String>,
+        /// The state the proposer saw and decided from (a lifecycle timeout, a reconcile): the
+        /// update is rejected when the task has moved on since — a stale "stuck in Launched" plan
+        /// once killed a task that had just Started. None: from any state the transition allows.
+        #[serde(default)]
+        expected_state: Option<crate::task::TaskState>,
     },
     /// Task states reported by agents, batched: each applies like `UpdateTaskStatus` when the task
     /// is still placed on the reporting agent and the transition is legal; the others are skipped.
@@ -149,6 +154,10 @@ pub enum Command {
     /// Its instance is about to be terminated (capacity scale-down): no new tasks from now on.
     MarkAgentTerminating {
         agent_id: String,
+        /// False undoes it: the instance was kept after all (its agent got a task meanwhile, or
+        /// the termination failed). Entries written before this field existed meant true.
+        #[serde(default = "yes")]
+        terminating: bool,
     },
     /// The agent missed its heartbeats past the TTL: it is Lost and its live tasks Finished(lost).
     AgentLost {
@@ -222,6 +231,10 @@ pub enum Command {
         records: Vec<AuditRecord>,
         keep: u64,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One mutating call, as the audit log keeps it.

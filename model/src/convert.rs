@@ -334,3 +334,125 @@ pub fn attributes_from_proto(
         Err(Invalid(violations))
     }
 }
+
+/// Longest reason message kept from an agent's report or heartbeat.
+pub const MAX_AGENT_REASON_LEN: usize = 2048;
+
+/// An agent's registration as the replicated record it becomes (Online, registered at `now_ms`),
+/// every field checked: a NaN or infinite CPU count once reached the log this way and made every
+/// replica fail to read it back.
+pub fn agent_from_register(reg: &pb::AgentRegister, now_ms: i64) -> Result<crate::agent::Agent> {
+    use crate::agent::{Agent, AgentState, DEFAULT_INSTANCE_GROUP};
+    let r = reg.resources.clone().unwrap_or_default();
+    let agent = Agent {
+        id: reg.agent_id.clone(),
+        instance_group: if reg.instance_group.is_empty() {
+            DEFAULT_INSTANCE_GROUP.into()
+        } else {
+            reg.instance_group.clone()
+        },
+        resources: ResourceDimension {
+            cpu: r.cpu,
+            memory_mb: r.memory_mb,
+            disk_mb: r.disk_mb,
+            network_mbps: r.network_mbps,
+            gpu: r.gpu,
+        },
+        attributes: reg.attributes.clone().into_iter().collect(),
+        state: AgentState::Online,
+        healthy: !reg.inventory_incomplete,
+        unhealthy_reason: if reg.inventory_incomplete { "docker daemon unreachable".into() } else { String::new() },
+        registered_ms: now_ms,
+        terminating: false,
+        lost_ms: None,
+    };
+    agent.validate().map_err(Invalid)?;
+    Ok(agent)
+}
+
+/// A task state agent `agent_id` reported, as it may enter the log: a valid task id and state; a
+/// reason an agent may give (any other is kept as `failed`, the claimed code quoted in the
+/// message: an agent must not declare its failures `lost`, which do not count against retries);
+/// only the context keys an agent may set, each well formed (`containerIp` an IP address,
+/// `exitCode` a number; others are dropped: an agent that rewrote `agent` or `instanceId` could
+/// hold resources forever or mislead capacity); bounded text.
+pub fn agent_report(agent_id: &str, rt: pb::AgentTask, now_ms: i64) -> Result<crate::command::StatusReport> {
+    use crate::task::{context, reason};
+    crate::validate_name("task_id", &rt.task_id).map_err(|v| Invalid(vec![v]))?;
+    let state = task_state_from_proto("state", rt.state)?;
+    let mut reason_message = rt.reason_message;
+    let reason_code = if state == TaskState::Finished && rt.reason_code.is_empty() {
+        reason::NORMAL.to_string()
+    } else if rt.reason_code.is_empty() || reason::AGENT_MAY_REPORT.contains(&rt.reason_code.as_str()) {
+        rt.reason_code
+    } else {
+        reason_message = format!("{reason_message} (the agent reported {:?})", crate::truncated(&rt.reason_code));
+        reason::FAILED.to_string()
+    };
+    let context: BTreeMap<String, String> = rt
+        .task_context
+        .into_iter()
+        .filter(|(k, v)| match k.as_str() {
+            context::CONTAINER_IP => v.parse::<std::net::IpAddr>().is_ok(),
+            context::EXIT_CODE => v.parse::<i64>().is_ok(),
+            _ => false,
+        })
+        .collect();
+    let status = TaskStatus {
+        state,
+        reason_code,
+        reason_message: crate::bounded(reason_message, MAX_AGENT_REASON_LEN),
+        timestamp_ms: now_ms,
+    };
+    Ok(crate::command::StatusReport { task_id: rt.task_id, agent_id: agent_id.to_string(), status, context })
+}
+
+#[cfg(test)]
+mod agent_port_tests {
+    use super::*;
+    use crate::task::reason;
+
+    fn task(reason_code: &str, context: &[(&str, &str)]) -> pb::AgentTask {
+        pb::AgentTask {
+            task_id: "t1".into(),
+            state: pb::TaskState::TaskFinished as i32,
+            reason_code: reason_code.into(),
+            reason_message: "exited".into(),
+            task_context: context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_agent_cannot_claim_the_control_plane_s_reasons_or_context() {
+        let r = agent_report("a1", task(reason::LOST, &[]), 5).unwrap();
+        assert_eq!(r.status.reason_code, reason::FAILED, "lost would not count against retries");
+        assert!(r.status.reason_message.contains("\"lost\""), "{}", r.status.reason_message);
+        assert_eq!(agent_report("a1", task(reason::CRASHED, &[]), 5).unwrap().status.reason_code, reason::CRASHED);
+        let r = agent_report(
+            "a1",
+            task("", &[("agent", "a2"), ("instanceId", "i-other"), ("containerIp", "10.0.0.7"), ("exitCode", "137")]),
+            5,
+        )
+        .unwrap();
+        let keys: Vec<&str> = r.context.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["containerIp", "exitCode"]);
+        let r = agent_report("a1", task("", &[("containerIp", "not an address"), ("exitCode", "x")]), 5).unwrap();
+        assert!(r.context.is_empty(), "{:?}", r.context);
+        assert_eq!((r.status.reason_code.as_str(), r.status.timestamp_ms), (reason::NORMAL, 5));
+    }
+
+    #[test]
+    fn reports_are_bounded_and_checked() {
+        let mut t = task(reason::FAILED, &[]);
+        t.reason_message = "é".repeat(MAX_AGENT_REASON_LEN);
+        let r = agent_report("a1", t, 0).unwrap();
+        assert!(r.status.reason_message.len() <= MAX_AGENT_REASON_LEN);
+        let mut t = task("", &[]);
+        t.state = 99;
+        assert!(agent_report("a1", t, 0).is_err());
+        let mut t = task("", &[]);
+        t.task_id = "x".repeat(1000);
+        assert!(agent_report("a1", t, 0).is_err());
+    }
+}

@@ -80,14 +80,24 @@ impl JobApi {
     }
 
     /// Every job that may match `filter`: active ones, plus archived ones when it asks for them.
+    /// Active records are read first: a record only ever moves from active to archived, so one
+    /// that moves between the two reads is seen twice, never missed, and its archived copy is kept.
     fn candidate_jobs(&self, filter: &Filter) -> Result<Vec<(Job, bool)>> {
         let state = &self.replica.state;
         let mut jobs: Vec<(Job, bool)> = state.jobs()?.into_iter().map(|j| (j, false)).collect();
         if filter.wants_finished() {
             jobs.extend(state.archived_jobs()?.into_iter().map(|j| (j, true)));
         }
-        Ok(jobs)
+        Ok(prefer_archived(jobs, |j| &j.id))
     }
+}
+
+/// One record per id, the archived one where a record was read both active and archived (it
+/// finished between the reads: a job was once listed twice, KillInitiated and Finished).
+fn prefer_archived<T>(records: Vec<(T, bool)>, id: impl Fn(&T) -> &str) -> Vec<(T, bool)> {
+    let archived: std::collections::HashSet<String> =
+        records.iter().filter(|(_, a)| *a).map(|(r, _)| id(r).to_string()).collect();
+    records.into_iter().filter(|(r, a)| *a || !archived.contains(id(r))).collect()
 }
 
 #[tonic::async_trait]
@@ -194,6 +204,7 @@ impl JobManagementService for JobApi {
                 }
             }
         }
+        let mut tasks = prefer_archived(tasks, |t| &t.id);
         tasks.retain(|(t, _)| filter.matches_task(t));
         let (items, has_more, cursor, total) = paginate(tasks, |(t, _)| t.id.as_str(), page.page_size, &page.cursor)?;
         Ok(Response::new(pb::TaskQueryResult {
@@ -524,8 +535,24 @@ impl AgentTaskService for AgentTaskApi {
             }
         }
         let status = TaskStatus { state, reason_code, reason_message: r.reason_message, timestamp_ms: now_ms() };
-        let command =
-            Command::UpdateTaskStatus { task_id: r.task_id, status, context: r.task_context.into_iter().collect() };
+        let command = Command::UpdateTaskStatus {
+            task_id: r.task_id,
+            status,
+            context: r.task_context.into_iter().collect(),
+            expected_state: None,
+        };
         done(self.replica.propose(command, client_deadline(&request)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefer_archived;
+
+    #[test]
+    fn a_record_read_active_and_archived_is_listed_once_as_archived() {
+        let read = vec![(("j1", "KillInitiated"), false), (("j2", "Accepted"), false), (("j1", "Finished"), true)];
+        let listed = prefer_archived(read, |r| r.0);
+        assert_eq!(listed, vec![(("j2", "Accepted"), false), (("j1", "Finished"), true)]);
     }
 }

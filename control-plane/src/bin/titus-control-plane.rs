@@ -60,6 +60,9 @@ struct Args {
     /// An instance not registered as an agent within this long is terminated.
     #[arg(long)]
     capacity_registration_timeout_ms: Option<u64>,
+    /// A Lost agent's instance is kept this long after it was lost.
+    #[arg(long)]
+    capacity_lost_grace_ms: Option<u64>,
     /// A TOML file of the [security] settings alone (certificates, principals, tokens, limits,
     /// audit), kept apart from the rest with tighter permissions; replaces the config file's.
     #[arg(long, env = "TITUS_SECURITY_CONFIG")]
@@ -166,6 +169,7 @@ fn config_from(args: Args) -> Result<Config, String> {
             (args.capacity_idle_cooldown_ms, &mut c.idle_cooldown_ms),
             (args.capacity_unplaced_after_ms, &mut c.unplaced_after_ms),
             (args.capacity_registration_timeout_ms, &mut c.registration_timeout_ms),
+            (args.capacity_lost_grace_ms, &mut c.lost_grace_ms),
         ] {
             if let Some(v) = flag {
                 *setting = v;

@@ -167,7 +167,8 @@ impl Duty {
             let by_instance: HashMap<&str, &AgentLoad> = agents.iter().map(|a| (a.instance_id.as_str(), a)).collect();
             for (_, id, _) in &plan.terminate {
                 if let Some(a) = by_instance.get(id.as_str()) {
-                    self.propose(Command::MarkAgentTerminating { agent_id: a.agent_id.clone() }).await?;
+                    let cordon = Command::MarkAgentTerminating { agent_id: a.agent_id.clone(), terminating: true };
+                    self.propose(cordon).await?;
                 }
             }
             let allocation = allocation_by_agent(&self.replica.state)?;
@@ -175,12 +176,14 @@ impl Duty {
             // waits before the call).
             self.replica.confirm_leader(self.term).await?;
             let mut terminate = Vec::new();
+            let mut kept = Vec::new();
             for (group, id, why) in &plan.terminate {
                 let busy = by_instance
                     .get(id.as_str())
                     .is_some_and(|a| allocation.get(&a.agent_id).is_some_and(|x| x.live_tasks > 0));
                 if busy {
                     tracing::info!(group = %group, instance = %id, "capacity: agent got a task meanwhile; keeping its instance");
+                    kept.push(id.clone());
                     continue;
                 }
                 tracing::info!(group = %group, instance = %id, why = %why, "capacity: terminating instance");
@@ -196,7 +199,17 @@ impl Duty {
                         m.capacity_instances_terminated_total.inc(&[group, why]);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "capacity: TerminateInstances failed; retrying next round"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "capacity: TerminateInstances failed; retrying next round");
+                    kept.extend(ids);
+                }
+            }
+            // A cordon is undone when its instance stays: the agent takes tasks again.
+            for id in &kept {
+                if let Some(a) = by_instance.get(id.as_str()) {
+                    let uncordon = Command::MarkAgentTerminating { agent_id: a.agent_id.clone(), terminating: false };
+                    self.propose(uncordon).await?;
+                }
             }
         }
         for (id, count) in plan.launch {

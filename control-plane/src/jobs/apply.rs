@@ -84,9 +84,16 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
             kill_task(o, &task_id, shrink, prevent_min_size_update, timestamp_ms)?
         }
         Command::CreateTasks { tasks, archive } => create_tasks(o, tasks, archive)?,
-        Command::UpdateTaskStatus { task_id, status, context } => {
+        Command::UpdateTaskStatus { task_id, status, context, expected_state } => {
             let Some(task) = o.task(&task_id)? else { return Ok(Some(not_found("task_id", "task", &task_id)?)) };
-            update_status(o, task, status, context)?
+            match expected_state {
+                Some(seen) if seen != task.state() => reject(
+                    RejectionKind::FailedPrecondition,
+                    "expected_state",
+                    format!("task {task_id} is {:?} now, not {seen:?} as planned", task.state()),
+                )?,
+                _ => update_status(o, task, status, context)?,
+            }
         }
         Command::UpdateTaskStatuses { reports } => {
             for r in reports {
@@ -169,10 +176,10 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
             o.put_agent(agent);
             CommandResponse::Done
         }
-        Command::MarkAgentTerminating { agent_id } => match o.agent(&agent_id)? {
+        Command::MarkAgentTerminating { agent_id, terminating } => match o.agent(&agent_id)? {
             None => not_found("agent_id", "agent", &agent_id)?,
             Some(mut a) => {
-                a.terminating = true;
+                a.terminating = terminating;
                 o.put_agent(a);
                 CommandResponse::Done
             }

@@ -47,7 +47,12 @@ fn elapsed(since_ms: i64, delay_ms: u64, now: i64) -> bool {
 }
 
 fn update(task: &Task, status: TaskStatus) -> Command {
-    Command::UpdateTaskStatus { task_id: task.id.clone(), status, context: BTreeMap::new() }
+    Command::UpdateTaskStatus {
+        task_id: task.id.clone(),
+        status,
+        context: BTreeMap::new(),
+        expected_state: Some(task.state()),
+    }
 }
 
 /// A new task at `index`, replacing `previous` when there is one.

@@ -89,6 +89,7 @@ impl Sim {
                 timestamp_ms: self.now,
             },
             context: Default::default(),
+            expected_state: None,
         });
     }
 }
@@ -301,6 +302,7 @@ fn a_drained_agents_service_tasks_move_one_budget_at_a_time() {
                     timestamp_ms: sim.now,
                 },
                 context: [(context::AGENT.to_string(), agent.to_string())].into(),
+                expected_state: None,
             });
         }
     };
@@ -369,4 +371,31 @@ fn out_of_bounds_durations_already_in_the_state_neither_panic_nor_kill() {
         sim.settle();
         assert!(sim.live(&job).is_empty(), "the retry waits out its delay");
     }
+}
+
+/// A plan made from a stale view once killed a task that had just Started: its "stuck in
+/// Launched" kill only checked that Started -> KillInitiated is a legal transition.
+#[test]
+fn a_stale_timeout_plan_does_not_kill_a_task_that_moved_on() {
+    let mut sim = Sim::new();
+    let job = sim.create(batch_descriptor(1));
+    sim.settle();
+    let t = sim.live(&job)[0].clone();
+    sim.report(&t.id, TaskState::Launched, "");
+    // The lifecycle plans from a view where the task is stuck in Launched...
+    sim.now += 61_000;
+    let mut ids = || "unused".to_string();
+    let stale = plan(&sim.store, sim.now, &LifecycleConfig::default(), &mut ids).unwrap();
+    assert!(
+        stale.iter().any(|c| matches!(c, Command::UpdateTaskStatus { task_id, .. } if *task_id == t.id)),
+        "{stale:?}"
+    );
+    // ...the task starts before the plan is applied...
+    sim.report(&t.id, TaskState::Started, "");
+    for c in stale {
+        let r = sim.run(c);
+        assert!(matches!(r, CommandResponse::Rejected(_)), "the stale kill is rejected: {r:?}");
+    }
+    // ...and it keeps running.
+    assert_eq!(sim.store.task(&t.id).unwrap().unwrap().state(), TaskState::Started);
 }

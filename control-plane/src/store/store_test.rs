@@ -142,6 +142,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
                 task_id: format!("t{i:02}"),
                 status: status(state),
                 context: Default::default(),
+                expected_state: None,
             },
         );
     }

@@ -220,6 +220,16 @@ impl Cluster {
         addrs
     }
 
+    /// Stops replica `id` in its tracks (SIGSTOP): a stalled process, as its peers see it.
+    pub fn pause(&mut self, id: u64) {
+        signal(self.replica_mut(id).process.as_ref().expect("replica running").id(), "STOP");
+    }
+
+    /// Lets a paused replica go on (SIGCONT).
+    pub fn resume(&mut self, id: u64) {
+        signal(self.replica_mut(id).process.as_ref().expect("replica running").id(), "CONT");
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut p) = self.replica_mut(id).process.take() {
@@ -379,6 +389,16 @@ impl Cluster {
             let _ = p.kill();
             let _ = p.wait();
         }
+    }
+
+    /// Stops agent `id` in its tracks (SIGSTOP): a stalled host, as the control plane sees it.
+    pub fn pause_agent(&mut self, id: &str) {
+        signal(self.agent_mut(id).process.as_ref().expect("agent running").id(), "STOP");
+    }
+
+    /// Lets a paused agent go on (SIGCONT).
+    pub fn resume_agent(&mut self, id: &str) {
+        signal(self.agent_mut(id).process.as_ref().expect("agent running").id(), "CONT");
     }
 
     pub fn restart_agent(&mut self, id: &str) {
@@ -735,4 +755,10 @@ pub fn sleeping_service(app: &str, cpu: f64, memory_mb: u32, desired: u32) -> ti
         })),
         ..Default::default()
     }
+}
+
+/// Sends `SIG<name>` to process `pid`.
+pub fn signal(pid: u32, name: &str) {
+    let ok = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().map(|s| s.success());
+    assert!(matches!(ok, Ok(true)), "kill -{name} {pid} failed");
 }
