@@ -553,7 +553,8 @@ impl Auditor {
 /// given up, loudly.
 async fn commit(replica: &Replica, records: Vec<AuditRecord>, keep: u64) {
     let n = records.len();
-    let command = Command::AppendAudit { records, keep };
+    // One id for every attempt: a repeat after an unknown outcome is appended once.
+    let command = Command::AppendAudit { records, keep, batch_id: uuid::Uuid::new_v4().to_string() };
     let mut backoff = Duration::from_millis(50);
     let started = std::time::Instant::now();
     loop {

@@ -76,7 +76,11 @@ impl LeaderDuties {
                         break;
                     }
                 }
-                (true, Some(running)) if running != term => duties.on_lose_leadership("the term changed").await,
+                (true, Some(running)) if running != term => {
+                    // Leading again, in a newer term: this term's duties start afresh, at once.
+                    duties.on_lose_leadership("the term changed").await;
+                    continue;
+                }
                 (false, Some(_)) => duties.on_lose_leadership("no longer leader").await,
                 _ => {}
             }

@@ -16,6 +16,7 @@
 //! - [`telemetry`] / [`admin`]: metrics, the gRPC request-id and timing layer, and the admin port
 //!   (/metrics, /healthz, /readyz, the read-only web view).
 //! - [`node`]: wires all of it together and runs it until shutdown.
+//! - [`clock`]: the wall clock, at the bottom: every layer may read it.
 //! - [`error`]: the crate's error enum and its one conversion to `tonic::Status`.
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod capacity;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;

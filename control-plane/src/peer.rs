@@ -95,7 +95,9 @@ impl RaftPeer for PeerService {
     }
 
     async fn propose(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let command: Command = self.accept(request)?;
+        let mut command: Command = self.accept(request)?;
+        // The leader's clock decides the times a command carries (see `Command::restamp`).
+        command.restamp(crate::clock::now_ms());
         // The forwarding replica checked it too; nothing from a port reaches the log unchecked.
         let result: Result<CommandResponse, ForwardError> = if self.stepping_down.load(Ordering::Acquire) {
             Err(NOT_NOW)

@@ -126,7 +126,10 @@ impl Replica {
                 self.wait_for_leader(deadline).await?;
                 continue;
             }
-            let route = match self.raft.client_write(command.clone()).await {
+            // Proposed here only if this replica leads: its clock decides (see `Command::restamp`).
+            let mut stamped = command.clone();
+            stamped.restamp(crate::clock::now_ms());
+            let route = match self.raft.client_write(stamped).await {
                 Ok(r) => return Ok(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     self.route(f.leader_id, f.leader_node)

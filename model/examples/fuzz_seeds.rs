@@ -84,6 +84,7 @@ fn main() {
                 request_id: "r-1".into(),
             }],
             keep: 10,
+            batch_id: "b-1".into(),
         },
     ];
     for (i, command) in commands.into_iter().enumerate() {

@@ -230,6 +230,10 @@ pub enum Command {
     AppendAudit {
         records: Vec<AuditRecord>,
         keep: u64,
+        /// Names the batch: one proposed again after an unknown outcome (a timeout) is appended
+        /// once. Empty (entries from before it existed): not deduplicated.
+        #[serde(default)]
+        batch_id: String,
     },
 }
 
@@ -275,6 +279,21 @@ pub struct Assignment {
 }
 
 impl Command {
+    /// Restamps the times that must be the leader's: a command built on the replica that took the
+    /// call carries that replica's clock, and a CreateJob retried through another replica had its
+    /// token's expiry judged by a third clock. The leader calls this right before proposing.
+    pub fn restamp(&mut self, now_ms: i64) {
+        match self {
+            Command::CreateJob { job, token_expires_ms, .. } => {
+                let ttl = token_expires_ms.saturating_sub(job.status.timestamp_ms);
+                job.status.timestamp_ms = now_ms;
+                *token_expires_ms = now_ms.saturating_add(ttl);
+            }
+            Command::Once { command, .. } => command.restamp(now_ms),
+            _ => {}
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -355,6 +374,31 @@ pub struct Rejection {
 impl Rejection {
     pub fn new(kind: RejectionKind, field: &str, message: impl Into<String>) -> Self {
         Rejection { kind, field: field.to_string(), message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod restamp_tests {
+    use super::*;
+    use crate::job::fixtures::batch_descriptor;
+    use crate::job::{JobState, JobStatus};
+
+    #[test]
+    fn the_leader_s_clock_decides_a_job_s_times() {
+        let status = JobStatus {
+            state: JobState::Accepted,
+            reason_code: String::new(),
+            reason_message: String::new(),
+            timestamp_ms: 1_000,
+        };
+        let job = Job { id: "j".into(), descriptor: batch_descriptor(1), status, status_history: Vec::new() };
+        let create = Command::CreateJob { job, idempotency_token: Some("t".into()), token_expires_ms: 1_000 + 60_000 };
+        let mut once = Command::Once { key: "k".into(), expires_ms: 9, command: Box::new(create) };
+        once.restamp(5_000);
+        let Command::Once { command, expires_ms, .. } = once else { unreachable!() };
+        assert_eq!(expires_ms, 9, "the request key's own expiry is untouched");
+        let Command::CreateJob { job, token_expires_ms, .. } = *command else { unreachable!() };
+        assert_eq!((job.status.timestamp_ms, token_expires_ms), (5_000, 65_000), "same TTL, from the leader's now");
     }
 }
 

@@ -17,9 +17,7 @@ pub struct CapacityGroupApi {
     pub replica: Arc<Replica>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use crate::clock::now_ms;
 
 fn expect_group(response: CommandResponse) -> Result<pb::CapacityGroup, Status> {
     match response {

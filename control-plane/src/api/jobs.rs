@@ -41,9 +41,7 @@ pub struct JobApi {
     pub replica: Arc<Replica>,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 fn done(response: CommandResponse) -> std::result::Result<Response<pb::Empty>, Status> {
     match response {

@@ -141,7 +141,21 @@ impl StateMachine {
                 }
             }
             Command::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
-            Command::AppendAudit { records, keep } => self.append_audit(batch, records, keep)?,
+            Command::AppendAudit { records, keep, batch_id } => {
+                // A batch proposed again after an unknown outcome is appended once: its id is kept
+                // as a token for a day past its newest record.
+                let key = format!("audit-batch/{batch_id}");
+                if !batch_id.is_empty() && self.reader.token(&key).map_err(|e| err(&e))?.is_some() {
+                    return Ok(CommandResponse::Done);
+                }
+                if !batch_id.is_empty() {
+                    let newest = records.iter().map(|r| r.time_ms).max().unwrap_or(0);
+                    let record = TokenRecord { result: String::new(), expires_ms: newest.saturating_add(TOKEN_TTL_MS) };
+                    let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
+                    batch.put_cf(tokens, key.as_bytes(), codec::encode(&record).map_err(|e| err(&e))?);
+                }
+                self.append_audit(batch, records, keep)?
+            }
             Command::RestoreRecords { restore_id, family, records } => {
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);

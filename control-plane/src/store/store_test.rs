@@ -274,12 +274,22 @@ fn the_audit_log_numbers_in_apply_order_keeps_the_newest_and_stays_out_of_backup
         request_id: String::new(),
     };
     for (i, batch) in [vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9]].into_iter().enumerate() {
-        let command = Command::AppendAudit { records: batch.into_iter().map(record).collect(), keep: 5 };
+        let command = Command::AppendAudit {
+            records: batch.into_iter().map(record).collect(),
+            keep: 5,
+            batch_id: format!("b{i}"),
+        };
         let entry = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
-            payload: EntryPayload::Normal(command),
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2 * i as u64 + 1),
+            payload: EntryPayload::Normal(command.clone()),
         };
         futures::executor::block_on(sm.apply([entry])).unwrap();
+        // Proposed again after an unknown outcome: appended once.
+        let again = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2 * i as u64 + 2),
+            payload: EntryPayload::Normal(command),
+        };
+        futures::executor::block_on(sm.apply([again])).unwrap();
     }
     let (all, last) = reader.audit_records(0, 100, 100, |_| true).unwrap();
     assert_eq!(all.iter().map(|(s, r)| (*s, r.time_ms)).collect::<Vec<_>>(), [(5, 5), (6, 6), (7, 7), (8, 8), (9, 9)]);
