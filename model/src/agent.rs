@@ -40,6 +40,11 @@ pub struct InstanceGroup {
     /// EC2 answers with the instances of the first call instead of launching more.
     #[serde(default)]
     pub pending_launch: Option<LaunchIntent>,
+    /// Instances about to be terminated, written ahead of the TerminateInstances call: a new leader
+    /// finishes the call — after checking again that none of them has an agent with live tasks —
+    /// instead of an instance going without a trace in the replicated state.
+    #[serde(default)]
+    pub pending_terminations: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

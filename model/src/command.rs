@@ -142,6 +142,12 @@ pub enum Command {
         id: String,
         intent: Option<LaunchIntent>,
     },
+    /// Writes the instances about to be terminated ahead of the TerminateInstances call, or clears
+    /// them (empty) once it is done.
+    SetTerminationIntent {
+        id: String,
+        instances: Vec<String>,
+    },
     /// An agent (re)registered with its resources and attributes; it is Online again.
     RegisterAgent {
         agent: Agent,
@@ -319,6 +325,7 @@ impl Command {
             Command::SetInstanceGroupLifecycle { .. } => "set_instance_group_lifecycle",
             Command::SetInstanceGroupDesired { .. } => "set_instance_group_desired",
             Command::SetLaunchIntent { .. } => "set_launch_intent",
+            Command::SetTerminationIntent { .. } => "set_termination_intent",
             Command::RegisterAgent { .. } => "register_agent",
             Command::SetAgentHealth { .. } => "set_agent_health",
             Command::AgentLost { .. } => "agent_lost",

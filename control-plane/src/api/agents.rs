@@ -165,6 +165,7 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
         desired: g.desired,
         max: g.max,
         pending_launch: None,
+        pending_terminations: Vec::new(),
     })
 }
 

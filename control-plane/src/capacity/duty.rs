@@ -82,10 +82,16 @@ impl Duty {
         let cluster = state.cluster_id().unwrap_or_default();
         let now = now_ms();
 
-        // A launch written ahead by this or an earlier leader is finished first.
+        // A launch or termination written ahead by this or an earlier leader is finished first.
         for g in &groups {
             if let Some(intent) = &g.pending_launch {
                 self.launch(g, intent, &cluster).await?;
+            }
+            if !g.pending_terminations.is_empty() {
+                let why = "finishing a termination written ahead".to_string();
+                let instances: Vec<(String, String)> =
+                    g.pending_terminations.iter().map(|id| (id.clone(), why.clone())).collect();
+                self.finish_terminations(&g.id, &instances).await?;
             }
         }
 
@@ -171,38 +177,16 @@ impl Duty {
                     self.propose(cordon).await?;
                 }
             }
-            let allocation = allocation_by_agent(&self.replica.state)?;
-            // Fenced: only while a majority still follows this leader in its term (nothing below
-            // waits before the call).
-            self.replica.confirm_leader(self.term).await?;
-            let mut terminate = Vec::new();
-            let mut kept = Vec::new();
+            let mut per_group: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
             for (group, id, why) in &plan.terminate {
-                let busy = by_instance
-                    .get(id.as_str())
-                    .is_some_and(|a| allocation.get(&a.agent_id).is_some_and(|x| x.live_tasks > 0));
-                if busy {
-                    tracing::info!(group = %group, instance = %id, "capacity: agent got a task meanwhile; keeping its instance");
-                    kept.push(id.clone());
-                    continue;
-                }
-                tracing::info!(group = %group, instance = %id, why = %why, "capacity: terminating instance");
-                terminate.push((group.clone(), id.clone(), why.clone()));
+                per_group.entry(group.clone()).or_default().push((id.clone(), why.clone()));
             }
-            let ids: Vec<String> = terminate.iter().map(|t| t.1.clone()).collect();
-            let result = self.aws.terminate_instances(&ids).await;
-            let m = crate::telemetry::metrics();
-            m.aws_calls_total.inc(&["capacity", "TerminateInstances", crate::telemetry::aws_outcome(&result)]);
-            match result {
-                Ok(()) => {
-                    for (group, _, why) in &terminate {
-                        m.capacity_instances_terminated_total.inc(&[group, why]);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "capacity: TerminateInstances failed; retrying next round");
-                    kept.extend(ids);
-                }
+            let mut kept = Vec::new();
+            for (group, instances) in per_group {
+                // Written ahead: a new leader finishes the call (see `finish_terminations`).
+                let ids = instances.iter().map(|(id, _)| id.clone()).collect();
+                self.propose(Command::SetTerminationIntent { id: group.clone(), instances: ids }).await?;
+                kept.extend(self.finish_terminations(&group, &instances).await?);
             }
             // A cordon is undone when its instance stays: the agent takes tasks again.
             for id in &kept {
@@ -224,6 +208,55 @@ impl Duty {
             self.launch(g, &intent, &cluster).await?;
         }
         Ok(())
+    }
+
+    /// Terminates the instances of `group` written ahead (instance id, why) — except any whose
+    /// agent, Online or Lost, holds live tasks in the replicated state now — and clears the intent
+    /// once EC2 answered. Answers the instances kept.
+    async fn finish_terminations(&self, group: &str, instances: &[(String, String)]) -> crate::Result<Vec<String>> {
+        let state = &self.replica.state;
+        let allocation = allocation_by_agent(state)?;
+        let busy: std::collections::HashSet<String> = state
+            .agents()?
+            .into_iter()
+            .filter(|a| allocation.get(&a.id).is_some_and(|x| x.live_tasks > 0))
+            .filter_map(|a| a.attributes.get(INSTANCE_ID_ATTRIBUTE).cloned())
+            .collect();
+        let (kept, go): (Vec<&(String, String)>, Vec<&(String, String)>) =
+            instances.iter().partition(|(id, _)| busy.contains(id));
+        for (id, _) in &kept {
+            tracing::info!(group, instance = %id, "capacity: agent got a task meanwhile; keeping its instance");
+        }
+        let clear = Command::SetTerminationIntent { id: group.to_string(), instances: Vec::new() };
+        if go.is_empty() {
+            self.propose(clear).await?;
+            return Ok(kept.into_iter().map(|(id, _)| id.clone()).collect());
+        }
+        // Fenced: only while a majority still follows this leader in its term (nothing below
+        // waits before the call).
+        self.replica.confirm_leader(self.term).await?;
+        for (id, why) in &go {
+            tracing::info!(group, instance = %id, why = %why, "capacity: terminating instance");
+        }
+        let ids: Vec<String> = go.iter().map(|(id, _)| id.clone()).collect();
+        let result = self.aws.terminate_instances(&ids).await;
+        let m = crate::telemetry::metrics();
+        m.aws_calls_total.inc(&["capacity", "TerminateInstances", crate::telemetry::aws_outcome(&result)]);
+        let mut kept: Vec<String> = kept.into_iter().map(|(id, _)| id.clone()).collect();
+        match result {
+            Ok(()) => {
+                for (_, why) in &go {
+                    m.capacity_instances_terminated_total.inc(&[group, why]);
+                }
+                self.propose(clear).await?;
+            }
+            // The intent stays: the next round (or the next leader) makes the call again.
+            Err(e) => {
+                tracing::warn!(group, error = %e, "capacity: TerminateInstances failed; retrying next round");
+                kept.extend(ids);
+            }
+        }
+        Ok(kept)
     }
 
     /// Calls RunInstances for a written-ahead launch and clears it when EC2 answered.

@@ -25,6 +25,7 @@ fn group(id: &str, tier: Tier, lifecycle: Lifecycle, min: u32, desired: u32, max
         desired,
         max,
         pending_launch: None,
+        pending_terminations: Vec::new(),
     }
 }
 

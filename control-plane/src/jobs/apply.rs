@@ -135,6 +135,7 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
         Command::UpsertInstanceGroup { mut group } => {
             if let Some(existing) = o.instance_group(&group.id)? {
                 group.pending_launch = existing.pending_launch;
+                group.pending_terminations = existing.pending_terminations;
             }
             o.put_instance_group(group.clone());
             CommandResponse::InstanceGroup(group)
@@ -156,6 +157,14 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
             None => not_found("id", "instance group", &id)?,
             Some(mut g) => {
                 g.pending_launch = intent;
+                o.put_instance_group(g);
+                CommandResponse::Done
+            }
+        },
+        Command::SetTerminationIntent { id, instances } => match o.instance_group(&id)? {
+            None => not_found("id", "instance group", &id)?,
+            Some(mut g) => {
+                g.pending_terminations = instances;
                 o.put_instance_group(g);
                 CommandResponse::Done
             }

@@ -399,3 +399,34 @@ fn a_stale_timeout_plan_does_not_kill_a_task_that_moved_on() {
     // ...and it keeps running.
     assert_eq!(sim.store.task(&t.id).unwrap().unwrap().state(), TaskState::Started);
 }
+
+/// Terminations are written ahead like launches; an operator's update of the group keeps them.
+#[test]
+fn a_termination_written_ahead_survives_an_update_of_its_group() {
+    use crate::model::agent::{InstanceGroup, Lifecycle};
+    let mut sim = Sim::new();
+    let group = InstanceGroup {
+        id: "g".into(),
+        tier: crate::model::Tier::Flex,
+        lifecycle: Lifecycle::Active,
+        attributes: Default::default(),
+        launch: None,
+        min: 0,
+        desired: 2,
+        max: 4,
+        pending_launch: None,
+        pending_terminations: Vec::new(),
+    };
+    let pending = |sim: &Sim| sim.store.instance_group("g").unwrap().unwrap().pending_terminations;
+    sim.run(Command::UpsertInstanceGroup { group: group.clone() });
+    let intent = Command::SetTerminationIntent { id: "g".into(), instances: vec!["i-1".into(), "i-2".into()] };
+    assert_eq!(sim.run(intent), CommandResponse::Done);
+    sim.run(Command::UpsertInstanceGroup { group: InstanceGroup { desired: 3, ..group } });
+    assert_eq!(pending(&sim), vec!["i-1".to_string(), "i-2".to_string()]);
+    assert_eq!(sim.run(Command::SetTerminationIntent { id: "g".into(), instances: Vec::new() }), CommandResponse::Done);
+    assert!(pending(&sim).is_empty());
+    assert!(matches!(
+        sim.run(Command::SetTerminationIntent { id: "nope".into(), instances: Vec::new() }),
+        CommandResponse::Rejected(_)
+    ));
+}
