@@ -616,3 +616,83 @@ mod renewal_tests {
         assert!(due_for_renewal(10, 5, 0), "nonsense validity: renew");
     }
 }
+
+#[cfg(test)]
+mod ordering_tests {
+    use super::*;
+
+    fn agent() -> (Arc<Agent>, mpsc::UnboundedReceiver<pb::AgentTask>) {
+        let config: AgentConfig =
+            toml::from_str("agent-id = \"a1\"\nservers = [\"127.0.0.1:1\"]\ninsecure = true").unwrap();
+        let (reports, rx) = mpsc::unbounded_channel();
+        let agent = Agent {
+            config,
+            docker: Runtime::Simulated(SimRuntime::default()),
+            killing: Mutex::default(),
+            oom_killed: Mutex::default(),
+            ops: Mutex::default(),
+            reports,
+            tls: None,
+        };
+        (Arc::new(agent), rx)
+    }
+
+    fn assign(task_id: &str) -> pb::control_message::Message {
+        pb::control_message::Message::Assign(pb::TaskAssignment {
+            task_id: task_id.into(),
+            job_id: "j1".into(),
+            container: None,
+        })
+    }
+
+    fn kill(task_id: &str) -> pb::control_message::Message {
+        pb::control_message::Message::Kill(pb::KillTaskCommand { task_id: task_id.into(), grace_period_ms: 0 })
+    }
+
+    /// Until every task's queue of operations is done (bounded).
+    async fn drained(agent: &Agent) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !agent.ops.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "operations still queued after 5 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn states(rx: &mut mpsc::UnboundedReceiver<pb::AgentTask>) -> Vec<(pb::TaskState, String)> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            out.push((pb::TaskState::try_from(r.state).unwrap(), r.reason_code));
+        }
+        out
+    }
+
+    /// Assign, Kill and Forget once ran as independent tasks: a kill could overtake the launch it
+    /// was meant to cancel, and the container then ran with its resources freed.
+    #[tokio::test]
+    async fn a_task_killed_before_its_container_starts_never_starts() {
+        let (agent, mut rx) = agent();
+        agent.handle(assign("t1")).await;
+        agent.handle(kill("t1")).await;
+        drained(&agent).await;
+        assert!(agent.docker.observe_with("t1", false, false).await.unwrap().is_none(), "it never started");
+        let seen = states(&mut rx);
+        assert!(seen.iter().all(|(s, _)| *s == pb::TaskState::TaskFinished), "{seen:?}");
+        assert!(seen.iter().any(|(_, reason)| reason == "killed"), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn operations_on_one_task_run_in_the_order_sent() {
+        let (agent, mut rx) = agent();
+        agent.handle(assign("t2")).await;
+        drained(&agent).await;
+        let started = states(&mut rx);
+        assert_eq!(started.last().map(|s| s.0), Some(pb::TaskState::TaskStarted), "{started:?}");
+        agent.handle(kill("t2")).await;
+        agent.handle(pb::control_message::Message::Forget(pb::ForgetTask { task_id: "t2".into() })).await;
+        drained(&agent).await;
+        // Stopped, then forgotten — in that order: nothing of it is left, and it was reported killed.
+        assert!(agent.docker.observe_with("t2", false, false).await.unwrap().is_none());
+        let stopped = states(&mut rx);
+        assert!(stopped.iter().any(|(s, r)| *s == pb::TaskState::TaskFinished && r == "killed"), "{stopped:?}");
+    }
+}
