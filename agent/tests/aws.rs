@@ -330,15 +330,14 @@ async fn t440_unplaceable_tasks_launch_instances_and_idle_agents_are_terminated_
     let dir = tempfile::TempDir::new().unwrap();
     let moto = Moto::start(dir.path());
     let (_, ec2) = moto.sdk().await;
-    let mut args = aws_args(&moto.url, 60_000);
-    for (k, v) in [
-        ("--capacity-interval-ms", "500"),
-        ("--capacity-unplaced-after-ms", "500"),
-        ("--capacity-idle-cooldown-ms", "3000"),
-    ] {
-        args.push(k.into());
-        args.push(v.into());
-    }
+    let args = with_flags(
+        aws_args(&moto.url, 60_000),
+        &[
+            ("--capacity-interval-ms", "500"),
+            ("--capacity-unplaced-after-ms", "500"),
+            ("--capacity-idle-cooldown-ms", "3000"),
+        ],
+    );
     let mut cluster = start(&args);
     let client = cluster.client();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
@@ -480,6 +479,34 @@ async fn t450_a_refused_call_is_shown_and_retried_not_orphaned_and_clears_once_a
     .await;
 }
 
+/// An Active Flex instance group of `size` (min = desired = max) m5.large instances in EC2.
+fn ec2_group(id: &str, size: u32) -> pb::InstanceGroup {
+    pb::InstanceGroup {
+        id: id.into(),
+        tier: pb::Tier::Flex as i32,
+        lifecycle: pb::InstanceGroupLifecycle::IgActive as i32,
+        launch: Some(pb::LaunchSettings {
+            image_id: "ami-12c6146b".into(),
+            instance_type: "m5.large".into(),
+            instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
+            ..Default::default()
+        }),
+        min: size,
+        desired: size,
+        max: size,
+        ..Default::default()
+    }
+}
+
+/// Capacity's flags, in pairs, after the AWS ones.
+fn with_flags(mut args: Vec<String>, flags: &[(&str, &str)]) -> Vec<String> {
+    for (k, v) in flags {
+        args.push(k.to_string());
+        args.push(v.to_string());
+    }
+    args
+}
+
 /// An agent silent past its heartbeat TTL (a stalled host, a partition) was once taken for an
 /// instance that never registered: its instance was terminated 0.75 s after the agent was declared
 /// lost, under its still-running container. Its instance is kept for the grace period now, its
@@ -490,38 +517,20 @@ async fn t460_a_silent_agent_keeps_its_instance_and_its_container() {
     let dir = tempfile::TempDir::new().unwrap();
     let moto = Moto::start(dir.path());
     let (_, ec2) = moto.sdk().await;
-    let mut args = aws_args(&moto.url, 60_000);
-    for (k, v) in [
-        ("--capacity-interval-ms", "300"),
-        ("--capacity-registration-timeout-ms", "1000"),
-        ("--capacity-lost-grace-ms", "600000"),
-        ("--agent-heartbeat-ttl-ms", "3000"),
-    ] {
-        args.push(k.into());
-        args.push(v.into());
-    }
+    let args = with_flags(
+        aws_args(&moto.url, 60_000),
+        &[
+            ("--capacity-interval-ms", "300"),
+            ("--capacity-registration-timeout-ms", "1000"),
+            ("--capacity-lost-grace-ms", "600000"),
+            ("--agent-heartbeat-ttl-ms", "3000"),
+        ],
+    );
     let mut cluster = start(&args);
     let client = cluster.client();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     let group = "ec2-keep";
-    client
-        .put_instance_group(pb::InstanceGroup {
-            id: group.into(),
-            tier: pb::Tier::Flex as i32,
-            lifecycle: pb::InstanceGroupLifecycle::IgActive as i32,
-            launch: Some(pb::LaunchSettings {
-                image_id: "ami-12c6146b".into(),
-                instance_type: "m5.large".into(),
-                instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
-                ..Default::default()
-            }),
-            min: 1,
-            desired: 1,
-            max: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    client.put_instance_group(ec2_group(group, 1)).await.unwrap();
     let instance = wait_until(SETTLE, "the group's instance", || async {
         let v = live_instances(&ec2, group).await;
         (v.len() == 1).then(|| v[0].0.clone())
@@ -585,34 +594,16 @@ async fn t470_a_deposed_leader_makes_no_aws_call() {
     // with the round's next calls still to come when the old leader resumes.
     let slow = FaultConfig { latency_rate: 1.0, latency_ms: 300, ..Default::default() };
     let proxy = Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), slow).await.unwrap();
-    let mut args = aws_args(&proxy.url(), 60_000);
     // No agent ever registers: each round terminates the instances past the registration timeout
     // and launches others, so the capacity duty calls EC2 all the time.
-    for (k, v) in [("--capacity-interval-ms", "200"), ("--capacity-registration-timeout-ms", "600")] {
-        args.push(k.into());
-        args.push(v.into());
-    }
+    let args = with_flags(
+        aws_args(&proxy.url(), 60_000),
+        &[("--capacity-interval-ms", "200"), ("--capacity-registration-timeout-ms", "600")],
+    );
     let mut cluster = start(&args);
     let client = cluster.client();
     let old = cluster.wait_for_leader(Duration::from_secs(30)).await;
-    client
-        .put_instance_group(pb::InstanceGroup {
-            id: "churn".into(),
-            tier: pb::Tier::Flex as i32,
-            lifecycle: pb::InstanceGroupLifecycle::IgActive as i32,
-            launch: Some(pb::LaunchSettings {
-                image_id: "ami-12c6146b".into(),
-                instance_type: "m5.large".into(),
-                instance_resources: Some(pb::AgentResources { cpu: 2.0, memory_mb: 4096, ..Default::default() }),
-                ..Default::default()
-            }),
-            min: 2,
-            desired: 2,
-            max: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    client.put_instance_group(ec2_group("churn", 2)).await.unwrap();
     let calls = |samples: &[common::Sample], api: &str| {
         common::value(samples, "titus_aws_calls_total", &[("duty", "capacity"), ("api", api)])
     };
