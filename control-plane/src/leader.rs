@@ -293,6 +293,10 @@ async fn task_lifecycle(replica: Arc<Replica>, term: Term, config: JobsConfig, m
     let retention_ms = i64::try_from(config.archive_retention_hours).unwrap_or(i64::MAX).saturating_mul(3600 * 1000);
     // Retention runs about once a minute, however often rounds run (they follow every change).
     let mut next_purge = std::time::Instant::now();
+    // Where the next purge goes on looking for expired tokens (None: from the start).
+    let mut token_cursor: Option<String> = None;
+    // How soon a purge that left work goes on: 5,000 tokens a second at most.
+    const PURGE_AGAIN: Duration = Duration::from_millis(200);
     let (_, mut changes) = replica.state.changes.subscribe(None);
     // A job is planned right after a change that concerns it, then again at most once a second
     // for RECENT (short retry back-offs come due); a full sweep of every job (stuck states, runtime
@@ -337,11 +341,18 @@ async fn task_lifecycle(replica: Arc<Replica>, term: Term, config: JobsConfig, m
                 .state
                 .archived_jobs_finished_before(now.saturating_sub(retention_ms), PURGE_BATCH)
                 .unwrap_or_default();
-            let tokens = replica.state.expired_tokens(now, PURGE_BATCH).unwrap_or_default();
-            // A full batch means more are due: the next round purges again, so the purge keeps up
-            // with any write rate (at most 1,000 a minute once let the token table grow for good).
-            let more = jobs.len() >= PURGE_BATCH || tokens.len() >= PURGE_BATCH;
-            next_purge = std::time::Instant::now() + if more { Duration::ZERO } else { Duration::from_secs(60) };
+            // Tokens are looked at a bounded slice at a time, going on where the last purge stopped:
+            // no round pays for a scan of the whole table.
+            const TOKENS_SCANNED: usize = 20_000;
+            let (tokens, next) = replica
+                .state
+                .expired_tokens(now, token_cursor.as_deref(), PURGE_BATCH, TOKENS_SCANNED)
+                .unwrap_or_default();
+            // More to look at, or a full batch: the purge goes on shortly, so it keeps up with any
+            // write rate (at most 1,000 a minute once let the token table grow for good).
+            let more = next.is_some() || jobs.len() >= PURGE_BATCH || tokens.len() >= PURGE_BATCH;
+            token_cursor = next;
+            next_purge = std::time::Instant::now() + if more { PURGE_AGAIN } else { Duration::from_secs(60) };
             if !jobs.is_empty() || !tokens.is_empty() {
                 commands.push(Command::PurgeArchive { job_ids: jobs, tokens });
             }

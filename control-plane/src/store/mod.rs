@@ -258,15 +258,30 @@ impl StateReader {
         Ok(out)
     }
 
-    /// Up to `limit` idempotency tokens that expired before `now_ms`.
-    pub fn expired_tokens(&self, now_ms: i64, limit: usize) -> Result<Vec<String>> {
+    /// Up to `limit` idempotency tokens that expired before `now_ms`, among at most `budget`
+    /// records from the key `from` on (from the start when None). Answers them and the key the
+    /// next call starts from — None once the end was reached — so that purging a large table is
+    /// spread over many calls, each of bounded cost.
+    pub fn expired_tokens(
+        &self,
+        now_ms: i64,
+        from: Option<&str>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<(Vec<String>, Option<String>)> {
         let cf = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS).map_err(|e| Error::Storage(e.to_string()))?;
+        let mode = match from {
+            Some(key) => rocksdb::IteratorMode::From(key.as_bytes(), rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        let mut seen = 0;
+        for item in self.db.iterator_cf(cf, mode) {
             let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-            if out.len() >= limit {
-                break;
+            if out.len() >= limit || seen >= budget {
+                return Ok((out, Some(String::from_utf8_lossy(&k).into_owned())));
             }
+            seen += 1;
             match codec::decode::<TokenRecord>(&v) {
                 Ok(r) if r.expires_ms < now_ms => out.push(String::from_utf8_lossy(&k).into_owned()),
                 Ok(_) => {}
@@ -274,7 +289,7 @@ impl StateReader {
                 Err(_) => out.push(String::from_utf8_lossy(&k).into_owned()),
             }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Every active job and task as of one applied index, read from one RocksDB snapshot.

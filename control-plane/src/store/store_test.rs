@@ -302,3 +302,45 @@ fn the_audit_log_numbers_in_apply_order_keeps_the_newest_and_stays_out_of_backup
     let backup = super::decode_backup(&reader.backup().unwrap().data).unwrap();
     assert!(backup.iter().all(|(f, _)| f != super::cf::AUDIT), "the audit log is not backed up");
 }
+
+/// The purge looks at a bounded slice of the token table at a time and goes on where it stopped:
+/// every expired token is found in one pass, and no call scans the whole table.
+#[test]
+fn expired_tokens_are_found_a_bounded_slice_at_a_time() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use crate::command::Command;
+    use crate::raft_types::Entry;
+
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
+    // 25 recorded calls (rejected: the job does not exist), every third one expired at 100.
+    for i in 0..25u64 {
+        let command = Command::Once {
+            key: format!("k{i:02}"),
+            expires_ms: if i % 3 == 0 { 50 } else { 1_000 },
+            command: Box::new(Command::UpdateJobStatus { job_id: "none".into(), enabled: true }),
+        };
+        let entry =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1), payload: EntryPayload::Normal(command) };
+        futures::executor::block_on(sm.apply([entry])).unwrap();
+    }
+    let mut found = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut calls = 0;
+    loop {
+        let (tokens, next) = reader.expired_tokens(100, cursor.as_deref(), 2, 4).unwrap();
+        assert!(tokens.len() <= 2);
+        found.extend(tokens);
+        calls += 1;
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+        assert!(calls < 50, "the cursor moves on");
+    }
+    let want: Vec<String> = (0..25).filter(|i| i % 3 == 0).map(|i| format!("request/k{i:02}")).collect();
+    assert_eq!(found, want, "each expired token once, in key order");
+    assert!(calls >= 7, "25 records, 4 a call: {calls} calls");
+}
