@@ -38,12 +38,6 @@ pub struct Replica {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Term(pub u64);
 
-impl std::fmt::Display for Term {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
 /// Refuses a command that would not read back from the log exactly as written (a NaN or infinite
 /// number, which JSON writes as `null`): appended, it would make every replica fail to read its own
 /// log, the retried command would take down the next leader too, and no replica could restart.

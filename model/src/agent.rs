@@ -121,6 +121,34 @@ pub const MAX_AGENT_ATTRIBUTES: usize = 64;
 pub const MAX_ATTRIBUTE_KEY_LEN: usize = 256;
 pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 1024;
 
+/// Checks the attributes of a machine (an agent's, an instance group's, launch tags): at most
+/// [`MAX_AGENT_ATTRIBUTES`], keys of 1-[`MAX_ATTRIBUTE_KEY_LEN`] bytes, values of at most
+/// [`MAX_ATTRIBUTE_VALUE_LEN`]; each violation names `field` and the key.
+pub fn validate_machine_attributes<'a>(
+    field: &str,
+    attributes: impl IntoIterator<Item = (&'a String, &'a String)>,
+    violations: &mut Vec<FieldViolation>,
+) {
+    let mut n = 0;
+    for (k, v) in attributes {
+        n += 1;
+        if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {
+            violations.push(FieldViolation::new(
+                format!("{field}[{:?}]", truncated(k)),
+                format!("key must be 1-{MAX_ATTRIBUTE_KEY_LEN} bytes"),
+            ));
+        } else if v.len() > MAX_ATTRIBUTE_VALUE_LEN {
+            violations.push(FieldViolation::new(
+                format!("{field}.{k}"),
+                format!("must be at most {MAX_ATTRIBUTE_VALUE_LEN} bytes"),
+            ));
+        }
+    }
+    if n > MAX_AGENT_ATTRIBUTES {
+        violations.insert(0, FieldViolation::new(field, format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
+    }
+}
+
 impl Agent {
     /// Checks everything the agent said of itself at registration, each violation naming its field.
     pub fn validate(&self) -> Result<(), Vec<FieldViolation>> {
@@ -132,23 +160,7 @@ impl Agent {
             violations.push(v);
         }
         violations.extend(self.resources.validate_offered("resources"));
-        if self.attributes.len() > MAX_AGENT_ATTRIBUTES {
-            violations
-                .push(FieldViolation::new("attributes", format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
-        }
-        for (k, v) in &self.attributes {
-            if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN {
-                violations.push(FieldViolation::new(
-                    format!("attributes[{:?}]", truncated(k)),
-                    format!("key must be 1-{MAX_ATTRIBUTE_KEY_LEN} bytes"),
-                ));
-            } else if v.len() > MAX_ATTRIBUTE_VALUE_LEN {
-                violations.push(FieldViolation::new(
-                    format!("attributes.{k}"),
-                    format!("must be at most {MAX_ATTRIBUTE_VALUE_LEN} bytes"),
-                ));
-            }
-        }
+        validate_machine_attributes("attributes", &self.attributes, &mut violations);
         if self.unhealthy_reason.len() > MAX_ATTRIBUTE_VALUE_LEN {
             violations.push(FieldViolation::new(
                 "unhealthy_reason",

@@ -12,7 +12,7 @@ use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
 use crate::jobs::apply::{allocation_by_agent, Allocation};
 use crate::jobs::store::JobRead;
-use crate::model::agent::{Agent, AgentState, InstanceGroup, LaunchSettings, Lifecycle};
+use crate::model::agent::{validate_machine_attributes, Agent, AgentState, InstanceGroup, LaunchSettings, Lifecycle};
 use crate::model::convert::{tier_from_proto, tier_to_proto};
 use crate::model::FieldViolation;
 use crate::model::{validate_name, ResourceDimension};
@@ -68,22 +68,6 @@ fn group_to_proto(g: InstanceGroup) -> pb::InstanceGroup {
 /// Most subnets or security groups in an instance group's launch settings.
 const MAX_LAUNCH_IDS: usize = 64;
 
-/// An instance group's attributes or tags: as bounded as an agent's attributes.
-fn bounded_map(field: &str, map: &std::collections::HashMap<String, String>, violations: &mut Vec<FieldViolation>) {
-    use crate::model::agent::{MAX_AGENT_ATTRIBUTES, MAX_ATTRIBUTE_KEY_LEN, MAX_ATTRIBUTE_VALUE_LEN};
-    if map.len() > MAX_AGENT_ATTRIBUTES {
-        violations.push(FieldViolation::new(field, format!("must have at most {MAX_AGENT_ATTRIBUTES} entries")));
-    }
-    for (k, v) in map {
-        if k.is_empty() || k.len() > MAX_ATTRIBUTE_KEY_LEN || v.len() > MAX_ATTRIBUTE_VALUE_LEN {
-            violations.push(FieldViolation::new(
-                format!("{field}[{:?}]", crate::model::truncated(k)),
-                format!("keys must be 1-{MAX_ATTRIBUTE_KEY_LEN} bytes and values at most {MAX_ATTRIBUTE_VALUE_LEN}"),
-            ));
-        }
-    }
-}
-
 /// An instance group from the wire, with every field checked.
 fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
     validate_name("id", &g.id).map_err(|v| Error::InvalidArgument(vec![v]))?;
@@ -94,7 +78,7 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
     if g.desired < g.min || g.desired > g.max {
         violations.push(FieldViolation::new("desired", format!("must be within [min, max] = [{}, {}]", g.min, g.max)));
     }
-    bounded_map("attributes", &g.attributes, &mut violations);
+    validate_machine_attributes("attributes", &g.attributes, &mut violations);
     let launch = match g.launch {
         None => None,
         Some(l) => {
@@ -121,7 +105,7 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
                     "cpu and memory_mb must be > 0: a scale-up is sized by them",
                 ));
             }
-            bounded_map("launch.tags", &l.tags, &mut violations);
+            validate_machine_attributes("launch.tags", &l.tags, &mut violations);
             for (field, list) in
                 [("launch.subnet_ids", &l.subnet_ids), ("launch.security_group_ids", &l.security_group_ids)]
             {
