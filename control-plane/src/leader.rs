@@ -32,13 +32,19 @@ pub struct LeaderDuties {
     jobs: JobsConfig,
     agents: Arc<AgentHub>,
     cloud: Option<Cloud>,
-    /// The term the running duties lead in, and the sender that stops them (dropping it, or
-    /// sending `true`, stops every duty of that term).
-    running: Option<(Term, watch::Sender<bool>)>,
-    /// Says when the running duties' leadership could not be confirmed by a majority for an
-    /// election timeout (see [`hold_lease`]).
-    quorum_lost: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The duties of the term this replica leads in, while they run.
+    running: Option<Running>,
     tasks: JoinSet<()>,
+}
+
+/// The running duties of one term.
+struct Running {
+    term: Term,
+    /// Dropping it, or sending `true`, stops every duty of the term.
+    stop: watch::Sender<bool>,
+    /// Says when the duties' leadership could not be confirmed by a majority for an election
+    /// timeout, or this leader steps down (see [`hold_lease`]).
+    quorum_lost: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl LeaderDuties {
@@ -55,22 +61,15 @@ impl LeaderDuties {
         cloud: Option<Cloud>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut duties = LeaderDuties {
-            replica: replica.clone(),
-            jobs,
-            agents,
-            cloud,
-            running: None,
-            quorum_lost: None,
-            tasks: JoinSet::new(),
-        };
+        let mut duties =
+            LeaderDuties { replica: replica.clone(), jobs, agents, cloud, running: None, tasks: JoinSet::new() };
         let mut metrics = replica.raft.metrics();
         loop {
             let (leading, term) = {
                 let m = metrics.borrow_and_update();
                 (m.state == ServerState::Leader, Term(m.current_term))
             };
-            match (leading, duties.running.as_ref().map(|(t, _)| *t)) {
+            match (leading, duties.running.as_ref().map(|r| r.term)) {
                 (true, None) => {
                     if !duties.confirm_then_start(term, &mut shutdown).await {
                         break;
@@ -85,9 +84,9 @@ impl LeaderDuties {
                 _ => {}
             }
             let quorum_lost = async {
-                match duties.quorum_lost.as_mut() {
-                    Some(rx) => {
-                        let _ = rx.await;
+                match duties.running.as_mut() {
+                    Some(r) => {
+                        let _ = (&mut r.quorum_lost).await;
                     }
                     None => std::future::pending().await,
                 }
@@ -141,8 +140,7 @@ impl LeaderDuties {
         tracing::info!(node_id = self.replica.id, term = term.0, "became leader: starting leader duties");
         let (tx, rx) = watch::channel(false);
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
-        self.running = Some((term, tx));
-        self.quorum_lost = Some(lost_rx);
+        self.running = Some(Running { term, stop: tx, quorum_lost: lost_rx });
         self.tasks.spawn(hold_lease(self.replica.clone(), term, lost_tx, rx.clone()));
         self.tasks.spawn(ensure_cluster_id(self.replica.clone(), term, rx.clone()));
         self.tasks.spawn(task_lifecycle(self.replica.clone(), term, self.jobs.clone(), rx.clone()));
@@ -176,10 +174,9 @@ impl LeaderDuties {
     }
 
     async fn on_lose_leadership(&mut self, why: &str) {
-        if let Some((term, stop)) = self.running.take() {
+        if let Some(Running { term, stop, .. }) = self.running.take() {
             tracing::info!(node_id = self.replica.id, term = term.0, why, "stopping leader duties");
             let _ = stop.send(true);
-            self.quorum_lost = None;
             self.agents.on_lose_leadership();
             while self.tasks.join_next().await.is_some() {}
         }

@@ -335,6 +335,17 @@ pub fn attributes_from_proto(
     }
 }
 
+/// What a machine offers, as the wire says it (checked by `ResourceDimension::validate_offered`).
+pub fn resources_from_proto(r: &pb::AgentResources) -> ResourceDimension {
+    ResourceDimension {
+        cpu: r.cpu,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+        network_mbps: r.network_mbps,
+        gpu: r.gpu,
+    }
+}
+
 /// Longest reason message kept from an agent's report or heartbeat.
 pub const MAX_AGENT_REASON_LEN: usize = 2048;
 
@@ -343,7 +354,6 @@ pub const MAX_AGENT_REASON_LEN: usize = 2048;
 /// replica fail to read it back.
 pub fn agent_from_register(reg: &pb::AgentRegister, now_ms: i64) -> Result<crate::agent::Agent> {
     use crate::agent::{Agent, AgentState, DEFAULT_INSTANCE_GROUP};
-    let r = reg.resources.clone().unwrap_or_default();
     let agent = Agent {
         id: reg.agent_id.clone(),
         instance_group: if reg.instance_group.is_empty() {
@@ -351,13 +361,7 @@ pub fn agent_from_register(reg: &pb::AgentRegister, now_ms: i64) -> Result<crate
         } else {
             reg.instance_group.clone()
         },
-        resources: ResourceDimension {
-            cpu: r.cpu,
-            memory_mb: r.memory_mb,
-            disk_mb: r.disk_mb,
-            network_mbps: r.network_mbps,
-            gpu: r.gpu,
-        },
+        resources: resources_from_proto(&reg.resources.clone().unwrap_or_default()),
         attributes: reg.attributes.clone().into_iter().collect(),
         state: AgentState::Online,
         healthy: !reg.inventory_incomplete,

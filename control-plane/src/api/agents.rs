@@ -89,13 +89,7 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
                 violations.push(FieldViolation::new("launch.instance_type", "must not be empty"));
             }
             let r = l.instance_resources.unwrap_or_default();
-            let offered = ResourceDimension {
-                cpu: r.cpu,
-                memory_mb: r.memory_mb,
-                disk_mb: r.disk_mb,
-                network_mbps: r.network_mbps,
-                gpu: r.gpu,
-            };
+            let offered = crate::model::convert::resources_from_proto(&r);
             let bad_resources = offered.validate_offered("launch.instance_resources");
             if !bad_resources.is_empty() {
                 violations.extend(bad_resources);

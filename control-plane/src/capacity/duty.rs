@@ -83,6 +83,7 @@ impl Duty {
         let now = now_ms();
 
         // A launch or termination written ahead by this or an earlier leader is finished first.
+        let mut busy = None;
         for g in &groups {
             if let Some(intent) = &g.pending_launch {
                 self.launch(g, intent, &cluster).await?;
@@ -91,7 +92,11 @@ impl Duty {
                 let why = "finishing a termination written ahead".to_string();
                 let instances: Vec<(String, String)> =
                     g.pending_terminations.iter().map(|id| (id.clone(), why.clone())).collect();
-                self.finish_terminations(&g.id, &instances).await?;
+                let busy = match &busy {
+                    Some(b) => b,
+                    None => busy.insert(self.busy_instances()?),
+                };
+                self.finish_terminations(&g.id, &instances, busy).await?;
             }
         }
 
@@ -181,12 +186,14 @@ impl Duty {
             for (group, id, why) in &plan.terminate {
                 per_group.entry(group.clone()).or_default().push((id.clone(), why.clone()));
             }
+            // Read after the cordons: an agent that got a task meanwhile keeps its instance.
+            let busy = self.busy_instances()?;
             let mut kept = Vec::new();
             for (group, instances) in per_group {
                 // Written ahead: a new leader finishes the call (see `finish_terminations`).
                 let ids = instances.iter().map(|(id, _)| id.clone()).collect();
                 self.propose(Command::SetTerminationIntent { id: group.clone(), instances: ids }).await?;
-                kept.extend(self.finish_terminations(&group, &instances).await?);
+                kept.extend(self.finish_terminations(&group, &instances, &busy).await?);
             }
             // A cordon is undone when its instance stays: the agent takes tasks again.
             for id in &kept {
@@ -210,18 +217,27 @@ impl Duty {
         Ok(())
     }
 
-    /// Terminates the instances of `group` written ahead (instance id, why) — except any whose
-    /// agent, Online or Lost, holds live tasks in the replicated state now — and clears the intent
-    /// once EC2 answered. Answers the instances kept.
-    async fn finish_terminations(&self, group: &str, instances: &[(String, String)]) -> crate::Result<Vec<String>> {
+    /// The instances whose agent, Online or Lost, holds live tasks in the replicated state now.
+    fn busy_instances(&self) -> crate::Result<std::collections::HashSet<String>> {
         let state = &self.replica.state;
         let allocation = allocation_by_agent(state)?;
-        let busy: std::collections::HashSet<String> = state
+        Ok(state
             .agents()?
             .into_iter()
             .filter(|a| allocation.get(&a.id).is_some_and(|x| x.live_tasks > 0))
             .filter_map(|a| a.attributes.get(INSTANCE_ID_ATTRIBUTE).cloned())
-            .collect();
+            .collect())
+    }
+
+    /// Terminates the instances of `group` written ahead (instance id, why) — except the `busy`
+    /// ones (see [`Duty::busy_instances`]) — and clears the intent once EC2 answered. Answers the
+    /// instances kept.
+    async fn finish_terminations(
+        &self,
+        group: &str,
+        instances: &[(String, String)],
+        busy: &std::collections::HashSet<String>,
+    ) -> crate::Result<Vec<String>> {
         let (kept, go): (Vec<&(String, String)>, Vec<&(String, String)>) =
             instances.iter().partition(|(id, _)| busy.contains(id));
         for (id, _) in &kept {

@@ -28,6 +28,8 @@ use crate::store::{agent_index_key, archive_order_key, index_key, rebuild_agent_
 
 /// How long a capacity group's idempotency token is remembered.
 const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
+/// How long an audit batch's id is remembered: its proposer gives up retrying after a minute.
+const AUDIT_BATCH_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// Encoding of any record, behind one object-safe trait so `write_changes` needs one helper.
 mod erased {
@@ -143,14 +145,15 @@ impl StateMachine {
             Command::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
             Command::AppendAudit { records, keep, batch_id } => {
                 // A batch proposed again after an unknown outcome is appended once: its id is kept
-                // as a token for a day past its newest record.
-                let key = format!("audit-batch/{batch_id}");
-                if !batch_id.is_empty() && self.reader.token(&key).map_err(|e| err(&e))?.is_some() {
-                    return Ok(CommandResponse::Done);
-                }
+                // as a token for longer than its proposer retries it (a minute).
                 if !batch_id.is_empty() {
+                    let key = format!("audit-batch/{batch_id}");
+                    if self.reader.token(&key).map_err(|e| err(&e))?.is_some() {
+                        return Ok(CommandResponse::Done);
+                    }
                     let newest = records.iter().map(|r| r.time_ms).max().unwrap_or(0);
-                    let record = TokenRecord { result: String::new(), expires_ms: newest.saturating_add(TOKEN_TTL_MS) };
+                    let record =
+                        TokenRecord { result: String::new(), expires_ms: newest.saturating_add(AUDIT_BATCH_TTL_MS) };
                     let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
                     batch.put_cf(tokens, key.as_bytes(), codec::encode(&record).map_err(|e| err(&e))?);
                 }
