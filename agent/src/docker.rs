@@ -121,6 +121,29 @@ impl DockerRuntime {
         }
     }
 
+    /// The subnets of the Docker network its containers join (the daemon's default bridge unless
+    /// configured): where their addresses come from, declared at registration so that the control
+    /// plane keeps no other containerIp. `host` and `none` networks have none.
+    pub async fn container_networks(&self) -> Result<Vec<String>> {
+        let name = self.network.clone().unwrap_or_else(|| "bridge".to_string());
+        if name == "host" || name == "none" {
+            return Ok(Vec::new());
+        }
+        let network = self
+            .client()
+            .await?
+            .inspect_network(&name, None::<bollard::network::InspectNetworkOptions<String>>)
+            .await
+            .map_err(|e| Error::Docker(format!("inspecting network {name:?}: {e}")))?;
+        Ok(network
+            .ipam
+            .and_then(|ipam| ipam.config)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.subnet.filter(|s| !s.is_empty()))
+            .collect())
+    }
+
     /// Every container of this agent, as task states.
     pub async fn tasks(&self) -> Result<Vec<Observed>> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);

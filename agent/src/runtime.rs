@@ -25,6 +25,14 @@ impl Runtime {
         }
     }
 
+    /// The networks its containers take addresses from (a simulated task has no address).
+    pub async fn container_networks(&self) -> Result<Vec<String>> {
+        match self {
+            Runtime::Docker(d) => d.container_networks().await,
+            Runtime::Simulated(_) => Ok(Vec::new()),
+        }
+    }
+
     /// Every task this agent holds, as the runtime sees it.
     pub async fn tasks(&self) -> Result<Vec<Observed>> {
         match self {

@@ -245,6 +245,10 @@ impl Agent {
                 (Vec::new(), true)
             }
         };
+        let container_networks = self.docker.container_networks().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the container network's subnets: no containerIp will be kept");
+            Vec::new()
+        });
         let c = &self.config;
         pb::AgentMessage {
             message: Some(pb::agent_message::Message::Register(pb::AgentRegister {
@@ -260,6 +264,7 @@ impl Agent {
                 attributes: c.attributes.clone().into_iter().collect(),
                 tasks,
                 inventory_incomplete,
+                container_networks,
             })),
         }
     }

@@ -27,6 +27,7 @@ use crate::events::Change;
 use crate::jobs::apply::agent_of;
 use crate::jobs::store::JobRead;
 use crate::model::agent::AgentState;
+use crate::model::agent::Cidr;
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::replica::{Replica, Term};
 
@@ -198,7 +199,7 @@ impl AgentHub {
     }
 
     /// Reconciles what a (re)registering agent reports with replicated state.
-    async fn reconcile(&self, agent_id: &str, reported: Vec<pb::AgentTask>, complete: bool) {
+    async fn reconcile(&self, agent_id: &str, networks: &[Cidr], reported: Vec<pb::AgentTask>, complete: bool) {
         let state = &self.replica.state;
         let mut seen = HashSet::new();
         for rt in reported {
@@ -209,7 +210,7 @@ impl AgentHub {
                     let reported_state =
                         crate::api::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
                     if t.state().can_move_to(reported_state) && reported_state != t.state() {
-                        self.report(agent_id, rt);
+                        self.report(agent_id, networks, rt);
                     } else if t.state() == TaskState::KillInitiated {
                         if let Some(m) = self.instruction(&t) {
                             self.send(agent_id, m);
@@ -250,10 +251,11 @@ impl AgentHub {
 
     /// A task status the agent reported: queued for the next batch (see [`report_batches`]), which
     /// applies it only if the task is still placed on this agent. What an agent may say is
-    /// filtered first (see [`crate::model::convert::agent_report`]).
-    fn report(&self, agent_id: &str, rt: pb::AgentTask) {
+    /// filtered first (see [`crate::model::convert::agent_report`]), `networks` being those it
+    /// declared when it registered.
+    fn report(&self, agent_id: &str, networks: &[Cidr], rt: pb::AgentTask) {
         let task_id = crate::model::truncated(&rt.task_id).to_string();
-        match crate::model::convert::agent_report(agent_id, rt, now_ms()) {
+        match crate::model::convert::agent_report(agent_id, rt, now_ms(), networks) {
             Ok(report) => {
                 let _ = self.reports.send(report);
             }
@@ -272,6 +274,7 @@ impl AgentHub {
     async fn read_agent(
         self: Arc<Self>,
         agent_id: String,
+        networks: &[Cidr],
         conn_id: u64,
         mut inbound: Streaming<pb::AgentMessage>,
         mut healthy: bool,
@@ -300,7 +303,7 @@ impl AgentHub {
                         .await;
                     }
                 }
-                Some(pb::agent_message::Message::Status(rt)) => self.report(&agent_id, rt),
+                Some(pb::agent_message::Message::Status(rt)) => self.report(&agent_id, networks, rt),
                 Some(pb::agent_message::Message::Register(_)) | None => {}
             }
         }
@@ -444,7 +447,15 @@ impl AgentService for AgentApi {
             }
         }
         let agent = crate::model::convert::agent_from_register(&reg, now_ms())?;
-        replica.propose_as_leader(term, Command::RegisterAgent { agent }).await?;
+        let networks: Arc<[Cidr]> = crate::model::convert::container_networks(
+            &reg.container_networks,
+            &hub.config.allowed_container_networks(),
+        )?
+        .into();
+        if let CommandResponse::Rejected(r) = replica.propose_as_leader(term, Command::RegisterAgent { agent }).await? {
+            tracing::warn!(agent_id = %reg.agent_id, field = %r.field, message = %r.message, "agent registration refused");
+            return Err(Error::Rejected(r).into());
+        }
 
         let (tx, rx) = mpsc::channel(4096);
         let conn_id = hub.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -459,8 +470,8 @@ impl AgentService for AgentApi {
         let span = tracing::info_span!("agent_stream", agent_id = %reg.agent_id);
         tokio::spawn(
             async move {
-                hub.reconcile(&reg.agent_id, reg.tasks, !reg.inventory_incomplete).await;
-                hub.read_agent(reg.agent_id, conn_id, inbound, !reg.inventory_incomplete).await;
+                hub.reconcile(&reg.agent_id, &networks, reg.tasks, !reg.inventory_incomplete).await;
+                hub.read_agent(reg.agent_id, &networks, conn_id, inbound, !reg.inventory_incomplete).await;
             }
             .instrument(span),
         );

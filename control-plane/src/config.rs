@@ -388,6 +388,16 @@ pub struct AgentsConfig {
     pub kill_grace_period_ms: u64,
     /// How often the leader places Accepted tasks on agents.
     pub placement_interval_ms: u64,
+    /// The networks (CIDRs) agents may declare their containers take addresses from; empty: any.
+    /// A containerIp outside the networks its agent declared is dropped either way.
+    pub container_networks: Vec<String>,
+}
+
+impl AgentsConfig {
+    /// `container-networks`, parsed (checked by `Config::validate`).
+    pub fn allowed_container_networks(&self) -> Vec<crate::model::agent::Cidr> {
+        self.container_networks.iter().filter_map(|c| crate::model::agent::Cidr::parse(c).ok()).collect()
+    }
 }
 
 impl Default for AgentsConfig {
@@ -397,6 +407,7 @@ impl Default for AgentsConfig {
             heartbeat_ttl_ms: 15_000,
             kill_grace_period_ms: 10_000,
             placement_interval_ms: 200,
+            container_networks: Vec::new(),
         }
     }
 }
@@ -634,6 +645,10 @@ impl Config {
         }
         if a.placement_interval_ms == 0 {
             return Err(Error::Config("agents.placement-interval-ms: must be > 0".into()));
+        }
+        for (i, c) in a.container_networks.iter().enumerate() {
+            crate::model::agent::Cidr::parse(c)
+                .map_err(|m| Error::Config(format!("agents.container-networks[{i}]: {m}")))?;
         }
         self.scheduler.validate()?;
         if self.jobs.lifecycle_interval_ms == 0 {

@@ -19,21 +19,12 @@ use crate::command::{Assignment, Command, CommandResponse};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::events::{Change, ChangeBatch};
+use crate::jobs::hosts::{self, resources, Load};
 use crate::jobs::store::{agent_of, JobRead};
 use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
 use crate::model::job::{Job, JobState};
 use crate::model::task::{Task, TaskState};
-use crate::model::{CapacityGroup, ResourceDimension, Tier};
-
-fn resources(r: &ResourceDimension) -> core::Resources {
-    core::Resources {
-        cpu: r.cpu,
-        memory_mb: r.memory_mb as u64,
-        disk_mb: r.disk_mb as u64,
-        network_mbps: r.network_mbps as u64,
-        gpu: r.gpu as u64,
-    }
-}
+use crate::model::{CapacityGroup, Tier};
 
 fn tier(t: Tier) -> core::Tier {
     match t {
@@ -55,14 +46,10 @@ struct JobEntry {
 
 impl JobEntry {
     fn of(job: &Job) -> JobEntry {
-        let c = &job.descriptor.container;
-        let parse = |m: &std::collections::BTreeMap<String, String>| {
-            core::Constraints::parse(m.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        };
         JobEntry {
-            need: resources(&c.resources.as_dimension()),
+            need: resources(&job.descriptor.container.resources.as_dimension()),
             group: job.descriptor.capacity_group.clone(),
-            constraints: parse(&c.hard_constraints).and_then(|h| Ok((h, parse(&c.soft_constraints)?))),
+            constraints: hosts::constraints(job),
             accepted: job.status.state == JobState::Accepted,
         }
     }
@@ -70,14 +57,6 @@ impl JobEntry {
     fn exclusive(&self) -> bool {
         self.constraints.as_ref().is_ok_and(|(h, _)| h.exclusive_host)
     }
-}
-
-/// What the live tasks on one agent hold.
-#[derive(Debug, Clone, Default)]
-struct Load {
-    used: core::Resources,
-    jobs: HashMap<String, u32>,
-    exclusive: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -196,10 +175,7 @@ impl Cache {
         let mut entry = TaskEntry { job_id: t.job_id.clone(), agent: None, pending: None };
         match agent_of(t) {
             Some(agent) => {
-                let load = self.loads.entry(agent.to_string()).or_default();
-                load.used.add(&job.need);
-                *load.jobs.entry(t.job_id.clone()).or_default() += 1;
-                load.exclusive += u32::from(job.exclusive());
+                self.loads.entry(agent.to_string()).or_default().add(&t.job_id, &job.need, job.exclusive());
                 self.group_used.entry(job.group.clone()).or_default().add(&job.need);
                 entry.agent = Some((agent.to_string(), job.need, job.group.clone(), job.exclusive()));
             }
@@ -226,10 +202,7 @@ impl Cache {
         if let Some(key) = entry.pending.take() {
             self.pending.remove(&key);
         }
-        let load = self.loads.entry(agent.to_string()).or_default();
-        load.used.add(&job.need);
-        *load.jobs.entry(entry.job_id.clone()).or_default() += 1;
-        load.exclusive += u32::from(job.exclusive());
+        self.loads.entry(agent.to_string()).or_default().add(&entry.job_id, &job.need, job.exclusive());
         self.group_used.entry(job.group.clone()).or_default().add(&job.need);
         entry.agent = Some((agent.to_string(), job.need, job.group.clone(), job.exclusive()));
     }
@@ -294,23 +267,7 @@ impl Cache {
                 }
             };
             let load = self.loads.get(&a.id).cloned().unwrap_or_default();
-            let machine_type = a
-                .attributes
-                .get("machineType")
-                .cloned()
-                .or_else(|| group.and_then(|g| g.launch.as_ref()).map(|l| l.instance_type.clone()))
-                .unwrap_or_default();
-            agents.push(core::Agent {
-                id: a.id.clone(),
-                zone: a.attributes.get(crate::model::task::context::ZONE).cloned().unwrap_or_default(),
-                machine_type,
-                attributes: a.attributes.clone(),
-                total: resources(&a.resources),
-                used: load.used,
-                ineligible,
-                jobs: load.jobs,
-                exclusive: load.exclusive > 0,
-            });
+            agents.push(hosts::host(a, group, load, ineligible));
         }
         let mut critical = Vec::new();
         let mut flex = Vec::new();

@@ -2,7 +2,8 @@
 //! caller or an agent sends can take the cluster down.
 //! t10 an agent registering NaN or infinite resources is refused, and every replica restarts;
 //! t20 an instance group offering NaN CPUs is refused; t30 invalid UTF-8 is INVALID_ARGUMENT;
-//! t40 job durations beyond their bounds are refused, naming the field.
+//! t40 job durations beyond their bounds are refused, naming the field; t50 an agent cannot claim
+//! another agent's instance or report a containerIp outside the networks it declared.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -178,4 +179,97 @@ async fn t40_durations_beyond_their_bounds_are_refused() {
     let id = client.create_job(batch(3600, None)).await.expect("a job within bounds");
     assert!(!id.is_empty());
     commits(&c, "after-jobs").await;
+}
+
+/// An agent's stream, held open: what it sends goes through `tx`.
+async fn open_stream(
+    addr: &str,
+    register: pb::AgentRegister,
+) -> Result<(tokio::sync::mpsc::Sender<pb::AgentMessage>, tonic::Streaming<pb::ControlMessage>), tonic::Status> {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel(addr).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Register(register)) }).await.unwrap();
+    let mut inbound = client.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(pb::ControlMessage { message: Some(pb::control_message::Message::Registered(_)) }) => Ok((tx, inbound)),
+        other => Err(tonic::Status::unknown(format!("unexpected first message: {other:?}"))),
+    }
+}
+
+fn registration(id: &str, instance: &str, networks: &[&str]) -> pb::AgentRegister {
+    pb::AgentRegister {
+        agent_id: id.into(),
+        resources: Some(pb::AgentResources { cpu: 4.0, memory_mb: 4096, disk_mb: 10_000, network_mbps: 1000, gpu: 0 }),
+        attributes: [("instanceId".to_string(), instance.to_string())].into(),
+        container_networks: networks.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// An agent is not trusted beyond its own tasks: it cannot claim another agent's instance (which
+/// capacity picks idle instances by), an agent named for an instance cannot claim another, and a
+/// containerIp outside the networks it declared (which would go into a load balancer) is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_an_agent_cannot_claim_another_s_instance_or_an_address_outside_its_networks() {
+    let c = Cluster::start(3, &[]);
+    let addr = leader_addr(&c).await;
+    let (tx, mut inbound) = open_stream(&addr, registration("a1", "i-0aaaaaaaaaaaaaaaa", &["10.9.0.0/24"]))
+        .await
+        .expect("the first agent on its instance");
+    let status = open_stream(&addr, registration("a2", "i-0aaaaaaaaaaaaaaaa", &[])).await.expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("bound to agent \"a1\""), "{}", status.message());
+    let status =
+        open_stream(&addr, registration("i-0bbbbbbbbbbbbbbbb", "i-0ccccccccccccccc0", &[])).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("attributes.instanceId"), "{}", status.message());
+    let status =
+        open_stream(&addr, registration("a3", "i-0dddddddddddddddd", &["0.0.0.0/"])).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("container_networks[0]"), "{}", status.message());
+
+    let client = c.client();
+    client.create_job(common::sleeping_service("addr", 0.5, 256, 1)).await.expect("job");
+    let task_id = tokio::time::timeout(ELECTION, async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(pb::ControlMessage { message: Some(pb::control_message::Message::Assign(a)) })) => {
+                    return a.task_id
+                }
+                Ok(Some(_)) => continue,
+                other => panic!("stream ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a task assigned to a1");
+    let report = |state: pb::TaskState, ip: &str| pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Status(pb::AgentTask {
+            task_id: task_id.clone(),
+            state: state as i32,
+            task_context: [("containerIp".to_string(), ip.to_string()), ("agent".to_string(), "a9".to_string())].into(),
+            ..Default::default()
+        })),
+    };
+    tx.send(report(pb::TaskState::TaskStartInitiated, "192.168.7.7")).await.unwrap();
+    let t = wait_until(ELECTION, "StartInitiated committed", || async {
+        client
+            .find_task(&task_id)
+            .await
+            .ok()
+            .filter(|t| t.status.as_ref().is_some_and(|s| s.state == pb::TaskState::TaskStartInitiated as i32))
+    })
+    .await;
+    assert_eq!(t.task_context.get("containerIp"), None, "outside 10.9.0.0/24: dropped");
+    assert_eq!(t.task_context.get("agent").map(String::as_str), Some("a1"), "an agent cannot move its task");
+    tx.send(report(pb::TaskState::TaskStarted, "10.9.0.5")).await.unwrap();
+    let t = wait_until(ELECTION, "Started committed", || async {
+        client
+            .find_task(&task_id)
+            .await
+            .ok()
+            .filter(|t| t.status.as_ref().is_some_and(|s| s.state == pb::TaskState::TaskStarted as i32))
+    })
+    .await;
+    assert_eq!(t.task_context.get("containerIp").map(String::as_str), Some("10.9.0.5"));
 }

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use titus_model::codec;
 use titus_model::command::Command;
-use titus_model::convert::{agent_from_register, agent_report, MAX_AGENT_REASON_LEN};
+use titus_model::convert::{agent_from_register, agent_report, container_networks, MAX_AGENT_REASON_LEN};
 use titus_proto as pb;
 
 fn loggable(command: Command) {
@@ -25,9 +25,11 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(agent) = agent_from_register(&reg, 1) {
                 loggable(Command::RegisterAgent { agent });
             }
+            let _ = container_networks(&reg.container_networks, &[]);
         }
         Some(pb::agent_message::Message::Status(task)) => {
-            if let Ok(report) = agent_report("agent-1", task, 1) {
+            let networks = container_networks(&["10.0.0.0/8".to_string()], &[]).unwrap_or_default();
+            if let Ok(report) = agent_report("agent-1", task, 1, &networks) {
                 assert!(report.status.reason_message.len() <= MAX_AGENT_REASON_LEN);
                 loggable(Command::UpdateTaskStatuses { reports: vec![report] });
             }

@@ -161,6 +161,21 @@ impl Agent {
         }
         violations.extend(self.resources.validate_offered("resources"));
         validate_machine_attributes("attributes", &self.attributes, &mut violations);
+        // An agent named for an EC2 instance (as the AWS template enrolls them) is that instance:
+        // its certificate names it, so it cannot say it runs anywhere else.
+        if let Some(instance) = self.instance_id() {
+            if is_ec2_instance_id(&self.id) && instance != self.id {
+                violations.push(FieldViolation::new(
+                    format!("attributes.{INSTANCE_ID_ATTRIBUTE}"),
+                    format!(
+                        "agent {:?} is EC2 instance {:?}; it cannot claim instance {:?}",
+                        self.id,
+                        self.id,
+                        truncated(instance)
+                    ),
+                ));
+            }
+        }
         if self.unhealthy_reason.len() > MAX_ATTRIBUTE_VALUE_LEN {
             violations.push(FieldViolation::new(
                 "unhealthy_reason",
@@ -174,9 +189,70 @@ impl Agent {
         }
     }
 
+    /// The EC2 instance it said it runs on at registration (bound to it when applied: see
+    /// `jobs::apply`), if any.
+    pub fn instance_id(&self) -> Option<&str> {
+        self.attributes.get(INSTANCE_ID_ATTRIBUTE).map(String::as_str).filter(|i| !i.is_empty())
+    }
+
     /// Whether placement may give it new tasks (its instance group's lifecycle aside).
     pub fn accepts_tasks(&self) -> bool {
         self.state == AgentState::Online && self.healthy && !self.terminating
+    }
+}
+
+/// Whether `id` has the form of an EC2 instance id: `i-` and 8 or 17 lowercase hex digits.
+pub fn is_ec2_instance_id(id: &str) -> bool {
+    id.strip_prefix("i-").is_some_and(|hex| {
+        matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A network as an address and a prefix length (`10.1.0.0/16`, `fd00::/64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+/// The most container networks an agent may declare.
+pub const MAX_CONTAINER_NETWORKS: usize = 16;
+
+impl Cidr {
+    /// Parses `ADDR/PREFIX`; the host bits need not be zero (Docker reports gateways that way).
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) =
+            text.split_once('/').ok_or_else(|| format!("{:?} is not ADDRESS/PREFIX", truncated(text)))?;
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("{:?} is not an IP address", truncated(addr)))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("prefix {:?} must be a number from 0 to {max}", truncated(prefix)))?;
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let (a, b, bits) = match (self.addr, ip) {
+            (V4(a), V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+            (V6(a), V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let host_bits = bits - u32::from(self.prefix);
+        host_bits >= bits || (a >> host_bits) == (b >> host_bits)
+    }
+
+    /// Whether every address of `self` is in `outer`.
+    pub fn within(&self, outer: &Cidr) -> bool {
+        self.prefix >= outer.prefix && outer.contains(self.addr)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -229,6 +305,39 @@ impl ResourceDimension {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs_parse_and_contain() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let bridge = Cidr::parse("172.17.0.0/16").unwrap();
+        assert!(bridge.contains(ip("172.17.3.4")));
+        assert!(!bridge.contains(ip("172.18.0.1")));
+        assert!(!bridge.contains(ip("::ffff:172.17.3.4")), "families never mix");
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("fd00::1")));
+        assert!(Cidr::parse("10.0.0.7/32").unwrap().contains(ip("10.0.0.7")));
+        assert!(!Cidr::parse("10.0.0.7/32").unwrap().contains(ip("10.0.0.8")));
+        assert!(Cidr::parse("fd00:1::/64").unwrap().contains(ip("fd00:1::42")));
+        assert!(Cidr::parse("172.17.1.0/24").unwrap().within(&bridge));
+        assert!(!bridge.within(&Cidr::parse("172.17.1.0/24").unwrap()));
+        for bad in ["172.17.0.0", "172.17.0.0/33", "fd00::/129", "x/8", "10.0.0.0/-1", "10.0.0.0/ 8"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(bridge.to_string(), "172.17.0.0/16");
+    }
+
+    #[test]
+    fn an_agent_named_for_an_instance_is_that_instance() {
+        let mut a = agent();
+        a.id = "i-0123456789abcdef0".into();
+        a.attributes.insert(INSTANCE_ID_ATTRIBUTE.into(), "i-0123456789abcdef0".into());
+        assert!(a.validate().is_ok());
+        a.attributes.insert(INSTANCE_ID_ATTRIBUTE.into(), "i-0fedcba9876543210".into());
+        let v = a.validate().unwrap_err();
+        assert_eq!(v[0].field, "attributes.instanceId", "{v:?}");
+        assert!(is_ec2_instance_id("i-12345678") && !is_ec2_instance_id("i-1234567") && !is_ec2_instance_id("agent-1"));
+        assert!(!is_ec2_instance_id("i-0123456789ABCDEF0"));
+    }
 
     fn agent() -> Agent {
         Agent {

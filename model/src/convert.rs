@@ -374,13 +374,55 @@ pub fn agent_from_register(reg: &pb::AgentRegister, now_ms: i64) -> Result<crate
     Ok(agent)
 }
 
+/// The networks an agent declared its containers take addresses from: well formed, at most
+/// [`MAX_CONTAINER_NETWORKS`](crate::agent::MAX_CONTAINER_NETWORKS), and each inside one of
+/// `allowed` when the operator set any (the control plane's `agents.container-networks`).
+pub fn container_networks(declared: &[String], allowed: &[crate::agent::Cidr]) -> Result<Vec<crate::agent::Cidr>> {
+    use crate::agent::{Cidr, MAX_CONTAINER_NETWORKS};
+    if declared.len() > MAX_CONTAINER_NETWORKS {
+        return Err(Invalid(vec![FieldViolation::new(
+            "container_networks",
+            format!("must have at most {MAX_CONTAINER_NETWORKS} entries, not {}", declared.len()),
+        )]));
+    }
+    let mut out = Vec::with_capacity(declared.len());
+    let mut violations = Vec::new();
+    for (i, text) in declared.iter().enumerate() {
+        let field = format!("container_networks[{i}]");
+        match Cidr::parse(text) {
+            Err(m) => violations.push(FieldViolation::new(field, m)),
+            Ok(n) if !allowed.is_empty() && !allowed.iter().any(|a| n.within(a)) => {
+                violations.push(FieldViolation::new(
+                    field,
+                    format!(
+                        "{n} is outside the networks this cluster allows containers ({})",
+                        allowed.iter().map(Cidr::to_string).collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+            Ok(n) => out.push(n),
+        }
+    }
+    if violations.is_empty() {
+        Ok(out)
+    } else {
+        Err(Invalid(violations))
+    }
+}
+
 /// A task state agent `agent_id` reported, as it may enter the log: a valid task id and state; a
 /// reason an agent may give (any other is kept as `failed`, the claimed code quoted in the
 /// message: an agent must not declare its failures `lost`, which do not count against retries);
-/// only the context keys an agent may set, each well formed (`containerIp` an IP address,
-/// `exitCode` a number; others are dropped: an agent that rewrote `agent` or `instanceId` could
+/// only the context keys an agent may set, each well formed (`containerIp` an IP address in one of
+/// the `networks` the agent declared when it registered — else it could have a load balancer send
+/// traffic anywhere —, `exitCode` a number; others are dropped: an agent that rewrote `agent` or `instanceId` could
 /// hold resources forever or mislead capacity); bounded text.
-pub fn agent_report(agent_id: &str, rt: pb::AgentTask, now_ms: i64) -> Result<crate::command::StatusReport> {
+pub fn agent_report(
+    agent_id: &str,
+    rt: pb::AgentTask,
+    now_ms: i64,
+    networks: &[crate::agent::Cidr],
+) -> Result<crate::command::StatusReport> {
     use crate::task::{context, reason};
     crate::validate_name("task_id", &rt.task_id).map_err(|v| Invalid(vec![v]))?;
     let state = task_state_from_proto("state", rt.state)?;
@@ -397,7 +439,9 @@ pub fn agent_report(agent_id: &str, rt: pb::AgentTask, now_ms: i64) -> Result<cr
         .task_context
         .into_iter()
         .filter(|(k, v)| match k.as_str() {
-            context::CONTAINER_IP => v.parse::<std::net::IpAddr>().is_ok(),
+            context::CONTAINER_IP => {
+                v.parse::<std::net::IpAddr>().is_ok_and(|ip| networks.iter().any(|n| n.contains(ip)))
+            }
             context::EXIT_CODE => v.parse::<i64>().is_ok(),
             _ => false,
         })
@@ -429,34 +473,76 @@ mod agent_port_tests {
 
     #[test]
     fn an_agent_cannot_claim_the_control_plane_s_reasons_or_context() {
-        let r = agent_report("a1", task(reason::LOST, &[]), 5).unwrap();
+        let r = agent_report("a1", task(reason::LOST, &[]), 5, &nets()).unwrap();
         assert_eq!(r.status.reason_code, reason::FAILED, "lost would not count against retries");
         assert!(r.status.reason_message.contains("\"lost\""), "{}", r.status.reason_message);
-        assert_eq!(agent_report("a1", task(reason::CRASHED, &[]), 5).unwrap().status.reason_code, reason::CRASHED);
+        assert_eq!(
+            agent_report("a1", task(reason::CRASHED, &[]), 5, &nets()).unwrap().status.reason_code,
+            reason::CRASHED
+        );
         let r = agent_report(
             "a1",
             task("", &[("agent", "a2"), ("instanceId", "i-other"), ("containerIp", "10.0.0.7"), ("exitCode", "137")]),
             5,
+            &nets(),
         )
         .unwrap();
         let keys: Vec<&str> = r.context.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["containerIp", "exitCode"]);
-        let r = agent_report("a1", task("", &[("containerIp", "not an address"), ("exitCode", "x")]), 5).unwrap();
+        let r =
+            agent_report("a1", task("", &[("containerIp", "not an address"), ("exitCode", "x")]), 5, &nets()).unwrap();
         assert!(r.context.is_empty(), "{:?}", r.context);
         assert_eq!((r.status.reason_code.as_str(), r.status.timestamp_ms), (reason::NORMAL, 5));
+    }
+
+    fn nets() -> Vec<crate::agent::Cidr> {
+        container_networks(&["10.0.0.0/24".to_string()], &[]).unwrap()
+    }
+
+    /// A containerIp goes into a load balancer: only an address of the agent's own container
+    /// networks is kept.
+    #[test]
+    fn a_container_ip_outside_the_agent_s_networks_is_dropped() {
+        let ip = |v: &str, networks: &[crate::agent::Cidr]| {
+            agent_report("a1", task("", &[("containerIp", v)]), 5, networks)
+                .unwrap()
+                .context
+                .get("containerIp")
+                .cloned()
+        };
+        assert_eq!(ip("10.0.0.7", &nets()).as_deref(), Some("10.0.0.7"));
+        assert_eq!(ip("10.0.1.7", &nets()), None, "another network");
+        assert_eq!(ip("10.0.0.7", &[]), None, "an agent that declared no network");
+        assert_eq!(ip("169.254.169.254", &nets()), None);
+    }
+
+    #[test]
+    fn declared_networks_are_checked_and_bounded() {
+        use crate::agent::Cidr;
+        let allowed = [Cidr::parse("10.0.0.0/8").unwrap()];
+        assert_eq!(container_networks(&["10.2.0.0/16".into()], &allowed).unwrap().len(), 1);
+        let Err(Invalid(v)) = container_networks(&["10.2.0.0/16".into(), "0.0.0.0/0".into()], &allowed) else {
+            panic!("the whole internet is not a container network")
+        };
+        assert_eq!(v[0].field, "container_networks[1]");
+        let Err(Invalid(v)) = container_networks(&["nope".into()], &[]) else { panic!() };
+        assert_eq!(v[0].field, "container_networks[0]");
+        let many: Vec<String> = (0..17).map(|i| format!("10.{i}.0.0/16")).collect();
+        let Err(Invalid(v)) = container_networks(&many, &[]) else { panic!() };
+        assert_eq!(v[0].field, "container_networks");
     }
 
     #[test]
     fn reports_are_bounded_and_checked() {
         let mut t = task(reason::FAILED, &[]);
         t.reason_message = "é".repeat(MAX_AGENT_REASON_LEN);
-        let r = agent_report("a1", t, 0).unwrap();
+        let r = agent_report("a1", t, 0, &nets()).unwrap();
         assert!(r.status.reason_message.len() <= MAX_AGENT_REASON_LEN);
         let mut t = task("", &[]);
         t.state = 99;
-        assert!(agent_report("a1", t, 0).is_err());
+        assert!(agent_report("a1", t, 0, &nets()).is_err());
         let mut t = task("", &[]);
         t.task_id = "x".repeat(1000);
-        assert!(agent_report("a1", t, 0).is_err());
+        assert!(agent_report("a1", t, 0, &nets()).is_err());
     }
 }

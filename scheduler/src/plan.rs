@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
 
 use crate::resources::{describe, DIMENSIONS};
-use crate::view::{Agent, Constraints, Group, Ineligible, Task, Tier};
+use crate::view::{Agent, Group, Ineligible, Task, Tier};
 use crate::Resources;
 
 /// How an agent's fitness for a task is scored, from its utilisation after the placement.
@@ -346,7 +346,7 @@ impl<'a> State<'a> {
                 return Some("zoneBalance");
             }
         }
-        matches_terms(a, c).err()
+        c.matches(a).err()
     }
 
     /// The share of `t`'s soft constraints agent `i` meets (1 when it has none).
@@ -364,7 +364,7 @@ impl<'a> State<'a> {
         met += usize::from(c.zone.as_ref().is_some_and(|z| z.eq_ignore_ascii_case(&a.zone)));
         met += usize::from(c.machine_type.as_ref().is_some_and(|m| m.eq_ignore_ascii_case(&a.machine_type)));
         met += usize::from(c.machine_id.as_ref().is_some_and(|m| *m == a.id));
-        met += c.attributes.iter().filter(|(k, v)| attribute_is(a, k, v)).count();
+        met += c.attributes.iter().filter(|(k, v)| a.has_attribute(k, v)).count();
         met as f64 / terms as f64
     }
 
@@ -561,27 +561,6 @@ fn key_of(d: usize, r: &Resources) -> u64 {
         3 => r.network_mbps,
         _ => r.gpu,
     }
-}
-
-/// Checks the value-matching constraints (zone, machine type, machine id, attributes).
-fn matches_terms(a: &Agent, c: &Constraints) -> Result<(), &'static str> {
-    if c.zone.as_ref().is_some_and(|z| !z.eq_ignore_ascii_case(&a.zone)) {
-        return Err("availabilityZone");
-    }
-    if c.machine_type.as_ref().is_some_and(|m| !m.eq_ignore_ascii_case(&a.machine_type)) {
-        return Err("machineType");
-    }
-    if c.machine_id.as_ref().is_some_and(|m| *m != a.id) {
-        return Err("machineId");
-    }
-    if c.attributes.iter().any(|(k, v)| !attribute_is(a, k, v)) {
-        return Err("hostAttribute");
-    }
-    Ok(())
-}
-
-fn attribute_is(a: &Agent, key: &str, value: &str) -> bool {
-    a.attributes.iter().any(|(k, v)| k.eq_ignore_ascii_case(key) && v.eq_ignore_ascii_case(value))
 }
 
 /// "4 cpus, 8192 MB of memory, …" (the dimensions it has).

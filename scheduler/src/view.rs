@@ -54,6 +54,13 @@ pub struct Agent {
     pub exclusive: bool,
 }
 
+impl Agent {
+    /// Whether it has attribute `key` (names and values case-insensitive).
+    pub fn has_attribute(&self, key: &str, value: &str) -> bool {
+        self.attributes.iter().any(|(k, v)| k.eq_ignore_ascii_case(key) && v.eq_ignore_ascii_case(value))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Task {
     pub id: String,
@@ -121,6 +128,38 @@ impl Constraints {
         *self == Constraints::default()
     }
 
+    /// Checks the value-matching terms (zone, machine type, machine id, host attributes) against
+    /// what `a` is; the error names the first term it fails.
+    pub fn matches(&self, a: &Agent) -> Result<(), &'static str> {
+        if self.zone.as_ref().is_some_and(|z| !z.eq_ignore_ascii_case(&a.zone)) {
+            return Err("availabilityZone");
+        }
+        if self.machine_type.as_ref().is_some_and(|m| !m.eq_ignore_ascii_case(&a.machine_type)) {
+            return Err("machineType");
+        }
+        if self.machine_id.as_ref().is_some_and(|m| *m != a.id) {
+            return Err("machineId");
+        }
+        if self.attributes.iter().any(|(k, v)| !a.has_attribute(k, v)) {
+            return Err("hostAttribute");
+        }
+        Ok(())
+    }
+
+    /// Whether `a`, with the live tasks it holds now (`a.jobs`, `a.exclusive`), admits one more
+    /// task of `job_id` under these hard constraints: the rule a placement planned earlier is
+    /// checked against again when it is applied, since the agent may have been given other tasks
+    /// in between. The error names the constraint that fails.
+    pub fn admits(&self, a: &Agent, job_id: &str) -> Result<(), &'static str> {
+        if a.exclusive || (self.exclusive_host && a.jobs.values().any(|&n| n > 0)) {
+            return Err("exclusiveHost");
+        }
+        if self.unique_host && a.jobs.get(job_id).is_some_and(|&n| n > 0) {
+            return Err("uniqueHost");
+        }
+        self.matches(a)
+    }
+
     /// How many separate terms it has (for the share of soft constraints an agent meets).
     pub fn terms(&self) -> usize {
         usize::from(self.unique_host)
@@ -130,5 +169,60 @@ impl Constraints {
             + usize::from(self.machine_type.is_some())
             + usize::from(self.machine_id.is_some())
             + self.attributes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(jobs: &[(&str, u32)], exclusive: bool) -> Agent {
+        Agent {
+            id: "a1".into(),
+            zone: "us-east-1a".into(),
+            machine_type: "m5.large".into(),
+            attributes: [("rack".to_string(), "R7".to_string())].into(),
+            total: Resources::default(),
+            used: Resources::default(),
+            ineligible: None,
+            jobs: jobs.iter().map(|(j, n)| (j.to_string(), *n)).collect(),
+            exclusive,
+        }
+    }
+
+    fn hard(pairs: &[(&str, &str)]) -> Constraints {
+        Constraints::parse(pairs.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn admits_checks_the_tasks_an_agent_holds_now() {
+        let empty = agent(&[], false);
+        let busy = agent(&[("job-a", 1)], false);
+        let alone = agent(&[("job-x", 1)], true);
+        let unique = hard(&[("uniqueHost", "true")]);
+        let exclusive = hard(&[("exclusiveHost", "true")]);
+        assert_eq!(unique.admits(&empty, "job-a"), Ok(()));
+        assert_eq!(unique.admits(&busy, "job-a"), Err("uniqueHost"));
+        assert_eq!(unique.admits(&busy, "job-b"), Ok(()), "another job's task is no conflict");
+        assert_eq!(exclusive.admits(&empty, "job-a"), Ok(()));
+        assert_eq!(exclusive.admits(&busy, "job-b"), Err("exclusiveHost"));
+        assert_eq!(
+            Constraints::default().admits(&alone, "job-b"),
+            Err("exclusiveHost"),
+            "nothing joins an exclusive task"
+        );
+        // A count of zero left behind by a finished task is no task.
+        assert_eq!(exclusive.admits(&agent(&[("job-a", 0)], false), "job-b"), Ok(()));
+    }
+
+    #[test]
+    fn admits_checks_the_value_terms() {
+        let a = agent(&[], false);
+        assert_eq!(hard(&[("availabilityZone", "US-EAST-1A")]).admits(&a, "j"), Ok(()));
+        assert_eq!(hard(&[("availabilityZone", "us-east-1b")]).admits(&a, "j"), Err("availabilityZone"));
+        assert_eq!(hard(&[("machineType", "c5.xlarge")]).admits(&a, "j"), Err("machineType"));
+        assert_eq!(hard(&[("machineId", "a2")]).admits(&a, "j"), Err("machineId"));
+        assert_eq!(hard(&[("host.rack", "r7")]).admits(&a, "j"), Ok(()));
+        assert_eq!(hard(&[("host.rack", "R8")]).admits(&a, "j"), Err("hostAttribute"));
     }
 }

@@ -507,7 +507,9 @@ impl AgentTaskService for AgentTaskApi {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = request.get_ref().clone();
         id_field("task_id", &r.task_id)?;
-        // An agent reports only the tasks placed on it.
+        // An agent reports only the tasks placed on it, and says of them only what it may say on
+        // its stream: reasons an agent may give, the context keys it may set (no containerIp: this
+        // call carries none of the agent's declared networks), bounded text.
         if let Some(agent_id) = crate::auth::caller(&request).agent_id() {
             // Up to date first: a lagging replica must not refuse a task placed a moment ago.
             self.replica.read_barrier(client_deadline(&request)).await?;
@@ -520,7 +522,29 @@ impl AgentTaskService for AgentTaskApi {
                     r.task_id
                 )));
             }
+            let report = crate::model::convert::agent_report(
+                agent_id,
+                pb::AgentTask {
+                    task_id: r.task_id,
+                    state: r.state,
+                    container_id: String::new(),
+                    reason_code: r.reason_code,
+                    reason_message: r.reason_message,
+                    task_context: r.task_context,
+                },
+                now_ms(),
+                &[],
+            )?;
+            let command = Command::UpdateTaskStatus {
+                task_id: report.task_id,
+                status: report.status,
+                context: report.context,
+                expected_state: None,
+            };
+            return done(self.replica.propose(command, client_deadline(&request)).await?);
         }
+        // Without security every caller is anonymous, trusted as an operator is (tests place tasks
+        // this way without an agent).
         let state = task_state_from_proto("state", r.state)?;
         let mut reason_code = r.reason_code;
         if state == TaskState::Finished {

@@ -3,11 +3,13 @@
 
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
+use crate::jobs::hosts;
 use crate::jobs::store::{JobRead, Overlay, TokenRecord};
 use crate::model::job::{
     validate_capacity, Job, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
 };
 use std::collections::BTreeMap;
+use titus_scheduler::Constraints;
 
 use crate::model::agent::{AgentState, Lifecycle};
 use crate::model::task::{context, reason, Task, TaskState, TaskStatus};
@@ -177,14 +179,7 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
                 CommandResponse::Done
             }
         },
-        Command::RegisterAgent { mut agent } => {
-            if let Some(existing) = o.agent(&agent.id)? {
-                agent.registered_ms = existing.registered_ms;
-                agent.terminating = existing.terminating;
-            }
-            o.put_agent(agent);
-            CommandResponse::Done
-        }
+        Command::RegisterAgent { agent } => register_agent(o, agent)?,
         Command::MarkAgentTerminating { agent_id, terminating } => match o.agent(&agent_id)? {
             None => not_found("agent_id", "agent", &agent_id)?,
             Some(mut a) => {
@@ -206,6 +201,59 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse
         Command::AssignTasks { assignments, timestamp_ms } => assign_tasks(o, assignments, timestamp_ms)?,
         other => return crate::loadbalancer::apply::apply(o, other),
     }))
+}
+
+/// Key of the claim that binds an EC2 instance to the one agent that registered on it first.
+pub fn instance_claim_key(instance_id: &str) -> String {
+    format!("instance/{instance_id}")
+}
+
+/// An agent registers (again). The instance it says it runs on is bound to it from its first
+/// registration: capacity picks idle instances by this binding, so an agent claiming another's
+/// instance could have a busy host terminated or keep an idle one. The binding lives in the token
+/// table (one key per instance, never expiring: EC2 never reuses an instance id), so a check costs
+/// one read, not a scan of the fleet. An agent moves to another instance only after it was
+/// declared lost (its tasks were replaced); its old instance stays bound to it.
+fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) -> Result<CommandResponse> {
+    let existing = o.agent(&agent.id)?;
+    let field = format!("attributes.{}", crate::model::agent::INSTANCE_ID_ATTRIBUTE);
+    if let Some(instance) = agent.instance_id().map(str::to_string) {
+        let key = instance_claim_key(&instance);
+        match o.token(&key)? {
+            Some(claim) if claim.result != agent.id => {
+                return reject(
+                    RejectionKind::FailedPrecondition,
+                    &field,
+                    format!("instance {instance:?} is bound to agent {:?}, which registered on it first", claim.result),
+                );
+            }
+            Some(_) => {}
+            None => {
+                let moved = existing
+                    .as_ref()
+                    .filter(|e| e.state != AgentState::Lost)
+                    .and_then(|e| e.instance_id())
+                    .filter(|old| *old != instance);
+                if let Some(old) = moved {
+                    return reject(
+                        RejectionKind::FailedPrecondition,
+                        &field,
+                        format!(
+                            "agent {:?} runs on instance {old:?}; it may move to {instance:?} only once it is declared lost",
+                            agent.id
+                        ),
+                    );
+                }
+                o.put_token(key, TokenRecord { result: agent.id.clone(), expires_ms: i64::MAX });
+            }
+        }
+    }
+    if let Some(existing) = existing {
+        agent.registered_ms = existing.registered_ms;
+        agent.terminating = existing.terminating;
+    }
+    o.put_agent(agent);
+    Ok(CommandResponse::Done)
 }
 
 pub use crate::jobs::store::{agent_of, Allocation};
@@ -273,54 +321,41 @@ fn assign_tasks(
     assignments: Vec<crate::command::Assignment>,
     timestamp_ms: i64,
 ) -> Result<CommandResponse> {
-    // Each agent's allocation is read once, before this entry gives it anything; jobs and agents
-    // (which this command does not change) once each.
-    let mut used: BTreeMap<String, ResourceDimension> = BTreeMap::new();
-    let mut needs: BTreeMap<String, Option<ResourceDimension>> = BTreeMap::new();
-    let mut eligible: BTreeMap<String, Option<crate::model::agent::Agent>> = BTreeMap::new();
+    // Each agent is read once, with what its live tasks hold before this entry gives it anything;
+    // each job once.
+    let mut jobs: BTreeMap<String, Option<Placing>> = BTreeMap::new();
+    let mut hosts: BTreeMap<String, Option<Host>> = BTreeMap::new();
     let mut applied = Vec::new();
     for a in assignments {
         let Some(mut task) = o.task(&a.task_id)? else { continue };
         if task.state() != TaskState::Accepted || agent_of(&task).is_some() {
             continue;
         }
-        if !needs.contains_key(&task.job_id) {
-            let need = o
-                .job(&task.job_id)?
-                .filter(|j| j.status.state == JobState::Accepted)
-                .map(|j| j.descriptor.container.resources.as_dimension());
-            needs.insert(task.job_id.clone(), need);
+        if !hosts.contains_key(&a.agent_id) {
+            let host = host_now(o, &mut jobs, &a.agent_id)?;
+            hosts.insert(a.agent_id.clone(), host);
         }
-        let Some(need) = needs[&task.job_id].clone() else { continue };
-        if !eligible.contains_key(&a.agent_id) {
-            let agent = match o.agent(&a.agent_id)?.filter(|agent| agent.accepts_tasks()) {
-                Some(agent) => match o.instance_group(&agent.instance_group)? {
-                    Some(group) if group.lifecycle != Lifecycle::Active => None,
-                    _ => Some(agent),
-                },
-                None => None,
-            };
-            eligible.insert(a.agent_id.clone(), agent);
-        }
-        let Some(agent) = eligible[&a.agent_id].as_ref() else { continue };
-        if !used.contains_key(&agent.id) {
-            used.insert(agent.id.clone(), o.allocation_of(&agent.id)?.resources);
-        }
-        let agent_used = used.entry(agent.id.clone()).or_default();
-        if !agent.resources.fits(agent_used, &need) {
+        let Some(host) = hosts.get_mut(&a.agent_id).and_then(Option::as_mut) else { continue };
+        let Some(job) = placing(o, &mut jobs, &task.job_id)?.filter(|j| j.accepted) else { continue };
+        // Hard constraints hold on apply as resources do: the plan saw the agent as it was, and
+        // other placements may have landed on it since.
+        let Ok((hard, _)) = &job.constraints else { continue };
+        if hard.admits(&host.view, &task.job_id).is_err() || !host.agent.resources.fits(&host.used, &job.need) {
             continue;
         }
-        agent_used.add(&need);
         let status = TaskStatus {
             state: TaskState::Launched,
             reason_code: String::new(),
-            reason_message: format!("assigned to agent {}", agent.id),
+            reason_message: format!("assigned to agent {}", host.agent.id),
             timestamp_ms,
         };
         if task.transition(status) {
-            task.context.insert(context::AGENT.into(), agent.id.clone());
+            host.used.add(&job.need);
+            host.view.jobs.entry(task.job_id.clone()).and_modify(|n| *n += 1).or_insert(1);
+            host.view.exclusive |= hard.exclusive_host;
+            task.context.insert(context::AGENT.into(), host.agent.id.clone());
             for key in [context::HOST, context::ZONE, context::INSTANCE_ID] {
-                if let Some(v) = agent.attributes.get(key) {
+                if let Some(v) = host.agent.attributes.get(key) {
                     task.context.insert(key.into(), v.clone());
                 }
             }
@@ -329,6 +364,60 @@ fn assign_tasks(
         }
     }
     Ok(CommandResponse::Assigned(applied))
+}
+
+/// What placing a task of one job needs, read once per entry.
+struct Placing {
+    need: ResourceDimension,
+    constraints: std::result::Result<(Constraints, Constraints), String>,
+    accepted: bool,
+}
+
+fn placing<'a>(
+    o: &Overlay,
+    jobs: &'a mut BTreeMap<String, Option<Placing>>,
+    job_id: &str,
+) -> Result<Option<&'a Placing>> {
+    if !jobs.contains_key(job_id) {
+        let job = o.job(job_id)?.map(|j| Placing {
+            need: j.descriptor.container.resources.as_dimension(),
+            constraints: hosts::constraints(&j),
+            accepted: j.status.state == JobState::Accepted,
+        });
+        jobs.insert(job_id.to_string(), job);
+    }
+    Ok(jobs[job_id].as_ref())
+}
+
+/// An agent that may take tasks, as it is now: what its live tasks hold and, for the hard
+/// constraints, which jobs they belong to and whether one wants the agent alone.
+struct Host {
+    agent: crate::model::agent::Agent,
+    used: ResourceDimension,
+    view: titus_scheduler::Agent,
+}
+
+fn host_now(o: &Overlay, jobs: &mut BTreeMap<String, Option<Placing>>, agent_id: &str) -> Result<Option<Host>> {
+    let Some(agent) = o.agent(agent_id)?.filter(|agent| agent.accepts_tasks()) else { return Ok(None) };
+    let group = o.instance_group(&agent.instance_group)?;
+    if group.as_ref().is_some_and(|g| g.lifecycle != Lifecycle::Active) {
+        return Ok(None);
+    }
+    let mut used = ResourceDimension::default();
+    let mut load = hosts::Load::default();
+    for id in o.task_ids_on_agent(agent_id)? {
+        let Some(t) = o.task(&id)? else { continue };
+        if agent_of(&t) != Some(agent_id) || !t.state().is_live() {
+            continue;
+        }
+        // A task of a job gone from the state holds nothing (as `holding` counts it).
+        let Some(job) = placing(o, jobs, &t.job_id)? else { continue };
+        used.add(&job.need);
+        let exclusive = job.constraints.as_ref().is_ok_and(|(h, _)| h.exclusive_host);
+        load.add(&t.job_id, &hosts::resources(&job.need), exclusive);
+    }
+    let view = hosts::host(&agent, group.as_ref(), load, None);
+    Ok(Some(Host { agent, used, view }))
 }
 
 /// The job, if it exists and is not being killed.

@@ -430,3 +430,131 @@ fn a_termination_written_ahead_survives_an_update_of_its_group() {
         CommandResponse::Rejected(_)
     ));
 }
+
+/// Placements planned from one picture and applied one entry after another: hard constraints
+/// hold on apply as resources do — a second task of a uniqueHost job, or any task beside an
+/// exclusiveHost one, is refused when it commits, whatever the plan said.
+#[test]
+fn host_constraints_are_checked_again_when_a_placement_commits() {
+    use crate::command::Assignment;
+    use crate::model::agent::{Agent, AgentState};
+    use crate::model::ResourceDimension;
+
+    let mut sim = Sim::new();
+    sim.run(Command::RegisterAgent {
+        agent: Agent {
+            id: "a1".into(),
+            instance_group: "default".into(),
+            resources: ResourceDimension { cpu: 16.0, memory_mb: 64_000, disk_mb: 100_000, network_mbps: 1000, gpu: 0 },
+            attributes: Default::default(),
+            state: AgentState::Online,
+            healthy: true,
+            unhealthy_reason: String::new(),
+            registered_ms: 1,
+            terminating: false,
+            lost_ms: None,
+        },
+    });
+    let create = |sim: &mut Sim, id: &str, constraint: Option<&str>| {
+        let mut d = service_descriptor(2, 2, 2);
+        if let Some(c) = constraint {
+            d.container.hard_constraints.insert(c.into(), "true".into());
+        }
+        let job = Job {
+            id: id.into(),
+            descriptor: d,
+            status: JobStatus {
+                state: JobState::Accepted,
+                reason_code: String::new(),
+                reason_message: String::new(),
+                timestamp_ms: sim.now,
+            },
+            status_history: vec![],
+        };
+        let CommandResponse::JobId(id) =
+            sim.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 })
+        else {
+            panic!("create failed")
+        };
+        sim.settle();
+        sim.live(&id).into_iter().map(|t| t.id).collect::<Vec<_>>()
+    };
+    let assign_all = |sim: &mut Sim, task_ids: &[&String]| {
+        let assignments =
+            task_ids.iter().map(|t| Assignment { task_id: t.to_string(), agent_id: "a1".into() }).collect();
+        match sim.run(Command::AssignTasks { assignments, timestamp_ms: sim.now }) {
+            CommandResponse::Assigned(ids) => ids.len(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let assign = |sim: &mut Sim, task_id: &String| assign_all(sim, &[task_id]);
+    // Within one entry...
+    let pair = create(&mut sim, "pair", Some("uniqueHost"));
+    assert_eq!(assign_all(&mut sim, &[&pair[0], &pair[1]]), 1, "two tasks of a uniqueHost job in one entry");
+    sim.report(&pair[0], TaskState::Finished, reason::NORMAL);
+    // ...and across entries planned from the same picture.
+    let unique = create(&mut sim, "unique", Some("uniqueHost"));
+    assert_eq!(assign(&mut sim, &unique[0]), 1);
+    assert_eq!(assign(&mut sim, &unique[1]), 0, "a second task of a uniqueHost job on the same agent");
+    let exclusive = create(&mut sim, "exclusive", Some("exclusiveHost"));
+    assert_eq!(assign(&mut sim, &exclusive[0]), 0, "an exclusiveHost task beside another job's task");
+    let plain = create(&mut sim, "plain", None);
+    assert_eq!(assign(&mut sim, &plain[0]), 1, "a job with no constraint shares the agent");
+    // Once the agent is empty, the exclusive task goes, and nothing joins it afterwards.
+    for t in [&unique[0], &plain[0]] {
+        sim.report(t, TaskState::Finished, reason::NORMAL);
+    }
+    assert_eq!(assign(&mut sim, &exclusive[0]), 1);
+    assert_eq!(assign(&mut sim, &plain[1]), 0, "nothing joins an exclusiveHost task");
+    assert_eq!(assign(&mut sim, &exclusive[1]), 0);
+}
+
+/// An instance is bound to the agent that registered on it first: another agent claiming it is
+/// refused, and an agent moves to another instance only once declared lost.
+#[test]
+fn an_instance_is_bound_to_the_agent_that_registered_on_it_first() {
+    use crate::model::agent::{Agent, AgentState, INSTANCE_ID_ATTRIBUTE};
+    use crate::model::ResourceDimension;
+
+    let mut sim = Sim::new();
+    let register = |sim: &mut Sim, id: &str, instance: &str| {
+        let agent = Agent {
+            id: id.into(),
+            instance_group: "default".into(),
+            resources: ResourceDimension { cpu: 4.0, memory_mb: 8_000, disk_mb: 10_000, network_mbps: 100, gpu: 0 },
+            attributes: [(INSTANCE_ID_ATTRIBUTE.to_string(), instance.to_string())].into(),
+            state: AgentState::Online,
+            healthy: true,
+            unhealthy_reason: String::new(),
+            registered_ms: 1,
+            terminating: false,
+            lost_ms: None,
+        };
+        match sim.run(Command::RegisterAgent { agent }) {
+            CommandResponse::Done => Ok(()),
+            CommandResponse::Rejected(r) => {
+                assert_eq!(r.field, "attributes.instanceId");
+                Err(r.message)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let instance_of = |sim: &Sim, id: &str| {
+        sim.store.agent(id).unwrap().and_then(|a| a.instance_id().map(str::to_string)).unwrap_or_default()
+    };
+    register(&mut sim, "a1", "i-1").unwrap();
+    register(&mut sim, "a1", "i-1").expect("the same agent again, after a reconnect");
+    let err = register(&mut sim, "a2", "i-1").unwrap_err();
+    assert!(err.contains("bound to agent \"a1\""), "{err}");
+    assert_eq!(instance_of(&sim, "a1"), "i-1");
+    assert!(sim.store.agent("a2").unwrap().is_none(), "a refused registration writes nothing");
+    let err = register(&mut sim, "a1", "i-2").unwrap_err();
+    assert!(err.contains("only once it is declared lost"), "{err}");
+    sim.run(Command::AgentLost { agent_id: "a1".into(), timestamp_ms: sim.now });
+    register(&mut sim, "a1", "i-2").expect("a lost agent comes back on a new instance");
+    assert_eq!(instance_of(&sim, "a1"), "i-2");
+    // Its old instance stays bound to it; the new one is now bound too.
+    assert!(register(&mut sim, "a3", "i-1").is_err());
+    assert!(register(&mut sim, "a3", "i-2").is_err());
+    register(&mut sim, "a3", "i-3").unwrap();
+}
