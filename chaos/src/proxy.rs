@@ -104,10 +104,32 @@ impl Counters {
     }
 }
 
+/// One request the proxy received (its control path aside), as it arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub at: std::time::Instant,
+    /// The caller's address: in a lab, which replica made the call.
+    pub from: std::net::IpAddr,
+    /// The AWS `Action` (`RunInstances`, `RegisterTargets`, ...); empty when the body names none.
+    pub action: String,
+}
+
+impl Call {
+    /// Whether the call changes something in AWS: anything but the read-only `Describe*`, `Get*`
+    /// and `List*` actions (an unnamed action counts as a change: nothing proves it is not).
+    pub fn is_mutation(&self) -> bool {
+        !["Describe", "Get", "List"].iter().any(|p| self.action.starts_with(p))
+    }
+}
+
+/// Calls kept for [`Proxy::calls`]; later ones are counted, not kept.
+const MAX_CALLS: usize = 200_000;
+
 struct Shared {
     upstream: String,
     config: Mutex<(FaultConfig, rand::rngs::StdRng)>,
     counters: Counters,
+    calls: Mutex<Vec<Call>>,
 }
 
 /// A running proxy; it stops when dropped.
@@ -136,14 +158,15 @@ impl Proxy {
             upstream: upstream.trim_start_matches("http://").trim_end_matches('/').to_string(),
             config: Mutex::new((config, rng)),
             counters: Counters::default(),
+            calls: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((conn, _)) = listener.accept().await else { return };
+                let Ok((conn, peer)) = listener.accept().await else { return };
                 let s = s.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve(conn, &s).await {
+                    if let Err(e) = serve(conn, peer.ip(), &s).await {
                         tracing::debug!(error = %e, "proxy connection");
                     }
                 });
@@ -166,6 +189,12 @@ impl Proxy {
 
     pub fn stats(&self) -> Stats {
         self.shared.counters.snapshot()
+    }
+
+    /// Every call received so far (up to 200,000), in the order they arrived, whatever was done
+    /// with them (forwarded or faulted).
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -229,13 +258,20 @@ fn aws_error(code: &str, message: &str) -> String {
 
 /// Serves one request per connection (every answer says `Connection: close`), so a fault never
 /// leaves a half-read connection behind.
-async fn serve(mut conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn serve(mut conn: TcpStream, from: std::net::IpAddr, shared: &Shared) -> std::io::Result<()> {
     let Some((head, body)) = read_request(&mut conn).await? else { return Ok(()) };
     let request_line = head.lines().next().unwrap_or("");
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if path == CONTROL_PATH {
         return control(conn, shared, method, &body).await;
+    }
+    {
+        let mut calls = shared.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if calls.len() < MAX_CALLS {
+            let action = action_of(&body).unwrap_or_default();
+            calls.push(Call { at: std::time::Instant::now(), from, action });
+        }
     }
     let c = &shared.counters;
     match decide(shared, &body) {
@@ -384,4 +420,38 @@ async fn remote(addr: &str, method: &str, body: &str) -> Result<Status> {
         bail!("AWS fault proxy at {addr}: {}", body.trim());
     }
     serde_json::from_str(body).with_context(|| format!("AWS fault proxy at {addr}: unreadable status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn post(addr: std::net::SocketAddr, body: &str) -> String {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn every_call_is_recorded_with_its_caller_and_action() {
+        // Every call answered 503 by the proxy itself: no upstream is needed, and a faulted call is
+        // recorded like a forwarded one.
+        let faults = FaultConfig { error_rate: 1.0, ..Default::default() };
+        let proxy = Proxy::start("127.0.0.1:0", "127.0.0.1:9", faults).await.unwrap();
+        assert!(post(proxy.addr, "Action=RunInstances&Version=2016-11-15").await.starts_with("HTTP/1.1 503"));
+        post(proxy.addr, "Action=DescribeInstances&Version=2016-11-15").await;
+        post(proxy.addr, "no action here").await;
+        let calls = proxy.calls();
+        let seen: Vec<(&str, bool)> = calls.iter().map(|c| (c.action.as_str(), c.is_mutation())).collect();
+        assert_eq!(seen, vec![("RunInstances", true), ("DescribeInstances", false), ("", true)]);
+        assert!(calls.iter().all(|c| c.from == std::net::IpAddr::from([127, 0, 0, 1])));
+        assert!(calls[0].at <= calls[1].at && calls[1].at <= calls[2].at);
+        assert_eq!(proxy.stats().errors, 3);
+    }
 }

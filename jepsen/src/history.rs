@@ -89,6 +89,31 @@ impl Recorder {
     pub fn ops(&self) -> Vec<Op> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// The time of `at` on this history's clock (0 for an instant before it started).
+    pub fn time_of(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_nanos() as u64
+    }
+
+    /// Adds completed ops observed elsewhere at known times (AWS calls seen by the fault proxy),
+    /// each `(time, process, f, value)` in its place by time; the history is renumbered.
+    pub fn insert_timed(&self, ops: Vec<(u64, i64, &str, Value)>) {
+        let mut all = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        all.extend(ops.into_iter().map(|(time, process, f, value)| Op {
+            index: 0,
+            time,
+            process,
+            kind: Type::Ok,
+            f: f.to_string(),
+            value,
+            error: None,
+        }));
+        // Stable: ops of one time keep the order they were recorded in.
+        all.sort_by_key(|o| o.time);
+        for (i, o) in all.iter_mut().enumerate() {
+            o.index = i as u64;
+        }
+    }
 }
 
 impl Default for Recorder {
@@ -118,55 +143,86 @@ pub fn to_edn(ops: &[Op]) -> String {
     out
 }
 
-/// Reads a history written as EDN (one map per op, Jepsen's layout) or JSON (an array of ops).
+/// Reads a history written as EDN (Jepsen's layout: one op per line, or one vector of ops; plain
+/// maps or `#jepsen.history.Op{...}` records) or JSON (an array of ops).
 pub fn read(path: &Path) -> Result<Vec<Op>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse(&text).with_context(|| format!("history {}", path.display()))
 }
 
+/// Parses a history. When any op has no `:time`, every op's time is its position in the history
+/// instead: Jepsen orders histories in real time, and a missing time read as 0 would make every
+/// operation concurrent with every other (and almost anything linearizable).
 pub fn parse(text: &str) -> Result<Vec<Op>> {
     let trimmed = text.trim_start();
-    if trimmed.starts_with('[') && serde_json::from_str::<Value>(trimmed).is_ok() {
-        let ops: Vec<Op> = serde_json::from_str(trimmed).context("JSON history: expected an array of ops")?;
-        return Ok(ops);
-    }
-    let values = crate::edn::parse_all(text)?;
-    let values = match values.as_slice() {
-        [Value::Array(items)] => items.clone(),
-        _ => values,
+    let values = match serde_json::from_str::<Value>(trimmed) {
+        Ok(Value::Array(items)) if trimmed.starts_with('[') => items,
+        _ => {
+            let values = crate::edn::parse_all(text)?;
+            match <[Value; 1]>::try_from(values) {
+                Ok([Value::Array(items)]) => items,
+                Ok([one]) => vec![one],
+                Err(values) => values,
+            }
+        }
     };
-    let mut ops = Vec::new();
+    let mut ops = Vec::with_capacity(values.len());
+    let mut all_timed = true;
     for (i, v) in values.into_iter().enumerate() {
-        let Value::Object(mut m) = v else { bail!("op {i}: not a map") };
-        let process = match m.remove("process") {
-            Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
-            Some(Value::String(s)) if s == "nemesis" => NEMESIS,
-            other => bail!("op {i}: :process {other:?} is not a number or :nemesis"),
-        };
-        let kind = match m.remove("type") {
-            Some(Value::String(s)) => match s.as_str() {
-                "invoke" => Type::Invoke,
-                "ok" => Type::Ok,
-                "fail" => Type::Fail,
-                "info" => Type::Info,
-                other => bail!("op {i}: :type :{other} is not one of :invoke :ok :fail :info"),
-            },
-            other => bail!("op {i}: :type {other:?} is missing"),
-        };
-        let f = match m.remove("f") {
-            Some(Value::String(s)) => s,
-            other => bail!("op {i}: :f {other:?} is missing"),
-        };
-        let num = |v: Option<Value>| v.and_then(|v| v.as_u64());
-        let index = num(m.remove("index")).unwrap_or(i as u64);
-        let time = num(m.remove("time")).unwrap_or(0);
-        let error = m.remove("error").map(|e| match e {
-            Value::String(s) => s,
-            other => other.to_string(),
-        });
-        ops.push(Op { index, time, process, kind, f, value: m.remove("value").unwrap_or(Value::Null), error });
+        let (op, timed) = op_from(i, v).with_context(|| format!("op {i} (counting from 0)"))?;
+        all_timed &= timed;
+        ops.push(op);
+    }
+    if !all_timed {
+        for (i, op) in ops.iter_mut().enumerate() {
+            op.time = i as u64;
+        }
     }
     Ok(ops)
+}
+
+/// One op from its map (EDN keywords and JSON keys read alike); also whether it had a `:time`.
+fn op_from(i: usize, v: Value) -> Result<(Op, bool)> {
+    let Value::Object(mut m) = v else { bail!("not a map: {}", crate::edn::write(&v)) };
+    let process = match m.remove("process") {
+        Some(Value::Number(n)) => n.as_i64().with_context(|| format!(":process {n} is not an integer"))?,
+        Some(Value::String(s)) if s == "nemesis" => NEMESIS,
+        other => bail!(":process {} is not a number or :nemesis", show(other)),
+    };
+    let kind = match m.remove("type") {
+        Some(Value::String(s)) => match s.as_str() {
+            "invoke" => Type::Invoke,
+            "ok" => Type::Ok,
+            "fail" => Type::Fail,
+            "info" => Type::Info,
+            other => bail!(":type :{other} is not one of :invoke :ok :fail :info"),
+        },
+        other => bail!(":type {} is not one of :invoke :ok :fail :info", show(other)),
+    };
+    let f = match m.remove("f") {
+        Some(Value::String(s)) => s,
+        other => bail!(":f {} is not a keyword", show(other)),
+    };
+    let index = match m.remove("index") {
+        None | Some(Value::Null) => i as u64,
+        Some(v) => v.as_u64().with_context(|| format!(":index {} is not a natural number", crate::edn::write(&v)))?,
+    };
+    let time = match m.remove("time") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            Some(v.as_u64().with_context(|| format!(":time {} is not a natural number", crate::edn::write(&v)))?)
+        }
+    };
+    let error = m.remove("error").map(|e| match e {
+        Value::String(s) => s,
+        other => crate::edn::write(&other),
+    });
+    let value = m.remove("value").unwrap_or(Value::Null);
+    Ok((Op { index, time: time.unwrap_or(0), process, kind, f, value, error }, time.is_some()))
+}
+
+fn show(v: Option<Value>) -> String {
+    v.map_or_else(|| "missing".to_string(), |v| crate::edn::write(&v))
 }
 
 #[cfg(test)]
@@ -221,6 +277,40 @@ mod tests {
         );
         assert_eq!(parse(&edn).unwrap(), ops);
         assert_eq!(parse(&serde_json::to_string(&ops).unwrap()).unwrap(), ops);
-        assert!(parse("{:index 0 :type :bogus :f :read :process 0}").unwrap_err().to_string().contains(":bogus"));
+        let e = format!("{:#}", parse("{:index 0 :type :bogus :f :read :process 0}").unwrap_err());
+        assert!(e.contains(":bogus") && e.contains("op 0"), "{e}");
+    }
+
+    #[test]
+    fn jepsen_records_and_vectors() {
+        let text = "[#jepsen.history.Op{:index 7, :time 10, :type :invoke, :process 3, :f :read, :value nil}\n\
+                     #jepsen.history.Op{:index 8, :time 12, :type :ok, :process 3, :f :read, :value 4, :error [:x 1]}\n\
+                     {:type :info, :process :nemesis, :f :start, :value :jepsen.nemesis/partition, :time 13}]";
+        let ops = parse(text).unwrap();
+        assert_eq!(ops.len(), 3);
+        assert_eq!((ops[0].index, ops[0].time, ops[0].process, ops[0].kind), (7, 10, 3, Type::Invoke));
+        assert_eq!((ops[1].value.clone(), ops[1].error.clone()), (json!(4), Some("[\"x\" 1]".to_string())));
+        assert_eq!(
+            (ops[2].index, ops[2].process, ops[2].value.clone()),
+            (2, NEMESIS, json!("jepsen.nemesis/partition"))
+        );
+    }
+
+    #[test]
+    fn a_missing_time_orders_by_position() {
+        let ops =
+            parse("{:type :invoke, :f :read, :process 0, :time 50}\n{:type :ok, :f :read, :process 0}\n").unwrap();
+        assert_eq!(ops.iter().map(|o| o.time).collect::<Vec<_>>(), vec![0, 1]);
+        let ops = parse("{:type :invoke, :f :read, :process 0, :time 50}\n{:type :ok, :f :read, :process 0, :time 70}")
+            .unwrap();
+        assert_eq!(ops.iter().map(|o| o.time).collect::<Vec<_>>(), vec![50, 70]);
+        for bad in [
+            "{:type :ok, :f :read, :process 0, :time -1}",
+            "{:type :ok, :f :read, :process :x}",
+            "{:type :ok, :process 1}",
+            "[1]",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! is checked — linearizability of a register per job, no lost or duplicated job submissions, one
 //! commit order for every ObserveJobs client, no task in two containers.
 
+pub mod aws;
 pub mod checks;
 pub mod edn;
 pub mod history;

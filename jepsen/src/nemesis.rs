@@ -102,17 +102,23 @@ pub async fn run(
         } else {
             let mut active = Vec::new();
             let mut what = Vec::new();
+            // The replicas the faults take out of the quorum (cut off from a majority, killed,
+            // paused): while a partition holds, none of them can lead.
+            let mut impaired = std::collections::BTreeSet::new();
             for spec in specs(name, Dur(fault + jitter)) {
                 match chaos.apply(&spec).await {
                     Ok(Some((id, _))) => {
                         active.push(id);
                         what.push(chaos.events.last().map(|e| e.what.clone()).unwrap_or_default());
+                        if let Some(f) = chaos.journal.active.iter().find(|f| f.id == id) {
+                            impaired.extend(f.impairs.iter().copied());
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => what.push(format!("refused: {e:#}")),
                 }
             }
-            rec.record(NEMESIS, Type::Info, "start", json!([name, what.join("; ")]), None);
+            rec.record(NEMESIS, Type::Info, "start", json!([name, what.join("; "), impaired]), None);
             tokio::time::sleep(fault + jitter).await;
             rec.record(NEMESIS, Type::Invoke, "stop", json!(name), None);
             for id in active {

@@ -9,12 +9,12 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::checks::{pairs, CheckResult};
+use crate::checks::{pairs, CheckResult, Verdict};
 use crate::history::{to_edn, Op, Type, NEMESIS};
 
 #[derive(Serialize)]
 pub struct Results<'a> {
-    pub valid: bool,
+    pub valid: Verdict,
     pub run: &'a serde_json::Value,
     pub checks: &'a [CheckResult],
     pub nemesis: Vec<(f64, f64, String)>,
@@ -117,7 +117,7 @@ pub fn latency_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
         v.dedup();
         v
     };
-    let t_max = ops.last().map_or(1.0, |o| o.time as f64 / 1e9);
+    let t_max = t_max(ops);
     let (lo, hi) = (0.1f64, 100_000.0f64); // ms
     let y = |ms: f64| (H - BOTTOM) - (H - BOTTOM - 20.0) * ((ms.clamp(lo, hi) / lo).log10() / (hi / lo).log10());
     let ticks: Vec<(f64, String)> =
@@ -136,7 +136,7 @@ pub fn latency_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
     for (inv, done) in pairs(ops, &fs_ref) {
         let Some(done) = done else { continue };
         let color = COLORS[fs.iter().position(|f| *f == inv.f).unwrap_or(0) % COLORS.len()];
-        let (px, py) = (x(done.time as f64 / 1e9), y((done.time - inv.time) as f64 / 1e6));
+        let (px, py) = (x(done.time as f64 / 1e9), y(done.time.saturating_sub(inv.time) as f64 / 1e6));
         let _ = match done.kind {
             Type::Ok => write!(svg, r#"<circle cx="{px:.1}" cy="{py:.1}" r="1.6" fill="{color}"/>"#),
             Type::Fail => {
@@ -168,13 +168,14 @@ pub fn latency_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
 
 /// Completions per second by operation.
 pub fn throughput_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
-    let t_max = ops.last().map_or(1.0, |o| o.time as f64 / 1e9);
+    let t_max = t_max(ops);
     let seconds = t_max.ceil() as usize + 1;
     let mut per: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for op in
         ops.iter().filter(|o| o.kind != Type::Invoke && o.process != NEMESIS && o.f != "observe" && o.f != "containers")
     {
-        per.entry(op.f.clone()).or_insert_with(|| vec![0; seconds])[(op.time / 1_000_000_000) as usize] += 1;
+        let bucket = ((op.time / 1_000_000_000) as usize).min(seconds - 1);
+        per.entry(op.f.clone()).or_insert_with(|| vec![0; seconds])[bucket] += 1;
     }
     let peak = per.values().flat_map(|v| v.iter().copied()).max().unwrap_or(1).max(1) as f64;
     let y = |v: f64| (H - BOTTOM) - (H - BOTTOM - 20.0) * v / peak;
@@ -203,14 +204,19 @@ pub fn throughput_svg(ops: &[Op], shade: &[(f64, f64, String)]) -> String {
     svg
 }
 
+/// The latest time in the history, in seconds (histories from other tools need not be sorted).
+fn t_max(ops: &[Op]) -> f64 {
+    ops.iter().map(|o| o.time).max().map_or(1.0, |t| t as f64 / 1e9)
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Writes the whole folder; returns whether every check passed.
-pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::Value) -> Result<bool> {
+/// Writes the whole folder; returns the checks' merged verdict.
+pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::Value) -> Result<Verdict> {
     std::fs::create_dir_all(dir)?;
-    let valid = checks.iter().all(|c| c.valid);
+    let valid = Verdict::merge(checks);
     let shade = nemesis_intervals(ops);
     std::fs::write(dir.join("history.edn"), to_edn(ops))?;
     std::fs::write(dir.join("history.json"), serde_json::to_vec(ops)?)?;
@@ -223,8 +229,8 @@ pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::V
     let _ = write!(
         html,
         "<h1>titus-jepsen: <span class={}>{}</span></h1>",
-        if valid { "ok" } else { "bad" },
-        if valid { "valid" } else { "INVALID" }
+        if valid == Verdict::Valid { "ok" } else { "bad" },
+        if valid == Verdict::Valid { "valid".to_string() } else { valid.word().to_uppercase() }
     );
     // The run's parameters in one table; its nemesis log goes last.
     let mut params = run.clone();
@@ -240,11 +246,11 @@ pub fn write(dir: &Path, ops: &[Op], checks: &[CheckResult], run: &serde_json::V
             html,
             "<tr><td>{}</td><td class={}>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&c.checker),
-            if c.valid { "ok" } else { "bad" },
-            if c.valid { "valid" } else { "invalid" },
+            if c.valid == Verdict::Valid { "ok" } else { "bad" },
+            c.valid.word(),
             c.count,
             esc(&c.stats.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")),
-            esc(&c.anomalies.join("\n"))
+            esc(&c.anomalies.iter().chain(&c.unchecked).cloned().collect::<Vec<_>>().join("\n"))
         );
     }
     html.push_str("</table><h2>Latency</h2><img src=latency.svg><h2>Throughput</h2><img src=throughput.svg><h2>Nemesis</h2><table><tr><th>from</th><th>to</th><th>fault</th></tr>");

@@ -13,6 +13,7 @@ pub const OWNER: &str = "jepsen@titus.local";
 pub const REGISTER_APP: &str = "jepsen-register";
 pub const SET_APP: &str = "jepsen-set";
 pub const TASKS_APP: &str = "jepsen-tasks";
+pub const KILL_APP: &str = "jepsen-kill";
 
 /// Ends one operation: ok with `value`, or fail/info by the error.
 fn complete<T>(
@@ -45,10 +46,18 @@ fn desired_of(job: &titus_client::proto::Job) -> Option<u32> {
     }
 }
 
+/// The process that records the register keys' creation.
+pub const SETUP_PROCESS: i64 = 40_000;
+
 /// Creates the register workload's keys: service jobs whose desired size is the register (0 at
 /// first). Placement never finds room for their tasks (64 cpus each), so only the control plane is
 /// exercised.
-pub async fn register_setup(client: &Client, keys: usize) -> anyhow::Result<Vec<String>> {
+///
+/// With `rec`, each creation goes into the history as an acknowledged `write [key 0]`, so that the
+/// history says what the register held first and is checked from `nil` like any Jepsen register.
+/// It is recorded once the job exists (its id is the key) and before any worker starts, so no other
+/// operation on the key is concurrent with it and the narrower interval changes nothing.
+pub async fn register_setup(client: &Client, keys: usize, rec: Option<&Recorder>) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     for k in 0..keys {
         let desc = JobBuilder::service(REGISTER_APP, "titus/busybox:latest", 0, 0, 10)
@@ -57,7 +66,12 @@ pub async fn register_setup(client: &Client, keys: usize) -> anyhow::Result<Vec<
             .memory_mb(16)
             .attribute("jepsen.key", &k.to_string())
             .build();
-        ids.push(client.create_job(desc).await.map_err(|e| anyhow::anyhow!("creating register key {k}: {e}"))?);
+        let id = client.create_job(desc).await.map_err(|e| anyhow::anyhow!("creating register key {k}: {e}"))?;
+        if let Some(rec) = rec {
+            rec.record(SETUP_PROCESS, Type::Invoke, "write", json!([id, 0]), None);
+            rec.record(SETUP_PROCESS, Type::Ok, "write", json!([id, 0]), None);
+        }
+        ids.push(id);
     }
     Ok(ids)
 }
@@ -202,32 +216,144 @@ pub async fn task_submitter(client: Client, rec: Recorder, worker: i64, workers:
     }
 }
 
+/// The kill-during-launch workload: submits a batch job whose task would run for ten minutes and
+/// kills the job a random 0 to 1.5 s later — while its task is being placed, its container created,
+/// or just started — recorded as `launch` (ok: the job id) and `kill` (value: the job id).
+pub async fn kill_during_launch(client: Client, rec: Recorder, worker: i64, workers: i64, until: Instant, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut process = 50_000 + worker;
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let token = format!("jepsen-kill-{worker}-{n}");
+        rec.record(process, Type::Invoke, "launch", Value::Null, None);
+        // The shell exits at once on SIGTERM (a bare `sleep` as PID 1 ignores it until the kill's
+        // grace period ends), so a stopped container is gone within a second.
+        let desc = JobBuilder::batch(KILL_APP, "titus/busybox:latest", 1)
+            .owner(OWNER)
+            .cpu(0.1)
+            .memory_mb(16)
+            .command(["sh", "-c", "trap 'exit 143' TERM; sleep 600 & wait"])
+            .build();
+        let r = client.create_job_with_token(desc, &token).await;
+        let job = r.as_ref().ok().cloned();
+        complete(&rec, &mut process, workers, "launch", Value::Null, r, Value::String);
+        if let Some(job) = job {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
+            rec.record(process, Type::Invoke, "kill", json!(job), None);
+            let r = client.kill_job(&job).await;
+            complete(&rec, &mut process, workers, "kill", json!(job), r, |_| json!(job));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
+    }
+}
+
+/// The final reads of the kill-during-launch workload: every launched job is killed (again, where
+/// its kill's outcome was unknown or it was never sent); once all their tasks are Finished (or
+/// `within` passed) their states are read (`killed-tasks`: `[task job state]` rows), and the agents'
+/// containers are sampled for `watch` more (`containers-final`): none of those tasks may run.
+pub async fn kills_final(client: &Client, rec: &Recorder, agents: &[String], within: Duration, watch: Duration) {
+    let ops = rec.ops();
+    let launched: Vec<String> = ops
+        .iter()
+        .filter(|o| o.f == "launch" && o.kind == Type::Ok)
+        .filter_map(|o| o.value.as_str().map(str::to_string))
+        .collect();
+    let killed: std::collections::BTreeSet<&str> =
+        ops.iter().filter(|o| o.f == "kill" && o.kind == Type::Ok).filter_map(|o| o.value.as_str()).collect();
+    for job in launched.iter().filter(|j| !killed.contains(j.as_str())) {
+        // A job that already finished refuses the kill: fine, it is what the sweep wants.
+        let _ = client.kill_job(job).await;
+    }
+    let deadline = Instant::now() + within;
+    loop {
+        let (rows, settled) = task_rows(client, &launched, |state| state == "Finished").await;
+        if settled || Instant::now() > deadline {
+            rec.record(30_002, Type::Invoke, "killed-tasks", Value::Null, None);
+            rec.record(30_002, Type::Ok, "killed-tasks", Value::Array(rows), None);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let until = Instant::now() + watch;
+    while Instant::now() < until {
+        sample(rec, 30_003, "containers-final", agents).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `[task job state]` rows of the jobs' tasks (states as the checkers name them), and whether every
+/// task's state passes `settled` (false when a read failed).
+async fn task_rows(client: &Client, jobs: &[String], settled: impl Fn(&str) -> bool) -> (Vec<Value>, bool) {
+    let mut rows = Vec::new();
+    let mut all = true;
+    for chunk in jobs.chunks(50) {
+        let ids = chunk.join(",");
+        match client.find_tasks(&[("jobIds", &ids)], 1000, "").await {
+            Ok(page) => {
+                for t in page.items {
+                    let state = t.status.as_ref().map(|s| s.state).unwrap_or_default();
+                    let name = titus_client::proto::TaskState::try_from(state)
+                        .map(|s| s.as_str_name().trim_start_matches("TASK_").to_string())
+                        .unwrap_or_default();
+                    let name = match name.as_str() {
+                        "STARTED" => "Started".to_string(),
+                        "FINISHED" => "Finished".to_string(),
+                        other => other.to_string(),
+                    };
+                    all &= settled(&name);
+                    rows.push(json!([t.id, t.job_id, name]));
+                }
+            }
+            Err(_) => all = false,
+        }
+    }
+    (rows, all)
+}
+
+/// `[task container agent]` rows of the running task containers of the given agents, or why
+/// `docker ps` could not tell.
+async fn running_containers(agents: &[String]) -> Result<Vec<Value>, String> {
+    let mut rows = Vec::new();
+    for agent in agents {
+        let out = tokio::process::Command::new("docker")
+            .args([
+                "ps",
+                "--filter",
+                &format!("label=titus.agent.id={agent}"),
+                "--filter",
+                "status=running",
+                "--format",
+                "{{.Label \"titus.task.id\"}} {{.ID}}",
+            ])
+            .output()
+            .await
+            .map_err(|e| format!("docker ps: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("docker ps: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((task, container)) = line.split_once(' ') {
+                rows.push(json!([task, container, agent]));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// One sample of the running containers as an op of `f`: ok with the rows, or fail with why there
+/// are none (a checker must not read a failed `docker ps` as "nothing runs").
+async fn sample(rec: &Recorder, process: i64, f: &str, agents: &[String]) {
+    match running_containers(agents).await {
+        Ok(rows) => rec.record(process, Type::Ok, f, Value::Array(rows), None),
+        Err(e) => rec.record(process, Type::Fail, f, Value::Null, Some(e)),
+    }
+}
+
 /// Samples the running task containers of the given agents, every 300 ms.
 pub async fn container_sampler(rec: Recorder, agents: Vec<String>, until: Instant) {
     while Instant::now() < until {
-        let mut rows = Vec::new();
-        for agent in &agents {
-            let out = tokio::process::Command::new("docker")
-                .args([
-                    "ps",
-                    "--filter",
-                    &format!("label=titus.agent.id={agent}"),
-                    "--filter",
-                    "status=running",
-                    "--format",
-                    "{{.Label \"titus.task.id\"}} {{.ID}}",
-                ])
-                .output()
-                .await;
-            if let Ok(out) = out {
-                for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    if let Some((task, container)) = line.split_once(' ') {
-                        rows.push(json!([task, container, agent]));
-                    }
-                }
-            }
-        }
-        rec.record(30_000, Type::Ok, "containers", Value::Array(rows), None);
+        sample(&rec, 30_000, "containers", &agents).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -243,29 +369,7 @@ pub async fn tasks_final(client: &Client, rec: &Recorder, within: Duration) {
         .collect();
     let deadline = Instant::now() + within;
     loop {
-        let mut rows = Vec::new();
-        let mut settled = true;
-        for chunk in jobs.chunks(50) {
-            let ids = chunk.join(",");
-            match client.find_tasks(&[("jobIds", &ids)], 1000, "").await {
-                Ok(page) => {
-                    for t in page.items {
-                        let state = t.status.as_ref().map(|s| s.state).unwrap_or_default();
-                        let name = titus_client::proto::TaskState::try_from(state)
-                            .map(|s| s.as_str_name().trim_start_matches("TASK_").to_string())
-                            .unwrap_or_default();
-                        let name = match name.as_str() {
-                            "STARTED" => "Started".to_string(),
-                            "FINISHED" => "Finished".to_string(),
-                            other => other.to_string(),
-                        };
-                        settled &= name == "Started" || name == "Finished";
-                        rows.push(json!([t.id, t.job_id, name]));
-                    }
-                }
-                Err(_) => settled = false,
-            }
-        }
+        let (rows, settled) = task_rows(client, &jobs, |state| state == "Started" || state == "Finished").await;
         if settled || Instant::now() > deadline {
             rec.record(30_001, Type::Invoke, "tasks", Value::Null, None);
             rec.record(30_001, Type::Ok, "tasks", Value::Array(rows), None);

@@ -1,5 +1,5 @@
 //! The short Jepsen run CI makes: 5 replicas and 2 agents in network namespaces, every nemesis at
-//! least once, every workload, healed, checked, reported. The long mode is in jepsen/README.md.
+//! least once, every workload (kill-during-launch and AWS calls of partitioned leaders included), healed, checked, reported. The long mode is in jepsen/README.md.
 
 use std::process::Command;
 
@@ -16,7 +16,7 @@ fn short_run_every_nemesis_every_workload() {
     let bin_dir = exe.parent().unwrap();
     let out = Command::new(&exe)
         .args(["test", "--replicas", "5", "--time", "80s", "--fault", "3s", "--calm", "1s", "--nemesis", "all"])
-        .args(["--workload", "register,set,observe,tasks", "--out", out_dir.to_str().unwrap()])
+        .args(["--workload", "register,set,observe,tasks,kill,aws", "--out", out_dir.to_str().unwrap()])
         .arg("--bin-dir")
         .arg(bin_dir)
         .output()
@@ -27,7 +27,11 @@ fn short_run_every_nemesis_every_workload() {
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(results["valid"], true);
-    assert_eq!(results["checks"].as_array().unwrap().len(), 4, "all four checkers ran");
+    let checks = results["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 6, "all six checkers ran");
+    // The leader was cut off at least once, a new one seen leading, and the AWS calls watched.
+    let fenced = checks.iter().find(|c| c["checker"].as_str().unwrap().starts_with("fenced")).unwrap();
+    assert!(fenced["stats"]["partitions-with-a-new-leader"].as_u64().unwrap() >= 1, "{fenced}");
     let ran: Vec<&str> = results["nemesis"].as_array().unwrap().iter().map(|n| n[2].as_str().unwrap()).collect();
     for nemesis in titus_jepsen::nemesis::available(5) {
         assert!(ran.contains(&nemesis), "nemesis {nemesis} ran (ran: {ran:?})");
