@@ -8,6 +8,8 @@
 //! - [`store`]: the Raft log, vote and state machine in RocksDB column families. Knows nothing of
 //!   the API or the leader duties.
 //! - [`network`] / [`peer`]: the peer port — Raft RPCs, write forwarding and read index over tonic.
+//! - [`apply`]: the one exhaustive match that gives every command its rule (rules live in [`jobs`],
+//!   [`capacity`] and [`loadbalancer`]); the store applies what it returns.
 //! - [`replica`]: the write path (propose or forward) and the linearizable read path.
 //! - [`leader`]: leader-only duties, started and stopped with leadership.
 //! - [`capacity`]: EC2 capacity of instance groups (a pure planner, the leader duty).
@@ -22,6 +24,7 @@
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod apply;
 pub mod auth;
 pub mod capacity;
 pub mod clock;

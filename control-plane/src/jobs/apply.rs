@@ -1,7 +1,8 @@
-//! Applies job and task commands to an [`Overlay`]: deterministic, reads only replicated state,
-//! and rejects (changing nothing) what the state does not allow.
+//! The rules of jobs, tasks and agents, applied to an [`Overlay`] (each command's arm in
+//! [`crate::apply`] calls one of these): deterministic, reads only replicated state, and rejects
+//! (changing nothing) what the state does not allow.
 
-use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::hosts;
 use crate::jobs::store::{JobRead, Overlay, TokenRecord};
@@ -28,179 +29,144 @@ pub fn job_token_key(token: &str) -> String {
     format!("job/{token}")
 }
 
-/// Applies a job or task command; returns `None` for commands that are not about jobs.
-pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse>> {
-    Ok(Some(match command {
-        Command::Once { key, expires_ms, command } => {
-            let key = format!("request/{key}");
-            if let Some(record) = o.token(&key)? {
-                if let Ok(response) = serde_json::from_str::<CommandResponse>(&record.result) {
-                    return Ok(Some(response));
-                }
-            }
-            let Some(response) = apply(o, *command)? else { return Ok(None) };
-            // Every outcome is recorded, rejections too: a client told "rejected" must not see a
-            // delayed duplicate of the same call succeed later, after other writes.
-            let result = serde_json::to_string(&response).unwrap_or_default();
-            o.put_token(key, TokenRecord { result, expires_ms });
-            response
+pub fn update_job_status(o: &mut Overlay, job_id: &str, enabled: bool) -> Result<CommandResponse> {
+    with_service_job(o, job_id, "enable_status", |job| {
+        if let JobType::Service { enabled: e, .. } = &mut job.descriptor.job_type {
+            *e = enabled;
         }
-        Command::CreateJob { job, idempotency_token, token_expires_ms } => {
-            create_job(o, job, idempotency_token, token_expires_ms)?
+        Ok(())
+    })
+}
+
+pub fn update_job_processes(
+    o: &mut Overlay,
+    job_id: &str,
+    processes: crate::model::job::ServiceJobProcesses,
+) -> Result<CommandResponse> {
+    with_service_job(o, job_id, "service_job_processes", |job| {
+        if let JobType::Service { processes: p, .. } = &mut job.descriptor.job_type {
+            *p = processes;
         }
-        Command::UpdateJobCapacity { job_id, min, desired, max } => update_capacity(o, &job_id, min, desired, max)?,
-        Command::UpdateJobStatus { job_id, enabled } => with_service_job(o, &job_id, "enable_status", |job| {
-            if let JobType::Service { enabled: e, .. } = &mut job.descriptor.job_type {
-                *e = enabled;
-            }
-            Ok(())
-        })?,
-        Command::UpdateJobProcesses { job_id, processes } => {
-            with_service_job(o, &job_id, "service_job_processes", |job| {
-                if let JobType::Service { processes: p, .. } = &mut job.descriptor.job_type {
-                    *p = processes;
-                }
-                Ok(())
-            })?
-        }
-        Command::UpdateJobAttributes { job_id, attributes } => match live_job(o, &job_id)? {
-            Err(r) => r,
-            Ok(mut job) => {
-                job.descriptor.attributes.extend(attributes);
-                o.put_job(job);
-                CommandResponse::Done
-            }
-        },
-        Command::DeleteJobAttributes { job_id, keys } => match live_job(o, &job_id)? {
-            Err(r) => r,
-            Ok(mut job) => {
-                for k in keys {
-                    job.descriptor.attributes.remove(&k);
-                }
-                o.put_job(job);
-                CommandResponse::Done
-            }
-        },
-        Command::KillJob { job_id, timestamp_ms } => kill_job(o, &job_id, timestamp_ms)?,
-        Command::KillTask { task_id, shrink, prevent_min_size_update, timestamp_ms } => {
-            kill_task(o, &task_id, shrink, prevent_min_size_update, timestamp_ms)?
-        }
-        Command::CreateTasks { tasks, archive } => create_tasks(o, tasks, archive)?,
-        Command::UpdateTaskStatus { task_id, status, context, expected_state } => {
-            let Some(task) = o.task(&task_id)? else { return Ok(Some(not_found("task_id", "task", &task_id)?)) };
-            match expected_state {
-                Some(seen) if seen != task.state() => reject(
-                    RejectionKind::FailedPrecondition,
-                    "expected_state",
-                    format!("task {task_id} is {:?} now, not {seen:?} as planned", task.state()),
-                )?,
-                _ => update_status(o, task, status, context)?,
-            }
-        }
-        Command::UpdateTaskStatuses { reports } => {
-            for r in reports {
-                let Some(task) = o.task(&r.task_id)? else { continue };
-                if agent_of(&task) == Some(r.agent_id.as_str()) {
-                    update_status(o, task, r.status, r.context)?;
-                }
-            }
+        Ok(())
+    })
+}
+
+pub fn update_job_attributes(
+    o: &mut Overlay,
+    job_id: &str,
+    attributes: BTreeMap<String, String>,
+) -> Result<CommandResponse> {
+    Ok(match live_job(o, job_id)? {
+        Err(r) => r,
+        Ok(mut job) => {
+            job.descriptor.attributes.extend(attributes);
+            o.put_job(job);
             CommandResponse::Done
         }
-        Command::FinishJob { job_id, reason_code, reason_message, timestamp_ms } => {
-            let Some(mut job) = o.job(&job_id)? else { return Ok(Some(not_found("job_id", "job", &job_id)?)) };
-            let tasks = o.tasks_of_job(&job_id)?;
-            if let Some(live) = tasks.iter().find(|t| t.state().is_live()) {
-                return Ok(Some(reject(
-                    RejectionKind::FailedPrecondition,
-                    "job_id",
-                    format!("task {:?} of job {job_id:?} is still {}", live.id, live.state().name()),
-                )?));
+    })
+}
+
+pub fn delete_job_attributes(o: &mut Overlay, job_id: &str, keys: Vec<String>) -> Result<CommandResponse> {
+    Ok(match live_job(o, job_id)? {
+        Err(r) => r,
+        Ok(mut job) => {
+            for k in keys {
+                job.descriptor.attributes.remove(&k);
             }
-            job.set_status(JobStatus { state: JobState::Finished, reason_code, reason_message, timestamp_ms });
-            for t in tasks {
-                o.archive_task(t);
-            }
-            o.archive_job(job);
+            o.put_job(job);
             CommandResponse::Done
         }
-        Command::PurgeArchive { job_ids, tokens } => {
-            for id in job_ids {
-                if let Some(job) = o.archived_job(&id)? {
-                    o.forget_archived_job(job)?;
-                }
-            }
-            for key in tokens {
-                o.changes.tokens.insert(key, None);
-            }
+    })
+}
+
+/// One task's new status, refused when the task is no longer in the state the plan saw.
+pub fn update_task_status(
+    o: &mut Overlay,
+    task_id: &str,
+    status: TaskStatus,
+    context: BTreeMap<String, String>,
+    expected_state: Option<TaskState>,
+) -> Result<CommandResponse> {
+    let Some(task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
+    match expected_state {
+        Some(seen) if seen != task.state() => reject(
+            RejectionKind::FailedPrecondition,
+            "expected_state",
+            format!("task {task_id} is {:?} now, not {seen:?} as planned", task.state()),
+        ),
+        _ => update_status(o, task, status, context),
+    }
+}
+
+/// An agent's batch of reports: each applies only to a task placed on that agent.
+pub fn update_task_statuses(o: &mut Overlay, reports: Vec<crate::command::StatusReport>) -> Result<CommandResponse> {
+    for r in reports {
+        let Some(task) = o.task(&r.task_id)? else { continue };
+        if agent_of(&task) == Some(r.agent_id.as_str()) {
+            update_status(o, task, r.status, r.context)?;
+        }
+    }
+    Ok(CommandResponse::Done)
+}
+
+/// A job whose tasks are all terminal moves to the archive with them.
+pub fn finish_job(
+    o: &mut Overlay,
+    job_id: &str,
+    reason_code: String,
+    reason_message: String,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
+    let Some(mut job) = o.job(job_id)? else { return not_found("job_id", "job", job_id) };
+    let tasks = o.tasks_of_job(job_id)?;
+    if let Some(live) = tasks.iter().find(|t| t.state().is_live()) {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "job_id",
+            format!("task {:?} of job {job_id:?} is still {}", live.id, live.state().name()),
+        );
+    }
+    job.set_status(JobStatus { state: JobState::Finished, reason_code, reason_message, timestamp_ms });
+    for t in tasks {
+        o.archive_task(t);
+    }
+    o.archive_job(job);
+    Ok(CommandResponse::Done)
+}
+
+pub fn purge_archive(o: &mut Overlay, job_ids: Vec<String>, tokens: Vec<String>) -> Result<CommandResponse> {
+    for id in job_ids {
+        if let Some(job) = o.archived_job(&id)? {
+            o.forget_archived_job(job)?;
+        }
+    }
+    for key in tokens {
+        o.changes.tokens.insert(key, None);
+    }
+    Ok(CommandResponse::Done)
+}
+
+pub fn mark_agent_terminating(o: &mut Overlay, agent_id: &str, terminating: bool) -> Result<CommandResponse> {
+    Ok(match o.agent(agent_id)? {
+        None => not_found("agent_id", "agent", agent_id)?,
+        Some(mut a) => {
+            a.terminating = terminating;
+            o.put_agent(a);
             CommandResponse::Done
         }
-        Command::UpsertInstanceGroup { mut group } => {
-            if let Some(existing) = o.instance_group(&group.id)? {
-                group.pending_launch = existing.pending_launch;
-                group.pending_terminations = existing.pending_terminations;
-            }
-            o.put_instance_group(group.clone());
-            CommandResponse::InstanceGroup(group)
+    })
+}
+
+pub fn set_agent_health(o: &mut Overlay, agent_id: &str, healthy: bool, reason: String) -> Result<CommandResponse> {
+    Ok(match o.agent(agent_id)? {
+        None => not_found("agent_id", "agent", agent_id)?,
+        Some(mut a) => {
+            a.healthy = healthy;
+            a.unhealthy_reason = reason;
+            o.put_agent(a);
+            CommandResponse::Done
         }
-        Command::SetInstanceGroupDesired { id, desired } => match o.instance_group(&id)? {
-            None => not_found("id", "instance group", &id)?,
-            Some(g) if desired < g.min || desired > g.max => reject(
-                RejectionKind::InvalidArgument,
-                "desired",
-                format!("{desired} is outside [min, max] = [{}, {}]", g.min, g.max),
-            )?,
-            Some(mut g) => {
-                g.desired = desired;
-                o.put_instance_group(g);
-                CommandResponse::Done
-            }
-        },
-        Command::SetLaunchIntent { id, intent } => match o.instance_group(&id)? {
-            None => not_found("id", "instance group", &id)?,
-            Some(mut g) => {
-                g.pending_launch = intent;
-                o.put_instance_group(g);
-                CommandResponse::Done
-            }
-        },
-        Command::SetTerminationIntent { id, instances } => match o.instance_group(&id)? {
-            None => not_found("id", "instance group", &id)?,
-            Some(mut g) => {
-                g.pending_terminations = instances;
-                o.put_instance_group(g);
-                CommandResponse::Done
-            }
-        },
-        Command::SetInstanceGroupLifecycle { id, lifecycle } => match o.instance_group(&id)? {
-            None => not_found("id", "instance group", &id)?,
-            Some(mut g) => {
-                g.lifecycle = lifecycle;
-                o.put_instance_group(g);
-                CommandResponse::Done
-            }
-        },
-        Command::RegisterAgent { agent } => register_agent(o, agent)?,
-        Command::MarkAgentTerminating { agent_id, terminating } => match o.agent(&agent_id)? {
-            None => not_found("agent_id", "agent", &agent_id)?,
-            Some(mut a) => {
-                a.terminating = terminating;
-                o.put_agent(a);
-                CommandResponse::Done
-            }
-        },
-        Command::SetAgentHealth { agent_id, healthy, reason } => match o.agent(&agent_id)? {
-            None => not_found("agent_id", "agent", &agent_id)?,
-            Some(mut a) => {
-                a.healthy = healthy;
-                a.unhealthy_reason = reason;
-                o.put_agent(a);
-                CommandResponse::Done
-            }
-        },
-        Command::AgentLost { agent_id, timestamp_ms } => agent_lost(o, &agent_id, timestamp_ms)?,
-        Command::AssignTasks { assignments, timestamp_ms } => assign_tasks(o, assignments, timestamp_ms)?,
-        other => return crate::loadbalancer::apply::apply(o, other),
-    }))
+    })
 }
 
 /// Key of the claim that binds an EC2 instance to the one agent that registered on it first.
@@ -214,7 +180,7 @@ pub fn instance_claim_key(instance_id: &str) -> String {
 /// table (one key per instance, never expiring: EC2 never reuses an instance id), so a check costs
 /// one read, not a scan of the fleet. An agent moves to another instance only after it was
 /// declared lost (its tasks were replaced); its old instance stays bound to it.
-fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) -> Result<CommandResponse> {
+pub fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) -> Result<CommandResponse> {
     let existing = o.agent(&agent.id)?;
     let field = format!("attributes.{}", crate::model::agent::INSTANCE_ID_ATTRIBUTE);
     if let Some(instance) = agent.instance_id().map(str::to_string) {
@@ -264,7 +230,7 @@ pub fn allocation_by_agent(read: &dyn JobRead) -> Result<BTreeMap<String, Alloca
     read.allocations()
 }
 
-fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
+pub fn agent_lost(o: &mut Overlay, agent_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
     let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
     agent.state = AgentState::Lost;
     agent.lost_ms = Some(timestamp_ms);
@@ -316,7 +282,7 @@ fn update_status(
 
 /// Applies the placements that still fit: the agent must be Online, healthy, in an Active instance
 /// group, with room for the task next to its live tasks as of this entry.
-fn assign_tasks(
+pub fn assign_tasks(
     o: &mut Overlay,
     assignments: Vec<crate::command::Assignment>,
     timestamp_ms: i64,
@@ -508,7 +474,7 @@ fn check_quota(o: &Overlay, job: &Job, instances: u32) -> Result<Option<CommandR
     Ok(None)
 }
 
-fn create_job(o: &mut Overlay, job: Job, token: Option<String>, token_expires_ms: i64) -> Result<CommandResponse> {
+pub fn create_job(o: &mut Overlay, job: Job, token: Option<String>, token_expires_ms: i64) -> Result<CommandResponse> {
     if let Some(t) = &token {
         if let Some(record) = o.token(&job_token_key(t))? {
             if record.expires_ms > job.status.timestamp_ms {
@@ -530,7 +496,7 @@ fn create_job(o: &mut Overlay, job: Job, token: Option<String>, token_expires_ms
     Ok(CommandResponse::JobId(id))
 }
 
-fn update_capacity(
+pub fn update_capacity(
     o: &mut Overlay,
     job_id: &str,
     min: Option<u32>,
@@ -591,7 +557,7 @@ fn kill_status(task: &Task, reason_code: &str, message: &str, timestamp_ms: i64)
     TaskStatus { state, reason_code: reason_code.into(), reason_message: message.into(), timestamp_ms }
 }
 
-fn kill_job(o: &mut Overlay, job_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
+pub fn kill_job(o: &mut Overlay, job_id: &str, timestamp_ms: i64) -> Result<CommandResponse> {
     let Some(mut job) = o.job(job_id)? else {
         if o.archived_job(job_id)?.is_some() {
             return Ok(CommandResponse::Done); // already finished: killing it again changes nothing
@@ -618,7 +584,7 @@ fn kill_job(o: &mut Overlay, job_id: &str, timestamp_ms: i64) -> Result<CommandR
     Ok(CommandResponse::Done)
 }
 
-fn kill_task(
+pub fn kill_task(
     o: &mut Overlay,
     task_id: &str,
     shrink: bool,
@@ -678,7 +644,7 @@ fn kill_task(
     Ok(CommandResponse::Done)
 }
 
-fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Result<CommandResponse> {
+pub fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Result<CommandResponse> {
     for id in archive {
         match o.task(&id)? {
             Some(t) if !t.state().is_live() => o.archive_task(t),

@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 
+use crate::apply::apply;
 use crate::command::{Command, CommandResponse};
-use crate::jobs::apply::apply;
 use crate::jobs::lifecycle::{plan, LifecycleConfig};
 use crate::jobs::store::{JobRead, MemoryStore, Overlay};
 use crate::model::job::fixtures::{batch_descriptor, service_descriptor};
@@ -24,7 +24,7 @@ impl Sim {
 
     fn run(&mut self, command: Command) -> CommandResponse {
         let mut o = Overlay::new(&self.store);
-        let r = apply(&mut o, command).unwrap().expect("a job command");
+        let r = apply(&mut o, command).unwrap().rule().expect("a job command");
         let changes = o.into_changes();
         self.store.commit(changes);
         r

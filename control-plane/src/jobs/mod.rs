@@ -5,6 +5,7 @@
 //! tonic or the API.
 
 pub mod apply;
+pub mod capacity_groups;
 pub mod hosts;
 pub mod lifecycle;
 pub mod query;

@@ -143,6 +143,7 @@ pub struct Changes {
     pub instance_groups: BTreeMap<String, InstanceGroup>,
     pub load_balancers: BTreeMap<String, Write<LoadBalancer>>,
     pub lb_targets: BTreeMap<String, Write<LbTarget>>,
+    pub capacity_groups: BTreeMap<String, Write<CapacityGroup>>,
 }
 
 impl Changes {
@@ -156,6 +157,7 @@ impl Changes {
             && self.instance_groups.is_empty()
             && self.load_balancers.is_empty()
             && self.lb_targets.is_empty()
+            && self.capacity_groups.is_empty()
     }
 }
 
@@ -224,6 +226,14 @@ impl<'a> Overlay<'a> {
         self.changes.lb_targets.insert(target.key(), Write::Delete(target));
     }
 
+    pub fn put_capacity_group(&mut self, group: CapacityGroup) {
+        self.changes.capacity_groups.insert(group.name.clone(), Write::Put(group));
+    }
+
+    pub fn delete_capacity_group(&mut self, group: CapacityGroup) {
+        self.changes.capacity_groups.insert(group.name.clone(), Write::Delete(group));
+    }
+
     pub fn put_token(&mut self, key: String, record: TokenRecord) {
         self.changes.tokens.insert(key, Some(record));
     }
@@ -289,7 +299,10 @@ impl JobRead for Overlay<'_> {
     }
 
     fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
-        self.base.capacity_group(name)
+        match self.changes.capacity_groups.get(name) {
+            Some(w) => Ok(w.current().cloned()),
+            None => self.base.capacity_group(name),
+        }
     }
 
     fn token(&self, key: &str) -> Result<Option<TokenRecord>> {
@@ -422,7 +435,9 @@ fn merged<T: Clone>(base: Vec<T>, key: impl Fn(&T) -> String, writes: &BTreeMap<
     all.into_values().collect()
 }
 
-/// An in-memory store: the same apply code as RocksDB, for fast unit and property tests.
+/// An in-memory store: the same apply code as RocksDB, for fast unit and property tests (and for
+/// nothing else: it is compiled for tests only).
+#[cfg(test)]
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     pub jobs: BTreeMap<String, Job>,
@@ -437,6 +452,7 @@ pub struct MemoryStore {
     pub lb_targets: BTreeMap<String, LbTarget>,
 }
 
+#[cfg(test)]
 impl MemoryStore {
     pub fn commit(&mut self, changes: Changes) {
         fn apply<T>(map: &mut BTreeMap<String, T>, writes: BTreeMap<String, Write<T>>) {
@@ -457,6 +473,7 @@ impl MemoryStore {
         apply(&mut self.archived_tasks, changes.archived_tasks);
         apply(&mut self.load_balancers, changes.load_balancers);
         apply(&mut self.lb_targets, changes.lb_targets);
+        apply(&mut self.capacity_groups, changes.capacity_groups);
         self.agents.extend(changes.agents);
         self.instance_groups.extend(changes.instance_groups);
         for (k, v) in changes.tokens {
@@ -472,6 +489,7 @@ impl MemoryStore {
     }
 }
 
+#[cfg(test)]
 impl JobRead for MemoryStore {
     fn job(&self, id: &str) -> Result<Option<Job>> {
         Ok(self.jobs.get(id).cloned())

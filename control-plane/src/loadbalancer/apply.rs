@@ -1,6 +1,6 @@
 //! Applies load balancer commands to an [`Overlay`].
 
-use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::store::{JobRead, Overlay};
 use crate::model::job::{JobState, JobType};
@@ -12,62 +12,68 @@ fn reject(kind: RejectionKind, field: &str, message: impl Into<String>) -> Comma
     CommandResponse::Rejected(Rejection::new(kind, field, message))
 }
 
-/// Applies a load balancer command; `None` for any other command.
-pub fn apply(o: &mut Overlay, command: Command) -> Result<Option<CommandResponse>> {
-    Ok(Some(match command {
-        Command::AddLoadBalancer { job_id, target_group, timestamp_ms } => add(o, job_id, target_group, timestamp_ms)?,
-        // Idempotent, so that a retried call succeeds: removing what is not associated is not an
-        // error, as long as the job exists.
-        Command::RemoveLoadBalancer { job_id, target_group } => match association(o, &job_id, &target_group)? {
-            Some(lb) => {
-                o.delete_load_balancer(lb);
-                CommandResponse::Done
-            }
-            None if o.job(&job_id)?.is_none() && o.archived_job(&job_id)?.is_none() => {
-                reject(RejectionKind::NotFound, "job_id", format!("job {job_id:?} does not exist"))
-            }
-            None => CommandResponse::Done,
-        },
-        Command::SetLoadBalancerState { job_id, target_group, state, message, timestamp_ms } => {
-            match association(o, &job_id, &target_group)? {
-                None => reject(
-                    RejectionKind::NotFound,
-                    "load_balancer_id.id",
-                    format!("job {job_id:?} has no load balancer {target_group:?}"),
-                ),
-                Some(mut lb) => {
-                    lb.state = state;
-                    lb.message = message;
-                    lb.updated_ms = timestamp_ms;
-                    o.put_load_balancer(lb);
-                    CommandResponse::Done
-                }
-            }
-        }
-        Command::PutLbTargets { targets } => {
-            let existing: std::collections::BTreeMap<String, LbTarget> =
-                o.lb_targets()?.into_iter().map(|t| (t.key(), t)).collect();
-            let mut written = Vec::new();
-            for t in targets {
-                let allowed = match existing.get(&t.key()) {
-                    None => t.state == TargetState::Registering,
-                    Some(old) => old.state <= t.state,
-                };
-                if allowed {
-                    written.push(t.key());
-                    o.put_lb_target(t);
-                }
-            }
-            CommandResponse::Keys(written)
-        }
-        Command::ForgetLbTargets { targets } => {
-            for t in targets {
-                o.delete_lb_target(t);
-            }
+/// Idempotent, so that a retried call succeeds: removing what is not associated is not an error,
+/// as long as the job exists.
+pub fn remove(o: &mut Overlay, job_id: &str, target_group: &str) -> Result<CommandResponse> {
+    Ok(match association(o, job_id, target_group)? {
+        Some(lb) => {
+            o.delete_load_balancer(lb);
             CommandResponse::Done
         }
-        _ => return Ok(None),
-    }))
+        None if o.job(job_id)?.is_none() && o.archived_job(job_id)?.is_none() => {
+            reject(RejectionKind::NotFound, "job_id", format!("job {job_id:?} does not exist"))
+        }
+        None => CommandResponse::Done,
+    })
+}
+
+pub fn set_state(
+    o: &mut Overlay,
+    job_id: &str,
+    target_group: &str,
+    state: AssociationState,
+    message: String,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
+    Ok(match association(o, job_id, target_group)? {
+        None => reject(
+            RejectionKind::NotFound,
+            "load_balancer_id.id",
+            format!("job {job_id:?} has no load balancer {target_group:?}"),
+        ),
+        Some(mut lb) => {
+            lb.state = state;
+            lb.message = message;
+            lb.updated_ms = timestamp_ms;
+            o.put_load_balancer(lb);
+            CommandResponse::Done
+        }
+    })
+}
+
+/// Target records move forward only (a new one starts Registering); answers the keys written.
+pub fn put_targets(o: &mut Overlay, targets: Vec<LbTarget>) -> Result<CommandResponse> {
+    let existing: std::collections::BTreeMap<String, LbTarget> =
+        o.lb_targets()?.into_iter().map(|t| (t.key(), t)).collect();
+    let mut written = Vec::new();
+    for t in targets {
+        let allowed = match existing.get(&t.key()) {
+            None => t.state == TargetState::Registering,
+            Some(old) => old.state <= t.state,
+        };
+        if allowed {
+            written.push(t.key());
+            o.put_lb_target(t);
+        }
+    }
+    Ok(CommandResponse::Keys(written))
+}
+
+pub fn forget_targets(o: &mut Overlay, targets: Vec<LbTarget>) -> Result<CommandResponse> {
+    for t in targets {
+        o.delete_lb_target(t);
+    }
+    Ok(CommandResponse::Done)
 }
 
 fn association(o: &Overlay, job_id: &str, target_group: &str) -> Result<Option<LoadBalancer>> {
@@ -75,7 +81,7 @@ fn association(o: &Overlay, job_id: &str, target_group: &str) -> Result<Option<L
     Ok(o.load_balancers()?.into_iter().find(|lb| lb.key() == key))
 }
 
-fn add(o: &mut Overlay, job_id: String, target_group: String, timestamp_ms: i64) -> Result<CommandResponse> {
+pub fn add(o: &mut Overlay, job_id: String, target_group: String, timestamp_ms: i64) -> Result<CommandResponse> {
     let Some(job) = o.job(&job_id)? else {
         return Ok(reject(RejectionKind::NotFound, "job_id", format!("job {job_id:?} does not exist or has finished")));
     };

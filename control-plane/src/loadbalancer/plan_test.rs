@@ -60,7 +60,7 @@ impl Sim {
 
     fn run(&mut self, command: Command) -> CommandResponse {
         let mut o = Overlay::new(&self.store);
-        let r = crate::loadbalancer::apply::apply(&mut o, command).unwrap().expect("a load balancer command");
+        let r = crate::apply::apply(&mut o, command).unwrap().rule().expect("a load balancer command");
         let changes = o.into_changes();
         self.store.commit(changes);
         r

@@ -16,18 +16,15 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 
 use super::snapshot_data::{decode_snapshot_data, encode_snapshot_data};
 use super::{blocking, cf_handle, sync_write_options, StateReader, StoreResult};
+use crate::apply::{Applied, StoreCommand};
 use crate::codec;
 use crate::command::{AuditRecord, Command, CommandResponse, Rejection, RejectionKind};
 use crate::events::{Change, ChangeBatch};
-use crate::jobs;
 use crate::jobs::store::agent_of;
 use crate::jobs::store::{Changes, JobRead, Overlay, TokenRecord, Write};
-use crate::model::CapacityGroup;
 use crate::model::ResourceDimension;
 use crate::store::{agent_index_key, archive_order_key, index_key, rebuild_agent_index};
 
-/// How long a capacity group's idempotency token is remembered.
-const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
 /// How long an audit batch's id is remembered: its proposer gives up retrying after a minute.
 const AUDIT_BATCH_TTL_MS: i64 = 10 * 60 * 1000;
 
@@ -64,102 +61,55 @@ impl StateMachine {
     }
 
     /// Applies one command into `batch`. Reads see every earlier entry (each was written already).
+    /// The rules are in [`crate::apply`]; this writes what they decided, and applies the commands
+    /// that are about the store itself.
     fn apply_command(
         &self,
         batch: &mut WriteBatch,
         command: Command,
         changes: &mut Vec<Change>,
     ) -> StoreResult<CommandResponse> {
-        let groups = cf_handle(&self.db, cf::CAPACITY_GROUPS)?;
-        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
-        let put_group = |batch: &mut WriteBatch, g: &CapacityGroup| -> StoreResult<()> {
-            batch.put_cf(groups, g.name.as_bytes(), codec::encode(g).map_err(|e| err(&e))?);
-            Ok(())
-        };
+        let mut overlay = Overlay::new(&self.reader);
+        match crate::apply::apply(&mut overlay, command).map_err(|e| write_error(&e))? {
+            Applied::Rule(response) => {
+                self.write_changes(batch, overlay.into_changes(), changes)?;
+                Ok(response)
+            }
+            Applied::Store(command) => self.apply_store_command(batch, command),
+        }
+    }
+
+    fn apply_store_command(&self, batch: &mut WriteBatch, command: StoreCommand) -> StoreResult<CommandResponse> {
         Ok(match command {
-            Command::SetClusterId { cluster_id } => {
+            StoreCommand::SetClusterId { cluster_id } => {
                 if self.reader.cluster_id().is_none() {
                     let meta = cf_handle(&self.db, cf::SM_META)?;
-                    batch.put_cf(meta, cf::sm_meta::CLUSTER_ID, codec::encode(&cluster_id).map_err(|e| err(&e))?);
+                    batch.put_cf(
+                        meta,
+                        cf::sm_meta::CLUSTER_ID,
+                        codec::encode(&cluster_id).map_err(|e| write_error(&e))?,
+                    );
                 }
                 CommandResponse::Done
             }
-            Command::CreateCapacityGroup { group, idempotency_token } => {
-                let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
-                let token_key = idempotency_token.as_ref().map(|t| format!("capacity-group/{t}"));
-                if let Some(record) =
-                    token_key.as_ref().map(|k| self.reader.token(k)).transpose().map_err(|e| err(&e))?.flatten()
-                {
-                    let name = record.result;
-                    return Ok(match self.reader.capacity_group(&name).map_err(|e| err(&e))? {
-                        Some(existing) => CommandResponse::CapacityGroup(existing),
-                        None => CommandResponse::Rejected(Rejection::new(
-                            RejectionKind::FailedPrecondition,
-                            "idempotency_token",
-                            format!("token was used to create capacity group {name:?}, which has since been deleted"),
-                        )),
-                    });
-                }
-                if self.db.get_pinned_cf(groups, group.name.as_bytes()).map_err(|e| err(&e))?.is_some() {
-                    CommandResponse::Rejected(Rejection::new(
-                        RejectionKind::AlreadyExists,
-                        "group.name",
-                        format!("capacity group {:?} already exists", group.name),
-                    ))
-                } else {
-                    put_group(batch, &group)?;
-                    if let Some(key) = token_key {
-                        let record =
-                            TokenRecord { result: group.name.clone(), expires_ms: group.create_time_ms + TOKEN_TTL_MS };
-                        batch.put_cf(tokens, key.as_bytes(), codec::encode(&record).map_err(|e| err(&e))?);
-                    }
-                    CommandResponse::CapacityGroup(group)
-                }
-            }
-            Command::UpdateCapacityGroup { mut group } => {
-                match self.reader.capacity_group(&group.name).map_err(|e| err(&e))? {
-                    None => CommandResponse::Rejected(Rejection::new(
-                        RejectionKind::NotFound,
-                        "group.name",
-                        format!("capacity group {:?} does not exist", group.name),
-                    )),
-                    Some(existing) => {
-                        group.create_time_ms = existing.create_time_ms;
-                        put_group(batch, &group)?;
-                        CommandResponse::CapacityGroup(group)
-                    }
-                }
-            }
-            Command::DeleteCapacityGroup { name } => {
-                if self.db.get_pinned_cf(groups, name.as_bytes()).map_err(|e| err(&e))?.is_none() {
-                    CommandResponse::Rejected(Rejection::new(
-                        RejectionKind::NotFound,
-                        "name",
-                        format!("capacity group {name:?} does not exist"),
-                    ))
-                } else {
-                    batch.delete_cf(groups, name.as_bytes());
-                    CommandResponse::Done
-                }
-            }
-            Command::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
-            Command::AppendAudit { records, keep, batch_id } => {
+            StoreCommand::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
+            StoreCommand::AppendAudit { records, keep, batch_id } => {
                 // A batch proposed again after an unknown outcome is appended once: its id is kept
                 // as a token for longer than its proposer retries it (a minute).
                 if !batch_id.is_empty() {
                     let key = format!("audit-batch/{batch_id}");
-                    if self.reader.token(&key).map_err(|e| err(&e))?.is_some() {
+                    if self.reader.token(&key).map_err(|e| write_error(&e))?.is_some() {
                         return Ok(CommandResponse::Done);
                     }
                     let newest = records.iter().map(|r| r.time_ms).max().unwrap_or(0);
                     let record =
                         TokenRecord { result: String::new(), expires_ms: newest.saturating_add(AUDIT_BATCH_TTL_MS) };
                     let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
-                    batch.put_cf(tokens, key.as_bytes(), codec::encode(&record).map_err(|e| err(&e))?);
+                    batch.put_cf(tokens, key.as_bytes(), codec::encode(&record).map_err(|e| write_error(&e))?);
                 }
                 self.append_audit(batch, records, keep)?
             }
-            Command::RestoreRecords { restore_id, family, records } => {
+            StoreCommand::RestoreRecords { restore_id, family, records } => {
                 if let Some(refused) = self.restore_refusal(&restore_id)? {
                     return Ok(refused);
                 }
@@ -180,7 +130,7 @@ impl StateMachine {
                 }
                 CommandResponse::Done
             }
-            Command::RestoreEnd { restore_id } => {
+            StoreCommand::RestoreEnd { restore_id } => {
                 // A retried end (its first attempt's outcome unknown to the caller) answers Done.
                 if self.get_meta::<String>(cf::sm_meta::RESTORE_DONE)?.as_deref() == Some(restore_id.as_str()) {
                     return Ok(CommandResponse::Done);
@@ -190,14 +140,6 @@ impl StateMachine {
                 }
                 self.restore_end(batch, &restore_id)?
             }
-            job_command => {
-                let mut overlay = Overlay::new(&self.reader);
-                let response = jobs::apply::apply(&mut overlay, job_command)
-                    .map_err(|e| err(&e))?
-                    .ok_or_else(|| err(&AnyErr("command has no apply rule".into())))?;
-                self.write_changes(batch, overlay.into_changes(), changes)?;
-                response
-            }
         })
     }
 
@@ -205,7 +147,6 @@ impl StateMachine {
     /// jobs, tasks or capacity groups (a live cluster) unless `force`. The live state is not touched
     /// until `RestoreEnd`, so a restore cut short changes nothing.
     fn restore_begin(&self, batch: &mut WriteBatch, restore_id: String, force: bool) -> StoreResult<CommandResponse> {
-        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
         // A begin proposed again (its first outcome unknown) must not clear records staged since.
         if self.get_meta::<String>(cf::sm_meta::RESTORE)?.as_deref() == Some(restore_id.as_str()) {
             return Ok(CommandResponse::Done);
@@ -221,7 +162,7 @@ impl StateMachine {
             for name in [cf::JOBS, cf::TASKS, cf::ARCHIVED_JOBS, cf::CAPACITY_GROUPS, cf::LOAD_BALANCERS] {
                 let cf = cf_handle(&self.db, name)?;
                 if let Some(item) = self.db.iterator_cf(cf, IteratorMode::Start).next() {
-                    item.map_err(|e| err(&e))?;
+                    item.map_err(|e| write_error(&e))?;
                     return Ok(CommandResponse::Rejected(Rejection::new(
                         RejectionKind::FailedPrecondition,
                         "force",
@@ -232,7 +173,7 @@ impl StateMachine {
         }
         self.clear_family(batch, cf::RESTORE_STAGING)?;
         let meta = cf_handle(&self.db, cf::SM_META)?;
-        batch.put_cf(meta, cf::sm_meta::RESTORE, codec::encode(&restore_id).map_err(|e| err(&e))?);
+        batch.put_cf(meta, cf::sm_meta::RESTORE, codec::encode(&restore_id).map_err(|e| write_error(&e))?);
         Ok(CommandResponse::Done)
     }
 
@@ -241,24 +182,23 @@ impl StateMachine {
     /// backup's agents are written over them by id, and those that never attach are declared lost
     /// after the heartbeat TTL, their tasks replaced.
     fn restore_end(&self, batch: &mut WriteBatch, restore_id: &str) -> StoreResult<CommandResponse> {
-        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
         for name in cf::STATE.iter().copied().filter(|n| ![cf::AGENTS, cf::RESTORE_STAGING, cf::AUDIT].contains(n)) {
             self.clear_family(batch, name)?;
         }
         let staging = cf_handle(&self.db, cf::RESTORE_STAGING)?;
         for item in self.db.iterator_cf(staging, IteratorMode::Start) {
-            let (staged, value) = item.map_err(|e| err(&e))?;
+            let (staged, value) = item.map_err(|e| write_error(&e))?;
             let split = staged
                 .iter()
                 .position(|b| *b == 0)
-                .ok_or_else(|| err(&AnyErr("staged key without a family".into())))?;
-            let family = std::str::from_utf8(&staged[..split]).map_err(|e| err(&e))?;
+                .ok_or_else(|| write_error(&AnyErr("staged key without a family".into())))?;
+            let family = std::str::from_utf8(&staged[..split]).map_err(|e| write_error(&e))?;
             batch.put_cf(cf_handle(&self.db, family)?, &staged[split + 1..], value);
             batch.delete_cf(staging, staged);
         }
         let meta = cf_handle(&self.db, cf::SM_META)?;
         batch.delete_cf(meta, cf::sm_meta::RESTORE);
-        batch.put_cf(meta, cf::sm_meta::RESTORE_DONE, codec::encode(restore_id).map_err(|e| err(&e))?);
+        batch.put_cf(meta, cf::sm_meta::RESTORE_DONE, codec::encode(restore_id).map_err(|e| write_error(&e))?);
         Ok(CommandResponse::Done)
     }
 
@@ -269,15 +209,14 @@ impl StateMachine {
         records: Vec<AuditRecord>,
         keep: u64,
     ) -> StoreResult<CommandResponse> {
-        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
         let audit = cf_handle(&self.db, cf::AUDIT)?;
         let sequence_at = |mode| -> StoreResult<Option<u64>> {
             match self.db.iterator_cf(audit, mode).next() {
                 None => Ok(None),
                 Some(item) => {
-                    let (k, _) = item.map_err(|e| err(&e))?;
+                    let (k, _) = item.map_err(|e| write_error(&e))?;
                     let k: [u8; 8] =
-                        k.as_ref().try_into().map_err(|_| err(&AnyErr("audit key is not 8 bytes".into())))?;
+                        k.as_ref().try_into().map_err(|_| write_error(&AnyErr("audit key is not 8 bytes".into())))?;
                     Ok(Some(u64::from_be_bytes(k)))
                 }
             }
@@ -285,7 +224,7 @@ impl StateMachine {
         let first = sequence_at(IteratorMode::Start)?.unwrap_or(1);
         let mut next = sequence_at(IteratorMode::End)?.map_or(1, |last| last + 1);
         for r in &records {
-            batch.put_cf(audit, next.to_be_bytes(), codec::encode(r).map_err(|e| err(&e))?);
+            batch.put_cf(audit, next.to_be_bytes(), codec::encode(r).map_err(|e| write_error(&e))?);
             next += 1;
         }
         let keep_from = next.saturating_sub(keep.max(1));
@@ -299,7 +238,7 @@ impl StateMachine {
     fn clear_family(&self, batch: &mut WriteBatch, family: &str) -> StoreResult<()> {
         let cf = cf_handle(&self.db, family)?;
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string())))?;
+            let (k, _) = item.map_err(|e| write_error(&e))?;
             batch.delete_cf(cf, k);
         }
         Ok(())
@@ -323,8 +262,7 @@ impl StateMachine {
 
     /// Writes a job command's changes (and their indexes) into `batch`, and lists them for observers.
     fn write_changes(&self, batch: &mut WriteBatch, c: Changes, out: &mut Vec<Change>) -> StoreResult<()> {
-        let err = |e: &dyn std::error::Error| StorageIOError::<u64>::write_state_machine(&AnyErr(e.to_string()));
-        let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| err(&e));
+        let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| write_error(&e));
         let (jobs, tasks, by_job) =
             (cf_handle(&self.db, cf::JOBS)?, cf_handle(&self.db, cf::TASKS)?, cf_handle(&self.db, cf::TASKS_BY_JOB)?);
         let (a_jobs, a_tasks, a_by_job, order) = (
@@ -366,7 +304,7 @@ impl StateMachine {
                                 None => self
                                     .reader
                                     .job(&t.job_id)
-                                    .map_err(|e| err(&e))?
+                                    .map_err(|e| write_error(&e))?
                                     .map(|j| j.descriptor.container.resources.as_dimension())
                                     .unwrap_or_default(),
                             };
@@ -446,6 +384,13 @@ impl StateMachine {
                 }
             }
         }
+        let groups = cf_handle(&self.db, cf::CAPACITY_GROUPS)?;
+        for (name, w) in c.capacity_groups {
+            match w {
+                Write::Put(g) => batch.put_cf(groups, name.as_bytes(), enc(&g)?),
+                Write::Delete(_) => batch.delete_cf(groups, name.as_bytes()),
+            }
+        }
         for (key, record) in c.tokens {
             match record {
                 Some(r) => batch.put_cf(tokens, key.as_bytes(), enc(&r)?),
@@ -476,6 +421,11 @@ impl StateMachine {
         batch.put_cf(cf, cf::snapshot::DATA, data);
         Ok(())
     }
+}
+
+/// A write error that keeps its source chain (openraft's `AnyError` records every source).
+fn write_error<E: std::error::Error + 'static>(e: &E) -> StorageIOError<u64> {
+    StorageIOError::write_state_machine(e)
 }
 
 /// Wraps an error message so it can be carried by openraft's `AnyError`.
