@@ -33,7 +33,7 @@ pub fn handler(replica: Arc<Replica>, hub: Arc<AgentHub>) -> Handler {
 fn route(replica: &Replica, hub: &AgentHub, path: &str) -> Response {
     let path = path.split('?').next().unwrap_or("");
     match path {
-        "/metrics" => Response::metrics(crate::telemetry::render(replica, hub)),
+        "/metrics" => Response::metrics(crate::collector::render(replica, hub)),
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" => match readiness(replica) {
             Ok(()) => Response::text(200, "ready\n"),

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use titus_proto as pb;
 use titus_proto::agent_service_server::AgentService;
 
-use crate::api::now_ms;
+use crate::clock::now_ms;
 use crate::command::{Command, CommandResponse, StatusReport};
 use crate::config::AgentsConfig;
 use crate::error::Error;
@@ -145,7 +145,7 @@ impl AgentHub {
 
     fn assignment(&self, task: &Task) -> Option<pb::control_message::Message> {
         let job = self.replica.state.job(&task.job_id).ok()??;
-        let descriptor = crate::api::job_descriptor_to_proto(&job.descriptor);
+        let descriptor = titus_model::convert::job_descriptor_to_proto(&job.descriptor);
         Some(pb::control_message::Message::Assign(pb::TaskAssignment {
             task_id: task.id.clone(),
             job_id: task.job_id.clone(),
@@ -208,7 +208,7 @@ impl AgentHub {
             match task {
                 Some(t) if agent_of(&t) == Some(agent_id) && t.state().is_live() => {
                     let reported_state =
-                        crate::api::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
+                        titus_model::convert::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
                     if t.state().can_move_to(reported_state) && reported_state != t.state() {
                         self.report(agent_id, networks, rt);
                     } else if t.state() == TaskState::KillInitiated {
@@ -390,7 +390,7 @@ impl AgentService for AgentApi {
         // leader may have just changed) is enrolled again by an admin, never by the shared token.
         if !renewal && caller.role != Some(crate::auth::Role::Admin) {
             use crate::jobs::store::JobRead;
-            self.hub.replica.read_barrier(crate::api::client_deadline(&request)).await?;
+            self.hub.replica.read_barrier(crate::clock::client_deadline(&request)).await?;
             if self.hub.replica.state.agent(&r.agent_id)?.is_some() {
                 return Err(Status::failed_precondition(format!(
                     "agent {:?} is already registered: an enroll token enrolls new agents only (an admin may re-enroll it)",

@@ -531,7 +531,7 @@ impl Auditor {
         // Every field bounded: a record is small whatever a caller sent.
         let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
         let record = AuditRecord {
-            time_ms: crate::api::now_ms(),
+            time_ms: crate::clock::now_ms(),
             caller: cut(caller, 160),
             method: cut(method, 160),
             target: cut(target, 200),

@@ -305,7 +305,7 @@ async fn task_lifecycle(replica: Arc<Replica>, term: Term, config: JobsConfig, m
     let mut recent: HashMap<String, (Instant, Instant)> = HashMap::new();
     let mut next_sweep = Instant::now();
     loop {
-        let now = crate::api::now_ms();
+        let now = crate::clock::now_ms();
         let mut new_id = || uuid::Uuid::new_v4().to_string();
         let planned = if Instant::now() >= next_sweep {
             let t0 = Instant::now();

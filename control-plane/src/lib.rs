@@ -15,7 +15,8 @@
 //! - [`capacity`]: EC2 capacity of instance groups (a pure planner, the leader duty).
 //! - [`loadbalancer`]: ALB IP target registration (commands, a pure planner, the leader duty).
 //! - [`api`]: the public gRPC services on the api port.
-//! - [`telemetry`] / [`admin`]: metrics, the gRPC request-id and timing layer, and the admin port
+//! - [`telemetry`] / [`collector`] / [`admin`]: metrics and the gRPC request-id and timing layer
+//!   (low: every layer counts into them), the scrape-time collector, and the admin port
 //!   (/metrics, /healthz, /readyz, the read-only web view).
 //! - [`node`]: wires all of it together and runs it until shutdown.
 //! - [`clock`]: the wall clock, at the bottom: every layer may read it.
@@ -28,6 +29,7 @@ pub mod apply;
 pub mod auth;
 pub mod capacity;
 pub mod clock;
+pub mod collector;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -249,7 +249,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             stop_rx.clone(),
         ));
     }
-    tokio::spawn(crate::telemetry::watch(replica.clone(), stop_rx.clone()));
+    tokio::spawn(crate::collector::watch(replica.clone(), stop_rx.clone()));
     let duties =
         tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), hub.clone(), cloud, stop_rx.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));

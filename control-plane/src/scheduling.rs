@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, watch};
 
 use titus_scheduler as core;
 
-use crate::api::now_ms;
+use crate::clock::now_ms;
 use crate::command::{Assignment, Command, CommandResponse};
 use crate::config::SchedulerConfig;
 use crate::error::Result;

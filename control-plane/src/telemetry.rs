@@ -8,19 +8,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
 use titus_obs::{Counter, Gauge, Histogram, Registry, LATENCY_BUCKETS};
-
-use crate::jobs::apply::agent_of;
-use crate::jobs::store::JobRead;
-use crate::model::agent::AgentState;
-use crate::model::task::TaskState;
-use crate::replica::Replica;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -197,90 +191,6 @@ pub fn aws_outcome<T>(result: &Result<T, titus_aws::AwsError>) -> &'static str {
         Err(titus_aws::AwsError::Transient(_)) => "throttled_or_5xx",
         Err(titus_aws::AwsError::NotFound(_)) => "not_found",
         Err(titus_aws::AwsError::Rejected(_)) => "rejected",
-    }
-}
-
-/// Sets the scrape-time gauges from this replica's view, then renders everything.
-pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
-    let m = metrics();
-    let raft = replica.raft.metrics().borrow().clone();
-    m.raft_term.set(&[], raft.current_term as f64);
-    m.raft_is_leader.set(&[], if raft.current_leader == Some(replica.id) { 1.0 } else { 0.0 });
-    m.raft_last_log_index.set(&[], raft.last_log_index.unwrap_or(0) as f64);
-    m.raft_applied_index.set(&[], raft.last_applied.map(|l| l.index).unwrap_or(0) as f64);
-    m.raft_snapshot_index.set(&[], raft.snapshot.map(|l| l.index).unwrap_or(0) as f64);
-    m.raft_committed_index.set(&[], replica.state.committed_index() as f64);
-    let last = raft.last_log_index.unwrap_or(0);
-    m.raft_follower_lag_entries.replace(
-        raft.replication.iter().flat_map(|r| r.iter()).filter(|(id, _)| **id != replica.id).map(|(id, matched)| {
-            (vec![id.to_string()], last.saturating_sub(matched.map(|l| l.index).unwrap_or(0)) as f64)
-        }),
-    );
-
-    let state = &replica.state;
-    if let Ok(tasks) = state.all_tasks() {
-        let mut by_state = std::collections::BTreeMap::new();
-        let mut pending = 0;
-        for t in &tasks {
-            *by_state.entry(t.state().name().to_string()).or_insert(0.0) += 1.0;
-            if t.state() == TaskState::Accepted && agent_of(t).is_none() {
-                pending += 1;
-            }
-        }
-        m.tasks.replace(by_state.into_iter().map(|(k, v)| (vec![k], v)));
-        m.scheduler_pending_tasks.set(&[], pending as f64);
-    }
-    if let Ok(agents) = state.agents() {
-        let online = agents.iter().filter(|a| a.state == AgentState::Online).count();
-        m.agents.replace([
-            (vec!["online".to_string()], online as f64),
-            (vec!["lost".to_string()], (agents.len() - online) as f64),
-        ]);
-    }
-    let heard = hub.heartbeat_ages();
-    m.agents_connected.set(&[], heard.len() as f64);
-    m.agent_heartbeat_age_seconds.replace(heard.into_iter().map(|(id, age)| (vec![id], age.as_secs_f64())));
-    let rocks = state.rocksdb_properties();
-    m.rocksdb_sst_bytes.replace(rocks.sst_bytes.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
-    m.rocksdb_compaction_pending.replace(rocks.compaction_pending.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
-    m.rocksdb_write_stopped.set(&[], rocks.write_stopped as f64);
-    m.registry.render()
-}
-
-/// Counts leader changes and observes Accepted → Started latency from the applied changes.
-pub async fn watch(replica: Arc<Replica>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let m = metrics();
-    let mut raft = replica.raft.metrics();
-    let mut leader = raft.borrow().current_leader;
-    let (_, mut changes) = replica.state.changes.subscribe(None);
-    loop {
-        tokio::select! {
-            changed = raft.changed() => {
-                if changed.is_err() { return }
-                let now = raft.borrow_and_update().current_leader;
-                if now.is_some() && now != leader {
-                    m.raft_leader_changes_total.inc(&[]);
-                }
-                leader = now;
-            }
-            batch = changes.recv() => match batch {
-                Ok(batch) => {
-                    for change in &batch.changes {
-                        if let crate::events::Change::Task(t) = change {
-                            if t.state() == TaskState::Started {
-                                if let Some(accepted) = t.entered(TaskState::Accepted) {
-                                    let secs = (t.status.timestamp_ms - accepted).max(0) as f64 / 1000.0;
-                                    m.task_launch_seconds.observe(&[], secs);
-                                }
-                            }
-                        }
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
     }
 }
 

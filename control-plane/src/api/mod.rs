@@ -8,8 +8,6 @@ mod jobs;
 mod load_balancers;
 mod scheduler;
 
-use std::time::Duration;
-
 pub use agents::AgentManagementApi;
 pub use capacity_groups::CapacityGroupApi;
 pub use cluster::ClusterApi;
@@ -18,21 +16,7 @@ pub use load_balancers::LoadBalancerApi;
 pub use scheduler::SchedulerApi;
 pub use titus_model::convert::{job_descriptor_to_proto, task_state_from_proto};
 
-/// The deadline the caller put on its request (`grpc-timeout`), if any.
-pub(crate) fn client_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
+pub(crate) use crate::clock::client_deadline;
 
 /// Refuses a user's change to a job it does not hold (admins, operators and insecure callers
 /// pass), and names the job in the call's audit record. The owner of a job never changes, so a
@@ -83,6 +67,7 @@ pub(crate) async fn authorize_task_change<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn grpc_timeout_header_is_understood() {

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use titus_aws::{Aws, LaunchSpec};
 
 use super::plan::{self, AgentLoad, Instance};
-use crate::api::now_ms;
+use crate::clock::now_ms;
 use crate::command::{Command, CommandResponse};
 use crate::config::AwsConfig;
 use crate::jobs::apply::{agent_of, allocation_by_agent};

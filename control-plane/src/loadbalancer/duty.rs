@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use titus_aws::{Aws, AwsError};
 
 use super::plan::{self, by_group, Plan};
-use crate::api::now_ms;
+use crate::clock::now_ms;
 use crate::command::{Command, CommandResponse};
 use crate::config::AwsConfig;
 use crate::jobs::store::JobRead;

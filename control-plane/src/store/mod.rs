@@ -10,6 +10,8 @@ mod snapshot_data;
 mod state_machine;
 
 #[cfg(test)]
+mod equivalence_test;
+#[cfg(test)]
 mod store_test;
 
 use std::path::Path;
