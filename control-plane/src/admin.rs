@@ -331,11 +331,11 @@ fn job_page(replica: &Replica, hub: &AgentHub, id: &str) -> Option<String> {
 pub struct PendingReasons<'a> {
     /// Eligible agents' (total, used) resources.
     eligible: Vec<(ResourceDimension, ResourceDimension)>,
-    rounds: &'a crate::scheduling::Results,
+    rounds: &'a crate::scheduling::results::Results,
 }
 
 impl<'a> PendingReasons<'a> {
-    pub fn new(replica: &Replica, rounds: &'a crate::scheduling::Results) -> PendingReasons<'a> {
+    pub fn new(replica: &Replica, rounds: &'a crate::scheduling::results::Results) -> PendingReasons<'a> {
         let state = &replica.state;
         let allocation = allocation_by_agent(state).unwrap_or_default();
         let eligible = state

@@ -54,7 +54,7 @@ pub struct AgentHub {
     lb_max_drain_wait_ms: Option<i64>,
     pub scheduler: crate::config::SchedulerConfig,
     /// The last scheduling round's reasons (on the leader).
-    pub scheduling: Arc<crate::scheduling::Results>,
+    pub scheduling: Arc<crate::scheduling::results::Results>,
     /// Task states reported by agents, in arrival order, for [`report_batches`].
     reports: mpsc::UnboundedSender<StatusReport>,
     reports_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<StatusReport>>,

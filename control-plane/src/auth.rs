@@ -34,29 +34,7 @@ use crate::config::{AuditConfig, SecurityConfig};
 use crate::model::job::JobDescriptor;
 use crate::replica::Replica;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Everything, including cluster membership, backups and agent management.
-    Admin,
-    /// Every job and capacity group; not the cluster or the agents.
-    Operator,
-    /// Reads everything; changes only the jobs it holds.
-    User,
-    /// Only enrolls agents (a bootstrap credential for new instances); nothing else.
-    Enroll,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "admin" => Some(Role::Admin),
-            "operator" => Some(Role::Operator),
-            "user" => Some(Role::User),
-            "enroll" => Some(Role::Enroll),
-            _ => None,
-        }
-    }
-}
+pub use crate::config::Role;
 
 /// What kind of party a caller is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,7 +187,7 @@ impl SecurityConfig {
         // A principal's or token's name and role.
         let check_grant = |at: &str, name: &str, role: &str| -> Result<()> {
             titus_security::identity::validate_name(name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
-            crate::auth::Role::parse(role).map(|_| ()).ok_or_else(|| {
+            Role::parse(role).map(|_| ()).ok_or_else(|| {
                 Error::Config(format!("{at}.role: {role:?} is not one of admin, operator, user, enroll"))
             })
         };
@@ -694,6 +694,32 @@ pub fn parse_member(s: &str) -> std::result::Result<MemberConfig, String> {
     let (peer, api) = addrs.split_once('/').ok_or_else(|| format!("{s:?}: expected ID=PEER_ADDR/API_ADDR"))?;
     let id = id.trim().parse().map_err(|e| format!("{s:?}: id: {e}"))?;
     Ok(MemberConfig { id, peer_addr: peer.trim().to_string(), api_addr: api.trim().to_string() })
+}
+
+/// A caller's role, as the security settings name it (`admin`, `operator`, `user`, `enroll`); what
+/// each may do is decided in `auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything, including cluster membership, backups and agent management.
+    Admin,
+    /// Every job and capacity group; not the cluster or the agents.
+    Operator,
+    /// Reads everything; changes only the jobs it holds.
+    User,
+    /// Only enrolls agents (a bootstrap credential for new instances); nothing else.
+    Enroll,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "user" => Some(Role::User),
+            "enroll" => Some(Role::Enroll),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

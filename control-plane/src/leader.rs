@@ -19,6 +19,7 @@ use crate::events::Change;
 use crate::jobs::lifecycle;
 use crate::model::task::TaskState;
 use crate::replica::{Replica, Term};
+use crate::rounds::pause;
 
 /// AWS, when configured: the client and its settings.
 #[derive(Clone)]
@@ -247,37 +248,6 @@ async fn ensure_cluster_id(replica: Arc<Replica>, term: Term, mut stop: watch::R
             },
             _ = stop.changed() => return,
         }
-    }
-}
-
-/// Waits for the next round of a reconciling duty: a committed change (after at least `min_gap`,
-/// so bursts coalesce) or `period`, whichever comes first. False when leadership ends.
-pub(crate) async fn next_round(
-    period: Duration,
-    min_gap: Duration,
-    changes: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<crate::events::ChangeBatch>>,
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    if !pause(min_gap, stop).await {
-        return false;
-    }
-    let deadline = tokio::time::sleep(period.saturating_sub(min_gap));
-    tokio::select! {
-        _ = deadline => true,
-        _ = changes.recv() => {
-            // Drain what else arrived: one round covers them all.
-            while changes.try_recv().is_ok() {}
-            true
-        }
-        _ = stop.changed() => false,
-    }
-}
-
-/// Waits `period`, or returns false when leadership ends first.
-async fn pause(period: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(period) => true,
-        _ = stop.changed() => false,
     }
 }
 

@@ -19,8 +19,15 @@
 //!   (low: every layer counts into them), the scrape-time collector, and the admin port
 //!   (/metrics, /healthz, /readyz, the read-only web view).
 //! - [`node`]: wires all of it together and runs it until shutdown.
-//! - [`clock`]: the wall clock, at the bottom: every layer may read it.
+//! - [`clock`] / [`rounds`]: the wall clock and a caller's deadline, and when a leader duty runs its
+//!   next round — at the bottom: every layer may use them.
 //! - [`error`]: the crate's error enum and its one conversion to `tonic::Status`.
+//!
+//! Modules import one way, with no loop between them: the rules ([`apply`] and the modules it calls)
+//! know nothing of RocksDB, Raft or tonic; the state machine calls them and writes what they
+//! decided; the replica's write and read paths sit on the store, and the API and the leader duties
+//! on the replica. (The scheduler's last results, which the agent hub holds and the API reads, are
+//! data in `scheduling::results`, so the hub needs nothing else of scheduling.)
 
 pub mod admin;
 pub mod agents;
@@ -40,6 +47,7 @@ pub mod network;
 pub mod node;
 pub mod peer;
 pub mod replica;
+pub mod rounds;
 pub mod scheduling;
 pub mod store;
 pub mod telemetry;

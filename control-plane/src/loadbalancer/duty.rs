@@ -96,7 +96,7 @@ pub async fn run(replica: Arc<Replica>, term: Term, aws: Aws, config: AwsConfig,
             wake = wake.min(at.max(Instant::now() + Duration::from_millis(20)));
         }
         let period = wake.saturating_duration_since(Instant::now()).max(Duration::from_millis(20));
-        if !crate::leader::next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
+        if !crate::rounds::next_round(period, Duration::from_millis(20), &mut changes, &mut stop).await {
             return;
         }
     }

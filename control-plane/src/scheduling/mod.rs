@@ -7,7 +7,7 @@
 //! Why each unplaced task waits is kept from the last round, for the SchedulerService API.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
@@ -25,6 +25,9 @@ use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
 use crate::model::job::{Job, JobState};
 use crate::model::task::{Task, TaskState};
 use crate::model::{CapacityGroup, Tier};
+
+pub mod results;
+pub use results::{Results, Waiting};
 
 fn tier(t: Tier) -> core::Tier {
     match t {
@@ -335,49 +338,6 @@ pub struct View {
     pub broken: Vec<(String, String)>,
     /// Pending tasks left for a later round (beyond `max_tasks_per_round`).
     pub not_considered: usize,
-}
-
-/// Why a pending task waits, as of the last round.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Waiting {
-    pub reason: String,
-    pub message: String,
-    pub round_ms: i64,
-}
-
-/// The last round's outcome, kept on the leader for the SchedulerService API and the web view.
-#[derive(Default)]
-pub struct Results {
-    last: Mutex<LastRound>,
-}
-
-#[derive(Default)]
-struct LastRound {
-    round_ms: i64,
-    waiting: HashMap<String, Waiting>,
-    not_considered: usize,
-}
-
-impl Results {
-    /// Why `task_id` was not placed in the last round, if it was considered and not placed.
-    pub fn why(&self, task_id: &str) -> Option<Waiting> {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).waiting.get(task_id).cloned()
-    }
-
-    /// (time of the last round, pending tasks it left for later rounds).
-    pub fn round(&self) -> (i64, usize) {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        (last.round_ms, last.not_considered)
-    }
-
-    fn record(&self, round_ms: i64, waiting: HashMap<String, Waiting>, not_considered: usize) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = LastRound { round_ms, waiting, not_considered };
-    }
-
-    /// Forgets everything (when leadership ends: another replica's rounds decide now).
-    pub fn clear(&self) {
-        self.record(0, HashMap::new(), 0);
-    }
 }
 
 /// Leader duty: scheduling rounds until leadership ends.
