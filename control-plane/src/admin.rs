@@ -13,12 +13,12 @@ use titus_obs::admin::{escape, Handler, Response};
 use crate::agents::AgentHub;
 use crate::events::Change;
 use crate::jobs::apply::{agent_of, allocation_by_agent};
-use crate::jobs::store::JobRead;
 use crate::model::agent::{AgentState, Lifecycle};
 use crate::model::job::{Job, JobType};
 use crate::model::task::{context, Task, TaskState};
 use crate::model::ResourceDimension;
 use crate::replica::Replica;
+use crate::state::StateRead;
 
 /// A follower whose applied index is this far behind its log is not ready.
 const READY_MAX_APPLY_LAG: u64 = 1000;

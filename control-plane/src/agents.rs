@@ -25,11 +25,11 @@ use crate::config::AgentsConfig;
 use crate::error::Error;
 use crate::events::Change;
 use crate::jobs::apply::agent_of;
-use crate::jobs::store::JobRead;
 use crate::model::agent::AgentState;
 use crate::model::agent::Cidr;
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::replica::{Replica, Term};
+use crate::state::StateRead;
 
 type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
 
@@ -389,7 +389,7 @@ impl AgentService for AgentApi {
         // An enroll token is for new agents only: one that ever registered (it may be away, or the
         // leader may have just changed) is enrolled again by an admin, never by the shared token.
         if !renewal && caller.role != Some(crate::auth::Role::Admin) {
-            use crate::jobs::store::JobRead;
+            use crate::state::StateRead;
             self.hub.replica.read_barrier(crate::clock::client_deadline(&request)).await?;
             if self.hub.replica.state.agent(&r.agent_id)?.is_some() {
                 return Err(Status::failed_precondition(format!(

@@ -13,8 +13,8 @@
 
 use crate::command::{AuditRecord, Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
-use crate::jobs::store::{JobRead, Overlay, TokenRecord};
 use crate::jobs::{apply as jobs, capacity_groups};
+use crate::state::{Overlay, StateRead, TokenRecord};
 use crate::{capacity, loadbalancer};
 
 /// A command the store applies itself.
@@ -158,8 +158,8 @@ fn once(o: &mut Overlay, key: String, expires_ms: i64, command: Command) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::store::MemoryStore;
     use crate::model::CapacityGroup;
+    use crate::state::MemoryStore;
 
     fn run(store: &mut MemoryStore, command: Command) -> Applied {
         let mut o = Overlay::new(store);

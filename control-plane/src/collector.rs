@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use crate::jobs::apply::agent_of;
-use crate::jobs::store::JobRead;
 use crate::model::agent::AgentState;
 use crate::model::task::TaskState;
 use crate::replica::Replica;
+use crate::state::StateRead;
 use crate::telemetry::metrics;
 
 /// Sets the scrape-time gauges from this replica's view, then renders everything.

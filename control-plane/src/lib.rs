@@ -5,6 +5,8 @@
 //! - [`config`]: the typed configuration and its validation.
 //! - [`model`] (the `titus-model` crate, re-exported with its [`command`], [`codec`] and
 //!   [`raft_types`]): replicated records, the commands that change them, their validation.
+//! - [`state`]: the replicated state as the rules see it — one read trait over every entity, and an
+//!   overlay of pending writes.
 //! - [`store`]: the Raft log, vote and state machine in RocksDB column families. Knows nothing of
 //!   the API or the leader duties.
 //! - [`network`] / [`peer`]: the peer port — Raft RPCs, write forwarding and read index over tonic.
@@ -49,6 +51,7 @@ pub mod peer;
 pub mod replica;
 pub mod rounds;
 pub mod scheduling;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 

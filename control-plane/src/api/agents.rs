@@ -11,12 +11,12 @@ use crate::agents::AgentHub;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
 use crate::jobs::apply::{allocation_by_agent, Allocation};
-use crate::jobs::store::JobRead;
 use crate::model::agent::{validate_machine_attributes, Agent, AgentState, InstanceGroup, LaunchSettings, Lifecycle};
 use crate::model::convert::{tier_from_proto, tier_to_proto};
 use crate::model::FieldViolation;
 use crate::model::{validate_name, ResourceDimension};
 use crate::replica::Replica;
+use crate::state::StateRead;
 
 pub struct AgentManagementApi {
     pub replica: Arc<Replica>,

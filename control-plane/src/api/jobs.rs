@@ -17,13 +17,13 @@ use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::events::{Change, ChangeBatch, Start};
 use crate::jobs::query::{paginate, Filter};
-use crate::jobs::store::JobRead;
 use crate::model::convert::{
     attributes_from_proto, id_field, job_descriptor_from_proto, job_to_proto, task_state_from_proto, task_to_proto,
 };
 use crate::model::job::{Job, JobState, JobStatus};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::replica::Replica;
+use crate::state::StateRead;
 
 /// How long a CreateJob idempotency token is remembered.
 pub const JOB_TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -514,7 +514,7 @@ impl AgentTaskService for AgentTaskApi {
             // Up to date first: a lagging replica must not refuse a task placed a moment ago.
             self.replica.read_barrier(client_deadline(&request)).await?;
             let placed_on =
-                self.replica.state.task(&r.task_id)?.and_then(|t| crate::jobs::store::agent_of(&t).map(str::to_string));
+                self.replica.state.task(&r.task_id)?.and_then(|t| crate::state::agent_of(&t).map(str::to_string));
             if placed_on.as_deref() != Some(agent_id) {
                 tracing::warn!(agent_id, task_id = %r.task_id, rule = "agent-own-tasks", "permission denied");
                 return Err(Status::permission_denied(format!(

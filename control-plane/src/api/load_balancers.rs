@@ -13,9 +13,9 @@ use super::{authorize_job_change, client_deadline};
 use crate::command::{Command, CommandResponse};
 use crate::error::Error;
 use crate::jobs::query::paginate;
-use crate::jobs::store::JobRead;
 use crate::model::load_balancer::{validate_target_group_arn, AssociationState, LbTarget, LoadBalancer, TargetState};
 use crate::replica::Replica;
+use crate::state::StateRead;
 
 pub struct LoadBalancerApi {
     pub replica: Arc<Replica>,

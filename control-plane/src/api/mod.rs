@@ -26,7 +26,7 @@ pub(crate) async fn authorize_job_change<T>(
     request: &tonic::Request<T>,
     job_id: &str,
 ) -> Result<(), tonic::Status> {
-    use crate::jobs::store::JobRead;
+    use crate::state::StateRead;
     crate::auth::note_target(request, format!("job {job_id}"));
     let caller = crate::auth::caller(request);
     if caller.role != Some(crate::auth::Role::User) {
@@ -47,7 +47,7 @@ pub(crate) async fn authorize_task_change<T>(
     request: &tonic::Request<T>,
     task_id: &str,
 ) -> Result<(), tonic::Status> {
-    use crate::jobs::store::JobRead;
+    use crate::state::StateRead;
     crate::auth::note_target(request, format!("task {task_id}"));
     if crate::auth::caller(request).role != Some(crate::auth::Role::User) {
         return Ok(());

@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 
 use crate::agents::AgentHub;
 use crate::error::Error;
-use crate::jobs::store::{agent_of, JobRead};
 use crate::model::task::TaskState;
+use crate::state::{agent_of, StateRead};
 
 pub struct SchedulerApi {
     pub hub: Arc<AgentHub>,

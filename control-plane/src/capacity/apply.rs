@@ -3,8 +3,8 @@
 
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
-use crate::jobs::store::{JobRead, Overlay};
 use crate::model::agent::{InstanceGroup, LaunchIntent, Lifecycle};
+use crate::state::{Overlay, StateRead};
 
 fn not_found(id: &str) -> CommandResponse {
     CommandResponse::Rejected(Rejection::new(

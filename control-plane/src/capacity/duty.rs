@@ -20,13 +20,13 @@ use crate::clock::now_ms;
 use crate::command::{Command, CommandResponse};
 use crate::config::AwsConfig;
 use crate::jobs::apply::{agent_of, allocation_by_agent};
-use crate::jobs::store::JobRead;
 use crate::model::agent::{
     spread, AgentState, InstanceGroup, LaunchIntent, CLUSTER_TAG, INSTANCE_GROUP_TAG, INSTANCE_ID_ATTRIBUTE,
 };
 use crate::model::task::TaskState;
 use crate::model::{ResourceDimension, Tier};
 use crate::replica::{Replica, Term};
+use crate::state::StateRead;
 
 struct Duty {
     replica: Arc<Replica>,

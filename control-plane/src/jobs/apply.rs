@@ -5,10 +5,10 @@
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::hosts;
-use crate::jobs::store::{JobRead, Overlay, TokenRecord};
 use crate::model::job::{
     validate_capacity, Job, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
 };
+use crate::state::{Overlay, StateRead, TokenRecord};
 use std::collections::BTreeMap;
 use titus_scheduler::Constraints;
 
@@ -222,11 +222,11 @@ pub fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) ->
     Ok(CommandResponse::Done)
 }
 
-pub use crate::jobs::store::{agent_of, Allocation};
+pub use crate::state::{agent_of, Allocation};
 
 /// Per agent, the resources of its live tasks (their jobs' container resources) and their count:
 /// the one definition placement planning, placement applying and the agent API share.
-pub fn allocation_by_agent(read: &dyn JobRead) -> Result<BTreeMap<String, Allocation>> {
+pub fn allocation_by_agent(read: &dyn StateRead) -> Result<BTreeMap<String, Allocation>> {
     read.allocations()
 }
 

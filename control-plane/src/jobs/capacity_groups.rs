@@ -3,8 +3,8 @@
 
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
-use crate::jobs::store::{JobRead, Overlay, TokenRecord};
 use crate::model::CapacityGroup;
+use crate::state::{Overlay, StateRead, TokenRecord};
 
 /// How long a capacity group's idempotency token is remembered.
 pub const TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;

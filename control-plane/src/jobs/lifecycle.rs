@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::command::Command;
 use crate::error::Result;
-use crate::jobs::store::{agent_of, JobRead};
 use crate::model::agent::Lifecycle;
 use crate::model::job::{Job, JobState, JobType};
 use crate::model::task::{context, reason, Task, TaskState, TaskStatus};
+use crate::state::{agent_of, StateRead};
 
 #[derive(Debug, Clone)]
 pub struct LifecycleConfig {
@@ -306,7 +306,7 @@ pub fn plan_job(
 }
 
 /// Agents whose instance group is being drained (PhasedOut or Removable): their service tasks move.
-pub fn draining_agents(store: &dyn JobRead) -> Result<BTreeSet<String>> {
+pub fn draining_agents(store: &dyn StateRead) -> Result<BTreeSet<String>> {
     let mut lifecycles = BTreeMap::new();
     let mut out = BTreeSet::new();
     for agent in store.agents()? {
@@ -358,7 +358,7 @@ pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i6
 
 /// What to do about every active job.
 pub fn plan(
-    store: &dyn JobRead,
+    store: &dyn StateRead,
     now: i64,
     cfg: &LifecycleConfig,
     new_id: &mut dyn FnMut() -> String,
@@ -375,7 +375,7 @@ pub fn plan(
 /// counted and yields nothing this round; the other jobs are planned as usual (one bad record once
 /// stopped the lifecycle for every job).
 fn plan_one(
-    store: &dyn JobRead,
+    store: &dyn StateRead,
     job: &Job,
     now: i64,
     cfg: &LifecycleConfig,
@@ -408,7 +408,7 @@ fn plan_one(
 
 /// What to do about the jobs named (those that no longer exist are skipped).
 pub fn plan_jobs<'a>(
-    store: &dyn JobRead,
+    store: &dyn StateRead,
     job_ids: impl IntoIterator<Item = &'a String>,
     now: i64,
     cfg: &LifecycleConfig,

@@ -6,10 +6,10 @@ use proptest::prelude::*;
 use crate::apply::apply;
 use crate::command::{Command, CommandResponse};
 use crate::jobs::lifecycle::{plan, LifecycleConfig};
-use crate::jobs::store::{JobRead, MemoryStore, Overlay};
 use crate::model::job::fixtures::{batch_descriptor, service_descriptor};
 use crate::model::job::{Job, JobDescriptor, JobState, JobStatus, RetryPolicy};
 use crate::model::task::{reason, TaskState, TaskStatus};
+use crate::state::{MemoryStore, Overlay, StateRead};
 
 struct Sim {
     store: MemoryStore,
@@ -285,8 +285,8 @@ fn a_retried_call_is_applied_once() {
 #[test]
 fn a_drained_agents_service_tasks_move_one_budget_at_a_time() {
     use crate::jobs::lifecycle::drain_job;
-    use crate::jobs::store::agent_of;
     use crate::model::task::context;
+    use crate::state::agent_of;
 
     let mut sim = Sim::new();
     let job = sim.create(service_descriptor(1, 4, 8));

@@ -2,11 +2,11 @@
 
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
-use crate::jobs::store::{JobRead, Overlay};
 use crate::model::job::{JobState, JobType};
 use crate::model::load_balancer::{
     association_key, AssociationState, LbTarget, LoadBalancer, TargetState, MAX_LOAD_BALANCERS_PER_JOB,
 };
+use crate::state::{Overlay, StateRead};
 
 fn reject(kind: RejectionKind, field: &str, message: impl Into<String>) -> CommandResponse {
     CommandResponse::Rejected(Rejection::new(kind, field, message))

@@ -19,10 +19,10 @@ use super::plan::{self, by_group, Plan};
 use crate::clock::now_ms;
 use crate::command::{Command, CommandResponse};
 use crate::config::AwsConfig;
-use crate::jobs::store::JobRead;
 use crate::model::load_balancer::{AssociationState, LbTarget, TargetState};
 use crate::model::task::{Task, TaskState};
 use crate::replica::{Replica, Term};
+use crate::state::StateRead;
 
 /// Per target group: when its next call may go, after failures.
 #[derive(Default)]

@@ -7,9 +7,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::command::{Command, CommandResponse};
-use crate::jobs::store::{JobRead, MemoryStore, Overlay};
 use crate::loadbalancer::holds_kill;
 use crate::model::task::TaskStatus;
+use crate::state::{MemoryStore, Overlay, StateRead};
 
 const TG: &str = "arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/web/1";
 const DRAIN: i64 = 1_000;

@@ -20,11 +20,11 @@ use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::events::{Change, ChangeBatch};
 use crate::jobs::hosts::{self, resources, Load};
-use crate::jobs::store::{agent_of, JobRead};
 use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
 use crate::model::job::{Job, JobState};
 use crate::model::task::{Task, TaskState};
 use crate::model::{CapacityGroup, Tier};
+use crate::state::{agent_of, StateRead};
 
 pub mod results;
 pub use results::{Results, Waiting};
@@ -87,7 +87,7 @@ pub struct Cache {
 
 impl Cache {
     /// Reads the whole picture.
-    pub fn load(read: &dyn JobRead, instance_groups: Vec<InstanceGroup>) -> Result<Cache> {
+    pub fn load(read: &dyn StateRead, instance_groups: Vec<InstanceGroup>) -> Result<Cache> {
         let mut c = Cache::default();
         for j in read.jobs()? {
             c.jobs.insert(j.id.clone(), JobEntry::of(&j));
@@ -129,7 +129,7 @@ impl Cache {
     }
 
     /// Applies one applied change.
-    pub fn apply(&mut self, change: &Change, read: &dyn JobRead) -> Result<()> {
+    pub fn apply(&mut self, change: &Change, read: &dyn StateRead) -> Result<()> {
         match change {
             Change::Job(j) if j.status.state == JobState::Finished => {
                 self.jobs.remove(&j.id);
@@ -149,7 +149,7 @@ impl Cache {
         Ok(())
     }
 
-    fn job(&mut self, job_id: &str, read: &dyn JobRead) -> Result<Option<&JobEntry>> {
+    fn job(&mut self, job_id: &str, read: &dyn StateRead) -> Result<Option<&JobEntry>> {
         if !self.jobs.contains_key(job_id) {
             match read.job(job_id)? {
                 Some(j) => {
@@ -161,7 +161,7 @@ impl Cache {
         Ok(self.jobs.get(job_id))
     }
 
-    fn put_task(&mut self, t: &Task, read: &dyn JobRead) -> Result<()> {
+    fn put_task(&mut self, t: &Task, read: &dyn StateRead) -> Result<()> {
         // Take the old version's share out, then put the new one's in.
         if let Some(old) = self.tasks.remove(&t.id) {
             if let Some(key) = &old.pending {
@@ -211,7 +211,7 @@ impl Cache {
     }
 
     /// Puts a task back as replicated state has it (after a booked placement was refused).
-    fn refresh(&mut self, task_id: &str, read: &dyn JobRead) -> Result<()> {
+    fn refresh(&mut self, task_id: &str, read: &dyn StateRead) -> Result<()> {
         match read.task(task_id)? {
             Some(t) => self.put_task(&t, read),
             None => {
@@ -472,7 +472,7 @@ async fn propose(
 
 /// Applies what the change stream holds; false when the cache must be reloaded (it lagged, or the
 /// state was replaced by a snapshot).
-fn drain(c: &mut Cache, changes: &mut broadcast::Receiver<Arc<ChangeBatch>>, read: &dyn JobRead) -> bool {
+fn drain(c: &mut Cache, changes: &mut broadcast::Receiver<Arc<ChangeBatch>>, read: &dyn StateRead) -> bool {
     loop {
         match changes.try_recv() {
             Ok(b) => {
@@ -486,7 +486,7 @@ fn drain(c: &mut Cache, changes: &mut broadcast::Receiver<Arc<ChangeBatch>>, rea
     }
 }
 
-fn apply_batch(c: &mut Cache, b: &ChangeBatch, read: &dyn JobRead) -> bool {
+fn apply_batch(c: &mut Cache, b: &ChangeBatch, read: &dyn StateRead) -> bool {
     if b.reset {
         return false;
     }

@@ -14,7 +14,6 @@ use tempfile::TempDir;
 use crate::apply::{apply, Applied};
 use crate::command::{Assignment, Command, CommandResponse};
 use crate::jobs::lifecycle::{plan, LifecycleConfig};
-use crate::jobs::store::{JobRead, MemoryStore, Overlay};
 use crate::model::agent::{Agent, AgentState, InstanceGroup, Lifecycle};
 use crate::model::job::fixtures::{batch_descriptor, service_descriptor};
 use crate::model::job::{Job, JobState, JobStatus};
@@ -22,6 +21,7 @@ use crate::model::load_balancer::{LbTarget, TargetState};
 use crate::model::task::{TaskState, TaskStatus};
 use crate::model::{CapacityGroup, ResourceDimension, Tier};
 use crate::raft_types::Entry;
+use crate::state::{MemoryStore, Overlay, StateRead};
 
 use super::{StateMachine, StateReader};
 
@@ -353,7 +353,7 @@ impl Twin {
 
     /// Every read of the state, on both stores.
     fn agree(&self) {
-        let (m, r): (&dyn JobRead, &dyn JobRead) = (&self.memory, &self.reader);
+        let (m, r): (&dyn StateRead, &dyn StateRead) = (&self.memory, &self.reader);
         assert_eq!(m.jobs().unwrap(), r.jobs().unwrap(), "jobs");
         assert_eq!(m.all_tasks().unwrap(), r.all_tasks().unwrap(), "tasks");
         assert_eq!(m.agents().unwrap(), r.agents().unwrap(), "agents");

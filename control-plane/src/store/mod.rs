@@ -29,7 +29,6 @@ use crate::error::{Error, Result};
 use crate::events::ChangeLog;
 use std::collections::BTreeMap;
 
-use crate::jobs::store::{Allocation, JobRead, TokenRecord};
 use crate::model::agent::{Agent, InstanceGroup};
 use crate::model::job::Job;
 use crate::model::load_balancer::{LbTarget, LoadBalancer};
@@ -37,6 +36,7 @@ use crate::model::task::Task;
 use crate::model::CapacityGroup;
 use crate::model::ResourceDimension;
 use crate::raft_types::{NodeId, StorageError};
+use crate::state::{Allocation, StateRead, TokenRecord};
 
 pub type StoreResult<T> = std::result::Result<T, StorageError>;
 
@@ -318,7 +318,7 @@ impl StateReader {
     }
 }
 
-impl JobRead for StateReader {
+impl StateRead for StateReader {
     fn job(&self, id: &str) -> Result<Option<Job>> {
         self.get(cf::JOBS, id.as_bytes())
     }
@@ -384,7 +384,7 @@ impl JobRead for StateReader {
         })?;
         Ok(out)
     }
-    fn as_read(&self) -> &dyn JobRead {
+    fn as_read(&self) -> &dyn StateRead {
         self
     }
 }
@@ -427,7 +427,7 @@ pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
     for item in db.iterator_cf(tasks, rocksdb::IteratorMode::Start) {
         let (_, v) = item.map_err(|e| storage(&e))?;
         let t: Task = codec::decode(&v).map_err(|e| storage(&e))?;
-        let Some(agent) = crate::jobs::store::agent_of(&t).filter(|_| t.state().is_live()) else { continue };
+        let Some(agent) = crate::state::agent_of(&t).filter(|_| t.state().is_live()) else { continue };
         if !resources.contains_key(&t.job_id) {
             let job: Option<Job> = db
                 .get_cf(jobs, t.job_id.as_bytes())

@@ -20,9 +20,9 @@ use crate::apply::{Applied, StoreCommand};
 use crate::codec;
 use crate::command::{AuditRecord, Command, CommandResponse, Rejection, RejectionKind};
 use crate::events::{Change, ChangeBatch};
-use crate::jobs::store::agent_of;
-use crate::jobs::store::{Changes, JobRead, Overlay, TokenRecord, Write};
 use crate::model::ResourceDimension;
+use crate::state::agent_of;
+use crate::state::{Changes, Overlay, StateRead, TokenRecord, Write};
 use crate::store::{agent_index_key, archive_order_key, index_key, rebuild_agent_index};
 
 /// How long an audit batch's id is remembered: its proposer gives up retrying after a minute.

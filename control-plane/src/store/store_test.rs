@@ -42,7 +42,6 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
     use crate::command::{Assignment, Command};
-    use crate::jobs::store::{agent_of, Allocation, JobRead};
     use crate::model::agent::{Agent, AgentState};
     use crate::model::job::fixtures::batch_descriptor;
     use crate::model::job::{Job, JobState, JobStatus};
@@ -50,6 +49,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     use crate::model::ResourceDimension;
     use crate::raft_types::Entry;
     use crate::scheduling::Cache;
+    use crate::state::{agent_of, Allocation, StateRead};
 
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
@@ -67,7 +67,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
         reason_message: String::new(),
         timestamp_ms: 1,
     };
-    let expected = |read: &dyn JobRead| {
+    let expected = |read: &dyn StateRead| {
         let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
         for t in read.all_tasks().unwrap() {
             let Some(agent) = agent_of(&t).filter(|_| t.state().is_live()) else { continue };

@@ -1,6 +1,8 @@
-//! What job logic needs of storage: a read view ([`JobRead`]) and a set of pending writes
-//! ([`Overlay`]) whose reads see its own writes. The RocksDB state machine and the in-memory test
-//! store both implement [`JobRead`]; the same apply code runs over either.
+//! The replicated state as the rules see it: one read trait over every entity ([`StateRead`]: jobs,
+//! tasks, their archives, agents, instance and capacity groups, load balancers and targets,
+//! tokens) and a set of pending writes ([`Overlay`]) whose reads see its own writes. The RocksDB
+//! state machine and the in-memory test store both implement [`StateRead`]; the same rules run over
+//! either.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,14 +35,15 @@ pub fn agent_of(task: &Task) -> Option<&str> {
 }
 
 /// The resources a live task placed on an agent holds there (`None` when it holds nothing).
-pub fn holding(read: &dyn JobRead, task: &Task) -> Result<Option<(String, crate::model::ResourceDimension)>> {
+pub fn holding(read: &dyn StateRead, task: &Task) -> Result<Option<(String, crate::model::ResourceDimension)>> {
     let Some(agent) = agent_of(task).filter(|_| task.state().is_live()) else { return Ok(None) };
     let resources =
         read.job(&task.job_id)?.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default();
     Ok(Some((agent.to_string(), resources)))
 }
 
-pub trait JobRead {
+/// Every read of the replicated state a rule, a duty or the API makes.
+pub trait StateRead {
     fn job(&self, id: &str) -> Result<Option<Job>>;
     fn task(&self, id: &str) -> Result<Option<Task>>;
     fn task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>>;
@@ -102,7 +105,7 @@ pub trait JobRead {
     }
 
     /// Itself as a trait object (for the provided methods).
-    fn as_read(&self) -> &dyn JobRead;
+    fn as_read(&self) -> &dyn StateRead;
 
     fn tasks_of_job(&self, job_id: &str) -> Result<Vec<Task>> {
         let mut out = Vec::new();
@@ -163,12 +166,12 @@ impl Changes {
 
 /// Reads through pending writes to the base view.
 pub struct Overlay<'a> {
-    base: &'a dyn JobRead,
+    base: &'a dyn StateRead,
     pub changes: Changes,
 }
 
 impl<'a> Overlay<'a> {
-    pub fn new(base: &'a dyn JobRead) -> Self {
+    pub fn new(base: &'a dyn StateRead) -> Self {
         Overlay { base, changes: Changes::default() }
     }
 
@@ -264,7 +267,7 @@ fn merge_ids<T>(
     ids.into_iter().collect()
 }
 
-impl JobRead for Overlay<'_> {
+impl StateRead for Overlay<'_> {
     fn job(&self, id: &str) -> Result<Option<Job>> {
         match self.changes.jobs.get(id) {
             Some(w) => Ok(w.current().cloned()),
@@ -414,7 +417,7 @@ impl JobRead for Overlay<'_> {
         Ok(out)
     }
 
-    fn as_read(&self) -> &dyn JobRead {
+    fn as_read(&self) -> &dyn StateRead {
         self
     }
 }
@@ -490,7 +493,7 @@ impl MemoryStore {
 }
 
 #[cfg(test)]
-impl JobRead for MemoryStore {
+impl StateRead for MemoryStore {
     fn job(&self, id: &str) -> Result<Option<Job>> {
         Ok(self.jobs.get(id).cloned())
     }
@@ -536,7 +539,7 @@ impl JobRead for MemoryStore {
     fn lb_targets(&self) -> Result<Vec<LbTarget>> {
         Ok(self.lb_targets.values().cloned().collect())
     }
-    fn as_read(&self) -> &dyn JobRead {
+    fn as_read(&self) -> &dyn StateRead {
         self
     }
 }
