@@ -42,10 +42,20 @@ pub enum Error {
     Unconfirmed { node_id: NodeId, term: u64, why: String },
     #[error("raft: {0}")]
     Raft(String),
-    #[error("storage: {0}")]
-    Storage(String),
+    /// Reading or writing the replica's store failed: what it was doing, and the error beneath,
+    /// kept as the source (its text is also in the message, which is all a client sees).
+    #[error("storage: {}", with_source(.what, .source))]
+    Storage { what: String, source: Option<Box<dyn std::error::Error + Send + Sync>> },
     #[error("config: {0}")]
     Config(String),
+}
+
+fn with_source(what: &str, source: &Option<Box<dyn std::error::Error + Send + Sync>>) -> String {
+    match (what.is_empty(), source) {
+        (_, None) => what.to_string(),
+        (true, Some(e)) => e.to_string(),
+        (false, Some(e)) => format!("{what}: {e}"),
+    }
 }
 
 fn join_violations(v: &[FieldViolation]) -> String {
@@ -61,6 +71,21 @@ fn leader_suffix(id: &Option<NodeId>, addr: &Option<String>) -> String {
 }
 
 impl Error {
+    /// A storage failure while doing `what`, keeping `source`.
+    pub fn storage(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Storage { what: what.into(), source: Some(Box::new(source)) }
+    }
+
+    /// A storage failure with nothing beneath it (a record that makes no sense, say).
+    pub fn storage_msg(what: impl Into<String>) -> Self {
+        Error::Storage { what: what.into(), source: None }
+    }
+
+    /// [`Error::storage`] with no more to say than the source: for `map_err(Error::from_storage)`.
+    pub fn from_storage(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::storage("", source)
+    }
+
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
     }
@@ -92,7 +117,7 @@ impl From<Error> for tonic::Status {
             | Error::Deposed { .. }
             | Error::SteppingDown { .. }
             | Error::Unconfirmed { .. } => Code::Unavailable,
-            Error::Raft(_) | Error::Storage(_) | Error::Config(_) => Code::Internal,
+            Error::Raft(_) | Error::Storage { .. } | Error::Config(_) => Code::Internal,
         };
         let mut status = tonic::Status::new(code, message);
         if let Error::NotLeader { leader_api_addr: Some(addr), .. } = &e {
@@ -107,6 +132,17 @@ impl From<Error> for tonic::Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storage_error_keeps_its_source_and_says_it() {
+        let io = std::io::Error::new(std::io::ErrorKind::Other, "disk on fire");
+        let e = Error::storage("reading jobs", io);
+        assert_eq!(e.to_string(), "storage: reading jobs: disk on fire");
+        let source = std::error::Error::source(&e).expect("the source is kept");
+        assert_eq!(source.to_string(), "disk on fire");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+        assert_eq!(Error::storage_msg("audit key is not 8 bytes").to_string(), "storage: audit key is not 8 bytes");
+    }
 
     #[test]
     fn invalid_argument_names_every_field() {

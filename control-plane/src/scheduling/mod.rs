@@ -511,7 +511,7 @@ async fn plan_round(
     let (agents, tasks, core_groups) = (view.agents, view.tasks, view.groups);
     let plan = tokio::task::spawn_blocking(move || core::schedule(&agents, &tasks, &core_groups, &core_config))
         .await
-        .map_err(|e| crate::error::Error::Storage(format!("scheduling round panicked: {e}")))?;
+        .map_err(|e| crate::error::Error::storage("scheduling round panicked", e))?;
     let round_ms = now_ms();
 
     let mut waiting: HashMap<String, Waiting> = HashMap::new();

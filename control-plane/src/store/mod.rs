@@ -52,10 +52,10 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
         if e.to_string().contains("lock") {
             Error::Config(format!("data-dir {} is in use by another process: {e}", dir.display()))
         } else {
-            Error::Storage(format!("opening RocksDB in {}: {e}", dir.display()))
+            Error::storage(format!("opening RocksDB in {}", dir.display()), e)
         }
     })?;
-    match log_store::stored_node_id(&db).map_err(|e| Error::Storage(e.to_string()))? {
+    match log_store::stored_node_id(&db).map_err(Error::from_storage)? {
         Some(stored) if stored != node_id => {
             return Err(Error::Config(format!(
             "data-dir {} belongs to replica {stored}, not to node-id {node_id}; point this replica at its own data dir",
@@ -63,7 +63,7 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
         )))
         }
         Some(_) => {}
-        None => log_store::record_node_id(&db, node_id).map_err(|e| Error::Storage(e.to_string()))?,
+        None => log_store::record_node_id(&db, node_id).map_err(Error::from_storage)?,
     }
     let rebuilt = rebuild_agent_index(&db)?;
     if rebuilt > 0 {
@@ -95,14 +95,14 @@ pub struct StateReader {
 const CHANGE_LOG_CAPACITY: usize = 8192;
 
 fn applied_index(db: &DB) -> Result<u64> {
-    let cf = cf_handle(db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
+    let cf = cf_handle(db, cf::SM_META).map_err(Error::from_storage)?;
     applied_index_of(db.get_cf(cf, cf::sm_meta::LAST_APPLIED))
 }
 
 /// The index in a stored `sm_meta/last_applied` value (0 before anything is applied).
 fn applied_index_of(stored: std::result::Result<Option<Vec<u8>>, rocksdb::Error>) -> Result<u64> {
-    let applied: Option<crate::raft_types::LogId> = match stored.map_err(|e| Error::Storage(e.to_string()))? {
-        Some(b) => codec::decode(&b).map_err(|e| Error::Storage(format!("last applied: {e}")))?,
+    let applied: Option<crate::raft_types::LogId> = match stored.map_err(Error::from_storage)? {
+        Some(b) => codec::decode(&b).map_err(|e| Error::storage("last applied", e))?,
         None => None,
     };
     Ok(applied.map(|l| l.index).unwrap_or(0))
@@ -147,12 +147,11 @@ impl StateReader {
     }
 
     fn reload_cluster_id(&self) -> Result<()> {
-        let cf = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
-        let stored: Option<String> =
-            match self.db.get_cf(cf, cf::sm_meta::CLUSTER_ID).map_err(|e| Error::Storage(e.to_string()))? {
-                Some(b) => Some(codec::decode(&b).map_err(|e| Error::Storage(format!("cluster id: {e}")))?),
-                None => None,
-            };
+        let cf = cf_handle(&self.db, cf::SM_META).map_err(Error::from_storage)?;
+        let stored: Option<String> = match self.db.get_cf(cf, cf::sm_meta::CLUSTER_ID).map_err(Error::from_storage)? {
+            Some(b) => Some(codec::decode(&b).map_err(|e| Error::storage("cluster id", e))?),
+            None => None,
+        };
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = stored;
         Ok(())
     }
@@ -175,17 +174,17 @@ impl StateReader {
         scan: usize,
         keep: impl Fn(&crate::command::AuditRecord) -> bool,
     ) -> Result<(Vec<(u64, crate::command::AuditRecord)>, u64)> {
-        let cf = cf_handle(&self.db, cf::AUDIT).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, cf::AUDIT).map_err(Error::from_storage)?;
         let from = after.saturating_add(1).to_be_bytes();
         let mut out = Vec::new();
         let mut last = after;
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward)).take(scan)
         {
-            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Storage("audit key".into()))?);
+            let (k, v) = item.map_err(Error::from_storage)?;
+            let seq =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::storage_msg("audit key is not 8 bytes"))?);
             last = seq;
-            let record: crate::command::AuditRecord =
-                codec::decode(&v).map_err(|e| Error::Storage(format!("audit: {e}")))?;
+            let record: crate::command::AuditRecord = codec::decode(&v).map_err(|e| Error::storage("audit", e))?;
             if keep(&record) {
                 out.push((seq, record));
                 if out.len() >= limit {
@@ -199,31 +198,31 @@ impl StateReader {
 
 impl StateReader {
     fn get<T: serde::de::DeserializeOwned>(&self, family: &str, key: &[u8]) -> Result<Option<T>> {
-        let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
-        match self.db.get_pinned_cf(cf, key).map_err(|e| Error::Storage(e.to_string()))? {
-            Some(b) => Ok(Some(codec::decode(&b).map_err(|e| Error::Storage(format!("{family}: {e}")))?)),
+        let cf = cf_handle(&self.db, family).map_err(Error::from_storage)?;
+        match self.db.get_pinned_cf(cf, key).map_err(Error::from_storage)? {
+            Some(b) => Ok(Some(codec::decode(&b).map_err(|e| Error::storage(family, e))?)),
             None => Ok(None),
         }
     }
 
     fn all<T: serde::de::DeserializeOwned>(&self, family: &str) -> Result<Vec<T>> {
-        let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, family).map_err(Error::from_storage)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("{family}: {e}")))?);
+            let (_, v) = item.map_err(Error::from_storage)?;
+            out.push(codec::decode(&v).map_err(|e| Error::storage(family, e))?);
         }
         Ok(out)
     }
 
     /// Task ids under `job_id/` in a by-job index.
     fn ids_with_prefix(&self, family: &str, job_id: &str) -> Result<Vec<String>> {
-        let cf = cf_handle(&self.db, family).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, family).map_err(Error::from_storage)?;
         let prefix = format!("{job_id}/");
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward))
         {
-            let (k, _) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let (k, _) = item.map_err(Error::from_storage)?;
             let Some(rest) = k.strip_prefix(prefix.as_bytes()) else { break };
             out.push(String::from_utf8_lossy(rest).into_owned());
         }
@@ -244,10 +243,10 @@ impl StateReader {
 
     /// Up to `limit` archived jobs that finished before `before_ms`, oldest first.
     pub fn archived_jobs_finished_before(&self, before_ms: i64, limit: usize) -> Result<Vec<String>> {
-        let cf = cf_handle(&self.db, cf::ARCHIVE_ORDER).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, cf::ARCHIVE_ORDER).map_err(Error::from_storage)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let (k, _) = item.map_err(Error::from_storage)?;
             if k.len() < 8 || out.len() >= limit {
                 break;
             }
@@ -271,7 +270,7 @@ impl StateReader {
         limit: usize,
         budget: usize,
     ) -> Result<(Vec<String>, Option<String>)> {
-        let cf = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS).map_err(Error::from_storage)?;
         let mode = match from {
             Some(key) => rocksdb::IteratorMode::From(key.as_bytes(), rocksdb::Direction::Forward),
             None => rocksdb::IteratorMode::Start,
@@ -279,7 +278,7 @@ impl StateReader {
         let mut out = Vec::new();
         let mut seen = 0;
         for item in self.db.iterator_cf(cf, mode) {
-            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let (k, v) = item.map_err(Error::from_storage)?;
             if out.len() >= limit || seen >= budget {
                 return Ok((out, Some(String::from_utf8_lossy(&k).into_owned())));
             }
@@ -297,18 +296,18 @@ impl StateReader {
     /// Every active job and task as of one applied index, read from one RocksDB snapshot.
     pub fn jobs_snapshot(&self) -> Result<JobsSnapshot> {
         let view = self.db.snapshot();
-        let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
+        let meta = cf_handle(&self.db, cf::SM_META).map_err(Error::from_storage)?;
         let revision = applied_index_of(view.get_cf(meta, cf::sm_meta::LAST_APPLIED))?;
         fn decode_all<T: serde::de::DeserializeOwned>(
             db: &DB,
             view: &rocksdb::Snapshot<'_>,
             family: &str,
         ) -> Result<Vec<T>> {
-            let cf = cf_handle(db, family).map_err(|e| Error::Storage(e.to_string()))?;
+            let cf = cf_handle(db, family).map_err(Error::from_storage)?;
             view.iterator_cf(cf, rocksdb::IteratorMode::Start)
                 .map(|item| {
-                    let (_, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
-                    codec::decode(&v).map_err(|e| Error::Storage(format!("{family}: {e}")))
+                    let (_, v) = item.map_err(Error::from_storage)?;
+                    codec::decode(&v).map_err(|e| Error::storage(family, e))
                 })
                 .collect()
         }
@@ -392,16 +391,16 @@ impl StateRead for StateReader {
 impl StateReader {
     /// Visits the by-agent index under `prefix` ("" for all): (agent id, the task's resources).
     fn scan_agent_index(&self, prefix: &str, mut visit: impl FnMut(&str, ResourceDimension)) -> Result<()> {
-        let cf = cf_handle(&self.db, cf::TASKS_BY_AGENT).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, cf::TASKS_BY_AGENT).map_err(Error::from_storage)?;
         let mode = rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
         for item in self.db.iterator_cf(cf, mode) {
-            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let (k, v) = item.map_err(Error::from_storage)?;
             if !k.starts_with(prefix.as_bytes()) {
                 break;
             }
             let key = String::from_utf8_lossy(&k);
             let agent = key.rsplit_once('/').map(|(a, _)| a).unwrap_or_default();
-            let r = codec::decode(&v).map_err(|e| Error::Storage(format!("{}: {e}", cf::TASKS_BY_AGENT)))?;
+            let r = codec::decode(&v).map_err(|e| Error::storage(cf::TASKS_BY_AGENT, e))?;
             visit(agent, r);
         }
         Ok(())
@@ -413,28 +412,27 @@ impl StateReader {
 /// an agent gets its entry. The mark is written with the entries (and travels in snapshots), so a
 /// store that has the index is never scanned at start-up.
 pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
-    let storage = |e: &dyn std::fmt::Display| Error::Storage(e.to_string());
-    let index = cf_handle(db, cf::TASKS_BY_AGENT).map_err(|e| storage(&e))?;
-    let meta = cf_handle(db, cf::SM_META).map_err(|e| storage(&e))?;
-    if db.get_pinned_cf(meta, cf::sm_meta::AGENT_INDEX).map_err(|e| storage(&e))?.is_some() {
+    let index = cf_handle(db, cf::TASKS_BY_AGENT).map_err(Error::from_storage)?;
+    let meta = cf_handle(db, cf::SM_META).map_err(Error::from_storage)?;
+    if db.get_pinned_cf(meta, cf::sm_meta::AGENT_INDEX).map_err(Error::from_storage)?.is_some() {
         return Ok(0);
     }
     let (tasks, jobs) =
-        (cf_handle(db, cf::TASKS).map_err(|e| storage(&e))?, cf_handle(db, cf::JOBS).map_err(|e| storage(&e))?);
+        (cf_handle(db, cf::TASKS).map_err(Error::from_storage)?, cf_handle(db, cf::JOBS).map_err(Error::from_storage)?);
     let mut batch = rocksdb::WriteBatch::default();
     let mut resources: BTreeMap<String, ResourceDimension> = BTreeMap::new();
     let mut n = 0;
     for item in db.iterator_cf(tasks, rocksdb::IteratorMode::Start) {
-        let (_, v) = item.map_err(|e| storage(&e))?;
-        let t: Task = codec::decode(&v).map_err(|e| storage(&e))?;
+        let (_, v) = item.map_err(Error::from_storage)?;
+        let t: Task = codec::decode(&v).map_err(Error::from_storage)?;
         let Some(agent) = crate::state::agent_of(&t).filter(|_| t.state().is_live()) else { continue };
         if !resources.contains_key(&t.job_id) {
             let job: Option<Job> = db
                 .get_cf(jobs, t.job_id.as_bytes())
-                .map_err(|e| storage(&e))?
+                .map_err(Error::from_storage)?
                 .map(|b| codec::decode(&b))
                 .transpose()
-                .map_err(|e| storage(&e))?;
+                .map_err(Error::from_storage)?;
             resources.insert(
                 t.job_id.clone(),
                 job.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default(),
@@ -443,12 +441,12 @@ pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
         batch.put_cf(
             index,
             agent_index_key(agent, &t.id),
-            codec::encode(&resources[&t.job_id]).map_err(|e| storage(&e))?,
+            codec::encode(&resources[&t.job_id]).map_err(Error::from_storage)?,
         );
         n += 1;
     }
     batch.put_cf(meta, cf::sm_meta::AGENT_INDEX, b"1");
-    db.write(batch).map_err(|e| storage(&e))?;
+    db.write(batch).map_err(Error::from_storage)?;
     Ok(n)
 }
 
@@ -458,13 +456,12 @@ fn read_families<'a>(
     view: &rocksdb::SnapshotWithThreadMode<'_, DB>,
     names: impl IntoIterator<Item = &'a str>,
 ) -> Result<Families> {
-    let storage = |e: &dyn std::fmt::Display| Error::Storage(e.to_string());
     let mut families = Vec::new();
     for name in names {
-        let cf = cf_handle(db, name).map_err(|e| storage(&e))?;
+        let cf = cf_handle(db, name).map_err(Error::from_storage)?;
         let mut records = Vec::new();
         for item in view.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| storage(&e))?;
+            let (k, v) = item.map_err(Error::from_storage)?;
             records.push((k.into_vec(), v.into_vec()));
         }
         families.push((name.to_string(), records));
@@ -497,7 +494,7 @@ impl StateReader {
     /// The replicated state as of the newest applied index, read from one RocksDB snapshot.
     pub fn backup(&self) -> Result<Backup> {
         let view = self.db.snapshot();
-        let meta = cf_handle(&self.db, cf::SM_META).map_err(|e| Error::Storage(e.to_string()))?;
+        let meta = cf_handle(&self.db, cf::SM_META).map_err(Error::from_storage)?;
         let applied_index = applied_index_of(view.get_cf(meta, cf::sm_meta::LAST_APPLIED))?;
         let families = read_families(&self.db, &view, cf::STATE.iter().copied().filter(|n| cf::in_backups(n)))?;
         Ok(Backup { applied_index, data: snapshot_data::encode_snapshot_data(&families) })
@@ -533,16 +530,16 @@ impl StateReader {
 
     /// The load balancer targets recorded for one task (keys start with its id).
     pub fn lb_targets_of_task(&self, task_id: &str) -> Result<Vec<LbTarget>> {
-        let cf = cf_handle(&self.db, cf::LB_TARGETS).map_err(|e| Error::Storage(e.to_string()))?;
+        let cf = cf_handle(&self.db, cf::LB_TARGETS).map_err(Error::from_storage)?;
         let prefix = format!("{task_id}/");
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward))
         {
-            let (k, v) = item.map_err(|e| Error::Storage(e.to_string()))?;
+            let (k, v) = item.map_err(Error::from_storage)?;
             if !k.starts_with(prefix.as_bytes()) {
                 break;
             }
-            out.push(codec::decode(&v).map_err(|e| Error::Storage(format!("{}: {e}", cf::LB_TARGETS)))?);
+            out.push(codec::decode(&v).map_err(|e| Error::storage(cf::LB_TARGETS, e))?);
         }
         Ok(out)
     }
