@@ -495,6 +495,8 @@ pub struct JobsConfig {
     pub kill_initiated_timeout_ms: u64,
     /// Finished jobs (and their tasks) stay findable this long.
     pub archive_retention_hours: u64,
+    /// The largest job descriptor accepted, encoded (every field is bounded too).
+    pub max_job_bytes: usize,
 }
 
 impl Default for JobsConfig {
@@ -506,6 +508,7 @@ impl Default for JobsConfig {
             start_initiated_timeout_service_ms: 5 * 60_000,
             kill_initiated_timeout_ms: 10 * 60_000,
             archive_retention_hours: 7 * 24,
+            max_job_bytes: crate::model::job::DEFAULT_MAX_JOB_BYTES,
         }
     }
 }
@@ -624,6 +627,12 @@ impl Config {
             return Err(Error::Config(
                 "raft.election-timeout-max-ms: must be greater than raft.election-timeout-min-ms".into(),
             ));
+        }
+        if !(4096..=3 << 20).contains(&self.jobs.max_job_bytes) {
+            return Err(Error::Config(format!(
+                "jobs.max-job-bytes: {} is outside 4096 to 3145728 (a job must fit a 4 MiB call with room to spare)",
+                self.jobs.max_job_bytes
+            )));
         }
         if r.max_payload_entries == 0 {
             return Err(Error::Config("raft.max-payload-entries: must be > 0".into()));
@@ -787,6 +796,11 @@ mod tests {
         let mut c = config();
         c.raft.election_timeout_max_ms = 10;
         assert!(c.validate().unwrap_err().to_string().contains("election-timeout"));
+        for bytes in [0, 4 << 20] {
+            let mut c = config();
+            c.jobs.max_job_bytes = bytes;
+            assert!(c.validate().unwrap_err().to_string().contains("jobs.max-job-bytes"));
+        }
         assert!(toml::from_str::<Config>("node-id = 1\nbogus = 2").unwrap_err().to_string().contains("bogus"));
         assert!(parse_member("1=a:1").is_err());
     }

@@ -214,7 +214,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 ClusterServiceServer::new(ClusterApi { replica: replica.clone() }).max_decoding_message_size(max),
             )
             .add_service(
-                JobManagementServiceServer::new(JobApi { replica: replica.clone() }).max_decoding_message_size(max),
+                JobManagementServiceServer::new(JobApi {
+                    replica: replica.clone(),
+                    max_job_bytes: config.jobs.max_job_bytes,
+                })
+                .max_decoding_message_size(max),
             )
             .add_service(
                 AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }).max_decoding_message_size(max),

@@ -3,7 +3,8 @@
 //! t10 an agent registering NaN or infinite resources is refused, and every replica restarts;
 //! t20 an instance group offering NaN CPUs is refused; t30 invalid UTF-8 is INVALID_ARGUMENT;
 //! t40 job durations beyond their bounds are refused, naming the field; t50 an agent cannot claim
-//! another agent's instance or report a containerIp outside the networks it declared.
+//! another agent's instance or report a containerIp outside the networks it declared; t60 a job
+//! is bounded as a whole, not only field by field.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -272,4 +273,48 @@ async fn t50_an_agent_cannot_claim_another_s_instance_or_an_address_outside_its_
     })
     .await;
     assert_eq!(t.task_context.get("containerIp").map(String::as_str), Some("10.9.0.5"));
+}
+
+/// Every field within its own bound, 70 env values of 4 KiB made a ~290 KB job: five of them once
+/// made 4 MiB entries that stalled replication. The whole job is bounded (256 KiB by default), the
+/// error naming its largest field, and attributes added later count against the same bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_a_job_is_bounded_as_a_whole() {
+    let c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let client = c.client();
+    let big = "x".repeat(4096);
+    let mut d = common::sleeping_service("big", 0.5, 256, 0);
+    let container = d.container.as_mut().unwrap();
+    container.env = (0..70).map(|i| (format!("V{i}"), big.clone())).collect();
+    match client.create_job(d.clone()).await {
+        Err(Error::InvalidArgument { violations: v, .. }) => {
+            assert!(
+                v.iter().any(|f| f.field == "container.env" && f.description.contains("262144-byte limit")),
+                "{v:?}"
+            )
+        }
+        other => panic!("an oversized job: {other:?}"),
+    }
+    // More entries than any job needs are refused on their own.
+    d.container.as_mut().unwrap().env = (0..501).map(|i| (format!("V{i}"), "v".to_string())).collect();
+    match client.create_job(d.clone()).await {
+        Err(Error::InvalidArgument { violations: v, .. }) => {
+            assert!(v.iter().any(|f| f.field == "container.env"), "{v:?}")
+        }
+        other => panic!("501 env entries: {other:?}"),
+    }
+    // Half as much is accepted; attributes that would take it over the bound are refused.
+    d.container.as_mut().unwrap().env = (0..35).map(|i| (format!("V{i}"), big.clone())).collect();
+    let id = client.create_job(d).await.expect("a job within the bound");
+    let attributes: Vec<(String, String)> = (0..40).map(|i| (format!("a{i}"), big.clone())).collect();
+    let refs: Vec<(&str, &str)> = attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    match client.update_job_attributes(&id, &refs).await {
+        Err(Error::InvalidArgument { violations: v, .. }) => {
+            assert!(v.iter().any(|f| f.description.contains("over the 262144-byte limit")), "{v:?}")
+        }
+        other => panic!("attributes over the bound: {other:?}"),
+    }
+    client.update_job_attributes(&id, &refs[..2]).await.expect("a few attributes fit");
+    commits(&c, "after-big-jobs").await;
 }

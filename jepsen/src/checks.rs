@@ -615,6 +615,16 @@ pub fn kills(ops: &[Op]) -> CheckResult {
             }
         }
     }
+    // How many of them got as far as a running container: the launches the kills interrupted.
+    let mut ran: BTreeSet<&str> = BTreeSet::new();
+    for o in ops.iter().filter(|o| o.f == "containers" && o.kind == Type::Ok) {
+        for row in o.value.as_array().into_iter().flatten() {
+            if let Some(task) = row.get(0).and_then(Value::as_str).filter(|t| job_of.contains_key(t)) {
+                ran.insert(task);
+            }
+        }
+    }
+    res.stats.insert("tasks-seen-running".into(), ran.len() as u64);
     res.stats.insert("launched".into(), launched.len() as u64);
     res.stats.insert("kills-acknowledged".into(), killed_at.len() as u64);
     res.stats.insert("tasks".into(), job_of.len() as u64);

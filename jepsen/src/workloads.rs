@@ -217,7 +217,7 @@ pub async fn task_submitter(client: Client, rec: Recorder, worker: i64, workers:
 }
 
 /// The kill-during-launch workload: submits a batch job whose task would run for ten minutes and
-/// kills the job a random 0 to 1.5 s later — while its task is being placed, its container created,
+/// kills the job a random 0 to 4 s later — while its task is being placed, its container created,
 /// or just started — recorded as `launch` (ok: the job id) and `kill` (value: the job id).
 pub async fn kill_during_launch(client: Client, rec: Recorder, worker: i64, workers: i64, until: Instant, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -239,7 +239,7 @@ pub async fn kill_during_launch(client: Client, rec: Recorder, worker: i64, work
         let job = r.as_ref().ok().cloned();
         complete(&rec, &mut process, workers, "launch", Value::Null, r, Value::String);
         if let Some(job) = job {
-            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..4000))).await;
             rec.record(process, Type::Invoke, "kill", json!(job), None);
             let r = client.kill_job(&job).await;
             complete(&rec, &mut process, workers, "kill", json!(job), r, |_| json!(job));

@@ -15,9 +15,17 @@ pub const DEFAULT_CAPACITY_GROUP: &str = "DEFAULT";
 pub const DEFAULT_DISK_MB: u32 = 10_000;
 pub const DEFAULT_NETWORK_MBPS: u32 = 128;
 pub const MAX_TASKS_PER_JOB: u32 = 10_000;
-const MAX_ATTRIBUTES: usize = 100;
+pub const MAX_ATTRIBUTES: usize = 100;
 const MAX_VALUE_LEN: usize = 4096;
 const MAX_ARGS: usize = 256;
+/// Environment variables per container, and constraints of each kind per job.
+const MAX_ENV: usize = 500;
+const MAX_CONSTRAINTS: usize = 32;
+/// Bytes of an environment variable's name, and of a constraint's value.
+const MAX_NAME_LEN: usize = 256;
+/// The default bound on a whole job descriptor, encoded (each field is bounded too, but together
+/// they could still make a Raft entry big enough to stall replication).
+pub const DEFAULT_MAX_JOB_BYTES: usize = 256 * 1024;
 /// The longest runtime limit a batch job may set: 30 days. The lifecycle does arithmetic on it (in
 /// milliseconds), so it is bounded here rather than left to overflow there.
 pub const MAX_RUNTIME_LIMIT_SEC: u64 = 30 * 86_400;
@@ -156,6 +164,39 @@ pub struct JobDescriptor {
 }
 
 impl JobDescriptor {
+    /// The descriptor's encoded size, with its largest field and that field's size: what to name
+    /// when a job is over the bound.
+    pub fn encoded_size(&self) -> (usize, &'static str, usize) {
+        fn len<T: Serialize + ?Sized>(v: &T) -> usize {
+            serde_json::to_vec(v).map_or(0, |b| b.len())
+        }
+        let c = &self.container;
+        let parts = [
+            ("attributes", len(&self.attributes)),
+            ("container.env", len(&c.env)),
+            ("container.entry_point", len(&c.entry_point)),
+            ("container.command", len(&c.command)),
+            ("container.soft_constraints", len(&c.soft_constraints)),
+            ("container.hard_constraints", len(&c.hard_constraints)),
+        ];
+        let (field, bytes) = parts.into_iter().max_by_key(|(_, n)| *n).unwrap_or(("", 0));
+        (len(self), field, bytes)
+    }
+
+    /// Refuses a descriptor over `max_bytes` encoded, naming its largest field.
+    pub fn check_size(&self, max_bytes: usize) -> Result<(), Vec<FieldViolation>> {
+        let (total, field, bytes) = self.encoded_size();
+        if total <= max_bytes {
+            return Ok(());
+        }
+        Err(vec![FieldViolation::new(
+            field,
+            format!(
+                "the job is {total} bytes encoded, over the {max_bytes}-byte limit (jobs.max-job-bytes); its largest field is {field} ({bytes} bytes)"
+            ),
+        )])
+    }
+
     pub fn is_batch(&self) -> bool {
         matches!(self.job_type, JobType::Batch { .. })
     }
@@ -281,14 +322,18 @@ impl JobDescriptor {
                 bad(&format!("{field}[{i}]"), format!("must be at most {MAX_VALUE_LEN} bytes"));
             }
         }
+        if c.env.len() > MAX_ENV {
+            bad("container.env", format!("must have at most {MAX_ENV} entries"));
+        }
         for (k, val) in &c.env {
             let valid = !k.is_empty()
+                && k.len() <= MAX_NAME_LEN
                 && !k.starts_with(|ch: char| ch.is_ascii_digit())
                 && k.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
             if !valid {
                 bad(
                     &format!("container.env[{k:?}]"),
-                    "must be a variable name: letters, digits and '_', not starting with a digit".into(),
+                    format!("must be a variable name of at most {MAX_NAME_LEN} bytes: letters, digits and '_', not starting with a digit"),
                 );
             } else if val.len() > MAX_VALUE_LEN {
                 bad(&format!("container.env.{k}"), format!("must be at most {MAX_VALUE_LEN} bytes"));
@@ -297,8 +342,16 @@ impl JobDescriptor {
         for (field, constraints) in
             [("container.soft_constraints", &c.soft_constraints), ("container.hard_constraints", &c.hard_constraints)]
         {
+            if constraints.len() > MAX_CONSTRAINTS {
+                bad(field, format!("must have at most {MAX_CONSTRAINTS} entries"));
+            }
             for (name, value) in constraints {
-                if let Err(why) = validate_constraint(name, value) {
+                if name.len() > MAX_NAME_LEN || value.len() > MAX_NAME_LEN {
+                    bad(
+                        &format!("{field}[{name:?}]"),
+                        format!("name and value must be at most {MAX_NAME_LEN} bytes each"),
+                    );
+                } else if let Err(why) = validate_constraint(name, value) {
                     bad(&format!("{field}.{name}"), why);
                 }
             }
@@ -506,6 +559,29 @@ mod tests {
     use super::fixtures::*;
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn repeated_fields_and_the_whole_job_are_bounded() {
+        let mut d = batch_descriptor(1);
+        d.container.env = (0..=MAX_ENV).map(|i| (format!("V{i}"), "x".into())).collect();
+        let v = d.validate().unwrap_err();
+        assert!(v.iter().any(|v| v.field == "container.env" && v.description.contains("at most 500")), "{v:?}");
+        let mut d = batch_descriptor(1);
+        d.container.hard_constraints = (0..=MAX_CONSTRAINTS).map(|i| (format!("host.a{i}"), "x".into())).collect();
+        let v = d.validate().unwrap_err();
+        assert!(v.iter().any(|v| v.field == "container.hard_constraints"), "{v:?}");
+        // Every field within its own bound, the whole over 256 KiB: refused, naming the largest.
+        let mut d = batch_descriptor(1);
+        d.container.env = (0..70).map(|i| (format!("V{i}"), "x".repeat(MAX_VALUE_LEN))).collect();
+        d.attributes = (0..10).map(|i| (format!("a{i}"), "y".repeat(MAX_VALUE_LEN))).collect();
+        assert!(d.validate().is_ok());
+        let v = d.check_size(DEFAULT_MAX_JOB_BYTES).unwrap_err();
+        assert_eq!(v[0].field, "container.env");
+        assert!(v[0].description.contains("over the 262144-byte limit"), "{v:?}");
+        let (total, _, env) = d.encoded_size();
+        assert!(total > env && env > 70 * MAX_VALUE_LEN, "{total} {env}");
+        assert!(batch_descriptor(1).check_size(DEFAULT_MAX_JOB_BYTES).is_ok());
+    }
 
     #[test]
     fn valid_descriptors_pass() {

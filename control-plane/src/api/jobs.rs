@@ -39,6 +39,8 @@ const OBSERVER_BUFFER: usize = 1024;
 
 pub struct JobApi {
     pub replica: Arc<Replica>,
+    /// `jobs.max-job-bytes`: the largest job descriptor accepted, encoded.
+    pub max_job_bytes: usize,
 }
 
 pub use crate::clock::now_ms;
@@ -105,6 +107,7 @@ impl JobManagementService for JobApi {
         request: Request<pb::CreateJobRequest>,
     ) -> std::result::Result<Response<pb::JobId>, Status> {
         let descriptor = job_descriptor_from_proto(request.get_ref().job_descriptor.clone())?;
+        descriptor.check_size(self.max_job_bytes).map_err(Error::InvalidArgument)?;
         crate::auth::note_target(&request, format!("application {}", descriptor.application_name));
         crate::auth::may_change_job(&crate::auth::caller(&request), "", &descriptor)?;
         let token = Some(request.get_ref().idempotency_token.clone()).filter(|t| !t.is_empty());
@@ -290,6 +293,23 @@ impl JobManagementService for JobApi {
             return Err(Error::invalid("attributes", "must not be empty").into());
         }
         let attributes = attributes_from_proto(r.attributes)?;
+        // The job grows by what is added: checked against the job as it is now (the rule that
+        // applies it cannot read this replica's settings, which need not match the others').
+        if let Some(mut job) = self.replica.state.job(&r.job_id)? {
+            job.descriptor.attributes.extend(attributes.clone());
+            if job.descriptor.attributes.len() > crate::model::job::MAX_ATTRIBUTES {
+                return Err(Error::invalid(
+                    "attributes",
+                    format!(
+                        "the job would have {} attributes, over {}",
+                        job.descriptor.attributes.len(),
+                        crate::model::job::MAX_ATTRIBUTES
+                    ),
+                )
+                .into());
+            }
+            job.descriptor.check_size(self.max_job_bytes).map_err(Error::InvalidArgument)?;
+        }
         done(self.propose(&request, Command::UpdateJobAttributes { job_id: r.job_id, attributes }).await?)
     }
 
