@@ -79,25 +79,16 @@ impl JobApi {
         self.replica.read_barrier(client_deadline(request)).await
     }
 
-    /// Every job that may match `filter`: active ones, plus archived ones when it asks for them.
-    /// Active records are read first: a record only ever moves from active to archived, so one
-    /// that moves between the two reads is seen twice, never missed, and its archived copy is kept.
-    fn candidate_jobs(&self, filter: &Filter) -> Result<Vec<(Job, bool)>> {
-        let state = &self.replica.state;
-        let mut jobs: Vec<(Job, bool)> = state.jobs()?.into_iter().map(|j| (j, false)).collect();
+    /// Every job that may match `filter` in `view`: active ones, plus archived ones when it asks for
+    /// them. One snapshot, so a job that finishes meanwhile is listed once, active or archived (it
+    /// was once listed twice, KillInitiated and Finished, when the two reads straddled its finish).
+    fn candidate_jobs(view: &crate::store::StateView<'_>, filter: &Filter) -> Result<Vec<(Job, bool)>> {
+        let mut jobs: Vec<(Job, bool)> = view.jobs()?.into_iter().map(|j| (j, false)).collect();
         if filter.wants_finished() {
-            jobs.extend(state.archived_jobs()?.into_iter().map(|j| (j, true)));
+            jobs.extend(view.archived_jobs()?.into_iter().map(|j| (j, true)));
         }
-        Ok(prefer_archived(jobs, |j| &j.id))
+        Ok(jobs)
     }
-}
-
-/// One record per id, the archived one where a record was read both active and archived (it
-/// finished between the reads: a job was once listed twice, KillInitiated and Finished).
-fn prefer_archived<T>(records: Vec<(T, bool)>, id: impl Fn(&T) -> &str) -> Vec<(T, bool)> {
-    let archived: std::collections::HashSet<String> =
-        records.iter().filter(|(_, a)| *a).map(|(r, _)| id(r).to_string()).collect();
-    records.into_iter().filter(|(r, a)| *a || !archived.contains(id(r))).collect()
 }
 
 #[tonic::async_trait]
@@ -142,7 +133,7 @@ impl JobManagementService for JobApi {
         let id = &request.get_ref().id;
         id_field("id", id)?;
         self.barrier(&request).await?;
-        let state = &self.replica.state;
+        let state = self.replica.state.snapshot();
         match state.job(id)?.or(state.archived_job(id)?) {
             Some(job) => Ok(Response::new(job_to_proto(&job))),
             None => Err(not_found("id", "job", id)),
@@ -157,8 +148,12 @@ impl JobManagementService for JobApi {
         let filter = Filter::parse(&criteria, false)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
         self.barrier(&request).await?;
-        let jobs: Vec<Job> =
-            self.candidate_jobs(&filter)?.into_iter().map(|(j, _)| j).filter(|j| filter.matches_job(j)).collect();
+        let view = self.replica.state.snapshot();
+        let jobs: Vec<Job> = Self::candidate_jobs(&view, &filter)?
+            .into_iter()
+            .map(|(j, _)| j)
+            .filter(|j| filter.matches_job(j))
+            .collect();
         let (items, has_more, cursor, total) = paginate(jobs, |j| j.id.as_str(), page.page_size, &page.cursor)?;
         Ok(Response::new(pb::JobQueryResult {
             items: items.iter().map(job_to_proto).collect(),
@@ -170,7 +165,7 @@ impl JobManagementService for JobApi {
         let id = &request.get_ref().id;
         id_field("id", id)?;
         self.barrier(&request).await?;
-        let state = &self.replica.state;
+        let state = self.replica.state.snapshot();
         if let Some(t) = state.task(id)? {
             return Ok(Response::new(task_to_proto(&t, false)));
         }
@@ -188,9 +183,9 @@ impl JobManagementService for JobApi {
         let filter = Filter::parse(&criteria, true)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
         self.barrier(&request).await?;
-        let state = &self.replica.state;
+        let state = self.replica.state.snapshot();
         let mut tasks: Vec<(Task, bool)> = Vec::new();
-        for (job, archived_job) in self.candidate_jobs(&filter)? {
+        for (job, archived_job) in Self::candidate_jobs(&state, &filter)? {
             if !filter.matches_job(&job) {
                 continue;
             }
@@ -205,7 +200,6 @@ impl JobManagementService for JobApi {
                 }
             }
         }
-        let mut tasks = prefer_archived(tasks, |t| &t.id);
         tasks.retain(|(t, _)| filter.matches_task(t));
         let (items, has_more, cursor, total) = paginate(tasks, |(t, _)| t.id.as_str(), page.page_size, &page.cursor)?;
         Ok(Response::new(pb::TaskQueryResult {
@@ -584,17 +578,5 @@ impl AgentTaskService for AgentTaskApi {
             expected_state: None,
         };
         done(self.replica.propose(command, client_deadline(&request)).await?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::prefer_archived;
-
-    #[test]
-    fn a_record_read_active_and_archived_is_listed_once_as_archived() {
-        let read = vec![(("j1", "KillInitiated"), false), (("j2", "Accepted"), false), (("j1", "Finished"), true)];
-        let listed = prefer_archived(read, |r| r.0);
-        assert_eq!(listed, vec![(("j2", "Accepted"), false), (("j1", "Finished"), true)]);
     }
 }

@@ -197,36 +197,24 @@ impl StateReader {
 }
 
 impl StateReader {
+    /// The state as it is now: every read goes to the live store.
+    fn live(&self) -> StateView<'_> {
+        StateView { db: &self.db, snapshot: None }
+    }
+
+    /// The state at one applied index: every read through the view sees the same state, so a
+    /// query's reads (active records, then finished ones; a job, then its tasks) cannot straddle an
+    /// entry that moves a record between them.
+    pub fn snapshot(&self) -> StateView<'_> {
+        StateView { db: &self.db, snapshot: Some(self.db.snapshot()) }
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, family: &str, key: &[u8]) -> Result<Option<T>> {
-        let cf = cf_handle(&self.db, family).map_err(Error::from_storage)?;
-        match self.db.get_pinned_cf(cf, key).map_err(Error::from_storage)? {
-            Some(b) => Ok(Some(codec::decode(&b).map_err(|e| Error::storage(family, e))?)),
-            None => Ok(None),
-        }
+        self.live().get(family, key)
     }
 
     fn all<T: serde::de::DeserializeOwned>(&self, family: &str) -> Result<Vec<T>> {
-        let cf = cf_handle(&self.db, family).map_err(Error::from_storage)?;
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (_, v) = item.map_err(Error::from_storage)?;
-            out.push(codec::decode(&v).map_err(|e| Error::storage(family, e))?);
-        }
-        Ok(out)
-    }
-
-    /// Task ids under `job_id/` in a by-job index.
-    fn ids_with_prefix(&self, family: &str, job_id: &str) -> Result<Vec<String>> {
-        let cf = cf_handle(&self.db, family).map_err(Error::from_storage)?;
-        let prefix = format!("{job_id}/");
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward))
-        {
-            let (k, _) = item.map_err(Error::from_storage)?;
-            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else { break };
-            out.push(String::from_utf8_lossy(rest).into_owned());
-        }
-        Ok(out)
+        self.live().all(family)
     }
 
     pub fn archived_jobs(&self) -> Result<Vec<Job>> {
@@ -317,7 +305,81 @@ impl StateReader {
     }
 }
 
-impl StateRead for StateReader {
+/// Reads of the replicated state: from the live store, or from one RocksDB snapshot of it
+/// ([`StateReader::snapshot`]).
+pub struct StateView<'a> {
+    db: &'a DB,
+    snapshot: Option<rocksdb::Snapshot<'a>>,
+}
+
+impl StateView<'_> {
+    /// Every finished job still in the archive.
+    pub fn archived_jobs(&self) -> Result<Vec<Job>> {
+        self.all(cf::ARCHIVED_JOBS)
+    }
+
+    fn options(&self) -> rocksdb::ReadOptions {
+        let mut options = rocksdb::ReadOptions::default();
+        if let Some(snapshot) = &self.snapshot {
+            options.set_snapshot(snapshot);
+        }
+        options
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, family: &str, key: &[u8]) -> Result<Option<T>> {
+        let cf = cf_handle(self.db, family).map_err(Error::from_storage)?;
+        match self.db.get_pinned_cf_opt(cf, key, &self.options()).map_err(Error::from_storage)? {
+            Some(b) => Ok(Some(codec::decode(&b).map_err(|e| Error::storage(family, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(&self, family: &str) -> Result<Vec<T>> {
+        let cf = cf_handle(self.db, family).map_err(Error::from_storage)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(cf, self.options(), rocksdb::IteratorMode::Start) {
+            let (_, v) = item.map_err(Error::from_storage)?;
+            out.push(codec::decode(&v).map_err(|e| Error::storage(family, e))?);
+        }
+        Ok(out)
+    }
+
+    /// Task ids under `job_id/` in a by-job index.
+    fn ids_with_prefix(&self, family: &str, job_id: &str) -> Result<Vec<String>> {
+        let cf = cf_handle(self.db, family).map_err(Error::from_storage)?;
+        let prefix = format!("{job_id}/");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            cf,
+            self.options(),
+            rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(Error::from_storage)?;
+            let Some(rest) = k.strip_prefix(prefix.as_bytes()) else { break };
+            out.push(String::from_utf8_lossy(rest).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Visits the by-agent index under `prefix` ("" for all): (agent id, the task's resources).
+    fn scan_agent_index(&self, prefix: &str, mut visit: impl FnMut(&str, ResourceDimension)) -> Result<()> {
+        let cf = cf_handle(self.db, cf::TASKS_BY_AGENT).map_err(Error::from_storage)?;
+        let mode = rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf_opt(cf, self.options(), mode) {
+            let (k, v) = item.map_err(Error::from_storage)?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k);
+            let agent = key.rsplit_once('/').map(|(a, _)| a).unwrap_or_default();
+            let r = codec::decode(&v).map_err(|e| Error::storage(cf::TASKS_BY_AGENT, e))?;
+            visit(agent, r);
+        }
+        Ok(())
+    }
+}
+
+impl StateRead for StateView<'_> {
     fn job(&self, id: &str) -> Result<Option<Job>> {
         self.get(cf::JOBS, id.as_bytes())
     }
@@ -331,7 +393,7 @@ impl StateRead for StateReader {
         self.all(cf::JOBS)
     }
     fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
-        StateReader::capacity_group(self, name)
+        self.get(cf::CAPACITY_GROUPS, name.as_bytes())
     }
     fn token(&self, key: &str) -> Result<Option<TokenRecord>> {
         self.get(cf::IDEMPOTENCY_TOKENS, key.as_bytes())
@@ -388,22 +450,64 @@ impl StateRead for StateReader {
     }
 }
 
-impl StateReader {
-    /// Visits the by-agent index under `prefix` ("" for all): (agent id, the task's resources).
-    fn scan_agent_index(&self, prefix: &str, mut visit: impl FnMut(&str, ResourceDimension)) -> Result<()> {
-        let cf = cf_handle(&self.db, cf::TASKS_BY_AGENT).map_err(Error::from_storage)?;
-        let mode = rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
-        for item in self.db.iterator_cf(cf, mode) {
-            let (k, v) = item.map_err(Error::from_storage)?;
-            if !k.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            let key = String::from_utf8_lossy(&k);
-            let agent = key.rsplit_once('/').map(|(a, _)| a).unwrap_or_default();
-            let r = codec::decode(&v).map_err(|e| Error::storage(cf::TASKS_BY_AGENT, e))?;
-            visit(agent, r);
-        }
-        Ok(())
+/// The live state: the same reads as a [`StateView`] without a snapshot.
+impl StateRead for StateReader {
+    fn job(&self, id: &str) -> Result<Option<Job>> {
+        self.live().job(id)
+    }
+    fn task(&self, id: &str) -> Result<Option<Task>> {
+        self.live().task(id)
+    }
+    fn task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        self.live().task_ids_of_job(job_id)
+    }
+    fn jobs(&self) -> Result<Vec<Job>> {
+        self.live().jobs()
+    }
+    fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {
+        self.live().capacity_group(name)
+    }
+    fn token(&self, key: &str) -> Result<Option<TokenRecord>> {
+        self.live().token(key)
+    }
+    fn archived_job(&self, id: &str) -> Result<Option<Job>> {
+        self.live().archived_job(id)
+    }
+    fn archived_task(&self, id: &str) -> Result<Option<Task>> {
+        self.live().archived_task(id)
+    }
+    fn archived_task_ids_of_job(&self, job_id: &str) -> Result<Vec<String>> {
+        self.live().archived_task_ids_of_job(job_id)
+    }
+    fn all_tasks(&self) -> Result<Vec<Task>> {
+        self.live().all_tasks()
+    }
+    fn agent(&self, id: &str) -> Result<Option<Agent>> {
+        self.live().agent(id)
+    }
+    fn agents(&self) -> Result<Vec<Agent>> {
+        self.live().agents()
+    }
+    fn instance_group(&self, id: &str) -> Result<Option<InstanceGroup>> {
+        self.live().instance_group(id)
+    }
+    fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
+        self.live().load_balancers()
+    }
+    fn lb_targets(&self) -> Result<Vec<LbTarget>> {
+        self.live().lb_targets()
+    }
+    fn task_ids_on_agent(&self, agent_id: &str) -> Result<Vec<String>> {
+        self.live().task_ids_on_agent(agent_id)
+    }
+    fn allocation_of(&self, agent_id: &str) -> Result<Allocation> {
+        self.live().allocation_of(agent_id)
+    }
+    fn allocations(&self) -> Result<BTreeMap<String, Allocation>> {
+        self.live().allocations()
+    }
+    fn as_read(&self) -> &dyn StateRead {
+        self
     }
 }
 

@@ -344,3 +344,82 @@ fn expired_tokens_are_found_a_bounded_slice_at_a_time() {
     assert_eq!(found, want, "each expired token once, in key order");
     assert!(calls >= 7, "25 records, 4 a call: {calls} calls");
 }
+
+/// A query reads one snapshot: a job that finishes (moves to the archive with its tasks) while a
+/// view is open is seen by that view exactly as before — active, with its task, not archived —
+/// while new reads see it archived. FindJobs once listed such a job twice.
+#[test]
+fn a_view_reads_one_snapshot_while_entries_apply() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use crate::command::Command;
+    use crate::model::job::fixtures::batch_descriptor;
+    use crate::model::job::{Job, JobState, JobStatus};
+    use crate::model::task::{Task, TaskState, TaskStatus};
+    use crate::raft_types::Entry;
+    use crate::state::StateRead;
+
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
+    let mut index = 0;
+    let mut apply = |sm: &mut StateMachine, command: Command| {
+        index += 1;
+        let entry =
+            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) };
+        futures::executor::block_on(sm.apply([entry])).unwrap()
+    };
+    let status = |state: TaskState| TaskStatus {
+        state,
+        reason_code: String::new(),
+        reason_message: String::new(),
+        timestamp_ms: 1,
+    };
+    let job = Job {
+        id: "job-1".into(),
+        descriptor: batch_descriptor(1),
+        status: JobStatus {
+            state: JobState::Accepted,
+            reason_code: String::new(),
+            reason_message: String::new(),
+            timestamp_ms: 1,
+        },
+        status_history: vec![],
+    };
+    apply(&mut sm, Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+    let task = Task {
+        id: "t1".into(),
+        job_id: "job-1".into(),
+        index: 0,
+        status: status(TaskState::Finished),
+        status_history: vec![],
+        context: Default::default(),
+        original_id: "t1".into(),
+        resubmit_of: None,
+        resubmit_number: 0,
+        system_resubmit_number: 0,
+    };
+    apply(&mut sm, Command::CreateTasks { tasks: vec![task], archive: vec![] });
+
+    let view = reader.snapshot();
+    let finish = Command::FinishJob {
+        job_id: "job-1".into(),
+        reason_code: "normal".into(),
+        reason_message: String::new(),
+        timestamp_ms: 2,
+    };
+    assert_eq!(apply(&mut sm, finish), vec![crate::command::CommandResponse::Done]);
+    // The view: as it was.
+    assert!(view.job("job-1").unwrap().is_some());
+    assert!(view.archived_job("job-1").unwrap().is_none());
+    assert!(view.archived_jobs().unwrap().is_empty());
+    assert_eq!(view.task_ids_of_job("job-1").unwrap(), vec!["t1".to_string()]);
+    assert!(view.archived_task("t1").unwrap().is_none());
+    // Live reads and a new view: archived.
+    for now in [&reader as &dyn StateRead, &reader.snapshot()] {
+        assert!(now.job("job-1").unwrap().is_none());
+        assert!(now.archived_job("job-1").unwrap().is_some());
+        assert!(now.task_ids_of_job("job-1").unwrap().is_empty());
+        assert!(now.archived_task("t1").unwrap().is_some());
+    }
+}
