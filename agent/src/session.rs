@@ -222,8 +222,9 @@ impl Agent {
             }
             Op::Forget(f) => {
                 // A container still running is stopped with the kill grace period first, so the
-                // task can shut down cleanly, then removed.
-                let grace = self.config.forget_grace_secs;
+                // task can shut down cleanly, then removed. The control plane sends the grace its
+                // kills get; one older than that field sends none, and the agent's own applies.
+                let grace = forget_grace_secs(f.grace_period_ms, self.config.forget_grace_secs);
                 if let Err(e) = self.docker.stop(&f.task_id, grace).await {
                     tracing::warn!(task_id = %f.task_id, error = %e, "cannot stop a forgotten task's container");
                 }
@@ -622,6 +623,15 @@ mod renewal_tests {
     }
 }
 
+/// The grace a forgotten task's container gets: the control plane's (in ms, rounded up to whole
+/// seconds, at most an hour), or `fallback` when it sent none.
+fn forget_grace_secs(grace_period_ms: u64, fallback: i64) -> i64 {
+    match grace_period_ms {
+        0 => fallback,
+        ms => i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX).min(3600),
+    }
+}
+
 #[cfg(test)]
 mod ordering_tests {
     use super::*;
@@ -693,11 +703,21 @@ mod ordering_tests {
         let started = states(&mut rx);
         assert_eq!(started.last().map(|s| s.0), Some(pb::TaskState::TaskStarted), "{started:?}");
         agent.handle(kill("t2")).await;
-        agent.handle(pb::control_message::Message::Forget(pb::ForgetTask { task_id: "t2".into() })).await;
+        agent
+            .handle(pb::control_message::Message::Forget(pb::ForgetTask { task_id: "t2".into(), grace_period_ms: 0 }))
+            .await;
         drained(&agent).await;
         // Stopped, then forgotten — in that order: nothing of it is left, and it was reported killed.
         assert!(agent.docker.observe_with("t2", false, false).await.unwrap().is_none());
         let stopped = states(&mut rx);
         assert!(stopped.iter().any(|(s, r)| *s == pb::TaskState::TaskFinished && r == "killed"), "{stopped:?}");
+    }
+
+    #[test]
+    fn a_forget_stops_with_the_grace_the_control_plane_sends() {
+        assert_eq!(forget_grace_secs(10_000, 3), 10);
+        assert_eq!(forget_grace_secs(1, 3), 1);
+        assert_eq!(forget_grace_secs(0, 3), 3, "an older control plane sends none: the agent's own");
+        assert_eq!(forget_grace_secs(u64::MAX, 3), 3600);
     }
 }

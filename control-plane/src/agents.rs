@@ -162,9 +162,10 @@ impl AgentHub {
                 task_id: task.id.clone(),
                 grace_period_ms: self.config.kill_grace_period_ms,
             })),
-            TaskState::Finished => {
-                Some(pb::control_message::Message::Forget(pb::ForgetTask { task_id: task.id.clone() }))
-            }
+            TaskState::Finished => Some(pb::control_message::Message::Forget(pb::ForgetTask {
+                task_id: task.id.clone(),
+                grace_period_ms: self.config.kill_grace_period_ms,
+            })),
             _ => None,
         }
     }
@@ -218,7 +219,13 @@ impl AgentHub {
                     }
                 }
                 // Finished, unknown, archived, or placed elsewhere: the container must go.
-                _ => self.send(agent_id, pb::control_message::Message::Forget(pb::ForgetTask { task_id: rt.task_id })),
+                _ => self.send(
+                    agent_id,
+                    pb::control_message::Message::Forget(pb::ForgetTask {
+                        task_id: rt.task_id,
+                        grace_period_ms: self.config.kill_grace_period_ms,
+                    }),
+                ),
             }
         }
         let placed = state.task_ids_on_agent(agent_id).unwrap_or_default();
