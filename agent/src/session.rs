@@ -608,6 +608,15 @@ async fn session(
     }
 }
 
+/// The grace a forgotten task's container gets: the control plane's (in ms, rounded up to whole
+/// seconds, at most an hour), or `fallback` when it sent none.
+fn forget_grace_secs(grace_period_ms: u64, fallback: i64) -> i64 {
+    match grace_period_ms {
+        0 => fallback,
+        ms => i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX).min(3600),
+    }
+}
+
 #[cfg(test)]
 mod renewal_tests {
     use super::due_for_renewal;
@@ -620,15 +629,6 @@ mod renewal_tests {
         assert!(due_for_renewal(from, until, 200));
         assert!(due_for_renewal(from, until, 400), "expired: renew at once");
         assert!(due_for_renewal(10, 5, 0), "nonsense validity: renew");
-    }
-}
-
-/// The grace a forgotten task's container gets: the control plane's (in ms, rounded up to whole
-/// seconds, at most an hour), or `fallback` when it sent none.
-fn forget_grace_secs(grace_period_ms: u64, fallback: i64) -> i64 {
-    match grace_period_ms {
-        0 => fallback,
-        ms => i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX).min(3600),
     }
 }
 
