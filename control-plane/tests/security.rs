@@ -1,7 +1,8 @@
 //! Security on real replica processes with mutual TLS (certificates from `titus certs`' library):
 //! t10 every RPC of every service refuses a caller without credentials, and the wrong kind of
 //! certificate; t20 roles, ownership and the audit log across a leader change; t30 certificates
-//! replaced on disk while clients are connected; t40 rate and size limits.
+//! replaced on disk while clients are connected; t40 rate and size limits; t50 enrollment; t60 an
+//! agent's unary status report is filtered like its stream.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -728,4 +729,71 @@ async fn t35_the_ca_is_rotated_without_a_restart_through_a_bundle() {
     })
     .await;
     client_in(&new_dir, "client-carol").cluster_status().await.unwrap();
+}
+
+/// The unary `ReportTaskStatus` called with an agent's certificate once merged its context
+/// unfiltered: an agent could move its task to another agent's books or give it any containerIp
+/// (then registered in an ALB). It is filtered like the agent's stream: the `agent` key stays, and
+/// a containerIp outside the networks the agent declared (none here) is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_an_agent_s_unary_status_report_is_filtered_like_its_stream() {
+    use tokio_stream::StreamExt as _;
+
+    let agent = format!("unary-agent-{}", std::process::id());
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[&agent], "")));
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let api = c.replica(1).api_addr.clone();
+    let agent_tls = tls_of(&c, Some(&format!("agent-{agent}")));
+
+    // The agent attaches with room for the task, its stream held open; it declares no networks.
+    let mut agents = pb::agent_service_client::AgentServiceClient::new(channel(&api, Some(agent_tls.clone())).await);
+    let register = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Register(pb::AgentRegister {
+            agent_id: agent.clone(),
+            resources: Some(pb::AgentResources {
+                cpu: 4.0,
+                memory_mb: 4096,
+                disk_mb: 10_000,
+                network_mbps: 1000,
+                gpu: 0,
+            }),
+            ..Default::default()
+        })),
+    };
+    let outbound = tokio_stream::iter(vec![register]).chain(tokio_stream::pending());
+    let _inbound = agents.attach(outbound).await.expect("the agent attaches").into_inner();
+    let job = admin.create_job(common::sleeping_service("unary", 0.5, 64, 1)).await.expect("a job");
+    let task = wait_until(ELECTION, "the task launched on the agent", || async {
+        let tasks = admin.find_tasks(&[("jobIds", job.as_str())], 10, "").await.ok()?.items;
+        tasks.into_iter().find(|t| {
+            t.task_context.get("agent") == Some(&agent)
+                && t.status.as_ref().is_some_and(|s| s.state == pb::TaskState::TaskLaunched as i32)
+        })
+    })
+    .await;
+
+    let report = pb::TaskStatusReport {
+        task_id: task.id.clone(),
+        state: pb::TaskState::TaskStartInitiated as i32,
+        reason_code: String::new(),
+        reason_message: String::new(),
+        task_context: [("agent", "someone-else"), ("containerIp", "203.0.113.9")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let mut reports = pb::agent_task_service_client::AgentTaskServiceClient::new(channel(&api, Some(agent_tls)).await);
+    reports.report_task_status(report).await.expect("a report on its own task");
+    let after = wait_until(ELECTION, "the report applied", || async {
+        let t = admin.find_task(&task.id).await.ok()?;
+        t.status.as_ref().is_some_and(|s| s.state == pb::TaskState::TaskStartInitiated as i32).then_some(t)
+    })
+    .await;
+    assert_eq!(after.task_context.get("agent"), Some(&agent), "the task stays on its agent: {:?}", after.task_context);
+    assert!(
+        !after.task_context.contains_key("containerIp"),
+        "no address outside the declared networks: {:?}",
+        after.task_context
+    );
 }

@@ -6,8 +6,6 @@
 
 use std::collections::BTreeMap;
 
-use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use proptest::prelude::*;
 use tempfile::TempDir;
 
@@ -20,7 +18,6 @@ use crate::model::job::{Job, JobState, JobStatus};
 use crate::model::load_balancer::{LbTarget, TargetState};
 use crate::model::task::{TaskState, TaskStatus};
 use crate::model::{CapacityGroup, ResourceDimension, Tier};
-use crate::raft_types::Entry;
 use crate::state::{MemoryStore, Overlay, StateRead};
 
 use super::{StateMachine, StateReader};
@@ -120,13 +117,8 @@ impl Twin {
         self.memory.commit(changes);
         let Applied::Rule(expected) = applied else { panic!("no store command is generated: {command:?}") };
         self.index += 1;
-        let entry = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
-            payload: EntryPayload::Normal(command.clone()),
-        };
-        let mut got = futures::executor::block_on(self.rocks.apply([entry])).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got.remove(0), expected, "answers differ for {command:?}");
+        let got = super::store_test::apply_at(&mut self.rocks, self.index, command.clone());
+        assert_eq!(got, expected, "answers differ for {command:?}");
         expected
     }
 

@@ -16,6 +16,23 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder 
     }
 }
 
+/// Applies `command` as the entry at log index `index` of term 1, answering its response.
+pub(super) fn apply_at(
+    sm: &mut StateMachine,
+    index: u64,
+    command: crate::command::Command,
+) -> crate::command::CommandResponse {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    let entry = crate::raft_types::Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(command),
+    };
+    let mut responses = futures::executor::block_on(sm.apply([entry])).expect("apply");
+    assert_eq!(responses.len(), 1);
+    responses.remove(0)
+}
+
 #[test]
 fn openraft_storage_suite() -> Result<(), StorageError> {
     Suite::test_all(RocksBuilder)?;
@@ -38,16 +55,12 @@ fn data_dir_of_another_replica_is_refused() {
 fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     use std::collections::BTreeMap;
 
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     use crate::command::{Assignment, Command};
     use crate::model::agent::{Agent, AgentState};
     use crate::model::job::fixtures::batch_descriptor;
     use crate::model::job::{Job, JobState, JobStatus};
     use crate::model::task::{Task, TaskState, TaskStatus};
     use crate::model::ResourceDimension;
-    use crate::raft_types::Entry;
     use crate::scheduling::Cache;
     use crate::state::{agent_of, Allocation, StateRead};
 
@@ -57,9 +70,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     let mut index = 0;
     let mut apply = |sm: &mut StateMachine, command: Command| {
         index += 1;
-        let entry =
-            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) };
-        futures::executor::block_on(sm.apply([entry])).unwrap()
+        apply_at(sm, index, command)
     };
     let status = |state: TaskState| TaskStatus {
         state,
@@ -179,21 +190,15 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
 
 #[test]
 fn a_restore_swaps_the_state_only_at_its_end() {
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     use crate::command::{Command, CommandResponse};
     use crate::model::{CapacityGroup, ResourceDimension, Tier};
-    use crate::raft_types::Entry;
 
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
     let mut index = 0;
     let mut apply = |sm: &mut StateMachine, command: Command| {
         index += 1;
-        let entry =
-            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) };
-        futures::executor::block_on(sm.apply([entry])).unwrap().remove(0)
+        apply_at(sm, index, command)
     };
     let group = |name: &str| CapacityGroup {
         name: name.into(),
@@ -255,11 +260,7 @@ fn a_restore_swaps_the_state_only_at_its_end() {
 
 #[test]
 fn the_audit_log_numbers_in_apply_order_keeps_the_newest_and_stays_out_of_backups() {
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     use crate::command::{AuditRecord, Command};
-    use crate::raft_types::Entry;
 
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
@@ -279,17 +280,9 @@ fn the_audit_log_numbers_in_apply_order_keeps_the_newest_and_stays_out_of_backup
             keep: 5,
             batch_id: format!("b{i}"),
         };
-        let entry = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2 * i as u64 + 1),
-            payload: EntryPayload::Normal(command.clone()),
-        };
-        futures::executor::block_on(sm.apply([entry])).unwrap();
+        apply_at(&mut sm, 2 * i as u64 + 1, command.clone());
         // Proposed again after an unknown outcome: appended once.
-        let again = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2 * i as u64 + 2),
-            payload: EntryPayload::Normal(command),
-        };
-        futures::executor::block_on(sm.apply([again])).unwrap();
+        apply_at(&mut sm, 2 * i as u64 + 2, command);
     }
     let (all, last) = reader.audit_records(0, 100, 100, |_| true).unwrap();
     assert_eq!(all.iter().map(|(s, r)| (*s, r.time_ms)).collect::<Vec<_>>(), [(5, 5), (6, 6), (7, 7), (8, 8), (9, 9)]);
@@ -307,11 +300,7 @@ fn the_audit_log_numbers_in_apply_order_keeps_the_newest_and_stays_out_of_backup
 /// every expired token is found in one pass, and no call scans the whole table.
 #[test]
 fn expired_tokens_are_found_a_bounded_slice_at_a_time() {
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     use crate::command::Command;
-    use crate::raft_types::Entry;
 
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
@@ -322,9 +311,7 @@ fn expired_tokens_are_found_a_bounded_slice_at_a_time() {
             expires_ms: if i % 3 == 0 { 50 } else { 1_000 },
             command: Box::new(Command::UpdateJobStatus { job_id: "none".into(), enabled: true }),
         };
-        let entry =
-            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), i + 1), payload: EntryPayload::Normal(command) };
-        futures::executor::block_on(sm.apply([entry])).unwrap();
+        apply_at(&mut sm, i + 1, command);
     }
     let mut found = Vec::new();
     let mut cursor: Option<String> = None;
@@ -350,14 +337,10 @@ fn expired_tokens_are_found_a_bounded_slice_at_a_time() {
 /// while new reads see it archived. FindJobs once listed such a job twice.
 #[test]
 fn a_view_reads_one_snapshot_while_entries_apply() {
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     use crate::command::Command;
     use crate::model::job::fixtures::batch_descriptor;
     use crate::model::job::{Job, JobState, JobStatus};
     use crate::model::task::{Task, TaskState, TaskStatus};
-    use crate::raft_types::Entry;
     use crate::state::StateRead;
 
     let dir = TempDir::new().unwrap();
@@ -365,9 +348,7 @@ fn a_view_reads_one_snapshot_while_entries_apply() {
     let mut index = 0;
     let mut apply = |sm: &mut StateMachine, command: Command| {
         index += 1;
-        let entry =
-            Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) };
-        futures::executor::block_on(sm.apply([entry])).unwrap()
+        apply_at(sm, index, command)
     };
     let status = |state: TaskState| TaskStatus {
         state,
@@ -408,7 +389,7 @@ fn a_view_reads_one_snapshot_while_entries_apply() {
         reason_message: String::new(),
         timestamp_ms: 2,
     };
-    assert_eq!(apply(&mut sm, finish), vec![crate::command::CommandResponse::Done]);
+    assert_eq!(apply(&mut sm, finish), crate::command::CommandResponse::Done);
     // The view: as it was.
     assert!(view.job("job-1").unwrap().is_some());
     assert!(view.archived_job("job-1").unwrap().is_none());
