@@ -77,6 +77,13 @@ struct Args {
     /// Runs titus with mutual TLS (certificates made for the run) instead of plaintext.
     #[arg(long)]
     tls: bool,
+    /// The idempotency-token table under sustained writes for this many seconds (e.g. 720: past the
+    /// 10-minute life of a request's token), printed every minute; only this runs when given.
+    #[arg(long)]
+    token_soak: Option<u64>,
+    /// Concurrent clients of the token soak.
+    #[arg(long, default_value_t = 16)]
+    soak_clients: usize,
 }
 
 /// Value size of an etcd write: about the size of a Titus CreateCapacityGroup command as logged.
@@ -136,6 +143,8 @@ struct Titus {
     procs: Vec<Proc>,
     clients: Vec<Client>,
     apis: Vec<String>,
+    /// Each replica's admin address (/metrics).
+    admins: Vec<String>,
 }
 
 impl Titus {
@@ -167,6 +176,7 @@ impl Titus {
         }
         let peers: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let apis: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let admins: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let mut procs = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let mut args = vec![
@@ -178,6 +188,8 @@ impl Titus {
                 peers[i].clone(),
                 "--api-listen".into(),
                 apis[i].clone(),
+                "--admin-listen".into(),
+                admins[i].clone(),
             ];
             if tls {
                 let f = |name: String| certs.join(name).display().to_string();
@@ -218,7 +230,7 @@ impl Titus {
         }
         let clients =
             (0..8).map(|_| Client::with_options(apis.iter(), options.clone())).collect::<Result<Vec<_>, _>>()?;
-        Ok(Titus { procs, clients, apis })
+        Ok(Titus { procs, clients, apis, admins })
     }
 }
 
@@ -699,6 +711,9 @@ async fn main() -> Result<()> {
     if !args.scheduler_core.is_empty() || !args.placement.is_empty() {
         return Ok(());
     }
+    if let Some(seconds) = args.token_soak {
+        return token_soak(&titus_bin, &dir.path().join("soak"), seconds, args.soak_clients.max(1)).await;
+    }
 
     if args.launch_tasks > 0 {
         eprintln!("launch: 3 replicas, 1 agent, Docker");
@@ -772,5 +787,74 @@ async fn main() -> Result<()> {
         }
         None => println!("p50 {tp50:.0} ms, p99 {tp99:.0} ms"),
     }
+    Ok(())
+}
+
+/// One metric's value from a replica's `/metrics` (plain HTTP on its admin port).
+async fn scrape(admin: &str, series: &str) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(admin)).await??;
+    conn.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut body)).await??;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("{series} not in {admin}'s metrics"))
+}
+
+/// The idempotency-token table under sustained writes: `clients` SDK clients update one job's
+/// attributes for `seconds` (every call carries a request id, so every write leaves a token kept
+/// 10 minutes); every minute the leader's estimate of the table is printed beside the writes so
+/// far. With a purge that keeps up, the table levels off near rate × 10 minutes.
+async fn token_soak(bin: &Path, dir: &Path, seconds: u64, clients: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let titus = Titus::start(bin, dir, &[]).await?;
+    wait_leader(&titus, Duration::from_secs(60)).await?;
+    let job = titus_client::JobBuilder::service("soak", "titus/busybox:latest", 0, 0, 1)
+        .owner("bench@titus.local")
+        .cpu(0.1)
+        .memory_mb(16)
+        .build();
+    let job = titus.clients[0].create_job(job).await?;
+    let writes = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..clients {
+        let (client, job, writes) = (titus.clients[w % titus.clients.len()].clone(), job.clone(), writes.clone());
+        workers.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                n += 1;
+                let value = format!("{w}-{n}");
+                if client.update_job_attributes(&job, &[("soak", value.as_str())]).await.is_ok() {
+                    writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    println!(
+        "token soak: {clients} clients updating one job's attributes for {seconds} s (a token per write, kept 10 min)"
+    );
+    let series = "titus_rocksdb_estimated_keys{cf=\"idempotency_tokens\"}";
+    let mut peak = 0.0f64;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(60).min(until.saturating_duration_since(Instant::now()))).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let n = writes.load(Ordering::Relaxed);
+        let tokens = match titus.leader().await {
+            Some(l) => scrape(&titus.admins[l], series).await.unwrap_or(f64::NAN),
+            None => f64::NAN,
+        };
+        peak = peak.max(tokens);
+        println!("  {elapsed:>5.0} s: {n:>9} writes ({:>5.0}/s), token table ≈ {tokens:.0} keys", n as f64 / elapsed);
+    }
+    while workers.join_next().await.is_some() {}
+    let n = writes.load(Ordering::Relaxed);
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "token soak: {n} writes at {rate:.0}/s; token table peak ≈ {peak:.0} keys (rate × 600 s = {:.0})",
+        rate * 600.0
+    );
     Ok(())
 }

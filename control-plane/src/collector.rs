@@ -55,6 +55,7 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
     m.agent_heartbeat_age_seconds.replace(heard.into_iter().map(|(id, age)| (vec![id], age.as_secs_f64())));
     let rocks = state.rocksdb_properties();
     m.rocksdb_sst_bytes.replace(rocks.sst_bytes.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
+    m.rocksdb_estimated_keys.replace(rocks.estimated_keys.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
     m.rocksdb_compaction_pending.replace(rocks.compaction_pending.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
     m.rocksdb_write_stopped.set(&[], rocks.write_stopped as f64);
     m.registry.render()

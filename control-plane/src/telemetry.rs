@@ -45,6 +45,7 @@ pub struct Metrics {
     pub capacity_instances_launched_total: Counter,
     pub capacity_instances_terminated_total: Counter,
     pub rocksdb_sst_bytes: Gauge,
+    pub rocksdb_estimated_keys: Gauge,
     pub rocksdb_compaction_pending: Gauge,
     pub rocksdb_write_stopped: Gauge,
     pub lifecycle_job_errors_total: Counter,
@@ -173,6 +174,11 @@ pub fn metrics() -> &'static Metrics {
                 &["group", "reason"],
             ),
             rocksdb_sst_bytes: r.gauge("titus_rocksdb_sst_bytes", "Size of SST files by column family.", &["cf"]),
+            rocksdb_estimated_keys: r.gauge(
+                "titus_rocksdb_estimated_keys",
+                "RocksDB's estimate of the keys in each column family.",
+                &["cf"],
+            ),
             rocksdb_compaction_pending: r.gauge(
                 "titus_rocksdb_compaction_pending",
                 "1 when a compaction is pending, by column family.",

@@ -124,6 +124,9 @@ pub(crate) fn archive_order_key(finished_ms: i64, job_id: &str) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct RocksProperties {
     pub sst_bytes: Vec<(String, u64)>,
+    /// RocksDB's estimate of the keys in each column family (memtables and files, deletes
+    /// subtracted): cheap, and what shows a table growing (the idempotency tokens, say).
+    pub estimated_keys: Vec<(String, u64)>,
     pub compaction_pending: Vec<(String, u64)>,
     pub write_stopped: u64,
 }
@@ -626,6 +629,7 @@ impl StateReader {
             let Some(handle) = self.db.cf_handle(name) else { continue };
             let int = |prop: &str| self.db.property_int_value_cf(handle, prop).ok().flatten().unwrap_or(0);
             p.sst_bytes.push((name.to_string(), int("rocksdb.total-sst-files-size")));
+            p.estimated_keys.push((name.to_string(), int("rocksdb.estimate-num-keys")));
             p.compaction_pending.push((name.to_string(), int("rocksdb.compaction-pending")));
         }
         p.write_stopped = self.db.property_int_value("rocksdb.is-write-stopped").ok().flatten().unwrap_or(0);
