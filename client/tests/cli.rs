@@ -110,3 +110,25 @@ async fn t310_cli_submits_lists_resizes_and_kills() {
     assert_eq!(members.as_array().unwrap().len(), 3);
     assert_eq!(members.as_array().unwrap().iter().filter(|m| m["role"] == "leader").count(), 1);
 }
+
+/// `titus completions bash | head -1` once panicked ("failed printing to stdout: Broken pipe",
+/// exit 101): a closed pipe now ends the CLI quietly, by SIGPIPE, as it ends `ls`.
+#[test]
+fn t320_a_closed_pipe_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_titus"))
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run titus");
+    // The reader goes away before the CLI writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for titus");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    const SIGPIPE: i32 = 13;
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "ended by SIGPIPE: {:?} {stderr}", out.status);
+}

@@ -909,6 +909,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // A shell tool ends quietly when what reads its output goes away (`titus job list | head -1`),
+    // as `ls` does: Rust ignores SIGPIPE, so every print to a closed pipe would panic instead.
+    #[cfg(unix)]
+    // SAFETY: sets the process-wide disposition of one signal to its default; no handler is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let plaintext = cli.ca.is_none();
     match run(cli).await {
