@@ -288,7 +288,9 @@ impl JobManagementService for JobApi {
         }
         let attributes = attributes_from_proto(r.attributes)?;
         // The job grows by what is added: checked against the job as it is now (the rule that
-        // applies it cannot read this replica's settings, which need not match the others').
+        // applies it cannot read this replica's settings, which need not match the others'). Up to
+        // date first: a lagging replica would not know a job created a moment ago.
+        self.barrier(&request).await?;
         if let Some(mut job) = self.replica.state.job(&r.job_id)? {
             job.descriptor.attributes.extend(attributes.clone());
             if job.descriptor.attributes.len() > crate::model::job::MAX_ATTRIBUTES {
