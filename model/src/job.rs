@@ -183,12 +183,13 @@ impl JobDescriptor {
         (len(self), field, bytes)
     }
 
-    /// Refuses a descriptor over `max_bytes` encoded, naming its largest field.
+    /// Refuses a descriptor over `max_bytes` encoded, naming its largest field. One encode for a
+    /// job within the bound (every CreateJob pays it); the fields are sized only for the error.
     pub fn check_size(&self, max_bytes: usize) -> Result<(), Vec<FieldViolation>> {
-        let (total, field, bytes) = self.encoded_size();
-        if total <= max_bytes {
+        if serde_json::to_vec(self).map_or(0, |b| b.len()) <= max_bytes {
             return Ok(());
         }
+        let (total, field, bytes) = self.encoded_size();
         Err(vec![FieldViolation::new(
             field,
             format!(
