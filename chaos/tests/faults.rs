@@ -349,6 +349,68 @@ async fn t630_agent_faults() {
     assert!(env.journal_empty());
 }
 
+/// A leader cut off from the other replicas, but not from its agent, cannot confirm its
+/// leadership: it stops its duties and drops the agent's stream, so the agent attaches to the
+/// leader the majority elected — which kills a task on it while the partition still holds —
+/// and the other container never restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t645_an_isolated_leader_lets_its_agent_go_to_the_new_one() {
+    let env = Env::start(3, 1).await;
+    let agent = env.lab.deployment.agents[0].clone();
+    let c = env.client();
+    let desc = JobBuilder::service("chaos-lease", "titus/busybox:latest", 0, 2, 4)
+        .owner("chaos@titus.local")
+        .cpu(0.1)
+        .memory_mb(32)
+        .command(["sleep", "3600"])
+        .build();
+    let job = c.create_job(desc).await.expect("create job");
+    wait_for(Duration::from_secs(60), "2 containers running", || async {
+        (common::containers_of(&agent.id).iter().filter(|c| c.2).count() == 2).then_some(())
+    })
+    .await;
+    let running = common::containers_of(&agent.id);
+    let old = env.leader().await.expect("leader");
+
+    let child = env.spawn(&["partition", "--topology", "isolate-leader", "--duration", "30s", "--seed", "1"]);
+    let new =
+        wait_for(Duration::from_secs(20), "the majority elects a leader", || env.leader_seen_by_others(old)).await;
+    assert_ne!(new, old);
+    let options = titus_client::ClientOptions {
+        deadline: Duration::from_secs(5),
+        attempt_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let majority = env.lab.deployment.replicas.iter().filter(|r| r.id != old).map(|r| r.api.clone());
+    let nc = Client::with_options(majority, options).expect("client of the majority");
+    wait_for(Duration::from_secs(20), "the agent attached to the new leader", || {
+        let (nc, id) = (nc.clone(), agent.id.clone());
+        async move { nc.get_agent(&id).await.ok().filter(|a| a.connected).map(|_| ()) }
+    })
+    .await;
+    // Still partitioned: the old leader has not heard of the new one, and yet let the agent go.
+    assert!(!env.no_rules_anywhere(), "the partition still holds");
+    let victim = running[0].1.clone();
+    nc.kill_task(&victim, false, false).await.expect("kill a task through the majority");
+    wait_for(Duration::from_secs(20), "the killed task's container stopped", || async {
+        common::containers_of(&agent.id).iter().all(|c| c.1 != victim || !c.2).then_some(())
+    })
+    .await;
+    assert!(!env.no_rules_anywhere(), "the kill went through while the partition held");
+    let other = &running[1];
+    let now = common::containers_of(&agent.id);
+    assert!(
+        now.iter().any(|c| c.0 == other.0 && c.2 && c.3 == other.3),
+        "the other container never restarted: {now:?}"
+    );
+    let (ok, out) = finish(child, Duration::from_secs(60));
+    assert!(ok, "{out}");
+    let log = std::fs::read_to_string(env.replica(old).log.as_ref().expect("the old leader's log")).unwrap_or_default();
+    assert!(log.contains("no majority confirmed this leader"), "the old leader says why it stopped its duties");
+    c.kill_job(&job).await.expect("kill job");
+    assert!(env.journal_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t650_clock_skew_on_a_replica() {
     let env = Env::start(3, 0).await;

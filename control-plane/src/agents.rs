@@ -546,36 +546,61 @@ pub async fn report_batches(hub: Arc<AgentHub>, term: Term, mut stop: watch::Rec
                 Err(_) => break,
             }
         }
-        // Retried until committed, while this replica leads in `term`: a batch dropped here would
-        // only be resent when its agents reconnect. A repeat does no harm — each report applies
-        // only as a legal transition from the task's current state. After a leader change the
-        // agents re-register with everything they hold, and the new leader reconciles from that.
-        let n = reports.len();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match hub.replica.propose_as_leader(term, Command::UpdateTaskStatuses { reports: reports.clone() }).await {
-                Ok(_) => {
-                    tracing::trace!(reports = n, "agent reports applied");
-                    break;
+        let propose =
+            |reports: Vec<StatusReport>| hub.replica.propose_as_leader(term, Command::UpdateTaskStatuses { reports });
+        if commit_reports(propose, reports, &mut stop).await == BatchEnd::Stop {
+            return;
+        }
+    }
+}
+
+/// How a batch of reports ended: logged (or refused for good), so the next one goes on — or this
+/// duty is over (its leader deposed, or told to stop).
+#[derive(Debug, PartialEq)]
+enum BatchEnd {
+    Next,
+    Stop,
+}
+
+/// Proposes one batch until it commits, while this replica leads in the duty's term: a batch
+/// dropped here would only be resent when its agents reconnect, and nothing makes an attached
+/// agent reconnect. A repeat does no harm — each report applies only as a legal transition from
+/// the task's current state. After a leader change the agents re-register with everything they
+/// hold, and the new leader reconciles from that.
+async fn commit_reports<F, Fut>(
+    mut propose: F,
+    reports: Vec<StatusReport>,
+    stop: &mut watch::Receiver<bool>,
+) -> BatchEnd
+where
+    F: FnMut(Vec<StatusReport>) -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<CommandResponse>>,
+{
+    let n = reports.len();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match propose(reports.clone()).await {
+            Ok(_) => {
+                tracing::trace!(reports = n, "agent reports applied");
+                return BatchEnd::Next;
+            }
+            Err(e @ Error::Deposed { .. }) => {
+                tracing::info!(reports = n, error = %e, "agent reports: not leading any more; the agents resend on reconnect");
+                return BatchEnd::Stop;
+            }
+            // Reports are checked as they arrive; a batch that still cannot be logged would
+            // block every later one.
+            Err(e @ (Error::Unloggable { .. } | Error::InvalidArgument(_))) => {
+                tracing::error!(reports = n, error = %e, "agent reports: refused; dropping this batch");
+                return BatchEnd::Next;
+            }
+            Err(e) => {
+                tracing::warn!(reports = n, error = %e, retry_in_ms = backoff.as_millis() as u64, "agent reports: proposal failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return BatchEnd::Stop,
                 }
-                Err(e @ Error::Deposed { .. }) => {
-                    tracing::info!(reports = n, error = %e, "agent reports: not leading any more; the agents resend on reconnect");
-                    return;
-                }
-                // Reports are checked as they arrive; a batch that still cannot be logged would
-                // block every later one.
-                Err(e @ (Error::Unloggable { .. } | Error::InvalidArgument(_))) => {
-                    tracing::error!(reports = n, error = %e, "agent reports: refused; dropping this batch");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(reports = n, error = %e, retry_in_ms = backoff.as_millis() as u64, "agent reports: proposal failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -609,5 +634,70 @@ pub async fn liveness(hub: Arc<AgentHub>, term: Term, mut stop: watch::Receiver<
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    fn report() -> StatusReport {
+        StatusReport {
+            task_id: "t1".into(),
+            agent_id: "a1".into(),
+            status: TaskStatus {
+                state: TaskState::Finished,
+                reason_code: reason::FAILED.into(),
+                reason_message: "exit 1".into(),
+                timestamp_ms: 1,
+            },
+            context: BTreeMap::new(),
+        }
+    }
+
+    fn timeout() -> Error {
+        Error::Timeout { what: "update_task_statuses".into(), timeout_ms: 5_000 }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_retried_until_it_commits() {
+        let (_tx, mut stop) = watch::channel(false);
+        let calls = Cell::new(0);
+        let propose = |reports: Vec<StatusReport>| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                assert_eq!(reports.len(), 1, "the same batch every time");
+                if n <= 10 {
+                    Err(timeout())
+                } else {
+                    Ok(CommandResponse::Done)
+                }
+            }
+        };
+        assert_eq!(commit_reports(propose, vec![report()], &mut stop).await, BatchEnd::Next);
+        assert_eq!(calls.get(), 11, "ten failures, then the commit: none dropped after a few");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deposed_leader_stops_and_a_refused_batch_gives_way_to_the_next() {
+        let (tx, mut stop) = watch::channel(false);
+        let deposed = |_| async { Err(Error::Deposed { node_id: 1, term: 3 }) };
+        assert_eq!(commit_reports(deposed, vec![report()], &mut stop).await, BatchEnd::Stop);
+        let refused = |_| async { Err(Error::invalid("reports[0].state", "unknown")) };
+        assert_eq!(commit_reports(refused, vec![report()], &mut stop).await, BatchEnd::Next);
+        // Told to stop while backing off: over at once, whatever the proposals would say.
+        let calls = Cell::new(0);
+        let failing = |_| {
+            calls.set(calls.get() + 1);
+            if calls.get() == 2 {
+                let _ = tx.send(true);
+            }
+            async { Err(timeout()) }
+        };
+        assert_eq!(commit_reports(failing, vec![report()], &mut stop).await, BatchEnd::Stop);
+        assert_eq!(calls.get(), 2);
     }
 }

@@ -28,6 +28,12 @@ struct Args {
     request_timeout_ms: Option<u64>,
     #[arg(long)]
     snapshot_after_entries: Option<u64>,
+    /// A follower that hears no leader for a random time between these two stands for election
+    /// (raft.election-timeout-min-ms and -max-ms); a leader unconfirmed for the max stops its duties.
+    #[arg(long)]
+    election_timeout_min_ms: Option<u64>,
+    #[arg(long)]
+    election_timeout_max_ms: Option<u64>,
     #[arg(long)]
     log_format: Option<String>,
     /// Agents silent this long are declared lost.
@@ -136,6 +142,12 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.snapshot_after_entries {
         config.raft.snapshot_after_entries = v;
+    }
+    if let Some(v) = args.election_timeout_min_ms {
+        config.raft.election_timeout_min_ms = v;
+    }
+    if let Some(v) = args.election_timeout_max_ms {
+        config.raft.election_timeout_max_ms = v;
     }
     if let Some(v) = args.agent_heartbeat_ttl_ms {
         config.agents.heartbeat_ttl_ms = v;
