@@ -21,6 +21,7 @@ use crate::{capacity, loadbalancer};
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreCommand {
     SetClusterId { cluster_id: String },
+    SetCodecVersion { version: u8 },
     RestoreBegin { restore_id: String, force: bool },
     RestoreRecords { restore_id: String, family: String, records: Vec<(Vec<u8>, Vec<u8>)> },
     RestoreEnd { restore_id: String },
@@ -31,6 +32,7 @@ impl StoreCommand {
     pub fn name(&self) -> &'static str {
         match self {
             StoreCommand::SetClusterId { .. } => "SetClusterId",
+            StoreCommand::SetCodecVersion { .. } => "SetCodecVersion",
             StoreCommand::RestoreBegin { .. } => "RestoreBegin",
             StoreCommand::RestoreRecords { .. } => "RestoreRecords",
             StoreCommand::RestoreEnd { .. } => "RestoreEnd",
@@ -63,6 +65,7 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Applied> {
     let store = |c: StoreCommand| Ok(Applied::Store(c));
     let response = match command {
         Command::SetClusterId { cluster_id } => return store(StoreCommand::SetClusterId { cluster_id }),
+        Command::SetCodecVersion { version } => return store(StoreCommand::SetCodecVersion { version }),
         Command::RestoreBegin { restore_id, force } => return store(StoreCommand::RestoreBegin { restore_id, force }),
         Command::RestoreRecords { restore_id, family, records } => {
             return store(StoreCommand::RestoreRecords { restore_id, family, records })

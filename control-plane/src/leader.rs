@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::agents::{self, AgentHub};
+use crate::codec;
 use crate::command::{Command, CommandResponse};
 use crate::config::{AwsConfig, JobsConfig};
 use crate::events::Change;
@@ -144,6 +145,7 @@ impl LeaderDuties {
         self.running = Some(Running { term, stop: tx, quorum_lost: lost_rx });
         self.tasks.spawn(hold_lease(self.replica.clone(), term, lost_tx, rx.clone()));
         self.tasks.spawn(ensure_cluster_id(self.replica.clone(), term, rx.clone()));
+        self.tasks.spawn(upgrade_codec(self.replica.clone(), term, rx.clone()));
         self.tasks.spawn(task_lifecycle(self.replica.clone(), term, self.jobs.clone(), rx.clone()));
         self.agents.on_become_leader(term);
         self.tasks.spawn(agents::dispatch(self.agents.clone(), rx.clone()));
@@ -247,6 +249,44 @@ async fn ensure_cluster_id(replica: Arc<Replica>, term: Term, mut stop: watch::R
                 }
             },
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Moves the cluster to the newest codec version once every member reads it (see `codec`): during
+/// a rolling upgrade the members still on the previous release keep it at version 1, and the
+/// first leader that finds every member on this release commits the switch.
+async fn upgrade_codec(replica: Arc<Replica>, term: Term, mut stop: watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(5);
+    while replica.state.codec_version() < codec::CURRENT_VERSION {
+        let members: Vec<(u64, String)> = {
+            let m = replica.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.peer_addr.clone())).collect()
+        };
+        let mut behind = Vec::new();
+        for (id, addr) in members.iter().filter(|(id, _)| *id != replica.id) {
+            // 0: a release before the field, which reads version 1 only.
+            match replica.peers.identify(addr, Duration::from_secs(2)).await {
+                Ok(r) if r.reads_codec_up_to >= u32::from(codec::CURRENT_VERSION) => {}
+                Ok(r) => behind.push(format!("replica {id} reads up to version {}", r.reads_codec_up_to.max(1))),
+                Err(e) => behind.push(format!("replica {id}: {e}")),
+            }
+        }
+        if behind.is_empty() {
+            let version = codec::CURRENT_VERSION;
+            match replica.propose_as_leader(term, Command::SetCodecVersion { version }).await {
+                Ok(_) => tracing::info!(
+                    version,
+                    "every member reads the newest codec version: the cluster writes it from now on"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not record the codec version; retrying"),
+            }
+        } else {
+            tracing::debug!(?behind, "the cluster keeps writing codec version {}", replica.state.codec_version());
+        }
+        if replica.state.codec_version() >= codec::CURRENT_VERSION || !pause(EVERY, &mut stop).await {
+            return;
         }
     }
 }

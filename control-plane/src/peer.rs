@@ -132,6 +132,7 @@ impl RaftPeer for PeerService {
             node_id: self.node_id,
             cluster_id: self.state.cluster_id().unwrap_or_default(),
             initialized,
+            reads_codec_up_to: u32::from(codec::CURRENT_VERSION),
         }))
     }
 }

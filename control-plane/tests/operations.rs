@@ -183,3 +183,92 @@ async fn t20_a_backup_restores_every_job_and_task_into_a_fresh_cluster() {
     })
     .await;
 }
+
+/// `titus -o json ARGS` against `api`, parsed.
+fn titus_json(api: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(common::bin("titus"))
+        .args(["--server", api, "-o", "json"])
+        .args(args)
+        .output()
+        .expect("run titus");
+    assert!(out.status.success(), "titus {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("titus -o json prints JSON")
+}
+
+/// What the fixture's test reads: every job, every job's tasks, the capacity groups and the
+/// killed (archived) job, as `titus -o json` shows them.
+fn fixture_view(api: &str, killed: &str) -> serde_json::Value {
+    let jobs = titus_json(api, &["job", "list"]);
+    let tasks: Vec<serde_json::Value> = jobs
+        .as_array()
+        .expect("a list of jobs")
+        .iter()
+        .flat_map(|j| {
+            titus_json(api, &["task", "list", j["id"].as_str().expect("a job id")]).as_array().cloned().unwrap()
+        })
+        .collect();
+    serde_json::json!({
+        "jobs": jobs,
+        "tasks": tasks,
+        "capacity_groups": titus_json(api, &["capacity-group", "list"]),
+        "killed_job": titus_json(api, &["job", "get", killed]),
+    })
+}
+
+async fn codec_version_of(c: &Cluster, id: u64) -> Option<u32> {
+    c.status_of(id).await.map(|s| s.codec_version)
+}
+
+/// A data dir written by the previous release (version-1 JSON records, log entries and a
+/// snapshot; see tests/fixtures/make-v1-data-dir.sh) is read by this one as it was written; the
+/// cluster then moves to the binary codec on its own, and a replica that joins later is caught up
+/// from that old snapshot and the entries after it, both encodings mixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_a_data_dir_of_the_previous_release_is_read_then_upgraded() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("v1-expected.json")).expect("expected")).expect("JSON");
+    let killed = expected["killed_job"][0]["id"].as_str().expect("the killed job's id").to_string();
+    // The fixture's killed job finished on the day it was made: kept findable for good here.
+    let keep = ["--archive-retention-hours", "1000000"];
+    let tarball = fixtures.join("v1-data-dir.tar.gz");
+    let mut c = Cluster::start_from_data(&tarball, "127.0.0.1:17401", "127.0.0.1:17402", &keep);
+    c.wait_for_leader(ELECTION).await;
+    let api = c.replica(1).api_addr.clone();
+    assert_eq!(fixture_view(&api, &killed), expected, "read as the previous release wrote it");
+
+    // Every member (this one) reads version 2: the leader moves the cluster to it.
+    wait_until(ELECTION, "codec version 2", || async { (codec_version_of(&c, 1).await == Some(2)).then_some(()) })
+        .await;
+    let client = c.client();
+    let job = client.create_job(sleeping_service("after-upgrade", 0.5, 64, 1)).await.expect("a job written in v2");
+
+    // Two replicas join: caught up by the previous release's snapshot (the log behind it is
+    // gone) and the entries since, some written in each version.
+    for id in [2, 3] {
+        let (peer, api) = c.spawn_joiner(id);
+        client.add_member(id, &peer, &api).await.expect("add member");
+    }
+    let leader_applied = client.cluster_status().await.expect("status").last_applied_index;
+    for id in [2, 3] {
+        c.wait_applied(id, leader_applied, ELECTION).await;
+        assert_eq!(codec_version_of(&c, id).await, Some(2), "replica {id} writes version 2 too");
+    }
+    // Replica 1 gone: the two that joined elect a leader and serve what it served.
+    c.kill(1);
+    let leader = c.wait_for_leader(ELECTION).await;
+    assert_ne!(leader, 1);
+    let api = c.replica(leader).api_addr.clone();
+    let mut view = fixture_view(&api, &killed);
+    let jobs = view["jobs"].as_array_mut().expect("jobs");
+    let at = jobs.iter().position(|j| j["id"] == job.as_str()).expect("the job written after the upgrade");
+    assert_eq!(jobs.remove(at)["applicationName"], "after-upgrade");
+    view["tasks"].as_array_mut().expect("tasks").retain(|t| t["jobId"] != job.as_str());
+    assert_eq!(view, expected, "the joiners read the previous release's records from its snapshot");
+
+    // Replica 1 restarted: its own data dir now holds both encodings, and it catches up.
+    c.start_replica(1);
+    let applied = c.client().cluster_status().await.expect("status").last_applied_index;
+    c.wait_applied(1, applied, ELECTION).await;
+    assert!(client.find_job(&job).await.is_ok());
+}

@@ -92,11 +92,13 @@ fn main() {
             log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), 10 + i as u64),
             payload: openraft::EntryPayload::Normal(command),
         };
-        write(&root.join("raft_entry"), &format!("seed-{i}"), &codec::encode(&entry).unwrap());
+        write(&root.join("raft_entry"), &format!("seed-{i}"), &codec::encode_as(codec::JSON, &entry).unwrap());
+        write(&root.join("raft_entry"), &format!("seed-{i}-v2"), &codec::encode_as(codec::MSGPACK, &entry).unwrap());
     }
     let blank =
         Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1), payload: openraft::EntryPayload::Blank };
-    write(&root.join("raft_entry"), "seed-blank", &codec::encode(&blank).unwrap());
+    write(&root.join("raft_entry"), "seed-blank", &codec::encode_as(codec::JSON, &blank).unwrap());
+    write(&root.join("raft_entry"), "seed-blank-v2", &codec::encode_as(codec::MSGPACK, &blank).unwrap());
     let agent_messages = [
         pb::agent_message::Message::Register(pb::AgentRegister {
             agent_id: "agent-1".into(),

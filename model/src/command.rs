@@ -20,6 +20,11 @@ pub enum Command {
     SetClusterId {
         cluster_id: String,
     },
+    /// From this entry on, every replica writes `version` of the codec (see `codec`): proposed by
+    /// the leader once every member reads it. Never lowers the version; an unknown one is refused.
+    SetCodecVersion {
+        version: u8,
+    },
     CreateCapacityGroup {
         group: CapacityGroup,
         /// A retry with the same token returns the group created by the first call.
@@ -304,6 +309,7 @@ impl Command {
     pub fn kind(&self) -> &'static str {
         match self {
             Command::SetClusterId { .. } => "set_cluster_id",
+            Command::SetCodecVersion { .. } => "set_codec_version",
             Command::Once { command, .. } => command.kind(),
             Command::CreateCapacityGroup { .. } => "create_capacity_group",
             Command::UpdateCapacityGroup { .. } => "update_capacity_group",

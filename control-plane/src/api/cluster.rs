@@ -124,6 +124,7 @@ impl ClusterApi {
             last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             members,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            codec_version: u32::from(self.replica.state.codec_version()),
         }
     }
 
@@ -300,6 +301,20 @@ impl ClusterService for ClusterApi {
             }
         }
         self.replica.require_leader()?;
+        // A replica of a release that cannot read what this cluster writes would fail on its
+        // first AppendEntries: refused here, saying why. (One that does not answer yet is added
+        // as before: adding a learner waits for it.)
+        let writes = self.replica.state.codec_version();
+        if let Ok(r) = self.replica.peers.identify(&req.peer_addr, Duration::from_secs(2)).await {
+            if r.reads_codec_up_to.max(1) < u32::from(writes) {
+                return Err(Status::failed_precondition(format!(
+                    "replica {} at {} reads records up to codec version {}, and this cluster writes version {writes}: upgrade it to this release first",
+                    req.node_id,
+                    req.peer_addr,
+                    r.reads_codec_up_to.max(1)
+                )));
+            }
+        }
         let node = Node { peer_addr: req.peer_addr, api_addr: req.api_addr };
         tracing::info!(node_id = req.node_id, %node, "adding member: learner first, voter once caught up");
         // Blocks until the learner has caught up with the leader's log (or snapshot).

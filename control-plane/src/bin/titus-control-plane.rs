@@ -36,6 +36,9 @@ struct Args {
     election_timeout_max_ms: Option<u64>,
     #[arg(long)]
     log_format: Option<String>,
+    /// Finished jobs and their tasks stay findable this long (jobs.archive-retention-hours).
+    #[arg(long)]
+    archive_retention_hours: Option<u64>,
     /// Agents silent this long are declared lost.
     #[arg(long)]
     agent_heartbeat_ttl_ms: Option<u64>,
@@ -148,6 +151,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.election_timeout_max_ms {
         config.raft.election_timeout_max_ms = v;
+    }
+    if let Some(v) = args.archive_retention_hours {
+        config.jobs.archive_retention_hours = v;
     }
     if let Some(v) = args.agent_heartbeat_ttl_ms {
         config.agents.heartbeat_ttl_ms = v;

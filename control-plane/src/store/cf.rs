@@ -93,6 +93,8 @@ pub mod sm_meta {
     pub const LAST_APPLIED: &[u8] = b"last_applied";
     pub const MEMBERSHIP: &[u8] = b"membership";
     pub const CLUSTER_ID: &[u8] = b"cluster_id";
+    /// The codec version this cluster writes (see `Command::SetCodecVersion`); absent: 1.
+    pub const CODEC_VERSION: &[u8] = b"codec_version";
     /// Present once `tasks_by_agent` is maintained for this state (see `rebuild_agent_index`).
     pub const AGENT_INDEX: &[u8] = b"agent_index";
     /// The id of a restore begun and not yet ended (see `Command::RestoreBegin`).

@@ -15,6 +15,7 @@ mod equivalence_test;
 mod store_test;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use openraft::StorageIOError;
@@ -74,9 +75,10 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
     let reader = StateReader {
         db: db.clone(),
         cluster_id: Arc::new(RwLock::new(None)),
+        codec_version: Arc::new(AtomicU8::new(codec::JSON)),
         changes: Arc::new(ChangeLog::new(CHANGE_LOG_CAPACITY, applied)),
     };
-    reader.reload_cluster_id()?;
+    reader.reload_cluster_meta()?;
     Ok((LogStore::new(db.clone()), StateMachine::new(db, reader.clone()), reader))
 }
 
@@ -87,6 +89,9 @@ pub struct StateReader {
     db: Arc<DB>,
     /// Checked on every peer message; cached so that check costs no disk read.
     cluster_id: Arc<RwLock<Option<String>>>,
+    /// The codec version the cluster writes, as of the last applied entry (see
+    /// `Command::SetCodecVersion`); the process writes it too (`codec::set_write_version`).
+    codec_version: Arc<AtomicU8>,
     /// Applied job and task changes, for observers.
     pub changes: Arc<ChangeLog>,
 }
@@ -149,14 +154,33 @@ impl StateReader {
         }
     }
 
-    fn reload_cluster_id(&self) -> Result<()> {
+    /// Reads the cluster id and codec version from the store: when it is opened, and after a
+    /// snapshot replaced the state.
+    fn reload_cluster_meta(&self) -> Result<()> {
         let cf = cf_handle(&self.db, cf::SM_META).map_err(Error::from_storage)?;
         let stored: Option<String> = match self.db.get_cf(cf, cf::sm_meta::CLUSTER_ID).map_err(Error::from_storage)? {
             Some(b) => Some(codec::decode(&b).map_err(|e| Error::storage("cluster id", e))?),
             None => None,
         };
         *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = stored;
+        let version: u8 = match self.db.get_cf(cf, cf::sm_meta::CODEC_VERSION).map_err(Error::from_storage)? {
+            Some(b) => codec::decode(&b).map_err(|e| Error::storage("codec version", e))?,
+            None => codec::JSON,
+        };
+        codec::set_write_version(version).map_err(|e| Error::storage("codec version", e))?;
+        self.codec_version.store(version, Ordering::Release);
         Ok(())
+    }
+
+    /// The codec version this cluster writes, as of the last applied entry.
+    pub fn codec_version(&self) -> u8 {
+        self.codec_version.load(Ordering::Acquire)
+    }
+
+    /// From the next entry on, this replica writes `version` (applied `SetCodecVersion`).
+    fn adopt_codec_version(&self, version: u8) -> Result<()> {
+        let now = self.codec_version.fetch_max(version, Ordering::AcqRel).max(version);
+        codec::set_write_version(now).map_err(|e| Error::storage("codec version", e))
     }
 
     pub fn capacity_group(&self, name: &str) -> Result<Option<CapacityGroup>> {

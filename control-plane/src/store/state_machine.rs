@@ -92,6 +92,28 @@ impl StateMachine {
                 }
                 CommandResponse::Done
             }
+            StoreCommand::SetCodecVersion { version } => {
+                if !(codec::JSON..=codec::CURRENT_VERSION).contains(&version) {
+                    return Ok(CommandResponse::Rejected(Rejection::new(
+                        RejectionKind::InvalidArgument,
+                        "version",
+                        format!(
+                            "codec version {version} is not one this release writes (1 to {})",
+                            codec::CURRENT_VERSION
+                        ),
+                    )));
+                }
+                // Never lowered: a replica of the older release may already be gone for good.
+                if version > self.reader.codec_version() {
+                    let meta = cf_handle(&self.db, cf::SM_META)?;
+                    batch.put_cf(
+                        meta,
+                        cf::sm_meta::CODEC_VERSION,
+                        codec::encode(&version).map_err(|e| write_error(&e))?,
+                    );
+                }
+                CommandResponse::Done
+            }
             StoreCommand::RestoreBegin { restore_id, force } => self.restore_begin(batch, restore_id, force)?,
             StoreCommand::AppendAudit { records, keep, batch_id } => {
                 // A batch proposed again after an unknown outcome is appended once: its id is kept
@@ -509,13 +531,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let log_id = entry.log_id;
             let mut batch = WriteBatch::default();
             let mut new_cluster_id = None;
+            let mut new_codec_version = None;
             let mut changes = Vec::new();
             let mut reset = false;
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
                 EntryPayload::Normal(command) => {
-                    if let Command::SetClusterId { cluster_id } = &command {
-                        new_cluster_id = Some(cluster_id.clone());
+                    match &command {
+                        Command::SetClusterId { cluster_id } => new_cluster_id = Some(cluster_id.clone()),
+                        Command::SetCodecVersion { version } => new_codec_version = Some(*version),
+                        _ => {}
                     }
                     let restore_end = matches!(command, Command::RestoreEnd { .. });
                     let response = self.apply_command(&mut batch, command, &mut changes)?;
@@ -540,6 +565,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
+            }
+            // Only once it is written: the entries after this one are written in the new version.
+            if let (Some(v), CommandResponse::Done) = (new_codec_version, &response) {
+                self.reader.adopt_codec_version(v).map_err(|e| StorageIOError::apply(log_id, &e))?;
             }
             if reset {
                 // A restore replaced the state whole: observers and caches start over, as after a
@@ -594,7 +623,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| wr(&e))?;
         // A snapshot from a release before the by-agent index: derive it.
         rebuild_agent_index(&self.db).map_err(|e| wr(&e))?;
-        self.reader.reload_cluster_id().map_err(|e| wr(&e))?;
+        self.reader.reload_cluster_meta().map_err(|e| wr(&e))?;
         // Observers cannot follow a wholesale replacement: they start over with a snapshot.
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.reader.changes.publish(ChangeBatch { revision, changes: Vec::new(), reset: true });

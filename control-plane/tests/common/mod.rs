@@ -125,6 +125,23 @@ impl Cluster {
         c
     }
 
+    /// Replica 1 alone, on the addresses its cluster recorded, over a data dir unpacked from
+    /// `tarball` (a `data/` directory): a cluster an earlier release wrote, say.
+    pub fn start_from_data(tarball: &std::path::Path, peer_addr: &str, api_addr: &str, extra_args: &[&str]) -> Cluster {
+        let mut dir = TempDir::new().expect("temp dir");
+        dir.disable_cleanup(std::env::var_os("TITUS_TEST_KEEP").is_some());
+        let status = Command::new("tar").arg("-xzf").arg(tarball).arg("-C").arg(dir.path()).status().expect("tar");
+        assert!(status.success(), "unpacking {}", tarball.display());
+        let mut r = Cluster::new_replica(&dir, 1, &free_ports(3));
+        std::fs::rename(dir.path().join("data"), &r.data_dir).expect("the unpacked data dir");
+        (r.peer_addr, r.api_addr) = (peer_addr.to_string(), api_addr.to_string());
+        let members = vec![format!("1={peer_addr}/{api_addr}")];
+        let extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+        let mut c = Cluster { replicas: vec![r], agents: Vec::new(), members, extra_args, secure: None, dir };
+        c.start_replica(1);
+        c
+    }
+
     /// A replica on `ports[0..3]` (peer, api, admin).
     fn new_replica(dir: &TempDir, id: u64, ports: &[u16]) -> Replica {
         let (peer, api, admin) = (ports[0], ports[1], ports[2]);
