@@ -133,7 +133,7 @@ impl Default for LimitsConfig {
             requests_per_second: 200.0,
             burst: 400,
             max_request_bytes: 4 << 20,
-            max_connections: 4096,
+            max_connections: 16_384,
             max_concurrent_streams: 256,
         }
     }
@@ -835,6 +835,6 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("security.principals[0].role"));
         let text = "[[principals]]\nname = \"a\"\nrole = \"admin\"\n[limits]\nburst = 3\n";
         let s: SecurityConfig = toml::from_str(text).unwrap();
-        assert_eq!((s.principals.len(), s.limits.burst, s.limits.max_connections), (1, 3, 4096));
+        assert_eq!((s.principals.len(), s.limits.burst, s.limits.max_connections), (1, 3, 16_384));
     }
 }
