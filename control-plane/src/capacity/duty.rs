@@ -163,11 +163,16 @@ impl Duty {
                 live_tasks,
                 idle_since_ms: idle_since,
                 lost_since_ms: lost_since,
+                cordoned: a.terminating,
             });
         }
 
         let unplaced = self.unplaced(now)?;
         let plan = plan::plan(&groups, &instances, &agents, &unplaced, &self.config.capacity.planner(), now);
+        for agent_id in &plan.uncordon {
+            tracing::info!(%agent_id, "capacity: lifting a cordon no termination follows");
+            self.propose(Command::MarkAgentTerminating { agent_id: agent_id.clone(), terminating: false }).await?;
+        }
         for (id, desired) in &plan.desired {
             tracing::info!(group = %id, desired, "capacity: new desired size");
             self.propose(Command::SetInstanceGroupDesired { id: id.clone(), desired: *desired }).await?;

@@ -43,6 +43,8 @@ pub struct AgentLoad {
     pub idle_since_ms: Option<i64>,
     /// Since when the agent has been Lost (None: it is Online).
     pub lost_since_ms: Option<i64>,
+    /// Cordoned for a termination (`Agent::terminating`): it gets no new task.
+    pub cordoned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +85,10 @@ pub struct Plan {
     pub launch: BTreeMap<String, u32>,
     /// Instances to terminate: (group, instance id, why).
     pub terminate: Vec<(String, String, String)>,
+    /// Agents cordoned for a termination that is no longer under way — neither planned now nor
+    /// written ahead in their group (a leader gone between the cordon and the intent, say): they
+    /// take tasks again.
+    pub uncordon: Vec<String>,
 }
 
 /// How many instances offering `each` hold `need`: the dominant resource decides. An instance
@@ -303,6 +309,17 @@ pub fn plan(
             plan.desired.insert(g.id.clone(), d);
         }
     }
+    let going: BTreeSet<&str> = plan
+        .terminate
+        .iter()
+        .map(|(_, id, _)| id.as_str())
+        .chain(groups.iter().flat_map(|g| g.pending_terminations.iter().map(String::as_str)))
+        .collect();
+    plan.uncordon = agents
+        .iter()
+        .filter(|a| a.cordoned && !going.contains(a.instance_id.as_str()))
+        .map(|a| a.agent_id.clone())
+        .collect();
     plan
 }
 

@@ -53,6 +53,7 @@ fn agent(instance: &str, live_tasks: u32, idle_since_ms: Option<i64>) -> AgentLo
         live_tasks,
         idle_since_ms,
         lost_since_ms: None,
+        cordoned: false,
     }
 }
 
@@ -239,4 +240,21 @@ proptest! {
             prop_assert!(!lost_in_grace, "terminated {} of an agent lost within the grace period", id);
         }
     }
+}
+
+#[test]
+fn a_cordon_without_a_termination_under_way_is_lifted() {
+    let mut g = group("g", Tier::Flex, Lifecycle::Active, 3, 3, 3);
+    g.pending_terminations = vec!["i-2".into()];
+    let instances = BTreeMap::from([("g".to_string(), vec![inst("i-1", 0), inst("i-2", 0), inst("i-3", 0)])]);
+    // i-1: cordoned by a leader that never got to write the intent; i-2: its termination written
+    // ahead; i-3: not cordoned.
+    let agents = vec![
+        AgentLoad { cordoned: true, ..agent("i-1", 1, None) },
+        AgentLoad { cordoned: true, ..agent("i-2", 0, Some(NOW)) },
+        agent("i-3", 1, None),
+    ];
+    let p = plan(&[g], &instances, &agents, &BTreeMap::new(), &config(), NOW);
+    assert!(p.terminate.is_empty(), "{:?}", p.terminate);
+    assert_eq!(p.uncordon, vec!["agent-i-1".to_string()], "only the cordon nothing will follow");
 }
