@@ -23,6 +23,9 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
     m.raft_applied_index.set(&[], raft.last_applied.map(|l| l.index).unwrap_or(0) as f64);
     m.raft_snapshot_index.set(&[], raft.snapshot.map(|l| l.index).unwrap_or(0) as f64);
     m.raft_committed_index.set(&[], replica.state.committed_index() as f64);
+    let (batches, bytes) = replica.state.changes.retained();
+    m.change_log_batches.set(&[], batches as f64);
+    m.change_log_bytes.set(&[], bytes as f64);
     let last = raft.last_log_index.unwrap_or(0);
     m.raft_follower_lag_entries.replace(
         raft.replication.iter().flat_map(|r| r.iter()).filter(|(id, _)| **id != replica.id).map(|(id, matched)| {

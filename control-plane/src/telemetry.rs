@@ -24,6 +24,8 @@ pub struct Metrics {
     pub raft_applied_index: Gauge,
     pub raft_committed_index: Gauge,
     pub raft_snapshot_index: Gauge,
+    pub change_log_batches: Gauge,
+    pub change_log_bytes: Gauge,
     pub raft_follower_lag_entries: Gauge,
     pub raft_leader_changes_total: Counter,
     pub raft_append_seconds: Histogram,
@@ -69,6 +71,16 @@ pub fn metrics() -> &'static Metrics {
                 &[],
             ),
             raft_snapshot_index: r.gauge("titus_raft_snapshot_index", "Index the newest snapshot covers.", &[]),
+            change_log_batches: r.gauge(
+                "titus_change_log_batches",
+                "Applied entries' changes kept for observers to resume from.",
+                &[],
+            ),
+            change_log_bytes: r.gauge(
+                "titus_change_log_bytes",
+                "What the kept changes weigh, as the bytes their entries wrote to the store.",
+                &[],
+            ),
             raft_follower_lag_entries: r.gauge(
                 "titus_raft_follower_lag_entries",
                 "On the leader: entries each follower is behind the leader's log.",

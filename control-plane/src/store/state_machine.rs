@@ -562,6 +562,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 cf::sm_meta::LAST_APPLIED,
                 codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?,
             );
+            let bytes = batch.size_in_bytes();
             self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
@@ -573,9 +574,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if reset {
                 // A restore replaced the state whole: observers and caches start over, as after a
                 // snapshot install.
-                self.reader.changes.publish(ChangeBatch { revision: log_id.index, changes: Vec::new(), reset: true });
+                self.reader.changes.publish(ChangeBatch {
+                    revision: log_id.index,
+                    changes: Vec::new(),
+                    bytes: 0,
+                    reset: true,
+                });
             } else if !changes.is_empty() {
-                self.reader.changes.publish(ChangeBatch { revision: log_id.index, changes, reset: false });
+                self.reader.changes.publish(ChangeBatch { revision: log_id.index, changes, bytes, reset: false });
             }
             responses.push(response);
         }
@@ -626,7 +632,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.reader.reload_cluster_meta().map_err(|e| wr(&e))?;
         // Observers cannot follow a wholesale replacement: they start over with a snapshot.
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
-        self.reader.changes.publish(ChangeBatch { revision, changes: Vec::new(), reset: true });
+        self.reader.changes.publish(ChangeBatch { revision, changes: Vec::new(), bytes: 0, reset: true });
         tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
         Ok(())
     }
