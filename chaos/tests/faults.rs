@@ -272,18 +272,22 @@ async fn t620_partitions_cut_exactly_the_grudge_and_heal() {
     assert!(env.journal_empty());
 }
 
+/// A service of two small containers that sleep for an hour.
+fn two_sleepers(app: &str) -> titus_client::proto::JobDescriptor {
+    JobBuilder::service(app, "titus/busybox:latest", 0, 2, 4)
+        .owner("chaos@titus.local")
+        .cpu(0.1)
+        .memory_mb(32)
+        .command(["sleep", "3600"])
+        .build()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t630_agent_faults() {
     let env = Env::start(3, 1).await;
     let agent = env.lab.deployment.agents[0].clone();
     let c = env.client();
-    let desc = JobBuilder::service("chaos-svc", "titus/busybox:latest", 0, 2, 4)
-        .owner("chaos@titus.local")
-        .cpu(0.1)
-        .memory_mb(32)
-        .command(["sleep", "3600"])
-        .build();
-    let job = c.create_job(desc).await.expect("create job");
+    let job = c.create_job(two_sleepers("chaos-svc")).await.expect("create job");
     let started = |c: Client, job: String| async move {
         let tasks = c.find_tasks(&[("jobIds", &job), ("taskStates", "Started")], 100, "").await.ok()?;
         let ids: BTreeSet<String> = tasks.items.into_iter().map(|t| t.id).collect();
@@ -358,13 +362,7 @@ async fn t645_an_isolated_leader_lets_its_agent_go_to_the_new_one() {
     let env = Env::start(3, 1).await;
     let agent = env.lab.deployment.agents[0].clone();
     let c = env.client();
-    let desc = JobBuilder::service("chaos-lease", "titus/busybox:latest", 0, 2, 4)
-        .owner("chaos@titus.local")
-        .cpu(0.1)
-        .memory_mb(32)
-        .command(["sleep", "3600"])
-        .build();
-    let job = c.create_job(desc).await.expect("create job");
+    let job = c.create_job(two_sleepers("chaos-lease")).await.expect("create job");
     wait_for(Duration::from_secs(60), "2 containers running", || async {
         (common::containers_of(&agent.id).iter().filter(|c| c.2).count() == 2).then_some(())
     })

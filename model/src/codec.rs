@@ -30,6 +30,9 @@ pub const JSON: u8 = 1;
 /// MessagePack with field names.
 pub const MSGPACK: u8 = 2;
 
+/// How deeply a binary value may nest (serde_json's limit for JSON).
+const MAX_DEPTH: usize = 128;
+
 static WRITE_VERSION: AtomicU8 = AtomicU8::new(JSON);
 
 /// The version [`encode`] writes in this process.
@@ -103,7 +106,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     match bytes.split_first() {
         None => Err(CodecError::Empty),
         Some((&JSON, rest)) => Ok(serde_json::from_slice(rest)?),
-        Some((&MSGPACK, rest)) => Ok(rmp_serde::from_slice(rest)?),
+        Some((&MSGPACK, rest)) => {
+            // As deep as serde_json lets JSON nest: a hostile value cannot exhaust the stack.
+            let mut de = rmp_serde::Deserializer::from_read_ref(rest);
+            de.set_max_depth(MAX_DEPTH);
+            Ok(<T as serde::Deserialize>::deserialize(&mut de)?)
+        }
         Some((&found, _)) => Err(CodecError::UnknownVersion { found }),
     }
 }
@@ -196,6 +204,18 @@ mod tests {
         for cut in 1..good.len() {
             assert!(decode::<V2>(&good[..cut]).is_err(), "cut at {cut}");
         }
+        // Nesting beyond MAX_DEPTH is refused, not followed down the stack, whatever the type
+        // reads (rmp-serde alone would follow 1,024 levels; a million is refused either way).
+        for depth in [MAX_DEPTH + 1, 1000, 1_000_000] {
+            let mut deep = vec![MSGPACK];
+            deep.extend(std::iter::repeat_n(0x91, depth));
+            deep.push(0xc0);
+            assert!(decode::<serde::de::IgnoredAny>(&deep).is_err(), "{depth} deep");
+        }
+        let mut shallow = vec![MSGPACK];
+        shallow.extend(std::iter::repeat_n(0x91, MAX_DEPTH - 1));
+        shallow.push(0xc0);
+        assert!(decode::<serde::de::IgnoredAny>(&shallow).is_ok());
         // A length prefix claiming 4 GiB allocates nothing of the sort.
         assert!(decode::<Vec<u8>>(&[MSGPACK, 0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
