@@ -16,6 +16,17 @@ use crate::{percentile, Proc, Titus};
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
 /// Peak resident set of a process (VmHWM), in MiB.
+/// The leader's store and log write counters: keys, write-batch bytes, log bytes (NaN unread).
+async fn write_counters(admin: &str) -> [f64; 3] {
+    let mut out = [f64::NAN; 3];
+    let series =
+        ["titus_store_keys_written_total", "titus_store_bytes_written_total", "titus_raft_log_bytes_appended_total"];
+    for (slot, name) in out.iter_mut().zip(series) {
+        *slot = super::scrape(admin, name).await.unwrap_or(f64::NAN);
+    }
+    out
+}
+
 pub fn peak_rss_mib(pid: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -195,10 +206,12 @@ pub async fn placement_bench(
         }
     });
 
-    let leader_pid = {
+    let (leader_pid, leader_admin) = {
         let s = client.cluster_status().await?;
-        titus.pid_of(s.leader_id).context("leader pid")?
+        let admin = titus.admins.get((s.leader_id as usize).wrapping_sub(1)).context("leader admin")?.clone();
+        (titus.pid_of(s.leader_id).context("leader pid")?, admin)
     };
+    let writes0 = write_counters(&leader_admin).await;
     let cpu0 = cpu_seconds(leader_pid);
     let t0 = Instant::now();
     let jobs = tasks.div_ceil(1000);
@@ -270,6 +283,7 @@ pub async fn placement_bench(
     }
     let elapsed = acked.values().max().map(|t| t.duration_since(t0)).unwrap_or_else(|| t0.elapsed());
     let cpu = cpu_seconds(leader_pid) - cpu0;
+    let writes1 = write_counters(&leader_admin).await;
     watcher.abort();
     for s in submitters {
         s.abort();
@@ -285,6 +299,13 @@ pub async fn placement_bench(
         acked.len() as f64 / secs,
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
+    );
+    let per_task = |i: usize| (writes1[i] - writes0[i]) / acked.len().max(1) as f64;
+    println!(
+        "    per placed task, on the leader (its whole work meanwhile): {:.1} RocksDB keys written, {:.0} bytes of write batches, {:.0} log bytes appended",
+        per_task(0),
+        per_task(1),
+        per_task(2)
     );
     println!(
         "    leader: {:.0} CPU-seconds ({:.0}% of one core), peak RSS {:.0} MiB; replicas' peak RSS {}",

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub rocksdb_compaction_pending: Gauge,
     pub rocksdb_write_stopped: Gauge,
     pub lifecycle_job_errors_total: Counter,
+    pub store_keys_written_total: Counter,
+    pub store_bytes_written_total: Counter,
+    pub raft_log_bytes_appended_total: Counter,
     pub proposals_refused_total: Counter,
     pub duties_fenced_total: Counter,
 }
@@ -114,6 +117,21 @@ pub fn metrics() -> &'static Metrics {
                 "API call latency to the response headers (streams: to the stream's start).",
                 &["method"],
                 LATENCY_BUCKETS,
+            ),
+            store_keys_written_total: r.counter(
+                "titus_store_keys_written_total",
+                "RocksDB keys put or deleted by applying entries (records and their indexes).",
+                &[],
+            ),
+            store_bytes_written_total: r.counter(
+                "titus_store_bytes_written_total",
+                "Bytes of the write batches applying entries made (keys and values).",
+                &[],
+            ),
+            raft_log_bytes_appended_total: r.counter(
+                "titus_raft_log_bytes_appended_total",
+                "Bytes of log entries appended to this replica's log, as encoded.",
+                &[],
             ),
             lifecycle_job_errors_total: r.counter(
                 "titus_lifecycle_job_errors_total",

@@ -118,10 +118,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = cf_handle(&self.db, cf::RAFT_LOG)?;
         let mut batch = WriteBatch::default();
+        let mut appended = 0;
         for entry in entries {
             let bytes = codec::encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            appended += bytes.len();
             batch.put_cf(cf, log_key(entry.log_id.index), bytes);
         }
+        crate::telemetry::metrics().raft_log_bytes_appended_total.add(&[], appended as f64);
         // Entries must be on disk before openraft is told they are: a synced write fsyncs the WAL.
         // Only then is the callback called; on error it is dropped and openraft sees the failure.
         let started = std::time::Instant::now();

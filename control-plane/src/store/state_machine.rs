@@ -563,6 +563,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?,
             );
             let bytes = batch.size_in_bytes();
+            let m = crate::telemetry::metrics();
+            m.store_keys_written_total.add(&[], batch.len() as f64);
+            m.store_bytes_written_total.add(&[], bytes as f64);
             self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
