@@ -89,6 +89,22 @@ fn enroller(config: &Config) -> Option<crate::agents::Enroller> {
     })
 }
 
+/// Warns when the open-files limit (raised to the hard limit at start) cannot hold a full api port:
+/// every agent's stream and every client, and RocksDB's files besides.
+fn warn_open_files(config: &Config) {
+    let max = config.security.limits.max_connections as u64;
+    let wanted = max.saturating_add(1024);
+    match titus_obs::process::raise_open_files_limit(wanted) {
+        Ok(n) if n < wanted => tracing::warn!(
+            open_files_limit = n,
+            wanted,
+            "the open-files limit is below what security.limits.max-connections = {max} needs: raise LimitNOFILE (ulimit -n) or lower max-connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 /// The banner of insecure mode, on stderr and in the log.
 fn warn_insecure(config: &Config) {
     let banner = "INSECURE MODE: plaintext on every port, no authentication, every caller is an admin. \
@@ -261,6 +277,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.security.insecure {
         warn_insecure(&config);
     }
+    warn_open_files(&config);
 
     shutdown.await;
     tracing::info!(node_id = config.node_id, "shutting down");

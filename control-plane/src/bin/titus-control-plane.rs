@@ -208,18 +208,10 @@ async fn main() -> ExitCode {
         }
     };
     titus_obs::process::init_logging(&config.log_format, "info,openraft=warn");
-    // A full cell: every agent's stream and every client on the api port, the replicas on the
-    // peer port, and RocksDB's files besides.
-    let max = config.security.limits.max_connections as u64;
-    let wanted = max.saturating_mul(2).saturating_add(1024);
-    match titus_obs::process::raise_open_files_limit(wanted) {
-        Ok(n) if n < wanted => tracing::warn!(
-            open_files_limit = n,
-            wanted,
-            "the open-files limit is below what security.limits.max-connections = {max} needs on the api and peer ports: raise LimitNOFILE (ulimit -n) or lower max-connections"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    // Before the store opens its files: RocksDB keeps every table file open. Whether the limit is
+    // enough for the connections is said once the replica is up (`node::run`).
+    if let Err(e) = titus_obs::process::raise_open_files_limit(u64::MAX) {
+        eprintln!("titus-control-plane: cannot raise the open-files limit: {e}");
     }
     match titus_control_plane::node::run(config, titus_obs::process::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

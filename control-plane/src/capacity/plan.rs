@@ -85,9 +85,9 @@ pub struct Plan {
     pub launch: BTreeMap<String, u32>,
     /// Instances to terminate: (group, instance id, why).
     pub terminate: Vec<(String, String, String)>,
-    /// Agents cordoned for a termination that is no longer under way — neither planned now nor
-    /// written ahead in their group (a leader gone between the cordon and the intent, say): they
-    /// take tasks again.
+    /// Agents cordoned for a termination that is no longer under way — on an instance still
+    /// running, neither planned now nor written ahead in its group (a leader gone between the
+    /// cordon and the intent, say): they take tasks again.
     pub uncordon: Vec<String>,
 }
 
@@ -309,6 +309,9 @@ pub fn plan(
             plan.desired.insert(g.id.clone(), d);
         }
     }
+    // Only on an instance EC2 still runs: the agent of one already terminated stays cordoned (its
+    // host is gone, or going, whatever its stream still says).
+    let live: BTreeSet<&str> = instances.values().flatten().map(|i| i.id.as_str()).collect();
     let going: BTreeSet<&str> = plan
         .terminate
         .iter()
@@ -317,7 +320,7 @@ pub fn plan(
         .collect();
     plan.uncordon = agents
         .iter()
-        .filter(|a| a.cordoned && !going.contains(a.instance_id.as_str()))
+        .filter(|a| a.cordoned && live.contains(a.instance_id.as_str()) && !going.contains(a.instance_id.as_str()))
         .map(|a| a.agent_id.clone())
         .collect();
     plan

@@ -248,13 +248,15 @@ fn a_cordon_without_a_termination_under_way_is_lifted() {
     g.pending_terminations = vec!["i-2".into()];
     let instances = BTreeMap::from([("g".to_string(), vec![inst("i-1", 0), inst("i-2", 0), inst("i-3", 0)])]);
     // i-1: cordoned by a leader that never got to write the intent; i-2: its termination written
-    // ahead; i-3: not cordoned.
+    // ahead; i-3: not cordoned; i-0: terminated already (EC2 no longer lists it), its agent still
+    // attached.
     let agents = vec![
         AgentLoad { cordoned: true, ..agent("i-1", 1, None) },
         AgentLoad { cordoned: true, ..agent("i-2", 0, Some(NOW)) },
         agent("i-3", 1, None),
+        AgentLoad { cordoned: true, ..agent("i-0", 0, Some(NOW)) },
     ];
     let p = plan(&[g], &instances, &agents, &BTreeMap::new(), &config(), NOW);
     assert!(p.terminate.is_empty(), "{:?}", p.terminate);
-    assert_eq!(p.uncordon, vec!["agent-i-1".to_string()], "only the cordon nothing will follow");
+    assert_eq!(p.uncordon, vec!["agent-i-1".to_string()], "only the cordon nothing will follow, on a live instance");
 }
