@@ -18,15 +18,28 @@ const AGENT_MEMORY_MB: u32 = 65_536;
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
 /// Every task of a job, all pages.
+/// Every task of the job, page by page; a read that fails (a replica busy past its deadline on a
+/// loaded machine) is asked again, from the first page, for up to a minute — an error is never
+/// read as "no tasks".
 async fn all_tasks(client: &Client, job_id: &str) -> Vec<pb::Task> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let Ok(page) = client.find_tasks(&[("jobIds", job_id)], 1000, &cursor).await else { return out };
-        out.extend(page.items);
-        match page.pagination.filter(|p| p.has_more) {
-            Some(p) => cursor = p.cursor,
-            None => return out,
+    let deadline = Instant::now() + Duration::from_secs(60);
+    'again: loop {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = match client.find_tasks(&[("jobIds", job_id)], 1000, &cursor).await {
+                Ok(page) => page,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("find_tasks {job_id}: {e}; asking again");
+                    continue 'again;
+                }
+                Err(e) => panic!("find_tasks {job_id}: {e}"),
+            };
+            out.extend(page.items);
+            match page.pagination.filter(|p| p.has_more) {
+                Some(p) => cursor = p.cursor,
+                None => return out,
+            }
         }
     }
 }
