@@ -208,11 +208,10 @@ async fn main() -> ExitCode {
         }
     };
     titus_obs::process::init_logging(&config.log_format, "info,openraft=warn");
-    // Before the store opens its files: RocksDB keeps every table file open. Whether the limit is
-    // enough for the connections is said once the replica is up (`node::run`).
-    if let Err(e) = titus_obs::process::raise_open_files_limit(u64::MAX) {
-        eprintln!("titus-control-plane: cannot raise the open-files limit: {e}");
-    }
+    // Before the store opens its files: RocksDB keeps every table file open. Up to Linux's default
+    // per-process ceiling (nr_open); whether that is enough, or why it could not be raised, is said
+    // once the replica is up (`node::run`), so a failed start stays one line.
+    let _ = titus_obs::process::raise_open_files_limit(1 << 20);
     match titus_control_plane::node::run(config, titus_obs::process::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
