@@ -549,6 +549,11 @@ pub struct RaftTuning {
     /// to be answered, so a payload must stay small enough to be received and synced in that time
     /// even when entries are batches (placements, agent reports).
     pub max_payload_entries: u64,
+    /// How long a leader waits for a follower to take one chunk of a snapshot, and for the last
+    /// to be installed (the follower answers the last chunk once the state is replaced). openraft's
+    /// 200 ms would have a leader give up on — and resend from the start — any snapshot whose
+    /// install takes longer, which a large state always does.
+    pub install_snapshot_timeout_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -560,6 +565,7 @@ impl Default for RaftTuning {
             snapshot_after_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
             max_payload_entries: 64,
+            install_snapshot_timeout_ms: 60_000,
         }
     }
 }
@@ -637,6 +643,12 @@ impl Config {
         if r.max_payload_entries == 0 {
             return Err(Error::Config("raft.max-payload-entries: must be > 0".into()));
         }
+        if r.install_snapshot_timeout_ms < r.heartbeat_interval_ms {
+            return Err(Error::Config(format!(
+                "raft.install-snapshot-timeout-ms: {} is below the heartbeat interval ({} ms)",
+                r.install_snapshot_timeout_ms, r.heartbeat_interval_ms
+            )));
+        }
         if r.snapshot_after_entries == 0 {
             return Err(Error::Config("raft.snapshot-after-entries: must be > 0".into()));
         }
@@ -690,6 +702,7 @@ impl Config {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
+            install_snapshot_timeout: r.install_snapshot_timeout_ms,
             max_payload_entries: r.max_payload_entries,
             ..Default::default()
         };

@@ -3,7 +3,10 @@
 //! Depends only on the command and model types; nothing here knows RocksDB, tonic or the API.
 
 use std::fmt;
-use std::io::Cursor;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +38,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Node,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -47,3 +50,73 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
 pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
+
+/// A snapshot's data: a file on disk, never the state in memory. openraft reads it in chunks to
+/// send it to a follower, and writes the chunks a leader sends into one; the store reads and
+/// writes it on a blocking thread. The path says which file it is (the store renames a received
+/// one into place, and tells its own from another's).
+#[derive(Debug)]
+pub struct SnapshotFile {
+    file: tokio::fs::File,
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    /// Opens the snapshot at `path` for reading.
+    pub async fn open(path: &Path) -> io::Result<SnapshotFile> {
+        Ok(SnapshotFile { file: tokio::fs::File::open(path).await?, path: path.to_path_buf() })
+    }
+
+    /// Creates (or truncates) `path` to receive a snapshot into.
+    pub async fn create(path: &Path) -> io::Result<SnapshotFile> {
+        let file = tokio::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).await?;
+        Ok(SnapshotFile { file, path: path.to_path_buf() })
+    }
+
+    /// A file already open for reading.
+    pub fn from_std(file: std::fs::File, path: &Path) -> SnapshotFile {
+        SnapshotFile { file: tokio::fs::File::from_std(file), path: path.to_path_buf() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for every write to reach the file and makes it durable.
+    pub async fn sync(&mut self) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await?;
+        self.file.sync_all().await
+    }
+}
+
+impl tokio::io::AsyncRead for SnapshotFile {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SnapshotFile {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.file).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
+impl tokio::io::AsyncSeek for SnapshotFile {
+    fn start_seek(mut self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
+        Pin::new(&mut self.file).start_seek(position)
+    }
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Pin::new(&mut self.file).poll_complete(cx)
+    }
+}

@@ -28,6 +28,9 @@ struct Args {
     request_timeout_ms: Option<u64>,
     #[arg(long)]
     snapshot_after_entries: Option<u64>,
+    /// Entries kept in the log behind the newest snapshot (raft.keep-entries-after-snapshot).
+    #[arg(long)]
+    keep_entries_after_snapshot: Option<u64>,
     /// A follower that hears no leader for a random time between these two stands for election
     /// (raft.election-timeout-min-ms and -max-ms); a leader unconfirmed for the max stops its duties.
     #[arg(long)]
@@ -145,6 +148,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.snapshot_after_entries {
         config.raft.snapshot_after_entries = v;
+    }
+    if let Some(v) = args.keep_entries_after_snapshot {
+        config.raft.keep_entries_after_snapshot = v;
     }
     if let Some(v) = args.election_timeout_min_ms {
         config.raft.election_timeout_min_ms = v;

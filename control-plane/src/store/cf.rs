@@ -6,7 +6,8 @@ pub const RAFT_LOG: &str = "raft_log";
 pub const RAFT_META: &str = "raft_meta";
 /// State machine metadata: last applied log id, last membership, cluster id.
 pub const SM_META: &str = "sm_meta";
-/// The newest snapshot (metadata and data), so it survives a restart and can be sent to a follower.
+/// The newest snapshot (its metadata and the name of its file, see `store::snapshots`), so it
+/// survives a restart and can be sent to a follower.
 pub const SNAPSHOT: &str = "snapshot";
 /// Capacity groups, keyed by name.
 pub const CAPACITY_GROUPS: &str = "capacity_groups";
@@ -106,5 +107,11 @@ pub mod sm_meta {
 /// Keys inside [`SNAPSHOT`].
 pub mod snapshot {
     pub const META: &[u8] = b"meta";
+    /// The snapshot's file, in the data dir's `snapshots/`.
+    pub const FILE: &[u8] = b"file";
+    /// Present while a received snapshot replaces the state: a replica that restarts with it
+    /// installs that snapshot again before reading anything.
+    pub const INSTALLING: &[u8] = b"installing";
+    /// The previous release kept the snapshot's data itself here; moved into a file at start.
     pub const DATA: &[u8] = b"data";
 }

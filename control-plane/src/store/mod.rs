@@ -7,10 +7,13 @@
 pub mod cf;
 mod log_store;
 mod snapshot_data;
+mod snapshots;
 mod state_machine;
 
 #[cfg(test)]
 mod equivalence_test;
+#[cfg(test)]
+mod snapshots_test;
 #[cfg(test)]
 mod store_test;
 
@@ -66,6 +69,9 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
         Some(_) => {}
         None => log_store::record_node_id(&db, node_id).map_err(Error::from_storage)?,
     }
+    // Before anything reads the state: an install a crash cut short is finished first.
+    let snapshots = Arc::new(snapshots::Snapshots::open(dir)?);
+    snapshots.recover(&db)?;
     let rebuilt = rebuild_agent_index(&db)?;
     if rebuilt > 0 {
         tracing::info!(tasks = rebuilt, "rebuilt the by-agent task index");
@@ -79,7 +85,7 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
         changes: Arc::new(ChangeLog::new(CHANGE_LOG_CAPACITY, CHANGE_LOG_BYTES, applied)),
     };
     reader.reload_cluster_meta()?;
-    Ok((LogStore::new(db.clone()), StateMachine::new(db, reader.clone()), reader))
+    Ok((LogStore::new(db.clone()), StateMachine::new(db, snapshots, reader.clone()), reader))
 }
 
 /// Read-only access to the applied state, for the API. What it returns is what this replica has
@@ -585,25 +591,6 @@ pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
     Ok(n)
 }
 
-/// Every record of the column families `names`, as of `view`.
-fn read_families<'a>(
-    db: &DB,
-    view: &rocksdb::SnapshotWithThreadMode<'_, DB>,
-    names: impl IntoIterator<Item = &'a str>,
-) -> Result<Families> {
-    let mut families = Vec::new();
-    for name in names {
-        let cf = cf_handle(db, name).map_err(Error::from_storage)?;
-        let mut records = Vec::new();
-        for item in view.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, v) = item.map_err(Error::from_storage)?;
-            records.push((k.into_vec(), v.into_vec()));
-        }
-        families.push((name.to_string(), records));
-    }
-    Ok(families)
-}
-
 /// A backup: the replicated state as of one applied index.
 pub struct Backup {
     pub applied_index: u64,
@@ -631,8 +618,10 @@ impl StateReader {
         let view = self.db.snapshot();
         let meta = cf_handle(&self.db, cf::SM_META).map_err(Error::from_storage)?;
         let applied_index = applied_index_of(view.get_cf(meta, cf::sm_meta::LAST_APPLIED))?;
-        let families = read_families(&self.db, &view, cf::STATE.iter().copied().filter(|n| cf::in_backups(n)))?;
-        Ok(Backup { applied_index, data: snapshot_data::encode_snapshot_data(&families) })
+        let names = cf::STATE.iter().copied().filter(|n| cf::in_backups(n));
+        let mut out = std::io::Cursor::new(Vec::new());
+        snapshots::write_families(&self.db, &view, names, &mut out)?;
+        Ok(Backup { applied_index, data: out.into_inner() })
     }
 
     pub fn instance_groups(&self) -> Result<Vec<InstanceGroup>> {

@@ -7,15 +7,14 @@
 //! applied again. A snapshot is written synced before the log behind it may be purged; since all
 //! column families share one WAL, that sync also makes every earlier apply durable.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use rocksdb::{IteratorMode, WriteBatch, DB};
 
-use super::snapshot_data::{decode_snapshot_data, encode_snapshot_data};
-use super::{blocking, cf_handle, sync_write_options, StateReader, StoreResult};
+use super::snapshots::Snapshots;
+use super::{cf_handle, StateReader, StoreResult};
 use crate::apply::{Applied, StoreCommand};
 use crate::codec;
 use crate::command::{AuditRecord, Command, CommandResponse, Rejection, RejectionKind};
@@ -39,19 +38,21 @@ mod erased {
         }
     }
 }
-use crate::raft_types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::raft_types::{Entry, LogId, Snapshot, SnapshotFile, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::store::cf;
 
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<DB>,
+    /// Where snapshots are built, received and kept.
+    snapshots: Arc<Snapshots>,
     /// Shares the cluster-id cache with readers, so applying `SetClusterId` is seen at once.
     reader: StateReader,
 }
 
 impl StateMachine {
-    pub(super) fn new(db: Arc<DB>, reader: StateReader) -> Self {
-        StateMachine { db, reader }
+    pub(super) fn new(db: Arc<DB>, snapshots: Arc<Snapshots>, reader: StateReader) -> Self {
+        StateMachine { db, snapshots, reader }
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StoreResult<Option<T>> {
@@ -421,28 +422,6 @@ impl StateMachine {
         }
         Ok(())
     }
-
-    /// Reads the newest stored snapshot.
-    fn stored_snapshot(&self) -> StoreResult<Option<(SnapshotMeta, Vec<u8>)>> {
-        let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
-        let meta = self.db.get_cf(cf, cf::snapshot::META).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        let data = self.db.get_cf(cf, cf::snapshot::DATA).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        match (meta, data) {
-            (Some(meta), Some(data)) => {
-                let meta: SnapshotMeta = codec::decode(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-                Ok(Some((meta, data)))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    fn put_snapshot(&self, batch: &mut WriteBatch, meta: &SnapshotMeta, data: &[u8]) -> StoreResult<()> {
-        let cf = cf_handle(&self.db, cf::SNAPSHOT)?;
-        let meta_bytes = codec::encode(meta).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        batch.put_cf(cf, cf::snapshot::META, meta_bytes);
-        batch.put_cf(cf, cf::snapshot::DATA, data);
-        Ok(())
-    }
 }
 
 /// A write error that keeps its source chain (openraft's `AnyError` records every source).
@@ -461,54 +440,31 @@ impl std::fmt::Display for AnyErr {
 impl std::error::Error for AnyErr {}
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Builds on a blocking thread from a RocksDB snapshot (consistent while applies go on) into a
+    /// file: the leader's runtime threads keep sending heartbeats and answering calls meanwhile.
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot> {
         let started = std::time::Instant::now();
-        let snapshot = self.build_snapshot_now()?;
+        let (db, snapshots) = (self.db.clone(), self.snapshots.clone());
+        let built =
+            off_runtime(move || snapshots.build(&db)).await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let m = crate::telemetry::metrics();
         m.snapshot_build_seconds.observe(&[], started.elapsed().as_secs_f64());
-        m.snapshot_bytes.set(&[], snapshot.snapshot.get_ref().len() as f64);
-        Ok(snapshot)
+        m.snapshot_bytes.set(&[], built.bytes as f64);
+        tracing::info!(snapshot_id = %built.meta.snapshot_id, bytes = built.bytes, "built snapshot");
+        Ok(Snapshot { meta: built.meta, snapshot: Box::new(SnapshotFile::from_std(built.file, &built.path)) })
     }
 }
 
-impl StateMachine {
-    fn build_snapshot_now(&mut self) -> StoreResult<Snapshot> {
-        // A RocksDB snapshot gives a consistent view while apply goes on concurrently.
-        let view = self.db.snapshot();
-        let read = |key: &[u8]| -> StoreResult<Option<Vec<u8>>> {
-            let cf = cf_handle(&self.db, cf::SM_META)?;
-            view.get_cf(cf, key).map_err(|e| StorageIOError::read_state_machine(&e).into())
-        };
-        let last_applied: Option<LogId> = read(cf::sm_meta::LAST_APPLIED)?
-            .map(|b| codec::decode(&b))
-            .transpose()
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        let membership: StoredMembership = read(cf::sm_meta::MEMBERSHIP)?
-            .map(|b| codec::decode(&b))
-            .transpose()
-            .map_err(|e| StorageIOError::read_state_machine(&e))?
-            .unwrap_or_default();
-
-        let families = super::read_families(&self.db, &view, cf::STATE.iter().copied().chain([cf::SM_META]))
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        let data = encode_snapshot_data(&families);
-        drop(view);
-
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let snapshot_id = match last_applied {
-            Some(id) => format!("{}-{}-{nanos}", id.leader_id.term, id.index),
-            None => format!("0-0-{nanos}"),
-        };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-
-        let mut batch = WriteBatch::default();
-        self.put_snapshot(&mut batch, &meta, &data)?;
-        // The snapshot must be durable before openraft purges the log it replaces.
-        blocking(|| self.db.write_opt(batch, &sync_write_options()))
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+/// Runs `f` on tokio's blocking pool (inline outside a runtime), so a snapshot's disk work never
+/// holds an async worker thread.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> crate::error::Result<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn_blocking(f).await.map_err(|e| crate::error::Error::storage("a snapshot's blocking task", e))?
+        }
+        Err(_) => f(),
     }
 }
 
@@ -595,52 +551,48 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<SnapshotFile>> {
+        let path = self.snapshots.incoming_path().map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let file = SnapshotFile::create(&path).await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(file))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StoreResult<()> {
-        let data = snapshot.into_inner();
-        let families =
-            decode_snapshot_data(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let wr = |e: &dyn std::error::Error| {
-            StorageIOError::<u64>::write_snapshot(Some(meta.signature()), &AnyErr(e.to_string()))
-        };
-
-        // Replace the state whole, in one synced batch: a crash leaves either the old state or the new.
-        let mut batch = WriteBatch::default();
-        for name in cf::STATE.iter().copied().chain([cf::SM_META]) {
-            let cf = cf_handle(&self.db, name)?;
-            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
-                let (k, _) = item.map_err(|e| wr(&e))?;
-                batch.delete_cf(cf, k);
-            }
-        }
-        for (name, records) in &families {
-            if !cf::STATE.contains(&name.as_str()) && name != cf::SM_META {
-                return Err(wr(&AnyErr(format!("snapshot carries unknown column family {name:?}"))).into());
-            }
-            let cf = cf_handle(&self.db, name)?;
-            for (k, v) in records {
-                batch.put_cf(cf, k, v);
-            }
-        }
-        let sm_meta = cf_handle(&self.db, cf::SM_META)?;
-        batch.put_cf(sm_meta, cf::sm_meta::LAST_APPLIED, codec::encode(&meta.last_log_id).map_err(|e| wr(&e))?);
-        batch.put_cf(sm_meta, cf::sm_meta::MEMBERSHIP, codec::encode(&meta.last_membership).map_err(|e| wr(&e))?);
-        self.put_snapshot(&mut batch, meta, &data)?;
-        blocking(|| self.db.write_opt(batch, &sync_write_options())).map_err(|e| wr(&e))?;
-        // A snapshot from a release before the by-agent index: derive it.
-        rebuild_agent_index(&self.db).map_err(|e| wr(&e))?;
-        self.reader.reload_cluster_meta().map_err(|e| wr(&e))?;
+    /// Installs a received snapshot from its file, on a blocking thread and in bounded batches
+    /// (see `store::snapshots`): nothing of it is held in memory.
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, mut snapshot: Box<SnapshotFile>) -> StoreResult<()> {
+        // Every chunk written, and on disk, before it is read back.
+        snapshot.sync().await.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let received = snapshot.path().to_path_buf();
+        drop(snapshot);
+        let (db, snapshots, owned_meta) = (self.db.clone(), self.snapshots.clone(), meta.clone());
+        let bytes = off_runtime(move || {
+            let bytes = snapshots.install(&db, &owned_meta, &received)?;
+            // A snapshot from a release before the by-agent index: derive it.
+            rebuild_agent_index(&db)?;
+            Ok(bytes)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.reader.reload_cluster_meta().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         // Observers cannot follow a wholesale replacement: they start over with a snapshot.
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.reader.changes.publish(ChangeBatch { revision, changes: Vec::new(), bytes: 0, reset: true });
-        tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        tracing::info!(snapshot_id = %meta.snapshot_id, bytes, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot>> {
-        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        // A snapshot made current meanwhile removes the file just named: ask again.
+        for _ in 0..3 {
+            let current = self.snapshots.current(&self.db).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+            let Some((meta, path)) = current else { return Ok(None) };
+            match SnapshotFile::open(&path).await {
+                Ok(file) => return Ok(Some(Snapshot { meta, snapshot: Box::new(file) })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
+            }
+        }
+        let replaced = AnyErr("the current snapshot's file keeps being replaced".into());
+        Err(StorageIOError::read_snapshot(None, &replaced).into())
     }
 }

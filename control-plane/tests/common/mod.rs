@@ -237,6 +237,11 @@ impl Cluster {
         addrs
     }
 
+    /// The process id of running replica `id`.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.replica(id).process.as_ref().expect("replica running").id()
+    }
+
     /// Stops replica `id` in its tracks (SIGSTOP): a stalled process, as its peers see it.
     pub fn pause(&mut self, id: u64) {
         signal(self.replica_mut(id).process.as_ref().expect("replica running").id(), "STOP");
@@ -772,6 +777,17 @@ pub fn sleeping_service(app: &str, cpu: f64, memory_mb: u32, desired: u32) -> ti
         })),
         ..Default::default()
     }
+}
+
+/// A process's peak resident memory in bytes (`VmHWM`), as the kernel counts it.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status");
+    kb * 1024
 }
 
 /// Sends `SIG<name>` to process `pid`.
