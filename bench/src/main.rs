@@ -70,10 +70,15 @@ struct Args {
     /// Upper bound on the end-to-end placement run, in seconds.
     #[arg(long, default_value_t = 1800)]
     placement_limit: u64,
-    /// Passed to the replicas of the placement run (snapshots are built in memory: at a million
-    /// tasks one is over 1 GB and stalls its replica; see the README).
+    /// Passed to the replicas of the placement run (raft.snapshot-after-entries); their default
+    /// when not given.
     #[arg(long)]
     snapshot_after_entries: Option<u64>,
+    /// In the placement run, once this many tasks are acknowledged, kill a follower, wipe its data
+    /// dir and start it again: it catches up by a snapshot while the run goes on (its catch-up
+    /// time and peak RSS are printed).
+    #[arg(long)]
+    wipe_follower_at: Option<usize>,
     /// Runs titus with mutual TLS (certificates made for the run) instead of plaintext.
     #[arg(long)]
     tls: bool,
@@ -706,7 +711,8 @@ async fn main() -> Result<()> {
             .snapshot_after_entries
             .map(|n| vec!["--snapshot-after-entries".into(), n.to_string()])
             .unwrap_or_default();
-        scheduler::placement_bench(&titus_bin, &dir.path().join("placement"), agents, tasks, limit, &extra).await?;
+        let run = scheduler::PlacementRun { agents, tasks, limit, wipe_follower_at: args.wipe_follower_at };
+        scheduler::placement_bench(&titus_bin, &dir.path().join("placement"), run, &extra).await?;
     }
     if !args.scheduler_core.is_empty() || !args.placement.is_empty() {
         return Ok(());

@@ -125,20 +125,34 @@ pub fn core_bench(agents: usize, tasks: usize) {
 /// The whole path: 3 replicas (fsync on), `agents` simulated agents in one `titus-agent
 /// --simulate` process, `tasks` tasks in batch jobs of up to 1,000 submitted through the SDK by 8
 /// concurrent submitters; stops after `limit` whatever it reached.
-pub async fn placement_bench(
-    titus_bin: &Path,
-    dir: &Path,
-    agents: usize,
-    tasks: usize,
-    limit: Duration,
-    replica_args: &[String],
-) -> Result<()> {
+/// What the end-to-end placement run does.
+pub struct PlacementRun {
+    pub agents: usize,
+    pub tasks: usize,
+    /// Upper bound on the run.
+    pub limit: Duration,
+    /// Once this many tasks are acknowledged, a follower is killed, wiped and started again.
+    pub wipe_follower_at: Option<usize>,
+}
+
+/// A follower wiped during the run: which, when, and how it caught up.
+struct Wiped {
+    id: u64,
+    at: Instant,
+    /// The leader's applied index when the follower came back: caught up once it reaches it.
+    target: u64,
+    caught_up: Option<(Duration, u64)>,
+}
+
+pub async fn placement_bench(titus_bin: &Path, dir: &Path, run: PlacementRun, replica_args: &[String]) -> Result<()> {
+    let PlacementRun { agents, tasks, limit, wipe_follower_at } = run;
+    let mut wiped: Option<Wiped> = None;
     std::fs::create_dir_all(dir)?;
     let agent_bin = titus_bin.with_file_name("titus-agent");
     if !agent_bin.exists() {
         bail!("{} not found: build it first (cargo build -p titus-agent)", agent_bin.display());
     }
-    let titus = Titus::start(titus_bin, dir, replica_args).await?;
+    let mut titus = Titus::start(titus_bin, dir, replica_args).await?;
     let client = Client::connect(titus.apis.iter())?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.cluster_status().await.map(|s| s.leader_id == 0).unwrap_or(true) {
@@ -206,6 +220,10 @@ pub async fn placement_bench(
         }
     });
 
+    let (leader_id, term0) = {
+        let s = client.cluster_status().await?;
+        (s.leader_id, s.term)
+    };
     let (leader_pid, leader_admin) = {
         let s = client.cluster_status().await?;
         let admin = titus.admins.get((s.leader_id as usize).wrapping_sub(1)).context("leader admin")?.clone();
@@ -276,6 +294,27 @@ pub async fn placement_bench(
             Some(_) => false,
             None => true,
         });
+        if wiped.is_none() && wipe_follower_at.is_some_and(|n| acked.len() >= n) {
+            let id = (1..=3u64).find(|id| *id != leader_id).context("a follower")?;
+            let index = (id - 1) as usize;
+            titus.procs[index].kill();
+            std::fs::remove_dir_all(dir.join(format!("titus-{id}"))).context("wiping the follower's data dir")?;
+            titus.procs[index].start()?;
+            let target = client.cluster_status().await.map(|s| s.last_applied_index).unwrap_or(0);
+            eprintln!(
+                "placement: follower {id} wiped and restarted at {} acknowledged (leader applied {target})",
+                acked.len()
+            );
+            wiped = Some(Wiped { id, at: Instant::now(), target, caught_up: None });
+        }
+        if let Some(w) = wiped.as_mut().filter(|w| w.caught_up.is_none()) {
+            let applied = titus.clients[(w.id - 1) as usize].cluster_status().await.map(|s| s.last_applied_index);
+            if applied.is_ok_and(|a| a >= w.target) {
+                let pid = titus.pid_of(w.id).context("the wiped follower's pid")?;
+                w.caught_up = Some((w.at.elapsed(), pid as u64));
+                eprintln!("placement: follower {} caught up in {:.1} s", w.id, w.at.elapsed().as_secs_f64());
+            }
+        }
         if last_report.elapsed() > Duration::from_secs(10) {
             last_report = Instant::now();
             eprintln!("placement: {} of {tasks} acknowledged after {:.0} s", acked.len(), t0.elapsed().as_secs_f64());
@@ -321,6 +360,24 @@ pub async fn placement_bench(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let term1 = client.cluster_status().await.map(|s| s.term).unwrap_or(0);
+    println!(
+        "    leadership: term {term0} at the start, {term1} at the end ({})",
+        if term1 == term0 { "no election during the run" } else { "ELECTIONS during the run" }
+    );
+    if let Some(w) = &wiped {
+        match w.caught_up {
+            Some((took, pid)) => println!(
+                "    follower {} wiped at {} acknowledged: caught up (applied index {}) in {:.1} s, its peak RSS since {:.0} MiB",
+                w.id,
+                wipe_follower_at.unwrap_or(0),
+                w.target,
+                took.as_secs_f64(),
+                peak_rss_mib(&pid.to_string())
+            ),
+            None => println!("    follower {} wiped: NOT caught up by the end of the run", w.id),
+        }
+    }
     if acked.len() < tasks {
         bail!("only {} of {tasks} tasks acknowledged within the {limit:?} limit", acked.len());
     }

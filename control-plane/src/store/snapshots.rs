@@ -1,11 +1,12 @@
 //! Snapshots on disk: built from a RocksDB snapshot into a file, sent to a follower by openraft in
-//! bounded chunks read from that file, and installed from a file in bounded write batches. At no
-//! point is the state (or a snapshot of it) held in memory, and all of it runs on blocking threads,
-//! never on the async runtime's, so heartbeats and client calls go on meanwhile.
+//! bounded chunks read from that file, and installed from a file through SST files that RocksDB
+//! ingests without passing them through its memtables. At no point is the state (or a snapshot of
+//! it) held in memory, and all of it runs on blocking threads, never on the async runtime's, so
+//! heartbeats and client calls go on meanwhile.
 //!
 //! Files live in `<data-dir>/snapshots/`: `<snapshot id>.snap` is the current snapshot, `*.tmp` one
-//! being built, `incoming-*.part` one being received. The `snapshot` column family names the
-//! current file and holds its metadata.
+//! being built, `incoming-*.part` one being received, `ingest-*.sst` one being installed. The
+//! `snapshot` column family names the current file and holds its metadata.
 //!
 //! Invariants:
 //! - The `snapshot` family only ever names a file that is complete and synced (written, fsynced and
@@ -13,15 +14,18 @@
 //! - An install is redone until it completes: the synced batch that makes the received file current
 //!   also writes `installing`; the synced batch that ends the install (last applied, membership)
 //!   deletes it. A replica opened with `installing` set installs that file again before anything
-//!   reads its state ([`finish_interrupted_install`]). The batches in between are not synced on their
-//!   own: the last one's sync makes every earlier one durable (one WAL for every family).
+//!   reads its state ([`Snapshots::recover`]). The steps in between (a range delete per family, the
+//!   ingestions) need no sync of their own: the last batch's sync covers the deletes (one WAL for
+//!   every family), and an ingestion is durable when it returns.
+//! - A snapshot is never built from a state half replaced: building takes its RocksDB snapshot under
+//!   the lock an install holds from its first delete to its last batch.
 //!
 //! Knows RocksDB and the files; knows nothing of what the records mean.
 
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use rocksdb::{IteratorMode, WriteBatch, DB};
 
@@ -40,6 +44,8 @@ pub struct Snapshots {
     /// Held while the current snapshot changes (a build finishing while a received one is installed
     /// must not leave the family naming one and the directory holding the other).
     current: Mutex<()>,
+    /// Written while an install replaces the state; read while a build takes its RocksDB snapshot.
+    replacing: RwLock<()>,
 }
 
 /// A snapshot written to a file and made current.
@@ -57,7 +63,7 @@ impl Snapshots {
     pub fn open(data_dir: &Path) -> Result<Snapshots> {
         let dir = data_dir.join("snapshots");
         fs::create_dir_all(&dir).map_err(|e| Error::storage(format!("creating {}", dir.display()), e))?;
-        Ok(Snapshots { dir, current: Mutex::new(()) })
+        Ok(Snapshots { dir, current: Mutex::new(()), replacing: RwLock::new(()) })
     }
 
     /// Where a snapshot being received goes; any earlier partial one is removed (openraft receives
@@ -83,7 +89,10 @@ impl Snapshots {
 
     /// Writes the state as of one RocksDB snapshot into a file and makes it current.
     pub fn build(&self, db: &DB) -> Result<Built> {
-        let view = db.snapshot();
+        let view = {
+            let _not_mid_install = self.replacing.read().unwrap_or_else(|p| p.into_inner());
+            db.snapshot()
+        };
         let meta_family = cf_handle(db, cf::SM_META).map_err(Error::from_storage)?;
         let read = |key: &[u8]| view.get_cf(meta_family, key).map_err(|e| Error::storage("reading sm_meta", e));
         let last_applied: Option<LogId> = match read(cf::sm_meta::LAST_APPLIED)? {
@@ -163,6 +172,7 @@ impl Snapshots {
         fs::rename(&staged, &path).map_err(|e| Error::storage(format!("renaming {}", staged.display()), e))?;
         self.sync_dir()?;
         self.make_current(db, meta, &name, true)?;
+        let _replacing = self.replacing.write().unwrap_or_else(|p| p.into_inner());
         load(db, meta, ssts)?;
         Ok(bytes)
     }
