@@ -4,6 +4,7 @@
 //! state machine and the in-memory test store both implement [`StateRead`]; the same rules run over
 //! either.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -147,6 +148,27 @@ pub struct Changes {
     pub load_balancers: BTreeMap<String, Write<LoadBalancer>>,
     pub lb_targets: BTreeMap<String, Write<LbTarget>>,
     pub capacity_groups: BTreeMap<String, Write<CapacityGroup>>,
+    /// How the indexes held each task a rule read from the state before changing it (`None`: it
+    /// did not exist). The store rewrites only the index entries that change: a task is written
+    /// four times on its way to Started, its by-job entry once and its by-agent entry once. A task
+    /// written without being read first has its entries written whatever they held.
+    pub tasks_indexed_before: BTreeMap<String, Option<Indexed>>,
+}
+
+/// Where a stored task is indexed: under its job, and under its agent while live and placed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Indexed {
+    pub job_id: String,
+    pub live_on: Option<String>,
+}
+
+impl Indexed {
+    pub fn of(task: &Task) -> Indexed {
+        Indexed {
+            job_id: task.job_id.clone(),
+            live_on: agent_of(task).filter(|_| task.state().is_live()).map(str::to_string),
+        }
+    }
 }
 
 impl Changes {
@@ -168,11 +190,13 @@ impl Changes {
 pub struct Overlay<'a> {
     base: &'a dyn StateRead,
     pub changes: Changes,
+    /// Tasks read from `base`, as the indexes hold them (see `Changes::tasks_indexed_before`).
+    indexed_before: RefCell<BTreeMap<String, Option<Indexed>>>,
 }
 
 impl<'a> Overlay<'a> {
     pub fn new(base: &'a dyn StateRead) -> Self {
-        Overlay { base, changes: Changes::default() }
+        Overlay { base, changes: Changes::default(), indexed_before: RefCell::new(BTreeMap::new()) }
     }
 
     pub fn put_job(&mut self, job: Job) {
@@ -242,7 +266,9 @@ impl<'a> Overlay<'a> {
     }
 
     pub fn into_changes(self) -> Changes {
-        self.changes
+        let mut changes = self.changes;
+        changes.tasks_indexed_before = self.indexed_before.into_inner();
+        changes
     }
 }
 
@@ -278,7 +304,14 @@ impl StateRead for Overlay<'_> {
     fn task(&self, id: &str) -> Result<Option<Task>> {
         match self.changes.tasks.get(id) {
             Some(w) => Ok(w.current().cloned()),
-            None => self.base.task(id),
+            None => {
+                let task = self.base.task(id)?;
+                self.indexed_before
+                    .borrow_mut()
+                    .entry(id.to_string())
+                    .or_insert_with(|| task.as_ref().map(Indexed::of));
+                Ok(task)
+            }
         }
     }
 

@@ -284,7 +284,8 @@ impl StateMachine {
     }
 
     /// Writes a job command's changes (and their indexes) into `batch`, and lists them for observers.
-    fn write_changes(&self, batch: &mut WriteBatch, c: Changes, out: &mut Vec<Change>) -> StoreResult<()> {
+    fn write_changes(&self, batch: &mut WriteBatch, mut c: Changes, out: &mut Vec<Change>) -> StoreResult<()> {
+        let indexed_before = std::mem::take(&mut c.tasks_indexed_before);
         let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| write_error(&e));
         let (jobs, tasks, by_job) =
             (cf_handle(&self.db, cf::JOBS)?, cf_handle(&self.db, cf::TASKS)?, cf_handle(&self.db, cf::TASKS_BY_JOB)?);
@@ -318,22 +319,39 @@ impl StateMachine {
             match w {
                 Write::Put(t) => {
                     batch.put_cf(tasks, id.as_bytes(), enc(&t)?);
-                    batch.put_cf(by_job, index_key(&t.job_id, &id), b"");
+                    // Some(None): read and absent; Some(Some(i)): read, indexed as `i`; None: not read.
+                    let before = indexed_before.get(&id);
+                    let was = before.and_then(Option::as_ref);
+                    if was.is_none_or(|w| w.job_id != t.job_id) {
+                        if let Some(moved) = was.filter(|w| w.job_id != t.job_id) {
+                            batch.delete_cf(by_job, index_key(&moved.job_id, &id));
+                        }
+                        batch.put_cf(by_job, index_key(&t.job_id, &id), b"");
+                    }
                     // A task's agent never changes once set: live → indexed there, else not.
                     if let Some(agent) = agent_of(&t) {
                         if t.state().is_live() {
-                            let r = match job_resources.get(&t.job_id) {
-                                Some(r) => r.clone(),
-                                None => self
-                                    .reader
-                                    .job(&t.job_id)
-                                    .map_err(|e| write_error(&e))?
-                                    .map(|j| j.descriptor.container.resources.as_dimension())
-                                    .unwrap_or_default(),
-                            };
-                            batch.put_cf(by_agent, agent_index_key(agent, &id), enc(&r)?);
+                            // The entry holds the job's resources: rewritten when the job is.
+                            let held = was.is_some_and(|w| w.live_on.as_deref() == Some(agent))
+                                && !job_resources.contains_key(&t.job_id);
+                            if !held {
+                                let r = match job_resources.get(&t.job_id) {
+                                    Some(r) => r.clone(),
+                                    None => self
+                                        .reader
+                                        .job(&t.job_id)
+                                        .map_err(|e| write_error(&e))?
+                                        .map(|j| j.descriptor.container.resources.as_dimension())
+                                        .unwrap_or_default(),
+                                };
+                                batch.put_cf(by_agent, agent_index_key(agent, &id), enc(&r)?);
+                            }
                         } else {
-                            batch.delete_cf(by_agent, agent_index_key(agent, &id));
+                            let absent =
+                                before.is_some_and(|b| b.as_ref().is_none_or(|w| w.live_on.as_deref() != Some(agent)));
+                            if !absent {
+                                batch.delete_cf(by_agent, agent_index_key(agent, &id));
+                            }
                         }
                     }
                     out.push(Change::Task(t));
