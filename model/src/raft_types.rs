@@ -1,6 +1,7 @@
 //! The openraft type configuration: what a log entry carries, how nodes are addressed.
 //!
-//! Depends only on the command and model types; nothing here knows RocksDB, tonic or the API.
+//! Depends only on the command and model types, and on tokio's file for a snapshot's data; nothing
+//! here knows RocksDB, tonic or the API.
 
 use std::fmt;
 use std::io;
