@@ -308,7 +308,10 @@ pub async fn placement_bench(titus_bin: &Path, dir: &Path, run: PlacementRun, re
             wiped = Some(Wiped { id, at: Instant::now(), target, caught_up: None });
         }
         if let Some(w) = wiped.as_mut().filter(|w| w.caught_up.is_none()) {
-            let applied = titus.clients[(w.id - 1) as usize].cluster_status().await.map(|s| s.last_applied_index);
+            // Asked of that replica alone: the SDK would answer from another one while it is down.
+            let addr = &titus.apis[(w.id - 1) as usize];
+            let applied = client.cluster_status_of(addr).await.map(|s| (s.node_id, s.last_applied_index));
+            let applied = applied.map(|(node, index)| if node == w.id { index } else { 0 });
             if applied.is_ok_and(|a| a >= w.target) {
                 let pid = titus.pid_of(w.id).context("the wiped follower's pid")?;
                 w.caught_up = Some((w.at.elapsed(), pid as u64));
@@ -360,7 +363,11 @@ pub async fn placement_bench(titus_bin: &Path, dir: &Path, run: PlacementRun, re
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let term1 = client.cluster_status().await.map(|s| s.term).unwrap_or(0);
+    // The newest term any replica knows (a replica that was down may still know an older one).
+    let mut term1 = 0;
+    for api in &titus.apis {
+        term1 = term1.max(client.cluster_status_of(api).await.map(|s| s.term).unwrap_or(0));
+    }
     println!(
         "    leadership: term {term0} at the start, {term1} at the end ({})",
         if term1 == term0 { "no election during the run" } else { "ELECTIONS during the run" }
