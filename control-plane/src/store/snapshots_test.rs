@@ -8,26 +8,13 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::store_test::apply_at;
+use super::store_test::{apply_at, capacity_group};
 use super::{cf, StateMachine, StateReader};
 use crate::command::Command;
-use crate::model::{CapacityGroup, ResourceDimension, Tier};
+use crate::model::CapacityGroup;
 
 fn group(name: &str, padding: usize) -> CapacityGroup {
-    CapacityGroup {
-        name: format!("{name}{}", "x".repeat(padding)),
-        tier: Tier::Flex,
-        resources_per_instance: ResourceDimension {
-            cpu: 1.0,
-            memory_mb: 1024,
-            disk_mb: 1024,
-            network_mbps: 10,
-            gpu: 0,
-        },
-        instance_count: 1,
-        create_time_ms: 1,
-        update_time_ms: 1,
-    }
+    capacity_group(&format!("{name}{}", "x".repeat(padding)))
 }
 
 /// Every record of every replicated family (and sm_meta), as RocksDB holds them; but the

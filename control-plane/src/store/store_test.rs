@@ -33,6 +33,25 @@ pub(super) fn apply_at(
     responses.remove(0)
 }
 
+/// A one-instance Flex capacity group named `name`.
+pub(super) fn capacity_group(name: &str) -> crate::model::CapacityGroup {
+    use crate::model::{CapacityGroup, ResourceDimension, Tier};
+    CapacityGroup {
+        name: name.into(),
+        tier: Tier::Flex,
+        resources_per_instance: ResourceDimension {
+            cpu: 1.0,
+            memory_mb: 1024,
+            disk_mb: 1024,
+            network_mbps: 10,
+            gpu: 0,
+        },
+        instance_count: 1,
+        create_time_ms: 1,
+        update_time_ms: 1,
+    }
+}
+
 #[test]
 fn openraft_storage_suite() -> Result<(), StorageError> {
     Suite::test_all(RocksBuilder)?;
@@ -191,7 +210,6 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
 #[test]
 fn a_restore_swaps_the_state_only_at_its_end() {
     use crate::command::{Command, CommandResponse};
-    use crate::model::{CapacityGroup, ResourceDimension, Tier};
 
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
@@ -200,20 +218,7 @@ fn a_restore_swaps_the_state_only_at_its_end() {
         index += 1;
         apply_at(sm, index, command)
     };
-    let group = |name: &str| CapacityGroup {
-        name: name.into(),
-        tier: Tier::Flex,
-        resources_per_instance: ResourceDimension {
-            cpu: 1.0,
-            memory_mb: 1024,
-            disk_mb: 1024,
-            network_mbps: 10,
-            gpu: 0,
-        },
-        instance_count: 1,
-        create_time_ms: 1,
-        update_time_ms: 1,
-    };
+    let group = capacity_group;
     let names = || reader.capacity_groups().unwrap().into_iter().map(|g| g.name).collect::<Vec<_>>();
     let rejected = |r: &CommandResponse, field: &str| matches!(r, CommandResponse::Rejected(x) if x.field == field);
 
