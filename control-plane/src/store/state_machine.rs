@@ -575,7 +575,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(file))
     }
 
-    /// Installs a received snapshot from its file, on a blocking thread and in bounded batches
+    /// Installs a received snapshot from its file, on a blocking thread, through SST ingestion
     /// (see `store::snapshots`): nothing of it is held in memory.
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, mut snapshot: Box<SnapshotFile>) -> StoreResult<()> {
         // Every chunk written, and on disk, before it is read back.
