@@ -6,11 +6,8 @@
 
 use std::sync::Arc;
 
-use crate::jobs::apply::agent_of;
-use crate::model::agent::AgentState;
 use crate::model::task::TaskState;
 use crate::replica::Replica;
-use crate::state::StateRead;
 use crate::telemetry::metrics;
 
 /// Sets the scrape-time gauges from this replica's view, then renders everything.
@@ -34,25 +31,14 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
     );
 
     let state = &replica.state;
-    if let Ok(tasks) = state.all_tasks() {
-        let mut by_state = std::collections::BTreeMap::new();
-        let mut pending = 0;
-        for t in &tasks {
-            *by_state.entry(t.state().name().to_string()).or_insert(0.0) += 1.0;
-            if t.state() == TaskState::Accepted && agent_of(t).is_none() {
-                pending += 1;
-            }
-        }
-        m.tasks.replace(by_state.into_iter().map(|(k, v)| (vec![k], v)));
-        m.scheduler_pending_tasks.set(&[], pending as f64);
-    }
-    if let Ok(agents) = state.agents() {
-        let online = agents.iter().filter(|a| a.state == AgentState::Online).count();
-        m.agents.replace([
-            (vec!["online".to_string()], online as f64),
-            (vec!["lost".to_string()], (agents.len() - online) as f64),
-        ]);
-    }
+    // Kept on apply: a scrape reads no task (it once decoded every one, each scrape).
+    let counts = state.counts();
+    m.tasks.replace(TaskState::ALL.iter().map(|s| (vec![s.name().to_string()], counts.tasks_in(*s) as f64)));
+    m.scheduler_pending_tasks.set(&[], counts.pending_tasks as f64);
+    m.agents.replace([
+        (vec!["online".to_string()], counts.agents_online as f64),
+        (vec!["lost".to_string()], counts.agents_lost as f64),
+    ]);
     let heard = hub.heartbeat_ages();
     m.agents_connected.set(&[], heard.len() as f64);
     m.agent_heartbeat_age_seconds.replace(heard.into_iter().map(|(id, age)| (vec![id], age.as_secs_f64())));

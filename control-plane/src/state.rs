@@ -127,7 +127,8 @@ pub enum Write<T> {
 }
 
 impl<T> Write<T> {
-    fn current(&self) -> Option<&T> {
+    /// The value after the write (`None`: removed).
+    pub fn current(&self) -> Option<&T> {
         match self {
             Write::Put(v) => Some(v),
             Write::Delete(_) => None,
@@ -155,11 +156,13 @@ pub struct Changes {
     pub tasks_indexed_before: BTreeMap<String, Option<Indexed>>,
 }
 
-/// Where a stored task is indexed: under its job, and under its agent while live and placed.
+/// Where a stored task is indexed: under its job, and under its agent while live and placed; and
+/// its state, which the store's counts are kept by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Indexed {
     pub job_id: String,
     pub live_on: Option<String>,
+    pub state: crate::model::task::TaskState,
 }
 
 impl Indexed {
@@ -167,6 +170,7 @@ impl Indexed {
         Indexed {
             job_id: task.job_id.clone(),
             live_on: agent_of(task).filter(|_| task.state().is_live()).map(str::to_string),
+            state: task.state(),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{authorize_job_change, authorize_task_change, client_deadline};
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::events::{Change, ChangeBatch, Start};
-use crate::jobs::query::{paginate, Filter};
+use crate::jobs::query::{first_page, merge_by_id, page_size as page_size_checked, paginate, Filter};
 use crate::model::convert::{
     attributes_from_proto, id_field, job_descriptor_from_proto, job_to_proto, task_state_from_proto, task_to_proto,
 };
@@ -24,6 +24,7 @@ use crate::model::job::{Job, JobState, JobStatus};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::replica::Replica;
 use crate::state::StateRead;
+use crate::store::{cf as store_cf, StateView};
 
 /// How long a CreateJob idempotency token is remembered.
 pub const JOB_TOKEN_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -79,16 +80,190 @@ impl JobApi {
         self.replica.read_barrier(client_deadline(request)).await
     }
 
-    /// Every job that may match `filter` in `view`: active ones, plus archived ones when it asks for
-    /// them. One snapshot, so a job that finishes meanwhile is listed once, active or archived (it
-    /// was once listed twice, KillInitiated and Finished, when the two reads straddled its finish).
-    fn candidate_jobs(view: &crate::store::StateView<'_>, filter: &Filter) -> Result<Vec<(Job, bool)>> {
-        let mut jobs: Vec<(Job, bool)> = view.jobs()?.into_iter().map(|j| (j, false)).collect();
-        if filter.wants_finished() {
-            jobs.extend(view.archived_jobs()?.into_iter().map(|j| (j, true)));
-        }
-        Ok(jobs)
+    /// Runs a query on a view of the state taken now, on a blocking thread: a query that must read
+    /// many records holds up no heartbeat or call on the runtime's threads.
+    async fn query<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&StateView<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let replica = self.replica.clone();
+        tokio::task::spawn_blocking(move || read(&replica.state.snapshot()))
+            .await
+            .map_err(|e| Error::storage("a query's blocking task", e))?
     }
+}
+
+/// A page of query results: the items, whether more follow, the next page's cursor, and how many
+/// match in all.
+type Page<T> = (Vec<T>, bool, String, u32);
+
+fn total(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Every job that may match `filter` in `view`: the ones it names, or the active ones, plus
+/// archived ones when it asks for them. One snapshot, so a job that finishes meanwhile is listed
+/// once, active or archived (it was once listed twice, KillInitiated and Finished, when the two
+/// reads straddled its finish).
+fn candidate_jobs(view: &StateView<'_>, filter: &Filter) -> Result<Vec<(Job, bool)>> {
+    if let Some(ids) = &filter.job_ids {
+        let mut jobs = Vec::new();
+        for id in ids {
+            match view.job(id)? {
+                Some(j) => jobs.push((j, false)),
+                None => jobs.extend(view.archived_job(id)?.map(|j| (j, true))),
+            }
+        }
+        return Ok(jobs);
+    }
+    let mut jobs: Vec<(Job, bool)> = view.jobs()?.into_iter().map(|j| (j, false)).collect();
+    if filter.wants_finished() {
+        jobs.extend(view.archived_jobs()?.into_iter().map(|j| (j, true)));
+    }
+    Ok(jobs)
+}
+
+/// Records of an active and an archived family after `cursor`, merged in id order, each marked
+/// archived or not (the archived ones only when `archived` is asked for).
+fn active_then_archived<'v, T: serde::de::DeserializeOwned + 'v>(
+    view: &'v StateView<'_>,
+    families: (&'static str, &'static str),
+    archived: bool,
+    cursor: &str,
+    id: impl Fn(&T) -> &str + Copy + 'v,
+) -> Result<impl Iterator<Item = Result<(T, bool)>> + 'v> {
+    let active = view.records_after::<T>(families.0, cursor)?.map(|r| r.map(|t| (t, false)));
+    let finished: Box<dyn Iterator<Item = Result<(T, bool)>> + 'v> = if archived {
+        Box::new(view.records_after::<T>(families.1, cursor)?.map(|r| r.map(|t| (t, true))))
+    } else {
+        Box::new(std::iter::empty())
+    };
+    Ok(merge_by_id(active, finished, move |(t, _): &(T, bool)| id(t)))
+}
+
+/// A page of the jobs `filter` matches after `cursor`. The jobs it names are read by id; with no
+/// criterion the page is read in id order from the cursor and the total is a count of keys; with
+/// criteria, every candidate job is read once to count the matches.
+fn jobs_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str) -> Result<Page<Job>> {
+    let size = page_size_checked(page_size)?;
+    if filter.job_ids.is_some() {
+        let jobs = candidate_jobs(view, filter)?.into_iter().map(|(j, _)| j).filter(|j| filter.matches_job(j));
+        return paginate(jobs.collect(), |j| j.id.as_str(), page_size, cursor);
+    }
+    let families = (store_cf::JOBS, store_cf::ARCHIVED_JOBS);
+    let archived = filter.wants_finished();
+    if !filter.has_job_criteria() {
+        let jobs = active_then_archived(view, families, archived, cursor, |j: &Job| j.id.as_str())?;
+        let (page, more, next) = first_page(jobs.map(|r| r.map(|(j, _)| j)), size, |j| j.id.as_str())?;
+        let mut n = view.count_records(store_cf::JOBS)?;
+        if archived {
+            n += view.count_records(store_cf::ARCHIVED_JOBS)?;
+        }
+        return Ok((page, more, next, total(n as usize)));
+    }
+    // One pass from the first: every match counted, the ones after the cursor paged.
+    let (mut matched, mut page, mut more) = (0usize, Vec::new(), false);
+    for item in active_then_archived(view, families, archived, "", |j: &Job| j.id.as_str())? {
+        let (job, _) = item?;
+        if !filter.matches_job(&job) {
+            continue;
+        }
+        matched += 1;
+        if cursor.is_empty() || job.id.as_str() > cursor {
+            if page.len() < size {
+                page.push(job);
+            } else {
+                more = true;
+            }
+        }
+    }
+    let next = if more { page.last().map(|j| j.id.clone()).unwrap_or_default() } else { String::new() };
+    Ok((page, more, next, total(matched)))
+}
+
+fn task_id((task, _): &(Task, bool)) -> &str {
+    &task.id
+}
+
+/// A page of the tasks `filter` matches after `cursor`, marked archived or not. Reads what the
+/// filter needs and no more: the tasks it names, by id; or the tasks of the jobs that match, their
+/// ids from the by-job indexes, each task read only to be shown or to check a task state; or, with
+/// no job criterion, the tasks in id order from the cursor until the page is full, the total from
+/// the counts kept on apply (and a count of archived keys).
+fn tasks_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str) -> Result<Page<(Task, bool)>> {
+    let size = page_size_checked(page_size)?;
+    if let Some(ids) = &filter.task_ids {
+        let mut jobs: HashMap<String, bool> = HashMap::new();
+        let mut found = Vec::new();
+        for task_id in ids {
+            let task = match view.task(task_id)? {
+                Some(t) => Some((t, false)),
+                None => view.archived_task(task_id)?.map(|t| (t, true)),
+            };
+            let Some((task, archived)) = task.filter(|(t, _)| filter.matches_task(t)) else { continue };
+            let job_matches = match jobs.get(&task.job_id) {
+                Some(m) => *m,
+                None => {
+                    let job = view.job(&task.job_id)?.or(view.archived_job(&task.job_id)?);
+                    let m = job.is_some_and(|j| filter.matches_job(&j));
+                    jobs.insert(task.job_id.clone(), m);
+                    m
+                }
+            };
+            if job_matches {
+                found.push((task, archived));
+            }
+        }
+        return paginate(found, task_id, page_size, cursor);
+    }
+    if filter.has_job_criteria() {
+        let mut ids: Vec<(String, bool)> = Vec::new();
+        for (job, archived_job) in candidate_jobs(view, filter)? {
+            if !filter.matches_job(&job) {
+                continue;
+            }
+            if !archived_job {
+                ids.extend(view.task_ids_of_job(&job.id)?.into_iter().map(|i| (i, false)));
+            }
+            if filter.wants_finished() {
+                ids.extend(view.archived_task_ids_of_job(&job.id)?.into_iter().map(|i| (i, true)));
+            }
+        }
+        ids.sort();
+        let read = |(task_id, archived): (String, bool)| -> Result<Option<(Task, bool)>> {
+            let task = if archived { view.archived_task(&task_id)? } else { view.task(&task_id)? };
+            Ok(task.map(|t| (t, archived)))
+        };
+        if filter.task_states.is_none() {
+            // Every task of a matching job matches: counted by id, read only for the page.
+            let n = ids.len();
+            let start = if cursor.is_empty() { 0 } else { ids.partition_point(|(i, _)| i.as_str() <= cursor) };
+            let tasks = ids.into_iter().skip(start).map(read).filter_map(Result::transpose);
+            let (page, more, next) = first_page(tasks, size, task_id)?;
+            return Ok((page, more, next, total(n)));
+        }
+        let mut tasks = Vec::new();
+        for t in ids {
+            tasks.extend(read(t)?.filter(|(t, _)| filter.matches_task(t)));
+        }
+        return paginate(tasks, task_id, page_size, cursor);
+    }
+    let archived = filter.wants_finished();
+    let families = (store_cf::TASKS, store_cf::ARCHIVED_TASKS);
+    let tasks = active_then_archived(view, families, archived, cursor, |t: &Task| t.id.as_str())?
+        .filter(|r| r.as_ref().map_or(true, |(t, _)| filter.matches_task(t)));
+    let (page, more, next) = first_page(tasks, size, task_id)?;
+    let counts = view.counts().ok_or_else(|| Error::storage_msg("a query's view has no counts"))?;
+    let mut n: u64 = TaskState::ALL
+        .iter()
+        .filter(|s| filter.task_states.as_ref().is_none_or(|states| states.contains(s)))
+        .map(|s| counts.tasks_in(*s))
+        .sum();
+    if archived {
+        // Every archived task is Finished, which the filter asks for.
+        n += view.count_records(store_cf::ARCHIVED_TASKS)?;
+    }
+    Ok((page, more, next, total(n as usize)))
 }
 
 #[tonic::async_trait]
@@ -147,14 +322,10 @@ impl JobManagementService for JobApi {
         let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
         let filter = Filter::parse(&criteria, false)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
+        page_size_checked(page.page_size)?;
         self.barrier(&request).await?;
-        let view = self.replica.state.snapshot();
-        let jobs: Vec<Job> = Self::candidate_jobs(&view, &filter)?
-            .into_iter()
-            .map(|(j, _)| j)
-            .filter(|j| filter.matches_job(j))
-            .collect();
-        let (items, has_more, cursor, total) = paginate(jobs, |j| j.id.as_str(), page.page_size, &page.cursor)?;
+        let (items, has_more, cursor, total) =
+            self.query(move |view| jobs_page(view, &filter, page.page_size, &page.cursor)).await?;
         Ok(Response::new(pb::JobQueryResult {
             items: items.iter().map(job_to_proto).collect(),
             pagination: Some(pb::Pagination { has_more, cursor, total_items: total }),
@@ -182,26 +353,10 @@ impl JobManagementService for JobApi {
         let criteria: BTreeMap<String, String> = request.get_ref().filtering_criteria.clone().into_iter().collect();
         let filter = Filter::parse(&criteria, true)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
+        page_size_checked(page.page_size)?;
         self.barrier(&request).await?;
-        let state = self.replica.state.snapshot();
-        let mut tasks: Vec<(Task, bool)> = Vec::new();
-        for (job, archived_job) in Self::candidate_jobs(&state, &filter)? {
-            if !filter.matches_job(&job) {
-                continue;
-            }
-            if !archived_job {
-                tasks.extend(state.tasks_of_job(&job.id)?.into_iter().map(|t| (t, false)));
-            }
-            if filter.wants_finished() {
-                for id in state.archived_task_ids_of_job(&job.id)? {
-                    if let Some(t) = state.archived_task(&id)? {
-                        tasks.push((t, true));
-                    }
-                }
-            }
-        }
-        tasks.retain(|(t, _)| filter.matches_task(t));
-        let (items, has_more, cursor, total) = paginate(tasks, |(t, _)| t.id.as_str(), page.page_size, &page.cursor)?;
+        let (items, has_more, cursor, total) =
+            self.query(move |view| tasks_page(view, &filter, page.page_size, &page.cursor)).await?;
         Ok(Response::new(pb::TaskQueryResult {
             items: items.iter().map(|(t, archived)| task_to_proto(t, *archived)).collect(),
             pagination: Some(pb::Pagination { has_more, cursor, total_items: total }),
@@ -582,3 +737,7 @@ impl AgentTaskService for AgentTaskApi {
         done(self.replica.propose(command, client_deadline(&request)).await?)
     }
 }
+
+#[cfg(test)]
+#[path = "find_test.rs"]
+mod find_test;

@@ -337,6 +337,10 @@ impl Duty {
         let after = self.config.capacity.unplaced_after_ms as i64;
         let mut jobs: HashMap<String, Option<(Tier, ResourceDimension)>> = HashMap::new();
         let mut out: BTreeMap<Tier, Vec<ResourceDimension>> = BTreeMap::new();
+        // Every round, on a full fleet, nothing waits for an agent: the count says so without a scan.
+        if state.counts().pending_tasks == 0 {
+            return Ok(out);
+        }
         for t in state.all_tasks()? {
             if t.state() != TaskState::Accepted || agent_of(&t).is_some() || now - t.status.timestamp_ms < after {
                 continue;

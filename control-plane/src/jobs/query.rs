@@ -89,6 +89,17 @@ impl Filter {
             && self.task_states.as_ref().is_none_or(|s| s.contains(&task.state()))
     }
 
+    /// Whether it says anything of the job (so a task query starts from the jobs that match).
+    pub fn has_job_criteria(&self) -> bool {
+        self.job_ids.is_some()
+            || self.job_state.is_some()
+            || self.owner.is_some()
+            || self.app_name.is_some()
+            || self.capacity_group.is_some()
+            || self.batch.is_some()
+            || !self.attributes.is_empty()
+    }
+
     /// Whether finished (archived) records must be searched too.
     pub fn wants_finished(&self) -> bool {
         self.job_state == Some(JobState::Finished)
@@ -101,6 +112,14 @@ impl Filter {
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// The page size asked for, checked: 0 is the default, more than the server's cap is refused.
+pub fn page_size(requested: u32) -> Result<usize> {
+    if requested > MAX_PAGE_SIZE {
+        return Err(Error::invalid("page.page_size", format!("must be at most {MAX_PAGE_SIZE}")));
+    }
+    Ok(if requested == 0 { DEFAULT_PAGE_SIZE } else { requested } as usize)
+}
+
 /// One page of `items` (sorted by id), after `cursor`; returns the page, whether more follow, the
 /// next cursor and the total count.
 pub fn paginate<T>(
@@ -109,18 +128,54 @@ pub fn paginate<T>(
     page_size: u32,
     cursor: &str,
 ) -> Result<(Vec<T>, bool, String, u32)> {
-    if page_size > MAX_PAGE_SIZE {
-        return Err(Error::invalid("page.page_size", format!("must be at most {MAX_PAGE_SIZE}")));
-    }
-    let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size } as usize;
+    let size = self::page_size(page_size)?;
     items.sort_by(|a, b| id(a).cmp(id(b)));
     let total = items.len() as u32;
     let start = if cursor.is_empty() { 0 } else { items.partition_point(|t| id(t) <= cursor) };
-    let mut page: Vec<T> = items.into_iter().skip(start).collect();
-    let has_more = page.len() > size;
-    page.truncate(size);
-    let next = if has_more { page.last().map(|t| id(t).to_string()).unwrap_or_default() } else { String::new() };
+    let (page, has_more, next) = first_page(items.into_iter().skip(start).map(Ok), size, id)?;
     Ok((page, has_more, next, total))
+}
+
+/// The first `size` of `items` (in id order, after the cursor already), whether more follow and
+/// the cursor of the next page: reads at most one item past the page.
+pub fn first_page<T>(
+    items: impl Iterator<Item = Result<T>>,
+    size: usize,
+    id: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, bool, String)> {
+    let mut page = Vec::with_capacity(size.min(1024));
+    let mut has_more = false;
+    for item in items {
+        let item = item?;
+        if page.len() == size {
+            has_more = true;
+            break;
+        }
+        page.push(item);
+    }
+    let next = if has_more { page.last().map(|t| id(t).to_string()).unwrap_or_default() } else { String::new() };
+    Ok((page, has_more, next))
+}
+
+/// Two iterators in id order (no id in both), merged in id order.
+pub fn merge_by_id<T>(
+    a: impl Iterator<Item = Result<T>>,
+    b: impl Iterator<Item = Result<T>>,
+    id: impl Fn(&T) -> &str,
+) -> impl Iterator<Item = Result<T>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(Ok(x)), Some(Ok(y))) => {
+            if id(x) <= id(y) {
+                a.next()
+            } else {
+                b.next()
+            }
+        }
+        // An error is passed on first, whichever side it is on.
+        (Some(Err(_)), _) | (_, None) => a.next(),
+        (_, Some(_)) => b.next(),
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! scheduler.
 
 pub mod cf;
+mod counts;
 mod log_store;
 mod snapshot_data;
 mod snapshots;
@@ -15,7 +16,7 @@ mod equivalence_test;
 #[cfg(test)]
 mod snapshots_test;
 #[cfg(test)]
-mod store_test;
+pub(crate) mod store_test;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -24,6 +25,7 @@ use std::sync::{Arc, RwLock};
 use openraft::StorageIOError;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
 
+pub use counts::StateCounts;
 pub use log_store::LogStore;
 pub use snapshot_data::Families;
 pub use state_machine::StateMachine;
@@ -76,10 +78,13 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachine, Stat
     if rebuilt > 0 {
         tracing::info!(tasks = rebuilt, "rebuilt the by-agent task index");
     }
+    let counts = counts::Counts::default();
+    counts.reset(StateCounts::scan(&db)?);
     let db = Arc::new(db);
     let applied = applied_index(&db)?;
     let reader = StateReader {
         db: db.clone(),
+        counts,
         cluster_id: Arc::new(RwLock::new(None)),
         codec_version: Arc::new(AtomicU8::new(codec::JSON)),
         changes: Arc::new(ChangeLog::new(CHANGE_LOG_CAPACITY, CHANGE_LOG_BYTES, applied)),
@@ -100,6 +105,8 @@ pub struct StateReader {
     codec_version: Arc<AtomicU8>,
     /// Applied job and task changes, for observers.
     pub changes: Arc<ChangeLog>,
+    /// Counts of the applied state (tasks by state, agents), kept on apply.
+    counts: counts::Counts,
 }
 
 /// Applied entries whose changes are kept for resuming observers.
@@ -153,6 +160,11 @@ pub struct JobsSnapshot {
 }
 
 impl StateReader {
+    /// Counts of the applied state, as of the last applied entry: no scan.
+    pub fn counts(&self) -> StateCounts {
+        self.counts.get()
+    }
+
     pub fn cluster_id(&self) -> Option<String> {
         self.cluster_id.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
@@ -236,14 +248,15 @@ impl StateReader {
 impl StateReader {
     /// The state as it is now: every read goes to the live store.
     fn live(&self) -> StateView<'_> {
-        StateView { db: &self.db, snapshot: None }
+        StateView { db: &self.db, snapshot: None, counts: None }
     }
 
     /// The state at one applied index: every read through the view sees the same state, so a
     /// query's reads (active records, then finished ones; a job, then its tasks) cannot straddle an
     /// entry that moves a record between them.
     pub fn snapshot(&self) -> StateView<'_> {
-        StateView { db: &self.db, snapshot: Some(self.db.snapshot()) }
+        let (snapshot, counts) = self.counts.consistent(|| self.db.snapshot());
+        StateView { db: &self.db, snapshot: Some(snapshot), counts: Some(counts) }
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, family: &str, key: &[u8]) -> Result<Option<T>> {
@@ -347,9 +360,49 @@ impl StateReader {
 pub struct StateView<'a> {
     db: &'a DB,
     snapshot: Option<rocksdb::Snapshot<'a>>,
+    /// The counts of the snapshot's state (a snapshot view only).
+    counts: Option<StateCounts>,
 }
 
-impl StateView<'_> {
+impl<'a> StateView<'a> {
+    /// The counts of this view's state (taken with it); `None` for the live state.
+    pub fn counts(&self) -> Option<&StateCounts> {
+        self.counts.as_ref()
+    }
+
+    /// The records of `family` whose key comes after `after` (from the first when it is empty),
+    /// in key order, each decoded only when the iterator reaches it: a page reads what it shows.
+    pub fn records_after<'s, T: serde::de::DeserializeOwned + 's>(
+        &'s self,
+        family: &'static str,
+        after: &str,
+    ) -> Result<impl Iterator<Item = Result<T>> + 's> {
+        let cf = cf_handle(self.db, family).map_err(Error::from_storage)?;
+        let after = after.as_bytes().to_vec();
+        let mode = rocksdb::IteratorMode::From(&after, rocksdb::Direction::Forward);
+        let records = self.db.iterator_cf_opt(cf, self.options(), mode);
+        Ok(records.filter(move |item| item.as_ref().map_or(true, |(k, _)| after.is_empty() || **k != *after)).map(
+            move |item| {
+                let (_, v) = item.map_err(Error::from_storage)?;
+                codec::decode(&v).map_err(|e| Error::storage(family, e))
+            },
+        ))
+    }
+
+    /// How many records `family` holds (keys counted, nothing decoded).
+    pub fn count_records(&self, family: &str) -> Result<u64> {
+        let cf = cf_handle(self.db, family).map_err(Error::from_storage)?;
+        let mut keys = self.db.raw_iterator_cf_opt(cf, self.options());
+        keys.seek_to_first();
+        let mut n = 0;
+        while keys.valid() {
+            n += 1;
+            keys.next();
+        }
+        keys.status().map_err(Error::from_storage)?;
+        Ok(n)
+    }
+
     /// Every finished job still in the archive.
     pub fn archived_jobs(&self) -> Result<Vec<Job>> {
         self.all(cf::ARCHIVED_JOBS)

@@ -8,7 +8,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::store_test::{apply_at, capacity_group};
+use super::store_test::{agent, apply_at, batch_job, capacity_group};
 use super::{cf, StateMachine, StateReader};
 use crate::command::Command;
 use crate::model::CapacityGroup;
@@ -154,4 +154,31 @@ async fn the_previous_release_snapshot_is_moved_into_a_file() {
     assert_eq!(moved, data);
     let snapshot = reader.db.cf_handle(cf::SNAPSHOT).unwrap();
     assert!(reader.db.get_cf(snapshot, cf::snapshot::DATA).unwrap().is_none(), "the value stays in RocksDB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installed_snapshot_brings_its_counts() {
+    use crate::command::Assignment;
+    let (_a_dir, mut a, a_reader) = store_with(0..0, 0);
+    let (job, tasks) = batch_job("job-a", "a", 6);
+    apply_at(&mut a, 1, Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+    apply_at(&mut a, 2, Command::CreateTasks { tasks, archive: vec![] });
+    apply_at(&mut a, 3, Command::RegisterAgent { agent: agent("agent-1") });
+    let assignments = vec![Assignment { task_id: "a00".into(), agent_id: "agent-1".into() }];
+    apply_at(&mut a, 4, Command::AssignTasks { assignments, timestamp_ms: 2 });
+    // The receiving store counted something else before.
+    let (_b_dir, mut b, b_reader) = store_with(0..0, 0);
+    let (job, tasks) = batch_job("job-b", "b", 2);
+    apply_at(&mut b, 1, Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+    apply_at(&mut b, 2, Command::CreateTasks { tasks, archive: vec![] });
+    apply_at(&mut b, 3, Command::RegisterAgent { agent: agent("gone") });
+    apply_at(&mut b, 4, Command::AgentLost { agent_id: "gone".into(), timestamp_ms: 3 });
+    assert_eq!(b_reader.counts().agents_lost, 1);
+
+    let built = a.build_snapshot().await.unwrap();
+    stream_into(&mut b, built, 4096).await;
+    let counts = b_reader.counts();
+    assert_eq!(counts, a_reader.counts());
+    assert_eq!((counts.pending_tasks, counts.agents_online), (5, 1), "{counts:?}");
+    assert_eq!(counts.tasks_in(crate::model::task::TaskState::Launched), 1, "{counts:?}");
 }

@@ -22,6 +22,7 @@ use crate::events::{Change, ChangeBatch};
 use crate::model::ResourceDimension;
 use crate::state::agent_of;
 use crate::state::{Changes, Overlay, StateRead, TokenRecord, Write};
+use crate::store::counts::{CountsDelta, StateCounts, TaskKind};
 use crate::store::{agent_index_key, archive_order_key, index_key, rebuild_agent_index};
 
 /// How long an audit batch's id is remembered: its proposer gives up retrying after a minute.
@@ -69,11 +70,12 @@ impl StateMachine {
         batch: &mut WriteBatch,
         command: Command,
         changes: &mut Vec<Change>,
+        counts: &mut CountsDelta,
     ) -> StoreResult<CommandResponse> {
         let mut overlay = Overlay::new(&self.reader);
         match crate::apply::apply(&mut overlay, command).map_err(|e| write_error(&e))? {
             Applied::Rule(response) => {
-                self.write_changes(batch, overlay.into_changes(), changes)?;
+                self.write_changes(batch, overlay.into_changes(), changes, counts)?;
                 Ok(response)
             }
             Applied::Store(command) => self.apply_store_command(batch, command),
@@ -283,8 +285,15 @@ impl StateMachine {
         })
     }
 
-    /// Writes a job command's changes (and their indexes) into `batch`, and lists them for observers.
-    fn write_changes(&self, batch: &mut WriteBatch, mut c: Changes, out: &mut Vec<Change>) -> StoreResult<()> {
+    /// Writes a job command's changes (and their indexes) into `batch`, lists them for observers,
+    /// and says in `counts` how they move the state's counts.
+    fn write_changes(
+        &self,
+        batch: &mut WriteBatch,
+        mut c: Changes,
+        out: &mut Vec<Change>,
+        counts: &mut CountsDelta,
+    ) -> StoreResult<()> {
         let indexed_before = std::mem::take(&mut c.tasks_indexed_before);
         let enc = |v: &dyn erased::Encode| v.encode().map_err(|e| write_error(&e));
         let (jobs, tasks, by_job) =
@@ -316,11 +325,16 @@ impl StateMachine {
             }
         }
         for (id, w) in c.tasks {
+            // Some(None): read and absent; Some(Some(i)): read, indexed as `i`; None: not read.
+            let before = indexed_before.get(&id);
+            let kind_before = match before {
+                Some(b) => b.as_ref().map(TaskKind::of_indexed),
+                None => self.reader.task(&id).map_err(|e| write_error(&e))?.as_ref().map(TaskKind::of),
+            };
+            counts.task(kind_before, w.current().map(TaskKind::of));
             match w {
                 Write::Put(t) => {
                     batch.put_cf(tasks, id.as_bytes(), enc(&t)?);
-                    // Some(None): read and absent; Some(Some(i)): read, indexed as `i`; None: not read.
-                    let before = indexed_before.get(&id);
                     let was = before.and_then(Option::as_ref);
                     if was.is_none_or(|w| w.job_id != t.job_id) {
                         if let Some(moved) = was.filter(|w| w.job_id != t.job_id) {
@@ -393,6 +407,7 @@ impl StateMachine {
         }
         let (agents, groups) = (cf_handle(&self.db, cf::AGENTS)?, cf_handle(&self.db, cf::INSTANCE_GROUPS)?);
         for (id, a) in c.agents {
+            counts.agent(self.reader.agent(&id).map_err(|e| write_error(&e))?.as_ref(), Some(&a));
             batch.put_cf(agents, id.as_bytes(), enc(&a)?);
             out.push(Change::Agent(a));
         }
@@ -499,7 +514,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
     {
-        let meta = cf_handle(&self.db, cf::SM_META)?;
         let mut responses = Vec::new();
         for entry in entries {
             let log_id = entry.log_id;
@@ -507,6 +521,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut new_cluster_id = None;
             let mut new_codec_version = None;
             let mut changes = Vec::new();
+            let mut counts = CountsDelta::default();
             let mut reset = false;
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Done,
@@ -517,14 +532,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         _ => {}
                     }
                     let restore_end = matches!(command, Command::RestoreEnd { .. });
-                    let response = self.apply_command(&mut batch, command, &mut changes)?;
+                    let response = self.apply_command(&mut batch, command, &mut changes, &mut counts)?;
                     reset = restore_end && matches!(response, CommandResponse::Done);
                     response
                 }
                 EntryPayload::Membership(membership) => {
                     let stored = StoredMembership::new(Some(log_id), membership);
                     batch.put_cf(
-                        meta,
+                        cf_handle(&self.db, cf::SM_META)?,
                         cf::sm_meta::MEMBERSHIP,
                         codec::encode(&stored).map_err(|e| StorageIOError::apply(log_id, &e))?,
                     );
@@ -532,7 +547,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             };
             batch.put_cf(
-                meta,
+                cf_handle(&self.db, cf::SM_META)?,
                 cf::sm_meta::LAST_APPLIED,
                 codec::encode(&Some(log_id)).map_err(|e| StorageIOError::apply(log_id, &e))?,
             );
@@ -540,7 +555,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let m = crate::telemetry::metrics();
             m.store_keys_written_total.add(&[], batch.len() as f64);
             m.store_bytes_written_total.add(&[], bytes as f64);
-            self.db.write(batch).map_err(|e| StorageIOError::apply(log_id, &e))?;
+            self.reader
+                .counts
+                .write(|| self.db.write(batch), &counts)
+                .map_err(|e| StorageIOError::apply(log_id, &e))?;
             if let Some(id) = new_cluster_id {
                 self.reader.remember_cluster_id(id);
             }
@@ -549,8 +567,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.reader.adopt_codec_version(v).map_err(|e| StorageIOError::apply(log_id, &e))?;
             }
             if reset {
-                // A restore replaced the state whole: observers and caches start over, as after a
-                // snapshot install.
+                // A restore replaced the state whole: counted again, and observers and caches
+                // start over, as after a snapshot install.
+                let db = self.db.clone();
+                let counted =
+                    off_runtime(move || StateCounts::scan(&db)).await.map_err(|e| StorageIOError::apply(log_id, &e))?;
+                self.reader.counts.reset(counted);
                 self.reader.changes.publish(ChangeBatch {
                     revision: log_id.index,
                     changes: Vec::new(),
@@ -587,10 +609,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let bytes = snapshots.install(&db, &owned_meta, &received)?;
             // A snapshot from a release before the by-agent index: derive it.
             rebuild_agent_index(&db)?;
-            Ok(bytes)
+            Ok((bytes, StateCounts::scan(&db)?))
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let (bytes, counted) = bytes;
+        self.reader.counts.reset(counted);
         self.reader.reload_cluster_meta().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         // Observers cannot follow a wholesale replacement: they start over with a snapshot.
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);

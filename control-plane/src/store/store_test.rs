@@ -17,7 +17,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder 
 }
 
 /// Applies `command` as the entry at log index `index` of term 1, answering its response.
-pub(super) fn apply_at(
+pub(crate) fn apply_at(
     sm: &mut StateMachine,
     index: u64,
     command: crate::command::Command,
@@ -75,11 +75,7 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     use std::collections::BTreeMap;
 
     use crate::command::{Assignment, Command};
-    use crate::model::agent::{Agent, AgentState};
-    use crate::model::job::fixtures::batch_descriptor;
-    use crate::model::job::{Job, JobState, JobStatus};
-    use crate::model::task::{Task, TaskState, TaskStatus};
-    use crate::model::ResourceDimension;
+    use crate::model::task::{TaskState, TaskStatus};
     use crate::scheduling::Cache;
     use crate::state::{agent_of, Allocation, StateRead};
 
@@ -109,50 +105,11 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
         out
     };
 
-    let mut descriptor = batch_descriptor(12);
-    descriptor.container.resources.cpu = 0.5;
-    descriptor.container.resources.memory_mb = 100;
-    let job = Job {
-        id: "job-1".into(),
-        descriptor,
-        status: JobStatus {
-            state: JobState::Accepted,
-            reason_code: String::new(),
-            reason_message: String::new(),
-            timestamp_ms: 1,
-        },
-        status_history: vec![],
-    };
-    apply(&mut sm, Command::CreateJob { job: job.clone(), idempotency_token: None, token_expires_ms: 0 });
-    let tasks: Vec<Task> = (0..12)
-        .map(|i| Task {
-            id: format!("t{i:02}"),
-            job_id: job.id.clone(),
-            index: i,
-            status: status(TaskState::Accepted),
-            status_history: vec![],
-            context: Default::default(),
-            original_id: format!("t{i:02}"),
-            resubmit_of: None,
-            resubmit_number: 0,
-            system_resubmit_number: 0,
-        })
-        .collect();
+    let (job, tasks) = batch_job("job-1", "t", 12);
+    apply(&mut sm, Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
     apply(&mut sm, Command::CreateTasks { tasks, archive: vec![] });
     for a in ["a1", "a2", "a3"] {
-        let agent = Agent {
-            id: a.into(),
-            instance_group: "default".into(),
-            resources: ResourceDimension { cpu: 1.5, memory_mb: 1000, disk_mb: 100_000, network_mbps: 1000, gpu: 0 },
-            attributes: Default::default(),
-            state: AgentState::Online,
-            healthy: true,
-            unhealthy_reason: String::new(),
-            registered_ms: 1,
-            terminating: false,
-            lost_ms: None,
-        };
-        apply(&mut sm, Command::RegisterAgent { agent });
+        apply(&mut sm, Command::RegisterAgent { agent: agent(a) });
     }
     // 12 tasks of 0.5 cpu offered to each of 3 agents of 1.5 cpus, one entry per agent: 3 fit on
     // each; the rest are refused when applied, whatever the plan said.
@@ -205,6 +162,71 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     assert!(reader.allocations().unwrap().is_empty());
     assert_eq!(super::rebuild_agent_index(&reader.db).unwrap(), 4);
     assert_eq!(reader.allocations().unwrap(), expected(&reader));
+
+    // The counts kept on apply are what a scan counts.
+    let counts = reader.counts();
+    assert_eq!(counts, super::StateCounts::scan(&reader.db).unwrap());
+    assert_eq!((counts.pending_tasks, counts.agents_online, counts.agents_lost), (3, 2, 1), "{counts:?}");
+    assert_eq!(counts.tasks_in(TaskState::Launched), 3, "{counts:?}");
+}
+
+/// A batch job `id` of `n` tasks `{prefix}00`… of 0.5 CPU and 100 MB, all Accepted.
+pub(crate) fn batch_job(id: &str, prefix: &str, n: u32) -> (crate::model::job::Job, Vec<crate::model::task::Task>) {
+    use crate::model::job::fixtures::batch_descriptor;
+    use crate::model::job::{Job, JobState, JobStatus};
+    use crate::model::task::{Task, TaskState, TaskStatus};
+    let mut descriptor = batch_descriptor(n);
+    descriptor.container.resources.cpu = 0.5;
+    descriptor.container.resources.memory_mb = 100;
+    let job = Job {
+        id: id.into(),
+        descriptor,
+        status: JobStatus {
+            state: JobState::Accepted,
+            reason_code: String::new(),
+            reason_message: String::new(),
+            timestamp_ms: 1,
+        },
+        status_history: vec![],
+    };
+    let tasks = (0..n)
+        .map(|i| Task {
+            id: format!("{prefix}{i:02}"),
+            job_id: id.into(),
+            index: i,
+            status: TaskStatus {
+                state: TaskState::Accepted,
+                reason_code: String::new(),
+                reason_message: String::new(),
+                timestamp_ms: 1,
+            },
+            status_history: vec![],
+            context: Default::default(),
+            original_id: format!("{prefix}{i:02}"),
+            resubmit_of: None,
+            resubmit_number: 0,
+            system_resubmit_number: 0,
+        })
+        .collect();
+    (job, tasks)
+}
+
+/// An online agent `id` of 1.5 CPUs and 1,000 MB.
+pub(crate) fn agent(id: &str) -> crate::model::agent::Agent {
+    use crate::model::agent::{Agent, AgentState};
+    use crate::model::ResourceDimension;
+    Agent {
+        id: id.into(),
+        instance_group: "default".into(),
+        resources: ResourceDimension { cpu: 1.5, memory_mb: 1000, disk_mb: 100_000, network_mbps: 1000, gpu: 0 },
+        attributes: Default::default(),
+        state: AgentState::Online,
+        healthy: true,
+        unhealthy_reason: String::new(),
+        registered_ms: 1,
+        terminating: false,
+        lost_ms: None,
+    }
 }
 
 #[test]

@@ -1,0 +1,180 @@
+//! Counts of the applied state that `/metrics` and the leader duties read without scanning it:
+//! active tasks by state, tasks waiting for an agent, agents by state.
+//!
+//! Invariant: `counts` equals what one scan of the state at the last applied index would count.
+//! It is counted by scan where the state is replaced whole (opening the store, installing a
+//! snapshot, ending a restore) and otherwise moved by each entry's [`CountsDelta`], applied once
+//! the entry's batch is written, in apply order. The delta is taken from the writes themselves and
+//! from how each task stood before the entry (as the rule read it, or read from the store), so it
+//! costs no scan.
+
+use std::sync::{Arc, Mutex};
+
+use rocksdb::DB;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::model::agent::{Agent, AgentState};
+use crate::model::task::{Task, TaskState};
+use crate::state::Indexed;
+use crate::store::{cf, cf_handle};
+
+/// What a task counts as: its state, and whether it is waiting for an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskKind {
+    pub state: TaskState,
+    /// Accepted and not placed yet.
+    pub pending: bool,
+}
+
+impl TaskKind {
+    pub fn of(task: &Task) -> TaskKind {
+        let state = task.state();
+        TaskKind { state, pending: state == TaskState::Accepted && crate::state::agent_of(task).is_none() }
+    }
+
+    pub fn of_indexed(indexed: &Indexed) -> TaskKind {
+        // Accepted is live, so `live_on` is its agent.
+        TaskKind { state: indexed.state, pending: indexed.state == TaskState::Accepted && indexed.live_on.is_none() }
+    }
+}
+
+/// The counts themselves.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StateCounts {
+    /// Active (not archived) tasks, by state, in [`TaskState::ALL`]'s order.
+    pub tasks: [u64; TaskState::ALL.len()],
+    /// Active tasks Accepted and not yet placed.
+    pub pending_tasks: u64,
+    pub agents_online: u64,
+    pub agents_lost: u64,
+}
+
+fn slot(state: TaskState) -> usize {
+    TaskState::ALL.iter().position(|s| *s == state).unwrap_or(0)
+}
+
+impl StateCounts {
+    /// Active tasks in `state`.
+    pub fn tasks_in(&self, state: TaskState) -> u64 {
+        self.tasks[slot(state)]
+    }
+
+    fn apply(&mut self, d: &CountsDelta) {
+        for (n, change) in self.tasks.iter_mut().zip(d.tasks) {
+            *n = n.saturating_add_signed(change);
+        }
+        self.pending_tasks = self.pending_tasks.saturating_add_signed(d.pending_tasks);
+        self.agents_online = self.agents_online.saturating_add_signed(d.agents_online);
+        self.agents_lost = self.agents_lost.saturating_add_signed(d.agents_lost);
+    }
+
+    /// Counts the state in `db` by reading every active task and agent.
+    pub fn scan(db: &DB) -> Result<StateCounts> {
+        fn decoded<'a, T: serde::de::DeserializeOwned>(
+            db: &'a DB,
+            family: &'static str,
+        ) -> Result<impl Iterator<Item = Result<T>> + 'a> {
+            let cf = cf_handle(db, family).map_err(Error::from_storage)?;
+            Ok(db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(move |item| {
+                let (_, v) = item.map_err(Error::from_storage)?;
+                codec::decode(&v).map_err(|e| Error::storage(format!("counting {family}"), e))
+            }))
+        }
+        let mut d = CountsDelta::default();
+        for task in decoded::<Task>(db, cf::TASKS)? {
+            d.task(None, Some(TaskKind::of(&task?)));
+        }
+        for agent in decoded::<Agent>(db, cf::AGENTS)? {
+            d.agent(None, Some(&agent?));
+        }
+        let mut out = StateCounts::default();
+        out.apply(&d);
+        Ok(out)
+    }
+
+    /// Counts these active tasks and agents.
+    pub fn of<'a>(tasks: impl IntoIterator<Item = &'a Task>, agents: impl IntoIterator<Item = &'a Agent>) -> Self {
+        let mut d = CountsDelta::default();
+        tasks.into_iter().for_each(|t| d.task(None, Some(TaskKind::of(t))));
+        agents.into_iter().for_each(|a| d.agent(None, Some(a)));
+        let mut out = StateCounts::default();
+        out.apply(&d);
+        out
+    }
+}
+
+/// How one entry moves the counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CountsDelta {
+    tasks: [i64; TaskState::ALL.len()],
+    pending_tasks: i64,
+    agents_online: i64,
+    agents_lost: i64,
+}
+
+impl CountsDelta {
+    /// An active task that was `before` and is `after` (`None`: absent, or archived).
+    pub fn task(&mut self, before: Option<TaskKind>, after: Option<TaskKind>) {
+        for (kind, sign) in [(before, -1), (after, 1)] {
+            if let Some(k) = kind {
+                self.tasks[slot(k.state)] += sign;
+                if k.pending {
+                    self.pending_tasks += sign;
+                }
+            }
+        }
+    }
+
+    /// An agent that was `before` and is `after`.
+    pub fn agent(&mut self, before: Option<&Agent>, after: Option<&Agent>) {
+        for (agent, sign) in [(before, -1), (after, 1)] {
+            match agent.map(|a| a.state) {
+                Some(AgentState::Online) => self.agents_online += sign,
+                Some(AgentState::Lost) => self.agents_lost += sign,
+                None => {}
+            }
+        }
+    }
+}
+
+/// The counts of one replica's applied state, shared by the state machine (which moves them) and
+/// its readers.
+#[derive(Debug, Clone, Default)]
+pub struct Counts(Arc<Mutex<StateCounts>>);
+
+impl Counts {
+    pub fn get(&self) -> StateCounts {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StateCounts> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes an entry's batch with `write` and moves the counts by its `delta`, under one lock:
+    /// a view taken through [`Counts::consistent`] sees the counts of the records it reads.
+    pub(super) fn write<E>(
+        &self,
+        write: impl FnOnce() -> std::result::Result<(), E>,
+        delta: &CountsDelta,
+    ) -> std::result::Result<(), E> {
+        let mut counts = self.lock();
+        write()?;
+        counts.apply(delta);
+        Ok(())
+    }
+
+    /// `take` (a RocksDB snapshot of the state) and the counts of that same state. (Where the
+    /// state is replaced whole, a view taken during the replacement may see counts of either.)
+    pub(super) fn consistent<T>(&self, take: impl FnOnce() -> T) -> (T, StateCounts) {
+        let counts = self.lock();
+        let taken = take();
+        (taken, counts.clone())
+    }
+
+    /// After the state was replaced whole.
+    pub(super) fn reset(&self, counts: StateCounts) {
+        *self.lock() = counts;
+    }
+}
