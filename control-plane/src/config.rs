@@ -545,6 +545,9 @@ pub struct RaftTuning {
     /// Entries kept in the log behind the newest snapshot, so a briefly lagging follower catches up
     /// from the log rather than a snapshot.
     pub keep_entries_after_snapshot: u64,
+    /// ...and every entry appended in this many seconds, however many (see `log_retention`): a
+    /// follower that was away for less catches up from the log, at any write rate.
+    pub keep_log_seconds: u64,
     /// Most entries in one AppendEntries. openraft gives every AppendEntries one heartbeat interval
     /// to be answered, so a payload must stay small enough to be received and synced in that time
     /// even when entries are batches (placements, agent reports).
@@ -564,6 +567,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 1000,
             snapshot_after_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
+            keep_log_seconds: 30,
             max_payload_entries: 64,
             install_snapshot_timeout_ms: 60_000,
         }
@@ -649,6 +653,12 @@ impl Config {
                 r.install_snapshot_timeout_ms, r.heartbeat_interval_ms
             )));
         }
+        if r.keep_log_seconds > 24 * 3600 {
+            return Err(Error::Config(format!(
+                "raft.keep-log-seconds: {} is more than a day (86400): the log would outgrow the disk",
+                r.keep_log_seconds
+            )));
+        }
         if r.snapshot_after_entries == 0 {
             return Err(Error::Config("raft.snapshot-after-entries: must be > 0".into()));
         }
@@ -700,7 +710,8 @@ impl Config {
             election_timeout_min: r.election_timeout_min_ms,
             election_timeout_max: r.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
-            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            // The log is purged by `log_retention`, which sizes it in time as well as entries.
+            max_in_snapshot_log_to_keep: u64::MAX,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             install_snapshot_timeout: r.install_snapshot_timeout_ms,
             max_payload_entries: r.max_payload_entries,

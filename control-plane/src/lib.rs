@@ -14,6 +14,7 @@
 //!   [`capacity`] and [`loadbalancer`]); the store applies what it returns.
 //! - [`replica`]: the write path (propose or forward) and the linearizable read path.
 //! - [`leader`]: leader-only duties, started and stopped with leadership.
+//! - [`log_retention`]: how much log each replica keeps behind its snapshot (entries and seconds).
 //! - [`capacity`]: EC2 capacity of instance groups (a pure planner, the leader duty).
 //! - [`loadbalancer`]: ALB IP target registration (commands, a pure planner, the leader duty).
 //! - [`api`]: the public gRPC services on the api port.
@@ -45,6 +46,7 @@ pub mod events;
 pub mod jobs;
 pub mod leader;
 pub mod loadbalancer;
+pub mod log_retention;
 pub mod network;
 pub mod node;
 pub mod peer;

@@ -270,6 +270,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
     tokio::spawn(crate::collector::watch(replica.clone(), stop_rx.clone()));
+    let retention = crate::log_retention::Retention {
+        keep_entries: config.raft.keep_entries_after_snapshot,
+        keep_for: std::time::Duration::from_secs(config.raft.keep_log_seconds),
+    };
+    tokio::spawn(crate::log_retention::run(replica.clone(), retention, stop_rx.clone()));
     let duties =
         tokio::spawn(LeaderDuties::run(replica.clone(), config.jobs.clone(), hub.clone(), cloud, stop_rx.clone()));
     let bootstrap = tokio::spawn(bootstrap(config.clone(), raft.clone(), peers.clone()));

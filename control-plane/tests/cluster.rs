@@ -116,7 +116,10 @@ async fn t20_write_via_follower_is_read_everywhere_and_survives_leader_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_replaced_replica_catches_up_from_a_snapshot() {
-    let mut c = Cluster::start(3, &["--snapshot-after-entries", "50", "--keep-entries-after-snapshot", "0"]);
+    let mut c = Cluster::start(
+        3,
+        &["--snapshot-after-entries", "50", "--keep-entries-after-snapshot", "0", "--keep-log-seconds", "0"],
+    );
     let leader = c.wait_for_leader(ELECTION).await;
     let victim = (1..=3).rev().find(|id| *id != leader).unwrap();
     let client = c.client();
@@ -156,6 +159,64 @@ async fn t30_replaced_replica_catches_up_from_a_snapshot() {
         .expect("write with the replacement in the quorum");
 }
 
+/// The log behind a snapshot is kept for `raft.keep-log-seconds` (30 s by default) whatever the
+/// entries: a follower away for a few seconds while the leader wrote past several snapshots catches
+/// up from the log, not by a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t32_a_follower_away_for_seconds_catches_up_from_the_log_past_several_snapshots() {
+    // A snapshot every 50 entries and no entries kept by count: only the time window keeps the log.
+    let mut c = Cluster::start(3, &["--snapshot-after-entries", "50", "--keep-entries-after-snapshot", "0"]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let away = (1..=3).rev().find(|id| *id != leader).unwrap();
+    let client = c.client();
+    c.kill(away);
+    for i in 0..200 {
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create");
+    }
+    wait_until(ELECTION, "snapshots on the leader", || async {
+        c.status_of(leader).await.filter(|s| s.snapshot_index >= 150)
+    })
+    .await;
+    c.start_replica(away);
+    let target = c.status_of(leader).await.unwrap().last_applied_index;
+    c.wait_applied(away, target, ELECTION).await;
+    assert!(!c.log_of(away).contains("installed snapshot"), "the follower took a snapshot, not the log");
+    let groups = c.client_of(away).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+    assert_eq!(groups.len(), 200);
+}
+
+/// A follower whose disk was lost comes back under its own id with an empty data dir. The leader
+/// had it matched far along; its log now answers that nothing matches. The leader starts that
+/// follower over (openraft's `loosen-follower-log-revert`) instead of panicking its Raft core —
+/// which stalled the placement benchmark for good after its follower wipe — and keeps leading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t33_a_follower_back_with_an_empty_disk_is_caught_up_and_the_leader_keeps_leading() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_for_leader(ELECTION).await;
+    let victim = (1..=3).rev().find(|id| *id != leader).unwrap();
+    let client = c.client();
+    for i in 0..50 {
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create");
+    }
+    let target = c.status_of(leader).await.unwrap().last_applied_index;
+    c.wait_applied(victim, target, ELECTION).await;
+    let term = c.status_of(leader).await.unwrap().term;
+
+    c.kill(victim);
+    c.wipe(victim);
+    c.start_replica(victim);
+    for i in 50..100 {
+        client.create_capacity_group(group(&format!("g{i}"))).await.expect("create with a follower starting over");
+    }
+    let target = c.status_of(leader).await.unwrap().last_applied_index;
+    c.wait_applied(victim, target, ELECTION).await;
+    let groups = c.client_of(victim).list_capacity_groups(ReadConsistency::Stale).await.unwrap();
+    assert_eq!(groups.len(), 100, "the follower holds every record again");
+    let now = c.status_of(leader).await.unwrap();
+    assert_eq!((now.leader_id, now.term), (leader, term), "the leader led throughout");
+    assert!(!c.log_of(leader).contains("panicked"), "the leader's log shows a panic");
+}
+
 /// A large state reaches a replacement replica as a streamed snapshot: the leader writes it to a
 /// file from a RocksDB snapshot, openraft sends it in 4 MiB chunks, the joiner writes the chunks
 /// to a file and installs it in bounded batches. The joiner's peak memory stays well under the
@@ -166,7 +227,10 @@ async fn t31_a_large_snapshot_streams_to_a_new_replica_in_bounded_memory() {
     const JOBS: usize = 1_300;
     const WRITERS: usize = 6;
     // Nothing kept behind a snapshot: the joiner cannot catch up from the log.
-    let mut c = Cluster::start(3, &["--snapshot-after-entries", "1000", "--keep-entries-after-snapshot", "0"]);
+    let mut c = Cluster::start(
+        3,
+        &["--snapshot-after-entries", "1000", "--keep-entries-after-snapshot", "0", "--keep-log-seconds", "0"],
+    );
     let leader = c.wait_for_leader(ELECTION).await;
     let client = c.client();
     // Jobs of ~200 KiB each (50 environment values of 4,000 bytes that do not compress).

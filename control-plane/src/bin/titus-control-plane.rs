@@ -31,6 +31,9 @@ struct Args {
     /// Entries kept in the log behind the newest snapshot (raft.keep-entries-after-snapshot).
     #[arg(long)]
     keep_entries_after_snapshot: Option<u64>,
+    /// Seconds of log kept behind the newest snapshot, whatever the entries (raft.keep-log-seconds).
+    #[arg(long)]
+    keep_log_seconds: Option<u64>,
     /// A follower that hears no leader for a random time between these two stands for election
     /// (raft.election-timeout-min-ms and -max-ms); a leader unconfirmed for the max stops its duties.
     #[arg(long)]
@@ -151,6 +154,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.keep_entries_after_snapshot {
         config.raft.keep_entries_after_snapshot = v;
+    }
+    if let Some(v) = args.keep_log_seconds {
+        config.raft.keep_log_seconds = v;
     }
     if let Some(v) = args.election_timeout_min_ms {
         config.raft.election_timeout_min_ms = v;
