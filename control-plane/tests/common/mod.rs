@@ -86,12 +86,25 @@ pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
-/// `n` distinct free loopback ports: every listener is held until all are chosen, so no two of
-/// them are the same port.
+/// `n` distinct free loopback ports, none handed out before in this process: every listener is
+/// held until all are chosen, so no two are the same port, and a port given to a replica that has
+/// not bound it yet is not given again (two clusters started in one test once shared an admin
+/// port, and one replica failed to start with "address already in use").
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("bound address").port()).collect()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let port = l.local_addr().expect("bound address").port();
+        if handed.insert(port) {
+            ports.push(port);
+        }
+        held.push(l);
+    }
+    ports
 }
 
 impl Cluster {
