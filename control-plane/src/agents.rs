@@ -618,6 +618,11 @@ pub async fn liveness(hub: Arc<AgentHub>, term: Term, mut stop: watch::Receiver<
         let Some((since, _)) = *hub.leader_since.lock().unwrap_or_else(|p| p.into_inner()) else { continue };
         let Ok(agents) = hub.replica.state.agents() else { continue };
         for a in agents.into_iter().filter(|a| a.state == AgentState::Online) {
+            // Leadership may end mid-round (a round over 10,000 agents is long): a replica that no
+            // longer leads neither declares nor logs anything (its proposals would be refused).
+            if *stop.borrow() || hub.replica.require_leader().is_err() {
+                break;
+            }
             let heard = hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).get(&a.id).copied();
             let last = heard.unwrap_or(since).max(since);
             if last.elapsed() > ttl {

@@ -365,9 +365,7 @@ fn expired_tokens_are_found_a_bounded_slice_at_a_time() {
 #[test]
 fn a_view_reads_one_snapshot_while_entries_apply() {
     use crate::command::Command;
-    use crate::model::job::fixtures::batch_descriptor;
-    use crate::model::job::{Job, JobState, JobStatus};
-    use crate::model::task::{Task, TaskState, TaskStatus};
+    use crate::model::task::TaskState;
     use crate::state::StateRead;
 
     let dir = TempDir::new().unwrap();
@@ -377,37 +375,10 @@ fn a_view_reads_one_snapshot_while_entries_apply() {
         index += 1;
         apply_at(sm, index, command)
     };
-    let status = |state: TaskState| TaskStatus {
-        state,
-        reason_code: String::new(),
-        reason_message: String::new(),
-        timestamp_ms: 1,
-    };
-    let job = Job {
-        id: "job-1".into(),
-        descriptor: batch_descriptor(1),
-        status: JobStatus {
-            state: JobState::Accepted,
-            reason_code: String::new(),
-            reason_message: String::new(),
-            timestamp_ms: 1,
-        },
-        status_history: vec![],
-    };
+    let (job, mut tasks) = batch_job("job-1", "t", 1);
     apply(&mut sm, Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
-    let task = Task {
-        id: "t1".into(),
-        job_id: "job-1".into(),
-        index: 0,
-        status: status(TaskState::Finished),
-        status_history: vec![],
-        context: Default::default(),
-        original_id: "t1".into(),
-        resubmit_of: None,
-        resubmit_number: 0,
-        system_resubmit_number: 0,
-    };
-    apply(&mut sm, Command::CreateTasks { tasks: vec![task], archive: vec![] });
+    tasks[0].status.state = TaskState::Finished;
+    apply(&mut sm, Command::CreateTasks { tasks, archive: vec![] });
 
     let view = reader.snapshot();
     let finish = Command::FinishJob {
@@ -421,13 +392,13 @@ fn a_view_reads_one_snapshot_while_entries_apply() {
     assert!(view.job("job-1").unwrap().is_some());
     assert!(view.archived_job("job-1").unwrap().is_none());
     assert!(view.archived_jobs().unwrap().is_empty());
-    assert_eq!(view.task_ids_of_job("job-1").unwrap(), vec!["t1".to_string()]);
-    assert!(view.archived_task("t1").unwrap().is_none());
+    assert_eq!(view.task_ids_of_job("job-1").unwrap(), vec!["t00".to_string()]);
+    assert!(view.archived_task("t00").unwrap().is_none());
     // Live reads and a new view: archived.
     for now in [&reader as &dyn StateRead, &reader.snapshot()] {
         assert!(now.job("job-1").unwrap().is_none());
         assert!(now.archived_job("job-1").unwrap().is_some());
         assert!(now.task_ids_of_job("job-1").unwrap().is_empty());
-        assert!(now.archived_task("t1").unwrap().is_some());
+        assert!(now.archived_task("t00").unwrap().is_some());
     }
 }
