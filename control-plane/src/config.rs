@@ -540,7 +540,7 @@ pub struct RaftTuning {
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot (and purge the log behind it) after this many entries.
+    /// Build a snapshot after this many entries (the log behind it is purged by `log_retention`).
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind the newest snapshot, so a briefly lagging follower catches up
     /// from the log rather than a snapshot.

@@ -164,8 +164,12 @@ async fn t30_replaced_replica_catches_up_from_a_snapshot() {
 /// up from the log, not by a snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t32_a_follower_away_for_seconds_catches_up_from_the_log_past_several_snapshots() {
-    // A snapshot every 50 entries and no entries kept by count: only the time window keeps the log.
-    let mut c = Cluster::start(3, &["--snapshot-after-entries", "50", "--keep-entries-after-snapshot", "0"]);
+    // A snapshot every 50 entries and no entries kept by count: only the time window keeps the log
+    // (5 minutes: far longer than the test takes on a loaded machine).
+    let mut c = Cluster::start(
+        3,
+        &["--snapshot-after-entries", "50", "--keep-entries-after-snapshot", "0", "--keep-log-seconds", "300"],
+    );
     let leader = c.wait_for_leader(ELECTION).await;
     let away = (1..=3).rev().find(|id| *id != leader).unwrap();
     let client = c.client();

@@ -142,8 +142,8 @@ fn active_then_archived<'v, T: serde::de::DeserializeOwned + 'v>(
 }
 
 /// A page of the jobs `filter` matches after `cursor`. The jobs it names are read by id; with no
-/// criterion the page is read in id order from the cursor and the total is a count of keys; with
-/// criteria, every candidate job is read once to count the matches.
+/// criterion the page is read in id order from the cursor and the total is a count of keys (no job
+/// decoded); with criteria, every candidate job is read once to count the matches.
 fn jobs_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str) -> Result<Page<Job>> {
     let size = page_size_checked(page_size)?;
     if filter.job_ids.is_some() {
@@ -185,11 +185,12 @@ fn task_id((task, _): &(Task, bool)) -> &str {
     &task.id
 }
 
-/// A page of the tasks `filter` matches after `cursor`, marked archived or not. Reads what the
-/// filter needs and no more: the tasks it names, by id; or the tasks of the jobs that match, their
-/// ids from the by-job indexes, each task read only to be shown or to check a task state; or, with
-/// no job criterion, the tasks in id order from the cursor until the page is full, the total from
-/// the counts kept on apply (and a count of archived keys).
+/// A page of the tasks `filter` matches after `cursor`, marked archived or not. Decodes only what
+/// the filter needs: the tasks it names, by id; or the tasks of the jobs that match, their ids from
+/// the by-job indexes, each task read only to be shown or to check a task state; or, with no job
+/// criterion, the tasks in id order from the cursor until the page is full, the total from the
+/// counts kept on apply (and, when finished tasks are asked for, a count of the archive's keys:
+/// no record decoded, but every key visited).
 fn tasks_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str) -> Result<Page<(Task, bool)>> {
     let size = page_size_checked(page_size)?;
     if let Some(ids) = &filter.task_ids {

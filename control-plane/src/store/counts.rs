@@ -1,12 +1,15 @@
 //! Counts of the applied state that `/metrics` and the leader duties read without scanning it:
 //! active tasks by state, tasks waiting for an agent, agents by state.
 //!
-//! Invariant: `counts` equals what one scan of the state at the last applied index would count.
-//! It is counted by scan where the state is replaced whole (opening the store, installing a
-//! snapshot, ending a restore) and otherwise moved by each entry's [`CountsDelta`], applied once
-//! the entry's batch is written, in apply order. The delta is taken from the writes themselves and
-//! from how each task stood before the entry (as the rule read it, or read from the store), so it
-//! costs no scan.
+//! Invariant: `counts` equals what one scan of the state at the last applied index would count —
+//! save while the state is being replaced whole (installing a snapshot, ending a restore), when it
+//! is counted again by scan once the new state is in place; a view taken in between may pair the
+//! new records with the old counts. Otherwise it is moved by each entry's [`CountsDelta`], under the
+//! same lock as the entry's RocksDB write and in apply order, so a view taken with
+//! [`Counts::consistent`] sees the counts of the records it reads. The delta is taken from the
+//! writes themselves and from how each task stood before the entry (as the rule read it, or read
+//! from the store), so it costs no scan. A record that does not decode is left out of a scan (and
+//! logged), as every reader of it fails anyway: one bad record must not keep a replica from opening.
 
 use std::sync::{Arc, Mutex};
 
@@ -76,9 +79,19 @@ impl StateCounts {
             family: &'static str,
         ) -> Result<impl Iterator<Item = Result<T>> + 'a> {
             let cf = cf_handle(db, family).map_err(Error::from_storage)?;
-            Ok(db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(move |item| {
-                let (_, v) = item.map_err(Error::from_storage)?;
-                codec::decode(&v).map_err(|e| Error::storage(format!("counting {family}"), e))
+            Ok(db.iterator_cf(cf, rocksdb::IteratorMode::Start).filter_map(move |item| {
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(Error::from_storage(e))),
+                };
+                match codec::decode(&v) {
+                    Ok(record) => Some(Ok(record)),
+                    Err(e) => {
+                        let key = String::from_utf8_lossy(&k);
+                        tracing::error!(family, key = %key, error = %e, "a record does not decode: not counted");
+                        None
+                    }
+                }
             }))
         }
         let mut d = CountsDelta::default();
