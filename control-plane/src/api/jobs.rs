@@ -141,9 +141,14 @@ fn active_then_archived<'v, T: serde::de::DeserializeOwned + 'v>(
     Ok(merge_by_id(active, finished, move |(t, _): &(T, bool)| id(t)))
 }
 
+/// The counts taken with `view` (a query's view always has them).
+fn view_counts<'v>(view: &'v StateView<'_>) -> Result<&'v crate::store::StateCounts> {
+    view.counts().ok_or_else(|| Error::storage_msg("a query's view has no counts"))
+}
+
 /// A page of the jobs `filter` matches after `cursor`. The jobs it names are read by id; with no
-/// criterion the page is read in id order from the cursor and the total is a count of keys (no job
-/// decoded); with criteria, every candidate job is read once to count the matches.
+/// criterion the page is read in id order from the cursor and the total is from the counts kept on
+/// apply; with criteria, every candidate job is read once to count the matches.
 fn jobs_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str) -> Result<Page<Job>> {
     let size = page_size_checked(page_size)?;
     if filter.job_ids.is_some() {
@@ -155,10 +160,8 @@ fn jobs_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str
     if !filter.has_job_criteria() {
         let jobs = active_then_archived(view, families, archived, cursor, |j: &Job| j.id.as_str())?;
         let (page, more, next) = first_page(jobs.map(|r| r.map(|(j, _)| j)), size, |j| j.id.as_str())?;
-        let mut n = view.count_records(store_cf::JOBS)?;
-        if archived {
-            n += view.count_records(store_cf::ARCHIVED_JOBS)?;
-        }
+        let counts = view_counts(view)?;
+        let n = counts.jobs + if archived { counts.archived_jobs } else { 0 };
         return Ok((page, more, next, total(n as usize)));
     }
     // One pass from the first: every match counted, the ones after the cursor paged.
@@ -189,8 +192,7 @@ fn task_id((task, _): &(Task, bool)) -> &str {
 /// the filter needs: the tasks it names, by id; or the tasks of the jobs that match, their ids from
 /// the by-job indexes, each task read only to be shown or to check a task state; or, with no job
 /// criterion, the tasks in id order from the cursor until the page is full, the total from the
-/// counts kept on apply (and, when finished tasks are asked for, a count of the archive's keys:
-/// no record decoded, but every key visited).
+/// counts kept on apply.
 fn tasks_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &str) -> Result<Page<(Task, bool)>> {
     let size = page_size_checked(page_size)?;
     if let Some(ids) = &filter.task_ids {
@@ -254,7 +256,7 @@ fn tasks_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &st
     let tasks = active_then_archived(view, families, archived, cursor, |t: &Task| t.id.as_str())?
         .filter(|r| r.as_ref().map_or(true, |(t, _)| filter.matches_task(t)));
     let (page, more, next) = first_page(tasks, size, task_id)?;
-    let counts = view.counts().ok_or_else(|| Error::storage_msg("a query's view has no counts"))?;
+    let counts = view_counts(view)?;
     let mut n: u64 = TaskState::ALL
         .iter()
         .filter(|s| filter.task_states.as_ref().is_none_or(|states| states.contains(s)))
@@ -262,7 +264,7 @@ fn tasks_page(view: &StateView<'_>, filter: &Filter, page_size: u32, cursor: &st
         .sum();
     if archived {
         // Every archived task is Finished, which the filter asks for.
-        n += view.count_records(store_cf::ARCHIVED_TASKS)?;
+        n += counts.archived_tasks;
     }
     Ok((page, more, next, total(n as usize)))
 }

@@ -1,5 +1,6 @@
-//! Counts of the applied state that `/metrics` and the leader duties read without scanning it:
-//! active tasks by state, tasks waiting for an agent, agents by state.
+//! Counts of the applied state that `/metrics`, the queries' totals and the leader duties read
+//! without scanning it: active tasks by state, tasks waiting for an agent, agents by state, and how
+//! many active jobs, archived jobs and archived tasks there are.
 //!
 //! Invariant: `counts` equals what one scan of the state at the last applied index would count —
 //! save while the state is being replaced whole (installing a snapshot, ending a restore), when it
@@ -51,6 +52,9 @@ pub struct StateCounts {
     pub pending_tasks: u64,
     pub agents_online: u64,
     pub agents_lost: u64,
+    pub jobs: u64,
+    pub archived_jobs: u64,
+    pub archived_tasks: u64,
 }
 
 fn slot(state: TaskState) -> usize {
@@ -70,9 +74,13 @@ impl StateCounts {
         self.pending_tasks = self.pending_tasks.saturating_add_signed(d.pending_tasks);
         self.agents_online = self.agents_online.saturating_add_signed(d.agents_online);
         self.agents_lost = self.agents_lost.saturating_add_signed(d.agents_lost);
+        self.jobs = self.jobs.saturating_add_signed(d.jobs);
+        self.archived_jobs = self.archived_jobs.saturating_add_signed(d.archived_jobs);
+        self.archived_tasks = self.archived_tasks.saturating_add_signed(d.archived_tasks);
     }
 
-    /// Counts the state in `db` by reading every active task and agent.
+    /// Counts the state in `db` by reading every active task and agent, and the keys of the job and
+    /// archive families.
     pub fn scan(db: &DB) -> Result<StateCounts> {
         fn decoded<'a, T: serde::de::DeserializeOwned>(
             db: &'a DB,
@@ -101,16 +109,36 @@ impl StateCounts {
         for agent in decoded::<Agent>(db, cf::AGENTS)? {
             d.agent(None, Some(&agent?));
         }
+        let keys = |family: &str| -> Result<i64> {
+            let cf = cf_handle(db, family).map_err(Error::from_storage)?;
+            let mut keys = db.raw_iterator_cf(cf);
+            keys.seek_to_first();
+            let mut n = 0;
+            while keys.valid() {
+                n += 1;
+                keys.next();
+            }
+            keys.status().map_err(Error::from_storage)?;
+            Ok(n)
+        };
+        (d.jobs, d.archived_jobs, d.archived_tasks) =
+            (keys(cf::JOBS)?, keys(cf::ARCHIVED_JOBS)?, keys(cf::ARCHIVED_TASKS)?);
         let mut out = StateCounts::default();
         out.apply(&d);
         Ok(out)
     }
 
-    /// Counts these active tasks and agents.
-    pub fn of<'a>(tasks: impl IntoIterator<Item = &'a Task>, agents: impl IntoIterator<Item = &'a Agent>) -> Self {
+    /// Counts these active tasks and agents, and takes the record counts as given: what a scan of a
+    /// store holding them would count (for tests against the in-memory store).
+    pub fn of<'a>(
+        tasks: impl IntoIterator<Item = &'a Task>,
+        agents: impl IntoIterator<Item = &'a Agent>,
+        (jobs, archived_jobs, archived_tasks): (usize, usize, usize),
+    ) -> Self {
         let mut d = CountsDelta::default();
         tasks.into_iter().for_each(|t| d.task(None, Some(TaskKind::of(t))));
         agents.into_iter().for_each(|a| d.agent(None, Some(a)));
+        (d.jobs, d.archived_jobs, d.archived_tasks) = (jobs as i64, archived_jobs as i64, archived_tasks as i64);
         let mut out = StateCounts::default();
         out.apply(&d);
         out
@@ -124,9 +152,30 @@ pub struct CountsDelta {
     pending_tasks: i64,
     agents_online: i64,
     agents_lost: i64,
+    jobs: i64,
+    archived_jobs: i64,
+    archived_tasks: i64,
+}
+
+/// Families whose records are counted by key (see [`CountsDelta::record`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Counted {
+    Jobs,
+    ArchivedJobs,
+    ArchivedTasks,
 }
 
 impl CountsDelta {
+    /// A record of a family counted by key that existed (`before`) and exists after the entry.
+    pub fn record(&mut self, family: Counted, before: bool, after: bool) {
+        let n = match family {
+            Counted::Jobs => &mut self.jobs,
+            Counted::ArchivedJobs => &mut self.archived_jobs,
+            Counted::ArchivedTasks => &mut self.archived_tasks,
+        };
+        *n += i64::from(after) - i64::from(before);
+    }
+
     /// An active task that was `before` and is `after` (`None`: absent, or archived).
     pub fn task(&mut self, before: Option<TaskKind>, after: Option<TaskKind>) {
         for (kind, sign) in [(before, -1), (after, 1)] {

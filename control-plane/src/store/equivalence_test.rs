@@ -352,7 +352,9 @@ impl Twin {
         assert_eq!(m.load_balancers().unwrap(), r.load_balancers().unwrap(), "load balancers");
         assert_eq!(m.lb_targets().unwrap(), r.lb_targets().unwrap(), "targets");
         assert_eq!(m.allocations().unwrap(), r.allocations().unwrap(), "allocations by agent");
-        let counted = super::StateCounts::of(self.memory.tasks.values(), self.memory.agents.values());
+        let m = &self.memory;
+        let records = (m.jobs.len(), m.archived_jobs.len(), m.archived_tasks.len());
+        let counted = super::StateCounts::of(m.tasks.values(), m.agents.values(), records);
         assert_eq!(self.reader.counts(), counted, "counts kept on apply");
         assert_eq!(super::StateCounts::scan(&self.reader.db).unwrap(), counted, "counts by scan");
         for j in 0..JOBS {

@@ -389,20 +389,6 @@ impl<'a> StateView<'a> {
         ))
     }
 
-    /// How many records `family` holds (keys counted, nothing decoded).
-    pub fn count_records(&self, family: &str) -> Result<u64> {
-        let cf = cf_handle(self.db, family).map_err(Error::from_storage)?;
-        let mut keys = self.db.raw_iterator_cf_opt(cf, self.options());
-        keys.seek_to_first();
-        let mut n = 0;
-        while keys.valid() {
-            n += 1;
-            keys.next();
-        }
-        keys.status().map_err(Error::from_storage)?;
-        Ok(n)
-    }
-
     /// Every finished job still in the archive.
     pub fn archived_jobs(&self) -> Result<Vec<Job>> {
         self.all(cf::ARCHIVED_JOBS)

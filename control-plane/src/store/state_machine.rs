@@ -22,7 +22,7 @@ use crate::events::{Change, ChangeBatch};
 use crate::model::ResourceDimension;
 use crate::state::agent_of;
 use crate::state::{Changes, Overlay, StateRead, TokenRecord, Write};
-use crate::store::counts::{CountsDelta, StateCounts, TaskKind};
+use crate::store::counts::{Counted, CountsDelta, StateCounts, TaskKind};
 use crate::store::{agent_index_key, archive_order_key, index_key, rebuild_agent_index};
 
 /// How long an audit batch's id is remembered: its proposer gives up retrying after a minute.
@@ -285,6 +285,11 @@ impl StateMachine {
         })
     }
 
+    /// Whether `family` holds `key` before this entry (nothing decoded).
+    fn holds(&self, family: &rocksdb::ColumnFamily, key: &[u8]) -> StoreResult<bool> {
+        Ok(self.db.get_pinned_cf(family, key).map_err(|e| write_error(&e))?.is_some())
+    }
+
     /// Writes a job command's changes (and their indexes) into `batch`, lists them for observers,
     /// and says in `counts` how they move the state's counts.
     fn write_changes(
@@ -316,6 +321,7 @@ impl StateMachine {
             .collect();
         let by_agent = cf_handle(&self.db, cf::TASKS_BY_AGENT)?;
         for (id, w) in c.jobs {
+            counts.record(Counted::Jobs, self.holds(jobs, id.as_bytes())?, matches!(w, Write::Put(_)));
             match w {
                 Write::Put(j) => {
                     batch.put_cf(jobs, id.as_bytes(), enc(&j)?);
@@ -380,6 +386,7 @@ impl StateMachine {
             }
         }
         for (id, w) in c.archived_jobs {
+            counts.record(Counted::ArchivedJobs, self.holds(a_jobs, id.as_bytes())?, matches!(w, Write::Put(_)));
             match w {
                 Write::Put(j) => {
                     batch.put_cf(a_jobs, id.as_bytes(), enc(&j)?);
@@ -393,6 +400,7 @@ impl StateMachine {
             }
         }
         for (id, w) in c.archived_tasks {
+            counts.record(Counted::ArchivedTasks, self.holds(a_tasks, id.as_bytes())?, matches!(w, Write::Put(_)));
             match w {
                 Write::Put(t) => {
                     batch.put_cf(a_tasks, id.as_bytes(), enc(&t)?);
