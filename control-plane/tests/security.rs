@@ -362,16 +362,21 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     for r in &c.replicas {
         // This replica's own answer (the client knows only it).
         let on_one = c.client_of(r.id);
-        let records = wait_until(Duration::from_secs(10), "the audit after the leader change", || async {
+        // Each replica proposes the records of the calls it served in its own batches, retried
+        // until they commit: the old leader's record of the step-down may land after the kills.
+        let stepped_down = |all: &[pb::AuditRecord]| {
+            all.iter().any(|r| r.method.ends_with("StepDown") && r.caller == "client/admin" && r.code == "Ok")
+                && all.iter().any(|r| {
+                    r.caller == "client/alice" && r.method.ends_with("StepDown") && r.code == "PermissionDenied"
+                })
+        };
+        let records = wait_until(Duration::from_secs(20), "the audit after the leader change", || async {
             let all = audit(&on_one, "", "").await;
             let kills = all.iter().filter(|r| r.method.ends_with("KillJob") && r.target == format!("job {alices}"));
-            (kills.count() == 2).then_some(all)
+            (kills.count() == 2 && stepped_down(&all)).then_some(all)
         })
         .await;
-        assert!(records.iter().any(|r| r.method.ends_with("StepDown") && r.caller == "client/admin" && r.code == "Ok"));
-        assert!(records
-            .iter()
-            .any(|r| r.caller == "client/alice" && r.method.ends_with("StepDown") && r.code == "PermissionDenied"));
+        assert!(stepped_down(&records), "the admin's step-down and alice's refused one are audited");
         let seqs: Vec<u64> = records.iter().map(|r| r.sequence).collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
     }
