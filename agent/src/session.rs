@@ -26,6 +26,11 @@ use crate::{AgentConfig, Result};
 /// Metadata key in which a replica names the leader's api address.
 const LEADER_HINT: &str = "titus-leader";
 
+/// How long an agent waits for the leader to answer its registration: longer than a leader takes
+/// to answer, queue included (its register message within 10 s, its turn within 20 s, the commit
+/// within its request timeout).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One operation the leader asked for on one task.
 enum Op {
     Assign(pb::TaskAssignment),
@@ -569,8 +574,18 @@ async fn session(
         .map_err(|e| SessionEnd { message: format!("connect: {e}"), leader: None })?;
     let (out_tx, out_rx) = mpsc::channel(1024);
     let _ = out_tx.send(agent.register_message().await).await;
-    let mut inbound =
-        AgentServiceClient::new(channel).attach(ReceiverStream::new(out_rx)).await.map_err(|s| end(&s))?.into_inner();
+    // The leader answers a registration once it has committed it (within its request timeout);
+    // a replica that does not answer at all is given up on, never waited on for ever.
+    let mut client = AgentServiceClient::new(channel);
+    let attach = client.attach(ReceiverStream::new(out_rx));
+    let mut inbound = tokio::time::timeout(ATTACH_TIMEOUT, attach)
+        .await
+        .map_err(|_| SessionEnd {
+            message: format!("no answer to the registration within {} s", ATTACH_TIMEOUT.as_secs()),
+            leader: None,
+        })?
+        .map_err(|s| end(&s))?
+        .into_inner();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(1000));
     loop {
         tokio::select! {

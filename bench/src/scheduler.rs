@@ -135,6 +135,24 @@ pub struct PlacementRun {
     pub wipe_follower_at: Option<usize>,
 }
 
+/// Which simulated agents never registered, and what the first of them last logged: the lines of
+/// the simulating process's log that name it.
+fn unregistered_report(registered: &std::collections::HashSet<String>, agents: usize, log: &Path) -> String {
+    let missing: Vec<String> =
+        (0..agents).map(|n| format!("sim-{n:05}")).filter(|id| !registered.contains(id)).collect();
+    let mut report =
+        format!("placement: {} agents never registered, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    if let (Some(first), Ok(text)) = (missing.first(), std::fs::read_to_string(log)) {
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(first.as_str())).collect();
+        report.push_str(&format!("\nplacement: the last lines {} logged ({} in all):", first, lines.len()));
+        for l in &lines[lines.len().saturating_sub(20)..] {
+            report.push_str("\n  ");
+            report.push_str(l);
+        }
+    }
+    report
+}
+
 /// A follower wiped during the run: which, when, and how it caught up.
 struct Wiped {
     id: u64,
@@ -183,12 +201,25 @@ pub async fn placement_bench(titus_bin: &Path, dir: &Path, run: PlacementRun, re
     };
     sim.start()?;
     let t_reg = Instant::now();
+    // Counted from a follower's metrics (counts kept on apply): polling the leader's FindAgents,
+    // 10,000 agents each time, would be a load of its own on the leader being measured.
+    let mut last_progress = (0, Instant::now());
     loop {
-        let n = client.find_agents().await.map(|a| a.len()).unwrap_or(0);
+        let leader = client.cluster_status().await.map(|s| s.leader_id).unwrap_or(0);
+        let follower = (1..=titus.admins.len() as u64).find(|id| *id != leader).unwrap_or(1);
+        let admin = &titus.admins[follower as usize - 1];
+        let n = super::scrape(admin, "titus_agents{state=\"online\"}").await.unwrap_or(0.0) as usize;
         if n >= agents {
             break;
         }
+        if n > last_progress.0 && last_progress.1.elapsed() > Duration::from_secs(10) {
+            eprintln!("placement: {n} of {agents} agents registered after {:.0} s", t_reg.elapsed().as_secs_f64());
+            last_progress = (n, Instant::now());
+        }
         if t_reg.elapsed() > Duration::from_secs(300) {
+            let registered =
+                client.find_agents().await.map(|a| a.into_iter().map(|a| a.id).collect()).unwrap_or_default();
+            eprintln!("{}", unregistered_report(&registered, agents, &sim.log));
             bail!("only {n} of {agents} simulated agents registered within 300 s");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -386,9 +417,41 @@ pub async fn placement_bench(titus_bin: &Path, dir: &Path, run: PlacementRun, re
         }
     }
     if acked.len() < tasks {
+        eprintln!("{}", unacknowledged_report(&client, &acked).await);
         bail!("only {} of {tasks} tasks acknowledged within the {limit:?} limit", acked.len());
     }
     Ok(())
+}
+
+/// Where the tasks never acknowledged are: how many per state and reason, with an example each.
+async fn unacknowledged_report(client: &Client, acked: &HashMap<String, Instant>) -> String {
+    let mut by_state: std::collections::BTreeMap<String, (usize, String)> = Default::default();
+    let mut cursor = String::new();
+    loop {
+        let page = match client.find_tasks(&[], 1000, &cursor).await {
+            Ok(p) => p,
+            Err(e) => return format!("placement: cannot list the tasks not acknowledged: {e}"),
+        };
+        for t in page.items.iter().filter(|t| !acked.contains_key(&t.id)) {
+            let status = t.status.clone().unwrap_or_default();
+            let state = pb::TaskState::try_from(status.state).map(|s| s.as_str_name()).unwrap_or("?");
+            let agent = t.task_context.get("agent").cloned().unwrap_or_default();
+            let e = by_state.entry(format!("{state} {}", status.reason_code)).or_insert((0, String::new()));
+            e.0 += 1;
+            if e.1.is_empty() {
+                e.1 = format!("{} on {agent:?}", t.id);
+            }
+        }
+        match page.pagination.filter(|p| p.has_more && !p.cursor.is_empty()) {
+            Some(p) => cursor = p.cursor,
+            None => break,
+        }
+    }
+    let mut report = String::from("placement: tasks not acknowledged, by state and reason:");
+    for (state, (n, example)) in by_state {
+        report.push_str(&format!("\n  {n} {state} (e.g. {example})"));
+    }
+    report
 }
 
 /// The size of the files under `path`, in MiB.

@@ -33,6 +33,16 @@ use crate::state::StateRead;
 
 type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
 
+/// Registrations the leader commits at once; the others wait their turn (in arrival order) for at
+/// most [`REGISTRATION_QUEUE_WAIT`]. A fleet that reconnects at once (10,000 agents after a leader
+/// change) would otherwise put 10,000 proposals in the Raft queue together: each waits behind all
+/// the others, times out before it commits, and its agent registers again — more entries for the
+/// same agents, until nothing commits within a timeout (seen on 2 cores in a debug build). Bounded,
+/// every registration admitted commits within the request timeout, and the queue drains at the
+/// rate the log commits.
+const REGISTRATIONS_IN_FLIGHT: usize = 128;
+const REGISTRATION_QUEUE_WAIT: Duration = Duration::from_secs(20);
+
 struct Conn {
     tx: Outbox,
     /// Tells a replaced stream's reader that it no longer owns the slot.
@@ -55,6 +65,8 @@ pub struct AgentHub {
     pub scheduler: crate::config::SchedulerConfig,
     /// The last scheduling round's reasons (on the leader).
     pub scheduling: Arc<crate::scheduling::results::Results>,
+    /// Registrations being committed at once (see [`REGISTRATIONS_IN_FLIGHT`]).
+    registering: tokio::sync::Semaphore,
     /// Task states reported by agents, in arrival order, for [`report_batches`].
     reports: mpsc::UnboundedSender<StatusReport>,
     reports_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<StatusReport>>,
@@ -80,6 +92,7 @@ impl AgentHub {
             conns: Mutex::default(),
             last_seen: Mutex::default(),
             next_conn: AtomicU64::new(1),
+            registering: tokio::sync::Semaphore::new(REGISTRATIONS_IN_FLIGHT),
             leader_since: Mutex::default(),
             lb_max_drain_wait_ms,
             scheduler,
@@ -125,6 +138,19 @@ impl AgentHub {
         for (_, c) in conns.drain() {
             let _ = c.tx.try_send(Err(self.replica.not_leader().into()));
         }
+    }
+
+    /// Takes `conn` as agent `agent_id`'s stream if the duties of `term` still run. Checked under
+    /// the connections' lock: leadership that ended while the registration was being committed has
+    /// already drained the connections (`on_lose_leadership` clears the term first), and a stream
+    /// added after that drain would be held by a deposed leader, its agent never told to move on.
+    fn admit(&self, agent_id: &str, term: Term, conn: Conn) -> bool {
+        let mut conns = self.conns();
+        if self.term() != Some(term) {
+            return false;
+        }
+        conns.insert(agent_id.to_string(), conn);
+        true
     }
 
     /// Closes agent `agent_id`'s stream, if it has one, telling it why.
@@ -459,6 +485,16 @@ impl AgentService for AgentApi {
             &hub.config.allowed_container_networks(),
         )?
         .into();
+        // Heard now: the liveness duty counts an Online agent's silence from here, not from when
+        // this replica became leader (a registration committed more than a TTL after that would
+        // otherwise be declared lost the moment it commits, before the stream is taken).
+        hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(reg.agent_id.clone(), Instant::now());
+        let Ok(Ok(_turn)) = tokio::time::timeout(REGISTRATION_QUEUE_WAIT, hub.registering.acquire()).await else {
+            return Err(Status::unavailable(format!(
+                "{REGISTRATIONS_IN_FLIGHT} registrations are being committed and more are queued: none came free within {} s; register again later",
+                REGISTRATION_QUEUE_WAIT.as_secs()
+            )));
+        };
         if let CommandResponse::Rejected(r) = replica.propose_as_leader(term, Command::RegisterAgent { agent }).await? {
             tracing::warn!(agent_id = %reg.agent_id, field = %r.field, message = %r.message, "agent registration refused");
             return Err(Error::Rejected(r).into());
@@ -470,7 +506,9 @@ impl AgentService for AgentApi {
             leader_id: replica.id,
             heartbeat_interval_ms: hub.config.heartbeat_interval_ms,
         }))));
-        hub.conns().insert(reg.agent_id.clone(), Conn { tx, conn_id });
+        if !hub.admit(&reg.agent_id, term, Conn { tx, conn_id }) {
+            return Err(replica.not_leader().into());
+        }
         hub.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(reg.agent_id.clone(), Instant::now());
         tracing::info!(agent_id = %reg.agent_id, tasks = reg.tasks.len(), "agent registered");
         let hub = hub.clone();

@@ -552,6 +552,9 @@ pub struct RaftTuning {
     /// to be answered, so a payload must stay small enough to be received and synced in that time
     /// even when entries are batches (placements, agent reports).
     pub max_payload_entries: u64,
+    /// ...and about this many encoded bytes (always at least one entry): a follower catching up
+    /// gets payloads it can take within that heartbeat interval, however large the entries.
+    pub max_payload_bytes: u64,
     /// How long a leader waits for a follower to take one chunk of a snapshot, and for the last
     /// to be installed (the follower answers the last chunk once the state is replaced). openraft's
     /// 200 ms would have a leader give up on — and resend from the start — any snapshot whose
@@ -569,6 +572,7 @@ impl Default for RaftTuning {
             keep_entries_after_snapshot: 1_000,
             keep_log_seconds: 30,
             max_payload_entries: 64,
+            max_payload_bytes: 1 << 20,
             install_snapshot_timeout_ms: 60_000,
         }
     }
@@ -646,6 +650,13 @@ impl Config {
         }
         if r.max_payload_entries == 0 {
             return Err(Error::Config("raft.max-payload-entries: must be > 0".into()));
+        }
+        let most = crate::network::MAX_PEER_MESSAGE_BYTES as u64 / 2;
+        if !(4096..=most).contains(&r.max_payload_bytes) {
+            return Err(Error::Config(format!(
+                "raft.max-payload-bytes: {} is outside 4096 to {most} (half the largest peer message)",
+                r.max_payload_bytes
+            )));
         }
         if r.install_snapshot_timeout_ms < r.heartbeat_interval_ms {
             return Err(Error::Config(format!(

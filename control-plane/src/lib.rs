@@ -10,6 +10,8 @@
 //! - [`store`]: the Raft log, vote and state machine in RocksDB column families. Knows nothing of
 //!   the API or the leader duties.
 //! - [`network`] / [`peer`]: the peer port — Raft RPCs, write forwarding and read index over tonic.
+//! - [`raft_runtime`]: the tokio runtime Raft, the peer port and peer connections run on, apart
+//!   from the one serving clients and agents (so a heartbeat never queues behind their calls).
 //! - [`apply`]: the one exhaustive match that gives every command its rule (rules live in [`jobs`],
 //!   [`capacity`] and [`loadbalancer`]); the store applies what it returns.
 //! - [`replica`]: the write path (propose or forward) and the linearizable read path.
@@ -50,6 +52,7 @@ pub mod log_retention;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod raft_runtime;
 pub mod replica;
 pub mod rounds;
 pub mod scheduling;

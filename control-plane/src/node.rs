@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::leader::{Cloud, LeaderDuties};
 use crate::network::{Network, PeerChannels, MAX_PEER_MESSAGE_BYTES};
 use crate::peer::PeerService;
+use crate::raft_runtime::RaftRuntime;
 use crate::raft_types::{Node, Raft};
 use crate::replica::Replica;
 use crate::store;
@@ -131,7 +132,13 @@ const SHUTDOWN_STEP_DOWN: Duration = Duration::from_secs(3);
 /// Runs the replica until `shutdown` completes, then stops gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
-    let peer_listener = bind("peer-listen", config.peer_listen).await?;
+    // Raft, the peer port and the peer connections run on a runtime of their own (see raft_runtime).
+    let raft_rt = RaftRuntime::new(config.node_id)?;
+    let peer_addr = config.peer_listen;
+    let peer_listener = raft_rt
+        .spawn(async move { bind("peer-listen", peer_addr).await })
+        .await
+        .map_err(|e| Error::storage("binding the peer port", e))??;
     let api_listener = bind("api-listen", config.api_listen).await?;
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(bind("admin-listen", addr).await?),
@@ -148,16 +155,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let policy = Arc::new(Policy::new(&config.security));
     let (log_store, state_machine, state) = store::open(&config.data_dir, config.node_id)?;
 
-    let peers = PeerChannels::new(state.clone(), Duration::from_millis(500), tls.clone());
-    let raft = Raft::new(
+    let peers = PeerChannels::new(state.clone(), Duration::from_millis(500), tls.clone(), raft_rt.executor());
+    let (node_id, raft_config, network) = (
         config.node_id,
         Arc::new(config.openraft_config()?),
-        Network { peers: peers.clone() },
-        log_store,
-        state_machine,
-    )
-    .await
-    .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
+        Network { peers: peers.clone(), max_payload_bytes: config.raft.max_payload_bytes as usize },
+    );
+    // Started from a task of the consensus runtime, so openraft's own tasks are spawned there.
+    let raft = raft_rt
+        .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })
+        .await
+        .map_err(|e| Error::storage("starting raft", e))?
+        .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
     let replica = Arc::new(Replica {
         id: config.node_id,
         raft: raft.clone(),
@@ -180,12 +189,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    let peer_server = tokio::spawn(
-        server_builder(&config)
-            .layer(Authorize { policy: policy.clone(), port: Port::Peer, auditor: None })
-            .add_service(peer_service)
-            .serve_with_incoming_shutdown(incoming(peer_listener, tls.clone(), peer_limits), stopped(stop_rx.clone())),
-    );
+    let peer_server = {
+        let (mut server, tls, stop) = (
+            server_builder(&config).layer(Authorize { policy: policy.clone(), port: Port::Peer, auditor: None }),
+            tls.clone(),
+            stopped(stop_rx.clone()),
+        );
+        // `incoming` spawns its accept loop where it is called: on the consensus runtime.
+        raft_rt.spawn(async move {
+            server
+                .add_service(peer_service)
+                .serve_with_incoming_shutdown(incoming(peer_listener, tls, peer_limits), stop)
+                .await
+        })
+    };
 
     let cloud = match &config.aws {
         Some(aws) => {
@@ -310,6 +327,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Err(e) => tracing::warn!(error = %e, "{name} server task failed"),
         }
     }
+    // Raft is shut down and the peer server has stopped: what is left on the consensus runtime is
+    // idle connections and timers (and at most a snapshot being written, waited for).
+    raft_rt.shutdown(Duration::from_secs(30)).await;
     tracing::info!(node_id = config.node_id, "stopped");
     Ok(())
 }
