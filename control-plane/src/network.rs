@@ -99,20 +99,8 @@ impl PeerChannels {
         req: &Req,
         ttl: Duration,
     ) -> Result<Resp, PeerCallError> {
-        let message = self.message(req).map_err(PeerCallError::Other)?;
-        self.send(addr, method, message, ttl).await
-    }
-
-    /// [`call`](Self::call) with the request already encoded.
-    async fn send<Resp: DeserializeOwned>(
-        &self,
-        addr: &str,
-        method: PeerMethod,
-        message: PeerMessage,
-        ttl: Duration,
-    ) -> Result<Resp, PeerCallError> {
         let mut client = self.client(addr).map_err(PeerCallError::Other)?;
-        let mut request = tonic::Request::new(message);
+        let mut request = tonic::Request::new(self.message(req).map_err(PeerCallError::Other)?);
         request.set_timeout(ttl);
         let fut = async {
             match method {
@@ -210,20 +198,13 @@ impl std::error::Error for Msg {}
 /// openraft's factory of connections to peers.
 pub struct Network {
     pub peers: PeerChannels,
-    /// An AppendEntries carries entries up to about this many encoded bytes (at least one entry).
-    pub max_payload_bytes: usize,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        PeerConnection {
-            target,
-            addr: node.peer_addr.clone(),
-            peers: self.peers.clone(),
-            max_payload_bytes: self.max_payload_bytes,
-        }
+        PeerConnection { target, addr: node.peer_addr.clone(), peers: self.peers.clone() }
     }
 }
 
@@ -231,25 +212,6 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     peers: PeerChannels,
-    max_payload_bytes: usize,
-}
-
-/// Encodes `rpc`, first dropping its later entries while it is over `max_bytes` and has more than
-/// one (halving: a payload within the bound costs one encoding, a large one at most two in all).
-/// Says which entry is the last one kept, when entries were dropped.
-fn fit_append(
-    mut rpc: AppendEntriesRequest<TypeConfig>,
-    max_bytes: usize,
-    encode: impl Fn(&AppendEntriesRequest<TypeConfig>) -> Result<PeerMessage, String>,
-) -> Result<(PeerMessage, Option<LogId>), String> {
-    let mut message = encode(&rpc)?;
-    let mut last_kept = None;
-    while message.payload.len() > max_bytes && rpc.entries.len() > 1 {
-        rpc.entries.truncate(rpc.entries.len() / 2);
-        last_kept = rpc.entries.last().map(|e| e.log_id);
-        message = encode(&rpc)?;
-    }
-    Ok((message, last_kept))
 }
 
 impl PeerConnection {
@@ -264,22 +226,8 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let message = self.peers.message(req).map_err(|m| RPCError::Network(NetworkError::new(&Msg(m))))?;
-        self.raft_send(method, message, option).await
-    }
-
-    async fn raft_send<Resp, E>(
-        &self,
-        method: PeerMethod,
-        message: PeerMessage,
-        option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
-    where
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
         let reply: Result<Resp, RaftError<NodeId, E>> =
-            self.peers.send(&self.addr, method, message, option.hard_ttl()).await.map_err(|e| match e {
+            self.peers.call(&self.addr, method, req, option.hard_ttl()).await.map_err(|e| match e {
                 // openraft backs off (500 ms) from an unreachable peer instead of hammering it; a
                 // slow answer is not that — a follower busy syncing a large append would
                 // otherwise be left alone for half a second, stalling commits.
@@ -296,17 +244,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        // openraft gives an AppendEntries one heartbeat interval to be answered and resends the
-        // same entries when it is not: a follower catching up on large entries (batches of
-        // placements) would time out on every try and never catch up. Bounded in bytes, a payload
-        // is answered in time; the entries dropped go in the next one (openraft's partial success).
-        let (message, last_kept) = fit_append(rpc, self.max_payload_bytes, |r| self.peers.message(r))
-            .map_err(|m| RPCError::Network(NetworkError::new(&Msg(m))))?;
-        let reply = self.raft_send(PeerMethod::AppendEntries, message, &option).await?;
-        Ok(match (reply, last_kept) {
-            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
-            (reply, _) => reply,
-        })
+        self.raft_call(PeerMethod::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -323,55 +261,5 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         self.raft_call(PeerMethod::Vote, &rpc, &option).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
-
-    use super::*;
-
-    fn request(entries: usize, value_bytes: usize) -> AppendEntriesRequest<TypeConfig> {
-        let log_id = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
-        AppendEntriesRequest {
-            vote: Vote::new_committed(1, 1),
-            prev_log_id: Some(log_id(10)),
-            leader_commit: Some(log_id(10)),
-            entries: (11..11 + entries as u64)
-                .map(|index| Entry {
-                    log_id: log_id(index),
-                    payload: EntryPayload::Normal(Command::SetClusterId { cluster_id: "x".repeat(value_bytes) }),
-                })
-                .collect(),
-        }
-    }
-
-    fn encode(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<PeerMessage, String> {
-        Ok(PeerMessage { cluster_id: String::new(), payload: codec::encode(rpc).map_err(|e| e.to_string())? })
-    }
-
-    #[test]
-    fn an_append_is_cut_to_its_byte_bound_and_says_where() {
-        // Within the bound: sent whole, nothing said.
-        let (m, last) = fit_append(request(4, 1_000), 64 << 10, encode).expect("fits");
-        assert_eq!(last, None);
-        let sent: AppendEntriesRequest<TypeConfig> = codec::decode(&m.payload).expect("decodes");
-        assert_eq!(sent.entries.len(), 4);
-
-        // 64 entries of 10 kB against 100 kB: halved until it fits (8 entries), and the last kept
-        // is named, so the caller reports a partial success up to it.
-        let (m, last) = fit_append(request(64, 10_000), 100_000, encode).expect("fits");
-        assert!(m.payload.len() <= 100_000, "{} bytes", m.payload.len());
-        let sent: AppendEntriesRequest<TypeConfig> = codec::decode(&m.payload).expect("decodes");
-        assert_eq!(sent.entries.len(), 8);
-        assert_eq!(last, sent.entries.last().map(|e| e.log_id));
-        assert_eq!(last.map(|l| l.index), Some(18));
-        assert_eq!((sent.prev_log_id, sent.leader_commit), (request(0, 0).prev_log_id, request(0, 0).leader_commit));
-
-        // One entry over the bound still goes, alone: the follower must get it some time.
-        let (m, last) = fit_append(request(3, 50_000), 10_000, encode).expect("fits");
-        let sent: AppendEntriesRequest<TypeConfig> = codec::decode(&m.payload).expect("decodes");
-        assert_eq!((sent.entries.len(), last.map(|l| l.index)), (1, Some(11)));
     }
 }

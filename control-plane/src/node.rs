@@ -154,13 +154,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let peer_limits = ListenerLimits { require_client_cert: true, ..listener_limits };
     let policy = Arc::new(Policy::new(&config.security));
     let (log_store, state_machine, state) = store::open(&config.data_dir, config.node_id)?;
+    let log_store = log_store.limit_payload(config.raft.max_payload_bytes as usize);
 
     let peers = PeerChannels::new(state.clone(), Duration::from_millis(500), tls.clone(), raft_rt.executor());
-    let (node_id, raft_config, network) = (
-        config.node_id,
-        Arc::new(config.openraft_config()?),
-        Network { peers: peers.clone(), max_payload_bytes: config.raft.max_payload_bytes as usize },
-    );
+    let (node_id, raft_config, network) =
+        (config.node_id, Arc::new(config.openraft_config()?), Network { peers: peers.clone() });
     // Started from a task of the consensus runtime, so openraft's own tasks are spawned there.
     let raft = raft_rt
         .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })

@@ -18,14 +18,25 @@ use crate::codec;
 use crate::raft_types::{Entry, LogId, NodeId, TypeConfig, Vote};
 use crate::store::cf;
 
+/// Default of [`LogStore::limit_payload`]: `raft.max-payload-bytes`'s default.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// What one read for replication returns at most, in stored bytes (at least one entry).
+    max_payload_bytes: usize,
 }
 
 impl LogStore {
     pub(super) fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
+        LogStore { db, max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES }
+    }
+
+    /// Bounds the entries read for one AppendEntries to about `bytes` (see `limited_get_log_entries`).
+    pub fn limit_payload(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes.max(1);
+        self
     }
 
     fn get_raft_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StoreResult<Option<T>> {
@@ -66,6 +77,31 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&entry.log_id.index) {
                 break;
             }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// The entries of one AppendEntries: `[start, end)` up to about `max_payload_bytes` of stored
+    /// bytes, and always the first one. openraft gives an AppendEntries one heartbeat interval to be
+    /// answered and resends the same entries when it is not: a follower catching up on large
+    /// entries (batches of placements) timed out on every try and never caught up. The bound is
+    /// taken from the stored values' lengths, before decoding, so it costs nothing; openraft sends
+    /// the rest in the next AppendEntries.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> StoreResult<Vec<Entry>> {
+        let cf = cf_handle(&self.db, cf::RAFT_LOG)?;
+        let key = log_key(start);
+        let (mut entries, mut bytes) = (Vec::new(), 0usize);
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&key, Direction::Forward)) {
+            let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            if !entries.is_empty() && bytes.saturating_add(value.len()) > self.max_payload_bytes {
+                break;
+            }
+            let entry: Entry = codec::decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+            if entry.log_id.index >= end {
+                break;
+            }
+            bytes += value.len();
             entries.push(entry);
         }
         Ok(entries)
@@ -183,4 +219,48 @@ pub(super) fn record_node_id(db: &DB, id: NodeId) -> StoreResult<()> {
     let bytes = codec::encode(&id).map_err(|e| StorageIOError::write(&e))?;
     db.put_cf_opt(cf, cf::raft_meta::NODE_ID, bytes, &sync_write_options()).map_err(|e| StorageIOError::write(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::command::Command;
+
+    /// Entries 1..=n, each about `value_bytes` when stored.
+    fn store_with(n: u64, value_bytes: usize) -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _, _) = crate::store::open(dir.path(), 1).expect("open");
+        let cf = cf_handle(&store.db, cf::RAFT_LOG).expect("cf");
+        for index in 1..=n {
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Normal(Command::SetClusterId { cluster_id: "x".repeat(value_bytes) }),
+            };
+            store.db.put_cf(cf, log_key(index), codec::encode(&entry).expect("encode")).expect("put");
+        }
+        (dir, store)
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[tokio::test]
+    async fn a_replication_read_stops_at_its_byte_bound_but_never_returns_nothing() {
+        let (_dir, store) = store_with(64, 10_000);
+        // Within the bound: the whole range, and never past its end.
+        let mut all = store.clone().limit_payload(1 << 20);
+        assert_eq!(indexes(&all.limited_get_log_entries(1, 65).await.expect("read")), (1..=64).collect::<Vec<_>>());
+        assert_eq!(indexes(&all.limited_get_log_entries(5, 9).await.expect("read")), vec![5, 6, 7, 8]);
+        // 100 kB: the first entries that fit (each about 10 kB stored), from where it was asked.
+        let mut bounded = store.clone().limit_payload(100_000);
+        let got = bounded.limited_get_log_entries(11, 65).await.expect("read");
+        assert_eq!(got.first().map(|e| e.log_id.index), Some(11));
+        assert!((8..=10).contains(&got.len()), "{} entries", got.len());
+        // One entry larger than the bound still comes, alone: a follower must get it some time.
+        let mut tiny = store.limit_payload(100);
+        assert_eq!(indexes(&tiny.limited_get_log_entries(3, 65).await.expect("read")), vec![3]);
+    }
 }
