@@ -138,7 +138,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let peer_listener = raft_rt
         .spawn(async move { bind("peer-listen", peer_addr).await })
         .await
-        .map_err(|e| Error::storage("binding the peer port", e))??;
+        .map_err(|e| Error::Config(format!("peer-listen {peer_addr}: binding failed: {e}")))??;
     let api_listener = bind("api-listen", config.api_listen).await?;
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(bind("admin-listen", addr).await?),
@@ -163,7 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let raft = raft_rt
         .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })
         .await
-        .map_err(|e| Error::storage("starting raft", e))?
+        .map_err(|e| Error::Raft(format!("starting raft: the task ended: {e}")))?
         .map_err(|e| Error::Raft(format!("starting raft: {e}")))?;
     let replica = Arc::new(Replica {
         id: config.node_id,

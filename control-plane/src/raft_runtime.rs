@@ -36,7 +36,7 @@ impl RaftRuntime {
             .thread_name(format!("raft-{node_id}"))
             .enable_all()
             .build()
-            .map_err(|e| Error::storage("the consensus runtime", e))?;
+            .map_err(|e| Error::Config(format!("cannot start the consensus runtime's threads: {e}")))?;
         Ok(RaftRuntime { runtime: Some(runtime) })
     }
 
