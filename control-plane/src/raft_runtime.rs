@@ -26,7 +26,9 @@ use crate::error::{Error, Result};
 const WORKERS: usize = 2;
 
 pub struct RaftRuntime {
+    /// Taken by `shutdown` (or dropped with the struct).
     runtime: Option<Runtime>,
+    handle: Handle,
 }
 
 impl RaftRuntime {
@@ -37,11 +39,8 @@ impl RaftRuntime {
             .enable_all()
             .build()
             .map_err(|e| Error::Config(format!("cannot start the consensus runtime's threads: {e}")))?;
-        Ok(RaftRuntime { runtime: Some(runtime) })
-    }
-
-    fn handle(&self) -> &Handle {
-        self.runtime.as_ref().expect("the consensus runtime runs until shutdown consumes it").handle()
+        let handle = runtime.handle().clone();
+        Ok(RaftRuntime { runtime: Some(runtime), handle })
     }
 
     /// Runs `future` on this runtime (and what it spawns, here too).
@@ -50,12 +49,12 @@ impl RaftRuntime {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.handle().spawn(future)
+        self.handle.spawn(future)
     }
 
     /// An executor for tonic channels: their connections are driven on this runtime.
     pub fn executor(&self) -> Executor {
-        Executor(self.handle().clone())
+        Executor(self.handle.clone())
     }
 
     /// Stops the runtime once its tasks are done with (Raft shut down first), waiting at most
@@ -80,13 +79,6 @@ impl Drop for RaftRuntime {
 /// Spawns onto the consensus runtime (see [`RaftRuntime::executor`]).
 #[derive(Clone)]
 pub struct Executor(Handle);
-
-impl Executor {
-    /// The runtime the caller runs on (for peer channels used outside a replica, e.g. tests).
-    pub fn current() -> Executor {
-        Executor(Handle::current())
-    }
-}
 
 impl<F> hyper::rt::Executor<F> for Executor
 where
