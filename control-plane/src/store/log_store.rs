@@ -93,8 +93,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let key = log_key(start);
         let (mut entries, mut bytes) = (Vec::new(), 0usize);
         for item in self.db.iterator_cf(cf, IteratorMode::From(&key, Direction::Forward)) {
-            let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            if !entries.is_empty() && bytes.saturating_add(value.len()) > self.max_payload_bytes {
+            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            // The key is the index (big-endian): the first entry past `end` is not decoded.
+            let past_end = <[u8; 8]>::try_from(key.as_ref()).is_ok_and(|k| u64::from_be_bytes(k) >= end);
+            if past_end || (!entries.is_empty() && bytes.saturating_add(value.len()) > self.max_payload_bytes) {
                 break;
             }
             let entry: Entry = codec::decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
