@@ -31,14 +31,19 @@ else
 fi
 
 # The CA, the replicas', the agent's and the admin client's certificates, and the replicas' security
-# settings (the client certificate `admin` is an admin); made once, kept across `up`s.
+# settings (the client certificate `admin` is an admin); made once, kept across `up`s (edit
+# security.toml in place: the replicas reload it).
 make_certs() {
     [ "${TITUS_LOCAL_INSECURE:-0}" = 1 ] && return 0
     if [ ! -f "$TLS/ca.pem" ]; then
         "$BIN/titus" certs init "$TLS" --replicas 1,2,3 --agents local-agent --clients admin >/dev/null
         echo "certificates written to $TLS"
     fi
-    printf '[[principals]]\nname = "admin"\nrole = "admin"\n' >"$DIR/security.toml"
+    # Written once: principals, tokens and revocations added to it survive `up` (replicas reload
+    # it while running).
+    if [ ! -f "$DIR/security.toml" ]; then
+        printf '[[principals]]\nname = "admin"\nrole = "admin"\n' >"$DIR/security.toml"
+    fi
 }
 
 running() { [ -f "$DIR/replica-$1.pid" ] && kill -0 "$(cat "$DIR/replica-$1.pid")" 2>/dev/null; }

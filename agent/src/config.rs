@@ -34,9 +34,21 @@ pub struct AgentConfig {
     /// zone, machineType, instanceId, host, ... (host defaults to the hostname).
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
-    /// Docker network the containers join; default: the daemon's default bridge.
+    /// Docker network every container joins; absent (the default): each job's containers get a
+    /// bridge network of their own from `job-networks` (see [`crate::networks`]).
     #[serde(default)]
     pub network: Option<String>,
+    /// The IPv4 pool per-job networks are cut from, in /24s (ignored when `network` is set).
+    #[serde(default = "default_job_networks")]
+    pub job_networks: String,
+    /// The most processes (threads included) one container may hold: a fork bomb stays inside it.
+    #[serde(default = "default_pids_limit")]
+    pub pids_limit: i64,
+    /// A container's output kept by Docker: at most this many files of `log-max-mb` each.
+    #[serde(default = "default_log_max_mb")]
+    pub log_max_mb: u32,
+    #[serde(default = "default_log_max_files")]
+    pub log_max_files: u32,
     /// The admin HTTP port (/metrics, /healthz, /readyz); absent: not served.
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
@@ -64,6 +76,24 @@ pub struct AgentConfig {
     /// SIGTERM and this long to exit before SIGKILL, then removed.
     #[serde(default = "default_forget_grace_secs")]
     pub forget_grace_secs: i64,
+}
+
+/// Inside Docker's default pools' range (172.17.0.0/12) but far from the first networks it hands
+/// out; a subnet Docker reports as overlapping another network is skipped.
+pub fn default_job_networks() -> String {
+    "172.29.0.0/16".into()
+}
+
+pub fn default_pids_limit() -> i64 {
+    1024
+}
+
+pub fn default_log_max_mb() -> u32 {
+    10
+}
+
+pub fn default_log_max_files() -> u32 {
+    3
 }
 
 fn default_forget_grace_secs() -> i64 {
@@ -121,6 +151,19 @@ impl AgentConfig {
         if !(0..=3600).contains(&self.forget_grace_secs) {
             return Err(Error::Config("forget-grace-secs: must be between 0 and 3600".into()));
         }
+        if self.network.is_none() {
+            crate::networks::SubnetPool::parse(&self.job_networks)
+                .map_err(|e| Error::Config(format!("job-networks: {e}")))?;
+        }
+        if !(32..=4_194_304).contains(&self.pids_limit) {
+            return Err(Error::Config("pids-limit: must be between 32 and 4194304".into()));
+        }
+        if !(1..=10_240).contains(&self.log_max_mb) {
+            return Err(Error::Config("log-max-mb: must be between 1 and 10240".into()));
+        }
+        if !(1..=100).contains(&self.log_max_files) {
+            return Err(Error::Config("log-max-files: must be between 1 and 100".into()));
+        }
         if !self.cpu.is_finite() || self.cpu < 0.0 {
             return Err(Error::Config("cpu: must be > 0".into()));
         }
@@ -171,6 +214,15 @@ mod tests {
         bad.servers = vec!["nowhere".into()];
         assert!(bad.finish().unwrap_err().to_string().contains("servers"));
         assert!(toml::from_str::<AgentConfig>("agent-id = \"a\"\nservers = []\nbogus = 1").is_err());
+        let mut bad = config();
+        bad.job_networks = "172.29.0.0/25".into();
+        assert!(bad.finish().unwrap_err().to_string().contains("job-networks: prefix"));
+        let mut bad = config();
+        bad.pids_limit = 0;
+        assert!(bad.finish().unwrap_err().to_string().contains("pids-limit"));
+        let mut bad = config();
+        bad.log_max_files = 0;
+        assert!(bad.finish().unwrap_err().to_string().contains("log-max-files"));
         let mut bad = config();
         bad.insecure = false;
         assert!(bad.finish().unwrap_err().to_string().contains("tls-ca: required"));

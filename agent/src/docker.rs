@@ -4,25 +4,38 @@
 //! Docker refuses a second container of the same name, so a task id can never run twice, and after
 //! a restart the agent finds its containers by label and adopts them. An exited container is kept
 //! as a tombstone until the control plane says to forget the task. Images are never pulled.
+//!
+//! Every container is confined by default: no-new-privileges, without the NET_RAW (raw sockets),
+//! MKNOD and AUDIT_WRITE capabilities, a process limit, bounded log files, its disk limited where
+//! the storage driver can, and — unless the agent names one network for all — on its job's own
+//! network ([`crate::networks`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bollard::container::{
     Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
     StopContainerOptions,
 };
 use bollard::errors::Error as DockerError;
-use bollard::models::HostConfig;
+use bollard::models::{HostConfig, HostConfigLogConfig, Ipam, IpamConfig};
+use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::system::EventsOptions;
 use bollard::Docker;
 use futures::Stream;
 use titus_proto as pb;
 
+use crate::networks::{job_network_name, valid_job_id, SubnetPool};
 use crate::{AgentConfig, Error, Result};
 
 pub const LABEL_TASK: &str = "titus.task.id";
 pub const LABEL_JOB: &str = "titus.job.id";
 pub const LABEL_AGENT: &str = "titus.agent.id";
+
+/// Capabilities Docker grants by default that a task does not get: raw sockets (spoofing, sniffing
+/// the host's bridge), device nodes, and writing the kernel's audit log.
+pub const DROPPED_CAPABILITIES: [&str; 3] = ["NET_RAW", "MKNOD", "AUDIT_WRITE"];
 
 /// What the daemon said happened to a task's container.
 pub enum Death {
@@ -43,6 +56,20 @@ pub struct DockerRuntime {
     socket: Option<String>,
     agent_id: String,
     network: Option<String>,
+    /// The pool of per-job networks; None when every container joins `network`.
+    job_networks: Option<SubnetPool>,
+    pids_limit: i64,
+    log_max_mb: u32,
+    log_max_files: u32,
+    /// Held (shared) by a launch from making sure its job's network exists until its container
+    /// exists, and (exclusively) by removing a job's network once it has no container: a network
+    /// is never removed under a container being created in it.
+    network_use: Arc<tokio::sync::RwLock<()>>,
+    /// One network created at a time, so two launches of one job make one network.
+    network_create: Arc<tokio::sync::Mutex<()>>,
+    /// Cleared when the storage driver refuses a disk size (only overlay2 on xfs with pquota,
+    /// btrfs and zfs take one): the limit is then not asked for again, and said once in the log.
+    disk_quota: Arc<AtomicBool>,
 }
 
 /// A container's state as a task state.
@@ -80,6 +107,18 @@ impl DockerRuntime {
             socket: config.docker_socket.clone(),
             agent_id: config.agent_id.clone(),
             network: config.network.clone(),
+            job_networks: match &config.network {
+                Some(_) => None,
+                None => Some(
+                    SubnetPool::parse(&config.job_networks).map_err(|e| Error::Config(format!("job-networks: {e}")))?,
+                ),
+            },
+            pids_limit: config.pids_limit,
+            log_max_mb: config.log_max_mb,
+            log_max_files: config.log_max_files,
+            network_use: Default::default(),
+            network_create: Default::default(),
+            disk_quota: Arc::new(AtomicBool::new(true)),
         };
         if let Err(e) = runtime.client().await {
             tracing::warn!(error = %e, "docker daemon unreachable; reporting unhealthy until it answers");
@@ -125,6 +164,9 @@ impl DockerRuntime {
     /// configured): where their addresses come from, declared at registration so that the control
     /// plane keeps no other containerIp. `host` and `none` networks have none.
     pub async fn container_networks(&self) -> Result<Vec<String>> {
+        if let Some(pool) = &self.job_networks {
+            return Ok(vec![pool.to_string()]);
+        }
         let name = self.network.clone().unwrap_or_else(|| "bridge".to_string());
         if name == "host" || name == "none" {
             return Ok(Vec::new());
@@ -277,14 +319,36 @@ impl DockerRuntime {
             (LABEL_JOB.to_string(), assign.job_id.clone()),
             (LABEL_AGENT.to_string(), self.agent_id.clone()),
         ]);
-        let host_config = HostConfig {
+        // Held until the container exists: its job's network is not removed meanwhile.
+        let network_use = self.network_use.clone().read_owned().await;
+        let network = match &self.job_networks {
+            None => self.network.clone(),
+            Some(pool) => match self.job_network(&docker, pool, &assign.job_id).await {
+                Ok(name) => Some(name),
+                Err(e) => return vec![fail("localSystemError", e.to_string())],
+            },
+        };
+        let mut host_config = HostConfig {
             nano_cpus: Some((r.cpu * 1e9) as i64),
             memory: Some(r.memory_mb as i64 * 1024 * 1024),
             shm_size: (r.shm_size_mb > 0).then_some(r.shm_size_mb as i64 * 1024 * 1024),
-            network_mode: self.network.clone(),
+            network_mode: network,
+            security_opt: Some(vec!["no-new-privileges:true".to_string()]),
+            cap_drop: Some(DROPPED_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+            pids_limit: Some(self.pids_limit),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_string(), format!("{}m", self.log_max_mb)),
+                    ("max-file".to_string(), self.log_max_files.to_string()),
+                ])),
+            }),
             ..Default::default()
         };
-        let config = Config {
+        if r.disk_mb > 0 && self.disk_quota.load(Ordering::Relaxed) {
+            host_config.storage_opt = Some(HashMap::from([("size".to_string(), format!("{}M", r.disk_mb))]));
+        }
+        let mut config = Config {
             image: Some(image_ref.clone()),
             entrypoint: (!container.entry_point.is_empty()).then_some(container.entry_point.clone()),
             cmd: (!container.command.is_empty()).then_some(container.command.clone()),
@@ -294,10 +358,22 @@ impl DockerRuntime {
             ..Default::default()
         };
         let name = container_name(task_id);
-        let created = match docker
-            .create_container(Some(CreateContainerOptions { name: name.clone(), platform: None }), config)
-            .await
-        {
+        let options = || Some(CreateContainerOptions { name: name.clone(), platform: None });
+        let mut created = docker.create_container(options(), config.clone()).await;
+        if let Err(DockerError::DockerResponseServerError { message, .. }) = &created {
+            if message.contains("storage-opt") || message.contains("storage opt") {
+                // This driver cannot limit a container's disk: say so once, and stop asking.
+                if self.disk_quota.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %message, "the storage driver cannot limit a container's disk; disk-mb is not enforced on this agent");
+                }
+                if let Some(h) = config.host_config.as_mut() {
+                    h.storage_opt = None;
+                }
+                created = docker.create_container(options(), config).await;
+            }
+        }
+        drop(network_use);
+        let created = match created {
             Ok(c) => c,
             // Another launch of the same task won the race: adopt it.
             Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
@@ -351,13 +427,121 @@ impl DockerRuntime {
         }
     }
 
+    /// Removes the task's container, and its job's network when no container of the job is left.
     pub async fn remove(&self, task_id: &str) -> Result<()> {
+        let docker = self.client().await?;
+        let name = container_name(task_id);
+        let job_id = match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            Ok(c) => c.config.and_then(|c| c.labels).and_then(|mut l| l.remove(LABEL_JOB)),
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(Error::Docker(e.to_string())),
+        };
         let opts = RemoveContainerOptions { force: true, ..Default::default() };
-        match self.client().await?.remove_container(&container_name(task_id), Some(opts)).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(Error::Docker(e.to_string())),
+        match docker.remove_container(&name, Some(opts)).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(Error::Docker(e.to_string())),
         }
+        if let (Some(_), Some(job_id)) = (&self.job_networks, job_id) {
+            self.remove_job_network_if_unused(&docker, &job_id).await?;
+        }
+        Ok(())
+    }
+
+    /// The network of `job_id`'s containers, created (from the pool's first free subnet) when it
+    /// does not exist yet.
+    async fn job_network(&self, docker: &Docker, pool: &SubnetPool, job_id: &str) -> Result<String> {
+        if !valid_job_id(job_id) {
+            return Err(Error::Docker(format!("job id {job_id:?} cannot name a network")));
+        }
+        let name = job_network_name(&self.agent_id, job_id);
+        let _one_at_a_time = self.network_create.lock().await;
+        match docker.inspect_network(&name, None::<bollard::network::InspectNetworkOptions<String>>).await {
+            Ok(_) => return Ok(name),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(Error::Docker(format!("inspecting network {name:?}: {e}"))),
+        }
+        // Subnets this daemon's networks hold already (this agent's, other agents' on the host,
+        // anyone's): skipped without asking.
+        let taken: std::collections::HashSet<String> = docker
+            .list_networks(None::<ListNetworksOptions<String>>)
+            .await
+            .map_err(|e| Error::Docker(format!("listing networks: {e}")))?
+            .into_iter()
+            .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
+            .filter_map(|c| c.subnet)
+            .collect();
+        for subnet in pool.subnets().filter(|s| !taken.contains(s)) {
+            let options = CreateNetworkOptions {
+                name: name.clone(),
+                driver: "bridge".to_string(),
+                check_duplicate: true,
+                ipam: Ipam {
+                    config: Some(vec![IpamConfig { subnet: Some(subnet.clone()), ..Default::default() }]),
+                    ..Default::default()
+                },
+                labels: HashMap::from([
+                    (LABEL_AGENT.to_string(), self.agent_id.clone()),
+                    (LABEL_JOB.to_string(), job_id.to_string()),
+                ]),
+                ..Default::default()
+            };
+            match docker.create_network(options).await {
+                Ok(_) => {
+                    tracing::info!(job_id, network = %name, %subnet, "job network created");
+                    return Ok(name);
+                }
+                // Taken meanwhile (another agent on this daemon) or overlapping a network whose
+                // subnet is written differently: the next one.
+                Err(DockerError::DockerResponseServerError { message, .. }) if message.contains("overlap") => continue,
+                Err(e) => return Err(Error::Docker(format!("creating network {name:?} ({subnet}): {e}"))),
+            }
+        }
+        Err(Error::Docker(format!("no free /24 left in job-networks {pool} for job {job_id}'s network")))
+    }
+
+    /// Removes `job_id`'s network once none of this agent's containers (running or not) is of
+    /// that job.
+    async fn remove_job_network_if_unused(&self, docker: &Docker, job_id: &str) -> Result<()> {
+        let _no_launch = self.network_use.write().await;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_AGENT}={}", self.agent_id), format!("{LABEL_JOB}={job_id}")],
+        )]);
+        let left = docker
+            .list_containers(Some(ListContainersOptions::<String> { all: true, filters, ..Default::default() }))
+            .await
+            .map_err(|e| Error::Docker(e.to_string()))?;
+        if !left.is_empty() {
+            return Ok(());
+        }
+        let name = job_network_name(&self.agent_id, job_id);
+        match docker.remove_network(&name).await {
+            Ok(()) => {
+                tracing::info!(job_id, network = %name, "job network removed");
+                Ok(())
+            }
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(Error::Docker(format!("removing network {name:?}: {e}"))),
+        }
+    }
+
+    /// Removes this agent's job networks that no container uses any more (left by a crash
+    /// between removing a job's last container and its network). Run at start.
+    pub async fn prune_job_networks(&self) -> Result<()> {
+        if self.job_networks.is_none() {
+            return Ok(());
+        }
+        let docker = self.client().await?;
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);
+        let networks = docker
+            .list_networks(Some(ListNetworksOptions { filters }))
+            .await
+            .map_err(|e| Error::Docker(format!("listing networks: {e}")))?;
+        for job_id in networks.into_iter().filter_map(|n| n.labels.and_then(|mut l| l.remove(LABEL_JOB))) {
+            self.remove_job_network_if_unused(&docker, &job_id).await?;
+        }
+        Ok(())
     }
 
     /// Container deaths and OOM kills of this agent's containers, by task id.

@@ -7,6 +7,7 @@
 //! - [`config`]: the typed configuration, resources detected from the host with overrides.
 //! - [`docker`]: the container runtime over the Docker daemon: one container per task id, named and
 //!   labelled by it, adopted after a restart instead of started twice.
+//! - [`networks`]: the per-job networks that keep one job's containers from another's.
 //! - [`runtime`]: Docker, or a simulation of it for scale tests (`--simulate N`).
 //! - [`session`]: the stream to the leader — register, heartbeats, status reports; assignments,
 //!   kills and forgets; failover with jittered back-off and leader hints.
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod docker;
+pub mod networks;
 pub mod runtime;
 pub mod session;
 pub mod telemetry;

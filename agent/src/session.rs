@@ -312,8 +312,11 @@ async fn watch_deaths(agent: Arc<Agent>) {
 
 /// Runs the agent until `shutdown` completes. Containers keep running after it stops.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let docker = Runtime::Docker(DockerRuntime::connect(&config).await?);
-    run_with(config, docker, shutdown).await
+    let docker = DockerRuntime::connect(&config).await?;
+    if let Err(e) = docker.prune_job_networks().await {
+        tracing::warn!(error = %e, "cannot remove job networks left unused (tried again when a job's last container goes)");
+    }
+    run_with(config, Runtime::Docker(docker), shutdown).await
 }
 
 /// Runs `count` simulated agents in this process until `shutdown` completes: each registers as

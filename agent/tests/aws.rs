@@ -639,3 +639,52 @@ async fn t470_a_deposed_leader_makes_no_aws_call() {
         assert!(!after.contains(call), "the deposed leader called AWS after it resumed ({call}):\n{after}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t480_a_user_puts_a_job_only_behind_target_groups_tagged_for_its_application() {
+    use aws_sdk_elasticloadbalancingv2::types::Tag;
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let untagged = moto::target_group(&elb, &ec2, "untagged", TargetTypeEnum::Ip).await;
+    let ours = moto::target_group(&elb, &ec2, "ours", TargetTypeEnum::Ip).await;
+    let theirs = moto::target_group(&elb, &ec2, "theirs", TargetTypeEnum::Ip).await;
+    for (arn, apps) in [(&ours, "api, bobs-app"), (&theirs, "web")] {
+        let tag = Tag::builder().key("titus:applications").value(apps).build();
+        elb.add_tags().resource_arns(arn.as_str()).tags(tag).send().await.expect("AddTags");
+    }
+    let security = "[[principals]]\nname = \"admin\"\nrole = \"admin\"\n\
+                    [[principals]]\nname = \"bob\"\nrole = \"user\"\napplications = [\"bobs-app\"]\n";
+    let args = aws_args(&moto.url, 500);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Cluster::start_with(1, &args, |d| Some(common::Secure::write(d, &[], &["admin", "bob"], security)));
+    let apis: Vec<String> = c.replicas.iter().map(|r| r.api_addr.clone()).collect();
+    let secure = c.secure.as_ref().unwrap();
+    let (admin, bob) = (secure.client(apis.clone(), "admin"), secure.client(apis, "bob"));
+    common::wait_until(Duration::from_secs(30), "a leader", || async {
+        admin.cluster_status().await.ok().filter(|s| s.leader_id != 0)
+    })
+    .await;
+    let job = bob.create_job(service_job("bobs-app", 0)).await.expect("bob's job");
+
+    let refused = |e: titus_client::Error| match e {
+        titus_client::Error::Server { status, .. } => status,
+        other => panic!("expected a refusal, got {other}"),
+    };
+    let s = refused(bob.add_load_balancer(&job, &untagged).await.unwrap_err());
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message().contains("rule target-group-owner") && s.message().contains("no titus:applications tag"),
+        "{s:?}"
+    );
+    let s = refused(bob.add_load_balancer(&job, &theirs).await.unwrap_err());
+    assert!(s.message().contains("not application \"bobs-app\""), "{s:?}");
+    bob.add_load_balancer(&job, &ours).await.expect("a target group tagged for bob's application");
+    admin.add_load_balancer(&job, &untagged).await.expect("an admin may use any target group");
+    let lbs = admin.job_load_balancers(&job).await.unwrap();
+    let mut ids: Vec<String> = lbs.into_iter().map(|l| l.id).collect();
+    ids.sort();
+    let mut want = vec![ours.clone(), untagged.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+}

@@ -392,3 +392,85 @@ async fn t245_draining_an_agent_moves_its_service_tasks() {
     }
     assert_eq!(running(&new), 4);
 }
+
+/// Runs `cmd` in a task's container with `docker exec` (so with the container's own capabilities,
+/// limits and network): whether it exited 0, and what it printed.
+fn exec_in(task_id: &str, cmd: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("docker")
+        .args(["exec", &format!("titus-{task_id}")])
+        .args(cmd)
+        .output()
+        .expect("docker exec");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn ip_of(t: &pb::Task) -> String {
+    t.task_context.get("containerIp").cloned().unwrap_or_else(|| panic!("task {} has no containerIp", t.id))
+}
+
+fn network_exists(name: &str) -> bool {
+    std::process::Command::new("docker").args(["network", "inspect", name]).output().is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t270_containers_are_confined_by_default_and_jobs_cannot_reach_each_other() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let a = c.start_agent_with("a270", 4.0, 4096, &["--pids-limit", "64"]);
+    let client = c.client();
+    let listen = ["sh", "-c", "while true; do nc -l -p 8080 </dev/null; done"];
+    let web = client.create_job(job("web", container(&listen, 0.2, 32), service(2, 2))).await.unwrap();
+    let other = client.create_job(job("other", container(&listen, 0.2, 32), service(1, 1))).await.unwrap();
+    let web_tasks = wait_tasks(&client, &web, "Started", 2, SETTLE).await;
+    let other_task = wait_tasks(&client, &other, "Started", 1, SETTLE).await.remove(0);
+    let (w0, w1) = (&web_tasks[0], &web_tasks[1]);
+
+    // A job's tasks reach each other; another job's are out of reach, both ways.
+    let connect = |from: &pb::Task, to: &pb::Task| exec_in(&from.id, &["nc", "-w", "2", &ip_of(to), "8080"]);
+    let (ok, out) = connect(w0, w1);
+    assert!(ok, "a job's tasks must reach each other: {out}");
+    assert!(!connect(w0, &other_task).0, "a task reached another job's container");
+    assert!(!connect(&other_task, w1).0, "a task reached another job's container");
+
+    // No raw sockets (arping needs one), no new privileges, a process limit, bounded logs.
+    let (ok, out) = exec_in(&w0.id, &["arping", "-c", "1", "-w", "1", &ip_of(w1)]);
+    assert!(!ok && out.contains("Operation not permitted"), "a raw socket was allowed: {out}");
+    let inspect = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.HostConfig.SecurityOpt}} {{.HostConfig.CapDrop}} {{.HostConfig.PidsLimit}} {{.HostConfig.LogConfig.Config}}",
+            &format!("titus-{}", w0.id),
+        ])
+        .output()
+        .expect("docker inspect");
+    let inspect = String::from_utf8_lossy(&inspect.stdout).to_string();
+    for want in ["no-new-privileges:true", "NET_RAW", " 64 ", "max-size:10m"] {
+        assert!(inspect.contains(want), "{want:?} missing from the container's settings: {inspect}");
+    }
+
+    // A fork bomb stops at the limit and fails by itself; the agent goes on launching.
+    let bomb = client
+        .create_job(job(
+            "bomb",
+            container(&["sh", "-c", "while true; do sleep 600 & done"], 0.2, 64),
+            pb::job_descriptor::JobType::Batch(pb::BatchJobSpec { size: 1, ..Default::default() }),
+        ))
+        .await
+        .unwrap();
+    let bombed = wait_tasks(&client, &bomb, "Finished", 1, SETTLE).await.remove(0);
+    let status = bombed.status.unwrap();
+    assert_eq!(status.reason_code, "failed", "{status:?}");
+    assert!(status.reason_message.contains("code 2"), "the shell could not fork past the limit: {status:?}");
+    client.update_job_capacity(&web, None, Some(3), Some(3)).await.unwrap();
+    wait_tasks(&client, &web, "Started", 3, SETTLE).await;
+
+    // A job's network goes with its last container on the agent.
+    let network = format!("titus-{a}-{other}");
+    assert!(network_exists(&network), "job {other} has no network {network}");
+    client.kill_job(&other).await.unwrap();
+    wait_until(SETTLE, "the killed job's network removed", || async { (!network_exists(&network)).then_some(()) })
+        .await;
+    assert!(network_exists(&format!("titus-{a}-{web}")), "a live job's network was removed");
+}

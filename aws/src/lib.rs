@@ -184,6 +184,19 @@ impl Aws {
         })
     }
 
+    /// A target group's tags (DescribeTags).
+    pub async fn target_group_tags(&self, arn: &str) -> Result<std::collections::BTreeMap<String, String>, AwsError> {
+        self.limiter.acquire().await;
+        let out = self.elb.describe_tags().resource_arns(arn).send().await.map_err(|e| classify("DescribeTags", e))?;
+        Ok(out
+            .tag_descriptions()
+            .iter()
+            .filter(|d| d.resource_arn() == Some(arn))
+            .flat_map(|d| d.tags())
+            .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+            .collect())
+    }
+
     /// Registers IP targets (on the target group's port), in calls of at most [`TARGETS_PER_CALL`].
     pub async fn register_targets(&self, arn: &str, ips: &[String]) -> Result<(), AwsError> {
         for chunk in ips.chunks(TARGETS_PER_CALL) {

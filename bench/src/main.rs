@@ -162,6 +162,10 @@ impl Titus {
     async fn start_with(bin: &Path, dir: &Path, extra: &[String], tls: bool) -> Result<Titus> {
         let ids = [1u64, 2, 3];
         let certs = dir.join("tls");
+        // Every simulated agent and client connects from 127.0.0.1: the per-address bound on
+        // connections not yet authenticated is for a fleet on its own hosts, not this one.
+        let limits = "[limits]\nmax-unauthenticated-per-address = 100000\n";
+        std::fs::create_dir_all(&certs)?;
         if tls {
             use titus_security::{certs as c, Identity, Kind};
             let ca = c::new_ca("bench CA", 1)?;
@@ -176,8 +180,12 @@ impl Titus {
             }
             std::fs::write(
                 certs.join("security.toml"),
-                "[[principals]]\nname = \"bench\"\nrole = \"admin\"\n[limits]\nrequests-per-second = 1000000.0\nburst = 1000000\n",
+                format!(
+                    "[[principals]]\nname = \"bench\"\nrole = \"admin\"\n{limits}requests-per-second = 1000000.0\nburst = 1000000\nbytes-per-second = 1000000000000\nburst-bytes = 1000000000000\n"
+                ),
             )?;
+        } else {
+            std::fs::write(certs.join("security.toml"), limits)?;
         }
         let peers: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let apis: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
@@ -209,7 +217,11 @@ impl Titus {
                     f("security.toml".into()),
                 ]);
             } else {
-                args.push("--insecure".into());
+                args.extend([
+                    "--insecure".into(),
+                    "--security-config".into(),
+                    certs.join("security.toml").display().to_string(),
+                ]);
             }
             for (j, m) in ids.iter().enumerate() {
                 args.push("--member".into());

@@ -57,9 +57,21 @@ pub struct Caller {
     /// For a user: the job owners (emails) and applications it holds.
     pub owners: Vec<String>,
     pub applications: Vec<String>,
+    /// The client certificate's identity when the caller is a bearer token presented over a
+    /// connection that also carries a certificate: both are audited.
+    pub certificate: Option<String>,
 }
 
 impl Caller {
+    /// Who the audit log records: the caller, and the certificate under a token
+    /// (`token/ci+client/alice`; `+` is in no name).
+    pub fn audit_name(&self) -> String {
+        match &self.certificate {
+            Some(c) => format!("{}+{c}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
     fn anonymous() -> Caller {
         Caller {
             name: "anonymous".into(),
@@ -67,6 +79,7 @@ impl Caller {
             role: Some(Role::Admin),
             owners: Vec::new(),
             applications: Vec::new(),
+            certificate: None,
         }
     }
 
@@ -90,15 +103,68 @@ struct Grant {
     applications: Vec<String>,
 }
 
-/// The configured identities and limits.
+/// The configured identities and limits. Grants and limits are replaced whole when the security
+/// file is reloaded ([`Policy::reload`]); a call reads the ones current when it arrives.
 pub struct Policy {
     insecure: bool,
+    grants: std::sync::RwLock<Arc<Grants>>,
+    limits: std::sync::RwLock<Arc<Limits>>,
+    refusals: AtomicU64,
+}
+
+/// Who is who: reloadable.
+struct Grants {
     principals: HashMap<String, Grant>,
     /// By token digest: the token's name and grant.
     tokens: HashMap<String, (String, Grant)>,
+    /// Normalized serials of certificates no longer accepted.
+    revoked: std::collections::HashSet<String>,
+}
+
+/// Per-client rates: reloadable (the buckets start full again when a rate changes).
+struct Limits {
+    config: crate::config::LimitsConfig,
     limiter: RateLimiter,
-    requests_per_second: f64,
-    refusals: AtomicU64,
+    /// Request bytes per client, charged as bodies arrive.
+    bytes: Arc<RateLimiter>,
+}
+
+impl Grants {
+    fn new(config: &SecurityConfig) -> Grants {
+        Grants {
+            principals: config
+                .principals
+                .iter()
+                .map(|p| (p.name.clone(), grant(&p.role, &p.owners, &p.applications)))
+                .collect(),
+            tokens: config
+                .tokens
+                .iter()
+                .map(|t| (t.sha256.clone(), (t.name.clone(), grant(&t.role, &t.owners, &t.applications))))
+                .collect(),
+            revoked: config
+                .revoked_serials
+                .iter()
+                .filter_map(|s| titus_security::identity::normalize_serial(s))
+                .collect(),
+        }
+    }
+}
+
+impl Limits {
+    fn new(config: &crate::config::LimitsConfig) -> Limits {
+        Limits {
+            config: config.clone(),
+            limiter: RateLimiter::new(config.requests_per_second, config.burst as f64, 100_000),
+            bytes: Arc::new(RateLimiter::new(config.bytes_per_second as f64, config.burst_bytes as f64, 100_000)),
+        }
+    }
+
+    fn same_rates(&self, other: &crate::config::LimitsConfig) -> bool {
+        let c = &self.config;
+        (c.requests_per_second, c.burst, c.bytes_per_second, c.burst_bytes)
+            == (other.requests_per_second, other.burst, other.bytes_per_second, other.burst_bytes)
+    }
 }
 
 fn grant(role: &str, owners: &[String], applications: &[String]) -> Grant {
@@ -114,26 +180,41 @@ impl Policy {
     pub fn new(config: &SecurityConfig) -> Policy {
         Policy {
             insecure: config.insecure,
-            principals: config
-                .principals
-                .iter()
-                .map(|p| (p.name.clone(), grant(&p.role, &p.owners, &p.applications)))
-                .collect(),
-            tokens: config
-                .tokens
-                .iter()
-                .map(|t| (t.sha256.clone(), (t.name.clone(), grant(&t.role, &t.owners, &t.applications))))
-                .collect(),
-            limiter: RateLimiter::new(config.limits.requests_per_second, config.limits.burst as f64, 100_000),
-            requests_per_second: config.limits.requests_per_second,
+            grants: std::sync::RwLock::new(Arc::new(Grants::new(config))),
+            limits: std::sync::RwLock::new(Arc::new(Limits::new(&config.limits))),
             refusals: AtomicU64::new(0),
         }
+    }
+
+    /// Takes the principals, tokens, revoked serials and rates of a reloaded (and validated)
+    /// security file; calls already past authentication finish under the old ones. The rest of
+    /// the file (certificate paths, connection bounds, audit) needs a restart.
+    pub fn reload(&self, config: &SecurityConfig) {
+        *self.grants.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Grants::new(config));
+        let mut limits = self.limits.write().unwrap_or_else(|p| p.into_inner());
+        if !limits.same_rates(&config.limits) {
+            *limits = Arc::new(Limits::new(&config.limits));
+        }
+    }
+
+    fn current_grants(&self) -> Arc<Grants> {
+        self.grants.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn current_limits(&self) -> Arc<Limits> {
+        self.limits.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Who is calling: a bearer token when one is presented, else the client certificate.
     pub fn authenticate(&self, peer: Option<&PeerInfo>, headers: &http::HeaderMap) -> Result<Caller, Status> {
         if self.insecure {
             return Ok(Caller::anonymous());
+        }
+        let grants = self.current_grants();
+        if let Some(serial) = peer.and_then(|p| p.serial.as_ref()).filter(|s| grants.revoked.contains(*s)) {
+            return Err(Status::unauthenticated(format!(
+                "the client certificate (serial {serial}) is revoked (security.revoked-serials)"
+            )));
         }
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = value
@@ -142,7 +223,7 @@ impl Policy {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer <token>`"))?;
             let digest = titus_security::token::sha256_hex(token.trim());
-            let (name, g) = self
+            let (name, g) = grants
                 .tokens
                 .get(&digest)
                 .ok_or_else(|| Status::unauthenticated("the bearer token is not recognised"))?;
@@ -152,6 +233,7 @@ impl Policy {
                 role: Some(g.role),
                 owners: g.owners.clone(),
                 applications: g.applications.clone(),
+                certificate: peer.and_then(|p| p.identity.as_ref()).map(|id| id.to_string()),
             });
         }
         let Some(peer) = peer else {
@@ -172,6 +254,7 @@ impl Policy {
                 role: None,
                 owners: Vec::new(),
                 applications: Vec::new(),
+                certificate: None,
             },
             Kind::Agent => Caller {
                 name: id.to_string(),
@@ -179,9 +262,10 @@ impl Policy {
                 role: None,
                 owners: Vec::new(),
                 applications: Vec::new(),
+                certificate: None,
             },
             Kind::Client => {
-                let g = self.principals.get(&id.name).cloned().unwrap_or_else(|| Grant {
+                let g = grants.principals.get(&id.name).cloned().unwrap_or_else(|| Grant {
                     role: Role::User,
                     owners: vec![id.name.clone()],
                     applications: Vec::new(),
@@ -192,6 +276,7 @@ impl Policy {
                     role: Some(g.role),
                     owners: g.owners,
                     applications: g.applications,
+                    certificate: None,
                 }
             }
         })
@@ -300,10 +385,7 @@ pub fn may_change_job(caller: &Caller, job_id: &str, d: &JobDescriptor) -> Resul
     if caller.has_role(&[Role::Admin, Role::Operator]) {
         return Ok(());
     }
-    if caller.kind == CallerKind::Client
-        && (caller.owners.iter().any(|o| *o == d.owner_email)
-            || caller.applications.iter().any(|a| *a == d.application_name))
-    {
+    if holds(caller, d) {
         return Ok(());
     }
     let job = if job_id.is_empty() { "the new job".to_string() } else { format!("job {job_id}") };
@@ -315,6 +397,28 @@ pub fn may_change_job(caller: &Caller, job_id: &str, d: &JobDescriptor) -> Resul
     Err(Status::permission_denied(message))
 }
 
+/// A caller-supplied token or request id, scoped to the caller: the same token sent by two callers
+/// names two different calls, so one tenant can neither read another's result through it (bob
+/// sending alice's token got alice's job id) nor be recorded as the author of another's call. The
+/// caller's name is length-prefixed, so no pair of name and token spells another pair's key.
+pub fn scoped(caller: &Caller, token: &str) -> String {
+    format!("{}:{}:{token}", caller.name.len(), caller.name)
+}
+
+/// Whether `caller` may read the secrets of a job described by `d` (its environment's values):
+/// an admin, or a user holding the job's owner or application. An operator may change any job but
+/// reads its secrets no more than any other user.
+pub fn may_read_secrets(caller: &Caller, d: &JobDescriptor) -> bool {
+    caller.has_role(&[Role::Admin]) || holds(caller, d)
+}
+
+/// Whether `caller` is a user holding the owner or the application of the job described by `d`.
+fn holds(caller: &Caller, d: &JobDescriptor) -> bool {
+    caller.kind == CallerKind::Client
+        && (caller.owners.iter().any(|o| *o == d.owner_email)
+            || caller.applications.iter().any(|a| *a == d.application_name))
+}
+
 /// The caller a call was authenticated as (set by [`Authorize`]). Absent — a path that did not go
 /// through the layer — it is a user holding nothing: no such path gains rights by accident.
 pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
@@ -324,6 +428,7 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
         role: Some(Role::User),
         owners: Vec::new(),
         applications: Vec::new(),
+        certificate: None,
     })
 }
 
@@ -338,7 +443,87 @@ pub fn note_target<T>(request: &tonic::Request<T>, target: impl Into<String>) {
     }
 }
 
+/// Reloads the security settings from `source` whenever the file changes (checked every `every`,
+/// like the certificates): principals, tokens, revoked serials and rates take effect for the next
+/// call. A file that does not parse or validate keeps the settings in force and says why.
+pub async fn reload_security(
+    source: crate::config::SecuritySource,
+    policy: Arc<Policy>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let path = source.path.display().to_string();
+    let mut seen = std::fs::read(&source.path).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let now = match std::fs::read(&source.path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if seen.take().is_some() {
+                    tracing::warn!(file = %path, error = %e, "security settings unreadable; the previous ones stay");
+                }
+                continue;
+            }
+        };
+        if seen.as_ref() == Some(&now) {
+            continue;
+        }
+        seen = Some(now);
+        match source.load() {
+            Ok(security) => {
+                policy.reload(&security);
+                tracing::info!(
+                    file = %path,
+                    principals = security.principals.len(),
+                    tokens = security.tokens.len(),
+                    revoked = security.revoked_serials.len(),
+                    "security settings reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(file = %path, error = %e, "security settings not reloaded; the previous ones stay")
+            }
+        }
+    }
+}
+
 // ----- the layer -----
+
+/// A request body that charges its caller's byte bucket for every data frame it yields.
+struct Metered {
+    inner: BoxBody,
+    bytes: Arc<RateLimiter>,
+    caller: String,
+}
+
+impl http_body::Body for Metered {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes.charge(&self.caller, data.len() as f64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The tower layer that authenticates, authorizes, rate-limits and audits every call of a port.
 #[derive(Clone)]
@@ -363,9 +548,9 @@ pub struct AuthorizeService<S> {
 
 type BoxBody = tonic::body::BoxBody;
 
-impl<S, B> tower_service::Service<http::Request<B>> for AuthorizeService<S>
+impl<S> tower_service::Service<http::Request<BoxBody>> for AuthorizeService<S>
 where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<BoxBody>>,
+    S: tower_service::Service<http::Request<BoxBody>, Response = http::Response<BoxBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -377,7 +562,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<BoxBody>) -> Self::Future {
         let path = request.uri().path().to_string();
         let layer = &self.layer;
         let policy = &layer.policy;
@@ -393,7 +578,13 @@ where
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let refuse = |status: Status| -> Self::Future { Box::pin(std::future::ready(Ok(status.into_http()))) };
         let caller = match policy.authenticate(peer.as_ref(), request.headers()) {
-            Ok(c) => c,
+            Ok(c) => {
+                // The connection proved itself: it is no longer timed out or evicted.
+                if let Some(p) = &peer {
+                    p.authenticated();
+                }
+                c
+            }
             Err(status) => {
                 // Not audited: an unauthenticated flood must not become a flood of log entries.
                 let n = policy.refusals.fetch_add(1, Ordering::Relaxed) + 1;
@@ -406,34 +597,52 @@ where
         if !(rule.allows)(&caller) {
             let message = format!("rule {}: {} may not call {path}: {}", rule.name, caller.name, rule.says);
             tracing::warn!(caller = %caller.name, method = %path, rule = rule.name, "permission denied");
-            if rule.audited {
-                if let Some(a) = &layer.auditor {
-                    a.record(&caller.name, &path, "", tonic::Code::PermissionDenied, &message, &request_id);
-                }
+            // Every refusal is audited, reads and the peer port's included: the caller is
+            // authenticated (an unauthenticated flood is not recorded) and its rate is limited.
+            if let Some(a) = &layer.auditor {
+                a.record(&caller.audit_name(), &path, "", tonic::Code::PermissionDenied, &message, &request_id);
             }
             return refuse(Status::permission_denied(message));
         }
         if caller.kind == CallerKind::Client {
-            if let Err(wait) = policy.limiter.check(&caller.name) {
-                let message = format!(
-                    "rate limit: {} made more than {} calls a second (security.limits.requests-per-second); retry in {} ms",
-                    caller.name,
-                    policy.requests_per_second,
-                    wait.as_millis().max(1)
-                );
-                let mut status = Status::resource_exhausted(message);
+            let limits = policy.current_limits();
+            let limited = match limits.limiter.check(&caller.name) {
+                Err(wait) => Some((
+                    wait,
+                    format!(
+                        "{} made more than {} calls a second (security.limits.requests-per-second)",
+                        caller.name, limits.config.requests_per_second
+                    ),
+                )),
+                Ok(()) => limits.bytes.check_debt(&caller.name).err().map(|wait| {
+                    (
+                        wait,
+                        format!(
+                            "{} sent more than {} request bytes a second (security.limits.bytes-per-second)",
+                            caller.name, limits.config.bytes_per_second
+                        ),
+                    )
+                }),
+            };
+            if let Some((wait, what)) = limited {
+                let millis = wait.as_millis().clamp(1, u128::from(u32::MAX));
+                let mut status = Status::resource_exhausted(format!("rate limit: {what}; retry in {millis} ms"));
                 // The SDK waits this long and tries again.
-                if let Ok(v) = (wait.as_millis().max(1) as u64).to_string().parse() {
+                if let Ok(v) = millis.to_string().parse() {
                     status.metadata_mut().insert("titus-retry-after-ms", v);
                 }
                 return refuse(status);
             }
+            // Charged as the body arrives: a caller's large requests cost it in bytes, not only in
+            // calls, so one tenant's maximal jobs cannot take the log from the others.
+            let (bytes, name) = (limits.bytes.clone(), caller.name.clone());
+            request = request.map(|body| BoxBody::new(Metered { inner: body, bytes, caller: name }));
         }
         let note = AuditNote::default();
         request.extensions_mut().insert(caller.clone());
         request.extensions_mut().insert(note.clone());
         let future = self.inner.call(request);
-        let auditor = if rule.audited { layer.auditor.clone() } else { None };
+        let (auditor, audited) = (layer.auditor.clone(), rule.audited);
         Box::pin(async move {
             let response = future.await?;
             if let Some(auditor) = auditor {
@@ -441,8 +650,12 @@ where
                     Some(s) => (s.code(), s.message().to_string()),
                     None => (tonic::Code::Ok, String::new()),
                 };
-                let target = note.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                auditor.record(&caller.name, &path, &target, code, &message, &request_id);
+                // A mutating call's every outcome; any call's refusal by a handler's rule
+                // (job-owner, agent-identity).
+                if audited || code == tonic::Code::PermissionDenied {
+                    let target = note.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    auditor.record(&caller.audit_name(), &path, &target, code, &message, &request_id);
+                }
             }
             Ok(response)
         })
@@ -550,5 +763,54 @@ async fn commit(replica: &Replica, records: Vec<AuditRecord>, keep: u64) {
                 return tracing::error!(error = %e, records = n, "audit records could not be committed for a minute; dropped")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, owners: &[&str], applications: &[&str]) -> Caller {
+        Caller {
+            name: name.into(),
+            kind: CallerKind::Client,
+            role: Some(Role::User),
+            owners: owners.iter().map(|s| s.to_string()).collect(),
+            applications: applications.iter().map(|s| s.to_string()).collect(),
+            certificate: None,
+        }
+    }
+
+    #[test]
+    fn a_scoped_token_names_one_caller_and_one_token() {
+        let (alice, bob) = (user("client/alice", &[], &[]), user("client/bob", &[], &[]));
+        assert_ne!(scoped(&alice, "t"), scoped(&bob, "t"));
+        // No split of name and token spells another pair's key.
+        let (a, b) = (user("client/a", &[], &[]), user("client/a:1", &[], &[]));
+        assert_ne!(scoped(&a, "1:x"), scoped(&b, "x"));
+    }
+
+    #[test]
+    fn secrets_are_for_owners_and_admins_only() {
+        let mut d = crate::model::job::fixtures::batch_descriptor(1);
+        (d.owner_email, d.application_name) = ("alice@example.com".into(), "web".into());
+        assert!(may_read_secrets(&user("client/alice", &["alice@example.com"], &[]), &d));
+        assert!(may_read_secrets(&user("client/webops", &[], &["web"]), &d));
+        assert!(!may_read_secrets(&user("client/bob", &["bob@example.com"], &["api"]), &d));
+        let mut operator = user("token/ops", &[], &[]);
+        operator.role = Some(Role::Operator);
+        assert!(!may_read_secrets(&operator, &d), "an operator changes jobs, it does not read their secrets");
+        assert!(may_change_job(&operator, "j", &d).is_ok());
+        assert!(may_read_secrets(&Caller::anonymous(), &d), "insecure mode: everyone is an admin");
+        d.owner_email = "bob@example.com".into();
+        assert!(!may_read_secrets(&user("client/alice", &["alice@example.com"], &[]), &d));
+    }
+
+    #[test]
+    fn a_token_over_a_certificate_is_audited_as_both() {
+        let mut c = user("token/ci", &[], &[]);
+        assert_eq!(c.audit_name(), "token/ci");
+        c.certificate = Some("client/alice".into());
+        assert_eq!(c.audit_name(), "token/ci+client/alice");
     }
 }

@@ -39,6 +39,18 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
         (vec!["online".to_string()], counts.agents_online as f64),
         (vec!["lost".to_string()], counts.agents_lost as f64),
     ]);
+    for (port, stats) in [("api", &m.api_listener), ("peer", &m.peer_listener)] {
+        use std::sync::atomic::Ordering::Relaxed;
+        m.connections.set(&[port, "open"], stats.open.load(Relaxed) as f64);
+        m.connections.set(&[port, "unauthenticated"], stats.unauthenticated.load(Relaxed) as f64);
+        for (reason, total) in
+            [("refused", &stats.refused), ("evicted", &stats.evicted), ("timed_out", &stats.timed_out)]
+        {
+            let labels = [port, reason];
+            let seen = m.connections_closed_total.get(&labels);
+            m.connections_closed_total.add(&labels, (total.load(Relaxed) as f64 - seen).max(0.0));
+        }
+    }
     let heard = hub.heartbeat_ages();
     m.agents_connected.set(&[], heard.len() as f64);
     m.agent_heartbeat_age_seconds.replace(heard.into_iter().map(|(id, age)| (vec![id], age.as_secs_f64())));

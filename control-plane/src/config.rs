@@ -54,6 +54,31 @@ pub struct Config {
     /// plaintext only with `security.insecure = true`.
     #[serde(default)]
     pub security: SecurityConfig,
+    /// Where the security settings came from, for reloading them while running (set by the
+    /// binary; not a setting).
+    #[serde(skip)]
+    pub security_source: Option<SecuritySource>,
+}
+
+/// The file the security settings are read from: a `--security-config` file of them alone, or the
+/// main configuration file's `[security]` table.
+#[derive(Debug, Clone)]
+pub struct SecuritySource {
+    pub path: PathBuf,
+    pub whole_config: bool,
+}
+
+impl SecuritySource {
+    /// The security settings the file holds now, checked as a reload takes them.
+    pub fn load(&self) -> Result<SecurityConfig> {
+        let security = if self.whole_config {
+            Config::from_file(&self.path)?.security
+        } else {
+            SecurityConfig::from_file(&self.path)?
+        };
+        security.validate_reloadable()?;
+        Ok(security)
+    }
 }
 
 /// Who may connect and what they may do.
@@ -72,13 +97,17 @@ pub struct SecurityConfig {
     /// The CA's private key (PEM): lets this replica sign agents' certificates on enrollment
     /// (`AgentService.EnrollAgent`, by a token of the `enroll` role). Absent: no enrollment.
     pub ca_key: Option<PathBuf>,
-    /// How long an enrolled agent's certificate is valid, days. Default 365.
+    /// How long an enrolled agent's certificate is valid, days. Default
+    /// [`crate::node::DEFAULT_ENROLL_VALIDITY_DAYS`]: short, since the agent renews it itself.
     pub enroll_validity_days: Option<u32>,
     /// Client certificates named here get these grants; any other client certificate is a `user`
     /// owning the jobs whose owner is its name.
     pub principals: Vec<PrincipalConfig>,
     /// Bearer tokens (`authorization: Bearer <token>`), by SHA-256 digest.
     pub tokens: Vec<TokenConfig>,
+    /// Serial numbers of client and agent certificates no longer accepted (hex, as `openssl x509
+    /// -noout -serial` prints them; case and colons do not matter). Reloaded with the file.
+    pub revoked_serials: Vec<String>,
     pub limits: LimitsConfig,
     pub audit: AuditConfig,
 }
@@ -121,8 +150,19 @@ pub struct LimitsConfig {
     pub burst: u32,
     /// Largest request message on the api port (the peer port allows snapshot chunks).
     pub max_request_bytes: usize,
+    /// Request bytes a second each client may send on average, and at once (charged as bodies
+    /// arrive; a client past it is refused until it has paid).
+    pub bytes_per_second: u64,
+    pub burst_bytes: u64,
     /// Open connections per port.
     pub max_connections: usize,
+    /// Of those, how many only authenticated connections may hold.
+    pub reserved_for_authenticated: usize,
+    /// Unauthenticated connections (handshaking, or no authenticated call yet) per source address.
+    pub max_unauthenticated_per_address: usize,
+    /// From its accept, how long a connection has to make an authenticated call (or present a
+    /// client certificate) before it is closed.
+    pub unauthenticated_timeout_ms: u64,
     /// Calls in flight on one connection.
     pub max_concurrent_streams: u32,
 }
@@ -133,7 +173,12 @@ impl Default for LimitsConfig {
             requests_per_second: 200.0,
             burst: 400,
             max_request_bytes: 4 << 20,
+            bytes_per_second: 1 << 20,
+            burst_bytes: 8 << 20,
             max_connections: 16_384,
+            reserved_for_authenticated: 1024,
+            max_unauthenticated_per_address: 256,
+            unauthenticated_timeout_ms: 5000,
             max_concurrent_streams: 256,
         }
     }
@@ -184,6 +229,19 @@ impl SecurityConfig {
         if self.reload_interval_ms == Some(0) {
             return Err(Error::Config("security.reload-interval-ms: must be > 0".into()));
         }
+        self.validate_reloadable()
+    }
+
+    /// Checks what a running replica takes from a reloaded file: principals, tokens, revoked
+    /// serials and limits (the rest needs a restart).
+    pub fn validate_reloadable(&self) -> Result<()> {
+        for (i, s) in self.revoked_serials.iter().enumerate() {
+            if titus_security::identity::normalize_serial(s).is_none() {
+                return Err(Error::Config(format!(
+                    "security.revoked-serials[{i}]: {s:?} is not a hex serial number (as `openssl x509 -noout -serial` prints it)"
+                )));
+            }
+        }
         // A principal's or token's name and role.
         let check_grant = |at: &str, name: &str, role: &str| -> Result<()> {
             titus_security::identity::validate_name(name).map_err(|e| Error::Config(format!("{at}.name: {e}")))?;
@@ -216,12 +274,30 @@ impl SecurityConfig {
         if !(l.requests_per_second > 0.0) || l.burst == 0 {
             return Err(Error::Config("security.limits.requests-per-second and burst: must be > 0".into()));
         }
+        if l.bytes_per_second < 4096 || l.burst_bytes < l.max_request_bytes as u64 {
+            return Err(Error::Config(
+                "security.limits.bytes-per-second and burst-bytes: must be at least 4096, and burst-bytes at least max-request-bytes".into(),
+            ));
+        }
         if l.max_request_bytes < 64 << 10 {
             return Err(Error::Config("security.limits.max-request-bytes: must be at least 65536".into()));
         }
         if l.max_connections == 0 || l.max_concurrent_streams == 0 {
             return Err(Error::Config(
                 "security.limits.max-connections and max-concurrent-streams: must be > 0".into(),
+            ));
+        }
+        if l.reserved_for_authenticated >= l.max_connections {
+            return Err(Error::Config(
+                "security.limits.reserved-for-authenticated: must be below max-connections".into(),
+            ));
+        }
+        if l.max_unauthenticated_per_address == 0 {
+            return Err(Error::Config("security.limits.max-unauthenticated-per-address: must be > 0".into()));
+        }
+        if !(100..=600_000).contains(&l.unauthenticated_timeout_ms) {
+            return Err(Error::Config(
+                "security.limits.unauthenticated-timeout-ms: must be between 100 and 600000".into(),
             ));
         }
         if self.audit.max_records == 0 || self.audit.flush_interval_ms == 0 {
@@ -787,6 +863,7 @@ mod tests {
             admin_listen: None,
             slow_request_ms: 1_000,
             security: SecurityConfig { insecure: true, ..Default::default() },
+            security_source: None,
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 
 use titus_security::tls::incoming;
-use titus_security::{Identity, Kind, ListenerLimits, Tls, TlsFiles};
+use titus_security::{Gate, Identity, Kind, ListenerLimits, Tls, TlsFiles};
 
 use titus_proto::agent_task_service_server::AgentTaskServiceServer;
 use titus_proto::capacity_group_service_server::CapacityGroupServiceServer;
@@ -38,6 +38,10 @@ use crate::raft_types::{Node, Raft};
 use crate::replica::Replica;
 use crate::store;
 use crate::telemetry::GrpcTelemetry;
+
+/// How long an enrolled agent's certificate is valid unless `security.enroll-validity-days` says
+/// otherwise: agents renew in the last third, so a month costs nothing and bounds a stolen one.
+pub const DEFAULT_ENROLL_VALIDITY_DAYS: u32 = 30;
 use titus_proto::agent_management_service_server::AgentManagementServiceServer;
 use titus_proto::agent_service_server::AgentServiceServer;
 use titus_proto::load_balancer_service_server::LoadBalancerServiceServer;
@@ -86,7 +90,7 @@ fn enroller(config: &Config) -> Option<crate::agents::Enroller> {
     Some(crate::agents::Enroller {
         ca: sec.ca.clone()?,
         ca_key: sec.ca_key.clone()?,
-        validity_days: sec.enroll_validity_days.unwrap_or(365),
+        validity_days: sec.enroll_validity_days.unwrap_or(DEFAULT_ENROLL_VALIDITY_DAYS),
     })
 }
 
@@ -145,9 +149,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let tls = load_tls(&config)?;
+    let l = &config.security.limits;
     let listener_limits = ListenerLimits {
-        max_connections: config.security.limits.max_connections,
-        handshake_timeout: Duration::from_secs(10),
+        max_connections: l.max_connections,
+        reserved_for_authenticated: l.reserved_for_authenticated,
+        max_unauthenticated_per_address: l.max_unauthenticated_per_address,
+        unauthenticated_timeout: Duration::from_millis(l.unauthenticated_timeout_ms),
         require_client_cert: false,
     };
     // Only replicas use the peer port: no certificate, no connection (a token cannot open it).
@@ -187,17 +194,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let (auditor, auditor_task) = Auditor::start(replica.clone(), config.security.audit.clone(), stop_rx.clone());
+    if let Some(source) = config.security_source.clone() {
+        let every = config.security.reload_interval();
+        tokio::spawn(crate::auth::reload_security(source, policy.clone(), every, stop_rx.clone()));
+    }
     let peer_server = {
-        let (mut server, tls, stop) = (
-            server_builder(&config).layer(Authorize { policy: policy.clone(), port: Port::Peer, auditor: None }),
-            tls.clone(),
-            stopped(stop_rx.clone()),
-        );
+        // The peer port's calls are not audited, its refusals are.
+        let layer = Authorize { policy: policy.clone(), port: Port::Peer, auditor: Some(auditor.clone()) };
+        let (mut server, tls, stop) = (server_builder(&config).layer(layer), tls.clone(), stopped(stop_rx.clone()));
         // `incoming` spawns its accept loop where it is called: on the consensus runtime.
         raft_rt.spawn(async move {
             server
                 .add_service(peer_service)
-                .serve_with_incoming_shutdown(incoming(peer_listener, tls, peer_limits), stop)
+                .serve_with_incoming_shutdown(
+                    incoming(
+                        peer_listener,
+                        tls,
+                        Gate::new(peer_limits, crate::telemetry::metrics().peer_listener.clone()),
+                    ),
+                    stop,
+                )
                 .await
         })
     };
@@ -228,7 +245,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Config(format!("grpc reflection: {e}")))?;
-    let (auditor, auditor_task) = Auditor::start(replica.clone(), config.security.audit.clone(), stop_rx.clone());
     // Every service refuses a request larger than this before decoding it.
     let max = config.security.limits.max_request_bytes;
     let api_server = tokio::spawn(
@@ -271,7 +287,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     .max_decoding_message_size(max),
             )
             .serve_with_incoming_shutdown(
-                incoming(api_listener, tls.clone(), listener_limits),
+                incoming(
+                    api_listener,
+                    tls.clone(),
+                    Gate::new(listener_limits, crate::telemetry::metrics().api_listener.clone()),
+                ),
                 stopped(stop_rx.clone()),
             ),
     );

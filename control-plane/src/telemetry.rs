@@ -56,6 +56,11 @@ pub struct Metrics {
     pub raft_log_bytes_appended_total: Counter,
     pub proposals_refused_total: Counter,
     pub duties_fenced_total: Counter,
+    pub connections: Gauge,
+    pub connections_closed_total: Counter,
+    /// The api and peer listeners' admission counters, read into the two above at scrape time.
+    pub api_listener: std::sync::Arc<titus_security::ListenerStats>,
+    pub peer_listener: std::sync::Arc<titus_security::ListenerStats>,
 }
 
 /// The process-wide metrics (one replica per process).
@@ -148,6 +153,20 @@ pub fn metrics() -> &'static Metrics {
                 "Leader-duty writes or external calls refused because this replica no longer led in their term.",
                 &["what"],
             ),
+            connections: r.gauge(
+                "titus_connections",
+                "Connections held, by port, and of those not yet authenticated.",
+                &["port", "state"],
+            ),
+            connections_closed_total: r.counter(
+                "titus_connections_refused_total",
+                "Connections refused or closed by admission, by port and reason: refused (every slot \
+                 authenticated), evicted (an unauthenticated one closed for a newer one), timed_out (no \
+                 authenticated call in time).",
+                &["port", "reason"],
+            ),
+            api_listener: Default::default(),
+            peer_listener: Default::default(),
             tasks: r.gauge("titus_tasks", "Active tasks by state.", &["state"]),
             task_launch_seconds: r.histogram(
                 "titus_task_launch_seconds",

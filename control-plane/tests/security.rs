@@ -2,7 +2,9 @@
 //! t10 every RPC of every service refuses a caller without credentials, and the wrong kind of
 //! certificate; t20 roles, ownership and the audit log across a leader change; t30 certificates
 //! replaced on disk while clients are connected; t40 rate and size limits; t50 enrollment; t60 an
-//! agent's unary status report is filtered like its stream.
+//! agent's unary status report is filtered like its stream; t70 idempotency tokens and environment
+//! values belong to the job's owner; t80 thousands of idle connections from one address do not keep
+//! an admin out.
 
 mod common;
 #[path = "common/raw.rs"]
@@ -13,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_until, Cluster, Secure};
+use common::{scrape, value, wait_until, Cluster, Secure};
 use prost::Message;
 use raw::{call_as, call_raw};
 use titus_client::proto as pb;
@@ -26,22 +28,8 @@ const ELECTION: Duration = Duration::from_secs(30);
 /// Certificates for replicas 1..=3, the given agents and clients, and a security file with
 /// `extra` appended; the token `ops-token` is an operator.
 fn setup(dir: &Path, agents: &[&str], extra: &str) -> Secure {
-    let certs_dir = dir.join("tls");
-    let ca = certs::new_ca("test CA", 1).unwrap();
-    certs::write_pair(&certs_dir, "ca", &ca).unwrap();
-    let ids = (1..=3)
-        .map(|i| Identity::new(Kind::Replica, i.to_string()).unwrap())
-        .chain(agents.iter().map(|a| Identity::new(Kind::Agent, *a).unwrap()))
-        .chain(["admin", "alice", "bob", "ops"].iter().map(|c| Identity::new(Kind::Client, *c).unwrap()));
-    for id in ids {
-        let pem = certs::issue(&ca, &id, "test", &["127.0.0.1".into()], 1).unwrap();
-        certs::write_pair(&certs_dir, &certs::stem(&id), &pem).unwrap();
-    }
-    let security = dir.join("security.toml");
-    std::fs::write(
-        &security,
-        format!(
-            r#"reload-interval-ms = 200
+    let security = format!(
+        r#"reload-interval-ms = 200
 [[principals]]
 name = "admin"
 role = "admin"
@@ -60,11 +48,9 @@ sha256 = "{}"
 role = "operator"
 {extra}
 "#,
-            titus_security::token::sha256_hex("ops-token")
-        ),
-    )
-    .unwrap();
-    Secure { certs: certs_dir, security_config: security }
+        titus_security::token::sha256_hex("ops-token")
+    );
+    Secure::write(dir, agents, &["admin", "alice", "bob", "ops"], &security)
 }
 
 fn apis(c: &Cluster) -> Vec<String> {
@@ -73,11 +59,8 @@ fn apis(c: &Cluster) -> Vec<String> {
 
 /// An SDK client presenting `client-<name>`'s certificate.
 fn client_as(c: &Cluster, name: &str) -> Client {
-    let dir = &c.secure.as_ref().unwrap().certs;
-    let options = ClientOptions::default()
-        .with_tls(dir.join("ca.pem"), Some((dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")))))
-        .unwrap();
-    Client::with_options(apis(c), options).unwrap()
+    let name = name.strip_prefix("client-").expect("a client certificate's stem");
+    c.secure.as_ref().unwrap().client(apis(c), name)
 }
 
 fn tls_of(c: &Cluster, stem: Option<&str>) -> Arc<Tls> {
@@ -801,4 +784,273 @@ async fn t60_an_agent_s_unary_status_report_is_filtered_like_its_stream() {
         "no address outside the declared networks: {:?}",
         after.task_context
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_tokens_and_environment_values_belong_to_their_owner() {
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[], "")));
+    let (admin, alice, bob) =
+        (client_as(&c, "client-admin"), client_as(&c, "client-alice"), client_as(&c, "client-bob"));
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let with_secret = || {
+        let mut j = job("alice@example.com", "web");
+        j.container.as_mut().unwrap().env =
+            [("DB_PASSWORD".to_string(), "hunter2".to_string()), ("REGION".to_string(), "us-east-1".to_string())]
+                .into_iter()
+                .collect();
+        j
+    };
+    let alices = alice.create_job_with_token(with_secret(), "deploy-1").await.unwrap();
+
+    // Bob sending Alice's token with his own spec gets his own job, not hers; her retry gets hers.
+    let bobs = bob.create_job_with_token(job("bob@example.com", "bobs-app"), "deploy-1").await.unwrap();
+    assert_ne!(bobs, alices, "bob's call answered alice's job");
+    assert_eq!(bob.find_job(&bobs).await.unwrap().job_descriptor.unwrap().application_name, "bobs-app");
+    assert_eq!(alice.create_job_with_token(with_secret(), "deploy-1").await.unwrap(), alices);
+    let created = wait_until(Duration::from_secs(10), "bob's CreateJob audited", || async {
+        let r = audit(&admin, "client/bob", "CreateJob").await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert!(
+        created.iter().all(|r| r.target != format!("job {alices}")),
+        "bob is recorded creating alice's job: {created:?}"
+    );
+
+    // The environment's values are the owner's: names stay visible to everyone.
+    let env_of = |j: pb::Job| j.job_descriptor.unwrap().container.unwrap().env;
+    let ops = Client::with_options(apis(&c), {
+        let dir = &c.secure.as_ref().unwrap().certs;
+        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token("ops-token")
+    })
+    .unwrap();
+    for (who, client) in [("alice", &alice), ("admin", &admin)] {
+        let env = env_of(client.find_job(&alices).await.unwrap());
+        assert_eq!(env.get("DB_PASSWORD").map(String::as_str), Some("hunter2"), "{who} reads the owner's values");
+    }
+    for (who, client) in [("bob", &bob), ("an operator", &ops)] {
+        let env = env_of(client.find_job(&alices).await.unwrap());
+        assert_eq!(env.len(), 2, "{who} sees every name: {env:?}");
+        assert!(env.values().all(|v| v == "<redacted>"), "{who} read alice's values: {env:?}");
+        let listed = client.find_jobs(&[("jobIds", alices.as_str())], 10, "").await.unwrap();
+        let env = env_of(listed.items.into_iter().next().expect("alice's job listed"));
+        assert!(env.values().all(|v| v == "<redacted>"), "{who} read alice's values in a list: {env:?}");
+        let mut observer = client.observe_job(&alices);
+        let first = observer.next().await.unwrap();
+        let Some(pb::job_change_notification::Notification::JobUpdate(update)) = first.notification else {
+            panic!("the first notification is the job: {first:?}")
+        };
+        let env = env_of(update.job.unwrap());
+        assert!(env.values().all(|v| v == "<redacted>"), "{who} read alice's values in a stream: {env:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t80_thousands_of_idle_connections_from_one_address_do_not_keep_an_admin_out() {
+    use tower_service::Service as _;
+    let extra = "[limits]\nunauthenticated-timeout-ms = 3000\n";
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[], extra)));
+    let r = c.replica(1);
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+
+    // 3,000 TLS connections without a certificate that never make a call, all from 127.0.0.1.
+    let anonymous = tls_of(&c, None);
+    let mut idle = Vec::new();
+    let uri: http::Uri = format!("http://{}", r.api_addr).parse().unwrap();
+    for _ in 0..3000 {
+        let mut connector = Connector::new(Some(anonymous.clone()), Duration::from_secs(5));
+        if let Ok(conn) = connector.call(uri.clone()).await {
+            idle.push(conn);
+        }
+    }
+    println!("{} idle TLS connections open", idle.len());
+    assert!(idle.len() > 2000, "the flood itself could not connect: {}", idle.len());
+
+    // An admin (a certificate) and an operator (a token, no certificate) still get in at once.
+    let t0 = std::time::Instant::now();
+    let fresh_admin = client_as(&c, "client-admin");
+    fresh_admin.cluster_status().await.expect("an admin call during the flood");
+    let admin_took = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let ops = Client::with_options(apis(&c), {
+        let dir = &c.secure.as_ref().unwrap().certs;
+        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token("ops-token")
+    })
+    .unwrap();
+    ops.cluster_status().await.expect("a token call during the flood");
+    let ops_took = t0.elapsed();
+    println!("during the flood: admin call {admin_took:?}, token call {ops_took:?}");
+    assert!(admin_took < Duration::from_secs(1), "the admin waited {admin_took:?}");
+    assert!(ops_took < Duration::from_secs(1), "the token caller waited {ops_took:?}");
+
+    // The flood was held to the per-address bound, evictions counted, and what was left closes at
+    // the timeout while the authenticated clients keep working.
+    let samples = scrape(&r.admin_addr).await;
+    let closed =
+        |reason: &str| value(&samples, "titus_connections_refused_total", &[("port", "api"), ("reason", reason)]);
+    let (evicted, timed_out) = (closed("evicted"), closed("timed_out"));
+    let unauthenticated = value(&samples, "titus_connections", &[("port", "api"), ("state", "unauthenticated")]);
+    println!("evicted {evicted}, timed out {timed_out}, unauthenticated now {unauthenticated}");
+    // Which of the two closed a connection depends on how fast the flood connected.
+    assert!(evicted + timed_out >= 2000.0, "{evicted} + {timed_out}");
+    assert!(unauthenticated <= 256.0, "{unauthenticated}");
+    wait_until(Duration::from_secs(20), "the idle connections timed out", || async {
+        let samples = scrape(&r.admin_addr).await;
+        let left = value(&samples, "titus_connections", &[("port", "api"), ("state", "unauthenticated")]);
+        let timed_out = value(&samples, "titus_connections_refused_total", &[("port", "api"), ("reason", "timed_out")]);
+        (left == 0.0 && timed_out > 0.0).then_some(())
+    })
+    .await;
+    drop(idle);
+    fresh_admin.cluster_status().await.expect("the admin's connection outlived the timeout");
+    ops.cluster_status().await.expect("the token caller's connection outlived the timeout");
+}
+
+/// A service job of no tasks whose environment takes it near the 256 KiB bound on a job.
+fn maximal_job(owner: &str, app: &str) -> pb::JobDescriptor {
+    let mut j = job(owner, app);
+    let c = j.container.as_mut().unwrap();
+    c.env = (0..60).map(|i| (format!("V{i}"), "x".repeat(4096))).collect();
+    if let Some(pb::job_descriptor::JobType::Service(s)) = j.job_type.as_mut() {
+        s.capacity = Some(pb::Capacity { min: 0, desired: 0, max: 1 });
+    }
+    j
+}
+
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99).div_ceil(100) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t90_one_user_sending_maximal_jobs_is_slowed_by_their_bytes_and_another_s_writes_keep_their_latency() {
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[], "")));
+    let r = c.replica(1);
+    let alice = client_as(&c, "client-alice");
+    wait_until(ELECTION, "a leader", || async { alice.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let mut small = job("alice@example.com", "web");
+    if let Some(pb::job_descriptor::JobType::Service(s)) = small.job_type.as_mut() {
+        s.capacity = Some(pb::Capacity { min: 0, desired: 0, max: 1 });
+    }
+    let timed = |n: usize| {
+        let (alice, small) = (alice.clone(), small.clone());
+        async move {
+            let mut took = Vec::new();
+            for _ in 0..n {
+                let t0 = std::time::Instant::now();
+                alice.create_job(small.clone()).await.expect("alice's CreateJob");
+                took.push(t0.elapsed());
+            }
+            took
+        }
+    };
+    timed(5).await;
+    let idle = p99(timed(40).await);
+
+    // Bob, on four connections, sends maximal jobs as fast as the replica lets him.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sent, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut flood = Vec::new();
+    let flood_began = std::time::Instant::now();
+    for _ in 0..4 {
+        let ch = channel(&r.api_addr, Some(tls_of(&c, Some("client-bob")))).await;
+        let (stop, sent, refused) = (stop.clone(), sent.clone(), refused.clone());
+        let body = pb::CreateJobRequest {
+            job_descriptor: Some(maximal_job("bob@example.com", "bobs-app")),
+            idempotency_token: String::new(),
+        };
+        flood.push(tokio::spawn(async move {
+            let mut jobs = pb::job_management_service_client::JobManagementServiceClient::new(ch)
+                .max_encoding_message_size(8 << 20);
+            while !stop.load(Ordering::Relaxed) {
+                match jobs.create_job(body.clone()).await {
+                    Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
+                    Err(s) if s.code() == Code::ResourceExhausted => {
+                        assert!(s.message().contains("client/bob"), "{s:?}");
+                        refused.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(s) => panic!("bob's flood: {s:?}"),
+                };
+            }
+        }));
+    }
+    // Past bob's byte burst (8 MiB: some 32 maximal jobs) before alice is measured.
+    wait_until(Duration::from_secs(60), "bob's burst spent", || async {
+        (refused.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    let loaded = p99(timed(40).await);
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    let (sent, refused) = (sent.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    println!("alice's CreateJob p99: idle {idle:?}, during bob's flood {loaded:?}; bob: {sent} maximal jobs accepted, {refused} refused in all");
+    // The bound is 10x the idle p99; an idle p99 below 10 ms counts as 10 ms, so that scheduling
+    // noise on a small machine is not mistaken for one tenant hurting another.
+    let bound = idle.max(Duration::from_millis(10)) * 10;
+    assert!(loaded < bound, "alice's p99 went from {idle:?} to {loaded:?} while bob flooded");
+    // Bob got through at about his byte rate (1 MiB/s after an 8 MiB burst), not at his call rate.
+    let flooded = flood_began.elapsed().as_secs_f64();
+    let allowed = (8.0 + flooded + 1.0) * 1024.0 * 1024.0 / (245.0 * 1024.0);
+    assert!((sent as f64) < allowed, "bob sent {sent} maximal jobs, more than his bytes allow ({allowed:.0})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t85_the_security_file_is_reloaded_a_bad_one_is_refused_and_a_certificate_is_revoked() {
+    let c = Cluster::start_with(1, &[], |dir| Some(setup(dir, &[], "")));
+    let secure = c.secure.as_ref().unwrap();
+    let (file, certs_dir) = (secure.security_config.clone(), secure.certs.clone());
+    let admin = client_as(&c, "client-admin");
+    wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
+    let token_client = |token: &str| {
+        Client::with_options(
+            apis(&c),
+            ClientOptions::default().with_tls(certs_dir.join("ca.pem"), None).unwrap().with_token(token),
+        )
+        .unwrap()
+    };
+    let carol = token_client("carol-token");
+    let status = denied(carol.cluster_status().await.unwrap_err());
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // A token added to the file works without a restart.
+    let original = std::fs::read_to_string(&file).unwrap();
+    let with_carol = format!(
+        "{original}\n[[tokens]]\nname = \"carol\"\nsha256 = \"{}\"\nrole = \"user\"\n",
+        titus_security::token::sha256_hex("carol-token")
+    );
+    std::fs::write(&file, &with_carol).unwrap();
+    wait_until(Duration::from_secs(15), "carol's token taken", || async { carol.cluster_status().await.ok() }).await;
+
+    // A broken file keeps the settings in force, and the replica says why.
+    std::fs::write(&file, format!("{with_carol}\n[[principals]]\nname = \"x\"\nrole = \"superuser\"\n")).unwrap();
+    wait_until(Duration::from_secs(15), "the bad file refused", || async {
+        std::fs::read_to_string(&c.replica(1).log)
+            .unwrap_or_default()
+            .contains("security settings not reloaded")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        std::fs::read_to_string(&c.replica(1).log).unwrap_or_default().contains("superuser"),
+        "the refusal names what is wrong"
+    );
+    carol.cluster_status().await.expect("the settings in force stay");
+
+    // Revoking alice's certificate by its serial (as openssl prints it) shuts her out; bob stays.
+    let alice = client_as(&c, "client-alice");
+    alice.cluster_status().await.expect("alice before the revocation");
+    let serial = titus_security::identity::serial_hex(&der_of(&certs_dir.join("client-alice.pem"))).unwrap();
+    let printed = serial.to_uppercase();
+    // (TOML: a top-level key after a table would belong to it, so the revocation goes first.)
+    std::fs::write(&file, format!("revoked-serials = [\"serial={printed}\"]\n{with_carol}")).unwrap();
+    let status = wait_until(Duration::from_secs(15), "alice refused", || async {
+        alice.cluster_status().await.err().map(denied).filter(|s| s.code() == Code::Unauthenticated)
+    })
+    .await;
+    assert!(status.message().contains("revoked") && status.message().contains(&serial), "{status:?}");
+    client_as(&c, "client-bob").cluster_status().await.expect("bob is not revoked");
+    carol.cluster_status().await.expect("tokens are not affected");
 }

@@ -102,6 +102,28 @@ impl Identity {
     }
 }
 
+/// A DER certificate's serial number as lower-case hex, without leading zeros (see
+/// [`normalize_serial`]).
+pub fn serial_hex(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let hex: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+    normalize_serial(&hex).ok_or_else(|| "the certificate has an empty serial number".into())
+}
+
+/// A serial number as written by people and tools (`4A:3F…`, `serial=4a3f…`, `0x4A3F`), as
+/// [`serial_hex`] gives it; None when it is not hex.
+pub fn normalize_serial(text: &str) -> Option<String> {
+    let t = text.trim();
+    let t = t.strip_prefix("serial=").unwrap_or(t);
+    let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+    let digits: String = t.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    if digits.is_empty() || digits.len() > 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = digits.trim_start_matches('0');
+    Some(if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() })
+}
+
 /// A DER certificate's validity, ms since the epoch: (not before, not after).
 pub fn validity_ms(der: &[u8]) -> Result<(i64, i64), String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;

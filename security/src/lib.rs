@@ -11,11 +11,13 @@
 //! - [`token`]: bearer tokens, stored as SHA-256 digests.
 //! - [`ratelimit`]: token buckets per caller.
 
+pub mod admission;
 pub mod certs;
 pub mod identity;
 pub mod ratelimit;
 pub mod tls;
 pub mod token;
 
+pub use admission::{Gate, ListenerLimits, ListenerStats};
 pub use identity::{Identity, Kind};
-pub use tls::{Connector, ListenerLimits, PeerInfo, Tls, TlsError, TlsFiles};
+pub use tls::{Connector, PeerInfo, Tls, TlsError, TlsFiles};

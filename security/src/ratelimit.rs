@@ -1,6 +1,8 @@
-//! Per-caller token buckets: each caller may make `rate` requests a second on average and `burst` at
-//! once. The map of buckets is bounded: when it is full, buckets that have refilled (idle callers)
-//! are forgotten, and if none has, the new caller shares an overflow bucket rather than growing it.
+//! Per-caller token buckets: each caller may spend `rate` a second on average and `burst` at once —
+//! calls ([`RateLimiter::check`], one token each), or bytes ([`RateLimiter::charge`] after the fact,
+//! which may leave a caller in debt, and [`RateLimiter::check_debt`] before its next call). The map
+//! of buckets is bounded: when it is full, buckets that have refilled (idle callers) are forgotten,
+//! and if none has, the new caller shares an overflow bucket rather than growing it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,6 +29,34 @@ impl RateLimiter {
 
     /// Takes one token from `caller`'s bucket; when it is empty, says how long until one is there.
     pub fn check(&self, caller: &str) -> Result<(), Duration> {
+        self.with_bucket(caller, |bucket, rate| {
+            if bucket.tokens >= 1.0 {
+                bucket.tokens -= 1.0;
+                Ok(())
+            } else {
+                Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+            }
+        })
+    }
+
+    /// Whether `caller` has paid what it spent: when its bucket is in debt, how long until it is not.
+    pub fn check_debt(&self, caller: &str) -> Result<(), Duration> {
+        self.with_bucket(caller, |bucket, rate| {
+            if bucket.tokens > 0.0 {
+                Ok(())
+            } else {
+                Err(Duration::from_secs_f64((f64::MIN_POSITIVE - bucket.tokens) / rate))
+            }
+        })
+    }
+
+    /// Spends `amount` from `caller`'s bucket, into debt if need be (what was sent was sent).
+    pub fn charge(&self, caller: &str, amount: f64) {
+        self.with_bucket(caller, |bucket, _| bucket.tokens -= amount);
+    }
+
+    /// `f` on `caller`'s bucket, refilled to now; `f` gets the rate (never zero).
+    fn with_bucket<R>(&self, caller: &str, f: impl FnOnce(&mut Bucket, f64) -> R) -> R {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !buckets.contains_key(caller) && buckets.len() >= self.max_callers {
@@ -37,12 +67,7 @@ impl RateLimiter {
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, at: now });
         bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.rate).min(self.burst);
         bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate.max(f64::MIN_POSITIVE)))
-        }
+        f(bucket, self.rate.max(f64::MIN_POSITIVE))
     }
 
     pub fn callers(&self) -> usize {
@@ -63,6 +88,19 @@ mod tests {
         let wait = l.check("a").unwrap_err();
         assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
         l.check("b").unwrap();
+    }
+
+    #[test]
+    fn bytes_are_charged_after_the_fact_and_debt_is_paid_at_the_rate() {
+        let l = RateLimiter::new(1000.0, 4000.0, 100);
+        l.check_debt("a").unwrap();
+        l.charge("a", 3000.0);
+        l.check_debt("a").unwrap();
+        // One large body past the burst: the call is through, the next waits for the debt.
+        l.charge("a", 3000.0);
+        let wait = l.check_debt("a").unwrap_err();
+        assert!(wait > Duration::from_millis(1900) && wait <= Duration::from_millis(2000), "{wait:?}");
+        l.check_debt("b").unwrap();
     }
 
     #[test]

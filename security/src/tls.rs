@@ -23,8 +23,9 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 
+use crate::admission::{Admission, Gate};
 use crate::identity::{Identity, Kind};
 
 #[derive(Debug, thiserror::Error)]
@@ -342,22 +343,20 @@ pub struct PeerInfo {
     pub identity: Option<Identity>,
     /// Why a presented certificate gave no identity (it chained to the CA but named nobody).
     pub identity_error: Option<String>,
+    /// The verified client certificate's serial number ([`crate::identity::serial_hex`]): what a
+    /// revocation names.
+    pub serial: Option<String>,
+    /// The connection's admission: the first authenticated call on it says so
+    /// ([`Admission::authenticated`]), which keeps it from being timed out or evicted.
+    pub admission: Option<Admission>,
 }
 
-/// Bounds on what unauthenticated peers can make a listener hold.
-#[derive(Debug, Clone, Copy)]
-pub struct ListenerLimits {
-    /// Open connections at most; one more is closed at once.
-    pub max_connections: usize,
-    /// A TLS handshake not done by then is dropped.
-    pub handshake_timeout: Duration,
-    /// The handshake requires a client certificate (no bearer tokens on this port).
-    pub require_client_cert: bool,
-}
-
-impl Default for ListenerLimits {
-    fn default() -> Self {
-        ListenerLimits { max_connections: 4096, handshake_timeout: Duration::from_secs(10), require_client_cert: false }
+impl PeerInfo {
+    /// The caller on this connection was authenticated (see [`crate::admission`]).
+    pub fn authenticated(&self) {
+        if let Some(a) = &self.admission {
+            a.authenticated();
+        }
     }
 }
 
@@ -366,11 +365,57 @@ enum ServerIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// An accepted connection (TLS unless insecure), holding its slot under `max_connections`.
-pub struct Conn {
+struct ServerStream {
     io: ServerIo,
+}
+
+/// An accepted connection (TLS unless insecure), holding its slot under the listener's limits:
+/// closed (its next read or write fails) when evicted or unauthenticated at its deadline.
+pub struct Conn {
+    stream: ServerStream,
     info: PeerInfo,
-    _slot: OwnedSemaphorePermit,
+    admission: Admission,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.admission.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.admission.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.admission.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -429,19 +474,19 @@ macro_rules! delegate_io {
     };
 }
 
-delegate_io!(Conn, io, ServerIo::Plain, ServerIo::Tls);
+delegate_io!(ServerStream, io, ServerIo::Plain, ServerIo::Tls);
 
 /// The connections `listener` accepts, TLS-handshaken with the current certificates when `tls` is
-/// given (plaintext otherwise), Nagle off. Handshakes run concurrently and are bounded in time;
-/// connections beyond `limits.max_connections` are closed at once. Accepting stops when the
-/// returned stream is dropped, which frees the port.
+/// given (plaintext otherwise), Nagle off, admitted by `gate` ([`crate::admission`]): handshakes run
+/// concurrently, and a connection must authenticate within the gate's timeout of its accept.
+/// Accepting stops when the returned stream is dropped, which frees the port.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
-    limits: ListenerLimits,
+    gate: Arc<Gate>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let limits = *gate.limits();
     tokio::spawn(async move {
         let mut refused = 0u64;
         loop {
@@ -458,19 +503,29 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Some(mut admission) = gate.admit(remote.ip()) else {
                 refused += 1;
                 if refused.is_power_of_two() {
-                    tracing::warn!(%remote, refused, max = limits.max_connections, "connection limit reached; closing new connections");
+                    tracing::warn!(%remote, refused, max = limits.max_connections, "every connection slot is held by an authenticated caller; closing new connections");
                 }
                 continue;
             };
+            admission.start_clock();
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "could not disable Nagle on an accepted connection");
             }
             let Some(tls) = tls.clone() else {
-                let info = PeerInfo { remote: Some(remote), tls: false, identity: None, identity_error: None };
-                if tx.send(Ok(Conn { io: ServerIo::Plain(stream), info, _slot: slot })).await.is_err() {
+                admission.handshaken();
+                let info = PeerInfo {
+                    remote: Some(remote),
+                    tls: false,
+                    identity: None,
+                    identity_error: None,
+                    serial: None,
+                    admission: Some(admission.clone()),
+                };
+                let conn = Conn { stream: ServerStream { io: ServerIo::Plain(stream) }, info, admission };
+                if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
                 continue;
@@ -479,20 +534,36 @@ pub fn incoming(
             tokio::spawn(async move {
                 let Some(config) = tls.server_config(limits.require_client_cert) else { return };
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "TLS handshake refused"),
-                    Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
+                // Bounded by the admission: evicted, or its clock runs out, and the handshake stops.
+                let stream = tokio::select! {
+                    r = acceptor.accept(stream) => match r {
+                        Ok(s) => s,
+                        Err(e) => return tracing::debug!(%remote, error = %e, "TLS handshake refused"),
+                    },
+                    e = admission.closed() => return tracing::debug!(%remote, error = %e, "TLS handshake not done in time"),
                 };
-                let (identity, identity_error) = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                let serial = cert.and_then(|c| crate::identity::serial_hex(c).ok());
+                let (identity, identity_error) = match cert {
                     None => (None, None),
                     Some(cert) => match Identity::from_cert_der(cert) {
                         Ok(id) => (Some(id), None),
                         Err(e) => (None, Some(e)),
                     },
                 };
-                let info = PeerInfo { remote: Some(remote), tls: true, identity, identity_error };
-                let _ = tx.send(Ok(Conn { io: ServerIo::Tls(Box::new(stream)), info, _slot: slot })).await;
+                // Authenticated only by its first call, certificate or not: the call is where a
+                // revoked certificate or an unknown token is refused.
+                admission.handshaken();
+                let info = PeerInfo {
+                    remote: Some(remote),
+                    tls: true,
+                    identity,
+                    identity_error,
+                    serial,
+                    admission: Some(admission.clone()),
+                };
+                let conn = Conn { stream: ServerStream { io: ServerIo::Tls(Box::new(stream)) }, info, admission };
+                let _ = tx.send(Ok(conn)).await;
             });
         }
     });

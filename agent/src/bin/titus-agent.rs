@@ -33,9 +33,15 @@ struct Args {
     /// An attribute as KEY=VALUE (zone, machineType, instanceId, host); repeatable.
     #[arg(long = "attribute")]
     attributes: Vec<String>,
-    /// Docker network for the containers.
+    /// Docker network for every container; default: a network per job from --job-networks.
     #[arg(long)]
     network: Option<String>,
+    /// The IPv4 pool per-job networks are cut from, in /24s (default 172.29.0.0/16).
+    #[arg(long)]
+    job_networks: Option<String>,
+    /// The most processes one container may hold (default 1024).
+    #[arg(long)]
+    pids_limit: Option<i64>,
     /// The admin HTTP port (/metrics, /healthz, /readyz).
     #[arg(long)]
     admin_listen: Option<std::net::SocketAddr>,
@@ -80,6 +86,10 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             gpu: 0,
             attributes: BTreeMap::new(),
             network: None,
+            job_networks: titus_agent::config::default_job_networks(),
+            pids_limit: titus_agent::config::default_pids_limit(),
+            log_max_mb: titus_agent::config::default_log_max_mb(),
+            log_max_files: titus_agent::config::default_log_max_files(),
             admin_listen: None,
             log_format: "plain".into(),
             insecure: false,
@@ -135,6 +145,12 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
     }
     if let Some(v) = args.network {
         c.network = Some(v);
+    }
+    if let Some(v) = args.job_networks {
+        c.job_networks = v;
+    }
+    if let Some(v) = args.pids_limit {
+        c.pids_limit = v;
     }
     for a in args.attributes {
         let (k, v) = a.split_once('=').ok_or_else(|| format!("--attribute {a:?}: expected KEY=VALUE"))?;

@@ -45,6 +45,7 @@ impl CapacityGroupService for CapacityGroupApi {
         let deadline = client_deadline(&request);
         let name = request.get_ref().group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
         crate::auth::note_target(&request, format!("capacity group {name}"));
+        let caller = crate::auth::caller(&request);
         let req = request.into_inner();
         let mut group = capacity_group_from_proto("group", req.group)?;
         // Timestamps are decided here, before proposing, so every replica applies the same value.
@@ -56,6 +57,7 @@ impl CapacityGroupService for CapacityGroupApi {
                 return Err(Error::invalid("idempotency_token", "must be at most 256 characters").into());
             }
         }
+        let idempotency_token = idempotency_token.map(|t| crate::auth::scoped(&caller, &t));
         let response =
             self.replica.propose(Command::CreateCapacityGroup { group, idempotency_token }, deadline).await?;
         Ok(Response::new(expect_group(response)?))

@@ -167,7 +167,8 @@ impl ClusterService for ClusterApi {
         // Filters are plain comparisons on the records' strings, never patterns.
         let (records, last_sequence) = tokio::task::spawn_blocking(move || {
             state.audit_records(q.after_sequence, limit, AUDIT_SCAN, |r| {
-                (q.caller.is_empty() || r.caller == q.caller) && (q.method.is_empty() || r.method.ends_with(&q.method))
+                (q.caller.is_empty() || r.caller == q.caller || r.caller.split('+').any(|c| c == q.caller))
+                    && (q.method.is_empty() || r.method.ends_with(&q.method))
             })
         })
         .await

@@ -13,6 +13,7 @@ use titus_proto::agent_task_service_server::AgentTaskService;
 use titus_proto::job_management_service_server::JobManagementService;
 
 use super::{authorize_job_change, authorize_task_change, client_deadline};
+use crate::auth::Caller;
 use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::events::{Change, ChangeBatch, Start};
@@ -64,7 +65,8 @@ impl JobApi {
         let command = match request.metadata().get(crate::telemetry::REQUEST_ID).and_then(|v| v.to_str().ok()) {
             Some(id) if !id.is_empty() && id.len() <= 128 => Command::Once {
                 key: format!(
-                    "{id}/{}/{:016x}",
+                    "{}/{}/{:016x}",
+                    crate::auth::scoped(&crate::auth::caller(request), id),
                     std::any::type_name::<T>().rsplit("::").next().unwrap_or(""),
                     fnv1a(&request.get_ref().encode_to_vec())
                 ),
@@ -283,6 +285,7 @@ impl JobManagementService for JobApi {
         if token.as_ref().is_some_and(|t| t.len() > 256) {
             return Err(Error::invalid("idempotency_token", "must be at most 256 characters").into());
         }
+        let token = token.map(|t| crate::auth::scoped(&crate::auth::caller(&request), &t));
         // Ids and times are decided here, before proposing, so every replica applies the same job.
         let now = now_ms();
         let job = Job {
@@ -313,7 +316,7 @@ impl JobManagementService for JobApi {
         self.barrier(&request).await?;
         let state = self.replica.state.snapshot();
         match state.job(id)?.or(state.archived_job(id)?) {
-            Some(job) => Ok(Response::new(job_to_proto(&job))),
+            Some(job) => Ok(Response::new(job_for(&crate::auth::caller(&request), &job))),
             None => Err(not_found("id", "job", id)),
         }
     }
@@ -326,11 +329,12 @@ impl JobManagementService for JobApi {
         let filter = Filter::parse(&criteria, false)?;
         let page = request.get_ref().page.clone().unwrap_or_default();
         page_size_checked(page.page_size)?;
+        let viewer = crate::auth::caller(&request);
         self.barrier(&request).await?;
         let (items, has_more, cursor, total) =
             self.query(move |view| jobs_page(view, &filter, page.page_size, &page.cursor)).await?;
         Ok(Response::new(pb::JobQueryResult {
-            items: items.iter().map(job_to_proto).collect(),
+            items: items.iter().map(|j| job_for(&viewer, j)).collect(),
             pagination: Some(pb::Pagination { has_more, cursor, total_items: total }),
         }))
     }
@@ -515,10 +519,28 @@ impl JobManagementService for JobApi {
     }
 }
 
-fn job_note(job: &Job, revision: u64) -> pb::JobChangeNotification {
+/// A job as `viewer` may see it: the environment's values are the owner's secrets (database
+/// passwords end up there), so a caller who may not read them sees each name with its value
+/// replaced by [`REDACTED`]. Every path that hands a job to a client goes through here.
+fn job_for(viewer: &Caller, job: &Job) -> pb::Job {
+    let mut shown = job_to_proto(job);
+    if !crate::auth::may_read_secrets(viewer, &job.descriptor) {
+        if let Some(c) = shown.job_descriptor.as_mut().and_then(|d| d.container.as_mut()) {
+            for value in c.env.values_mut() {
+                *value = REDACTED.to_string();
+            }
+        }
+    }
+    shown
+}
+
+/// What a redacted environment value reads as.
+pub const REDACTED: &str = "<redacted>";
+
+fn job_note(viewer: &Caller, job: &Job, revision: u64) -> pb::JobChangeNotification {
     pb::JobChangeNotification {
         notification: Some(pb::job_change_notification::Notification::JobUpdate(
-            pb::job_change_notification::JobUpdate { job: Some(job_to_proto(job)) },
+            pb::job_change_notification::JobUpdate { job: Some(job_for(viewer, job)) },
         )),
         revision,
     }
@@ -545,6 +567,7 @@ fn snapshot_end(resumed: bool, revision: u64) -> pb::JobChangeNotification {
 /// Which jobs an observer follows: decided by each job's latest record.
 struct Interest {
     filter: Filter,
+    viewer: Caller,
     matching: HashMap<String, bool>,
 }
 
@@ -569,7 +592,7 @@ impl Interest {
             match change {
                 Change::Job(j) => {
                     if self.job(j) {
-                        out.push(job_note(j, batch.revision));
+                        out.push(job_note(&self.viewer, j, batch.revision));
                     }
                 }
                 Change::Task(t) => {
@@ -595,7 +618,7 @@ impl JobApi {
     ) -> Result<ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>> {
         let state = self.replica.state.clone();
         let (start, mut rx) = state.changes.subscribe((resume > 0).then_some(resume));
-        let mut interest = Interest { filter, matching: HashMap::new() };
+        let mut interest = Interest { filter, viewer: crate::auth::caller(request), matching: HashMap::new() };
         let mut first = Vec::new();
         let mut last = resume;
         match start {
@@ -613,7 +636,7 @@ impl JobApi {
                 let snap = state.jobs_snapshot()?;
                 for job in &snap.jobs {
                     if interest.job(job) {
-                        first.push(job_note(job, snap.revision));
+                        first.push(job_note(&interest.viewer, job, snap.revision));
                     }
                 }
                 for task in &snap.tasks {

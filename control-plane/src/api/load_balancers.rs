@@ -45,6 +45,23 @@ fn association_of(job_id: String, id: Option<pb::LoadBalancerId>) -> Result<(Str
     Ok((job_id, arn))
 }
 
+/// The target group tag that names the applications whose jobs a user may put behind it
+/// (comma-separated). Admins and operators may use any target group in the account.
+pub const APPLICATION_TAG: &str = "titus:applications";
+
+/// Whether a user may put a job of `application` behind a target group tagged `tags`: only when
+/// the group's [`APPLICATION_TAG`] names the application — the account's target groups are not
+/// every tenant's to register containers in.
+fn target_group_allows(tags: &std::collections::BTreeMap<String, String>, application: &str) -> Result<(), String> {
+    match tags.get(APPLICATION_TAG) {
+        None => Err(format!(
+            "has no {APPLICATION_TAG} tag; an AWS administrator tags it with the applications that may use it, or an admin adds it"
+        )),
+        Some(apps) if apps.split(',').any(|a| a.trim() == application) => Ok(()),
+        Some(apps) => Err(format!("is for {APPLICATION_TAG}={apps:?}, not application {application:?}")),
+    }
+}
+
 fn to_proto(job_id: &str, lbs: Vec<LoadBalancer>, targets: &[LbTarget]) -> pb::GetJobLoadBalancersResult {
     pb::GetJobLoadBalancersResult {
         job_id: job_id.to_string(),
@@ -126,6 +143,7 @@ impl LoadBalancerService for LoadBalancerApi {
     ) -> Result<Response<pb::Empty>, Status> {
         let deadline = client_deadline(&request);
         authorize_job_change(&self.replica, &request, &request.get_ref().job_id).await?;
+        let caller = crate::auth::caller(&request);
         let req = request.into_inner();
         let (job_id, target_group) = association_of(req.job_id, req.load_balancer_id)?;
         let Some(aws) = &self.aws else {
@@ -157,6 +175,32 @@ impl LoadBalancerService for LoadBalancerApi {
             }
             Err(e) => return Err(Status::failed_precondition(format!("checking the target group with AWS: {e}"))),
         }
+        if caller.role == Some(crate::auth::Role::User) {
+            let application = match self.replica.state.job(&job_id)? {
+                Some(job) => job.descriptor.application_name,
+                // The command answers NOT_FOUND (or "finished") itself.
+                None => String::new(),
+            };
+            if !application.is_empty() {
+                let tags = match aws.target_group_tags(&target_group).await {
+                    Ok(tags) => tags,
+                    Err(e @ titus_aws::AwsError::Transient(_)) => {
+                        return Err(Status::unavailable(format!("reading the target group's tags from AWS: {e}")))
+                    }
+                    Err(e) => {
+                        return Err(Status::failed_precondition(format!(
+                            "reading the target group's tags from AWS: {e}"
+                        )))
+                    }
+                };
+                if let Err(why) = target_group_allows(&tags, &application) {
+                    let message =
+                        format!("rule target-group-owner: {}: target group {target_group} {why}", caller.name);
+                    tracing::warn!(caller = %caller.name, rule = "target-group-owner", %target_group, "permission denied");
+                    return Err(Status::permission_denied(message));
+                }
+            }
+        }
         let command = Command::AddLoadBalancer { job_id, target_group, timestamp_ms: now_ms() };
         done(self.replica.propose(command, deadline).await?)
     }
@@ -170,5 +214,22 @@ impl LoadBalancerService for LoadBalancerApi {
         let req = request.into_inner();
         let (job_id, target_group) = association_of(req.job_id, req.load_balancer_id)?;
         done(self.replica.propose(Command::RemoveLoadBalancer { job_id, target_group }, deadline).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_may_use_a_target_group_only_where_its_tag_names_the_application() {
+        let tags = |v: Option<&str>| v.map(|v| (APPLICATION_TAG.to_string(), v.to_string())).into_iter().collect();
+        assert!(target_group_allows(&tags(Some("web")), "web").is_ok());
+        assert!(target_group_allows(&tags(Some("api, web")), "web").is_ok());
+        let e = target_group_allows(&tags(Some("api")), "web").unwrap_err();
+        assert!(e.contains("not application \"web\""), "{e}");
+        assert!(target_group_allows(&tags(Some("webapp")), "web").is_err(), "names are matched whole");
+        let e = target_group_allows(&tags(None), "web").unwrap_err();
+        assert!(e.contains("has no titus:applications tag"), "{e}");
     }
 }

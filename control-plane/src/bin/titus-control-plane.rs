@@ -114,13 +114,18 @@ fn config_from(args: Args) -> Result<Config, String> {
             admin_listen: None,
             slow_request_ms: 1_000,
             security: Default::default(),
+            security_source: None,
         },
     };
+    config.security_source =
+        args.config.clone().map(|path| titus_control_plane::config::SecuritySource { path, whole_config: true });
     if let Some(v) = args.node_id {
         config.node_id = v;
     }
     if let Some(path) = &args.security_config {
         config.security = titus_control_plane::config::SecurityConfig::from_file(path).map_err(|e| e.to_string())?;
+        config.security_source =
+            Some(titus_control_plane::config::SecuritySource { path: path.clone(), whole_config: false });
     }
     if args.insecure {
         config.security.insecure = true;

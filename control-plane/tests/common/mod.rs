@@ -49,6 +49,39 @@ pub struct Secure {
     pub security_config: PathBuf,
 }
 
+impl Secure {
+    /// A CA in `dir/tls` with certificates for replicas 1..=3, `agents` and `clients`, and the
+    /// security file `dir/security.toml` holding `security`.
+    pub fn write(dir: &std::path::Path, agents: &[&str], clients: &[&str], security: &str) -> Secure {
+        use titus_security::{certs, Identity, Kind};
+        let certs_dir = dir.join("tls");
+        let ca = certs::new_ca("test CA", 1).unwrap();
+        certs::write_pair(&certs_dir, "ca", &ca).unwrap();
+        let ids = (1..=3)
+            .map(|i| Identity::new(Kind::Replica, i.to_string()).unwrap())
+            .chain(agents.iter().map(|a| Identity::new(Kind::Agent, *a).unwrap()))
+            .chain(clients.iter().map(|c| Identity::new(Kind::Client, *c).unwrap()));
+        for id in ids {
+            let pem = certs::issue(&ca, &id, "test", &["127.0.0.1".into()], 1).unwrap();
+            certs::write_pair(&certs_dir, &certs::stem(&id), &pem).unwrap();
+        }
+        let security_config = dir.join("security.toml");
+        std::fs::write(&security_config, security).unwrap();
+        Secure { certs: certs_dir, security_config }
+    }
+
+    /// An SDK client with the client certificate `client-<name>`.
+    pub fn client(&self, apis: Vec<String>, name: &str) -> Client {
+        let options = ClientOptions::default()
+            .with_tls(
+                self.certs.join("ca.pem"),
+                Some((self.certs.join(format!("client-{name}.pem")), self.certs.join(format!("client-{name}.key")))),
+            )
+            .unwrap();
+        Client::with_options(apis, options).unwrap()
+    }
+}
+
 /// `--tls-ca`, `--tls-cert` and `--tls-key` for the certificate `<stem>.pem` in `certs`.
 pub fn tls_args(certs: &std::path::Path, stem: &str) -> Vec<String> {
     let f = |name: String| certs.join(name).display().to_string();
@@ -518,6 +551,21 @@ impl Drop for Cluster {
                     let _ = Command::new("docker")
                         .arg("rm")
                         .arg("-f")
+                        .args(&ids)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+            // And its job networks (once their containers are gone).
+            if let Ok(out) = Command::new("docker")
+                .args(["network", "ls", "-q", "--filter", &format!("label=titus.agent.id={}", a.id)])
+                .output()
+            {
+                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+                if !ids.is_empty() {
+                    let _ = Command::new("docker")
+                        .args(["network", "rm"])
                         .args(&ids)
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
