@@ -319,6 +319,16 @@ impl DockerRuntime {
             (LABEL_JOB.to_string(), assign.job_id.clone()),
             (LABEL_AGENT.to_string(), self.agent_id.clone()),
         ]);
+        // Capabilities the job was granted (the control plane checked its capacity group allows
+        // them); a name that is not one is refused here too rather than handed to the daemon.
+        let added: Vec<String> = container.capabilities.clone();
+        if let Some(bad) =
+            added.iter().find(|c| c.is_empty() || !c.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_'))
+        {
+            return vec![fail("failed", format!("capability {bad:?} is not a capability name"))];
+        }
+        let dropped: Vec<&str> =
+            DROPPED_CAPABILITIES.iter().copied().filter(|c| !added.iter().any(|a| a == c)).collect();
         // Held until the container exists: its job's network is not removed meanwhile.
         let network_use = self.network_use.clone().read_owned().await;
         let network = match &self.job_networks {
@@ -334,7 +344,8 @@ impl DockerRuntime {
             shm_size: (r.shm_size_mb > 0).then_some(r.shm_size_mb as i64 * 1024 * 1024),
             network_mode: network,
             security_opt: Some(vec!["no-new-privileges:true".to_string()]),
-            cap_drop: Some(DROPPED_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+            cap_drop: Some(dropped.iter().map(|c| c.to_string()).collect()),
+            cap_add: (!added.is_empty()).then(|| added.clone()),
             pids_limit: Some(self.pids_limit),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),

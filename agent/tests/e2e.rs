@@ -466,6 +466,22 @@ async fn t270_containers_are_confined_by_default_and_jobs_cannot_reach_each_othe
     client.update_job_capacity(&web, None, Some(3), Some(3)).await.unwrap();
     wait_tasks(&client, &web, "Started", 3, SETTLE).await;
 
+    // More capabilities only where the job's capacity group allows them.
+    let mut raw = job("raw", container(&listen, 0.2, 32), service(1, 1));
+    raw.container.as_mut().unwrap().capabilities = vec!["NET_RAW".into()];
+    let refused = client.create_job(raw.clone()).await.unwrap_err().to_string();
+    assert!(refused.contains("capability NET_RAW is not allowed by capacity group"), "{refused}");
+    let group = titus_client::CapacityGroupSpec::new("netops", pb::Tier::Flex, 4.0, 4096, 10240, 1000, 4)
+        .allow_capabilities(&["NET_RAW"]);
+    client.create_capacity_group(group).await.unwrap();
+    raw.capacity_group = "netops".into();
+    let raw_id = client.create_job(raw).await.unwrap();
+    let raw_task = wait_tasks(&client, &raw_id, "Started", 1, SETTLE).await.remove(0);
+    let ip = ip_of(&raw_task);
+    let gateway = format!("{}.1", ip.rsplit_once('.').unwrap().0);
+    let (ok, out) = exec_in(&raw_task.id, &["arping", "-c", "1", "-w", "2", &gateway]);
+    assert!(ok, "a job granted NET_RAW opens a raw socket: {out}");
+
     // A job's network goes with its last container on the agent.
     let network = format!("titus-{a}-{other}");
     assert!(network_exists(&network), "job {other} has no network {network}");

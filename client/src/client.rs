@@ -110,7 +110,14 @@ impl CapacityGroupSpec {
             instance_count,
             create_time_ms: 0,
             update_time_ms: 0,
+            allowed_capabilities: Vec::new(),
         })
+    }
+
+    /// Linux capabilities (without CAP_) the group's jobs may ask for.
+    pub fn allow_capabilities(mut self, caps: &[&str]) -> Self {
+        self.0.allowed_capabilities = caps.iter().map(|c| c.to_string()).collect();
+        self
     }
 
     pub fn gpu(mut self, gpu: u32) -> Self {

@@ -86,6 +86,9 @@ pub struct Container {
     pub soft_constraints: BTreeMap<String, String>,
     #[serde(default)]
     pub hard_constraints: BTreeMap<String, String>,
+    /// Linux capabilities beyond the default set (the capacity group must allow them).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 /// Exactly one of the three, as in Titus's JSON (`{"immediate": {"retries": 3}}`).
@@ -239,6 +242,7 @@ impl JobSpec {
                 env: c.env.into_iter().collect(),
                 soft_constraints: Some(pb::Constraints { constraints: c.soft_constraints.into_iter().collect() }),
                 hard_constraints: Some(pb::Constraints { constraints: c.hard_constraints.into_iter().collect() }),
+                capabilities: c.capabilities,
             }),
             job_type: Some(job_type),
             disruption_budget: self.disruption_budget.map(|d| pb::DisruptionBudget {

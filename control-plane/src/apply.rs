@@ -180,6 +180,7 @@ mod tests {
             instance_count: instances,
             create_time_ms: at,
             update_time_ms: at,
+            allowed_capabilities: Vec::new(),
         }
     }
 

@@ -63,6 +63,16 @@ fn client_as(c: &Cluster, name: &str) -> Client {
     c.secure.as_ref().unwrap().client(apis(c), name)
 }
 
+/// An SDK client that trusts the cluster's CA and presents a bearer token, no certificate.
+fn token_as(c: &Cluster, token: &str) -> Client {
+    let dir = &c.secure.as_ref().unwrap().certs;
+    Client::with_options(
+        apis(c),
+        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token(token),
+    )
+    .unwrap()
+}
+
 fn tls_of(c: &Cluster, stem: Option<&str>) -> Arc<Tls> {
     let dir = &c.secure.as_ref().unwrap().certs;
     let files = TlsFiles {
@@ -303,11 +313,7 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     assert_eq!(j.status.unwrap().state, pb::JobState::JobAccepted as i32);
     // Owners act on their own; an operator (by token) and an admin on anyone's.
     alice.update_job_capacity(&alices, None, Some(2), None).await.unwrap();
-    let ops = Client::with_options(apis(&c), {
-        let dir = &c.secure.as_ref().unwrap().certs;
-        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token("ops-token")
-    })
-    .unwrap();
+    let ops = token_as(&c, "ops-token");
     ops.update_job_capacity(&bobs, None, Some(2), None).await.unwrap();
     admin.kill_job(&bobs).await.unwrap();
 
@@ -819,11 +825,7 @@ async fn t70_tokens_and_environment_values_belong_to_their_owner() {
 
     // The environment's values are the owner's: names stay visible to everyone.
     let env_of = |j: pb::Job| j.job_descriptor.unwrap().container.unwrap().env;
-    let ops = Client::with_options(apis(&c), {
-        let dir = &c.secure.as_ref().unwrap().certs;
-        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token("ops-token")
-    })
-    .unwrap();
+    let ops = token_as(&c, "ops-token");
     for (who, client) in [("alice", &alice), ("admin", &admin)] {
         let env = env_of(client.find_job(&alices).await.unwrap());
         assert_eq!(env.get("DB_PASSWORD").map(String::as_str), Some("hunter2"), "{who} reads the owner's values");
@@ -873,11 +875,7 @@ async fn t80_thousands_of_idle_connections_from_one_address_do_not_keep_an_admin
     fresh_admin.cluster_status().await.expect("an admin call during the flood");
     let admin_took = t0.elapsed();
     let t0 = std::time::Instant::now();
-    let ops = Client::with_options(apis(&c), {
-        let dir = &c.secure.as_ref().unwrap().certs;
-        ClientOptions::default().with_tls(dir.join("ca.pem"), None).unwrap().with_token("ops-token")
-    })
-    .unwrap();
+    let ops = token_as(&c, "ops-token");
     ops.cluster_status().await.expect("a token call during the flood");
     let ops_took = t0.elapsed();
     println!("during the flood: admin call {admin_took:?}, token call {ops_took:?}");
@@ -1004,14 +1002,7 @@ async fn t85_the_security_file_is_reloaded_a_bad_one_is_refused_and_a_certificat
     let (file, certs_dir) = (secure.security_config.clone(), secure.certs.clone());
     let admin = client_as(&c, "client-admin");
     wait_until(ELECTION, "a leader", || async { admin.cluster_status().await.ok().filter(|s| s.leader_id != 0) }).await;
-    let token_client = |token: &str| {
-        Client::with_options(
-            apis(&c),
-            ClientOptions::default().with_tls(certs_dir.join("ca.pem"), None).unwrap().with_token(token),
-        )
-        .unwrap()
-    };
-    let carol = token_client("carol-token");
+    let carol = token_as(&c, "carol-token");
     let status = denied(carol.cluster_status().await.unwrap_err());
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 

@@ -31,6 +31,9 @@ pub struct CapacityGroup {
     /// Decided by the leader before proposing, so every replica stores the same value.
     pub create_time_ms: i64,
     pub update_time_ms: i64,
+    /// Linux capabilities its jobs may ask for beyond the agent's reduced default set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_capabilities: Vec<String>,
 }
 
 impl CapacityGroup {
@@ -57,6 +60,10 @@ impl CapacityGroup {
         if self.instance_count == 0 {
             violations.push(FieldViolation::new(format!("{prefix}.instance_count"), "must be > 0"));
         }
+        violations.extend(crate::validate_capabilities(
+            &format!("{prefix}.allowed_capabilities"),
+            &self.allowed_capabilities,
+        ));
         if violations.is_empty() {
             Ok(())
         } else {
@@ -84,6 +91,7 @@ mod tests {
             instance_count: 10,
             create_time_ms: 0,
             update_time_ms: 0,
+            allowed_capabilities: Vec::new(),
         }
     }
 

@@ -41,6 +41,7 @@ pub fn capacity_group_from_proto(field: &str, g: Option<pb::CapacityGroup>) -> R
         instance_count: g.instance_count,
         create_time_ms: 0,
         update_time_ms: 0,
+        allowed_capabilities: g.allowed_capabilities,
     };
     group.validate(field).map_err(Invalid)?;
     Ok(group)
@@ -61,6 +62,7 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
         instance_count: g.instance_count,
         create_time_ms: g.create_time_ms,
         update_time_ms: g.update_time_ms,
+        allowed_capabilities: g.allowed_capabilities,
     }
 }
 
@@ -168,6 +170,7 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
             env: c.env.into_iter().collect(),
             soft_constraints: c.soft_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
             hard_constraints: c.hard_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
+            capabilities: c.capabilities,
         },
         job_type,
         disruption_budget: budget,
@@ -233,6 +236,7 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
             hard_constraints: Some(pb::Constraints {
                 constraints: d.container.hard_constraints.clone().into_iter().collect(),
             }),
+            capabilities: d.container.capabilities.clone(),
         }),
         job_type: Some(job_type),
         disruption_budget: Some(pb::DisruptionBudget {

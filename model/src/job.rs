@@ -77,6 +77,11 @@ pub struct Container {
     pub env: BTreeMap<String, String>,
     pub soft_constraints: BTreeMap<String, String>,
     pub hard_constraints: BTreeMap<String, String>,
+    /// Linux capabilities the container gets beyond the agent's reduced default set; each must be
+    /// allowed by the job's capacity group. Absent from records that have none (older replicas
+    /// read them unchanged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,6 +330,9 @@ impl JobDescriptor {
         }
         if c.env.len() > MAX_ENV {
             bad("container.env", format!("must have at most {MAX_ENV} entries"));
+        }
+        for v in crate::validate_capabilities("container.capabilities", &c.capabilities) {
+            bad(&v.field, v.description);
         }
         for (k, val) in &c.env {
             let valid = !k.is_empty()

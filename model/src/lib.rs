@@ -46,6 +46,72 @@ impl FieldViolation {
 
 pub const MAX_NAME_LEN: usize = 128;
 
+/// Linux capabilities by name (without `CAP_`): what a job may ask for and a capacity group allow
+/// beyond the agent's reduced default set.
+pub const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
+    "WAKE_ALARM",
+];
+
+/// Checks a list of capabilities (`field`): known names, each once, at most as many as there are.
+pub fn validate_capabilities(field: &str, caps: &[String]) -> Vec<FieldViolation> {
+    let mut out = Vec::new();
+    if caps.len() > CAPABILITIES.len() {
+        out.push(FieldViolation::new(field, format!("must have at most {} entries", CAPABILITIES.len())));
+        return out;
+    }
+    for (i, c) in caps.iter().enumerate() {
+        if !CAPABILITIES.contains(&c.as_str()) {
+            out.push(FieldViolation::new(
+                format!("{field}[{i}]"),
+                format!("{:?} is not a Linux capability name (e.g. NET_RAW, SYS_PTRACE; without CAP_)", truncated(c)),
+            ));
+        } else if caps[..i].contains(c) {
+            out.push(FieldViolation::new(format!("{field}[{i}]"), format!("{c} appears twice")));
+        }
+    }
+    out
+}
+
 /// `s` cut to at most `max` bytes, at a character boundary: for free text from a port (a reason
 /// message) that is kept, but bounded.
 pub fn bounded(mut s: String, max: usize) -> String {
@@ -98,5 +164,22 @@ impl From<Invalid> for tonic::Status {
 impl Invalid {
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
         Invalid(vec![FieldViolation::new(field, description)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_are_known_names_each_once() {
+        let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(validate_capabilities("c", &caps(&["NET_RAW", "SYS_PTRACE"])).is_empty());
+        let v = validate_capabilities("c", &caps(&["NET_RAW", "CAP_NET_RAW", "NET_RAW", "net_raw"]));
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["c[1]", "c[2]", "c[3]"], "{v:?}");
+        assert!(v[0].description.contains("without CAP_") && v[1].description.contains("twice"), "{v:?}");
+        let too_many = vec!["NET_RAW".to_string(); CAPABILITIES.len() + 1];
+        assert!(validate_capabilities("c", &too_many)[0].description.contains("at most"));
     }
 }

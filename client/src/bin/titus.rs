@@ -419,6 +419,9 @@ struct GroupArgs {
     gpu: u32,
     #[arg(long)]
     instances: u32,
+    /// Linux capabilities (without CAP_, e.g. NET_RAW) the group's jobs may ask for; repeatable.
+    #[arg(long = "allow-capability")]
+    allow_capabilities: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -490,7 +493,10 @@ fn spec(a: GroupArgs) -> CapacityGroupSpec {
         TierArg::Critical => Tier::Critical,
         TierArg::Flex => Tier::Flex,
     };
-    CapacityGroupSpec::new(&a.name, tier, a.cpu, a.memory_mb, a.disk_mb, a.network_mbps, a.instances).gpu(a.gpu)
+    let caps: Vec<&str> = a.allow_capabilities.iter().map(String::as_str).collect();
+    CapacityGroupSpec::new(&a.name, tier, a.cpu, a.memory_mb, a.disk_mb, a.network_mbps, a.instances)
+        .gpu(a.gpu)
+        .allow_capabilities(&caps)
 }
 
 fn consistency(stale: bool) -> ReadConsistency {

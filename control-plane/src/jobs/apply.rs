@@ -6,7 +6,7 @@ use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::hosts;
 use crate::model::job::{
-    validate_capacity, Job, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
+    validate_capacity, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
 };
 use crate::state::{Overlay, StateRead, TokenRecord};
 use std::collections::BTreeMap;
@@ -424,6 +424,29 @@ fn with_service_job(
 /// Checks that the jobs of `job`'s capacity group, with `job` counted at `instances`, fit the
 /// group's reservation. Undefined groups other than DEFAULT are refused; DEFAULT without a
 /// definition is unlimited.
+/// Capabilities beyond the agents' reduced default set are the capacity group's to grant: a job
+/// asking for one its group does not allow is refused, naming the capability and the group.
+fn check_capabilities(o: &Overlay, d: &JobDescriptor) -> Result<Option<CommandResponse>> {
+    if d.container.capabilities.is_empty() {
+        return Ok(None);
+    }
+    let allowed = o.capacity_group(&d.capacity_group)?.map(|g| g.allowed_capabilities).unwrap_or_default();
+    for (i, cap) in d.container.capabilities.iter().enumerate() {
+        if !allowed.contains(cap) {
+            return Ok(Some(reject(
+                RejectionKind::FailedPrecondition,
+                &format!("container.capabilities[{i}]"),
+                format!(
+                    "capability {cap} is not allowed by capacity group {:?} (its allowed_capabilities: [{}])",
+                    d.capacity_group,
+                    allowed.join(", ")
+                ),
+            )?));
+        }
+    }
+    Ok(None)
+}
+
 fn check_quota(o: &Overlay, job: &Job, instances: u32) -> Result<Option<CommandResponse>> {
     let name = &job.descriptor.capacity_group;
     let Some(group) = o.capacity_group(name)? else {
@@ -484,6 +507,9 @@ pub fn create_job(o: &mut Overlay, job: Job, token: Option<String>, token_expire
     }
     if o.job(&job.id)?.is_some() || o.archived_job(&job.id)?.is_some() {
         return reject(RejectionKind::AlreadyExists, "job_id", format!("job {:?} already exists", job.id));
+    }
+    if let Some(r) = check_capabilities(o, &job.descriptor)? {
+        return Ok(r);
     }
     if let Some(r) = check_quota(o, &job, job.descriptor.quota_instances())? {
         return Ok(r);

@@ -266,6 +266,7 @@ impl Twin {
                     instance_count: instances,
                     create_time_ms: self.now,
                     update_time_ms: self.now,
+                    allowed_capabilities: Vec::new(),
                 };
                 let idempotency_token = token.map(|t| format!("group-token-{t}"));
                 if let Some(t) = &idempotency_token {

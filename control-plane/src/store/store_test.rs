@@ -49,6 +49,7 @@ pub(super) fn capacity_group(name: &str) -> crate::model::CapacityGroup {
         instance_count: 1,
         create_time_ms: 1,
         update_time_ms: 1,
+        allowed_capabilities: Vec::new(),
     }
 }
 
