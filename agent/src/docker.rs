@@ -165,16 +165,38 @@ impl DockerRuntime {
     /// plane keeps no other containerIp. `host` and `none` networks have none.
     pub async fn container_networks(&self) -> Result<Vec<String>> {
         if let Some(pool) = &self.job_networks {
-            return Ok(vec![pool.to_string()]);
+            let mut networks = vec![pool.to_string()];
+            // Containers this agent started on the default bridge before it had job networks
+            // (adopted across an upgrade) keep their addresses: that bridge is declared too, while
+            // any of them is left.
+            let filters = HashMap::from([
+                ("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)]),
+                ("network".to_string(), vec!["bridge".to_string()]),
+            ]);
+            let on_bridge = self
+                .client()
+                .await?
+                .list_containers(Some(ListContainersOptions::<String> { all: true, filters, ..Default::default() }))
+                .await
+                .map_err(|e| Error::Docker(format!("listing containers: {e}")))?;
+            if !on_bridge.is_empty() {
+                networks.extend(self.subnets_of("bridge").await?);
+            }
+            return Ok(networks);
         }
         let name = self.network.clone().unwrap_or_else(|| "bridge".to_string());
         if name == "host" || name == "none" {
             return Ok(Vec::new());
         }
+        self.subnets_of(&name).await
+    }
+
+    /// The subnets of Docker network `name`.
+    async fn subnets_of(&self, name: &str) -> Result<Vec<String>> {
         let network = self
             .client()
             .await?
-            .inspect_network(&name, None::<bollard::network::InspectNetworkOptions<String>>)
+            .inspect_network(name, None::<bollard::network::InspectNetworkOptions<String>>)
             .await
             .map_err(|e| Error::Docker(format!("inspecting network {name:?}: {e}")))?;
         Ok(network

@@ -114,8 +114,25 @@ impl Agent {
     }
 
     async fn on_death(&self, task_id: &str) {
-        let oom = self.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id);
-        match self.docker.observe_with(task_id, self.is_killing(task_id), oom).await {
+        let oom_seen = || self.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id);
+        let killing = self.is_killing(task_id);
+        let mut observed = self.docker.observe_with(task_id, killing, oom_seen()).await;
+        // SIGKILLed, not by us, and no OOM heard of yet: the daemon may report the kernel's OOM
+        // kill (its event, or the container's OOMKilled flag) just after the exit. Wait for it a
+        // moment, so the task says why it died.
+        let sigkilled = |o: &Observed| o.context.get("exitCode").map(String::as_str) == Some("137");
+        if matches!(&observed, Ok(Some(o)) if sigkilled(o) && !killing && !o.reason_message.contains("OOM")) {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let again = self.docker.observe_with(task_id, killing, oom_seen()).await;
+                let oom = matches!(&again, Ok(Some(o)) if o.reason_message.contains("OOM"));
+                observed = again;
+                if oom {
+                    break;
+                }
+            }
+        }
+        match observed {
             Ok(Some(o)) => self.report(&o),
             Ok(None) => {}
             Err(e) => tracing::warn!(task_id, error = %e, "cannot inspect a dead container"),
@@ -293,7 +310,12 @@ async fn watch_deaths(agent: Arc<Agent>) {
                 Ok(Death::OutOfMemory(task_id)) => {
                     agent.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).insert(task_id);
                 }
-                Ok(Death::Exited(task_id)) => agent.on_death(&task_id).await,
+                // Apart from this loop, which goes on reading events (an OOM event that follows
+                // the exit is among them).
+                Ok(Death::Exited(task_id)) => {
+                    let agent = agent.clone();
+                    tokio::spawn(async move { agent.on_death(&task_id).await });
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "docker event stream broke");
                     break;

@@ -467,7 +467,7 @@ async fn t270_containers_are_confined_by_default_and_jobs_cannot_reach_each_othe
     wait_tasks(&client, &web, "Started", 3, SETTLE).await;
 
     // More capabilities only where the job's capacity group allows them.
-    let mut raw = job("raw", container(&listen, 0.2, 32), service(1, 1));
+    let mut raw = job("raw", container(&listen, 0.2, 32), service(2, 2));
     raw.container.as_mut().unwrap().capabilities = vec!["NET_RAW".into()];
     let refused = client.create_job(raw.clone()).await.unwrap_err().to_string();
     assert!(refused.contains("capability NET_RAW is not allowed by capacity group"), "{refused}");
@@ -476,11 +476,15 @@ async fn t270_containers_are_confined_by_default_and_jobs_cannot_reach_each_othe
     client.create_capacity_group(group).await.unwrap();
     raw.capacity_group = "netops".into();
     let raw_id = client.create_job(raw).await.unwrap();
-    let raw_task = wait_tasks(&client, &raw_id, "Started", 1, SETTLE).await.remove(0);
-    let ip = ip_of(&raw_task);
-    let gateway = format!("{}.1", ip.rsplit_once('.').unwrap().0);
-    let (ok, out) = exec_in(&raw_task.id, &["arping", "-c", "1", "-w", "2", &gateway]);
+    let raw_tasks = wait_tasks(&client, &raw_id, "Started", 2, SETTLE).await;
+    let (r0, r1) = (&raw_tasks[0], &raw_tasks[1]);
+    let (ok, out) = exec_in(&r0.id, &["arping", "-c", "1", "-w", "2", &ip_of(r1)]);
     assert!(ok, "a job granted NET_RAW opens a raw socket: {out}");
+    // With ICMP at hand (busybox's ping needs a raw socket): same job answers, another job does not.
+    let (ok, out) = exec_in(&r0.id, &["ping", "-c", "1", "-W", "2", &ip_of(r1)]);
+    assert!(ok, "a job's tasks ping each other: {out}");
+    let (ok, out) = exec_in(&r0.id, &["ping", "-c", "1", "-W", "2", &ip_of(w0)]);
+    assert!(!ok, "a task pinged another job's container: {out}");
 
     // A job's network goes with its last container on the agent.
     let network = format!("titus-{a}-{other}");

@@ -598,7 +598,8 @@ where
             let message = format!("rule {}: {} may not call {path}: {}", rule.name, caller.name, rule.says);
             tracing::warn!(caller = %caller.name, method = %path, rule = rule.name, "permission denied");
             // Every refusal is audited, reads and the peer port's included: the caller is
-            // authenticated (an unauthenticated flood is not recorded) and its rate is limited.
+            // authenticated (an unauthenticated flood is not recorded), and the audit queue is
+            // bounded (a flood of refusals drops records, counted, rather than wait).
             if let Some(a) = &layer.auditor {
                 a.record(&caller.audit_name(), &path, "", tonic::Code::PermissionDenied, &message, &request_id);
             }
