@@ -628,7 +628,7 @@ where
             }
             // Reports are checked as they arrive; a batch that still cannot be logged would
             // block every later one.
-            Err(e @ (Error::Unloggable { .. } | Error::InvalidArgument(_))) => {
+            Err(e @ (Error::Unloggable { .. } | Error::EntryTooLarge { .. } | Error::InvalidArgument(_))) => {
                 tracing::error!(reports = n, error = %e, "agent reports: refused; dropping this batch");
                 return BatchEnd::Next;
             }

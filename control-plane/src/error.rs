@@ -31,6 +31,11 @@ pub enum Error {
     /// Refused before proposing: appended, it would not read back (see `replica::check_loggable`).
     #[error("command {kind} cannot be written to the log: {source}; nothing was proposed")]
     Unloggable { kind: &'static str, source: crate::codec::CodecError },
+    /// Refused before proposing: larger than one log entry may be (see `replica::MAX_ENTRY_BYTES`).
+    #[error(
+        "command {kind} is {bytes} bytes encoded, over the {max}-byte bound on one log entry; nothing was proposed"
+    )]
+    EntryTooLarge { kind: &'static str, bytes: usize, max: usize },
     /// A leader duty's write or side effect after this replica stopped leading in the duty's term.
     #[error("replica {node_id} no longer leads in term {term}: the duties of that term stop")]
     Deposed { node_id: NodeId, term: u64 },
@@ -102,7 +107,7 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         let message = e.to_string();
         let code = match &e {
-            Error::InvalidArgument(_) | Error::Unloggable { .. } => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Unloggable { .. } | Error::EntryTooLarge { .. } => Code::InvalidArgument,
             Error::Rejected(r) => match r.kind {
                 RejectionKind::InvalidArgument => Code::InvalidArgument,
                 RejectionKind::NotFound => Code::NotFound,

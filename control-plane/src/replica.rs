@@ -38,16 +38,34 @@ pub struct Replica {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Term(pub u64);
 
+/// The largest one log entry may be, encoded: half a peer message, so that an AppendEntries
+/// carrying it (and a snapshot chunk beside it) always fits. An entry that could not be sent would
+/// stop replication for good. What callers send is bounded well below (requests, jobs); this bounds
+/// every command, the leader duties' batches included.
+pub const MAX_ENTRY_BYTES: usize = crate::network::MAX_PEER_MESSAGE_BYTES / 2;
+
 /// Refuses a command that would not read back from the log exactly as written (a NaN or infinite
 /// number, which JSON writes as `null`): appended, it would make every replica fail to read its own
-/// log, the retried command would take down the next leader too, and no replica could restart.
+/// log, the retried command would take down the next leader too, and no replica could restart. And
+/// one over [`MAX_ENTRY_BYTES`], which no follower could receive.
 /// Every value is validated at its port as well; this is the last line, before anything is appended.
 pub fn check_loggable(command: &Command) -> Result<()> {
-    codec::encode_verified(command).map(|_| ()).map_err(|source| {
+    check_loggable_within(command, MAX_ENTRY_BYTES)
+}
+
+fn check_loggable_within(command: &Command, max: usize) -> Result<()> {
+    let refused = |e: Error| {
         crate::telemetry::metrics().proposals_refused_total.inc(&[command.kind()]);
-        tracing::warn!(kind = command.kind(), error = %source, "refused a command that would not read back from the log");
-        Error::Unloggable { kind: command.kind(), source }
-    })
+        tracing::warn!(kind = command.kind(), error = %e, "refused a command before proposing it");
+        e
+    };
+    let bytes = codec::encode_verified(command)
+        .map_err(|source| refused(Error::Unloggable { kind: command.kind(), source }))?
+        .len();
+    if bytes > max {
+        return Err(refused(Error::EntryTooLarge { kind: command.kind(), bytes, max }));
+    }
+    Ok(())
 }
 
 /// The next thing to try when this replica could not serve a request itself.
@@ -437,5 +455,24 @@ impl Replica {
             Some(_) => Error::NotLeader { node_id: self.id, leader_id, leader_api_addr },
             None => Error::NoLeader { node_id: self.id },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_over_the_entry_bound_is_refused_before_it_is_proposed() {
+        let command = Command::PurgeArchive { job_ids: vec!["j".repeat(1000)], tokens: Vec::new() };
+        check_loggable_within(&command, 4096).expect("within the bound");
+        match check_loggable_within(&command, 512) {
+            Err(Error::EntryTooLarge { kind, bytes, max }) => {
+                assert_eq!((kind, max), (command.kind(), 512));
+                assert!(bytes > 1000, "{bytes}");
+            }
+            other => panic!("expected EntryTooLarge, got {other:?}"),
+        }
+        assert!(MAX_ENTRY_BYTES >= 4 * crate::config::LimitsConfig::default().max_request_bytes);
     }
 }
