@@ -128,12 +128,9 @@ impl Drop for Stack {
             eprintln!("{}", self.logs());
         }
         let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        // Their containers and job networks (the agents that would remove them are gone).
         for agent in ["agent-1", "agent-2"] {
-            let ids: Vec<String> =
-                containers_of(&format!("{AGENT_PREFIX}{agent}")).into_iter().map(|(id, ..)| id).collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).output();
-            }
+            common::remove_agent_leftovers(&format!("{AGENT_PREFIX}{agent}"));
         }
     }
 }

@@ -516,6 +516,21 @@ pub fn containers_of(agent_id: &str) -> Vec<(String, String, bool, String)> {
         .collect()
 }
 
+/// Removes what agent `agent_id` left in the Docker daemon: its containers, then its job networks
+/// (which go only once their containers have). For a test's teardown.
+pub fn remove_agent_leftovers(agent_id: &str) {
+    let label = format!("label=titus.agent.id={agent_id}");
+    let steps: [(&[&str], &[&str]); 2] =
+        [(&["ps", "-aq"], &["rm", "-f"]), (&["network", "ls", "-q"], &["network", "rm"])];
+    for (list, remove) in steps {
+        let Ok(out) = Command::new("docker").args(list).args(["--filter", &label]).output() else { continue };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(remove).args(&ids).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
+    }
+}
+
 /// Builds the local test image (idempotent).
 pub fn ensure_test_image() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-test-image.sh");
@@ -541,37 +556,7 @@ impl Drop for Cluster {
                 let _ = p.kill();
                 let _ = p.wait();
             }
-            // The test's containers go with it.
-            if let Ok(out) = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &format!("label=titus.agent.id={}", a.id)])
-                .output()
-            {
-                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-                if !ids.is_empty() {
-                    let _ = Command::new("docker")
-                        .arg("rm")
-                        .arg("-f")
-                        .args(&ids)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-            // And its job networks (once their containers are gone).
-            if let Ok(out) = Command::new("docker")
-                .args(["network", "ls", "-q", "--filter", &format!("label=titus.agent.id={}", a.id)])
-                .output()
-            {
-                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-                if !ids.is_empty() {
-                    let _ = Command::new("docker")
-                        .args(["network", "rm"])
-                        .args(&ids)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
+            remove_agent_leftovers(&a.id);
         }
         for r in &mut self.replicas {
             if let Some(mut p) = r.process.take() {
