@@ -215,13 +215,21 @@ impl Lab {
                 let _ = p.kill();
             }
         }
+        // The agents' containers, then their job networks (which go once their containers have).
         for a in &self.deployment.agents {
-            if let Ok(ids) = run("docker", &["ps", "-aq", "--filter", &format!("label=titus.agent.id={}", a.id)]) {
-                let ids: Vec<&str> = ids.split_whitespace().collect();
-                if !ids.is_empty() {
-                    let mut args = vec!["rm", "-f"];
-                    args.extend(ids);
-                    let _ = run("docker", &args);
+            let label = format!("label=titus.agent.id={}", a.id);
+            let steps: [(&[&str], &[&str]); 2] =
+                [(&["ps", "-aq"], &["rm", "-f"]), (&["network", "ls", "-q"], &["network", "rm"])];
+            for (list, remove) in steps {
+                let mut ls = list.to_vec();
+                ls.extend(["--filter", label.as_str()]);
+                if let Ok(ids) = run("docker", &ls) {
+                    let ids: Vec<&str> = ids.split_whitespace().collect();
+                    if !ids.is_empty() {
+                        let mut args = remove.to_vec();
+                        args.extend(ids);
+                        let _ = run("docker", &args);
+                    }
                 }
             }
         }
