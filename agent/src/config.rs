@@ -76,6 +76,90 @@ pub struct AgentConfig {
     /// SIGTERM and this long to exit before SIGKILL, then removed.
     #[serde(default = "default_forget_grace_secs")]
     pub forget_grace_secs: i64,
+    /// What a task is in AWS: its IAM role's credentials and EC2-style instance metadata
+    /// (`[aws]`; see [`crate::identity`]).
+    #[serde(default)]
+    pub aws: AwsIdentityConfig,
+}
+
+/// The `[aws]` section: STS for tasks' IAM roles, and the metadata proxy that serves them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AwsIdentityConfig {
+    /// The region STS is called in and tasks are told (EC2_REGION); empty: derived from the
+    /// `zone` attribute (us-east-1a → us-east-1), and no IAM role can be served without one.
+    pub region: String,
+    /// An AWS-compatible endpoint (a moto server) instead of AWS's own.
+    pub endpoint_url: String,
+    /// The roles this agent may pass to a task: exact ARNs, or prefixes ending in `*`. Empty: none
+    /// — a task asking for a role then fails at start, naming this setting.
+    pub allowed_roles: Vec<String>,
+    /// How long each AssumeRole's credentials last (STS: 900 to 43,200).
+    pub session_secs: u32,
+    /// Credentials are assumed again this long before they expire.
+    pub refresh_before_secs: u32,
+    /// Serve the metadata proxy (container credentials endpoint and instance metadata).
+    pub metadata: bool,
+    /// Its port on the host; 0: any free port (containers reach it through the routes below).
+    pub metadata_port: u16,
+    /// Route 169.254.169.254:80 and 169.254.170.2:80 from each job network to the proxy with an
+    /// iptables REDIRECT rule (needs root). Off: the host's operator routes them.
+    pub metadata_route: bool,
+}
+
+impl Default for AwsIdentityConfig {
+    fn default() -> Self {
+        AwsIdentityConfig {
+            region: String::new(),
+            endpoint_url: String::new(),
+            allowed_roles: Vec::new(),
+            session_secs: 3600,
+            refresh_before_secs: 300,
+            metadata: true,
+            metadata_port: 0,
+            metadata_route: true,
+        }
+    }
+}
+
+impl AwsIdentityConfig {
+    fn check(&self) -> Result<()> {
+        if !(900..=43_200).contains(&self.session_secs) {
+            return Err(Error::Config("aws.session-secs: must be between 900 and 43200 (STS's bounds)".into()));
+        }
+        if self.refresh_before_secs == 0 || self.refresh_before_secs >= self.session_secs {
+            return Err(Error::Config("aws.refresh-before-secs: must be > 0 and below aws.session-secs".into()));
+        }
+        let scheme_ok = self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://");
+        if !self.endpoint_url.is_empty() && !scheme_ok {
+            return Err(Error::Config(format!(
+                "aws.endpoint-url: {:?} must start with http:// or https://",
+                self.endpoint_url
+            )));
+        }
+        for (i, role) in self.allowed_roles.iter().enumerate() {
+            let exact = !role.ends_with('*');
+            if role.is_empty() || role.len() > 2048 || (exact && !looks_like_role_arn(role)) {
+                return Err(Error::Config(format!(
+                    "aws.allowed-roles[{i}]: {role:?} must be a role ARN or an ARN prefix ending in '*'"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the agent may pass role `arn` to a task.
+    pub fn allows(&self, arn: &str) -> bool {
+        self.allowed_roles.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => arn.starts_with(prefix),
+            None => arn == pattern,
+        })
+    }
+}
+
+/// An exact allowed role must look like a role ARN (the control plane checks a job's role fully).
+fn looks_like_role_arn(arn: &str) -> bool {
+    arn.starts_with("arn:") && arn.contains(":iam::") && arn.contains(":role/")
 }
 
 /// Inside Docker's default pools' range (172.17.0.0/12) but far from the first networks it hands
@@ -161,6 +245,7 @@ impl AgentConfig {
         if !(1..=10_240).contains(&self.log_max_mb) {
             return Err(Error::Config("log-max-mb: must be between 1 and 10240".into()));
         }
+        self.aws.check()?;
         if !(1..=100).contains(&self.log_max_files) {
             return Err(Error::Config("log-max-files: must be between 1 and 100".into()));
         }
@@ -223,6 +308,21 @@ mod tests {
         let mut bad = config();
         bad.log_max_files = 0;
         assert!(bad.finish().unwrap_err().to_string().contains("log-max-files"));
+        let mut bad = config();
+        bad.aws.session_secs = 60;
+        assert!(bad.finish().unwrap_err().to_string().contains("aws.session-secs"));
+        let mut bad = config();
+        bad.aws.allowed_roles = vec!["role/app".into()];
+        assert!(bad.finish().unwrap_err().to_string().contains("aws.allowed-roles[0]"));
+        let mut c = config();
+        c.aws.allowed_roles =
+            vec!["arn:aws:iam::123456789012:role/exact".into(), "arn:aws:iam::123456789012:role/titus-*".into()];
+        let c = c.finish().unwrap();
+        assert!(c.aws.allows("arn:aws:iam::123456789012:role/exact"));
+        assert!(c.aws.allows("arn:aws:iam::123456789012:role/titus-web"));
+        assert!(!c.aws.allows("arn:aws:iam::123456789012:role/exact2"));
+        assert!(!c.aws.allows("arn:aws:iam::999999999999:role/titus-web"));
+        assert!(!config().finish().unwrap().aws.allows("arn:aws:iam::123456789012:role/exact"));
         let mut bad = config();
         bad.insecure = false;
         assert!(bad.finish().unwrap_err().to_string().contains("tls-ca: required"));

@@ -8,25 +8,31 @@
 //! Every container is confined by default: no-new-privileges, without the NET_RAW (raw sockets),
 //! MKNOD and AUDIT_WRITE capabilities, a process limit, bounded log files, its disk limited where
 //! the storage driver can, and — unless the agent names one network for all — on its job's own
-//! network ([`crate::networks`]).
+//! network ([`crate::networks`]), at an address the agent picks so that the metadata proxy knows
+//! the container by it before it runs ([`crate::identity`]).
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bollard::container::{
-    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
-    StopContainerOptions,
+    Config, CreateContainerOptions, InspectContainerOptions, ListContainersOptions, NetworkingConfig,
+    RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::errors::Error as DockerError;
-use bollard::models::{HostConfig, HostConfigLogConfig, Ipam, IpamConfig};
+use bollard::models::{EndpointIpamConfig, EndpointSettings, HostConfig, HostConfigLogConfig, Ipam, IpamConfig};
 use bollard::network::{CreateNetworkOptions, ListNetworksOptions};
 use bollard::system::EventsOptions;
 use bollard::Docker;
 use futures::Stream;
 use titus_proto as pb;
 
-use crate::networks::{job_network_name, valid_job_id, SubnetPool};
+use crate::identity::{
+    container_env, random_token, EnvContext, Identities, Refused, LABEL_APP, LABEL_IMDS_V1, LABEL_ROLE,
+};
+use crate::networks::{job_network_name, valid_job_id, SubnetPool, JOB_SUBNET_PREFIX};
+use crate::routes::Routes;
 use crate::{AgentConfig, Error, Result};
 
 pub const LABEL_TASK: &str = "titus.task.id";
@@ -70,6 +76,18 @@ pub struct DockerRuntime {
     /// Cleared when the storage driver refuses a disk size (only overlay2 on xfs with pquota,
     /// btrfs and zfs take one): the limit is then not asked for again, and said once in the log.
     disk_quota: Arc<AtomicBool>,
+    /// The tasks the metadata proxy serves; None when it is off (`aws.metadata = false`).
+    identities: Option<Arc<Identities>>,
+    /// Routes from job networks to the proxy; None when the operator routes (or no proxy).
+    routes: Option<Routes>,
+    /// Addresses picked for tasks on job networks, by task id: a container holds its address in
+    /// the network only once started, so the ones being created are kept apart here.
+    addresses: Arc<Mutex<HashMap<String, Ipv4Addr>>>,
+    /// The host's instance id (attribute `instanceId`), for TITUS_HOST_EC2_INSTANCE_ID.
+    host_instance_id: String,
+    /// The host's zone (attribute `zone`) and region, for the containers' environment.
+    zone: String,
+    region: String,
 }
 
 /// A container's state as a task state.
@@ -119,7 +137,25 @@ impl DockerRuntime {
             network_use: Default::default(),
             network_create: Default::default(),
             disk_quota: Arc::new(AtomicBool::new(true)),
+            identities: None,
+            routes: None,
+            addresses: Default::default(),
+            host_instance_id: config.attributes.get("instanceId").cloned().unwrap_or_default(),
+            zone: config.attributes.get("zone").cloned().unwrap_or_default(),
+            region: crate::identity::region(&config.aws, &config.attributes),
         };
+        let mut runtime = runtime;
+        if config.aws.metadata {
+            let identities = Identities::new(&config.aws, &config.attributes).await;
+            let port = crate::metadata::serve(identities.clone(), config.aws.metadata_port)
+                .await
+                .map_err(|e| Error::Config(format!("aws.metadata-port {}: {e}", config.aws.metadata_port)))?;
+            tracing::info!(port, region = %identities.region, "metadata proxy listening");
+            runtime.identities = Some(identities);
+            if config.aws.metadata_route && runtime.job_networks.is_some() {
+                runtime.routes = Some(Routes::new(&config.agent_id, port));
+            }
+        }
         if let Err(e) = runtime.client().await {
             tracing::warn!(error = %e, "docker daemon unreachable; reporting unhealthy until it answers");
         }
@@ -360,6 +396,39 @@ impl DockerRuntime {
                 Err(e) => return vec![fail("localSystemError", e.to_string())],
             },
         };
+        // Its address on its job's network, picked here so that the metadata proxy knows the
+        // container by it before its first instruction runs; then its identity (and its role's
+        // credentials: a role that cannot be had fails the task here).
+        let profile = container.security_profile.clone().unwrap_or_default();
+        let (address, auth_token) = match self.prepare_identity(&docker, assign, network.as_deref(), &profile).await {
+            Ok(prepared) => prepared,
+            Err((code, why)) => return vec![fail(code, why)],
+        };
+        let env = container_env(&EnvContext {
+            assign,
+            ip: address,
+            zone: &self.zone,
+            region: &self.region,
+            auth_token: auth_token.as_deref(),
+            host_instance_id: &self.host_instance_id,
+        });
+        let mut labels = labels;
+        labels.insert(LABEL_APP.to_string(), assign.application_name.clone());
+        if !profile.iam_role.is_empty() {
+            labels.insert(LABEL_ROLE.to_string(), profile.iam_role.clone());
+        }
+        if profile.allow_imds_v1 {
+            labels.insert(LABEL_IMDS_V1.to_string(), "true".to_string());
+        }
+        let networking_config = address.zip(network.clone()).map(|(ip, name)| NetworkingConfig {
+            endpoints_config: HashMap::from([(
+                name,
+                EndpointSettings {
+                    ipam_config: Some(EndpointIpamConfig { ipv4_address: Some(ip.to_string()), ..Default::default() }),
+                    ..Default::default()
+                },
+            )]),
+        });
         let mut host_config = HostConfig {
             nano_cpus: Some((r.cpu * 1e9) as i64),
             memory: Some(r.memory_mb as i64 * 1024 * 1024),
@@ -385,9 +454,10 @@ impl DockerRuntime {
             image: Some(image_ref.clone()),
             entrypoint: (!container.entry_point.is_empty()).then_some(container.entry_point.clone()),
             cmd: (!container.command.is_empty()).then_some(container.command.clone()),
-            env: Some(container.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
             host_config: Some(host_config),
+            networking_config,
             ..Default::default()
         };
         let name = container_name(task_id);
@@ -412,7 +482,10 @@ impl DockerRuntime {
             Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
                 return self.observe(task_id, false).await.ok().flatten().into_iter().collect();
             }
-            Err(e) => return vec![fail("failed", format!("creating the container: {e}"))],
+            Err(e) => {
+                self.release(task_id);
+                return vec![fail("failed", format!("creating the container: {e}"))];
+            }
         };
         step("created");
         let mut states = vec![Observed {
@@ -445,6 +518,149 @@ impl DockerRuntime {
         states
     }
 
+    /// The task's address on its job's network and, when the metadata proxy runs, its token, with
+    /// its identity registered (its role's credentials assumed). Err: the failure's reason code and
+    /// message, nothing left reserved.
+    async fn prepare_identity(
+        &self,
+        docker: &Docker,
+        assign: &pb::TaskAssignment,
+        network: Option<&str>,
+        profile: &pb::SecurityProfile,
+    ) -> std::result::Result<(Option<Ipv4Addr>, Option<String>), (&'static str, String)> {
+        let task_id = &assign.task_id;
+        let has_role = !profile.iam_role.is_empty();
+        let (Some(name), Some(_)) = (network, &self.job_networks) else {
+            if has_role {
+                return Err(("failed", format!(
+                    "IAM role {}: this agent serves role credentials only on job networks (it joins every container to network {:?})",
+                    profile.iam_role,
+                    self.network.as_deref().unwrap_or("")
+                )));
+            }
+            return Ok((None, None));
+        };
+        let (ip, subnet) =
+            self.pick_address(docker, name, task_id).await.map_err(|e| ("localSystemError", e.to_string()))?;
+        let Some(identities) = &self.identities else {
+            if has_role {
+                self.release(task_id);
+                return Err((
+                    "failed",
+                    format!("IAM role {}: this agent's metadata proxy is off (aws.metadata = false)", profile.iam_role),
+                ));
+            }
+            return Ok((Some(ip), None));
+        };
+        if let Some(routes) = &self.routes {
+            if let Err(e) = routes.add(&subnet).await {
+                if has_role {
+                    self.release(task_id);
+                    return Err(("localSystemError", format!("routing the metadata addresses to the proxy: {e}")));
+                }
+                tracing::warn!(task_id = %task_id, error = %e, "cannot route the metadata addresses; this task gets no instance metadata");
+            }
+        }
+        let token = random_token();
+        let role = Some(profile.iam_role.as_str()).filter(|r| !r.is_empty());
+        match identities.admit(task_id, &assign.job_id, ip, role, profile.allow_imds_v1, token.clone()).await {
+            Ok(_) => Ok((Some(ip), Some(token))),
+            Err(Refused(why)) => {
+                self.release(task_id);
+                Err(("failed", why))
+            }
+        }
+    }
+
+    /// A free address for `task_id` on job network `name` (kept for it until [`Self::release`]),
+    /// and the network's subnet.
+    async fn pick_address(&self, docker: &Docker, name: &str, task_id: &str) -> Result<(Ipv4Addr, String)> {
+        let network = docker
+            .inspect_network(name, None::<bollard::network::InspectNetworkOptions<String>>)
+            .await
+            .map_err(|e| Error::Docker(format!("inspecting network {name:?}: {e}")))?;
+        let ipam = network.ipam.and_then(|i| i.config).and_then(|c| c.into_iter().next()).unwrap_or_default();
+        let subnet = ipam.subnet.unwrap_or_default();
+        let base =
+            subnet.strip_suffix(&format!("/{JOB_SUBNET_PREFIX}")).and_then(|b| b.parse::<Ipv4Addr>().ok()).ok_or_else(
+                || Error::Docker(format!("network {name:?} has subnet {subnet:?}, not a /{JOB_SUBNET_PREFIX}")),
+            )?;
+        let gateway = ipam.gateway.and_then(|g| g.parse::<Ipv4Addr>().ok());
+        let mut used: std::collections::HashSet<Ipv4Addr> = network
+            .containers
+            .unwrap_or_default()
+            .values()
+            .filter_map(|c| c.ipv4_address.as_deref()?.split('/').next()?.parse().ok())
+            .collect();
+        let mut addresses = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
+        used.extend(addresses.values().copied());
+        let base = u32::from(base);
+        let free =
+            (2..255u32).map(|host| Ipv4Addr::from(base + host)).find(|ip| Some(*ip) != gateway && !used.contains(ip));
+        let ip = free.ok_or_else(|| Error::Docker(format!("no free address left on network {name:?}")))?;
+        addresses.insert(task_id.to_string(), ip);
+        Ok((ip, subnet))
+    }
+
+    /// Gives up `task_id`'s address and identity (its container is gone, or never was).
+    fn release(&self, task_id: &str) {
+        self.addresses.lock().unwrap_or_else(|e| e.into_inner()).remove(task_id);
+        if let Some(identities) = &self.identities {
+            identities.forget(task_id);
+        }
+    }
+
+    /// After a restart: routes the metadata addresses again from the job networks left (removing
+    /// the previous run's routes), and serves the running containers' identities again, as their
+    /// labels, environment and addresses say. Run at start, after [`Self::prune_job_networks`].
+    pub async fn restore_identities(&self) -> Result<()> {
+        let docker = self.client().await?;
+        if let Some(routes) = &self.routes {
+            routes.remove_all().await.map_err(Error::Docker)?;
+            let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);
+            let networks = docker
+                .list_networks(Some(ListNetworksOptions { filters }))
+                .await
+                .map_err(|e| Error::Docker(format!("listing networks: {e}")))?;
+            for name in networks.into_iter().filter_map(|n| n.name) {
+                for subnet in self.subnets_of(&name).await? {
+                    routes.add(&subnet).await.map_err(Error::Docker)?;
+                }
+            }
+        }
+        let Some(identities) = &self.identities else { return Ok(()) };
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);
+        let list = docker
+            .list_containers(Some(ListContainersOptions::<String> { all: false, filters, ..Default::default() }))
+            .await
+            .map_err(|e| Error::Docker(format!("listing containers: {e}")))?;
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let Ok(c) = docker.inspect_container(&id, None::<InspectContainerOptions>).await else { continue };
+            let config = c.config.unwrap_or_default();
+            let labels = config.labels.unwrap_or_default();
+            let (Some(task_id), Some(job_id)) = (labels.get(LABEL_TASK), labels.get(LABEL_JOB)) else { continue };
+            let token = config
+                .env
+                .unwrap_or_default()
+                .iter()
+                .find_map(|e| e.strip_prefix(&format!("{}=", crate::identity::ENV_TOKEN)).map(str::to_string));
+            let ip = c
+                .network_settings
+                .and_then(|n| n.networks)
+                .and_then(|n| n.get(&job_network_name(&self.agent_id, job_id)).and_then(|e| e.ip_address.clone()))
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+            let (Some(token), Some(ip)) = (token, ip) else { continue };
+            self.addresses.lock().unwrap_or_else(|e| e.into_inner()).insert(task_id.clone(), ip);
+            let role = labels.get(LABEL_ROLE).map(String::as_str);
+            let v1 = labels.get(LABEL_IMDS_V1).is_some_and(|v| v == "true");
+            if let Err(Refused(why)) = identities.admit(task_id, job_id, ip, role, v1, token).await {
+                tracing::warn!(task_id = %task_id, error = %why, "an adopted container's role cannot be had; it gets no credentials");
+            }
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then SIGKILL after `grace_secs`.
     pub async fn stop(&self, task_id: &str, grace_secs: i64) -> Result<bool> {
         match self
@@ -475,6 +691,7 @@ impl DockerRuntime {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(Error::Docker(e.to_string())),
         }
+        self.release(task_id);
         if let (Some(_), Some(job_id)) = (&self.job_networks, job_id) {
             self.remove_job_network_if_unused(&docker, &job_id).await?;
         }
@@ -549,9 +766,20 @@ impl DockerRuntime {
             return Ok(());
         }
         let name = job_network_name(&self.agent_id, job_id);
+        let subnets = match &self.routes {
+            Some(_) => self.subnets_of(&name).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
         match docker.remove_network(&name).await {
             Ok(()) => {
                 tracing::info!(job_id, network = %name, "job network removed");
+                if let Some(routes) = &self.routes {
+                    for subnet in subnets {
+                        if let Err(e) = routes.remove(&subnet).await {
+                            tracing::warn!(job_id, %subnet, error = %e, "cannot remove the metadata routes of a removed network");
+                        }
+                    }
+                }
                 Ok(())
             }
             Err(e) if is_not_found(&e) => Ok(()),

@@ -8,6 +8,9 @@
 //! - [`docker`]: the container runtime over the Docker daemon: one container per task id, named and
 //!   labelled by it, adopted after a restart instead of started twice.
 //! - [`networks`]: the per-job networks that keep one job's containers from another's.
+//! - [`identity`], [`metadata`], [`routes`]: what a task is to AWS — its IAM role's credentials,
+//!   EC2-style instance metadata and Titus's environment — served by a proxy on the host that
+//!   tells containers apart by address, and the iptables routes that lead containers to it.
 //! - [`runtime`]: Docker, or a simulation of it for scale tests (`--simulate N`).
 //! - [`session`]: the stream to the leader — register, heartbeats, status reports; assignments,
 //!   kills and forgets; failover with jittered back-off and leader hints.
@@ -17,7 +20,10 @@
 
 pub mod config;
 pub mod docker;
+pub mod identity;
+pub mod metadata;
 pub mod networks;
+pub mod routes;
 pub mod runtime;
 pub mod session;
 pub mod telemetry;

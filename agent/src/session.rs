@@ -338,6 +338,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     if let Err(e) = docker.prune_job_networks().await {
         tracing::warn!(error = %e, "cannot remove job networks left unused (tried again when a job's last container goes)");
     }
+    if let Err(e) = docker.restore_identities().await {
+        tracing::error!(error = %e, "cannot restore the metadata routes and identities of running containers");
+    }
     run_with(config, Runtime::Docker(docker), shutdown).await
 }
 
@@ -696,7 +699,7 @@ mod ordering_tests {
         pb::control_message::Message::Assign(pb::TaskAssignment {
             task_id: task_id.into(),
             job_id: "j1".into(),
-            container: None,
+            ..Default::default()
         })
     }
 

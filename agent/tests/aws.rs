@@ -688,3 +688,230 @@ async fn t480_a_user_puts_a_job_only_behind_target_groups_tagged_for_its_applica
     want.sort();
     assert_eq!(ids, want);
 }
+
+/// Runs `script` in task `task_id`'s container (busybox sh): its stdout, or why it failed.
+async fn in_container(task_id: &str, script: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("docker")
+        .args(["exec", &format!("titus-{task_id}"), "sh", "-c", script])
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{}{}", stdout, String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// One raw HTTP/1.0 request from the container with busybox nc: (status, body).
+async fn http_in_container(
+    task_id: &str,
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut request = format!("{method} {path} HTTP/1.0\\r\\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\\r\\n"));
+    }
+    request.push_str("\\r\\n");
+    let raw = in_container(task_id, &format!("printf '{request}' | nc {address} 80")).await.unwrap_or_else(|e| e);
+    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Credentials as JSON (either endpoint's shape): access key id, secret, session token.
+fn keys(json: &str) -> (String, String, String) {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
+    let field = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("no {k} in {json}")).to_string();
+    (field("AccessKeyId"), field("SecretAccessKey"), field("Token"))
+}
+
+/// Who those credentials are, as moto's STS GetCallerIdentity says.
+async fn caller_arn(moto: &Moto, (key, secret, token): &(String, String, String)) -> String {
+    let creds = aws_sdk_sts::config::Credentials::new(key, secret, Some(token.clone()), None, "task");
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&moto.url)
+        .credentials_provider(creds)
+        .load()
+        .await;
+    let who = aws_sdk_sts::Client::new(&config).get_caller_identity().send().await.expect("GetCallerIdentity");
+    who.arn().unwrap_or_default().to_string()
+}
+
+/// An IMDSv2 session token of the container's, through the link-local address.
+async fn imds_token(task_id: &str) -> String {
+    let (status, token) = http_in_container(
+        task_id,
+        "169.254.169.254",
+        "PUT",
+        "/latest/api/token",
+        &[("X-aws-ec2-metadata-token-ttl-seconds", "120")],
+    )
+    .await;
+    assert_eq!(status, 200, "PUT /latest/api/token: {token}");
+    token
+}
+
+fn role_job(app: &str, role: &str, security_group: &str) -> pb::JobDescriptor {
+    let mut job = service_job(app, 1);
+    let container = job.container.as_mut().unwrap();
+    container.security_profile = Some(pb::SecurityProfile {
+        iam_role: role.into(),
+        security_groups: vec![security_group.into()],
+        ..Default::default()
+    });
+    job.job_group_info = Some(pb::JobGroupInfo { stack: "test".into(), detail: "".into(), sequence: "v002".into() });
+    job
+}
+
+async fn started_task(client: &Client, job_id: &str) -> pb::Task {
+    wait_until(SETTLE, &format!("job {job_id}'s task Started"), || async {
+        let tasks = client.find_tasks(&[("jobIds", job_id), ("taskStates", "Started")], 10, "").await.ok()?;
+        tasks.items.into_iter().next()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t490_each_task_gets_its_own_roles_credentials_and_metadata_and_nobody_elses() {
+    const ACCOUNT_ROLE: &str = "arn:aws:iam::123456789012:role/";
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (_, ec2) = moto.sdk().await;
+    let vpc = ec2.describe_vpcs().send().await.unwrap().vpcs()[0].vpc_id().unwrap().to_string();
+    let sg = ec2.create_security_group().group_name("web").description("t490").vpc_id(&vpc).send().await.unwrap();
+    let sg = sg.group_id().unwrap().to_string();
+    let mut cluster = start(&aws_args(&moto.url, 60_000));
+    let allowed = format!("{ACCOUNT_ROLE}titus-*");
+    let agent = cluster.start_agent_with(
+        "iam-agent",
+        4.0,
+        4096,
+        &[
+            "--aws-region",
+            "us-east-1",
+            "--aws-endpoint-url",
+            &moto.url,
+            "--allow-role",
+            &allowed,
+            "--role-session-secs",
+            "900",
+            // Assumed again ~10 s after each AssumeRole: the refresh is seen within the test.
+            "--role-refresh-before-secs",
+            "890",
+            "--attribute",
+            "zone=us-east-1c",
+        ],
+    );
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+
+    // Security groups EC2 does not know are refused at submission, naming the field.
+    let err = client.create_job(role_job("ghost", &format!("{ACCOUNT_ROLE}titus-web"), "sg-0123456789abcdef0")).await;
+    let err = err.expect_err("an unknown security group is refused").to_string();
+    assert!(err.contains("container.security_profile.security_groups[0]") && err.contains("does not exist"), "{err}");
+
+    let web = client.create_job(role_job("web", &format!("{ACCOUNT_ROLE}titus-web"), &sg)).await.unwrap();
+    let other = client.create_job(role_job("other", &format!("{ACCOUNT_ROLE}titus-other"), &sg)).await.unwrap();
+    let forbidden = client.create_job(role_job("nope", &format!("{ACCOUNT_ROLE}admin"), &sg)).await.unwrap();
+    let a = started_task(&client, &web).await;
+    let b = started_task(&client, &other).await;
+    let a_ip = a.task_context.get("containerIp").cloned().expect("a's address");
+
+    // A role this agent may not pass fails the task at start, saying why; no container runs it.
+    let refused = wait_until(SETTLE, "the forbidden role's task Finished", || async {
+        let tasks =
+            client.find_tasks(&[("jobIds", forbidden.as_str()), ("taskStates", "Finished")], 10, "").await.ok()?;
+        tasks.items.into_iter().next()
+    })
+    .await;
+    let status = refused.status.clone().unwrap();
+    assert_eq!(status.reason_code, "failed", "{status:?}");
+    assert!(status.reason_message.contains("aws.allowed-roles"), "{status:?}");
+
+    // The container credentials endpoint, as the SDKs read it from the environment.
+    let fetch = "wget -q -O - --header \"Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN\" \"$AWS_CONTAINER_CREDENTIALS_FULL_URI\"";
+    let a_keys = keys(&in_container(&a.id, fetch).await.expect("a's credentials"));
+    let a_arn = caller_arn(&moto, &a_keys).await;
+    assert_eq!(a_arn, format!("arn:aws:sts::123456789012:assumed-role/titus-web/{}", a.id));
+    let b_keys = keys(&in_container(&b.id, fetch).await.expect("b's credentials"));
+    assert!(caller_arn(&moto, &b_keys).await.contains("assumed-role/titus-other/"));
+
+    // The same role through instance metadata, with an IMDSv2 session token.
+    let token = imds_token(&a.id).await;
+    let imds = |path: &'static str, task: String, token: String| async move {
+        http_in_container(&task, "169.254.169.254", "GET", path, &[("X-aws-ec2-metadata-token", &token)]).await
+    };
+    let (status, names) = imds("/latest/meta-data/iam/security-credentials/", a.id.clone(), token.clone()).await;
+    assert_eq!((status, names.trim()), (200, "titus-web"));
+    let (status, body) =
+        imds("/latest/meta-data/iam/security-credentials/titus-web", a.id.clone(), token.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(caller_arn(&moto, &keys(&body)).await, a_arn);
+    for (path, want) in [
+        ("/latest/meta-data/instance-id", a.id.clone()),
+        ("/latest/meta-data/local-ipv4", a_ip.clone()),
+        ("/latest/meta-data/placement/availability-zone", "us-east-1c".to_string()),
+        ("/latest/meta-data/placement/region", "us-east-1".to_string()),
+    ] {
+        assert_eq!(imds(path, a.id.clone(), token.clone()).await, (200, want), "{path}");
+    }
+    let (status, _) = imds("/latest/meta-data/ami-launch-index", a.id.clone(), token.clone()).await;
+    assert_eq!(status, 404, "paths it does not serve are 404");
+    let (status, _) = http_in_container(&a.id, "169.254.169.254", "GET", "/latest/meta-data/instance-id", &[]).await;
+    assert_eq!(status, 401, "IMDSv1 (no token) is refused unless the job allows it");
+
+    // Titus's environment.
+    let env = in_container(&a.id, "env").await.unwrap();
+    for want in [
+        format!("TITUS_TASK_ID={}", a.id),
+        format!("TITUS_JOB_ID={web}"),
+        "NETFLIX_APP=web".to_string(),
+        "NETFLIX_STACK=test".to_string(),
+        "NETFLIX_CLUSTER=web-test".to_string(),
+        "NETFLIX_AUTO_SCALE_GROUP=web-test-v002".to_string(),
+        format!("EC2_LOCAL_IPV4={a_ip}"),
+        "EC2_AVAILABILITY_ZONE=us-east-1c".to_string(),
+        "EC2_REGION=us-east-1".to_string(),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} missing from:\n{env}");
+    }
+
+    // b cannot have a's credentials: not with a's token, not with its own, not by a's role's
+    // name, not with a's IMDS session token.
+    let a_token = in_container(&a.id, "printf %s \"$AWS_CONTAINER_AUTHORIZATION_TOKEN\"").await.unwrap();
+    let (status, _) =
+        http_in_container(&b.id, "169.254.170.2", "GET", "/v1/credentials", &[("Authorization", &a_token)]).await;
+    assert_eq!(status, 403, "b with a's token");
+    let (status, _) = http_in_container(&b.id, "169.254.170.2", "GET", "/v1/credentials", &[]).await;
+    assert_eq!(status, 401, "b without a token");
+    let (status, _) = imds("/latest/meta-data/iam/security-credentials/titus-web", b.id.clone(), token.clone()).await;
+    assert_eq!(status, 401, "b with a's IMDS session token");
+    let b_token = imds_token(&b.id).await;
+    let (status, _) = imds("/latest/meta-data/iam/security-credentials/titus-web", b.id.clone(), b_token).await;
+    assert_eq!(status, 404, "b asking for a's role by name");
+
+    // Refreshed before they expire: new keys, same role.
+    let refreshed = wait_until(Duration::from_secs(60), "a's credentials refreshed", || async {
+        let k = keys(&in_container(&a.id, fetch).await.ok()?);
+        (k.0 != a_keys.0).then_some(k)
+    })
+    .await;
+    assert_eq!(caller_arn(&moto, &refreshed).await, a_arn);
+
+    // A leader kill changes none of it: the same container serves the same role.
+    let started_at = containers_of(&agent).into_iter().find(|c| c.1 == a.id).expect("a's container").3;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    cluster.kill(leader);
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let after = keys(&in_container(&a.id, fetch).await.expect("a's credentials after the leader kill"));
+    assert_eq!(caller_arn(&moto, &after).await, a_arn);
+    let still = containers_of(&agent).into_iter().find(|c| c.1 == a.id).expect("a's container").3;
+    assert_eq!(still, started_at, "a's container was not restarted");
+}

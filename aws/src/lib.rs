@@ -18,8 +18,27 @@ use aws_sdk_elasticloadbalancingv2::types as elbt;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 mod limiter;
+mod sts;
 
 pub use limiter::RateLimiter;
+pub use sts::{RoleCredentials, Sts};
+
+/// The SDK configuration every client here is built from: region, endpoint, retries and timeouts.
+async fn shared_config(settings: &AwsSettings) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(settings.region.clone()))
+        .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(settings.attempt_timeout)
+                .connect_timeout(Duration::from_secs(3))
+                .build(),
+        );
+    if let Some(url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
 
 /// Where and how to reach AWS. Credentials come from the standard chain (environment, profile,
 /// instance role), never from this struct.
@@ -142,19 +161,7 @@ impl Aws {
     /// Builds the clients. Nothing is called yet: a wrong endpoint or missing credentials show up as
     /// errors of the first call.
     pub async fn connect(settings: &AwsSettings) -> Aws {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(settings.region.clone()))
-            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .operation_attempt_timeout(settings.attempt_timeout)
-                    .connect_timeout(Duration::from_secs(3))
-                    .build(),
-            );
-        if let Some(url) = &settings.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let shared = loader.load().await;
+        let shared = shared_config(settings).await;
         Aws {
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&shared),
             ec2: aws_sdk_ec2::Client::new(&shared),
@@ -304,6 +311,35 @@ impl Aws {
             .await
             .map_err(|e| classify("TerminateInstances", e))?;
         Ok(())
+    }
+
+    /// Which of the security groups `ids` EC2 does not know (in VPC `vpc_id` when given), in the
+    /// order given. Asked by filter rather than by id, so that unknown ids are answered as absent
+    /// instead of failing the whole call.
+    pub async fn missing_security_groups(&self, ids: &[String], vpc_id: Option<&str>) -> Result<Vec<String>, AwsError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut found = std::collections::BTreeSet::new();
+        let mut next: Option<String> = None;
+        loop {
+            self.limiter.acquire().await;
+            let mut call = self
+                .ec2
+                .describe_security_groups()
+                .filters(ec2t::Filter::builder().name("group-id").set_values(Some(ids.to_vec())).build())
+                .set_next_token(next.take());
+            if let Some(vpc) = vpc_id {
+                call = call.filters(ec2t::Filter::builder().name("vpc-id").values(vpc).build());
+            }
+            let page = call.send().await.map_err(|e| classify("DescribeSecurityGroups", e))?;
+            found.extend(page.security_groups().iter().filter_map(|g| g.group_id().map(str::to_string)));
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(ids.iter().filter(|id| !found.contains(*id)).cloned().collect())
     }
 
     /// Instances carrying tag `key` = `value`, in any state but terminated.

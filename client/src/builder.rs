@@ -110,6 +110,24 @@ impl JobBuilder {
         self.container().env.insert(key.into(), value.into());
         self
     }
+    /// The IAM role (an ARN) whose credentials the job's containers get.
+    pub fn iam_role(mut self, arn: &str) -> Self {
+        self.container().security_profile.get_or_insert_with(Default::default).iam_role = arn.into();
+        self
+    }
+
+    /// A security group (sg-...) the job's tasks belong to; repeatable.
+    pub fn security_group(mut self, id: &str) -> Self {
+        self.container().security_profile.get_or_insert_with(Default::default).security_groups.push(id.into());
+        self
+    }
+
+    /// Serve instance metadata without an IMDSv2 session token too.
+    pub fn allow_imds_v1(mut self) -> Self {
+        self.container().security_profile.get_or_insert_with(Default::default).allow_imds_v1 = true;
+        self
+    }
+
     pub fn attribute(mut self, key: &str, value: &str) -> Self {
         self.d.attributes.insert(key.into(), value.into());
         self

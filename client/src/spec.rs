@@ -89,6 +89,23 @@ pub struct Container {
     /// Linux capabilities beyond the default set (the capacity group must allow them).
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// The job's AWS identity: IAM role and security groups (Titus's `securityProfile`).
+    #[serde(default)]
+    pub security_profile: Option<SecurityProfile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityProfile {
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    #[serde(default)]
+    pub iam_role: String,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Instance metadata without an IMDSv2 session token.
+    #[serde(default, rename = "allowImdsV1")]
+    pub allow_imds_v1: bool,
 }
 
 /// Exactly one of the three, as in Titus's JSON (`{"immediate": {"retries": 3}}`).
@@ -243,6 +260,12 @@ impl JobSpec {
                 soft_constraints: Some(pb::Constraints { constraints: c.soft_constraints.into_iter().collect() }),
                 hard_constraints: Some(pb::Constraints { constraints: c.hard_constraints.into_iter().collect() }),
                 capabilities: c.capabilities,
+                security_profile: c.security_profile.map(|p| pb::SecurityProfile {
+                    security_groups: p.security_groups,
+                    iam_role: p.iam_role,
+                    attributes: p.attributes.into_iter().collect(),
+                    allow_imds_v1: p.allow_imds_v1,
+                }),
             }),
             job_type: Some(job_type),
             disruption_budget: self.disruption_budget.map(|d| pb::DisruptionBudget {
@@ -278,5 +301,17 @@ mod tests {
         assert!(err.contains("applicationName"), "{err}");
         let both = parse("owner: {teamEmail: a@b.c}\napplicationName: x\ncontainer:\n  resources: {cpu: 1, memoryMB: 10}\n  image: {name: i, tag: t}\n").unwrap();
         assert!(both.into_descriptor().unwrap_err().contains("exactly one of batch and service"));
+    }
+
+    #[test]
+    fn a_security_profile_is_read_as_titus_spells_it() {
+        let text = "owner: {teamEmail: a@b.c}\napplicationName: x\ncontainer:\n  resources: {cpu: 1, memoryMB: 10}\n  image: {name: i, tag: t}\n  securityProfile:\n    iamRole: arn:aws:iam::123456789012:role/x\n    securityGroups: [sg-0123abcd]\n    allowImdsV1: true\nbatch: {size: 1}\n";
+        let d = parse(text).unwrap().into_descriptor().unwrap();
+        let p = d.container.unwrap().security_profile.unwrap();
+        assert_eq!(p.iam_role, "arn:aws:iam::123456789012:role/x");
+        assert_eq!(p.security_groups, vec!["sg-0123abcd".to_string()]);
+        assert!(p.allow_imds_v1);
+        let err = parse(&text.replace("iamRole", "iamRol")).unwrap_err();
+        assert!(err.contains("iamRol"), "{err}");
     }
 }

@@ -176,6 +176,8 @@ impl AgentHub {
             task_id: task.id.clone(),
             job_id: task.job_id.clone(),
             container: descriptor.container,
+            application_name: descriptor.application_name,
+            job_group_info: descriptor.job_group_info,
         }))
     }
 

@@ -329,6 +329,8 @@ pub struct AwsConfig {
     pub reconcile_interval_ms: u64,
     /// EC2 capacity of instance groups that have launch settings.
     pub capacity: CapacityTuning,
+    /// The VPC a job's security groups must be in (checked at submission); empty: any VPC.
+    pub vpc_id: String,
 }
 
 /// The capacity manager's timing and Titus's per-tier idle agent bounds.
@@ -405,6 +407,7 @@ impl Default for AwsConfig {
             max_drain_wait_ms: 120_000,
             reconcile_interval_ms: 60_000,
             capacity: CapacityTuning::default(),
+            vpc_id: String::new(),
         }
     }
 }

@@ -264,6 +264,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 JobManagementServiceServer::new(JobApi {
                     replica: replica.clone(),
                     max_job_bytes: config.jobs.max_job_bytes,
+                    aws: cloud.as_ref().map(|c| c.aws.clone()),
+                    vpc_id: cloud.as_ref().map(|c| c.config.vpc_id.clone()).filter(|v| !v.is_empty()),
                 })
                 .max_decoding_message_size(max),
             )

@@ -72,7 +72,7 @@ use std::collections::BTreeMap;
 
 use crate::job::{
     Capacity, Container, ContainerResources, DisruptionBudget, Image, Job, JobDescriptor, JobGroupInfo, JobState,
-    JobType, RetryPolicy, ServiceJobProcesses,
+    JobType, RetryPolicy, SecurityProfile, ServiceJobProcesses,
 };
 use crate::task::{Task, TaskState, TaskStatus};
 use crate::FieldViolation;
@@ -171,6 +171,15 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
             soft_constraints: c.soft_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
             hard_constraints: c.hard_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
             capabilities: c.capabilities,
+            security_profile: c
+                .security_profile
+                .map(|p| SecurityProfile {
+                    security_groups: p.security_groups,
+                    iam_role: p.iam_role,
+                    attributes: p.attributes.into_iter().collect(),
+                    allow_imds_v1: p.allow_imds_v1,
+                })
+                .unwrap_or_default(),
         },
         job_type,
         disruption_budget: budget,
@@ -237,6 +246,15 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
                 constraints: d.container.hard_constraints.clone().into_iter().collect(),
             }),
             capabilities: d.container.capabilities.clone(),
+            security_profile: {
+                let p = &d.container.security_profile;
+                (!p.is_empty()).then(|| pb::SecurityProfile {
+                    security_groups: p.security_groups.clone(),
+                    iam_role: p.iam_role.clone(),
+                    attributes: p.attributes.clone().into_iter().collect(),
+                    allow_imds_v1: p.allow_imds_v1,
+                })
+            },
         }),
         job_type: Some(job_type),
         disruption_budget: Some(pb::DisruptionBudget {

@@ -82,6 +82,106 @@ pub struct Container {
     /// read them unchanged).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// The job's AWS identity. Absent from records that have none (older replicas read them
+    /// unchanged).
+    #[serde(default, skip_serializing_if = "SecurityProfile::is_empty")]
+    pub security_profile: SecurityProfile,
+}
+
+/// Security groups per job: what one ENI takes in AWS (its default quota is 5, raisable to 16).
+pub const MAX_SECURITY_GROUPS: usize = 16;
+/// Attributes of a security profile.
+const MAX_PROFILE_ATTRIBUTES: usize = 32;
+
+/// What the code in the job's containers is in AWS (Titus's `SecurityProfile`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecurityProfile {
+    /// `sg-...` ids, each once; checked against EC2 at submission when AWS is configured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    /// An IAM role ARN whose credentials the agent serves to the job's containers; empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub iam_role: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// Instance metadata without an IMDSv2 session token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_imds_v1: bool,
+}
+
+impl SecurityProfile {
+    pub fn is_empty(&self) -> bool {
+        *self == SecurityProfile::default()
+    }
+
+    /// Every violation, fields named from `container.security_profile`.
+    pub fn validate(&self, bad: &mut impl FnMut(&str, String)) {
+        const FIELD: &str = "container.security_profile";
+        if self.security_groups.len() > MAX_SECURITY_GROUPS {
+            bad(&format!("{FIELD}.security_groups"), format!("must have at most {MAX_SECURITY_GROUPS} entries"));
+        }
+        for (i, sg) in self.security_groups.iter().enumerate() {
+            if !is_security_group_id(sg) {
+                bad(
+                    &format!("{FIELD}.security_groups[{i}]"),
+                    format!("{sg:?} is not a security group id (sg- and 8 or 17 lowercase hex digits)"),
+                );
+            } else if self.security_groups[..i].contains(sg) {
+                bad(&format!("{FIELD}.security_groups[{i}]"), format!("{sg} is named twice"));
+            }
+        }
+        if !self.iam_role.is_empty() {
+            if let Err(why) = check_role_arn(&self.iam_role) {
+                bad(&format!("{FIELD}.iam_role"), why);
+            }
+        }
+        if self.attributes.len() > MAX_PROFILE_ATTRIBUTES {
+            bad(&format!("{FIELD}.attributes"), format!("must have at most {MAX_PROFILE_ATTRIBUTES} entries"));
+        }
+        for (k, val) in &self.attributes {
+            if k.is_empty() || k.len() > MAX_NAME_LEN {
+                bad(&format!("{FIELD}.attributes[{k:?}]"), format!("key must be 1-{MAX_NAME_LEN} bytes"));
+            } else if val.len() > MAX_VALUE_LEN {
+                bad(&format!("{FIELD}.attributes.{k}"), format!("value must be at most {MAX_VALUE_LEN} bytes"));
+            }
+        }
+    }
+
+    /// The role's name: the ARN's last path segment.
+    pub fn role_name(&self) -> Option<&str> {
+        self.iam_role.rsplit('/').next().filter(|n| !n.is_empty() && !self.iam_role.is_empty())
+    }
+}
+
+/// `sg-` followed by 8 (older) or 17 lowercase hex digits.
+pub fn is_security_group_id(s: &str) -> bool {
+    s.strip_prefix("sg-").is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17) && hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// `arn:<partition>:iam::<12-digit account>:role/<path/>name`, as IAM spells a role ARN.
+pub fn check_role_arn(arn: &str) -> Result<(), String> {
+    const SHAPE: &str = "must be an IAM role ARN: arn:aws:iam::<12-digit account>:role/<name>";
+    if arn.len() > 2048 {
+        return Err("must be at most 2048 bytes".into());
+    }
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [prefix, partition, service, region, account, resource] = parts[..] else {
+        return Err(SHAPE.into());
+    };
+    let partition_ok = partition == "aws" || partition.starts_with("aws-");
+    let account_ok = account.len() == 12 && account.chars().all(|c| c.is_ascii_digit());
+    let Some(path) = resource.strip_prefix("role/") else { return Err(SHAPE.into()) };
+    let name = path.rsplit('/').next().unwrap_or("");
+    let chars_ok = path.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c));
+    if prefix != "arn" || !partition_ok || service != "iam" || !region.is_empty() || !account_ok || !chars_ok {
+        return Err(SHAPE.into());
+    }
+    if name.is_empty() || name.len() > 64 {
+        return Err("the role name (after the last '/') must be 1-64 characters".into());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +434,7 @@ impl JobDescriptor {
         for v in crate::validate_capabilities("container.capabilities", &c.capabilities) {
             bad(&v.field, v.description);
         }
+        c.security_profile.validate(&mut bad);
         for (k, val) in &c.env {
             let valid = !k.is_empty()
                 && k.len() <= MAX_NAME_LEN
@@ -590,6 +691,43 @@ mod tests {
         let (total, _, env) = d.encoded_size();
         assert!(total > env && env > 70 * MAX_VALUE_LEN, "{total} {env}");
         assert!(batch_descriptor(1).check_size(DEFAULT_MAX_JOB_BYTES).is_ok());
+    }
+
+    #[test]
+    fn security_profiles_name_the_field_they_refuse() {
+        let mut d = batch_descriptor(1);
+        d.container.security_profile = SecurityProfile {
+            security_groups: vec!["sg-0123abcd".into(), "sg-0123456789abcdef0".into()],
+            iam_role: "arn:aws:iam::123456789012:role/path/titus-app".into(),
+            ..Default::default()
+        };
+        assert_eq!(d.validate(), Ok(()));
+        assert_eq!(d.container.security_profile.role_name(), Some("titus-app"));
+        let cases: &[(&str, &[&str], &str)] = &[
+            ("", &["sg-XYZ"], "container.security_profile.security_groups[0]"),
+            ("", &["sg-0123abcd", "sg-0123abcd"], "container.security_profile.security_groups[1]"),
+            ("role/app", &[], "container.security_profile.iam_role"),
+            ("arn:aws:iam::12345:role/app", &[], "container.security_profile.iam_role"),
+            ("arn:aws:s3::123456789012:role/app", &[], "container.security_profile.iam_role"),
+            ("arn:aws:iam::123456789012:user/app", &[], "container.security_profile.iam_role"),
+            ("arn:aws:iam::123456789012:role/", &[], "container.security_profile.iam_role"),
+            ("arn:aws:iam::123456789012:role/a b", &[], "container.security_profile.iam_role"),
+        ];
+        for (role, sgs, field) in cases {
+            let mut d = batch_descriptor(1);
+            d.container.security_profile.iam_role = role.to_string();
+            d.container.security_profile.security_groups = sgs.iter().map(|s| s.to_string()).collect();
+            let v = d.validate().unwrap_err();
+            assert!(v.iter().any(|v| v.field == *field), "{role} {sgs:?}: {v:?}");
+        }
+        let mut d = batch_descriptor(1);
+        d.container.security_profile.security_groups =
+            (0..=MAX_SECURITY_GROUPS).map(|i| format!("sg-{i:08x}")).collect();
+        let v = d.validate().unwrap_err();
+        assert!(v.iter().any(|v| v.field == "container.security_profile.security_groups"), "{v:?}");
+        // A record without a profile reads as one with an empty profile, and writes none.
+        let json = serde_json::to_string(&batch_descriptor(1).container).unwrap();
+        assert!(!json.contains("security_profile"), "{json}");
     }
 
     #[test]

@@ -69,6 +69,29 @@ struct Args {
     /// An enroll token: obtains tls-cert/tls-key from the control plane when they do not exist.
     #[arg(long, env = "TITUS_ENROLL_TOKEN", hide_env_values = true)]
     enroll_token: Option<String>,
+    /// The AWS region STS is called in and tasks are told (aws.region).
+    #[arg(long)]
+    aws_region: Option<String>,
+    /// An AWS-compatible endpoint (a moto server) instead of AWS's own (aws.endpoint-url).
+    #[arg(long)]
+    aws_endpoint_url: Option<String>,
+    /// A role ARN, or an ARN prefix ending in '*', this agent may pass to tasks; repeatable
+    /// (aws.allowed-roles).
+    #[arg(long = "allow-role")]
+    allow_roles: Vec<String>,
+    /// How long each AssumeRole's credentials last, 900-43200 (aws.session-secs).
+    #[arg(long)]
+    role_session_secs: Option<u32>,
+    /// Credentials are assumed again this long before they expire (aws.refresh-before-secs).
+    #[arg(long)]
+    role_refresh_before_secs: Option<u32>,
+    /// The metadata proxy's port on the host; 0: any (aws.metadata-port).
+    #[arg(long)]
+    metadata_port: Option<u16>,
+    /// Leave routing 169.254.169.254 and 169.254.170.2 to the proxy to the host's operator
+    /// (aws.metadata-route = false).
+    #[arg(long)]
+    no_metadata_route: bool,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -98,10 +121,32 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             tls_key: None,
             enroll_token: None,
             forget_grace_secs: 10,
+            aws: Default::default(),
         },
     };
     if let Some(t) = args.enroll_token {
         c.enroll_token = Some(t);
+    }
+    if let Some(v) = args.aws_region {
+        c.aws.region = v;
+    }
+    if let Some(v) = args.aws_endpoint_url {
+        c.aws.endpoint_url = v;
+    }
+    if !args.allow_roles.is_empty() {
+        c.aws.allowed_roles = args.allow_roles;
+    }
+    if let Some(v) = args.role_session_secs {
+        c.aws.session_secs = v;
+    }
+    if let Some(v) = args.role_refresh_before_secs {
+        c.aws.refresh_before_secs = v;
+    }
+    if let Some(v) = args.metadata_port {
+        c.aws.metadata_port = v;
+    }
+    if args.no_metadata_route {
+        c.aws.metadata_route = false;
     }
     if args.insecure {
         c.insecure = true;

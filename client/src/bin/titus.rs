@@ -231,7 +231,7 @@ enum JobCmd {
     /// the command after `--`; prints its id.
     Submit {
         /// Job spec file (YAML or JSON, Titus's field names).
-        #[arg(long, short = 'f', conflicts_with_all = ["app", "image"])]
+        #[arg(long, short = 'f', conflicts_with_all = ["app", "image", "iam_role", "security_groups"])]
         file: Option<std::path::PathBuf>,
         /// Show the tasks' states as they move, until they are Started (service) or Finished (batch).
         #[arg(long)]
@@ -262,6 +262,13 @@ enum JobCmd {
         /// Retries of a failed batch task.
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// IAM role ARN whose credentials the containers get (container credentials endpoint and
+        /// instance metadata).
+        #[arg(long)]
+        iam_role: Option<String>,
+        /// Security group id (sg-...) of the job's tasks; repeatable.
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -1094,6 +1101,8 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
             max,
             capacity_group,
             retries,
+            iam_role,
+            security_groups,
             command,
         } => {
             let descriptor = match file {
@@ -1136,6 +1145,13 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
                             resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
                             image: Some(pb::Image { name, tag, digest: String::new() }),
                             command,
+                            security_profile: (iam_role.is_some() || !security_groups.is_empty()).then(|| {
+                                pb::SecurityProfile {
+                                    iam_role: iam_role.unwrap_or_default(),
+                                    security_groups,
+                                    ..Default::default()
+                                }
+                            }),
                             ..Default::default()
                         }),
                         job_type: Some(job_type),

@@ -43,6 +43,11 @@ pub struct JobApi {
     pub replica: Arc<Replica>,
     /// `jobs.max-job-bytes`: the largest job descriptor accepted, encoded.
     pub max_job_bytes: usize,
+    /// Where a job's security groups are checked; None: AWS is not configured on this replica,
+    /// and only their form is.
+    pub aws: Option<titus_aws::Aws>,
+    /// `aws.vpc-id`: the VPC those groups must be in; None: any.
+    pub vpc_id: Option<String>,
 }
 
 pub use crate::clock::now_ms;
@@ -59,6 +64,36 @@ fn not_found(field: &str, what: &str, id: &str) -> Status {
 }
 
 impl JobApi {
+    /// Refuses security groups EC2 does not know (in `aws.vpc-id` when set), naming each. Without
+    /// AWS configured, their form alone was checked with the descriptor.
+    async fn check_security_groups(&self, groups: &[String]) -> std::result::Result<(), Status> {
+        let Some(aws) = self.aws.as_ref().filter(|_| !groups.is_empty()) else { return Ok(()) };
+        let missing = match aws.missing_security_groups(groups, self.vpc_id.as_deref()).await {
+            Ok(missing) => missing,
+            Err(e @ titus_aws::AwsError::Transient(_)) => {
+                return Err(Status::unavailable(format!("checking the security groups with EC2: {e}")))
+            }
+            Err(e) => return Err(Status::failed_precondition(format!("checking the security groups with EC2: {e}"))),
+        };
+        let violations: Vec<crate::model::FieldViolation> = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| missing.contains(g))
+            .map(|(i, g)| {
+                let place = self.vpc_id.as_deref().map(|v| format!(" in VPC {v}")).unwrap_or_default();
+                crate::model::FieldViolation::new(
+                    format!("container.security_profile.security_groups[{i}]"),
+                    format!("security group {g} does not exist{place}"),
+                )
+            })
+            .collect();
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::model::Invalid(violations).into())
+        }
+    }
+
     /// Proposes a user's command. When the caller names its call (`x-request-id`, sent alike on
     /// every attempt by the SDK), the command is applied at most once for that call.
     async fn propose<T: prost::Message>(&self, request: &Request<T>, command: Command) -> Result<CommandResponse> {
@@ -281,6 +316,7 @@ impl JobManagementService for JobApi {
         descriptor.check_size(self.max_job_bytes).map_err(Error::InvalidArgument)?;
         crate::auth::note_target(&request, format!("application {}", descriptor.application_name));
         crate::auth::may_change_job(&crate::auth::caller(&request), "", &descriptor)?;
+        self.check_security_groups(&descriptor.container.security_profile.security_groups).await?;
         let token = Some(request.get_ref().idempotency_token.clone()).filter(|t| !t.is_empty());
         if token.as_ref().is_some_and(|t| t.len() > 256) {
             return Err(Error::invalid("idempotency_token", "must be at most 256 characters").into());

@@ -529,6 +529,16 @@ pub fn remove_agent_leftovers(agent_id: &str) {
             let _ = Command::new("docker").args(remove).args(&ids).stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
     }
+    // Its metadata routes (iptables nat rules commented `titus-metadata:<agent id>`), left when
+    // the agent was killed before its networks went.
+    let Ok(out) = Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output() else { return };
+    let comment = format!("titus-metadata:{agent_id}");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let words: Vec<&str> = line.split_whitespace().map(|w| w.trim_matches('"')).collect();
+        if words.first() == Some(&"-A") && words.contains(&comment.as_str()) {
+            let _ = Command::new("iptables").args(["-w", "-t", "nat", "-D"]).args(&words[1..]).status();
+        }
+    }
 }
 
 /// Builds the local test image (idempotent).
