@@ -372,7 +372,7 @@ impl DockerRuntime {
         }
         step("image checked");
         let r = container.resources.unwrap_or_default();
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_TASK.to_string(), task_id.clone()),
             (LABEL_JOB.to_string(), assign.job_id.clone()),
             (LABEL_AGENT.to_string(), self.agent_id.clone()),
@@ -412,7 +412,6 @@ impl DockerRuntime {
             auth_token: auth_token.as_deref(),
             host_instance_id: &self.host_instance_id,
         });
-        let mut labels = labels;
         labels.insert(LABEL_APP.to_string(), assign.application_name.clone());
         if !profile.iam_role.is_empty() {
             labels.insert(LABEL_ROLE.to_string(), profile.iam_role.clone());

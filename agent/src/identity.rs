@@ -411,6 +411,32 @@ mod tests {
         assert_eq!(cluster_name("app", "", ""), "app");
     }
 
+    #[tokio::test]
+    async fn a_role_that_cannot_be_had_is_refused_with_the_reason() {
+        // Nothing listens on port 1: STS does not answer.
+        let config = AwsIdentityConfig {
+            region: "us-east-1".into(),
+            endpoint_url: "http://127.0.0.1:1".into(),
+            allowed_roles: vec!["arn:aws:iam::123456789012:role/titus-*".into()],
+            ..Default::default()
+        };
+        let ids = Identities::new(&config, &BTreeMap::new()).await;
+        let ip = Ipv4Addr::new(172, 29, 0, 2);
+        let admit = |role: &'static str| {
+            let ids = ids.clone();
+            async move { ids.admit("t", "j", ip, Some(role), false, "tok".into()).await.err().map(|r| r.0) }
+        };
+        let why = admit("arn:aws:iam::123456789012:role/admin").await.expect("refused");
+        assert!(why.contains("not in its aws.allowed-roles"), "{why}");
+        let why = admit("arn:aws:iam::123456789012:role/titus-web").await.expect("refused");
+        assert!(why.contains("STS did not answer"), "{why}");
+        assert!(ids.get(ip).is_none(), "a refused task is not served");
+        // Without a region there is no STS to ask.
+        let ids = Identities::new(&AwsIdentityConfig { region: String::new(), ..config }, &BTreeMap::new()).await;
+        let why = ids.admit("t", "j", ip, Some("arn:aws:iam::123456789012:role/titus-web"), false, "tok".into());
+        assert!(why.await.err().expect("refused").0.contains("no AWS region"));
+    }
+
     #[test]
     fn regions_sessions_and_tokens() {
         assert_eq!(region_of_zone("us-east-1a"), "us-east-1");

@@ -704,7 +704,9 @@ async fn in_container(task_id: &str, script: &str) -> Result<String, String> {
     }
 }
 
-/// One raw HTTP/1.0 request from the container with busybox nc: (status, body).
+/// One HTTP request from the container with busybox: (status, body). A GET goes through `wget`
+/// (which says the status of a refusal on stderr), a PUT — which busybox wget cannot make — as raw
+/// HTTP/1.0 through `nc`, its input held open until the answer is in.
 async fn http_in_container(
     task_id: &str,
     address: &str,
@@ -712,12 +714,23 @@ async fn http_in_container(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    if method == "GET" {
+        let headers: String = headers.iter().map(|(k, v)| format!(" --header '{k}: {v}'")).collect();
+        return match in_container(task_id, &format!("wget -q -O -{headers} http://{address}{path}")).await {
+            Ok(body) => (200, body),
+            Err(e) => {
+                let status = e.split("HTTP/1.").nth(1).and_then(|rest| rest.split_whitespace().nth(1));
+                (status.and_then(|s| s.parse().ok()).unwrap_or(0), e)
+            }
+        };
+    }
     let mut request = format!("{method} {path} HTTP/1.0\\r\\n");
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\\r\\n"));
     }
     request.push_str("\\r\\n");
-    let raw = in_container(task_id, &format!("printf '{request}' | nc {address} 80")).await.unwrap_or_else(|e| e);
+    let raw =
+        in_container(task_id, &format!("(printf '{request}'; sleep 3) | nc {address} 80")).await.unwrap_or_else(|e| e);
     let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
@@ -914,4 +927,19 @@ async fn t490_each_task_gets_its_own_roles_credentials_and_metadata_and_nobody_e
     assert_eq!(caller_arn(&moto, &after).await, a_arn);
     let still = containers_of(&agent).into_iter().find(|c| c.1 == a.id).expect("a's container").3;
     assert_eq!(still, started_at, "a's container was not restarted");
+
+    // Nor does an agent restart (SIGKILL): the new process routes the addresses to its new port and
+    // knows the running container again by its labels, environment and address.
+    cluster.kill_agent(&agent);
+    cluster.restart_agent(&agent);
+    let again = wait_until(SETTLE, "a's credentials served by the restarted agent", || async {
+        Some(keys(&in_container(&a.id, fetch).await.ok()?))
+    })
+    .await;
+    assert_eq!(caller_arn(&moto, &again).await, a_arn);
+    let (status, body) =
+        http_in_container(&b.id, "169.254.170.2", "GET", "/v1/credentials", &[("Authorization", &a_token)]).await;
+    assert_eq!(status, 403, "b with a's token, after the restart: {body}");
+    let still = containers_of(&agent).into_iter().find(|c| c.1 == a.id).expect("a's container").3;
+    assert_eq!(still, started_at, "a's container was not restarted by the agent's restart");
 }
