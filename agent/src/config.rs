@@ -130,13 +130,8 @@ impl AwsIdentityConfig {
         if self.refresh_before_secs == 0 || self.refresh_before_secs >= self.session_secs {
             return Err(Error::Config("aws.refresh-before-secs: must be > 0 and below aws.session-secs".into()));
         }
-        let scheme_ok = self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://");
-        if !self.endpoint_url.is_empty() && !scheme_ok {
-            return Err(Error::Config(format!(
-                "aws.endpoint-url: {:?} must start with http:// or https://",
-                self.endpoint_url
-            )));
-        }
+        titus_aws::check_endpoint_url(&self.endpoint_url)
+            .map_err(|e| Error::Config(format!("aws.endpoint-url: {e}")))?;
         for (i, role) in self.allowed_roles.iter().enumerate() {
             let exact = !role.ends_with('*');
             if role.is_empty() || role.len() > 2048 || (exact && !looks_like_role_arn(role)) {

@@ -23,6 +23,15 @@ mod sts;
 pub use limiter::RateLimiter;
 pub use sts::{RoleCredentials, Sts};
 
+/// An endpoint URL (empty: AWS's own) must be http:// or https://.
+pub fn check_endpoint_url(url: &str) -> Result<(), String> {
+    if url.is_empty() || url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!("{url:?} must start with http:// or https://"))
+    }
+}
+
 /// The SDK configuration every client here is built from: region, endpoint, retries and timeouts.
 async fn shared_config(settings: &AwsSettings) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())

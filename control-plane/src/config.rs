@@ -427,13 +427,8 @@ impl AwsConfig {
         if self.region.is_empty() {
             return Err(Error::Config("aws.region: must not be empty".into()));
         }
-        let scheme_ok = self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://");
-        if !self.endpoint_url.is_empty() && !scheme_ok {
-            return Err(Error::Config(format!(
-                "aws.endpoint-url: {:?} must start with http:// or https://",
-                self.endpoint_url
-            )));
-        }
+        titus_aws::check_endpoint_url(&self.endpoint_url)
+            .map_err(|e| Error::Config(format!("aws.endpoint-url: {e}")))?;
         if self.max_attempts == 0 {
             return Err(Error::Config("aws.max-attempts: must be > 0".into()));
         }
