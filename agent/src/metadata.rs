@@ -4,7 +4,9 @@
 //!
 //! Both are routed to this one listener on the host ([`crate::routes`]). A request is answered for
 //! the task whose container holds its source address, and for no other: a container can never read
-//! another task's credentials, whatever token it sends. An address no task holds gets 403.
+//! another task's credentials, whatever token it sends. An address no task holds gets 403, and so
+//! does a connection that did not arrive at its job network's gateway (one from another host,
+//! whatever source address it claims).
 //!
 //! Requests are small and bounded (hyper's HTTP/1.1, one header block of at most 16 KiB, 10 s to
 //! send it); every answer carries `Connection: close` unless the client keeps it alive.
@@ -43,13 +45,15 @@ pub async fn serve(identities: Arc<Identities>, port: u16) -> std::io::Result<u1
                 }
             };
             let identities = identities.clone();
+            let local = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let identities = identities.clone();
                     async move {
                         let header =
                             |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-                        Ok::<_, Infallible>(answer(&identities, peer.ip(), req.method(), req.uri().path(), &header))
+                        let (source, method, path) = (peer.ip(), req.method(), req.uri().path());
+                        Ok::<_, Infallible>(answer(&identities, source, local, method, path, &header))
                     }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -87,17 +91,20 @@ fn json(value: serde_json::Value) -> Response<Full<Bytes>> {
 fn answer(
     identities: &Identities,
     source: IpAddr,
+    local: IpAddr,
     method: &Method,
     path: &str,
     header: &dyn Fn(&str) -> Option<String>,
 ) -> Response<Full<Bytes>> {
-    let source = match source {
-        IpAddr::V4(v4) => v4,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4,
-            None => return text(StatusCode::FORBIDDEN, "not a task's address\n"),
-        },
+    let (Some(source), Some(local)) = (v4(source), v4(local)) else {
+        return text(StatusCode::FORBIDDEN, "not a task's address\n");
     };
+    // A job network is a /24 whose gateway (this host's end) is where its containers' requests
+    // arrive, routed or not.
+    if source.octets()[..3] != local.octets()[..3] {
+        tracing::warn!(%source, %local, path, "metadata request that did not come in from a job network");
+        return text(StatusCode::FORBIDDEN, "not from a job network\n");
+    }
     let Some(task) = identities.get(source) else {
         tracing::debug!(%source, path, "metadata request from an address no task holds");
         return text(StatusCode::FORBIDDEN, "not a task's address\n");
@@ -143,6 +150,13 @@ fn answer(
         }
     }
     instance_metadata(identities, &task, path)
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    }
 }
 
 /// ECS's container credentials answer, for the task whose token comes with the request.
@@ -244,6 +258,8 @@ mod tests {
     use super::*;
     use crate::config::AwsIdentityConfig;
 
+    const GATEWAY: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 29, 0, 1));
+
     async fn identities() -> Arc<Identities> {
         let attributes = [("zone".to_string(), "us-east-1b".to_string())].into();
         let ids = Identities::new(&AwsIdentityConfig::default(), &attributes).await;
@@ -260,9 +276,19 @@ mod tests {
         let ids = identities().await;
         let status = |last, method, path: &str, headers: &[(&str, &str)]| {
             let header = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
-            answer(&ids, IpAddr::V4(Ipv4Addr::new(172, 29, 0, last)), &method, path, &header).status().as_u16()
+            answer(&ids, IpAddr::V4(Ipv4Addr::new(172, 29, 0, last)), GATEWAY, &method, path, &header).status().as_u16()
         };
         assert_eq!(status(9, Method::GET, "/latest/meta-data/instance-id", &[]), 403, "no task at .9");
+        let header = |_: &str| None;
+        let from_outside = answer(
+            &ids,
+            IpAddr::V4(Ipv4Addr::new(172, 29, 0, 3)),
+            "10.0.0.5".parse().unwrap(),
+            &Method::GET,
+            "/latest/meta-data/instance-id",
+            &header,
+        );
+        assert_eq!(from_outside.status(), 403, "t-b's address, arriving at another interface");
         assert_eq!(status(2, Method::GET, "/latest/meta-data/instance-id", &[]), 401, "v1 refused");
         assert_eq!(status(3, Method::GET, "/latest/meta-data/instance-id", &[]), 200, "v1 allowed for t-b");
         assert_eq!(status(2, Method::PUT, "/latest/api/token", &[]), 400, "a TTL is required");
@@ -270,7 +296,8 @@ mod tests {
         let forwarded = [(TTL_HEADER, "60"), ("x-forwarded-for", "1.2.3.4")];
         assert_eq!(status(2, Method::PUT, "/latest/api/token", &forwarded), 403);
         let header = |name: &str| (name == TTL_HEADER).then(|| "60".to_string());
-        let r = answer(&ids, IpAddr::V4(Ipv4Addr::new(172, 29, 0, 2)), &Method::PUT, "/latest/api/token", &header);
+        let r =
+            answer(&ids, IpAddr::V4(Ipv4Addr::new(172, 29, 0, 2)), GATEWAY, &Method::PUT, "/latest/api/token", &header);
         assert_eq!(r.status(), 200);
         let token = body(r).await;
         let with = [(TOKEN_HEADER, token.as_str())];
@@ -284,7 +311,8 @@ mod tests {
             let token = token.clone();
             async move {
                 let header = move |name: &str| (name == TOKEN_HEADER).then(|| token.clone());
-                body(answer(&ids, IpAddr::V4(Ipv4Addr::new(172, 29, 0, last)), &Method::GET, path, &header)).await
+                body(answer(&ids, IpAddr::V4(Ipv4Addr::new(172, 29, 0, last)), GATEWAY, &Method::GET, path, &header))
+                    .await
             }
         };
         assert_eq!(get(2, "/latest/meta-data/instance-id").await, "t-a");
