@@ -129,6 +129,9 @@ pub mod context {
     pub const ORIGINAL_ID: &str = "originalId";
     /// The container's exit code, from its agent.
     pub const EXIT_CODE: &str = "exitCode";
+    /// How many quick crashes in a row came before this task in its lineage (a service task's
+    /// crash-loop back-off); absent: none.
+    pub const CRASH_LOOP_COUNT: &str = "crashLoopCount";
     /// The keys an agent may set in a task's context (the others are the control plane's: an
     /// agent that rewrote `agent` or `instanceId` could hold resources forever or mislead capacity).
     pub const AGENT_MAY_SET: [&str; 2] = [CONTAINER_IP, EXIT_CODE];

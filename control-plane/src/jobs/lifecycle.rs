@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::command::Command;
 use crate::error::Result;
 use crate::model::agent::Lifecycle;
-use crate::model::job::{Job, JobState, JobType};
+use crate::model::job::{Job, JobState, JobType, RetryPolicy};
 use crate::model::task::{context, reason, Task, TaskState, TaskStatus};
 use crate::state::{agent_of, StateRead};
 
@@ -55,6 +55,49 @@ fn update(task: &Task, status: TaskStatus) -> Command {
     }
 }
 
+/// A service task that crashed (its container failed) after running less than this is part of a
+/// crash loop; one that ran this long resets the count (kubelet's 10 minutes).
+pub const CLEAN_RUN_MS: i64 = 10 * 60_000;
+/// The crash-loop back-off of a service under the default (Immediate) retry policy: 10 s after the
+/// first quick crash, doubling to at most 5 minutes (kubelet's CrashLoopBackOff).
+pub const CRASH_LOOP_FIRST_DELAY_MS: u64 = 10_000;
+pub const CRASH_LOOP_MAX_DELAY_MS: u64 = 300_000;
+
+/// How many quick crashes in a row end with `task` (0 when it did not crash, or ran cleanly
+/// before it did): its lineage's count so far, carried in its context, plus itself.
+pub fn crash_loop_count(task: &Task) -> u32 {
+    let crashed = matches!(task.status.reason_code.as_str(), reason::FAILED | reason::CRASHED);
+    if task.state() != TaskState::Finished || !crashed {
+        return 0;
+    }
+    let ran_ms = task.entered(TaskState::Started).map(|s| task.status.timestamp_ms.saturating_sub(s)).unwrap_or(0);
+    if ran_ms >= CLEAN_RUN_MS {
+        return 0;
+    }
+    let before: u32 = task.context.get(context::CRASH_LOOP_COUNT).and_then(|c| c.parse().ok()).unwrap_or(0);
+    before.saturating_add(1)
+}
+
+/// The crash-loop back-off after `count` quick crashes in a row.
+pub fn crash_loop_delay_ms(count: u32) -> u64 {
+    if count == 0 {
+        return 0;
+    }
+    let shift = (count - 1).min(16);
+    CRASH_LOOP_FIRST_DELAY_MS.saturating_mul(1 << shift).min(CRASH_LOOP_MAX_DELAY_MS)
+}
+
+/// How long a service's replacement of `failed` waits after it finished: what the job's retry
+/// policy says and, under the default Immediate policy, at least the crash-loop back-off (an
+/// explicit Delayed or ExponentialBackOff policy is taken as given).
+fn service_replacement_delay_ms(policy: &RetryPolicy, failed: &Task) -> u64 {
+    let by_policy = policy.delay_ms(failed.counted_retries().saturating_add(1));
+    match policy {
+        RetryPolicy::Immediate { .. } => by_policy.max(crash_loop_delay_ms(crash_loop_count(failed))),
+        _ => by_policy,
+    }
+}
+
 /// A new task at `index`, replacing `previous` when there is one.
 fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &mut dyn FnMut() -> String) -> Task {
     let id = new_id();
@@ -75,6 +118,10 @@ fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &m
     ctx.insert(context::ORIGINAL_ID.to_string(), original_id.clone());
     if let Some(r) = &resubmit_of {
         ctx.insert(context::RESUBMIT_OF.to_string(), r.clone());
+    }
+    let crashes = previous.filter(|_| !job.descriptor.is_batch()).map(crash_loop_count).unwrap_or(0);
+    if crashes > 0 {
+        ctx.insert(context::CRASH_LOOP_COUNT.to_string(), crashes.to_string());
     }
     Task {
         id,
@@ -249,11 +296,7 @@ pub fn plan_job(
                         reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
                     });
                     let ready = newest_failure.is_none_or(|t| {
-                        elapsed(
-                            t.status.timestamp_ms,
-                            retry_policy.delay_ms(t.counted_retries().saturating_add(1)),
-                            now,
-                        )
+                        elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now)
                     });
                     if ready {
                         // Indexes of every live task, those being killed included, are taken.

@@ -148,6 +148,9 @@ proptest! {
                 _ => {}
             }
             sim.settle();
+            // Crashed tasks are replaced once the crash-loop back-off has passed.
+            sim.now += crate::jobs::lifecycle::CRASH_LOOP_MAX_DELAY_MS as i64;
+            sim.settle();
             let desired = sim.store.job(&job).unwrap().unwrap().descriptor.wanted_tasks() as usize;
             let live = sim.live(&job);
             prop_assert_eq!(live.len(), desired);
@@ -557,4 +560,65 @@ fn an_instance_is_bound_to_the_agent_that_registered_on_it_first() {
     assert!(register(&mut sim, "a3", "i-1").is_err());
     assert!(register(&mut sim, "a3", "i-2").is_err());
     register(&mut sim, "a3", "i-3").unwrap();
+}
+
+#[test]
+fn a_crash_looping_service_backs_off_and_a_clean_run_resets_it() {
+    use crate::jobs::lifecycle::{CLEAN_RUN_MS, CRASH_LOOP_FIRST_DELAY_MS, CRASH_LOOP_MAX_DELAY_MS};
+    let mut sim = Sim::new();
+    let job = sim.create(service_descriptor(1, 1, 1));
+    sim.settle();
+    // Runs `ran_ms` then fails; returns how long its replacement waited (by the second).
+    let crash = |sim: &mut Sim, ran_ms: i64| -> i64 {
+        let t = sim.live(&job).pop().expect("a live task");
+        sim.report(&t.id, TaskState::Launched, "");
+        sim.report(&t.id, TaskState::Started, "");
+        sim.now += ran_ms;
+        sim.report(&t.id, TaskState::Finished, reason::FAILED);
+        let failed_at = sim.now;
+        for _ in 0..=CRASH_LOOP_MAX_DELAY_MS / 1000 {
+            sim.settle();
+            if !sim.live(&job).is_empty() {
+                return sim.now - failed_at;
+            }
+            sim.now += 1000;
+        }
+        panic!("never replaced");
+    };
+    let first = CRASH_LOOP_FIRST_DELAY_MS as i64;
+    assert_eq!(crash(&mut sim, 1000), first, "the first quick crash waits 10 s");
+    assert_eq!(crash(&mut sim, 1000), 2 * first, "the second 20 s");
+    assert_eq!(crash(&mut sim, 1000), 4 * first);
+    for _ in 0..6 {
+        crash(&mut sim, 1000);
+    }
+    assert_eq!(crash(&mut sim, 1000), CRASH_LOOP_MAX_DELAY_MS as i64, "at most 5 minutes");
+    let t = sim.live(&job).pop().unwrap();
+    assert_eq!(t.context.get("crashLoopCount").map(String::as_str), Some("10"), "the count is shown on the task");
+    assert_eq!(crash(&mut sim, CLEAN_RUN_MS), 0, "a crash after a clean run is replaced at once");
+    assert!(!sim.live(&job).pop().unwrap().context.contains_key("crashLoopCount"));
+    assert_eq!(crash(&mut sim, 1000), first, "and the back-off starts again");
+
+    // A kill is not a crash, and an explicit policy is taken as given.
+    let t = sim.live(&job).pop().unwrap();
+    sim.run(Command::KillTask {
+        task_id: t.id.clone(),
+        shrink: false,
+        prevent_min_size_update: false,
+        timestamp_ms: sim.now,
+    });
+    sim.report(&t.id, TaskState::Finished, reason::KILLED);
+    sim.settle();
+    assert_eq!(sim.live(&job).len(), 1, "a killed task is replaced at once");
+    let mut sim = Sim::new();
+    let mut d = service_descriptor(1, 1, 1);
+    if let crate::model::job::JobType::Service { retry_policy, .. } = &mut d.job_type {
+        *retry_policy = RetryPolicy::Delayed { initial_delay_ms: 0, delay_ms: 0, retries: 0 };
+    }
+    let job = sim.create(d);
+    sim.settle();
+    let t = sim.live(&job).pop().unwrap();
+    sim.report(&t.id, TaskState::Finished, reason::FAILED);
+    sim.settle();
+    assert_eq!(sim.live(&job).len(), 1, "Delayed 0: replaced at once");
 }
