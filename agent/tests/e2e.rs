@@ -1,6 +1,7 @@
 //! The agent end to end: real replicas, real agents, the real Docker daemon and the local test
 //! image. t200 batch failures and kills, t210 a service across two agents, t220 a leader kill
-//! under running containers, t230 an agent restart, t240 an agent gone past its TTL.
+//! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t280 a
+//! crash-looping service backing off.
 
 #[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
@@ -493,4 +494,26 @@ async fn t270_containers_are_confined_by_default_and_jobs_cannot_reach_each_othe
     wait_until(SETTLE, "the killed job's network removed", || async { (!network_exists(&network)).then_some(()) })
         .await;
     assert!(network_exists(&format!("titus-{a}-{web}")), "a live job's network was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t280_a_crash_looping_service_backs_off() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let _agent = c.start_agent("a280", 4.0, 4096);
+    let client = c.client();
+    let t0 = Instant::now();
+    let job_id = client.create_job(job("crashes", container(&["false"], 0.1, 32), service(1, 1))).await.unwrap();
+    // Its container exits 1 at once, every time. The first crash is replaced at once; the task
+    // after the second waits out 10 s of back-off and carries the count.
+    let third = wait_until(Duration::from_secs(60), "the replacement after two crashes in a row", || async {
+        let tasks = tasks_in(&client, &job_id, "Accepted,Launched,StartInitiated,Started,Finished").await;
+        tasks.into_iter().find(|t| t.task_context.get("crashLoopCount").map(String::as_str) == Some("2"))
+    })
+    .await;
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(10), "two crashes in a row were replaced after {waited:?}, before 10 s");
+    assert_eq!(third.resubmit_number, 2, "no other replacement was made meanwhile: {third:?}");
+    eprintln!("third task created {waited:?} after the job");
 }

@@ -1032,11 +1032,17 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
     for t in tasks {
         let s = t.status.clone().unwrap_or_default();
         let ctx = |k: &str| t.task_context.get(k).cloned().unwrap_or_default();
-        let reason = if s.reason_message.is_empty() {
+        let mut reason = if s.reason_message.is_empty() {
             s.reason_code.clone()
         } else {
             format!("{}: {}", s.reason_code, s.reason_message)
         };
+        let crashes = ctx("crashLoopCount");
+        if !crashes.is_empty() {
+            reason = format!("{reason} (crash-looping: {crashes} quick crashes in a row before it)")
+                .trim_start()
+                .to_string();
+        }
         println!(
             "{:<38} {:>5} {:<15} {:<22} {:<16} {}",
             t.id,

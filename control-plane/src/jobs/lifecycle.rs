@@ -58,8 +58,9 @@ fn update(task: &Task, status: TaskStatus) -> Command {
 /// A service task that crashed (its container failed) after running less than this is part of a
 /// crash loop; one that ran this long resets the count (kubelet's 10 minutes).
 pub const CLEAN_RUN_MS: i64 = 10 * 60_000;
-/// The crash-loop back-off of a service under the default (Immediate) retry policy: 10 s after the
-/// first quick crash, doubling to at most 5 minutes (kubelet's CrashLoopBackOff).
+/// The crash-loop back-off of a service under the default (Immediate) retry policy: none after a
+/// first quick crash (one container lost is replaced at once), 10 s after the second in a row,
+/// doubling to at most 5 minutes (kubelet's CrashLoopBackOff).
 pub const CRASH_LOOP_FIRST_DELAY_MS: u64 = 10_000;
 pub const CRASH_LOOP_MAX_DELAY_MS: u64 = 300_000;
 
@@ -80,10 +81,10 @@ pub fn crash_loop_count(task: &Task) -> u32 {
 
 /// The crash-loop back-off after `count` quick crashes in a row.
 pub fn crash_loop_delay_ms(count: u32) -> u64 {
-    if count == 0 {
+    if count <= 1 {
         return 0;
     }
-    let shift = (count - 1).min(16);
+    let shift = (count - 2).min(16);
     CRASH_LOOP_FIRST_DELAY_MS.saturating_mul(1 << shift).min(CRASH_LOOP_MAX_DELAY_MS)
 }
 

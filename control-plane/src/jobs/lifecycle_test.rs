@@ -586,10 +586,11 @@ fn a_crash_looping_service_backs_off_and_a_clean_run_resets_it() {
         panic!("never replaced");
     };
     let first = CRASH_LOOP_FIRST_DELAY_MS as i64;
-    assert_eq!(crash(&mut sim, 1000), first, "the first quick crash waits 10 s");
-    assert_eq!(crash(&mut sim, 1000), 2 * first, "the second 20 s");
+    assert_eq!(crash(&mut sim, 1000), 0, "one quick crash is replaced at once");
+    assert_eq!(crash(&mut sim, 1000), first, "the second in a row waits 10 s");
+    assert_eq!(crash(&mut sim, 1000), 2 * first, "the third 20 s");
     assert_eq!(crash(&mut sim, 1000), 4 * first);
-    for _ in 0..6 {
+    for _ in 0..5 {
         crash(&mut sim, 1000);
     }
     assert_eq!(crash(&mut sim, 1000), CRASH_LOOP_MAX_DELAY_MS as i64, "at most 5 minutes");
@@ -597,7 +598,8 @@ fn a_crash_looping_service_backs_off_and_a_clean_run_resets_it() {
     assert_eq!(t.context.get("crashLoopCount").map(String::as_str), Some("10"), "the count is shown on the task");
     assert_eq!(crash(&mut sim, CLEAN_RUN_MS), 0, "a crash after a clean run is replaced at once");
     assert!(!sim.live(&job).pop().unwrap().context.contains_key("crashLoopCount"));
-    assert_eq!(crash(&mut sim, 1000), first, "and the back-off starts again");
+    assert_eq!(crash(&mut sim, 1000), 0, "and the back-off starts again");
+    assert_eq!(crash(&mut sim, 1000), first);
 
     // A kill is not a crash, and an explicit policy is taken as given.
     let t = sim.live(&job).pop().unwrap();
