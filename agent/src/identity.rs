@@ -205,7 +205,10 @@ async fn refresh(identities: Arc<Identities>, identity: Weak<TaskIdentity>) {
     loop {
         let Some(id) = identity.upgrade() else { return };
         let expires = id.credentials.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|c| c.0.expiration_ms);
-        let wait_ms = expires.map(|e| e - before - now_ms()).unwrap_or(0).max(0);
+        // At least the retry interval between two calls, whatever STS said: credentials shorter
+        // than refresh-before-secs (a role whose maximum session is shorter) must not make a loop
+        // of AssumeRole calls.
+        let wait_ms = expires.map(|e| e - before - now_ms()).unwrap_or(0).max(REFRESH_RETRY.as_millis() as i64);
         drop(id);
         tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
         let Some(id) = identity.upgrade() else { return };
@@ -263,7 +266,8 @@ pub fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -8,9 +8,10 @@
 //! does a connection that did not arrive at its job network's gateway (one from another host,
 //! whatever source address it claims).
 //!
-//! Requests are small and bounded (hyper's HTTP/1.1, one header block of at most 16 KiB, 10 s to
-//! send it); every answer carries `Connection: close` unless the client keeps it alive.
+//! Requests are small and bounded: hyper's HTTP/1.1, one request per connection, a header block of
+//! at most 16 KiB sent within 10 s, and at most 32 connections open per source address.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,8 +23,10 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::identity::{Identities, TaskIdentity, CREDENTIALS_PATH};
+use crate::identity::{constant_time_eq, Identities, TaskIdentity, CREDENTIALS_PATH};
 
+/// Connections one source address may hold open at once; more are closed at accept.
+const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 /// The longest IMDSv2 session token TTL (EC2's).
 const MAX_SESSION_TTL_SECS: u64 = 21_600;
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -34,6 +37,7 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub async fn serve(identities: Arc<Identities>, port: u16) -> std::io::Result<u16> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).await?;
     let port = listener.local_addr()?.port();
+    let open: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -44,9 +48,14 @@ pub async fn serve(identities: Arc<Identities>, port: u16) -> std::io::Result<u1
                     continue;
                 }
             };
+            let Some(slot) = ConnectionSlot::take(&open, peer.ip()) else {
+                tracing::warn!(%peer, "metadata proxy: too many connections from one address; closed");
+                continue;
+            };
             let identities = identities.clone();
             let local = stream.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let identities = identities.clone();
                     async move {
@@ -58,6 +67,7 @@ pub async fn serve(identities: Arc<Identities>, port: u16) -> std::io::Result<u1
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
+                    .keep_alive(false)
                     .header_read_timeout(Duration::from_secs(10))
                     .max_buf_size(16 * 1024)
                     .serve_connection(TokioIo::new(stream), service);
@@ -68,6 +78,36 @@ pub async fn serve(identities: Arc<Identities>, port: u16) -> std::io::Result<u1
         }
     });
     Ok(port)
+}
+
+/// One of a source address's connections, given back when dropped.
+struct ConnectionSlot {
+    open: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl ConnectionSlot {
+    fn take(open: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, source: IpAddr) -> Option<ConnectionSlot> {
+        let mut counts = open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(source).or_default();
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot { open: open.clone(), source })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -163,7 +203,7 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
 fn container_credentials(task: &TaskIdentity, authorization: Option<String>) -> Response<Full<Bytes>> {
     match authorization {
         None => return text(StatusCode::UNAUTHORIZED, "Authorization is required\n"),
-        Some(a) if a.as_bytes() != task.auth_token.as_bytes() => {
+        Some(a) if !constant_time_eq(a.as_bytes(), task.auth_token.as_bytes()) => {
             tracing::warn!(task_id = %task.task_id, "container credentials asked with a wrong token");
             return text(StatusCode::FORBIDDEN, "wrong token\n");
         }
@@ -330,6 +370,18 @@ mod tests {
     async fn body(r: Response<Full<Bytes>>) -> String {
         use http_body_util::BodyExt;
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn connections_per_source_are_bounded_and_given_back() {
+        let open = Arc::default();
+        let a: IpAddr = "172.29.0.2".parse().unwrap();
+        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_SOURCE).map(|_| ConnectionSlot::take(&open, a).unwrap()).collect();
+        assert!(ConnectionSlot::take(&open, a).is_none(), "one over the bound is refused");
+        assert!(ConnectionSlot::take(&open, "172.29.0.3".parse().unwrap()).is_some(), "others are not affected");
+        drop(held);
+        assert!(ConnectionSlot::take(&open, a).is_some());
+        assert_eq!(open.lock().unwrap().len(), 0, "counts of closed connections are dropped");
     }
 
     #[test]

@@ -132,3 +132,28 @@ fn t320_a_closed_pipe_ends_the_cli_quietly() {
     const SIGPIPE: i32 = 13;
     assert_eq!(out.status.signal(), Some(SIGPIPE), "ended by SIGPIPE: {:?} {stderr}", out.status);
 }
+
+/// Honest exit codes: `job submit --wait` of a batch job whose task fails exits JOB_FAILED (6) with
+/// the task's reason, one that succeeds exits 0, and `task list` of an unknown job is not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t330_wait_exits_non_zero_when_a_batch_task_fails() {
+    common::ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    c.start_agent("a330", 2.0, 1024);
+    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let submit = |script: &'static str| {
+        let args =
+            ["job", "submit", "--app", "exit", "--image", "titus/busybox:latest", "--cpu", "0.1", "--memory-mb", "32"];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["--batch-size", "1", "--wait", "--timeout", "120", "--", "sh", "-c", script]);
+        cli.run(&args)
+    };
+    let (code, out, err) = submit("exit 3");
+    assert_eq!(code, 6, "a failed batch job exits 6: {out} {err}");
+    assert!(err.contains("exited with code 3") && err.contains("failed"), "the task's reason is said: {err}");
+    let (code, out, err) = submit("true");
+    assert_eq!(code, 0, "a batch job that succeeds exits 0: {out} {err}");
+    let (code, _, err) = cli.run(&["task", "list", "00000000-0000-0000-0000-000000000000"]);
+    assert_eq!(code, 3, "task list of an unknown job is not found: {err}");
+}

@@ -593,6 +593,10 @@ fn print_status(out: Output, s: &titus_client::ClusterStatus) {
 }
 
 /// Exit codes scripts can rely on.
+/// `job submit --wait`: the job finished without succeeding (a batch job's tasks failed beyond
+/// their retries, or the job was killed).
+const JOB_FAILED: u8 = 6;
+
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::InvalidArgument { .. } | Error::BadSeed(_) | Error::NoSeeds => 2,
@@ -686,6 +690,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Task(cmd) => match cmd {
             TaskCmd::List { job_id } => {
                 let tasks = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await?.items;
+                if tasks.is_empty() {
+                    // No tasks, or no such job: an unknown job is "not found" (exit 3), not an
+                    // empty table.
+                    client.find_job(&job_id).await?;
+                }
                 print_tasks(out, &tasks);
             }
             TaskCmd::Get { id } => print_tasks(out, &[client.find_task(&id).await?]),
@@ -1262,11 +1271,24 @@ async fn wait_for_tasks(client: &Client, job_id: &str, timeout: Duration) -> Res
                 println!("task {} #{}: {}{}", t.id, t.index, state_name(s.state), reason);
             }
         }
-        let finished = job.status.unwrap_or_default().state == pb::JobState::JobFinished as i32;
+        let status = job.status.unwrap_or_default();
+        let finished = status.state == pb::JobState::JobFinished as i32;
         let started = tasks
             .iter()
             .filter(|t| t.status.clone().unwrap_or_default().state == pb::TaskState::TaskStarted as i32)
             .count();
+        if finished && (!batch || status.reason_code != "normal") {
+            // A batch job whose tasks failed beyond their retries, or a job killed before it got
+            // there: say why, and exit with JOB_FAILED so that a script can tell.
+            eprintln!("titus: job {job_id} finished: {}: {}", status.reason_code, status.reason_message);
+            for t in &tasks {
+                let s = t.status.clone().unwrap_or_default();
+                if s.state == pb::TaskState::TaskFinished as i32 && s.reason_code != "normal" {
+                    eprintln!("titus:   task {} #{}: {}: {}", t.id, t.index, s.reason_code, s.reason_message);
+                }
+            }
+            std::process::exit(i32::from(JOB_FAILED));
+        }
         if (batch && finished) || (!batch && started >= wanted) {
             println!("job {job_id}: {}", if finished { "Finished" } else { "all tasks Started" });
             return Ok(());
