@@ -28,9 +28,7 @@ use bollard::Docker;
 use futures::Stream;
 use titus_proto as pb;
 
-use crate::identity::{
-    container_env, random_token, EnvContext, Identities, Refused, LABEL_APP, LABEL_IMDS_V1, LABEL_ROLE,
-};
+use crate::identity::{container_env, random_token, EnvContext, Identities, LABEL_APP, LABEL_IMDS_V1, LABEL_ROLE};
 use crate::networks::{job_network_name, valid_job_id, SubnetPool, JOB_SUBNET_PREFIX};
 use crate::routes::Routes;
 use crate::{AgentConfig, Error, Result};
@@ -564,9 +562,9 @@ impl DockerRuntime {
         let role = Some(profile.iam_role.as_str()).filter(|r| !r.is_empty());
         match identities.admit(task_id, &assign.job_id, ip, role, profile.allow_imds_v1, token.clone()).await {
             Ok(_) => Ok((Some(ip), Some(token))),
-            Err(Refused(why)) => {
+            Err(refused) => {
                 self.release(task_id);
-                Err(("failed", why))
+                Err((refused.reason_code(), refused.why))
             }
         }
     }
@@ -653,8 +651,8 @@ impl DockerRuntime {
             self.addresses.lock().unwrap_or_else(|e| e.into_inner()).insert(task_id.clone(), ip);
             let role = labels.get(LABEL_ROLE).map(String::as_str);
             let v1 = labels.get(LABEL_IMDS_V1).is_some_and(|v| v == "true");
-            if let Err(Refused(why)) = identities.admit(task_id, job_id, ip, role, v1, token).await {
-                tracing::warn!(task_id = %task_id, error = %why, "an adopted container's role cannot be had; it gets no credentials");
+            if let Err(refused) = identities.admit(task_id, job_id, ip, role, v1, token).await {
+                tracing::warn!(task_id = %task_id, error = %refused.why, "an adopted container's role cannot be had; it gets no credentials");
             }
         }
         Ok(())

@@ -98,7 +98,27 @@ impl Drop for TaskIdentity {
 
 /// Why a task cannot be given its identity: it fails at start with this.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused(pub String);
+pub struct Refused {
+    /// STS did not answer: not the job's fault (`transientSystemError`, not counted against its
+    /// retries). Otherwise the role may not be had (`failed`).
+    pub transient: bool,
+    pub why: String,
+}
+
+impl Refused {
+    fn because(why: String) -> Refused {
+        Refused { transient: false, why }
+    }
+
+    /// The task's reason code.
+    pub fn reason_code(&self) -> &'static str {
+        if self.transient {
+            "transientSystemError"
+        } else {
+            "failed"
+        }
+    }
+}
 
 /// Every task identity this agent serves, by container address.
 pub struct Identities {
@@ -180,20 +200,24 @@ impl Identities {
     /// AssumeRole of `arn` for a task, when this agent may pass it.
     async fn assume(&self, task_id: &str, job_id: &str, arn: &str) -> Result<RoleCredentials, Refused> {
         if !self.config.allows(arn) {
-            return Err(Refused(format!(
+            return Err(Refused::because(format!(
                 "IAM role {arn} may not be passed by this agent (not in its aws.allowed-roles)"
             )));
         }
         let Some(sts) = &self.sts else {
-            return Err(Refused(format!(
+            return Err(Refused::because(format!(
                 "IAM role {arn}: this agent has no AWS region (aws.region, or a zone attribute) to call STS in"
             )));
         };
         let tags = [("TitusJobId".to_string(), job_id.to_string()), ("TitusTaskId".to_string(), task_id.to_string())];
         let session_secs = i32::try_from(self.config.session_secs).unwrap_or(3600);
         sts.assume_role(arn, &session_name(task_id), &tags, session_secs).await.map_err(|e| match e {
-            AwsError::Transient(e) => Refused(format!("IAM role {arn}: STS did not answer: {e}")),
-            AwsError::NotFound(e) | AwsError::Rejected(e) => Refused(format!("IAM role {arn}: STS refused: {e}")),
+            AwsError::Transient(e) => {
+                Refused { transient: true, why: format!("IAM role {arn}: STS did not answer: {e}") }
+            }
+            AwsError::NotFound(e) | AwsError::Rejected(e) => {
+                Refused::because(format!("IAM role {arn}: STS refused: {e}"))
+            }
         })
     }
 }
@@ -218,8 +242,8 @@ async fn refresh(identities: Arc<Identities>, identity: Weak<TaskIdentity>) {
                 tracing::info!(task_id = %id.task_id, role = %arn, expires_ms = c.expiration_ms, "role credentials refreshed");
                 *id.credentials.write().unwrap_or_else(|e| e.into_inner()) = Some((c, now_ms()));
             }
-            Err(Refused(why)) => {
-                tracing::warn!(task_id = %id.task_id, role = %arn, error = %why, "refreshing role credentials failed; retrying");
+            Err(refused) => {
+                tracing::warn!(task_id = %id.task_id, role = %arn, error = %refused.why, "refreshing role credentials failed; retrying");
                 drop(id);
                 tokio::time::sleep(REFRESH_RETRY).await;
             }
@@ -428,17 +452,19 @@ mod tests {
         let ip = Ipv4Addr::new(172, 29, 0, 2);
         let admit = |role: &'static str| {
             let ids = ids.clone();
-            async move { ids.admit("t", "j", ip, Some(role), false, "tok".into()).await.err().map(|r| r.0) }
+            async move { ids.admit("t", "j", ip, Some(role), false, "tok".into()).await.err() }
         };
-        let why = admit("arn:aws:iam::123456789012:role/admin").await.expect("refused");
-        assert!(why.contains("not in its aws.allowed-roles"), "{why}");
-        let why = admit("arn:aws:iam::123456789012:role/titus-web").await.expect("refused");
-        assert!(why.contains("STS did not answer"), "{why}");
+        let refused = admit("arn:aws:iam::123456789012:role/admin").await.expect("refused");
+        assert!(refused.why.contains("not in its aws.allowed-roles"), "{refused:?}");
+        assert_eq!(refused.reason_code(), "failed", "the job's own doing");
+        let refused = admit("arn:aws:iam::123456789012:role/titus-web").await.expect("refused");
+        assert!(refused.why.contains("STS did not answer"), "{refused:?}");
+        assert_eq!(refused.reason_code(), "transientSystemError", "not the job's fault");
         assert!(ids.get(ip).is_none(), "a refused task is not served");
         // Without a region there is no STS to ask.
         let ids = Identities::new(&AwsIdentityConfig { region: String::new(), ..config }, &BTreeMap::new()).await;
         let why = ids.admit("t", "j", ip, Some("arn:aws:iam::123456789012:role/titus-web"), false, "tok".into());
-        assert!(why.await.err().expect("refused").0.contains("no AWS region"));
+        assert!(why.await.err().expect("refused").why.contains("no AWS region"));
     }
 
     #[test]
