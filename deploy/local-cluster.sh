@@ -173,8 +173,17 @@ case "${1:-up}" in
         down
         sleep 1
         docker ps -aq --filter label=titus.agent.id=local-agent | xargs -r docker rm -f >/dev/null
+        docker network ls -q --filter label=titus.agent.id=local-agent | xargs -r docker network rm >/dev/null
+        # The agent's metadata routes (nat rules commented titus-metadata:local-agent), as root.
+        if command -v iptables >/dev/null 2>&1; then
+            iptables -w -t nat -S PREROUTING 2>/dev/null | grep 'titus-metadata:local-agent' | sed 's/^-A //; s/"//g' |
+                while read -r rule; do
+                    # shellcheck disable=SC2086 # the rule's words, as iptables printed them
+                    iptables -w -t nat -D $rule || true
+                done
+        fi
         rm -rf "$DIR"
-        echo "removed $DIR and the agent's containers"
+        echo "removed $DIR and the agent's containers, networks and metadata routes"
         ;;
     *) echo "usage: $0 [up|status|down|clean]" >&2; exit 2 ;;
 esac
