@@ -607,10 +607,10 @@ impl DockerRuntime {
         }
     }
 
-    /// After a restart: routes the metadata addresses again from the job networks left (removing
-    /// the previous run's routes), and serves the running containers' identities again, as their
-    /// labels, environment and addresses say. Run at start, after [`Self::prune_job_networks`].
-    pub async fn restore_identities(&self) -> Result<()> {
+    /// After a restart: routes the metadata addresses again from the job networks left, removing
+    /// the previous run's routes. Run at start, after [`Self::prune_job_networks`] and before any
+    /// launch (whose route the removal would take).
+    pub async fn restore_routes(&self) -> Result<()> {
         let docker = self.client().await?;
         if let Some(routes) = &self.routes {
             routes.remove_all().await.map_err(Error::Docker)?;
@@ -625,6 +625,14 @@ impl DockerRuntime {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// After a restart: serves the running containers' identities again, as their labels,
+    /// environment and addresses say. Each assumes its role again, so this runs beside the agent's
+    /// start rather than before it.
+    pub async fn restore_identities(&self) -> Result<()> {
+        let docker = self.client().await?;
         let Some(identities) = &self.identities else { return Ok(()) };
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)])]);
         let list = docker

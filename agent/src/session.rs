@@ -338,9 +338,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     if let Err(e) = docker.prune_job_networks().await {
         tracing::warn!(error = %e, "cannot remove job networks left unused (tried again when a job's last container goes)");
     }
-    if let Err(e) = docker.restore_identities().await {
-        tracing::error!(error = %e, "cannot restore the metadata routes and identities of running containers");
+    if let Err(e) = docker.restore_routes().await {
+        tracing::error!(error = %e, "cannot restore the metadata routes of running containers");
     }
+    let restoring = docker.clone();
+    tokio::spawn(async move {
+        if let Err(e) = restoring.restore_identities().await {
+            tracing::error!(error = %e, "cannot restore the identities of running containers");
+        }
+    });
     run_with(config, Runtime::Docker(docker), shutdown).await
 }
 

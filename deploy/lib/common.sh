@@ -22,7 +22,7 @@ ensure_packages() {
 BUILD_PACKAGES=(libclang-dev clang)
 # etcd-server: the benchmark's comparison; busybox-static: the test image; chromium: the web view's
 # browser test (headless); faketime, iproute2, iptables, curl: the chaos tests (clock skew, network
-# namespaces, partitions, reading a replica's clock); debootstrap, docker-compose: the container
+# namespaces, partitions, reading a replica's clock; iptables also routes the agents' metadata addresses); debootstrap, docker-compose: the container
 # images' Debian base and the compose stack.
 TEST_PACKAGES=(etcd-server busybox-static chromium faketime iproute2 iptables curl debootstrap docker-compose)
 
