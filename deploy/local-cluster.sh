@@ -57,7 +57,7 @@ replica_cmd() {
 }
 agent_cmd() {
     echo "$BIN/titus-agent --agent-id local-agent --servers $SERVERS --cpu 4 --memory-mb 4096" \
-        "--attribute zone=local-a --admin-listen 127.0.0.1:9100 $AGENT_SECURITY"
+        "--attribute zone=local-a --admin-listen 127.0.0.1:9100 --finished-logs-dir $DIR/finished-logs $AGENT_SECURITY"
 }
 
 # A titus-chaos deployment file for this cluster: kill, pause, clock skew and agent faults work on
@@ -75,6 +75,20 @@ write_chaos_deployment() {
         printf "  - id: local-agent\n    ip: 127.0.0.1\n    process:\n      pid_file: %s\n      restart: '%s'\n      log: %s\n" \
             "$DIR/replica-agent.pid" "$(agent_cmd)" "$DIR/agent.log"
     } >"$DIR/chaos.yaml"
+}
+
+# `titus` on the PATH (a link in ~/.local/bin) and a context `local` for this cluster, made the
+# current one: `titus job list` then works as typed, in any shell.
+install_cli() {
+    mkdir -p "$HOME/.local/bin"
+    ln -sf "$BIN/titus" "$HOME/.local/bin/titus"
+    "$BIN/titus" config delete-context local >/dev/null 2>&1 || true
+    if [ "${TITUS_LOCAL_INSECURE:-0}" = 1 ]; then
+        "$BIN/titus" config set-context local --servers "$SERVERS" --current >/dev/null
+    else
+        "$BIN/titus" config set-context local --servers "$SERVERS" --ca-file "$TLS/ca.pem" \
+            --cert-file "$TLS/client-admin.pem" --key-file "$TLS/client-admin.key" --current >/dev/null
+    fi
 }
 
 up() {
@@ -104,6 +118,7 @@ up() {
         echo "agent started (pid $!, log $DIR/agent.log)"
     fi
     write_chaos_deployment
+    install_cli
     echo "waiting for a leader..."
     for _ in $(seq 1 120); do
         if titus -o json cluster status 2>/dev/null | grep -q '"leaderId": [1-9]'; then break; fi
@@ -136,18 +151,21 @@ up() {
     titus task list "$job"
     cat <<MSG
 
-The cluster is up (mutual TLS unless TITUS_LOCAL_INSECURE=1). For your shell:
-  export TITUS_CA=$TLS/ca.pem TITUS_CERT=$TLS/client-admin.pem TITUS_KEY=$TLS/client-admin.key
+The cluster is up (mutual TLS unless TITUS_LOCAL_INSECURE=1). \`titus\` is linked into ~/.local/bin
+and its context \`local\` (servers and the admin certificate) is the current one
+(titus config get-contexts). $(case ":$PATH:" in *":$HOME/.local/bin:"*) ;; *) echo "Add ~/.local/bin to your PATH: export PATH=\$HOME/.local/bin:\$PATH";; esac)
 Then try:
-  $BIN/titus --server $SERVERS cluster status
-  $BIN/titus --server $SERVERS job list
-  $BIN/titus --server $SERVERS task list JOB_ID
-  $BIN/titus --server $SERVERS job resize JOB_ID --desired 3
+  titus cluster status
+  titus job list
+  titus task list JOB_ID
+  titus task logs TASK_ID -f            # a task's output (titus job logs JOB_ID: all its tasks)
+  titus task exec -it TASK_ID -- sh     # a shell in a running task's container
+  titus job resize JOB_ID --desired 3
   docker ps --filter label=titus.agent.id=local-agent
   open http://127.0.0.1:9001/ui         # read-only web view (any replica: 9001-9003)
   curl -s 127.0.0.1:9001/metrics        # Prometheus metrics (agent: 127.0.0.1:9100/metrics)
   kill -9 \$(cat $DIR/replica-1.pid)   # the others elect a new leader; no container restarts
-  $BIN/titus audit                      # who changed what (the audit log)
+  titus audit                           # who changed what (the audit log)
   # with TITUS_LOCAL_INSECURE=1 only (chaos deployment files carry no certificates):
   $BIN/titus-chaos -d $DIR/chaos.yaml kill --target leader --restart-after 5s
   deploy/local-cluster.sh up            # restarts what is not running
@@ -182,8 +200,9 @@ case "${1:-up}" in
                     iptables -w -t nat -D $rule || true
                 done
         fi
+        "$BIN/titus" config delete-context local >/dev/null 2>&1 || true
         rm -rf "$DIR"
-        echo "removed $DIR and the agent's containers, networks and metadata routes"
+        echo "removed $DIR, the context local and the agent's containers, networks and metadata routes"
         ;;
     *) echo "usage: $0 [up|status|down|clean]" >&2; exit 2 ;;
 esac

@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/lib/common.sh
+# The tests' CLI calls name their servers and credentials: a context of this machine's own
+# configuration (deploy/local-cluster.sh writes one) must not slip a CA into them.
+export TITUS_CONFIG="${TMPDIR:-/tmp}/titus-test-config-none.toml"
+rm -f "$TITUS_CONFIG"
+unset TITUS_CONTEXT
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 ensure_moto
 

@@ -80,6 +80,60 @@ pub struct AgentConfig {
     /// (`[aws]`; see [`crate::identity`]).
     #[serde(default)]
     pub aws: AwsIdentityConfig,
+    /// A task's output kept after the control plane forgets it and its container goes
+    /// (`[finished-logs]`; see [`crate::taskio`]).
+    #[serde(default)]
+    pub finished_logs: FinishedLogsConfig,
+}
+
+/// The `[finished-logs]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct FinishedLogsConfig {
+    /// Where; each agent keeps its own folder in it, named by its agent id.
+    pub dir: std::path::PathBuf,
+    /// The last this much of each task's output is kept (0: none is kept).
+    pub max_mb_per_task: u32,
+    /// The oldest go first past this much in all.
+    pub max_total_mb: u32,
+    /// Each is kept this long.
+    pub max_age_hours: u32,
+}
+
+impl Default for FinishedLogsConfig {
+    fn default() -> Self {
+        FinishedLogsConfig {
+            dir: "/var/lib/titus-agent/logs".into(),
+            max_mb_per_task: 10,
+            max_total_mb: 1024,
+            max_age_hours: 24,
+        }
+    }
+}
+
+impl FinishedLogsConfig {
+    fn check(&self) -> Result<()> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(Error::Config("finished-logs.dir: must not be empty".into()));
+        }
+        if self.max_mb_per_task > 1024 || self.max_total_mb > 1_048_576 || !(1..=8760).contains(&self.max_age_hours) {
+            return Err(Error::Config(
+                "finished-logs: max-mb-per-task at most 1024, max-total-mb at most 1048576, max-age-hours 1 to 8760"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// This agent's settings, in its own folder.
+    pub fn for_agent(&self, agent_id: &str) -> crate::taskio::FinishedLogs {
+        crate::taskio::FinishedLogs {
+            dir: self.dir.join(agent_id),
+            max_bytes_per_task: u64::from(self.max_mb_per_task) << 20,
+            max_total_bytes: u64::from(self.max_total_mb) << 20,
+            max_age: std::time::Duration::from_secs(u64::from(self.max_age_hours) * 3600),
+        }
+    }
 }
 
 /// The `[aws]` section: STS for tasks' IAM roles, and the metadata proxy that serves them.
@@ -241,6 +295,7 @@ impl AgentConfig {
             return Err(Error::Config("log-max-mb: must be between 1 and 10240".into()));
         }
         self.aws.check()?;
+        self.finished_logs.check()?;
         if !(1..=100).contains(&self.log_max_files) {
             return Err(Error::Config("log-max-files: must be between 1 and 100".into()));
         }

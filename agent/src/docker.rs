@@ -162,7 +162,7 @@ impl DockerRuntime {
 
     /// The connected client, connecting (and negotiating the API version — Debian's daemon speaks
     /// an older API than bollard's default) when there is none yet.
-    async fn client(&self) -> Result<Docker> {
+    pub(crate) async fn client(&self) -> Result<Docker> {
         let mut slot = self.docker.lock().await;
         if let Some(d) = slot.as_ref() {
             return Ok(d.clone());

@@ -26,6 +26,7 @@ pub mod networks;
 pub mod routes;
 pub mod runtime;
 pub mod session;
+pub mod taskio;
 pub mod telemetry;
 
 pub use config::AgentConfig;

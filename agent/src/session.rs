@@ -53,7 +53,14 @@ struct Agent {
     reports: mpsc::UnboundedSender<pb::AgentTask>,
     /// This agent's certificate (None when insecure).
     tls: Option<Arc<titus_security::Tls>>,
+    /// Where forgotten tasks' output is kept.
+    finished_logs: crate::taskio::FinishedLogs,
+    /// Output and command sessions open at once (see [`MAX_SESSIONS`]).
+    sessions: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most output and command sessions one agent serves at once.
+const MAX_SESSIONS: usize = 32;
 
 /// Loads the agent's certificate (its identity must be `agent/<agent-id>`) and reloads it when the
 /// files are replaced; in insecure mode says loudly that it is plaintext.
@@ -154,7 +161,70 @@ impl Agent {
                 self.enqueue(k.task_id.clone(), Op::Kill(k));
             }
             Message::Forget(f) => self.enqueue(f.task_id.clone(), Op::Forget(f)),
+            // Served by `serve_session` (it needs the stream's connection).
+            Message::OpenSession(o) => {
+                tracing::debug!(session = %o.session_id, "session request outside a stream; ignored")
+            }
         }
+    }
+
+    /// Serves one output or command session the leader opened: calls `AgentService.Session` on
+    /// the leader's connection, names the session, then sends the output up (and takes input from
+    /// what comes down) until it ends; a failure ends it with an error the client is told.
+    async fn serve_session(self: Arc<Self>, channel: tonic::transport::Channel, open: pb::OpenSession) {
+        use crate::taskio::Refusal;
+        use pb::session_up::Message as Up;
+        let span = tracing::info_span!("task_session", session = %open.session_id, task_id = %open.task_id);
+        let (up, up_rx) = mpsc::channel(16);
+        let _ = up.send(pb::SessionUp { message: Some(Up::Open(open.session_id.clone())) }).await;
+        let mut client = AgentServiceClient::new(channel);
+        let call = client.session(ReceiverStream::new(up_rx));
+        let mut input = match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                tracing::info!(parent: &span, error = %status.message(), "the leader refused the session");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(parent: &span, "the leader did not take the session within 10 s");
+                return;
+            }
+        };
+        let serve = async {
+            let Ok(_turn) = self.sessions.clone().try_acquire_owned() else {
+                return Err(Refusal {
+                    code: tonic::Code::ResourceExhausted,
+                    message: format!("agent {} serves {MAX_SESSIONS} sessions already", self.config.agent_id),
+                });
+            };
+            let Runtime::Docker(docker) = &self.docker else {
+                return Err(Refusal {
+                    code: tonic::Code::Unimplemented,
+                    message: "a simulated agent runs no containers".into(),
+                });
+            };
+            match open.kind {
+                Some(pb::open_session::Kind::Logs(request)) => {
+                    crate::taskio::logs(docker, &self.finished_logs, &request, &up).await
+                }
+                Some(pb::open_session::Kind::Exec(start)) => crate::taskio::exec(docker, start, &mut input, &up).await,
+                None => Err(Refusal {
+                    code: tonic::Code::Unimplemented,
+                    message: "a session of a kind this agent does not know".into(),
+                }),
+            }
+        };
+        if let Err(r) = tracing::Instrument::instrument(serve, span.clone()).await {
+            tracing::info!(parent: &span, code = ?r.code, message = %r.message, "task session refused");
+            let error = pb::SessionError { code: r.code as i32, message: r.message };
+            let _ = up.send(pb::SessionUp { message: Some(Up::Error(error)) }).await;
+        }
+        // Our end is done; the leader ends its own when it has read everything (dropping the call
+        // before would cut off what is still on its way).
+        drop(up);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = input.message().await {} })
+                .await;
     }
 
     /// Queues `op` behind the task's earlier operations, starting its worker if it has none.
@@ -249,6 +319,11 @@ impl Agent {
                 let grace = forget_grace_secs(f.grace_period_ms, self.config.forget_grace_secs);
                 if let Err(e) = self.docker.stop(&f.task_id, grace).await {
                     tracing::warn!(task_id = %f.task_id, error = %e, "cannot stop a forgotten task's container");
+                }
+                if let (Runtime::Docker(d), true) = (&self.docker, self.finished_logs.max_bytes_per_task > 0) {
+                    if let Err(e) = self.finished_logs.save(d, &f.task_id).await {
+                        tracing::warn!(task_id = %f.task_id, error = %e, "cannot keep a forgotten task's output");
+                    }
                 }
                 if let Err(e) = self.docker.remove(&f.task_id).await {
                     tracing::warn!(task_id = %f.task_id, error = %e, "cannot remove container");
@@ -516,6 +591,7 @@ fn now_ms() -> i64 {
 pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Future<Output = ()>) -> Result<()> {
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
     let tls = load_tls(&config).await?;
+    let config_finished_logs = config.finished_logs.for_agent(&config.agent_id);
     let agent = Arc::new(Agent {
         config,
         docker,
@@ -524,6 +600,8 @@ pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Futur
         ops: Mutex::default(),
         reports: reports_tx,
         tls,
+        finished_logs: config_finished_logs,
+        sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
     });
     let watcher = tokio::spawn(watch_deaths(agent.clone()));
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
@@ -610,7 +688,7 @@ async fn session(
     let _ = out_tx.send(agent.register_message().await).await;
     // The leader answers a registration once it has committed it (within its request timeout);
     // a replica that does not answer at all is given up on, never waited on for ever.
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel.clone());
     let attach = client.attach(ReceiverStream::new(out_rx));
     let mut inbound = tokio::time::timeout(ATTACH_TIMEOUT, attach)
         .await
@@ -629,8 +707,12 @@ async fn session(
                         crate::telemetry::metrics().connected.set(&[], 1.0);
                         heartbeat = tokio::time::interval(Duration::from_millis(r.heartbeat_interval_ms.max(100)));
                     }
-                    if let Some(m) = m.message {
-                        agent.handle(m).await;
+                    match m.message {
+                        Some(pb::control_message::Message::OpenSession(o)) => {
+                            tokio::spawn(agent.clone().serve_session(channel.clone(), o));
+                        }
+                        Some(m) => agent.handle(m).await,
+                        None => {}
                     }
                 }
                 Ok(None) => return Err(SessionEnd { message: "the leader closed the stream".into(), leader: None }),
@@ -697,6 +779,8 @@ mod ordering_tests {
             ops: Mutex::default(),
             reports,
             tls: None,
+            finished_logs: crate::config::FinishedLogsConfig::default().for_agent("a1"),
+            sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
         };
         (Arc::new(agent), rx)
     }

@@ -13,6 +13,7 @@ use titus_proto::cluster_service_client::ClusterServiceClient;
 use titus_proto::job_management_service_client::JobManagementServiceClient;
 use titus_proto::load_balancer_service_client::LoadBalancerServiceClient;
 use titus_proto::scheduler_service_client::SchedulerServiceClient;
+use titus_proto::task_io_service_client::TaskIoServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -40,6 +41,10 @@ pub struct ClientOptions {
     pub tls: Option<Arc<titus_security::Tls>>,
     /// A bearer token sent with every call, instead of or besides a client certificate.
     pub token: Option<Token>,
+    /// A call gives up this soon when no replica has answered at all (none reachable, or a TLS
+    /// handshake every one refuses), rather than retrying to the deadline; None (the default,
+    /// for programs that outlive a cluster's restart): the deadline. The CLI sets 5 s.
+    pub unreachable_after: Option<Duration>,
 }
 
 /// A bearer token; never printed.
@@ -85,6 +90,7 @@ impl Default for ClientOptions {
             shuffle_seeds: true,
             tls: None,
             token: None,
+            unreachable_after: None,
         }
     }
 }
@@ -238,6 +244,9 @@ impl Client {
         let deadline = start + self.options.deadline;
         let mut backoff = self.options.initial_backoff;
         let mut attempts = 0;
+        // Whether any replica answered (anything, an error included) rather than failing to
+        // connect, handshake or answer in time.
+        let mut answered = false;
         loop {
             attempts += 1;
             let (addr, channel) = self.pick();
@@ -245,7 +254,11 @@ impl Client {
             let timeout = self.options.attempt_timeout.min(remaining);
             let status = match tokio::time::timeout(timeout, attempt(channel, timeout)).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(status)) => status,
+                Ok(Err(status)) => {
+                    // A status the transport made (connect, TLS) carries its cause; a server's does not.
+                    answered |= std::error::Error::source(&status).is_none();
+                    status
+                }
                 Err(_) => tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis())),
             };
             // A replica's rate limit says when to come back: wait that long, at the same replica
@@ -274,13 +287,14 @@ impl Client {
                 // Rate-limited past the deadline: the caller sees the limit, not "unavailable".
                 return Err(Error::from_status(&addr, status));
             }
-            if Instant::now() + pause >= deadline {
+            let unreachable = !answered && self.options.unreachable_after.is_some_and(|d| start.elapsed() + pause >= d);
+            if Instant::now() + pause >= deadline || unreachable {
                 return Err(Error::Unavailable {
                     operation: operation.to_string(),
                     attempts,
                     elapsed_ms: start.elapsed().as_millis() as u64,
                     last_replica: addr,
-                    last_error: format!("{:?}: {}", status.code(), status.message()),
+                    last_error: describe(&status),
                 });
             }
             tokio::time::sleep(pause).await;
@@ -422,6 +436,31 @@ impl Client {
         Ok(status.leader_api_addr)
     }
 
+    /// A task's container output, as `request` asks (all of it, its tail, since a time; with
+    /// `follow`, until the container stops): a stream of chunks from the leader, which relays
+    /// them from the task's agent. The call is bounded by the client's deadline until the stream
+    /// starts, and not after.
+    pub async fn task_logs(&self, request: pb::TaskLogsRequest) -> Result<tonic::Streaming<pb::TaskOutput>> {
+        let addr = self.leader_addr().await?;
+        let mut service = TaskIoServiceClient::new(make_channel(&addr, &self.options)?);
+        bounded(&addr, self.options.deadline, async { Ok(service.task_logs(request).await?.into_inner()) }).await
+    }
+
+    /// Runs a command in a running task's container (`start`), with `input` (stdin, resizes,
+    /// end of stdin) sent as it comes: its output, then its exit code ([`pb::ExecExit`]). Not
+    /// retried: a command may not be safe to run twice.
+    pub async fn exec_task<S>(&self, start: pb::ExecStart, input: S) -> Result<tonic::Streaming<pb::TaskOutput>>
+    where
+        S: futures::Stream<Item = pb::ExecInput> + Send + 'static,
+    {
+        use futures::StreamExt;
+        let addr = self.leader_addr().await?;
+        let mut service = TaskIoServiceClient::new(make_channel(&addr, &self.options)?);
+        let first = pb::ExecInput { input: Some(pb::exec_input::Input::Start(start)) };
+        let messages = futures::stream::once(async move { first }).chain(input);
+        bounded(&addr, self.options.deadline, async { Ok(service.exec_task(messages).await?.into_inner()) }).await
+    }
+
     /// Asks the leader to hand leadership to another replica; returns the status once one is
     /// elected. Not retried: a retry would reach the new leader and move leadership again.
     pub async fn step_down(&self, timeout: Duration) -> Result<pb::ClusterStatus> {
@@ -537,6 +576,26 @@ impl Client {
             async move { JobManagementServiceClient::new(ch).find_jobs(with_timeout(req, t)).await.map(|r| r.into_inner()) }
         })
         .await
+    }
+
+    /// The id of the one job whose id starts with `prefix` (as `docker` resolves short ids); a
+    /// full id (36 characters) is returned as it is. Finished jobs count. Not found when none
+    /// does; invalid when several do (they are named).
+    pub async fn resolve_job_id(&self, prefix: &str) -> Result<String> {
+        if prefix.len() >= ID_LEN {
+            return Ok(prefix.to_string());
+        }
+        let page = self.find_jobs(&[], 3, prefix).await?;
+        unique_prefix("job", prefix, page.items.iter().map(|j| j.id.as_str()))
+    }
+
+    /// As [`Client::resolve_job_id`], for a task.
+    pub async fn resolve_task_id(&self, prefix: &str) -> Result<String> {
+        if prefix.len() >= ID_LEN {
+            return Ok(prefix.to_string());
+        }
+        let page = self.find_tasks(&[], 3, prefix).await?;
+        unique_prefix("task", prefix, page.items.iter().map(|t| t.id.as_str()))
     }
 
     pub async fn find_task(&self, id: &str) -> Result<pb::Task> {
@@ -937,6 +996,42 @@ tokio::task_local! {
 }
 
 /// One call to the replica at `addr` (no failover), bounded by `timeout`; errors name the replica.
+/// Length of a job or task id (a UUID).
+const ID_LEN: usize = 36;
+
+/// The one id among `ids` starting with `prefix`. `ids` are the first ids after `prefix` in id
+/// order (a page whose cursor is the prefix: the server's cursor is the last id read, and every
+/// id starting with the prefix sorts right after it), so two of them are enough to tell.
+fn unique_prefix<'a>(kind: &str, prefix: &str, ids: impl Iterator<Item = &'a str>) -> Result<String> {
+    if prefix.is_empty() {
+        return Err(Error::InvalidArgument { message: format!("a {kind} id is required"), violations: vec![] });
+    }
+    let matching: Vec<&str> = ids.filter(|id| id.starts_with(prefix)).collect();
+    match matching.as_slice() {
+        [] => Err(Error::NotFound(format!("no {kind} id starts with {prefix:?}"))),
+        [one] => Ok(one.to_string()),
+        several => Err(Error::InvalidArgument {
+            message: format!(
+                "{prefix:?} starts more than one {kind} id ({}, ...): give more of it",
+                several.join(", ")
+            ),
+            violations: vec![],
+        }),
+    }
+}
+
+/// A status with the chain of causes the transport attached (a refused connection, the TLS
+/// handshake's complaint), which `message()` alone leaves out.
+fn describe(status: &tonic::Status) -> String {
+    let mut out = format!("{:?}: {}", status.code(), status.message());
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
+}
+
 async fn bounded<T>(
     addr: &str,
     timeout: Duration,

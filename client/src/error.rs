@@ -51,7 +51,8 @@ fn parse_violations(message: &str) -> Vec<FieldViolation> {
 }
 
 impl Error {
-    pub(crate) fn from_status(replica: &str, status: tonic::Status) -> Error {
+    /// The error a replica's `status` means (for the messages of a stream the SDK hands out).
+    pub fn from_status(replica: &str, status: tonic::Status) -> Error {
         let message = status.message().to_string();
         match status.code() {
             tonic::Code::InvalidArgument => Error::InvalidArgument { violations: parse_violations(&message), message },

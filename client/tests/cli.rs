@@ -12,6 +12,9 @@ use common::{wait_until, Cluster};
 
 const ELECTION: Duration = Duration::from_secs(30);
 
+/// No configuration file: this machine's contexts stay out of the tests.
+const NO_CONFIG: &str = "/nonexistent/titus-config.toml";
+
 struct Cli {
     servers: String,
 }
@@ -21,6 +24,8 @@ impl Cli {
         let out = Command::new(env!("CARGO_BIN_EXE_titus"))
             .args(args)
             .env("TITUS_SERVERS", &self.servers)
+            .env("TITUS_CONFIG", NO_CONFIG)
+            .env_remove("TITUS_CONTEXT")
             .output()
             .expect("run titus");
         (
@@ -156,4 +161,200 @@ async fn t330_wait_exits_non_zero_when_a_batch_task_fails() {
     assert_eq!(code, 0, "a batch job that succeeds exits 0: {out} {err}");
     let (code, _, err) = cli.run(&["task", "list", "00000000-0000-0000-0000-000000000000"]);
     assert_eq!(code, 3, "task list of an unknown job is not found: {err}");
+}
+
+/// The task id of the only task of `job`, once it is in `state`.
+async fn only_task(cli: &Cli, job: &str, state: &str) -> String {
+    wait_until(Duration::from_secs(120), &format!("the task of {job} {state}"), || async {
+        let v: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "task", "list", job])).ok()?;
+        let t = v.as_array()?.iter().find(|t| t["state"] == state)?;
+        Some(t["id"].as_str()?.to_string())
+    })
+    .await
+}
+
+/// Output and commands through the leader to the agent: a finished batch task's output (its
+/// container already removed: served from what the agent kept), stdout/stderr apart, --tail,
+/// --timestamps, `job logs` with prefixes; `logs -f` of a service while it prints; `exec` with
+/// output and exit code, stdin, and the refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t340_task_logs_and_exec() {
+    common::ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    c.start_agent("a340", 2.0, 1024);
+    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let base = ["job", "submit", "--app", "io", "--image", "titus/busybox:latest", "--cpu", "0.1", "--memory-mb", "32"];
+
+    // A batch task that prints on both streams and ends.
+    let mut args = base.to_vec();
+    args.extend(["--batch-size", "1", "--", "sh", "-c", "echo out-1; echo err-1 >&2; echo out-2"]);
+    let batch = cli.ok(&args).trim().to_string();
+    let task = only_task(&cli, &batch, "Finished").await;
+    // The agent removes a finished task's container once the control plane forgets it; its
+    // output is read the same before and after.
+    let (code, out, err) = wait_until(Duration::from_secs(60), "the batch task's output", || async {
+        let r = cli.run(&["task", "logs", &task]);
+        (r.0 == 0 && r.1.contains("out-2")).then_some(r)
+    })
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "out-1\nout-2\n", "stdout to stdout, in order");
+    assert!(err.contains("err-1"), "stderr to stderr: {err}");
+    assert_eq!(cli.ok(&["task", "logs", &task, "--stdout", "--tail", "1"]), "out-2\n");
+    let (_, out, err) = cli.run(&["task", "logs", &task, "--stderr"]);
+    assert!(out.is_empty() && err.contains("err-1"), "only stderr: {out:?} {err:?}");
+    let stamped = cli.ok(&["task", "logs", &task, "--timestamps", "--stdout"]);
+    assert!(stamped.lines().all(|l| l.starts_with("20") && l.contains("Z out-")), "{stamped}");
+    assert!(cli.ok(&["task", "logs", &task, "--since", "1h"]).contains("out-1"));
+    let merged = cli.ok(&["job", "logs", &batch, "--stdout"]);
+    assert!(merged.contains(&format!("[0 {task}] out-1\n")), "lines prefixed by task: {merged}");
+    wait_until(Duration::from_secs(60), "the finished container removed", || async {
+        let ps = std::process::Command::new("docker")
+            .args(["ps", "-a", "-q", "--filter", &format!("name=titus-{task}")])
+            .output()
+            .ok()?;
+        ps.stdout.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(
+        cli.ok(&["task", "logs", &task, "--stdout"]),
+        "out-1\nout-2\n",
+        "kept by the agent after its container went"
+    );
+
+    // A service that prints as it runs: `logs -f` shows new lines as they come.
+    let mut args = base.to_vec();
+    args.extend(["--desired", "1", "--", "sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.2; done"]);
+    let service = cli.ok(&args).trim().to_string();
+    let running = only_task(&cli, &service, "Started").await;
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
+        .args(["task", "logs", "-f", &running])
+        .env("TITUS_SERVERS", &cli.servers)
+        .env("TITUS_CONFIG", NO_CONFIG)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(follow.stdout.take().unwrap());
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        let mut line = String::new();
+        // Bounded: 25 lines is 5 s of ticks.
+        while lines.len() < 25 && reader.read_line(&mut line).unwrap_or(0) > 0 {
+            lines.push(std::mem::take(&mut line));
+        }
+        lines
+    });
+    let seen = tokio::time::timeout(Duration::from_secs(60), seen).await.expect("25 lines within 60 s").unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(seen.len(), 25, "follow keeps printing: {seen:?}");
+    let ticks: Vec<u64> =
+        seen.iter().filter_map(|l| l.trim().strip_prefix("tick-").and_then(|n| n.parse().ok())).collect();
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "in order, none lost: {ticks:?}");
+
+    // Exec: output and exit code; stdin.
+    let (code, out, _) = cli.run(&["task", "exec", &running, "--", "sh", "-c", "echo in-container; exit 7"]);
+    assert_eq!((code, out.as_str()), (7, "in-container\n"), "the command's exit code is the CLI's");
+    let mut piped = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
+        .args(["task", "exec", "-i", &running, "--", "cat"])
+        .env("TITUS_SERVERS", &cli.servers)
+        .env("TITUS_CONFIG", NO_CONFIG)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = piped.stdin.take().unwrap();
+        stdin.write_all(b"through stdin\n").unwrap();
+    } // closed: cat sees the end of its input and exits
+    let piped = tokio::task::spawn_blocking(move || piped.wait_with_output()).await.unwrap().unwrap();
+    let said = String::from_utf8_lossy(&piped.stderr);
+    assert_eq!(piped.status.code(), Some(0), "{said}");
+    assert_eq!(String::from_utf8_lossy(&piped.stdout), "through stdin\n", "{said}");
+
+    // Refusals: an unknown task is not found; a finished one has no running container; a task
+    // never placed has no container at all.
+    let (code, _, err) = cli.run(&["task", "exec", "no-such-task", "--", "true"]);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = cli.run(&["task", "exec", &task, "--", "true"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("Finished"), "{err}");
+    let unplaced = cli
+        .ok(&["job", "submit", "--app", "io", "--image", "titus/busybox:latest", "--cpu", "16", "--memory-mb", "32"]
+            .into_iter()
+            .chain(["--batch-size", "1", "--", "true"])
+            .collect::<Vec<_>>())
+        .trim()
+        .to_string();
+    let pending = only_task(&cli, &unplaced, "Accepted").await;
+    let (code, _, err) = cli.run(&["task", "logs", &pending]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("never placed"), "{err}");
+}
+
+/// Contexts: servers and credentials under a name in the configuration file, one current; a
+/// flag or variable overrides them. A cluster nobody can reach, or one whose TLS does not match,
+/// is said within seconds, not after the 30 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t350_contexts_and_quick_failures() {
+    let c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("titus").join("config.toml");
+    let servers = c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+    let titus = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_titus"))
+            .args(args)
+            .env("TITUS_CONFIG", &config)
+            .env_remove("TITUS_SERVERS")
+            .env_remove("TITUS_CONTEXT")
+            .env_remove("TITUS_CA")
+            .output()
+            .expect("run titus");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = titus(&["config", "set-context", "test", "--servers", &servers]);
+    assert_eq!(code, 0, "{err}");
+    // Nothing listens on port 1; the first context written became the current one.
+    assert_eq!(titus(&["config", "set-context", "nowhere", "--servers", "127.0.0.1:1"]).0, 0);
+    assert_eq!(titus(&["config", "current-context"]).1.trim(), "test");
+    let (code, out, err) = titus(&["cluster", "status"]);
+    assert_eq!(code, 0, "the current context's servers are used: {err}");
+    assert!(out.contains("leader"), "{out}");
+    let listed = titus(&["config", "get-contexts"]).1;
+    assert!(listed.lines().any(|l| l.starts_with('*') && l.contains("test")), "{listed}");
+
+    // Unreachable: said within seconds (exit 69), naming what failed.
+    let t0 = std::time::Instant::now();
+    let (code, _, err) = titus(&["--context", "nowhere", "job", "list"]);
+    assert_eq!(code, 69, "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "gave up after {:?}, not within seconds", t0.elapsed());
+    assert!(err.to_lowercase().contains("connect"), "{err}");
+    // A flag overrides the context.
+    assert_eq!(titus(&["--context", "nowhere", "--server", &servers, "cluster", "status"]).0, 0);
+
+    // TLS toward a plaintext cluster: the handshake fails at once, and that is said.
+    let certs = dir.path().join("certs");
+    assert_eq!(titus(&["certs", "init", certs.to_str().unwrap(), "--clients", "me"]).0, 0);
+    let ca = certs.join("ca.pem");
+    assert_eq!(titus(&["config", "set-context", "tls", "--servers", &servers, "--ca-file", ca.to_str().unwrap()]).0, 0);
+    assert_eq!(titus(&["config", "use-context", "tls"]).0, 0);
+    let t0 = std::time::Instant::now();
+    let (code, _, err) = titus(&["job", "list"]);
+    assert_eq!(code, 69, "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "gave up after {:?}", t0.elapsed());
+    assert_eq!(titus(&["config", "use-context", "absent"]).0, 3, "an unknown context is not found");
+    assert_eq!(titus(&["config", "delete-context", "tls"]).0, 0);
+    assert_eq!(titus(&["config", "use-context", "test"]).0, 0);
+    // The global --timeout bounds a call.
+    let (code, _, err) = titus(&["--timeout", "2s", "--context", "nowhere", "job", "list"]);
+    assert_eq!(code, 69, "{err}");
 }

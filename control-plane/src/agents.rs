@@ -70,6 +70,29 @@ pub struct AgentHub {
     /// Task states reported by agents, in arrival order, for [`report_batches`].
     reports: mpsc::UnboundedSender<StatusReport>,
     reports_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<StatusReport>>,
+    /// Output and command sessions asked of agents and not yet opened by them, by session id.
+    pending_sessions: Mutex<HashMap<String, PendingSession>>,
+    /// Sessions asked for or open at once (see [`MAX_SESSIONS`]).
+    sessions: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most output and command sessions the leader relays at once.
+const MAX_SESSIONS: usize = 512;
+
+/// How long an agent has to open a session the leader asked of it.
+const SESSION_OPEN_WAIT: Duration = Duration::from_secs(10);
+
+struct PendingSession {
+    agent_id: String,
+    opened: tokio::sync::oneshot::Sender<(Streaming<pb::SessionUp>, mpsc::Sender<Result<pb::ExecInput, Status>>)>,
+}
+
+/// An agent's open session: what it sends up, and a way to send input down. Dropping it ends the
+/// session at the agent; `_turn` is the session's place among [`MAX_SESSIONS`].
+pub struct SessionLink {
+    pub up: Streaming<pb::SessionUp>,
+    pub down: mpsc::Sender<Result<pb::ExecInput, Status>>,
+    _turn: tokio::sync::OwnedSemaphorePermit,
 }
 
 fn msg(m: pb::control_message::Message) -> pb::ControlMessage {
@@ -97,7 +120,66 @@ impl AgentHub {
             lb_max_drain_wait_ms,
             scheduler,
             scheduling: Arc::default(),
+            pending_sessions: Mutex::default(),
+            sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
         })
+    }
+
+    /// Asks agent `agent_id` to serve `kind` for task `task_id` and waits for it to open the
+    /// session (at most [`SESSION_OPEN_WAIT`]). The agent must be attached to this leader.
+    pub async fn open_session(
+        &self,
+        agent_id: &str,
+        task_id: &str,
+        kind: pb::open_session::Kind,
+    ) -> Result<SessionLink, Status> {
+        let Ok(turn) = self.sessions.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "the leader relays {MAX_SESSIONS} output and command sessions already; try again later"
+            )));
+        };
+        let session_id = uuid::Uuid::new_v4().simple().to_string();
+        let (opened, wait) = tokio::sync::oneshot::channel();
+        let sessions = || self.pending_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions().insert(session_id.clone(), PendingSession { agent_id: agent_id.to_string(), opened });
+        let open = pb::OpenSession { session_id: session_id.clone(), task_id: task_id.to_string(), kind: Some(kind) };
+        let sent = match self.conns().get(agent_id) {
+            Some(c) => c.tx.try_send(Ok(msg(pb::control_message::Message::OpenSession(open)))).is_ok(),
+            None => false,
+        };
+        if !sent {
+            sessions().remove(&session_id);
+            return Err(Status::unavailable(format!(
+                "agent {agent_id}, which runs task {task_id}, is not attached to the leader (or its stream is full)"
+            )));
+        }
+        let link = tokio::time::timeout(SESSION_OPEN_WAIT, wait).await;
+        sessions().remove(&session_id);
+        match link {
+            Ok(Ok((up, down))) => Ok(SessionLink { up, down, _turn: turn }),
+            _ => Err(Status::unavailable(format!(
+                "agent {agent_id} did not open the session within {} s (an agent older than the leader serves none)",
+                SESSION_OPEN_WAIT.as_secs()
+            ))),
+        }
+    }
+
+    /// Joins an agent's session stream to the call waiting for it; refused when no call waits
+    /// for that session or `caller_agent` (the certificate's agent, if any) is not the one asked.
+    fn join_session(
+        &self,
+        session_id: &str,
+        caller_agent: Option<&str>,
+        up: Streaming<pb::SessionUp>,
+        down: mpsc::Sender<Result<pb::ExecInput, Status>>,
+    ) -> Result<(), Status> {
+        let mut sessions = self.pending_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = sessions.remove(session_id).ok_or_else(|| Status::not_found("no call waits for this session"))?;
+        if caller_agent.is_some_and(|a| a != pending.agent_id) {
+            sessions.insert(session_id.to_string(), pending);
+            return Err(Status::permission_denied("rule agent-identity: the session was asked of another agent"));
+        }
+        pending.opened.send((up, down)).map_err(|_| Status::cancelled("the call that asked for the session is gone"))
     }
 
     pub fn replica(&self) -> &Arc<Replica> {
@@ -385,6 +467,24 @@ const MAX_CSR_BYTES: usize = 16 << 10;
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type AttachStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+    type SessionStream = ReceiverStream<Result<pb::ExecInput, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::SessionUp>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = crate::auth::caller(&request);
+        let mut up = request.into_inner();
+        let first = tokio::time::timeout(SESSION_OPEN_WAIT, up.message()).await.map_err(|_| {
+            Status::deadline_exceeded(format!("no open message within {} s", SESSION_OPEN_WAIT.as_secs()))
+        })??;
+        let Some(pb::SessionUp { message: Some(pb::session_up::Message::Open(session_id)) }) = first else {
+            return Err(Error::invalid("message", "the first message of a session must be open").into());
+        };
+        let (down, rx) = mpsc::channel(64);
+        self.hub.join_session(&session_id, caller.agent_id(), up, down)?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn enroll_agent(
         &self,

@@ -373,6 +373,8 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
             | "DeleteJobAttributes",
         ) => client_write,
         ("titus.LoadBalancerService", "AddLoadBalancer" | "RemoveLoadBalancer") => client_write,
+        // A command in a task's container changes it as much as a kill does.
+        ("titus.TaskIoService", "ExecTask") => client_write,
         ("grpc.health.v1.Health", _) => {
             Rule { name: "health", says: "health checks need any identity", allows: |_| true, audited: false }
         }

@@ -25,7 +25,7 @@ use titus_proto::peer::raft_peer_server::RaftPeerServer;
 
 use crate::agents::{AgentApi, AgentHub};
 use crate::api::{
-    AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi, LoadBalancerApi, SchedulerApi,
+    AgentManagementApi, AgentTaskApi, CapacityGroupApi, ClusterApi, JobApi, LoadBalancerApi, SchedulerApi, TaskIoApi,
 };
 use crate::auth::{Auditor, Authorize, Policy, Port};
 use crate::config::Config;
@@ -46,6 +46,7 @@ use titus_proto::agent_management_service_server::AgentManagementServiceServer;
 use titus_proto::agent_service_server::AgentServiceServer;
 use titus_proto::load_balancer_service_server::LoadBalancerServiceServer;
 use titus_proto::scheduler_service_server::SchedulerServiceServer;
+use titus_proto::task_io_service_server::TaskIoServiceServer;
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -284,6 +285,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .max_decoding_message_size(max),
             )
             .add_service(SchedulerServiceServer::new(SchedulerApi { hub: hub.clone() }).max_decoding_message_size(max))
+            .add_service(TaskIoServiceServer::new(TaskIoApi { hub: hub.clone() }).max_decoding_message_size(max))
             .add_service(
                 AgentManagementServiceServer::new(AgentManagementApi { replica: replica.clone(), hub: hub.clone() })
                     .max_decoding_message_size(max),

@@ -92,6 +92,9 @@ struct Args {
     /// (aws.metadata-route = false).
     #[arg(long)]
     no_metadata_route: bool,
+    /// Where finished tasks' output is kept after their containers go (finished-logs.dir).
+    #[arg(long)]
+    finished_logs_dir: Option<PathBuf>,
 }
 
 fn config_from(args: Args) -> Result<AgentConfig, String> {
@@ -122,8 +125,12 @@ fn config_from(args: Args) -> Result<AgentConfig, String> {
             enroll_token: None,
             forget_grace_secs: 10,
             aws: Default::default(),
+            finished_logs: Default::default(),
         },
     };
+    if let Some(v) = args.finished_logs_dir {
+        c.finished_logs.dir = v;
+    }
     if let Some(t) = args.enroll_token {
         c.enroll_token = Some(t);
     }

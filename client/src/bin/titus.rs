@@ -7,18 +7,28 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use titus_client::{CapacityGroupSpec, Client, Error, ReadConsistency, Tier};
 
+#[path = "titus/contexts.rs"]
+mod contexts;
+#[path = "titus/io.rs"]
+mod io;
+
+/// The exit code of a command `task exec` ran, for `main` to exit with.
+static EXEC_EXIT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 #[derive(Parser)]
 #[command(name = "titus", version, about = "Command-line client of the Titus control plane")]
 struct Cli {
-    /// Api addresses of any replicas (comma-separated); any one is enough.
-    #[arg(
-        long,
-        short = 's',
-        env = "TITUS_SERVERS",
-        default_value = "127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003",
-        global = true
-    )]
-    server: String,
+    /// Api addresses of any replicas (comma-separated); any one is enough. Default: the
+    /// context's, else 127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003.
+    #[arg(long, short = 's', env = "TITUS_SERVERS", global = true)]
+    server: Option<String>,
+    /// The context of the configuration file to use instead of its current one (see `titus config`).
+    #[arg(long, env = "TITUS_CONTEXT", global = true)]
+    context: Option<String>,
+    /// How long a call may take, retries included (default 30s; `job submit --wait` 5m,
+    /// `cluster step-down` 10s, `cluster backup` and `restore` 10m): 500ms, 10s, 5m, 1h.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    timeout: Option<Duration>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
     output: Output,
@@ -50,7 +60,7 @@ fn file_error(path: &Path, e: std::io::Error) -> Error {
     Error::InvalidArgument { message: format!("{}: {e}", path.display()), violations: vec![] }
 }
 
-/// `500ms`, `10s`, `5m`: a duration flag.
+/// `500ms`, `10s`, `5m`, `2h`: a duration flag.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
@@ -58,8 +68,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -130,6 +141,44 @@ enum Command {
     /// A private CA and certificates for a cluster (files only; no server is called).
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Contexts in the configuration file (~/.config/titus/config.toml, or $TITUS_CONFIG):
+    /// servers and credentials under a name, one of them current.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Lists the contexts; `*` marks the current one.
+    GetContexts,
+    /// Prints the current context's name.
+    CurrentContext,
+    /// Makes NAME the current context.
+    UseContext { name: String },
+    /// Creates or updates context NAME with the values given (others are kept).
+    SetContext {
+        name: String,
+        /// Api addresses of any replicas, comma-separated.
+        #[arg(long)]
+        servers: Option<String>,
+        /// The cluster CA (PEM).
+        #[arg(long = "ca-file")]
+        ca: Option<PathBuf>,
+        /// Client certificate (PEM).
+        #[arg(long = "cert-file")]
+        cert: Option<PathBuf>,
+        /// Its key (PEM).
+        #[arg(long = "key-file")]
+        key: Option<PathBuf>,
+        /// A file holding a bearer token (the token is not copied into the configuration).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Also make it the current context.
+        #[arg(long)]
+        current: bool,
+    },
+    /// Removes context NAME.
+    DeleteContext { name: String },
 }
 
 #[derive(Subcommand)]
@@ -236,9 +285,6 @@ enum JobCmd {
         /// Show the tasks' states as they move, until they are Started (service) or Finished (batch).
         #[arg(long)]
         wait: bool,
-        /// With --wait: give up after this many seconds (exit code 124).
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
         #[arg(long, required_unless_present = "file")]
         app: Option<String>,
         #[arg(long, default_value = "owner@example.com")]
@@ -280,7 +326,8 @@ enum JobCmd {
     Disable {
         id: String,
     },
-    /// Streams the job's changes as they commit (Ctrl-C to stop).
+    /// Streams the job's changes as they commit, saying what changed (state, size, enabled), until
+    /// the job finishes (Ctrl-C to stop earlier). `-o json`: one JSON object per line.
     Watch {
         id: String,
     },
@@ -294,6 +341,12 @@ enum JobCmd {
     },
     Kill {
         id: String,
+    },
+    /// The output of every task of the job, each line prefixed with the task's index and id.
+    Logs {
+        id: String,
+        #[command(flatten)]
+        logs: LogsFlags,
     },
     /// Sets a service job's desired (and optionally min/max).
     Resize {
@@ -326,6 +379,62 @@ enum TaskCmd {
     Why {
         id: String,
     },
+    /// The task's container output (stdout to stdout, stderr to stderr), running or finished
+    /// (a finished task's output is kept by its agent for a while after its container goes).
+    Logs {
+        id: String,
+        #[command(flatten)]
+        logs: LogsFlags,
+    },
+    /// Runs a command in the task's running container and exits with its exit code
+    /// (`titus task exec TASK -- ls /`; `-it -- sh` for a shell).
+    Exec {
+        id: String,
+        /// Send this terminal's stdin to the command.
+        #[arg(long, short = 'i')]
+        interactive: bool,
+        /// Give the command a terminal (with -i, this one is in raw mode while it runs).
+        #[arg(long, short = 't')]
+        tty: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct LogsFlags {
+    /// Go on with what the container prints until it stops (Ctrl-C to stop).
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only the last N lines.
+    #[arg(long)]
+    tail: Option<u32>,
+    /// Only what was printed in the last DURATION (30s, 5m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    since: Option<Duration>,
+    /// Each line starts with when it was printed (RFC 3339, UTC).
+    #[arg(long)]
+    timestamps: bool,
+    /// Only stdout.
+    #[arg(long, conflicts_with = "stderr")]
+    stdout: bool,
+    /// Only stderr.
+    #[arg(long)]
+    stderr: bool,
+}
+
+impl LogsFlags {
+    fn args(&self) -> io::LogsArgs {
+        io::LogsArgs {
+            follow: self.follow,
+            tail: self.tail,
+            since: self.since,
+            timestamps: self.timestamps,
+            stdout: self.stdout,
+            stderr: self.stderr,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -472,26 +581,17 @@ enum ClusterCmd {
     },
     /// Removes a replica.
     Remove { node_id: u64 },
-    /// Moves leadership away from the current leader (before restarting it in a rolling upgrade).
-    StepDown {
-        /// How long to wait for another replica to be elected.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
+    /// Moves leadership away from the current leader (before restarting it in a rolling upgrade);
+    /// waits --timeout (default 10s) for another replica to be elected.
+    StepDown,
     /// Writes the cluster's state (jobs, tasks, capacity groups, agents, load balancers) to FILE.
-    Backup {
-        file: PathBuf,
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        timeout: Duration,
-    },
+    Backup { file: PathBuf },
     /// Loads a backup FILE into an empty cluster, replacing its state.
     Restore {
         file: PathBuf,
         /// Replace the state even when the cluster holds jobs, tasks, capacity groups or load balancers.
         #[arg(long)]
         force: bool,
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        timeout: Duration,
     },
 }
 
@@ -592,6 +692,136 @@ fn print_status(out: Output, s: &titus_client::ClusterStatus) {
     }
 }
 
+/// Where and as whom the CLI calls: flags and environment variables first, then the context.
+struct Target {
+    servers: String,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    token: Option<String>,
+}
+
+const DEFAULT_SERVERS: &str = "127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003";
+
+fn resolve(cli: &Cli) -> Result<Target, Error> {
+    let config = match contexts::path() {
+        Some(p) => contexts::CliConfig::load(&p)?,
+        None => contexts::CliConfig::default(),
+    };
+    let context = config.context(cli.context.as_deref())?.map(|(_, c)| c.clone()).unwrap_or_default();
+    // A certificate and its key come together: a flag pair replaces the context's pair.
+    let (cert, key) = match (&cli.cert, &cli.key) {
+        (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+        _ => (context.cert.clone(), context.key.clone()),
+    };
+    let token = match (&cli.token, &context.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(file)) => Some(contexts::read_token(file)?),
+        (None, None) => None,
+    };
+    let servers = cli.server.clone().filter(|s| !s.trim().is_empty());
+    let servers = servers.or_else(|| Some(context.servers.clone()).filter(|s| !s.is_empty()));
+    Ok(Target {
+        servers: servers.unwrap_or_else(|| DEFAULT_SERVERS.to_string()),
+        ca: cli.ca.clone().or(context.ca.clone()),
+        cert,
+        key,
+        token,
+    })
+}
+
+fn config_command(out: Output, cmd: ConfigCmd) -> Result<(), Error> {
+    let path = contexts::path().ok_or_else(|| Error::InvalidArgument {
+        message: "no configuration file: neither TITUS_CONFIG, XDG_CONFIG_HOME nor HOME is set".into(),
+        violations: vec![],
+    })?;
+    let mut config = contexts::CliConfig::load(&path)?;
+    match cmd {
+        ConfigCmd::GetContexts => {
+            if out != Output::Table {
+                let v = serde_json::json!({"currentContext": config.current_context, "contexts": config.contexts, "file": path.display().to_string()});
+                emit(out, &v);
+                return Ok(());
+            }
+            println!("{:<8} {:<20} {:<48} AUTH", "CURRENT", "NAME", "SERVERS");
+            for (name, c) in &config.contexts {
+                let auth = match (&c.ca, &c.cert, &c.token_file) {
+                    (None, _, _) => "plaintext",
+                    (Some(_), Some(_), _) => "certificate",
+                    (Some(_), None, Some(_)) => "token",
+                    (Some(_), None, None) => "tls, no credential",
+                };
+                let current = if *name == config.current_context { "*" } else { "" };
+                println!("{current:<8} {name:<20} {:<48} {auth}", c.servers);
+            }
+        }
+        ConfigCmd::CurrentContext => match config.current_context.as_str() {
+            "" => return Err(Error::NotFound(format!("no current context in {}", path.display()))),
+            name => println!("{name}"),
+        },
+        ConfigCmd::UseContext { name } => {
+            config.context(Some(&name))?;
+            config.current_context = name.clone();
+            config.save(&path)?;
+            println!("switched to context {name:?}");
+        }
+        ConfigCmd::SetContext { name, servers, ca, cert, key, token_file, current } => {
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_whitespace) {
+                return Err(Error::InvalidArgument {
+                    message: "name: 1-128 characters, no spaces".into(),
+                    violations: vec![],
+                });
+            }
+            if cert.is_some() != key.is_some() {
+                return Err(Error::InvalidArgument {
+                    message: "--cert-file and --key-file go together".into(),
+                    violations: vec![],
+                });
+            }
+            let absolute = |p: Option<PathBuf>| p.map(|p| std::path::absolute(&p).unwrap_or(p));
+            let c = config.contexts.entry(name.clone()).or_default();
+            if let Some(v) = servers {
+                c.servers = v;
+            }
+            if let Some(v) = absolute(ca) {
+                c.ca = Some(v);
+            }
+            if let (Some(cert), Some(key)) = (absolute(cert), absolute(key)) {
+                c.cert = Some(cert);
+                c.key = Some(key);
+            }
+            if let Some(v) = absolute(token_file) {
+                c.token_file = Some(v);
+            }
+            if current || config.current_context.is_empty() {
+                config.current_context = name.clone();
+            }
+            config.save(&path)?;
+            println!("context {name:?} written to {}", path.display());
+        }
+        ConfigCmd::DeleteContext { name } => {
+            if config.contexts.remove(&name).is_none() {
+                return Err(Error::NotFound(format!("context {name:?} is not in {}", path.display())));
+            }
+            if config.current_context == name {
+                config.current_context.clear();
+            }
+            config.save(&path)?;
+            println!("context {name:?} deleted");
+        }
+    }
+    Ok(())
+}
+
+/// Says what a command did: a line for people, or `value` as JSON or YAML.
+fn done(out: Output, line: String, value: serde_json::Value) {
+    if out == Output::Table {
+        println!("{line}");
+    } else {
+        emit(out, &value);
+    }
+}
+
 /// Exit codes scripts can rely on.
 /// `job submit --wait`: the job finished without succeeding (a batch job's tasks failed beyond
 /// their retries, or the job was killed).
@@ -616,19 +846,29 @@ async fn run(cli: Cli) -> Result<(), Error> {
     if let Command::Certs(cmd) = cli.command {
         return certs_command(cmd);
     }
-    let mut options = titus_client::ClientOptions::default();
-    if let Some(ca) = &cli.ca {
-        options = options.with_tls(ca, cli.cert.clone().zip(cli.key.clone()))?;
-    } else if cli.cert.is_some() {
+    if let Command::Config(cmd) = cli.command {
+        return config_command(cli.output, cmd);
+    }
+    let target = resolve(&cli)?;
+    let mut options =
+        titus_client::ClientOptions { unreachable_after: Some(Duration::from_secs(5)), ..Default::default() };
+    if let Some(t) = cli.timeout {
+        options.deadline = t;
+        options.attempt_timeout = options.attempt_timeout.min(t);
+    }
+    if let Some(ca) = &target.ca {
+        options = options.with_tls(ca, target.cert.clone().zip(target.key.clone()))?;
+    } else if target.cert.is_some() {
         return Err(Error::InvalidArgument {
             message: "--cert needs --ca (the cluster CA)".into(),
             violations: vec![],
         });
     }
-    if let Some(token) = &cli.token {
+    if let Some(token) = &target.token {
         options = options.with_token(token.trim());
     }
-    let client = Client::with_options([cli.server.as_str()], options)?;
+    let client = Client::with_options([target.servers.as_str()], options)?;
+    let timeout = cli.timeout;
     let out = cli.output;
     match cli.command {
         Command::CapacityGroup(cmd) => match cmd {
@@ -645,8 +885,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("deleted capacity group {name}");
             }
         },
-        Command::Job(cmd) => job_command(&client, out, cmd).await?,
-        Command::Completions { .. } | Command::Certs(_) => {}
+        Command::Job(cmd) => job_command(&client, out, timeout, cmd).await?,
+        Command::Completions { .. } | Command::Certs(_) | Command::Config(_) => {}
         Command::Audit { after, limit, caller, method } => {
             let query = titus_client::proto::AuditQuery {
                 after_sequence: after,
@@ -687,7 +927,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 emit(out, &serde_json::json!({"records": v, "lastSequence": page.last_sequence}));
             }
         }
-        Command::Task(cmd) => match cmd {
+        Command::Task(cmd) => match with_full_task_id(&client, cmd).await? {
             TaskCmd::List { job_id } => {
                 let tasks = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await?.items;
                 if tasks.is_empty() {
@@ -695,9 +935,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     // empty table.
                     client.find_job(&job_id).await?;
                 }
-                print_tasks(out, &tasks);
+                print_tasks(out, &tasks, &pending_reasons(&client, &tasks).await);
             }
-            TaskCmd::Get { id } => print_tasks(out, &[client.find_task(&id).await?]),
+            TaskCmd::Get { id } => {
+                let tasks = [client.find_task(&id).await?];
+                print_tasks(out, &tasks, &pending_reasons(&client, &tasks).await)
+            }
             TaskCmd::Why { id } => {
                 let r = client.scheduling_result(&id).await?;
                 let state = titus_client::proto::scheduling_result::State::try_from(r.state)
@@ -722,7 +965,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             TaskCmd::Kill { id, shrink } => {
                 client.kill_task(&id, shrink, false).await?;
-                println!("kill requested for task {id}");
+                done(
+                    out,
+                    format!("kill requested for task {id}"),
+                    serde_json::json!({"task": id, "kill": "requested", "shrink": shrink}),
+                );
+            }
+            TaskCmd::Logs { id, logs } => io::task_logs(&client, &id, &logs.args()).await?,
+            TaskCmd::Exec { id, interactive, tty, command } => {
+                let code = io::exec(&client, &id, command, interactive, tty).await?;
+                EXEC_EXIT.store(code, std::sync::atomic::Ordering::Relaxed);
             }
         },
         Command::Agent(AgentCmd::Get { id }) => {
@@ -884,9 +1136,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 print_status(out, &client.add_member(node_id, &peer_addr, &api_addr).await?)
             }
             ClusterCmd::Remove { node_id } => print_status(out, &client.remove_member(node_id).await?),
-            ClusterCmd::StepDown { timeout } => print_status(out, &client.step_down(timeout).await?),
-            ClusterCmd::Backup { file, timeout } => {
-                let backup = client.backup(timeout).await?;
+            ClusterCmd::StepDown => {
+                print_status(out, &client.step_down(timeout.unwrap_or(Duration::from_secs(10))).await?)
+            }
+            ClusterCmd::Backup { file } => {
+                let backup = client.backup(timeout.unwrap_or(Duration::from_secs(600))).await?;
                 // Written aside and renamed, so a failed write never leaves a truncated backup.
                 let partial = file.with_extension("partial");
                 std::fs::write(&partial, &backup.data).map_err(|e| file_error(&partial, e))?;
@@ -909,7 +1163,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     emit(out, &summary);
                 }
             }
-            ClusterCmd::Restore { file, force, timeout } => {
+            ClusterCmd::Restore { file, force } => {
+                let timeout = timeout.unwrap_or(Duration::from_secs(600));
                 let data = std::fs::read(&file).map_err(|e| file_error(&file, e))?;
                 let r = client.restore(data, force, timeout).await?;
                 if out == Output::Table {
@@ -939,9 +1194,13 @@ async fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    let plaintext = cli.ca.is_none();
+    let plaintext = resolve(&cli).map_or(true, |t| t.ca.is_none());
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        // A command run by `task exec` exits as it did (a code past 255, or a negative one, as 1).
+        Ok(()) => match EXEC_EXIT.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => ExitCode::SUCCESS,
+            code => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        },
         Err(e) => {
             eprintln!("titus: {e}");
             if plaintext && matches!(e, Error::Unavailable { .. }) {
@@ -1025,19 +1284,26 @@ fn print_load_balancers(out: Output, all: &[titus_client::proto::GetJobLoadBalan
     emit(out, &serde_json::json!(v));
 }
 
-fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
+/// Prints tasks by index (then id); `pending` holds why Accepted tasks wait, by task id.
+fn print_tasks(out: Output, tasks: &[titus_client::Task], pending: &std::collections::HashMap<String, String>) {
+    let mut tasks: Vec<&titus_client::Task> = tasks.iter().collect();
+    tasks.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
     if out != Output::Table {
         let v: Vec<_> = tasks
             .iter()
             .map(|t| {
                 let s = t.status.clone().unwrap_or_default();
-                serde_json::json!({"id": t.id, "jobId": t.job_id, "index": t.index, "state": state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message, "context": t.task_context})
+                let mut v = serde_json::json!({"id": t.id, "jobId": t.job_id, "index": t.index, "state": state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message, "context": t.task_context, "createdMs": task_created_ms(t), "stateSinceMs": s.timestamp_ms});
+                if let Some(why) = pending.get(&t.id) {
+                    v["pendingReason"] = serde_json::json!(why);
+                }
+                v
             })
             .collect();
         emit(out, &serde_json::json!(v));
         return;
     }
-    println!("{:<38} {:>5} {:<15} {:<22} {:<16} {}", "TASK", "INDEX", "STATE", "AGENT", "IP", "REASON");
+    println!("{:<38} {:>5} {:<15} {:>5} {:<22} {:<16} {}", "TASK", "INDEX", "STATE", "AGE", "AGENT", "IP", "REASON");
     for t in tasks {
         let s = t.status.clone().unwrap_or_default();
         let ctx = |k: &str| t.task_context.get(k).cloned().unwrap_or_default();
@@ -1046,6 +1312,9 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
         } else {
             format!("{}: {}", s.reason_code, s.reason_message)
         };
+        if let Some(why) = pending.get(&t.id) {
+            reason = format!("pending: {why}");
+        }
         let crashes = ctx("crashLoopCount");
         if !crashes.is_empty() {
             reason = format!("{reason} (crash-looping: {crashes} quick crashes in a row before it)")
@@ -1053,10 +1322,11 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
                 .to_string();
         }
         println!(
-            "{:<38} {:>5} {:<15} {:<22} {:<16} {}",
+            "{:<38} {:>5} {:<15} {:>5} {:<22} {:<16} {}",
             t.id,
             t.index,
             state_name(s.state),
+            age(task_created_ms(t)),
             ctx("agent"),
             ctx("containerIp"),
             reason
@@ -1064,48 +1334,153 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task]) {
     }
 }
 
-fn print_jobs(out: Output, jobs: &[titus_client::Job]) {
+/// Why each of the first 50 Accepted tasks waits (the leader's last scheduling round).
+async fn pending_reasons(client: &Client, tasks: &[titus_client::Task]) -> std::collections::HashMap<String, String> {
+    let accepted = tasks
+        .iter()
+        .filter(|t| t.status.as_ref().is_some_and(|s| s.state == titus_client::proto::TaskState::TaskAccepted as i32))
+        .take(50);
+    let mut out = std::collections::HashMap::new();
+    for t in accepted {
+        if let Ok(r) = client.scheduling_result(&t.id).await {
+            if r.state == titus_client::proto::scheduling_result::State::Waiting as i32 && !r.message.is_empty() {
+                out.insert(t.id.clone(), r.message);
+            }
+        }
+    }
+    out
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How long ago `ms` was, as kubectl says it: 45s, 12m, 3h, 5d (empty when unknown).
+fn age(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let secs = (now_ms() - ms).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// When a job was created: its first status.
+fn job_created_ms(j: &titus_client::Job) -> i64 {
+    j.status_history.first().or(j.status.as_ref()).map_or(0, |s| s.timestamp_ms)
+}
+
+/// When a task was created: its first status.
+fn task_created_ms(t: &titus_client::Task) -> i64 {
+    t.status_history.first().or(t.status.as_ref()).map_or(0, |s| s.timestamp_ms)
+}
+
+/// Started tasks of each of `jobs` (at most 10,000 read; None beyond).
+async fn running_counts(client: &Client, jobs: &[titus_client::Job]) -> Option<std::collections::HashMap<String, u32>> {
+    let mut counts = std::collections::HashMap::new();
+    for chunk in jobs.chunks(100) {
+        let ids = chunk.iter().map(|j| j.id.as_str()).collect::<Vec<_>>().join(",");
+        let mut cursor = String::new();
+        for _ in 0..10 {
+            let page = client.find_tasks(&[("jobIds", &ids), ("taskStates", "Started")], 1000, &cursor).await.ok()?;
+            for t in &page.items {
+                *counts.entry(t.job_id.clone()).or_insert(0) += 1;
+            }
+            let p = page.pagination.unwrap_or_default();
+            if !p.has_more {
+                break;
+            }
+            cursor = p.cursor;
+        }
+    }
+    Some(counts)
+}
+
+fn print_jobs(out: Output, jobs: &[titus_client::Job], running: Option<&std::collections::HashMap<String, u32>>) {
     if out != Output::Table {
         let v: Vec<_> = jobs
             .iter()
             .map(|j| {
                 let d = j.job_descriptor.clone().unwrap_or_default();
                 let s = j.status.clone().unwrap_or_default();
-                serde_json::json!({"id": j.id, "applicationName": d.application_name, "owner": d.owner.map(|o| o.team_email), "capacityGroup": d.capacity_group, "state": job_state_name(s.state), "reasonCode": s.reason_code})
+                let mut v = serde_json::json!({"id": j.id, "applicationName": d.application_name, "owner": d.owner.map(|o| o.team_email), "capacityGroup": d.capacity_group, "state": job_state_name(s.state), "reasonCode": s.reason_code, "createdMs": job_created_ms(j)});
+                if let Some(r) = running {
+                    v["runningTasks"] = serde_json::json!(r.get(&j.id).copied().unwrap_or(0));
+                }
+                v
             })
             .collect();
         emit(out, &serde_json::json!(v));
         return;
     }
-    println!("{:<38} {:<20} {:<8} {:<14} {:<10}", "JOB", "APP", "TYPE", "STATE", "TASKS");
+    println!(
+        "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}",
+        "JOB", "APP", "TYPE", "STATE", "RUNNING", "SIZE", "ENABLED", "AGE"
+    );
     for j in jobs {
         let d = j.job_descriptor.clone().unwrap_or_default();
-        let (kind, size) = match d.job_type {
-            Some(titus_client::proto::job_descriptor::JobType::Batch(b)) => ("batch", b.size.to_string()),
+        // Batch: its size; service: min/desired/max.
+        let (kind, size, enabled) = match d.job_type {
+            Some(titus_client::proto::job_descriptor::JobType::Batch(b)) => ("batch", b.size.to_string(), "-"),
             Some(titus_client::proto::job_descriptor::JobType::Service(s)) => {
                 let c = s.capacity.unwrap_or_default();
-                ("service", format!("{}/{}/{}", c.min, c.desired, c.max))
+                ("service", format!("{}/{}/{}", c.min, c.desired, c.max), if s.enabled { "yes" } else { "no" })
             }
-            None => ("?", String::new()),
+            None => ("?", String::new(), "-"),
         };
+        let running = running.map_or("?".to_string(), |r| r.get(&j.id).copied().unwrap_or(0).to_string());
         println!(
-            "{:<38} {:<20} {:<8} {:<14} {:<10}",
+            "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}",
             j.id,
             d.application_name,
             kind,
             job_state_name(j.status.clone().unwrap_or_default().state),
-            size
+            running,
+            size,
+            enabled,
+            age(job_created_ms(j))
         );
     }
 }
 
-async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Error> {
+/// The command with its job id given in full: a unique prefix of one is enough.
+async fn with_full_job_id(client: &Client, mut cmd: JobCmd) -> Result<JobCmd, Error> {
+    match &mut cmd {
+        JobCmd::Enable { id }
+        | JobCmd::Disable { id }
+        | JobCmd::Watch { id }
+        | JobCmd::Get { id }
+        | JobCmd::Kill { id }
+        | JobCmd::Logs { id, .. }
+        | JobCmd::Resize { id, .. } => *id = client.resolve_job_id(id).await?,
+        JobCmd::Submit { .. } | JobCmd::List { .. } => {}
+    }
+    Ok(cmd)
+}
+
+/// The command with its task (or job) id given in full: a unique prefix of one is enough.
+async fn with_full_task_id(client: &Client, mut cmd: TaskCmd) -> Result<TaskCmd, Error> {
+    match &mut cmd {
+        TaskCmd::List { job_id } => *job_id = client.resolve_job_id(job_id).await?,
+        TaskCmd::Get { id }
+        | TaskCmd::Why { id }
+        | TaskCmd::Kill { id, .. }
+        | TaskCmd::Logs { id, .. }
+        | TaskCmd::Exec { id, .. } => *id = client.resolve_task_id(id).await?,
+    }
+    Ok(cmd)
+}
+
+async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cmd: JobCmd) -> Result<(), Error> {
     use titus_client::proto as pb;
-    match cmd {
+    match with_full_job_id(client, cmd).await? {
         JobCmd::Submit {
             file,
             wait,
-            timeout,
             app,
             owner,
             image,
@@ -1175,47 +1550,115 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
                 }
             };
             let id = client.create_job(descriptor).await?;
-            println!("{id}");
+            done(out, id.clone(), serde_json::json!({"id": id}));
             if wait {
-                wait_for_tasks(client, &id, Duration::from_secs(timeout)).await?;
+                wait_for_tasks(client, &id, timeout.unwrap_or(Duration::from_secs(300))).await?;
             }
         }
         JobCmd::Enable { id } => {
             client.update_job_status(&id, true).await?;
-            println!("job {id} enabled");
+            done(out, format!("job {id} enabled"), serde_json::json!({"job": id, "enabled": true}));
         }
         JobCmd::Disable { id } => {
             client.update_job_status(&id, false).await?;
-            println!("job {id} disabled");
+            done(out, format!("job {id} disabled"), serde_json::json!({"job": id, "enabled": false}));
         }
         JobCmd::Watch { id } => {
+            // What the job was at the last update, to say what changed.
+            struct Seen {
+                state: i32,
+                capacity: Option<(u32, u32, u32)>,
+                enabled: Option<bool>,
+            }
+            let mut seen: Option<Seen> = None;
+            let mut task_states: std::collections::HashMap<String, i32> = Default::default();
             let mut observer = client.observe_job(&id);
             loop {
                 let n = observer.next().await?;
                 match n.notification {
                     Some(pb::job_change_notification::Notification::JobUpdate(u)) => {
                         let j = u.job.unwrap_or_default();
-                        println!(
-                            "[{}] job {} {}",
-                            n.revision,
-                            j.id,
-                            job_state_name(j.status.unwrap_or_default().state)
-                        );
+                        let status = j.status.clone().unwrap_or_default();
+                        let (capacity, enabled) = match j.job_descriptor.as_ref().and_then(|d| d.job_type) {
+                            Some(pb::job_descriptor::JobType::Service(s)) => {
+                                let c = s.capacity.unwrap_or_default();
+                                (Some((c.min, c.desired, c.max)), Some(s.enabled))
+                            }
+                            _ => (None, None),
+                        };
+                        let mut changes = Vec::new();
+                        match &seen {
+                            None => changes.push(job_state_name(status.state).to_string()),
+                            Some(before) => {
+                                if before.state != status.state {
+                                    changes.push(format!(
+                                        "{} -> {}",
+                                        job_state_name(before.state),
+                                        job_state_name(status.state)
+                                    ));
+                                }
+                                if let (Some(a), Some(b)) = (before.capacity, capacity) {
+                                    if a != b {
+                                        changes.push(format!(
+                                            "resized {}/{}/{} -> {}/{}/{} (min/desired/max)",
+                                            a.0, a.1, a.2, b.0, b.1, b.2
+                                        ));
+                                    }
+                                }
+                                if let (Some(a), Some(b)) = (before.enabled, enabled) {
+                                    if a != b {
+                                        changes.push(if b { "enabled".into() } else { "disabled".into() });
+                                    }
+                                }
+                            }
+                        }
+                        if out == Output::Table {
+                            if !changes.is_empty() {
+                                println!("{} job {} {}", format_ms(now_ms()), j.id, changes.join(", "));
+                            }
+                        } else {
+                            println!(
+                                "{}",
+                                serde_json::json!({"revision": n.revision, "job": j.id, "state": job_state_name(status.state), "changes": changes, "timeMs": now_ms()})
+                            );
+                        }
+                        seen = Some(Seen { state: status.state, capacity, enabled });
+                        if status.state == pb::JobState::JobFinished as i32 {
+                            return Ok(());
+                        }
                     }
                     Some(pb::job_change_notification::Notification::TaskUpdate(u)) => {
                         let t = u.task.unwrap_or_default();
                         let s = t.status.unwrap_or_default();
-                        println!(
-                            "[{}] task {} #{} {} {}",
-                            n.revision,
-                            t.id,
-                            t.index,
-                            state_name(s.state),
-                            s.reason_code
-                        );
+                        let before = task_states.insert(t.id.clone(), s.state);
+                        if before == Some(s.state) {
+                            continue;
+                        }
+                        let reason = match (s.reason_code.is_empty(), s.reason_message.is_empty()) {
+                            (true, _) => String::new(),
+                            (false, true) => format!(" ({})", s.reason_code),
+                            (false, false) => format!(" ({}: {})", s.reason_code, s.reason_message),
+                        };
+                        if out == Output::Table {
+                            println!(
+                                "{} task {} #{} {}{}",
+                                format_ms(s.timestamp_ms),
+                                t.id,
+                                t.index,
+                                state_name(s.state),
+                                reason
+                            );
+                        } else {
+                            println!(
+                                "{}",
+                                serde_json::json!({"revision": n.revision, "task": t.id, "index": t.index, "state": state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message, "timeMs": s.timestamp_ms})
+                            );
+                        }
                     }
                     Some(pb::job_change_notification::Notification::SnapshotEnd(_)) => {
-                        println!("--- now following changes ---")
+                        if out == Output::Table {
+                            println!("--- now following changes (Ctrl-C to stop; ends when the job finishes) ---")
+                        }
                     }
                     None => {}
                 }
@@ -1231,16 +1674,24 @@ async fn job_command(client: &Client, out: Output, cmd: JobCmd) -> Result<(), Er
                 criteria.push((k, v));
             }
             let jobs = client.find_jobs(&criteria, 1000, "").await?.items;
-            print_jobs(out, &jobs);
+            print_jobs(out, &jobs, running_counts(client, &jobs).await.as_ref());
         }
-        JobCmd::Get { id } => print_jobs(out, &[client.find_job(&id).await?]),
+        JobCmd::Get { id } => {
+            let jobs = [client.find_job(&id).await?];
+            print_jobs(out, &jobs, running_counts(client, &jobs).await.as_ref())
+        }
         JobCmd::Kill { id } => {
             client.kill_job(&id).await?;
-            println!("kill requested for job {id}");
+            done(out, format!("kill requested for job {id}"), serde_json::json!({"job": id, "kill": "requested"}));
         }
+        JobCmd::Logs { id, logs } => io::job_logs(client, &id, &logs.args()).await?,
         JobCmd::Resize { id, desired, min, max } => {
             client.update_job_capacity(&id, min, desired, max).await?;
-            println!("job {id} resized");
+            done(
+                out,
+                format!("job {id} resized"),
+                serde_json::json!({"job": id, "min": min, "desired": desired, "max": max}),
+            );
         }
     }
     Ok(())

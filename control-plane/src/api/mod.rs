@@ -7,6 +7,7 @@ mod cluster;
 mod jobs;
 mod load_balancers;
 mod scheduler;
+mod task_io;
 
 pub use agents::AgentManagementApi;
 pub use capacity_groups::CapacityGroupApi;
@@ -14,6 +15,7 @@ pub use cluster::ClusterApi;
 pub use jobs::{now_ms, AgentTaskApi, JobApi};
 pub use load_balancers::LoadBalancerApi;
 pub use scheduler::SchedulerApi;
+pub use task_io::TaskIoApi;
 pub use titus_model::convert::{job_descriptor_to_proto, task_state_from_proto};
 
 pub(crate) use crate::clock::client_deadline;

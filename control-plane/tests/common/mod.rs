@@ -436,6 +436,8 @@ impl Cluster {
             memory_mb.to_string(),
             "--attribute".into(),
             "zone=us-east-1a".into(),
+            "--finished-logs-dir".into(),
+            self.dir.path().join("finished-logs").display().to_string(),
         ]
         .into_iter()
         .chain(if security { self.agent_security_args(&id) } else { Vec::new() })
