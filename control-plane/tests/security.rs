@@ -307,6 +307,14 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     .await;
     let s = denied(bob.kill_task(&task.id, false, false).await.unwrap_err());
     assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    // A command in Alice's container changes her job as much as a kill: Bob is refused (and
+    // audited, below); Alice is not, and hears that the task has no container yet.
+    let exec =
+        |task_id: &str| pb::ExecStart { task_id: task_id.into(), command: vec!["true".into()], ..Default::default() };
+    let s = denied(bob.exec_task(exec(&task.id), futures::stream::pending()).await.unwrap_err());
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    let e = alice.exec_task(exec(&task.id), futures::stream::pending()).await.unwrap_err();
+    assert!(matches!(e, titus_client::Error::FailedPrecondition(_)), "{e}");
     let s = denied(bob.add_load_balancer(&alices, "arn:aws:elasticloadbalancing:tg/x").await.unwrap_err());
     assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
     let j = admin.find_job(&alices).await.unwrap();
@@ -333,6 +341,11 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
 
     // The audit log has who did what and how it went, on every replica, and after the leader
     // changes, with new records still coming in.
+    wait_until(Duration::from_secs(10), "bob's refused exec audited", || async {
+        let r = audit(&ops, "client/bob", "ExecTask").await;
+        r.iter().any(|r| r.code == "PermissionDenied").then_some(())
+    })
+    .await;
     let kills = wait_until(Duration::from_secs(10), "bob's refused kill audited", || async {
         let r = audit(&ops, "client/bob", "KillJob").await;
         (!r.is_empty()).then_some(r)
