@@ -5,128 +5,135 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use titus_proto as pb;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobSpec {
+    /// The job's id: set by `titus job get -o yaml`, read by `titus job apply` (which job to
+    /// update); a new job's id is chosen by the server.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
     pub owner: Owner,
     pub application_name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub capacity_group: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub job_group_info: JobGroupInfo,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     pub container: Container,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<Batch>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Service>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disruption_budget: Option<DisruptionBudget>,
+    /// What the server says of the job (`titus job get -o yaml`): read-only, ignored on input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Owner {
     pub team_email: String,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobGroupInfo {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stack: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sequence: String,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     pub cpu: f64,
     #[serde(rename = "memoryMB")]
     pub memory_mb: u32,
-    #[serde(rename = "diskMB", default)]
+    #[serde(rename = "diskMB", default, skip_serializing_if = "is_zero")]
     pub disk_mb: u32,
-    #[serde(rename = "networkMbps", default)]
+    #[serde(rename = "networkMbps", default, skip_serializing_if = "is_zero")]
     pub network_mbps: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub gpu: u32,
-    #[serde(rename = "shmSizeMB", default)]
+    #[serde(rename = "shmSizeMB", default, skip_serializing_if = "is_zero")]
     pub shm_size_mb: u32,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Image {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tag: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digest: String,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Container {
     pub resources: Resources,
     pub image: Image,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entry_point: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub soft_constraints: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub hard_constraints: BTreeMap<String, String>,
     /// Linux capabilities beyond the default set (the capacity group must allow them).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
     /// The job's AWS identity: IAM role and security groups (Titus's `securityProfile`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_profile: Option<SecurityProfile>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecurityProfile {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub iam_role: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     /// Instance metadata without an IMDSv2 session token.
-    #[serde(default, rename = "allowImdsV1")]
+    #[serde(default, rename = "allowImdsV1", skip_serializing_if = "is_false")]
     pub allow_imds_v1: bool,
 }
 
 /// Exactly one of the three, as in Titus's JSON (`{"immediate": {"retries": 3}}`).
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryPolicy {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub immediate: Option<Immediate>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delayed: Option<Delayed>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exponential_back_off: Option<ExponentialBackOff>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Immediate {
     pub retries: u32,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Delayed {
     pub initial_delay_ms: u64,
@@ -134,7 +141,7 @@ pub struct Delayed {
     pub retries: u32,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExponentialBackOff {
     pub initial_delay_ms: u64,
@@ -142,34 +149,34 @@ pub struct ExponentialBackOff {
     pub retries: u32,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Batch {
     pub size: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub runtime_limit_sec: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RetryPolicy>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub retry_on_runtime_limit: bool,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub min: u32,
     pub desired: u32,
     pub max: u32,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Service {
     pub capacity: Capacity,
     #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RetryPolicy>,
 }
 
@@ -177,12 +184,24 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize, Default)]
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DisruptionBudget {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub self_managed_relocation_time_ms: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
     pub availability_percentage_limit: f64,
 }
 
@@ -216,7 +235,93 @@ pub fn parse(text: &str) -> Result<JobSpec, String> {
     }
 }
 
+fn retry_policy_from(p: Option<pb::RetryPolicy>) -> Option<RetryPolicy> {
+    use pb::retry_policy::Policy;
+    Some(match p?.policy? {
+        Policy::Immediate(i) => RetryPolicy { immediate: Some(Immediate { retries: i.retries }), ..Default::default() },
+        Policy::Delayed(d) => RetryPolicy {
+            delayed: Some(Delayed { initial_delay_ms: d.initial_delay_ms, delay_ms: d.delay_ms, retries: d.retries }),
+            ..Default::default()
+        },
+        Policy::ExponentialBackOff(e) => RetryPolicy {
+            exponential_back_off: Some(ExponentialBackOff {
+                initial_delay_ms: e.initial_delay_ms,
+                max_delay_interval_ms: e.max_delay_interval_ms,
+                retries: e.retries,
+            }),
+            ..Default::default()
+        },
+    })
+}
+
 impl JobSpec {
+    /// A job as a spec file says it: what `into_descriptor` reads back into the same descriptor.
+    pub fn from_job(job: &pb::Job) -> JobSpec {
+        let d = job.job_descriptor.clone().unwrap_or_default();
+        let c = d.container.unwrap_or_default();
+        let r = c.resources.unwrap_or_default();
+        let image = c.image.unwrap_or_default();
+        let group = d.job_group_info.unwrap_or_default();
+        let (batch, service) = match d.job_type {
+            Some(pb::job_descriptor::JobType::Batch(b)) => (
+                Some(Batch {
+                    size: b.size,
+                    runtime_limit_sec: b.runtime_limit_sec,
+                    retry_policy: retry_policy_from(b.retry_policy),
+                    retry_on_runtime_limit: b.retry_on_runtime_limit,
+                }),
+                None,
+            ),
+            Some(pb::job_descriptor::JobType::Service(s)) => {
+                let cap = s.capacity.unwrap_or_default();
+                let capacity = Capacity { min: cap.min, desired: cap.desired, max: cap.max };
+                (None, Some(Service { capacity, enabled: s.enabled, retry_policy: retry_policy_from(s.retry_policy) }))
+            }
+            None => (None, None),
+        };
+        JobSpec {
+            id: job.id.clone(),
+            owner: Owner { team_email: d.owner.map(|o| o.team_email).unwrap_or_default() },
+            application_name: d.application_name,
+            capacity_group: d.capacity_group,
+            job_group_info: JobGroupInfo { stack: group.stack, detail: group.detail, sequence: group.sequence },
+            attributes: d.attributes.into_iter().collect(),
+            container: Container {
+                resources: Resources {
+                    cpu: r.cpu,
+                    memory_mb: r.memory_mb,
+                    disk_mb: r.disk_mb,
+                    network_mbps: r.network_mbps,
+                    gpu: r.gpu,
+                    shm_size_mb: r.shm_size_mb,
+                },
+                image: Image { name: image.name, tag: image.tag, digest: image.digest },
+                entry_point: c.entry_point,
+                command: c.command,
+                env: c.env.into_iter().collect(),
+                soft_constraints: c.soft_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
+                hard_constraints: c.hard_constraints.map(|c| c.constraints.into_iter().collect()).unwrap_or_default(),
+                capabilities: c.capabilities,
+                security_profile: c.security_profile.map(|p| SecurityProfile {
+                    security_groups: p.security_groups,
+                    iam_role: p.iam_role,
+                    attributes: p.attributes.into_iter().collect(),
+                    allow_imds_v1: p.allow_imds_v1,
+                }),
+            },
+            batch,
+            service,
+            disruption_budget: d
+                .disruption_budget
+                .filter(|b| b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0)
+                .map(|b| DisruptionBudget {
+                    self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
+                    availability_percentage_limit: b.availability_percentage_limit,
+                }),
+            status: None,
+        }
+    }
+
     pub fn into_descriptor(self) -> Result<pb::JobDescriptor, String> {
         let job_type = match (self.batch, self.service) {
             (Some(b), None) => pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
@@ -291,6 +396,21 @@ mod tests {
             n += 1;
         }
         assert!(n >= 2);
+    }
+
+    #[test]
+    fn a_job_read_back_as_a_spec_gives_the_same_descriptor() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let descriptor = parse(&std::fs::read_to_string(&path).unwrap()).unwrap().into_descriptor().unwrap();
+            let job = pb::Job { id: "j-1".into(), job_descriptor: Some(descriptor.clone()), ..Default::default() };
+            let spec = JobSpec::from_job(&job);
+            let yaml = serde_yaml::to_string(&spec).unwrap();
+            let back = parse(&yaml).unwrap_or_else(|e| panic!("{}: {e}\n{yaml}", path.display()));
+            assert_eq!(back.id, "j-1");
+            assert_eq!(back.into_descriptor().unwrap(), descriptor, "{}", path.display());
+        }
     }
 
     #[test]

@@ -74,7 +74,8 @@ async fn t310_cli_submits_lists_resizes_and_kills() {
     .await;
     cli.ok(&["job", "resize", &service, "--desired", "3"]);
     let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &service])).unwrap();
-    assert_eq!(job[0]["id"], service.as_str());
+    assert_eq!(job["id"], service.as_str());
+    assert_eq!(job["service"]["capacity"]["desired"], 3, "the whole spec: {job}");
     assert!(cli.ok(&["job", "list"]).contains("1/3/4"), "service capacity shows min/desired/max");
     cli.ok(&["job", "disable", &service]);
     cli.ok(&["job", "enable", &service]);
@@ -357,4 +358,73 @@ async fn t350_contexts_and_quick_failures() {
     // The global --timeout bounds a call.
     let (code, _, err) = titus(&["--timeout", "2s", "--context", "nowhere", "job", "list"]);
     assert_eq!(code, 69, "{err}");
+}
+
+/// `job get -o yaml > f; edit f; job apply -f f`: what can change in place changes, the rest is
+/// refused naming each field; a spec without id finds its job by application and jobGroupInfo;
+/// flags beside `-f` are refused, never ignored; `-f -` reads stdin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t360_get_edit_apply_round_trip() {
+    let c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let dir = tempfile::TempDir::new().unwrap();
+    let file = dir.path().join("job.yaml");
+    let file = file.to_str().unwrap();
+
+    let id = cli.ok(&["job", "submit", "-f", &example("service.json")]).trim().to_string();
+    let yaml = cli.ok(&["-o", "yaml", "job", "get", &id[..8]]);
+    assert!(yaml.contains(&format!("id: {id}")) && yaml.contains("desired: 2"), "{yaml}");
+    std::fs::write(file, &yaml).unwrap();
+    assert_eq!(cli.ok(&["job", "apply", "-f", file]).trim(), format!("job {id} unchanged"), "read back as it was");
+
+    // Size, enabled flag and attributes change in place.
+    let edited = yaml
+        .replace("desired: 2", "desired: 3")
+        .replace("applicationName: hello-service", "applicationName: hello-service\nattributes:\n  team: edge");
+    std::fs::write(file, &edited).unwrap();
+    let out = cli.ok(&["job", "apply", "-f", file]);
+    assert!(out.contains("resized 1/2/4 -> 1/3/4") && out.contains("attributes set: team"), "{out}");
+    let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
+    assert_eq!(job["service"]["capacity"]["desired"], 3);
+    assert_eq!(job["attributes"]["team"], "edge");
+
+    // What would need new tasks is refused, each field named, and nothing changes.
+    std::fs::write(
+        file,
+        edited.replace("desired: 3", "desired: 4").replace("cpu: 0.5", "cpu: 1.0").replace("tag: latest", "tag: v2"),
+    )
+    .unwrap();
+    let (code, _, err) = cli.run(&["job", "apply", "-f", file]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("container.resources.cpu") && err.contains("container.image.tag"), "{err}");
+    let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
+    assert_eq!(job["service"]["capacity"]["desired"], 3, "nothing was changed");
+
+    // Without an id the job is found by application and jobGroupInfo; from stdin.
+    let without_id: String = edited.lines().filter(|l| !l.starts_with("id:")).map(|l| format!("{l}\n")).collect();
+    let mut apply = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
+        .args(["-o", "json", "job", "apply", "-f", "-"])
+        .env("TITUS_SERVERS", &cli.servers)
+        .env("TITUS_CONFIG", NO_CONFIG)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        apply.stdin.take().unwrap().write_all(without_id.replace("desired: 3", "desired: 1").as_bytes()).unwrap();
+    }
+    let out = apply.wait_with_output().unwrap();
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((said["id"].as_str(), said["created"].as_bool()), (Some(id.as_str()), Some(false)), "{said}");
+
+    // A spec with an id is not a new job; flags describing a job are refused beside -f.
+    std::fs::write(file, &yaml).unwrap();
+    let (code, _, err) = cli.run(&["job", "submit", "-f", file]);
+    assert_eq!(code, 2);
+    assert!(err.contains("id:") && err.contains("apply"), "{err}");
+    let (code, _, err) = cli.run(&["job", "submit", "-f", &example("service.json"), "--cpu", "2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cpu"), "{err}");
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use titus_client::{CapacityGroupSpec, Client, Error, ReadConsistency, Tier};
 
+#[path = "titus/apply.rs"]
+mod apply;
 #[path = "titus/contexts.rs"]
 mod contexts;
 #[path = "titus/io.rs"]
@@ -279,35 +281,47 @@ enum JobCmd {
     /// Submits a job from a spec file (-f, YAML or JSON; see deploy/examples) or from flags with
     /// the command after `--`; prints its id.
     Submit {
-        /// Job spec file (YAML or JSON, Titus's field names).
-        #[arg(long, short = 'f', conflicts_with_all = ["app", "image", "iam_role", "security_groups"])]
+        /// Job spec file (YAML or JSON, Titus's field names; `-`: stdin). The job is described by
+        /// the file alone: flags describing it are refused with it.
+        #[arg(long, short = 'f', conflicts_with_all = [
+            "app", "owner", "image", "cpu", "memory_mb", "batch_size", "desired", "max",
+            "capacity_group", "retries", "iam_role", "security_groups", "command",
+        ])]
         file: Option<std::path::PathBuf>,
-        /// Show the tasks' states as they move, until they are Started (service) or Finished (batch).
+        /// Show the tasks' states as they move, until they are Started (service) or Finished
+        /// (batch), within --timeout (default 5m).
         #[arg(long)]
         wait: bool,
+        /// The application name.
         #[arg(long, required_unless_present = "file")]
         app: Option<String>,
-        #[arg(long, default_value = "owner@example.com")]
-        owner: String,
+        /// The owner's email (default owner@example.com).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Image as NAME[:TAG] (default tag latest).
         #[arg(long, required_unless_present = "file")]
         image: Option<String>,
-        #[arg(long, default_value_t = 1.0)]
-        cpu: f64,
-        #[arg(long, default_value_t = 256)]
-        memory_mb: u32,
+        /// CPUs per task (default 1).
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Memory per task in MB (default 256).
+        #[arg(long)]
+        memory_mb: Option<u32>,
         /// A batch job of this many tasks.
         #[arg(long, conflicts_with = "desired")]
         batch_size: Option<u32>,
         /// A service job with this many tasks (min 0, max = desired unless --max).
         #[arg(long)]
         desired: Option<u32>,
+        /// A service job's most tasks.
         #[arg(long)]
         max: Option<u32>,
-        #[arg(long, default_value = "DEFAULT")]
-        capacity_group: String,
-        /// Retries of a failed batch task.
-        #[arg(long, default_value_t = 0)]
-        retries: u32,
+        /// The capacity group (default DEFAULT).
+        #[arg(long)]
+        capacity_group: Option<String>,
+        /// Retries of a failed batch task (default 0).
+        #[arg(long)]
+        retries: Option<u32>,
         /// IAM role ARN whose credentials the containers get (container credentials endpoint and
         /// instance metadata).
         #[arg(long)]
@@ -315,8 +329,17 @@ enum JobCmd {
         /// Security group id (sg-...) of the job's tasks; repeatable.
         #[arg(long = "security-group")]
         security_groups: Vec<String>,
+        /// The command and its arguments, after `--`.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Makes the job a spec file describes be as it says (`-`: stdin): the job named by the
+    /// file's `id` (as `job get -o yaml` writes it), else the active job of its application and
+    /// jobGroupInfo, else a new job. Capacity, enabled and attributes change in place; a change
+    /// to anything else is refused, naming the fields.
+    Apply {
+        #[arg(long, short = 'f')]
+        file: std::path::PathBuf,
     },
     /// Enables a service job (its desired tasks are kept running).
     Enable {
@@ -1457,7 +1480,7 @@ async fn with_full_job_id(client: &Client, mut cmd: JobCmd) -> Result<JobCmd, Er
         | JobCmd::Kill { id }
         | JobCmd::Logs { id, .. }
         | JobCmd::Resize { id, .. } => *id = client.resolve_job_id(id).await?,
-        JobCmd::Submit { .. } | JobCmd::List { .. } => {}
+        JobCmd::Submit { .. } | JobCmd::List { .. } | JobCmd::Apply { .. } => {}
     }
     Ok(cmd)
 }
@@ -1497,13 +1520,25 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
         } => {
             let descriptor = match file {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path).map_err(|e| Error::InvalidArgument {
+                    let text = apply::read_spec_text(&path)?;
+                    let spec = titus_client::spec::parse(&text).map_err(|e| Error::InvalidArgument {
                         message: format!("{}: {e}", path.display()),
                         violations: vec![],
                     })?;
-                    titus_client::spec::parse(&text).and_then(titus_client::spec::JobSpec::into_descriptor).map_err(
-                        |e| Error::InvalidArgument { message: format!("{}: {e}", path.display()), violations: vec![] },
-                    )?
+                    if !spec.id.is_empty() {
+                        return Err(Error::InvalidArgument {
+                            message: format!(
+                                "{}: id: a new job's id is chosen by the server (titus job apply -f updates job {})",
+                                path.display(),
+                                spec.id
+                            ),
+                            violations: vec![],
+                        });
+                    }
+                    spec.into_descriptor().map_err(|e| Error::InvalidArgument {
+                        message: format!("{}: {e}", path.display()),
+                        violations: vec![],
+                    })?
                 }
                 None => {
                     let image = image.unwrap_or_default();
@@ -1521,18 +1556,22 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
                             size: size.unwrap_or(1),
                             retry_policy: Some(pb::RetryPolicy {
                                 policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate {
-                                    retries,
+                                    retries: retries.unwrap_or(0),
                                 })),
                             }),
                             ..Default::default()
                         }),
                     };
                     pb::JobDescriptor {
-                        owner: Some(pb::Owner { team_email: owner }),
+                        owner: Some(pb::Owner { team_email: owner.unwrap_or_else(|| "owner@example.com".into()) }),
                         application_name: app.unwrap_or_default(),
-                        capacity_group,
+                        capacity_group: capacity_group.unwrap_or_else(|| "DEFAULT".into()),
                         container: Some(pb::Container {
-                            resources: Some(pb::ContainerResources { cpu, memory_mb, ..Default::default() }),
+                            resources: Some(pb::ContainerResources {
+                                cpu: cpu.unwrap_or(1.0),
+                                memory_mb: memory_mb.unwrap_or(256),
+                                ..Default::default()
+                            }),
                             image: Some(pb::Image { name, tag, digest: String::new() }),
                             command,
                             security_profile: (iam_role.is_some() || !security_groups.is_empty()).then(|| {
@@ -1678,7 +1717,34 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
         }
         JobCmd::Get { id } => {
             let jobs = [client.find_job(&id).await?];
-            print_jobs(out, &jobs, running_counts(client, &jobs).await.as_ref())
+            let running = running_counts(client, &jobs).await;
+            if out == Output::Table {
+                print_jobs(out, &jobs, running.as_ref());
+            } else {
+                // The whole spec as `submit -f` and `apply -f` read it, with the job's id and a
+                // read-only status.
+                let j = &jobs[0];
+                let s = j.status.clone().unwrap_or_default();
+                let mut spec = titus_client::spec::JobSpec::from_job(j);
+                spec.status = Some(serde_json::json!({
+                    "state": job_state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message,
+                    "createdMs": job_created_ms(j), "runningTasks": running.as_ref().and_then(|r| r.get(&j.id).copied()).unwrap_or(0),
+                }));
+                emit(out, &serde_json::to_value(&spec).unwrap_or_default());
+            }
+        }
+        JobCmd::Apply { file } => {
+            let applied = apply::apply(client, &file).await?;
+            let line = match (applied.created, applied.changes.is_empty()) {
+                (true, _) => format!("job {} created", applied.job_id),
+                (false, true) => format!("job {} unchanged", applied.job_id),
+                (false, false) => format!("job {}: {}", applied.job_id, applied.changes.join("; ")),
+            };
+            done(
+                out,
+                line,
+                serde_json::json!({"id": applied.job_id, "created": applied.created, "changes": applied.changes}),
+            );
         }
         JobCmd::Kill { id } => {
             client.kill_job(&id).await?;
