@@ -41,6 +41,7 @@ struct Cli {
     /// Client certificate (PEM) and key, from `titus certs init` or `issue`.
     #[arg(long, env = "TITUS_CERT", global = true, requires = "key")]
     cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
     #[arg(long, env = "TITUS_KEY", global = true, requires = "cert")]
     key: Option<PathBuf>,
     /// A bearer token (prefer the environment variable: arguments show in `ps`).
@@ -125,12 +126,16 @@ enum Command {
     #[command(subcommand)]
     Lb(LbCmd),
     /// Prints a shell completion script: titus completions bash > /etc/bash_completion.d/titus
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// The audit log: every mutating call, who made it and its result (admins and operators).
     Audit {
         /// Records after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// At most this many records.
         #[arg(long, default_value_t = 100)]
         limit: u32,
         /// Only this caller's records, e.g. client/alice.
@@ -156,9 +161,13 @@ enum ConfigCmd {
     /// Prints the current context's name.
     CurrentContext,
     /// Makes NAME the current context.
-    UseContext { name: String },
+    UseContext {
+        /// The context's name.
+        name: String,
+    },
     /// Creates or updates context NAME with the values given (others are kept).
     SetContext {
+        /// The context's name.
         name: String,
         /// Api addresses of any replicas, comma-separated.
         #[arg(long)]
@@ -180,7 +189,10 @@ enum ConfigCmd {
         current: bool,
     },
     /// Removes context NAME.
-    DeleteContext { name: String },
+    DeleteContext {
+        /// The context's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +200,7 @@ enum CertsCmd {
     /// Makes a CA and the certificates of a cluster in DIR: ca.pem/ca.key, replica-<id>.pem/.key,
     /// agent-<name>, client-<name>. An existing CA in DIR is reused.
     Init {
+        /// Where the CA and certificates are written.
         dir: PathBuf,
         /// Replica node ids, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
@@ -203,8 +216,11 @@ enum CertsCmd {
     },
     /// Issues (or replaces) one certificate with the CA in DIR: KIND is replica, agent or client.
     Issue {
+        /// The folder holding the CA (ca.pem, ca.key); the certificate is written there.
         dir: PathBuf,
+        /// replica, agent or client.
         kind: String,
+        /// The replica's node id, the agent's id or the client's name.
         name: String,
         #[command(flatten)]
         issue: IssueOpts,
@@ -219,6 +235,7 @@ struct IssueOpts {
     /// Host names and addresses a replica is reached at, comma-separated (replicas only).
     #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
     hosts: Vec<String>,
+    /// The trust domain the identities are named in (spiffe://<domain>/...).
     #[arg(long, default_value = "titus")]
     trust_domain: String,
     /// Validity, days.
@@ -338,46 +355,60 @@ enum JobCmd {
     /// jobGroupInfo, else a new job. Capacity, enabled and attributes change in place; a change
     /// to anything else is refused, naming the fields.
     Apply {
+        /// The spec file (YAML or JSON; `-`: stdin).
         #[arg(long, short = 'f')]
         file: std::path::PathBuf,
     },
     /// Enables a service job (its desired tasks are kept running).
     Enable {
+        /// The job's id (or a unique prefix of it).
         id: String,
     },
     /// Disables a service job (no new tasks are started for it).
     Disable {
+        /// The job's id (or a unique prefix of it).
         id: String,
     },
     /// Streams the job's changes as they commit, saying what changed (state, size, enabled), until
     /// the job finishes (Ctrl-C to stop earlier). `-o json`: one JSON object per line.
     Watch {
+        /// The job's id (or a unique prefix of it).
         id: String,
     },
+    /// Jobs (active ones, or as --filter says), with running tasks, size and age.
     List {
         /// Titus filtering criteria as KEY=VALUE (jobState, appName, owner, capacityGroup, jobType, attributes).
         #[arg(long = "filter")]
         filters: Vec<String>,
     },
+    /// One job; -o yaml|json: its whole spec, as `submit -f` and `apply -f` read it.
     Get {
+        /// The job's id (or a unique prefix of it).
         id: String,
     },
+    /// Kills the job: its tasks are stopped and it finishes.
     Kill {
+        /// The job's id (or a unique prefix of it).
         id: String,
     },
     /// The output of every task of the job, each line prefixed with the task's index and id.
     Logs {
+        /// The job's id (or a unique prefix of it).
         id: String,
         #[command(flatten)]
         logs: LogsFlags,
     },
     /// Sets a service job's desired (and optionally min/max).
     Resize {
+        /// The job's id (or a unique prefix of it).
         id: String,
+        /// Tasks to keep running.
         #[arg(long)]
         desired: Option<u32>,
+        /// Fewest tasks (desired never goes below).
         #[arg(long)]
         min: Option<u32>,
+        /// Most tasks (desired never goes above).
         #[arg(long)]
         max: Option<u32>,
     },
@@ -387,12 +418,17 @@ enum JobCmd {
 enum TaskCmd {
     /// Tasks of a job (finished ones included).
     List {
+        /// The job's id (or a unique prefix of it).
         job_id: String,
     },
+    /// One task: its state, agent, address and reason.
     Get {
+        /// The task's id (or a unique prefix of it).
         id: String,
     },
+    /// Kills one task (a service job replaces it unless --shrink).
     Kill {
+        /// The task's id (or a unique prefix of it).
         id: String,
         /// Service jobs: also lower desired by one.
         #[arg(long)]
@@ -400,11 +436,13 @@ enum TaskCmd {
     },
     /// Why the task is or is not placed (the scheduler's last round).
     Why {
+        /// The task's id (or a unique prefix of it).
         id: String,
     },
     /// The task's container output (stdout to stdout, stderr to stderr), running or finished
     /// (a finished task's output is kept by its agent for a while after its container goes).
     Logs {
+        /// The task's id (or a unique prefix of it).
         id: String,
         #[command(flatten)]
         logs: LogsFlags,
@@ -412,6 +450,7 @@ enum TaskCmd {
     /// Runs a command in the task's running container and exits with its exit code
     /// (`titus task exec TASK -- ls /`; `-it -- sh` for a shell).
     Exec {
+        /// The task's id (or a unique prefix of it).
         id: String,
         /// Send this terminal's stdin to the command.
         #[arg(long, short = 'i')]
@@ -463,17 +502,35 @@ impl LogsFlags {
 #[derive(Subcommand)]
 enum LbCmd {
     /// Associates a service job with a target group (type ip) by its ARN.
-    Add { job_id: String, target_group_arn: String },
+    Add {
+        /// The service job's id.
+        job_id: String,
+        /// The target group's ARN.
+        target_group_arn: String,
+    },
     /// Dissociates them: the job's targets are deregistered (its tasks keep running).
-    Remove { job_id: String, target_group_arn: String },
+    Remove {
+        /// The service job's id.
+        job_id: String,
+        /// The target group's ARN.
+        target_group_arn: String,
+    },
     /// Target groups of one job, or of every job, with their registered targets.
-    List { job_id: Option<String> },
+    List {
+        /// The job's id; none: every job's.
+        job_id: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
 enum AgentCmd {
+    /// Registered agents: state, health, tasks and resources used of total.
     List,
-    Get { id: String },
+    /// One agent.
+    Get {
+        /// The agent's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -481,41 +538,52 @@ enum InstanceGroupCmd {
     /// Creates or replaces a group. With --image-id the control plane launches and terminates its
     /// EC2 instances itself, between --min and --max.
     Create {
+        /// The group's id (agents name it as their instance group).
         id: String,
+        /// Critical or flex: which tier's tasks its agents take.
         #[arg(long, value_enum, default_value = "flex")]
         tier: TierArg,
+        /// Where it starts in its lifecycle.
         #[arg(long, value_enum, default_value = "active")]
         lifecycle: LifecycleArg,
         /// EC2 AMI of the group's instances (turns on EC2 capacity for the group).
         #[arg(long, requires_all = ["instance_type", "instance_cpu", "instance_memory_mb"])]
         image_id: Option<String>,
+        /// EC2 instance type of the group's instances (m5.large).
         #[arg(long)]
         instance_type: Option<String>,
         /// What one instance offers to tasks (sizes scale-ups).
         #[arg(long)]
         instance_cpu: Option<f64>,
+        /// Memory one instance offers to tasks, MB.
         #[arg(long)]
         instance_memory_mb: Option<u32>,
-        /// Repeatable.
+        /// A subnet instances are launched in; repeatable.
         #[arg(long = "subnet")]
         subnets: Vec<String>,
-        /// Repeatable.
+        /// A security group of the instances; repeatable.
         #[arg(long = "security-group")]
         security_groups: Vec<String>,
-        /// KEY=VALUE, repeatable.
+        /// An EC2 tag of the instances as KEY=VALUE; repeatable.
         #[arg(long = "tag", value_parser = parse_key_value)]
         tags: Vec<(String, String)>,
+        /// Fewest instances.
         #[arg(long, default_value_t = 0)]
         min: u32,
+        /// Instances wanted now (the capacity manager moves it within [min, max]).
         #[arg(long, default_value_t = 0)]
         desired: u32,
+        /// Most instances.
         #[arg(long, default_value_t = 0)]
         max: u32,
     },
+    /// Instance groups: tier, lifecycle and instance counts.
     List,
     /// Moves a group through its lifecycle (phased-out: no new tasks on its agents).
     Lifecycle {
+        /// The group's id.
         id: String,
+        /// inactive, active, phased-out or removable.
         #[arg(value_enum)]
         lifecycle: LifecycleArg,
     },
@@ -543,19 +611,27 @@ impl LifecycleArg {
 
 #[derive(clap::Args)]
 struct GroupArgs {
+    /// The capacity group's name (jobs name it in capacityGroup).
     name: String,
+    /// Critical: reserved capacity, placed first; flex: what is left.
     #[arg(long, value_enum, default_value = "flex")]
     tier: TierArg,
+    /// CPUs of one reserved instance.
     #[arg(long)]
     cpu: f64,
+    /// Memory of one reserved instance, MB.
     #[arg(long)]
     memory_mb: u32,
+    /// Disk of one reserved instance, MB.
     #[arg(long)]
     disk_mb: u32,
+    /// Network bandwidth of one reserved instance, Mbps.
     #[arg(long)]
     network_mbps: u32,
+    /// GPUs of one reserved instance.
     #[arg(long, default_value_t = 0)]
     gpu: u32,
+    /// How many instances of that size the group reserves (its quota).
     #[arg(long)]
     instances: u32,
     /// Linux capabilities (without CAP_, e.g. NET_RAW) the group's jobs may ask for; repeatable.
@@ -571,19 +647,27 @@ enum TierArg {
 
 #[derive(Subcommand)]
 enum CapacityGroupCmd {
+    /// Creates a capacity group.
     Create(GroupArgs),
+    /// Replaces a capacity group's tier and reservation.
     Update(GroupArgs),
+    /// One capacity group.
     Get {
+        /// The capacity group's name.
         name: String,
         /// Read from whichever replica answers, without the leader's read index.
         #[arg(long)]
         stale: bool,
     },
+    /// Every capacity group.
     List {
+        /// Read from whichever replica answers, without the leader's read index.
         #[arg(long)]
         stale: bool,
     },
+    /// Deletes a capacity group no active job uses.
     Delete {
+        /// The capacity group's name.
         name: String,
     },
 }
@@ -596,21 +680,31 @@ enum ClusterCmd {
     Members,
     /// Adds a replica: learner first, voter once caught up.
     Add {
+        /// The new replica's node id (unique, never reused).
         node_id: u64,
+        /// Its peer port's address (host:port), where replicas reach it.
         #[arg(long)]
         peer_addr: String,
+        /// Its api port's address (host:port), where clients and agents reach it.
         #[arg(long)]
         api_addr: String,
     },
     /// Removes a replica.
-    Remove { node_id: u64 },
+    Remove {
+        /// The replica's node id.
+        node_id: u64,
+    },
     /// Moves leadership away from the current leader (before restarting it in a rolling upgrade);
     /// waits --timeout (default 10s) for another replica to be elected.
     StepDown,
     /// Writes the cluster's state (jobs, tasks, capacity groups, agents, load balancers) to FILE.
-    Backup { file: PathBuf },
+    Backup {
+        /// Where the backup is written.
+        file: PathBuf,
+    },
     /// Loads a backup FILE into an empty cluster, replacing its state.
     Restore {
+        /// A file `cluster backup` wrote.
         file: PathBuf,
         /// Replace the state even when the cluster holds jobs, tasks, capacity groups or load balancers.
         #[arg(long)]
@@ -1116,11 +1210,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if out != Output::Table {
                 let v: Vec<_> = agents
                     .iter()
-                    .map(|a| serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "terminating": a.terminating, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes}))
+                    .map(|a| {
+                        let (r, u) = (a.resources.unwrap_or_default(), a.allocated.unwrap_or_default());
+                        serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "terminating": a.terminating, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes, "registeredMs": a.registered_ms,
+                            "resources": {"cpu": r.cpu, "memoryMB": r.memory_mb, "diskMB": r.disk_mb, "networkMbps": r.network_mbps, "gpu": r.gpu},
+                            "allocated": {"cpu": u.cpu, "memoryMB": u.memory_mb, "diskMB": u.disk_mb, "networkMbps": u.network_mbps, "gpu": u.gpu}})
+                    })
                     .collect();
                 emit(out, &serde_json::json!(v));
             } else {
-                println!("{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}", "ID", "GROUP", "STATE", "HEALTHY", "TASKS", "CPU");
+                println!(
+                    "{:<28} {:<12} {:<8} {:<8} {:>6} {:>11} {:>13} {:>5}",
+                    "ID", "GROUP", "STATE", "HEALTHY", "TASKS", "CPU", "MEMORY(MB)", "AGE"
+                );
                 for a in agents {
                     let state = if a.state == titus_client::proto::AgentState::AgentLost as i32 {
                         "lost"
@@ -1129,10 +1231,17 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     } else {
                         "online"
                     };
-                    let r = a.resources.unwrap_or_default();
+                    let (r, u) = (a.resources.unwrap_or_default(), a.allocated.unwrap_or_default());
                     println!(
-                        "{:<28} {:<12} {:<8} {:<8} {:>6} {:>10}",
-                        a.id, a.instance_group, state, a.healthy, a.live_tasks, r.cpu
+                        "{:<28} {:<12} {:<8} {:<8} {:>6} {:>11} {:>13} {:>5}",
+                        a.id,
+                        a.instance_group,
+                        state,
+                        a.healthy,
+                        a.live_tasks,
+                        format!("{}/{}", u.cpu, r.cpu),
+                        format!("{}/{}", u.memory_mb, r.memory_mb),
+                        age(a.registered_ms)
                     );
                 }
             }
@@ -1815,5 +1924,36 @@ async fn wait_for_tasks(client: &Client, job_id: &str, timeout: Duration) -> Res
             std::process::exit(124);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    /// Every command and every flag says what it is for in `--help`.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() && sub.get_name() != "help" {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<Cli as clap::CommandFactory>::command(), "titus", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }
