@@ -103,7 +103,16 @@ async fn load_tls(config: &AgentConfig) -> Result<Option<Arc<titus_security::Tls
 impl Agent {
     fn report(&self, o: &Observed) {
         let report = o.to_proto();
-        let state = pb::TaskState::try_from(report.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN");
+        // The API's state names (Started, Finished), as the control plane's series say them.
+        let state = match pb::TaskState::try_from(report.state) {
+            Ok(pb::TaskState::TaskAccepted) => "Accepted",
+            Ok(pb::TaskState::TaskLaunched) => "Launched",
+            Ok(pb::TaskState::TaskStartInitiated) => "StartInitiated",
+            Ok(pb::TaskState::TaskStarted) => "Started",
+            Ok(pb::TaskState::TaskKillInitiated) => "KillInitiated",
+            Ok(pb::TaskState::TaskFinished) => "Finished",
+            Err(_) => "unknown",
+        };
         crate::telemetry::metrics().task_reports_total.inc(&[state]);
         let _ = self.reports.send(report);
     }

@@ -52,7 +52,11 @@ pub fn handler() -> Handler {
         Box::pin(async move {
             let m = metrics();
             match path.split('?').next().unwrap_or("") {
-                "/metrics" => Response::metrics(m.registry.render()),
+                "/metrics" => {
+                    let mut text = m.registry.render();
+                    text.push_str(&titus_obs::process::process_metrics("titus-agent", env!("CARGO_PKG_VERSION")));
+                    Response::metrics(text)
+                }
                 "/healthz" => Response::text(200, "ok\n"),
                 "/readyz" => {
                     let attached = m.connected.value(&[]) > 0.0;

@@ -323,9 +323,23 @@ async fn t260_agent_and_leader_metrics_follow_a_launch() {
     let s = common::scrape(&admin).await;
     assert_eq!(common::value(&s, "titus_agent_connected", &[]), 1.0);
     assert_eq!(common::value(&s, "titus_agent_assignments_total", &[]), 2.0);
-    assert!(common::value(&s, "titus_agent_task_reports_total", &[("state", "TASK_STARTED")]) >= 2.0);
+    assert!(common::value(&s, "titus_agent_task_reports_total", &[("state", "Started")]) >= 2.0);
     assert_eq!(common::value(&s, "titus_agent_launch_seconds_count", &[]), 2.0);
     assert_eq!(common::value(&s, "titus_agent_docker_healthy", &[]), 1.0);
+    assert!(common::value(&s, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(common::value(&s, "process_open_fds", &[]) > 0.0);
+    assert_eq!(common::value(&s, "titus_build_info", &[("binary", "titus-agent")]), 1.0);
+
+    // A batch task that fails, retried once: one failure by reason and one restart, on every replica.
+    let failing = pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+        size: 1,
+        retry_policy: Some(pb::RetryPolicy {
+            policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries: 1 })),
+        }),
+        ..Default::default()
+    });
+    let failed = client.create_job(job("failing", container(&["sh", "-c", "exit 3"], 0.1, 32), failing)).await.unwrap();
+    wait_tasks(&client, &failed, "Finished", 2, SETTLE).await;
 
     // The leader saw the same launches: placements, launch latency, one attached agent.
     let s = common::scrape(&c.replica(leader).admin_addr).await;
@@ -333,6 +347,10 @@ async fn t260_agent_and_leader_metrics_follow_a_launch() {
     assert!(common::value(&s, "titus_task_launch_seconds_count", &[]) >= 2.0);
     assert_eq!(common::value(&s, "titus_agents_connected", &[]), 1.0);
     assert_eq!(common::value(&s, "titus_agents", &[("state", "online")]), 1.0);
+    assert_eq!(common::value(&s, "titus_build_info", &[("binary", "titus-control-plane")]), 1.0);
+    assert!(common::value(&s, "process_cpu_seconds_total", &[]) > 0.0);
+    assert!(common::value(&s, "titus_task_failures_total", &[("reason", "failed")]) >= 2.0, "two tries failed");
+    assert!(common::value(&s, "titus_task_restarts_total", &[]) >= 1.0, "the retry is a restart");
     assert_eq!(common::value(&s, "titus_tasks", &[("state", "Started")]), 2.0);
     // JSON logs carry the task's span fields.
     let log = c.agent_log(&a);

@@ -59,7 +59,9 @@ pub fn render(replica: &Replica, hub: &crate::agents::AgentHub) -> String {
     m.rocksdb_estimated_keys.replace(rocks.estimated_keys.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
     m.rocksdb_compaction_pending.replace(rocks.compaction_pending.into_iter().map(|(cf, v)| (vec![cf], v as f64)));
     m.rocksdb_write_stopped.set(&[], rocks.write_stopped as f64);
-    m.registry.render()
+    let mut text = m.registry.render();
+    text.push_str(&titus_obs::process::process_metrics("titus-control-plane", env!("CARGO_PKG_VERSION")));
+    text
 }
 
 /// Counts leader changes and observes Accepted → Started latency from the applied changes.

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub grpc_requests_total: Counter,
     pub grpc_request_seconds: Histogram,
     pub tasks: Gauge,
+    pub task_failures_total: Counter,
+    pub task_restarts_total: Counter,
     pub task_launch_seconds: Histogram,
     pub scheduler_pending_tasks: Gauge,
     pub scheduler_placements_total: Counter,
@@ -168,6 +170,16 @@ pub fn metrics() -> &'static Metrics {
             api_listener: Default::default(),
             peer_listener: Default::default(),
             tasks: r.gauge("titus_tasks", "Active tasks by state.", &["state"]),
+            task_failures_total: r.counter(
+                "titus_task_failures_total",
+                "Tasks that finished for a reason other than success, a kill or a scale-down, by reason (failed, crashed, lost, ...), as applied here.",
+                &["reason"],
+            ),
+            task_restarts_total: r.counter(
+                "titus_task_restarts_total",
+                "Tasks created to replace a finished one (a batch retry or a service's replacement), as applied here.",
+                &[],
+            ),
             task_launch_seconds: r.histogram(
                 "titus_task_launch_seconds",
                 "Accepted to Started, per task.",

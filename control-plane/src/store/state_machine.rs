@@ -338,6 +338,9 @@ impl StateMachine {
                 None => self.reader.task(&id).map_err(|e| write_error(&e))?.as_ref().map(TaskKind::of),
             };
             counts.task(kind_before, w.current().map(TaskKind::of));
+            if let Write::Put(t) = &w {
+                count_task_event(kind_before.map(|k| k.state), t);
+            }
             match w {
                 Write::Put(t) => {
                     batch.put_cf(tasks, id.as_bytes(), enc(&t)?);
@@ -644,5 +647,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let replaced = AnyErr("the current snapshot's file keeps being replaced".into());
         Err(StorageIOError::read_snapshot(None, &replaced).into())
+    }
+}
+
+/// Counts what a task's write says happened, as this replica applies it: a finish for a reason
+/// other than success or a request (`titus_task_failures_total`, by reason), and a new task that
+/// replaces a finished one (`titus_task_restarts_total`).
+fn count_task_event(before: Option<crate::model::task::TaskState>, task: &crate::model::task::Task) {
+    use crate::model::task::{reason, TaskState};
+    let m = crate::telemetry::metrics();
+    match before {
+        None if task.resubmit_of.is_some() => m.task_restarts_total.inc(&[]),
+        Some(was) if was != TaskState::Finished && task.state() == TaskState::Finished => {
+            let why = task.status.reason_code.as_str();
+            if ![reason::NORMAL, reason::KILLED, reason::SCALED_DOWN].contains(&why) {
+                // Reasons are Titus's short codes; anything else is counted as one series.
+                let label =
+                    if why.len() <= 32 && why.chars().all(|c| c.is_ascii_alphanumeric()) { why } else { "other" };
+                m.task_failures_total.inc(&[label]);
+            }
+        }
+        _ => {}
     }
 }
