@@ -31,7 +31,14 @@ pub fn handler(replica: Arc<Replica>, hub: Arc<AgentHub>) -> Handler {
 }
 
 fn route(replica: &Replica, hub: &AgentHub, path: &str) -> Response {
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    // `?page=N` (from 1) on the pages that page.
+    let page_no = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("page="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 1_000_000);
     match path {
         "/metrics" => Response::metrics(crate::collector::render(replica, hub)),
         "/healthz" => Response::text(200, "ok\n"),
@@ -42,9 +49,16 @@ fn route(replica: &Replica, hub: &AgentHub, path: &str) -> Response {
         "/" | "/ui" | "/ui/" => page("Cluster", &cluster_page(replica, hub)),
         p if p.starts_with("/ui/jobs/") => {
             let id = &p["/ui/jobs/".len()..];
-            match job_page(replica, hub, id) {
+            match job_page(replica, hub, id, page_no) {
                 Some(body) => page(&format!("Job {id}"), &body),
                 None => Response::text(404, format!("no job {id}\n")),
+            }
+        }
+        p if p.starts_with("/ui/tasks/") => {
+            let id = &p["/ui/tasks/".len()..];
+            match task_page(replica, id) {
+                Some(body) => page(&format!("Task {id}"), &body),
+                None => Response::text(404, format!("no task {id}\n")),
             }
         }
         _ => Response::text(404, "not found: try /ui, /metrics, /healthz, /readyz\n"),
@@ -65,15 +79,48 @@ pub fn readiness(replica: &Replica) -> Result<(), String> {
     Ok(())
 }
 
+/// How often a page reloads itself (no JavaScript: a refresh header in the page).
+const REFRESH_SECS: u32 = 5;
+
+fn now_ms() -> i64 {
+    crate::clock::now_ms()
+}
+
+/// `12s`, `5m`, `3h`, `2d` since `ms` (ms since the epoch), with the UTC time as its tooltip.
+fn ago(ms: i64) -> String {
+    if ms <= 0 {
+        return "—".into();
+    }
+    let secs = (now_ms() - ms).max(0) / 1000;
+    let short = match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    };
+    format!("<span title=\"{}\">{short} ago</span>", escape(&utc(ms)))
+}
+
+/// `2026-12-07 15:20:00 UTC`.
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = titus_obs::admin::civil_date(days);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 fn page(title: &str, body: &str) -> Response {
     Response::html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Titus — {}</title><style>\
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
+         <title>Titus — {}</title><style>\
          body{{font-family:sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse;margin-bottom:1.5em}}\
          th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}} th{{background:#eee}}\
          h2{{margin-top:1.2em}} .muted{{color:#777}} code{{font-size:12px}}</style></head>\
-         <body><h1><a href=\"/ui\">Titus</a> — {}</h1>{body}</body></html>",
+         <body><h1><a href=\"/ui\">Titus</a> — {}</h1>\
+         <p class=\"muted\">As of {}; this page reloads itself every {REFRESH_SECS} s.</p>{body}</body></html>",
         escape(title),
-        escape(title)
+        escape(title),
+        utc(now_ms()),
     ))
 }
 
@@ -100,6 +147,12 @@ fn table(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
 /// Tables show at most this many rows: a page stays small on a large cluster.
 const MAX_ROWS: usize = 500;
 
+/// Finished jobs listed on the cluster page, newest first.
+const FINISHED_JOBS_SHOWN: usize = 50;
+
+/// Rows of a job's task table per page.
+const TASKS_PER_PAGE: usize = 100;
+
 fn shown(out: &mut String, total: usize) {
     if total > MAX_ROWS {
         let _ = write!(out, "<p class=\"muted\">showing the first {MAX_ROWS} of {total}</p>");
@@ -108,6 +161,45 @@ fn shown(out: &mut String, total: usize) {
 
 fn job_link(id: &str) -> String {
     format!("<a href=\"/ui/jobs/{}\">{}</a>", escape(id), escape(id))
+}
+
+fn task_link(id: &str) -> String {
+    format!("<a href=\"/ui/tasks/{}\">{}</a>", escape(id), escape(id))
+}
+
+/// A job's size: a batch job's task count, a service's min/desired/max.
+fn job_size(j: &Job) -> String {
+    match &j.descriptor.job_type {
+        JobType::Batch { size, .. } => size.to_string(),
+        JobType::Service { capacity, .. } => format!("{}/{}/{}", capacity.min, capacity.desired, capacity.max),
+    }
+}
+
+fn job_enabled(j: &Job) -> &'static str {
+    match &j.descriptor.job_type {
+        JobType::Batch { .. } => "—",
+        JobType::Service { enabled: true, .. } => "yes",
+        JobType::Service { enabled: false, .. } => "no",
+    }
+}
+
+/// When a job was created: its first status.
+fn job_created(j: &Job) -> i64 {
+    j.status_history.first().unwrap_or(&j.status).timestamp_ms
+}
+
+/// When a task was created: its first status.
+fn task_created(t: &Task) -> i64 {
+    t.status_history.first().unwrap_or(&t.status).timestamp_ms
+}
+
+/// The most quick crashes in a row among a job's live tasks (a crash-looping service's), if any.
+fn crash_loop(tasks: &[&Task]) -> Option<u32> {
+    tasks
+        .iter()
+        .filter(|t| t.state().is_live())
+        .filter_map(|t| t.context.get(context::CRASH_LOOP_COUNT)?.parse::<u32>().ok())
+        .max()
 }
 
 fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
@@ -171,38 +263,76 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
                 format!("{:.2} / {:.2}", used.resources.cpu, a.resources.cpu),
                 format!("{} / {}", used.resources.memory_mb, a.resources.memory_mb),
                 ages.get(&a.id).map_or_else(|| "—".into(), |d| format!("{:.1} s ago", d.as_secs_f64())),
+                ago(a.registered_ms),
             ]
         })
         .collect();
     table(
         &mut out,
-        &["agent", "group", "state", "healthy", "tasks", "cpu used", "memory MB used", "heard (leader)"],
+        &["agent", "group", "state", "healthy", "tasks", "cpu used", "memory MB used", "heard (leader)", "registered"],
         rows,
     );
 
     out.push_str("<h2>Jobs</h2>");
     let jobs = state.jobs().unwrap_or_default();
     shown(&mut out, jobs.len());
-    let mut counts_by_job: BTreeMap<&str, BTreeMap<&str, u32>> = BTreeMap::new();
+    let mut tasks_by_job: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
     for t in &tasks {
-        *counts_by_job.entry(t.job_id.as_str()).or_default().entry(t.state().name()).or_default() += 1;
+        tasks_by_job.entry(t.job_id.as_str()).or_default().push(t);
     }
     let rows = jobs
         .iter()
         .take(MAX_ROWS)
         .map(|j| {
-            let counts = counts_by_job.get(j.id.as_str()).cloned().unwrap_or_default();
-            let summary = counts.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ");
+            let of_job = tasks_by_job.get(j.id.as_str()).cloned().unwrap_or_default();
+            let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+            for t in &of_job {
+                *counts.entry(t.state().name()).or_default() += 1;
+            }
+            let mut summary = counts.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ");
+            // One row per job however many times its tasks were replaced: a crash loop is a count.
+            if let Some(n) = crash_loop(&of_job) {
+                summary.push_str(&format!(" — crash-looping ({n} quick crashes in a row)"));
+            }
             vec![
                 job_link(&j.id),
                 escape(&j.descriptor.application_name),
                 job_type(j).into(),
                 format!("{:?}", j.status.state),
+                job_size(j),
+                job_enabled(j).into(),
                 escape(&summary),
+                ago(job_created(j)),
             ]
         })
         .collect();
-    table(&mut out, &["job", "application", "type", "state", "tasks"], rows);
+    table(
+        &mut out,
+        &["job", "application", "type", "state", "size (min/desired/max)", "enabled", "active tasks", "age"],
+        rows,
+    );
+
+    out.push_str("<h2>Finished jobs</h2>");
+    let mut finished = state.snapshot().archived_jobs().unwrap_or_default();
+    finished.sort_by_key(|j| std::cmp::Reverse(j.status.timestamp_ms));
+    let total = finished.len();
+    let rows = finished
+        .iter()
+        .take(FINISHED_JOBS_SHOWN)
+        .map(|j| {
+            vec![
+                job_link(&j.id),
+                escape(&j.descriptor.application_name),
+                job_type(j).into(),
+                escape(&format!("{} {}", j.status.reason_code, j.status.reason_message)),
+                ago(j.status.timestamp_ms),
+            ]
+        })
+        .collect();
+    if total > FINISHED_JOBS_SHOWN {
+        let _ = write!(out, "<p class=\"muted\">the newest {FINISHED_JOBS_SHOWN} of {total} kept</p>");
+    }
+    table(&mut out, &["job", "application", "type", "reason", "finished"], rows);
 
     out.push_str("<h2>Pending tasks</h2>");
     let reasons = PendingReasons::new(replica, &hub.scheduling);
@@ -214,19 +344,24 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
         .iter()
         .take(MAX_ROWS)
         .map(|t| {
-            vec![escape(&t.id), job_link(&t.job_id), escape(&reasons.why(&t.id, by_id.get(t.job_id.as_str()).copied()))]
+            vec![
+                task_link(&t.id),
+                job_link(&t.job_id),
+                escape(&reasons.why(&t.id, by_id.get(t.job_id.as_str()).copied())),
+                ago(task_created(t)),
+            ]
         })
         .collect();
-    table(&mut out, &["task", "job", "why it waits"], rows);
+    table(&mut out, &["task", "job", "why it waits", "waiting"], rows);
 
     out.push_str("<h2>Recent events</h2>");
     let mut rows = Vec::new();
     for batch in state.changes.recent(30) {
         for change in &batch.changes {
-            rows.push(vec![batch.revision.to_string(), escape(&describe(change))]);
+            rows.push(vec![batch.revision.to_string(), escape(&describe(change)), ago(changed_at(change))]);
         }
     }
-    table(&mut out, &["revision", "change"], rows);
+    table(&mut out, &["revision", "change", "when"], rows);
     out
 }
 
@@ -234,6 +369,16 @@ fn job_type(j: &Job) -> &'static str {
     match j.descriptor.job_type {
         JobType::Batch { .. } => "batch",
         JobType::Service { .. } => "service",
+    }
+}
+
+/// When a change happened, as far as its record says (0: it does not).
+fn changed_at(change: &Change) -> i64 {
+    match change {
+        Change::Job(j) => j.status.timestamp_ms,
+        Change::Task(t) => t.status.timestamp_ms,
+        Change::Agent(a) => a.registered_ms,
+        _ => 0,
     }
 }
 
@@ -254,10 +399,21 @@ fn describe(change: &Change) -> String {
     }
 }
 
-fn job_page(replica: &Replica, hub: &AgentHub, id: &str) -> Option<String> {
+fn job_page(replica: &Replica, hub: &AgentHub, id: &str, page_no: usize) -> Option<String> {
     let state = &replica.state;
-    let (job, tasks) = match state.job(id).ok().flatten() {
-        Some(j) => (j, state.tasks_of_job(id).unwrap_or_default()),
+    let (job, mut tasks) = match state.job(id).ok().flatten() {
+        Some(j) => {
+            // Its finished tasks still kept beside the active ones.
+            let mut tasks = state.tasks_of_job(id).unwrap_or_default();
+            tasks.extend(
+                state
+                    .archived_task_ids_of_job(id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|t| state.archived_task(&t).ok().flatten()),
+            );
+            (j, tasks)
+        }
         None => {
             let j = state.archived_job(id).ok().flatten()?;
             let tasks = state
@@ -273,44 +429,138 @@ fn job_page(replica: &Replica, hub: &AgentHub, id: &str) -> Option<String> {
     let d = &job.descriptor;
     let _ = write!(
         out,
-        "<p>{} job of <b>{}</b> (owner {}), capacity group {}, image <code>{}</code>, {:.2} cpu, {} MB. State <b>{:?}</b>{}.</p>",
+        "<p>{} job of <b>{}</b> (owner {}). State <b>{:?}</b>{} — created {}, in this state since {}.</p>",
         job_type(&job),
         escape(&d.application_name),
         escape(&d.owner_email),
-        escape(&d.capacity_group),
-        escape(&match (&d.container.image.tag, &d.container.image.digest) {
-            (_, Some(digest)) => format!("{}@{digest}", d.container.image.name),
-            (Some(tag), None) => format!("{}:{tag}", d.container.image.name),
-            (None, None) => d.container.image.name.clone(),
-        }),
-        d.container.resources.cpu,
-        d.container.resources.memory_mb,
         job.status.state,
-        if job.status.reason_message.is_empty() { String::new() } else { format!(": {}", escape(&job.status.reason_message)) },
+        if job.status.reason_message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", escape(&job.status.reason_message))
+        },
+        ago(job_created(&job)),
+        ago(job.status.timestamp_ms),
     );
+
+    out.push_str("<h2>Spec</h2>");
+    let c = &d.container;
+    let image = match (&c.image.tag, &c.image.digest) {
+        (_, Some(digest)) => format!("{}@{digest}", c.image.name),
+        (Some(tag), None) => format!("{}:{tag}", c.image.name),
+        (None, None) => c.image.name.clone(),
+    };
+    let map = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
+    let mut spec: Vec<(&str, String)> = vec![
+        ("size (min/desired/max)", job_size(&job)),
+        ("enabled", job_enabled(&job).into()),
+        ("capacity group", d.capacity_group.clone()),
+        (
+            "job group (stack/detail/sequence)",
+            format!("{}/{}/{}", d.job_group_info.stack, d.job_group_info.detail, d.job_group_info.sequence),
+        ),
+        ("image", image),
+        ("entry point", format!("{:?}", c.entry_point)),
+        ("command", format!("{:?}", c.command)),
+        (
+            "resources",
+            format!(
+                "{} cpu, {} MB memory, {} MB disk, {} Mbps network, {} GPU",
+                c.resources.cpu, c.resources.memory_mb, c.resources.disk_mb, c.resources.network_mbps, c.resources.gpu
+            ),
+        ),
+        // Values may be secrets, and this port has no authentication: names only.
+        ("environment (names)", c.env.keys().cloned().collect::<Vec<_>>().join(", ")),
+        ("hard constraints", map(&c.hard_constraints)),
+        ("soft constraints", map(&c.soft_constraints)),
+        ("attributes", map(&d.attributes)),
+    ];
+    if !c.capabilities.is_empty() {
+        spec.push(("capabilities", c.capabilities.join(", ")));
+    }
+    if !c.security_profile.is_empty() {
+        let p = &c.security_profile;
+        spec.push(("IAM role", p.iam_role.clone()));
+        spec.push(("security groups", p.security_groups.join(", ")));
+    }
+    match &d.job_type {
+        JobType::Batch { runtime_limit_sec, retry_policy, .. } => {
+            spec.push(("retry policy", format!("{retry_policy:?}")));
+            spec.push((
+                "runtime limit",
+                if *runtime_limit_sec == 0 { "none".into() } else { format!("{runtime_limit_sec} s") },
+            ));
+        }
+        JobType::Service { retry_policy, .. } => spec.push(("retry policy", format!("{retry_policy:?}"))),
+    }
+    table(&mut out, &["field", "value"], spec.into_iter().map(|(k, v)| vec![escape(k), escape(&v)]).collect());
+
+    // Live tasks one per row, by index; finished ones one row per index and reason with a count
+    // (a crash-looping service's hundreds of replacements are one row), newest first.
     out.push_str("<h2>Tasks</h2>");
     let reasons = PendingReasons::new(replica, &hub.scheduling);
-    shown(&mut out, tasks.len());
-    let rows = tasks
+    tasks.sort_by(|a, b| (a.index, task_created(a)).cmp(&(b.index, task_created(b))));
+    let (live, finished): (Vec<&Task>, Vec<&Task>) = tasks.iter().partition(|t| t.state().is_live());
+    if let Some(n) = crash_loop(&live) {
+        let _ = write!(out, "<p><b>Crash-looping</b>: {n} quick crashes in a row; replacements back off.</p>");
+    }
+    let mut groups: BTreeMap<(u32, String), Vec<&Task>> = BTreeMap::new();
+    for t in finished {
+        groups.entry((t.index, t.status.reason_code.clone())).or_default().push(t);
+    }
+    let mut rows: Vec<Vec<String>> = live
         .iter()
-        .take(MAX_ROWS)
-        .map(|t: &Task| {
+        .map(|t| {
             vec![
-                escape(&t.id),
+                task_link(&t.id),
                 t.index.to_string(),
                 t.state().name().into(),
                 escape(agent_of(t).unwrap_or("—")),
                 escape(t.context.get(context::CONTAINER_IP).map(String::as_str).unwrap_or("—")),
-                escape(&format!("{} {}", t.status.reason_code, t.status.reason_message)),
                 if t.state() == TaskState::Accepted && agent_of(t).is_none() {
-                    escape(&reasons.why(&t.id, Some(&job)))
+                    format!("waiting: {}", escape(&reasons.why(&t.id, Some(&job))))
                 } else {
-                    String::new()
+                    escape(&format!("{} {}", t.status.reason_code, t.status.reason_message))
                 },
+                ago(task_created(t)),
+                ago(t.status.timestamp_ms),
             ]
         })
         .collect();
-    table(&mut out, &["task", "index", "state", "agent", "ip", "reason", "why it waits"], rows);
+    let mut finished_rows: Vec<(i64, Vec<String>)> = groups
+        .into_iter()
+        .map(|((index, _), group)| {
+            let last = group.iter().max_by_key(|t| t.status.timestamp_ms).copied().unwrap_or(group[0]);
+            let count =
+                if group.len() > 1 { format!(" ({} tasks; the last shown)", group.len()) } else { String::new() };
+            let row = vec![
+                format!("{}{}", task_link(&last.id), escape(&count)),
+                index.to_string(),
+                last.state().name().into(),
+                escape(agent_of(last).unwrap_or("—")),
+                escape(last.context.get(context::CONTAINER_IP).map(String::as_str).unwrap_or("—")),
+                escape(&format!("{} {}", last.status.reason_code, last.status.reason_message)),
+                ago(task_created(last)),
+                ago(last.status.timestamp_ms),
+            ];
+            (last.status.timestamp_ms, row)
+        })
+        .collect();
+    finished_rows.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    rows.extend(finished_rows.into_iter().map(|(_, r)| r));
+    let pages = rows.len().div_ceil(TASKS_PER_PAGE).max(1);
+    let page_no = page_no.min(pages);
+    let shown: Vec<Vec<String>> = rows.into_iter().skip((page_no - 1) * TASKS_PER_PAGE).take(TASKS_PER_PAGE).collect();
+    table(&mut out, &["task", "index", "state", "agent", "ip", "reason", "created", "in state since"], shown);
+    if pages > 1 {
+        let link = |n: usize, label: &str| format!("<a href=\"/ui/jobs/{}?page={n}\">{label}</a>", escape(id));
+        let _ = write!(
+            out,
+            "<p>page {page_no} of {pages} {} {}</p>",
+            if page_no > 1 { link(page_no - 1, "previous") } else { String::new() },
+            if page_no < pages { link(page_no + 1, "next") } else { String::new() },
+        );
+    }
     let lbs: Vec<Vec<String>> = state
         .load_balancers()
         .unwrap_or_default()
@@ -322,6 +572,46 @@ fn job_page(replica: &Replica, hub: &AgentHub, id: &str) -> Option<String> {
         out.push_str("<h2>Load balancers</h2>");
         table(&mut out, &["target group", "state", "message"], lbs);
     }
+    Some(out)
+}
+
+/// One task: where it runs and its state timeline, oldest first.
+fn task_page(replica: &Replica, id: &str) -> Option<String> {
+    let state = &replica.state;
+    let task = state.task(id).ok().flatten().or_else(|| state.archived_task(id).ok().flatten())?;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<p>Task {} of job {} (index {}), <b>{}</b> since {}. Agent {}, address {}.{}</p>",
+        escape(&task.id),
+        job_link(&task.job_id),
+        task.index,
+        task.state().name(),
+        ago(task.status.timestamp_ms),
+        escape(agent_of(&task).unwrap_or("none")),
+        escape(task.context.get(context::CONTAINER_IP).map(String::as_str).unwrap_or("none")),
+        match &task.resubmit_of {
+            Some(of) => format!(" It replaced {} (replacement {}).", task_link(of), task.resubmit_number),
+            None => String::new(),
+        },
+    );
+    out.push_str("<h2>Timeline</h2>");
+    let rows = task
+        .status_history
+        .iter()
+        .chain(std::iter::once(&task.status))
+        .map(|s| {
+            vec![
+                s.state.name().into(),
+                escape(&utc(s.timestamp_ms)),
+                ago(s.timestamp_ms),
+                escape(&format!("{} {}", s.reason_code, s.reason_message)),
+            ]
+        })
+        .collect();
+    table(&mut out, &["state", "at", "", "reason"], rows);
+    out.push_str("<h2>Context</h2>");
+    table(&mut out, &["key", "value"], task.context.iter().map(|(k, v)| vec![escape(k), escape(v)]).collect());
     Some(out)
 }
 

@@ -178,6 +178,47 @@ async fn t510_the_web_view_shows_jobs_and_tasks_from_any_replica_in_a_real_brows
         }
     }
 
+    // A batch task that fails five times (four retries): its job page shows the failures as one
+    // row with their count, the task page its timeline, and the finished job is linked.
+    let mut flaky = service_job("web-view-flaky", 1);
+    flaky.job_type = Some(pb::job_descriptor::JobType::Batch(pb::BatchJobSpec {
+        size: 1,
+        retry_policy: Some(pb::RetryPolicy {
+            policy: Some(pb::retry_policy::Policy::Immediate(pb::retry_policy::Immediate { retries: 4 })),
+        }),
+        ..Default::default()
+    }));
+    let flaky = client.create_job(flaky).await.unwrap();
+    let mut last = String::new();
+    for try_no in 0..5 {
+        let t = wait_until(ELECTION, &format!("try {try_no} of the flaky task"), || async {
+            let live =
+                client.find_tasks(&[("jobIds", flaky.as_str()), ("taskStates", "Accepted")], 10, "").await.ok()?;
+            live.items.into_iter().find(|t| t.id != last)
+        })
+        .await;
+        client.report_task_status(&t.id, pb::TaskState::TaskLaunched, "", &[("agent", "agent-x")]).await.unwrap();
+        client.report_task_status(&t.id, pb::TaskState::TaskFinished, "failed", &[]).await.unwrap();
+        last = t.id;
+    }
+    let leader_admin = cluster.replica(leader).admin_addr.clone();
+    wait_until(ELECTION, "the flaky job among the finished", || async {
+        let (_, body) = http_get(&leader_admin, "/ui").await;
+        let finished = body.split("<h2>Finished jobs</h2>").nth(1)?;
+        finished.contains(&flaky).then_some(())
+    })
+    .await;
+    let out = chromium(&["--dump-dom", &format!("http://{leader_admin}/ui/jobs/{flaky}")]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("(5 tasks; the last shown)"), "five failures, one row: {dom}");
+    assert!(dom.contains("<h2>Spec</h2>") && dom.contains("retry policy") && dom.contains("Immediate"), "{dom}");
+    assert!(dom.contains("http-equiv=\"refresh\""), "the page reloads itself: {dom}");
+    let out = chromium(&["--dump-dom", &format!("http://{leader_admin}/ui/tasks/{last}")]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let timeline = dom.split("Timeline").nth(1).unwrap_or_default();
+    let (a, l, f) = (timeline.find("Accepted"), timeline.find("Launched"), timeline.find("Finished"));
+    assert!(a.is_some() && a < l && l < f && timeline.contains("failed"), "the states in order: {dom}");
+
     // A screenshot of the cluster page, kept as a test artifact.
     let dir = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
