@@ -236,4 +236,12 @@ async fn t510_the_web_view_shows_jobs_and_tasks_from_any_replica_in_a_real_brows
     let bytes = std::fs::read(&png).expect("the screenshot was written");
     assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "a real PNG: {} bytes", bytes.len());
     eprintln!("web view screenshot: {}", png.display());
+    let job_png = artifacts.join("web-view-job.png");
+    let out = chromium(&[
+        &format!("--screenshot={}", job_png.display()),
+        "--window-size=1280,1100",
+        &format!("http://{leader_admin}/ui/jobs/{flaky}"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("job page screenshot: {}", job_png.display());
 }
