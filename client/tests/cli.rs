@@ -100,7 +100,13 @@ async fn t310_cli_submits_lists_resizes_and_kills() {
     assert_eq!(code, 2);
     assert!(err.contains("container.resources.cpu: must be > 0"), "{err}");
 
-    cli.ok(&["job", "kill", &service]);
+    // Every command speaks JSON when asked, changes included.
+    let killed: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["-o", "json", "job", "kill", &service[..8]])).unwrap();
+    assert_eq!((killed["job"].as_str(), killed["kill"].as_str()), (Some(service.as_str()), Some("requested")));
+    let submitted: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["-o", "json", "job", "submit", "-f", &example("batch.yaml")])).unwrap();
+    assert_eq!(submitted["id"].as_str().map(str::len), Some(36), "{submitted}");
     wait_until(ELECTION, "the killed job finished", || async {
         cli.ok(&["-o", "json", "job", "get", &service]).contains("\"Finished\"").then_some(())
     })

@@ -874,13 +874,13 @@ fn config_command(out: Output, cmd: ConfigCmd) -> Result<(), Error> {
         }
         ConfigCmd::CurrentContext => match config.current_context.as_str() {
             "" => return Err(Error::NotFound(format!("no current context in {}", path.display()))),
-            name => println!("{name}"),
+            name => done(out, name.to_string(), serde_json::json!({"currentContext": name})),
         },
         ConfigCmd::UseContext { name } => {
             config.context(Some(&name))?;
             config.current_context = name.clone();
             config.save(&path)?;
-            println!("switched to context {name:?}");
+            done(out, format!("switched to context {name:?}"), serde_json::json!({"currentContext": name}));
         }
         ConfigCmd::SetContext { name, servers, ca, cert, key, token_file, current } => {
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_whitespace) {
@@ -914,7 +914,11 @@ fn config_command(out: Output, cmd: ConfigCmd) -> Result<(), Error> {
                 config.current_context = name.clone();
             }
             config.save(&path)?;
-            println!("context {name:?} written to {}", path.display());
+            done(
+                out,
+                format!("context {name:?} written to {}", path.display()),
+                serde_json::json!({"context": name, "file": path.display().to_string()}),
+            );
         }
         ConfigCmd::DeleteContext { name } => {
             if config.contexts.remove(&name).is_none() {
@@ -924,7 +928,7 @@ fn config_command(out: Output, cmd: ConfigCmd) -> Result<(), Error> {
                 config.current_context.clear();
             }
             config.save(&path)?;
-            println!("context {name:?} deleted");
+            done(out, format!("context {name:?} deleted"), serde_json::json!({"context": name, "deleted": true}));
         }
     }
     Ok(())
@@ -999,7 +1003,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             CapacityGroupCmd::Delete { name } => {
                 client.delete_capacity_group(&name).await?;
-                println!("deleted capacity group {name}");
+                done(
+                    out,
+                    format!("deleted capacity group {name}"),
+                    serde_json::json!({"capacityGroup": name, "deleted": true}),
+                );
             }
         },
         Command::Job(cmd) => job_command(&client, out, timeout, cmd).await?,
@@ -1155,7 +1163,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 InstanceGroupCmd::List => client.list_instance_groups().await?,
                 InstanceGroupCmd::Lifecycle { id, lifecycle } => {
                     client.update_instance_group_lifecycle(&id, lifecycle.proto()).await?;
-                    println!("instance group {id} is now {}", lifecycle.proto().as_str_name());
+                    let now = lifecycle.proto().as_str_name();
+                    done(
+                        out,
+                        format!("instance group {id} is now {now}"),
+                        serde_json::json!({"instanceGroup": id, "lifecycle": now}),
+                    );
                     return Ok(());
                 }
             };
@@ -1188,11 +1201,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Lb(cmd) => match cmd {
             LbCmd::Add { job_id, target_group_arn } => {
                 client.add_load_balancer(&job_id, &target_group_arn).await?;
-                println!("job {job_id} is associated with {target_group_arn}");
+                done(
+                    out,
+                    format!("job {job_id} is associated with {target_group_arn}"),
+                    serde_json::json!({"job": job_id, "targetGroup": target_group_arn, "associated": true}),
+                );
             }
             LbCmd::Remove { job_id, target_group_arn } => {
                 client.remove_load_balancer(&job_id, &target_group_arn).await?;
-                println!("job {job_id} is no longer associated with {target_group_arn}");
+                done(
+                    out,
+                    format!("job {job_id} is no longer associated with {target_group_arn}"),
+                    serde_json::json!({"job": job_id, "targetGroup": target_group_arn, "associated": false}),
+                );
             }
             LbCmd::List { job_id } => {
                 let all = match job_id {
@@ -1700,7 +1721,7 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
             let id = client.create_job(descriptor).await?;
             done(out, id.clone(), serde_json::json!({"id": id}));
             if wait {
-                wait_for_tasks(client, &id, timeout.unwrap_or(Duration::from_secs(300))).await?;
+                wait_for_tasks(client, out, &id, timeout.unwrap_or(Duration::from_secs(300))).await?;
             }
         }
         JobCmd::Enable { id } => {
@@ -1873,7 +1894,15 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
 }
 
 /// Prints each task's state changes until every task is Started (service) or Finished (batch).
-async fn wait_for_tasks(client: &Client, job_id: &str, timeout: Duration) -> Result<(), Error> {
+/// Progress goes to stdout in a table's place, to stderr beside `-o json|yaml` (which prints the id).
+async fn wait_for_tasks(client: &Client, out: Output, job_id: &str, timeout: Duration) -> Result<(), Error> {
+    let say = |line: String| {
+        if out == Output::Table {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    };
     use titus_client::proto as pb;
     let deadline = std::time::Instant::now() + timeout;
     let mut last: std::collections::BTreeMap<String, i32> = Default::default();
@@ -1894,7 +1923,14 @@ async fn wait_for_tasks(client: &Client, job_id: &str, timeout: Duration) -> Res
                 } else {
                     format!(" ({}: {})", s.reason_code, s.reason_message)
                 };
-                println!("task {} #{}: {}{}", t.id, t.index, state_name(s.state), reason);
+                say(format!(
+                    "{} task {} #{}: {}{}",
+                    format_ms(s.timestamp_ms),
+                    t.id,
+                    t.index,
+                    state_name(s.state),
+                    reason
+                ));
             }
         }
         let status = job.status.unwrap_or_default();
@@ -1916,7 +1952,7 @@ async fn wait_for_tasks(client: &Client, job_id: &str, timeout: Duration) -> Res
             std::process::exit(i32::from(JOB_FAILED));
         }
         if (batch && finished) || (!batch && started >= wanted) {
-            println!("job {job_id}: {}", if finished { "Finished" } else { "all tasks Started" });
+            say(format!("job {job_id}: {}", if finished { "Finished" } else { "all tasks Started" }));
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
