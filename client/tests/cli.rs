@@ -425,6 +425,43 @@ async fn t360_get_edit_apply_round_trip() {
     let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((said["id"].as_str(), said["created"].as_bool()), (Some(id.as_str()), Some(false)), "{said}");
 
+    // `job watch` says what changed, and ends when the job does.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
+        .args(["job", "watch", &id])
+        .env("TITUS_SERVERS", &cli.servers)
+        .env("TITUS_CONFIG", NO_CONFIG)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.contains("now following changes")) {
+        seen.push(lines.recv_timeout(Duration::from_secs(60)).expect("a line of job watch within 60 s"));
+    }
+    cli.ok(&["job", "resize", &id, "--desired", "2"]);
+    cli.ok(&["job", "disable", &id]);
+    cli.ok(&["job", "kill", &id]);
+    // Until the watch ends (its output closes), at most 60 s.
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("job watch still running 60 s after the kill: {e}; {seen:?}"),
+        }
+    }
+    let status = tokio::task::spawn_blocking(move || watch.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "watch ends with the job: {seen:?}");
+    let all = seen.join("\n");
+    assert!(all.contains("resized 1/1/4 -> 1/2/4 (min/desired/max)") && all.contains("disabled"), "{all}");
+    assert!(all.contains("Accepted -> KillInitiated") && all.contains("KillInitiated -> Finished"), "{all}");
+
     // A spec with an id is not a new job; flags describing a job are refused beside -f.
     std::fs::write(file, &yaml).unwrap();
     let (code, _, err) = cli.run(&["job", "submit", "-f", file]);
