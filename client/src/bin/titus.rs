@@ -14,9 +14,6 @@ mod contexts;
 #[path = "titus/io.rs"]
 mod io;
 
-/// The exit code of a command `task exec` ran, for `main` to exit with.
-static EXEC_EXIT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
 #[derive(Parser)]
 #[command(name = "titus", version, about = "Command-line client of the Titus control plane")]
 struct Cli {
@@ -1099,7 +1096,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
             TaskCmd::Logs { id, logs } => io::task_logs(&client, &id, &logs.args()).await?,
             TaskCmd::Exec { id, interactive, tty, command } => {
                 let code = io::exec(&client, &id, command, interactive, tty).await?;
-                EXEC_EXIT.store(code, std::sync::atomic::Ordering::Relaxed);
+                // Out at once with the command's code: a reader of this terminal's stdin may still
+                // be blocked (the runtime would wait for it at its end).
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(if (0..=255).contains(&code) { code } else { 1 });
             }
         },
         Command::Agent(AgentCmd::Get { id }) => {
@@ -1349,11 +1350,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let plaintext = resolve(&cli).map_or(true, |t| t.ca.is_none());
     match run(cli).await {
-        // A command run by `task exec` exits as it did (a code past 255, or a negative one, as 1).
-        Ok(()) => match EXEC_EXIT.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => ExitCode::SUCCESS,
-            code => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        },
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("titus: {e}");
             if plaintext && matches!(e, Error::Unavailable { .. }) {
