@@ -534,4 +534,15 @@ async fn t280_a_crash_looping_service_backs_off() {
     assert!(waited >= Duration::from_secs(10), "two crashes in a row were replaced after {waited:?}, before 10 s");
     assert_eq!(third.resubmit_number, 2, "no other replacement was made meanwhile: {third:?}");
     eprintln!("third task created {waited:?} after the job");
+    // The CLI's job list says so on the job's one row.
+    let servers = c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+    let out = std::process::Command::new(common::bin("titus"))
+        .args(["job", "list", "--filter", "appName=crashes"])
+        .env("TITUS_SERVERS", &servers)
+        .env("TITUS_CONFIG", "/nonexistent/titus-config.toml")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.lines().count(), 2, "a header and one row: {table}");
+    assert!(table.contains("crash-looping: 2 quick crashes in a row"), "{table}");
 }

@@ -207,11 +207,23 @@ fn fixture_view(api: &str, killed: &str) -> serde_json::Value {
             titus_json(api, &["task", "list", j["id"].as_str().expect("a job id")]).as_array().cloned().unwrap()
         })
         .collect();
+    // The fields the fixture was written with (the CLI has since added ages, counts and reasons).
+    let keep = |v: &serde_json::Value, keys: &[&str]| {
+        serde_json::Value::Object(keys.iter().filter_map(|k| Some((k.to_string(), v.get(*k)?.clone()))).collect())
+    };
+    let job_keys = ["id", "applicationName", "owner", "capacityGroup", "state", "reasonCode"];
+    let task_keys = ["id", "jobId", "index", "state", "reasonCode", "reasonMessage", "context"];
+    // `job get -o json` prints the whole spec now: the killed job's row is made from it.
+    let spec = titus_json(api, &["job", "get", killed]);
+    let killed_row = serde_json::json!([{
+        "id": spec["id"], "applicationName": spec["applicationName"], "owner": spec["owner"]["teamEmail"],
+        "capacityGroup": spec["capacityGroup"], "state": spec["status"]["state"], "reasonCode": spec["status"]["reasonCode"],
+    }]);
     serde_json::json!({
-        "jobs": jobs,
-        "tasks": tasks,
+        "jobs": jobs.as_array().unwrap().iter().map(|j| keep(j, &job_keys)).collect::<Vec<_>>(),
+        "tasks": tasks.iter().map(|t| keep(t, &task_keys)).collect::<Vec<_>>(),
         "capacity_groups": titus_json(api, &["capacity-group", "list"]),
-        "killed_job": titus_json(api, &["job", "get", killed]),
+        "killed_job": killed_row,
     })
 }
 

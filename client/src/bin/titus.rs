@@ -1529,16 +1529,34 @@ fn task_created_ms(t: &titus_client::Task) -> i64 {
     t.status_history.first().or(t.status.as_ref()).map_or(0, |s| s.timestamp_ms)
 }
 
-/// Started tasks of each of `jobs` (at most 10,000 read; None beyond).
-async fn running_counts(client: &Client, jobs: &[titus_client::Job]) -> Option<std::collections::HashMap<String, u32>> {
-    let mut counts = std::collections::HashMap::new();
+/// What a job's live tasks add to its row.
+#[derive(Default, Clone, Copy)]
+struct LiveTasks {
+    started: u32,
+    /// The most quick crashes in a row among them (a crash-looping service's), if any.
+    crash_loop: Option<u32>,
+}
+
+/// The live tasks of each of `jobs` (at most 10,000 read; None when they could not be read).
+async fn live_tasks(
+    client: &Client,
+    jobs: &[titus_client::Job],
+) -> Option<std::collections::HashMap<String, LiveTasks>> {
+    let mut out: std::collections::HashMap<String, LiveTasks> = std::collections::HashMap::new();
+    let live = "Accepted,Launched,StartInitiated,Started";
     for chunk in jobs.chunks(100) {
         let ids = chunk.iter().map(|j| j.id.as_str()).collect::<Vec<_>>().join(",");
         let mut cursor = String::new();
         for _ in 0..10 {
-            let page = client.find_tasks(&[("jobIds", &ids), ("taskStates", "Started")], 1000, &cursor).await.ok()?;
+            let page = client.find_tasks(&[("jobIds", &ids), ("taskStates", live)], 1000, &cursor).await.ok()?;
             for t in &page.items {
-                *counts.entry(t.job_id.clone()).or_insert(0) += 1;
+                let entry = out.entry(t.job_id.clone()).or_default();
+                if t.status.as_ref().is_some_and(|s| s.state == titus_client::proto::TaskState::TaskStarted as i32) {
+                    entry.started += 1;
+                }
+                if let Some(n) = t.task_context.get("crashLoopCount").and_then(|n| n.parse::<u32>().ok()) {
+                    entry.crash_loop = entry.crash_loop.max(Some(n));
+                }
             }
             let p = page.pagination.unwrap_or_default();
             if !p.has_more {
@@ -1547,10 +1565,11 @@ async fn running_counts(client: &Client, jobs: &[titus_client::Job]) -> Option<s
             cursor = p.cursor;
         }
     }
-    Some(counts)
+    Some(out)
 }
 
-fn print_jobs(out: Output, jobs: &[titus_client::Job], running: Option<&std::collections::HashMap<String, u32>>) {
+fn print_jobs(out: Output, jobs: &[titus_client::Job], live: Option<&std::collections::HashMap<String, LiveTasks>>) {
+    let of = |id: &str| live.and_then(|l| l.get(id)).copied().unwrap_or_default();
     if out != Output::Table {
         let v: Vec<_> = jobs
             .iter()
@@ -1558,8 +1577,12 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job], running: Option<&std::col
                 let d = j.job_descriptor.clone().unwrap_or_default();
                 let s = j.status.clone().unwrap_or_default();
                 let mut v = serde_json::json!({"id": j.id, "applicationName": d.application_name, "owner": d.owner.map(|o| o.team_email), "capacityGroup": d.capacity_group, "state": job_state_name(s.state), "reasonCode": s.reason_code, "createdMs": job_created_ms(j)});
-                if let Some(r) = running {
-                    v["runningTasks"] = serde_json::json!(r.get(&j.id).copied().unwrap_or(0));
+                if live.is_some() {
+                    let l = of(&j.id);
+                    v["runningTasks"] = serde_json::json!(l.started);
+                    if let Some(n) = l.crash_loop {
+                        v["crashLoopCount"] = serde_json::json!(n);
+                    }
                 }
                 v
             })
@@ -1568,8 +1591,8 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job], running: Option<&std::col
         return;
     }
     println!(
-        "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}",
-        "JOB", "APP", "TYPE", "STATE", "RUNNING", "SIZE", "ENABLED", "AGE"
+        "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}  {}",
+        "JOB", "APP", "TYPE", "STATE", "RUNNING", "SIZE", "ENABLED", "AGE", "NOTE"
     );
     for j in jobs {
         let d = j.job_descriptor.clone().unwrap_or_default();
@@ -1582,9 +1605,14 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job], running: Option<&std::col
             }
             None => ("?", String::new(), "-"),
         };
-        let running = running.map_or("?".to_string(), |r| r.get(&j.id).copied().unwrap_or(0).to_string());
+        let l = of(&j.id);
+        let running = if live.is_some() { l.started.to_string() } else { "?".to_string() };
+        let note = match l.crash_loop {
+            Some(n) => format!("crash-looping: {n} quick crashes in a row; replacements back off (titus task list)"),
+            None => String::new(),
+        };
         println!(
-            "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}",
+            "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}  {}",
             j.id,
             d.application_name,
             kind,
@@ -1592,7 +1620,8 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job], running: Option<&std::col
             running,
             size,
             enabled,
-            age(job_created_ms(j))
+            age(job_created_ms(j)),
+            note
         );
     }
 }
@@ -1840,11 +1869,11 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
                 criteria.push((k, v));
             }
             let jobs = client.find_jobs(&criteria, 1000, "").await?.items;
-            print_jobs(out, &jobs, running_counts(client, &jobs).await.as_ref());
+            print_jobs(out, &jobs, live_tasks(client, &jobs).await.as_ref());
         }
         JobCmd::Get { id } => {
             let jobs = [client.find_job(&id).await?];
-            let running = running_counts(client, &jobs).await;
+            let running = live_tasks(client, &jobs).await;
             if out == Output::Table {
                 print_jobs(out, &jobs, running.as_ref());
             } else {
@@ -1855,7 +1884,7 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
                 let mut spec = titus_client::spec::JobSpec::from_job(j);
                 spec.status = Some(serde_json::json!({
                     "state": job_state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message,
-                    "createdMs": job_created_ms(j), "runningTasks": running.as_ref().and_then(|r| r.get(&j.id).copied()).unwrap_or(0),
+                    "createdMs": job_created_ms(j), "runningTasks": running.as_ref().and_then(|r| r.get(&j.id)).map_or(0, |l| l.started),
                 }));
                 emit(out, &serde_json::to_value(&spec).unwrap_or_default());
             }
