@@ -61,53 +61,97 @@ pub async fn task_logs(client: &Client, task_id: &str, args: &LogsArgs) -> Resul
     Ok(())
 }
 
+/// Most tasks `job logs -f` follows at once (an agent serves 32 sessions).
+const MAX_FOLLOWED: usize = 32;
+
 /// Prints the output of every task of a job that has one, each line prefixed by the task's index
-/// and id, tasks side by side (with `follow`, until every one stops).
+/// and id: task after task, or with `follow` side by side (the first [`MAX_FOLLOWED`] live ones)
+/// until every one stops.
 pub async fn job_logs(client: &Client, job_id: &str, args: &LogsArgs) -> Result<(), Error> {
-    let tasks = client.find_tasks(&[("jobIds", job_id)], 1000, "").await?.items;
+    let mut tasks = client.find_tasks(&[("jobIds", job_id)], 1000, "").await?.items;
     if tasks.is_empty() {
         client.find_job(job_id).await?; // an unknown job is "not found"
         eprintln!("titus: job {job_id} has no tasks");
         return Ok(());
     }
-    let mut streams = futures::stream::SelectAll::new();
-    for t in &tasks {
-        let prefix = format!("[{} {}] ", t.index, t.id);
-        match client.task_logs(args.request(&t.id)).await {
-            Ok(s) => streams.push(s.map(move |m| (prefix.clone(), m)).boxed()),
-            // Never placed, or its output is no longer kept: said, and the others go on.
-            Err(e @ (Error::FailedPrecondition(_) | Error::NotFound(_))) => eprintln!("titus: {prefix}{e}"),
-            Err(e) => return Err(e),
+    tasks.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
+    if args.follow {
+        let finished = pb::TaskState::TaskFinished as i32;
+        tasks.retain(|t| t.status.as_ref().is_some_and(|s| s.state != finished));
+        if tasks.len() > MAX_FOLLOWED {
+            eprintln!("titus: following the first {MAX_FOLLOWED} of {} live tasks", tasks.len());
+            tasks.truncate(MAX_FOLLOWED);
         }
     }
-    // A line at a time per task, so tasks' lines do not interleave mid-line.
-    let mut partial: std::collections::HashMap<String, Vec<u8>> = Default::default();
-    while let Some((prefix, message)) = streams.next().await {
-        let chunk = match message {
-            Ok(pb::TaskOutput { output: Some(pb::task_output::Output::Chunk(c)) }) => c,
-            Ok(_) => continue,
-            Err(s) => {
-                eprintln!("titus: {prefix}{}", Error::from_status("leader", s));
+    let mut streams = futures::stream::SelectAll::new();
+    let mut lines = Lines::default();
+    for t in &tasks {
+        let prefix = format!("[{} {}] ", t.index, t.id);
+        let stream = match client.task_logs(args.request(&t.id)).await {
+            Ok(s) => s,
+            // Never placed, or its output is no longer kept: said, and the others go on.
+            Err(e @ (Error::FailedPrecondition(_) | Error::NotFound(_))) => {
+                eprintln!("titus: {prefix}{e}");
                 continue;
             }
+            Err(e) => return Err(e),
         };
-        let pending = partial.entry(format!("{prefix}{}", chunk.stream)).or_default();
+        if args.follow {
+            streams.push(stream.map(move |m| (prefix.clone(), m)).boxed());
+        } else {
+            // One task at a time: bounded sessions, and each task's lines together.
+            let mut one = stream.map(move |m| (prefix.clone(), m)).boxed();
+            while let Some((prefix, message)) = one.next().await {
+                lines.take(&prefix, message);
+            }
+            lines.flush();
+        }
+    }
+    while let Some((prefix, message)) = streams.next().await {
+        lines.take(&prefix, message);
+    }
+    lines.flush();
+    Ok(())
+}
+
+/// Output of several tasks, a whole line at a time with its task's prefix, so that lines of
+/// tasks printed side by side never interleave mid-line.
+#[derive(Default)]
+struct Lines {
+    /// Per prefix and stream, what came after the last newline.
+    partial: std::collections::BTreeMap<(String, i32), Vec<u8>>,
+}
+
+impl Lines {
+    fn take(&mut self, prefix: &str, message: Result<pb::TaskOutput, tonic::Status>) {
+        let chunk = match message {
+            Ok(pb::TaskOutput { output: Some(pb::task_output::Output::Chunk(c)) }) => c,
+            Ok(_) => return,
+            Err(s) => {
+                eprintln!("titus: {prefix}{}", Error::from_status("leader", s));
+                return;
+            }
+        };
+        let pending = self.partial.entry((prefix.to_string(), chunk.stream)).or_default();
         pending.extend_from_slice(&chunk.data);
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let mut data = prefix.clone().into_bytes();
-            data.extend_from_slice(&line);
+            let mut data = prefix.as_bytes().to_vec();
+            data.extend(pending.drain(..=end));
             write_chunk(&pb::OutputChunk { stream: chunk.stream, data });
         }
     }
-    for (key, rest) in partial.into_iter().filter(|(_, rest)| !rest.is_empty()) {
-        let (prefix, stream) = key.split_at(key.len() - 1);
-        let mut data = prefix.as_bytes().to_vec();
-        data.extend_from_slice(&rest);
-        data.push(b'\n');
-        write_chunk(&pb::OutputChunk { stream: stream.parse().unwrap_or(0), data });
+
+    /// Ends each unfinished line.
+    fn flush(&mut self) {
+        for ((prefix, stream), rest) in std::mem::take(&mut self.partial) {
+            if !rest.is_empty() {
+                let mut data = prefix.into_bytes();
+                data.extend_from_slice(&rest);
+                data.push(b'\n');
+                write_chunk(&pb::OutputChunk { stream, data });
+            }
+        }
     }
-    Ok(())
 }
 
 /// The terminal's size, when stdin is one.
