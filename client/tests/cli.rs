@@ -20,14 +20,19 @@ struct Cli {
 }
 
 impl Cli {
-    fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_titus"))
+    /// `titus ARGS` against this cluster, with no configuration file or context of this machine's.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_titus"));
+        command
             .args(args)
             .env("TITUS_SERVERS", &self.servers)
             .env("TITUS_CONFIG", NO_CONFIG)
-            .env_remove("TITUS_CONTEXT")
-            .output()
-            .expect("run titus");
+            .env_remove("TITUS_CONTEXT");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().expect("run titus");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -235,13 +240,8 @@ async fn t340_task_logs_and_exec() {
     args.extend(["--desired", "1", "--", "sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.2; done"]);
     let service = cli.ok(&args).trim().to_string();
     let running = only_task(&cli, &service, "Started").await;
-    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
-        .args(["task", "logs", "-f", &running])
-        .env("TITUS_SERVERS", &cli.servers)
-        .env("TITUS_CONFIG", NO_CONFIG)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follow =
+        cli.command(&["task", "logs", "-f", &running]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut reader = std::io::BufReader::new(follow.stdout.take().unwrap());
     let seen = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -264,10 +264,8 @@ async fn t340_task_logs_and_exec() {
     // Exec: output and exit code; stdin.
     let (code, out, _) = cli.run(&["task", "exec", &running, "--", "sh", "-c", "echo in-container; exit 7"]);
     assert_eq!((code, out.as_str()), (7, "in-container\n"), "the command's exit code is the CLI's");
-    let mut piped = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
-        .args(["task", "exec", "-i", &running, "--", "cat"])
-        .env("TITUS_SERVERS", &cli.servers)
-        .env("TITUS_CONFIG", NO_CONFIG)
+    let mut piped = cli
+        .command(&["task", "exec", "-i", &running, "--", "cat"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -409,10 +407,8 @@ async fn t360_get_edit_apply_round_trip() {
 
     // Without an id the job is found by application and jobGroupInfo; from stdin.
     let without_id: String = edited.lines().filter(|l| !l.starts_with("id:")).map(|l| format!("{l}\n")).collect();
-    let mut apply = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
-        .args(["-o", "json", "job", "apply", "-f", "-"])
-        .env("TITUS_SERVERS", &cli.servers)
-        .env("TITUS_CONFIG", NO_CONFIG)
+    let mut apply = cli
+        .command(&["-o", "json", "job", "apply", "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -426,13 +422,7 @@ async fn t360_get_edit_apply_round_trip() {
     assert_eq!((said["id"].as_str(), said["created"].as_bool()), (Some(id.as_str()), Some(false)), "{said}");
 
     // `job watch` says what changed, and ends when the job does.
-    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_titus"))
-        .args(["job", "watch", &id])
-        .env("TITUS_SERVERS", &cli.servers)
-        .env("TITUS_CONFIG", NO_CONFIG)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = cli.command(&["job", "watch", &id]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
     let stdout = watch.stdout.take().unwrap();
     std::thread::spawn(move || {
