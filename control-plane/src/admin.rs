@@ -313,12 +313,16 @@ fn cluster_page(replica: &Replica, hub: &AgentHub) -> String {
     );
 
     out.push_str("<h2>Finished jobs</h2>");
-    let mut finished = state.snapshot().archived_jobs().unwrap_or_default();
-    finished.sort_by_key(|j| std::cmp::Reverse(j.status.timestamp_ms));
-    let total = finished.len();
+    // Read newest first by the archive's order: the page reads 50 records, not the archive.
+    let finished: Vec<Job> = state
+        .newest_archived_job_ids(FINISHED_JOBS_SHOWN)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|id| state.archived_job(id).ok().flatten())
+        .collect();
+    let total = state.counts().archived_jobs as usize;
     let rows = finished
         .iter()
-        .take(FINISHED_JOBS_SHOWN)
         .map(|j| {
             vec![
                 job_link(&j.id),

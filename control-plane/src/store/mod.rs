@@ -279,6 +279,19 @@ impl StateReader {
         self.all(cf::ARCHIVED_TASKS)
     }
 
+    /// The ids of the `limit` archived jobs that finished last, newest first (reads `limit` keys).
+    pub fn newest_archived_job_ids(&self, limit: usize) -> Result<Vec<String>> {
+        let cf = cf_handle(&self.db, cf::ARCHIVE_ORDER).map_err(Error::from_storage)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::End).take(limit) {
+            let (k, _) = item.map_err(Error::from_storage)?;
+            if k.len() > 8 {
+                out.push(String::from_utf8_lossy(&k[8..]).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` archived jobs that finished before `before_ms`, oldest first.
     pub fn archived_jobs_finished_before(&self, before_ms: i64, limit: usize) -> Result<Vec<String>> {
         let cf = cf_handle(&self.db, cf::ARCHIVE_ORDER).map_err(Error::from_storage)?;
