@@ -140,6 +140,23 @@ trait System {
     /// Whether every running replica has applied the same log position (a healthy cluster).
     fn caught_up(&self) -> impl std::future::Future<Output = bool> + Send;
     fn procs(&mut self) -> &mut Vec<Proc>;
+    /// The processes, to read their logs from.
+    fn procs_ref(&self) -> &[Proc];
+}
+
+/// The last lines of each process's log, for a failure's message.
+fn log_tails(procs: &[Proc], lines: usize) -> String {
+    let mut out = String::new();
+    for p in procs {
+        let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("\n----- {} (last {lines} lines) -----\n", p.log.display()));
+        for l in &all[all.len().saturating_sub(lines)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 // ----- Titus -----
@@ -313,6 +330,10 @@ impl System for Titus {
     fn procs(&mut self) -> &mut Vec<Proc> {
         &mut self.procs
     }
+
+    fn procs_ref(&self) -> &[Proc] {
+        &self.procs
+    }
 }
 
 // ----- etcd -----
@@ -432,6 +453,10 @@ impl System for Etcd {
     fn procs(&mut self) -> &mut Vec<Proc> {
         &mut self.procs
     }
+
+    fn procs_ref(&self) -> &[Proc] {
+        &self.procs
+    }
 }
 
 // ----- measurements -----
@@ -450,7 +475,7 @@ async fn wait_leader<S: System>(s: &S, within: Duration) -> Result<usize> {
             return Ok(l);
         }
         if Instant::now() > deadline {
-            bail!("{}: no leader within {within:?}", s.name());
+            bail!("{}: no leader within {within:?}; its logs:{}", s.name(), log_tails(s.procs_ref(), 30));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
