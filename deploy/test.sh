@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 source deploy/lib/common.sh
 # The tests' CLI calls name their servers and credentials: a context of this machine's own
 # configuration (deploy/local-cluster.sh writes one) must not slip a CA into them.
-export TITUS_CONFIG="${TMPDIR:-/tmp}/titus-test-config-none.toml"
-rm -f "$TITUS_CONFIG"
+export TITUS_CLI_CONFIG="${TMPDIR:-/tmp}/titus-test-config-none.toml"
+rm -f "$TITUS_CLI_CONFIG"
 unset TITUS_CONTEXT
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 ensure_moto

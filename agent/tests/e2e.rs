@@ -539,7 +539,7 @@ async fn t280_a_crash_looping_service_backs_off() {
     let out = std::process::Command::new(common::bin("titus"))
         .args(["job", "list", "--filter", "appName=crashes"])
         .env("TITUS_SERVERS", &servers)
-        .env("TITUS_CONFIG", "/nonexistent/titus-config.toml")
+        .env("TITUS_CLI_CONFIG", "/nonexistent/titus-config.toml")
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);

@@ -26,7 +26,7 @@ impl Cli {
         command
             .args(args)
             .env("TITUS_SERVERS", &self.servers)
-            .env("TITUS_CONFIG", NO_CONFIG)
+            .env("TITUS_CLI_CONFIG", NO_CONFIG)
             .env_remove("TITUS_CONTEXT");
         command
     }
@@ -314,7 +314,7 @@ async fn t350_contexts_and_quick_failures() {
     let titus = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_titus"))
             .args(args)
-            .env("TITUS_CONFIG", &config)
+            .env("TITUS_CLI_CONFIG", &config)
             .env_remove("TITUS_SERVERS")
             .env_remove("TITUS_CONTEXT")
             .env_remove("TITUS_CA")

@@ -145,7 +145,7 @@ enum Command {
     /// A private CA and certificates for a cluster (files only; no server is called).
     #[command(subcommand)]
     Certs(CertsCmd),
-    /// Contexts in the configuration file (~/.config/titus/config.toml, or $TITUS_CONFIG):
+    /// Contexts in the configuration file (~/.config/titus/config.toml, or $TITUS_CLI_CONFIG):
     /// servers and credentials under a name, one of them current.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -846,7 +846,7 @@ fn resolve(cli: &Cli) -> Result<Target, Error> {
 
 fn config_command(out: Output, cmd: ConfigCmd) -> Result<(), Error> {
     let path = contexts::path().ok_or_else(|| Error::InvalidArgument {
-        message: "no configuration file: neither TITUS_CONFIG, XDG_CONFIG_HOME nor HOME is set".into(),
+        message: "no configuration file: neither TITUS_CLI_CONFIG, XDG_CONFIG_HOME nor HOME is set".into(),
         violations: vec![],
     })?;
     let mut config = contexts::CliConfig::load(&path)?;

@@ -1,6 +1,6 @@
 //! The CLI's configuration file: named contexts (servers, CA, certificate or token), one of them
 //! current, as kubectl's kubeconfig. `~/.config/titus/config.toml` ($XDG_CONFIG_HOME honored;
-//! `TITUS_CONFIG` names another file). Flags and environment variables override the context's
+//! `TITUS_CLI_CONFIG` names another file). Flags and environment variables override the context's
 //! values; `--context`/`TITUS_CONTEXT` picks another context for one call.
 
 use std::collections::BTreeMap;
@@ -41,7 +41,7 @@ fn invalid(message: String) -> Error {
 
 /// Where the configuration file is.
 pub fn path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("TITUS_CONFIG").filter(|p| !p.is_empty()) {
+    if let Some(p) = std::env::var_os("TITUS_CLI_CONFIG").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
     let base = std::env::var_os("XDG_CONFIG_HOME")
