@@ -132,6 +132,7 @@ impl FinishedLogsConfig {
             max_bytes_per_task: u64::from(self.max_mb_per_task) << 20,
             max_total_bytes: u64::from(self.max_total_mb) << 20,
             max_age: std::time::Duration::from_secs(u64::from(self.max_age_hours) * 3600),
+            last_prune: Default::default(),
         }
     }
 }

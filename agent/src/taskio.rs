@@ -29,7 +29,13 @@ pub struct FinishedLogs {
     pub max_bytes_per_task: u64,
     pub max_total_bytes: u64,
     pub max_age: Duration,
+    /// When the folder was last pruned: a prune lists it whole, so it runs at most every
+    /// [`PRUNE_EVERY`], not at every save (the total may exceed its bound by that long's saves).
+    pub last_prune: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// The least time between two prunes of the saved output.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Largest output chunk sent up in one message.
 const MAX_CHUNK: usize = 64 << 10;
@@ -194,7 +200,17 @@ impl FinishedLogs {
         let aside = path.with_extension("log.new");
         tokio::fs::write(&aside, &data).await.map_err(|e| format!("{}: {e}", aside.display()))?;
         tokio::fs::rename(&aside, &path).await.map_err(|e| format!("{}: {e}", path.display()))?;
-        self.prune().await;
+        let due = {
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= PRUNE_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            self.prune().await;
+        }
         Ok(())
     }
 

@@ -535,7 +535,7 @@ async fn t280_a_crash_looping_service_backs_off() {
     assert_eq!(third.resubmit_number, 2, "no other replacement was made meanwhile: {third:?}");
     eprintln!("third task created {waited:?} after the job");
     // The CLI's job list says so on the job's one row.
-    let servers = c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+    let servers = c.servers();
     let out = std::process::Command::new(common::bin("titus"))
         .args(["job", "list", "--filter", "appName=crashes"])
         .env("TITUS_SERVERS", &servers)

@@ -56,7 +56,7 @@ async fn t310_cli_submits_lists_resizes_and_kills() {
     let c = Cluster::start(3, &[]);
     c.wait_for_leader(ELECTION).await;
     // Seeds from the environment variable, one of them a follower.
-    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let cli = Cli { servers: c.servers() };
 
     let service = cli.ok(&["job", "submit", "-f", &example("service.json")]).trim().to_string();
     let batch = cli.ok(&["job", "submit", "-f", &example("batch.yaml")]).trim().to_string();
@@ -158,7 +158,7 @@ async fn t330_wait_exits_non_zero_when_a_batch_task_fails() {
     let mut c = Cluster::start(3, &[]);
     c.wait_for_leader(ELECTION).await;
     c.start_agent("a330", 2.0, 1024);
-    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let cli = Cli { servers: c.servers() };
     let submit = |script: &'static str| {
         let args =
             ["job", "submit", "--app", "exit", "--image", "titus/busybox:latest", "--cpu", "0.1", "--memory-mb", "32"];
@@ -195,7 +195,7 @@ async fn t340_task_logs_and_exec() {
     let mut c = Cluster::start(3, &[]);
     c.wait_for_leader(ELECTION).await;
     c.start_agent("a340", 2.0, 1024);
-    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let cli = Cli { servers: c.servers() };
     let base = ["job", "submit", "--app", "io", "--image", "titus/busybox:latest", "--cpu", "0.1", "--memory-mb", "32"];
 
     // A batch task that prints on both streams and ends.
@@ -310,7 +310,7 @@ async fn t350_contexts_and_quick_failures() {
     c.wait_for_leader(ELECTION).await;
     let dir = tempfile::TempDir::new().unwrap();
     let config = dir.path().join("titus").join("config.toml");
-    let servers = c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+    let servers = c.servers();
     let titus = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_titus"))
             .args(args)
@@ -371,7 +371,7 @@ async fn t350_contexts_and_quick_failures() {
 async fn t360_get_edit_apply_round_trip() {
     let c = Cluster::start(3, &[]);
     c.wait_for_leader(ELECTION).await;
-    let cli = Cli { servers: c.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",") };
+    let cli = Cli { servers: c.servers() };
     let dir = tempfile::TempDir::new().unwrap();
     let file = dir.path().join("job.yaml");
     let file = file.to_str().unwrap();

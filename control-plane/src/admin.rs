@@ -11,6 +11,7 @@ use std::sync::Arc;
 use titus_obs::admin::{escape, Handler, Response};
 
 use crate::agents::AgentHub;
+use crate::clock::now_ms;
 use crate::events::Change;
 use crate::jobs::apply::{agent_of, allocation_by_agent};
 use crate::model::agent::{AgentState, Lifecycle};
@@ -81,10 +82,6 @@ pub fn readiness(replica: &Replica) -> Result<(), String> {
 
 /// How often a page reloads itself (no JavaScript: a refresh header in the page).
 const REFRESH_SECS: u32 = 5;
-
-fn now_ms() -> i64 {
-    crate::clock::now_ms()
-}
 
 /// `12s`, `5m`, `3h`, `2d` since `ms` (ms since the epoch), with the UTC time as its tooltip.
 fn ago(ms: i64) -> String {
@@ -405,29 +402,17 @@ fn describe(change: &Change) -> String {
 
 fn job_page(replica: &Replica, hub: &AgentHub, id: &str, page_no: usize) -> Option<String> {
     let state = &replica.state;
+    // Its finished tasks still kept, beside the active ones (a finished job has only those).
+    let archived = || {
+        state
+            .archived_task_ids_of_job(id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|t| state.archived_task(&t).ok().flatten())
+    };
     let (job, mut tasks) = match state.job(id).ok().flatten() {
-        Some(j) => {
-            // Its finished tasks still kept beside the active ones.
-            let mut tasks = state.tasks_of_job(id).unwrap_or_default();
-            tasks.extend(
-                state
-                    .archived_task_ids_of_job(id)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|t| state.archived_task(&t).ok().flatten()),
-            );
-            (j, tasks)
-        }
-        None => {
-            let j = state.archived_job(id).ok().flatten()?;
-            let tasks = state
-                .archived_task_ids_of_job(id)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|t| state.archived_task(&t).ok().flatten())
-                .collect();
-            (j, tasks)
-        }
+        Some(j) => (j, state.tasks_of_job(id).unwrap_or_default().into_iter().chain(archived()).collect::<Vec<_>>()),
+        None => (state.archived_job(id).ok().flatten()?, archived().collect()),
     };
     let mut out = String::new();
     let d = &job.descriptor;

@@ -226,6 +226,11 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Every replica's api address, comma-separated (as `--servers` and `TITUS_SERVERS` take them).
+    pub fn servers(&self) -> String {
+        self.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
     pub fn replica(&self, id: u64) -> &Replica {
         self.replicas.iter().find(|r| r.id == id).expect("no such replica")
     }
@@ -424,7 +429,7 @@ impl Cluster {
 
     fn start_agent_inner(&mut self, name: &str, cpu: f64, memory_mb: u32, extra: &[&str], security: bool) -> String {
         let id = format!("{name}-{}", std::process::id());
-        let servers = self.replicas.iter().map(|r| r.api_addr.clone()).collect::<Vec<_>>().join(",");
+        let servers = self.servers();
         let args: Vec<String> = vec![
             "--agent-id".to_string(),
             id.clone(),

@@ -20,11 +20,9 @@ pub struct LogsArgs {
 
 impl LogsArgs {
     fn request(&self, task_id: &str) -> pb::TaskLogsRequest {
-        let since_ms = self.since.map_or(0, |d| {
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |n| n.as_millis() as i64);
-            now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).max(1)
-        });
+        let since_ms = self
+            .since
+            .map_or(0, |d| crate::now_ms().saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).max(1));
         pb::TaskLogsRequest {
             task_id: task_id.to_string(),
             follow: self.follow,
