@@ -4,7 +4,7 @@
 # script's VERSION (raise it when the applets change, so an older image is rebuilt).
 set -euo pipefail
 IMAGE="${TITUS_TEST_IMAGE:-titus/busybox:latest}"
-VERSION=2
+VERSION=3
 if [ "$(docker image inspect --format '{{index .Config.Labels "titus.test-image"}}' "$IMAGE" 2>/dev/null)" = "$VERSION" ]; then
     exit 0
 fi
@@ -19,7 +19,7 @@ mkdir -p "$root/bin" "$root/tmp" "$root/etc"
 cp /bin/busybox "$root/bin/busybox"
 # ping (ICMP datagram sockets, no privilege) and arping (a raw packet socket, NET_RAW) are how the
 # tests tell network isolation from a missing capability.
-for applet in sh sleep echo cat ls true false env id hostname wget nc date ps kill ping arping ip seq; do
+for applet in sh sleep echo cat ls true false env id hostname wget nc date ps kill ping arping ip seq test touch rm mkdir httpd; do
     ln -s busybox "$root/bin/$applet"
 done
 echo "root:x:0:0:root:/:/bin/sh" >"$root/etc/passwd"

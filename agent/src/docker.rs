@@ -46,6 +46,8 @@ pub enum Death {
     /// The kernel OOM-killed a process in it (Docker's "oom" event; "die" follows).
     OutOfMemory(String),
     Exited(String),
+    /// Its health check's verdict changed (Docker's `health_status` event).
+    Health(String),
 }
 
 pub fn container_name(task_id: &str) -> String {
@@ -86,6 +88,8 @@ pub struct DockerRuntime {
     /// The host's zone (attribute `zone`) and region, for the containers' environment.
     zone: String,
     region: String,
+    /// The HTTP health checks the agent makes (command checks are the daemon's).
+    pub probes: crate::health::Probes,
 }
 
 /// A container's state as a task state.
@@ -141,6 +145,7 @@ impl DockerRuntime {
             host_instance_id: config.attributes.get("instanceId").cloned().unwrap_or_default(),
             zone: config.attributes.get("zone").cloned().unwrap_or_default(),
             region: crate::identity::region(&config.aws, &config.attributes),
+            probes: Default::default(),
         };
         let mut runtime = runtime;
         if config.aws.metadata {
@@ -286,6 +291,25 @@ impl DockerRuntime {
             context.insert("containerIp".to_string(), ip);
         }
         let status = st.status.map(|s| s.to_string()).unwrap_or_default();
+        if status == "running" {
+            let labels = c.config.as_ref().and_then(|c| c.labels.as_ref());
+            let http = labels.and_then(|l| l.get(crate::health::LABEL_HTTP_CHECK)).and_then(|l| crate::health::HttpCheck::parse_label(l));
+            let health = match (http, context.get("containerIp").cloned()) {
+                (Some(check), Some(ip)) => {
+                    let (runtime, id) = (self.clone(), task_id.to_string());
+                    let running: crate::health::Running = Arc::new(move || {
+                        let (runtime, id) = (runtime.clone(), id.clone());
+                        Box::pin(async move { runtime.is_running(&id).await })
+                    });
+                    self.probes.ensure(task_id, ip, check, running);
+                    self.probes.verdict(task_id).map(str::to_string)
+                }
+                _ => st.health.as_ref().and_then(|h| h.status).map(|s| s.to_string()),
+            };
+            if let Some(h) = health.filter(|h| ["starting", "healthy", "unhealthy"].contains(&h.as_str())) {
+                context.insert("health".to_string(), h);
+            }
+        }
         let (state, reason_code, reason_message) = match status.as_str() {
             "running" | "paused" | "restarting" => (pb::TaskState::TaskStarted, String::new(), String::new()),
             "created" => (pb::TaskState::TaskStartInitiated, String::new(), String::new()),
@@ -318,8 +342,15 @@ impl DockerRuntime {
         }))
     }
 
-    /// Creates and starts the task's container. Adopts an existing one instead of creating a
-    /// second. Returns the states it went through.
+    /// Whether the task's container runs.
+    pub async fn is_running(&self, task_id: &str) -> bool {
+        let Ok(docker) = self.client().await else { return true };
+        match docker.inspect_container(&container_name(task_id), None::<InspectContainerOptions>).await {
+            Ok(c) => c.state.and_then(|s| s.running).unwrap_or(false),
+            Err(e) => !is_not_found(&e),
+        }
+    }
+
     /// Creates and starts the task's container, unless `killed()` says a kill arrived meanwhile:
     /// checked before the container is created and again before it is started, so a task killed
     /// before its container starts never starts (a created one is removed).
@@ -411,6 +442,9 @@ impl DockerRuntime {
             host_instance_id: &self.host_instance_id,
         });
         labels.insert(LABEL_APP.to_string(), assign.application_name.clone());
+        if let Some(check) = crate::health::HttpCheck::from_spec(container.health_check.as_ref()) {
+            labels.insert(crate::health::LABEL_HTTP_CHECK.to_string(), check.label());
+        }
         if !profile.iam_role.is_empty() {
             labels.insert(LABEL_ROLE.to_string(), profile.iam_role.clone());
         }
@@ -455,6 +489,7 @@ impl DockerRuntime {
             labels: Some(labels),
             host_config: Some(host_config),
             networking_config,
+            healthcheck: crate::health::docker_check(container.health_check.as_ref()),
             ..Default::default()
         };
         let name = container_name(task_id);
@@ -816,15 +851,19 @@ impl DockerRuntime {
         let docker = self.client().await?;
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
-            ("event".to_string(), vec!["die".to_string(), "oom".to_string()]),
+            ("event".to_string(), vec!["die".to_string(), "oom".to_string(), "health_status".to_string()]),
             ("label".to_string(), vec![format!("{LABEL_AGENT}={}", self.agent_id)]),
         ]);
         Ok(docker.events(Some(EventsOptions::<String> { filters, ..Default::default() })).filter_map(|e| async move {
             match e {
                 Ok(ev) => {
-                    let oom = ev.action.as_deref() == Some("oom");
+                    let action = ev.action.clone().unwrap_or_default();
                     let task = ev.actor.and_then(|a| a.attributes).and_then(|attrs| attrs.get(LABEL_TASK).cloned())?;
-                    Some(Ok(if oom { Death::OutOfMemory(task) } else { Death::Exited(task) }))
+                    Some(Ok(match action.as_str() {
+                        "oom" => Death::OutOfMemory(task),
+                        a if a.starts_with("health_status") => Death::Health(task),
+                        _ => Death::Exited(task),
+                    }))
                 }
                 Err(e) => Some(Err(e.to_string())),
             }

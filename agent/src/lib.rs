@@ -7,6 +7,7 @@
 //! - [`config`]: the typed configuration, resources detected from the host with overrides.
 //! - [`docker`]: the container runtime over the Docker daemon: one container per task id, named and
 //!   labelled by it, adopted after a restart instead of started twice.
+//! - [`health`]: container health checks — Docker's own for a command, the agent's HTTP probes.
 //! - [`networks`]: the per-job networks that keep one job's containers from another's.
 //! - [`identity`], [`metadata`], [`routes`]: what a task is to AWS — its IAM role's credentials,
 //!   EC2-style instance metadata and Titus's environment — served by a proxy on the host that
@@ -20,6 +21,7 @@
 
 pub mod config;
 pub mod docker;
+pub mod health;
 pub mod identity;
 pub mod metadata;
 pub mod networks;

@@ -80,6 +80,14 @@ impl Runtime {
         }
     }
 
+    /// Tasks whose HTTP health check's verdict changed (a simulated task has none).
+    pub fn health_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        match self {
+            Runtime::Docker(d) => Some(d.probes.subscribe()),
+            Runtime::Simulated(_) => None,
+        }
+    }
+
     /// Tasks that died on their own (a simulated task never does).
     pub async fn deaths(&self) -> Result<BoxStream<'static, std::result::Result<Death, String>>> {
         match self {

@@ -129,6 +129,15 @@ impl Agent {
         self.killing.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id)
     }
 
+    /// Its health check's verdict changed: reported with its (running) state.
+    async fn on_health(&self, task_id: &str) {
+        if let Ok(Some(o)) = self.docker.observe_with(task_id, false, false).await {
+            if o.state == pb::TaskState::TaskStarted && o.context.contains_key("health") {
+                self.report(&o);
+            }
+        }
+    }
+
     async fn on_death(&self, task_id: &str) {
         let oom_seen = || self.oom_killed.lock().unwrap_or_else(|p| p.into_inner()).contains(task_id);
         let killing = self.is_killing(task_id);
@@ -377,6 +386,15 @@ impl Agent {
     }
 }
 
+/// Reports the verdicts of the agent's own (HTTP) health checks as they change.
+async fn watch_probes(agent: Arc<Agent>) {
+    let Some(mut changes) = agent.docker.health_changes() else { return };
+    while let Some(task_id) = changes.recv().await {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.on_health(&task_id).await });
+    }
+}
+
 /// Watches container deaths for the agent's lifetime, re-subscribing after daemon hiccups.
 async fn watch_deaths(agent: Arc<Agent>) {
     loop {
@@ -399,6 +417,10 @@ async fn watch_deaths(agent: Arc<Agent>) {
                 Ok(Death::Exited(task_id)) => {
                     let agent = agent.clone();
                     tokio::spawn(async move { agent.on_death(&task_id).await });
+                }
+                Ok(Death::Health(task_id)) => {
+                    let agent = agent.clone();
+                    tokio::spawn(async move { agent.on_health(&task_id).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "docker event stream broke");
@@ -613,6 +635,7 @@ pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Futur
         sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
     });
     let watcher = tokio::spawn(watch_deaths(agent.clone()));
+    let prober = tokio::spawn(watch_probes(agent.clone()));
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     if let Some(addr) = agent.config.admin_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -662,6 +685,7 @@ pub async fn run_with(config: AgentConfig, docker: Runtime, shutdown: impl Futur
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
     watcher.abort();
+    prober.abort();
     let _ = admin_stop.send(true);
     tracing::info!("agent stopped; its containers keep running");
     Ok(())

@@ -1,7 +1,8 @@
 //! ALB IP target registration end to end: real replicas, real agents running containers in the
 //! real Docker daemon, the real AWS SDK against a `moto_server` on loopback (and a fault proxy in
 //! front of it). t400 scale down drains before stopping containers, across a leader kill; t410
-//! reconcile repairs drift and leaves foreign targets alone; t420 throttling and 5xx; t430 bad
+//! reconcile repairs drift and leaves foreign targets alone; t425 a rolling update gated on target
+//! health, across a leader kill, and its rollback; t420 throttling and 5xx; t430 bad
 //! associations are refused with the field named; t440-t450 EC2 capacity; t460 a silent agent
 //! keeps its instance; t470 a deposed leader makes no AWS call.
 
@@ -942,4 +943,156 @@ async fn t490_each_task_gets_its_own_roles_credentials_and_metadata_and_nobody_e
     assert_eq!(status, 403, "b with a's token, after the restart: {body}");
     let still = containers_of(&agent).into_iter().find(|c| c.1 == a.id).expect("a's container").3;
     assert_eq!(still, started_at, "a's container was not restarted by the agent's restart");
+}
+
+/// Live tasks of the job by spec version: (version, task) for every task not Finished.
+async fn live_by_version(client: &Client, job_id: &str) -> Vec<(u32, pb::Task)> {
+    let live = "Accepted,Launched,StartInitiated,Started,KillInitiated";
+    let tasks = client.find_tasks(&[("jobIds", job_id), ("taskStates", live)], 1000, "").await.unwrap().items;
+    tasks.into_iter().map(|t| (t.task_context.get("jobVersion").and_then(|v| v.parse().ok()).unwrap_or(0), t)).collect()
+}
+
+/// The job's container with `env` set (a new spec, the same image).
+async fn container_with(client: &Client, job_id: &str, env: &[(&str, &str)], command: Option<Vec<String>>) -> pb::Container {
+    let job = client.find_job(job_id).await.unwrap();
+    let mut c = job.job_descriptor.unwrap().container.unwrap();
+    c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    if let Some(command) = command {
+        c.command = command;
+    }
+    c
+}
+
+async fn deployment(client: &Client, job_id: &str) -> pb::Deployment {
+    client.get_deployments(job_id).await.unwrap().deployments.into_iter().next().expect("a deployment")
+}
+
+/// A rolling update of a 6-task service behind an ALB target group (moto, through the fault
+/// proxy): new tasks count only once their targets report healthy, so while the proxy says a new
+/// target is unhealthy nothing old is killed; the registered targets (sampled from moto every
+/// 100 ms) never drop below desired - max_unavailable; a leader killed mid-deployment neither
+/// stalls it nor adds or loses a task; and a new spec whose containers fail rolls back by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_rolls_back_a_failing_spec() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "rolling", TargetTypeEnum::Ip).await;
+    let proxy =
+        Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), FaultConfig::default()).await.unwrap();
+    let mut cluster = start(&aws_args(&proxy.url(), 60_000));
+    cluster.start_agent("lb-agent", 4.0, 4096);
+    let client = cluster.client();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    const DESIRED: usize = 6;
+    let job_id = client.create_job(service_job("rolling", DESIRED as u32)).await.unwrap();
+    client.add_load_balancer(&job_id, &arn).await.unwrap();
+    let old_ips = wait_started(&client, &job_id, DESIRED).await;
+    wait_targets(&elb, &arn, &old_ips).await;
+
+    // From now on, the proxy says every target but the old ones is unhealthy.
+    let mut spared: Vec<String> = old_ips.iter().map(|ip| format!("!{ip}")).collect();
+    spared.push("*".into());
+    proxy.set(FaultConfig { unhealthy_targets: spared, ..Default::default() }).unwrap();
+    // Registered targets, sampled from moto itself every 100 ms until told to stop.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sampler = {
+        let (elb, arn) = (elb.clone(), arn.clone());
+        tokio::spawn(async move {
+            let mut fewest = usize::MAX;
+            let mut samples = 0;
+            loop {
+                fewest = fewest.min(moto::targets(&elb, &arn).await.len());
+                samples += 1;
+                tokio::select! {
+                    _ = &mut stop_rx => return (fewest, samples),
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        })
+    };
+
+    let started = std::time::Instant::now();
+    // No task below desired: an old task goes only once a new one serves.
+    let strategy = pb::RolloutStrategy { max_unavailable: 0, max_surge: 1, ..Default::default() };
+    let v2 = container_with(&client, &job_id, &[("VERSION", "2")], None).await;
+    let id = client.update_job_spec(&job_id, v2.clone(), Some(strategy)).await.unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(client.update_job_spec(&job_id, v2, Some(strategy)).await.unwrap(), 0, "the same spec again starts nothing");
+
+    // The surge task starts and is registered, but its target reads unhealthy: the deployment
+    // waits, every old task keeps running, through several looks at the target group.
+    let surge_ip = wait_until(SETTLE, "the surge task registered", || async {
+        let targets = moto::targets(&elb, &arn).await;
+        targets.difference(&old_ips).next().cloned()
+    })
+    .await;
+    let looks = |proxy: &Proxy| proxy.calls().iter().filter(|c| c.action == "DescribeTargetHealth").count();
+    let before = looks(&proxy);
+    wait_until(SETTLE, "three more health looks", || async { (looks(&proxy) >= before + 3).then_some(()) }).await;
+    let d = deployment(&client, &job_id).await;
+    assert_eq!((d.state.as_str(), d.new_live, d.new_available, d.old_live), ("Progressing", 1, 0, DESIRED as u32), "{d:?}");
+    assert_eq!(started_ips(&client, &job_id).await.len(), DESIRED + 1, "no old task was killed while the new one is unhealthy");
+    let waited = started.elapsed();
+    eprintln!("the deployment waited {:.1}s on the unhealthy target {surge_ip}", waited.as_secs_f64());
+
+    // Healthy again: it goes on. Kill the leader once a few old tasks are gone.
+    proxy.set(FaultConfig::default()).unwrap();
+    wait_until(SETTLE, "half the old tasks replaced", || async {
+        let d = deployment(&client, &job_id).await;
+        (d.old_live <= 3).then_some(())
+    })
+    .await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    cluster.kill(leader);
+    let done = wait_until(Duration::from_secs(120), "the deployment succeeds", || async {
+        let d = client.get_deployments(&job_id).await.ok()?.deployments.into_iter().next()?;
+        (d.state == "Succeeded").then_some(d)
+    })
+    .await;
+    let took = started.elapsed();
+    let _ = stop_tx.send(());
+    let (fewest, samples) = sampler.await.unwrap();
+    eprintln!(
+        "rolling update of {DESIRED} tasks: {:.1}s in {} steps; fewest registered targets {fewest} over {samples} samples",
+        took.as_secs_f64(),
+        done.steps.len()
+    );
+    let mut previous = done.started_ms;
+    for (n, s) in done.steps.iter().enumerate() {
+        eprintln!("  step {}: +{} ms (created {}, killed {}, new available {})", n + 1, s.at_ms - previous, s.created, s.killed, s.new_available);
+        previous = s.at_ms;
+    }
+    assert!(fewest >= DESIRED, "the target group went down to {fewest} targets (floor {DESIRED})");
+    let live = live_by_version(&client, &job_id).await;
+    let serving: Vec<&(u32, pb::Task)> = live.iter().filter(|(_, t)| t.status.as_ref().unwrap().state != pb::TaskState::TaskKillInitiated as i32).collect();
+    assert_eq!(serving.len(), DESIRED, "{live:?}");
+    assert!(serving.iter().all(|(v, _)| *v == 1), "every task runs version 1");
+    // No task added or lost across the leader kill: exactly DESIRED tasks of version 1 ever.
+    let all = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await.unwrap().items;
+    let v1 = all.iter().filter(|t| t.task_context.get("jobVersion").map(String::as_str) == Some("1")).count();
+    assert_eq!(v1, DESIRED, "tasks of version 1 created");
+    let ips = wait_started(&client, &job_id, DESIRED).await;
+    wait_targets(&elb, &arn, &ips).await;
+
+    // A spec whose containers exit at once rolls back by itself, after two failures.
+    let broken = container_with(&client, &job_id, &[("VERSION", "3")], Some(vec!["sh".into(), "-c".into(), "exit 3".into()])).await;
+    let strategy = pb::RolloutStrategy { max_unavailable: 1, max_surge: 1, rollback_after_failures: 2, ..Default::default() };
+    assert_eq!(client.update_job_spec(&job_id, broken, Some(strategy)).await.unwrap(), 2);
+    let list = wait_until(Duration::from_secs(120), "the failing deployment rolls back and the rollback ends", || async {
+        let list = client.get_deployments(&job_id).await.ok()?;
+        let newest = list.deployments.first()?;
+        (newest.rollback_of == 2 && newest.state == "Succeeded").then_some(list)
+    })
+    .await;
+    let failed = &list.deployments[1];
+    assert_eq!(failed.state, "RolledBack");
+    assert!(failed.message.contains("failed, at the threshold of 2"), "{}", failed.message);
+    assert_eq!(list.spec_version, 1, "the job is back on version 1");
+    let job = client.find_job(&job_id).await.unwrap();
+    assert_eq!(job.job_descriptor.unwrap().container.unwrap().env.get("VERSION").map(String::as_str), Some("2"));
+    let live = live_by_version(&client, &job_id).await;
+    let serving = live.iter().filter(|(_, t)| t.status.as_ref().unwrap().state == pb::TaskState::TaskStarted as i32);
+    assert_eq!(serving.filter(|(v, _)| *v == 1).count(), DESIRED, "{live:?}");
 }

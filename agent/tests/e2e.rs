@@ -1,7 +1,8 @@
 //! The agent end to end: real replicas, real agents, the real Docker daemon and the local test
 //! image. t200 batch failures and kills, t210 a service across two agents, t220 a leader kill
-//! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t280 a
-//! crash-looping service backing off.
+//! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t265
+//! health checks (command and HTTP) and the replacement of an unhealthy task, t280 a crash-looping
+//! service backing off.
 
 #[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
@@ -545,4 +546,74 @@ async fn t280_a_crash_looping_service_backs_off() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(table.lines().count(), 2, "a header and one row: {table}");
     assert!(table.contains("crash-looping: 2 quick crashes in a row"), "{table}");
+}
+
+fn health_of(t: &pb::Task) -> &str {
+    t.task_context.get("health").map_or("", String::as_str)
+}
+
+/// Health checks on the real daemon: a command check (Docker's HEALTHCHECK) and an HTTP check
+/// (the agent's GET of busybox httpd in the container) each show as the task's `health`, follow
+/// the container (a file removed turns it unhealthy), and a service task unhealthy past
+/// `replace_after_sec` is replaced with reason `unhealthy` by a task that is healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t265_health_checks_show_and_an_unhealthy_service_task_is_replaced() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let _agent = c.start_agent("a265", 4.0, 4096);
+    let client = c.client();
+
+    // Command check: healthy while /tmp/ready exists.
+    let mut cmd = container(&["sh", "-c", "touch /tmp/ready; exec sleep 600"], 0.2, 64);
+    cmd.health_check = Some(pb::HealthCheck {
+        command: vec!["test".into(), "-f".into(), "/tmp/ready".into()],
+        interval_sec: 1,
+        timeout_sec: 1,
+        retries: 1,
+        replace_after_sec: 2,
+        ..Default::default()
+    });
+    // HTTP check: healthy while httpd serves /ok.
+    let mut http = container(
+        &["sh", "-c", "mkdir -p /www && echo ok > /www/ok && exec httpd -f -p 8080 -h /www"],
+        0.2,
+        64,
+    );
+    http.health_check = Some(pb::HealthCheck {
+        http_path: "/ok".into(),
+        http_port: 8080,
+        interval_sec: 1,
+        timeout_sec: 1,
+        retries: 2,
+        replace_after_sec: 2,
+        ..Default::default()
+    });
+    for (app, container, file) in [("cmdcheck", cmd, "/tmp/ready"), ("httpcheck", http, "/www/ok")] {
+        let job_id = client.create_job(job(app, container, service(1, 2))).await.unwrap();
+        let first = wait_until(SETTLE, &format!("{app}: the task reports healthy"), || async {
+            let t = tasks_in(&client, &job_id, "Started").await;
+            t.into_iter().find(|t| health_of(t) == "healthy")
+        })
+        .await;
+        assert!(first.task_context.contains_key("healthSince"), "{:?}", first.task_context);
+        // The check starts failing: unhealthy, then replaced after 2 s.
+        let (ok, out) = exec_in(&first.id, &["rm", file]);
+        assert!(ok, "{out}");
+        let replaced = wait_until(SETTLE, &format!("{app}: the unhealthy task is replaced"), || async {
+            let t = client.find_task(&first.id).await.ok()?;
+            (t.status.as_ref()?.state == pb::TaskState::TaskFinished as i32).then_some(t)
+        })
+        .await;
+        let status = replaced.status.unwrap();
+        assert_eq!(status.reason_code, "unhealthy", "{status:?}");
+        let was_unhealthy = replaced.status_history.iter().any(|s| s.state == pb::TaskState::TaskKillInitiated as i32);
+        assert!(was_unhealthy, "killed through KillInitiated");
+        wait_until(SETTLE, &format!("{app}: its replacement is healthy"), || async {
+            let t = tasks_in(&client, &job_id, "Started").await;
+            t.into_iter().find(|t| t.id != first.id && health_of(t) == "healthy")
+        })
+        .await;
+        client.kill_job(&job_id).await.unwrap();
+    }
 }

@@ -245,6 +245,22 @@ impl Aws {
 
     /// The ids (IPs, for an `ip` target group) of every target the group has, whoever registered it.
     pub async fn registered_targets(&self, arn: &str) -> Result<Vec<String>, AwsError> {
+        let mut ids: Vec<String> = self
+            .target_health(arn)
+            .await?
+            .into_iter()
+            // A target already draining is on its way out.
+            .filter(|(_, state)| state != "draining")
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Every target of the group with its health state as AWS spells it (`initial`, `healthy`,
+    /// `unhealthy`, `unused`, `draining`, `unavailable`).
+    pub async fn target_health(&self, arn: &str) -> Result<Vec<(String, String)>, AwsError> {
         self.limiter.acquire().await;
         let out = self
             .elb
@@ -253,18 +269,15 @@ impl Aws {
             .send()
             .await
             .map_err(|e| classify("DescribeTargetHealth", e))?;
-        let mut ids: Vec<String> = out
+        Ok(out
             .target_health_descriptions()
             .iter()
-            .filter(|d| {
-                // A target already draining is on its way out.
-                d.target_health().and_then(|h| h.state()) != Some(&elbt::TargetHealthStateEnum::Draining)
+            .filter_map(|d| {
+                let id = d.target().and_then(|t| t.id())?.to_string();
+                let state = d.target_health().and_then(|h| h.state()).map_or("", |s| s.as_str()).to_string();
+                Some((id, state))
             })
-            .filter_map(|d| d.target().and_then(|t| t.id()).map(str::to_string))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+            .collect())
     }
 
     /// Launches `count` instances with the spec's tags (on the instance and its volumes). Returns

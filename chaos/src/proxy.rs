@@ -37,6 +37,10 @@ pub struct FaultConfig {
     pub deny_actions: Vec<String>,
     /// Seed of the fault choices (0: from the clock).
     pub seed: u64,
+    /// Targets that DescribeTargetHealth answers say are `unhealthy` where AWS said `healthy`
+    /// (moto says every target is healthy): their ids (IPs, for an `ip` target group), `*` for
+    /// all, and `!id` for one spared from a `*`.
+    pub unhealthy_targets: Vec<String>,
 }
 
 impl FaultConfig {
@@ -307,9 +311,17 @@ async fn serve(mut conn: TcpStream, from: std::net::IpAddr, shared: &Shared) -> 
             up.read_to_end(&mut response).await?;
             c.forwarded.fetch_add(1, Ordering::SeqCst);
             let split = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(response.len(), |i| i + 4);
-            let head = String::from_utf8_lossy(&response[..split]).into_owned();
+            let mut head = String::from_utf8_lossy(&response[..split]).into_owned();
+            let mut payload = response[split..].to_vec();
+            let unhealthy = shared.config.lock().unwrap_or_else(|e| e.into_inner()).0.unhealthy_targets.clone();
+            if !unhealthy.is_empty() && action_of(&body).as_deref() == Some("DescribeTargetHealth") {
+                if let Some(rewritten) = mark_unhealthy(&payload, &unhealthy) {
+                    head = with_content_length(&head, rewritten.len());
+                    payload = rewritten;
+                }
+            }
             conn.write_all(closing(&head).as_bytes()).await?;
-            conn.write_all(&response[split..]).await?;
+            conn.write_all(&payload).await?;
             conn.shutdown().await
         }
     }
@@ -380,6 +392,42 @@ async fn read_request(conn: &mut TcpStream) -> std::io::Result<Option<(String, V
     Ok(Some((head, body)))
 }
 
+/// A DescribeTargetHealth answer with the targets named (`*`: all) `unhealthy` where they were
+/// `healthy`; None when the answer is not plain XML this can rewrite.
+fn mark_unhealthy(xml: &[u8], targets: &[String]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(xml).ok()?;
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut parts = text.split("<member>");
+    out.push_str(parts.next()?);
+    for member in parts {
+        out.push_str("<member>");
+        let id = member.split("<Id>").nth(1).and_then(|rest| rest.split("</Id>").next()).unwrap_or("");
+        let spared = targets.iter().any(|t| t.strip_prefix('!') == Some(id));
+        if !spared && targets.iter().any(|t| t == "*" || t == id) {
+            out.push_str(&member.replacen("<State>healthy</State>", "<State>unhealthy</State>", 1));
+        } else {
+            out.push_str(member);
+        }
+    }
+    Some(out.into_bytes())
+}
+
+/// `head` with its Content-Length set to `length`.
+fn with_content_length(head: &str, length: usize) -> String {
+    let lines: Vec<String> = head
+        .trim_end_matches("\r\n")
+        .split("\r\n")
+        .map(|l| {
+            if l.to_ascii_lowercase().starts_with("content-length:") {
+                format!("Content-Length: {length}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    lines.join("\r\n") + "\r\n\r\n"
+}
+
 /// Without a `Connection` header line, with `Connection: close` added.
 fn closing(head: &str) -> String {
     let lines: Vec<&str> = head
@@ -436,6 +484,21 @@ mod tests {
         let mut response = String::new();
         conn.read_to_string(&mut response).await.unwrap();
         response
+    }
+
+    #[test]
+    fn target_health_answers_are_rewritten_for_the_targets_named() {
+        let xml = "<R><TargetHealthDescriptions><member><Target><Id>10.0.0.1</Id></Target><TargetHealth><State>healthy</State></TargetHealth></member><member><Target><Id>10.0.0.2</Id></Target><TargetHealth><State>healthy</State></TargetHealth></member></TargetHealthDescriptions></R>";
+        let one = String::from_utf8(mark_unhealthy(xml.as_bytes(), &["10.0.0.2".into()]).unwrap()).unwrap();
+        assert_eq!(one.matches("<State>unhealthy</State>").count(), 1);
+        assert!(one.contains("<Id>10.0.0.2</Id></Target><TargetHealth><State>unhealthy"), "{one}");
+        let all = String::from_utf8(mark_unhealthy(xml.as_bytes(), &["*".into()]).unwrap()).unwrap();
+        assert_eq!(all.matches("<State>unhealthy</State>").count(), 2);
+        let but = String::from_utf8(mark_unhealthy(xml.as_bytes(), &["*".into(), "!10.0.0.1".into()]).unwrap()).unwrap();
+        assert!(but.contains("<Id>10.0.0.1</Id></Target><TargetHealth><State>healthy"), "{but}");
+        assert_eq!(but.matches("<State>unhealthy</State>").count(), 1);
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nServer: x\r\n\r\n";
+        assert_eq!(with_content_length(head, 12), "HTTP/1.1 200 OK\r\nContent-Length: 12\r\nServer: x\r\n\r\n");
     }
 
     #[tokio::test]

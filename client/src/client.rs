@@ -652,6 +652,55 @@ impl Client {
         .await
     }
 
+    /// Starts a rolling update of a service job to `container` (see `RolloutStrategy`; None: the
+    /// defaults). Answers the deployment's id; 0 when the container was unchanged.
+    pub async fn update_job_spec(
+        &self,
+        job_id: &str,
+        container: pb::Container,
+        strategy: Option<pb::RolloutStrategy>,
+    ) -> Result<u32> {
+        self.call("UpdateJobSpec", |ch, t| {
+            let req = pb::JobSpecUpdate { job_id: job_id.to_string(), container: Some(container.clone()), strategy: strategy.clone() };
+            async move {
+                JobManagementServiceClient::new(ch)
+                    .update_job_spec(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner().deployment_id)
+            }
+        })
+        .await
+    }
+
+    /// Goes on past the canaries of the job's active deployment.
+    pub async fn promote_deployment(&self, job_id: &str) -> Result<()> {
+        self.call("PromoteDeployment", |ch, t| {
+            let req = pb::DeploymentRequest { job_id: job_id.to_string(), deployment_id: 0 };
+            async move { JobManagementServiceClient::new(ch).promote_deployment(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Rolls the job's active deployment back to the spec before it.
+    pub async fn rollback_deployment(&self, job_id: &str) -> Result<()> {
+        self.call("RollbackDeployment", |ch, t| {
+            let req = pb::DeploymentRequest { job_id: job_id.to_string(), deployment_id: 0 };
+            async move { JobManagementServiceClient::new(ch).rollback_deployment(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// The job's spec version and deployments, newest first.
+    pub async fn get_deployments(&self, job_id: &str) -> Result<pb::DeploymentList> {
+        self.call("GetDeployments", |ch, t| {
+            let req = pb::JobId { id: job_id.to_string() };
+            async move {
+                JobManagementServiceClient::new(ch).get_deployments(with_timeout(req, t)).await.map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
     pub async fn update_job_capacity(
         &self,
         job_id: &str,

@@ -99,6 +99,32 @@ pub struct Container {
     /// The job's AWS identity: IAM role and security groups (Titus's `securityProfile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_profile: Option<SecurityProfile>,
+    /// How the agent tells whether a task serves (a command in the container, or an HTTP GET).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A container's health check (`command`, or `httpPath` and `httpPort`); times in seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub http_path: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub http_port: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interval_sec: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_sec: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_period_sec: u32,
+    /// A service task unhealthy this long is replaced; 0: never.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replace_after_sec: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
@@ -308,6 +334,16 @@ impl JobSpec {
                     attributes: p.attributes.into_iter().collect(),
                     allow_imds_v1: p.allow_imds_v1,
                 }),
+                health_check: c.health_check.map(|h| HealthCheck {
+                    command: h.command,
+                    http_path: h.http_path,
+                    http_port: h.http_port,
+                    interval_sec: h.interval_sec,
+                    timeout_sec: h.timeout_sec,
+                    retries: h.retries,
+                    start_period_sec: h.start_period_sec,
+                    replace_after_sec: h.replace_after_sec,
+                }),
             },
             batch,
             service,
@@ -370,6 +406,16 @@ impl JobSpec {
                     iam_role: p.iam_role,
                     attributes: p.attributes.into_iter().collect(),
                     allow_imds_v1: p.allow_imds_v1,
+                }),
+                health_check: c.health_check.map(|h| pb::HealthCheck {
+                    command: h.command,
+                    http_path: h.http_path,
+                    http_port: h.http_port,
+                    interval_sec: h.interval_sec,
+                    timeout_sec: h.timeout_sec,
+                    retries: h.retries,
+                    start_period_sec: h.start_period_sec,
+                    replace_after_sec: h.replace_after_sec,
                 }),
             }),
             job_type: Some(job_type),

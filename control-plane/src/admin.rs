@@ -484,6 +484,36 @@ fn job_page(replica: &Replica, hub: &AgentHub, id: &str, page_no: usize) -> Opti
     }
     table(&mut out, &["field", "value"], spec.into_iter().map(|(k, v)| vec![escape(k), escape(&v)]).collect());
 
+    if !job.rollout.deployments.is_empty() {
+        let _ = write!(out, "<h2>Deployments</h2><p>Spec version {}.</p>", job.rollout.version);
+        let rows = job
+            .rollout
+            .deployments
+            .iter()
+            .rev()
+            .map(|dep| {
+                let progress = if dep.state.is_active() {
+                    let (live, available, old) = crate::jobs::deployment::progress(dep, &tasks, &|t: &Task| {
+                        crate::jobs::lifecycle::serves(&job, t, None)
+                    });
+                    format!("new {available} serving of {} ({live} live), old {old} left", job.descriptor.wanted_tasks())
+                } else {
+                    String::new()
+                };
+                vec![
+                    dep.id.to_string(),
+                    dep.state.name().to_string(),
+                    escape(&format!("{} ({}) → {} ({})", dep.from_version, dep.from_image, dep.to_version, dep.to_image)),
+                    format!("{} steps, {} failures", dep.steps.len(), dep.failures),
+                    progress,
+                    ago(dep.started_ms),
+                    escape(&dep.message),
+                ]
+            })
+            .collect();
+        table(&mut out, &["id", "state", "version", "steps", "progress", "started", "message"], rows);
+    }
+
     // Live tasks one per row, by index; finished ones one row per index and reason with a count
     // (a crash-looping service's hundreds of replacements are one row), newest first.
     out.push_str("<h2>Tasks</h2>");

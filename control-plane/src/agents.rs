@@ -253,7 +253,11 @@ impl AgentHub {
 
     fn assignment(&self, task: &Task) -> Option<pb::control_message::Message> {
         let job = self.replica.state.job(&task.job_id).ok()??;
-        let descriptor = titus_model::convert::job_descriptor_to_proto(&job.descriptor);
+        // The container of the task's own spec version: an old task placed while a deployment
+        // replaces it still runs the old one.
+        let mut descriptor = job.descriptor.clone();
+        descriptor.container = job.container_of(task.job_version()).clone();
+        let descriptor = titus_model::convert::job_descriptor_to_proto(&descriptor);
         Some(pb::control_message::Message::Assign(pb::TaskAssignment {
             task_id: task.id.clone(),
             job_id: task.job_id.clone(),
@@ -320,7 +324,9 @@ impl AgentHub {
                 Some(t) if agent_of(&t) == Some(agent_id) && t.state().is_live() => {
                     let reported_state =
                         titus_model::convert::task_state_from_proto("state", rt.state).unwrap_or(TaskState::Launched);
-                    if t.state().can_move_to(reported_state) && reported_state != t.state() {
+                    let health = rt.task_context.get(crate::model::task::context::HEALTH);
+                    let health_changed = reported_state == t.state() && health.is_some_and(|h| t.health() != Some(h));
+                    if (t.state().can_move_to(reported_state) && reported_state != t.state()) || health_changed {
                         self.report(agent_id, networks, rt);
                     } else if t.state() == TaskState::KillInitiated {
                         if let Some(m) = self.instruction(&t) {

@@ -77,6 +77,7 @@ fn job() -> Job {
         descriptor: job_descriptor_from_proto(Some(descriptor)).expect("a valid descriptor"),
         status,
         status_history: Vec::new(),
+        rollout: Default::default(),
     }
 }
 

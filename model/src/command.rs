@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::agent::{Agent, InstanceGroup, LaunchIntent, Lifecycle};
+use crate::deployment::{DeploymentStep, RolloutStrategy};
 use crate::job::{Job, ServiceJobProcesses};
 use crate::load_balancer::{AssociationState, LbTarget};
 use crate::task::{Task, TaskStatus};
@@ -83,6 +84,24 @@ pub enum Command {
     },
     KillJob {
         job_id: String,
+        timestamp_ms: i64,
+    },
+    /// Starts a rolling update of a service job to `container` (see `deployment`): the job's spec
+    /// takes the next version and the lifecycle replaces its tasks in steps. An active deployment
+    /// is superseded. Rejected for a batch job and for a change of resources; a container equal to
+    /// the current one starts nothing. Answers the deployment's id.
+    UpdateJobSpec {
+        job_id: String,
+        container: crate::job::Container,
+        strategy: RolloutStrategy,
+        timestamp_ms: i64,
+    },
+    /// Moves a job's active deployment on. Rejected when deployment `deployment_id` is not the
+    /// job's active one (it ended, or a newer one superseded it), so a stale plan does nothing.
+    AdvanceDeployment {
+        job_id: String,
+        deployment_id: u32,
+        change: DeploymentChange,
         timestamp_ms: i64,
     },
     /// Kills one task; `shrink` (service jobs) also lowers desired so it is not replaced.
@@ -248,6 +267,21 @@ pub enum Command {
     },
 }
 
+/// What happens to an active deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeploymentChange {
+    /// The lifecycle replaced tasks (recorded for `deploy status`).
+    Step(DeploymentStep),
+    /// Every canary is available: the deployment pauses until promoted.
+    CanariesReady,
+    /// Go on past the canaries (a user, or the canary pause ran out).
+    Promote,
+    /// Every task runs the new version.
+    Succeed,
+    /// Back to the previous spec (new tasks failed past the threshold, or a user asked).
+    RollBack { reason: String },
+}
+
 fn yes() -> bool {
     true
 }
@@ -321,6 +355,8 @@ impl Command {
             Command::UpdateJobAttributes { .. } => "update_job_attributes",
             Command::DeleteJobAttributes { .. } => "delete_job_attributes",
             Command::KillJob { .. } => "kill_job",
+            Command::UpdateJobSpec { .. } => "update_job_spec",
+            Command::AdvanceDeployment { .. } => "advance_deployment",
             Command::KillTask { .. } => "kill_task",
             Command::CreateTasks { .. } => "create_tasks",
             Command::UpdateTaskStatus { .. } => "update_task_status",
@@ -361,6 +397,8 @@ pub enum CommandResponse {
     /// Of the placements proposed, the task ids that were applied.
     Assigned(Vec<String>),
     InstanceGroup(InstanceGroup),
+    /// The id of the deployment started (0: the spec was unchanged, nothing started).
+    Deployment(u32),
     /// Keys of the records written.
     Keys(Vec<String>),
     /// Not applied: the state did not allow it.
@@ -404,7 +442,13 @@ mod restamp_tests {
             reason_message: String::new(),
             timestamp_ms: 1_000,
         };
-        let job = Job { id: "j".into(), descriptor: batch_descriptor(1), status, status_history: Vec::new() };
+        let job = Job {
+            id: "j".into(),
+            descriptor: batch_descriptor(1),
+            status,
+            status_history: Vec::new(),
+            rollout: Default::default(),
+        };
         let create = Command::CreateJob { job, idempotency_token: Some("t".into()), token_expires_ms: 1_000 + 60_000 };
         let mut once = Command::Once { key: "k".into(), expires_ms: 9, command: Box::new(create) };
         once.restamp(5_000);

@@ -5,6 +5,7 @@ use titus_proto as pb;
 use crate::Invalid;
 
 type Result<T> = std::result::Result<T, Invalid>;
+use crate::deployment::{Deployment, RolloutStrategy};
 use crate::{CapacityGroup, ResourceDimension, Tier};
 
 pub fn tier_from_proto(field: &str, t: i32) -> Result<Tier> {
@@ -71,7 +72,7 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
 use std::collections::BTreeMap;
 
 use crate::job::{
-    Capacity, Container, ContainerResources, DisruptionBudget, Image, Job, JobDescriptor, JobGroupInfo, JobState,
+    Capacity, Container, ContainerResources, DisruptionBudget, HealthCheck, Image, Job, JobDescriptor, JobGroupInfo, JobState,
     JobType, RetryPolicy, SecurityProfile, ServiceJobProcesses,
 };
 use crate::task::{Task, TaskState, TaskStatus};
@@ -180,6 +181,19 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
                     allow_imds_v1: p.allow_imds_v1,
                 })
                 .unwrap_or_default(),
+            health_check: c.health_check.map(|h| {
+                HealthCheck {
+                    command: h.command,
+                    http_path: h.http_path,
+                    http_port: h.http_port,
+                    interval_sec: h.interval_sec,
+                    timeout_sec: h.timeout_sec,
+                    retries: h.retries,
+                    start_period_sec: h.start_period_sec,
+                    replace_after_sec: h.replace_after_sec,
+                }
+                .with_defaults()
+            }),
         },
         job_type,
         disruption_budget: budget,
@@ -255,6 +269,16 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
                     allow_imds_v1: p.allow_imds_v1,
                 })
             },
+            health_check: d.container.health_check.as_ref().map(|h| pb::HealthCheck {
+                command: h.command.clone(),
+                http_path: h.http_path.clone(),
+                http_port: h.http_port,
+                interval_sec: h.interval_sec,
+                timeout_sec: h.timeout_sec,
+                retries: h.retries,
+                start_period_sec: h.start_period_sec,
+                replace_after_sec: h.replace_after_sec,
+            }),
         }),
         job_type: Some(job_type),
         disruption_budget: Some(pb::DisruptionBudget {
@@ -284,6 +308,64 @@ pub fn job_to_proto(j: &Job) -> pb::Job {
         job_descriptor: Some(job_descriptor_to_proto(&j.descriptor)),
         status: Some(status(&j.status)),
         status_history: j.status_history.iter().map(status).collect(),
+        spec_version: j.rollout.version,
+        deployment: j.rollout.deployments.last().map(|d| pb::Deployment { steps: Vec::new(), ..deployment_to_proto(d) }),
+    }
+}
+
+/// A strategy from the wire; absent: the defaults. Validated, fields named from `strategy`.
+pub fn strategy_from_proto(s: Option<pb::RolloutStrategy>) -> Result<RolloutStrategy> {
+    let Some(s) = s else { return Ok(RolloutStrategy::default()) };
+    let strategy = RolloutStrategy {
+        max_unavailable: s.max_unavailable,
+        max_surge: s.max_surge,
+        canary: s.canary,
+        canary_pause_sec: s.canary_pause_sec,
+        rollback_after_failures: s.rollback_after_failures,
+    };
+    strategy.validate().map_err(Invalid)?;
+    Ok(strategy)
+}
+
+pub fn strategy_to_proto(s: &RolloutStrategy) -> pb::RolloutStrategy {
+    pb::RolloutStrategy {
+        max_unavailable: s.max_unavailable,
+        max_surge: s.max_surge,
+        canary: s.canary,
+        canary_pause_sec: s.canary_pause_sec,
+        rollback_after_failures: s.rollback_after_failures,
+    }
+}
+
+/// A deployment as recorded (the live counts are the caller's to fill).
+pub fn deployment_to_proto(d: &Deployment) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id,
+        from_version: d.from_version,
+        to_version: d.to_version,
+        from_image: d.from_image.clone(),
+        to_image: d.to_image.clone(),
+        strategy: Some(strategy_to_proto(&d.strategy)),
+        state: d.state.name().to_string(),
+        rollback_of: d.rollback_of.unwrap_or(0),
+        failures: d.failures,
+        started_ms: d.started_ms,
+        ended_ms: d.ended_ms.unwrap_or(0),
+        canary_ready_ms: d.canary_ready_ms.unwrap_or(0),
+        promoted: d.promoted,
+        message: d.message.clone(),
+        steps: d
+            .steps
+            .iter()
+            .map(|s| pb::DeploymentStep {
+                at_ms: s.at_ms,
+                created: s.created,
+                killed: s.killed,
+                new_available: s.new_available,
+                old_live: s.old_live,
+            })
+            .collect(),
+        ..Default::default()
     }
 }
 
@@ -465,6 +547,7 @@ pub fn agent_report(
                 v.parse::<std::net::IpAddr>().is_ok_and(|ip| networks.iter().any(|n| n.contains(ip)))
             }
             context::EXIT_CODE => v.parse::<i64>().is_ok(),
+            context::HEALTH => context::HEALTH_STATES.contains(&v.as_str()),
             _ => false,
         })
         .collect();

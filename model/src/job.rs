@@ -86,6 +86,92 @@ pub struct Container {
     /// unchanged).
     #[serde(default, skip_serializing_if = "SecurityProfile::is_empty")]
     pub security_profile: SecurityProfile,
+    /// How the agent tells whether a task serves. Absent from records that have none (older
+    /// replicas read them unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A container's health check, as Docker's HEALTHCHECK: a command run in the container (exit 0:
+/// healthy), or an HTTP GET the agent makes to the container's address (2xx or 3xx: healthy).
+/// `retries` failures in a row make the task unhealthy; failures in its first `start_period_sec`
+/// do not count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub http_path: String,
+    #[serde(default)]
+    pub http_port: u32,
+    pub interval_sec: u32,
+    pub timeout_sec: u32,
+    pub retries: u32,
+    pub start_period_sec: u32,
+    /// A service task unhealthy this long is replaced (reason `unhealthy`); 0: never.
+    pub replace_after_sec: u32,
+}
+
+impl HealthCheck {
+    pub const DEFAULT_INTERVAL_SEC: u32 = 10;
+    pub const DEFAULT_TIMEOUT_SEC: u32 = 5;
+    pub const DEFAULT_RETRIES: u32 = 3;
+
+    /// Fills the defaults of fields left at 0.
+    pub fn with_defaults(mut self) -> Self {
+        if self.interval_sec == 0 {
+            self.interval_sec = Self::DEFAULT_INTERVAL_SEC;
+        }
+        if self.timeout_sec == 0 {
+            self.timeout_sec = Self::DEFAULT_TIMEOUT_SEC.min(self.interval_sec);
+        }
+        if self.retries == 0 {
+            self.retries = Self::DEFAULT_RETRIES;
+        }
+        self
+    }
+
+    /// Every violation, fields named from `container.health_check`.
+    pub fn validate(&self, bad: &mut impl FnMut(&str, String)) {
+        const FIELD: &str = "container.health_check";
+        match (self.command.is_empty(), self.http_path.is_empty()) {
+            (true, true) => bad(FIELD, "set either command or http_path and http_port".into()),
+            (false, false) => bad(FIELD, "set either command or http_path, not both".into()),
+            (false, true) => {
+                if self.command.len() > MAX_ARGS {
+                    bad(&format!("{FIELD}.command"), format!("must have at most {MAX_ARGS} entries"));
+                }
+                if self.command.iter().any(|a| a.len() > MAX_VALUE_LEN) {
+                    bad(&format!("{FIELD}.command"), format!("each entry must be at most {MAX_VALUE_LEN} bytes"));
+                }
+            }
+            (true, false) => {
+                if !self.http_path.starts_with('/')
+                    || self.http_path.len() > 1024
+                    || self.http_path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    bad(&format!("{FIELD}.http_path"), "must start with '/', have no spaces, and be at most 1024 bytes".into());
+                }
+                if self.http_port == 0 || self.http_port > 65_535 {
+                    bad(&format!("{FIELD}.http_port"), "must be 1-65535".into());
+                }
+            }
+        }
+        for (name, value, max) in [
+            ("interval_sec", self.interval_sec, 3_600),
+            ("timeout_sec", self.timeout_sec, 3_600),
+            ("retries", self.retries, 100),
+            ("start_period_sec", self.start_period_sec, 3_600),
+            ("replace_after_sec", self.replace_after_sec, 86_400),
+        ] {
+            if value > max {
+                bad(&format!("{FIELD}.{name}"), format!("must be at most {max}"));
+            }
+        }
+        if self.timeout_sec > self.interval_sec {
+            bad(&format!("{FIELD}.timeout_sec"), "must not exceed interval_sec".into());
+        }
+    }
 }
 
 /// Security groups per job: what one ENI takes in AWS (its default quota is 5, raisable to 16).
@@ -437,6 +523,9 @@ impl JobDescriptor {
             bad(&v.field, v.description);
         }
         c.security_profile.validate(&mut bad);
+        if let Some(h) = &c.health_check {
+            h.validate(&mut bad);
+        }
         for (k, val) in &c.env {
             let valid = !k.is_empty()
                 && k.len() <= MAX_NAME_LEN
@@ -611,9 +700,24 @@ pub struct Job {
     pub descriptor: JobDescriptor,
     pub status: JobStatus,
     pub status_history: Vec<JobStatus>,
+    /// Its spec version and rolling updates. Absent from records of jobs never updated (older
+    /// replicas read them unchanged).
+    #[serde(default, skip_serializing_if = "crate::deployment::Rollout::is_empty")]
+    pub rollout: crate::deployment::Rollout,
 }
 
 impl Job {
+    /// The container a task of spec `version` runs: the job's current one, or the previous one
+    /// for an old task while a deployment replaces it.
+    pub fn container_of(&self, version: u32) -> &Container {
+        match self.rollout.active() {
+            Some(d) if version == d.from_version && version != self.rollout.version => {
+                d.previous.as_ref().unwrap_or(&self.descriptor.container)
+            }
+            _ => &self.descriptor.container,
+        }
+    }
+
     pub fn set_status(&mut self, status: JobStatus) {
         let previous = std::mem::replace(&mut self.status, status);
         self.status_history.push(previous);

@@ -16,6 +16,7 @@ mod capacity_group;
 pub mod codec;
 pub mod command;
 pub mod convert;
+pub mod deployment;
 pub mod job;
 pub mod load_balancer;
 pub mod raft_types;

@@ -62,6 +62,10 @@ pub struct LbTarget {
     pub state: TargetState,
     /// When it entered `state`.
     pub updated_ms: i64,
+    /// What the target group last said of it (DescribeTargetHealth: `initial`, `healthy`,
+    /// `unhealthy`, ...); empty until first asked. Written only when it changes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health: String,
 }
 
 impl LbTarget {

@@ -79,8 +79,10 @@ pub mod reason {
     pub const TRANSIENT_SYSTEM_ERROR: &str = "transientSystemError";
     pub const LOCAL_SYSTEM_ERROR: &str = "localSystemError";
     pub const UNKNOWN_SYSTEM_ERROR: &str = "unknownSystemError";
+    /// Its container's health check failed past the job's `replace_after_sec`: replaced.
+    pub const UNHEALTHY: &str = "unhealthy";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         NORMAL,
         FAILED,
         KILLED,
@@ -95,6 +97,7 @@ pub mod reason {
         TRANSIENT_SYSTEM_ERROR,
         LOCAL_SYSTEM_ERROR,
         UNKNOWN_SYSTEM_ERROR,
+        UNHEALTHY,
     ];
 
     /// The reasons an agent may give for a task it ran: what happened to its container. The others
@@ -132,9 +135,17 @@ pub mod context {
     /// How many quick crashes in a row came before this task in its lineage (a service task's
     /// crash-loop back-off); absent: none.
     pub const CRASH_LOOP_COUNT: &str = "crashLoopCount";
+    /// The version of its job's container spec the task runs (see `deployment`); absent: 0.
+    pub const JOB_VERSION: &str = "jobVersion";
     /// The keys an agent may set in a task's context (the others are the control plane's: an
     /// agent that rewrote `agent` or `instanceId` could hold resources forever or mislead capacity).
-    pub const AGENT_MAY_SET: [&str; 2] = [CONTAINER_IP, EXIT_CODE];
+    pub const AGENT_MAY_SET: [&str; 3] = [CONTAINER_IP, EXIT_CODE, HEALTH];
+    /// What its container's health check last said: `starting`, `healthy` or `unhealthy` (see
+    /// [`HEALTH_STATES`]); absent: the job has no health check, or no answer yet.
+    pub const HEALTH: &str = "health";
+    /// When `health` last changed (ms since the epoch, the leader's clock); set by the control plane.
+    pub const HEALTH_SINCE: &str = "healthSince";
+    pub const HEALTH_STATES: [&str; 3] = ["starting", "healthy", "unhealthy"];
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +194,16 @@ impl Task {
     /// Retries used against the job's retry limit.
     pub fn counted_retries(&self) -> u32 {
         self.resubmit_number.saturating_sub(self.system_resubmit_number)
+    }
+
+    /// What its health check last said (`healthy`, ...), if anything.
+    pub fn health(&self) -> Option<&str> {
+        self.context.get(context::HEALTH).map(String::as_str)
+    }
+
+    /// The version of its job's spec the task runs.
+    pub fn job_version(&self) -> u32 {
+        self.context.get(context::JOB_VERSION).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 }
 

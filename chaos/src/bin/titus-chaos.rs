@@ -144,6 +144,9 @@ struct Rates {
     latency_rate: f64,
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// A target (IP; `*`: all) whose DescribeTargetHealth state reads `unhealthy`; repeatable.
+    #[arg(long = "unhealthy-target")]
+    unhealthy_targets: Vec<String>,
 }
 
 #[derive(Args)]
@@ -203,6 +206,7 @@ impl Rates {
             error_rate: self.error_rate,
             latency_rate: self.latency_rate,
             latency_ms: self.latency_ms,
+            unhealthy_targets: self.unhealthy_targets.clone(),
             ..Default::default()
         }
     }

@@ -350,11 +350,19 @@ enum JobCmd {
     /// Makes the job a spec file describes be as it says (`-`: stdin): the job named by the
     /// file's `id` (as `job get -o yaml` writes it), else the active job of its application and
     /// jobGroupInfo, else a new job. Capacity, enabled and attributes change in place; a change
-    /// to anything else is refused, naming the fields.
+    /// to a service's container (not its resources) starts a rolling update; a change to
+    /// anything else is refused, naming the fields.
     Apply {
         /// The spec file (YAML or JSON; `-`: stdin).
         #[arg(long, short = 'f')]
         file: std::path::PathBuf,
+        #[command(flatten)]
+        rollout: RolloutFlags,
+    },
+    /// A service job's rolling updates (started by `job apply` with a changed container).
+    Deploy {
+        #[command(subcommand)]
+        command: DeployCmd,
     },
     /// Enables a service job (its desired tasks are kept running).
     Enable {
@@ -459,6 +467,59 @@ enum TaskCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DeployCmd {
+    /// The job's deployments: the active one's progress (new tasks available of desired, old
+    /// tasks left, each step and how long it took), then the last finished ones.
+    Status {
+        /// The job's id (or a unique prefix of it).
+        id: String,
+    },
+    /// Goes on past the canaries of the job's active deployment.
+    Promote {
+        /// The job's id (or a unique prefix of it).
+        id: String,
+    },
+    /// Rolls the job's active deployment back to the spec before it.
+    Rollback {
+        /// The job's id (or a unique prefix of it).
+        id: String,
+    },
+}
+
+/// How a rolling update started by `job apply` replaces tasks.
+#[derive(clap::Args)]
+struct RolloutFlags {
+    /// Tasks below desired the service may have available during the update.
+    #[arg(long, default_value_t = 1)]
+    max_unavailable: u32,
+    /// Tasks above desired the update may run at once.
+    #[arg(long, default_value_t = 1)]
+    max_surge: u32,
+    /// New tasks started first beside the old ones; the update then waits for `deploy promote`
+    /// (or --canary-pause).
+    #[arg(long, default_value_t = 0)]
+    canary: u32,
+    /// With --canary: go on by itself this long after the canaries are available (30s, 10m).
+    #[arg(long, value_parser = parse_duration)]
+    canary_pause: Option<Duration>,
+    /// Roll back by itself after this many new tasks fail (0: never).
+    #[arg(long, default_value_t = 3)]
+    rollback_after: u32,
+}
+
+impl RolloutFlags {
+    fn strategy(&self) -> titus_client::proto::RolloutStrategy {
+        titus_client::proto::RolloutStrategy {
+            max_unavailable: self.max_unavailable,
+            max_surge: self.max_surge,
+            canary: self.canary,
+            canary_pause_sec: self.canary_pause.map_or(0, |d| d.as_secs().max(1)),
+            rollback_after_failures: self.rollback_after,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -1453,7 +1514,7 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task], pending: &std::collect
         emit(out, &serde_json::json!(v));
         return;
     }
-    println!("{:<38} {:>5} {:<15} {:>5} {:<22} {:<16} {}", "TASK", "INDEX", "STATE", "AGE", "AGENT", "IP", "REASON");
+    println!("{:<38} {:>5} {:<19} {:>5} {:<22} {:<16} {}", "TASK", "INDEX", "STATE", "AGE", "AGENT", "IP", "REASON");
     for t in tasks {
         let s = t.status.clone().unwrap_or_default();
         let ctx = |k: &str| t.task_context.get(k).cloned().unwrap_or_default();
@@ -1471,11 +1532,18 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task], pending: &std::collect
                 .trim_start()
                 .to_string();
         }
+        // A live task's health check verdict beside its state (Started/healthy).
+        let health = ctx("health");
+        let state = if health.is_empty() || s.state == titus_client::proto::TaskState::TaskFinished as i32 {
+            state_name(s.state).to_string()
+        } else {
+            format!("{}/{health}", state_name(s.state))
+        };
         println!(
-            "{:<38} {:>5} {:<15} {:>5} {:<22} {:<16} {}",
+            "{:<38} {:>5} {:<19} {:>5} {:<22} {:<16} {}",
             t.id,
             t.index,
-            state_name(s.state),
+            state,
             age(task_created_ms(t)),
             ctx("agent"),
             ctx("containerIp"),
@@ -1517,6 +1585,92 @@ fn age(ms: i64) -> String {
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
+}
+
+/// `titus job deploy ...`.
+async fn deploy(client: &Client, out: Output, command: DeployCmd) -> Result<(), Error> {
+    match command {
+        DeployCmd::Promote { id } => {
+            let id = client.resolve_job_id(&id).await?;
+            client.promote_deployment(&id).await?;
+            done(out, format!("job {id}: deployment promoted"), serde_json::json!({"job": id, "promoted": true}));
+        }
+        DeployCmd::Rollback { id } => {
+            let id = client.resolve_job_id(&id).await?;
+            client.rollback_deployment(&id).await?;
+            done(out, format!("job {id}: rolling back"), serde_json::json!({"job": id, "rollback": "requested"}));
+        }
+        DeployCmd::Status { id } => {
+            let id = client.resolve_job_id(&id).await?;
+            let list = client.get_deployments(&id).await?;
+            if out != Output::Table {
+                let deployments: Vec<serde_json::Value> = list.deployments.iter().map(deployment_json).collect();
+                emit(out, &serde_json::json!({"job": list.job_id, "specVersion": list.spec_version, "deployments": deployments}));
+                return Ok(());
+            }
+            println!("job {} at spec version {}", list.job_id, list.spec_version);
+            if list.deployments.is_empty() {
+                println!("no deployments: the job runs the spec it was created with");
+            }
+            for (i, d) in list.deployments.iter().enumerate() {
+                let took = if d.ended_ms > 0 { format!(", took {}s", (d.ended_ms - d.started_ms) / 1000) } else { String::new() };
+                let undo = if d.rollback_of > 0 { format!(" (rollback of {})", d.rollback_of) } else { String::new() };
+                println!(
+                    "deployment {}{undo}: {} version {} -> {} ({} -> {}), started {} ago{took}",
+                    d.id, d.state, d.from_version, d.to_version, d.from_image, d.to_image, age(d.started_ms)
+                );
+                if !d.message.is_empty() {
+                    println!("  {}", d.message);
+                }
+                if i > 0 {
+                    continue;
+                }
+                if matches!(d.state.as_str(), "Progressing" | "Paused") {
+                    let s = d.strategy.clone().unwrap_or_default();
+                    println!(
+                        "  new tasks available {}/{} (live {}), old tasks left {}, failures {}{}",
+                        d.new_available,
+                        d.desired,
+                        d.new_live,
+                        d.old_live,
+                        d.failures,
+                        if s.rollback_after_failures > 0 { format!("/{}", s.rollback_after_failures) } else { String::new() }
+                    );
+                    if d.state == "Paused" {
+                        println!("  canaries ready: promote with `titus job deploy promote {}`", list.job_id);
+                    }
+                }
+                let mut previous = d.started_ms;
+                for (n, step) in d.steps.iter().enumerate() {
+                    println!(
+                        "  step {:>3}  +{:>5.1}s  created {} killed {}  (new available {}, old live {})",
+                        n + 1,
+                        (step.at_ms - previous) as f64 / 1000.0,
+                        step.created,
+                        step.killed,
+                        step.new_available,
+                        step.old_live
+                    );
+                    previous = step.at_ms;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn deployment_json(d: &titus_client::proto::Deployment) -> serde_json::Value {
+    let s = d.strategy.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": d.id, "state": d.state, "fromVersion": d.from_version, "toVersion": d.to_version,
+        "fromImage": d.from_image, "toImage": d.to_image, "rollbackOf": d.rollback_of, "failures": d.failures,
+        "startedMs": d.started_ms, "endedMs": d.ended_ms, "canaryReadyMs": d.canary_ready_ms, "promoted": d.promoted,
+        "message": d.message, "desired": d.desired, "newLive": d.new_live, "newAvailable": d.new_available, "oldLive": d.old_live,
+        "strategy": {"maxUnavailable": s.max_unavailable, "maxSurge": s.max_surge, "canary": s.canary,
+                     "canaryPauseSec": s.canary_pause_sec, "rollbackAfterFailures": s.rollback_after_failures},
+        "steps": d.steps.iter().map(|s| serde_json::json!({"atMs": s.at_ms, "created": s.created, "killed": s.killed,
+                     "newAvailable": s.new_available, "oldLive": s.old_live})).collect::<Vec<_>>(),
+    })
 }
 
 /// When a job was created: its first status.
@@ -1607,9 +1761,17 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job], live: Option<&std::collec
         };
         let l = of(&j.id);
         let running = if live.is_some() { l.started.to_string() } else { "?".to_string() };
-        let note = match l.crash_loop {
-            Some(n) => format!("crash-looping: {n} quick crashes in a row; replacements back off (titus task list)"),
-            None => String::new(),
+        let deploying = j.deployment.as_ref().filter(|d| matches!(d.state.as_str(), "Progressing" | "Paused"));
+        let note = match (l.crash_loop, deploying) {
+            (Some(n), _) => format!("crash-looping: {n} quick crashes in a row; replacements back off (titus task list)"),
+            (None, Some(d)) => format!(
+                "deployment {} {} to version {} ({}): titus job deploy status",
+                d.id,
+                d.state.to_lowercase(),
+                d.to_version,
+                d.to_image
+            ),
+            (None, None) => String::new(),
         };
         println!(
             "{:<38} {:<20} {:<8} {:<14} {:>7} {:<12} {:<8} {:>5}  {}",
@@ -1636,7 +1798,7 @@ async fn with_full_job_id(client: &Client, mut cmd: JobCmd) -> Result<JobCmd, Er
         | JobCmd::Kill { id }
         | JobCmd::Logs { id, .. }
         | JobCmd::Resize { id, .. } => *id = client.resolve_job_id(id).await?,
-        JobCmd::Submit { .. } | JobCmd::List { .. } | JobCmd::Apply { .. } => {}
+        JobCmd::Submit { .. } | JobCmd::List { .. } | JobCmd::Apply { .. } | JobCmd::Deploy { .. } => {}
     }
     Ok(cmd)
 }
@@ -1885,12 +2047,15 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
                 spec.status = Some(serde_json::json!({
                     "state": job_state_name(s.state), "reasonCode": s.reason_code, "reasonMessage": s.reason_message,
                     "createdMs": job_created_ms(j), "runningTasks": running.as_ref().and_then(|r| r.get(&j.id)).map_or(0, |l| l.started),
+                    "specVersion": j.spec_version,
+                    "deployment": j.deployment.as_ref().map(|d| serde_json::json!({"id": d.id, "state": d.state, "toVersion": d.to_version})),
                 }));
                 emit(out, &serde_json::to_value(&spec).unwrap_or_default());
             }
         }
-        JobCmd::Apply { file } => {
-            let applied = apply::apply(client, &file).await?;
+        JobCmd::Deploy { command } => deploy(client, out, command).await?,
+        JobCmd::Apply { file, rollout } => {
+            let applied = apply::apply(client, &file, Some(rollout.strategy())).await?;
             let line = match (applied.created, applied.changes.is_empty()) {
                 (true, _) => format!("job {} created", applied.job_id),
                 (false, true) => format!("job {} unchanged", applied.job_id),

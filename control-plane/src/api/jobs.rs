@@ -14,12 +14,13 @@ use titus_proto::job_management_service_server::JobManagementService;
 
 use super::{authorize_job_change, authorize_task_change, client_deadline};
 use crate::auth::Caller;
-use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
+use crate::command::{Command, CommandResponse, DeploymentChange, Rejection, RejectionKind};
 use crate::error::{Error, Result};
 use crate::events::{Change, ChangeBatch, Start};
 use crate::jobs::query::{first_page, merge_by_id, page_size as page_size_checked, paginate, Filter};
 use crate::model::convert::{
-    attributes_from_proto, id_field, job_descriptor_from_proto, job_to_proto, task_state_from_proto, task_to_proto,
+    attributes_from_proto, deployment_to_proto, id_field, job_descriptor_from_proto, job_descriptor_to_proto,
+    job_to_proto, strategy_from_proto, task_state_from_proto, task_to_proto,
 };
 use crate::model::job::{Job, JobState, JobStatus};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
@@ -64,6 +65,35 @@ fn not_found(field: &str, what: &str, id: &str) -> Status {
 }
 
 impl JobApi {
+    /// Proposes `change` of the job's deployment named in `request` (0: its active one).
+    async fn advance_deployment(
+        &self,
+        request: Request<pb::DeploymentRequest>,
+        change: impl FnOnce(&crate::model::deployment::Deployment) -> DeploymentChange,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
+        self.barrier(&request).await?;
+        let Some(job) = self.replica.state.job(&r.job_id)? else { return Err(not_found("job_id", "job", &r.job_id)) };
+        let Some(active) = job.rollout.active().filter(|d| r.deployment_id == 0 || d.id == r.deployment_id) else {
+            let what = if r.deployment_id == 0 { "no deployment".to_string() } else { format!("deployment {} is not", r.deployment_id) };
+            return Err(Error::Rejected(Rejection::new(
+                RejectionKind::FailedPrecondition,
+                "deployment_id",
+                format!("job {} has {what} active", r.job_id),
+            ))
+            .into());
+        };
+        let command = Command::AdvanceDeployment {
+            job_id: r.job_id,
+            deployment_id: active.id,
+            change: change(active),
+            timestamp_ms: now_ms(),
+        };
+        done(self.propose(&request, command).await?)
+    }
+
     /// Refuses security groups EC2 does not know (in `aws.vpc-id` when set), naming each. Without
     /// AWS configured, their form alone was checked with the descriptor.
     async fn check_security_groups(&self, groups: &[String]) -> std::result::Result<(), Status> {
@@ -334,6 +364,7 @@ impl JobManagementService for JobApi {
                 timestamp_ms: now,
             },
             status_history: Vec::new(),
+            rollout: Default::default(),
         };
         let command = Command::CreateJob { job, idempotency_token: token, token_expires_ms: now + JOB_TOKEN_TTL_MS };
         match self.propose(&request, command).await? {
@@ -472,6 +503,86 @@ impl JobManagementService for JobApi {
             disable_decrease_desired: p.disable_decrease_desired,
         };
         done(self.propose(&request, Command::UpdateJobProcesses { job_id: r.job_id, processes }).await?)
+    }
+
+    async fn update_job_spec(
+        &self,
+        request: Request<pb::JobSpecUpdate>,
+    ) -> std::result::Result<Response<pb::DeploymentRef>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
+        let strategy = strategy_from_proto(r.strategy)?;
+        let mut container = r.container.ok_or_else(|| Error::invalid("container", "is required"))?;
+        // The new container is checked as part of the job it makes, so every field is named as in
+        // a job descriptor (`container.image.name`) and the job's bounds hold.
+        self.barrier(&request).await?;
+        let Some(job) = self.replica.state.job(&r.job_id)? else { return Err(not_found("job_id", "job", &r.job_id)) };
+        let mut descriptor = job_descriptor_to_proto(&job.descriptor);
+        if container.resources.is_none() {
+            container.resources = descriptor.container.as_ref().and_then(|c| c.resources.clone());
+        }
+        descriptor.container = Some(container);
+        let descriptor = job_descriptor_from_proto(Some(descriptor))?;
+        descriptor.check_size(self.max_job_bytes).map_err(Error::InvalidArgument)?;
+        crate::auth::may_change_job(&crate::auth::caller(&request), &r.job_id, &descriptor)?;
+        self.check_security_groups(&descriptor.container.security_profile.security_groups).await?;
+        let command = Command::UpdateJobSpec {
+            job_id: r.job_id.clone(),
+            container: descriptor.container,
+            strategy,
+            timestamp_ms: now_ms(),
+        };
+        match self.propose(&request, command).await? {
+            CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
+            CommandResponse::Deployment(id) => Ok(Response::new(pb::DeploymentRef { job_id: r.job_id, deployment_id: id })),
+            other => Err(Error::Raft(format!("UpdateJobSpec answered {other:?}")).into()),
+        }
+    }
+
+    async fn promote_deployment(
+        &self,
+        request: Request<pb::DeploymentRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        self.advance_deployment(request, |_| DeploymentChange::Promote).await
+    }
+
+    async fn rollback_deployment(
+        &self,
+        request: Request<pb::DeploymentRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let caller = crate::auth::caller(&request).name;
+        self.advance_deployment(request, |d| DeploymentChange::RollBack {
+            reason: format!("rolled back by {caller}: back to version {} ({})", d.from_version, d.from_image),
+        })
+        .await
+    }
+
+    async fn get_deployments(
+        &self,
+        request: Request<pb::JobId>,
+    ) -> std::result::Result<Response<pb::DeploymentList>, Status> {
+        let id = request.get_ref().id.clone();
+        id_field("id", &id)?;
+        self.barrier(&request).await?;
+        let list = self
+            .query(move |view| {
+                let Some(job) = view.job(&id)?.or(view.archived_job(&id)?) else { return Ok(None) };
+                let mut deployments: Vec<pb::Deployment> =
+                    job.rollout.deployments.iter().rev().map(deployment_to_proto).collect();
+                if let (Some(d), Some(shown)) = (job.rollout.active(), deployments.first_mut()) {
+                    let tasks = view.tasks_of_job(&job.id)?;
+                    let serving = crate::jobs::lifecycle::serving_targets(view, &job)?;
+                    let counts = crate::jobs::deployment::progress(d, &tasks, &|t: &Task| {
+                        crate::jobs::lifecycle::serves(&job, t, serving.as_ref())
+                    });
+                    shown.desired = job.descriptor.wanted_tasks();
+                    (shown.new_live, shown.new_available, shown.old_live) = counts;
+                }
+                Ok(Some(pb::DeploymentList { job_id: job.id.clone(), spec_version: job.rollout.version, deployments }))
+            })
+            .await?;
+        list.map(Response::new).ok_or_else(|| not_found("id", "job", &request.get_ref().id))
     }
 
     async fn update_job_attributes(

@@ -5,8 +5,10 @@
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::hosts;
+use crate::command::DeploymentChange;
+use crate::model::deployment::{image_ref, Deployment, DeploymentState, RolloutStrategy};
 use crate::model::job::{
-    validate_capacity, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
+    validate_capacity, Container, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
 };
 use crate::state::{Overlay, StateRead, TokenRecord};
 use std::collections::BTreeMap;
@@ -102,7 +104,16 @@ pub fn update_task_status(
 pub fn update_task_statuses(o: &mut Overlay, reports: Vec<crate::command::StatusReport>) -> Result<CommandResponse> {
     for r in reports {
         let Some(task) = o.task(&r.task_id)? else { continue };
-        if agent_of(&task) == Some(r.agent_id.as_str()) {
+        if agent_of(&task) != Some(r.agent_id.as_str()) {
+            continue;
+        }
+        if r.status.state == task.state() {
+            // Within a state, only its health may change.
+            let mut task = task;
+            if note_health(&mut task, &r.context, r.status.timestamp_ms) {
+                o.put_task(task);
+            }
+        } else {
             update_status(o, task, r.status, r.context)?;
         }
     }
@@ -275,9 +286,51 @@ fn update_status(
             format!("task {:?} cannot move from {} to {}", task.id, from.name(), to.name()),
         );
     }
+    let at = task.status.timestamp_ms;
+    note_health(&mut task, &context, at);
     task.context.extend(context);
+    if to == TaskState::Finished && deployment_failure(&task.status.reason_code) {
+        count_deployment_failure(o, &task)?;
+    }
     o.put_task(task);
     Ok(CommandResponse::Done)
+}
+
+/// Takes the health `context` reports, noting when it changed; whether it did.
+fn note_health(task: &mut Task, context: &BTreeMap<String, String>, at_ms: i64) -> bool {
+    let Some(health) = context.get(context::HEALTH) else { return false };
+    if task.health() == Some(health.as_str()) {
+        return false;
+    }
+    task.context.insert(context::HEALTH.to_string(), health.clone());
+    task.context.insert(context::HEALTH_SINCE.to_string(), at_ms.to_string());
+    true
+}
+
+/// Whether a new-version task that finished so counts against its deployment: its container
+/// failed, crashed, exited (a service's task should not) or never started. Kills, evictions and
+/// system errors are not the new spec's fault.
+fn deployment_failure(reason_code: &str) -> bool {
+    matches!(
+        reason_code,
+        reason::FAILED
+            | reason::CRASHED
+            | reason::NORMAL
+            | reason::STUCK_IN_STATE
+            | reason::INVALID_REQUEST
+            | reason::UNHEALTHY
+    )
+}
+
+fn count_deployment_failure(o: &mut Overlay, task: &Task) -> Result<()> {
+    let Some(mut job) = o.job(&task.job_id)? else { return Ok(()) };
+    let version = task.job_version();
+    match job.rollout.active_mut() {
+        Some(d) if d.to_version == version => d.failures = d.failures.saturating_add(1),
+        _ => return Ok(()),
+    }
+    o.put_job(job);
+    Ok(())
 }
 
 /// Applies the placements that still fit: the agent must be Online, healthy, in an Active instance
@@ -417,6 +470,144 @@ fn with_service_job(
         );
     }
     change(&mut job)?;
+    o.put_job(job);
+    Ok(CommandResponse::Done)
+}
+
+/// Starts a rolling update (see `Command::UpdateJobSpec`).
+pub fn update_job_spec(
+    o: &mut Overlay,
+    job_id: &str,
+    container: Container,
+    strategy: RolloutStrategy,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
+    let mut job = match live_job(o, job_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    if job.descriptor.is_batch() {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "job_id",
+            format!("job {job_id:?} is a batch job; only a service job's spec can be updated (kill it and submit anew)"),
+        );
+    }
+    if container.resources != job.descriptor.container.resources {
+        return reject(
+            RejectionKind::InvalidArgument,
+            "container.resources",
+            "a rolling update cannot change resources yet (tasks are accounted at their job's resources); submit a new job",
+        );
+    }
+    if container == job.descriptor.container {
+        return Ok(CommandResponse::Deployment(0));
+    }
+    let mut changed = job.descriptor.clone();
+    changed.container = container.clone();
+    if let Some(refused) = check_capabilities(o, &changed)? {
+        return Ok(refused);
+    }
+    let rollout = &mut job.rollout;
+    let id = rollout.next_id();
+    let version = rollout.next_version();
+    if let Some(active) = rollout.active_mut() {
+        active.end(DeploymentState::Superseded, format!("superseded by deployment {id}"), timestamp_ms);
+    }
+    let previous = std::mem::replace(&mut job.descriptor.container, container);
+    rollout.push(Deployment {
+        id,
+        from_version: rollout.version,
+        to_version: version,
+        from_image: image_ref(&previous),
+        to_image: image_ref(&job.descriptor.container),
+        previous: Some(previous),
+        strategy,
+        state: DeploymentState::Progressing,
+        rollback_of: None,
+        failures: 0,
+        started_ms: timestamp_ms,
+        ended_ms: None,
+        canary_ready_ms: None,
+        promoted: false,
+        message: String::new(),
+        steps: Vec::new(),
+    });
+    rollout.version = version;
+    o.put_job(job);
+    Ok(CommandResponse::Deployment(id))
+}
+
+/// Moves a job's active deployment on (see `Command::AdvanceDeployment`).
+pub fn advance_deployment(
+    o: &mut Overlay,
+    job_id: &str,
+    deployment_id: u32,
+    change: DeploymentChange,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
+    let mut job = match live_job(o, job_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    let Some(d) = job.rollout.active_mut().filter(|d| d.id == deployment_id) else {
+        let now = job.rollout.active().map_or("none".to_string(), |d| d.id.to_string());
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "deployment_id",
+            format!("deployment {deployment_id} of job {job_id:?} is not active (active: {now})"),
+        );
+    };
+    match change {
+        DeploymentChange::Step(step) => d.push_step(step),
+        DeploymentChange::CanariesReady => {
+            if d.canary_ready_ms.is_none() {
+                d.canary_ready_ms = Some(timestamp_ms);
+                if !d.promoted {
+                    d.state = DeploymentState::Paused;
+                }
+            }
+        }
+        DeploymentChange::Promote => {
+            d.promoted = true;
+            d.state = DeploymentState::Progressing;
+        }
+        DeploymentChange::Succeed => d.end(DeploymentState::Succeeded, String::new(), timestamp_ms),
+        DeploymentChange::RollBack { reason } => {
+            if d.rollback_of.is_some() {
+                return reject(
+                    RejectionKind::FailedPrecondition,
+                    "deployment_id",
+                    format!("deployment {deployment_id} is itself a rollback; update the job's spec instead"),
+                );
+            }
+            let failed = d.clone();
+            d.end(DeploymentState::RolledBack, reason.clone(), timestamp_ms);
+            let previous = failed.previous.unwrap_or_else(|| job.descriptor.container.clone());
+            let undone = std::mem::replace(&mut job.descriptor.container, previous);
+            let id = job.rollout.next_id();
+            job.rollout.push(Deployment {
+                id,
+                from_version: failed.to_version,
+                to_version: failed.from_version,
+                from_image: failed.to_image,
+                to_image: failed.from_image,
+                previous: Some(undone),
+                // A rollback replaces every new task at once where it can, and is never rolled back.
+                strategy: RolloutStrategy { canary: 0, rollback_after_failures: 0, ..failed.strategy },
+                state: DeploymentState::Progressing,
+                rollback_of: Some(failed.id),
+                failures: 0,
+                started_ms: timestamp_ms,
+                ended_ms: None,
+                canary_ready_ms: None,
+                promoted: true,
+                message: reason,
+                steps: Vec::new(),
+            });
+            job.rollout.version = failed.from_version;
+        }
+    }
     o.put_job(job);
     Ok(CommandResponse::Done)
 }

@@ -35,18 +35,18 @@ impl Default for LifecycleConfig {
     }
 }
 
-fn status(state: TaskState, reason_code: &str, message: &str, now: i64) -> TaskStatus {
+pub(crate) fn status(state: TaskState, reason_code: &str, message: &str, now: i64) -> TaskStatus {
     TaskStatus { state, reason_code: reason_code.into(), reason_message: message.into(), timestamp_ms: now }
 }
 
 /// Whether `delay_ms` has passed since `since_ms`. Saturating: a delay or time from a descriptor
 /// written before its bounds were checked must not overflow (an overflow panicked every leader's
 /// lifecycle in turn).
-fn elapsed(since_ms: i64, delay_ms: u64, now: i64) -> bool {
+pub(crate) fn elapsed(since_ms: i64, delay_ms: u64, now: i64) -> bool {
     now >= since_ms.saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX))
 }
 
-fn update(task: &Task, status: TaskStatus) -> Command {
+pub(crate) fn update(task: &Task, status: TaskStatus) -> Command {
     Command::UpdateTaskStatus {
         task_id: task.id.clone(),
         status,
@@ -100,7 +100,7 @@ fn service_replacement_delay_ms(policy: &RetryPolicy, failed: &Task) -> u64 {
 }
 
 /// A new task at `index`, replacing `previous` when there is one.
-fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &mut dyn FnMut() -> String) -> Task {
+pub(crate) fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &mut dyn FnMut() -> String) -> Task {
     let id = new_id();
     let (original_id, resubmit_of, resubmit_number, system_resubmit_number) = match previous {
         None => (id.clone(), None, 0, 0),
@@ -123,6 +123,9 @@ fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &m
     let crashes = previous.filter(|_| !job.descriptor.is_batch()).map(crash_loop_count).unwrap_or(0);
     if crashes > 0 {
         ctx.insert(context::CRASH_LOOP_COUNT.to_string(), crashes.to_string());
+    }
+    if job.rollout.version > 0 {
+        ctx.insert(context::JOB_VERSION.to_string(), job.rollout.version.to_string());
     }
     Task {
         id,
@@ -165,6 +168,19 @@ fn timeouts(job: &Job, tasks: &[Task], now: i64, cfg: &LifecycleConfig, out: &mu
                     status(TaskState::Finished, reason::STUCK_IN_KILLING_STATE, "no kill confirmation", now),
                 ));
             }
+            TaskState::Started if unhealthy_too_long(job, t, now) => {
+                let check = job.container_of(t.job_version()).health_check.as_ref();
+                let after = check.map_or(0, |c| c.replace_after_sec);
+                out.push(update(
+                    t,
+                    status(
+                        TaskState::KillInitiated,
+                        reason::UNHEALTHY,
+                        &format!("its health check failed for over {after} s: replaced"),
+                        now,
+                    ),
+                ));
+            }
             TaskState::Started => {
                 if let JobType::Batch { runtime_limit_sec, .. } = job.descriptor.job_type {
                     let started = t.entered(TaskState::Started).unwrap_or(t.status.timestamp_ms);
@@ -187,6 +203,23 @@ fn timeouts(job: &Job, tasks: &[Task], now: i64, cfg: &LifecycleConfig, out: &mu
     }
 }
 
+/// Whether `t`, a service's task, has been unhealthy past its health check's `replace_after_sec`.
+fn unhealthy_too_long(job: &Job, t: &Task, now: i64) -> bool {
+    let Some(check) = job.container_of(t.job_version()).health_check.as_ref() else { return false };
+    if job.descriptor.is_batch() || check.replace_after_sec == 0 || t.health() != Some("unhealthy") {
+        return false;
+    }
+    let since: i64 = t.context.get(context::HEALTH_SINCE).and_then(|s| s.parse().ok()).unwrap_or(now);
+    elapsed(since, u64::from(check.replace_after_sec) * 1000, now)
+}
+
+/// Whether a live task serves: Started, healthy when its container has a health check, and (for
+/// a job being deployed behind target groups) in `serving` when that is given.
+pub(crate) fn serves(job: &Job, t: &Task, serving: Option<&BTreeSet<String>>) -> bool {
+    let healthy = job.container_of(t.job_version()).health_check.is_none() || t.health() == Some("healthy");
+    t.state() == TaskState::Started && healthy && serving.is_none_or(|ok| ok.contains(&t.id))
+}
+
 /// Most tasks created by one log entry: a 10,000-task job is many modest entries, each replicated
 /// within a heartbeat, not one of megabytes.
 pub const CREATE_TASKS_PER_ENTRY: usize = 100;
@@ -194,7 +227,7 @@ pub const CREATE_TASKS_PER_ENTRY: usize = 100;
 /// `CreateTasks` commands for `create` (each new task with the finished one it replaces, archived
 /// in the same entry so the retry count carries over) and `archive` (finished tasks no longer
 /// wanted), in entries of at most [`CREATE_TASKS_PER_ENTRY`] tasks.
-fn create_tasks(out: &mut Vec<Command>, create: Vec<(Task, Option<String>)>, archive: Vec<String>) {
+pub(crate) fn create_tasks(out: &mut Vec<Command>, create: Vec<(Task, Option<String>)>, archive: Vec<String>) {
     if create.is_empty() {
         if !archive.is_empty() {
             out.push(Command::CreateTasks { tasks: Vec::new(), archive });
@@ -209,13 +242,26 @@ fn create_tasks(out: &mut Vec<Command>, create: Vec<(Task, Option<String>)>, arc
     }
 }
 
-/// What to do about one job.
+/// What to do about one job, a task counting as available when Started.
 pub fn plan_job(
     job: &Job,
     tasks: &[Task],
     now: i64,
     cfg: &LifecycleConfig,
     new_id: &mut dyn FnMut() -> String,
+) -> Vec<Command> {
+    plan_job_with(job, tasks, now, cfg, new_id, &|t: &Task| t.state() == TaskState::Started)
+}
+
+/// What to do about one job; `available` says whether a live task serves (a deployment waits for
+/// new tasks to).
+pub fn plan_job_with(
+    job: &Job,
+    tasks: &[Task],
+    now: i64,
+    cfg: &LifecycleConfig,
+    new_id: &mut dyn FnMut() -> String,
+    available: &dyn Fn(&Task) -> bool,
 ) -> Vec<Command> {
     let mut out = Vec::new();
     timeouts(job, tasks, now, cfg, &mut out);
@@ -291,14 +337,19 @@ pub fn plan_job(
                 let wanted = capacity.desired as usize;
                 let mut create = Vec::new();
                 let mut archive = Vec::new();
+                // Back off after the newest failure, by the job's retry policy.
+                let newest_failure = finished.iter().rev().find(|t| {
+                    reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
+                });
+                let ready = newest_failure.is_none_or(|t| {
+                    elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now)
+                });
+                if let Some(d) = job.rollout.active() {
+                    let wanted = job.descriptor.wanted_tasks();
+                    out.extend(super::deployment::plan(job, d, tasks, wanted, ready, available, now, new_id));
+                    return out;
+                }
                 if *enabled && active.len() < wanted {
-                    // Back off after the newest failure, by the job's retry policy.
-                    let newest_failure = finished.iter().rev().find(|t| {
-                        reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
-                    });
-                    let ready = newest_failure.is_none_or(|t| {
-                        elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now)
-                    });
                     if ready {
                         // Indexes of every live task, those being killed included, are taken.
                         let mut used: BTreeSet<u32> =
@@ -436,8 +487,17 @@ fn plan_one(
     };
     // The planner is pure and its arithmetic saturates; this catches what a future bug might still
     // do, so that it costs one job its round instead of every leader its lifecycle.
+    let available = match serving_targets(store, job) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(job_id = %job.id, error = %e, "lifecycle: cannot read the job's load balancer targets; skipping it this round");
+            crate::telemetry::metrics().lifecycle_job_errors_total.inc(&[]);
+            return Vec::new();
+        }
+    };
+    let available = |t: &Task| serves(job, t, available.as_ref());
     let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut commands = plan_job(job, &tasks, now, cfg, new_id);
+        let mut commands = plan_job_with(job, &tasks, now, cfg, new_id, &available);
         if let Some(draining) = draining {
             commands.extend(drain_job(job, &tasks, draining, now));
         }
@@ -448,6 +508,32 @@ fn plan_one(
         crate::telemetry::metrics().lifecycle_job_errors_total.inc(&[]);
         Vec::new()
     })
+}
+
+/// For a job with an active deployment behind load balancers: the tasks whose targets in every
+/// active target group are registered and report healthy (None: availability is not gated on
+/// load balancers).
+pub(crate) fn serving_targets(store: &dyn StateRead, job: &Job) -> Result<Option<BTreeSet<String>>> {
+    use crate::model::load_balancer::{AssociationState, TargetState};
+    if job.rollout.active().is_none() {
+        return Ok(None);
+    }
+    let groups: BTreeSet<String> = store
+        .load_balancers()?
+        .into_iter()
+        .filter(|a| a.job_id == job.id && a.state == AssociationState::Active)
+        .map(|a| a.target_group)
+        .collect();
+    if groups.is_empty() {
+        return Ok(None);
+    }
+    let mut healthy: BTreeMap<String, usize> = BTreeMap::new();
+    for t in store.lb_targets()? {
+        if t.job_id == job.id && groups.contains(&t.target_group) && t.state == TargetState::Registered && t.health == "healthy" {
+            *healthy.entry(t.task_id).or_default() += 1;
+        }
+    }
+    Ok(Some(healthy.into_iter().filter(|(_, n)| *n == groups.len()).map(|(id, _)| id).collect()))
 }
 
 /// What to do about the jobs named (those that no longer exist are skipped).

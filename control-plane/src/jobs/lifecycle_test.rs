@@ -41,6 +41,7 @@ impl Sim {
                 timestamp_ms: self.now,
             },
             status_history: vec![],
+            rollout: Default::default(),
         };
         match self.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 }) {
             CommandResponse::JobId(id) => id,
@@ -473,6 +474,7 @@ fn host_constraints_are_checked_again_when_a_placement_commits() {
                 timestamp_ms: sim.now,
             },
             status_history: vec![],
+            rollout: Default::default(),
         };
         let CommandResponse::JobId(id) =
             sim.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 })

@@ -6,9 +6,13 @@
 
 pub mod apply;
 pub mod capacity_groups;
+pub mod deployment;
 pub mod hosts;
 pub mod lifecycle;
 pub mod query;
 
 #[cfg(test)]
 mod lifecycle_test;
+
+#[cfg(test)]
+mod deployment_test;

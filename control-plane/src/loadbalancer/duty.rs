@@ -64,11 +64,15 @@ struct Duty {
     released: HashSet<String>,
 }
 
+/// How often the target groups of jobs being deployed are asked for their targets' health.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
 pub async fn run(replica: Arc<Replica>, term: Term, aws: Aws, config: AwsConfig, mut stop: watch::Receiver<bool>) {
     let (_, mut changes) = replica.state.changes.subscribe(None);
     let reconcile_every = Duration::from_millis(config.reconcile_interval_ms);
     // The first reconcile runs soon after becoming leader: the predecessor may have left drift.
     let mut next_reconcile = Instant::now() + Duration::from_secs(1).min(reconcile_every);
+    let mut next_health = Instant::now();
     let mut duty = Duty { replica, term, aws, config, backoff: Backoff::default(), released: HashSet::new() };
     loop {
         let mut wake = Instant::now() + reconcile_every;
@@ -85,6 +89,13 @@ pub async fn run(replica: Arc<Replica>, term: Term, aws: Aws, config: AwsConfig,
             }
             Err(e) => tracing::warn!(error = %e, "load balancers: round failed; retrying"),
         }
+        if Instant::now() >= next_health {
+            next_health = Instant::now() + HEALTH_EVERY;
+            if let Err(e) = duty.observe_health().await {
+                tracing::warn!(error = %e, "load balancers: reading target health failed; retrying");
+            }
+        }
+        wake = wake.min(next_health);
         if Instant::now() >= next_reconcile {
             next_reconcile = Instant::now() + reconcile_every;
             if let Err(e) = duty.reconcile().await {
@@ -285,6 +296,52 @@ impl Duty {
             self.released.insert(r.task_id.clone());
         }
         self.propose(Command::PutLbTargets { targets: overdue }).await?;
+        Ok(())
+    }
+
+    /// Records what the target groups of jobs being deployed say of their targets' health: a
+    /// deployment counts a new task available only once every one of its targets is `healthy`
+    /// (see `jobs::deployment`). Only those groups are asked, and a record is written only when its
+    /// health changed.
+    async fn observe_health(&mut self) -> crate::Result<()> {
+        let state = self.state();
+        let mut groups = BTreeSet::new();
+        for a in state.load_balancers()? {
+            if a.state == AssociationState::Active
+                && state.job(&a.job_id)?.is_some_and(|j| j.rollout.active().is_some())
+            {
+                groups.insert(a.target_group);
+            }
+        }
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let records = state.lb_targets()?;
+        let mut changed = Vec::new();
+        for group in groups {
+            if !self.backoff.ready(&group) {
+                continue;
+            }
+            let listed = self.aws.target_health(&group).await;
+            let m = crate::telemetry::metrics();
+            m.aws_calls_total.inc(&["lb", "DescribeTargetHealth", crate::telemetry::aws_outcome(&listed)]);
+            let health: HashMap<String, String> = match listed {
+                Ok(h) => h.into_iter().collect(),
+                Err(e) => {
+                    self.failed(&group, e).await?;
+                    continue;
+                }
+            };
+            for r in records.iter().filter(|r| r.target_group == group && r.state == TargetState::Registered) {
+                let now = health.get(&r.ip).map_or("", String::as_str);
+                if r.health != now {
+                    changed.push(LbTarget { health: now.to_string(), ..r.clone() });
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.propose(Command::PutLbTargets { targets: changed }).await?;
+        }
         Ok(())
     }
 

@@ -126,6 +126,7 @@ pub fn plan(
             ip,
             state: TargetState::Registering,
             updated_ms: now_ms,
+            health: String::new(),
         });
     }
     plan

@@ -194,6 +194,7 @@ fn records_only_move_forward() {
         ip: "10.0.0.1".into(),
         state: TargetState::Registered,
         updated_ms: 1,
+        health: String::new(),
     };
     // A record must start as Registering.
     assert_eq!(sim.run(Command::PutLbTargets { targets: vec![t.clone()] }), CommandResponse::Keys(vec![]));
@@ -213,6 +214,7 @@ fn repair_re_registers_missing_and_leaves_foreign_targets_alone() {
         ip: ip.into(),
         state,
         updated_ms: 0,
+        health: String::new(),
     };
     let records = vec![rec("a", "10.0.0.1", TargetState::Registered), rec("b", "10.0.0.2", TargetState::Deregistered)];
     let present = BTreeSet::from(["10.0.0.2".to_string(), "10.9.9.9".to_string()]);

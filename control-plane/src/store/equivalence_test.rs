@@ -145,6 +145,7 @@ impl Twin {
                         timestamp_ms: self.now,
                     },
                     status_history: vec![],
+                    rollout: Default::default(),
                 };
                 let idempotency_token = token.map(|t| format!("token-{t}"));
                 if let Some(t) = &idempotency_token {
@@ -321,6 +322,7 @@ impl Twin {
                         TargetState::Deregistered,
                     ][state as usize],
                     updated_ms: self.now,
+                    health: String::new(),
                 };
                 if state == 3 {
                     self.run(Command::ForgetLbTargets { targets: vec![target] });

@@ -189,6 +189,7 @@ pub(crate) fn batch_job(id: &str, prefix: &str, n: u32) -> (crate::model::job::J
             timestamp_ms: 1,
         },
         status_history: vec![],
+        rollout: Default::default(),
     };
     let tasks = (0..n)
         .map(|i| Task {

@@ -5,7 +5,9 @@
 //! The file is merged into the job: a field it gives replaces the job's, a field it leaves out
 //! (or empty) stays as it is; a map it gives (attributes, env, constraints) replaces the job's
 //! whole. What can change in place is changed (a service's capacity and enabled flag, the job's
-//! attributes); a change to anything else is refused, naming each field, and nothing is changed.
+//! attributes); a change to a service's container (image, command, env, constraints, ...; not its
+//! resources) starts a rolling update; a change to anything else is refused, naming each field,
+//! and nothing is changed.
 
 use std::path::Path;
 
@@ -57,6 +59,28 @@ fn in_place(path: &str) -> bool {
     path == "attributes" || path == "service.enabled" || path.starts_with("service.capacity")
 }
 
+/// Whether field `path` of a service job changes by a rolling update.
+fn by_rollout(path: &str) -> bool {
+    path.starts_with("container.") && !path.starts_with("container.resources")
+}
+
+/// Sets the value at dotted `path` in `root` (objects made on the way).
+fn set_path(root: &mut Value, path: &str, value: Value) {
+    let mut at = root;
+    for key in path.split('.') {
+        if !at.is_object() {
+            *at = Value::Object(Default::default());
+        }
+        at = at.as_object_mut().expect("made an object above").entry(key.to_string()).or_insert(Value::Null);
+    }
+    *at = value;
+}
+
+/// The value at dotted `path` in `root`.
+fn get_path<'a>(root: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(root, |v, key| v.get(key).unwrap_or(&Value::Null))
+}
+
 fn as_value(spec: &JobSpec) -> Value {
     let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
     if let Some(o) = v.as_object_mut() {
@@ -73,7 +97,7 @@ pub struct Applied {
     pub changes: Vec<String>,
 }
 
-pub async fn apply(client: &Client, path: &Path) -> Result<Applied, Error> {
+pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStrategy>) -> Result<Applied, Error> {
     let text = read_spec_text(path)?;
     let spec = titus_client::spec::parse(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let descriptor = spec.clone().into_descriptor().map_err(|e| invalid(format!("{}: {e}", path.display())))?;
@@ -121,26 +145,43 @@ pub async fn apply(client: &Client, path: &Path) -> Result<Applied, Error> {
     let current = JobSpec::from_job(&job);
     let mut fields = Vec::new();
     changed("", &as_value(&current), &as_value(&spec), &mut fields);
-    let refused: Vec<&String> = fields.iter().filter(|f| !in_place(f)).collect();
+    let service = current.service.is_some();
+    let refused: Vec<&String> = fields.iter().filter(|f| !in_place(f) && !(service && by_rollout(f))).collect();
     if !refused.is_empty() {
-        let violations = refused
-            .iter()
-            .map(|f| FieldViolation {
-                field: f.to_string(),
-                description: "cannot change in place (a rolling update of a job's spec is not implemented yet)".into(),
-            })
-            .collect();
+        let why = if service {
+            "cannot change in place or by a rolling update (submit a new job for it)"
+        } else {
+            "cannot change in place: a batch job's spec is fixed (submit a new job)"
+        };
+        let violations =
+            refused.iter().map(|f| FieldViolation { field: f.to_string(), description: why.into() }).collect();
         let names: Vec<&str> = refused.iter().map(|f| f.as_str()).collect();
         return Err(Error::InvalidArgument {
-            message: format!(
-                "job {}: {} cannot change in place (submit a new job for them); nothing was changed",
-                job.id,
-                names.join(", ")
-            ),
+            message: format!("job {}: {} {why}; nothing was changed", job.id, names.join(", ")),
             violations,
         });
     }
     let mut changes = Vec::new();
+    let rollout: Vec<&String> = fields.iter().filter(|f| by_rollout(f)).collect();
+    if !rollout.is_empty() {
+        // The job's container with the file's changes: what the rolling update deploys.
+        let (before, wanted) = (as_value(&current), as_value(&spec));
+        let mut merged = before.clone();
+        for f in &rollout {
+            set_path(&mut merged, f, get_path(&wanted, f).clone());
+        }
+        let merged: JobSpec = serde_json::from_value(merged).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        let container = merged
+            .into_descriptor()
+            .map_err(|e| invalid(format!("{}: {e}", path.display())))?
+            .container
+            .unwrap_or_default();
+        let names: Vec<&str> = rollout.iter().map(|f| f.as_str()).collect();
+        match client.update_job_spec(&job.id, container, strategy).await? {
+            0 => {}
+            id => changes.push(format!("deployment {id} started ({}): titus job deploy status {}", names.join(", "), job.id)),
+        }
+    }
     if let (Some(before), Some(after)) = (&current.service, &spec.service) {
         let (b, a) = (&before.capacity, &after.capacity);
         if fields.iter().any(|f| f.starts_with("service.capacity")) {

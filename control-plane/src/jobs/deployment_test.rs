@@ -1,0 +1,303 @@
+//! Rolling updates against the real apply code and lifecycle on the in-memory store: the service
+//! never drops below its floor, every deployment ends, failures roll back, canaries wait.
+
+use proptest::prelude::*;
+
+use crate::apply::apply;
+use crate::command::{Command, CommandResponse, DeploymentChange};
+use crate::jobs::lifecycle::{plan, LifecycleConfig};
+use crate::model::deployment::{DeploymentState, RolloutStrategy};
+use crate::model::job::fixtures::{batch_descriptor, service_descriptor};
+use crate::model::job::{Container, Job, JobState, JobStatus};
+use crate::model::task::{reason, Task, TaskState, TaskStatus};
+use crate::state::{MemoryStore, Overlay, StateRead};
+
+const JOB: &str = "job-1";
+
+struct Sim {
+    store: MemoryStore,
+    now: i64,
+    next_id: u64,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim { store: MemoryStore::default(), now: 1_000_000, next_id: 0 }
+    }
+
+    fn run(&mut self, command: Command) -> CommandResponse {
+        let mut o = Overlay::new(&self.store);
+        let r = apply(&mut o, command).unwrap().rule().expect("a job command");
+        let changes = o.into_changes();
+        self.store.commit(changes);
+        r
+    }
+
+    /// A service job of `desired` tasks, all Started.
+    fn service(desired: u32) -> Sim {
+        let mut sim = Sim::new();
+        let job = Job {
+            id: JOB.into(),
+            descriptor: service_descriptor(0, desired, 100),
+            status: JobStatus {
+                state: JobState::Accepted,
+                reason_code: String::new(),
+                reason_message: String::new(),
+                timestamp_ms: sim.now,
+            },
+            status_history: vec![],
+            rollout: Default::default(),
+        };
+        sim.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+        sim.round();
+        for t in sim.serving() {
+            sim.report(&t.id, TaskState::Started, "");
+        }
+        sim
+    }
+
+    /// One lifecycle round: plans and applies.
+    fn round(&mut self) -> Vec<Command> {
+        let next = &mut self.next_id;
+        let mut ids = || {
+            *next += 1;
+            format!("task-{next}")
+        };
+        let commands = plan(&self.store, self.now, &LifecycleConfig::default(), &mut ids).unwrap();
+        for c in &commands {
+            self.run(c.clone());
+        }
+        commands
+    }
+
+    fn job(&self) -> Job {
+        self.store.job(JOB).unwrap().expect("the job")
+    }
+
+    /// Live tasks not being killed.
+    fn serving(&self) -> Vec<Task> {
+        let tasks = self.store.tasks_of_job(JOB).unwrap();
+        tasks.into_iter().filter(|t| t.state().is_live() && t.state() != TaskState::KillInitiated).collect()
+    }
+
+    fn available(&self) -> usize {
+        self.serving().iter().filter(|t| t.state() == TaskState::Started).count()
+    }
+
+    fn report(&mut self, task_id: &str, state: TaskState, reason_code: &str) {
+        self.run(Command::UpdateTaskStatus {
+            task_id: task_id.into(),
+            status: TaskStatus {
+                state,
+                reason_code: reason_code.into(),
+                reason_message: String::new(),
+                timestamp_ms: self.now,
+            },
+            context: Default::default(),
+            expected_state: None,
+        });
+    }
+
+    fn update(&mut self, image_tag: &str, strategy: RolloutStrategy) -> CommandResponse {
+        let mut container = self.job().descriptor.container;
+        container.image.tag = Some(image_tag.into());
+        self.run(Command::UpdateJobSpec { job_id: JOB.into(), container, strategy, timestamp_ms: self.now })
+    }
+
+    /// The agents' side: `start` of the Accepted tasks start, every kill is confirmed.
+    fn world(&mut self, start: usize, fail: bool) {
+        let tasks = self.store.tasks_of_job(JOB).unwrap();
+        for t in tasks.iter().filter(|t| t.state() == TaskState::KillInitiated) {
+            self.report(&t.id, TaskState::Finished, reason::KILLED);
+        }
+        for t in tasks.iter().filter(|t| t.state() == TaskState::Accepted).take(start) {
+            if fail && t.job_version() == self.job().rollout.version {
+                self.report(&t.id, TaskState::Finished, reason::FAILED);
+            } else {
+                self.report(&t.id, TaskState::Started, "");
+            }
+        }
+        self.now += 1_000;
+    }
+}
+
+fn strategy() -> impl Strategy<Value = RolloutStrategy> {
+    (0u32..4, 0u32..4)
+        .prop_filter("one of them must let progress", |(u, s)| u + s > 0)
+        .prop_map(|(max_unavailable, max_surge)| RolloutStrategy { max_unavailable, max_surge, ..Default::default() })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Whatever the strategy and however slowly new tasks start, a rolling update never leaves
+    /// fewer than desired - max_unavailable tasks available, never runs more than desired +
+    /// max_surge, and ends with exactly desired tasks, all of the new version, all available.
+    #[test]
+    fn a_rolling_update_keeps_its_floor_and_ends_on_the_new_version(
+        desired in 1u32..8,
+        strategy in strategy(),
+        starts in proptest::collection::vec(1usize..3, 1..200),
+    ) {
+        let mut sim = Sim::service(desired);
+        prop_assert_eq!(sim.available(), desired as usize);
+        let floor = desired.saturating_sub(strategy.max_unavailable) as usize;
+        let ceiling = (desired + strategy.max_surge) as usize;
+        prop_assert_eq!(sim.update("v2", strategy), CommandResponse::Deployment(1));
+        let mut rounds = 0;
+        for start in starts.iter().cycle() {
+            sim.round();
+            prop_assert!(sim.available() >= floor, "available {} below the floor {floor}", sim.available());
+            prop_assert!(sim.serving().len() <= ceiling, "{} live over the ceiling {ceiling}", sim.serving().len());
+            if sim.job().rollout.active().is_none() {
+                break;
+            }
+            sim.world(*start, false);
+            rounds += 1;
+            prop_assert!(rounds < 500, "the deployment did not end");
+        }
+        let job = sim.job();
+        let d = job.rollout.deployments.last().unwrap();
+        prop_assert_eq!(d.state, DeploymentState::Succeeded);
+        prop_assert!(d.previous.is_none(), "an ended deployment drops the old container");
+        let serving = sim.serving();
+        prop_assert_eq!(serving.len(), desired as usize);
+        prop_assert!(serving.iter().all(|t| t.job_version() == 1 && t.state() == TaskState::Started));
+    }
+}
+
+#[test]
+fn new_tasks_that_keep_failing_roll_the_job_back() {
+    let mut sim = Sim::service(4);
+    let before = sim.job().descriptor.container;
+    sim.update("broken", RolloutStrategy { rollback_after_failures: 3, ..Default::default() });
+    for _ in 0..100 {
+        sim.round();
+        if sim.job().rollout.deployments.len() == 2 {
+            break;
+        }
+        sim.world(2, true);
+        sim.now += 600_000; // past any crash-loop back-off
+        assert!(sim.available() >= 3, "the floor holds while new tasks fail");
+    }
+    let job = sim.job();
+    let failed = &job.rollout.deployments[0];
+    assert_eq!(failed.state, DeploymentState::RolledBack);
+    assert!(failed.message.contains("3 tasks of version 1"), "{}", failed.message);
+    assert_eq!(job.descriptor.container, before, "the job is back on its old container");
+    assert_eq!(job.rollout.version, 0);
+    // The rollback replaces the failed version's tasks with the old spec, then ends.
+    for _ in 0..50 {
+        sim.round();
+        if sim.job().rollout.active().is_none() {
+            break;
+        }
+        sim.world(4, false);
+    }
+    let job = sim.job();
+    let undo = job.rollout.deployments.last().unwrap();
+    assert_eq!((undo.rollback_of, undo.state), (Some(1), DeploymentState::Succeeded));
+    assert!(sim.serving().iter().all(|t| t.job_version() == 0), "every task runs version 0");
+    assert_eq!(sim.serving().len(), 4);
+    // The next update takes a version above every one used.
+    assert_eq!(sim.update("v3", RolloutStrategy::default()), CommandResponse::Deployment(3));
+    assert_eq!(sim.job().rollout.version, 2);
+}
+
+#[test]
+fn canaries_run_beside_the_old_tasks_until_promoted() {
+    let mut sim = Sim::service(3);
+    sim.update("v2", RolloutStrategy { canary: 1, ..Default::default() });
+    for _ in 0..5 {
+        sim.round();
+        sim.world(3, false);
+    }
+    let job = sim.job();
+    let d = job.rollout.active().expect("still active");
+    assert_eq!(d.state, DeploymentState::Paused);
+    assert!(d.canary_ready_ms.is_some());
+    let versions: Vec<u32> = sim.serving().iter().map(Task::job_version).collect();
+    assert_eq!(versions.iter().filter(|v| **v == 1).count(), 1, "one canary: {versions:?}");
+    assert_eq!(versions.iter().filter(|v| **v == 0).count(), 3, "every old task kept: {versions:?}");
+    // The old tasks still get the old container, the canary the new.
+    let old = sim.serving().into_iter().find(|t| t.job_version() == 0).unwrap();
+    assert_eq!(job.container_of(old.job_version()).image.tag.as_deref(), Some("latest"));
+    assert_eq!(job.container_of(1).image.tag.as_deref(), Some("v2"));
+    let id = d.id;
+    sim.run(Command::AdvanceDeployment {
+        job_id: JOB.into(),
+        deployment_id: id,
+        change: DeploymentChange::Promote,
+        timestamp_ms: sim.now,
+    });
+    for _ in 0..30 {
+        sim.round();
+        if sim.job().rollout.active().is_none() {
+            break;
+        }
+        sim.world(3, false);
+    }
+    assert_eq!(sim.job().rollout.deployments[0].state, DeploymentState::Succeeded);
+    assert!(sim.serving().iter().all(|t| t.job_version() == 1));
+}
+
+#[test]
+fn a_canary_pause_promotes_by_itself() {
+    let mut sim = Sim::service(2);
+    sim.update("v2", RolloutStrategy { canary: 1, canary_pause_sec: 30, ..Default::default() });
+    for _ in 0..4 {
+        sim.round();
+        sim.world(2, false);
+    }
+    assert_eq!(sim.job().rollout.active().unwrap().state, DeploymentState::Paused);
+    sim.now += 31_000;
+    sim.round();
+    assert!(sim.job().rollout.active().unwrap().promoted);
+}
+
+#[test]
+fn updates_are_refused_where_they_cannot_apply_and_a_stale_advance_does_nothing() {
+    let mut sim = Sim::service(2);
+    let mut bigger: Container = sim.job().descriptor.container;
+    bigger.resources.cpu = 2.0;
+    let r = sim.run(Command::UpdateJobSpec {
+        job_id: JOB.into(),
+        container: bigger,
+        strategy: RolloutStrategy::default(),
+        timestamp_ms: 0,
+    });
+    assert!(matches!(&r, CommandResponse::Rejected(r) if r.field == "container.resources"), "{r:?}");
+    let same = sim.job().descriptor.container;
+    let r = sim.run(Command::UpdateJobSpec {
+        job_id: JOB.into(),
+        container: same,
+        strategy: RolloutStrategy::default(),
+        timestamp_ms: 0,
+    });
+    assert_eq!(r, CommandResponse::Deployment(0), "an unchanged container starts nothing");
+    assert!(sim.job().rollout.is_empty());
+    // A newer update supersedes the active one; an advance of the old one is refused.
+    assert_eq!(sim.update("v2", RolloutStrategy::default()), CommandResponse::Deployment(1));
+    assert_eq!(sim.update("v3", RolloutStrategy::default()), CommandResponse::Deployment(2));
+    let job = sim.job();
+    assert_eq!(job.rollout.deployments[0].state, DeploymentState::Superseded);
+    assert_eq!((job.rollout.version, job.rollout.deployments[1].from_version), (2, 1));
+    let r = sim.run(Command::AdvanceDeployment {
+        job_id: JOB.into(),
+        deployment_id: 1,
+        change: DeploymentChange::Succeed,
+        timestamp_ms: 0,
+    });
+    assert!(matches!(&r, CommandResponse::Rejected(r) if r.field == "deployment_id"), "{r:?}");
+    // A batch job has no rolling update.
+    let mut batch = Sim::new();
+    let job = Job { id: "b".into(), descriptor: batch_descriptor(1), rollout: Default::default(), ..sim.job() };
+    batch.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+    let r = batch.run(Command::UpdateJobSpec {
+        job_id: "b".into(),
+        container: Container::default(),
+        strategy: RolloutStrategy::default(),
+        timestamp_ms: 0,
+    });
+    assert!(matches!(&r, CommandResponse::Rejected(r) if r.message.contains("batch job")), "{r:?}");
+}
