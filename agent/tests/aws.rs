@@ -1,7 +1,7 @@
 //! ALB IP target registration end to end: real replicas, real agents running containers in the
 //! real Docker daemon, the real AWS SDK against a `moto_server` on loopback (and a fault proxy in
 //! front of it). t400 scale down drains before stopping containers, across a leader kill; t410
-//! reconcile repairs drift and leaves foreign targets alone; t425 a rolling update gated on target
+//! reconcile repairs drift and leaves foreign targets alone; t415 deregistering is idempotent; t425 a rolling update gated on target
 //! health, across a leader kill, and its rollback; t420 throttling and 5xx; t430 bad
 //! associations are refused with the field named; t440-t450 EC2 capacity; t460 a silent agent
 //! keeps its instance; t470 a deposed leader makes no AWS call.
@@ -195,6 +195,33 @@ async fn t410_reconcile_repairs_drift_and_leaves_foreign_targets_alone() {
     want.insert(foreign.clone());
     wait_targets(&elb, &arn, &want).await;
     assert!(moto::targets(&elb, &arn).await.contains(&foreign), "a target this system did not register stays");
+}
+
+/// A leader killed after its DeregisterTargets went through and before it recorded so leaves a
+/// target its successor deregisters again; ELB refuses a call naming a target no longer in the
+/// group (`InvalidTarget`, the whole call), which once kept that target Deregistering for good and
+/// its task's container running to the drain limit. Deregistering is idempotent now, per target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t415_deregistering_a_target_already_gone_is_not_an_error() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "again", TargetTypeEnum::Ip).await;
+    let aws = titus_aws::Aws::connect(&titus_aws::AwsSettings {
+        region: "us-east-1".into(),
+        endpoint_url: Some(moto.url.clone()),
+        max_attempts: 3,
+        calls_per_second: 100.0,
+        attempt_timeout: Duration::from_secs(5),
+    })
+    .await;
+    let (a, b) = ("172.17.3.1".to_string(), "172.17.3.2".to_string());
+    aws.register_targets(&arn, &[a.clone(), b.clone()]).await.unwrap();
+    aws.deregister_targets(&arn, &[a.clone()]).await.unwrap();
+    // `a` again, with `b` still there: `b` goes, and `a` is no error.
+    aws.deregister_targets(&arn, &[a.clone(), b.clone()]).await.expect("deregistering a target already gone");
+    assert!(moto::targets(&elb, &arn).await.is_empty());
+    aws.deregister_targets(&arn, &[a, b]).await.expect("nothing left to deregister");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -986,7 +1013,11 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     let client = cluster.client();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     const DESIRED: usize = 6;
-    let job_id = client.create_job(service_job("rolling", DESIRED as u32)).await.unwrap();
+    // Small enough that a surge task fits on the agent beside the old tasks and the ones draining
+    // (the default 128 Mbps each would fill its network after 7).
+    let mut descriptor = service_job("rolling", DESIRED as u32);
+    descriptor.container.as_mut().unwrap().resources.as_mut().unwrap().network_mbps = 32;
+    let job_id = client.create_job(descriptor).await.unwrap();
     client.add_load_balancer(&job_id, &arn).await.unwrap();
     let old_ips = wait_started(&client, &job_id, DESIRED).await;
     wait_targets(&elb, &arn, &old_ips).await;
@@ -1073,6 +1104,20 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     let all = client.find_tasks(&[("jobIds", job_id.as_str())], 1000, "").await.unwrap().items;
     let v1 = all.iter().filter(|t| t.task_context.get("jobVersion").map(String::as_str) == Some("1")).count();
     assert_eq!(v1, DESIRED, "tasks of version 1 created");
+    for t in all.iter().filter(|t| t.task_context.get("jobVersion").map(String::as_str) == Some("1")) {
+        let at = |state: pb::TaskState| {
+            t.status_history.iter().chain(t.status.iter()).find(|s| s.state == state as i32).map(|s| s.timestamp_ms)
+        };
+        let created = at(pb::TaskState::TaskAccepted).unwrap_or(0);
+        let since = |state| at(state).map_or("-".to_string(), |ms| format!("{} ms", ms - created));
+        eprintln!(
+            "  task {} (index {}): Launched +{}, Started +{}",
+            t.id,
+            t.index,
+            since(pb::TaskState::TaskLaunched),
+            since(pb::TaskState::TaskStarted)
+        );
+    }
     let ips = wait_started(&client, &job_id, DESIRED).await;
     wait_targets(&elb, &arn, &ips).await;
 

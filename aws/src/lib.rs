@@ -228,14 +228,30 @@ impl Aws {
         Ok(())
     }
 
-    /// Deregisters IP targets; deregistering one that is not registered is not an error.
+    /// Deregisters IP targets; deregistering one that is not registered is not an error. (ELB
+    /// refuses a call naming a target not in the group with `InvalidTarget`, whole: a leader that
+    /// died after its call went through and before it recorded so left a target the next leader
+    /// could never deregister. The targets still present are deregistered then.)
     pub async fn deregister_targets(&self, arn: &str, ips: &[String]) -> Result<(), AwsError> {
         for chunk in ips.chunks(TARGETS_PER_CALL) {
+            self.limiter.acquire().await;
+            let sent = self.elb.deregister_targets().target_group_arn(arn).set_targets(Some(targets(chunk))).send().await;
+            let Err(e) = sent else { continue };
+            let invalid_target = e.as_service_error().and_then(|se| se.code()) == Some("InvalidTarget");
+            let e = classify("DeregisterTargets", e);
+            if !invalid_target {
+                return Err(e);
+            }
+            let present: std::collections::HashSet<String> = self.registered_targets(arn).await?.into_iter().collect();
+            let left: Vec<String> = chunk.iter().filter(|ip| present.contains(*ip)).cloned().collect();
+            if left.is_empty() {
+                continue;
+            }
             self.limiter.acquire().await;
             self.elb
                 .deregister_targets()
                 .target_group_arn(arn)
-                .set_targets(Some(targets(chunk)))
+                .set_targets(Some(targets(&left)))
                 .send()
                 .await
                 .map_err(|e| classify("DeregisterTargets", e))?;
