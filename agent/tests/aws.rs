@@ -1048,6 +1048,13 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     // No task below desired: an old task goes only once a new one serves.
     let strategy = pb::RolloutStrategy { max_unavailable: 0, max_surge: 1, ..Default::default() };
     let v2 = container_with(&client, &job_id, &[("VERSION", "2")], None).await;
+    // A dry run first: the first step's one surge task fits on the agent; six steps in all.
+    let request =
+        pb::JobPlanRequest { job_id: job_id.clone(), container: Some(v2.clone()), strategy: Some(strategy), ..Default::default() };
+    let plan = client.plan_job(request).await.unwrap();
+    assert_eq!((plan.tasks, plan.steps, plan.changes.clone()), (1, 6, vec!["env".to_string()]), "{plan:?}");
+    assert_eq!(plan.placements.values().sum::<u32>(), 1, "{plan:?}");
+    assert!(plan.pending_reasons.is_empty(), "{plan:?}");
     let id = client.update_job_spec(&job_id, v2.clone(), Some(strategy)).await.unwrap();
     assert_eq!(id, 1);
     assert_eq!(client.update_job_spec(&job_id, v2, Some(strategy)).await.unwrap(), 0, "the same spec again starts nothing");

@@ -608,6 +608,15 @@ impl Client {
 
     /// Why a task is or is not placed: the leader's last scheduling round (any replica sends the
     /// call there).
+    /// A dry run of a new job or of an update, by the leader's placement core (see `PlanJob`).
+    pub async fn plan_job(&self, request: pb::JobPlanRequest) -> Result<pb::JobPlan> {
+        self.call("PlanJob", |ch, t| {
+            let req = request.clone();
+            async move { SchedulerServiceClient::new(ch).plan_job(with_timeout(req, t)).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
     pub async fn scheduling_result(&self, task_id: &str) -> Result<pb::SchedulingResult> {
         self.call("GetSchedulingResult", |ch, t| {
             let req = pb::TaskId { id: task_id.to_string() };

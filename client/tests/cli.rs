@@ -401,9 +401,49 @@ async fn t360_get_edit_apply_round_trip() {
     .unwrap();
     let (code, _, err) = cli.run(&["job", "apply", "-f", file]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("container.resources.cpu") && err.contains("container.image.tag"), "{err}");
+    assert!(err.contains("container.resources.cpu") && !err.contains("container.image.tag"), "{err}");
     let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
     assert_eq!(job["service"]["capacity"]["desired"], 3, "nothing was changed");
+    assert_eq!(job["container"]["image"]["tag"], "latest", "nothing was changed");
+
+    // A new image alone is a rolling update: status shows it, a rollback undoes it.
+    std::fs::write(file, edited.replace("tag: latest", "tag: v2")).unwrap();
+    let out = cli.ok(&["job", "apply", "-f", file, "--max-surge", "2"]);
+    assert!(out.contains("deployment 1 started (container.image.tag)"), "{out}");
+    let status = cli.ok(&["job", "deploy", "status", &id[..8]]);
+    assert!(status.contains("deployment 1: Progressing version 0 -> 1"), "{status}");
+    assert!(status.contains("new tasks available 0/3") && status.contains("old tasks left"), "{status}");
+    let shown: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "deploy", "status", &id])).unwrap();
+    assert_eq!(shown["deployments"][0]["strategy"]["maxSurge"], 2);
+    assert!(cli.ok(&["job", "list"]).contains("deployment 1 progressing to version 1"));
+    cli.ok(&["job", "deploy", "rollback", &id]);
+    let shown: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "deploy", "status", &id])).unwrap();
+    assert_eq!(shown["specVersion"], 0, "{shown}");
+    assert_eq!(shown["deployments"][0]["rollbackOf"], 1, "{shown}");
+    assert_eq!(shown["deployments"][1]["state"], "RolledBack", "{shown}");
+    let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
+    assert_eq!(job["container"]["image"]["tag"], "latest", "back on the old image");
+    let (code, _, err) = cli.run(&["job", "deploy", "rollback", &id]);
+    assert_eq!(code, 5, "a rollback is not rolled back: {err}");
+    assert!(err.contains("is itself a rollback"), "{err}");
+
+    // A dry run commits nothing: of the update (no agent here: every task would wait, and why),
+    // and of the file as a new job.
+    std::fs::write(file, edited.replace("tag: latest", "tag: v3")).unwrap();
+    let plan = cli.ok(&["job", "plan", "-f", file]);
+    assert!(plan.contains(&format!("job {id}: a rolling update (image) in 2 steps; its first step starts 1 tasks")), "{plan}");
+    assert!(plan.contains("0 would be placed now") && plan.contains("would wait: no eligible agent"), "{plan}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["-o", "json", "job", "plan", "-f", file, "--max-surge", "3", "--canary", "1"])).unwrap();
+    assert_eq!((plan["tasks"].as_u64(), plan["steps"].as_u64()), (Some(1), Some(2)), "{plan}");
+    let fresh: String = edited.lines().filter(|l| !l.starts_with("id:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(file, fresh.replace("hello-service", "hello-planned")).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "plan", "-f", file])).unwrap();
+    assert_eq!((plan["job"].is_null(), plan["tasks"].as_u64(), plan["placed"].as_u64()), (true, Some(3), Some(0)), "{plan}");
+    let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
+    assert_eq!(job["container"]["image"]["tag"], "latest", "a plan changes nothing");
+    let listed = cli.ok(&["job", "list"]);
+    assert!(!listed.contains("hello-planned"), "a plan creates nothing: {listed}");
 
     // Without an id the job is found by application and jobGroupInfo; from stdin.
     let without_id: String = edited.lines().filter(|l| !l.starts_with("id:")).map(|l| format!("{l}\n")).collect();

@@ -370,7 +370,10 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
             | "UpdateJobStatus"
             | "UpdateJobProcesses"
             | "UpdateJobAttributes"
-            | "DeleteJobAttributes",
+            | "DeleteJobAttributes"
+            | "UpdateJobSpec"
+            | "PromoteDeployment"
+            | "RollbackDeployment",
         ) => client_write,
         ("titus.LoadBalancerService", "AddLoadBalancer" | "RemoveLoadBalancer") => client_write,
         // A command in a task's container changes it as much as a kill does.

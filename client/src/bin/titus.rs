@@ -359,6 +359,16 @@ enum JobCmd {
         #[command(flatten)]
         rollout: RolloutFlags,
     },
+    /// A dry run of `job apply -f FILE`, committing nothing: where a new job's tasks would land now
+    /// and how many would wait and why; for a changed container, where the rolling update's first
+    /// step would land and how many steps it takes.
+    Plan {
+        /// The spec file (YAML or JSON; `-`: stdin).
+        #[arg(long, short = 'f')]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        rollout: RolloutFlags,
+    },
     /// A service job's rolling updates (started by `job apply` with a changed container).
     Deploy {
         #[command(subcommand)]
@@ -1798,7 +1808,11 @@ async fn with_full_job_id(client: &Client, mut cmd: JobCmd) -> Result<JobCmd, Er
         | JobCmd::Kill { id }
         | JobCmd::Logs { id, .. }
         | JobCmd::Resize { id, .. } => *id = client.resolve_job_id(id).await?,
-        JobCmd::Submit { .. } | JobCmd::List { .. } | JobCmd::Apply { .. } | JobCmd::Deploy { .. } => {}
+        JobCmd::Submit { .. }
+        | JobCmd::List { .. }
+        | JobCmd::Apply { .. }
+        | JobCmd::Plan { .. }
+        | JobCmd::Deploy { .. } => {}
     }
     Ok(cmd)
 }
@@ -2054,6 +2068,45 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
             }
         }
         JobCmd::Deploy { command } => deploy(client, out, command).await?,
+        JobCmd::Plan { file, rollout } => {
+            let (job_id, plan) = apply::plan(client, &file, Some(rollout.strategy())).await?;
+            let placed: u32 = plan.placements.values().sum();
+            if out != Output::Table {
+                emit(
+                    out,
+                    &serde_json::json!({
+                        "job": job_id, "tasks": plan.tasks, "placed": placed, "placements": plan.placements,
+                        "pendingReasons": plan.pending_reasons, "pendingMessages": plan.pending_messages,
+                        "pendingBefore": plan.pending_before, "steps": plan.steps, "changes": plan.changes,
+                    }),
+                );
+                return Ok(());
+            }
+            match &job_id {
+                None => println!("a new job of {} tasks", plan.tasks),
+                Some(id) if plan.changes.is_empty() => println!("job {id}: the container is unchanged; nothing to deploy"),
+                Some(id) => println!(
+                    "job {id}: a rolling update ({}) in {} steps; its first step starts {} tasks",
+                    plan.changes.join(", "),
+                    plan.steps,
+                    plan.tasks
+                ),
+            }
+            if job_id.is_none() || !plan.changes.is_empty() {
+                println!("{placed} would be placed now ({} other pending tasks go first):", plan.pending_before);
+                let mut agents: Vec<(&String, &u32)> = plan.placements.iter().collect();
+                agents.sort();
+                for (agent, n) in agents {
+                    println!("  {n:>5}  on {agent}");
+                }
+                let mut reasons: Vec<(&String, &u32)> = plan.pending_reasons.iter().collect();
+                reasons.sort();
+                for (reason, n) in reasons {
+                    let message = plan.pending_messages.get(reason).map_or("", String::as_str);
+                    println!("  {n:>5}  would wait: {reason}: {message}");
+                }
+            }
+        }
         JobCmd::Apply { file, rollout } => {
             let applied = apply::apply(client, &file, Some(rollout.strategy())).await?;
             let line = match (applied.created, applied.changes.is_empty()) {

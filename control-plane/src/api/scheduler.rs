@@ -15,8 +15,98 @@ pub struct SchedulerApi {
     pub hub: Arc<AgentHub>,
 }
 
+/// Tasks a dry run places at most.
+const MAX_PLANNED_TASKS: u32 = 10_000;
+
+/// The container fields that differ, by name.
+fn container_changes(before: &crate::model::job::Container, after: &crate::model::job::Container) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differ = |name: &str, changed: bool| {
+        if changed {
+            out.push(name.to_string());
+        }
+    };
+    differ("image", before.image != after.image);
+    differ("entryPoint", before.entry_point != after.entry_point);
+    differ("command", before.command != after.command);
+    differ("env", before.env != after.env);
+    differ("softConstraints", before.soft_constraints != after.soft_constraints);
+    differ("hardConstraints", before.hard_constraints != after.hard_constraints);
+    differ("capabilities", before.capabilities != after.capabilities);
+    differ("securityProfile", before.security_profile != after.security_profile);
+    differ("healthCheck", before.health_check != after.health_check);
+    differ("resources", before.resources != after.resources);
+    out
+}
+
 #[tonic::async_trait]
 impl SchedulerService for SchedulerApi {
+    async fn plan_job(&self, request: Request<pb::JobPlanRequest>) -> Result<Response<pb::JobPlan>, Status> {
+        use crate::model::convert::{job_descriptor_from_proto, job_descriptor_to_proto, strategy_from_proto};
+        use crate::model::job::{Job, JobState, JobStatus};
+        let replica = self.hub.replica();
+        replica.require_leader()?;
+        let r = request.into_inner();
+        let state = &replica.state;
+        let (job, count, steps, changes) = match (r.job_descriptor, r.job_id.is_empty()) {
+            (Some(d), true) => {
+                let descriptor = job_descriptor_from_proto(Some(d))?;
+                let count = descriptor.wanted_tasks();
+                let status = JobStatus { state: JobState::Accepted, reason_code: String::new(), reason_message: String::new(), timestamp_ms: 0 };
+                let job = Job { id: "(new job)".into(), descriptor, status, status_history: Vec::new(), rollout: Default::default() };
+                (job, count, 0, Vec::new())
+            }
+            (None, false) => {
+                crate::model::convert::id_field("job_id", &r.job_id)?;
+                let strategy = strategy_from_proto(r.strategy)?;
+                let mut job = state
+                    .job(&r.job_id)?
+                    .ok_or_else(|| Status::not_found(format!("job_id: job {:?} does not exist", r.job_id)))?;
+                if job.descriptor.is_batch() {
+                    return Err(Error::invalid("job_id", "a batch job's spec cannot be updated").into());
+                }
+                let mut container = r.container.ok_or_else(|| Error::invalid("container", "is required"))?;
+                let mut descriptor = job_descriptor_to_proto(&job.descriptor);
+                if container.resources.is_none() {
+                    container.resources = descriptor.container.as_ref().and_then(|c| c.resources);
+                }
+                descriptor.container = Some(container);
+                let descriptor = job_descriptor_from_proto(Some(descriptor))?;
+                let changes = container_changes(&job.descriptor.container, &descriptor.container);
+                job.descriptor = descriptor;
+                let desired = job.descriptor.wanted_tasks();
+                let canaries = strategy.canary.min(desired);
+                let per_step = strategy.max_unavailable.saturating_add(strategy.max_surge).max(1);
+                let count = if canaries > 0 { canaries } else { strategy.max_surge.max(1).min(desired) };
+                let steps = u32::from(canaries > 0) + desired.div_ceil(per_step);
+                (job, count, if changes.is_empty() { 0 } else { steps }, changes)
+            }
+            _ => {
+                return Err(Error::invalid("job_descriptor", "give either job_descriptor (a new job) or job_id and container (an update)").into())
+            }
+        };
+        if count > MAX_PLANNED_TASKS {
+            return Err(Error::invalid("job_descriptor", format!("a plan places at most {MAX_PLANNED_TASKS} tasks")).into());
+        }
+        let tier = state.capacity_group(&job.descriptor.capacity_group)?.map_or(crate::model::Tier::Flex, |g| g.tier);
+        let tasks = crate::scheduling::planned_tasks(&job, tier, count).map_err(|e| Error::invalid("container.hard_constraints", e))?;
+        let answer = self
+            .hub
+            .scheduling
+            .dry_run(tasks, std::time::Duration::from_secs(10))
+            .await
+            .ok_or_else(|| Status::unavailable("the scheduler is not running here yet (a new leader loads its state first); try again"))?;
+        let mut plan = pb::JobPlan { tasks: count, pending_before: answer.pending_before as u32, steps, changes, ..Default::default() };
+        for (_, agent) in answer.placements {
+            *plan.placements.entry(agent).or_default() += 1;
+        }
+        for (_, why) in answer.unplaced {
+            *plan.pending_reasons.entry(why.reason.clone()).or_default() += 1;
+            plan.pending_messages.entry(why.reason).or_insert(why.message);
+        }
+        Ok(Response::new(plan))
+    }
+
     async fn get_scheduling_result(
         &self,
         request: Request<pb::TaskId>,

@@ -27,7 +27,7 @@ use crate::model::{CapacityGroup, Tier};
 use crate::state::{agent_of, StateRead};
 
 pub mod results;
-pub use results::{Results, Waiting};
+pub use results::{PlanAnswer, PlanAsk, Results, Waiting};
 
 fn tier(t: Tier) -> core::Tier {
     match t {
@@ -359,6 +359,16 @@ pub async fn run(
     let mut in_flight = 0usize;
     let mut finished: Vec<(Vec<String>, Vec<String>)> = Vec::new();
     let mut cache: Option<Cache> = None;
+    // Dry runs (`PlanJob`) are answered from this duty's view while it runs.
+    let (plan_tx, mut plan_rx) = tokio::sync::mpsc::channel::<PlanAsk>(16);
+    results.set_planner(Some(plan_tx));
+    struct Unset(Arc<Results>);
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            self.0.set_planner(None);
+        }
+    }
+    let _unset = Unset(results.clone());
     loop {
         if cache.is_none() {
             let t0 = Instant::now();
@@ -443,6 +453,11 @@ pub async fn run(
         tokio::select! {
             _ = wait => {}
             d = done_rx.recv() => finished.extend(d),
+            ask = plan_rx.recv() => {
+                if let (Some(ask), Some(c)) = (ask, cache.as_ref()) {
+                    dry_run(&hub, c, ask, &config, &core_config);
+                }
+            }
             batch = changes.recv() => match (batch, cache.as_mut()) {
                 (Ok(b), Some(c)) => {
                     if !apply_batch(c, &b, state) {
@@ -502,6 +517,65 @@ fn apply_batch(c: &mut Cache, b: &ChangeBatch, read: &dyn StateRead) -> bool {
         return false;
     }
     b.changes.iter().all(|change| c.apply(change, read).is_ok())
+}
+
+/// `count` tasks of `job` (which need not exist) as the placement core takes them, for a dry run:
+/// ids `plan-0`, `plan-1`, ...; the error when its constraints cannot be read.
+pub fn planned_tasks(job: &Job, group_tier: Tier, count: u32) -> std::result::Result<Vec<core::Task>, String> {
+    let entry = JobEntry::of(job);
+    let (hard, soft) = entry.constraints?;
+    Ok((0..count)
+        .map(|i| core::Task {
+            id: format!("plan-{i}"),
+            job_id: job.id.clone(),
+            need: entry.need,
+            capacity_group: entry.group.clone(),
+            tier: tier(group_tier),
+            hard: hard.clone(),
+            soft: soft.clone(),
+        })
+        .collect())
+}
+
+/// Answers a dry run: the asked tasks after the pending ones, on the current view, placed by the
+/// core on a blocking thread; nothing is booked or proposed.
+fn dry_run(hub: &crate::agents::AgentHub, cache: &Cache, ask: PlanAsk, config: &SchedulerConfig, core_config: &core::Config) {
+    let groups = match hub.replica().state.capacity_groups() {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(error = %e, "scheduler: dry run: cannot read capacity groups");
+            return;
+        }
+    };
+    let view = cache.view(&hub.connected(), &groups, config.max_tasks_per_round);
+    let pending_before = view.tasks.len() + view.not_considered + view.broken.len();
+    let asked: HashSet<String> = ask.tasks.iter().map(|t| t.id.clone()).collect();
+    let (agents, mut tasks, core_groups) = (view.agents, view.tasks, view.groups);
+    tasks.extend(ask.tasks);
+    let core_config = core_config.clone();
+    tokio::task::spawn_blocking(move || {
+        let plan = core::schedule(&agents, &tasks, &core_groups, &core_config);
+        let round_ms = now_ms();
+        let answer = PlanAnswer {
+            placements: plan
+                .placements
+                .into_iter()
+                .filter(|p| asked.contains(&p.task_id))
+                .map(|p| (p.task_id, p.agent_id))
+                .collect(),
+            unplaced: plan
+                .unplaced
+                .into_iter()
+                .filter(|u| asked.contains(&u.task_id))
+                .map(|u| {
+                    let why = Waiting { reason: u.reason.kind.label(), message: u.reason.message, round_ms };
+                    (u.task_id, why)
+                })
+                .collect(),
+            pending_before,
+        };
+        let _ = ask.reply.send(answer);
+    });
 }
 
 /// Plans one round: records why the unplaced tasks wait, returns the placements.

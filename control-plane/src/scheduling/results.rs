@@ -17,6 +17,25 @@ pub struct Waiting {
 #[derive(Default)]
 pub struct Results {
     last: Mutex<LastRound>,
+    /// Where the running scheduling duty takes dry runs; None when it is not running.
+    planner: Mutex<Option<tokio::sync::mpsc::Sender<PlanAsk>>>,
+}
+
+/// A dry run: `tasks` placed after the pending ones on the duty's current view, nothing committed.
+pub struct PlanAsk {
+    pub tasks: Vec<titus_scheduler::Task>,
+    pub reply: tokio::sync::oneshot::Sender<PlanAnswer>,
+}
+
+/// What a dry run came to, for the tasks asked about.
+#[derive(Debug, Default)]
+pub struct PlanAnswer {
+    /// (task id, agent id).
+    pub placements: Vec<(String, String)>,
+    /// (task id, why) of those not placed.
+    pub unplaced: Vec<(String, Waiting)>,
+    /// Pending tasks placed before them.
+    pub pending_before: usize,
 }
 
 #[derive(Default)]
@@ -45,5 +64,18 @@ impl Results {
     /// Forgets everything (when leadership ends: another replica's rounds decide now).
     pub fn clear(&self) {
         self.record(0, HashMap::new(), 0);
+    }
+
+    pub(super) fn set_planner(&self, planner: Option<tokio::sync::mpsc::Sender<PlanAsk>>) {
+        *self.planner.lock().unwrap_or_else(|p| p.into_inner()) = planner;
+    }
+
+    /// Asks the running scheduling duty for a dry run of `tasks`; None when no duty runs here (not
+    /// the leader) or it did not answer within `within`.
+    pub async fn dry_run(&self, tasks: Vec<titus_scheduler::Task>, within: std::time::Duration) -> Option<PlanAnswer> {
+        let planner = self.planner.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        planner.try_send(PlanAsk { tasks, reply }).ok()?;
+        tokio::time::timeout(within, answer).await.ok()?.ok()
     }
 }

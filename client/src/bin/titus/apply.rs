@@ -97,11 +97,47 @@ pub struct Applied {
     pub changes: Vec<String>,
 }
 
-pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStrategy>) -> Result<Applied, Error> {
+/// A spec file, read and parsed: the spec and the descriptor it makes.
+fn read_spec(path: &Path) -> Result<(JobSpec, pb::JobDescriptor), Error> {
     let text = read_spec_text(path)?;
     let spec = titus_client::spec::parse(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let descriptor = spec.clone().into_descriptor().map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    let job = match spec.id.as_str() {
+    Ok((spec, descriptor))
+}
+
+/// The job's container with the file's changes to it (the fields `changed` lists), as a rolling
+/// update would deploy it.
+fn merged_container(current: &JobSpec, spec: &JobSpec, fields: &[&String], path: &Path) -> Result<pb::Container, Error> {
+    let (before, wanted) = (as_value(current), as_value(spec));
+    let mut merged = before;
+    for f in fields {
+        set_path(&mut merged, f, get_path(&wanted, f).clone());
+    }
+    let merged: JobSpec = serde_json::from_value(merged).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    Ok(merged.into_descriptor().map_err(|e| invalid(format!("{}: {e}", path.display())))?.container.unwrap_or_default())
+}
+
+/// `titus job plan -f FILE`: a dry run of what `apply` would do — a new job's placements, or the
+/// first step of the rolling update a changed container starts.
+pub async fn plan(client: &Client, path: &Path, strategy: Option<pb::RolloutStrategy>) -> Result<(Option<String>, pb::JobPlan), Error> {
+    let (spec, descriptor) = read_spec(path)?;
+    let Some(job) = find_job(client, &spec, &descriptor).await? else {
+        let request = pb::JobPlanRequest { job_descriptor: Some(descriptor), ..Default::default() };
+        return Ok((None, client.plan_job(request).await?));
+    };
+    let current = JobSpec::from_job(&job);
+    let mut fields = Vec::new();
+    changed("", &as_value(&current), &as_value(&spec), &mut fields);
+    let rollout: Vec<&String> = fields.iter().filter(|f| by_rollout(f)).collect();
+    let container = merged_container(&current, &spec, &rollout, path)?;
+    let request = pb::JobPlanRequest { job_id: job.id.clone(), container: Some(container), strategy, ..Default::default() };
+    Ok((Some(job.id), client.plan_job(request).await?))
+}
+
+/// The job a spec file names: by `id`, else the one active job of its application and
+/// jobGroupInfo; None: the file describes a new job.
+async fn find_job(client: &Client, spec: &JobSpec, descriptor: &pb::JobDescriptor) -> Result<Option<pb::Job>, Error> {
+    Ok(match spec.id.as_str() {
         "" => {
             let found = client
                 .find_jobs(&[("appName", &spec.application_name), ("jobState", "Accepted")], 1000, "")
@@ -137,7 +173,12 @@ pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStr
             }
             Some(job)
         }
-    };
+    })
+}
+
+pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStrategy>) -> Result<Applied, Error> {
+    let (spec, descriptor) = read_spec(path)?;
+    let job = find_job(client, &spec, &descriptor).await?;
     let Some(job) = job else {
         let job_id = client.create_job(descriptor).await?;
         return Ok(Applied { job_id, created: true, changes: vec!["created".into()] });
@@ -164,18 +205,7 @@ pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStr
     let mut changes = Vec::new();
     let rollout: Vec<&String> = fields.iter().filter(|f| by_rollout(f)).collect();
     if !rollout.is_empty() {
-        // The job's container with the file's changes: what the rolling update deploys.
-        let (before, wanted) = (as_value(&current), as_value(&spec));
-        let mut merged = before.clone();
-        for f in &rollout {
-            set_path(&mut merged, f, get_path(&wanted, f).clone());
-        }
-        let merged: JobSpec = serde_json::from_value(merged).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-        let container = merged
-            .into_descriptor()
-            .map_err(|e| invalid(format!("{}: {e}", path.display())))?
-            .container
-            .unwrap_or_default();
+        let container = merged_container(&current, &spec, &rollout, path)?;
         let names: Vec<&str> = rollout.iter().map(|f| f.as_str()).collect();
         match client.update_job_spec(&job.id, container, strategy).await? {
             0 => {}
