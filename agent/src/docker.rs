@@ -293,7 +293,9 @@ impl DockerRuntime {
         let status = st.status.map(|s| s.to_string()).unwrap_or_default();
         if status == "running" {
             let labels = c.config.as_ref().and_then(|c| c.labels.as_ref());
-            let http = labels.and_then(|l| l.get(crate::health::LABEL_HTTP_CHECK)).and_then(|l| crate::health::HttpCheck::parse_label(l));
+            let http = labels
+                .and_then(|l| l.get(crate::health::LABEL_HTTP_CHECK))
+                .and_then(|l| crate::health::HttpCheck::parse_label(l));
             let health = match (http, context.get("containerIp").cloned()) {
                 (Some(check), Some(ip)) => {
                     let (runtime, id) = (self.clone(), task_id.to_string());

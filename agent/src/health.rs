@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use titus_proto as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use titus_proto as pb;
 
 /// The label holding an HTTP check: `port interval timeout retries start-period path`.
 pub const LABEL_HTTP_CHECK: &str = "titus.health.http";
@@ -204,7 +204,8 @@ mod tests {
         let check = HttpCheck::from_spec(Some(&spec)).unwrap();
         assert_eq!(HttpCheck::parse_label(&check.label()), Some(check));
         assert!(docker_check(Some(&spec)).is_none());
-        let cmd = pb::HealthCheck { command: vec!["cat".into(), "/ready".into()], interval_sec: 2, ..Default::default() };
+        let cmd =
+            pb::HealthCheck { command: vec!["cat".into(), "/ready".into()], interval_sec: 2, ..Default::default() };
         let docker = docker_check(Some(&cmd)).unwrap();
         assert_eq!(docker.test.unwrap(), ["CMD", "cat", "/ready"]);
         assert_eq!(docker.interval, Some(2 * NANOS));

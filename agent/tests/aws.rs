@@ -980,7 +980,12 @@ async fn live_by_version(client: &Client, job_id: &str) -> Vec<(u32, pb::Task)> 
 }
 
 /// The job's container with `env` set (a new spec, the same image).
-async fn container_with(client: &Client, job_id: &str, env: &[(&str, &str)], command: Option<Vec<String>>) -> pb::Container {
+async fn container_with(
+    client: &Client,
+    job_id: &str,
+    env: &[(&str, &str)],
+    command: Option<Vec<String>>,
+) -> pb::Container {
     let job = client.find_job(job_id).await.unwrap();
     let mut c = job.job_descriptor.unwrap().container.unwrap();
     c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -1006,8 +1011,7 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     let moto = Moto::start(dir.path());
     let (elb, ec2) = moto.sdk().await;
     let arn = moto::target_group(&elb, &ec2, "rolling", TargetTypeEnum::Ip).await;
-    let proxy =
-        Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), FaultConfig::default()).await.unwrap();
+    let proxy = Proxy::start("127.0.0.1:0", &format!("127.0.0.1:{}", moto.port), FaultConfig::default()).await.unwrap();
     let mut cluster = start(&aws_args(&proxy.url(), 60_000));
     cluster.start_agent("lb-agent", 4.0, 4096);
     let client = cluster.client();
@@ -1049,15 +1053,23 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     let strategy = pb::RolloutStrategy { max_unavailable: 0, max_surge: 1, ..Default::default() };
     let v2 = container_with(&client, &job_id, &[("VERSION", "2")], None).await;
     // A dry run first: the first step's one surge task fits on the agent; six steps in all.
-    let request =
-        pb::JobPlanRequest { job_id: job_id.clone(), container: Some(v2.clone()), strategy: Some(strategy), ..Default::default() };
+    let request = pb::JobPlanRequest {
+        job_id: job_id.clone(),
+        container: Some(v2.clone()),
+        strategy: Some(strategy),
+        ..Default::default()
+    };
     let plan = client.plan_job(request).await.unwrap();
     assert_eq!((plan.tasks, plan.steps, plan.changes.clone()), (1, 6, vec!["env".to_string()]), "{plan:?}");
     assert_eq!(plan.placements.values().sum::<u32>(), 1, "{plan:?}");
     assert!(plan.pending_reasons.is_empty(), "{plan:?}");
     let id = client.update_job_spec(&job_id, v2.clone(), Some(strategy)).await.unwrap();
     assert_eq!(id, 1);
-    assert_eq!(client.update_job_spec(&job_id, v2, Some(strategy)).await.unwrap(), 0, "the same spec again starts nothing");
+    assert_eq!(
+        client.update_job_spec(&job_id, v2, Some(strategy)).await.unwrap(),
+        0,
+        "the same spec again starts nothing"
+    );
 
     // The surge task starts and is registered, but its target reads unhealthy: the deployment
     // waits, every old task keeps running, through several looks at the target group.
@@ -1070,8 +1082,16 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     let before = looks(&proxy);
     wait_until(SETTLE, "three more health looks", || async { (looks(&proxy) >= before + 3).then_some(()) }).await;
     let d = deployment(&client, &job_id).await;
-    assert_eq!((d.state.as_str(), d.new_live, d.new_available, d.old_live), ("Progressing", 1, 0, DESIRED as u32), "{d:?}");
-    assert_eq!(started_ips(&client, &job_id).await.len(), DESIRED + 1, "no old task was killed while the new one is unhealthy");
+    assert_eq!(
+        (d.state.as_str(), d.new_live, d.new_available, d.old_live),
+        ("Progressing", 1, 0, DESIRED as u32),
+        "{d:?}"
+    );
+    assert_eq!(
+        started_ips(&client, &job_id).await.len(),
+        DESIRED + 1,
+        "no old task was killed while the new one is unhealthy"
+    );
     let waited = started.elapsed();
     eprintln!("the deployment waited {:.1}s on the unhealthy target {surge_ip}", waited.as_secs_f64());
 
@@ -1099,12 +1119,22 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     );
     let mut previous = done.started_ms;
     for (n, s) in done.steps.iter().enumerate() {
-        eprintln!("  step {}: +{} ms (created {}, killed {}, new available {})", n + 1, s.at_ms - previous, s.created, s.killed, s.new_available);
+        eprintln!(
+            "  step {}: +{} ms (created {}, killed {}, new available {})",
+            n + 1,
+            s.at_ms - previous,
+            s.created,
+            s.killed,
+            s.new_available
+        );
         previous = s.at_ms;
     }
     assert!(fewest >= DESIRED, "the target group went down to {fewest} targets (floor {DESIRED})");
     let live = live_by_version(&client, &job_id).await;
-    let serving: Vec<&(u32, pb::Task)> = live.iter().filter(|(_, t)| t.status.as_ref().unwrap().state != pb::TaskState::TaskKillInitiated as i32).collect();
+    let serving: Vec<&(u32, pb::Task)> = live
+        .iter()
+        .filter(|(_, t)| t.status.as_ref().unwrap().state != pb::TaskState::TaskKillInitiated as i32)
+        .collect();
     assert_eq!(serving.len(), DESIRED, "{live:?}");
     assert!(serving.iter().all(|(v, _)| *v == 1), "every task runs version 1");
     // No task added or lost across the leader kill: exactly DESIRED tasks of version 1 ever.
@@ -1129,15 +1159,19 @@ async fn t425_a_rolling_update_waits_for_alb_health_survives_a_leader_kill_and_r
     wait_targets(&elb, &arn, &ips).await;
 
     // A spec whose containers exit at once rolls back by itself, after two failures.
-    let broken = container_with(&client, &job_id, &[("VERSION", "3")], Some(vec!["sh".into(), "-c".into(), "exit 3".into()])).await;
-    let strategy = pb::RolloutStrategy { max_unavailable: 1, max_surge: 1, rollback_after_failures: 2, ..Default::default() };
+    let broken =
+        container_with(&client, &job_id, &[("VERSION", "3")], Some(vec!["sh".into(), "-c".into(), "exit 3".into()]))
+            .await;
+    let strategy =
+        pb::RolloutStrategy { max_unavailable: 1, max_surge: 1, rollback_after_failures: 2, ..Default::default() };
     assert_eq!(client.update_job_spec(&job_id, broken, Some(strategy)).await.unwrap(), 2);
-    let list = wait_until(Duration::from_secs(120), "the failing deployment rolls back and the rollback ends", || async {
-        let list = client.get_deployments(&job_id).await.ok()?;
-        let newest = list.deployments.first()?;
-        (newest.rollback_of == 2 && newest.state == "Succeeded").then_some(list)
-    })
-    .await;
+    let list =
+        wait_until(Duration::from_secs(120), "the failing deployment rolls back and the rollback ends", || async {
+            let list = client.get_deployments(&job_id).await.ok()?;
+            let newest = list.deployments.first()?;
+            (newest.rollback_of == 2 && newest.state == "Succeeded").then_some(list)
+        })
+        .await;
     let failed = &list.deployments[1];
     assert_eq!(failed.state, "RolledBack");
     assert!(failed.message.contains("failed, at the threshold of 2"), "{}", failed.message);

@@ -575,11 +575,8 @@ async fn t265_health_checks_show_and_an_unhealthy_service_task_is_replaced() {
         ..Default::default()
     });
     // HTTP check: healthy while httpd serves /ok.
-    let mut http = container(
-        &["sh", "-c", "mkdir -p /www && echo ok > /www/ok && exec httpd -f -p 8080 -h /www"],
-        0.2,
-        64,
-    );
+    let mut http =
+        container(&["sh", "-c", "mkdir -p /www && echo ok > /www/ok && exec httpd -f -p 8080 -h /www"], 0.2, 64);
     http.health_check = Some(pb::HealthCheck {
         http_path: "/ok".into(),
         http_port: 8080,

@@ -235,7 +235,8 @@ impl Aws {
     pub async fn deregister_targets(&self, arn: &str, ips: &[String]) -> Result<(), AwsError> {
         for chunk in ips.chunks(TARGETS_PER_CALL) {
             self.limiter.acquire().await;
-            let sent = self.elb.deregister_targets().target_group_arn(arn).set_targets(Some(targets(chunk))).send().await;
+            let sent =
+                self.elb.deregister_targets().target_group_arn(arn).set_targets(Some(targets(chunk))).send().await;
             let Err(e) = sent else { continue };
             let invalid_target = e.as_service_error().and_then(|se| se.code()) == Some("InvalidTarget");
             let e = classify("DeregisterTargets", e);

@@ -494,7 +494,8 @@ mod tests {
         assert!(one.contains("<Id>10.0.0.2</Id></Target><TargetHealth><State>unhealthy"), "{one}");
         let all = String::from_utf8(mark_unhealthy(xml.as_bytes(), &["*".into()]).unwrap()).unwrap();
         assert_eq!(all.matches("<State>unhealthy</State>").count(), 2);
-        let but = String::from_utf8(mark_unhealthy(xml.as_bytes(), &["*".into(), "!10.0.0.1".into()]).unwrap()).unwrap();
+        let but =
+            String::from_utf8(mark_unhealthy(xml.as_bytes(), &["*".into(), "!10.0.0.1".into()]).unwrap()).unwrap();
         assert!(but.contains("<Id>10.0.0.1</Id></Target><TargetHealth><State>healthy"), "{but}");
         assert_eq!(but.matches("<State>unhealthy</State>").count(), 1);
         let head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nServer: x\r\n\r\n";

@@ -670,7 +670,11 @@ impl Client {
         strategy: Option<pb::RolloutStrategy>,
     ) -> Result<u32> {
         self.call("UpdateJobSpec", |ch, t| {
-            let req = pb::JobSpecUpdate { job_id: job_id.to_string(), container: Some(container.clone()), strategy: strategy.clone() };
+            let req = pb::JobSpecUpdate {
+                job_id: job_id.to_string(),
+                container: Some(container.clone()),
+                strategy: strategy.clone(),
+            };
             async move {
                 JobManagementServiceClient::new(ch)
                     .update_job_spec(with_timeout(req, t))

@@ -229,6 +229,24 @@ pub struct DisruptionBudget {
     pub self_managed_relocation_time_ms: u64,
     #[serde(default, skip_serializing_if = "is_zero_f64")]
     pub availability_percentage_limit: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unhealthy_tasks_limit: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_limit: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub time_windows: Vec<TimeWindow>,
+}
+
+/// Days 0 (Sunday) to 6 (none: every day), hours [startHour, endHour) UTC.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeWindow {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub days: Vec<u32>,
+    pub start_hour: u32,
+    pub end_hour: u32,
 }
 
 fn retry_policy(field: &str, p: Option<RetryPolicy>) -> Result<Option<pb::RetryPolicy>, String> {
@@ -347,13 +365,20 @@ impl JobSpec {
             },
             batch,
             service,
-            disruption_budget: d
-                .disruption_budget
-                .filter(|b| b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0)
-                .map(|b| DisruptionBudget {
+            disruption_budget: d.disruption_budget.filter(|b| *b != pb::DisruptionBudget::default()).map(|b| {
+                DisruptionBudget {
                     self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
                     availability_percentage_limit: b.availability_percentage_limit,
-                }),
+                    unhealthy_tasks_limit: b.unhealthy_tasks_limit,
+                    rate_limit: b.rate_limit,
+                    rate_interval_ms: b.rate_interval_ms,
+                    time_windows: b
+                        .time_windows
+                        .into_iter()
+                        .map(|w| TimeWindow { days: w.days, start_hour: w.start_hour, end_hour: w.end_hour })
+                        .collect(),
+                }
+            }),
             status: None,
         }
     }
@@ -422,6 +447,14 @@ impl JobSpec {
             disruption_budget: self.disruption_budget.map(|d| pb::DisruptionBudget {
                 self_managed_relocation_time_ms: d.self_managed_relocation_time_ms,
                 availability_percentage_limit: d.availability_percentage_limit,
+                unhealthy_tasks_limit: d.unhealthy_tasks_limit,
+                rate_limit: d.rate_limit,
+                rate_interval_ms: d.rate_interval_ms,
+                time_windows: d
+                    .time_windows
+                    .into_iter()
+                    .map(|w| pb::TimeWindow { days: w.days, start_hour: w.start_hour, end_hour: w.end_hour })
+                    .collect(),
             }),
         })
     }

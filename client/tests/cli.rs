@@ -413,11 +413,13 @@ async fn t360_get_edit_apply_round_trip() {
     let status = cli.ok(&["job", "deploy", "status", &id[..8]]);
     assert!(status.contains("deployment 1: Progressing version 0 -> 1"), "{status}");
     assert!(status.contains("new tasks available 0/3") && status.contains("old tasks left"), "{status}");
-    let shown: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "deploy", "status", &id])).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["-o", "json", "job", "deploy", "status", &id])).unwrap();
     assert_eq!(shown["deployments"][0]["strategy"]["maxSurge"], 2);
     assert!(cli.ok(&["job", "list"]).contains("deployment 1 progressing to version 1"));
     cli.ok(&["job", "deploy", "rollback", &id]);
-    let shown: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "deploy", "status", &id])).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["-o", "json", "job", "deploy", "status", &id])).unwrap();
     assert_eq!(shown["specVersion"], 0, "{shown}");
     assert_eq!(shown["deployments"][0]["rollbackOf"], 1, "{shown}");
     assert_eq!(shown["deployments"][1]["state"], "RolledBack", "{shown}");
@@ -431,15 +433,23 @@ async fn t360_get_edit_apply_round_trip() {
     // and of the file as a new job.
     std::fs::write(file, edited.replace("tag: latest", "tag: v3")).unwrap();
     let plan = cli.ok(&["job", "plan", "-f", file]);
-    assert!(plan.contains(&format!("job {id}: a rolling update (image) in 2 steps; its first step starts 1 tasks")), "{plan}");
+    assert!(
+        plan.contains(&format!("job {id}: a rolling update (image) in 2 steps; its first step starts 1 tasks")),
+        "{plan}"
+    );
     assert!(plan.contains("0 would be placed now") && plan.contains("would wait: no eligible agent"), "{plan}");
     let plan: serde_json::Value =
-        serde_json::from_str(&cli.ok(&["-o", "json", "job", "plan", "-f", file, "--max-surge", "3", "--canary", "1"])).unwrap();
+        serde_json::from_str(&cli.ok(&["-o", "json", "job", "plan", "-f", file, "--max-surge", "3", "--canary", "1"]))
+            .unwrap();
     assert_eq!((plan["tasks"].as_u64(), plan["steps"].as_u64()), (Some(1), Some(2)), "{plan}");
     let fresh: String = edited.lines().filter(|l| !l.starts_with("id:")).map(|l| format!("{l}\n")).collect();
     std::fs::write(file, fresh.replace("hello-service", "hello-planned")).unwrap();
     let plan: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "plan", "-f", file])).unwrap();
-    assert_eq!((plan["job"].is_null(), plan["tasks"].as_u64(), plan["placed"].as_u64()), (true, Some(3), Some(0)), "{plan}");
+    assert_eq!(
+        (plan["job"].is_null(), plan["tasks"].as_u64(), plan["placed"].as_u64()),
+        (true, Some(3), Some(0)),
+        "{plan}"
+    );
     let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
     assert_eq!(job["container"]["image"]["tag"], "latest", "a plan changes nothing");
     let listed = cli.ok(&["job", "list"]);

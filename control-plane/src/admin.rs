@@ -496,14 +496,20 @@ fn job_page(replica: &Replica, hub: &AgentHub, id: &str, page_no: usize) -> Opti
                     let (live, available, old) = crate::jobs::deployment::progress(dep, &tasks, &|t: &Task| {
                         crate::jobs::lifecycle::serves(&job, t, None)
                     });
-                    format!("new {available} serving of {} ({live} live), old {old} left", job.descriptor.wanted_tasks())
+                    format!(
+                        "new {available} serving of {} ({live} live), old {old} left",
+                        job.descriptor.wanted_tasks()
+                    )
                 } else {
                     String::new()
                 };
                 vec![
                     dep.id.to_string(),
                     dep.state.name().to_string(),
-                    escape(&format!("{} ({}) → {} ({})", dep.from_version, dep.from_image, dep.to_version, dep.to_image)),
+                    escape(&format!(
+                        "{} ({}) → {} ({})",
+                        dep.from_version, dep.from_image, dep.to_version, dep.to_image
+                    )),
                     format!("{} steps, {} failures", dep.steps.len(), dep.failures),
                     progress,
                     ago(dep.started_ms),

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         .expect("a descriptor that validated validates again after the round trip");
     assert_eq!(again, descriptor, "the round trip changed the descriptor");
     let status = JobStatus { state: JobState::Accepted, reason_code: String::new(), reason_message: String::new(), timestamp_ms: 1 };
-    let job = Job { id: "j-1".into(), descriptor, status, status_history: Vec::new(), rollout: Default::default() };
+    let job = Job { id: "j-1".into(), descriptor, status, status_history: Vec::new(), rollout: Default::default(), evictions_ms: Vec::new() };
     let command = Command::CreateJob { job, idempotency_token: request_token(&request.idempotency_token), token_expires_ms: 1 };
     codec::encode_verified(&command).expect("a job that validated is loggable");
 });

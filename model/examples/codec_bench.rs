@@ -78,6 +78,7 @@ fn job() -> Job {
         status,
         status_history: Vec::new(),
         rollout: Default::default(),
+        evictions_ms: Vec::new(),
     }
 }
 

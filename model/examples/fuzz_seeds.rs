@@ -60,7 +60,14 @@ fn main() {
     };
     let commands = vec![
         Command::CreateJob {
-            job: Job { id: "j-1".into(), descriptor: jobs[1].clone(), status, status_history: Vec::new(), rollout: Default::default() },
+            job: Job {
+                id: "j-1".into(),
+                descriptor: jobs[1].clone(),
+                status,
+                status_history: Vec::new(),
+                rollout: Default::default(),
+                evictions_ms: Vec::new(),
+            },
             idempotency_token: Some("t-1".into()),
             token_expires_ms: 100,
         },

@@ -448,6 +448,7 @@ mod restamp_tests {
             status,
             status_history: Vec::new(),
             rollout: Default::default(),
+            evictions_ms: Vec::new(),
         };
         let create = Command::CreateJob { job, idempotency_token: Some("t".into()), token_expires_ms: 1_000 + 60_000 };
         let mut once = Command::Once { key: "k".into(), expires_ms: 9, command: Box::new(create) };

@@ -72,8 +72,8 @@ pub fn capacity_group_to_proto(g: CapacityGroup) -> pb::CapacityGroup {
 use std::collections::BTreeMap;
 
 use crate::job::{
-    Capacity, Container, ContainerResources, DisruptionBudget, HealthCheck, Image, Job, JobDescriptor, JobGroupInfo, JobState,
-    JobType, RetryPolicy, SecurityProfile, ServiceJobProcesses,
+    Capacity, Container, ContainerResources, DisruptionBudget, HealthCheck, Image, Job, JobDescriptor, JobGroupInfo,
+    JobState, JobType, RetryPolicy, SecurityProfile, ServiceJobProcesses,
 };
 use crate::task::{Task, TaskState, TaskStatus};
 use crate::FieldViolation;
@@ -141,12 +141,24 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
         None => return Err(Invalid::field("job_type", "exactly one of batch and service must be set")),
     };
     let budget = match d.disruption_budget {
-        Some(b) if b.self_managed_relocation_time_ms != 0 || b.availability_percentage_limit != 0.0 => {
-            DisruptionBudget {
-                self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
-                availability_percentage_limit: b.availability_percentage_limit,
-            }
-        }
+        Some(b) if b != pb::DisruptionBudget::default() => DisruptionBudget {
+            self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
+            availability_percentage_limit: b.availability_percentage_limit,
+            unhealthy_tasks_limit: b.unhealthy_tasks_limit,
+            rate_limit: b.rate_limit,
+            rate_interval_ms: b.rate_interval_ms,
+            time_windows: b
+                .time_windows
+                .into_iter()
+                .take(crate::budget::MAX_TIME_WINDOWS + 1)
+                .map(|w| crate::budget::TimeWindow {
+                    // Out of range stays out of range (8+), for validation to name.
+                    days: w.days.iter().take(8).map(|d| u8::try_from(*d).unwrap_or(u8::MAX)).collect(),
+                    start_hour: w.start_hour,
+                    end_hour: w.end_hour,
+                })
+                .collect(),
+        },
         _ => DisruptionBudget::default(),
     };
     let group = d.job_group_info.unwrap_or_default();
@@ -284,6 +296,19 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
         disruption_budget: Some(pb::DisruptionBudget {
             self_managed_relocation_time_ms: d.disruption_budget.self_managed_relocation_time_ms,
             availability_percentage_limit: d.disruption_budget.availability_percentage_limit,
+            unhealthy_tasks_limit: d.disruption_budget.unhealthy_tasks_limit,
+            rate_limit: d.disruption_budget.rate_limit,
+            rate_interval_ms: d.disruption_budget.rate_interval_ms,
+            time_windows: d
+                .disruption_budget
+                .time_windows
+                .iter()
+                .map(|w| pb::TimeWindow {
+                    days: w.days.iter().map(|d| u32::from(*d)).collect(),
+                    start_hour: w.start_hour,
+                    end_hour: w.end_hour,
+                })
+                .collect(),
         }),
     }
 }
@@ -309,7 +334,11 @@ pub fn job_to_proto(j: &Job) -> pb::Job {
         status: Some(status(&j.status)),
         status_history: j.status_history.iter().map(status).collect(),
         spec_version: j.rollout.version,
-        deployment: j.rollout.deployments.last().map(|d| pb::Deployment { steps: Vec::new(), ..deployment_to_proto(d) }),
+        deployment: j
+            .rollout
+            .deployments
+            .last()
+            .map(|d| pb::Deployment { steps: Vec::new(), ..deployment_to_proto(d) }),
     }
 }
 

@@ -150,7 +150,10 @@ impl HealthCheck {
                     || self.http_path.len() > 1024
                     || self.http_path.chars().any(|c| c.is_whitespace() || c.is_control())
                 {
-                    bad(&format!("{FIELD}.http_path"), "must start with '/', have no spaces, and be at most 1024 bytes".into());
+                    bad(
+                        &format!("{FIELD}.http_path"),
+                        "must start with '/', have no spaces, and be at most 1024 bytes".into(),
+                    );
                 }
                 if self.http_port == 0 || self.http_port > 65_535 {
                     bad(&format!("{FIELD}.http_port"), "must be 1-65535".into());
@@ -332,15 +335,44 @@ pub enum JobType {
     Service { capacity: Capacity, enabled: bool, retry_policy: RetryPolicy, processes: ServiceJobProcesses },
 }
 
+/// Titus's job disruption budget (see `budget`). Fields after the first two are absent from
+/// records of jobs that set none (older replicas read them unchanged).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DisruptionBudget {
     pub self_managed_relocation_time_ms: u64,
+    /// 0: no availability limit.
     pub availability_percentage_limit: f64,
+    /// 0: no limit of unavailable tasks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unhealthy_tasks_limit: u32,
+    /// 0: evictions are not rate-limited.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_limit: u32,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub rate_interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub time_windows: Vec<crate::budget::TimeWindow>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Default for DisruptionBudget {
+    /// Self-managed: a job that sets no budget takes each disruption at that disruption's own pace.
     fn default() -> Self {
-        DisruptionBudget { self_managed_relocation_time_ms: 60_000, availability_percentage_limit: 95.0 }
+        DisruptionBudget {
+            self_managed_relocation_time_ms: 60_000,
+            availability_percentage_limit: 0.0,
+            unhealthy_tasks_limit: 0,
+            rate_limit: 0,
+            rate_interval_ms: 0,
+            time_windows: Vec::new(),
+        }
     }
 }
 
@@ -576,10 +608,7 @@ impl JobDescriptor {
                 validate_retry_policy("service.retry_policy", retry_policy, &mut bad);
             }
         }
-        let p = self.disruption_budget.availability_percentage_limit;
-        if !p.is_finite() || !(0.0..=100.0).contains(&p) {
-            bad("disruption_budget.availability_percentage_limit", "must be between 0 and 100".into());
-        }
+        self.disruption_budget.validate(&mut bad);
         if v.is_empty() {
             Ok(())
         } else {
@@ -704,6 +733,10 @@ pub struct Job {
     /// replicas read them unchanged).
     #[serde(default, skip_serializing_if = "crate::deployment::Rollout::is_empty")]
     pub rollout: crate::deployment::Rollout,
+    /// When its tasks were last evicted (voluntary disruptions), newest last, for its budget's
+    /// rate limit; at most that limit's number, or none when it sets no rate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evictions_ms: Vec<i64>,
 }
 
 impl Job {

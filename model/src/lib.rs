@@ -12,6 +12,7 @@
 //! - [`convert`]: the wire types (titus-proto) to the model and back, validating on the way in.
 
 pub mod agent;
+pub mod budget;
 mod capacity_group;
 pub mod codec;
 pub mod command;

@@ -1615,7 +1615,10 @@ async fn deploy(client: &Client, out: Output, command: DeployCmd) -> Result<(), 
             let list = client.get_deployments(&id).await?;
             if out != Output::Table {
                 let deployments: Vec<serde_json::Value> = list.deployments.iter().map(deployment_json).collect();
-                emit(out, &serde_json::json!({"job": list.job_id, "specVersion": list.spec_version, "deployments": deployments}));
+                emit(
+                    out,
+                    &serde_json::json!({"job": list.job_id, "specVersion": list.spec_version, "deployments": deployments}),
+                );
                 return Ok(());
             }
             println!("job {} at spec version {}", list.job_id, list.spec_version);
@@ -1623,11 +1626,21 @@ async fn deploy(client: &Client, out: Output, command: DeployCmd) -> Result<(), 
                 println!("no deployments: the job runs the spec it was created with");
             }
             for (i, d) in list.deployments.iter().enumerate() {
-                let took = if d.ended_ms > 0 { format!(", took {}s", (d.ended_ms - d.started_ms) / 1000) } else { String::new() };
+                let took = if d.ended_ms > 0 {
+                    format!(", took {}s", (d.ended_ms - d.started_ms) / 1000)
+                } else {
+                    String::new()
+                };
                 let undo = if d.rollback_of > 0 { format!(" (rollback of {})", d.rollback_of) } else { String::new() };
                 println!(
                     "deployment {}{undo}: {} version {} -> {} ({} -> {}), started {} ago{took}",
-                    d.id, d.state, d.from_version, d.to_version, d.from_image, d.to_image, age(d.started_ms)
+                    d.id,
+                    d.state,
+                    d.from_version,
+                    d.to_version,
+                    d.from_image,
+                    d.to_image,
+                    age(d.started_ms)
                 );
                 if !d.message.is_empty() {
                     println!("  {}", d.message);
@@ -1644,7 +1657,11 @@ async fn deploy(client: &Client, out: Output, command: DeployCmd) -> Result<(), 
                         d.new_live,
                         d.old_live,
                         d.failures,
-                        if s.rollback_after_failures > 0 { format!("/{}", s.rollback_after_failures) } else { String::new() }
+                        if s.rollback_after_failures > 0 {
+                            format!("/{}", s.rollback_after_failures)
+                        } else {
+                            String::new()
+                        }
                     );
                     if d.state == "Paused" {
                         println!("  canaries ready: promote with `titus job deploy promote {}`", list.job_id);
@@ -1773,7 +1790,9 @@ fn print_jobs(out: Output, jobs: &[titus_client::Job], live: Option<&std::collec
         let running = if live.is_some() { l.started.to_string() } else { "?".to_string() };
         let deploying = j.deployment.as_ref().filter(|d| matches!(d.state.as_str(), "Progressing" | "Paused"));
         let note = match (l.crash_loop, deploying) {
-            (Some(n), _) => format!("crash-looping: {n} quick crashes in a row; replacements back off (titus task list)"),
+            (Some(n), _) => {
+                format!("crash-looping: {n} quick crashes in a row; replacements back off (titus task list)")
+            }
             (None, Some(d)) => format!(
                 "deployment {} {} to version {} ({}): titus job deploy status",
                 d.id,
@@ -2084,7 +2103,9 @@ async fn job_command(client: &Client, out: Output, timeout: Option<Duration>, cm
             }
             match &job_id {
                 None => println!("a new job of {} tasks", plan.tasks),
-                Some(id) if plan.changes.is_empty() => println!("job {id}: the container is unchanged; nothing to deploy"),
+                Some(id) if plan.changes.is_empty() => {
+                    println!("job {id}: the container is unchanged; nothing to deploy")
+                }
                 Some(id) => println!(
                     "job {id}: a rolling update ({}) in {} steps; its first step starts {} tasks",
                     plan.changes.join(", "),

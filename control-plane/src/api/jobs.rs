@@ -77,7 +77,11 @@ impl JobApi {
         self.barrier(&request).await?;
         let Some(job) = self.replica.state.job(&r.job_id)? else { return Err(not_found("job_id", "job", &r.job_id)) };
         let Some(active) = job.rollout.active().filter(|d| r.deployment_id == 0 || d.id == r.deployment_id) else {
-            let what = if r.deployment_id == 0 { "no deployment".to_string() } else { format!("deployment {} is not", r.deployment_id) };
+            let what = if r.deployment_id == 0 {
+                "no deployment".to_string()
+            } else {
+                format!("deployment {} is not", r.deployment_id)
+            };
             return Err(Error::Rejected(Rejection::new(
                 RejectionKind::FailedPrecondition,
                 "deployment_id",
@@ -365,6 +369,7 @@ impl JobManagementService for JobApi {
             },
             status_history: Vec::new(),
             rollout: Default::default(),
+            evictions_ms: Vec::new(),
         };
         let command = Command::CreateJob { job, idempotency_token: token, token_expires_ms: now + JOB_TOKEN_TTL_MS };
         match self.propose(&request, command).await? {
@@ -535,7 +540,9 @@ impl JobManagementService for JobApi {
         };
         match self.propose(&request, command).await? {
             CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
-            CommandResponse::Deployment(id) => Ok(Response::new(pb::DeploymentRef { job_id: r.job_id, deployment_id: id })),
+            CommandResponse::Deployment(id) => {
+                Ok(Response::new(pb::DeploymentRef { job_id: r.job_id, deployment_id: id }))
+            }
             other => Err(Error::Raft(format!("UpdateJobSpec answered {other:?}")).into()),
         }
     }

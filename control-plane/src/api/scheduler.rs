@@ -52,8 +52,20 @@ impl SchedulerService for SchedulerApi {
             (Some(d), true) => {
                 let descriptor = job_descriptor_from_proto(Some(d))?;
                 let count = descriptor.wanted_tasks();
-                let status = JobStatus { state: JobState::Accepted, reason_code: String::new(), reason_message: String::new(), timestamp_ms: 0 };
-                let job = Job { id: "(new job)".into(), descriptor, status, status_history: Vec::new(), rollout: Default::default() };
+                let status = JobStatus {
+                    state: JobState::Accepted,
+                    reason_code: String::new(),
+                    reason_message: String::new(),
+                    timestamp_ms: 0,
+                };
+                let job = Job {
+                    id: "(new job)".into(),
+                    descriptor,
+                    status,
+                    status_history: Vec::new(),
+                    rollout: Default::default(),
+                    evictions_ms: Vec::new(),
+                };
                 (job, count, 0, Vec::new())
             }
             (None, false) => {
@@ -82,21 +94,31 @@ impl SchedulerService for SchedulerApi {
                 (job, count, if changes.is_empty() { 0 } else { steps }, changes)
             }
             _ => {
-                return Err(Error::invalid("job_descriptor", "give either job_descriptor (a new job) or job_id and container (an update)").into())
+                return Err(Error::invalid(
+                    "job_descriptor",
+                    "give either job_descriptor (a new job) or job_id and container (an update)",
+                )
+                .into())
             }
         };
         if count > MAX_PLANNED_TASKS {
-            return Err(Error::invalid("job_descriptor", format!("a plan places at most {MAX_PLANNED_TASKS} tasks")).into());
+            return Err(
+                Error::invalid("job_descriptor", format!("a plan places at most {MAX_PLANNED_TASKS} tasks")).into()
+            );
         }
         let tier = state.capacity_group(&job.descriptor.capacity_group)?.map_or(crate::model::Tier::Flex, |g| g.tier);
-        let tasks = crate::scheduling::planned_tasks(&job, tier, count).map_err(|e| Error::invalid("container.hard_constraints", e))?;
-        let answer = self
-            .hub
-            .scheduling
-            .dry_run(tasks, std::time::Duration::from_secs(10))
-            .await
-            .ok_or_else(|| Status::unavailable("the scheduler is not running here yet (a new leader loads its state first); try again"))?;
-        let mut plan = pb::JobPlan { tasks: count, pending_before: answer.pending_before as u32, steps, changes, ..Default::default() };
+        let tasks = crate::scheduling::planned_tasks(&job, tier, count)
+            .map_err(|e| Error::invalid("container.hard_constraints", e))?;
+        let answer = self.hub.scheduling.dry_run(tasks, std::time::Duration::from_secs(10)).await.ok_or_else(|| {
+            Status::unavailable("the scheduler is not running here yet (a new leader loads its state first); try again")
+        })?;
+        let mut plan = pb::JobPlan {
+            tasks: count,
+            pending_before: answer.pending_before as u32,
+            steps,
+            changes,
+            ..Default::default()
+        };
         for (_, agent) in answer.placements {
             *plan.placements.entry(agent).or_default() += 1;
         }

@@ -2,13 +2,14 @@
 //! [`crate::apply`] calls one of these): deterministic, reads only replicated state, and rejects
 //! (changing nothing) what the state does not allow.
 
+use crate::command::DeploymentChange;
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::hosts;
-use crate::command::DeploymentChange;
 use crate::model::deployment::{image_ref, Deployment, DeploymentState, RolloutStrategy};
 use crate::model::job::{
-    validate_capacity, Container, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
+    validate_capacity, Container, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP,
+    MAX_TASKS_PER_JOB,
 };
 use crate::state::{Overlay, StateRead, TokenRecord};
 use std::collections::BTreeMap;
@@ -289,11 +290,30 @@ fn update_status(
     let at = task.status.timestamp_ms;
     note_health(&mut task, &context, at);
     task.context.extend(context);
+    let evicted = task.status.reason_code == reason::EVICTED && from != TaskState::KillInitiated;
+    if evicted {
+        record_eviction(o, &task.job_id, at)?;
+    }
     if to == TaskState::Finished && deployment_failure(&task.status.reason_code) {
         count_deployment_failure(o, &task)?;
     }
     o.put_task(task);
     Ok(CommandResponse::Done)
+}
+
+/// Notes a voluntary disruption of a task of `job_id` at `at_ms`, for its budget's rate limit (kept
+/// only when the budget has one, and only as many as it allows).
+fn record_eviction(o: &mut Overlay, job_id: &str, at_ms: i64) -> Result<()> {
+    let Some(mut job) = o.job(job_id)? else { return Ok(()) };
+    let limit = job.descriptor.disruption_budget.rate_limit as usize;
+    if limit == 0 {
+        return Ok(());
+    }
+    job.evictions_ms.push(at_ms);
+    let extra = job.evictions_ms.len().saturating_sub(limit);
+    job.evictions_ms.drain(..extra);
+    o.put_job(job);
+    Ok(())
 }
 
 /// Takes the health `context` reports, noting when it changed; whether it did.
@@ -490,7 +510,9 @@ pub fn update_job_spec(
         return reject(
             RejectionKind::FailedPrecondition,
             "job_id",
-            format!("job {job_id:?} is a batch job; only a service job's spec can be updated (kill it and submit anew)"),
+            format!(
+                "job {job_id:?} is a batch job; only a service job's spec can be updated (kill it and submit anew)"
+            ),
         );
     }
     if container.resources != job.descriptor.container.resources {

@@ -4,7 +4,8 @@
 //!
 //! The rule that matters (the same as Kubernetes' rolling update): a round kills old tasks only
 //! down to `desired - max_unavailable` available tasks in all, unavailable old tasks first, and
-//! creates new ones only up to `desired + max_surge` live tasks. A task is *available* when the
+//! within the job's disruption budget, and creates new ones only up to `desired + max_surge` live
+//! tasks. A task is *available* when the
 //! caller says so (Started and, behind load balancers, its targets healthy): so a deployment whose
 //! new tasks never become available never takes the service below its floor. Every command is
 //! re-checked when applied (a kill names the state it saw, a step names the deployment), so a plan
@@ -93,7 +94,21 @@ pub fn plan(
         let mut victims = old.clone();
         // Unavailable first (never-placed before placed), then the highest indexes.
         victims.sort_by_key(|t| (available(t), t.state() != TaskState::Accepted, std::cmp::Reverse(t.index)));
-        kill.extend(victims.into_iter().take(killable));
+        // The job's disruption budget bounds the kills too: all of them (rate, time windows), and
+        // those of available tasks (availability limits, judged on every task available now).
+        let serving_now = new_available + old.iter().filter(|t| available(t)).count();
+        let budget = &job.descriptor.disruption_budget;
+        let allowance = budget.allowance(wanted as u32, serving_now as u32, &job.evictions_ms, now);
+        let (mut any, mut of_available) = (allowance.any as usize, allowance.available as usize);
+        for t in victims.into_iter().take(killable) {
+            let serves = available(t);
+            if any == 0 || (serves && of_available == 0) {
+                break;
+            }
+            any -= 1;
+            of_available -= usize::from(serves);
+            kill.push(t);
+        }
         // Desired lowered during the update: new tasks beyond it go too, unavailable first.
         if new.len() > wanted {
             let mut extra = new.clone();
@@ -105,8 +120,9 @@ pub fn plan(
     }
     for t in &kill {
         let to = if t.state() == TaskState::Accepted { TaskState::Finished } else { TaskState::KillInitiated };
+        // A voluntary disruption: evicted (not counted against the job's retries).
         let message = format!("replaced by deployment {} (version {})", d.id, d.to_version);
-        out.push(update(t, status(to, reason::KILLED, &message, now)));
+        out.push(update(t, status(to, reason::EVICTED, &message, now)));
     }
 
     // New tasks take the indexes of finished ones first (keeping their lineage), then the lowest

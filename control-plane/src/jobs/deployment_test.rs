@@ -8,7 +8,7 @@ use crate::command::{Command, CommandResponse, DeploymentChange};
 use crate::jobs::lifecycle::{plan, LifecycleConfig};
 use crate::model::deployment::{DeploymentState, RolloutStrategy};
 use crate::model::job::fixtures::{batch_descriptor, service_descriptor};
-use crate::model::job::{Container, Job, JobState, JobStatus};
+use crate::model::job::{Container, DisruptionBudget, Job, JobState, JobStatus};
 use crate::model::task::{reason, Task, TaskState, TaskStatus};
 use crate::state::{MemoryStore, Overlay, StateRead};
 
@@ -35,10 +35,16 @@ impl Sim {
 
     /// A service job of `desired` tasks, all Started.
     fn service(desired: u32) -> Sim {
+        Sim::service_with(desired, DisruptionBudget::default())
+    }
+
+    fn service_with(desired: u32, budget: DisruptionBudget) -> Sim {
         let mut sim = Sim::new();
+        let mut descriptor = service_descriptor(0, desired, 100);
+        descriptor.disruption_budget = budget;
         let job = Job {
             id: JOB.into(),
-            descriptor: service_descriptor(0, desired, 100),
+            descriptor,
             status: JobStatus {
                 state: JobState::Accepted,
                 reason_code: String::new(),
@@ -47,6 +53,7 @@ impl Sim {
             },
             status_history: vec![],
             rollout: Default::default(),
+            evictions_ms: Vec::new(),
         };
         sim.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
         sim.round();
@@ -127,6 +134,12 @@ fn strategy() -> impl Strategy<Value = RolloutStrategy> {
         .prop_map(|(max_unavailable, max_surge)| RolloutStrategy { max_unavailable, max_surge, ..Default::default() })
 }
 
+/// None, or an availability limit (with a surge, or no task could ever be replaced under it).
+fn budget_for(strategy: &RolloutStrategy, pct: f64) -> DisruptionBudget {
+    let pct = if strategy.max_surge == 0 { 0.0 } else { pct };
+    DisruptionBudget { availability_percentage_limit: pct, ..Default::default() }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -137,11 +150,15 @@ proptest! {
     fn a_rolling_update_keeps_its_floor_and_ends_on_the_new_version(
         desired in 1u32..8,
         strategy in strategy(),
+        pct in prop_oneof![Just(0.0), Just(50.0), Just(80.0)],
         starts in proptest::collection::vec(1usize..3, 1..200),
     ) {
-        let mut sim = Sim::service(desired);
+        let budget = budget_for(&strategy, pct);
+        let mut sim = Sim::service_with(desired, budget.clone());
         prop_assert_eq!(sim.available(), desired as usize);
-        let floor = desired.saturating_sub(strategy.max_unavailable) as usize;
+        // The strategy's floor, or the budget's when higher.
+        let kept = (f64::from(desired) * budget.availability_percentage_limit / 100.0).ceil() as usize;
+        let floor = (desired.saturating_sub(strategy.max_unavailable) as usize).max(kept);
         let ceiling = (desired + strategy.max_surge) as usize;
         prop_assert_eq!(sim.update("v2", strategy), CommandResponse::Deployment(1));
         let mut rounds = 0;
@@ -291,7 +308,13 @@ fn updates_are_refused_where_they_cannot_apply_and_a_stale_advance_does_nothing(
     assert!(matches!(&r, CommandResponse::Rejected(r) if r.field == "deployment_id"), "{r:?}");
     // A batch job has no rolling update.
     let mut batch = Sim::new();
-    let job = Job { id: "b".into(), descriptor: batch_descriptor(1), rollout: Default::default(), ..sim.job() };
+    let job = Job {
+        id: "b".into(),
+        descriptor: batch_descriptor(1),
+        rollout: Default::default(),
+        evictions_ms: Vec::new(),
+        ..sim.job()
+    };
     batch.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
     let r = batch.run(Command::UpdateJobSpec {
         job_id: "b".into(),
@@ -300,4 +323,65 @@ fn updates_are_refused_where_they_cannot_apply_and_a_stale_advance_does_nothing(
         timestamp_ms: 0,
     });
     assert!(matches!(&r, CommandResponse::Rejected(r) if r.message.contains("batch job")), "{r:?}");
+}
+
+/// The tasks of the job placed on `agent` (as a drain sees them), the others as they are.
+fn on_agent(sim: &Sim, ids: &std::collections::BTreeSet<String>, agent: &str) -> Vec<Task> {
+    let mut tasks = sim.store.tasks_of_job(JOB).unwrap();
+    for t in tasks.iter_mut().filter(|t| ids.contains(&t.id)) {
+        t.context.insert(crate::model::task::context::AGENT.into(), agent.into());
+    }
+    tasks
+}
+
+/// Drains the agent holding every first task of the job until none is left on it, checking after
+/// each drain decision that `check` holds; the times of the evictions.
+fn drain_all(sim: &mut Sim, check: &dyn Fn(&Sim)) -> Vec<i64> {
+    use crate::jobs::lifecycle::drain_job;
+    let first: std::collections::BTreeSet<String> = sim.serving().into_iter().map(|t| t.id).collect();
+    let draining = std::collections::BTreeSet::from(["old".to_string()]);
+    let mut evictions = Vec::new();
+    for _ in 0..1_000 {
+        let job = sim.job();
+        for c in drain_job(&job, &on_agent(sim, &first, "old"), &draining, sim.now) {
+            evictions.push(sim.now);
+            sim.run(c);
+        }
+        check(sim);
+        if sim.serving().iter().all(|t| !first.contains(&t.id)) {
+            return evictions;
+        }
+        sim.round();
+        sim.world(1, false);
+    }
+    panic!("the drain did not end");
+}
+
+#[test]
+fn a_drain_under_an_availability_budget_never_takes_the_job_below_it() {
+    // 95% of 20: 19 stay available, so one task moves at a time.
+    let budget = DisruptionBudget { availability_percentage_limit: 95.0, ..Default::default() };
+    let mut sim = Sim::service_with(20, budget);
+    let evictions = drain_all(&mut sim, &|sim| assert!(sim.available() >= 19, "{} of 20 available", sim.available()));
+    assert_eq!(evictions.len(), 20, "every task moved");
+    sim.round();
+    sim.world(20, false);
+    assert_eq!(sim.available(), 20);
+    // A self-managed job (no budget) moves a tenth at a time, at its own pace: two of 20.
+    let mut sim = Sim::service(20);
+    let fewest = std::cell::Cell::new(20);
+    assert_eq!(drain_all(&mut sim, &|sim| fewest.set(fewest.get().min(sim.available()))).len(), 20);
+    assert_eq!(fewest.get(), 18, "without a budget the drain takes two at once");
+}
+
+#[test]
+fn a_drain_keeps_to_the_budget_s_rate() {
+    let budget = DisruptionBudget { rate_limit: 1, rate_interval_ms: 60_000, ..Default::default() };
+    let mut sim = Sim::service_with(3, budget);
+    let evictions = drain_all(&mut sim, &|_| {});
+    assert_eq!(evictions.len(), 3);
+    for pair in evictions.windows(2) {
+        assert!(pair[1] - pair[0] >= 60_000, "evictions {pair:?} closer than the rate allows");
+    }
+    assert!(sim.job().evictions_ms.len() <= 1, "only as many kept as the rate needs");
 }

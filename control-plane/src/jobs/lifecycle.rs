@@ -100,7 +100,13 @@ fn service_replacement_delay_ms(policy: &RetryPolicy, failed: &Task) -> u64 {
 }
 
 /// A new task at `index`, replacing `previous` when there is one.
-pub(crate) fn new_task(job: &Job, index: u32, previous: Option<&Task>, now: i64, new_id: &mut dyn FnMut() -> String) -> Task {
+pub(crate) fn new_task(
+    job: &Job,
+    index: u32,
+    previous: Option<&Task>,
+    now: i64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Task {
     let id = new_id();
     let (original_id, resubmit_of, resubmit_number, system_resubmit_number) = match previous {
         None => (id.clone(), None, 0, 0),
@@ -341,9 +347,8 @@ pub fn plan_job_with(
                 let newest_failure = finished.iter().rev().find(|t| {
                     reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
                 });
-                let ready = newest_failure.is_none_or(|t| {
-                    elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now)
-                });
+                let ready = newest_failure
+                    .is_none_or(|t| elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now));
                 if let Some(d) = job.rollout.active() {
                     let wanted = job.descriptor.wanted_tasks();
                     out.extend(super::deployment::plan(job, d, tasks, wanted, ready, available, now, new_id));
@@ -417,9 +422,10 @@ pub fn draining_agents(store: &dyn StateRead) -> Result<BTreeSet<String>> {
 }
 
 /// Moves a service job's tasks off draining agents, a few at a time (Titus's task migration): a
-/// Started task there is killed as evicted (not counted against retries) only while fewer than the
-/// job's move budget — a tenth of desired, at least one — are on their way (placed but not yet
-/// Started, or being killed). The job's lifecycle then creates each replacement, which the
+/// Started task there is killed as evicted (not counted against retries) as far as the job's
+/// disruption budget allows (see `model::budget`); a self-managed budget moves a tenth of desired
+/// (at least one) at a time, counting those on their way (placed but not yet Started, or being
+/// killed). The job's lifecycle then creates each replacement, which the
 /// scheduler places on an Active agent. Batch tasks are left to finish.
 pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i64) -> Vec<Command> {
     let JobType::Service { capacity, enabled: true, .. } = &job.descriptor.job_type else { return Vec::new() };
@@ -427,15 +433,39 @@ pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i6
         return Vec::new();
     }
     let on_draining = |t: &&Task| agent_of(t).is_some_and(|a| draining.contains(a));
-    let moving: Vec<&Task> = tasks.iter().filter(|t| t.state() == TaskState::Started).filter(on_draining).collect();
+    let mut moving: Vec<&Task> = tasks.iter().filter(|t| t.state() == TaskState::Started).filter(on_draining).collect();
     if moving.is_empty() {
         return Vec::new();
     }
-    let in_flight = tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::Started).count();
-    let budget = (capacity.desired as usize).div_ceil(10).max(1);
-    moving
+    // The job's disruption budget decides how many may go now; a self-managed one, the drain's
+    // own pace: a tenth of desired on its way at once.
+    let budget = &job.descriptor.disruption_budget;
+    let serving = |t: &Task| serves(job, t, None);
+    let available = tasks.iter().filter(|t| serving(t)).count() as u32;
+    let allowance = budget.allowance(capacity.desired, available, &job.evictions_ms, now);
+    let mut any = allowance.any as usize;
+    if budget.is_self_managed() {
+        let in_flight = tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::Started).count();
+        any = any.min((capacity.desired as usize).div_ceil(10).max(1).saturating_sub(in_flight));
+    }
+    let mut of_available = allowance.available as usize;
+    // Those not serving first: moving them costs the service nothing.
+    moving.sort_by_key(|t| serving(t));
+    let mut chosen = Vec::new();
+    for t in moving {
+        let serves = serving(t);
+        if any == 0 || (serves && of_available == 0) {
+            if let Some(why) = &allowance.held_by {
+                tracing::debug!(job_id = %job.id, task_id = %t.id, why, "drain: held back by the disruption budget");
+            }
+            break;
+        }
+        any -= 1;
+        of_available -= usize::from(serves);
+        chosen.push(t);
+    }
+    chosen
         .into_iter()
-        .take(budget.saturating_sub(in_flight))
         .map(|t| {
             let agent = agent_of(t).unwrap_or_default();
             update(
@@ -529,7 +559,11 @@ pub(crate) fn serving_targets(store: &dyn StateRead, job: &Job) -> Result<Option
     }
     let mut healthy: BTreeMap<String, usize> = BTreeMap::new();
     for t in store.lb_targets()? {
-        if t.job_id == job.id && groups.contains(&t.target_group) && t.state == TargetState::Registered && t.health == "healthy" {
+        if t.job_id == job.id
+            && groups.contains(&t.target_group)
+            && t.state == TargetState::Registered
+            && t.health == "healthy"
+        {
             *healthy.entry(t.task_id).or_default() += 1;
         }
     }

@@ -42,6 +42,7 @@ impl Sim {
             },
             status_history: vec![],
             rollout: Default::default(),
+            evictions_ms: Vec::new(),
         };
         match self.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 }) {
             CommandResponse::JobId(id) => id,
@@ -475,6 +476,7 @@ fn host_constraints_are_checked_again_when_a_placement_commits() {
             },
             status_history: vec![],
             rollout: Default::default(),
+            evictions_ms: Vec::new(),
         };
         let CommandResponse::JobId(id) =
             sim.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 })

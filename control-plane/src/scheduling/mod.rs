@@ -539,7 +539,13 @@ pub fn planned_tasks(job: &Job, group_tier: Tier, count: u32) -> std::result::Re
 
 /// Answers a dry run: the asked tasks after the pending ones, on the current view, placed by the
 /// core on a blocking thread; nothing is booked or proposed.
-fn dry_run(hub: &crate::agents::AgentHub, cache: &Cache, ask: PlanAsk, config: &SchedulerConfig, core_config: &core::Config) {
+fn dry_run(
+    hub: &crate::agents::AgentHub,
+    cache: &Cache,
+    ask: PlanAsk,
+    config: &SchedulerConfig,
+    core_config: &core::Config,
+) {
     let groups = match hub.replica().state.capacity_groups() {
         Ok(g) => g,
         Err(e) => {

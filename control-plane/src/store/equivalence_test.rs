@@ -146,6 +146,7 @@ impl Twin {
                     },
                     status_history: vec![],
                     rollout: Default::default(),
+                    evictions_ms: Vec::new(),
                 };
                 let idempotency_token = token.map(|t| format!("token-{t}"));
                 if let Some(t) = &idempotency_token {

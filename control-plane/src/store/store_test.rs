@@ -190,6 +190,7 @@ pub(crate) fn batch_job(id: &str, prefix: &str, n: u32) -> (crate::model::job::J
         },
         status_history: vec![],
         rollout: Default::default(),
+        evictions_ms: Vec::new(),
     };
     let tasks = (0..n)
         .map(|i| Task {

@@ -107,7 +107,12 @@ fn read_spec(path: &Path) -> Result<(JobSpec, pb::JobDescriptor), Error> {
 
 /// The job's container with the file's changes to it (the fields `changed` lists), as a rolling
 /// update would deploy it.
-fn merged_container(current: &JobSpec, spec: &JobSpec, fields: &[&String], path: &Path) -> Result<pb::Container, Error> {
+fn merged_container(
+    current: &JobSpec,
+    spec: &JobSpec,
+    fields: &[&String],
+    path: &Path,
+) -> Result<pb::Container, Error> {
     let (before, wanted) = (as_value(current), as_value(spec));
     let mut merged = before;
     for f in fields {
@@ -119,7 +124,11 @@ fn merged_container(current: &JobSpec, spec: &JobSpec, fields: &[&String], path:
 
 /// `titus job plan -f FILE`: a dry run of what `apply` would do — a new job's placements, or the
 /// first step of the rolling update a changed container starts.
-pub async fn plan(client: &Client, path: &Path, strategy: Option<pb::RolloutStrategy>) -> Result<(Option<String>, pb::JobPlan), Error> {
+pub async fn plan(
+    client: &Client,
+    path: &Path,
+    strategy: Option<pb::RolloutStrategy>,
+) -> Result<(Option<String>, pb::JobPlan), Error> {
     let (spec, descriptor) = read_spec(path)?;
     let Some(job) = find_job(client, &spec, &descriptor).await? else {
         let request = pb::JobPlanRequest { job_descriptor: Some(descriptor), ..Default::default() };
@@ -130,7 +139,8 @@ pub async fn plan(client: &Client, path: &Path, strategy: Option<pb::RolloutStra
     changed("", &as_value(&current), &as_value(&spec), &mut fields);
     let rollout: Vec<&String> = fields.iter().filter(|f| by_rollout(f)).collect();
     let container = merged_container(&current, &spec, &rollout, path)?;
-    let request = pb::JobPlanRequest { job_id: job.id.clone(), container: Some(container), strategy, ..Default::default() };
+    let request =
+        pb::JobPlanRequest { job_id: job.id.clone(), container: Some(container), strategy, ..Default::default() };
     Ok((Some(job.id), client.plan_job(request).await?))
 }
 
@@ -209,7 +219,11 @@ pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStr
         let names: Vec<&str> = rollout.iter().map(|f| f.as_str()).collect();
         match client.update_job_spec(&job.id, container, strategy).await? {
             0 => {}
-            id => changes.push(format!("deployment {id} started ({}): titus job deploy status {}", names.join(", "), job.id)),
+            id => changes.push(format!(
+                "deployment {id} started ({}): titus job deploy status {}",
+                names.join(", "),
+                job.id
+            )),
         }
     }
     if let (Some(before), Some(after)) = (&current.service, &spec.service) {
