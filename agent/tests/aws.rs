@@ -195,6 +195,13 @@ async fn t410_reconcile_repairs_drift_and_leaves_foreign_targets_alone() {
     want.insert(foreign.clone());
     wait_targets(&elb, &arn, &want).await;
     assert!(moto::targets(&elb, &arn).await.contains(&foreign), "a target this system did not register stays");
+    // Each reconcile records what the group says of every target's health.
+    wait_until(SETTLE, "both targets recorded healthy", || async {
+        let lbs = client.job_load_balancers(&job_id).await.ok()?;
+        let healthy = lbs[0].targets.iter().filter(|t| t.health == "healthy").count();
+        (healthy == 2).then_some(())
+    })
+    .await;
 }
 
 /// A leader killed after its DeregisterTargets went through and before it recorded so leaves a

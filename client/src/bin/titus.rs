@@ -1476,12 +1476,13 @@ fn print_load_balancers(out: Output, all: &[titus_client::proto::GetJobLoadBalan
         _ => "deregistered",
     };
     if out == Output::Table {
-        println!("{:<38} {:<9} {:>7}  {}", "JOB", "STATE", "TARGETS", "TARGET GROUP");
+        println!("{:<38} {:<9} {:>7} {:>7}  {}", "JOB", "STATE", "TARGETS", "HEALTHY", "TARGET GROUP");
         for j in all {
             for lb in &j.load_balancers {
-                let registered =
-                    lb.targets.iter().filter(|t| t.state == LoadBalancerTargetState::TargetRegistered as i32).count();
-                println!("{:<38} {:<9} {:>7}  {}", j.job_id, state(lb.state), registered, lb.id);
+                let registered: Vec<_> =
+                    lb.targets.iter().filter(|t| t.state == LoadBalancerTargetState::TargetRegistered as i32).collect();
+                let healthy = registered.iter().filter(|t| t.health == "healthy").count();
+                println!("{:<38} {:<9} {:>7} {:>7}  {}", j.job_id, state(lb.state), registered.len(), healthy, lb.id);
                 if !lb.state_message.is_empty() {
                     println!("{:<38} {}", "", lb.state_message);
                 }
@@ -1496,7 +1497,7 @@ fn print_load_balancers(out: Output, all: &[titus_client::proto::GetJobLoadBalan
                 serde_json::json!({
                     "jobId": j.job_id, "targetGroup": lb.id, "state": state(lb.state), "message": lb.state_message,
                     "targets": lb.targets.iter().map(|t| serde_json::json!({
-                        "taskId": t.task_id, "ip": t.ip, "state": target_state(t.state), "updatedMs": t.updated_ms,
+                        "taskId": t.task_id, "ip": t.ip, "state": target_state(t.state), "updatedMs": t.updated_ms, "health": t.health,
                     })).collect::<Vec<_>>(),
                 })
             })

@@ -81,6 +81,7 @@ fn to_proto(job_id: &str, lbs: Vec<LoadBalancer>, targets: &[LbTarget]) -> pb::G
                             TargetState::Deregistered => pb::LoadBalancerTargetState::TargetDeregistered,
                         } as i32,
                         updated_ms: t.updated_ms,
+                        health: t.health.clone(),
                     })
                     .collect(),
                 id: lb.target_group,

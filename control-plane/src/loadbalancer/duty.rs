@@ -113,6 +113,19 @@ pub async fn run(replica: Arc<Replica>, term: Term, aws: Aws, config: AwsConfig,
     }
 }
 
+/// The Registered records of `group` whose health differs from what the group said (`health`,
+/// by target id), with the new health.
+fn health_changes(records: &[LbTarget], group: &str, health: &HashMap<String, String>) -> Vec<LbTarget> {
+    records
+        .iter()
+        .filter(|r| r.target_group == group && r.state == TargetState::Registered)
+        .filter_map(|r| {
+            let now = health.get(&r.ip).map_or("", String::as_str);
+            (r.health != now).then(|| LbTarget { health: now.to_string(), ..r.clone() })
+        })
+        .collect()
+}
+
 impl Duty {
     fn state(&self) -> &crate::store::StateReader {
         &self.replica.state
@@ -332,12 +345,7 @@ impl Duty {
                     continue;
                 }
             };
-            for r in records.iter().filter(|r| r.target_group == group && r.state == TargetState::Registered) {
-                let now = health.get(&r.ip).map_or("", String::as_str);
-                if r.health != now {
-                    changed.push(LbTarget { health: now.to_string(), ..r.clone() });
-                }
-            }
+            changed.extend(health_changes(&records, &group, &health));
         }
         if !changed.is_empty() {
             self.propose(Command::PutLbTargets { targets: changed }).await?;
@@ -349,6 +357,7 @@ impl Duty {
     /// missing, deregisters what this system registered and no longer wants, leaves the rest alone.
     async fn reconcile(&mut self) -> crate::Result<()> {
         let records = self.state().lb_targets()?;
+        let mut health_changed = Vec::new();
         let groups: BTreeSet<String> = self
             .state()
             .load_balancers()?
@@ -360,16 +369,21 @@ impl Duty {
             if !self.backoff.ready(&group) {
                 continue;
             }
-            let listed = self.aws.registered_targets(&group).await;
+            let listed = self.aws.target_health(&group).await;
             let m = crate::telemetry::metrics();
             m.aws_calls_total.inc(&["lb", "DescribeTargetHealth", crate::telemetry::aws_outcome(&listed)]);
-            let present = match listed {
-                Ok(ids) => ids.into_iter().collect::<BTreeSet<_>>(),
+            let health: HashMap<String, String> = match listed {
+                Ok(h) => h.into_iter().collect(),
                 Err(e) => {
                     self.failed(&group, e).await?;
                     continue;
                 }
             };
+            // Every target's health is known before any deployment asks (see `observe_health`).
+            health_changed.extend(health_changes(&records, &group, &health));
+            // A target already draining is on its way out.
+            let present: BTreeSet<String> =
+                health.into_iter().filter(|(_, state)| state != "draining").map(|(id, _)| id).collect();
             let (missing, stale) = plan::repair(&group, &records, &present);
             if !missing.is_empty() {
                 self.replica.confirm_leader(self.term).await?;
@@ -388,6 +402,9 @@ impl Duty {
                     self.failed(&group, e).await?;
                 }
             }
+        }
+        if !health_changed.is_empty() {
+            self.propose(Command::PutLbTargets { targets: health_changed }).await?;
         }
         Ok(())
     }
