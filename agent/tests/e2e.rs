@@ -1,8 +1,8 @@
 //! The agent end to end: real replicas, real agents, the real Docker daemon and the local test
 //! image. t200 batch failures and kills, t210 a service across two agents, t220 a leader kill
 //! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t265
-//! health checks (command and HTTP) and the replacement of an unhealthy task, t280 a crash-looping
-//! service backing off.
+//! health checks (command and HTTP) and the replacement of an unhealthy task, t266 evictions within
+//! a disruption budget, t280 a crash-looping service backing off.
 
 #[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
@@ -613,4 +613,36 @@ async fn t265_health_checks_show_and_an_unhealthy_service_task_is_replaced() {
         .await;
         client.kill_job(&job_id).await.unwrap();
     }
+}
+
+/// Evictions through the API honor the job's disruption budget, judged on the containers running:
+/// of 4 tasks under a 75% budget one may go; a second is refused naming the budget until the first
+/// one's replacement runs; the evicted task finishes `evicted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t266_an_eviction_honors_the_job_s_disruption_budget() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let _agent = c.start_agent("a266", 4.0, 4096);
+    let client = c.client();
+    let mut descriptor = job("budgeted", container(&["sleep", "600"], 0.1, 32), service(4, 8));
+    descriptor.disruption_budget =
+        Some(pb::DisruptionBudget { availability_percentage_limit: 75.0, ..Default::default() });
+    let job_id = client.create_job(descriptor).await.unwrap();
+    let started = wait_tasks(&client, &job_id, "Started", 4, SETTLE).await;
+    client.evict_task(&started[0].id, "test").await.unwrap();
+    match client.evict_task(&started[1].id, "test").await {
+        Err(titus_client::Error::FailedPrecondition(why)) => {
+            assert!(why.contains("keeps 3 of 4 tasks available"), "{why}")
+        }
+        other => panic!("a second eviction must be held back: {other:?}"),
+    }
+    let evicted = client.find_task(&started[0].id).await.unwrap();
+    assert_eq!(evicted.status.as_ref().unwrap().reason_code, "evicted");
+    // Its replacement running, the next may go.
+    wait_until(SETTLE, "the second eviction once the replacement runs", || async {
+        client.evict_task(&started[1].id, "test").await.ok()
+    })
+    .await;
+    client.kill_job(&job_id).await.unwrap();
 }

@@ -2,8 +2,10 @@
 //! `chaos.monkey.enabled=true`), only inside a schedule, at a configured rate, and at most N per job
 //! per day. Every action (or, in dry-run mode, every would-be action) is logged as a JSON line.
 //!
-//! A terminated task is killed without shrinking its job, so a service job replaces it: the monkey
-//! proves the job survives losing an instance, as Netflix's Chaos Monkey did for ASGs.
+//! A terminated task is evicted (`EvictTask`) without shrinking its job, so a service job replaces
+//! it: the monkey proves the job survives losing an instance, as Netflix's Chaos Monkey did for
+//! ASGs. An eviction honors the job's disruption budget: one the budget holds back is logged as
+//! `held` with the reason, and not counted against the day's limit.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -209,8 +211,20 @@ pub async fn run(
                         let action = if config.dry_run {
                             "would-kill".to_string()
                         } else {
-                            match client.kill_task(&task, false, false).await {
+                            // An eviction: the job's disruption budget may hold it back.
+                            match client.evict_task(&task, "chaos monkey").await {
                                 Ok(()) => "kill".into(),
+                                Err(titus_client::Error::FailedPrecondition(why)) => {
+                                    let action = Action {
+                                        unix_ms: now_unix_ms(),
+                                        job: job.clone(),
+                                        task,
+                                        action: "held".into(),
+                                        detail: why,
+                                    };
+                                    record(&mut log, &mut actions, action);
+                                    continue;
+                                }
                                 Err(e) => {
                                     record(
                                         &mut log,

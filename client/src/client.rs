@@ -714,6 +714,16 @@ impl Client {
         .await
     }
 
+    /// Evicts a task when its job's disruption budget allows it now (FailedPrecondition, naming
+    /// what holds it back, otherwise).
+    pub async fn evict_task(&self, task_id: &str, reason: &str) -> Result<()> {
+        self.call("EvictTask", |ch, t| {
+            let req = pb::TaskEvictRequest { task_id: task_id.to_string(), reason: reason.to_string() };
+            async move { JobManagementServiceClient::new(ch).evict_task(with_timeout(req, t)).await.map(|_| ()) }
+        })
+        .await
+    }
+
     pub async fn update_job_capacity(
         &self,
         job_id: &str,

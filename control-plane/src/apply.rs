@@ -93,6 +93,7 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Applied> {
         Command::UpdateJobAttributes { job_id, attributes } => jobs::update_job_attributes(o, &job_id, attributes)?,
         Command::DeleteJobAttributes { job_id, keys } => jobs::delete_job_attributes(o, &job_id, keys)?,
         Command::KillJob { job_id, timestamp_ms } => jobs::kill_job(o, &job_id, timestamp_ms)?,
+        Command::EvictTask { task_id, reason, timestamp_ms } => jobs::evict_task(o, &task_id, reason, timestamp_ms)?,
         Command::UpdateJobSpec { job_id, container, strategy, timestamp_ms } => {
             jobs::update_job_spec(o, &job_id, container, strategy, timestamp_ms)?
         }

@@ -366,6 +366,7 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
             "CreateJob"
             | "KillJob"
             | "KillTask"
+            | "EvictTask"
             | "UpdateJobCapacity"
             | "UpdateJobStatus"
             | "UpdateJobProcesses"

@@ -112,6 +112,15 @@ pub enum Command {
         timestamp_ms: i64,
     },
 
+    /// Evicts a task (Titus's EvictionService): a voluntary disruption, killed as `evicted` and
+    /// replaced, only when the job's disruption budget allows it as of this entry; otherwise
+    /// rejected with what holds it back.
+    EvictTask {
+        task_id: String,
+        reason: String,
+        timestamp_ms: i64,
+    },
+
     // ----- tasks (lifecycle on the leader, and agents) -----
     /// New tasks; `archive` lists finished tasks they replace, moved to the archive in the same entry.
     CreateTasks {
@@ -358,6 +367,7 @@ impl Command {
             Command::UpdateJobSpec { .. } => "update_job_spec",
             Command::AdvanceDeployment { .. } => "advance_deployment",
             Command::KillTask { .. } => "kill_task",
+            Command::EvictTask { .. } => "evict_task",
             Command::CreateTasks { .. } => "create_tasks",
             Command::UpdateTaskStatus { .. } => "update_task_status",
             Command::UpdateTaskStatuses { .. } => "update_task_statuses",

@@ -449,6 +449,15 @@ enum TaskCmd {
         #[arg(long)]
         shrink: bool,
     },
+    /// Evicts one task (it is replaced) only if its job's disruption budget allows it now;
+    /// otherwise exits 5 saying what holds it back.
+    Evict {
+        /// The task's id (or a unique prefix of it).
+        id: String,
+        /// Why, for the task's status.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Why the task is or is not placed (the scheduler's last round).
     Why {
         /// The task's id (or a unique prefix of it).
@@ -1164,6 +1173,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     serde_json::json!({"task": id, "kill": "requested", "shrink": shrink}),
                 );
             }
+            TaskCmd::Evict { id, reason } => {
+                client.evict_task(&id, &reason).await?;
+                done(out, format!("task {id} evicted"), serde_json::json!({"task": id, "evicted": true}));
+            }
             TaskCmd::Logs { id, logs } => io::task_logs(&client, &id, &logs.args()).await?,
             TaskCmd::Exec { id, interactive, tty, command } => {
                 let code = io::exec(&client, &id, command, interactive, tty).await?;
@@ -1844,6 +1857,7 @@ async fn with_full_task_id(client: &Client, mut cmd: TaskCmd) -> Result<TaskCmd,
         TaskCmd::Get { id }
         | TaskCmd::Why { id }
         | TaskCmd::Kill { id, .. }
+        | TaskCmd::Evict { id, .. }
         | TaskCmd::Logs { id, .. }
         | TaskCmd::Exec { id, .. } => *id = client.resolve_task_id(id).await?,
     }

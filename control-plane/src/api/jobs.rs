@@ -465,6 +465,20 @@ impl JobManagementService for JobApi {
         done(self.propose(&request, command).await?)
     }
 
+    async fn evict_task(
+        &self,
+        request: Request<pb::TaskEvictRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("task_id", &r.task_id)?;
+        if r.reason.len() > 256 {
+            return Err(Error::invalid("reason", "must be at most 256 bytes").into());
+        }
+        authorize_task_change(&self.replica, &request, &r.task_id).await?;
+        let command = Command::EvictTask { task_id: r.task_id, reason: r.reason, timestamp_ms: now_ms() };
+        done(self.propose(&request, command).await?)
+    }
+
     async fn update_job_capacity(
         &self,
         request: Request<pb::JobCapacityUpdate>,

@@ -883,6 +883,43 @@ pub fn kill_task(
     Ok(CommandResponse::Done)
 }
 
+/// Evicts a task when its job's disruption budget allows it now (see `Command::EvictTask`): judged
+/// here, on this entry's state, so evictions racing each other cannot together exceed it.
+pub fn evict_task(o: &mut Overlay, task_id: &str, why: String, timestamp_ms: i64) -> Result<CommandResponse> {
+    let Some(task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
+    if !task.state().is_live() || task.state() == TaskState::KillInitiated {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "task_id",
+            format!("task {task_id} is {}: nothing to evict", task.state().name()),
+        );
+    }
+    let job = match live_job(o, &task.job_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    let tasks = o.tasks_of_job(&job.id)?;
+    let serves = |t: &Task| crate::jobs::lifecycle::serves(&job, t, None);
+    let available = tasks.iter().filter(|t| serves(t)).count() as u32;
+    let allowance = job.descriptor.disruption_budget.allowance(
+        job.descriptor.wanted_tasks(),
+        available,
+        &job.evictions_ms,
+        timestamp_ms,
+    );
+    let allowed = if serves(&task) { allowance.available } else { allowance.any };
+    if allowed == 0 {
+        let held = allowance.held_by.unwrap_or_else(|| "the job's disruption budget".into());
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "task_id",
+            format!("task {task_id} cannot be evicted now: {held}"),
+        );
+    }
+    let message = if why.is_empty() { "evicted".to_string() } else { format!("evicted: {why}") };
+    update_status(o, task.clone(), kill_status(&task, reason::EVICTED, &message, timestamp_ms), BTreeMap::new())
+}
+
 pub fn create_tasks(o: &mut Overlay, tasks: Vec<Task>, archive: Vec<String>) -> Result<CommandResponse> {
     for id in archive {
         match o.task(&id)? {

@@ -385,3 +385,28 @@ fn a_drain_keeps_to_the_budget_s_rate() {
     }
     assert!(sim.job().evictions_ms.len() <= 1, "only as many kept as the rate needs");
 }
+
+#[test]
+fn an_eviction_is_refused_when_the_budget_holds_it_back() {
+    let budget = DisruptionBudget { availability_percentage_limit: 75.0, ..Default::default() };
+    let mut sim = Sim::service_with(4, budget);
+    let evict = |sim: &mut Sim, id: &str| {
+        let at = sim.now;
+        sim.run(Command::EvictTask { task_id: id.into(), reason: "monkey".into(), timestamp_ms: at })
+    };
+    let tasks = sim.serving();
+    assert_eq!(evict(&mut sim, &tasks[0].id), CommandResponse::Done, "3 of 4 stay: allowed");
+    let r = evict(&mut sim, &tasks[1].id);
+    assert!(
+        matches!(&r, CommandResponse::Rejected(r) if r.message.contains("keeps 3 of 4 tasks available")),
+        "a second would leave 2: {r:?}"
+    );
+    let evicted = sim.store.task(&tasks[0].id).unwrap().unwrap();
+    assert_eq!((evicted.state(), evicted.status.reason_code.as_str()), (TaskState::KillInitiated, reason::EVICTED));
+    assert_eq!(evicted.status.reason_message, "evicted: monkey");
+    // Once its replacement serves, the next one may go.
+    sim.world(0, false);
+    sim.round();
+    sim.world(4, false);
+    assert_eq!(evict(&mut sim, &tasks[1].id), CommandResponse::Done);
+}
