@@ -1,6 +1,7 @@
 //! The agent end to end: real replicas, real agents, the real Docker daemon and the local test
 //! image. t200 batch failures and kills, t210 a service across two agents, t220 a leader kill
-//! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t265
+//! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t247 an agent
+//! drain within the jobs' disruption budgets, t265
 //! health checks (command and HTTP) and the replacement of an unhealthy task, t266 evictions within
 //! a disruption budget, t280 a crash-looping service backing off.
 
@@ -645,4 +646,64 @@ async fn t266_an_eviction_honors_the_job_s_disruption_budget() {
     })
     .await;
     client.kill_job(&job_id).await.unwrap();
+}
+
+/// `DrainAgent` (`titus agent drain`): the drained agent gets no new task, a job under a 75% budget
+/// moves one task at a time to the other agent (never fewer than 3 of its 4 Started, sampled every
+/// 100 ms), and a job under a 100% budget stays, its tasks said to wait for that budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t247_an_agent_drain_moves_tasks_within_their_budgets_and_says_what_waits() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let old = c.start_agent("a247old", 4.0, 4096);
+    let client = c.client();
+    let budgeted = |app: &str, desired: u32, pct: f64| {
+        let mut d = job(app, container(&["sleep", "600"], 0.1, 32), service(desired, 8));
+        d.disruption_budget = Some(pb::DisruptionBudget { availability_percentage_limit: pct, ..Default::default() });
+        d
+    };
+    let moving = client.create_job(budgeted("moving", 4, 75.0)).await.unwrap();
+    let pinned = client.create_job(budgeted("pinned", 2, 100.0)).await.unwrap();
+    wait_tasks(&client, &moving, "Started", 4, SETTLE).await;
+    wait_tasks(&client, &pinned, "Started", 2, SETTLE).await;
+    let new = c.start_agent("a247new", 4.0, 4096);
+    wait_until(SETTLE, "the new agent registered", || async { client.get_agent(&new).await.ok() }).await;
+
+    let status = client.drain_agent(&old, true).await.unwrap();
+    assert!(status.draining && status.tasks.len() == 6, "{status:?}");
+    assert!(client.get_agent(&old).await.unwrap().draining);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sampler = {
+        let (client, moving) = (client.clone(), moving.clone());
+        tokio::spawn(async move {
+            let mut fewest = usize::MAX;
+            loop {
+                fewest = fewest.min(tasks_in(&client, &moving, "Started").await.len());
+                tokio::select! {
+                    _ = &mut stop_rx => return fewest,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        })
+    };
+    let left = wait_until(Duration::from_secs(90), "the 75% job moved off the drained agent", || async {
+        let s = client.drain_status(&old).await.ok()?;
+        let started = tasks_in(&client, &moving, "Started").await;
+        let all_new = started.len() == 4 && started.iter().all(|t| t.task_context.get("agent") == Some(&new));
+        all_new.then_some(s)
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let fewest = sampler.await.unwrap();
+    assert!(fewest >= 3, "the 75% job went down to {fewest} Started tasks");
+    // The 100% job stays, each task saying why.
+    let held: Vec<&pb::DrainingTask> = left.tasks.iter().filter(|t| t.job_id == pinned).collect();
+    assert_eq!(held.len(), 2, "{left:?}");
+    assert!(held.iter().all(|t| t.waiting.contains("keeps 2 of 2 tasks available")), "{held:?}");
+    let finished = tasks_in(&client, &moving, "Finished").await;
+    assert!(finished.iter().all(|t| t.status.as_ref().unwrap().reason_code == "evicted"), "{finished:?}");
+    // Back in service, the agent takes tasks again.
+    let status = client.drain_agent(&old, false).await.unwrap();
+    assert!(!status.draining && status.tasks.iter().all(|t| t.waiting.is_empty()), "{status:?}");
 }

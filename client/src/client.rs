@@ -812,6 +812,31 @@ impl Client {
         .await
     }
 
+    /// Drains agent `id` (`drain` false: puts it back in service); what is left on it and why.
+    pub async fn drain_agent(&self, id: &str, drain: bool) -> Result<pb::DrainStatus> {
+        self.call("DrainAgent", |ch, t| {
+            let req = pb::AgentDrainRequest { agent_id: id.to_string(), drain };
+            async move {
+                AgentManagementServiceClient::new(ch).drain_agent(with_timeout(req, t)).await.map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// What is left on agent `id` and why each task waits.
+    pub async fn drain_status(&self, id: &str) -> Result<pb::DrainStatus> {
+        self.call("GetDrainStatus", |ch, t| {
+            let req = pb::AgentId { id: id.to_string() };
+            async move {
+                AgentManagementServiceClient::new(ch)
+                    .get_drain_status(with_timeout(req, t))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
     pub async fn get_agent(&self, id: &str) -> Result<pb::AgentInstance> {
         self.call("GetAgent", |ch, t| {
             let req = pb::AgentId { id: id.to_string() };

@@ -118,6 +118,7 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Applied> {
         Command::MarkAgentTerminating { agent_id, terminating } => {
             jobs::mark_agent_terminating(o, &agent_id, terminating)?
         }
+        Command::SetAgentDraining { agent_id, draining } => jobs::set_agent_draining(o, &agent_id, draining)?,
         Command::AgentLost { agent_id, timestamp_ms } => jobs::agent_lost(o, &agent_id, timestamp_ms)?,
         Command::AssignTasks { assignments, timestamp_ms } => jobs::assign_tasks(o, assignments, timestamp_ms)?,
 

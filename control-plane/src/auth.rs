@@ -349,6 +349,12 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
             allows: |c| c.has_role(&[Role::Admin, Role::Operator]),
             audited: false,
         },
+        ("titus.AgentManagementService", "DrainAgent") => Rule {
+            name: "agent-drain",
+            says: "agents are drained by admins and operators",
+            allows: |c| c.has_role(&[Role::Admin, Role::Operator]),
+            audited: true,
+        },
         ("titus.AgentManagementService", "CreateInstanceGroup" | "UpdateInstanceGroupLifecycle") => Rule {
             name: "agent-admin",
             says: "agent management is admin-only",

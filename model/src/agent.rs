@@ -114,6 +114,11 @@ pub struct Agent {
     /// a grace period from then.
     #[serde(default)]
     pub lost_ms: Option<i64>,
+    /// An operator drains it (`titus agent drain`): no new tasks, and its service tasks move
+    /// elsewhere as their jobs' disruption budgets allow. Absent from records of agents never
+    /// drained (older replicas read them unchanged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// Most attributes an agent may register, and the longest key and value.
@@ -197,7 +202,7 @@ impl Agent {
 
     /// Whether placement may give it new tasks (its instance group's lifecycle aside).
     pub fn accepts_tasks(&self) -> bool {
-        self.state == AgentState::Online && self.healthy && !self.terminating
+        self.state == AgentState::Online && self.healthy && !self.terminating && !self.draining
     }
 }
 
@@ -351,6 +356,7 @@ mod tests {
             registered_ms: 0,
             terminating: false,
             lost_ms: None,
+            draining: false,
         }
     }
 

@@ -198,6 +198,11 @@ pub enum Command {
         #[serde(default = "yes")]
         terminating: bool,
     },
+    /// An operator drains the agent (or, `draining` false, puts it back in service).
+    SetAgentDraining {
+        agent_id: String,
+        draining: bool,
+    },
     /// The agent missed its heartbeats past the TTL: it is Lost and its live tasks Finished(lost).
     AgentLost {
         agent_id: String,
@@ -381,6 +386,7 @@ impl Command {
             Command::RegisterAgent { .. } => "register_agent",
             Command::SetAgentHealth { .. } => "set_agent_health",
             Command::AgentLost { .. } => "agent_lost",
+            Command::SetAgentDraining { .. } => "set_agent_draining",
             Command::MarkAgentTerminating { .. } => "mark_agent_terminating",
             Command::AssignTasks { .. } => "assign_tasks",
             Command::AddLoadBalancer { .. } => "add_load_balancer",

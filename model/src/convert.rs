@@ -502,6 +502,7 @@ pub fn agent_from_register(reg: &pb::AgentRegister, now_ms: i64) -> Result<crate
         registered_ms: now_ms,
         terminating: false,
         lost_ms: None,
+        draining: false,
     };
     agent.validate().map_err(Invalid)?;
     Ok(agent)

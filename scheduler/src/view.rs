@@ -23,6 +23,8 @@ pub enum Ineligible {
     NotConnected,
     /// Its instance is being terminated.
     Terminating,
+    /// An operator drains it.
+    Draining,
 }
 
 impl fmt::Display for Ineligible {
@@ -32,6 +34,7 @@ impl fmt::Display for Ineligible {
             Ineligible::Unhealthy => f.write_str("unhealthy"),
             Ineligible::NotConnected => f.write_str("not connected"),
             Ineligible::Terminating => f.write_str("terminating"),
+            Ineligible::Draining => f.write_str("draining"),
         }
     }
 }

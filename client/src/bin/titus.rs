@@ -608,6 +608,19 @@ enum AgentCmd {
         /// The agent's id.
         id: String,
     },
+    /// Drains an agent: no new tasks, its service tasks move elsewhere as their jobs' disruption
+    /// budgets allow (batch tasks finish where they run). Shows what is left and why each task
+    /// waits; run it again to see progress.
+    Drain {
+        /// The agent's id.
+        id: String,
+        /// Puts the agent back in service instead.
+        #[arg(long)]
+        undo: bool,
+        /// Waits until no task is left on it (bounded by --timeout).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1187,12 +1200,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 std::process::exit(if (0..=255).contains(&code) { code } else { 1 });
             }
         },
+        Command::Agent(AgentCmd::Drain { id, undo, wait }) => {
+            let mut status = client.drain_agent(&id, !undo).await?;
+            while wait && !undo && !status.tasks.is_empty() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                status = client.drain_status(&id).await?;
+            }
+            print_drain(out, &status);
+        }
         Command::Agent(AgentCmd::Get { id }) => {
             let a = client.get_agent(&id).await?;
             let r = a.resources.clone().unwrap_or_default();
             let u = a.allocated.clone().unwrap_or_default();
             let v = serde_json::json!({
-                "id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "unhealthyReason": a.unhealthy_reason, "terminating": a.terminating,
+                "id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "unhealthyReason": a.unhealthy_reason, "terminating": a.terminating, "draining": a.draining,
                 "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks,
                 "resources": {"cpu": r.cpu, "memoryMB": r.memory_mb, "diskMB": r.disk_mb, "networkMbps": r.network_mbps, "gpu": r.gpu},
                 "allocated": {"cpu": u.cpu, "memoryMB": u.memory_mb, "diskMB": u.disk_mb, "networkMbps": u.network_mbps, "gpu": u.gpu},
@@ -1318,7 +1339,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .iter()
                     .map(|a| {
                         let (r, u) = (a.resources.unwrap_or_default(), a.allocated.unwrap_or_default());
-                        serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "terminating": a.terminating, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes, "registeredMs": a.registered_ms,
+                        serde_json::json!({"id": a.id, "instanceGroup": a.instance_group, "healthy": a.healthy, "terminating": a.terminating, "draining": a.draining, "lost": a.state == titus_client::proto::AgentState::AgentLost as i32, "liveTasks": a.live_tasks, "attributes": a.attributes, "registeredMs": a.registered_ms,
                             "resources": {"cpu": r.cpu, "memoryMB": r.memory_mb, "diskMB": r.disk_mb, "networkMbps": r.network_mbps, "gpu": r.gpu},
                             "allocated": {"cpu": u.cpu, "memoryMB": u.memory_mb, "diskMB": u.disk_mb, "networkMbps": u.network_mbps, "gpu": u.gpu}})
                     })
@@ -1333,6 +1354,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     let state = if a.state == titus_client::proto::AgentState::AgentLost as i32 {
                         "lost"
                     } else if a.terminating {
+                        "terminating"
+                    } else if a.draining {
                         "draining"
                     } else {
                         "online"
@@ -1474,6 +1497,28 @@ fn job_state_name(s: i32) -> &'static str {
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
     Ok((k.to_string(), v.to_string()))
+}
+
+fn print_drain(out: Output, s: &titus_client::proto::DrainStatus) {
+    if out != Output::Table {
+        let tasks: Vec<_> = s
+            .tasks
+            .iter()
+            .map(|t| serde_json::json!({"taskId": t.task_id, "jobId": t.job_id, "state": state_name(t.state), "waiting": t.waiting}))
+            .collect();
+        emit(out, &serde_json::json!({"agent": s.agent_id, "draining": s.draining, "tasks": tasks}));
+        return;
+    }
+    let what = if s.draining { "draining" } else { "in service" };
+    println!("agent {} is {what}; {} live task(s) on it", s.agent_id, s.tasks.len());
+    if s.tasks.is_empty() {
+        return;
+    }
+    println!("{:<38} {:<38} {:<15} {}", "TASK", "JOB", "STATE", "WAITING");
+    for t in &s.tasks {
+        let waiting = if t.waiting.is_empty() && s.draining { "moves next" } else { t.waiting.as_str() };
+        println!("{:<38} {:<38} {:<15} {}", t.task_id, t.job_id, state_name(t.state), waiting);
+    }
 }
 
 fn print_load_balancers(out: Output, all: &[titus_client::proto::GetJobLoadBalancersResult]) {

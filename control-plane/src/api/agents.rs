@@ -158,6 +158,62 @@ fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
 }
 
 impl AgentManagementApi {
+    /// What is left on agent `agent_id` and why each task waits.
+    fn drain_status(&self, agent_id: &str) -> Result<pb::DrainStatus, Status> {
+        let state = &self.replica.state;
+        if state.agent(agent_id)?.is_none() {
+            return Err(Error::Rejected(Rejection::new(
+                RejectionKind::NotFound,
+                "agent_id",
+                format!("agent {agent_id:?} does not exist"),
+            ))
+            .into());
+        }
+        let draining = crate::jobs::lifecycle::draining_agents(state)?.contains(agent_id);
+        let now = crate::clock::now_ms();
+        let mut out = pb::DrainStatus { agent_id: agent_id.to_string(), draining, tasks: Vec::new() };
+        let mut jobs: std::collections::BTreeMap<
+            String,
+            Option<(crate::model::job::Job, Vec<crate::model::task::Task>)>,
+        > = Default::default();
+        for id in state.task_ids_on_agent(agent_id)? {
+            let Some(task) = state.task(&id)? else { continue };
+            let job = match jobs.entry(task.job_id.clone()) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let job = state.job(&task.job_id)?;
+                    let tasks = if job.is_some() { state.tasks_of_job(&task.job_id)? } else { Vec::new() };
+                    e.insert(job.map(|j| (j, tasks)))
+                }
+            };
+            let waiting = match job {
+                _ if !draining => String::new(),
+                _ if task.state() == crate::model::task::TaskState::KillInitiated => {
+                    "on its way out: being killed".into()
+                }
+                None => String::new(),
+                Some((j, _)) if j.descriptor.is_batch() => "a batch task: left to finish where it runs".into(),
+                Some((j, tasks)) => {
+                    let allowance = crate::jobs::lifecycle::drain_allowance(j, j.descriptor.wanted_tasks(), tasks, now);
+                    let serves = crate::jobs::lifecycle::serves(j, &task, None);
+                    let room = if serves { allowance.available } else { allowance.any };
+                    if room == 0 {
+                        allowance.held_by.unwrap_or_else(|| "its job's disruption budget".into())
+                    } else {
+                        String::new()
+                    }
+                }
+            };
+            out.tasks.push(pb::DrainingTask {
+                task_id: task.id.clone(),
+                job_id: task.job_id.clone(),
+                state: crate::model::convert::task_state_to_proto(task.state()) as i32,
+                waiting,
+            });
+        }
+        Ok(out)
+    }
+
     /// `allocation` is the agent's entry of [`allocation_by_agent`], computed once per call.
     fn agent_to_proto(&self, a: Agent, allocation: Option<&Allocation>) -> pb::AgentInstance {
         let allocation = allocation.cloned().unwrap_or_default();
@@ -176,6 +232,7 @@ impl AgentManagementApi {
             healthy: a.healthy,
             unhealthy_reason: a.unhealthy_reason,
             terminating: a.terminating,
+            draining: a.draining,
             registered_ms: a.registered_ms,
             allocated: Some(resources_to_proto(&allocated)),
             live_tasks: live,
@@ -307,6 +364,24 @@ impl AgentManagementService for AgentManagementApi {
         });
         let agents = agents.collect();
         Ok(Response::new(pb::AgentList { agents }))
+    }
+
+    async fn drain_agent(&self, request: Request<pb::AgentDrainRequest>) -> Result<Response<pb::DrainStatus>, Status> {
+        let r = request.get_ref().clone();
+        validate_name("agent_id", &r.agent_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
+        crate::auth::note_target(&request, format!("agent {}", r.agent_id));
+        self.replica.require_leader()?;
+        let command = Command::SetAgentDraining { agent_id: r.agent_id.clone(), draining: r.drain };
+        if let CommandResponse::Rejected(rejection) = self.replica.propose(command, client_deadline(&request)).await? {
+            return Err(Error::Rejected(rejection).into());
+        }
+        Ok(Response::new(self.drain_status(&r.agent_id)?))
+    }
+
+    async fn get_drain_status(&self, request: Request<pb::AgentId>) -> Result<Response<pb::DrainStatus>, Status> {
+        self.replica.require_leader()?;
+        self.replica.read_barrier(client_deadline(&request)).await?;
+        Ok(Response::new(self.drain_status(&request.get_ref().id)?))
     }
 
     async fn get_agent(&self, request: Request<pb::AgentId>) -> Result<Response<pb::AgentInstance>, Status> {

@@ -169,6 +169,15 @@ pub fn mark_agent_terminating(o: &mut Overlay, agent_id: &str, terminating: bool
     })
 }
 
+pub fn set_agent_draining(o: &mut Overlay, agent_id: &str, draining: bool) -> Result<CommandResponse> {
+    let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
+    if agent.draining != draining {
+        agent.draining = draining;
+        o.put_agent(agent);
+    }
+    Ok(CommandResponse::Done)
+}
+
 pub fn set_agent_health(o: &mut Overlay, agent_id: &str, healthy: bool, reason: String) -> Result<CommandResponse> {
     Ok(match o.agent(agent_id)? {
         None => not_found("agent_id", "agent", agent_id)?,
@@ -229,6 +238,7 @@ pub fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) ->
     if let Some(existing) = existing {
         agent.registered_ms = existing.registered_ms;
         agent.terminating = existing.terminating;
+        agent.draining = existing.draining;
     }
     o.put_agent(agent);
     Ok(CommandResponse::Done)

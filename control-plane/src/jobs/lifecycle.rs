@@ -405,7 +405,8 @@ pub fn plan_job_with(
     out
 }
 
-/// Agents whose instance group is being drained (PhasedOut or Removable): their service tasks move.
+/// Agents being drained, by an operator or with their instance group (PhasedOut or Removable):
+/// their service tasks move.
 pub fn draining_agents(store: &dyn StateRead) -> Result<BTreeSet<String>> {
     let mut lifecycles = BTreeMap::new();
     let mut out = BTreeSet::new();
@@ -414,7 +415,9 @@ pub fn draining_agents(store: &dyn StateRead) -> Result<BTreeSet<String>> {
             let lifecycle = store.instance_group(&agent.instance_group)?.map(|g| g.lifecycle);
             lifecycles.insert(agent.instance_group.clone(), lifecycle);
         }
-        if matches!(lifecycles[&agent.instance_group], Some(Lifecycle::PhasedOut | Lifecycle::Removable)) {
+        if agent.draining
+            || matches!(lifecycles[&agent.instance_group], Some(Lifecycle::PhasedOut | Lifecycle::Removable))
+        {
             out.insert(agent.id);
         }
     }
@@ -437,18 +440,9 @@ pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i6
     if moving.is_empty() {
         return Vec::new();
     }
-    // The job's disruption budget decides how many may go now; a self-managed one, the drain's
-    // own pace: a tenth of desired on its way at once.
-    let budget = &job.descriptor.disruption_budget;
     let serving = |t: &Task| serves(job, t, None);
-    let available = tasks.iter().filter(|t| serving(t)).count() as u32;
-    let allowance = budget.allowance(capacity.desired, available, &job.evictions_ms, now);
-    let mut any = allowance.any as usize;
-    if budget.is_self_managed() {
-        let in_flight = tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::Started).count();
-        any = any.min((capacity.desired as usize).div_ceil(10).max(1).saturating_sub(in_flight));
-    }
-    let mut of_available = allowance.available as usize;
+    let allowance = drain_allowance(job, capacity.desired, tasks, now);
+    let (mut any, mut of_available) = (allowance.any as usize, allowance.available as usize);
     // Those not serving first: moving them costs the service nothing.
     moving.sort_by_key(|t| serving(t));
     let mut chosen = Vec::new();
@@ -479,6 +473,27 @@ pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i6
             )
         })
         .collect()
+}
+
+/// How many of a service job's tasks a drain may move now: its disruption budget's allowance, or
+/// for a self-managed job the drain's own pace — a tenth of desired (at least one) on its way at
+/// once, counting those placed but not yet Started and those being killed.
+pub fn drain_allowance(job: &Job, desired: u32, tasks: &[Task], now: i64) -> crate::model::budget::Allowance {
+    let budget = &job.descriptor.disruption_budget;
+    let available = tasks.iter().filter(|t| serves(job, t, None)).count() as u32;
+    let mut allowance = budget.allowance(desired, available, &job.evictions_ms, now);
+    if budget.is_self_managed() {
+        let in_flight = tasks.iter().filter(|t| t.state().is_live() && t.state() != TaskState::Started).count();
+        let pace = (desired as usize).div_ceil(10).max(1).saturating_sub(in_flight) as u32;
+        if pace < allowance.any {
+            allowance.any = pace;
+            allowance.available = allowance.available.min(pace);
+            if pace == 0 && allowance.held_by.is_none() {
+                allowance.held_by = Some(format!("{in_flight} of the job's tasks are on their way already (a self-managed job moves a tenth at a time)"));
+            }
+        }
+    }
+    allowance
 }
 
 /// What to do about every active job.

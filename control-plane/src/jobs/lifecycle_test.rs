@@ -458,6 +458,7 @@ fn host_constraints_are_checked_again_when_a_placement_commits() {
             registered_ms: 1,
             terminating: false,
             lost_ms: None,
+            draining: false,
         },
     });
     let create = |sim: &mut Sim, id: &str, constraint: Option<&str>| {
@@ -536,6 +537,7 @@ fn an_instance_is_bound_to_the_agent_that_registered_on_it_first() {
             registered_ms: 1,
             terminating: false,
             lost_ms: None,
+            draining: false,
         };
         match sim.run(Command::RegisterAgent { agent }) {
             CommandResponse::Done => Ok(()),

@@ -263,6 +263,8 @@ impl Cache {
                 Some(core::Ineligible::Unhealthy)
             } else if a.terminating {
                 Some(core::Ineligible::Terminating)
+            } else if a.draining {
+                Some(core::Ineligible::Draining)
             } else {
                 match group.map(|g| g.lifecycle) {
                     Some(l) if l != Lifecycle::Active => Some(core::Ineligible::Lifecycle(format!("{l:?}"))),

@@ -218,6 +218,7 @@ impl Twin {
                     registered_ms: self.now,
                     terminating: false,
                     lost_ms: None,
+                    draining: false,
                 };
                 self.run(Command::RegisterAgent { agent });
             }

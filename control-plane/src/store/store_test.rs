@@ -229,6 +229,7 @@ pub(crate) fn agent(id: &str) -> crate::model::agent::Agent {
         registered_ms: 1,
         terminating: false,
         lost_ms: None,
+        draining: false,
     }
 }
 
