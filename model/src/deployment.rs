@@ -207,6 +207,38 @@ impl Rollout {
         self.deployments.last().map_or(1, |d| d.id.saturating_add(1))
     }
 
+    /// Starts deployment `id` from the current version to `to_version`, `previous` the container
+    /// the old tasks run; the job's spec takes `to_version`.
+    pub fn start(
+        &mut self,
+        id: u32,
+        to_version: u32,
+        previous: Container,
+        next: &Container,
+        strategy: RolloutStrategy,
+        at_ms: i64,
+    ) {
+        self.push(Deployment {
+            id,
+            from_version: self.version,
+            to_version,
+            from_image: image_ref(&previous),
+            to_image: image_ref(next),
+            previous: Some(previous),
+            strategy,
+            state: DeploymentState::Progressing,
+            rollback_of: None,
+            failures: 0,
+            started_ms: at_ms,
+            ended_ms: None,
+            canary_ready_ms: None,
+            promoted: false,
+            message: String::new(),
+            steps: Vec::new(),
+        });
+        self.version = to_version;
+    }
+
     /// Adds a deployment, forgetting the oldest finished ones past [`MAX_DEPLOYMENTS_KEPT`].
     pub fn push(&mut self, d: Deployment) {
         self.deployments.push(d);

@@ -6,7 +6,7 @@ use crate::command::DeploymentChange;
 use crate::command::{CommandResponse, Rejection, RejectionKind};
 use crate::error::Result;
 use crate::jobs::hosts;
-use crate::model::deployment::{image_ref, Deployment, DeploymentState, RolloutStrategy};
+use crate::model::deployment::{DeploymentState, RolloutStrategy};
 use crate::model::job::{
     validate_capacity, Container, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP,
     MAX_TASKS_PER_JOB,
@@ -547,25 +547,7 @@ pub fn update_job_spec(
         active.end(DeploymentState::Superseded, format!("superseded by deployment {id}"), timestamp_ms);
     }
     let previous = std::mem::replace(&mut job.descriptor.container, container);
-    rollout.push(Deployment {
-        id,
-        from_version: rollout.version,
-        to_version: version,
-        from_image: image_ref(&previous),
-        to_image: image_ref(&job.descriptor.container),
-        previous: Some(previous),
-        strategy,
-        state: DeploymentState::Progressing,
-        rollback_of: None,
-        failures: 0,
-        started_ms: timestamp_ms,
-        ended_ms: None,
-        canary_ready_ms: None,
-        promoted: false,
-        message: String::new(),
-        steps: Vec::new(),
-    });
-    rollout.version = version;
+    rollout.start(id, version, previous, &job.descriptor.container, strategy, timestamp_ms);
     o.put_job(job);
     Ok(CommandResponse::Deployment(id))
 }
@@ -618,26 +600,14 @@ pub fn advance_deployment(
             let previous = failed.previous.unwrap_or_else(|| job.descriptor.container.clone());
             let undone = std::mem::replace(&mut job.descriptor.container, previous);
             let id = job.rollout.next_id();
-            job.rollout.push(Deployment {
-                id,
-                from_version: failed.to_version,
-                to_version: failed.from_version,
-                from_image: failed.to_image,
-                to_image: failed.from_image,
-                previous: Some(undone),
-                // A rollback replaces every new task at once where it can, and is never rolled back.
-                strategy: RolloutStrategy { canary: 0, rollback_after_failures: 0, ..failed.strategy },
-                state: DeploymentState::Progressing,
-                rollback_of: Some(failed.id),
-                failures: 0,
-                started_ms: timestamp_ms,
-                ended_ms: None,
-                canary_ready_ms: None,
-                promoted: true,
-                message: reason,
-                steps: Vec::new(),
-            });
-            job.rollout.version = failed.from_version;
+            // A rollback replaces every new task at once where it can, and is never rolled back.
+            let strategy = RolloutStrategy { canary: 0, rollback_after_failures: 0, ..failed.strategy };
+            job.rollout.start(id, failed.from_version, undone, &job.descriptor.container, strategy, timestamp_ms);
+            if let Some(undo) = job.rollout.active_mut() {
+                undo.rollback_of = Some(failed.id);
+                undo.promoted = true;
+                undo.message = reason;
+            }
         }
     }
     o.put_job(job);

@@ -312,6 +312,21 @@ impl Duty {
         Ok(())
     }
 
+    /// What `group` says of each of its targets (DescribeTargetHealth), by target id; None when
+    /// the call failed (the group is backed off, and the failure noted).
+    async fn target_health(&mut self, group: &str) -> crate::Result<Option<HashMap<String, String>>> {
+        let listed = self.aws.target_health(group).await;
+        let m = crate::telemetry::metrics();
+        m.aws_calls_total.inc(&["lb", "DescribeTargetHealth", crate::telemetry::aws_outcome(&listed)]);
+        match listed {
+            Ok(h) => Ok(Some(h.into_iter().collect())),
+            Err(e) => {
+                self.failed(group, e).await?;
+                Ok(None)
+            }
+        }
+    }
+
     /// Records what the target groups of jobs being deployed say of their targets' health: a
     /// deployment counts a new task available only once every one of its targets is `healthy`
     /// (see `jobs::deployment`). Only those groups are asked, and a record is written only when its
@@ -335,16 +350,7 @@ impl Duty {
             if !self.backoff.ready(&group) {
                 continue;
             }
-            let listed = self.aws.target_health(&group).await;
-            let m = crate::telemetry::metrics();
-            m.aws_calls_total.inc(&["lb", "DescribeTargetHealth", crate::telemetry::aws_outcome(&listed)]);
-            let health: HashMap<String, String> = match listed {
-                Ok(h) => h.into_iter().collect(),
-                Err(e) => {
-                    self.failed(&group, e).await?;
-                    continue;
-                }
-            };
+            let Some(health) = self.target_health(&group).await? else { continue };
             changed.extend(health_changes(&records, &group, &health));
         }
         if !changed.is_empty() {
@@ -369,16 +375,8 @@ impl Duty {
             if !self.backoff.ready(&group) {
                 continue;
             }
-            let listed = self.aws.target_health(&group).await;
+            let Some(health) = self.target_health(&group).await? else { continue };
             let m = crate::telemetry::metrics();
-            m.aws_calls_total.inc(&["lb", "DescribeTargetHealth", crate::telemetry::aws_outcome(&listed)]);
-            let health: HashMap<String, String> = match listed {
-                Ok(h) => h.into_iter().collect(),
-                Err(e) => {
-                    self.failed(&group, e).await?;
-                    continue;
-                }
-            };
             // Every target's health is known before any deployment asks (see `observe_health`).
             health_changed.extend(health_changes(&records, &group, &health));
             // A target already draining is on its way out.
