@@ -648,8 +648,8 @@ async fn t266_an_eviction_honors_the_job_s_disruption_budget() {
     client.kill_job(&job_id).await.unwrap();
 }
 
-/// `DrainAgent` (`titus agent drain`): the drained agent gets no new task, a job under a 75% budget
-/// moves one task at a time to the other agent (never fewer than 3 of its 4 Started, sampled every
+/// `DrainAgent` (`titus agent drain`): the drained agent gets no new task, a job under an 80% budget
+/// moves one task at a time to the other agent (never fewer than 4 of its 5 Started, sampled every
 /// 100 ms), and a job under a 100% budget stays, its tasks said to wait for that budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t247_an_agent_drain_moves_tasks_within_their_budgets_and_says_what_waits() {
@@ -663,15 +663,15 @@ async fn t247_an_agent_drain_moves_tasks_within_their_budgets_and_says_what_wait
         d.disruption_budget = Some(pb::DisruptionBudget { availability_percentage_limit: pct, ..Default::default() });
         d
     };
-    let moving = client.create_job(budgeted("moving", 4, 75.0)).await.unwrap();
+    let moving = client.create_job(budgeted("moving", 5, 80.0)).await.unwrap();
     let pinned = client.create_job(budgeted("pinned", 2, 100.0)).await.unwrap();
-    wait_tasks(&client, &moving, "Started", 4, SETTLE).await;
+    wait_tasks(&client, &moving, "Started", 5, SETTLE).await;
     wait_tasks(&client, &pinned, "Started", 2, SETTLE).await;
     let new = c.start_agent("a247new", 4.0, 4096);
     wait_until(SETTLE, "the new agent registered", || async { client.get_agent(&new).await.ok() }).await;
 
     let status = client.drain_agent(&old, true).await.unwrap();
-    assert!(status.draining && status.tasks.len() == 6, "{status:?}");
+    assert!(status.draining && status.tasks.len() == 7, "{status:?}");
     assert!(client.get_agent(&old).await.unwrap().draining);
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sampler = {
@@ -687,16 +687,16 @@ async fn t247_an_agent_drain_moves_tasks_within_their_budgets_and_says_what_wait
             }
         })
     };
-    let left = wait_until(Duration::from_secs(90), "the 75% job moved off the drained agent", || async {
+    let left = wait_until(Duration::from_secs(90), "the 80% job moved off the drained agent", || async {
         let s = client.drain_status(&old).await.ok()?;
         let started = tasks_in(&client, &moving, "Started").await;
-        let all_new = started.len() == 4 && started.iter().all(|t| t.task_context.get("agent") == Some(&new));
+        let all_new = started.len() == 5 && started.iter().all(|t| t.task_context.get("agent") == Some(&new));
         all_new.then_some(s)
     })
     .await;
     let _ = stop_tx.send(());
     let fewest = sampler.await.unwrap();
-    assert!(fewest >= 3, "the 75% job went down to {fewest} Started tasks");
+    assert!(fewest >= 4, "the 80% job went down to {fewest} Started tasks");
     // The 100% job stays, each task saying why.
     let held: Vec<&pb::DrainingTask> = left.tasks.iter().filter(|t| t.job_id == pinned).collect();
     assert_eq!(held.len(), 2, "{left:?}");

@@ -235,6 +235,8 @@ pub struct DisruptionBudget {
     pub rate_limit: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rate_interval_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub rate_percentage_per_hour: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub time_windows: Vec<TimeWindow>,
 }
@@ -372,6 +374,7 @@ impl JobSpec {
                     unhealthy_tasks_limit: b.unhealthy_tasks_limit,
                     rate_limit: b.rate_limit,
                     rate_interval_ms: b.rate_interval_ms,
+                    rate_percentage_per_hour: b.rate_percentage_per_hour,
                     time_windows: b
                         .time_windows
                         .into_iter()
@@ -450,6 +453,7 @@ impl JobSpec {
                 unhealthy_tasks_limit: d.unhealthy_tasks_limit,
                 rate_limit: d.rate_limit,
                 rate_interval_ms: d.rate_interval_ms,
+                rate_percentage_per_hour: d.rate_percentage_per_hour,
                 time_windows: d
                     .time_windows
                     .into_iter()

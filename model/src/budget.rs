@@ -5,7 +5,8 @@
 //!
 //! - `availability_percentage_limit`: at least this share of desired stays available (rounded up);
 //! - `unhealthy_tasks_limit`: at most this many tasks unavailable at once;
-//! - `rate_limit` per `rate_interval_ms`: at most so many evictions in any such interval;
+//! - `rate_limit` per `rate_interval_ms`: at most so many evictions in any such interval, and
+//!   `rate_percentage_per_hour`: at most that share of desired in any hour;
 //! - `time_windows`: evictions only inside them (UTC);
 //! - neither limit set: self-managed, the disruption's own pace (a drain moves a tenth of the
 //!   job at a time, a rolling update by its strategy).
@@ -62,15 +63,17 @@ impl super::job::DisruptionBudget {
             any = 0;
             held_by = Some("outside the disruption budget's time windows".to_string());
         }
-        if self.rate_limit > 0 && any > 0 {
-            let since = now_ms.saturating_sub(i64::try_from(self.rate_interval_ms).unwrap_or(i64::MAX));
+        for (limit, interval_ms) in self.rates(desired) {
+            if any == 0 {
+                break;
+            }
+            let since = now_ms.saturating_sub(i64::try_from(interval_ms).unwrap_or(i64::MAX));
             let used = evictions_ms.iter().filter(|t| **t > since).count() as u32;
-            any = any.min(self.rate_limit.saturating_sub(used));
+            any = any.min(limit.saturating_sub(used));
             if any == 0 {
                 held_by = Some(format!(
-                    "the disruption budget's rate: {used} evictions in the last {} s, at most {}",
-                    self.rate_interval_ms / 1000,
-                    self.rate_limit
+                    "the disruption budget's rate: {used} evictions in the last {} s, at most {limit}",
+                    interval_ms / 1000
                 ));
             }
         }
@@ -106,6 +109,26 @@ impl super::job::DisruptionBudget {
         Allowance { any, available: for_available, held_by }
     }
 
+    /// Its rates as (evictions, per interval in ms), for a job of `desired` tasks: a percentage per
+    /// hour is a count per hour (rounded up, at least 1, at most [`MAX_RATE_LIMIT`]).
+    pub fn rates(&self, desired: u32) -> Vec<(u32, u64)> {
+        let mut rates = Vec::new();
+        if self.rate_limit > 0 {
+            rates.push((self.rate_limit, self.rate_interval_ms));
+        }
+        if self.rate_percentage_per_hour > 0.0 {
+            let n = (f64::from(desired) * self.rate_percentage_per_hour / 100.0).ceil();
+            let n = if n.is_finite() { n.clamp(1.0, f64::from(MAX_RATE_LIMIT)) as u32 } else { 1 };
+            rates.push((n, 3_600_000));
+        }
+        rates
+    }
+
+    /// How many past evictions its rates need remembered.
+    pub fn evictions_kept(&self, desired: u32) -> usize {
+        self.rates(desired).iter().map(|(n, _)| *n as usize).max().unwrap_or(0)
+    }
+
     /// Every violation, fields named from `disruption_budget`.
     pub fn validate(&self, bad: &mut impl FnMut(&str, String)) {
         let p = self.availability_percentage_limit;
@@ -117,6 +140,10 @@ impl super::job::DisruptionBudget {
         }
         if self.rate_limit > 0 && !(1_000..=7 * 86_400_000).contains(&self.rate_interval_ms) {
             bad("disruption_budget.rate_interval_ms", "must be between 1000 (1 s) and 604800000 (7 days)".into());
+        }
+        let r = self.rate_percentage_per_hour;
+        if !r.is_finite() || !(0.0..=100.0).contains(&r) {
+            bad("disruption_budget.rate_percentage_per_hour", "must be between 0 and 100".into());
         }
         if self.self_managed_relocation_time_ms > 7 * 86_400_000 {
             bad("disruption_budget.self_managed_relocation_time_ms", "must be at most 7 days".into());
@@ -176,6 +203,12 @@ mod tests {
         assert!(!weekdays.contains(thursday_10h + 8 * 3_600_000), "18:00");
         let b = DisruptionBudget { time_windows: vec![weekdays], ..DisruptionBudget::default() };
         assert_eq!(b.allowance(3, 3, &[], thursday_10h + 2 * 86_400_000).any, 0);
+        // 10% of 30 an hour: 3.
+        let b = DisruptionBudget { rate_percentage_per_hour: 10.0, ..DisruptionBudget::default() };
+        assert_eq!(b.rates(30), [(3, 3_600_000)]);
+        assert_eq!(b.allowance(30, 30, &[1, 2], 3_000_000).any, 1);
+        assert_eq!(b.allowance(30, 30, &[1, 2, 3], 3_000_000).any, 0);
+        assert_eq!(b.evictions_kept(30), 3);
     }
 
     #[test]

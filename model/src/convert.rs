@@ -147,6 +147,7 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
             unhealthy_tasks_limit: b.unhealthy_tasks_limit,
             rate_limit: b.rate_limit,
             rate_interval_ms: b.rate_interval_ms,
+            rate_percentage_per_hour: b.rate_percentage_per_hour,
             time_windows: b
                 .time_windows
                 .into_iter()
@@ -299,6 +300,7 @@ pub fn job_descriptor_to_proto(d: &JobDescriptor) -> pb::JobDescriptor {
             unhealthy_tasks_limit: d.disruption_budget.unhealthy_tasks_limit,
             rate_limit: d.disruption_budget.rate_limit,
             rate_interval_ms: d.disruption_budget.rate_interval_ms,
+            rate_percentage_per_hour: d.disruption_budget.rate_percentage_per_hour,
             time_windows: d
                 .disruption_budget
                 .time_windows

@@ -350,6 +350,9 @@ pub struct DisruptionBudget {
     pub rate_limit: u32,
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub rate_interval_ms: u64,
+    /// At most this share of desired evicted in any hour (rounded up, at least 1); 0: no such rate.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub rate_percentage_per_hour: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub time_windows: Vec<crate::budget::TimeWindow>,
 }
@@ -362,6 +365,10 @@ fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
+fn is_zero_f64(n: &f64) -> bool {
+    *n == 0.0
+}
+
 impl Default for DisruptionBudget {
     /// Self-managed: a job that sets no budget takes each disruption at that disruption's own pace.
     fn default() -> Self {
@@ -371,6 +378,7 @@ impl Default for DisruptionBudget {
             unhealthy_tasks_limit: 0,
             rate_limit: 0,
             rate_interval_ms: 0,
+            rate_percentage_per_hour: 0.0,
             time_windows: Vec::new(),
         }
     }

@@ -315,7 +315,7 @@ fn update_status(
 /// only when the budget has one, and only as many as it allows).
 fn record_eviction(o: &mut Overlay, job_id: &str, at_ms: i64) -> Result<()> {
     let Some(mut job) = o.job(job_id)? else { return Ok(()) };
-    let limit = job.descriptor.disruption_budget.rate_limit as usize;
+    let limit = job.descriptor.disruption_budget.evictions_kept(job.descriptor.wanted_tasks());
     if limit == 0 {
         return Ok(());
     }

@@ -109,20 +109,24 @@ pub fn plan(
             of_available -= usize::from(serves);
             kill.push(t);
         }
-        // Desired lowered during the update: new tasks beyond it go too, unavailable first.
-        if new.len() > wanted {
-            let mut extra = new.clone();
-            extra.sort_by_key(|t| (available(t), std::cmp::Reverse(t.index)));
-            kill.extend(extra.into_iter().take(new.len() - wanted));
-        }
     } else if new_available >= target_new && d.canary_ready_ms.is_none() {
         out.push(advance(job, d, DeploymentChange::CanariesReady, now));
     }
+    let stop = |t: &Task| if t.state() == TaskState::Accepted { TaskState::Finished } else { TaskState::KillInitiated };
     for t in &kill {
-        let to = if t.state() == TaskState::Accepted { TaskState::Finished } else { TaskState::KillInitiated };
         // A voluntary disruption: evicted (not counted against the job's retries).
         let message = format!("replaced by deployment {} (version {})", d.id, d.to_version);
-        out.push(update(t, status(to, reason::EVICTED, &message, now)));
+        out.push(update(t, status(stop(t), reason::EVICTED, &message, now)));
+    }
+    // Desired lowered during the update: new tasks beyond it go, unavailable first (a scale-down,
+    // not a disruption).
+    if !canary_phase && new.len() > wanted {
+        let mut extra = new.clone();
+        extra.sort_by_key(|t| (available(t), std::cmp::Reverse(t.index)));
+        for t in extra.into_iter().take(new.len() - wanted) {
+            out.push(update(t, status(stop(t), reason::SCALED_DOWN, "job scaled down", now)));
+            kill.push(t);
+        }
     }
 
     // New tasks take the indexes of finished ones first (keeping their lineage), then the lowest

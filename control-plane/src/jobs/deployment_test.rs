@@ -410,3 +410,24 @@ fn an_eviction_is_refused_when_the_budget_holds_it_back() {
     sim.world(4, false);
     assert_eq!(evict(&mut sim, &tasks[1].id), CommandResponse::Done);
 }
+
+#[test]
+fn a_disabled_job_s_deployment_waits_with_its_tasks_kept() {
+    let mut sim = Sim::service(3);
+    sim.run(Command::UpdateJobStatus { job_id: JOB.into(), enabled: false });
+    sim.update("v2", RolloutStrategy::default());
+    for _ in 0..5 {
+        sim.round();
+        sim.world(3, false);
+    }
+    assert_eq!(sim.serving().iter().filter(|t| t.job_version() == 0).count(), 3, "no task touched while disabled");
+    sim.run(Command::UpdateJobStatus { job_id: JOB.into(), enabled: true });
+    for _ in 0..30 {
+        sim.round();
+        if sim.job().rollout.active().is_none() {
+            break;
+        }
+        sim.world(3, false);
+    }
+    assert_eq!(sim.job().rollout.deployments[0].state, DeploymentState::Succeeded);
+}

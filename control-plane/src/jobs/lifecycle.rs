@@ -350,8 +350,12 @@ pub fn plan_job_with(
                 let ready = newest_failure
                     .is_none_or(|t| elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now));
                 if let Some(d) = job.rollout.active() {
-                    let wanted = job.descriptor.wanted_tasks();
-                    out.extend(super::deployment::plan(job, d, tasks, wanted, ready, available, now, new_id));
+                    // A disabled job keeps its tasks as they are (as without a deployment): its
+                    // deployment waits until it is enabled again.
+                    if *enabled {
+                        let wanted = capacity.desired;
+                        out.extend(super::deployment::plan(job, d, tasks, wanted, ready, available, now, new_id));
+                    }
                     return out;
                 }
                 if *enabled && active.len() < wanted {
