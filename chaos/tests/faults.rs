@@ -642,7 +642,7 @@ fn aws_call(addr: &str, action: &str) -> (u16, String, Duration) {
 async fn t640_aws_faults_through_the_proxy() {
     let env = Env::start(1, 0).await;
     let moto = moto::Moto::start(&env.lab.dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let _proxy = Reaped(
         Command::new(env!("CARGO_BIN_EXE_titus-chaos"))
@@ -759,7 +759,7 @@ impl Drop for Reaped {
 async fn t690_experiment_with_the_load_balancer_in_its_steady_state() {
     // Before the lab starts: its replicas inherit the SDK's credentials.
     moto::set_aws_env();
-    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let proxy_port = common::free_port();
     let args = vec![
         "--aws-region=us-east-1".to_string(),
         format!("--aws-endpoint-url=http://{{host_ip}}:{proxy_port}"),

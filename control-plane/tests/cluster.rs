@@ -443,7 +443,7 @@ fn t60_startup_errors_are_one_clear_line() {
     let data = dir.path().join("data");
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
-    let free = |_: ()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let free = |_: ()| format!("127.0.0.1:{}", common::free_port());
     let args = |node: u64, peer: &str, api: &str| -> Vec<String> {
         vec![
             "--node-id".into(),

@@ -123,20 +123,52 @@ pub fn free_port() -> u16 {
 /// held until all are chosen, so no two are the same port, and a port given to a replica that has
 /// not bound it yet is not given again (two clusters started in one test once shared an admin
 /// port, and one replica failed to start with "address already in use").
+///
+/// They come from below the kernel's ephemeral range (32768-60999 here), never from it: a port
+/// the kernel handed out as free could be taken as the source port of any outgoing connection
+/// before the replica binds it (a replica failed to start with "admin-listen …: address already
+/// in use" under the full suite). Each test process scans from its own place in the range, so two
+/// processes running side by side rarely even look at the same ports.
 pub fn free_ports(n: usize) -> Vec<u16> {
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 32_000;
     static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = HIGH - LOW;
+    let start = {
+        let seed = std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let _ = NEXT.compare_exchange(
+            0,
+            seed % span + 1,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        NEXT.load(std::sync::atomic::Ordering::SeqCst)
+    };
     let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
     let mut held = Vec::new();
     let mut ports = Vec::new();
-    while ports.len() < n {
-        let l = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        let port = l.local_addr().expect("bound address").port();
-        if handed.insert(port) {
-            ports.push(port);
+    let mut offset = start;
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
         }
-        held.push(l);
+        let port = (LOW + offset % span) as u16;
+        offset = offset.wrapping_add(1);
+        if handed.contains(&port) {
+            continue;
+        }
+        // Held until all are chosen; then free for the replica to bind.
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            handed.insert(port);
+            ports.push(port);
+            held.push(l);
+        }
     }
+    NEXT.store(offset, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(ports.len(), n, "no {n} free loopback ports left in {LOW}-{HIGH}");
     ports
 }
 
