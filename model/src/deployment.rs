@@ -97,6 +97,8 @@ pub enum DeploymentState {
     RolledBack,
     /// A newer update replaced it before it finished.
     Superseded,
+    /// Its job was killed before it finished.
+    Cancelled,
 }
 
 impl DeploymentState {
@@ -111,6 +113,7 @@ impl DeploymentState {
             DeploymentState::Succeeded => "Succeeded",
             DeploymentState::RolledBack => "RolledBack",
             DeploymentState::Superseded => "Superseded",
+            DeploymentState::Cancelled => "Cancelled",
         }
     }
 }

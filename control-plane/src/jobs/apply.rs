@@ -790,6 +790,9 @@ pub fn kill_job(o: &mut Overlay, job_id: &str, timestamp_ms: i64) -> Result<Comm
             reason_message: "killed by user".into(),
             timestamp_ms,
         });
+        if let Some(d) = job.rollout.active_mut() {
+            d.end(DeploymentState::Cancelled, "the job was killed".into(), timestamp_ms);
+        }
         for mut t in o.tasks_of_job(job_id)? {
             if t.state().is_live() && t.state() != TaskState::KillInitiated {
                 let status = kill_status(&t, reason::KILLED, "job killed", timestamp_ms);

@@ -323,6 +323,10 @@ fn updates_are_refused_where_they_cannot_apply_and_a_stale_advance_does_nothing(
         timestamp_ms: 0,
     });
     assert!(matches!(&r, CommandResponse::Rejected(r) if r.message.contains("batch job")), "{r:?}");
+    // Killing the job ends its deployment.
+    sim.run(Command::KillJob { job_id: JOB.into(), timestamp_ms: 0 });
+    let job = sim.job();
+    assert_eq!((job.rollout.active(), job.rollout.deployments[1].state), (None, DeploymentState::Cancelled));
 }
 
 /// The tasks of the job placed on `agent` (as a drain sees them), the others as they are.
