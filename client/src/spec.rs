@@ -517,4 +517,18 @@ mod tests {
         let err = parse(&text.replace("iamRole", "iamRol")).unwrap_err();
         assert!(err.contains("iamRol"), "{err}");
     }
+
+    #[test]
+    fn a_disruption_budget_and_a_health_check_are_read_as_titus_spells_them() {
+        let text = "owner: {teamEmail: a@b.c}\napplicationName: x\ncontainer:\n  resources: {cpu: 1, memoryMB: 10}\n  image: {name: i, tag: t}\n  healthCheck: {command: [true], intervalSec: 2}\nservice:\n  capacity: {min: 1, desired: 2, max: 3}\ndisruptionBudget:\n  unhealthyTasksLimit: 1\n  ratePercentagePerHour: 20\n  timeWindows:\n    - {days: [1, 5], startHour: 9, endHour: 17}\n";
+        let d = parse(text).unwrap().into_descriptor().unwrap();
+        let b = d.disruption_budget.clone().unwrap();
+        assert_eq!((b.unhealthy_tasks_limit, b.rate_percentage_per_hour), (1, 20.0));
+        assert_eq!((b.time_windows[0].days.clone(), b.time_windows[0].end_hour), (vec![1, 5], 17));
+        assert_eq!(d.container.clone().unwrap().health_check.unwrap().interval_sec, 2);
+        let job = pb::Job { id: "j".into(), job_descriptor: Some(d.clone()), ..Default::default() };
+        assert_eq!(JobSpec::from_job(&job).into_descriptor().unwrap(), d, "read back the same");
+        let err = parse(&text.replace("startHour", "start")).unwrap_err();
+        assert!(err.contains("start"), "{err}");
+    }
 }
