@@ -12,6 +12,7 @@ rm -f "$TITUS_CLI_CONFIG"
 unset TITUS_CONTEXT
 ensure_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 ensure_moto
+ensure_grpc_tools
 
 # Formatting first: it fails in a second, before a build that can take minutes.
 cargo fmt --all -- --check

@@ -8,7 +8,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Ours: a message that does not decode is INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
         .codec_path("crate::codec::ProstCodec")
         .file_descriptor_set_path(out_dir.join("titus_descriptor.bin"))
-        .compile_protos(&["proto/titus.proto", "proto/peer.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/titus.proto",
+                "proto/peer.proto",
+                // Titus's own public V3 API (package com.netflix.titus), served beside ours.
+                "proto/netflix/titus/titus_job_api.proto",
+                "proto/netflix/titus/titus_loadbalancer_api.proto",
+                "proto/netflix/titus/titus_health.proto",
+                "proto/netflix/titus/titus_autoscale_api.proto",
+                "proto/netflix/titus/titus_eviction_api.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -762,6 +762,17 @@ impl Client {
         .await
     }
 
+    /// Replaces the job's disruption budget (None: the default, self-managed).
+    pub async fn update_job_disruption_budget(&self, job_id: &str, budget: Option<pb::DisruptionBudget>) -> Result<()> {
+        self.call("UpdateJobDisruptionBudget", |ch, t| {
+            let req = pb::JobDisruptionBudgetUpdate { job_id: job_id.to_string(), disruption_budget: budget.clone() };
+            async move {
+                JobManagementServiceClient::new(ch).update_job_disruption_budget(with_timeout(req, t)).await.map(|_| ())
+            }
+        })
+        .await
+    }
+
     pub async fn update_job_attributes(&self, job_id: &str, attributes: &[(&str, &str)]) -> Result<()> {
         let attributes: std::collections::HashMap<String, String> = string_map(attributes);
         self.call("UpdateJobAttributes", |ch, t| {

@@ -91,7 +91,12 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Applied> {
         Command::UpdateJobStatus { job_id, enabled } => jobs::update_job_status(o, &job_id, enabled)?,
         Command::UpdateJobProcesses { job_id, processes } => jobs::update_job_processes(o, &job_id, processes)?,
         Command::UpdateJobAttributes { job_id, attributes } => jobs::update_job_attributes(o, &job_id, attributes)?,
+        Command::UpdateJobDisruptionBudget { job_id, budget } => {
+            jobs::update_job_disruption_budget(o, &job_id, budget)?
+        }
         Command::DeleteJobAttributes { job_id, keys } => jobs::delete_job_attributes(o, &job_id, keys)?,
+        Command::UpdateTaskAttributes { task_id, attributes } => jobs::update_task_attributes(o, &task_id, attributes)?,
+        Command::DeleteTaskAttributes { task_id, keys } => jobs::delete_task_attributes(o, &task_id, keys)?,
         Command::KillJob { job_id, timestamp_ms } => jobs::kill_job(o, &job_id, timestamp_ms)?,
         Command::EvictTask { task_id, reason, timestamp_ms } => jobs::evict_task(o, &task_id, reason, timestamp_ms)?,
         Command::UpdateJobSpec { job_id, container, strategy, timestamp_ms } => {
@@ -118,12 +123,16 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Applied> {
         Command::MarkAgentTerminating { agent_id, terminating } => {
             jobs::mark_agent_terminating(o, &agent_id, terminating)?
         }
-        Command::SetAgentDraining { agent_id, draining } => jobs::set_agent_draining(o, &agent_id, draining)?,
+        Command::SetAgentDraining { agent_id, draining, timestamp_ms } => {
+            jobs::set_agent_draining(o, &agent_id, draining, timestamp_ms)?
+        }
         Command::AgentLost { agent_id, timestamp_ms } => jobs::agent_lost(o, &agent_id, timestamp_ms)?,
         Command::AssignTasks { assignments, timestamp_ms } => jobs::assign_tasks(o, assignments, timestamp_ms)?,
 
         Command::UpsertInstanceGroup { group } => capacity::apply::upsert(o, group)?,
-        Command::SetInstanceGroupLifecycle { id, lifecycle } => capacity::apply::set_lifecycle(o, &id, lifecycle)?,
+        Command::SetInstanceGroupLifecycle { id, lifecycle, timestamp_ms } => {
+            capacity::apply::set_lifecycle(o, &id, lifecycle, timestamp_ms)?
+        }
         Command::SetInstanceGroupDesired { id, desired } => capacity::apply::set_desired(o, &id, desired)?,
         Command::SetLaunchIntent { id, intent } => capacity::apply::set_launch_intent(o, &id, intent)?,
         Command::SetTerminationIntent { id, instances } => capacity::apply::set_termination_intent(o, &id, instances)?,

@@ -376,16 +376,42 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
             | "UpdateJobCapacity"
             | "UpdateJobStatus"
             | "UpdateJobProcesses"
+            | "UpdateJobDisruptionBudget"
             | "UpdateJobAttributes"
             | "DeleteJobAttributes"
+            | "UpdateTaskAttributes"
+            | "DeleteTaskAttributes"
             | "UpdateJobSpec"
             | "PromoteDeployment"
             | "RollbackDeployment",
         ) => client_write,
         ("titus.LoadBalancerService", "AddLoadBalancer" | "RemoveLoadBalancer") => client_write,
+        // Titus's V3 API: the same calls, the same rules.
+        (
+            "com.netflix.titus.JobManagementService",
+            "CreateJob"
+            | "KillJob"
+            | "KillTask"
+            | "UpdateJobCapacity"
+            | "UpdateJobCapacityWithOptionalAttributes"
+            | "UpdateJobStatus"
+            | "UpdateJobProcesses"
+            | "UpdateJobDisruptionBudget"
+            | "UpdateJobAttributes"
+            | "DeleteJobAttributes"
+            | "UpdateTaskAttributes"
+            | "DeleteTaskAttributes"
+            | "MoveTask",
+        ) => client_write,
+        ("com.netflix.titus.LoadBalancerService", "AddLoadBalancer" | "RemoveLoadBalancer") => client_write,
+        ("com.netflix.titus.EvictionService", "TerminateTask") => client_write,
+        (
+            "com.netflix.titus.AutoScalingService",
+            "SetAutoScalingPolicy" | "DeleteAutoScalingPolicy" | "UpdateAutoScalingPolicy",
+        ) => client_write,
         // A command in a task's container changes it as much as a kill does.
         ("titus.TaskIoService", "ExecTask") => client_write,
-        ("grpc.health.v1.Health", _) => {
+        ("grpc.health.v1.Health", _) | ("com.netflix.titus.Health", _) => {
             Rule { name: "health", says: "health checks need any identity", allows: |_| true, audited: false }
         }
         _ => Rule { name: "client-read", says: "reads are for clients", allows: any_client, audited: false },

@@ -47,6 +47,9 @@ use titus_proto::agent_service_server::AgentServiceServer;
 use titus_proto::load_balancer_service_server::LoadBalancerServiceServer;
 use titus_proto::scheduler_service_server::SchedulerServiceServer;
 use titus_proto::task_io_service_server::TaskIoServiceServer;
+use titus_proto::v3;
+
+use crate::api::v3::{V3EvictionApi, V3HealthApi, V3JobApi, V3LoadBalancerApi};
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -248,6 +251,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| Error::Config(format!("grpc reflection: {e}")))?;
     // Every service refuses a request larger than this before decoding it.
     let max = config.security.limits.max_request_bytes;
+    // Ours, shared with Titus's V3 API, which translates into them.
+    let jobs = Arc::new(JobApi {
+        replica: replica.clone(),
+        max_job_bytes: config.jobs.max_job_bytes,
+        aws: cloud.as_ref().map(|c| c.aws.clone()),
+        vpc_id: cloud.as_ref().map(|c| c.config.vpc_id.clone()).filter(|v| !v.is_empty()),
+    });
+    let load_balancers =
+        Arc::new(LoadBalancerApi { replica: replica.clone(), aws: cloud.as_ref().map(|c| c.aws.clone()) });
     let api_server = tokio::spawn(
         server_builder(&config)
             .layer(GrpcTelemetry { slow: Duration::from_millis(config.slow_request_ms) })
@@ -261,15 +273,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(
                 ClusterServiceServer::new(ClusterApi { replica: replica.clone() }).max_decoding_message_size(max),
             )
-            .add_service(
-                JobManagementServiceServer::new(JobApi {
-                    replica: replica.clone(),
-                    max_job_bytes: config.jobs.max_job_bytes,
-                    aws: cloud.as_ref().map(|c| c.aws.clone()),
-                    vpc_id: cloud.as_ref().map(|c| c.config.vpc_id.clone()).filter(|v| !v.is_empty()),
-                })
-                .max_decoding_message_size(max),
-            )
+            .add_service(JobManagementServiceServer::from_arc(jobs.clone()).max_decoding_message_size(max))
             .add_service(
                 AgentTaskServiceServer::new(AgentTaskApi { replica: replica.clone() }).max_decoding_message_size(max),
             )
@@ -277,10 +281,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 AgentServiceServer::new(AgentApi { hub: hub.clone(), enroller: enroller(&config) })
                     .max_decoding_message_size(max),
             )
+            .add_service(LoadBalancerServiceServer::from_arc(load_balancers.clone()).max_decoding_message_size(max))
             .add_service(
-                LoadBalancerServiceServer::new(LoadBalancerApi {
+                v3::job_management_service_server::JobManagementServiceServer::new(V3JobApi { jobs: jobs.clone() })
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                v3::load_balancer_service_server::LoadBalancerServiceServer::new(V3LoadBalancerApi {
+                    load_balancers: load_balancers.clone(),
+                })
+                .max_decoding_message_size(max),
+            )
+            .add_service(
+                v3::eviction_service_server::EvictionServiceServer::new(V3EvictionApi { jobs: jobs.clone() })
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                v3::health_server::HealthServer::new(V3HealthApi {
                     replica: replica.clone(),
-                    aws: cloud.as_ref().map(|c| c.aws.clone()),
+                    started: std::time::Instant::now(),
                 })
                 .max_decoding_message_size(max),
             )

@@ -23,7 +23,7 @@ pub struct TokenRecord {
     pub expires_ms: i64,
 }
 
-/// What an agent's live tasks hold (their jobs' container resources), and how many they are.
+/// What an agent's live tasks hold (each what it was placed with), and how many they are.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Allocation {
     pub resources: crate::model::ResourceDimension,
@@ -35,11 +35,14 @@ pub fn agent_of(task: &Task) -> Option<&str> {
     task.context.get(crate::model::task::context::AGENT).map(String::as_str)
 }
 
-/// The resources a live task placed on an agent holds there (`None` when it holds nothing).
+/// The agent a live task is placed on and what it holds there ([`Task::held`]); `None` when it
+/// holds nothing.
 pub fn holding(read: &dyn StateRead, task: &Task) -> Result<Option<(String, crate::model::ResourceDimension)>> {
     let Some(agent) = agent_of(task).filter(|_| task.state().is_live()) else { return Ok(None) };
-    let resources =
-        read.job(&task.job_id)?.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default();
+    let resources = match task.resources {
+        Some(_) => task.held(None),
+        None => task.held(read.job(&task.job_id)?.as_ref()),
+    };
     Ok(Some((agent.to_string(), resources)))
 }
 
@@ -89,18 +92,16 @@ pub trait StateRead {
 
     /// Per agent, what its live tasks hold.
     fn allocations(&self) -> Result<BTreeMap<String, Allocation>> {
-        let mut jobs: BTreeMap<String, crate::model::ResourceDimension> = BTreeMap::new();
+        let mut jobs: BTreeMap<String, Option<Job>> = BTreeMap::new();
         let mut out: BTreeMap<String, Allocation> = BTreeMap::new();
         for t in self.all_tasks()? {
             let Some(agent) = agent_of(&t).filter(|_| t.state().is_live()) else { continue };
-            if !jobs.contains_key(&t.job_id) {
-                let r =
-                    self.job(&t.job_id)?.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default();
-                jobs.insert(t.job_id.clone(), r);
+            if t.resources.is_none() && !jobs.contains_key(&t.job_id) {
+                jobs.insert(t.job_id.clone(), self.job(&t.job_id)?);
             }
             let a = out.entry(agent.to_string()).or_default();
             a.live_tasks += 1;
-            a.resources.add(&jobs[&t.job_id]);
+            a.resources.add(&t.held(jobs.get(&t.job_id).and_then(Option::as_ref)));
         }
         Ok(out)
     }

@@ -28,6 +28,15 @@ TEST_PACKAGES=(etcd-server busybox-static chromium faketime iproute2 iptables cu
 
 # The moto server (PyPI `moto[server]`): AWS's EC2 and ELBv2 APIs in memory, for the AWS tests. They
 # start their own on a free 127.0.0.1 port.
+# grpcio-tools: the Titus V3 API test generates its Python client from our .proto files with it.
+ensure_grpc_tools() {
+    if ! python3 -c 'import grpc_tools.protoc, grpc' >/dev/null 2>&1; then
+        echo "installing: grpcio-tools (pip)" >&2
+        python3 -m pip install --quiet --disable-pip-version-check 'grpcio-tools>=1.60,<2'
+    fi
+    python3 -c 'import grpc_tools.protoc, grpc' || { echo "grpcio-tools did not install" >&2; return 1; }
+}
+
 ensure_moto() {
     if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
         echo "installing: moto[server] (pip)" >&2

@@ -43,6 +43,8 @@ fn task() -> Task {
         resubmit_of: None,
         resubmit_number: 0,
         system_resubmit_number: 0,
+        resources: None,
+        attributes: Default::default(),
     }
 }
 

@@ -45,6 +45,10 @@ pub struct InstanceGroup {
     /// instead of an instance going without a trace in the replicated state.
     #[serde(default)]
     pub pending_terminations: Vec<String>,
+    /// When `lifecycle` last changed (ms since the epoch): a PhasedOut group's drain, and a
+    /// self-managed job's relocation time, run from it. Absent: before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle_since_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +123,11 @@ pub struct Agent {
     /// drained (older replicas read them unchanged).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// When the drain began (ms since the epoch, as the command says): a self-managed job's
+    /// relocation time runs from it. Absent while not draining, and on drains begun by a release
+    /// that did not record it (their relocation time is over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since_ms: Option<i64>,
 }
 
 /// Most attributes an agent may register, and the longest key and value.
@@ -357,6 +366,7 @@ mod tests {
             terminating: false,
             lost_ms: None,
             draining: false,
+            draining_since_ms: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use crate::agent::{Agent, InstanceGroup, LaunchIntent, Lifecycle};
 use crate::deployment::{DeploymentStep, RolloutStrategy};
-use crate::job::{Job, ServiceJobProcesses};
+use crate::job::{DisruptionBudget, Job, ServiceJobProcesses};
 use crate::load_balancer::{AssociationState, LbTarget};
 use crate::task::{Task, TaskStatus};
 use crate::CapacityGroup;
@@ -78,8 +78,23 @@ pub enum Command {
         job_id: String,
         attributes: BTreeMap<String, String>,
     },
+    /// Replaces the job's disruption budget (checked as a job's is); the next voluntary disruption
+    /// is judged on it.
+    UpdateJobDisruptionBudget {
+        job_id: String,
+        budget: DisruptionBudget,
+    },
     DeleteJobAttributes {
         job_id: String,
+        keys: Vec<String>,
+    },
+    /// Sets a live task's attributes (checked as a job's; at most `MAX_ATTRIBUTES` in all).
+    UpdateTaskAttributes {
+        task_id: String,
+        attributes: BTreeMap<String, String>,
+    },
+    DeleteTaskAttributes {
+        task_id: String,
         keys: Vec<String>,
     },
     KillJob {
@@ -164,6 +179,9 @@ pub enum Command {
     SetInstanceGroupLifecycle {
         id: String,
         lifecycle: Lifecycle,
+        /// When it was asked (0 in entries of releases that did not say).
+        #[serde(default)]
+        timestamp_ms: i64,
     },
     /// The capacity manager's new target size; rejected outside [min, max].
     SetInstanceGroupDesired {
@@ -202,6 +220,9 @@ pub enum Command {
     SetAgentDraining {
         agent_id: String,
         draining: bool,
+        /// When it was asked (0 in entries of releases that did not say).
+        #[serde(default)]
+        timestamp_ms: i64,
     },
     /// The agent missed its heartbeats past the TTL: it is Lost and its live tasks Finished(lost).
     AgentLost {
@@ -367,7 +388,10 @@ impl Command {
             Command::UpdateJobStatus { .. } => "update_job_status",
             Command::UpdateJobProcesses { .. } => "update_job_processes",
             Command::UpdateJobAttributes { .. } => "update_job_attributes",
+            Command::UpdateJobDisruptionBudget { .. } => "update_job_disruption_budget",
             Command::DeleteJobAttributes { .. } => "delete_job_attributes",
+            Command::UpdateTaskAttributes { .. } => "update_task_attributes",
+            Command::DeleteTaskAttributes { .. } => "delete_task_attributes",
             Command::KillJob { .. } => "kill_job",
             Command::UpdateJobSpec { .. } => "update_job_spec",
             Command::AdvanceDeployment { .. } => "advance_deployment",

@@ -140,28 +140,7 @@ pub fn job_descriptor_from_proto(d: Option<pb::JobDescriptor>) -> Result<JobDesc
         }
         None => return Err(Invalid::field("job_type", "exactly one of batch and service must be set")),
     };
-    let budget = match d.disruption_budget {
-        Some(b) if b != pb::DisruptionBudget::default() => DisruptionBudget {
-            self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
-            availability_percentage_limit: b.availability_percentage_limit,
-            unhealthy_tasks_limit: b.unhealthy_tasks_limit,
-            rate_limit: b.rate_limit,
-            rate_interval_ms: b.rate_interval_ms,
-            rate_percentage_per_hour: b.rate_percentage_per_hour,
-            time_windows: b
-                .time_windows
-                .into_iter()
-                .take(crate::budget::MAX_TIME_WINDOWS + 1)
-                .map(|w| crate::budget::TimeWindow {
-                    // Out of range stays out of range (8+), for validation to name.
-                    days: w.days.iter().take(8).map(|d| u8::try_from(*d).unwrap_or(u8::MAX)).collect(),
-                    start_hour: w.start_hour,
-                    end_hour: w.end_hour,
-                })
-                .collect(),
-        },
-        _ => DisruptionBudget::default(),
-    };
+    let budget = budget_from_proto(d.disruption_budget);
     let group = d.job_group_info.unwrap_or_default();
     let mut descriptor = JobDescriptor {
         owner_email: d.owner.map(|o| o.team_email).unwrap_or_default(),
@@ -441,6 +420,8 @@ pub fn task_to_proto(t: &Task, archived: bool) -> pb::Task {
         system_resubmit_number: t.system_resubmit_number,
         index: t.index,
         archived,
+        resources: t.resources.as_ref().map(resources_to_proto),
+        attributes: t.attributes.clone().into_iter().collect(),
     }
 }
 
@@ -467,6 +448,44 @@ pub fn attributes_from_proto(
         Ok(attributes)
     } else {
         Err(Invalid(violations))
+    }
+}
+
+/// A disruption budget as the wire says it; none (or all zero): the default. Not checked here
+/// (`DisruptionBudget::validate` names what is wrong); out-of-range values stay out of range.
+pub fn budget_from_proto(b: Option<pb::DisruptionBudget>) -> DisruptionBudget {
+    match b {
+        Some(b) if b != pb::DisruptionBudget::default() => DisruptionBudget {
+            self_managed_relocation_time_ms: b.self_managed_relocation_time_ms,
+            availability_percentage_limit: b.availability_percentage_limit,
+            unhealthy_tasks_limit: b.unhealthy_tasks_limit,
+            rate_limit: b.rate_limit,
+            rate_interval_ms: b.rate_interval_ms,
+            rate_percentage_per_hour: b.rate_percentage_per_hour,
+            time_windows: b
+                .time_windows
+                .into_iter()
+                .take(crate::budget::MAX_TIME_WINDOWS + 1)
+                .map(|w| crate::budget::TimeWindow {
+                    // Out of range stays out of range (8+), for validation to name.
+                    days: w.days.iter().take(8).map(|d| u8::try_from(*d).unwrap_or(u8::MAX)).collect(),
+                    start_hour: w.start_hour,
+                    end_hour: w.end_hour,
+                })
+                .collect(),
+        },
+        _ => DisruptionBudget::default(),
+    }
+}
+
+/// Resources as the wire carries them (what an agent offers or holds, what a task holds).
+pub fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
+    pb::AgentResources {
+        cpu: r.cpu,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+        network_mbps: r.network_mbps,
+        gpu: r.gpu,
     }
 }
 
@@ -505,6 +524,7 @@ pub fn agent_from_register(reg: &pb::AgentRegister, now_ms: i64) -> Result<crate
         terminating: false,
         lost_ms: None,
         draining: false,
+        draining_since_ms: None,
     };
     agent.validate().map_err(Invalid)?;
     Ok(agent)

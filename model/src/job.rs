@@ -759,6 +759,11 @@ impl Job {
         }
     }
 
+    /// What a task of spec `version` needs on an agent (the resources of [`Job::container_of`]).
+    pub fn resources_of(&self, version: u32) -> ResourceDimension {
+        self.container_of(version).resources.as_dimension()
+    }
+
     pub fn set_status(&mut self, status: JobStatus) {
         let previous = std::mem::replace(&mut self.status, status);
         self.status_history.push(previous);

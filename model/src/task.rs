@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ResourceDimension;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum TaskState {
     Accepted,
@@ -106,6 +108,11 @@ pub mod reason {
     pub const AGENT_MAY_REPORT: [&str; 7] =
         [NORMAL, FAILED, KILLED, CRASHED, INVALID_REQUEST, TRANSIENT_SYSTEM_ERROR, LOCAL_SYSTEM_ERROR];
 
+    /// A failure of the platform, not of the task (Titus's `skipSystemFailures` leaves them out).
+    pub fn is_system_error(reason: &str) -> bool {
+        matches!(reason, TRANSIENT_SYSTEM_ERROR | LOCAL_SYSTEM_ERROR | UNKNOWN_SYSTEM_ERROR)
+    }
+
     /// System errors and evictions are not the task's fault: they do not count against retries.
     pub fn counts_against_retries(reason: &str) -> bool {
         !matches!(reason, EVICTED | LOST | TRANSIENT_SYSTEM_ERROR | LOCAL_SYSTEM_ERROR | UNKNOWN_SYSTEM_ERROR)
@@ -166,6 +173,15 @@ pub struct Task {
     pub resubmit_number: u32,
     /// Of those, replacements after system errors or evictions (not counted against retries).
     pub system_resubmit_number: u32,
+    /// What it holds on its agent, recorded when it is placed: the resources of its job's spec at
+    /// the task's version then, which a rolling update may change for the tasks after it. `None`:
+    /// not placed, or placed by a release that did not record it (such a task holds what
+    /// [`crate::job::Job::resources_of`] says for its version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceDimension>,
+    /// The user's own labels on the task (Titus's task attributes), as a job's attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 impl Task {
@@ -201,6 +217,17 @@ impl Task {
         self.context.get(context::HEALTH).map(String::as_str)
     }
 
+    /// What it holds on its agent once placed (`job`: its job, if still in the state): what it was
+    /// placed with; for a task placed before tasks recorded it, what its version needs; nothing
+    /// when neither is known. The one rule every count of an agent's use follows.
+    pub fn held(&self, job: Option<&crate::job::Job>) -> ResourceDimension {
+        match (&self.resources, job) {
+            (Some(r), _) => r.clone(),
+            (None, Some(j)) => j.resources_of(self.job_version()),
+            (None, None) => ResourceDimension::default(),
+        }
+    }
+
     /// The version of its job's spec the task runs.
     pub fn job_version(&self) -> u32 {
         self.context.get(context::JOB_VERSION).and_then(|v| v.parse().ok()).unwrap_or(0)
@@ -229,6 +256,8 @@ mod tests {
             resubmit_of: None,
             resubmit_number: 0,
             system_resubmit_number: 0,
+            resources: None,
+            attributes: Default::default(),
         }
     }
 

@@ -349,8 +349,8 @@ enum JobCmd {
     },
     /// Makes the job a spec file describes be as it says (`-`: stdin): the job named by the
     /// file's `id` (as `job get -o yaml` writes it), else the active job of its application and
-    /// jobGroupInfo, else a new job. Capacity, enabled and attributes change in place; a change
-    /// to a service's container (not its resources) starts a rolling update; a change to
+    /// jobGroupInfo, else a new job. Capacity, enabled, attributes and the disruption budget change in place; a change
+    /// to a service's container (resources included) starts a rolling update; a change to
     /// anything else is refused, naming the fields.
     Apply {
         /// The spec file (YAML or JSON; `-`: stdin).
@@ -1577,6 +1577,9 @@ fn print_tasks(out: Output, tasks: &[titus_client::Task], pending: &std::collect
                 if let Some(why) = pending.get(&t.id) {
                     v["pendingReason"] = serde_json::json!(why);
                 }
+                if let Some(r) = &t.resources {
+                    v["resources"] = serde_json::json!({"cpu": r.cpu, "memoryMB": r.memory_mb, "diskMB": r.disk_mb, "networkMbps": r.network_mbps, "gpu": r.gpu});
+                }
                 v
             })
             .collect();
@@ -1724,6 +1727,8 @@ async fn deploy(client: &Client, out: Output, command: DeployCmd) -> Result<(), 
                     );
                     if d.state == "Paused" {
                         println!("  canaries ready: promote with `titus job deploy promote {}`", list.job_id);
+                    } else if !d.waiting.is_empty() {
+                        println!("  waiting: {}", d.waiting);
                     }
                 }
                 let mut previous = d.started_ms;
@@ -1752,6 +1757,7 @@ fn deployment_json(d: &titus_client::proto::Deployment) -> serde_json::Value {
         "fromImage": d.from_image, "toImage": d.to_image, "rollbackOf": d.rollback_of, "failures": d.failures,
         "startedMs": d.started_ms, "endedMs": d.ended_ms, "canaryReadyMs": d.canary_ready_ms, "promoted": d.promoted,
         "message": d.message, "desired": d.desired, "newLive": d.new_live, "newAvailable": d.new_available, "oldLive": d.old_live,
+        "waiting": d.waiting,
         "strategy": {"maxUnavailable": s.max_unavailable, "maxSurge": s.max_surge, "canary": s.canary,
                      "canaryPauseSec": s.canary_pause_sec, "rollbackAfterFailures": s.rollback_after_failures},
         "steps": d.steps.iter().map(|s| serde_json::json!({"atMs": s.at_ms, "created": s.created, "killed": s.killed,

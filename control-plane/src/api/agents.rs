@@ -12,9 +12,9 @@ use crate::command::{Command, CommandResponse, Rejection, RejectionKind};
 use crate::error::Error;
 use crate::jobs::apply::{allocation_by_agent, Allocation};
 use crate::model::agent::{validate_machine_attributes, Agent, AgentState, InstanceGroup, LaunchSettings, Lifecycle};
-use crate::model::convert::{tier_from_proto, tier_to_proto};
+use crate::model::convert::{resources_to_proto, tier_from_proto, tier_to_proto};
+use crate::model::validate_name;
 use crate::model::FieldViolation;
-use crate::model::{validate_name, ResourceDimension};
 use crate::replica::Replica;
 use crate::state::StateRead;
 
@@ -144,17 +144,8 @@ fn group_from_proto(g: pb::InstanceGroup) -> Result<InstanceGroup, Status> {
         max: g.max,
         pending_launch: None,
         pending_terminations: Vec::new(),
+        lifecycle_since_ms: None,
     })
-}
-
-fn resources_to_proto(r: &ResourceDimension) -> pb::AgentResources {
-    pb::AgentResources {
-        cpu: r.cpu,
-        memory_mb: r.memory_mb,
-        disk_mb: r.disk_mb,
-        network_mbps: r.network_mbps,
-        gpu: r.gpu,
-    }
 }
 
 impl AgentManagementApi {
@@ -169,7 +160,8 @@ impl AgentManagementApi {
             ))
             .into());
         }
-        let draining = crate::jobs::lifecycle::draining_agents(state)?.contains(agent_id);
+        let since = crate::jobs::lifecycle::draining_agents(state)?.get(agent_id).copied();
+        let draining = since.is_some();
         let now = crate::clock::now_ms();
         let mut out = pb::DrainStatus { agent_id: agent_id.to_string(), draining, tasks: Vec::new() };
         let mut jobs: std::collections::BTreeMap<
@@ -186,6 +178,10 @@ impl AgentManagementApi {
                     e.insert(job.map(|j| (j, tasks)))
                 }
             };
+            let relocating = match (job.as_ref(), since) {
+                (Some((j, _)), Some(s)) => crate::jobs::lifecycle::relocation_until(j, s, now),
+                _ => None,
+            };
             let waiting = match job {
                 _ if !draining => String::new(),
                 _ if task.state() == crate::model::task::TaskState::KillInitiated => {
@@ -193,6 +189,14 @@ impl AgentManagementApi {
                 }
                 None => String::new(),
                 Some((j, _)) if j.descriptor.is_batch() => "a batch task: left to finish where it runs".into(),
+                Some((j, _)) if relocating.is_some() => {
+                    let until = relocating.unwrap_or(now);
+                    format!(
+                        "self-managed: its owner has {} s more to move it (relocation time {} s), then the drain moves it",
+                        (until - now).saturating_add(999) / 1000,
+                        j.descriptor.disruption_budget.self_managed_relocation_time_ms / 1000
+                    )
+                }
                 Some((j, tasks)) => {
                     let allowance = crate::jobs::lifecycle::drain_allowance(j, j.descriptor.wanted_tasks(), tasks, now);
                     let serves = crate::jobs::lifecycle::serves(j, &task, None);
@@ -337,7 +341,10 @@ impl AgentManagementService for AgentManagementApi {
         let lifecycle = lifecycle_from_proto("lifecycle", r.lifecycle)?;
         match self
             .replica
-            .propose(Command::SetInstanceGroupLifecycle { id: r.id, lifecycle }, client_deadline(&request))
+            .propose(
+                Command::SetInstanceGroupLifecycle { id: r.id, lifecycle, timestamp_ms: crate::clock::now_ms() },
+                client_deadline(&request),
+            )
             .await?
         {
             CommandResponse::Rejected(r) => Err(Error::Rejected(r).into()),
@@ -371,7 +378,11 @@ impl AgentManagementService for AgentManagementApi {
         validate_name("agent_id", &r.agent_id).map_err(|v| Error::InvalidArgument(vec![v]))?;
         crate::auth::note_target(&request, format!("agent {}", r.agent_id));
         self.replica.require_leader()?;
-        let command = Command::SetAgentDraining { agent_id: r.agent_id.clone(), draining: r.drain };
+        let command = Command::SetAgentDraining {
+            agent_id: r.agent_id.clone(),
+            draining: r.drain,
+            timestamp_ms: crate::clock::now_ms(),
+        };
         if let CommandResponse::Rejected(rejection) = self.replica.propose(command, client_deadline(&request)).await? {
             return Err(Error::Rejected(rejection).into());
         }

@@ -599,11 +599,29 @@ impl JobManagementService for JobApi {
                     });
                     shown.desired = job.descriptor.wanted_tasks();
                     (shown.new_live, shown.new_available, shown.old_live) = counts;
+                    let now = crate::clock::now_ms();
+                    shown.waiting = crate::jobs::lifecycle::deployment_waiting(view, &job, now)?.unwrap_or_default();
                 }
                 Ok(Some(pb::DeploymentList { job_id: job.id.clone(), spec_version: job.rollout.version, deployments }))
             })
             .await?;
         list.map(Response::new).ok_or_else(|| not_found("id", "job", &request.get_ref().id))
+    }
+
+    async fn update_job_disruption_budget(
+        &self,
+        request: Request<pb::JobDisruptionBudgetUpdate>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("job_id", &r.job_id)?;
+        authorize_job_change(&self.replica, &request, &r.job_id).await?;
+        let budget = crate::model::convert::budget_from_proto(r.disruption_budget);
+        let mut bad = Vec::new();
+        budget.validate(&mut |field, description| bad.push(crate::model::FieldViolation::new(field, description)));
+        if !bad.is_empty() {
+            return Err(Error::InvalidArgument(bad).into());
+        }
+        done(self.propose(&request, Command::UpdateJobDisruptionBudget { job_id: r.job_id, budget }).await?)
     }
 
     async fn update_job_attributes(
@@ -653,6 +671,33 @@ impl JobManagementService for JobApi {
             return Err(Error::invalid(format!("keys.{k}"), "keys starting \"titus.\" are reserved").into());
         }
         done(self.propose(&request, Command::DeleteJobAttributes { job_id: r.job_id, keys: r.keys }).await?)
+    }
+
+    async fn update_task_attributes(
+        &self,
+        request: Request<pb::TaskAttributesUpdate>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("task_id", &r.task_id)?;
+        authorize_task_change(&self.replica, &request, &r.task_id).await?;
+        if r.attributes.is_empty() {
+            return Err(Error::invalid("attributes", "must not be empty").into());
+        }
+        let attributes = attributes_from_proto(r.attributes)?;
+        done(self.propose(&request, Command::UpdateTaskAttributes { task_id: r.task_id, attributes }).await?)
+    }
+
+    async fn delete_task_attributes(
+        &self,
+        request: Request<pb::TaskAttributesDeleteRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("task_id", &r.task_id)?;
+        authorize_task_change(&self.replica, &request, &r.task_id).await?;
+        if r.keys.is_empty() {
+            return Err(Error::invalid("keys", "must not be empty").into());
+        }
+        done(self.propose(&request, Command::DeleteTaskAttributes { task_id: r.task_id, keys: r.keys }).await?)
     }
 
     type ObserveJobsStream = ReceiverStream<std::result::Result<pb::JobChangeNotification, Status>>;

@@ -8,6 +8,7 @@ mod jobs;
 mod load_balancers;
 mod scheduler;
 mod task_io;
+pub mod v3;
 
 pub use agents::AgentManagementApi;
 pub use capacity_groups::CapacityGroupApi;

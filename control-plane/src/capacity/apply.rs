@@ -46,8 +46,13 @@ pub fn set_desired(o: &mut Overlay, id: &str, desired: u32) -> Result<CommandRes
     }
 }
 
-pub fn set_lifecycle(o: &mut Overlay, id: &str, lifecycle: Lifecycle) -> Result<CommandResponse> {
-    with_group(o, id, |g| g.lifecycle = lifecycle)
+pub fn set_lifecycle(o: &mut Overlay, id: &str, lifecycle: Lifecycle, timestamp_ms: i64) -> Result<CommandResponse> {
+    with_group(o, id, |g| {
+        if g.lifecycle != lifecycle {
+            g.lifecycle = lifecycle;
+            g.lifecycle_since_ms = Some(timestamp_ms);
+        }
+    })
 }
 
 /// The capacity duty's launch, written ahead of the RunInstances call (`None`: done or given up).

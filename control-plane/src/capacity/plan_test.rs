@@ -26,6 +26,7 @@ fn group(id: &str, tier: Tier, lifecycle: Lifecycle, min: u32, desired: u32, max
         max,
         pending_launch: None,
         pending_terminations: Vec::new(),
+        lifecycle_since_ms: None,
     }
 }
 

@@ -8,8 +8,8 @@ use crate::error::Result;
 use crate::jobs::hosts;
 use crate::model::deployment::{DeploymentState, RolloutStrategy};
 use crate::model::job::{
-    validate_capacity, Container, Job, JobDescriptor, JobState, JobStatus, JobType, DEFAULT_CAPACITY_GROUP,
-    MAX_TASKS_PER_JOB,
+    validate_capacity, Container, DisruptionBudget, Job, JobDescriptor, JobState, JobStatus, JobType,
+    DEFAULT_CAPACITY_GROUP, MAX_TASKS_PER_JOB,
 };
 use crate::state::{Overlay, StateRead, TokenRecord};
 use std::collections::BTreeMap;
@@ -54,6 +54,29 @@ pub fn update_job_processes(
     })
 }
 
+/// Replaces a job's disruption budget. Checked again here, as every value that reaches the log is
+/// where it is applied: a budget the API let through by mistake must not stall every drain.
+pub fn update_job_disruption_budget(
+    o: &mut Overlay,
+    job_id: &str,
+    budget: DisruptionBudget,
+) -> Result<CommandResponse> {
+    let mut job = match live_job(o, job_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    let mut first: Option<(String, String)> = None;
+    budget.validate(&mut |field, description| {
+        first.get_or_insert((field.to_string(), description));
+    });
+    if let Some((field, description)) = first {
+        return reject(RejectionKind::InvalidArgument, &field, description);
+    }
+    job.descriptor.disruption_budget = budget;
+    o.put_job(job);
+    Ok(CommandResponse::Done)
+}
+
 pub fn update_job_attributes(
     o: &mut Overlay,
     job_id: &str,
@@ -80,6 +103,35 @@ pub fn delete_job_attributes(o: &mut Overlay, job_id: &str, keys: Vec<String>) -
             CommandResponse::Done
         }
     })
+}
+
+/// Sets a live task's attributes: each checked as a job's are, and at most `MAX_ATTRIBUTES` in all
+/// once merged (checked here, where the task is read).
+pub fn update_task_attributes(
+    o: &mut Overlay,
+    task_id: &str,
+    attributes: BTreeMap<String, String>,
+) -> Result<CommandResponse> {
+    let Some(mut task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
+    task.attributes.extend(attributes);
+    let mut first: Option<(String, String)> = None;
+    crate::model::job::validate_attributes(&task.attributes, &mut |field: &str, why: String| {
+        first.get_or_insert((field.to_string(), why));
+    });
+    if let Some((field, why)) = first {
+        return reject(RejectionKind::InvalidArgument, &field, why);
+    }
+    o.put_task(task);
+    Ok(CommandResponse::Done)
+}
+
+pub fn delete_task_attributes(o: &mut Overlay, task_id: &str, keys: Vec<String>) -> Result<CommandResponse> {
+    let Some(mut task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
+    for k in keys {
+        task.attributes.remove(&k);
+    }
+    o.put_task(task);
+    Ok(CommandResponse::Done)
 }
 
 /// One task's new status, refused when the task is no longer in the state the plan saw.
@@ -169,10 +221,16 @@ pub fn mark_agent_terminating(o: &mut Overlay, agent_id: &str, terminating: bool
     })
 }
 
-pub fn set_agent_draining(o: &mut Overlay, agent_id: &str, draining: bool) -> Result<CommandResponse> {
+pub fn set_agent_draining(
+    o: &mut Overlay,
+    agent_id: &str,
+    draining: bool,
+    timestamp_ms: i64,
+) -> Result<CommandResponse> {
     let Some(mut agent) = o.agent(agent_id)? else { return not_found("agent_id", "agent", agent_id) };
     if agent.draining != draining {
         agent.draining = draining;
+        agent.draining_since_ms = Some(timestamp_ms).filter(|_| draining);
         o.put_agent(agent);
     }
     Ok(CommandResponse::Done)
@@ -239,6 +297,7 @@ pub fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) ->
         agent.registered_ms = existing.registered_ms;
         agent.terminating = existing.terminating;
         agent.draining = existing.draining;
+        agent.draining_since_ms = existing.draining_since_ms;
     }
     o.put_agent(agent);
     Ok(CommandResponse::Done)
@@ -246,7 +305,7 @@ pub fn register_agent(o: &mut Overlay, mut agent: crate::model::agent::Agent) ->
 
 pub use crate::state::{agent_of, Allocation};
 
-/// Per agent, the resources of its live tasks (their jobs' container resources) and their count:
+/// Per agent, the resources its live tasks hold (what each was placed with) and their count:
 /// the one definition placement planning, placement applying and the agent API share.
 pub fn allocation_by_agent(read: &dyn StateRead) -> Result<BTreeMap<String, Allocation>> {
     read.allocations()
@@ -389,7 +448,10 @@ pub fn assign_tasks(
         // Hard constraints hold on apply as resources do: the plan saw the agent as it was, and
         // other placements may have landed on it since.
         let Ok((hard, _)) = &job.constraints else { continue };
-        if hard.admits(&host.view, &task.job_id).is_err() || !host.agent.resources.fits(&host.used, &job.need) {
+        // What the task's spec version needs: a rolling update that changes resources places its
+        // new tasks at the new ones while the old keep what they were placed with.
+        let need = job.job.resources_of(task.job_version());
+        if hard.admits(&host.view, &task.job_id).is_err() || !host.agent.resources.fits(&host.used, &need) {
             continue;
         }
         let status = TaskStatus {
@@ -399,7 +461,8 @@ pub fn assign_tasks(
             timestamp_ms,
         };
         if task.transition(status) {
-            host.used.add(&job.need);
+            host.used.add(&need);
+            task.resources = Some(need);
             host.view.jobs.entry(task.job_id.clone()).and_modify(|n| *n += 1).or_insert(1);
             host.view.exclusive |= hard.exclusive_host;
             task.context.insert(context::AGENT.into(), host.agent.id.clone());
@@ -417,7 +480,7 @@ pub fn assign_tasks(
 
 /// What placing a task of one job needs, read once per entry.
 struct Placing {
-    need: ResourceDimension,
+    job: Job,
     constraints: std::result::Result<(Constraints, Constraints), String>,
     accepted: bool,
 }
@@ -429,9 +492,9 @@ fn placing<'a>(
 ) -> Result<Option<&'a Placing>> {
     if !jobs.contains_key(job_id) {
         let job = o.job(job_id)?.map(|j| Placing {
-            need: j.descriptor.container.resources.as_dimension(),
             constraints: hosts::constraints(&j),
             accepted: j.status.state == JobState::Accepted,
+            job: j,
         });
         jobs.insert(job_id.to_string(), job);
     }
@@ -459,11 +522,11 @@ fn host_now(o: &Overlay, jobs: &mut BTreeMap<String, Option<Placing>>, agent_id:
         if agent_of(&t) != Some(agent_id) || !t.state().is_live() {
             continue;
         }
-        // A task of a job gone from the state holds nothing (as `holding` counts it).
-        let Some(job) = placing(o, jobs, &t.job_id)? else { continue };
-        used.add(&job.need);
-        let exclusive = job.constraints.as_ref().is_ok_and(|(h, _)| h.exclusive_host);
-        load.add(&t.job_id, &hosts::resources(&job.need), exclusive);
+        let job = placing(o, jobs, &t.job_id)?;
+        let held = t.held(job.map(|j| &j.job));
+        used.add(&held);
+        let exclusive = job.is_some_and(|j| j.constraints.as_ref().is_ok_and(|(h, _)| h.exclusive_host));
+        load.add(&t.job_id, &hosts::resources(&held), exclusive);
     }
     let view = hosts::host(&agent, group.as_ref(), load, None);
     Ok(Some(Host { agent, used, view }))
@@ -525,20 +588,20 @@ pub fn update_job_spec(
             ),
         );
     }
-    if container.resources != job.descriptor.container.resources {
-        return reject(
-            RejectionKind::InvalidArgument,
-            "container.resources",
-            "a rolling update cannot change resources yet (tasks are accounted at their job's resources); submit a new job",
-        );
-    }
     if container == job.descriptor.container {
         return Ok(CommandResponse::Deployment(0));
     }
-    let mut changed = job.descriptor.clone();
-    changed.container = container.clone();
-    if let Some(refused) = check_capabilities(o, &changed)? {
+    let mut changed = job.clone();
+    changed.descriptor.container = container.clone();
+    if let Some(refused) = check_capabilities(o, &changed.descriptor)? {
         return Ok(refused);
+    }
+    // New resources must fit the capacity group's reservation at the job's size, as a new job's
+    // must; old tasks keep what they hold until they are replaced.
+    if container.resources != job.descriptor.container.resources {
+        if let Some(refused) = check_quota(o, &changed, changed.descriptor.quota_instances())? {
+            return Ok(refused);
+        }
     }
     let rollout = &mut job.rollout;
     let id = rollout.next_id();

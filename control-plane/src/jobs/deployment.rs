@@ -32,9 +32,17 @@ fn advance(job: &Job, d: &Deployment, change: DeploymentChange, now: i64) -> Com
     Command::AdvanceDeployment { job_id: job.id.clone(), deployment_id: d.id, change, timestamp_ms: now }
 }
 
-/// The commands of one round of deployment `d` of `job` (desired `wanted`). `ready_to_create` is
-/// false while the job's replacement back-off runs (a crash loop does not spin); `available` says
-/// whether a live task serves.
+/// One round of a deployment: what to do, and when that is nothing, what it waits for.
+#[derive(Debug, Default)]
+pub struct Round {
+    pub commands: Vec<Command>,
+    /// Why nothing moves this round (for `titus job deploy status`); None when something does.
+    pub waiting: Option<String>,
+}
+
+/// The round of deployment `d` of `job` (desired `wanted`). `ready_to_create` is false while the
+/// job's replacement back-off runs (a crash loop does not spin); `available` says whether a live
+/// task serves.
 pub fn plan(
     job: &Job,
     d: &Deployment,
@@ -44,7 +52,7 @@ pub fn plan(
     available: &dyn Fn(&Task) -> bool,
     now: i64,
     new_id: &mut dyn FnMut() -> String,
-) -> Vec<Command> {
+) -> Round {
     let mut out = Vec::new();
     let s = &d.strategy;
     if s.rollback_after_failures > 0 && d.failures >= s.rollback_after_failures && d.rollback_of.is_none() {
@@ -53,15 +61,24 @@ pub fn plan(
             d.failures, d.to_version, d.to_image, s.rollback_after_failures, d.from_version, d.from_image
         );
         out.push(advance(job, d, DeploymentChange::RollBack { reason }, now));
-        return out;
+        return Round { commands: out, waiting: None };
     }
     if d.state == DeploymentState::Paused && !d.promoted {
         let pause_over = s.canary_pause_sec > 0
             && d.canary_ready_ms.is_some_and(|at| elapsed(at, s.canary_pause_sec.saturating_mul(1000), now));
         if pause_over {
             out.push(advance(job, d, DeploymentChange::Promote, now));
+            return Round { commands: out, waiting: None };
         }
-        return out;
+        let until = match (s.canary_pause_sec, d.canary_ready_ms) {
+            (0, _) | (_, None) => String::new(),
+            (sec, Some(at)) => {
+                let left = at.saturating_add(sec.saturating_mul(1000) as i64).saturating_sub(now);
+                format!(" (or {} s more)", left.max(0).saturating_add(999) / 1000)
+            }
+        };
+        let waiting = format!("the canaries are available: waiting for `titus job deploy promote`{until}");
+        return Round { commands: out, waiting: Some(waiting) };
     }
     let serving = |t: &&Task| t.state().is_live() && t.state() != TaskState::KillInitiated;
     let (new, old): (Vec<&Task>, Vec<&Task>) =
@@ -71,7 +88,7 @@ pub fn plan(
 
     if old.is_empty() && new.len() == wanted && new_available >= wanted {
         out.push(advance(job, d, DeploymentChange::Succeed, now));
-        return out;
+        return Round { commands: out, waiting: None };
     }
 
     // How many new tasks this round may have live, and may create.
@@ -88,6 +105,8 @@ pub fn plan(
     // Old tasks to kill: unavailable ones first, then available ones while the service keeps its
     // floor. `killable` is Kubernetes' maxScaledDown: all live - floor - new ones not yet serving.
     let mut kill: Vec<&Task> = Vec::new();
+    // What stops the kills short of what the strategy allows.
+    let mut kills_held: Option<String> = None;
     if !canary_phase {
         let floor = wanted.saturating_sub(s.max_unavailable as usize);
         let killable = (new.len() + old.len()).saturating_sub(floor).saturating_sub(new.len() - new_available);
@@ -100,9 +119,18 @@ pub fn plan(
         let budget = &job.descriptor.disruption_budget;
         let allowance = budget.allowance(wanted as u32, serving_now as u32, &job.evictions_ms, now);
         let (mut any, mut of_available) = (allowance.any as usize, allowance.available as usize);
+        if killable == 0 && !old.is_empty() {
+            kills_held = Some(format!(
+                "waiting for new tasks to become available: old ones go only while {floor} stay available \
+                 ({serving_now} now; {new_available} of {} new ones available)",
+                new.len()
+            ));
+        }
         for t in victims.into_iter().take(killable) {
             let serves = available(t);
             if any == 0 || (serves && of_available == 0) {
+                let why = allowance.held_by.clone().unwrap_or_else(|| "it allows no more now".into());
+                kills_held = Some(format!("the job's disruption budget: {why}"));
                 break;
             }
             any -= 1;
@@ -165,6 +193,22 @@ pub fn plan(
         };
         out.push(advance(job, d, DeploymentChange::Step(step), now));
     }
+    let waiting = if !created.is_empty() || !kill.is_empty() {
+        None
+    } else if new.len() < target_new && !ready_to_create {
+        Some("new tasks back off after a failure (the job's retry policy)".to_string())
+    } else if let Some(held) = kills_held {
+        Some(held)
+    } else if new.len() < target_new && room == 0 {
+        Some(format!(
+            "no room to start more: {} tasks live of at most {max_total} (max surge {})",
+            new.len() + old.len(),
+            s.max_surge
+        ))
+    } else {
+        let target = if canary_phase { "canaries" } else { "new tasks" };
+        Some(format!("waiting for {target} to become available ({new_available} of {target_new})"))
+    };
     create_tasks(&mut out, created, archive);
-    out
+    Round { commands: out, waiting }
 }

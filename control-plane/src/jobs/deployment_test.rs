@@ -275,15 +275,6 @@ fn a_canary_pause_promotes_by_itself() {
 #[test]
 fn updates_are_refused_where_they_cannot_apply_and_a_stale_advance_does_nothing() {
     let mut sim = Sim::service(2);
-    let mut bigger: Container = sim.job().descriptor.container;
-    bigger.resources.cpu = 2.0;
-    let r = sim.run(Command::UpdateJobSpec {
-        job_id: JOB.into(),
-        container: bigger,
-        strategy: RolloutStrategy::default(),
-        timestamp_ms: 0,
-    });
-    assert!(matches!(&r, CommandResponse::Rejected(r) if r.field == "container.resources"), "{r:?}");
     let same = sim.job().descriptor.container;
     let r = sim.run(Command::UpdateJobSpec {
         job_id: JOB.into(),
@@ -343,7 +334,7 @@ fn on_agent(sim: &Sim, ids: &std::collections::BTreeSet<String>, agent: &str) ->
 fn drain_all(sim: &mut Sim, check: &dyn Fn(&Sim)) -> Vec<i64> {
     use crate::jobs::lifecycle::drain_job;
     let first: std::collections::BTreeSet<String> = sim.serving().into_iter().map(|t| t.id).collect();
-    let draining = std::collections::BTreeSet::from(["old".to_string()]);
+    let draining = crate::jobs::lifecycle::Draining::from([("old".to_string(), 0)]);
     let mut evictions = Vec::new();
     for _ in 0..1_000 {
         let job = sim.job();
@@ -434,4 +425,47 @@ fn a_disabled_job_s_deployment_waits_with_its_tasks_kept() {
         sim.world(3, false);
     }
     assert_eq!(sim.job().rollout.deployments[0].state, DeploymentState::Succeeded);
+}
+
+/// What `deploy status` says a deployment waits for is what the next round decides: the job
+/// disabled, new tasks not yet available (the floor), the disruption budget (and what in it), the
+/// canaries' promote; nothing while it moves.
+#[test]
+fn a_deployment_says_what_it_waits_for() {
+    use crate::jobs::lifecycle::deployment_waiting;
+    let waiting = |sim: &Sim| deployment_waiting(&sim.store, &sim.job(), sim.now).unwrap();
+
+    // Without a surge and max unavailable 1, an availability budget of 100% holds every kill.
+    let budget = DisruptionBudget { availability_percentage_limit: 100.0, ..Default::default() };
+    let mut sim = Sim::service_with(3, budget);
+    assert_eq!(waiting(&sim), None, "no deployment");
+    sim.run(Command::UpdateJobStatus { job_id: JOB.into(), enabled: false });
+    sim.update("v2", RolloutStrategy { max_unavailable: 1, max_surge: 0, ..Default::default() });
+    assert!(waiting(&sim).unwrap().contains("disabled"), "{:?}", waiting(&sim));
+    sim.run(Command::UpdateJobStatus { job_id: JOB.into(), enabled: true });
+    let held = waiting(&sim).unwrap();
+    assert!(held.starts_with("the job's disruption budget: "), "{held}");
+    assert!(sim.round().is_empty(), "the round it describes does nothing");
+
+    // With a surge, the new task starts; until it is available the floor holds the old ones.
+    let mut sim = Sim::service(3);
+    sim.update("v2", RolloutStrategy { max_unavailable: 0, max_surge: 1, ..Default::default() });
+    assert_eq!(waiting(&sim), None, "the first round creates a new task");
+    sim.round();
+    let floor = waiting(&sim).unwrap();
+    assert!(
+        floor.contains("waiting for new tasks to become available") && floor.contains("3 stay available"),
+        "{floor}"
+    );
+    sim.world(1, false);
+    assert_eq!(waiting(&sim), None, "a new task available: an old one goes");
+
+    // Canaries: once available, the deployment waits for a promote.
+    let mut sim = Sim::service(3);
+    sim.update("v2", RolloutStrategy { max_unavailable: 1, canary: 1, ..Default::default() });
+    sim.round();
+    assert!(waiting(&sim).unwrap().contains("canaries to become available (0 of 1)"), "{:?}", waiting(&sim));
+    sim.world(1, false);
+    sim.round();
+    assert!(waiting(&sim).unwrap().contains("titus job deploy promote"), "{:?}", waiting(&sim));
 }

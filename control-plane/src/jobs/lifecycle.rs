@@ -144,6 +144,8 @@ pub(crate) fn new_task(
         resubmit_of,
         resubmit_number,
         system_resubmit_number,
+        resources: None,
+        attributes: Default::default(),
     }
 }
 
@@ -343,18 +345,14 @@ pub fn plan_job_with(
                 let wanted = capacity.desired as usize;
                 let mut create = Vec::new();
                 let mut archive = Vec::new();
-                // Back off after the newest failure, by the job's retry policy.
-                let newest_failure = finished.iter().rev().find(|t| {
-                    reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL
-                });
-                let ready = newest_failure
-                    .is_none_or(|t| elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now));
+                let ready = replacement_ready(retry_policy, &finished, now);
                 if let Some(d) = job.rollout.active() {
                     // A disabled job keeps its tasks as they are (as without a deployment): its
                     // deployment waits until it is enabled again.
                     if *enabled {
                         let wanted = capacity.desired;
-                        out.extend(super::deployment::plan(job, d, tasks, wanted, ready, available, now, new_id));
+                        let round = super::deployment::plan(job, d, tasks, wanted, ready, available, now, new_id);
+                        out.extend(round.commands);
                     }
                     return out;
                 }
@@ -409,37 +407,91 @@ pub fn plan_job_with(
     out
 }
 
+/// Whether a service job may replace a task now: not while the back-off after its newest failure
+/// (by its retry policy) runs. `finished`: its finished tasks, oldest first.
+fn replacement_ready(retry_policy: &RetryPolicy, finished: &[&Task], now: i64) -> bool {
+    let newest_failure = finished
+        .iter()
+        .rev()
+        .find(|t| reason::counts_against_retries(&t.status.reason_code) && t.status.reason_code != reason::NORMAL);
+    newest_failure.is_none_or(|t| elapsed(t.status.timestamp_ms, service_replacement_delay_ms(retry_policy, t), now))
+}
+
+/// What the job's active deployment waits for now, as the lifecycle's next round would decide
+/// it (None: no active deployment, or it moves this round).
+pub fn deployment_waiting(store: &dyn StateRead, job: &Job, now: i64) -> Result<Option<String>> {
+    let (Some(d), JobType::Service { capacity, enabled, retry_policy, .. }) =
+        (job.rollout.active(), &job.descriptor.job_type)
+    else {
+        return Ok(None);
+    };
+    if job.status.state != JobState::Accepted {
+        return Ok(None);
+    }
+    if !enabled {
+        return Ok(Some("the job is disabled: its deployment waits until it is enabled".into()));
+    }
+    let tasks = store.tasks_of_job(&job.id)?;
+    let targets = serving_targets(store, job)?;
+    let available = |t: &Task| serves(job, t, targets.as_ref());
+    let mut finished: Vec<&Task> = tasks.iter().filter(|t| !t.state().is_live()).collect();
+    finished.sort_by_key(|t| (t.status.timestamp_ms, t.index));
+    let ready = replacement_ready(retry_policy, &finished, now);
+    let mut no_ids = String::new;
+    Ok(super::deployment::plan(job, d, &tasks, capacity.desired, ready, &available, now, &mut no_ids).waiting)
+}
+
+/// Agents being drained, each with when its drain began (ms; 0: before that was recorded).
+pub type Draining = BTreeMap<String, i64>;
+
 /// Agents being drained, by an operator or with their instance group (PhasedOut or Removable):
 /// their service tasks move.
-pub fn draining_agents(store: &dyn StateRead) -> Result<BTreeSet<String>> {
-    let mut lifecycles = BTreeMap::new();
-    let mut out = BTreeSet::new();
+pub fn draining_agents(store: &dyn StateRead) -> Result<Draining> {
+    let mut groups = BTreeMap::new();
+    let mut out = Draining::new();
     for agent in store.agents()? {
-        if !lifecycles.contains_key(&agent.instance_group) {
-            let lifecycle = store.instance_group(&agent.instance_group)?.map(|g| g.lifecycle);
-            lifecycles.insert(agent.instance_group.clone(), lifecycle);
+        if !groups.contains_key(&agent.instance_group) {
+            let group = store.instance_group(&agent.instance_group)?.map(|g| (g.lifecycle, g.lifecycle_since_ms));
+            groups.insert(agent.instance_group.clone(), group);
         }
-        if agent.draining
-            || matches!(lifecycles[&agent.instance_group], Some(Lifecycle::PhasedOut | Lifecycle::Removable))
-        {
-            out.insert(agent.id);
+        let by_group = match groups[&agent.instance_group] {
+            Some((Lifecycle::PhasedOut | Lifecycle::Removable, since)) => Some(since.unwrap_or(0)),
+            _ => None,
+        };
+        let by_agent = agent.draining.then(|| agent.draining_since_ms.unwrap_or(0));
+        if let Some(since) = by_group.into_iter().chain(by_agent).min() {
+            out.insert(agent.id, since);
         }
     }
     Ok(out)
+}
+
+/// Until when a self-managed job's owner may move its task off an agent drained since `since`
+/// (Titus's `relocationTimeMs`): a drain leaves the task alone until then. None: it may move now.
+pub fn relocation_until(job: &Job, since: i64, now: i64) -> Option<i64> {
+    let budget = &job.descriptor.disruption_budget;
+    if !budget.is_self_managed() || budget.self_managed_relocation_time_ms == 0 {
+        return None;
+    }
+    let until = since.saturating_add(i64::try_from(budget.self_managed_relocation_time_ms).unwrap_or(i64::MAX));
+    (until > now).then_some(until)
 }
 
 /// Moves a service job's tasks off draining agents, a few at a time (Titus's task migration): a
 /// Started task there is killed as evicted (not counted against retries) as far as the job's
 /// disruption budget allows (see `model::budget`); a self-managed budget moves a tenth of desired
 /// (at least one) at a time, counting those on their way (placed but not yet Started, or being
-/// killed). The job's lifecycle then creates each replacement, which the
-/// scheduler places on an Active agent. Batch tasks are left to finish.
-pub fn drain_job(job: &Job, tasks: &[Task], draining: &BTreeSet<String>, now: i64) -> Vec<Command> {
+/// killed), once its relocation time (if any) has passed since the drain began. The job's
+/// lifecycle then creates each replacement, which the scheduler places on an Active agent. Batch
+/// tasks are left to finish.
+pub fn drain_job(job: &Job, tasks: &[Task], draining: &Draining, now: i64) -> Vec<Command> {
     let JobType::Service { capacity, enabled: true, .. } = &job.descriptor.job_type else { return Vec::new() };
     if job.status.state != JobState::Accepted || draining.is_empty() {
         return Vec::new();
     }
-    let on_draining = |t: &&Task| agent_of(t).is_some_and(|a| draining.contains(a));
+    let on_draining = |t: &&Task| {
+        agent_of(t).and_then(|a| draining.get(a)).is_some_and(|since| relocation_until(job, *since, now).is_none())
+    };
     let mut moving: Vec<&Task> = tasks.iter().filter(|t| t.state() == TaskState::Started).filter(on_draining).collect();
     if moving.is_empty() {
         return Vec::new();
@@ -524,7 +576,7 @@ fn plan_one(
     now: i64,
     cfg: &LifecycleConfig,
     new_id: &mut dyn FnMut() -> String,
-    draining: Option<&BTreeSet<String>>,
+    draining: Option<&Draining>,
 ) -> Vec<Command> {
     let tasks = match store.tasks_of_job(&job.id) {
         Ok(t) => t,

@@ -314,7 +314,7 @@ fn a_drained_agents_service_tasks_move_one_budget_at_a_time() {
     for t in sim.live(&job) {
         place(&mut sim, &t.id, "old");
     }
-    let draining = ["old".to_string()].into();
+    let draining = [("old".to_string(), 0)].into();
     let mut moved = 0;
     for _ in 0..10 {
         let j = sim.store.job(&job).unwrap().unwrap();
@@ -346,6 +346,71 @@ fn a_drained_agents_service_tasks_move_one_budget_at_a_time() {
     // Nothing drains when no agent is drained.
     let j = sim.store.job(&job).unwrap().unwrap();
     assert!(drain_job(&j, &sim.store.tasks_of_job(&job).unwrap(), &Default::default(), sim.now).is_empty());
+}
+
+/// A self-managed job's owner has its relocation time to move its tasks off a drained agent: the
+/// drain, begun when the operator asked (recorded in the agent), leaves them alone until then.
+#[test]
+fn a_self_managed_job_has_its_relocation_time_before_a_drain_moves_it() {
+    use crate::jobs::lifecycle::{drain_job, draining_agents, relocation_until};
+    use crate::model::agent::{Agent, AgentState};
+    use crate::model::task::context;
+
+    let mut sim = Sim::new();
+    let mut descriptor = service_descriptor(1, 2, 4);
+    descriptor.disruption_budget.self_managed_relocation_time_ms = 60_000;
+    let job = sim.create(descriptor);
+    sim.settle();
+    sim.run(Command::RegisterAgent {
+        agent: Agent {
+            id: "old".into(),
+            instance_group: "default".into(),
+            resources: Default::default(),
+            attributes: Default::default(),
+            state: AgentState::Online,
+            healthy: true,
+            unhealthy_reason: String::new(),
+            registered_ms: 1,
+            terminating: false,
+            lost_ms: None,
+            draining: false,
+            draining_since_ms: None,
+        },
+    });
+    for t in sim.live(&job) {
+        for state in [TaskState::Launched, TaskState::Started] {
+            sim.run(Command::UpdateTaskStatus {
+                task_id: t.id.clone(),
+                status: TaskStatus {
+                    state,
+                    reason_code: String::new(),
+                    reason_message: String::new(),
+                    timestamp_ms: sim.now,
+                },
+                context: [(context::AGENT.to_string(), "old".to_string())].into(),
+                expected_state: None,
+            });
+        }
+    }
+    let began = sim.now;
+    sim.run(Command::SetAgentDraining { agent_id: "old".into(), draining: true, timestamp_ms: began });
+    let draining = draining_agents(&sim.store).unwrap();
+    assert_eq!(draining, [("old".to_string(), began)].into(), "the drain's start is recorded");
+    let j = sim.store.job(&job).unwrap().unwrap();
+    let drain = |now: i64| drain_job(&j, &sim.store.tasks_of_job(&job).unwrap(), &draining, now);
+    assert_eq!(relocation_until(&j, began, began + 59_999), Some(began + 60_000));
+    assert!(drain(began + 59_999).is_empty(), "moved within the owner's relocation time");
+    assert_eq!(drain(began + 60_000).len(), 1, "then the drain's own pace: a tenth (one) at a time");
+
+    // Undone and begun again: the relocation time runs from the new start.
+    sim.run(Command::SetAgentDraining { agent_id: "old".into(), draining: false, timestamp_ms: began + 1 });
+    assert!(draining_agents(&sim.store).unwrap().is_empty());
+    sim.run(Command::SetAgentDraining { agent_id: "old".into(), draining: true, timestamp_ms: began + 2 });
+    assert_eq!(draining_agents(&sim.store).unwrap()["old"], began + 2);
+    // A job with an availability limit has no relocation time: the budget alone decides.
+    let mut limited = j.clone();
+    limited.descriptor.disruption_budget.availability_percentage_limit = 50.0;
+    assert_eq!(relocation_until(&limited, began, began), None);
 }
 
 /// A job written before its durations were bounded at the edge (runtime limit 2^62 s or 2^64-1 s,
@@ -421,6 +486,7 @@ fn a_termination_written_ahead_survives_an_update_of_its_group() {
         max: 4,
         pending_launch: None,
         pending_terminations: Vec::new(),
+        lifecycle_since_ms: None,
     };
     let pending = |sim: &Sim| sim.store.instance_group("g").unwrap().unwrap().pending_terminations;
     sim.run(Command::UpsertInstanceGroup { group: group.clone() });
@@ -459,6 +525,7 @@ fn host_constraints_are_checked_again_when_a_placement_commits() {
             terminating: false,
             lost_ms: None,
             draining: false,
+            draining_since_ms: None,
         },
     });
     let create = |sim: &mut Sim, id: &str, constraint: Option<&str>| {
@@ -538,6 +605,7 @@ fn an_instance_is_bound_to_the_agent_that_registered_on_it_first() {
             terminating: false,
             lost_ms: None,
             draining: false,
+            draining_since_ms: None,
         };
         match sim.run(Command::RegisterAgent { agent }) {
             CommandResponse::Done => Ok(()),

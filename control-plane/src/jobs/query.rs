@@ -17,7 +17,19 @@ pub struct Filter {
     pub app_name: Option<String>,
     pub capacity_group: Option<String>,
     pub batch: Option<bool>,
-    pub attributes: Vec<(String, String)>,
+    /// `key:value` (that value) or `key` (any value) pairs.
+    pub attributes: Vec<(String, Option<String>)>,
+    /// `attributes.op`: `or` — any one pair matches; `and` (the default) — all do.
+    pub attributes_any: bool,
+    pub image_name: Option<String>,
+    pub image_tag: Option<String>,
+    pub job_group_stack: Option<String>,
+    pub job_group_detail: Option<String>,
+    pub job_group_sequence: Option<String>,
+    /// Tasks whose status reason is one of these.
+    pub task_state_reasons: Option<BTreeSet<String>>,
+    /// Leave out tasks that finished on a system error (Titus's `skipSystemFailures`).
+    pub skip_system_failures: bool,
 }
 
 fn list(v: &str) -> BTreeSet<String> {
@@ -52,6 +64,26 @@ impl Filter {
                 "owner" => f.owner = Some(value.clone()),
                 "appName" | "applicationName" => f.app_name = Some(value.clone()),
                 "capacityGroup" => f.capacity_group = Some(value.clone()),
+                "imageName" => f.image_name = Some(value.clone()),
+                "imageTag" => f.image_tag = Some(value.clone()),
+                "jobGroupStack" => f.job_group_stack = Some(value.clone()),
+                "jobGroupDetail" => f.job_group_detail = Some(value.clone()),
+                "jobGroupSequence" => f.job_group_sequence = Some(value.clone()),
+                "taskStateReasons" if allow_task_keys => f.task_state_reasons = Some(list(value)),
+                "skipSystemFailures" if allow_task_keys => {
+                    f.skip_system_failures = match value.to_ascii_lowercase().as_str() {
+                        "true" => true,
+                        "false" | "" => false,
+                        _ => return Err(Error::invalid(&field, "must be true or false")),
+                    }
+                }
+                "attributes.op" => {
+                    f.attributes_any = match value.to_ascii_lowercase().as_str() {
+                        "or" => true,
+                        "and" | "" => false,
+                        _ => return Err(Error::invalid(&field, "must be and or or")),
+                    }
+                }
                 "jobType" => {
                     f.batch = Some(match value.to_ascii_uppercase().as_str() {
                         "BATCH" => true,
@@ -61,10 +93,14 @@ impl Filter {
                 }
                 "attributes" => {
                     for pair in list(value) {
-                        let (k, v) = pair
-                            .split_once(':')
-                            .ok_or_else(|| Error::invalid(&field, "must be key:value pairs separated by commas"))?;
-                        f.attributes.push((k.to_string(), v.to_string()));
+                        let (k, v) = match pair.split_once(':') {
+                            Some((k, v)) => (k, Some(v.to_string())),
+                            None => (pair.as_str(), None),
+                        };
+                        if k.is_empty() {
+                            return Err(Error::invalid(&field, "must be key:value or key entries separated by commas"));
+                        }
+                        f.attributes.push((k.to_string(), v));
                     }
                 }
                 _ => return Err(Error::invalid(&field, "unknown filter")),
@@ -75,18 +111,35 @@ impl Filter {
 
     pub fn matches_job(&self, job: &Job) -> bool {
         let d = &job.descriptor;
+        let same = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        let attribute = |(k, v): &(String, Option<String>)| match v {
+            Some(v) => d.attributes.get(k) == Some(v),
+            None => d.attributes.contains_key(k),
+        };
+        let attributes = if self.attributes_any {
+            self.attributes.is_empty() || self.attributes.iter().any(attribute)
+        } else {
+            self.attributes.iter().all(attribute)
+        };
         self.job_ids.as_ref().is_none_or(|ids| ids.contains(&job.id))
             && self.job_state.is_none_or(|s| s == job.status.state)
-            && self.owner.as_ref().is_none_or(|o| *o == d.owner_email)
-            && self.app_name.as_ref().is_none_or(|a| *a == d.application_name)
-            && self.capacity_group.as_ref().is_none_or(|c| *c == d.capacity_group)
+            && same(&self.owner, &d.owner_email)
+            && same(&self.app_name, &d.application_name)
+            && same(&self.capacity_group, &d.capacity_group)
             && self.batch.is_none_or(|b| b == d.is_batch())
-            && self.attributes.iter().all(|(k, v)| d.attributes.get(k) == Some(v))
+            && same(&self.image_name, &d.container.image.name)
+            && self.image_tag.as_deref().is_none_or(|t| d.container.image.tag.as_deref() == Some(t))
+            && same(&self.job_group_stack, &d.job_group_info.stack)
+            && same(&self.job_group_detail, &d.job_group_info.detail)
+            && same(&self.job_group_sequence, &d.job_group_info.sequence)
+            && attributes
     }
 
     pub fn matches_task(&self, task: &Task) -> bool {
         self.task_ids.as_ref().is_none_or(|ids| ids.contains(&task.id))
             && self.task_states.as_ref().is_none_or(|s| s.contains(&task.state()))
+            && self.task_state_reasons.as_ref().is_none_or(|r| r.contains(&task.status.reason_code))
+            && !(self.skip_system_failures && crate::model::task::reason::is_system_error(&task.status.reason_code))
     }
 
     /// Whether it says anything of the job (so a task query starts from the jobs that match).
@@ -98,6 +151,11 @@ impl Filter {
             || self.capacity_group.is_some()
             || self.batch.is_some()
             || !self.attributes.is_empty()
+            || self.image_name.is_some()
+            || self.image_tag.is_some()
+            || self.job_group_stack.is_some()
+            || self.job_group_detail.is_some()
+            || self.job_group_sequence.is_some()
     }
 
     /// Whether finished (archived) records must be searched too.
@@ -197,6 +255,72 @@ mod tests {
         assert!(Filter::parse(&m("taskStates", "Started"), false).is_err());
         let f = Filter::parse(&m("taskStates", "Started, finished"), true).unwrap();
         assert_eq!(f.task_states.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn titus_s_filters_select_what_they_name() {
+        use crate::model::job::fixtures::batch_descriptor;
+        use crate::model::job::{Job, JobStatus};
+        let m = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut d = batch_descriptor(1);
+        d.attributes = [("team".to_string(), "a".to_string()), ("tier".to_string(), "1".to_string())].into();
+        d.container.image.tag = Some("v2".into());
+        d.job_group_info.stack = "main".into();
+        let status = JobStatus {
+            state: JobState::Accepted,
+            reason_code: String::new(),
+            reason_message: String::new(),
+            timestamp_ms: 0,
+        };
+        let job = Job {
+            id: "j".into(),
+            descriptor: d,
+            status,
+            status_history: vec![],
+            rollout: Default::default(),
+            evictions_ms: vec![],
+        };
+        let matches = |pairs: &[(&str, &str)]| Filter::parse(&m(pairs), true).unwrap().matches_job(&job);
+        assert!(matches(&[("attributes", "team:a,tier")]), "a key alone matches any value");
+        assert!(!matches(&[("attributes", "team:a,zone")]), "all must match by default");
+        assert!(matches(&[("attributes", "team:b,tier:1"), ("attributes.op", "or")]));
+        assert!(!matches(&[("attributes", "team:b,tier:2"), ("attributes.op", "OR")]));
+        assert!(matches(&[("imageTag", "v2"), ("jobGroupStack", "main"), ("applicationName", "app")]));
+        assert!(!matches(&[("imageTag", "v1")]));
+        assert!(Filter::parse(&m(&[("attributes.op", "xor")]), true)
+            .unwrap_err()
+            .to_string()
+            .contains("attributes.op"));
+        let f = Filter::parse(
+            &m(&[("skipSystemFailures", "true"), ("taskStateReasons", "failed,transientSystemError")]),
+            true,
+        )
+        .unwrap();
+        let mut task = Task {
+            id: "t".into(),
+            job_id: "j".into(),
+            index: 0,
+            status: crate::model::task::TaskStatus {
+                state: TaskState::Finished,
+                reason_code: String::new(),
+                reason_message: String::new(),
+                timestamp_ms: 0,
+            },
+            status_history: vec![],
+            context: Default::default(),
+            original_id: "t".into(),
+            resubmit_of: None,
+            resubmit_number: 0,
+            system_resubmit_number: 0,
+            resources: None,
+            attributes: Default::default(),
+        };
+        task.status.reason_code = "failed".into();
+        assert!(f.matches_task(&task));
+        task.status.reason_code = "transientSystemError".into();
+        assert!(!f.matches_task(&task), "a system failure is skipped");
+        task.status.reason_code = "normal".into();
+        assert!(!f.matches_task(&task), "not one of the reasons");
     }
 
     #[test]

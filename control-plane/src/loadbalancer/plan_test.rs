@@ -30,6 +30,8 @@ fn task(id: &str, state: TaskState, ip: &str, at: i64) -> Task {
         resubmit_of: None,
         resubmit_number: 0,
         system_resubmit_number: 0,
+        resources: None,
+        attributes: Default::default(),
     }
 }
 

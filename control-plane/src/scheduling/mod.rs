@@ -39,7 +39,11 @@ fn tier(t: Tier) -> core::Tier {
 /// What placement needs of a job.
 #[derive(Debug, Clone)]
 struct JobEntry {
+    /// What a task of its current spec needs.
     need: core::Resources,
+    /// While a deployment replaces them, what a task of the previous spec needs, and its version
+    /// (as `Job::resources_of` says).
+    from: Option<(u32, core::Resources)>,
     group: String,
     /// Constraints as parsed; an error (not possible for a validated job) leaves its tasks pending
     /// with that error as the reason.
@@ -51,10 +55,24 @@ impl JobEntry {
     fn of(job: &Job) -> JobEntry {
         JobEntry {
             need: resources(&job.descriptor.container.resources.as_dimension()),
+            from: job.rollout.active().map(|d| (d.from_version, resources(&job.resources_of(d.from_version)))),
             group: job.descriptor.capacity_group.clone(),
             constraints: hosts::constraints(job),
             accepted: job.status.state == JobState::Accepted,
         }
+    }
+
+    /// What a task of spec `version` needs.
+    fn need_of(&self, version: u32) -> core::Resources {
+        match self.from {
+            Some((from, need)) if from == version => need,
+            _ => self.need,
+        }
+    }
+
+    /// What a placed task holds: see `Task::held`.
+    fn held_by(&self, t: &Task) -> core::Resources {
+        t.resources.as_ref().map_or_else(|| self.need_of(t.job_version()), resources)
     }
 
     fn exclusive(&self) -> bool {
@@ -70,6 +88,8 @@ struct TaskEntry {
     agent: Option<(String, core::Resources, String, bool)>,
     /// Accepted and not placed: its key in `pending`.
     pending: Option<(i64, String)>,
+    /// Its job's spec version.
+    version: u32,
 }
 
 /// The scheduler's picture of replicated state, kept current from applied changes.
@@ -175,12 +195,13 @@ impl Cache {
             return Ok(());
         }
         let Some(job) = self.job(&t.job_id, read)?.cloned() else { return Ok(()) };
-        let mut entry = TaskEntry { job_id: t.job_id.clone(), agent: None, pending: None };
+        let mut entry = TaskEntry { job_id: t.job_id.clone(), agent: None, pending: None, version: t.job_version() };
         match agent_of(t) {
             Some(agent) => {
-                self.loads.entry(agent.to_string()).or_default().add(&t.job_id, &job.need, job.exclusive());
-                self.group_used.entry(job.group.clone()).or_default().add(&job.need);
-                entry.agent = Some((agent.to_string(), job.need, job.group.clone(), job.exclusive()));
+                let held = job.held_by(t);
+                self.loads.entry(agent.to_string()).or_default().add(&t.job_id, &held, job.exclusive());
+                self.group_used.entry(job.group.clone()).or_default().add(&held);
+                entry.agent = Some((agent.to_string(), held, job.group.clone(), job.exclusive()));
             }
             None if t.state() == TaskState::Accepted => {
                 let key = (t.status.timestamp_ms, t.id.clone());
@@ -205,9 +226,10 @@ impl Cache {
         if let Some(key) = entry.pending.take() {
             self.pending.remove(&key);
         }
-        self.loads.entry(agent.to_string()).or_default().add(&entry.job_id, &job.need, job.exclusive());
-        self.group_used.entry(job.group.clone()).or_default().add(&job.need);
-        entry.agent = Some((agent.to_string(), job.need, job.group.clone(), job.exclusive()));
+        let need = job.need_of(entry.version);
+        self.loads.entry(agent.to_string()).or_default().add(&entry.job_id, &need, job.exclusive());
+        self.group_used.entry(job.group.clone()).or_default().add(&need);
+        entry.agent = Some((agent.to_string(), need, job.group.clone(), job.exclusive()));
     }
 
     /// Puts a task back as replicated state has it (after a booked placement was refused).
@@ -278,7 +300,7 @@ impl Cache {
         let mut flex = Vec::new();
         let mut broken = Vec::new();
         for (_, id) in &self.pending {
-            let Some(job_id) = self.tasks.get(id).map(|t| &t.job_id) else { continue };
+            let Some((job_id, version)) = self.tasks.get(id).map(|t| (&t.job_id, t.version)) else { continue };
             let Some(job) = self.jobs.get(job_id).filter(|j| j.accepted) else { continue };
             let t = tier_of.get(job.group.as_str()).copied().unwrap_or(Tier::Flex);
             let (hard, soft) = match &job.constraints {
@@ -291,7 +313,7 @@ impl Cache {
             let task = core::Task {
                 id: id.clone(),
                 job_id: job_id.clone(),
-                need: job.need,
+                need: job.need_of(version),
                 capacity_group: job.group.clone(),
                 tier: tier(t),
                 hard,

@@ -219,6 +219,7 @@ impl Twin {
                     terminating: false,
                     lost_ms: None,
                     draining: false,
+                    draining_since_ms: None,
                 };
                 self.run(Command::RegisterAgent { agent });
             }
@@ -296,6 +297,7 @@ impl Twin {
                             max: 3,
                             pending_launch: None,
                             pending_terminations: vec![],
+                            lifecycle_since_ms: None,
                         },
                     },
                     1 => Command::SetInstanceGroupDesired { id, desired: n },

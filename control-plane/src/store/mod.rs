@@ -613,29 +613,23 @@ pub(crate) fn rebuild_agent_index(db: &DB) -> Result<usize> {
     let (tasks, jobs) =
         (cf_handle(db, cf::TASKS).map_err(Error::from_storage)?, cf_handle(db, cf::JOBS).map_err(Error::from_storage)?);
     let mut batch = rocksdb::WriteBatch::default();
-    let mut resources: BTreeMap<String, ResourceDimension> = BTreeMap::new();
+    let mut job_of: BTreeMap<String, Option<Job>> = BTreeMap::new();
     let mut n = 0;
     for item in db.iterator_cf(tasks, rocksdb::IteratorMode::Start) {
         let (_, v) = item.map_err(Error::from_storage)?;
         let t: Task = codec::decode(&v).map_err(Error::from_storage)?;
         let Some(agent) = crate::state::agent_of(&t).filter(|_| t.state().is_live()) else { continue };
-        if !resources.contains_key(&t.job_id) {
+        if t.resources.is_none() && !job_of.contains_key(&t.job_id) {
             let job: Option<Job> = db
                 .get_cf(jobs, t.job_id.as_bytes())
                 .map_err(Error::from_storage)?
                 .map(|b| codec::decode(&b))
                 .transpose()
                 .map_err(Error::from_storage)?;
-            resources.insert(
-                t.job_id.clone(),
-                job.map(|j| j.descriptor.container.resources.as_dimension()).unwrap_or_default(),
-            );
+            job_of.insert(t.job_id.clone(), job);
         }
-        batch.put_cf(
-            index,
-            agent_index_key(agent, &t.id),
-            codec::encode(&resources[&t.job_id]).map_err(Error::from_storage)?,
-        );
+        let held = t.held(job_of.get(&t.job_id).and_then(Option::as_ref));
+        batch.put_cf(index, agent_index_key(agent, &t.id), codec::encode(&held).map_err(Error::from_storage)?);
         n += 1;
     }
     batch.put_cf(meta, cf::sm_meta::AGENT_INDEX, b"1");

@@ -19,7 +19,6 @@ use crate::apply::{Applied, StoreCommand};
 use crate::codec;
 use crate::command::{AuditRecord, Command, CommandResponse, Rejection, RejectionKind};
 use crate::events::{Change, ChangeBatch};
-use crate::model::ResourceDimension;
 use crate::state::agent_of;
 use crate::state::{Changes, Overlay, StateRead, TokenRecord, Write};
 use crate::store::counts::{Counted, CountsDelta, StateCounts, TaskKind};
@@ -310,15 +309,6 @@ impl StateMachine {
             cf_handle(&self.db, cf::ARCHIVE_ORDER)?,
         );
         let tokens = cf_handle(&self.db, cf::IDEMPOTENCY_TOKENS)?;
-        // Resources of the jobs this entry writes, for the by-agent index of their tasks.
-        let job_resources: std::collections::HashMap<String, ResourceDimension> = c
-            .jobs
-            .iter()
-            .filter_map(|(id, w)| match w {
-                Write::Put(j) => Some((id.clone(), j.descriptor.container.resources.as_dimension())),
-                Write::Delete(_) => None,
-            })
-            .collect();
         let by_agent = cf_handle(&self.db, cf::TASKS_BY_AGENT)?;
         for (id, w) in c.jobs {
             counts.record(Counted::Jobs, self.holds(jobs, id.as_bytes())?, matches!(w, Write::Put(_)));
@@ -354,18 +344,14 @@ impl StateMachine {
                     // A task's agent never changes once set: live → indexed there, else not.
                     if let Some(agent) = agent_of(&t) {
                         if t.state().is_live() {
-                            // The entry holds the job's resources: rewritten when the job is.
-                            let held = was.is_some_and(|w| w.live_on.as_deref() == Some(agent))
-                                && !job_resources.contains_key(&t.job_id);
+                            // The entry holds what the task was placed with, which never changes:
+                            // written once, when the task becomes live there.
+                            let held = was.is_some_and(|w| w.live_on.as_deref() == Some(agent));
                             if !held {
-                                let r = match job_resources.get(&t.job_id) {
-                                    Some(r) => r.clone(),
-                                    None => self
-                                        .reader
-                                        .job(&t.job_id)
-                                        .map_err(|e| write_error(&e))?
-                                        .map(|j| j.descriptor.container.resources.as_dimension())
-                                        .unwrap_or_default(),
+                                let r = match t.resources {
+                                    Some(_) => t.held(None),
+                                    // Placed by a release that did not record it.
+                                    None => t.held(self.reader.job(&t.job_id).map_err(|e| write_error(&e))?.as_ref()),
                                 };
                                 batch.put_cf(by_agent, agent_index_key(agent, &id), enc(&r)?);
                             }

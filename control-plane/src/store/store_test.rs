@@ -171,6 +171,120 @@ fn the_agent_index_and_the_scheduler_cache_follow_every_change() {
     assert_eq!(counts.tasks_in(TaskState::Launched), 3, "{counts:?}");
 }
 
+/// A rolling update that changes resources: each task holds what it was placed with — the old
+/// tasks their 0.5 CPU, the new ones 1 CPU — in the by-agent index, the placement check at apply,
+/// the scheduler's cache (fed and loaded) and a rebuilt index; an old-version task placed during
+/// the deployment takes the old resources; new resources beyond the group's reservation are refused.
+#[test]
+fn a_rolling_update_places_new_resources_beside_the_old() {
+    use crate::command::{Assignment, Command, CommandResponse};
+    use crate::model::deployment::RolloutStrategy;
+    use crate::model::job::fixtures::service_descriptor;
+    use crate::model::task::context;
+    use crate::scheduling::Cache;
+    use crate::state::{agent_of, StateRead};
+
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, reader) = super::open(dir.path(), 1).unwrap();
+    let (_, mut changes) = reader.changes.subscribe(None);
+    let mut index = 0;
+    let mut apply = |sm: &mut StateMachine, command: Command| {
+        index += 1;
+        apply_at(sm, index, command)
+    };
+    let mut group = capacity_group("web");
+    group.resources_per_instance =
+        crate::model::ResourceDimension { cpu: 2.0, memory_mb: 4096, disk_mb: 1_000_000, network_mbps: 10_000, gpu: 0 };
+    apply(&mut sm, Command::CreateCapacityGroup { group, idempotency_token: None });
+    let (mut job, tasks) = batch_job("svc", "s", 2);
+    job.descriptor.job_type = service_descriptor(0, 2, 4).job_type;
+    job.descriptor.capacity_group = "web".into();
+    let created = apply(&mut sm, Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+    assert!(matches!(created, CommandResponse::JobId(_)), "{created:?}");
+    apply(&mut sm, Command::CreateTasks { tasks, archive: vec![] });
+    for a in ["a1", "a2"] {
+        apply(&mut sm, Command::RegisterAgent { agent: agent(a) });
+    }
+    let place = |sm: &mut StateMachine,
+                 apply: &mut dyn FnMut(&mut StateMachine, Command) -> CommandResponse,
+                 task: &str,
+                 agent: &str| {
+        let assignments = vec![Assignment { task_id: task.into(), agent_id: agent.into() }];
+        match apply(sm, Command::AssignTasks { assignments, timestamp_ms: 2 }) {
+            CommandResponse::Assigned(ids) => !ids.is_empty(),
+            other => panic!("AssignTasks answered {other:?}"),
+        }
+    };
+    assert!(place(&mut sm, &mut apply, "s00", "a1") && place(&mut sm, &mut apply, "s01", "a1"));
+
+    let update = |cpu: f64| {
+        let mut container = reader.job("svc").unwrap().unwrap().descriptor.container;
+        container.resources.cpu = cpu;
+        Command::UpdateJobSpec {
+            job_id: "svc".into(),
+            container,
+            strategy: RolloutStrategy::default(),
+            timestamp_ms: 3,
+        }
+    };
+    // 2 tasks × 1.5 CPU would need 3 of the group's 2.
+    match apply(&mut sm, update(1.5)) {
+        CommandResponse::Rejected(r) => assert_eq!(r.field, "capacity_group", "{r:?}"),
+        other => panic!("an update beyond the reservation was not refused: {other:?}"),
+    }
+    assert!(matches!(apply(&mut sm, update(1.0)), CommandResponse::Deployment(1)));
+    assert_eq!(reader.allocation_of("a1").unwrap().resources.cpu, 1.0, "the old tasks keep their 0.5 CPU");
+
+    // A new-version task (1 CPU) does not fit beside them on a1's 1.5; it does on a2. An
+    // old-version task placed now takes the old 0.5 and fits on a1.
+    let (_, mut more) = batch_job("svc", "n", 2);
+    more[0].context.insert(context::JOB_VERSION.into(), "1".into());
+    more[1].id = "old".into();
+    (more[0].index, more[1].index) = (2, 3);
+    let created = apply(&mut sm, Command::CreateTasks { tasks: more, archive: vec![] });
+    assert!(!matches!(created, CommandResponse::Rejected(_)), "{created:?}");
+    let view = Cache::load(&reader, vec![]).unwrap().view(&Default::default(), &[], 10);
+    let needs: std::collections::BTreeMap<&str, f64> = view.tasks.iter().map(|t| (t.id.as_str(), t.need.cpu)).collect();
+    assert_eq!(needs, [("n00", 1.0), ("old", 0.5)].into(), "the scheduler asks what each version needs");
+    assert!(!place(&mut sm, &mut apply, "n00", "a1"), "1 CPU placed beside 1 CPU on a 1.5-CPU agent");
+    assert!(place(&mut sm, &mut apply, "n00", "a2"));
+    assert!(place(&mut sm, &mut apply, "old", "a1"));
+
+    let held = |id: &str| reader.task(id).unwrap().unwrap().resources.expect("a placed task records what it holds");
+    assert_eq!([held("s00").cpu, held("old").cpu, held("n00").cpu], [0.5, 0.5, 1.0]);
+    let got = reader.allocations().unwrap();
+    assert_eq!((got["a1"].resources.cpu, got["a1"].live_tasks), (1.5, 3));
+    assert_eq!((got["a2"].resources.cpu, got["a2"].live_tasks), (1.0, 1));
+    assert_eq!(reader.allocation_of("a2").unwrap(), got["a2"]);
+    let by_scan: f64 = reader
+        .all_tasks()
+        .unwrap()
+        .iter()
+        .filter(|t| agent_of(t).is_some() && t.state().is_live())
+        .map(|t| t.resources.as_ref().unwrap().cpu)
+        .sum();
+    assert_eq!(by_scan, 2.5);
+
+    let mut fed = Cache::default();
+    while let Ok(batch) = changes.try_recv() {
+        for c in &batch.changes {
+            fed.apply(c, &reader).unwrap();
+        }
+    }
+    let loaded = Cache::load(&reader, vec![]).unwrap();
+    assert_eq!(fed.summary(), loaded.summary());
+    let (_, loads, groups) = loaded.summary();
+    assert_eq!(loads["a1"].0, "1.500 cpu 300 MB");
+    assert_eq!(loads["a2"].0, "1.000 cpu 100 MB");
+    assert_eq!(groups["web"], "2.500 cpu 400 MB");
+
+    // Rebuilt from the tasks, the index says the same.
+    let meta = super::cf_handle(&reader.db, super::cf::SM_META).unwrap();
+    reader.db.delete_cf(meta, super::cf::sm_meta::AGENT_INDEX).unwrap();
+    assert_eq!(super::rebuild_agent_index(&reader.db).unwrap(), 4);
+    assert_eq!(reader.allocations().unwrap(), got);
+}
+
 /// A batch job `id` of `n` tasks `{prefix}00`… of 0.5 CPU and 100 MB, all Accepted.
 pub(crate) fn batch_job(id: &str, prefix: &str, n: u32) -> (crate::model::job::Job, Vec<crate::model::task::Task>) {
     use crate::model::job::fixtures::batch_descriptor;
@@ -209,6 +323,8 @@ pub(crate) fn batch_job(id: &str, prefix: &str, n: u32) -> (crate::model::job::J
             resubmit_of: None,
             resubmit_number: 0,
             system_resubmit_number: 0,
+            resources: None,
+            attributes: Default::default(),
         })
         .collect();
     (job, tasks)
@@ -230,6 +346,7 @@ pub(crate) fn agent(id: &str) -> crate::model::agent::Agent {
         terminating: false,
         lost_ms: None,
         draining: false,
+        draining_since_ms: None,
     }
 }
 

@@ -5,8 +5,8 @@
 //! The file is merged into the job: a field it gives replaces the job's, a field it leaves out
 //! (or empty) stays as it is; a map it gives (attributes, env, constraints) replaces the job's
 //! whole. What can change in place is changed (a service's capacity and enabled flag, the job's
-//! attributes); a change to a service's container (image, command, env, constraints, ...; not its
-//! resources) starts a rolling update; a change to anything else is refused, naming each field,
+//! attributes and disruption budget); a change to a service's container (image, command, env, constraints, resources,
+//! ...) starts a rolling update; a change to anything else is refused, naming each field,
 //! and nothing is changed.
 
 use std::path::Path;
@@ -56,12 +56,15 @@ fn changed(path: &str, current: &Value, wanted: &Value, out: &mut Vec<String>) {
 
 /// Whether field `path` may change without replacing the job's tasks.
 fn in_place(path: &str) -> bool {
-    path == "attributes" || path == "service.enabled" || path.starts_with("service.capacity")
+    path == "attributes"
+        || path == "service.enabled"
+        || path.starts_with("service.capacity")
+        || path.starts_with("disruptionBudget")
 }
 
 /// Whether field `path` of a service job changes by a rolling update.
 fn by_rollout(path: &str) -> bool {
-    path.starts_with("container.") && !path.starts_with("container.resources")
+    path.starts_with("container.")
 }
 
 /// Sets the value at dotted `path` in `root` (objects made on the way).
@@ -107,19 +110,24 @@ fn read_spec(path: &Path) -> Result<(JobSpec, pb::JobDescriptor), Error> {
 
 /// The job's container with the file's changes to it (the fields `changed` lists), as a rolling
 /// update would deploy it.
-fn merged_container(
-    current: &JobSpec,
-    spec: &JobSpec,
-    fields: &[&String],
-    path: &Path,
-) -> Result<pb::Container, Error> {
+/// The job as it is with `fields` as the file gives them.
+fn merged(current: &JobSpec, spec: &JobSpec, fields: &[&String], path: &Path) -> Result<pb::JobDescriptor, Error> {
     let (before, wanted) = (as_value(current), as_value(spec));
     let mut merged = before;
     for f in fields {
         set_path(&mut merged, f, get_path(&wanted, f).clone());
     }
     let merged: JobSpec = serde_json::from_value(merged).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    Ok(merged.into_descriptor().map_err(|e| invalid(format!("{}: {e}", path.display())))?.container.unwrap_or_default())
+    merged.into_descriptor().map_err(|e| invalid(format!("{}: {e}", path.display())))
+}
+
+fn merged_container(
+    current: &JobSpec,
+    spec: &JobSpec,
+    fields: &[&String],
+    path: &Path,
+) -> Result<pb::Container, Error> {
+    Ok(merged(current, spec, fields, path)?.container.unwrap_or_default())
 }
 
 /// `titus job plan -f FILE`: a dry run of what `apply` would do — a new job's placements, or the
@@ -241,6 +249,13 @@ pub async fn apply(client: &Client, path: &Path, strategy: Option<pb::RolloutStr
             client.update_job_status(&job.id, after.enabled).await?;
             changes.push(if after.enabled { "enabled".into() } else { "disabled".into() });
         }
+    }
+    let budget: Vec<&String> = fields.iter().filter(|f| f.starts_with("disruptionBudget")).collect();
+    if !budget.is_empty() {
+        let wanted = merged(&current, &spec, &budget, path)?.disruption_budget;
+        client.update_job_disruption_budget(&job.id, wanted).await?;
+        let names: Vec<&str> = budget.iter().map(|f| f.as_str()).collect();
+        changes.push(format!("disruption budget changed ({})", names.join(", ")));
     }
     if fields.iter().any(|f| f == "attributes") {
         let set: Vec<(&str, &str)> = spec

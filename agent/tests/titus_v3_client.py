@@ -1,0 +1,357 @@
+"""A client this project did not write, for Titus's V3 API: stubs generated from our .proto files
+with grpcio-tools, driving a real cluster as Spinnaker's Titus provider and Titus's clients do.
+
+Usage: python3 titus_v3_client.py --api HOST:PORT[,HOST:PORT...] --protos DIR --app NAME
+Exits 0 when every step holds; otherwise prints the step that failed and exits 1. Every wait is
+bounded (--timeout seconds in all).
+"""
+
+import argparse
+import glob
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+
+from grpc_tools import protoc
+import grpc
+
+
+def generate(protos, out):
+    files = sorted(os.path.relpath(p, protos) for p in glob.glob(os.path.join(protos, "netflix/titus/*.proto")))
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    args = ["protoc", f"-I{protos}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}"] + files
+    if protoc.main(args) != 0:
+        raise SystemExit(f"protoc failed on {files}")
+    sys.path.insert(0, out)
+
+
+class Failed(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise Failed(what)
+    print(f"ok: {what}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--api", required=True)
+    ap.add_argument("--protos", required=True)
+    ap.add_argument("--app", required=True)
+    ap.add_argument("--image", default="titus/busybox")
+    ap.add_argument("--timeout", type=float, default=240)
+    a = ap.parse_args()
+    deadline = time.monotonic() + a.timeout
+
+    out = tempfile.mkdtemp(prefix="titus-v3-stubs-")
+    generate(a.protos, out)
+    from netflix.titus import titus_base_pb2 as base
+    from netflix.titus import titus_health_pb2 as health
+    from netflix.titus import titus_health_pb2_grpc as health_grpc
+    from netflix.titus import titus_job_api_pb2 as job
+    from netflix.titus import titus_job_api_pb2_grpc as job_grpc
+    from netflix.titus import titus_loadbalancer_api_pb2_grpc as lb_grpc
+
+    apis = a.api.split(",")
+    # Each replica answers (a follower forwards writes): use a different one for each part.
+    channels = [grpc.insecure_channel(api) for api in apis]
+    jobs = [job_grpc.JobManagementServiceStub(c) for c in channels]
+    J = jobs[0]
+
+    def left():
+        return max(1.0, deadline - time.monotonic())
+
+    def wait_for(what, probe, step=0.5):
+        while time.monotonic() < deadline:
+            got = probe()
+            if got:
+                print(f"ok: {what}", flush=True)
+                return got
+            time.sleep(step)
+        raise Failed(f"timed out waiting for {what}")
+
+    def refused(call, field, code=grpc.StatusCode.INVALID_ARGUMENT):
+        try:
+            call()
+        except grpc.RpcError as e:
+            return e.code() == code and field in (e.details() or ""), f"{e.code()}: {e.details()}"
+        return False, "accepted"
+
+    # Health, as Spinnaker's provider checks it on start-up.
+    h = health_grpc.HealthStub(channels[-1]).Check(health.HealthCheckRequest(), timeout=left())
+    check(h.status == health.HealthCheckResponse.SERVING, "Health.Check answers SERVING")
+    check(len(h.details) == 1 and h.details[0].HasField("details"), "with this server's details")
+
+    def container(command, cpu=0.1, memory=64):
+        return job.Container(
+            resources=job.ContainerResources(cpu=cpu, memoryMB=memory, diskMB=100, networkMbps=10, allocateIP=True),
+            securityProfile=job.SecurityProfile(),
+            image=job.Image(name=a.image, tag="latest"),
+            entryPoint=["sh", "-c"],
+            command=[command],
+            env={"GREETING": "hello"},
+            attributes={"titusParameter.cpu.burstEnabled": "true"},
+        )
+
+    owner = job.Owner(teamEmail="team@example.com")
+    batch = job.JobDescriptor(
+        owner=owner,
+        applicationName=a.app,
+        capacityGroup="DEFAULT",
+        jobGroupInfo=job.JobGroupInfo(stack="v3", detail="batch", sequence="v001"),
+        attributes={"source": "spinnaker", "kind": "batch"},
+        container=container("echo $GREETING"),
+        batch=job.BatchJobSpec(
+            size=2, runtimeLimitSec=300, retryPolicy=base.RetryPolicy(immediate=base.RetryPolicy.Immediate(retries=1))
+        ),
+        disruptionBudget=job.JobDisruptionBudget(
+            selfManaged=job.JobDisruptionBudget.SelfManaged(relocationTimeMs=0),
+            rateUnlimited=job.JobDisruptionBudget.RateUnlimited(),
+        ),
+    )
+    service = job.JobDescriptor(
+        owner=owner,
+        applicationName=a.app,
+        jobGroupInfo=job.JobGroupInfo(stack="v3", detail="web", sequence="v000"),
+        attributes={"source": "spinnaker", "kind": "service"},
+        container=container("sleep 600"),
+        service=job.ServiceJobSpec(
+            capacity=job.Capacity(min=1, desired=2, max=4),
+            enabled=True,
+            retryPolicy=base.RetryPolicy(
+                exponentialBackOff=base.RetryPolicy.ExponentialBackOff(initialDelayMs=1000, maxDelayIntervalMs=10000, retries=5)
+            ),
+            migrationPolicy=job.MigrationPolicy(systemDefault=job.MigrationPolicy.SystemDefault()),
+        ),
+        disruptionBudget=job.JobDisruptionBudget(
+            availabilityPercentageLimit=job.JobDisruptionBudget.AvailabilityPercentageLimit(percentageOfHealthyContainers=50),
+            ratePerInterval=job.JobDisruptionBudget.RatePerInterval(intervalMs=60000, limitPerInterval=5),
+            timeWindows=[
+                base.TimeWindow(
+                    days=[base.Monday, base.Tuesday, base.Wednesday, base.Thursday, base.Friday, base.Saturday, base.Sunday],
+                    hourlyTimeWindows=[base.TimeWindow.HourlyTimeWindow(startHour=0, endHour=24)],
+                    timeZone="UTC",
+                )
+            ],
+        ),
+    )
+
+    # What we cannot honor is refused, naming Titus's field; nothing is created.
+    efs = job.JobDescriptor()
+    efs.CopyFrom(batch)
+    efs.container.resources.efsMounts.add(efsId="fs-1", mountPoint="/efs")
+    ok, why = refused(lambda: J.CreateJob(efs, timeout=left()), "container.resources.efsMounts")
+    check(ok, f"an EFS mount is refused naming container.resources.efsMounts ({why})")
+    bad = job.JobDescriptor()
+    bad.CopyFrom(batch)
+    bad.container.resources.cpu = float("nan")
+    ok, why = refused(lambda: J.CreateJob(bad, timeout=left()), "cpu")
+    check(ok, f"a NaN cpu is refused naming the field ({why})")
+
+    # ObserveJobs, started before the jobs exist: the (empty) snapshot and SnapshotEnd first, then
+    # the changes — both jobs created, the batch tasks finishing, the service's tasks Started.
+    events = queue.Queue()
+
+    def observe():
+        try:
+            q = job.ObserveJobsQuery(filteringCriteria={"applicationName": a.app}, jobFields=["status", "jobDescriptor.applicationName"])
+            for n in J.ObserveJobs(q, timeout=left()):
+                events.put(n)
+        except grpc.RpcError as e:
+            events.put(e)
+
+    def next_event():
+        while time.monotonic() < deadline:
+            try:
+                n = events.get(timeout=1)
+            except queue.Empty:
+                continue
+            if isinstance(n, grpc.RpcError):
+                raise Failed(f"ObserveJobs ended: {n.code()} {n.details()}")
+            return n
+        raise Failed("timed out waiting for a notification")
+
+    threading.Thread(target=observe, daemon=True).start()
+    n = next_event()
+    check(n.WhichOneof("Notification") == "snapshotEnd" and n.timestamp > 0, "ObserveJobs: SnapshotEnd (with its timestamp) after an empty snapshot")
+
+    batch_id = jobs[1 % len(jobs)].CreateJob(batch, timeout=left()).id
+    service_id = jobs[-1].CreateJob(service, timeout=left()).id
+    check(batch_id and service_id and batch_id != service_id, f"CreateJob (through followers too): batch {batch_id}, service {service_id}")
+
+    seen_jobs, finished, started = set(), set(), set()
+    while not (len(finished) >= 2 and len(started) >= 2 and len(seen_jobs) == 2):
+        n = next_event()
+        kind = n.WhichOneof("Notification")
+        if kind == "jobUpdate":
+            seen_jobs.add(n.jobUpdate.job.id)
+            if n.jobUpdate.job.jobDescriptor.applicationName != a.app or n.jobUpdate.job.jobDescriptor.HasField("container"):
+                raise Failed(f"a job update not projected to jobFields: {n.jobUpdate.job}")
+        elif kind == "taskUpdate":
+            t = n.taskUpdate.task
+            if t.jobId == batch_id and t.status.state == job.TaskStatus.Finished and t.status.reasonCode == "normal":
+                finished.add(t.id)
+            if t.jobId == service_id and t.status.state == job.TaskStatus.Started:
+                started.add(t.id)
+    check(seen_jobs == {batch_id, service_id}, "both jobs were observed, projected to jobFields")
+    check(len(finished) >= 2, "the batch job's 2 tasks were seen Finished (normal)")
+    check(len(started) >= 2, "the service's 2 tasks were seen Started")
+
+    # FindJobs with Titus's filters and projections (active jobs; a finished one by its id).
+    def find(criteria, size=10, cursor="", number=0, fields=()):
+        page = base.Page(pageSize=size, cursor=cursor, pageNumber=number)
+        return J.FindJobs(job.JobQuery(page=page, filteringCriteria=criteria, fields=list(fields)), timeout=left())
+
+    r = find({"applicationName": a.app, "jobType": "SERVICE"})
+    check([j.id for j in r.items] == [service_id], "FindJobs applicationName + jobType=SERVICE")
+    r = find({"applicationName": a.app, "jobType": "SERVICE", "attributes": "kind:service,kind:nothing", "attributes.op": "or"})
+    check([j.id for j in r.items] == [service_id], "FindJobs attributes with attributes.op=or")
+    r = find({"applicationName": a.app, "attributes": "kind:service,kind:nothing"})
+    check(not r.items, "FindJobs attributes: all must match by default")
+    r = find({"jobGroupStack": "v3", "jobGroupDetail": "web", "applicationName": a.app})
+    check([j.id for j in r.items] == [service_id], "FindJobs jobGroupStack + jobGroupDetail")
+    r = find({"imageName": a.image, "imageTag": "latest", "applicationName": a.app, "jobType": "SERVICE", "jobState": "Accepted"})
+    check([j.id for j in r.items] == [service_id], "FindJobs imageName + imageTag + jobState")
+    projected = find({"jobIds": batch_id}, fields=["status"])
+    check(len(projected.items) == 1, "FindJobs by jobIds finds the batch job, finished or not")
+    check(projected.items[0].HasField("status") and not projected.items[0].HasField("jobDescriptor"), "fields=[status] projects")
+    ok, why = refused(lambda: find({"colour": "red"}), "colour")
+    check(ok, f"an unknown filter is refused naming it ({why})")
+
+    # FindTasks.
+    tr = J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": batch_id, "taskStates": "Finished", "taskStateReasons": "normal"}, page=base.Page(pageSize=10)), timeout=left())
+    check(len(tr.items) == 2, "FindTasks jobIds + taskStates=Finished + taskStateReasons=normal: 2")
+    check(all(t.status.state == job.TaskStatus.Finished for t in tr.items), "Finished is Titus's 6")
+    check(all("taskIndex" in t.taskContext for t in tr.items), "tasks carry Titus's taskIndex context")
+    tr = J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}, fields=["status"]), timeout=left())
+    check(len(tr.items) == 2 and not tr.items[0].taskContext and not tr.items[0].jobId, "FindTasks fields=[status] projects")
+    one = J.FindTask(job.TaskId(id=tr.items[0].id), timeout=left())
+    check(one.jobId == service_id and one.status.state == job.TaskStatus.Started, "FindTask")
+    got = J.FindJob(job.JobId(id=service_id), timeout=left())
+    budget = got.jobDescriptor.disruptionBudget
+    check(budget.availabilityPercentageLimit.percentageOfHealthyContainers == 50, "FindJob returns the budget as given")
+    check(budget.ratePerInterval.limitPerInterval == 5 and budget.timeWindows[0].timeZone == "UTC", "its rate and window too")
+
+    # Capacity, processes, status, budget, attributes.
+    J.UpdateJobCapacity(job.JobCapacityUpdate(jobId=service_id, Capacity=job.Capacity(min=1, desired=3, max=4)), timeout=left())
+    wait_for("UpdateJobCapacity: 3 tasks Started", lambda: len(J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}), timeout=left()).items) == 3)
+    def tasks_page(size, cursor="", number=0):
+        q = job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}, page=base.Page(pageSize=size, cursor=cursor, pageNumber=number))
+        return J.FindTasks(q, timeout=left())
+
+    pages, cursor = [], ""
+    while True:
+        r = tasks_page(1, cursor)
+        check(r.pagination.totalItems == 3 and r.pagination.totalPages == 3, f"page {len(pages) + 1}: totalItems 3 in 3 pages")
+        pages.append(r.items[0].id)
+        if not r.pagination.hasMore:
+            break
+        cursor = r.pagination.cursor
+    check(len(pages) == 3 and len(set(pages)) == 3, "the cursor pages cover the 3 tasks once each")
+    check([t.id for t in tasks_page(1, number=2).items] == [pages[2]], "pageNumber 2 is the third page")
+    check(not tasks_page(1, number=3).items, "a page past the end is empty")
+    from google.protobuf import wrappers_pb2
+    J.UpdateJobCapacityWithOptionalAttributes(
+        job.JobCapacityUpdateWithOptionalAttributes(
+            jobId=service_id, jobCapacityWithOptionalAttributes=job.JobCapacityWithOptionalAttributes(max=wrappers_pb2.UInt32Value(value=5))
+        ),
+        timeout=left(),
+    )
+    c = J.FindJob(job.JobId(id=service_id), timeout=left()).jobDescriptor.service.capacity
+    check((c.min, c.desired, c.max) == (1, 3, 5), "UpdateJobCapacityWithOptionalAttributes changes only max")
+    J.UpdateJobProcesses(job.JobProcessesUpdate(jobId=service_id, serviceJobProcesses=job.ServiceJobSpec.ServiceJobProcesses(disableDecreaseDesired=True)), timeout=left())
+    p = J.FindJob(job.JobId(id=service_id), timeout=left()).jobDescriptor.service.serviceJobProcesses
+    check(p.disableDecreaseDesired and not p.disableIncreaseDesired, "UpdateJobProcesses")
+    ok, why = refused(lambda: J.UpdateJobCapacity(job.JobCapacityUpdate(jobId=service_id, Capacity=job.Capacity(min=1, desired=2, max=5)), timeout=left()), "desired", grpc.StatusCode.FAILED_PRECONDITION)
+    check(ok or "decrease" in why.lower(), f"a decrease is refused while disableDecreaseDesired ({why})")
+    J.UpdateJobProcesses(job.JobProcessesUpdate(jobId=service_id, serviceJobProcesses=job.ServiceJobSpec.ServiceJobProcesses()), timeout=left())
+    zoned = job.JobDisruptionBudget()
+    zoned.CopyFrom(budget)
+    zoned.timeWindows[0].timeZone = "America/Los_Angeles"
+    ok, why = refused(lambda: J.UpdateJobDisruptionBudget(job.JobDisruptionBudgetUpdate(jobId=service_id, disruptionBudget=zoned), timeout=left()), "timeZone")
+    check(ok, f"a budget window outside UTC is refused naming timeZone ({why})")
+    J.UpdateJobDisruptionBudget(
+        job.JobDisruptionBudgetUpdate(
+            jobId=service_id,
+            disruptionBudget=job.JobDisruptionBudget(
+                unhealthyTasksLimit=job.JobDisruptionBudget.UnhealthyTasksLimit(limitOfUnhealthyContainers=1),
+                ratePercentagePerHour=job.JobDisruptionBudget.RatePercentagePerHour(maxPercentageOfContainersRelocatedInHour=25),
+            ),
+        ),
+        timeout=left(),
+    )
+    b = J.FindJob(job.JobId(id=service_id), timeout=left()).jobDescriptor.disruptionBudget
+    check(b.unhealthyTasksLimit.limitOfUnhealthyContainers == 1 and b.ratePercentagePerHour.maxPercentageOfContainersRelocatedInHour == 25, "UpdateJobDisruptionBudget")
+    J.UpdateJobAttributes(job.JobAttributesUpdate(jobId=service_id, attributes={"owner.slack": "#team"}), timeout=left())
+    J.DeleteJobAttributes(job.JobAttributesDeleteRequest(jobId=service_id, keys=["kind"]), timeout=left())
+    attrs = J.FindJob(job.JobId(id=service_id), timeout=left()).jobDescriptor.attributes
+    check(attrs.get("owner.slack") == "#team" and "kind" not in attrs, "Update/DeleteJobAttributes")
+    J.UpdateJobStatus(job.JobStatusUpdate(id=service_id, enableStatus=False), timeout=left())
+    check(not J.FindJob(job.JobId(id=service_id), timeout=left()).jobDescriptor.service.enabled, "UpdateJobStatus disables")
+    J.UpdateJobStatus(job.JobStatusUpdate(id=service_id, enableStatus=True), timeout=left())
+
+    # Task attributes.
+    labelled = tr.items[0].id
+    J.UpdateTaskAttributes(job.TaskAttributesUpdate(taskId=labelled, attributes={"canary": "yes", "zone": "a"}), timeout=left())
+    J.DeleteTaskAttributes(job.TaskAttributesDeleteRequest(taskId=labelled, keys=["zone"]), timeout=left())
+    check(dict(J.FindTask(job.TaskId(id=labelled), timeout=left()).attributes) == {"canary": "yes"}, "Update/DeleteTaskAttributes")
+    ok, why = refused(lambda: J.UpdateTaskAttributes(job.TaskAttributesUpdate(taskId=labelled, attributes={"titus.x": "1"}), timeout=left()), "titus.x")
+    check(ok, f"a reserved task attribute key is refused naming it ({why})")
+
+    # KillTask with shrink: desired goes down by one and the task is not replaced.
+    victim = J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}), timeout=left()).items[0]
+    J.KillTask(job.TaskKillRequest(taskId=victim.id, shrink=True), timeout=left())
+    c = J.FindJob(job.JobId(id=service_id), timeout=left()).jobDescriptor.service.capacity
+    check(c.desired == 2, "KillTask shrink=true lowers desired")
+
+    # ObserveJobsWithKeepAlive: the query, then a keep-alive answered in the stream.
+    requests = queue.Queue()
+    requests.put(job.ObserveJobsWithKeepAliveRequest(query=job.ObserveJobsQuery(filteringCriteria={"jobIds": service_id})))
+
+    def outgoing():
+        while True:
+            r = requests.get()
+            if r is None:
+                return
+            yield r
+
+    stream = jobs[-1].ObserveJobsWithKeepAlive(outgoing(), timeout=left())
+    saw_end, snapshot = False, set()
+    for n in stream:
+        kind = n.WhichOneof("Notification")
+        if kind == "jobUpdate" and not saw_end:
+            snapshot.add(n.jobUpdate.job.id)
+        if kind == "snapshotEnd" and not saw_end:
+            saw_end = True
+            check(snapshot == {service_id}, "ObserveJobsWithKeepAlive: the snapshot (the job) came before SnapshotEnd")
+            requests.put(job.ObserveJobsWithKeepAliveRequest(keepAliveRequest=base.KeepAliveRequest(requestId=42, timestamp=1)))
+        if kind == "keepAliveResponse":
+            check(saw_end and n.keepAliveResponse.request.requestId == 42, "a keep-alive is answered after SnapshotEnd, with its request")
+            break
+    requests.put(None)
+    stream.cancel()
+
+    # Load balancers: none yet (AWS is not configured in this test; the AWS tests cover ALB).
+    lbs = lb_grpc.LoadBalancerServiceStub(channels[0]).GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
+    check(lbs.jobId == service_id and not lbs.loadBalancers, "GetJobLoadBalancers: none")
+
+    # Not served yet: a clear UNIMPLEMENTED, not a hang or a lie.
+    ok, why = refused(lambda: J.MoveTask(job.TaskMoveRequest(sourceJobId=service_id, targetJobId=batch_id, taskId=victim.id), timeout=left()), "MoveTask", grpc.StatusCode.UNIMPLEMENTED)
+    check(ok, f"MoveTask answers UNIMPLEMENTED ({why})")
+
+    J.KillJob(job.JobId(id=service_id), timeout=left())
+    wait_for("KillJob: the service job finishes", lambda: J.FindJob(job.JobId(id=service_id), timeout=left()).status.state == job.JobStatus.Finished)
+    print("titus v3 client: all steps held", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Failed as e:
+        print(f"FAILED: {e}", flush=True)
+        sys.exit(1)

@@ -1,0 +1,149 @@
+//! `com.netflix.titus.LoadBalancerService`, `Health` and `EvictionService` over ours.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use titus_proto as pb;
+use titus_proto::job_management_service_server::JobManagementService as OurJobs;
+use titus_proto::load_balancer_service_server::LoadBalancerService as OurLoadBalancers;
+use titus_proto::v3;
+
+use super::convert::{page_from_v3, pagination_to_v3};
+use super::inner;
+use crate::api::{JobApi, LoadBalancerApi};
+use crate::error::Error;
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+pub struct V3LoadBalancerApi {
+    pub load_balancers: Arc<LoadBalancerApi>,
+}
+
+fn job_load_balancers(r: pb::GetJobLoadBalancersResult) -> v3::GetJobLoadBalancersResult {
+    v3::GetJobLoadBalancersResult {
+        job_id: r.job_id,
+        load_balancers: r.load_balancers.into_iter().map(|l| v3::LoadBalancerId { id: l.id }).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl v3::load_balancer_service_server::LoadBalancerService for V3LoadBalancerApi {
+    async fn get_job_load_balancers(&self, request: Request<v3::JobId>) -> Result<v3::GetJobLoadBalancersResult> {
+        let ours = pb::JobId { id: request.get_ref().id.clone() };
+        let r = OurLoadBalancers::get_job_load_balancers(&*self.load_balancers, inner(&request, ours)).await?;
+        Ok(Response::new(job_load_balancers(r.into_inner())))
+    }
+
+    async fn get_all_load_balancers(
+        &self,
+        request: Request<v3::GetAllLoadBalancersRequest>,
+    ) -> Result<v3::GetAllLoadBalancersResult> {
+        let (page, number) = page_from_v3(request.get_ref().page.clone())?;
+        if number > 0 {
+            return Err(Error::invalid("page.pageNumber", "page by cursor here").into());
+        }
+        let size = page.page_size;
+        let ours = pb::GetAllLoadBalancersRequest { page: Some(page) };
+        let r =
+            OurLoadBalancers::get_all_load_balancers(&*self.load_balancers, inner(&request, ours)).await?.into_inner();
+        let seen = r.job_load_balancers.len() as u32;
+        Ok(Response::new(v3::GetAllLoadBalancersResult {
+            job_load_balancers: r.job_load_balancers.into_iter().map(job_load_balancers).collect(),
+            pagination: Some(pagination_to_v3(r.pagination.unwrap_or_default(), 0, size, seen)),
+        }))
+    }
+
+    async fn add_load_balancer(&self, request: Request<v3::AddLoadBalancerRequest>) -> Result<()> {
+        let r = request.get_ref().clone();
+        let id = r.load_balancer_id.ok_or_else(|| Error::invalid("loadBalancerId", "is required"))?;
+        let ours = pb::AddLoadBalancerRequest {
+            job_id: r.job_id,
+            load_balancer_id: Some(pb::LoadBalancerId { id: id.id, ..Default::default() }),
+        };
+        OurLoadBalancers::add_load_balancer(&*self.load_balancers, inner(&request, ours)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove_load_balancer(&self, request: Request<v3::RemoveLoadBalancerRequest>) -> Result<()> {
+        let r = request.get_ref().clone();
+        let id = r.load_balancer_id.ok_or_else(|| Error::invalid("loadBalancerId", "is required"))?;
+        let ours = pb::RemoveLoadBalancerRequest {
+            job_id: r.job_id,
+            load_balancer_id: Some(pb::LoadBalancerId { id: id.id, ..Default::default() }),
+        };
+        OurLoadBalancers::remove_load_balancer(&*self.load_balancers, inner(&request, ours)).await?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Titus's health check: SERVING while this replica knows a leader (it can answer and forward
+/// writes), with its own details.
+pub struct V3HealthApi {
+    pub replica: Arc<crate::replica::Replica>,
+    pub started: std::time::Instant,
+}
+
+#[tonic::async_trait]
+impl v3::health_server::Health for V3HealthApi {
+    async fn check(&self, _request: Request<v3::HealthCheckRequest>) -> Result<v3::HealthCheckResponse> {
+        use v3::health_check_response::{server_status, Details, ServerStatus, ServingStatus};
+        let (leader, _) = self.replica.leader();
+        let status = if leader.is_some() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let uptime = self.started.elapsed();
+        let details = Details {
+            status: status as i32,
+            cell: String::new(),
+            leader: leader == Some(self.replica.id),
+            active: leader.is_some(),
+            uptime: Some(prost_types::Duration {
+                seconds: uptime.as_secs() as i64,
+                nanos: uptime.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        };
+        Ok(Response::new(v3::HealthCheckResponse {
+            status: status as i32,
+            details: vec![ServerStatus { status: Some(server_status::Status::Details(details)) }],
+        }))
+    }
+}
+
+/// Titus's EvictionService: TerminateTask is our EvictTask (judged by the job's disruption
+/// budget when applied); quotas and the event stream are not served.
+pub struct V3EvictionApi {
+    pub jobs: Arc<JobApi>,
+}
+
+#[tonic::async_trait]
+impl v3::eviction_service_server::EvictionService for V3EvictionApi {
+    async fn get_eviction_quota(&self, _request: Request<v3::Reference>) -> Result<v3::EvictionQuota> {
+        Err(Status::unimplemented("GetEvictionQuota is not supported (see proto/TITUS-V3.md)"))
+    }
+
+    async fn terminate_task(&self, request: Request<v3::TaskTerminateRequest>) -> Result<v3::TaskTerminateResponse> {
+        let r = request.get_ref().clone();
+        let ours = pb::TaskEvictRequest { task_id: r.task_id, reason: r.reason };
+        match OurJobs::evict_task(&*self.jobs, inner(&request, ours)).await {
+            Ok(_) => Ok(Response::new(v3::TaskTerminateResponse {
+                allowed: true,
+                reason_code: String::new(),
+                reason_message: String::new(),
+            })),
+            // Held back by the budget: Titus answers that in the response, not as an error.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(Response::new(v3::TaskTerminateResponse {
+                allowed: false,
+                reason_code: "disruptionBudget".into(),
+                reason_message: s.message().to_string(),
+            })),
+            Err(s) => Err(s),
+        }
+    }
+
+    type ObserveEventsStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<v3::EvictionServiceEvent, Status>>;
+
+    async fn observe_events(&self, _request: Request<v3::ObserverEventRequest>) -> Result<Self::ObserveEventsStream> {
+        Err(Status::unimplemented("ObserveEvents is not supported (see proto/TITUS-V3.md)"))
+    }
+}
