@@ -675,6 +675,39 @@ async fn t470_a_deposed_leader_makes_no_aws_call() {
     }
 }
 
+/// Titus's V3 API behind a target group: the Python client's whole scenario (see
+/// `titus_v3.rs`), its service put behind an ALB target group on moto through V3's
+/// AddLoadBalancer as Spinnaker does; the group gets the service's targets, and none once the
+/// client removed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t436_titus_s_v3_api_puts_a_service_behind_a_target_group() {
+    ensure_test_image();
+    let dir = tempfile::TempDir::new().unwrap();
+    let moto = Moto::start(dir.path());
+    let (elb, ec2) = moto.sdk().await;
+    let arn = moto::target_group(&elb, &ec2, "v3web", TargetTypeEnum::Ip).await;
+    let mut cluster = start(&aws_args(&moto.url, 1_000));
+    cluster.start_agent("v3-lb", 2.0, 2048);
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let (servers, app, group) = (cluster.servers(), format!("v3lb{}", std::process::id()), arn.clone());
+    let client = tokio::task::spawn_blocking(move || {
+        common::run_titus_v3_client(&servers, &app, &["--target-group".to_string(), group])
+    });
+    // While the client runs: the service's targets reach the group.
+    let registered = wait_until(SETTLE, "the V3 service's targets in the group", || async {
+        let t = moto::targets(&elb, &arn).await;
+        (t.len() >= 2).then_some(t)
+    })
+    .await;
+    assert!(registered.len() >= 2, "{registered:?}");
+    let out = client.await.expect("the V3 client's steps");
+    assert!(out.contains("targets: the service is behind the target group"), "{out}");
+    wait_until(SETTLE, "no target left once removed", || async {
+        moto::targets(&elb, &arn).await.is_empty().then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t480_a_user_puts_a_job_only_behind_target_groups_tagged_for_its_application() {
     use aws_sdk_elasticloadbalancingv2::types::Tag;

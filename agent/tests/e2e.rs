@@ -3,7 +3,7 @@
 //! under running containers, t230 an agent restart, t240 an agent gone past its TTL, t247 an agent
 //! drain within the jobs' disruption budgets, t265
 //! health checks (command and HTTP) and the replacement of an unhealthy task, t266 evictions within
-//! a disruption budget, t280 a crash-looping service backing off.
+//! a disruption budget, t267 a rolling update changing resources, t280 a crash-looping service backing off.
 
 #[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
@@ -614,6 +614,61 @@ async fn t265_health_checks_show_and_an_unhealthy_service_task_is_replaced() {
         .await;
         client.kill_job(&job_id).await.unwrap();
     }
+}
+
+/// A rolling update that changes resources: the new tasks run with the new memory limit (in the
+/// Docker daemon) and hold the new resources on their agent, the old ones hold theirs until they
+/// go, and the agent's allocation is the sum of what each task holds at every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t267_a_rolling_update_changes_resources_each_task_holding_its_own() {
+    ensure_test_image();
+    let mut c = Cluster::start(3, &[]);
+    c.wait_for_leader(ELECTION).await;
+    let agent = c.start_agent("a267", 1.0, 1024);
+    let client = c.client();
+    let job_id = client.create_job(job("resized", container(&["sleep", "600"], 0.2, 64), service(2, 3))).await.unwrap();
+    let old: BTreeSet<String> =
+        wait_tasks(&client, &job_id, "Started", 2, SETTLE).await.into_iter().map(|t| t.id).collect();
+    let strategy = pb::RolloutStrategy { max_unavailable: 0, max_surge: 1, ..Default::default() };
+    let bigger = container(&["sleep", "600"], 0.3, 96);
+    assert_eq!(client.update_job_spec(&job_id, bigger, Some(strategy)).await.unwrap(), 1);
+    // Every step: what the agent holds is what its live tasks hold, each at its own version's.
+    let mixed = std::cell::Cell::new(false);
+    wait_until(SETTLE, "the deployment succeeds", || async {
+        let live = tasks_in(&client, &job_id, "Launched,StartInitiated,Started,KillInitiated").await;
+        let held: u32 = live.iter().map(|t| t.resources.as_ref().map_or(0, |r| r.memory_mb)).sum();
+        let allocated = client.get_agent(&agent).await.ok()?.allocated?.memory_mb;
+        let live_again = tasks_in(&client, &job_id, "Launched,StartInitiated,Started,KillInitiated").await;
+        let same: BTreeSet<&str> = live.iter().map(|t| t.id.as_str()).collect();
+        if live_again.iter().map(|t| t.id.as_str()).collect::<BTreeSet<_>>() == same && live.len() == live_again.len() {
+            assert_eq!(allocated, held, "the agent holds what its tasks hold: {live:?}");
+        }
+        let both = live.iter().any(|t| old.contains(&t.id)) && live.iter().any(|t| !old.contains(&t.id));
+        mixed.set(mixed.get() || both);
+        let d = client.get_deployments(&job_id).await.ok()?.deployments.into_iter().next()?;
+        (d.state == "Succeeded").then_some(d)
+    })
+    .await;
+    assert!(mixed.get(), "old and new tasks ran side by side");
+    let new = wait_tasks(&client, &job_id, "Started", 2, SETTLE).await;
+    for t in &new {
+        assert!(!old.contains(&t.id), "{} is an old task", t.id);
+        let r = t.resources.as_ref().expect("a placed task records what it holds");
+        assert_eq!((r.cpu, r.memory_mb), (0.3, 96), "{t:?}");
+        let container = containers_of(&agent).into_iter().find(|c| c.1 == t.id && c.2).expect("its running container");
+        let out = std::process::Command::new("docker")
+            .args(["inspect", "--format", "{{.HostConfig.Memory}}", &container.0])
+            .output()
+            .expect("docker inspect");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (96u64 * 1024 * 1024).to_string(), "{}", t.id);
+    }
+    let allocated = wait_until(SETTLE, "the agent holds the new tasks only", || async {
+        let a = client.get_agent(&agent).await.ok()?.allocated?;
+        (a.memory_mb == 192).then_some(a)
+    })
+    .await;
+    assert!((allocated.cpu - 0.6).abs() < 1e-9, "{allocated:?}");
+    client.kill_job(&job_id).await.unwrap();
 }
 
 /// Evictions through the API honor the job's disruption budget, judged on the containers running:

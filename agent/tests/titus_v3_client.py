@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--app", required=True)
     ap.add_argument("--image", default="titus/busybox")
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--target-group", help="an ALB target group ARN to put the service behind (AWS configured)")
     a = ap.parse_args()
     deadline = time.monotonic() + a.timeout
 
@@ -55,6 +56,7 @@ def main():
     from netflix.titus import titus_health_pb2_grpc as health_grpc
     from netflix.titus import titus_job_api_pb2 as job
     from netflix.titus import titus_job_api_pb2_grpc as job_grpc
+    from netflix.titus import titus_loadbalancer_api_pb2 as lb
     from netflix.titus import titus_loadbalancer_api_pb2_grpc as lb_grpc
 
     apis = a.api.split(",")
@@ -183,6 +185,12 @@ def main():
     batch_id = jobs[1 % len(jobs)].CreateJob(batch, timeout=left()).id
     service_id = jobs[-1].CreateJob(service, timeout=left()).id
     check(batch_id and service_id and batch_id != service_id, f"CreateJob (through followers too): batch {batch_id}, service {service_id}")
+    L = lb_grpc.LoadBalancerServiceStub(channels[0])
+    if a.target_group:
+        # As Spinnaker does: the job, then its target group.
+        L.AddLoadBalancer(lb.AddLoadBalancerRequest(jobId=service_id, loadBalancerId=lb.LoadBalancerId(id=a.target_group)), timeout=left())
+        got = L.GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
+        check([l.id for l in got.loadBalancers] == [a.target_group], "AddLoadBalancer, then GetJobLoadBalancers lists it")
 
     seen_jobs, finished, started = set(), set(), set()
     while not (len(finished) >= 2 and len(started) >= 2 and len(seen_jobs) == 2):
@@ -336,9 +344,28 @@ def main():
     requests.put(None)
     stream.cancel()
 
-    # Load balancers: none yet (AWS is not configured in this test; the AWS tests cover ALB).
-    lbs = lb_grpc.LoadBalancerServiceStub(channels[0]).GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
-    check(lbs.jobId == service_id and not lbs.loadBalancers, "GetJobLoadBalancers: none")
+    # Load balancers.
+    lbs = L.GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
+    if a.target_group:
+        every = L.GetAllLoadBalancers(lb.GetAllLoadBalancersRequest(page=base.Page(pageSize=100)), timeout=left())
+        mine = [r for r in every.jobLoadBalancers if r.jobId == service_id]
+        check(len(mine) == 1 and [l.id for l in mine[0].loadBalancers] == [a.target_group], "GetAllLoadBalancers lists the job's")
+        print("targets: the service is behind the target group", flush=True)
+        L.RemoveLoadBalancer(lb.RemoveLoadBalancerRequest(jobId=service_id, loadBalancerId=lb.LoadBalancerId(id=a.target_group)), timeout=left())
+        lbs = L.GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
+        check(lbs.jobId == service_id and not lbs.loadBalancers, "RemoveLoadBalancer: none left")
+    else:
+        check(lbs.jobId == service_id and not lbs.loadBalancers, "GetJobLoadBalancers: none (no AWS here)")
+
+    # Autoscaling: no policies here; Spinnaker's start-up reads get none, a policy is refused.
+    from google.protobuf import empty_pb2
+    from netflix.titus import titus_autoscale_api_pb2 as scale
+    from netflix.titus import titus_autoscale_api_pb2_grpc as scale_grpc
+    S = scale_grpc.AutoScalingServiceStub(channels[0])
+    check(not S.GetAllScalingPolicies(empty_pb2.Empty(), timeout=left()).items, "GetAllScalingPolicies: none")
+    check(not S.GetJobScalingPolicies(job.JobId(id=service_id), timeout=left()).items, "GetJobScalingPolicies: none")
+    ok, why = refused(lambda: S.SetAutoScalingPolicy(scale.PutPolicyRequest(jobId=service_id), timeout=left()), "scalingPolicy", grpc.StatusCode.FAILED_PRECONDITION)
+    check(ok, f"SetAutoScalingPolicy is refused, not ignored ({why})")
 
     # Not served yet: a clear UNIMPLEMENTED, not a hang or a lie.
     ok, why = refused(lambda: J.MoveTask(job.TaskMoveRequest(sourceJobId=service_id, targetJobId=batch_id, taskId=victim.id), timeout=left()), "MoveTask", grpc.StatusCode.UNIMPLEMENTED)

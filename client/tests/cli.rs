@@ -393,23 +393,41 @@ async fn t360_get_edit_apply_round_trip() {
     assert_eq!(job["service"]["capacity"]["desired"], 3);
     assert_eq!(job["attributes"]["team"], "edge");
 
-    // What would need new tasks is refused, each field named, and nothing changes.
+    // So does the disruption budget (UpdateJobDisruptionBudget).
+    assert!(edited.contains("disruptionBudget:\n"), "the default budget is shown: {edited}");
+    let budgeted = edited.replace("disruptionBudget:\n", "disruptionBudget:\n  availabilityPercentageLimit: 50\n");
+    std::fs::write(file, &budgeted).unwrap();
+    let out = cli.ok(&["job", "apply", "-f", file]);
+    assert!(out.contains("disruption budget changed"), "{out}");
+    let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
+    assert_eq!(job["disruptionBudget"]["availabilityPercentageLimit"], 50.0, "{job}");
+    std::fs::write(file, budgeted.replace("availabilityPercentageLimit: 50", "availabilityPercentageLimit: 101"))
+        .unwrap();
+    let (code, _, err) = cli.run(&["job", "apply", "-f", file]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("disruption_budget.availability_percentage_limit"), "{err}");
+
+    // What would need a new job is refused, each field named, and nothing changes.
     std::fs::write(
         file,
-        edited.replace("desired: 3", "desired: 4").replace("cpu: 0.5", "cpu: 1.0").replace("tag: latest", "tag: v2"),
+        edited
+            .replace("desired: 3", "desired: 4")
+            .replace("teamEmail: edge@example.com", "teamEmail: other@example.com")
+            .replace("tag: latest", "tag: v2"),
     )
     .unwrap();
     let (code, _, err) = cli.run(&["job", "apply", "-f", file]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("container.resources.cpu") && !err.contains("container.image.tag"), "{err}");
+    assert!(err.contains("owner.teamEmail") && !err.contains("container.image.tag"), "{err}");
     let job: serde_json::Value = serde_json::from_str(&cli.ok(&["-o", "json", "job", "get", &id])).unwrap();
     assert_eq!(job["service"]["capacity"]["desired"], 3, "nothing was changed");
     assert_eq!(job["container"]["image"]["tag"], "latest", "nothing was changed");
 
-    // A new image alone is a rolling update: status shows it, a rollback undoes it.
-    std::fs::write(file, edited.replace("tag: latest", "tag: v2")).unwrap();
+    // A new image (and resources) is a rolling update: status shows it, a rollback undoes it.
+    std::fs::write(file, edited.replace("tag: latest", "tag: v2").replace("cpu: 0.5", "cpu: 0.75")).unwrap();
     let out = cli.ok(&["job", "apply", "-f", file, "--max-surge", "2"]);
-    assert!(out.contains("deployment 1 started (container.image.tag)"), "{out}");
+    assert!(out.contains("deployment 1 started (") && out.contains("container.image.tag"), "{out}");
+    assert!(out.contains("container.resources.cpu"), "{out}");
     let status = cli.ok(&["job", "deploy", "status", &id[..8]]);
     assert!(status.contains("deployment 1: Progressing version 0 -> 1"), "{status}");
     assert!(status.contains("new tasks available 0/3") && status.contains("old tasks left"), "{status}");

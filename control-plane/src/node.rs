@@ -49,7 +49,7 @@ use titus_proto::scheduler_service_server::SchedulerServiceServer;
 use titus_proto::task_io_service_server::TaskIoServiceServer;
 use titus_proto::v3;
 
-use crate::api::v3::{V3EvictionApi, V3HealthApi, V3JobApi, V3LoadBalancerApi};
+use crate::api::v3::{V3AutoScalingApi, V3EvictionApi, V3HealthApi, V3JobApi, V3LoadBalancerApi};
 
 async fn bind(setting: &str, addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
@@ -294,6 +294,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             )
             .add_service(
                 v3::eviction_service_server::EvictionServiceServer::new(V3EvictionApi { jobs: jobs.clone() })
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                v3::auto_scaling_service_server::AutoScalingServiceServer::new(V3AutoScalingApi { jobs: jobs.clone() })
                     .max_decoding_message_size(max),
             )
             .add_service(

@@ -8,7 +8,7 @@ mod jobs;
 mod others;
 
 pub use jobs::V3JobApi;
-pub use others::{V3EvictionApi, V3HealthApi, V3LoadBalancerApi};
+pub use others::{V3AutoScalingApi, V3EvictionApi, V3HealthApi, V3LoadBalancerApi};
 
 /// Our request for a V3 call: `message`, with the V3 call's metadata (deadline, request id) and
 /// extensions (the caller's identity, the audit record's target), so our handler authorizes and

@@ -147,3 +147,47 @@ impl v3::eviction_service_server::EvictionService for V3EvictionApi {
         Err(Status::unimplemented("ObserveEvents is not supported (see proto/TITUS-V3.md)"))
     }
 }
+
+/// Titus's AutoScalingService: no scaling policies exist here, so the reads answer none (what
+/// Spinnaker's caching of a cluster asks on start-up) and a policy cannot be set — refused,
+/// not accepted and ignored.
+pub struct V3AutoScalingApi {
+    pub jobs: Arc<JobApi>,
+}
+
+fn no_policies() -> Status {
+    Status::failed_precondition(
+        "scalingPolicy: target tracking and step scaling policies are not supported here; resize with UpdateJobCapacity",
+    )
+}
+
+#[tonic::async_trait]
+impl v3::auto_scaling_service_server::AutoScalingService for V3AutoScalingApi {
+    async fn get_all_scaling_policies(&self, _request: Request<()>) -> Result<v3::GetPolicyResult> {
+        Ok(Response::new(v3::GetPolicyResult { items: Vec::new() }))
+    }
+
+    async fn get_scaling_policy(&self, request: Request<v3::ScalingPolicyId>) -> Result<v3::GetPolicyResult> {
+        Err(Status::not_found(format!("id: scaling policy {:?} does not exist", request.get_ref().id)))
+    }
+
+    /// None for a job that exists; NOT_FOUND naming the job otherwise.
+    async fn get_job_scaling_policies(&self, request: Request<v3::JobId>) -> Result<v3::GetPolicyResult> {
+        let ours = pb::JobId { id: request.get_ref().id.clone() };
+        OurJobs::find_job(&*self.jobs, inner(&request, ours)).await?;
+        Ok(Response::new(v3::GetPolicyResult { items: Vec::new() }))
+    }
+
+    async fn set_auto_scaling_policy(&self, _request: Request<v3::PutPolicyRequest>) -> Result<v3::ScalingPolicyId> {
+        Err(no_policies())
+    }
+
+    async fn delete_auto_scaling_policy(&self, request: Request<v3::DeletePolicyRequest>) -> Result<()> {
+        let id = request.get_ref().id.as_ref().map(|i| i.id.clone()).unwrap_or_default();
+        Err(Status::not_found(format!("id: scaling policy {id:?} does not exist")))
+    }
+
+    async fn update_auto_scaling_policy(&self, _request: Request<v3::UpdatePolicyRequest>) -> Result<()> {
+        Err(no_policies())
+    }
+}
