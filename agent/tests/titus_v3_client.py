@@ -344,6 +344,16 @@ def main():
     requests.put(None)
     stream.cancel()
 
+    # A sibling: the same container in another sequence of the same stack (MoveTask's target).
+    sibling = job.JobDescriptor()
+    sibling.CopyFrom(service)
+    sibling.jobGroupInfo.sequence = "v001"
+    sibling.service.capacity.CopyFrom(job.Capacity(min=0, desired=1, max=4))
+    sibling_id = J.CreateJob(sibling, timeout=left()).id
+    wait_for("the sibling job's task Started", lambda: len(J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": sibling_id, "taskStates": "Started"}), timeout=left()).items) == 1)
+    mover = J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}), timeout=left()).items[0]
+    move = lambda: J.MoveTask(job.TaskMoveRequest(sourceJobId=service_id, targetJobId=sibling_id, taskId=mover.id), timeout=left())
+
     # Load balancers.
     lbs = L.GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
     if a.target_group:
@@ -351,6 +361,8 @@ def main():
         mine = [r for r in every.jobLoadBalancers if r.jobId == service_id]
         check(len(mine) == 1 and [l.id for l in mine[0].loadBalancers] == [a.target_group], "GetAllLoadBalancers lists the job's")
         print("targets: the service is behind the target group", flush=True)
+        ok, why = refused(move, "load balancers", grpc.StatusCode.FAILED_PRECONDITION)
+        check(ok, f"a task of a job behind load balancers does not move ({why})")
         L.RemoveLoadBalancer(lb.RemoveLoadBalancerRequest(jobId=service_id, loadBalancerId=lb.LoadBalancerId(id=a.target_group)), timeout=left())
         lbs = L.GetJobLoadBalancers(job.JobId(id=service_id), timeout=left())
         check(lbs.jobId == service_id and not lbs.loadBalancers, "RemoveLoadBalancer: none left")
@@ -367,9 +379,18 @@ def main():
     ok, why = refused(lambda: S.SetAutoScalingPolicy(scale.PutPolicyRequest(jobId=service_id), timeout=left()), "scalingPolicy", grpc.StatusCode.FAILED_PRECONDITION)
     check(ok, f"SetAutoScalingPolicy is refused, not ignored ({why})")
 
-    # Not served yet: a clear UNIMPLEMENTED, not a hang or a lie.
-    ok, why = refused(lambda: J.MoveTask(job.TaskMoveRequest(sourceJobId=service_id, targetJobId=batch_id, taskId=victim.id), timeout=left()), "MoveTask", grpc.StatusCode.UNIMPLEMENTED)
-    check(ok, f"MoveTask answers UNIMPLEMENTED ({why})")
+    # MoveTask: to a job running the same container (another sequence of the same stack).
+    ok, why = refused(lambda: J.MoveTask(job.TaskMoveRequest(sourceJobId=service_id, targetJobId=batch_id, taskId=mover.id), timeout=left()), "target_job_id", grpc.StatusCode.FAILED_PRECONDITION)
+    check(ok, f"a move to a job that is not a compatible service is refused naming target_job_id ({why})")
+    move()
+    moved = J.FindTask(job.TaskId(id=mover.id), timeout=left())
+    check(moved.jobId == sibling_id and moved.status.state == job.TaskStatus.Started, "MoveTask: the task is the sibling's, still Started")
+    check(moved.taskContext.get("movedFromJob") == service_id, "and says where it came from")
+    caps = [J.FindJob(job.JobId(id=i), timeout=left()).jobDescriptor.service.capacity.desired for i in (service_id, sibling_id)]
+    check(caps == [1, 2], f"the source's desired went down by one, the target's up: {caps}")
+    sibling_tasks = lambda: [t.id for t in J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": sibling_id, "taskStates": "Started"}), timeout=left()).items]
+    check(len(sibling_tasks()) == 2 and mover.id in sibling_tasks(), "the sibling holds 2 Started tasks, the moved one among them")
+    J.KillJob(job.JobId(id=sibling_id), timeout=left())
 
     J.KillJob(job.JobId(id=service_id), timeout=left())
     wait_for("KillJob: the service job finishes", lambda: J.FindJob(job.JobId(id=service_id), timeout=left()).status.state == job.JobStatus.Finished)

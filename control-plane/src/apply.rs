@@ -96,6 +96,9 @@ pub fn apply(o: &mut Overlay, command: Command) -> Result<Applied> {
         }
         Command::DeleteJobAttributes { job_id, keys } => jobs::delete_job_attributes(o, &job_id, keys)?,
         Command::UpdateTaskAttributes { task_id, attributes } => jobs::update_task_attributes(o, &task_id, attributes)?,
+        Command::MoveTask { task_id, source_job_id, target_job_id } => {
+            jobs::move_task(o, &task_id, &source_job_id, &target_job_id)?
+        }
         Command::DeleteTaskAttributes { task_id, keys } => jobs::delete_task_attributes(o, &task_id, keys)?,
         Command::KillJob { job_id, timestamp_ms } => jobs::kill_job(o, &job_id, timestamp_ms)?,
         Command::EvictTask { task_id, reason, timestamp_ms } => jobs::evict_task(o, &task_id, reason, timestamp_ms)?,

@@ -381,6 +381,7 @@ pub fn rule_for(port: Port, path: &str) -> Rule {
             | "DeleteJobAttributes"
             | "UpdateTaskAttributes"
             | "DeleteTaskAttributes"
+            | "MoveTask"
             | "UpdateJobSpec"
             | "PromoteDeployment"
             | "RollbackDeployment",

@@ -88,6 +88,13 @@ pub enum Command {
         job_id: String,
         keys: Vec<String>,
     },
+    /// Moves a live task of a service job to another service job that runs the same container
+    /// (Titus's MoveTask): the source's desired goes down by one, the target's up by one.
+    MoveTask {
+        task_id: String,
+        source_job_id: String,
+        target_job_id: String,
+    },
     /// Sets a live task's attributes (checked as a job's; at most `MAX_ATTRIBUTES` in all).
     UpdateTaskAttributes {
         task_id: String,
@@ -391,6 +398,7 @@ impl Command {
             Command::UpdateJobDisruptionBudget { .. } => "update_job_disruption_budget",
             Command::DeleteJobAttributes { .. } => "delete_job_attributes",
             Command::UpdateTaskAttributes { .. } => "update_task_attributes",
+            Command::MoveTask { .. } => "move_task",
             Command::DeleteTaskAttributes { .. } => "delete_task_attributes",
             Command::KillJob { .. } => "kill_job",
             Command::UpdateJobSpec { .. } => "update_job_spec",

@@ -153,6 +153,8 @@ pub mod context {
     /// When `health` last changed (ms since the epoch, the leader's clock); set by the control plane.
     pub const HEALTH_SINCE: &str = "healthSince";
     pub const HEALTH_STATES: [&str; 3] = ["starting", "healthy", "unhealthy"];
+    /// The job a task was moved from (MoveTask); set by the control plane.
+    pub const MOVED_FROM_JOB: &str = "movedFromJob";
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -673,6 +673,23 @@ impl JobManagementService for JobApi {
         done(self.propose(&request, Command::DeleteJobAttributes { job_id: r.job_id, keys: r.keys }).await?)
     }
 
+    async fn move_task(
+        &self,
+        request: Request<pb::TaskMoveRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = request.get_ref().clone();
+        id_field("task_id", &r.task_id)?;
+        id_field("source_job_id", &r.source_job_id)?;
+        id_field("target_job_id", &r.target_job_id)?;
+        // The caller changes both jobs.
+        authorize_job_change(&self.replica, &request, &r.source_job_id).await?;
+        authorize_job_change(&self.replica, &request, &r.target_job_id).await?;
+        crate::auth::note_target(&request, format!("task {} to job {}", r.task_id, r.target_job_id));
+        let command =
+            Command::MoveTask { task_id: r.task_id, source_job_id: r.source_job_id, target_job_id: r.target_job_id };
+        done(self.propose(&request, command).await?)
+    }
+
     async fn update_task_attributes(
         &self,
         request: Request<pb::TaskAttributesUpdate>,

@@ -105,6 +105,117 @@ pub fn delete_job_attributes(o: &mut Overlay, job_id: &str, keys: Vec<String>) -
     })
 }
 
+/// Why two service jobs are not compatible for a MoveTask (None: they are): the same owner,
+/// application, capacity group and container — the task runs as the target job's own would.
+/// What may differ is what does not touch a running task (Titus's rule): job group, attributes,
+/// capacity, enabled, processes, retry policy, disruption budget.
+fn incompatible(source: &Job, target: &Job, version: u32) -> Option<String> {
+    let (s, t) = (&source.descriptor, &target.descriptor);
+    if s.is_batch() || t.is_batch() {
+        return Some("only tasks of service jobs move, to a service job".into());
+    }
+    if s.owner_email != t.owner_email {
+        return Some("the jobs have different owners".into());
+    }
+    if s.application_name != t.application_name {
+        return Some("the jobs are of different applications".into());
+    }
+    if s.capacity_group != t.capacity_group {
+        return Some("the jobs are in different capacity groups".into());
+    }
+    if source.container_of(version) != &t.container {
+        return Some("the task's container differs from the target job's (image, resources, command, env, ...)".into());
+    }
+    if source.rollout.active().is_some() || target.rollout.active().is_some() {
+        return Some("a job being deployed takes or gives no task until its deployment ends".into());
+    }
+    None
+}
+
+/// Moves a live task to a compatible service job (see `Command::MoveTask`). A task behind either
+/// job's load balancers does not move: its targets would have to change groups with it.
+pub fn move_task(o: &mut Overlay, task_id: &str, source_id: &str, target_id: &str) -> Result<CommandResponse> {
+    let Some(mut task) = o.task(task_id)? else { return not_found("task_id", "task", task_id) };
+    if task.job_id != source_id {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "source_job_id",
+            format!("task {task_id:?} is of job {:?}, not {source_id:?}", task.job_id),
+        );
+    }
+    if source_id == target_id {
+        return reject(RejectionKind::InvalidArgument, "target_job_id", "the target job is the source job");
+    }
+    if !task.state().is_live() || task.state() == TaskState::KillInitiated {
+        return reject(RejectionKind::FailedPrecondition, "task_id", format!("task {task_id:?} is {:?}", task.state()));
+    }
+    let mut source = match live_job(o, source_id)? {
+        Err(r) => return Ok(r),
+        Ok(j) => j,
+    };
+    let Some(mut target) = o.job(target_id)?.filter(|j| j.status.state == JobState::Accepted) else {
+        let why = match o.job(target_id)?.or(o.archived_job(target_id)?) {
+            Some(j) => format!("job {target_id:?} is {:?}", j.status.state),
+            None => format!("job {target_id:?} does not exist"),
+        };
+        return reject(RejectionKind::FailedPrecondition, "target_job_id", why);
+    };
+    if let Some(why) = incompatible(&source, &target, task.job_version()) {
+        return reject(RejectionKind::FailedPrecondition, "target_job_id", why);
+    }
+    if o.load_balancers()?.iter().any(|l| l.job_id == source_id || l.job_id == target_id) {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "target_job_id",
+            "a task of a job behind load balancers cannot move (its targets would change groups)",
+        );
+    }
+    let (
+        JobType::Service { capacity: from, processes: from_processes, .. },
+        JobType::Service { capacity: to, processes: to_processes, .. },
+    ) = (&mut source.descriptor.job_type, &mut target.descriptor.job_type)
+    else {
+        return reject(RejectionKind::FailedPrecondition, "target_job_id", "only service jobs' tasks move");
+    };
+    if from_processes.disable_decrease_desired || to_processes.disable_increase_desired {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "target_job_id",
+            "the jobs' processes disable decreasing the source's desired or increasing the target's",
+        );
+    }
+    if from.desired == 0 || from.desired <= from.min {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "source_job_id",
+            format!("job {source_id:?} would go below its min of {}", from.min),
+        );
+    }
+    if to.desired >= to.max {
+        return reject(
+            RejectionKind::FailedPrecondition,
+            "target_job_id",
+            format!("job {target_id:?} would go above its max of {}", to.max),
+        );
+    }
+    from.desired -= 1;
+    to.desired += 1;
+    // The task takes the lowest index free among the target's live tasks, and its version.
+    let used: std::collections::BTreeSet<u32> =
+        o.tasks_of_job(target_id)?.iter().filter(|t| t.state().is_live()).map(|t| t.index).collect();
+    task.index = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+    task.job_id = target_id.to_string();
+    task.context.insert(context::MOVED_FROM_JOB.into(), source_id.to_string());
+    match target.rollout.version {
+        0 => task.context.remove(context::JOB_VERSION),
+        v => task.context.insert(context::JOB_VERSION.into(), v.to_string()),
+    };
+    o.put_job(source);
+    o.put_job(target);
+    o.put_task(task);
+    Ok(CommandResponse::Done)
+}
+
 /// Sets a live task's attributes: each checked as a job's are, and at most `MAX_ATTRIBUTES` in all
 /// once merged (checked here, where the task is read).
 pub fn update_task_attributes(

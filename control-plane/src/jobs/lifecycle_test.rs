@@ -698,3 +698,69 @@ fn a_crash_looping_service_backs_off_and_a_clean_run_resets_it() {
     sim.settle();
     assert_eq!(sim.live(&job).len(), 1, "Delayed 0: replaced at once");
 }
+
+/// MoveTask: a live task goes to a service job running the same container, the source's desired
+/// down by one and the target's up, so the lifecycle neither replaces it nor kills one; what would
+/// change how the task runs, or break a job's bounds, is refused naming the field.
+#[test]
+fn a_task_moves_between_compatible_service_jobs_and_nothing_is_replaced() {
+    let mut sim = Sim::new();
+    let source = sim.create(service_descriptor(1, 2, 4));
+    let mut target_descriptor = service_descriptor(0, 1, 2);
+    target_descriptor.job_group_info.sequence = "v001".into();
+    target_descriptor.attributes.insert("differs".into(), "fine".into());
+    let target = Job {
+        id: "job-2".into(),
+        descriptor: target_descriptor,
+        status: JobStatus {
+            state: JobState::Accepted,
+            reason_code: String::new(),
+            reason_message: String::new(),
+            timestamp_ms: sim.now,
+        },
+        status_history: vec![],
+        rollout: Default::default(),
+        evictions_ms: Vec::new(),
+    };
+    let mut other = target.clone();
+    other.id = "job-3".into();
+    other.descriptor.container.command = vec!["something".into(), "else".into()];
+    for job in [target, other] {
+        sim.run(Command::CreateJob { job, idempotency_token: None, token_expires_ms: 0 });
+    }
+    sim.settle();
+    let mover = sim.live(&source).into_iter().max_by_key(|t| t.index).unwrap();
+    let moving = |target: &str| Command::MoveTask {
+        task_id: mover.id.clone(),
+        source_job_id: source.clone(),
+        target_job_id: target.into(),
+    };
+    let refused = |r: CommandResponse, field: &str| matches!(&r, CommandResponse::Rejected(x) if x.field == field);
+    assert!(refused(sim.run(moving("job-3")), "target_job_id"), "another container is not compatible");
+    assert!(refused(sim.run(moving(&source)), "target_job_id"), "to itself");
+
+    assert_eq!(sim.run(moving("job-2")), CommandResponse::Done);
+    let moved = sim.store.task(&mover.id).unwrap().unwrap();
+    assert_eq!((moved.job_id.as_str(), moved.state()), ("job-2", mover.state()));
+    assert_eq!(moved.context.get(crate::model::task::context::MOVED_FROM_JOB), Some(&source));
+    assert_eq!(moved.index, 1, "the target's lowest free index");
+    let desired = |sim: &Sim, id: &str| sim.store.job(id).unwrap().unwrap().descriptor.wanted_tasks();
+    assert_eq!((desired(&sim, &source), desired(&sim, "job-2")), (1, 2));
+    sim.settle();
+    assert_eq!(sim.live(&source).len(), 1, "the source does not replace it");
+    let on_target: Vec<String> = sim.live("job-2").into_iter().map(|t| t.id).collect();
+    assert_eq!(on_target.len(), 2, "the target does not kill or add one: {on_target:?}");
+    assert!(on_target.contains(&mover.id));
+
+    // The source at its min (1), the target at its max (2): neither way moves.
+    let back = sim.live(&source).remove(0);
+    let r =
+        sim.run(Command::MoveTask { task_id: back.id, source_job_id: source.clone(), target_job_id: "job-2".into() });
+    assert!(refused(r, "source_job_id"), "below the source's min");
+    let r = sim.run(Command::MoveTask {
+        task_id: mover.id.clone(),
+        source_job_id: "job-2".into(),
+        target_job_id: source.clone(),
+    });
+    assert_eq!(r, CommandResponse::Done, "back again, within both bounds");
+}

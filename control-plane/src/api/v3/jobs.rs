@@ -35,10 +35,6 @@ fn empty(_: Response<pb::Empty>) -> Response<()> {
     Response::new(())
 }
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not supported by this control plane (see proto/TITUS-V3.md)"))
-}
-
 /// One of our query pages, run: how many items it held, and its pagination.
 type PageRun =
     std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(u32, pb::Pagination), Status>> + Send>>;
@@ -291,8 +287,11 @@ impl JobManagementService for V3JobApi {
         Ours::delete_task_attributes(&*self.jobs, inner(&request, ours)).await.map(empty)
     }
 
-    async fn move_task(&self, _request: Request<v3::TaskMoveRequest>) -> Result<()> {
-        Err(unimplemented("MoveTask"))
+    async fn move_task(&self, request: Request<v3::TaskMoveRequest>) -> Result<()> {
+        let r = request.get_ref().clone();
+        let ours =
+            pb::TaskMoveRequest { source_job_id: r.source_job_id, target_job_id: r.target_job_id, task_id: r.task_id };
+        Ours::move_task(&*self.jobs, inner(&request, ours)).await.map(empty)
     }
 }
 
