@@ -307,6 +307,44 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
     .await;
     let s = denied(bob.kill_task(&task.id, false, false).await.unwrap_err());
     assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    // Titus's V3 API holds the same rules: Bob can neither kill nor resize Alice's job, nor submit
+    // one as her, through it; Alice reads and resizes hers.
+    let v3_as = |stem: &'static str| {
+        let (addr, tls) = (c.replica(1).api_addr.clone(), tls_of(&c, Some(stem)));
+        async move {
+            pb::v3::job_management_service_client::JobManagementServiceClient::new(channel(&addr, Some(tls)).await)
+        }
+    };
+    let (mut bob_v3, mut alice_v3) = (v3_as("client-bob").await, v3_as("client-alice").await);
+    let s = bob_v3.kill_job(pb::v3::JobId { id: alices.clone() }).await.unwrap_err();
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    let as_alice = pb::v3::JobDescriptor {
+        owner: Some(pb::v3::Owner { team_email: "alice@example.com".into() }),
+        application_name: "web".into(),
+        container: Some(pb::v3::Container {
+            resources: Some(pb::v3::ContainerResources { cpu: 1.0, memory_mb: 128, ..Default::default() }),
+            image: Some(pb::v3::Image { name: "titus/busybox".into(), tag: "latest".into(), digest: String::new() }),
+            command: vec!["sleep".into(), "1".into()],
+            ..Default::default()
+        }),
+        job_spec: Some(pb::v3::job_descriptor::JobSpec::Service(pb::v3::ServiceJobSpec {
+            capacity: Some(pb::v3::Capacity { min: 0, desired: 1, max: 2 }),
+            enabled: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let s = bob_v3.create_job(as_alice).await.unwrap_err();
+    assert!(s.code() == Code::PermissionDenied && s.message().contains("rule job-owner"), "{s:?}");
+    let seen = alice_v3.find_job(pb::v3::JobId { id: alices.clone() }).await.unwrap().into_inner();
+    assert_eq!(seen.id, alices);
+    let resize = pb::v3::JobCapacityUpdate {
+        job_id: alices.clone(),
+        capacity: Some(pb::v3::Capacity { min: 0, desired: 1, max: 4 }),
+    };
+    let s = bob_v3.update_job_capacity(resize.clone()).await.unwrap_err();
+    assert!(s.code() == Code::PermissionDenied, "{s:?}");
+    alice_v3.update_job_capacity(resize).await.unwrap();
     // A command in Alice's container changes her job as much as a kill: Bob is refused (and
     // audited, below); Alice is not, and hears that the task has no container yet.
     let exec =
@@ -374,8 +412,9 @@ async fn t20_users_change_only_their_jobs_roles_gate_the_rest_and_the_audit_log_
         };
         let records = wait_until(Duration::from_secs(20), "the audit after the leader change", || async {
             let all = audit(&on_one, "", "").await;
+            // Bob's refused kills (ours and Titus's V3, audited alike) and the admin's.
             let kills = all.iter().filter(|r| r.method.ends_with("KillJob") && r.target == format!("job {alices}"));
-            (kills.count() == 2 && stepped_down(&all)).then_some(all)
+            (kills.count() == 3 && stepped_down(&all)).then_some(all)
         })
         .await;
         assert!(stepped_down(&records), "the admin's step-down and alice's refused one are audited");
