@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         // Ours: a message that does not decode is INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
         .codec_path("crate::codec::ProstCodec")
+        // Maps as BTreeMap: a message encodes to the same bytes every time (a HashMap's order is
+        // random per instance), which the at-most-once fingerprint of a request relies on.
+        .btree_map(["."])
         .file_descriptor_set_path(out_dir.join("titus_descriptor.bin"))
         .compile_protos(
             &[

@@ -110,7 +110,7 @@ impl Observed {
             container_id: self.container_id.clone(),
             reason_code: self.reason_code.clone(),
             reason_message: self.reason_message.clone(),
-            task_context: self.context.clone(),
+            task_context: self.context.clone().into_iter().collect(),
         }
     }
 }

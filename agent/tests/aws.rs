@@ -691,7 +691,7 @@ async fn t436_titus_s_v3_api_puts_a_service_behind_a_target_group() {
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     let (servers, app, group) = (cluster.servers(), format!("v3lb{}", std::process::id()), arn.clone());
     let client = tokio::task::spawn_blocking(move || {
-        common::run_titus_v3_client(&servers, &app, &["--target-group".to_string(), group])
+        common::run_titus_v3_client(&servers, &app, &["--target-group".to_string(), group], None)
     });
     // While the client runs: the service's targets reach the group.
     let registered = wait_until(SETTLE, "the V3 service's targets in the group", || async {

@@ -32,6 +32,30 @@ class Failed(Exception):
     pass
 
 
+class Rotating:
+    """One service over every replica: a call that finds its replica gone or between leaders
+    (UNAVAILABLE) goes to the next one, for up to 20 s — as a Titus client behind a load balancer
+    retries."""
+
+    def __init__(self, stubs):
+        self.stubs, self.at = stubs, 0
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            give_up = time.monotonic() + 20
+            while True:
+                stub = self.stubs[self.at % len(self.stubs)]
+                try:
+                    return getattr(stub, name)(*args, **kwargs)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
+                        raise
+                    self.at += 1
+                    time.sleep(0.2)
+
+        return call
+
+
 def check(cond, what):
     if not cond:
         raise Failed(what)
@@ -46,6 +70,7 @@ def main():
     ap.add_argument("--image", default="titus/busybox")
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--target-group", help="an ALB target group ARN to put the service behind (AWS configured)")
+    ap.add_argument("--leader-kill", action="store_true", help="half way, print LEADER-KILL and wait for a line on stdin")
     a = ap.parse_args()
     deadline = time.monotonic() + a.timeout
 
@@ -63,7 +88,7 @@ def main():
     # Each replica answers (a follower forwards writes): use a different one for each part.
     channels = [grpc.insecure_channel(api) for api in apis]
     jobs = [job_grpc.JobManagementServiceStub(c) for c in channels]
-    J = jobs[0]
+    J = Rotating(jobs)
 
     def left():
         return max(1.0, deadline - time.monotonic())
@@ -85,7 +110,7 @@ def main():
         return False, "accepted"
 
     # Health, as Spinnaker's provider checks it on start-up.
-    h = health_grpc.HealthStub(channels[-1]).Check(health.HealthCheckRequest(), timeout=left())
+    h = Rotating([health_grpc.HealthStub(c) for c in channels]).Check(health.HealthCheckRequest(), timeout=left())
     check(h.status == health.HealthCheckResponse.SERVING, "Health.Check answers SERVING")
     check(len(h.details) == 1 and h.details[0].HasField("details"), "with this server's details")
 
@@ -185,7 +210,7 @@ def main():
     batch_id = jobs[1 % len(jobs)].CreateJob(batch, timeout=left()).id
     service_id = jobs[-1].CreateJob(service, timeout=left()).id
     check(batch_id and service_id and batch_id != service_id, f"CreateJob (through followers too): batch {batch_id}, service {service_id}")
-    L = lb_grpc.LoadBalancerServiceStub(channels[0])
+    L = Rotating([lb_grpc.LoadBalancerServiceStub(c) for c in channels])
     if a.target_group:
         # As Spinnaker does: the job, then its target group.
         L.AddLoadBalancer(lb.AddLoadBalancerRequest(jobId=service_id, loadBalancerId=lb.LoadBalancerId(id=a.target_group)), timeout=left())
@@ -230,6 +255,23 @@ def main():
     check(projected.items[0].HasField("status") and not projected.items[0].HasField("jobDescriptor"), "fields=[status] projects")
     ok, why = refused(lambda: find({"colour": "red"}), "colour")
     check(ok, f"an unknown filter is refused naming it ({why})")
+
+    if a.leader_kill:
+        # The rest runs under the next leader: the driver kills this one now.
+        print("LEADER-KILL", flush=True)
+        sys.stdin.readline()
+        # A CreateJob retried after an unknown outcome, with the same x-request-id: one job.
+        once = job.JobDescriptor()
+        once.CopyFrom(service)
+        once.jobGroupInfo.sequence = "v009"
+        once.service.capacity.CopyFrom(job.Capacity(min=0, desired=0, max=1))
+        meta = (("x-request-id", f"{a.app}-create-once"),)
+        first = J.CreateJob(once, metadata=meta, timeout=left()).id
+        again = J.CreateJob(once, metadata=meta, timeout=left()).id
+        check(first == again, "a retried CreateJob (same x-request-id) answers the same job")
+        same = J.FindJobs(job.JobQuery(filteringCriteria={"applicationName": a.app, "jobGroupSequence": "v009"}), timeout=left())
+        check([j.id for j in same.items] == [first], "and made one job")
+        J.KillJob(job.JobId(id=first), timeout=left())
 
     # FindTasks.
     tr = J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": batch_id, "taskStates": "Finished", "taskStateReasons": "normal"}, page=base.Page(pageSize=10)), timeout=left())
@@ -328,7 +370,7 @@ def main():
                 return
             yield r
 
-    stream = jobs[-1].ObserveJobsWithKeepAlive(outgoing(), timeout=left())
+    stream = J.ObserveJobsWithKeepAlive(outgoing(), timeout=left())
     saw_end, snapshot = False, set()
     for n in stream:
         kind = n.WhichOneof("Notification")
@@ -373,7 +415,7 @@ def main():
     from google.protobuf import empty_pb2
     from netflix.titus import titus_autoscale_api_pb2 as scale
     from netflix.titus import titus_autoscale_api_pb2_grpc as scale_grpc
-    S = scale_grpc.AutoScalingServiceStub(channels[0])
+    S = Rotating([scale_grpc.AutoScalingServiceStub(c) for c in channels])
     check(not S.GetAllScalingPolicies(empty_pb2.Empty(), timeout=left()).items, "GetAllScalingPolicies: none")
     check(not S.GetJobScalingPolicies(job.JobId(id=service_id), timeout=left()).items, "GetJobScalingPolicies: none")
     ok, why = refused(lambda: S.SetAutoScalingPolicy(scale.PutPolicyRequest(jobId=service_id), timeout=left()), "scalingPolicy", grpc.StatusCode.FAILED_PRECONDITION)

@@ -570,7 +570,7 @@ impl Client {
         page_size: u32,
         cursor: &str,
     ) -> Result<pb::JobQueryResult> {
-        let filtering_criteria: std::collections::HashMap<String, String> = string_map(criteria);
+        let filtering_criteria: std::collections::BTreeMap<String, String> = string_map(criteria);
         self.call("FindJobs", |ch, t| {
             let req = pb::JobQuery { filtering_criteria: filtering_criteria.clone(), page: Some(pb::Page { page_size, cursor: cursor.to_string() }) };
             async move { JobManagementServiceClient::new(ch).find_jobs(with_timeout(req, t)).await.map(|r| r.into_inner()) }
@@ -637,7 +637,7 @@ impl Client {
         page_size: u32,
         cursor: &str,
     ) -> Result<pb::TaskQueryResult> {
-        let filtering_criteria: std::collections::HashMap<String, String> = string_map(criteria);
+        let filtering_criteria: std::collections::BTreeMap<String, String> = string_map(criteria);
         self.call("FindTasks", |ch, t| {
             let req = pb::TaskQuery { filtering_criteria: filtering_criteria.clone(), page: Some(pb::Page { page_size, cursor: cursor.to_string() }) };
             async move { JobManagementServiceClient::new(ch).find_tasks(with_timeout(req, t)).await.map(|r| r.into_inner()) }
@@ -774,7 +774,7 @@ impl Client {
     }
 
     pub async fn update_job_attributes(&self, job_id: &str, attributes: &[(&str, &str)]) -> Result<()> {
-        let attributes: std::collections::HashMap<String, String> = string_map(attributes);
+        let attributes: std::collections::BTreeMap<String, String> = string_map(attributes);
         self.call("UpdateJobAttributes", |ch, t| {
             let req = pb::JobAttributesUpdate { job_id: job_id.to_string(), attributes: attributes.clone() };
             async move { JobManagementServiceClient::new(ch).update_job_attributes(with_timeout(req, t)).await.map(|_| ()) }
@@ -798,7 +798,7 @@ impl Client {
         reason_code: &str,
         context: &[(&str, &str)],
     ) -> Result<()> {
-        let task_context: std::collections::HashMap<String, String> = string_map(context);
+        let task_context: std::collections::BTreeMap<String, String> = string_map(context);
         self.call("ReportTaskStatus", |ch, t| {
             let req = pb::TaskStatusReport {
                 task_id: task_id.to_string(),
@@ -1011,7 +1011,7 @@ impl Client {
 /// A job change stream that survives replica failures (see [`Client::observe_jobs`]).
 pub struct JobObserver {
     client: Client,
-    criteria: std::collections::HashMap<String, String>,
+    criteria: std::collections::BTreeMap<String, String>,
     job_id: Option<String>,
     progress: Progress,
     stream: Option<tonic::Streaming<pb::JobChangeNotification>>,
@@ -1227,7 +1227,7 @@ mod progress_tests {
 }
 
 /// `[("k", "v")]` as the wire's string map.
-fn string_map(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+fn string_map(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 

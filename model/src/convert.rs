@@ -436,9 +436,7 @@ pub fn id_field(field: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn attributes_from_proto(
-    attributes: std::collections::HashMap<String, String>,
-) -> Result<BTreeMap<String, String>> {
+pub fn attributes_from_proto(attributes: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
     let attributes: BTreeMap<String, String> = attributes.into_iter().collect();
     let mut violations = Vec::new();
     crate::job::validate_attributes(&attributes, &mut |f: &str, why: String| {

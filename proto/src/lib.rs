@@ -28,3 +28,21 @@ pub mod peer {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("titus_descriptor");
 
 pub use titus::*;
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    /// A request's bytes are its fingerprint for at-most-once (`x-request-id`): the same request
+    /// must encode alike however its maps were built (they were HashMaps, ordered at random).
+    #[test]
+    fn maps_encode_in_key_order_whatever_the_insertion_order() {
+        let pairs: Vec<(String, String)> = (0..50).map(|i| (format!("k{i:02}"), format!("v{i}"))).collect();
+        let forward = super::JobAttributesUpdate { job_id: "j".into(), attributes: pairs.iter().cloned().collect() };
+        let backward =
+            super::JobAttributesUpdate { job_id: "j".into(), attributes: pairs.iter().rev().cloned().collect() };
+        assert_eq!(forward.encode_to_vec(), backward.encode_to_vec());
+        let decoded = super::JobAttributesUpdate::decode(forward.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.encode_to_vec(), forward.encode_to_vec(), "decoded and encoded again: the same bytes");
+    }
+}

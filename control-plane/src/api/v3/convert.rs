@@ -3,7 +3,7 @@
 //! (`container.resources.efsMounts`); everything else becomes the request our own API already
 //! checks, so both APIs share one set of rules.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use titus_proto as pb;
 use titus_proto::v3;
@@ -320,7 +320,7 @@ pub fn descriptor_to_v3(d: pb::JobDescriptor) -> v3::JobDescriptor {
             attributes: s.attributes,
         }),
         image: c.image.map(|i| v3::Image { name: i.name, tag: i.tag, digest: i.digest }),
-        attributes: HashMap::new(),
+        attributes: BTreeMap::new(),
         entry_point: c.entry_point,
         command: c.command,
         env: c.env,
@@ -453,7 +453,7 @@ pub fn project_job(job: v3::Job, fields: &[String]) -> v3::Job {
             application_name: if has("applicationName") { d.application_name } else { String::new() },
             capacity_group: if has("capacityGroup") { d.capacity_group } else { String::new() },
             job_group_info: d.job_group_info.filter(|_| has("jobGroupInfo")),
-            attributes: if has("attributes") { d.attributes } else { HashMap::new() },
+            attributes: if has("attributes") { d.attributes } else { BTreeMap::new() },
             container: d.container.filter(|_| has("container")),
             job_spec: d.job_spec.filter(|s| match s {
                 v3::job_descriptor::JobSpec::Batch(_) => has("batch") || has("jobSpec"),
@@ -492,7 +492,7 @@ pub fn project_task(task: v3::Task, fields: &[String]) -> v3::Task {
         status_history: if wants("statusHistory") { task.status_history } else { Vec::new() },
         log_location: None,
         migration_details: None,
-        attributes: if wants("attributes") { task.attributes } else { HashMap::new() },
+        attributes: if wants("attributes") { task.attributes } else { BTreeMap::new() },
         version: task.version.filter(|_| wants("version")),
     }
 }
@@ -590,7 +590,7 @@ mod tests {
         assert!(efs.unwrap_err().contains("container.resources.efsMounts"));
         let expr = with(&|d| {
             d.container.as_mut().unwrap().hard_constraints =
-                Some(v3::Constraints { constraints: HashMap::new(), expression: "x".into() })
+                Some(v3::Constraints { constraints: BTreeMap::new(), expression: "x".into() })
         });
         assert!(expr.unwrap_err().contains("container.hardConstraints.expression"));
         let mode = with(&|d| {
