@@ -83,11 +83,12 @@ fn container_from_v3(c: v3::Container) -> Result<pb::Container> {
             if !r.efs_mounts.is_empty() {
                 return Err(refuse("container.resources.efsMounts", "EFS mounts are not supported"));
             }
-            if !r.signed_address_allocations.is_empty() || r.static_ip_addresses.is_some() {
-                return Err(refuse(
-                    "container.resources.staticIPAddresses",
-                    "static IP addresses are not supported (every task gets an address of its agent's network)",
-                ));
+            let static_ip = "static IP addresses are not supported (every task gets an address of its agent's network)";
+            if r.static_ip_addresses.is_some() {
+                return Err(refuse("container.resources.staticIPAddresses", static_ip));
+            }
+            if !r.signed_address_allocations.is_empty() {
+                return Err(refuse("container.resources.signedAddressAllocations", static_ip));
             }
             Some(pb::ContainerResources {
                 cpu: r.cpu,
@@ -603,6 +604,81 @@ mod tests {
             d.container.as_mut().unwrap().attributes.insert("titusParameter.cpu.burstEnabled".into(), "true".into());
         })
         .is_ok());
+    }
+
+    /// Every field refused here, each named in its error.
+    #[test]
+    fn every_refused_field_is_named() {
+        use v3::job_disruption_budget as jdb;
+        type Change = fn(&mut v3::JobDescriptor);
+        let service = v3::job_descriptor::JobSpec::Service(v3::ServiceJobSpec::default());
+        let cases: Vec<(&str, Change)> = vec![
+            ("extraContainers", |d| d.extra_containers.push(Default::default())),
+            ("volumes", |d| d.volumes.push(Default::default())),
+            ("platformSidecars", |d| d.platform_sidecars.push(Default::default())),
+            ("networkConfiguration.networkMode", |d| {
+                d.network_configuration = Some(v3::NetworkConfiguration { network_mode: 5 })
+            }),
+            ("container.volumeMounts", |d| d.container.as_mut().unwrap().volume_mounts.push(Default::default())),
+            ("container.resources.efsMounts", |d| {
+                d.container.as_mut().unwrap().resources.as_mut().unwrap().efs_mounts.push(Default::default())
+            }),
+            ("container.resources.staticIPAddresses", |d| {
+                let r = d.container.as_mut().unwrap().resources.as_mut().unwrap();
+                r.static_ip_addresses = Some(v3::container_resources::StaticIpAddresses::Pool("p".into()))
+            }),
+            ("container.resources.signedAddressAllocations", |d| {
+                let r = d.container.as_mut().unwrap().resources.as_mut().unwrap();
+                r.signed_address_allocations.push(Default::default())
+            }),
+            ("container.softConstraints.expression", |d| {
+                d.container.as_mut().unwrap().soft_constraints =
+                    Some(v3::Constraints { constraints: BTreeMap::new(), expression: "a".into() })
+            }),
+            ("container.hardConstraints.expression", |d| {
+                d.container.as_mut().unwrap().hard_constraints =
+                    Some(v3::Constraints { constraints: BTreeMap::new(), expression: "a".into() })
+            }),
+            ("disruptionBudget.relocationLimit", |d| {
+                d.disruption_budget = Some(v3::JobDisruptionBudget {
+                    policy: Some(jdb::Policy::RelocationLimit(jdb::RelocationLimit { limit: 1 })),
+                    ..Default::default()
+                })
+            }),
+            ("disruptionBudget.ratePercentagePerInterval.intervalMs", |d| {
+                let rate = jdb::RatePercentagePerInterval { interval_ms: 60_000, percentage_limit_per_interval: 5.0 };
+                d.disruption_budget = Some(v3::JobDisruptionBudget {
+                    rate: Some(jdb::Rate::RatePercentagePerInterval(rate)),
+                    ..Default::default()
+                })
+            }),
+            ("disruptionBudget.timeWindows[0].timeZone", |d| {
+                let w = v3::TimeWindow { time_zone: "PST".into(), ..Default::default() };
+                d.disruption_budget = Some(v3::JobDisruptionBudget { time_windows: vec![w], ..Default::default() })
+            }),
+            ("disruptionBudget.timeWindows[0].days", |d| {
+                let w = v3::TimeWindow { days: vec![7], ..Default::default() };
+                d.disruption_budget = Some(v3::JobDisruptionBudget { time_windows: vec![w], ..Default::default() })
+            }),
+        ];
+        for (field, change) in cases {
+            let mut d = v3::JobDescriptor {
+                container: Some(v3::Container { resources: Some(Default::default()), ..Default::default() }),
+                job_spec: Some(service.clone()),
+                ..Default::default()
+            };
+            change(&mut d);
+            let e = descriptor_from_v3(d).map(|_| ()).expect_err(field).to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let page = |number: i32, size: i32, cursor: &str| {
+            #[allow(deprecated)]
+            let p = v3::Page { page_number: number, page_size: size, cursor: cursor.into() };
+            page_from_v3(Some(p)).map(|_| ()).unwrap_err().to_string()
+        };
+        assert!(page(0, -1, "").contains("page.pageSize"));
+        assert!(page(-1, 10, "").contains("page.pageNumber"));
+        assert!(page(2, 10, "c").contains("page.pageNumber"), "a number and a cursor");
     }
 
     #[test]
