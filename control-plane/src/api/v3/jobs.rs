@@ -35,27 +35,32 @@ fn empty(_: Response<pb::Empty>) -> Response<()> {
     Response::new(())
 }
 
-/// One of our query pages, run: how many items it held, and its pagination.
-type PageRun =
-    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(u32, pb::Pagination), Status>> + Send>>;
+/// One page of one of our queries, asked: its items and its pagination.
+type PageOf<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(Vec<T>, pb::Pagination), Status>> + Send>>;
 
-/// Where Titus's page `number` (of our cursor pages) starts: the cursor after the pages before it
-/// and how many items they held; None when the results end before it. `step` runs one page.
-async fn nth_page(
-    number: u32,
-    mut page: pb::Page,
-    step: impl Fn(pb::Page) -> PageRun,
-) -> std::result::Result<Option<(u32, pb::Page)>, Status> {
+/// Titus's page of one of our queries: by cursor, or by page number (the pages before it walked
+/// by their cursors). `run` asks one page of ours.
+async fn titus_page<T>(
+    page: Option<v3::Page>,
+    run: impl Fn(pb::Page) -> PageOf<T>,
+) -> std::result::Result<(Vec<T>, v3::Pagination), Status> {
+    let (mut page, number) = page_from_v3(page)?;
+    let size = page.page_size;
     let mut skipped = 0u32;
     for _ in 0..number {
-        let (n, pagination) = step(page.clone()).await?;
-        skipped = skipped.saturating_add(n);
+        let (items, pagination) = run(page.clone()).await?;
+        skipped = skipped.saturating_add(items.len() as u32);
         if !pagination.has_more {
-            return Ok(None);
+            // The results end before the page asked for: an empty page.
+            let none = pb::Pagination { has_more: false, cursor: String::new(), total_items: pagination.total_items };
+            return Ok((Vec::new(), pagination_to_v3(none, number, size, skipped)));
         }
         page.cursor = pagination.cursor;
     }
-    Ok(Some((skipped, page)))
+    let (items, pagination) = run(page).await?;
+    let seen = skipped.saturating_add(items.len() as u32);
+    Ok((items, pagination_to_v3(pagination, number, size, seen)))
 }
 
 #[tonic::async_trait]
@@ -121,30 +126,18 @@ impl JobManagementService for V3JobApi {
 
     async fn find_jobs(&self, request: Request<v3::JobQuery>) -> Result<v3::JobQueryResult> {
         let q = request.get_ref().clone();
-        let (page, number) = page_from_v3(q.page)?;
-        let criteria = q.filtering_criteria.clone();
-        let query =
-            |page: pb::Page| inner(&request, pb::JobQuery { filtering_criteria: criteria.clone(), page: Some(page) });
-        let size = page.page_size;
-        let step = |page: pb::Page| -> PageRun {
-            let (jobs, request) = (self.jobs.clone(), query(page));
+        let run = |page: pb::Page| -> PageOf<pb::Job> {
+            let ours = pb::JobQuery { filtering_criteria: q.filtering_criteria.clone(), page: Some(page) };
+            let (jobs, ours) = (self.jobs.clone(), inner(&request, ours));
             Box::pin(async move {
-                let out = Ours::find_jobs(&*jobs, request).await?.into_inner();
-                Ok((out.items.len() as u32, out.pagination.unwrap_or_default()))
+                let out = Ours::find_jobs(&*jobs, ours).await?.into_inner();
+                Ok((out.items, out.pagination.unwrap_or_default()))
             })
         };
-        let Some((skipped, page)) = nth_page(number, page, step).await? else {
-            let pagination = pb::Pagination { has_more: false, cursor: String::new(), total_items: 0 };
-            return Ok(Response::new(v3::JobQueryResult {
-                items: Vec::new(),
-                pagination: Some(pagination_to_v3(pagination, number, size, 0)),
-            }));
-        };
-        let out = Ours::find_jobs(&*self.jobs, query(page)).await?.into_inner();
-        let seen = skipped.saturating_add(out.items.len() as u32);
+        let (items, pagination) = titus_page(q.page.clone(), run).await?;
         Ok(Response::new(v3::JobQueryResult {
-            items: out.items.into_iter().map(|j| project_job(job_to_v3(j), &q.fields)).collect(),
-            pagination: Some(pagination_to_v3(out.pagination.unwrap_or_default(), number, size, seen)),
+            items: items.into_iter().map(|j| project_job(job_to_v3(j), &q.fields)).collect(),
+            pagination: Some(pagination),
         }))
     }
 
@@ -238,30 +231,18 @@ impl JobManagementService for V3JobApi {
 
     async fn find_tasks(&self, request: Request<v3::TaskQuery>) -> Result<v3::TaskQueryResult> {
         let q = request.get_ref().clone();
-        let (page, number) = page_from_v3(q.page)?;
-        let criteria = q.filtering_criteria.clone();
-        let query =
-            |page: pb::Page| inner(&request, pb::TaskQuery { filtering_criteria: criteria.clone(), page: Some(page) });
-        let size = page.page_size;
-        let step = |page: pb::Page| -> PageRun {
-            let (jobs, request) = (self.jobs.clone(), query(page));
+        let run = |page: pb::Page| -> PageOf<pb::Task> {
+            let ours = pb::TaskQuery { filtering_criteria: q.filtering_criteria.clone(), page: Some(page) };
+            let (jobs, ours) = (self.jobs.clone(), inner(&request, ours));
             Box::pin(async move {
-                let out = Ours::find_tasks(&*jobs, request).await?.into_inner();
-                Ok((out.items.len() as u32, out.pagination.unwrap_or_default()))
+                let out = Ours::find_tasks(&*jobs, ours).await?.into_inner();
+                Ok((out.items, out.pagination.unwrap_or_default()))
             })
         };
-        let Some((skipped, page)) = nth_page(number, page, step).await? else {
-            let pagination = pb::Pagination { has_more: false, cursor: String::new(), total_items: 0 };
-            return Ok(Response::new(v3::TaskQueryResult {
-                items: Vec::new(),
-                pagination: Some(pagination_to_v3(pagination, number, size, 0)),
-            }));
-        };
-        let out = Ours::find_tasks(&*self.jobs, query(page)).await?.into_inner();
-        let seen = skipped.saturating_add(out.items.len() as u32);
+        let (items, pagination) = titus_page(q.page.clone(), run).await?;
         Ok(Response::new(v3::TaskQueryResult {
-            items: out.items.into_iter().map(|t| project_task(task_to_v3(t), &q.fields)).collect(),
-            pagination: Some(pagination_to_v3(out.pagination.unwrap_or_default(), number, size, seen)),
+            items: items.into_iter().map(|t| project_task(task_to_v3(t), &q.fields)).collect(),
+            pagination: Some(pagination),
         }))
     }
 
