@@ -147,7 +147,7 @@ impl JobApi {
         self.replica.propose(command, client_deadline(request)).await
     }
 
-    async fn barrier<T>(&self, request: &Request<T>) -> Result<()> {
+    pub(super) async fn barrier<T>(&self, request: &Request<T>) -> Result<()> {
         self.replica.read_barrier(client_deadline(request)).await
     }
 

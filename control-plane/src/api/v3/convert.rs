@@ -498,6 +498,9 @@ pub fn project_task(task: v3::Task, fields: &[String]) -> v3::Task {
     }
 }
 
+/// How deep a page asked by number may start: each page before it is read to find it.
+pub const MAX_PAGE_NUMBER_ITEMS: u64 = 10_000;
+
 /// Titus's page (a cursor, or a page number) as ours: the cursor, and how many pages of `size`
 /// to skip first when it asks by number.
 #[allow(deprecated)] // Titus marks page numbers deprecated; its clients still send them.
@@ -512,6 +515,14 @@ pub fn page_from_v3(p: Option<v3::Page>) -> Result<(pb::Page, u32)> {
     }
     if number > 0 && !p.cursor.is_empty() {
         return Err(refuse("page.pageNumber", "give a cursor or a page number, not both"));
+    }
+    // A page by number walks every page before it: bounded, as a deep page by cursor is not.
+    let size = if p.page_size == 0 { crate::jobs::query::DEFAULT_PAGE_SIZE } else { p.page_size as u32 };
+    if u64::from(number as u32) * u64::from(size) > MAX_PAGE_NUMBER_ITEMS {
+        return Err(refuse(
+            "page.pageNumber",
+            &format!("pages by number reach the first {MAX_PAGE_NUMBER_ITEMS} items (pageNumber × pageSize); page on by cursor"),
+        ));
     }
     Ok((pb::Page { page_size: p.page_size as u32, cursor: p.cursor }, number as u32))
 }
@@ -679,6 +690,11 @@ mod tests {
         assert!(page(0, -1, "").contains("page.pageSize"));
         assert!(page(-1, 10, "").contains("page.pageNumber"));
         assert!(page(2, 10, "c").contains("page.pageNumber"), "a number and a cursor");
+        assert!(page(i32::MAX, 1000, "").contains("page.pageNumber"), "deeper than a page by number reaches");
+        assert!(page(101, 0, "").contains("page.pageNumber"), "the default size counts too");
+        #[allow(deprecated)]
+        let deepest = v3::Page { page_number: 10, page_size: 1000, cursor: String::new() };
+        assert_eq!(page_from_v3(Some(deepest)).expect("within the bound").1, 10);
     }
 
     #[test]

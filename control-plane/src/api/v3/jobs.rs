@@ -118,7 +118,10 @@ impl JobManagementService for V3JobApi {
     async fn update_job_disruption_budget(&self, request: Request<v3::JobDisruptionBudgetUpdate>) -> Result<()> {
         let r = request.get_ref().clone();
         crate::model::convert::id_field("jobId", &r.job_id)?;
-        let batch = self.jobs.replica.state.job(&r.job_id).ok().flatten().is_some_and(|j| j.descriptor.is_batch());
+        // Which budgets fit depends on the job's type: read once this replica is up to date (a
+        // job created a moment ago through the leader is known here).
+        self.jobs.barrier(&request).await?;
+        let batch = self.jobs.replica.state.job(&r.job_id)?.is_some_and(|j| j.descriptor.is_batch());
         let budget = r.disruption_budget.map(|b| budget_from_v3(b, batch)).transpose()?;
         let ours = pb::JobDisruptionBudgetUpdate { job_id: r.job_id, disruption_budget: budget };
         Ours::update_job_disruption_budget(&*self.jobs, inner(&request, ours)).await.map(empty)
