@@ -287,6 +287,30 @@ def main():
     check(budget.availabilityPercentageLimit.percentageOfHealthyContainers == 50, "FindJob returns the budget as given")
     check(budget.ratePerInterval.limitPerInterval == 5 and budget.timeWindows[0].timeZone == "UTC", "its rate and window too")
 
+    # Eviction, judged by that budget: 2 Started of desired 2, at least 50% kept available -> 1.
+    from netflix.titus import titus_eviction_api_pb2 as eviction
+    from netflix.titus import titus_eviction_api_pb2_grpc as eviction_grpc
+    E = Rotating([eviction_grpc.EvictionServiceStub(c) for c in channels])
+    kept, evicted = tr.items[0].id, tr.items[1].id
+    q = E.GetEvictionQuota(base.Reference(jobId=service_id), timeout=left())
+    check(q.quota == 1 and q.target.jobId == service_id, f"GetEvictionQuota of the job: 1 of its 2 may go ({q})")
+    q = E.GetEvictionQuota(base.Reference(taskId=evicted), timeout=left())
+    check(q.quota == 1 and q.target.taskId == evicted, f"GetEvictionQuota of a task: 1 ({q})")
+    r = E.TerminateTask(eviction.TaskTerminateRequest(taskId=evicted, reason="v3 client"), timeout=left())
+    check(r.allowed, f"TerminateTask within the quota is allowed ({r})")
+    # Its replacement is not Started yet (it takes a container start): the budget holds the other.
+    r = E.TerminateTask(eviction.TaskTerminateRequest(taskId=kept, reason="v3 client"), timeout=left())
+    check(not r.allowed and r.reasonCode == "disruptionBudget" and "available" in r.reasonMessage, f"TerminateTask beyond it: allowed=false with the reason ({r})")
+    q = E.GetEvictionQuota(base.Reference(taskId=kept), timeout=left())
+    check(q.quota == 0 and "available" in q.message, f"and GetEvictionQuota says 0 and why ({q})")
+    q = E.GetEvictionQuota(base.Reference(system=base.Reference.System()), timeout=left())
+    check(q.quota == 2**32 - 1, f"no system-level budget here: unlimited ({q})")
+    ok, why = refused(lambda: E.GetEvictionQuota(base.Reference(), timeout=left()), "reference")
+    check(ok, f"a quota of nothing named is refused naming reference ({why})")
+    ok, why = refused(lambda: E.GetEvictionQuota(base.Reference(jobId="no-such-job"), timeout=left()), "jobId", grpc.StatusCode.NOT_FOUND)
+    check(ok, f"an unknown job's quota is NOT_FOUND ({why})")
+    wait_for("the evicted task replaced: 2 Started", lambda: evicted not in [t.id for t in J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}), timeout=left()).items] and len(J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}), timeout=left()).items) == 2)
+
     # Capacity, processes, status, budget, attributes.
     J.UpdateJobCapacity(job.JobCapacityUpdate(jobId=service_id, Capacity=job.Capacity(min=1, desired=3, max=4)), timeout=left())
     wait_for("UpdateJobCapacity: 3 tasks Started", lambda: len(J.FindTasks(job.TaskQuery(filteringCriteria={"jobIds": service_id, "taskStates": "Started"}), timeout=left()).items) == 3)
@@ -305,6 +329,8 @@ def main():
     check(len(pages) == 3 and len(set(pages)) == 3, "the cursor pages cover the 3 tasks once each")
     check([t.id for t in tasks_page(1, number=2).items] == [pages[2]], "pageNumber 2 is the third page")
     check(not tasks_page(1, number=3).items, "a page past the end is empty")
+    ok, why = refused(lambda: tasks_page(1000, number=11), "pageNumber")
+    check(ok, f"a page by number past the first 10,000 items is refused naming pageNumber ({why})")
     from google.protobuf import wrappers_pb2
     J.UpdateJobCapacityWithOptionalAttributes(
         job.JobCapacityUpdateWithOptionalAttributes(

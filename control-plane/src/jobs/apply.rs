@@ -1056,16 +1056,8 @@ pub fn evict_task(o: &mut Overlay, task_id: &str, why: String, timestamp_ms: i64
         Ok(j) => j,
     };
     let tasks = o.tasks_of_job(&job.id)?;
-    let serves = |t: &Task| crate::jobs::lifecycle::serves(&job, t, None);
-    let available = tasks.iter().filter(|t| serves(t)).count() as u32;
-    let allowance = job.descriptor.disruption_budget.allowance(
-        job.descriptor.wanted_tasks(),
-        available,
-        &job.evictions_ms,
-        timestamp_ms,
-    );
-    let allowed = if serves(&task) { allowance.available } else { allowance.any };
-    if allowed == 0 {
+    let allowance = crate::jobs::lifecycle::eviction_allowance(&job, &tasks, timestamp_ms);
+    if crate::jobs::lifecycle::eviction_quota(&job, &allowance, &task) == 0 {
         let held = allowance.held_by.unwrap_or_else(|| "the job's disruption budget".into());
         return reject(
             RejectionKind::FailedPrecondition,

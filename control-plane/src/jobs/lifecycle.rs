@@ -552,6 +552,24 @@ pub fn drain_allowance(job: &Job, desired: u32, tasks: &[Task], now: i64) -> cra
     allowance
 }
 
+/// What a job's disruption budget lets an eviction (EvictTask; Titus's TerminateTask) take now:
+/// `available` of its tasks that serve, `any` of the others. The rule EvictTask is judged by when
+/// applied, and what GetEvictionQuota reports.
+pub fn eviction_allowance(job: &Job, tasks: &[Task], now: i64) -> crate::model::budget::Allowance {
+    let available = tasks.iter().filter(|t| serves(job, t, None)).count() as u32;
+    job.descriptor.disruption_budget.allowance(job.descriptor.wanted_tasks(), available, &job.evictions_ms, now)
+}
+
+/// How many evictions like `task`'s the allowance leaves: a task that serves counts against the
+/// availability limits too.
+pub fn eviction_quota(job: &Job, allowance: &crate::model::budget::Allowance, task: &Task) -> u32 {
+    if serves(job, task, None) {
+        allowance.available
+    } else {
+        allowance.any
+    }
+}
+
 /// What to do about every active job.
 pub fn plan(
     store: &dyn StateRead,

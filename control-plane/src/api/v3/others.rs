@@ -12,7 +12,11 @@ use titus_proto::v3;
 use super::convert::{page_from_v3, pagination_to_v3};
 use super::inner;
 use crate::api::{JobApi, LoadBalancerApi};
+use crate::command::{Rejection, RejectionKind};
 use crate::error::Error;
+use crate::model::job::JobState;
+use crate::model::task::TaskState;
+use crate::state::StateRead;
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
@@ -110,15 +114,66 @@ impl v3::health_server::Health for V3HealthApi {
 }
 
 /// Titus's EvictionService: TerminateTask is our EvictTask (judged by the job's disruption
-/// budget when applied); quotas and the event stream are not served.
+/// budget when applied), and GetEvictionQuota by the same rule; the event stream is not served.
 pub struct V3EvictionApi {
     pub jobs: Arc<JobApi>,
 }
 
 #[tonic::async_trait]
 impl v3::eviction_service_server::EvictionService for V3EvictionApi {
-    async fn get_eviction_quota(&self, _request: Request<v3::Reference>) -> Result<v3::EvictionQuota> {
-        Err(Status::unimplemented("GetEvictionQuota is not supported (see proto/TITUS-V3.md)"))
+    /// A job's quota: how many of its tasks that serve an eviction may take now; a task's: 1 when
+    /// it may be evicted now, else 0 — both by the rule TerminateTask is judged by. There is no
+    /// system, tier or capacity group disruption budget here: those levels answer unlimited.
+    async fn get_eviction_quota(&self, request: Request<v3::Reference>) -> Result<v3::EvictionQuota> {
+        use crate::jobs::lifecycle::{eviction_allowance, eviction_quota};
+        use v3::reference::Reference as Level;
+        let target = request.get_ref().clone();
+        let Some(level) = target.reference.clone() else {
+            return Err(Error::invalid("reference", "name one of system, tier, capacityGroup, jobId, taskId").into());
+        };
+        // Up to date first: a job created a moment ago through the leader is known here.
+        self.jobs.barrier(&request).await?;
+        let state = &self.jobs.replica.state;
+        let now = crate::clock::now_ms();
+        let not_found = |field: &str, what: &str, id: &str| -> Status {
+            Error::Rejected(Rejection::new(RejectionKind::NotFound, field, format!("{what} {id:?} does not exist")))
+                .into()
+        };
+        let not_accepted = |job: &crate::model::job::Job| {
+            format!("job {:?} is {:?}: nothing of it is evicted", job.id, job.status.state)
+        };
+        let (quota, message) = match level {
+            Level::System(_) | Level::Tier(_) | Level::CapacityGroup(_) => (
+                u32::MAX,
+                "no system, tier or capacity group disruption budget here: each job's own budget decides (ask with a jobId or taskId)".to_string(),
+            ),
+            Level::JobId(id) => {
+                crate::model::convert::id_field("jobId", &id)?;
+                let job = state.job(&id)?.ok_or_else(|| not_found("jobId", "job", &id))?;
+                if job.status.state != JobState::Accepted {
+                    (0, not_accepted(&job))
+                } else {
+                    let a = eviction_allowance(&job, &state.tasks_of_job(&id)?, now);
+                    (a.available, a.held_by.unwrap_or_default())
+                }
+            }
+            Level::TaskId(id) => {
+                crate::model::convert::id_field("taskId", &id)?;
+                let task = state.task(&id)?.ok_or_else(|| not_found("taskId", "task", &id))?;
+                let job = state.job(&task.job_id)?.ok_or_else(|| not_found("taskId", "the job of task", &id))?;
+                if !task.state().is_live() || task.state() == TaskState::KillInitiated {
+                    (0, format!("task {id:?} is {}: nothing to evict", task.state().name()))
+                } else if job.status.state != JobState::Accepted {
+                    (0, not_accepted(&job))
+                } else {
+                    let a = eviction_allowance(&job, &state.tasks_of_job(&job.id)?, now);
+                    let quota = eviction_quota(&job, &a, &task).min(1);
+                    let held = if quota == 0 { a.held_by.unwrap_or_else(|| "the job's disruption budget".into()) } else { String::new() };
+                    (quota, held)
+                }
+            }
+        };
+        Ok(Response::new(v3::EvictionQuota { target: Some(target), quota, message }))
     }
 
     async fn terminate_task(&self, request: Request<v3::TaskTerminateRequest>) -> Result<v3::TaskTerminateResponse> {
