@@ -60,7 +60,7 @@ fn done(response: CommandResponse) -> std::result::Result<Response<pb::Empty>, S
     }
 }
 
-fn not_found(field: &str, what: &str, id: &str) -> Status {
+pub(super) fn not_found(field: &str, what: &str, id: &str) -> Status {
     Error::Rejected(Rejection::new(RejectionKind::NotFound, field, format!("{what} {id:?} does not exist"))).into()
 }
 

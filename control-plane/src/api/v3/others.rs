@@ -12,7 +12,6 @@ use titus_proto::v3;
 use super::convert::{page_from_v3, pagination_to_v3};
 use super::inner;
 use crate::api::{JobApi, LoadBalancerApi};
-use crate::command::{Rejection, RejectionKind};
 use crate::error::Error;
 use crate::model::job::JobState;
 use crate::model::task::TaskState;
@@ -125,6 +124,7 @@ impl v3::eviction_service_server::EvictionService for V3EvictionApi {
     /// it may be evicted now, else 0 — both by the rule TerminateTask is judged by. There is no
     /// system, tier or capacity group disruption budget here: those levels answer unlimited.
     async fn get_eviction_quota(&self, request: Request<v3::Reference>) -> Result<v3::EvictionQuota> {
+        use crate::api::jobs::not_found;
         use crate::jobs::lifecycle::{eviction_allowance, eviction_quota};
         use v3::reference::Reference as Level;
         let target = request.get_ref().clone();
@@ -135,10 +135,6 @@ impl v3::eviction_service_server::EvictionService for V3EvictionApi {
         self.jobs.barrier(&request).await?;
         let state = &self.jobs.replica.state;
         let now = crate::clock::now_ms();
-        let not_found = |field: &str, what: &str, id: &str| -> Status {
-            Error::Rejected(Rejection::new(RejectionKind::NotFound, field, format!("{what} {id:?} does not exist")))
-                .into()
-        };
         let not_accepted = |job: &crate::model::job::Job| {
             format!("job {:?} is {:?}: nothing of it is evicted", job.id, job.status.state)
         };
